@@ -1,0 +1,4 @@
+"""Lowering of seqmix models through torch.compile and torch-tensorrt.
+
+Wraps the library; ``mixers`` never imports this package.
+"""

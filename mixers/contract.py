@@ -1,0 +1,176 @@
+"""The streaming contract every token mixer honours.
+
+Shape vocabulary, used in every docstring of the package:
+B batch · L sequence length · T tokens in one streaming call · D model width · N EMA order
+(states per channel) · S shared query/key width ("z") · E value width · F FFN hidden width ·
+H heads · C chunk size · K kernel size. The parallel layout is (B, L, D); a padding mask is
+(B, L) bool with True marking padding.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import SeqmixError, choice_error
+
+State = Any
+"""A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype recurrences and statistics run in: float32 at least, float64 kept."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Mixer(nn.Module):
+    """Base class of a token mixer: (B, L, D) -> (B, L, D), in parallel or streamed.
+
+    Subclasses implement ``mix`` (parallel), and for causal mixers ``mix_step`` and
+    ``init_state``. The public ``forward`` and ``step`` check their inputs first, so a wrong
+    shape fails here with a message instead of deep inside a matmul.
+
+    Class attributes:
+        impls: the compute paths; the first one is the plain reference path.
+        default_impl: the path used when none is asked for.
+    """
+
+    impls: ClassVar[tuple[str, ...]] = ("reference",)
+    default_impl: ClassVar[str] = "reference"
+
+    def __init__(self, d_model: int, *, causal: bool, impl: str | None = None):
+        super().__init__()
+        if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model < 1:
+            raise SeqmixError(f"d_model={d_model!r} is not valid; expected a positive integer")
+        self.d_model = d_model
+        self.causal = bool(causal)
+        self.impl = self.default_impl if impl is None else impl
+
+    @property
+    def impl(self) -> str:
+        """The compute path in use; assign another name from ``impls`` to switch."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in self.impls:
+            raise choice_error(f"{type(self).__name__}.impl", value, self.impls)
+        self._impl = value
+
+    # --- the contract -------------------------------------------------------------------
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Mix the whole sequence at once.
+
+        Args:
+            x: (B, L, D) inputs, any L >= 1.
+            padding_mask: (B, L) bool, True at padding; padded inputs never change the
+                outputs at unpadded positions.
+        Returns:
+            (B, L, D) outputs.
+        """
+        self.check_input(x, padding_mask)
+        return self.mix(x, padding_mask)
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """Continue a stream by T >= 1 tokens.
+
+        Args:
+            x: (B, T, D) the next tokens.
+            state: what ``init_state`` or the previous ``step`` returned.
+        Returns:
+            (B, T, D) outputs, identical to those of ``forward`` over the whole stream so far,
+            and the new state.
+        """
+        if not self.causal:
+            raise SeqmixError(
+                f"{type(self).__name__} was built with causal=False: a bidirectional mixer needs "
+                "the whole sequence, so it cannot step; use forward() or build it with causal=True"
+            )
+        self.check_input(x, None)
+        self.check_state(state, x.shape[0])
+        return self.mix_step(x, state)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """The state before any token: fixed-shape, batch-first tensors.
+
+        Args:
+            batch_size: B.
+            device, dtype: where and in which floating dtype; default the parameters'.
+        """
+        if not self.causal:
+            raise SeqmixError(f"{type(self).__name__} was built with causal=False and has no streaming state")
+        return self.empty_state(batch_size, device, dtype)
+
+    def state_size(self) -> int:
+        """Numbers held per sequence by the streaming state (0 for bidirectional mixers)."""
+        if not self.causal:
+            return 0
+        leaves, _ = tree_flatten(self.empty_state(1, torch.device("meta"), None))
+        return sum(leaf.numel() for leaf in leaves)
+
+    # --- what subclasses provide --------------------------------------------------------
+
+    def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def mix_step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def empty_state(self, batch_size: int, device, dtype) -> State:
+        raise NotImplementedError
+
+    # --- shared checks and helpers ------------------------------------------------------
+
+    def check_input(self, x: Tensor, padding_mask: Tensor | None) -> None:
+        """Reject inputs that are not (B, L, D) with L >= 1, or a mask that is not (B, L) bool."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise SeqmixError(f"{name}: x must be a torch.Tensor of shape (B, L, D), got {type(x).__name__}")
+        if x.dim() != 3:
+            raise SeqmixError(f"{name}: x must have shape (B, L, D={self.d_model}), got rank {x.dim()} shape {tuple(x.shape)}")
+        if x.shape[-1] != self.d_model:
+            raise SeqmixError(f"{name}: x has width D={x.shape[-1]}, expected d_model={self.d_model}")
+        if x.shape[1] < 1:
+            raise SeqmixError(f"{name}: x has length L=0; expected at least one token")
+        if not x.is_floating_point():
+            raise SeqmixError(f"{name}: x has dtype {x.dtype}; expected a floating dtype")
+        if padding_mask is not None:
+            if padding_mask.dtype != torch.bool:
+                raise SeqmixError(f"{name}: padding_mask has dtype {padding_mask.dtype}; expected torch.bool (True = padding)")
+            if tuple(padding_mask.shape) != tuple(x.shape[:2]):
+                raise SeqmixError(
+                    f"{name}: padding_mask has shape {tuple(padding_mask.shape)}, expected (B, L)={tuple(x.shape[:2])}"
+                )
+
+    def check_state(self, state: State, batch_size: int) -> None:
+        """Reject a state whose tensors were built for another batch size or another mixer."""
+        name = type(self).__name__
+        expected, expected_spec = tree_flatten(self.empty_state(batch_size, torch.device("meta"), None))
+        leaves, spec = tree_flatten(state)
+        if len(leaves) != len(expected) or not all(isinstance(t, Tensor) for t in leaves):
+            raise SeqmixError(
+                f"{name}: state has {len(leaves)} tensors, expected {len(expected)}; pass what "
+                f"{name}.init_state() or the previous step() returned"
+            )
+        for i, (got, want) in enumerate(zip(leaves, expected)):
+            if got.shape[0] != batch_size:
+                raise SeqmixError(
+                    f"{name}: state tensor {i} was built for batch size {got.shape[0]}, but x has batch size {batch_size}"
+                )
+            if tuple(got.shape) != tuple(want.shape):
+                raise SeqmixError(
+                    f"{name}: state tensor {i} has shape {tuple(got.shape)}, expected {tuple(want.shape)}; "
+                    "was it built by another mixer or with other options?"
+                )
+
+    def param_dtype_device(self, device, dtype) -> tuple[torch.device, torch.dtype]:
+        """Defaults for ``init_state``: the device and dtype of this mixer's parameters."""
+        first = next(self.parameters(), None)
+        if device is None:
+            device = first.device if first is not None else torch.device("cpu")
+        if dtype is None:
+            dtype = first.dtype if first is not None else torch.get_default_dtype()
+        return torch.device(device), dtype

@@ -1,0 +1,13 @@
+"""The project's own error type: every user-facing mistake raises it with the bad value named."""
+
+
+class SeqmixError(ValueError):
+    """A configuration, input or state that seqmix cannot accept.
+
+    Subclasses ``ValueError`` so callers that already catch bad values keep working.
+    """
+
+
+def choice_error(field: str, value, allowed) -> SeqmixError:
+    """An error for ``field=value`` when only ``allowed`` values are accepted."""
+    return SeqmixError(f"{field}={value!r} is not valid; expected one of {sorted(map(str, allowed))}")

@@ -1,0 +1,249 @@
+"""Diagonal linear recurrences: the engine under the EMA and CEMA mixers.
+
+Per channel d and order n, with coefficients of shape (D, N):
+
+    h_t = q ⊙ h_{t-1} + b ⊙ x_t          q = r·e^{iφ},  0 < r < 1
+    y_t = Re Σ_n c_n h_{t,n}
+
+Complex numbers travel as (real, imaginary) pairs of real tensors, so every path exports to
+runtimes without complex dtypes (ONNX, TensorRT, ExecuTorch). A real recurrence (φ = 0 and
+Im c = 0) passes ``None`` as the imaginary parts and skips their arithmetic. Powers are
+exp(j·log r)·(cos jφ, sin jφ), never cumulative products (ONNX has no CumProd before opset 26
+and products lose precision).
+
+Three paths compute the same function of (x, h0):
+- ``recurrent``: the literal loop over t; the reference.
+- ``fft``: the kernel k[d, j] = Re Σ_n c b q^j for j < L, convolved by FFT at size 2L.
+- ``chunked``: inside each chunk of C steps a lower-triangular Toeplitz matmul; across chunks
+  the state is carried with q^C. O(L·C) work in plain matmuls, which export everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch._higher_order_ops import scan
+
+Pair = tuple[Tensor, Tensor | None]
+"""A complex tensor as (real part, imaginary part or None when it is zero)."""
+
+
+def _mul(a: Pair, b: Pair) -> Pair:
+    """Complex product of two pairs (broadcasting)."""
+    a_re, a_im = a
+    b_re, b_im = b
+    re = a_re * b_re
+    if a_im is not None and b_im is not None:
+        re = re - a_im * b_im
+    im = None
+    if a_im is not None:
+        im = a_im * b_re
+    if b_im is not None:
+        im = a_re * b_im if im is None else im + a_re * b_im
+    return re, im
+
+
+def _add(a: Pair, b: Pair) -> Pair:
+    """Complex sum of two pairs."""
+    if a[1] is None and b[1] is None:
+        return a[0] + b[0], None
+    a_im = a[1] if a[1] is not None else torch.zeros_like(a[0])
+    b_im = b[1] if b[1] is not None else torch.zeros_like(b[0])
+    return a[0] + b[0], a_im + b_im
+
+
+def _scale(a: Pair, real: Tensor) -> Pair:
+    """A complex pair times a real tensor (broadcasting)."""
+    return a[0] * real, None if a[1] is None else a[1] * real
+
+
+def _real_contract(equation: str, real_input: Tensor, pair: Pair) -> Pair:
+    """einsum of a real tensor with both parts of a complex pair."""
+    re = torch.einsum(equation, real_input, pair[0])
+    im = None if pair[1] is None else torch.einsum(equation, real_input, pair[1])
+    return re, im
+
+
+def _real_part_contract(equation: str, a: Pair, b: Pair) -> Tensor:
+    """einsum of Re(a·b) where the contraction runs over shared indices."""
+    out = torch.einsum(equation, a[0], b[0])
+    if a[1] is not None and b[1] is not None:
+        out = out - torch.einsum(equation, a[1], b[1])
+    return out
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """The recurrence's coefficients, each (D, N).
+
+    Attributes:
+        log_r: log |q|, negative.
+        phase: φ, the angle of q; None for a real recurrence.
+        b: real input weight.
+        c: complex output weight as a pair.
+    """
+
+    log_r: Tensor
+    phase: Tensor | None
+    b: Tensor
+    c: Pair
+
+    def powers(self, exponents: Tensor) -> Pair:
+        """q^j for every j in ``exponents`` (J,) -> (D, N, J) pair."""
+        j = exponents.to(self.log_r.dtype)
+        magnitude = torch.exp(self.log_r.unsqueeze(-1) * j)
+        if self.phase is None:
+            return magnitude, None
+        angle = self.phase.unsqueeze(-1) * j
+        return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
+
+    def power(self, exponent: int, device) -> Pair:
+        """q^exponent -> (D, N) pair."""
+        re, im = self.powers(torch.tensor([exponent], device=device))
+        return re[..., 0], None if im is None else im[..., 0]
+
+    def kernel(self, length: int, device) -> Tensor:
+        """k[d, j] = Re Σ_n c b q^j for j < length -> (D, length)."""
+        q_j = self.powers(torch.arange(length, device=device))
+        return _real_part_contract("dn,dnj->dj", _scale(self.c, self.b), q_j)
+
+    def input_weights(self, steps: int, device) -> Pair:
+        """b q^{T-1-j} for j < T = steps: how input j reaches the state after T steps -> (D, N, T)."""
+        return _scale(self.powers(torch.arange(steps - 1, -1, -1, device=device)), self.b.unsqueeze(-1))
+
+    def output_weights(self, exponents: Tensor) -> Pair:
+        """c q^j for every j in ``exponents`` (J,): how the state reaches an output -> (D, N, J)."""
+        c_col = (self.c[0].unsqueeze(-1), None if self.c[1] is None else self.c[1].unsqueeze(-1))
+        return _mul(c_col, self.powers(exponents))
+
+    def zero_state(self, batch_size: int) -> Pair:
+        """h = 0 as a (B, D, N) pair, real-only when the recurrence is real."""
+        zeros = self.b.new_zeros(batch_size, *self.b.shape)
+        return zeros, None if self.phase is None else torch.zeros_like(zeros)
+
+
+def _state_output(coef: Coefficients, h0: Pair, length: int, device) -> Tensor:
+    """What the initial state adds to the outputs: Re Σ_n c q^{t+1} h0 for t < length -> (B, L, D)."""
+    c_q = coef.output_weights(torch.arange(1, length + 1, device=device))
+    return _real_part_contract("dnt,bdn->btd", c_q, h0)
+
+
+def _state_after(coef: Coefficients, h0: Pair, x: Tensor) -> Pair:
+    """h_T = q^T h0 + Σ_j b q^{T-1-j} x_j for x (B, T, D) -> (B, D, N) pair."""
+    steps = x.shape[1]
+    fed = _real_contract("btd,dnt->bdn", x, coef.input_weights(steps, x.device))
+    return _add(_mul(coef.power(steps, x.device), h0), fed)
+
+
+def recurrent(x: Tensor, coef: Coefficients, h0: Pair | None = None) -> tuple[Tensor, Pair]:
+    """The literal recurrence, one step at a time (reference path).
+
+    Args:
+        x: (B, L, D) inputs.
+        coef: coefficients (D, N).
+        h0: (B, D, N) pair, the state before x; zero when None.
+    Returns:
+        y (B, L, D) and the state after the last step.
+    """
+    h = coef.zero_state(x.shape[0]) if h0 is None else h0
+    q = coef.power(1, x.device)
+    outputs = []
+    for t in range(x.shape[1]):
+        fed = (coef.b * x[:, t, :, None], None)  # (B, D, N)
+        h = _add(_mul(q, h), fed)
+        outputs.append(_real_part_contract("dn,bdn->bd", coef.c, h))
+    return torch.stack(outputs, dim=1), h
+
+
+def fft(x: Tensor, coef: Coefficients, h0: Pair | None = None) -> tuple[Tensor, Pair]:
+    """Convolution with the length-L kernel by FFT at size 2L (the reference code's way).
+
+    Same arguments and results as ``recurrent``.
+    """
+    length = x.shape[1]
+    kernel = coef.kernel(length, x.device)  # (D, L)
+    x_f = torch.fft.rfft(x.transpose(1, 2), n=2 * length)  # (B, D, L+1)
+    k_f = torch.fft.rfft(kernel, n=2 * length)
+    y = torch.fft.irfft(x_f * k_f, n=2 * length)[..., :length].transpose(1, 2)  # (B, L, D)
+    h = coef.zero_state(x.shape[0]) if h0 is None else h0
+    if h0 is not None:
+        y = y + _state_output(coef, h0, length, x.device)
+    return y, _state_after(coef, h, x)
+
+
+def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair]:
+    """State at the start of every chunk: H_0 = h0, H_{c+1} = q^C H_c + fed_c.
+
+    Args:
+        q_chunk: q^C as a (D, N) pair.
+        fed: (nC, B, D, N) pair, what each chunk adds to a zero state.
+        h0: (B, D, N) pair.
+    Returns:
+        starts (nC, B, D, N) pair and the state after the last chunk.
+    """
+    is_complex = fed[1] is not None
+    if torch.compiler.is_compiling():
+        # A Python loop would bake the number of chunks into the graph; scan keeps it dynamic
+        # (torch.export turns it into an ONNX Scan). Eagerly scan is much slower than the loop.
+        def combine(carry, fed_c):
+            state = (carry[0], carry[1] if is_complex else None)
+            step_in = (fed_c[0], fed_c[1] if is_complex else None)
+            nxt = _add(_mul(q_chunk, state), step_in)
+            # scan forbids outputs that alias its inputs, hence the clones.
+            return (nxt if is_complex else (nxt[0],)), tuple(part.clone() for part in carry)
+
+        init = h0 if is_complex else (h0[0],)
+        xs = fed if is_complex else (fed[0],)
+        last, starts = scan(combine, init, xs)
+        if is_complex:
+            return (starts[0], starts[1]), (last[0], last[1])
+        return (starts[0], None), (last[0], None)
+    h = h0
+    starts_re, starts_im = [], []
+    for c in range(fed[0].shape[0]):
+        starts_re.append(h[0])
+        starts_im.append(h[1])
+        h = _add(_mul(q_chunk, h), (fed[0][c], fed[1][c] if is_complex else None))
+    starts = (torch.stack(starts_re), torch.stack(starts_im) if is_complex else None)
+    return starts, h
+
+
+def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: int = 64) -> tuple[Tensor, Pair]:
+    """Chunk-parallel path: Toeplitz matmuls inside chunks, the state carried across them.
+
+    Same arguments and results as ``recurrent``, plus ``chunk_size`` (C). A length that is not a
+    multiple of C is padded with zeros at the end and cropped.
+    """
+    batch, length, width = x.shape
+    size = chunk_size
+    pad = (-length) % size
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    chunks = x.shape[1] // size
+    xc = x.reshape(batch, chunks, size, width)  # (B, nC, C, D)
+    j = torch.arange(size, device=x.device)
+
+    # Inside a chunk: y_i = Σ_{j<=i} k[i-j] x_j, a (C, C) lower-triangular Toeplitz matrix per channel.
+    kernel = coef.kernel(size, x.device)  # (D, C)
+    lag = j[:, None] - j[None, :]
+    toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0).to(kernel.dtype)  # (D, C, C)
+    y = torch.einsum("bcjd,dij->bcid", xc, toeplitz)
+
+    # Across chunks: what chunk c adds to the state, then the carried state at each chunk start.
+    fed = _real_contract("bcjd,dnj->cbdn", xc, coef.input_weights(size, x.device))  # (nC, B, D, N)
+    h = coef.zero_state(batch) if h0 is None else h0
+    starts, h_end = _carry_across_chunks(coef.power(size, x.device), fed, h)
+    c_q = coef.output_weights(j + 1)  # (D, N, C): c q^{i+1}
+    y = y + _real_part_contract("cbdn,dni->bcid", starts, c_q)
+    y = y.reshape(batch, chunks * size, width)[:, :length]
+
+    if pad:
+        # The carried state ran over the zero padding too; rebuild the last chunk's end from its start.
+        last_start = (starts[0][-1], None if starts[1] is None else starts[1][-1])
+        h_end = _state_after(coef, last_start, xc[:, -1, : size - pad])
+    return y, h_end
+
+
+PATHS = {"recurrent": recurrent, "fft": fft, "chunked": chunked}
