@@ -1,0 +1,145 @@
+"""Multi-head softmax attention (the Transformer / GPT-2 baseline).
+
+    q, k, v = split(W_qkv x) into H heads of width D/H;  q, k rotated by position (optional)
+    A = softmax(q kᵀ / √(D/H) + mask) · v;  y = W_o A
+
+Causal or bidirectional, optionally restricted to a sliding window of the last ``window``
+positions. Streaming keeps a key/value cache of ``max_len`` slots (``window`` slots with a
+window, used as a ring). Two compute paths: ``math`` (the formula, the reference) and ``sdpa``
+(``torch.nn.functional.scaled_dot_product_attention``, the default).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kv_cache
+from .contract import Mixer, compute_dtype
+from .errors import SeqmixError
+from .positions import rotary
+from .registry import register_mixer
+
+
+def visible_keys(q_pos: Tensor, k_pos: Tensor, causal: bool, window: int | None) -> Tensor:
+    """Which keys each query may attend to, from positions alone.
+
+    Args:
+        q_pos: (..., Tq) query positions; k_pos: (..., Tk) key positions, −1 for an empty slot.
+    Returns:
+        (..., Tq, Tk) bool.
+    """
+    offset = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)  # how far back the key lies
+    visible = k_pos.unsqueeze(-2) >= 0
+    if causal:
+        visible = visible & (offset >= 0)
+    if window is not None:
+        visible = visible & (offset.abs() < window)
+    return visible
+
+
+@register_mixer("softmax_attention")
+class SoftmaxAttention(Mixer):
+    """Multi-head softmax attention with an optional key/value-cache stream.
+
+    Args:
+        d_model: D.
+        heads: H; must divide D.
+        causal: mask future positions; False gives a bidirectional encoder layer (no streaming).
+        use_rotary: rotate q and k by absolute position (half-split rotary embedding).
+        window: attend only to the last ``window`` positions (None: all).
+        max_len: cache capacity for streaming without a window.
+        impl: ``math`` (reference) or ``sdpa`` (default).
+    """
+
+    impls = ("math", "sdpa")
+    default_impl = "sdpa"
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int = 4,
+        causal: bool = True,
+        use_rotary: bool = True,
+        window: int | None = None,
+        max_len: int = 2048,
+        impl: str | None = None,
+    ):
+        super().__init__(d_model, causal=causal, impl=impl)
+        if not isinstance(heads, int) or heads < 1 or d_model % heads:
+            raise SeqmixError(f"softmax_attention: heads={heads!r} must be a positive integer that divides d_model={d_model}")
+        head_dim = d_model // heads
+        if use_rotary and head_dim % 2:
+            raise SeqmixError(f"softmax_attention: use_rotary=True needs an even head width, got d_model/heads={head_dim}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise SeqmixError(f"softmax_attention: window={window!r} must be a positive integer or None")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise SeqmixError(f"softmax_attention: max_len={max_len!r} must be a positive integer")
+        self.heads = heads
+        self.head_dim = head_dim
+        self.use_rotary = use_rotary
+        self.window = window
+        self.max_len = max_len
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    @property
+    def capacity(self) -> int:
+        """Cache slots: the window when there is one, else ``max_len``."""
+        return self.window if self.window is not None else self.max_len
+
+    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, T, D/H) for x (B, T, D) at ``positions`` broadcastable to (B, 1, T)."""
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.use_rotary:
+            q, k = rotary(q, positions), rotary(k, positions)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, is_causal: bool) -> Tensor:
+        """softmax(q kᵀ/√(D/H) masked) v for (B, H, T, ·) tensors; ``visible`` broadcasts to the scores."""
+        if self.impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=is_causal)
+        scores = (q @ k.transpose(-1, -2)).to(compute_dtype(q.dtype)) / self.head_dim**0.5
+        if is_causal:
+            visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+    def _merge(self, attended: Tensor) -> Tensor:
+        """(B, H, T, D/H) -> output projection of (B, T, D)."""
+        batch, _, tokens, _ = attended.shape
+        return self.out(attended.transpose(1, 2).reshape(batch, tokens, self.d_model))
+
+    def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        length = x.shape[1]
+        positions = torch.arange(length, device=x.device)
+        q, k, v = self._project(x, positions)
+        if padding_mask is None and self.window is None:
+            return self._merge(self._attend(q, k, v, None, is_causal=self.causal))
+        visible = visible_keys(positions, positions, self.causal, self.window)  # (L, L)
+        if padding_mask is not None:
+            visible = visible & ~padding_mask[:, None, None, :]
+            # A query may always see itself, so a padded query with nothing else visible stays finite.
+            visible = visible | torch.eye(length, dtype=torch.bool, device=x.device)
+        return self._merge(self._attend(q, k, v, visible, is_causal=False))
+
+    def mix_step(self, x: Tensor, state: kv_cache.KVState) -> tuple[Tensor, kv_cache.KVState]:
+        tokens = x.shape[1]
+        if self.window is None and not torch.compiler.is_compiling():
+            seen = int(state.pos.max())
+            if seen + tokens > self.max_len:
+                raise SeqmixError(
+                    f"softmax_attention: the stream would reach {seen + tokens} tokens but the cache holds "
+                    f"max_len={self.max_len}; build the mixer with a larger max_len or a window"
+                )
+        q_pos = kv_cache.query_positions(state, tokens)  # (B, T)
+        q, k, v = self._project(x, q_pos.unsqueeze(1))
+        keys, values, k_pos, new_state = kv_cache.extend(state, k, v)
+        visible = visible_keys(q_pos, k_pos, causal=True, window=self.window).unsqueeze(1)  # (B, 1, T, cap+T)
+        return self._merge(self._attend(q, keys, values, visible, is_causal=False)), new_state
+
+    def empty_state(self, batch_size: int, device, dtype) -> kv_cache.KVState:
+        device, dtype = self.param_dtype_device(device, dtype)
+        return kv_cache.empty_kv(batch_size, self.heads, self.capacity, self.head_dim, self.head_dim, device, dtype)

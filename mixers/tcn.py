@@ -1,0 +1,143 @@
+"""Dilated temporal convolution (TCNCA, arXiv 2312.05605): a stack of depthwise causal convolutions.
+
+Per channel d, with kernel size K, dilation base f and layers i = 0 .. depth−1 (dilation f^i):
+
+    conv_i(h)_t = bias_i + Σ_{k<K} w_i[k] · h_{t−(K−1−k)·f^i}   zero left padding of (K−1)·f^i
+    layer_i(h) = act(conv_i(h))  for i < depth−1,  conv_i(h) for the last layer
+    h_0 = x,  h_{i+1} = h_i + layer_i(h_i)  (residual)  or  layer_i(h_i)
+    out = SiLU(h_depth + omega ⊙ x)                          as the EMA, so it drops into its slot
+
+Output t sees inputs t−RF+1 .. t, with receptive field RF = 1 + (K−1)·(f^depth − 1)/(f − 1)
+(1 + depth·(K−1) for f = 1). With f = K it is K^depth and every past offset is reached exactly
+once; with f > K some offsets inside the field are never reached.
+
+Causal only. The streaming state keeps, per layer, the last (K−1)·f^i inputs of that layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .contract import Mixer
+from .errors import SeqmixError, choice_error
+from .registry import register_mixer
+
+ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
+
+TCNState = tuple[Tensor, ...]
+"""Streaming state of the TCN: per layer i, its last (K−1)·f^i inputs, (B, D, (K−1)·f^i)."""
+
+
+def check_int(field: str, value, minimum: int, meaning: str) -> None:
+    """Reject a value that is not an integer >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SeqmixError(f"tcn: {field}={value!r} is not valid; expected an integer >= {minimum} ({meaning})")
+
+
+@register_mixer("tcn")
+class TCN(Mixer):
+    """TCNCA's stack of dilated depthwise causal convolutions with output SiLU(y + omega ⊙ x).
+
+    Args:
+        d_model: D.
+        kernel_size: K, taps per layer.
+        dilation_base: f; layer i is dilated by f^i.
+        depth: number of layers.
+        activation: ``none``, ``silu`` or ``gelu``, applied after every layer but the last.
+        residual: h = h + layer(h) instead of h = layer(h).
+        causal: must be True; the TCN has no bidirectional form.
+        impl: ``conv``, the only path.
+    """
+
+    impls = ("conv",)
+    default_impl = "conv"
+
+    def __init__(
+        self,
+        d_model: int,
+        kernel_size: int = 4,
+        dilation_base: int = 4,
+        depth: int = 4,
+        activation: str = "silu",
+        residual: bool = True,
+        causal: bool = True,
+        impl: str | None = None,
+    ):
+        if causal is not True:
+            raise SeqmixError(
+                f"tcn: causal={causal!r} is not valid; the TCN is causal only (its convolutions look "
+                "back, never ahead), so build it with causal=True"
+            )
+        super().__init__(d_model, causal=True, impl=impl)
+        check_int("kernel_size", kernel_size, 2, "K, taps per layer")
+        check_int("dilation_base", dilation_base, 1, "f, layer i is dilated by f**i")
+        check_int("depth", depth, 1, "number of convolution layers")
+        if activation not in ACTIVATIONS:
+            raise choice_error("tcn.activation", activation, ACTIVATIONS)
+        if not isinstance(residual, bool):
+            raise SeqmixError(f"tcn: residual={residual!r} is not valid; expected True or False")
+        self.kernel_size = kernel_size
+        self.dilation_base = dilation_base
+        self.depth = depth
+        self.activation = activation
+        self.residual = residual
+        # Padding is done by hand (zeros in mix, the state's window in mix_step), hence padding=0.
+        self.convs = nn.ModuleList(
+            nn.Conv1d(d_model, d_model, kernel_size, dilation=dilation_base**i, groups=d_model)
+            for i in range(depth)
+        )
+        self.omega = nn.Parameter(torch.empty(d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default Conv1d initialisation; omega ~ N(0, 1) as in the EMA."""
+        for conv in self.convs:
+            conv.reset_parameters()
+        with torch.no_grad():
+            nn.init.normal_(self.omega, mean=0.0, std=1.0)
+
+    @property
+    def windows(self) -> list[int]:
+        """Past inputs each layer needs: (K−1)·f^i for layer i."""
+        return [(self.kernel_size - 1) * conv.dilation[0] for conv in self.convs]
+
+    @property
+    def receptive_field(self) -> int:
+        """RF: output t depends on inputs t−RF+1 .. t."""
+        return 1 + sum(self.windows)
+
+    def _run(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
+        """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""
+        act = ACTIVATIONS[self.activation]
+        mask = None if padding_mask is None else padding_mask.unsqueeze(1)  # (B, 1, T)
+        h = x.transpose(1, 2)  # (B, D, T)
+        new_state = []
+        for i, (conv, window) in enumerate(zip(self.convs, self.windows)):
+            # Zeroing every layer's input, not just x, keeps padding out of later outputs even
+            # where a padded position's hidden value is nonzero (biases, earlier tokens).
+            if mask is not None:
+                h = h.masked_fill(mask, 0.0)
+            if state is None:
+                ctx = F.pad(h, (window, 0))  # (B, D, window + T)
+            else:
+                ctx = torch.cat([state[i].to(h.dtype), h], dim=-1)  # (B, D, window + T)
+            new_state.append(ctx[..., -window:])
+            out = conv(ctx)  # (B, D, T)
+            if i < self.depth - 1:
+                out = act(out)
+            h = h + out if self.residual else out
+        y = h.transpose(1, 2)  # (B, T, D)
+        return F.silu(y + self.omega * x).to(x.dtype), tuple(new_state)
+
+    def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        return self._run(x, padding_mask, None)[0]
+
+    def mix_step(self, x: Tensor, state: TCNState) -> tuple[Tensor, TCNState]:
+        y, windows = self._run(x, None, state)
+        # Keep the state's dtype fixed whatever autocast made of the activations.
+        return y, tuple(w.to(s.dtype) for w, s in zip(windows, state))
+
+    def empty_state(self, batch_size: int, device, dtype) -> TCNState:
+        device, dtype = self.param_dtype_device(device, dtype)
+        return tuple(torch.zeros(batch_size, self.d_model, w, device=device, dtype=dtype) for w in self.windows)

@@ -1,0 +1,134 @@
+"""The TCN mixer: receptive field, streaming in pieces, padding, option validation."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixers import SeqmixError, build_mixer
+from mixers.tcn import TCN
+
+
+@pytest.mark.parametrize(("K", "f", "depth"), [(4, 4, 2), (2, 2, 3), (3, 1, 4), (3, 2, 3), (2, 3, 2)])
+def test_impulse_reaches_exactly_the_receptive_field(K, f, depth):
+    torch.manual_seed(0)
+    tcn = TCN(3, kernel_size=K, dilation_base=f, depth=depth, activation="none", residual=False).double()
+    with torch.no_grad():
+        # Positive taps rule out cancellations, so every reachable offset really changes the output;
+        # omega = 0 leaves the stack (linear here) as the only path from input to output.
+        for conv in tcn.convs:
+            conv.weight.uniform_(0.5, 1.5)
+        tcn.omega.zero_()
+    rf = tcn.receptive_field
+    assert rf == 1 + (K - 1) * sum(f**i for i in range(depth))
+    if f == K:
+        assert rf == K**depth
+    if f == 1:
+        assert rf == 1 + depth * (K - 1)
+
+    t, length = 5, 5 + rf + 4
+    zero = torch.zeros(2, length, 3, dtype=torch.float64)
+    impulse = zero.clone()
+    impulse[:, t, :] = 1.0
+    changed = (tcn(impulse) != tcn(zero)).any(dim=-1)  # (B, L)
+    # Offsets reached are the sums Σ k_i·f^i with 0 <= k_i < K: contiguous 0 .. RF−1 when f <= K.
+    offsets = {sum(k * f**i for i, k in enumerate(ks)) for ks in itertools.product(range(K), repeat=depth)}
+    assert max(offsets) == rf - 1
+    if f <= K:
+        assert offsets == set(range(rf))
+    expected = torch.zeros(length, dtype=torch.bool)
+    expected[[t + o for o in offsets]] = True
+    assert torch.equal(changed, expected.expand(2, length))
+    assert not changed[:, t + rf].any()
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
+def test_step_in_pieces_matches_forward(activation, residual):
+    torch.manual_seed(1)
+    tcn = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual).double()
+    largest = max(tcn.windows)  # 8
+    pieces = [1, 3, largest + 5, 1, 2, 7, 1]
+    x = torch.randn(2, sum(pieces), 4, dtype=torch.float64)
+
+    state = tcn.init_state(2)
+    outs = []
+    for piece in x.split(pieces, dim=1):
+        y, state = tcn.step(piece, state)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, dim=1), tcn(x), rtol=0, atol=1e-12)
+
+    y_once, state_once = tcn.step(x, tcn.init_state(2))
+    torch.testing.assert_close(y_once, tcn(x), rtol=0, atol=1e-12)
+    assert [s.shape for s in state] == [(2, 4, w) for w in tcn.windows]
+    for got, want in zip(state, state_once):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert tcn.state_size() == 4 * sum(tcn.windows)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
+def test_forward_follows_the_equations(activation, residual):
+    torch.manual_seed(3)
+    tcn = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual).double()
+    x = torch.randn(2, 30, 4, dtype=torch.float64)
+    act = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}[activation]
+    # Independent of the module's own padding: symmetric padding, then drop the look-ahead.
+    h = x.transpose(1, 2)
+    for i, conv in enumerate(tcn.convs):
+        pad = 2 * 2**i
+        out = F.conv1d(h, conv.weight, conv.bias, padding=pad, dilation=2**i, groups=4)[..., :-pad]
+        out = act(out) if i < 2 else out
+        h = h + out if residual else out
+    expected = F.silu(h.transpose(1, 2) + tcn.omega * x)
+    torch.testing.assert_close(tcn(x), expected, rtol=0, atol=1e-12)
+
+
+def test_left_padding_acts_as_if_absent():
+    torch.manual_seed(2)
+    tcn = TCN(4, kernel_size=2, dilation_base=2, depth=3).double()
+    x = torch.randn(3, 12, 4, dtype=torch.float64)
+    garbage = torch.full((3, 5, 4), 1e6, dtype=torch.float64)
+    mask = torch.zeros(3, 17, dtype=torch.bool)
+    mask[:, :5] = True
+    # Biases make the hidden values at padded positions nonzero; zeroing every layer's input
+    # (not just x) is what keeps them out.
+    padded_out = tcn(torch.cat([garbage, x], dim=1), mask)
+    torch.testing.assert_close(padded_out[:, 5:], tcn(x), rtol=0, atol=1e-12)
+
+
+def test_padded_values_never_reach_unpadded_outputs():
+    torch.manual_seed(2)
+    tcn = TCN(4, kernel_size=2, dilation_base=2, depth=3).double()
+    x = torch.randn(3, 20, 4, dtype=torch.float64)
+    mask = torch.rand(3, 20) < 0.3
+    garbage = x.masked_fill(mask.unsqueeze(-1), 1e6)
+    kept = ~mask
+    torch.testing.assert_close(tcn(garbage, mask)[kept], tcn(x, mask)[kept], rtol=0, atol=0)
+
+
+def test_registered_under_tcn():
+    tcn = build_mixer("tcn", 8, kernel_size=2, dilation_base=2, depth=5)
+    assert isinstance(tcn, TCN)
+    assert tcn.receptive_field == 32
+    assert tcn(torch.randn(1, 6, 8)).shape == (1, 6, 8)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"kernel_size": 1}, "kernel_size"),
+        ({"kernel_size": 2.0}, "kernel_size"),
+        ({"kernel_size": True}, "kernel_size"),
+        ({"dilation_base": 0}, "dilation_base"),
+        ({"depth": 0}, "depth"),
+        ({"depth": "4"}, "depth"),
+        ({"activation": "relu"}, "activation"),
+        ({"residual": 1}, "residual"),
+        ({"causal": False}, "causal"),
+        ({"impl": "fft"}, "impl"),
+    ],
+)
+def test_bad_options_name_the_field(options, field):
+    with pytest.raises(SeqmixError, match=field):
+        TCN(4, **options)
