@@ -65,6 +65,8 @@ def _resolve_local(local, local_options: dict | None, d_model: int, causal: bool
     if isinstance(local, Mixer):
         mixer = local
     elif isinstance(local, str):
+        if local_options and "causal" in local_options:
+            raise SeqmixError("gated_attention: local_options may not set 'causal'; the local mixer follows the layer's causal flag")
         mixer = build_mixer(local, d_model, causal=causal, **(local_options or {}))
     elif callable(local):
         mixer = local(d_model)
@@ -275,8 +277,9 @@ class GatedAttention(Mixer):
         # A query may always see itself: keeps padded queries finite without touching valid ones.
         visible = visible | torch.eye(size, dtype=torch.bool, device=x.device)
         attended = self._attend(by_chunk(q), by_chunk(k), by_chunk(v), positions, positions, visible)
-        attended = attended.reshape(batch, self.heads, chunks * size, -1)[:, :, :length]
-        return finish(self._merge(attended))
+        # Crop after merging heads: cropping first leaves a strided view whose reshape would
+        # make torch.export specialise on batch size 1.
+        return finish(self._merge(attended.flatten(2, 3))[:, :length])
 
     def mix_step(self, x: Tensor, state: GatedAttentionState) -> tuple[Tensor, GatedAttentionState]:
         tokens = x.shape[1]

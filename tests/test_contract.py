@@ -1,0 +1,131 @@
+"""The contract's promises that are not numerics: registry, state shapes, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+
+import mixers
+from mixers import SeqmixError
+from mixer_cases import WIDTH, build, causal_cases, mixer_cases
+
+REQUIRED = {"ema", "cema", "tcn", "gated_attention", "softmax_attention"}
+
+
+def test_registry_names_the_five_operators():
+    assert REQUIRED <= set(mixers.list_mixers())
+    for name in mixers.list_mixers():
+        mixer = mixers.build_mixer(name, WIDTH)
+        assert isinstance(mixer, mixers.Mixer)
+        assert mixer.impl in type(mixer).impls
+
+
+@pytest.mark.parametrize("case", causal_cases(), ids=[c[0] for c in causal_cases()])
+def test_state_shapes_do_not_depend_on_tokens_seen(case):
+    _, name, options = case
+    mixer = build(name, options)
+    state = mixer.init_state(3)
+    shapes = [t.shape for t in tree_flatten(state)[0]]
+    assert all(t.shape[0] == 3 for t in tree_flatten(state)[0])
+    with torch.no_grad():
+        for tokens in (1, 5, 17):
+            _, state = mixer.step(torch.randn(3, tokens, WIDTH), state)
+            assert [t.shape for t in tree_flatten(state)[0]] == shapes
+    assert mixer.state_size() == sum(t[0].numel() for t in tree_flatten(mixer.init_state(1))[0])
+
+
+def test_state_sizes_follow_the_design():
+    assert mixers.build_mixer("ema", 8, order=4).state_size() == 8 * 4
+    assert mixers.build_mixer("cema", 8, order=4).state_size() == 2 * 8 * 4
+    tcn = mixers.build_mixer("tcn", 8, kernel_size=4, dilation_base=4, depth=2)
+    assert tcn.state_size() == 8 * (3 * 1 + 3 * 4)
+    assert mixers.build_mixer("ema", 8, causal=False).state_size() == 0
+
+
+@pytest.mark.parametrize("case", mixer_cases(), ids=[c[0] for c in mixer_cases()])
+def test_wrong_inputs_are_named(case):
+    _, name, options = case
+    mixer = build(name, options)
+    with pytest.raises(SeqmixError, match="rank 2"):
+        mixer(torch.randn(4, WIDTH))
+    with pytest.raises(SeqmixError, match=f"width D={WIDTH + 1}.*d_model={WIDTH}"):
+        mixer(torch.randn(2, 5, WIDTH + 1))
+    with pytest.raises(SeqmixError, match="padding_mask has shape"):
+        mixer(torch.randn(2, 5, WIDTH), torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(SeqmixError, match="torch.bool"):
+        mixer(torch.randn(2, 5, WIDTH), torch.zeros(2, 5))
+
+
+def test_unknown_mixer_lists_the_registered_ones():
+    with pytest.raises(SeqmixError) as error:
+        mixers.build_mixer("mamba", 8)
+    for name in REQUIRED:
+        assert name in str(error.value)
+
+
+def test_unknown_impl_lists_the_valid_ones():
+    with pytest.raises(SeqmixError, match=r"impl='cuda'.*\['chunked', 'fft', 'recurrent'\]"):
+        mixers.build_mixer("ema", 8, impl="cuda")
+    mixer = mixers.build_mixer("softmax_attention", 8)
+    with pytest.raises(SeqmixError, match=r"\['math', 'sdpa'\]"):
+        mixer.impl = "flash"
+
+
+def test_unknown_option_lists_the_accepted_ones():
+    with pytest.raises(SeqmixError, match="no option 'ndim'.*order"):
+        mixers.build_mixer("ema", 8, ndim=4)
+
+
+@pytest.mark.parametrize("case", [c for c in mixer_cases() if not build(c[1], c[2]).causal], ids=lambda c: c[0])
+def test_step_on_a_bidirectional_mixer_is_refused(case):
+    mixer = build(case[1], case[2])
+    with pytest.raises(SeqmixError, match="causal=False"):
+        mixer.step(torch.randn(1, 2, WIDTH), ())
+
+
+@pytest.mark.parametrize("case", [c for c in causal_cases() if c[1] != "identity"], ids=lambda c: c[0])
+def test_state_for_another_batch_size_is_refused(case):
+    mixer = build(case[1], case[2])
+    with pytest.raises(SeqmixError, match="batch size 3, but x has batch size 2"):
+        mixer.step(torch.randn(2, 1, WIDTH), mixer.init_state(3))
+
+
+def test_state_of_another_mixer_is_refused():
+    ema = mixers.build_mixer("ema", 8)
+    cema = mixers.build_mixer("cema", 8)
+    with pytest.raises(SeqmixError, match="state has 1 tensors, expected 2"):
+        cema.step(torch.randn(1, 1, 8), ema.init_state(1))
+
+
+@pytest.mark.parametrize(
+    "name, options, field",
+    [
+        ("softmax_attention", {"heads": 3}, "heads=3"),
+        ("gated_attention", {"z_dim": 6, "heads": 4}, "z_dim=6"),
+        ("gated_attention", {"attention": "sigmoid"}, "attention='sigmoid'"),
+        ("gated_attention", {"position_bias": "alibi"}, "position_bias='alibi'"),
+        ("gated_attention", {"local": "ema", "causal": False, "local_options": {"causal": True}}, "may not set 'causal'"),
+        ("ema", {"chunk_size": 0}, "chunk_size=0"),
+        ("ema", {"order": 0}, "order=0"),
+        ("cema", {"causal": False}, "causal=False"),
+        ("tcn", {"causal": False}, "causal"),
+        ("gated_attention", {"norm": "batchnorm"}, "batchnorm"),
+    ],
+)
+def test_bad_options_name_the_field(name, options, field):
+    with pytest.raises(SeqmixError, match=field):
+        mixers.build_mixer(name, 8, **options)
+
+
+def test_step_past_the_cache_capacity_is_refused():
+    mixer = mixers.build_mixer("softmax_attention", 8, max_len=4)
+    with torch.no_grad():
+        _, state = mixer.step(torch.randn(1, 3, 8), mixer.init_state(1))
+        with pytest.raises(SeqmixError, match="max_len=4"):
+            mixer.step(torch.randn(1, 2, 8), state)
+
+
+def test_full_attention_longer_than_max_len_is_refused():
+    mixer = mixers.build_mixer("gated_attention", 8, chunk_size=None, max_len=16)
+    with pytest.raises(SeqmixError, match="max_len=16"):
+        mixer(torch.randn(1, 17, 8))
