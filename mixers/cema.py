@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from . import recurrence
 from .contract import Mixer, compute_dtype
-from .ema import check_chunk_size, check_order, run_recurrence
-from .errors import SeqmixError
+from .ema import run_recurrence
+from .errors import SeqmixError, require_int
 from .registry import register_mixer
 
 
@@ -55,8 +55,8 @@ class CEMA(Mixer):
         if not causal:
             raise SeqmixError("cema: causal=False is not supported; the complex EMA is causal only (use ema for a bidirectional EMA)")
         super().__init__(d_model, causal=True, impl=impl)
-        check_order("cema", order)
-        check_chunk_size("cema", chunk_size)
+        require_int("cema", "order", order, meaning="N complex states per channel")
+        require_int("cema", "chunk_size", chunk_size, meaning="C of the chunked path")
         self.order = order
         self.chunk_size = chunk_size
         self.alpha = nn.Parameter(torch.empty(d_model, order))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import recurrence
 from .contract import Mixer, compute_dtype
-from .errors import SeqmixError
+from .errors import require_int
 from .registry import register_mixer
 
 
@@ -33,18 +33,6 @@ class EMAState(NamedTuple):
     """Streaming state of the EMA: h (B, D, N)."""
 
     h: Tensor
-
-
-def check_chunk_size(owner: str, chunk_size) -> None:
-    """Reject a chunk size that is not a positive integer."""
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise SeqmixError(f"{owner}: chunk_size={chunk_size!r} is not valid; expected a positive integer")
-
-
-def check_order(owner: str, order) -> None:
-    """Reject an EMA order that is not a positive integer."""
-    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
-        raise SeqmixError(f"{owner}: order={order!r} is not valid; expected a positive integer (N states per channel)")
 
 
 def run_recurrence(impl: str, x: Tensor, coef: recurrence.Coefficients, h0, chunk_size: int):
@@ -71,8 +59,8 @@ class EMA(Mixer):
 
     def __init__(self, d_model: int, order: int = 16, causal: bool = True, impl: str | None = None, chunk_size: int = 64):
         super().__init__(d_model, causal=causal, impl=impl)
-        check_order("ema", order)
-        check_chunk_size("ema", chunk_size)
+        require_int("ema", "order", order, meaning="N states per channel")
+        require_int("ema", "chunk_size", chunk_size, meaning="C of the chunked path")
         self.order = order
         self.chunk_size = chunk_size
         rows = d_model if causal else 2 * d_model

@@ -11,3 +11,10 @@ class SeqmixError(ValueError):
 def choice_error(field: str, value, allowed) -> SeqmixError:
     """An error for ``field=value`` when only ``allowed`` values are accepted."""
     return SeqmixError(f"{field}={value!r} is not valid; expected one of {sorted(map(str, allowed))}")
+
+
+def require_int(owner: str, field: str, value, minimum: int = 1, meaning: str = "") -> None:
+    """Raise unless ``value`` is an integer >= ``minimum`` (bools are not integers here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        detail = f" ({meaning})" if meaning else ""
+        raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected an integer >= {minimum}{detail}")

@@ -36,8 +36,7 @@ from torch import Tensor, nn
 
 from . import kv_cache
 from .contract import Mixer, State, compute_dtype
-from .ema import check_chunk_size
-from .errors import SeqmixError, choice_error
+from .errors import SeqmixError, choice_error, require_int
 from .norms import RMSNorm, TimestepNorm, build_norm
 from .positions import RotaryRelativeBias, SimpleRelativeBias, rotary
 from .registry import build_mixer, register_mixer
@@ -131,9 +130,8 @@ class GatedAttention(Mixer):
         if position_bias not in POSITION_BIASES:
             raise choice_error("gated_attention.position_bias", position_bias, POSITION_BIASES)
         if chunk_size is not None:
-            check_chunk_size("gated_attention", chunk_size)
-        if not isinstance(max_len, int) or max_len < 1:
-            raise SeqmixError(f"gated_attention: max_len={max_len!r} must be a positive integer")
+            require_int("gated_attention", "chunk_size", chunk_size, meaning="C, or None for full attention")
+        require_int("gated_attention", "max_len", max_len, meaning="longest full-attention sequence")
         for field, value in (("z_dim", z_dim), ("v_dim", v_dim)):
             if not isinstance(value, int) or value < 1 or value % heads:
                 raise SeqmixError(f"gated_attention: {field}={value!r} must be a positive multiple of heads={heads}")

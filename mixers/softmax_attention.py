@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import kv_cache
 from .contract import Mixer, compute_dtype
-from .errors import SeqmixError
+from .errors import SeqmixError, require_int
 from .positions import rotary
 from .registry import register_mixer
 
@@ -71,10 +71,9 @@ class SoftmaxAttention(Mixer):
         head_dim = d_model // heads
         if use_rotary and head_dim % 2:
             raise SeqmixError(f"softmax_attention: use_rotary=True needs an even head width, got d_model/heads={head_dim}")
-        if window is not None and (not isinstance(window, int) or window < 1):
-            raise SeqmixError(f"softmax_attention: window={window!r} must be a positive integer or None")
-        if not isinstance(max_len, int) or max_len < 1:
-            raise SeqmixError(f"softmax_attention: max_len={max_len!r} must be a positive integer")
+        if window is not None:
+            require_int("softmax_attention", "window", window, meaning="positions attended, or None for all")
+        require_int("softmax_attention", "max_len", max_len, meaning="streaming cache capacity")
         self.heads = heads
         self.head_dim = head_dim
         self.use_rotary = use_rotary

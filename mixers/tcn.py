@@ -20,19 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .contract import Mixer
-from .errors import SeqmixError, choice_error
+from .errors import SeqmixError, choice_error, require_int
 from .registry import register_mixer
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
 
 TCNState = tuple[Tensor, ...]
 """Streaming state of the TCN: per layer i, its last (K−1)·f^i inputs, (B, D, (K−1)·f^i)."""
-
-
-def check_int(field: str, value, minimum: int, meaning: str) -> None:
-    """Reject a value that is not an integer >= ``minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SeqmixError(f"tcn: {field}={value!r} is not valid; expected an integer >= {minimum} ({meaning})")
 
 
 @register_mixer("tcn")
@@ -70,9 +64,9 @@ class TCN(Mixer):
                 "back, never ahead), so build it with causal=True"
             )
         super().__init__(d_model, causal=True, impl=impl)
-        check_int("kernel_size", kernel_size, 2, "K, taps per layer")
-        check_int("dilation_base", dilation_base, 1, "f, layer i is dilated by f**i")
-        check_int("depth", depth, 1, "number of convolution layers")
+        require_int("tcn", "kernel_size", kernel_size, 2, "K, taps per layer")
+        require_int("tcn", "dilation_base", dilation_base, 1, "f, layer i is dilated by f**i")
+        require_int("tcn", "depth", depth, 1, "number of convolution layers")
         if activation not in ACTIVATIONS:
             raise choice_error("tcn.activation", activation, ACTIVATIONS)
         if not isinstance(residual, bool):

@@ -1,0 +1,20 @@
+# Two commands a new user needs: `make run` (main job) and `make test` (the test suite).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install run test bench
+
+# Pin torch 2.13.0 only when no torch is installed: an unpinned torch pulls a multi-GB CUDA
+# build on CPU machines, while a GPU machine keeps the CUDA build it already has.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	@$(PIP) install -q -e ".[test]"
+
+run: install
+	$(PYTHON) tools/demo.py
+
+test: install
+	$(PYTHON) -m pytest -n 2 -q
+
+bench: install
+	$(PYTHON) tools/bench_mixers.py --out bench_results

@@ -1,0 +1,13 @@
+"""The main job's tour: every mixer and impl appears, and forward agrees with streaming."""
+from mixers import list_mixers, mixer_class
+from mixers.showcase import format_tour, tour
+
+
+def test_tour_covers_every_mixer_and_impl_and_streams_like_forward():
+    rows = tour(width=8, length=40, batch=2, piece=7)
+    expected = {(name, impl) for name in list_mixers() for impl in mixer_class(name).impls}
+    assert {(row.mixer, row.impl) for row in rows} == expected
+    for row in rows:
+        assert row.max_stream_error < 1e-4, row
+    table = format_tour(rows)
+    assert all(name in table for name in list_mixers())
