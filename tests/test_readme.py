@@ -1,0 +1,18 @@
+"""The README's Python examples run as written."""
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "the README should show the contract in code"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_lists_the_registered_mixers():
+    import mixers
+
+    assert str(mixers.list_mixers()) in README.read_text()
