@@ -14,7 +14,7 @@ run: install
 	$(PYTHON) tools/demo.py
 
 test: install
-	$(PYTHON) -m pytest -n 2 -q
+	$(PYTHON) -m pytest -q
 
 bench: install
 	$(PYTHON) tools/bench_mixers.py --out bench_results
