@@ -35,10 +35,13 @@ class Mixer(nn.Module):
     Class attributes:
         impls: the compute paths; the first one is the plain reference path.
         default_impl: the path used when none is asked for.
+        includes_residual: True when the output already adds the input back (gated attention),
+            so a block must not add it again.
     """
 
     impls: ClassVar[tuple[str, ...]] = ("reference",)
     default_impl: ClassVar[str] = "reference"
+    includes_residual: ClassVar[bool] = False
 
     def __init__(self, d_model: int, *, causal: bool, impl: str | None = None):
         super().__init__()

@@ -103,6 +103,8 @@ class GatedAttention(Mixer):
         max_len: longest sequence for full attention and its streaming cache.
     """
 
+    includes_residual = True
+
     def __init__(
         self,
         d_model: int,

@@ -1,0 +1,146 @@
+"""Layers of a model: a token mixer and a feed-forward network joined by a residual rule.
+
+Residual rules, for input x (B, L, D):
+
+    pre:     h = x + mixer(norm1(x));   out = h + ffn(norm2(h))        (GPT-2, standalone EMA/TCN)
+    post:    h = norm1(x + mixer(x));   out = norm2(h + ffn(h))        (original Transformer)
+    gated:   h = mixer(x);              out = h + ffn(norm2(h))        (Mega: the gated residual
+                                                                         x + u ⊙ (h − x) is inside the mixer)
+    two_hop: h = mixer(x);              out = x + ffn(norm2(h))        (Megalodon: the FFN's residual
+                                                                         is the block input, not h)
+    auto:    gated for a mixer with its own residual, else pre.
+
+Without an FFN the block returns h.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .contract import Mixer, State
+from .errors import SeqmixError, choice_error
+from .norms import LayerNorm
+
+RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: fc2(act(fc1 x)), or with ``swiglu`` fc2(SiLU(fc1 x) ⊙ fc3 x).
+
+    Args:
+        d_model: D.
+        hidden: F, the hidden width (default 4·D).
+        activation: ``gelu``, ``silu`` or ``relu`` (ignored with swiglu).
+        swiglu: gate the hidden layer with a third projection.
+        bias: biases on the projections.
+    """
+
+    def __init__(self, d_model: int, hidden: int | None = None, activation: str = "gelu", swiglu: bool = False, bias: bool = True):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise choice_error("ffn.activation", activation, ACTIVATIONS)
+        hidden = 4 * d_model if hidden is None else hidden
+        if not isinstance(hidden, int) or hidden < 1:
+            raise SeqmixError(f"ffn: hidden={hidden!r} is not valid; expected a positive integer")
+        self.activation = activation
+        self.fc1 = nn.Linear(d_model, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, d_model, bias=bias)
+        self.fc3 = nn.Linear(d_model, hidden, bias=bias) if swiglu else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, L, D)."""
+        if self.fc3 is not None:
+            return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class Block(nn.Module):
+    """One layer: mixer + optional FFN + norms + a residual rule (see the module docstring).
+
+    Args:
+        d_model: D.
+        mixer: the token mixer, built for width D.
+        ffn: the feed-forward network, or None for a mixer-only block.
+        norm: factory of the block's norms, called with D.
+        residual: one of ``RESIDUALS``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        mixer: Mixer,
+        ffn: nn.Module | None = None,
+        norm: Callable[[int], nn.Module] = LayerNorm,
+        residual: str = "auto",
+    ):
+        super().__init__()
+        if residual not in RESIDUALS:
+            raise choice_error("block.residual", residual, RESIDUALS)
+        if not isinstance(mixer, Mixer):
+            raise SeqmixError(f"block: mixer must be a seqmix Mixer, got {type(mixer).__name__}")
+        if mixer.d_model != d_model:
+            raise SeqmixError(f"block: the mixer has d_model={mixer.d_model} but the block has d_model={d_model}")
+        owns_residual = mixer.includes_residual
+        if residual == "auto":
+            residual = "gated" if owns_residual else "pre"
+        if residual in ("gated", "two_hop") and not owns_residual:
+            raise SeqmixError(
+                f"block: residual={residual!r} needs a mixer that adds its own residual (gated_attention); "
+                f"{type(mixer).__name__} does not, so use residual='pre' or 'post'"
+            )
+        if residual in ("pre", "post") and owns_residual:
+            raise SeqmixError(
+                f"block: {type(mixer).__name__} already adds its own residual, so residual={residual!r} would add "
+                "it twice; use residual='gated' (Mega) or 'two_hop' (Megalodon)"
+            )
+        if residual == "two_hop" and ffn is None:
+            raise SeqmixError("block: residual='two_hop' joins the mixer and the FFN; it needs an ffn")
+        self.d_model = d_model
+        self.residual = residual
+        self.mixer = mixer
+        self.ffn = ffn
+        self.norm1 = norm(d_model) if residual in ("pre", "post") else None
+        self.norm2 = norm(d_model) if ffn is not None else None
+
+    @property
+    def causal(self) -> bool:
+        return self.mixer.causal
+
+    def _finish(self, x: Tensor, h: Tensor) -> Tensor:
+        """The FFN half, given the block input x and the mixer half's output h (B, T, D)."""
+        if self.ffn is None:
+            return h
+        if self.residual == "post":
+            return self.norm2(h + self.ffn(h))
+        base = x if self.residual == "two_hop" else h
+        return base + self.ffn(self.norm2(h))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """(B, L, D) -> (B, L, D); padding_mask (B, L) bool, True at padding."""
+        if self.residual == "pre":
+            h = x + self.mixer(self.norm1(x), padding_mask)
+        elif self.residual == "post":
+            h = self.norm1(x + self.mixer(x, padding_mask))
+        else:
+            h = self.mixer(x, padding_mask)
+        return self._finish(x, h)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """The mixer's streaming state (norms and FFN are position-wise and hold none)."""
+        return self.mixer.init_state(batch_size, device, dtype)
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """Continue a stream by x (B, T, D); outputs equal ``forward`` over the whole stream."""
+        if self.residual == "pre":
+            y, state = self.mixer.step(self.norm1(x), state)
+            h = x + y
+        elif self.residual == "post":
+            y, state = self.mixer.step(x, state)
+            h = self.norm1(x + y)
+        else:
+            h, state = self.mixer.step(x, state)
+        return self._finish(x, h), state

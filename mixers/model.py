@@ -1,0 +1,225 @@
+"""One model type for every architecture: embedding → blocks → final norm → head.
+
+Named architectures (Mega, Megalodon, TCNCA, Transformer, GPT-2, hybrids) are config presets in
+``conf/model/``, never classes: they differ only in the parts injected here.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import Block
+from .contract import State
+from .errors import SeqmixError, choice_error, require_int
+from .heads import CausalLMHead
+from .norms import LayerNorm, TimestepNorm
+from .registry import build_mixer, list_mixers
+
+POSITIONS = ("none", "learned")
+
+
+class ModelState(NamedTuple):
+    """Streaming state of a model: one state per block, the final norm's, and tokens seen (B,)."""
+
+    blocks: tuple
+    final_norm: State
+    pos: Tensor
+
+
+class SequenceModel(nn.Module):
+    """Token ids (B, L) -> head output, composed from injected parts.
+
+    Args:
+        vocab_size: V.
+        d_model: D.
+        blocks: the layers, each built for width D.
+        head: built with (D, V); a causal LM head needs every block causal.
+        final_norm: applied after the last block (a timestep norm streams with its own state).
+        positions: ``none`` or ``learned`` absolute positions (GPT-2) up to ``max_len``.
+        max_len: longest sequence with learned positions.
+        tie_embeddings: share the LM head's weight with the token embedding.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        blocks: Sequence[Block],
+        head: nn.Module,
+        final_norm: nn.Module | None = None,
+        positions: str = "none",
+        max_len: int = 2048,
+        tie_embeddings: bool = False,
+    ):
+        super().__init__()
+        require_int("model", "vocab_size", vocab_size, 2)
+        require_int("model", "d_model", d_model)
+        require_int("model", "max_len", max_len)
+        if positions not in POSITIONS:
+            raise choice_error("model.positions", positions, POSITIONS)
+        if not blocks:
+            raise SeqmixError("model: layers is empty; a model needs at least one block")
+        for index, block in enumerate(blocks):
+            if block.d_model != d_model:
+                raise SeqmixError(f"model: layer {index} has d_model={block.d_model}, expected {d_model}")
+            if getattr(head, "requires_causal", False) and not block.causal:
+                raise SeqmixError(
+                    f"model: layer {index} ({type(block.mixer).__name__}) is bidirectional (causal=False), but "
+                    f"{type(head).__name__} predicts the next token and needs every layer causal; use a masked_lm "
+                    "or classification head, or build the mixer with causal=True"
+                )
+            chunk = getattr(block.mixer, "chunk_size", None)
+            if positions == "learned" and isinstance(chunk, int) and chunk > max_len:
+                raise SeqmixError(
+                    f"model: layer {index} has chunk_size={chunk} larger than max_len={max_len} of the learned "
+                    "positions; lower the chunk size or raise max_len"
+                )
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.positions = positions
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos_embed = nn.Embedding(max_len, d_model) if positions == "learned" else None
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = final_norm
+        self.head = head
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if tie_embeddings:
+            if not isinstance(head, CausalLMHead):
+                raise SeqmixError(f"model: tie_embeddings=True needs a language-model head, got {type(head).__name__}")
+            head.proj.weight = self.embed.weight
+
+    @property
+    def causal(self) -> bool:
+        """True when every block is causal, so the model can stream."""
+        return all(block.causal for block in self.blocks)
+
+    def _check_tokens(self, tokens: Tensor, start: int = 0) -> None:
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise SeqmixError(f"model: tokens must be a (B, L) integer tensor, got {got}")
+        if self.pos_embed is not None and start + tokens.shape[1] > self.max_len:
+            raise SeqmixError(
+                f"model: {start + tokens.shape[1]} tokens exceed max_len={self.max_len} of the learned positions"
+            )
+
+    def _embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
+        return h
+
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Token ids (B, L) and an optional padding mask (B, L) -> logits (B, L, V) or (B, classes)."""
+        self._check_tokens(tokens)
+        h = self._embed(tokens, torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            h = block(h, padding_mask)
+        if isinstance(self.final_norm, TimestepNorm):
+            h = self.final_norm(h, padding_mask)
+        elif self.final_norm is not None:
+            h = self.final_norm(h)
+        return self.head(h, padding_mask)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """The state before any token, for streaming with ``step``."""
+        if not self.causal:
+            raise SeqmixError("model: a model with bidirectional layers cannot stream; it has no state")
+        device = self.embed.weight.device if device is None else device
+        norm_state = self.final_norm.init_state(batch_size, device, dtype) if isinstance(self.final_norm, TimestepNorm) else ()
+        return ModelState(
+            blocks=tuple(block.init_state(batch_size, device, dtype) for block in self.blocks),
+            final_norm=norm_state,
+            pos=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def step(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Continue a stream by tokens (B, T) -> (logits (B, T, V), new state); equal to ``forward``'s logits."""
+        if not getattr(self.head, "per_token", False):
+            raise SeqmixError(f"model: step() needs a per-token head; {type(self.head).__name__} pools the whole sequence")
+        if not self.causal:
+            raise SeqmixError("model: a model with bidirectional layers cannot stream")
+        self._check_tokens(tokens, int(state.pos.max()) if self.pos_embed is not None else 0)
+        positions = state.pos.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
+        h = self._embed(tokens, positions)
+        block_states = []
+        for block, block_state in zip(self.blocks, state.blocks):
+            h, block_state = block.step(h, block_state)
+            block_states.append(block_state)
+        norm_state = state.final_norm
+        if isinstance(self.final_norm, TimestepNorm):
+            h, norm_state = self.final_norm.step(h, norm_state)
+        elif self.final_norm is not None:
+            h = self.final_norm(h)
+        return self.head(h), ModelState(tuple(block_states), norm_state, state.pos + tokens.shape[1])
+
+
+def build_model(
+    vocab_size: int,
+    d_model: int,
+    layers: Sequence[str | Callable[[int], nn.Module]],
+    mixers: Mapping[str, Callable[[int], nn.Module]] | None = None,
+    depth: int | None = None,
+    block: Callable[..., Block] = Block,
+    ffn: Callable[[int], nn.Module] | None = None,
+    norm: Callable[[int], nn.Module] = LayerNorm,
+    head: Callable[[int, int], nn.Module] = CausalLMHead,
+    final_norm: Callable[[int], nn.Module] | None = None,
+    positions: str = "none",
+    max_len: int = 2048,
+    tie_embeddings: bool = False,
+) -> SequenceModel:
+    """Compose a model from factories: the Hydra target of every ``conf/model`` preset.
+
+    Args:
+        layers: the mixer of each layer: a key of ``mixers``, a registered mixer name (built with
+            its default options), or a factory taking D.
+            With ``depth``, the list is a pattern repeated until there are ``depth`` layers.
+        mixers: named mixer factories the names in ``layers`` refer to.
+        block: block factory taking (d_model, mixer, ffn, norm).
+        ffn, norm, head, final_norm: factories taking D (the head: D and V); ffn and
+            final_norm may be None.
+        Others as in ``SequenceModel``.
+    """
+    mixers = dict(mixers or {})
+    pattern = list(layers)
+    if not pattern:
+        raise SeqmixError("model: layers is empty; name at least one mixer, e.g. layers=[ema]")
+    if depth is not None:
+        require_int("model", "depth", depth)
+        if depth % len(pattern):
+            raise SeqmixError(
+                f"model: depth={depth} is not a multiple of the {len(pattern)} layers in the pattern {pattern}"
+            )
+        pattern = pattern * (depth // len(pattern))
+    factories = []
+    for index, layer in enumerate(pattern):
+        if isinstance(layer, str):
+            if layer in mixers:
+                layer = mixers[layer]
+            elif layer in list_mixers():
+                layer = partial(build_mixer, layer)
+            else:
+                raise SeqmixError(
+                    f"model: layer {index} names mixer {layer!r}, which is neither defined by this model "
+                    f"({sorted(mixers)}) nor registered ({list_mixers()})"
+                )
+        factories.append(layer)
+    blocks = [
+        block(d_model=d_model, mixer=factory(d_model), ffn=None if ffn is None else ffn(d_model), norm=norm)
+        for factory in factories
+    ]
+    return SequenceModel(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        blocks=blocks,
+        head=head(d_model, vocab_size),
+        final_norm=None if final_norm is None else final_norm(d_model),
+        positions=positions,
+        max_len=max_len,
+        tie_embeddings=tie_embeddings,
+    )
