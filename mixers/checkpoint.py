@@ -42,12 +42,19 @@ def check_targets(config: Any, where: str = "model") -> None:
 
 def instantiate_model(config: DictConfig | dict):
     """Build the model a ``conf/model`` config describes, remembering the resolved config on it."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     config = OmegaConf.create(config) if isinstance(config, dict) else config
     resolved = OmegaConf.to_container(config, resolve=True)
     check_targets(resolved)
-    model = instantiate(resolved, _convert_="all")
+    try:
+        model = instantiate(resolved, _convert_="all")
+    except InstantiationException as error:
+        # Hydra wraps our own validation errors; surface them as they were raised.
+        if isinstance(error.__cause__, SeqmixError):
+            raise error.__cause__ from None
+        raise SeqmixError(f"model config could not be built: {error}") from error
     model.config = resolved
     return model
 

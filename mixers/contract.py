@@ -107,6 +107,15 @@ class Mixer(nn.Module):
             raise SeqmixError(f"{type(self).__name__} was built with causal=False and has no streaming state")
         return self.empty_state(batch_size, device, dtype)
 
+    @property
+    def receptive_field(self) -> int | None:
+        """Positions one output can depend on, the current one included; None when unbounded."""
+        return None
+
+    def complexity(self) -> str:
+        """Time of ``forward`` as a function of L with the current impl, for summaries."""
+        return "O(L·D)"
+
     def state_size(self) -> int:
         """Numbers held per sequence by the streaming state (0 for bidirectional mixers)."""
         if not self.causal:

@@ -172,6 +172,18 @@ class GatedAttention(Mixer):
             span = chunk_size if chunk_size is not None else max_len
             self.bias = SimpleRelativeBias(span) if position_bias == "simple" else RotaryRelativeBias(z_dim // heads)
 
+    @property
+    def receptive_field(self) -> int | None:
+        """Unbounded when the local mixer is (an EMA); else the local field plus a chunk of attention."""
+        local = self.local.receptive_field
+        if local is None or self.chunk_size is None:
+            return None
+        return local + self.chunk_size - 1
+
+    def complexity(self) -> str:
+        span = "L²" if self.chunk_size is None else "L·C"
+        return f"O({span}·(S+E)) attention + local {self.local.complexity()}"
+
     # --- projections shared by forward and step ------------------------------------------
 
     def _split_heads(self, t: Tensor) -> Tensor:

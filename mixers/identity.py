@@ -19,6 +19,10 @@ class Identity(Mixer):
     def __init__(self, d_model: int, causal: bool = True, impl: str | None = None):
         super().__init__(d_model, causal=causal, impl=impl)
 
+    @property
+    def receptive_field(self) -> int:
+        return 1
+
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         return x
 

@@ -94,6 +94,11 @@ class SequenceModel(nn.Module):
             head.proj.weight = self.embed.weight
 
     @property
+    def head_is_tied(self) -> bool:
+        """True when the LM head shares its weight with the token embedding."""
+        return getattr(getattr(self.head, "proj", None), "weight", None) is self.embed.weight
+
+    @property
     def causal(self) -> bool:
         """True when every block is causal, so the model can stream."""
         return all(block.causal for block in self.blocks)

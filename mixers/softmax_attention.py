@@ -83,6 +83,13 @@ class SoftmaxAttention(Mixer):
         self.out = nn.Linear(d_model, d_model)
 
     @property
+    def receptive_field(self) -> int | None:
+        return self.window
+
+    def complexity(self) -> str:
+        return "O(L²·D)" if self.window is None else "O(L·W·D), W = window"
+
+    @property
     def capacity(self) -> int:
         """Cache slots: the window when there is one, else ``max_len``."""
         return self.window if self.window is not None else self.max_len

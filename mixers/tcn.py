@@ -101,6 +101,9 @@ class TCN(Mixer):
         """RF: output t depends on inputs t−RF+1 .. t."""
         return 1 + sum(self.windows)
 
+    def complexity(self) -> str:
+        return "O(L·K·depth·D)"
+
     def _run(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
         """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""
         act = ACTIVATIONS[self.activation]

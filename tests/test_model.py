@@ -1,0 +1,157 @@
+"""Models composed from presets: streaming, save/load, build-time validation, size, the describe tool."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+
+import mixers
+from mixers import SeqmixError
+from mixers.configs import compose_config, config_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = config_groups()["model"]
+
+
+def build(*overrides: str):
+    torch.manual_seed(0)
+    return mixers.instantiate_model(compose_config(list(overrides)).model)
+
+
+def causal_presets() -> list[str]:
+    return [name for name in PRESETS if build(f"model={name}").causal]
+
+
+def test_required_presets_exist():
+    assert {"mega", "megalodon", "tcnca", "transformer", "gpt2"} <= set(PRESETS)
+    hybrids = [name for name in PRESETS if name not in {"mega", "megalodon", "tcnca", "transformer", "gpt2", "mega_encoder"}]
+    assert len(hybrids) >= 2
+
+
+@pytest.mark.parametrize("preset", causal_presets())
+def test_streaming_in_random_pieces_equals_forward(preset):
+    model = build(f"model={preset}").double().eval()
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.vocab_size, (2, 150), generator=generator)  # crosses a 128-chunk boundary
+    with torch.no_grad():
+        logits = model(tokens)
+        state, pieces, start = model.init_state(2), [], 0
+        for size in (1, 7, 1, 40, 64, 37):
+            out, state = model.step(tokens[:, start : start + size], state)
+            pieces.append(out)
+            start += size
+    assert start == tokens.shape[1]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), logits, rtol=1e-9, atol=1e-9)
+    assert int(state.pos[0]) == 150
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_save_then_load_gives_identical_outputs(preset, tmp_path):
+    model = build(f"model={preset}").eval()
+    tokens = torch.randint(0, model.vocab_size, (2, 33))
+    mixers.save_model(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "model.safetensors"]
+    loaded = mixers.load_model(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+    assert loaded.head_is_tied == model.head_is_tied
+
+
+def test_load_refuses_targets_outside_the_project(tmp_path):
+    model = build("model=ema_conv")
+    mixers.save_model(model, tmp_path)
+    config = (tmp_path / "config.yaml").read_text()
+    marker = tmp_path / "pwned"
+    (tmp_path / "config.yaml").write_text(
+        config.replace("_target_: mixers.blocks.FeedForward", "_target_: os.system\n  command: touch " + str(marker), 1)
+    )
+    with pytest.raises(SeqmixError, match="os.system.*outside seqmix"):
+        mixers.load_model(tmp_path)
+    assert not marker.exists()
+
+
+def test_load_names_a_missing_file(tmp_path):
+    with pytest.raises(SeqmixError, match="config.yaml does not exist"):
+        mixers.load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=mega_encoder", "head@model.head=causal_lm"], r"layer 0 \(GatedAttention\) is bidirectional"),
+        (["model=mega", "model.mixers.mega.heads=3"], "z_dim=64 must be a positive multiple of heads=3"),
+        (["model=transformer", "model.mixers.attention.heads=5"], "heads=5 must be a positive integer that divides d_model=128"),
+        (["model=mega", "model.layers=[mamba]"], "layer 0 names mixer 'mamba'.*registered"),
+        (["model=hybrid_tcn_attention", "model.depth=4"], "depth=4 is not a multiple of the 3 layers"),
+        (["model=mega", "block@model.block=pre"], "already adds its own residual"),
+        (["model=ema_conv", "block@model.block=gated"], "needs a mixer that adds its own residual"),
+        (["model=mega", "head@model.head=classification"], "tie_embeddings=True needs a language-model head"),
+        (["model=gpt2", "block@model.block=auto", "+mixer@model.mixers.wide=gated_attention", "model.mixers.wide.chunk_size=2048", "model.layers=[wide]"],
+         "chunk_size=2048 larger than max_len=1024"),
+        (["model=mega", "model.mixers.mega.attention=sigmoid"], "attention='sigmoid' is not valid"),
+        (["model=mega", "model.d_model=0"], "d_model=0"),
+    ],
+)
+def test_invalid_compositions_fail_at_build_time_naming_the_field(overrides, message):
+    with pytest.raises(SeqmixError, match=message):
+        build(*overrides)
+
+
+def test_bad_tokens_and_lengths_are_refused():
+    model = build("model=gpt2")
+    with pytest.raises(SeqmixError, match=r"\(B, L\) integer tensor"):
+        model(torch.randn(2, 8))
+    with pytest.raises(SeqmixError, match="1025 tokens exceed max_len=1024"):
+        model(torch.zeros(1, 1025, dtype=torch.long))
+    classifier = build("model=mega_encoder", "head@model.head=classification", "model.tie_embeddings=false")
+    assert classifier(torch.zeros(3, 10, dtype=torch.long)).shape == (3, 10)
+    with pytest.raises(SeqmixError, match="cannot stream"):
+        classifier.init_state(1)
+
+
+@pytest.mark.parametrize("preset", ["mega", "megalodon", "tcnca", "transformer", "gpt2"])
+def test_presets_are_about_a_million_parameters_and_train_at_length_1024(preset):
+    model = build(f"model={preset}")
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 0.7e6 <= parameters <= 1.5e6, parameters
+    tokens = torch.randint(0, model.vocab_size, (1, 1025))
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, model.vocab_size), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_block_states_are_fixed_shape_for_every_preset():
+    for preset in causal_presets():
+        model = build(f"model={preset}")
+        state = model.init_state(2)
+        shapes = [t.shape for t in tree_flatten(state)[0]]
+        with torch.no_grad():
+            _, state = model.step(torch.zeros(2, 5, dtype=torch.long), state)
+        assert [t.shape for t in tree_flatten(state)[0]] == shapes, preset
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["model=megalodon"], ["4 layers", "gated_attention (local cema)", "two_hop", "total parameters: 1,154,560"]),
+        (["model=hybrid_tcn_attention", "model.layers=[tcn,tcn,softmax_attention]", "model.depth=3", "model.d_model=64"],
+         ["3 layers", "tcn", "softmax_attention", "256", "O(L²·D)"]),
+    ],
+)
+def test_describe_tool_prints_the_architecture(arguments, expected):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "describe.py"), *arguments], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for text in expected:
+        assert text in result.stdout
+
+
+def test_describe_tool_lists_presets_for_an_unknown_one():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "describe.py"), "model=nope"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "megalodon" in result.stderr and "nope" in result.stderr
