@@ -13,6 +13,7 @@ from mixers.blocks import FeedForward
 from mixers.checkpoint import check_targets
 from mixers.configs import CONF_DIR, compose_config
 from mixers.norms import LayerNorm, TimestepNorm
+from mixers.training import TrainConfig
 
 WIDTH = 16
 CONFIG_FILES = sorted(CONF_DIR.rglob("*.yaml"))
@@ -43,13 +44,24 @@ def _run_sequence_module(module, *call_extra) -> None:
     _backward_is_finite(y, module, x)
 
 
-def _build_and_run(path: Path) -> None:
+def _build_and_run(path: Path, tmp_path: Path) -> None:
     group = _group(path)
     if group == ".":
         _run_model(mixers.instantiate_model(compose_config([], config_name=path.stem).model))
         return
     if group == "model":
         _run_model(mixers.instantiate_model(compose_config([f"model={path.stem}"]).model))
+        return
+    if group == "task":
+        config = OmegaConf.load(path)
+        if "cache_dir" in config:  # keep the byte corpus small and out of the user's cache
+            config.cache_dir, config.max_bytes = str(tmp_path), 100_000
+        task = instantiate(config)
+        batch = task.batch("train", 0, 2)
+        assert batch.inputs.shape == (2, task.seq_len) and int(batch.inputs.max()) < task.vocab_size
+        return
+    if group == "train":
+        assert TrainConfig(**OmegaConf.to_container(OmegaConf.load(path))).max_steps >= 1
         return
     factory = instantiate(OmegaConf.load(path))
     if group == "mixer":
@@ -74,12 +86,12 @@ def _build_and_run(path: Path) -> None:
 
 def test_configs_were_found():
     groups = {_group(p) for p in CONFIG_FILES}
-    assert {"mixer", "norm", "ffn", "block", "head", "model"} <= groups
+    assert {"mixer", "norm", "ffn", "block", "head", "model", "task", "train"} <= groups
     assert len([p for p in CONFIG_FILES if _group(p) == "mixer"]) == len(mixers.list_mixers())
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(CONF_DIR)) for p in CONFIG_FILES])
-def test_config_builds_and_trains_a_step(path):
+def test_config_builds_and_trains_a_step(path, tmp_path):
     torch.manual_seed(0)
     check_targets(OmegaConf.to_container(OmegaConf.load(path)))
-    _build_and_run(path)
+    _build_and_run(path, tmp_path)

@@ -1,0 +1,59 @@
+"""Sampling text from a causal model through its streaming ``step``: constant memory per token."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import SeqmixError
+
+
+@torch.no_grad()
+def stream_tokens(
+    model,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Yield sampled tokens one at a time after feeding ``prompt`` through ``model.step``.
+
+    Args:
+        model: a causal ``SequenceModel`` with a language-model head.
+        prompt: (B, P) token ids, P >= 1.
+        max_new_tokens: how many tokens to sample.
+        temperature: 0 picks the argmax (greedy); higher values flatten the distribution.
+        top_k: sample only among the k most likely tokens (None: all).
+        generator: for reproducible sampling.
+    Yields:
+        (B,) token ids.
+    """
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise SeqmixError(f"generate: the prompt must be (B, P) token ids with P >= 1, got shape {tuple(prompt.shape)}")
+    if temperature < 0:
+        raise SeqmixError(f"generate: temperature={temperature} must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise SeqmixError(f"generate: top_k={top_k} must be a positive integer or None")
+    model.eval()
+    state = model.init_state(prompt.shape[0])
+    logits, state = model.step(prompt, state)
+    for _ in range(max_new_tokens):
+        last = logits[:, -1].float()
+        if temperature == 0:
+            token = last.argmax(-1)
+        else:
+            last = last / temperature
+            if top_k is not None:
+                kth = torch.topk(last, min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
+                last = last.masked_fill(last < kth, float("-inf"))
+            token = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator).squeeze(-1)
+        yield token
+        logits, state = model.step(token.unsqueeze(1), state)
+
+
+def generate(model, prompt: Tensor, max_new_tokens: int, **sampling) -> Tensor:
+    """The prompt followed by ``max_new_tokens`` sampled tokens -> (B, P + max_new_tokens)."""
+    new = list(stream_tokens(model, prompt, max_new_tokens, **sampling))
+    return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt

@@ -1,0 +1,427 @@
+"""The training loop: AdamW, warmup + cosine schedule, clipping, accumulation, bf16 autocast,
+periodic evaluation, JSONL metrics, atomic checkpoints and exact resume, on one process or many.
+
+Everything a step consumes is a function of the step number (the task's batch ``step``, the
+schedule's learning rate), and a checkpoint holds the weights and the optimizer state, so a
+resumed run continues bit for bit where it stopped. Under ``torchrun`` each rank takes its rows
+of the same global batch and the loss is normalised by the global number of targets, so two
+processes compute what one process computes on the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import check_targets, load_model, save_model
+from .errors import SeqmixError, require_int
+from .tasks.base import IGNORE, Batch, Task
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+METRICS = "metrics.jsonl"
+RUN = "run.json"
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (``conf/train/default.yaml`` mirrors them).
+
+    Attributes:
+        out_dir: where checkpoints, metrics.jsonl and run.json go.
+        max_steps: optimizer steps.
+        batch_size: sequences per optimizer step, over all processes and accumulation steps.
+        grad_accum: micro-batches per optimizer step.
+        lr, min_lr_ratio, warmup_steps: peak learning rate, the floor of the cosine decay as a
+            fraction of it, and linear warm-up steps.
+        weight_decay, beta1, beta2: AdamW's (no decay on biases, norms and EMA vectors).
+        grad_clip: max global gradient norm (0 disables).
+        bf16: run forward and backward under bfloat16 autocast.
+        eval_every, eval_batches: evaluate every N steps (and at the end) on this many batches.
+        checkpoint_every: write a checkpoint every N steps (and at the end); keep_checkpoints of them.
+        log_every: write a training row to metrics.jsonl every N steps.
+        resume: continue the run found in out_dir.
+        seed: seeds the parameter initialisation.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
+        progress: show a progress bar.
+    """
+
+    out_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    bf16: bool = False
+    eval_every: int = 250
+    eval_batches: int = 16
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
+            require_int("train", name, getattr(self, name))
+        require_int("train", "warmup_steps", self.warmup_steps, 0)
+        require_int("train", "keep_checkpoints", self.keep_checkpoints, 1)
+        if self.batch_size % self.grad_accum:
+            raise SeqmixError(f"train: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        if not self.lr > 0:
+            raise SeqmixError(f"train: lr={self.lr!r} must be positive")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr·min_lr_ratio``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or per-channel vectors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def loss_sum_and_count(output: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the predicted targets, and how many there are.
+
+    ``output`` is (B, L, V) logits for per-token targets (B, L) or (B, C) for labels (B,).
+    """
+    logits = output.float().reshape(-1, output.shape[-1])
+    targets = batch.targets.reshape(-1)
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return total, (targets != IGNORE).sum()
+
+
+def correct_count(output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """How many predicted targets the argmax gets right."""
+    targets = batch.targets.reshape(-1)
+    predictions = output.reshape(-1, output.shape[-1]).argmax(-1)
+    return ((predictions == targets) & (targets != IGNORE)).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, batch_size: int, batches: int, device, bf16: bool = False) -> dict[str, float]:
+    """Loss per target and the task's metric over its fixed evaluation set."""
+    was_training = model.training
+    model.eval()
+    total, count, correct = 0.0, 0, 0
+    for batch in task.eval_batches(batch_size, batches):
+        batch = batch.to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            output = model(batch.inputs, batch.padding_mask)
+        loss, n = loss_sum_and_count(output, batch)
+        total += float(loss)
+        count += int(n)
+        correct += int(correct_count(output, batch))
+    model.train(was_training)
+    loss = total / max(count, 1)
+    metrics = {"loss": loss}
+    if task.metric == "bits_per_byte":
+        metrics["bits_per_byte"] = loss / math.log(2)
+    else:
+        metrics["accuracy"] = correct / max(count, 1)
+    return metrics
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int) -> Path:
+    """Write checkpoint ``step`` (weights, config, optimizer state), then point ``latest`` at it.
+
+    The directory is written under a temporary name and renamed, and ``latest`` is replaced
+    atomically, so a run killed at any moment leaves the previous checkpoint intact.
+    """
+    from safetensors.torch import save_file
+
+    root = out_dir / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    staging = root / f".step-{step:08d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, staging)
+    tensors, scalars = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    _write_json_atomic(staging / "trainer.json", {"step": step, "optimizer": scalars})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able scalars."""
+    tensors, per_param = {}, {}
+    for index, values in state["state"].items():
+        per_param[str(index)] = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                per_param[str(index)][name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": per_param}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(values) for i, values in scalars["scalars"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points at in ``out_dir``, or None when there is none."""
+    pointer = Path(out_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    return pointer.parent / json.loads(pointer.read_text())["checkpoint"]
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a run directory (its latest checkpoint) or a checkpoint directory."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise SeqmixError(f"{path} holds no checkpoint: expected a run directory of tools/train.py or a checkpoint in it")
+    return latest
+
+
+def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights and optimizer state from ``checkpoint``; return the step to continue from."""
+    from safetensors.torch import load_file
+    from safetensors.torch import load_model as load_weights
+
+    load_weights(model, checkpoint / "model.safetensors", strict=True, device=str(next(model.parameters()).device))
+    trainer = json.loads((checkpoint / "trainer.json").read_text())
+    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, trainer["optimizer"]))
+    return int(trainer["step"])
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports."""
+
+    steps: int
+    final_eval: dict[str, float]
+    checkpoint: Path | None
+    seconds: float
+    tokens_per_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SeqmixError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
+    """Create out_dir, refusing to mix a new run into another run's directory."""
+    out_dir = Path(config.out_dir)
+    record = out_dir / RUN
+    if record.exists() and not config.resume:
+        raise SeqmixError(
+            f"train.out_dir={str(out_dir)!r} already holds a run; pass train.resume=true to continue it, "
+            "or choose another train.out_dir"
+        )
+    if config.resume and not record.exists():
+        raise SeqmixError(f"train.resume=true but {out_dir} holds no run to resume")
+    if config.resume:
+        previous = json.loads(record.read_text())
+        if previous.get("model") != run_record["model"] or previous.get("task") != run_record["task"]:
+            raise SeqmixError(f"train.resume=true but {out_dir} holds a run of another model or task; resume with the same config")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        _write_json_atomic(record, run_record)
+    return out_dir
+
+
+def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -> RunResult:
+    """Train ``model`` on ``task`` as ``config`` says; resume when asked.
+
+    Args:
+        model: built by ``instantiate_model`` (it carries its config, which checkpoints store).
+        task: the task; its head and vocabulary must match the model's.
+        config: the run's options.
+        run_record: what to store in run.json (the resolved model and task configs).
+    """
+    rank, world = _world()
+    if config.batch_size % (world * config.grad_accum):
+        raise SeqmixError(
+            f"train: batch_size={config.batch_size} must split evenly over {world} processes × grad_accum={config.grad_accum}"
+        )
+    check_targets(run_record.get("task", {}), "task")
+    device = pick_device(config.device)
+    out_dir = Path(config.out_dir)
+    if rank == 0:
+        prepare_out_dir(config, run_record)
+    if world > 1:
+        dist.barrier()
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    start = 0
+    if config.resume:
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is not None:
+            start = load_training_state(checkpoint, model, optimizer)
+    network = model
+    if world > 1:
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = _tensorboard(out_dir) if (config.tensorboard and rank == 0) else None
+    metrics_file = (out_dir / METRICS).open("a") if rank == 0 else None
+    rows_per_rank = config.batch_size // world
+    micro = rows_per_rank // config.grad_accum
+    history: list[dict] = []
+    bar = tqdm(total=config.max_steps, initial=start, desc="train", unit="step", disable=not (config.progress and rank == 0), dynamic_ncols=True)
+    started, tokens_seen, checkpoint = time.perf_counter(), 0, latest_checkpoint(out_dir) if config.resume else None
+
+    def log(row: dict) -> None:
+        history.append(row)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        if writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+
+    model.train()
+    for step in range(start, config.max_steps):
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        full = task.batch("train", step, config.batch_size)
+        local = full.slice(rank * rows_per_rank, (rank + 1) * rows_per_rank).to(device)
+        count = (full.targets != IGNORE).sum().to(device)  # the global number of targets
+        step_loss = torch.zeros((), device=device)
+        for index in range(config.grad_accum):
+            part = local.slice(index * micro, (index + 1) * micro)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                output = network(part.inputs, part.padding_mask)
+            loss_sum, _ = loss_sum_and_count(output, part)
+            # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
+            (loss_sum * world / count).backward()
+            step_loss += loss_sum.detach()
+        if world > 1:
+            dist.all_reduce(step_loss)
+        loss_value = float(step_loss / count)
+        if not math.isfinite(loss_value):
+            bar.close()
+            last = latest_checkpoint(out_dir)
+            raise SeqmixError(
+                f"train: the loss became {loss_value} at step {step}; stopped without updating the weights. "
+                f"Last good checkpoint: {last if last else 'none yet'}. Lower train.lr or enable train.grad_clip."
+            )
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += full.inputs.numel()
+        done = step + 1
+        elapsed = time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", lr=f"{lr:.2e}")
+        if done % config.log_every == 0 or done == config.max_steps:
+            row = {"step": done, "split": "train", "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+            if task.metric == "bits_per_byte":
+                row["bits_per_byte"] = loss_value / math.log(2)
+            log(row)
+        if done % config.eval_every == 0 or done == config.max_steps:
+            scores = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)
+            if rank == 0:
+                log({"step": done, "split": "valid", **scores})
+                bar.write(f"step {done}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in scores.items()))
+        if rank == 0 and (done % config.checkpoint_every == 0 or done == config.max_steps):
+            checkpoint = save_checkpoint(out_dir, done, model, optimizer, config.keep_checkpoints)
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    if writer is not None:
+        writer.close()
+    final = next((row for row in reversed(history) if row["split"] == "valid"), None)
+    if final is None:
+        final = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)
+    seconds = time.perf_counter() - started
+    return RunResult(
+        steps=config.max_steps,
+        final_eval={k: v for k, v in final.items() if k not in ("step", "split")},
+        checkpoint=checkpoint,
+        seconds=seconds,
+        tokens_per_s=tokens_seen / max(seconds, 1e-9),
+        history=history,
+    )
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SeqmixError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def config_dict(config: TrainConfig) -> dict:
+    """The options as a plain dict (for run.json and summaries)."""
+    return asdict(config)
+
+
+def load_run(path: str | os.PathLike, device: str = "cpu"):
+    """The model of a run's latest checkpoint (or of a checkpoint directory) and the run record."""
+    checkpoint = resolve_checkpoint(path)
+    record_path = checkpoint.parent.parent / RUN
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    return load_model(checkpoint, device=device), record

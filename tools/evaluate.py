@@ -1,0 +1,32 @@
+"""Evaluate a trained model on its task's validation set.
+
+    python tools/evaluate.py checkpoint=<run dir or checkpoint dir> [batches=32] [batch_size=16]
+"""
+import json
+import sys
+
+from mixers import SeqmixError
+from mixers.experiment import build_task
+from mixers.training import evaluate, load_run
+
+
+def main(argv: list[str]) -> int:
+    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    if "checkpoint" not in options or any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0 if any(a in ("-h", "--help") for a in argv) else 2
+    try:
+        model, record = load_run(options["checkpoint"])
+        if "task" not in record:
+            raise SeqmixError(f"{options['checkpoint']} has no run.json naming its task; was it written by tools/train.py?")
+        task = build_task(record["task"])
+        scores = evaluate(model, task, int(options.get("batch_size", 16)), int(options.get("batches", 32)), "cpu")
+    except SeqmixError as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"task": type(task).name, **scores}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
