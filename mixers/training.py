@@ -316,6 +316,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is not None:
             start = load_training_state(checkpoint, model, optimizer)
+        if rank == 0:
+            _truncate_metrics(out_dir / METRICS, start)
     network = model
     if world > 1:
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -404,6 +406,16 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -
         tokens_per_s=tokens_seen / max(seconds, 1e-9),
         history=history,
     )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows written after checkpoint ``step``: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _tensorboard(out_dir: Path):

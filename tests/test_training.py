@@ -1,0 +1,218 @@
+"""Training: a few steps per preset and task, exact resume, data parallelism, generation, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from mixers import SeqmixError
+from mixers.configs import compose_config
+from mixers.experiment import build_experiment
+from mixers.generation import generate
+from mixers.training import latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_MODEL = ["model.d_model=32", "model.depth=2"]
+
+
+def small(tmp_path: Path, *overrides: str, out: str = "run"):
+    """A composed config for a tiny, fast run in tmp_path."""
+    args = [
+        *SMALL_MODEL,
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.warmup_steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=2",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.device=cpu",
+        f"train.out_dir={tmp_path / out}",
+        *overrides,
+    ]
+    config = compose_config(args)
+    if "cache_dir" in config.task:
+        with open_dict(config):
+            config.task.cache_dir = str(tmp_path / "cache")
+            config.task.max_bytes = 200_000
+    return config
+
+
+def run(config):
+    experiment = build_experiment(config)
+    record = {"model": experiment.model_config, "task": experiment.task_config}
+    return experiment, train(experiment.model, experiment.task, experiment.train, record)
+
+
+def metric_rows(out_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+
+
+@pytest.mark.parametrize(
+    "model, task",
+    [
+        ("mega", "byte_lm"), ("megalodon", "byte_lm"), ("tcnca", "byte_lm"), ("transformer", "byte_lm"),
+        ("gpt2", "byte_lm"), ("hybrid_tcn_attention", "mqar"), ("ema_conv", "selective_copying"),
+        ("mega", "listops"), ("mega_encoder", "masked_segment"),
+    ],
+)
+def test_a_few_steps_train_every_preset(tmp_path, model, task):
+    overrides = [f"model={model}", f"task={task}", "task.seq_len=64"]
+    if model == "ema_conv":  # standalone blocks have no chunk to shrink; the default depth is 6
+        overrides.append("model.depth=2")
+    if task == "listops":
+        overrides += ["task.min_length=16", "task.max_length=64"]
+    if task == "mqar":
+        overrides += ["task.vocab_size=64", "task.num_pairs=4", "model.depth=3"]
+    if task == "selective_copying":
+        overrides += ["task.num_tokens_to_copy=8"]
+    config = small(tmp_path, *overrides, "train.max_steps=6", "train.lr=1e-2")
+    experiment = build_experiment(config)
+    initial = {name: p.detach().clone() for name, p in experiment.model.named_parameters()}
+    result = train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    rows = [r for r in result.history if r["split"] == "train"]
+    assert len(rows) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    changed = [name for name, p in experiment.model.named_parameters() if not torch.equal(p, initial[name])]
+    assert len(changed) == len(initial), f"parameters never updated: {set(initial) - set(changed)}"
+    if task == "byte_lm":  # from ln 256 ≈ 5.5 nats the loss falls fast and steadily
+        assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    assert (latest_checkpoint(experiment.train.out_dir) / "model.safetensors").is_file()
+    assert set(result.final_eval) >= {"loss", experiment.task.metric}
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    options = ["train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
+    run(small(tmp_path, *options, out="whole"))
+
+    # The same run, killed at step 5 (after step 4 was logged, before checkpoint 6), then resumed.
+    experiment = build_experiment(small(tmp_path, *options, out="halves"))
+    real_batch = experiment.task.batch
+
+    def batch_until_killed(split, index, batch_size):
+        if split == "train" and index == 5:
+            raise KeyboardInterrupt("killed")
+        return real_batch(split, index, batch_size)
+
+    experiment.task.batch = batch_until_killed
+    with pytest.raises(KeyboardInterrupt):
+        train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    run(small(tmp_path, *options, "train.resume=true", out="halves"))
+
+    assert metric_rows(tmp_path / "halves") == metric_rows(tmp_path / "whole")
+    from safetensors.torch import load_file
+
+    a = load_file(str(latest_checkpoint(tmp_path / "whole") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "halves") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
+    common = [
+        "model=mega", *SMALL_MODEL, "task=byte_lm", "task.seq_len=64", f"task.cache_dir={tmp_path / 'cache'}",
+        "task.max_bytes=200000", "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=1",
+        "train.eval_every=3", "train.eval_batches=1", "train.checkpoint_every=3", "train.progress=false",
+        "train.device=cpu", "train.log_every=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), *common, f"train.out_dir={tmp_path / 'one'}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         str(ROOT / "tools" / "train.py"), *common, f"train.out_dir={tmp_path / 'two'}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert double.returncode == 0, double.stderr[-2000:]
+    one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    from safetensors.torch import load_file
+
+    a = load_file(str(latest_checkpoint(tmp_path / "one") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "two") / "model.safetensors"))
+    # Gradients agree to float32 summation order; Adam divides them by their own magnitude, so a
+    # weight whose gradient is ~0 can move by a few 1e-6 differently (lr is 3e-3 here).
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5)
+
+
+def test_greedy_generation_through_step_equals_argmax_of_full_forward(tmp_path):
+    experiment = build_experiment(small(tmp_path, "model=megalodon"))
+    model = experiment.model.eval()
+    prompt = torch.tensor([list(b"def "), list(b"for ")[:4]])
+    generated = generate(model, prompt, 20, temperature=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_an_unknown_task_or_preset_lists_the_valid_ones():
+    with pytest.raises(SeqmixError, match="byte_lm.*mqar"):
+        compose_config(["task=wikitext"])
+    with pytest.raises(SeqmixError, match="megalodon"):
+        compose_config(["model=llama"])
+
+
+def test_a_sequence_the_model_cannot_take_is_refused(tmp_path):
+    with pytest.raises(SeqmixError, match="task.seq_len=2048 exceeds the model's learned positions"):
+        build_experiment(small(tmp_path, "model=gpt2", "task=mqar", "task.seq_len=2048"))
+
+
+def test_an_out_dir_holding_another_run_is_refused(tmp_path):
+    run(small(tmp_path, "train.max_steps=1"))
+    with pytest.raises(SeqmixError, match="already holds a run.*train.resume=true"):
+        run(small(tmp_path, "train.max_steps=1"))
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_whole(tmp_path):
+    experiment = build_experiment(small(tmp_path, "train.max_steps=6", "train.checkpoint_every=2"))
+    model = experiment.model
+    real_forward = model.forward
+    calls = {"n": 0}
+
+    def forward_that_breaks(tokens, padding_mask=None):
+        out = real_forward(tokens, padding_mask)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 4:  # the fourth training step
+                return out * float("nan")
+        return out
+
+    model.forward = forward_that_breaks
+    with pytest.raises(SeqmixError, match="loss became nan at step 3.*step-00000002"):
+        train(model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not list(checkpoints.glob(".*partial"))
+    from mixers import load_model
+
+    restored = load_model(latest_checkpoint(tmp_path / "run"))
+    assert all(torch.isfinite(p).all() for p in restored.parameters())
+
+
+def test_evaluate_and_generate_tools_read_a_run(tmp_path):
+    run(small(tmp_path, "train.max_steps=2"))
+    evaluation = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "evaluate.py"), f"checkpoint={tmp_path / 'run'}", "batches=1", "batch_size=2"],
+        capture_output=True, text=True,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "bits_per_byte" in json.loads(evaluation.stdout)
+    sample = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "generate.py"), f"checkpoint={tmp_path / 'run'}", "prompt=def ", "tokens=10", "temperature=0"],
+        capture_output=True, text=True,
+    )
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("def ")
