@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install run test bench
+.PHONY: install run tour test bench
 
 # Pin torch 2.13.0 only when no torch is installed: an unpinned torch pulls a multi-GB CUDA
 # build on CPU machines, while a GPU machine keeps the CUDA build it already has.
@@ -10,7 +10,12 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	@$(PIP) install -q -e ".[test]"
 
+# The main job: train the default model (mega) on the default task (byte-level LM on the Python
+# standard library) for a few minutes, evaluate, checkpoint, and print a summary and a sample.
 run: install
+	$(PYTHON) tools/train.py train=quickstart train.out_dir=runs/quickstart/$$(date +%Y%m%d-%H%M%S)
+
+tour: install
 	$(PYTHON) tools/demo.py
 
 test: install

@@ -216,3 +216,17 @@ def test_evaluate_and_generate_tools_read_a_run(tmp_path):
     )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("def ")
+
+
+def test_gather_tool_tabulates_runs(tmp_path):
+    run(small(tmp_path, "train.max_steps=2", out="sweep/0"))
+    run(small(tmp_path, "train.max_steps=2", "model=transformer", out="sweep/1"))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gather.py"), str(tmp_path / "sweep"), "--csv", str(tmp_path / "t.csv")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].startswith("| run |") and len(table) == 4
+    assert "valid_bits_per_byte" in table[0]
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 3

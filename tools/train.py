@@ -39,7 +39,12 @@ def main(config: DictConfig) -> float:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     try:
         experiment = build_experiment(config)
-        record = {"model": experiment.model_config, "task": experiment.task_config}
+        choices = HydraConfig.get().runtime.choices
+        record = {
+            "preset": {"model": choices.get("model"), "task": choices.get("task")},
+            "model": experiment.model_config,
+            "task": experiment.task_config,
+        }
         result = train(experiment.model, experiment.task, experiment.train, record)
     except SeqmixError as error:
         print(f"train: error: {error}", file=sys.stderr)
