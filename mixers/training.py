@@ -305,8 +305,11 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -
     check_targets(run_record.get("task", {}), "task")
     device = pick_device(config.device)
     out_dir = Path(config.out_dir)
+    if config.tensorboard and rank == 0:
+        _require_tensorboard()
     if rank == 0:
         prepare_out_dir(config, run_record)
+    writer = _tensorboard(out_dir) if (config.tensorboard and rank == 0) else None
     if world > 1:
         dist.barrier()
     model.to(device)
@@ -321,7 +324,6 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -
     network = model
     if world > 1:
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = _tensorboard(out_dir) if (config.tensorboard and rank == 0) else None
     metrics_file = (out_dir / METRICS).open("a") if rank == 0 else None
     rows_per_rank = config.batch_size // world
     micro = rows_per_rank // config.grad_accum
@@ -418,11 +420,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _tensorboard(out_dir: Path):
+def _require_tensorboard() -> None:
+    """Fail before the run starts when TensorBoard logging is asked for but not installed."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import tensorboard  # noqa: F401
     except ImportError:
         raise SeqmixError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+
+
+def _tensorboard(out_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 

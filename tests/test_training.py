@@ -230,3 +230,29 @@ def test_gather_tool_tabulates_runs(tmp_path):
     assert table[0].startswith("| run |") and len(table) == 4
     assert "valid_bits_per_byte" in table[0]
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 3
+
+
+def test_bf16_autocast_and_gradient_accumulation_train(tmp_path):
+    experiment, result = run(small(tmp_path, "train.bf16=true", "train.grad_accum=2", "train.max_steps=3"))
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+    assert all(p.dtype == torch.float32 for p in experiment.model.parameters())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    run(small(tmp_path, "train.grad_accum=1", "train.max_steps=2", out="big"))
+    run(small(tmp_path, "train.grad_accum=4", "train.max_steps=2", out="accumulated"))
+    big, accumulated = metric_rows(tmp_path / "big"), metric_rows(tmp_path / "accumulated")
+    for a, b in zip(big, accumulated):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_tensorboard_logging_or_a_clear_message(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SeqmixError, match="pip install tensorboard"):
+            run(small(tmp_path, "train.tensorboard=true", "train.max_steps=1"))
+        assert not (tmp_path / "run" / "run.json").exists(), "the run must fail before it starts"
+    else:
+        run(small(tmp_path, "train.tensorboard=true", "train.max_steps=1"))
+        assert any((tmp_path / "run" / "tensorboard").iterdir())

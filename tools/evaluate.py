@@ -6,15 +6,13 @@ import json
 import sys
 
 from mixers import SeqmixError
+from mixers.cli import key_value_options
 from mixers.experiment import build_task
 from mixers.training import evaluate, load_run
 
 
 def main(argv: list[str]) -> int:
-    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    if "checkpoint" not in options or any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0 if any(a in ("-h", "--help") for a in argv) else 2
+    options = key_value_options(argv, __doc__, required=("checkpoint",))
     try:
         model, record = load_run(options["checkpoint"])
         if "task" not in record:

@@ -9,15 +9,13 @@ import sys
 import torch
 
 from mixers import SeqmixError
+from mixers.cli import key_value_options
 from mixers.generation import stream_tokens
 from mixers.training import load_run
 
 
 def main(argv: list[str]) -> int:
-    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    if "checkpoint" not in options or any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0 if any(a in ("-h", "--help") for a in argv) else 2
+    options = key_value_options(argv, __doc__, required=("checkpoint",))
     try:
         model, _ = load_run(options["checkpoint"])
         if model.vocab_size < 256:
