@@ -2,3 +2,6 @@
 
 Wraps the library; ``mixers`` never imports this package.
 """
+from .compiler import BACKENDS, CompiledModel, compile_model, explain_model, graph_breaks
+
+__all__ = ["BACKENDS", "CompiledModel", "compile_model", "explain_model", "graph_breaks"]

@@ -148,7 +148,9 @@ class SequenceModel(nn.Module):
             raise SeqmixError(f"model: step() needs a per-token head; {type(self.head).__name__} pools the whole sequence")
         if not self.causal:
             raise SeqmixError("model: a model with bidirectional layers cannot stream")
-        self._check_tokens(tokens, int(state.pos.max()) if self.pos_embed is not None else 0)
+        # The position check reads a tensor value, which an exported graph cannot do; eager runs it.
+        checks_position = self.pos_embed is not None and not torch.compiler.is_compiling()
+        self._check_tokens(tokens, int(state.pos.max()) if checks_position else 0)
         positions = state.pos.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         h = self._embed(tokens, positions)
         block_states = []

@@ -19,12 +19,31 @@ Three paths compute the same function of (x, h0):
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops import scan
+
+_UNROLL_CHUNKS = False
+
+
+@contextmanager
+def unrolled_chunks():
+    """Carry the state across chunks with the Python loop even while tracing.
+
+    For fixed-length exports (ExecuTorch), where a scan buys nothing and would run outside the
+    delegated kernels; the number of chunks is then baked into the graph.
+    """
+    global _UNROLL_CHUNKS
+    previous, _UNROLL_CHUNKS = _UNROLL_CHUNKS, True
+    try:
+        yield
+    finally:
+        _UNROLL_CHUNKS = previous
+
 
 Pair = tuple[Tensor, Tensor | None]
 """A complex tensor as (real part, imaginary part or None when it is zero)."""
@@ -184,7 +203,7 @@ def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair
         starts (nC, B, D, N) pair and the state after the last chunk.
     """
     is_complex = fed[1] is not None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not _UNROLL_CHUNKS:
         # A Python loop would bake the number of chunks into the graph; scan keeps it dynamic
         # (torch.export turns it into an ONNX Scan). Eagerly scan is much slower than the loop.
         def combine(carry, fed_c):

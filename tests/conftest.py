@@ -21,3 +21,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def tiny_preset(preset: str, *overrides: str):
+    """A model preset at a tiny size (D = 32, two layers; three for a three-layer pattern), seeded."""
+    import torch
+
+    import mixers
+    from mixers.configs import compose_config
+
+    depth = "model.depth=3" if preset == "hybrid_tcn_attention" else "model.depth=2"
+    torch.manual_seed(0)
+    return mixers.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", depth, *overrides]).model)
+
+
+@pytest.fixture(scope="session")
+def exported_presets(tmp_path_factory):
+    """Each tiny preset exported to ONNX (verified parallel and step graphs) once per session.
+
+    Returns a function preset -> (model, export.onnx_export.OnnxExport).
+    """
+    from export.manifest import write_manifest
+    from export.onnx_export import export_onnx
+
+    cache = {}
+
+    def get(preset: str):
+        if preset not in cache:
+            model = tiny_preset(preset).eval()
+            result = export_onnx(model, tmp_path_factory.mktemp(preset))
+            write_manifest(result.parallel.parent, result.manifest)
+            cache[preset] = (model, result)
+        return cache[preset]
+
+    return get

@@ -1,0 +1,118 @@
+"""The two graphs every exporter lowers: the parallel graph and the step graph.
+
+- parallel: (token ids (B, L), padding mask (B, L)) -> logits, L a dynamic multiple of ``length_unit``.
+- step: (token ids (B, T), state tensors...) -> (logits (B, T, V), new state tensors...), the
+  state flattened into named tensors of fixed shape, so a device streams with constant memory.
+
+Exporters first switch every mixer to a path each backend can run (``use_exportable_paths``):
+the chunked EMA/CEMA (plain matmuls; the FFT path needs DFT, the recurrent one a loop over L).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+EXPORTABLE_IMPLS = {"recurrent": "chunked", "fft": "chunked"}
+
+
+def largest_chunk(model: nn.Module) -> int:
+    """The least common multiple of every chunk size in the model (1 when there is none).
+
+    Declaring the exported length as a multiple of it means no mixer pads inside the graph.
+    """
+    import math
+
+    unit = 1
+    for module in model.modules():
+        size = getattr(module, "chunk_size", None)
+        if isinstance(size, int):
+            unit = math.lcm(unit, size)
+    return unit
+
+
+def use_exportable_paths(model: nn.Module) -> dict[str, str]:
+    """Switch every mixer whose impl cannot export to its exportable path; return {module name: impl used}."""
+    used = {}
+    for name, module in model.named_modules():
+        impl = getattr(module, "impl", None)
+        if impl is None or not hasattr(type(module), "impls"):
+            continue
+        if impl in EXPORTABLE_IMPLS and EXPORTABLE_IMPLS[impl] in type(module).impls:
+            module.impl = EXPORTABLE_IMPLS[impl]
+        used[name or "model"] = module.impl
+    return used
+
+
+@contextmanager
+def stepwise_recurrences(model: nn.Module, tokens_per_step: int):
+    """Run every chunked recurrence whose chunk is longer than ``tokens_per_step`` on its ``recurrent`` path.
+
+    For step graphs with a fixed T: the recurrent path unrolls to T steps of O(D·N) work, while
+    the chunked one pads T up to C and does O(C²·D). Yields {module name: "recurrent"} for the
+    switched modules, which return to ``chunked`` on exit.
+    """
+    switched = {
+        name: module
+        for name, module in model.named_modules()
+        if getattr(module, "impl", None) == "chunked"
+        and "recurrent" in getattr(type(module), "impls", ())
+        and tokens_per_step < module.chunk_size
+    }
+    for module in switched.values():
+        module.impl = "recurrent"
+    try:
+        yield {name: "recurrent" for name in switched}
+    finally:
+        for module in switched.values():
+            module.impl = "chunked"
+
+
+@contextmanager
+def size_oblivious():
+    """Let export treat sizes seen as > 1 as possibly 1 (otherwise batch size 1 gets refused)."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
+class ParallelGraph(nn.Module):
+    """``model.forward`` with an explicit padding mask input, for exporters.
+
+    forward(tokens (B, L) long, padding_mask (B, L) bool, True at padding) -> model output.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, padding_mask: Tensor):
+        return self.model(tokens, padding_mask)
+
+
+class StepGraph(nn.Module):
+    """``model.step`` with its state as a flat list of tensors, for exporters.
+
+    Args:
+        model: a causal SequenceModel.
+        batch_size: B of the state the graph is traced with (the batch dim can stay dynamic).
+    Attributes:
+        state_names: the names of the state tensors, in input (and output) order.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 1):
+        super().__init__()
+        self.model = model
+        leaves, self._spec = tree_flatten(model.init_state(batch_size))
+        self.state_names = [f"state_{i}" for i in range(len(leaves))]
+
+    def initial_state(self, batch_size: int) -> list[Tensor]:
+        """The flat state before any token."""
+        return tree_flatten(self.model.init_state(batch_size))[0]
+
+    def forward(self, tokens: Tensor, *state: Tensor):
+        logits, new_state = self.model.step(tokens, tree_unflatten(list(state), self._spec))
+        return (logits, *tree_flatten(new_state)[0])

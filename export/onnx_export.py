@@ -1,0 +1,203 @@
+"""ONNX export of a seqmix model: the parallel graph and the step graph, verified with ONNX Runtime.
+
+- ``model.onnx``: token ids (B, L) -> logits, with B dynamic and L a dynamic multiple of the
+  model's chunk size (``length_unit``); the chunked EMA carries its state across chunks with an
+  ONNX ``Scan``. ``model.ort.onnx`` beside it is ONNX Runtime's optimized graph.
+- ``step.onnx``: (token ids (1, 1), state_0 ... state_k) -> (logits (1, 1, V), new state_0 ...
+  new state_k), every state tensor of fixed shape, so a device streams with constant memory; its
+  EMA/CEMA run their recurrent path (one step, no chunk padding).
+
+Every export is checked against eager at shapes other than the traced ones before it is
+reported; a mismatch raises ``ExportMismatch`` with the largest error and where it occurred.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export import Dim
+
+from mixers import SeqmixError
+
+from .graphs import ParallelGraph, StepGraph, largest_chunk, size_oblivious, stepwise_recurrences, use_exportable_paths
+
+OPSET = 23
+TOLERANCE = 1e-4
+
+
+class ExportMismatch(SeqmixError):
+    """An exported graph disagrees with eager beyond the tolerance."""
+
+
+def _require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SeqmixError("ONNX export needs onnxruntime and onnxscript: pip install onnx onnxruntime onnxscript") from None
+    return onnxruntime
+
+
+def session(path: str | Path, optimized_path: str | Path | None = None, threads: int | None = None):
+    """An ONNX Runtime CPU session; with ``optimized_path`` it also saves the optimized graph there."""
+    ort = _require_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path is not None:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _io_spec(values) -> list[dict]:
+    return [{"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in v.shape], "dtype": v.type} for v in values]
+
+
+def _compare(reference: np.ndarray, result: np.ndarray, what: str, tolerance: float) -> float:
+    """Max |reference − result|; raise ExportMismatch naming where it is when above tolerance."""
+    difference = np.abs(reference.astype(np.float64) - result.astype(np.float64))
+    worst = float(difference.max())
+    if not np.isfinite(worst) or worst > tolerance:
+        where = np.unravel_index(int(np.nanargmax(difference)), difference.shape)
+        raise ExportMismatch(f"{what}: max |eager − exported| = {worst:.3e} at index {tuple(int(i) for i in where)} > tolerance {tolerance:.0e}")
+    return worst
+
+
+@dataclass
+class OnnxExport:
+    """Files written and how well they agree with eager."""
+
+    manifest: dict
+    parallel: Path
+    step: Path | None
+
+
+def export_parallel(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> dict:
+    """Write the parallel graph and check it with ONNX Runtime at two untraced shapes."""
+    unit = largest_chunk(model)
+    example = torch.randint(0, model.vocab_size, (2, 2 * unit))
+    mask = torch.zeros(2, 2 * unit, dtype=torch.bool)
+    dims = {0: Dim("batch", min=1, max=1024), 1: unit * Dim("units", min=1, max=1024)}
+    with size_oblivious(), torch.no_grad():
+        program = torch.onnx.export(ParallelGraph(model), (example, mask), dynamic_shapes=(dims, dims), dynamo=True,
+                                    opset_version=OPSET, verbose=False, input_names=["tokens", "padding_mask"],
+                                    output_names=["logits"])
+    program.save(str(path))
+    optimized = path.with_suffix(".ort.onnx")
+    runner = session(path, optimized_path=optimized)
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for batch, units in ((1, 1), (3, 3)):
+        tokens = torch.randint(0, model.vocab_size, (batch, units * unit), generator=generator)
+        mask = torch.zeros(batch, units * unit, dtype=torch.bool)
+        mask[-1, units * unit // 2 :] = True  # one right-padded row
+        with torch.no_grad():
+            expected = model(tokens, mask).numpy()
+        got = runner.run(None, {"tokens": tokens.numpy(), "padding_mask": mask.numpy()})[0]
+        worst = max(worst, _compare(expected, got, f"parallel graph at B={batch}, L={units * unit}", tolerance))
+    return {
+        "file": path.name,
+        "optimized_file": optimized.name,
+        "inputs": _io_spec(runner.get_inputs()),
+        "outputs": _io_spec(runner.get_outputs()),
+        "dynamic_dims": {"batch": "1..1024", "length": f"multiple of {unit}, up to {1024 * unit}"},
+        "length_unit": unit,
+        "max_error": worst,
+    }
+
+
+def _state_entry(name: str, initial: torch.Tensor) -> dict:
+    """A state tensor's layout and its initial value, which is one constant (0, or −1 for empty cache slots)."""
+    fill = initial.flatten()[0].item() if initial.numel() else 0
+    if not bool((initial == fill).all()):
+        raise SeqmixError(f"state tensor {name} does not start as one constant value; the manifest cannot describe it")
+    return {"name": name, "shape": list(initial.shape), "dtype": str(initial.dtype).replace("torch.", ""), "fill": fill}
+
+
+def export_step(model: nn.Module, path: Path, steps: int = 12, tolerance: float = TOLERANCE) -> dict:
+    """Write the step graph (batch 1, one token per call) and check a stream of ``steps`` tokens."""
+    graph = StepGraph(model, batch_size=1).eval()
+    state = graph.initial_state(1)
+    example = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad(), stepwise_recurrences(model, tokens_per_step=1) as switched:
+        program = torch.onnx.export(graph, (example, *state), dynamo=True, opset_version=OPSET, verbose=False,
+                                    input_names=["tokens", *graph.state_names],
+                                    output_names=["logits", *[f"new_{n}" for n in graph.state_names]])
+    program.save(str(path))
+    runner = session(path)
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.vocab_size, (1, steps), generator=generator)
+    eager_state, onnx_state, worst = model.init_state(1), [t.numpy() for t in state], 0.0
+    names = [i.name for i in runner.get_inputs()]
+    for t in range(steps):
+        with torch.no_grad():
+            expected, eager_state = model.step(tokens[:, t : t + 1], eager_state)
+        outputs = runner.run(None, dict(zip(names, [tokens[:, t : t + 1].numpy(), *onnx_state])))
+        onnx_state = outputs[1:]
+        worst = max(worst, _compare(expected.numpy(), outputs[0], f"step graph at token {t}", tolerance))
+    return {
+        "file": path.name,
+        "inputs": _io_spec(runner.get_inputs()),
+        "outputs": _io_spec(runner.get_outputs()),
+        "state": [_state_entry(name, tensor) for name, tensor in zip(graph.state_names, state)],
+        "tokens_per_call": 1,
+        "impls_switched_for_one_token": switched,
+        "max_error": worst,
+    }
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERANCE) -> OnnxExport:
+    """Export ``model`` (eval mode, exportable paths) to ``out_dir``; return the manifest section.
+
+    The step graph is written for causal models with a per-token head.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    impls = use_exportable_paths(model)
+    manifest = {"format": "onnx", "opset": OPSET, "impls": impls, "vocab_size": model.vocab_size}
+    manifest["parallel"] = export_parallel(model, out_dir / "model.onnx", tolerance)
+    step_path = None
+    if model.causal and getattr(model.head, "per_token", False):
+        step_path = out_dir / "step.onnx"
+        manifest["step"] = export_step(model, step_path, tolerance=tolerance)
+    return OnnxExport(manifest, out_dir / "model.onnx", step_path)
+
+
+def median_ms(run, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``run()`` in milliseconds."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def compare_latency(model: nn.Module, onnx_path: str | Path, length: int = 1024, batch: int = 1) -> dict:
+    """Eager vs ONNX Runtime forward latency at (batch, length), and their max difference."""
+    unit = largest_chunk(model)
+    length = max(unit, (length // unit) * unit)
+    tokens = torch.randint(0, model.vocab_size, (batch, length))
+    runner = session(onnx_path)
+    feed = {"tokens": tokens.numpy(), "padding_mask": np.zeros(tokens.shape, dtype=bool)}
+    with torch.no_grad():
+        eager_ms = median_ms(lambda: model(tokens))
+        expected = model(tokens).numpy()
+    onnx_ms = median_ms(lambda: runner.run(None, feed))
+    got = runner.run(None, feed)[0]
+    return {
+        "batch": batch,
+        "length": length,
+        "eager_ms": eager_ms,
+        "onnxruntime_ms": onnx_ms,
+        "speedup": eager_ms / onnx_ms,
+        "max_abs_difference": float(np.abs(expected - got).max()),
+    }

@@ -1,0 +1,89 @@
+"""Smaller ONNX variants: int8 dynamic quantization and float16, with their metric change measured."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mixers import SeqmixError
+
+from .onnx_export import median_ms, session
+
+VARIANTS = ("int8", "fp16")
+
+
+def quantize_int8(source: Path, target: Path) -> Path:
+    """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activations quantized on the fly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = target.with_suffix(".pre.onnx")
+    # Shape inference and graph cleanup first: the quantizer needs shapes to pick what to quantize.
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    prepared.unlink()
+    return target
+
+
+def convert_fp16(source: Path, target: Path) -> Path:
+    """Float16 weights and activations inside the graph; inputs and outputs keep their types."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(source))
+    onnx.save(convert_float_to_float16(model, keep_io_types=True), str(target))
+    return target
+
+
+def make_variant(kind: str, source: Path) -> Path:
+    """Write the ``kind`` variant of ``source`` beside it (model.int8.onnx, model.fp16.onnx)."""
+    if kind not in VARIANTS:
+        raise SeqmixError(f"quantize={kind!r} is not valid; expected one of {list(VARIANTS)}")
+    target = source.with_name(f"{source.stem}.{kind}.onnx")
+    return quantize_int8(source, target) if kind == "int8" else convert_fp16(source, target)
+
+
+def evaluate_onnx(path: Path, task, batch_size: int = 8, batches: int = 8) -> dict[str, float]:
+    """Loss and the task's metric of an exported parallel graph on the task's evaluation set."""
+    from mixers.tasks.base import IGNORE
+
+    runner = session(path)
+    total, count, correct = 0.0, 0, 0
+    for batch in task.eval_batches(batch_size, batches):
+        mask = batch.padding_mask if batch.padding_mask is not None else np.zeros(batch.inputs.shape, dtype=bool)
+        logits = runner.run(None, {"tokens": batch.inputs.numpy(), "padding_mask": np.asarray(mask)})[0].astype(np.float64)
+        logits = logits.reshape(-1, logits.shape[-1])
+        targets = batch.targets.numpy().reshape(-1)
+        keep = targets != IGNORE
+        shifted = logits[keep] - logits[keep].max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        total += float(-log_probs[np.arange(keep.sum()), targets[keep]].sum())
+        correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
+        count += int(keep.sum())
+    loss = total / max(count, 1)
+    scores = {"loss": loss}
+    if task.metric == "bits_per_byte":
+        scores["bits_per_byte"] = loss / math.log(2)
+    else:
+        scores["accuracy"] = correct / max(count, 1)
+    return scores
+
+
+def compare_variant(reference: Path, variant: Path, task, length: int, metric: str) -> dict:
+    """Size, speed and metric of ``variant`` against the float32 ``reference`` graph."""
+    tokens = np.random.default_rng(0).integers(0, task.vocab_size, size=(1, length)).astype(np.int64)
+    feed = {"tokens": tokens, "padding_mask": np.zeros(tokens.shape, dtype=bool)}
+    fp32, small = session(reference), session(variant)
+    reference_scores, variant_scores = evaluate_onnx(reference, task), evaluate_onnx(variant, task)
+    change = variant_scores[metric] - reference_scores[metric]
+    return {
+        "file": variant.name,
+        "size_ratio": variant.stat().st_size / reference.stat().st_size,
+        "speedup": median_ms(lambda: fp32.run(None, feed)) / median_ms(lambda: small.run(None, feed)),
+        "metric": metric,
+        "metric_fp32": reference_scores[metric],
+        "metric_variant": variant_scores[metric],
+        # Accuracy change in points (×100); bits per byte as is.
+        "metric_change": 100 * change if metric == "accuracy" else change,
+    }

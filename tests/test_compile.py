@@ -1,0 +1,201 @@
+"""compile/: every preset traces as one graph, compiled models equal eager ones, training works.
+
+Inductor compiles take tens of seconds per graph on 2 cores, so Inductor runs only on the two
+presets that cover both kinds of mixer (mega: EMA with its cross-chunk ``scan``, and its
+backward; transformer: softmax attention with a KV cache), at tiny sizes. The other presets use
+``aot_eager``, which traces the same forward and backward graphs (``scan`` included) and runs them
+with eager kernels. Graph breaks are checked on every preset with ``torch._dynamo.explain``,
+which needs no backend compiler.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+
+import mixers
+from compile import BACKENDS, compile_model, explain_model, graph_breaks
+from mixers import SeqmixError
+from mixers.configs import compose_config, config_groups
+
+PRESETS = config_groups()["model"]
+BIDIRECTIONAL = {"mega_encoder"}
+# Float32, compiled vs eager: Inductor reorders sums and fuses ops, errors seen are ~1e-6.
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def build(preset: str, depth: int = 2):
+    """The preset at width 32 (the hybrid needs its 3-layer pattern)."""
+    torch.manual_seed(0)
+    depth = 3 if preset == "hybrid_tcn_attention" else depth
+    return mixers.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", f"model.depth={depth}"]).model)
+
+
+def random_tokens(model, batch: int = 2, length: int = 256) -> torch.Tensor:
+    # 256 tokens span two 128-chunks, so the cross-chunk carry runs.
+    return torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Compiled graphs and recompile counters must not leak from one case into the next."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def graph_cases():
+    for preset in PRESETS:
+        for graph in ("forward",) if preset in BIDIRECTIONAL else ("forward", "step"):
+            yield pytest.param(preset, graph, id=f"{preset}-{graph}")
+
+
+@pytest.mark.parametrize("preset, graph", graph_cases())
+def test_preset_traces_as_one_graph(preset, graph):
+    model = build(preset)
+    tokens = random_tokens(model)
+    assert model.causal == (preset not in BIDIRECTIONAL)
+    if graph == "forward":
+        breaks = graph_breaks(model.forward, tokens)
+    else:
+        breaks = graph_breaks(model.step, tokens[:, :1], model.init_state(2))
+    assert breaks == []
+
+
+def test_graph_breaks_names_a_break_and_where():
+    def broken(x):
+        x = x.sin()
+        torch._dynamo.graph_break()
+        return x.cos()
+
+    breaks = graph_breaks(broken, torch.randn(3))
+    assert len(breaks) == 1
+    assert f"{__file__}:" in breaks[0]
+
+
+def test_explain_model_reports_step_only_for_streaming_models():
+    causal, bidirectional = build("transformer", depth=1), build("mega_encoder", depth=1)
+    assert explain_model(causal, random_tokens(causal, length=16)) == {"forward": [], "step": []}
+    assert explain_model(bidirectional, random_tokens(bidirectional, length=16)) == {"forward": []}
+
+
+def assert_step_matches_eager(compiled, model, tokens, steps: int = 4):
+    """Stream ``steps`` single tokens through both; logits and the final state must agree, and
+    the step graph compiled for the first token serves every later one."""
+    compiled_state, eager_state = model.init_state(tokens.shape[0]), model.init_state(tokens.shape[0])
+    with torch.no_grad():
+        for t in range(steps):
+            with torch._dynamo.config.patch(error_on_recompile=t > 0):
+                got, compiled_state = compiled.step(tokens[:, t : t + 1], compiled_state)
+            want, eager_state = model.step(tokens[:, t : t + 1], eager_state)
+            torch.testing.assert_close(got, want, **TOLERANCE)
+    for got, want in zip(tree_flatten(compiled_state)[0], tree_flatten(eager_state)[0], strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE)
+
+
+@pytest.mark.parametrize("preset", ["mega", "transformer"])
+def test_inductor_step_equals_eager(preset):
+    model = build(preset, depth=1).eval()
+    assert_step_matches_eager(compile_model(model), model, random_tokens(model))
+
+
+def test_inductor_forward_equals_eager():
+    model = build("transformer", depth=1).eval()
+    tokens = random_tokens(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compile_model(model)(tokens), model(tokens), **TOLERANCE)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in {"mega", "transformer"}])
+def test_aot_eager_forward_and_step_equal_eager(preset):
+    model = build(preset).eval()
+    compiled = compile_model(model, backend="aot_eager")
+    tokens = random_tokens(model)
+    padding_mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    padding_mask[1, 200:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens, padding_mask), model(tokens, padding_mask), **TOLERANCE)
+    if preset not in BIDIRECTIONAL:
+        assert_step_matches_eager(compiled, model, tokens)
+
+
+@pytest.mark.parametrize("preset, backend", [("mega", "inductor"), ("megalodon", "aot_eager")])
+def test_training_through_compiled_model_updates_the_model(preset, backend):
+    model = build(preset, depth=1).train()
+    reference = copy.deepcopy(model)
+    compiled = compile_model(model, backend=backend)
+    # The wrapper owns nothing: its parameters are the model's, so the optimizer trains the model.
+    assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
+    tokens = random_tokens(model)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(logits):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    # The first step's loss and gradients equal eager ones.
+    loss = loss_of(compiled(inputs))
+    loss.backward()
+    reference_loss = loss_of(reference(inputs))
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss, **TOLERANCE)
+    for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(compiled.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        if losses:
+            loss = loss_of(compiled(inputs))
+            loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    unchanged = [name for name, p in model.named_parameters() if torch.equal(p, before[name])]
+    assert unchanged == []
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(SeqmixError, match="backend='xla'") as error:
+        compile_model(build("transformer", depth=1), backend="xla")
+    for backend in BACKENDS:
+        assert repr(backend) in str(error.value)
+
+
+def test_mode_is_for_inductor_only_and_must_exist():
+    model = build("transformer", depth=1)
+    with pytest.raises(SeqmixError, match="backend=.inductor. only"):
+        compile_model(model, backend="aot_eager", mode="max-autotune")
+    with pytest.raises(SeqmixError, match="'max-autotune'"):
+        compile_model(model, mode="fastest")
+
+
+def test_tensorrt_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # makes `import torch_tensorrt` fail
+    with pytest.raises(SeqmixError, match=r"pip install torch-tensorrt \(needs an NVIDIA GPU and the torch version it pins\)"):
+        compile_model(build("transformer", depth=1), backend="tensorrt")
+
+
+def test_tensorrt_without_a_gpu_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SeqmixError, match="needs a CUDA device"):
+        compile_model(build("transformer", depth=1), backend="tensorrt")
+
+
+def test_step_of_a_compiled_bidirectional_model_refuses_like_the_model():
+    model = build("mega_encoder", depth=1)
+    with pytest.raises(SeqmixError, match="cannot stream"):
+        compile_model(model, backend="eager").step(random_tokens(model, length=4), ())
+
+
+def test_mixers_never_imports_compile():
+    code = "import sys, mixers, mixers.training; assert 'compile' not in sys.modules, 'mixers imported compile'"
+    subprocess.run([sys.executable, "-c", code], check=True)

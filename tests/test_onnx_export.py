@@ -1,0 +1,133 @@
+"""ONNX export: every preset's parallel and step graphs match eager in ONNX Runtime; variants,
+manifests, the NumPy-only runner and the export tool."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixers import SeqmixError
+from mixers.configs import compose_config, config_groups
+from mixers.generation import generate
+from conftest import tiny_preset
+
+from export.manifest import read_manifest, write_manifest
+from export.onnx_export import ExportMismatch, export_onnx
+from export.quantize import VARIANTS, evaluate_onnx, make_variant
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = config_groups()["model"]
+
+
+def run_onnx_module():
+    spec = importlib.util.spec_from_file_location("run_onnx", ROOT / "tools" / "run_onnx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def exports(exported_presets):
+    return exported_presets
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_exports_and_matches_eager_in_onnx_runtime(preset, exports):
+    model, result = exports(preset)
+    manifest = result.manifest
+    assert manifest["parallel"]["max_error"] < 1e-4
+    assert (result.parallel.parent / manifest["parallel"]["optimized_file"]).is_file()
+    assert [i["name"] for i in manifest["parallel"]["inputs"]] == ["tokens", "padding_mask"]
+    assert manifest["parallel"]["inputs"][0]["shape"][0] == "batch"
+    assert set(manifest["impls"].values()) <= {"chunked", "conv", "sdpa", "math", "reference"}
+    if model.causal:
+        assert manifest["step"]["max_error"] < 1e-4
+        assert len(manifest["step"]["state"]) == len(manifest["step"]["inputs"]) - 1
+    else:
+        assert result.step is None
+
+
+def test_streaming_with_onnx_runtime_alone_equals_eager_generation(exports):
+    model, result = exports("megalodon")
+    runner = run_onnx_module()
+    manifest = runner.load(result.parallel.parent)
+    text = runner.generate(result.parallel.parent, manifest, "def ", 24, temperature=0, top_k=None, seed=0)
+    eager = generate(model.eval(), torch.tensor([list(b"def ")]), 24, temperature=0)
+    assert text == bytes(eager[0, 4:].tolist()).decode("utf-8", errors="replace")
+    assert any(entry["fill"] == -1 for entry in manifest["step"]["state"]), "empty cache slots start at -1"
+
+
+def test_the_runner_rejects_wrong_shapes_and_dtypes_before_onnx_runtime(exports):
+    _, result = exports("megalodon")
+    runner = run_onnx_module()
+    manifest = runner.load(result.parallel.parent)
+    step = runner.OnnxModel(result.parallel.parent, manifest["step"])
+    state = dict(zip([s["name"] for s in manifest["step"]["state"]], runner.initial_state(manifest)))
+    with pytest.raises(runner.ExportError, match="dtype float32, expected int64"):
+        step.run({"tokens": np.zeros((1, 1), dtype=np.float32), **state})
+    with pytest.raises(runner.ExportError, match="axis 0 must be 1"):
+        step.run({"tokens": np.zeros((2, 1), dtype=np.int64), **state})
+    first = manifest["step"]["state"][0]["name"]
+    with pytest.raises(runner.ExportError, match=f"input '{first}' has shape"):
+        step.run({"tokens": np.zeros((1, 1), dtype=np.int64), **{**state, first: np.zeros((1, 3), dtype=np.float32)}})
+    with pytest.raises(runner.ExportError, match="no step graph"):
+        runner.generate(result.parallel.parent, {k: v for k, v in manifest.items() if k != "step"}, "a", 1, 0, None, 0)
+
+
+def test_a_verification_beyond_tolerance_fails_with_the_error_and_where(tmp_path):
+    with pytest.raises(ExportMismatch, match=r"parallel graph at B=1, L=\d+: max \|eager − exported\| = .* at index \("):
+        export_onnx(tiny_preset("gpt2"), tmp_path, tolerance=0.0)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_quantized_and_half_variants_run_and_are_measured(kind, exports, tmp_path):
+    from mixers.tasks.mqar import MQAR
+
+    model, result = exports("transformer")
+    variant = make_variant(kind, result.parallel)
+    task = MQAR(vocab_size=256, seq_len=128, num_pairs=8)
+    fp32, small = evaluate_onnx(result.parallel, task, 2, 2), evaluate_onnx(variant, task, 2, 2)
+    assert np.isfinite(small["loss"]) and abs(small["loss"] - fp32["loss"]) < 0.05
+
+
+def test_manifests_are_validated_before_use(tmp_path):
+    with pytest.raises(SeqmixError, match="does not exist"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(SeqmixError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    write_manifest(tmp_path, {"format": "onnx", "vocab_size": 256})
+    with pytest.raises(SeqmixError, match="lacks the keys \\['impls'\\]"):
+        read_manifest(tmp_path)
+    write_manifest(tmp_path, {"format": "onnx", "vocab_size": 256, "impls": {}, "parallel": {"file": "gone.onnx"}})
+    with pytest.raises(SeqmixError, match="gone.onnx.*missing"):
+        read_manifest(tmp_path)
+
+
+def test_export_tool_writes_a_manifest_the_runner_reads(tmp_path):
+    train = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), "model=gpt2", "model.d_model=32", "model.depth=1", "task=mqar",
+         "task.vocab_size=256", "task.seq_len=128", "task.num_pairs=8", "train.max_steps=1", "train.batch_size=2",
+         "train.eval_batches=1", "train.progress=false", "train.device=cpu", f"train.out_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    export = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "export.py"), f"checkpoint={tmp_path / 'run'}", "format=onnx", "length=256",
+         "quantize=int8"],
+        capture_output=True, text=True,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    out = tmp_path / "run" / "export" / "onnx"
+    manifest = read_manifest(out)
+    assert manifest["latency"]["length"] == 256 and manifest["quantized"]["int8"]["metric"] == "accuracy"
+    assert "ONNX Runtime" in export.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), f"checkpoint={tmp_path / 'run'}", "format=coreml"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "format='coreml' is not valid" in bad.stderr
