@@ -11,9 +11,12 @@ install:
 	@$(PIP) install -q -e ".[test]"
 
 # The main job: train the default model (mega) on the default task (byte-level LM on the Python
-# standard library) for a few minutes, evaluate, checkpoint, and print a summary and a sample.
+# standard library) for a few minutes, evaluate, checkpoint, print a summary and a sample, then
+# export it to ONNX and compare ONNX Runtime with eager (agreement and latency).
 run: install
-	$(PYTHON) tools/train.py train=quickstart train.out_dir=runs/quickstart/$$(date +%Y%m%d-%H%M%S)
+	@dir=runs/quickstart/$$(date +%Y%m%d-%H%M%S); \
+	$(PYTHON) tools/train.py train=quickstart train.out_dir=$$dir && \
+	$(PYTHON) tools/export.py checkpoint=$$dir format=onnx
 
 tour: install
 	$(PYTHON) tools/demo.py

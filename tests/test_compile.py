@@ -23,6 +23,9 @@ from compile import BACKENDS, compile_model, explain_model, graph_breaks
 from mixers import SeqmixError
 from mixers.configs import compose_config, config_groups
 
+# torch's own tracing of scan calls a deprecated torch.jit API; nothing here can change that.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 PRESETS = config_groups()["model"]
 BIDIRECTIONAL = {"mega_encoder"}
 # Float32, compiled vs eager: Inductor reorders sums and fuses ops, errors seen are ~1e-6.
@@ -113,7 +116,7 @@ def test_inductor_forward_equals_eager():
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p not in {"mega", "transformer"}])
 def test_aot_eager_forward_and_step_equal_eager(preset):
-    model = build(preset).eval()
+    model = build(preset, depth=1).eval()
     compiled = compile_model(model, backend="aot_eager")
     tokens = random_tokens(model)
     padding_mask = torch.zeros(tokens.shape, dtype=torch.bool)
