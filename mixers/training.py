@@ -56,6 +56,9 @@ class TrainConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
         progress: show a progress bar.
+        compile: None, or a torch.compile backend (``inductor``, ``aot_eager``, ...) to run the
+            training forward through; tools/train.py passes the compiled module to ``train``
+            (the library itself never imports ``compile/``).
     """
 
     out_dir: str = "runs/default"
@@ -80,6 +83,7 @@ class TrainConfig:
     device: str = "auto"
     tensorboard: bool = False
     progress: bool = True
+    compile: str | None = None
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
@@ -288,7 +292,7 @@ def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
     return out_dir
 
 
-def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -> RunResult:
+def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, forward_module: nn.Module | None = None) -> RunResult:
     """Train ``model`` on ``task`` as ``config`` says; resume when asked.
 
     Args:
@@ -296,6 +300,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -
         task: the task; its head and vocabulary must match the model's.
         config: the run's options.
         run_record: what to store in run.json (the resolved model and task configs).
+        forward_module: what runs the training forward, sharing ``model``'s parameters (e.g. a
+            torch.compile wrapper); ``model`` itself when None.
     """
     rank, world = _world()
     if config.batch_size % (world * config.grad_accum):
@@ -321,9 +327,9 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict) -
             start = load_training_state(checkpoint, model, optimizer)
         if rank == 0:
             _truncate_metrics(out_dir / METRICS, start)
-    network = model
+    network = model if forward_module is None else forward_module
     if world > 1:
-        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     metrics_file = (out_dir / METRICS).open("a") if rank == 0 else None
     rows_per_rank = config.batch_size // world
     micro = rows_per_rank // config.grad_accum

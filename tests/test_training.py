@@ -256,3 +256,16 @@ def test_tensorboard_logging_or_a_clear_message(tmp_path):
     else:
         run(small(tmp_path, "train.tensorboard=true", "train.max_steps=1"))
         assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_training_through_torch_compile_updates_the_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), "model=transformer", "model.d_model=32", "model.depth=1",
+         "task=mqar", "task.vocab_size=64", "task.seq_len=64", "task.num_pairs=4", "train.max_steps=2", "train.batch_size=2",
+         "train.eval_batches=1", "train.log_every=1", "train.progress=false", "train.device=cpu", "train.compile=aot_eager",
+         f"train.out_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = metric_rows(tmp_path / "run")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 from mixers import SeqmixError
 from mixers.experiment import build_experiment
 from mixers.reporting import print_summary, sample_text
-from mixers.training import train
+from mixers.training import pick_device, train
 
 
 def _init_distributed() -> None:
@@ -45,7 +45,13 @@ def main(config: DictConfig) -> float:
             "model": experiment.model_config,
             "task": experiment.task_config,
         }
-        result = train(experiment.model, experiment.task, experiment.train, record)
+        compiled = None
+        if experiment.train.compile:
+            from compile import compile_model
+
+            device = pick_device(experiment.train.device)
+            compiled = compile_model(experiment.model.to(device), backend=experiment.train.compile)
+        result = train(experiment.model, experiment.task, experiment.train, record, forward_module=compiled)
     except SeqmixError as error:
         print(f"train: error: {error}", file=sys.stderr)
         sys.exit(2)
