@@ -81,7 +81,12 @@ def check_fits(model: SequenceModel, task: Task) -> None:
 
 def build_experiment(config: DictConfig) -> Experiment:
     """Model (seeded, adapted to the task), task and train options from a root config."""
-    train = TrainConfig(**OmegaConf.to_container(config.train, resolve=True))
+    options = OmegaConf.to_container(config.train, resolve=True)
+    accepted = list(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SeqmixError(f"train has no option {unknown[0]!r}; accepted options are {accepted}")
+    train = TrainConfig(**options)
     task = build_task(config.task)
     model_config = adapt_model_config(config.model, task)
     torch.manual_seed(train.seed)

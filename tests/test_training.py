@@ -269,3 +269,8 @@ def test_training_through_torch_compile_updates_the_model(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = metric_rows(tmp_path / "run")
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+
+
+def test_an_unknown_train_option_lists_the_accepted_ones(tmp_path):
+    with pytest.raises(SeqmixError, match="train has no option 'epochs'.*max_steps"):
+        build_experiment(small(tmp_path, "+train.epochs=3"))
