@@ -72,9 +72,14 @@ def stepwise_recurrences(model: nn.Module, tokens_per_step: int):
 
 @contextmanager
 def size_oblivious():
-    """Let export treat sizes seen as > 1 as possibly 1 (otherwise batch size 1 gets refused)."""
+    """Let export treat sizes seen as > 1 as possibly 1 (otherwise batch size 1 gets refused).
+
+    Dynamo's caches are cleared first: a scan traced by an earlier export at a fixed batch size
+    was otherwise reused and brought its batch guard into this dynamic export (torch 2.13).
+    """
     import torch.fx.experimental._config as fx_config
 
+    torch._dynamo.reset()
     with fx_config.patch(backed_size_oblivious=True):
         yield
 

@@ -61,7 +61,8 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         assert batch.inputs.shape == (2, task.seq_len) and int(batch.inputs.max()) < task.vocab_size
         return
     if group == "train":
-        assert TrainConfig(**OmegaConf.to_container(OmegaConf.load(path))).max_steps >= 1
+        options = OmegaConf.to_container(compose_config([f"train={path.stem}"]).train)
+        assert TrainConfig(**options).max_steps >= 1
         return
     factory = instantiate(OmegaConf.load(path))
     if group == "mixer":

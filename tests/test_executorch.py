@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
 
 import mixers  # noqa: E402
+from mixers import recurrence  # noqa: E402
 from export import executorch_export as et  # noqa: E402
 from export.graphs import largest_chunk  # noqa: E402
 from mixers import SeqmixError  # noqa: E402

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx.experimental._config as fx_config
 from torch.export import Dim, export
 
 import mixers
+from export.graphs import size_oblivious
 from mixer_cases import WIDTH
 
 # Lengths are declared a multiple of the largest default chunk, so chunked paths need no
@@ -42,8 +42,7 @@ def test_parallel_graph_exports_with_dynamic_batch_and_length(name, options):
     mixer = mixers.build_mixer(name, WIDTH, **options).eval()
     example = torch.randn(2, 2 * LENGTH_UNIT, WIDTH)
     shapes = ({0: Dim("batch", min=1, max=64), 1: LENGTH_UNIT * Dim("units", min=1, max=64)},)
-    # Without this, export assumes sizes seen as >1 can never be 1 and guards against it.
-    with fx_config.patch(backed_size_oblivious=True):
+    with size_oblivious():
         program = export(mixer, (example,), dynamic_shapes=shapes)
     with torch.no_grad():
         for batch, length in [(1, LENGTH_UNIT), (3, 3 * LENGTH_UNIT), (2, 8 * LENGTH_UNIT)]:
