@@ -1,7 +1,6 @@
 """Smaller ONNX variants: int8 dynamic quantization and float16, with their metric change measured."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,7 @@ def make_variant(kind: str, source: Path) -> Path:
 def evaluate_onnx(path: Path, task, batch_size: int = 8, batches: int = 8) -> dict[str, float]:
     """Loss and the task's metric of an exported parallel graph on the task's evaluation set."""
     from mixers.tasks.base import IGNORE
+    from mixers.training import task_scores
 
     runner = session(path)
     total, count, correct = 0.0, 0, 0
@@ -61,13 +61,7 @@ def evaluate_onnx(path: Path, task, batch_size: int = 8, batches: int = 8) -> di
         total += float(-log_probs[np.arange(keep.sum()), targets[keep]].sum())
         correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
         count += int(keep.sum())
-    loss = total / max(count, 1)
-    scores = {"loss": loss}
-    if task.metric == "bits_per_byte":
-        scores["bits_per_byte"] = loss / math.log(2)
-    else:
-        scores["accuracy"] = correct / max(count, 1)
-    return scores
+    return task_scores(task, total, count, correct)
 
 
 def compare_variant(reference: Path, variant: Path, task, length: int, metric: str) -> dict:

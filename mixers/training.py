@@ -147,13 +147,18 @@ def evaluate(model: nn.Module, task: Task, batch_size: int, batches: int, device
         count += int(n)
         correct += int(correct_count(output, batch))
     model.train(was_training)
-    loss = total / max(count, 1)
-    metrics = {"loss": loss}
+    return task_scores(task, total, count, correct)
+
+
+def task_scores(task: Task, loss_sum: float, count: int, correct: int) -> dict[str, float]:
+    """Mean loss per target and the task's metric, from summed loss, target count and correct argmaxes."""
+    loss = loss_sum / max(count, 1)
+    scores = {"loss": loss}
     if task.metric == "bits_per_byte":
-        metrics["bits_per_byte"] = loss / math.log(2)
+        scores["bits_per_byte"] = loss / math.log(2)
     else:
-        metrics["accuracy"] = correct / max(count, 1)
-    return metrics
+        scores["accuracy"] = correct / max(count, 1)
+    return scores
 
 
 # --- checkpoints ------------------------------------------------------------------------
