@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -443,11 +443,6 @@ def _tensorboard(out_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-def config_dict(config: TrainConfig) -> dict:
-    """The options as a plain dict (for run.json and summaries)."""
-    return asdict(config)
 
 
 def load_run(path: str | os.PathLike, device: str = "cpu"):

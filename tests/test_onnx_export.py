@@ -3,7 +3,6 @@ manifests, the NumPy-only runner and the export tool."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from mixers import SeqmixError
-from mixers.configs import compose_config, config_groups
+from mixers.configs import config_groups
 from mixers.generation import generate
 from conftest import tiny_preset
 
