@@ -106,10 +106,11 @@ class CompiledModel(nn.Module):
         """True when the model can stream with ``step``."""
         return self.model.causal
 
-    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Token ids (B, L) and an optional padding mask (B, L) bool -> logits (B, L, V) or (B, classes)."""
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, output_index: Tensor | None = None) -> Tensor:
+        """Token ids (B, L) and an optional padding mask (B, L) bool -> logits (B, L, V) or (B, classes);
+        (N, V) at ``output_index`` (N,) as in ``SequenceModel.forward``."""
         with torch._dynamo.config.patch(self._call_config):
-            return self._forward(tokens, padding_mask)
+            return self._forward(tokens, padding_mask, output_index)
 
     def init_state(self, batch_size: int, device=None, dtype=None):
         """The model's state before any token (built eagerly: it is only zeros)."""

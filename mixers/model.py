@@ -118,9 +118,17 @@ class SequenceModel(nn.Module):
             h = h + self.pos_embed(positions)
         return h
 
-    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Token ids (B, L) and an optional padding mask (B, L) -> logits (B, L, V) or (B, classes)."""
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, output_index: Tensor | None = None) -> Tensor:
+        """Token ids (B, L) and an optional padding mask (B, L) -> logits (B, L, V) or (B, classes).
+
+        ``output_index`` (N,) long, for per-token heads only: logits (N, V) at those flat positions
+        b * L + t. Training passes the positions that have targets, so tasks that predict a few tokens
+        per sequence (recall, copying, masked segments) skip the vocabulary projection elsewhere. An
+        index rather than a mask keeps the shape of the selection out of compiled graphs.
+        """
         self._check_tokens(tokens)
+        if output_index is not None and not getattr(self.head, "per_token", False):
+            raise SeqmixError("model: output_index selects token positions; the classification head has none")
         h = self._embed(tokens, torch.arange(tokens.shape[1], device=tokens.device))
         for block in self.blocks:
             h = block(h, padding_mask)
@@ -128,6 +136,8 @@ class SequenceModel(nn.Module):
             h = self.final_norm(h, padding_mask)
         elif self.final_norm is not None:
             h = self.final_norm(h)
+        if output_index is not None:
+            return self.head(h.reshape(-1, h.shape[-1]).index_select(0, output_index))
         return self.head(h, padding_mask)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:

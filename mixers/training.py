@@ -114,20 +114,43 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
+def target_index(batch: Batch) -> torch.Tensor | None:
+    """Flat positions (N,) of a per-token batch's targets, for ``model(..., output_index=)``; None for labels."""
+    if batch.targets.dim() != 2:
+        return None
+    return (batch.targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
+def predict(network: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits where ``batch`` has targets: (N, V) at the per-token targets, or (B, C) for labels."""
+    index = target_index(batch)
+    if index is None:
+        return network(batch.inputs, batch.padding_mask)
+    return network(batch.inputs, batch.padding_mask, index)
+
+
+def _flat_targets(output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    targets = batch.targets.reshape(-1)
+    if output.dim() == 2 and batch.targets.dim() == 2:  # logits of the selected positions only
+        return targets[targets != IGNORE]
+    return targets
+
+
 def loss_sum_and_count(output: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the predicted targets, and how many there are.
 
-    ``output`` is (B, L, V) logits for per-token targets (B, L) or (B, C) for labels (B,).
+    ``output`` is (B, L, V) logits for per-token targets (B, L), (N, V) at their N targets as
+    ``predict`` gives, or (B, C) for labels (B,).
     """
     logits = output.float().reshape(-1, output.shape[-1])
-    targets = batch.targets.reshape(-1)
+    targets = _flat_targets(output, batch)
     total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
     return total, (targets != IGNORE).sum()
 
 
 def correct_count(output: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """How many predicted targets the argmax gets right."""
-    targets = batch.targets.reshape(-1)
+    """How many predicted targets the argmax gets right (``output`` as in ``loss_sum_and_count``)."""
+    targets = _flat_targets(output, batch)
     predictions = output.reshape(-1, output.shape[-1]).argmax(-1)
     return ((predictions == targets) & (targets != IGNORE)).sum()
 
@@ -141,7 +164,7 @@ def evaluate(model: nn.Module, task: Task, batch_size: int, batches: int, device
     for batch in task.eval_batches(batch_size, batches):
         batch = batch.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            output = model(batch.inputs, batch.padding_mask)
+            output = predict(model, batch)
         loss, n = loss_sum_and_count(output, batch)
         total += float(loss)
         count += int(n)
@@ -364,7 +387,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
         for index in range(config.grad_accum):
             part = local.slice(index * micro, (index + 1) * micro)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                output = network(part.inputs, part.padding_mask)
+                output = predict(network, part)
             loss_sum, _ = loss_sum_and_count(output, part)
             # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
             (loss_sum * world / count).backward()

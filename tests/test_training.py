@@ -15,7 +15,8 @@ from mixers import SeqmixError
 from mixers.configs import compose_config
 from mixers.experiment import build_experiment
 from mixers.generation import generate
-from mixers.training import latest_checkpoint, train
+from mixers.tasks.base import IGNORE
+from mixers.training import correct_count, latest_checkpoint, loss_sum_and_count, predict, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_MODEL = ["model.d_model=32", "model.depth=2"]
@@ -183,8 +184,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_whole(tmp_path):
     real_forward = model.forward
     calls = {"n": 0}
 
-    def forward_that_breaks(tokens, padding_mask=None):
-        out = real_forward(tokens, padding_mask)
+    def forward_that_breaks(tokens, padding_mask=None, output_index=None):
+        out = real_forward(tokens, padding_mask, output_index)
         if model.training:
             calls["n"] += 1
             if calls["n"] == 4:  # the fourth training step
@@ -274,3 +275,19 @@ def test_training_through_torch_compile_updates_the_model(tmp_path):
 def test_an_unknown_train_option_lists_the_accepted_ones(tmp_path):
     with pytest.raises(SeqmixError, match="train has no option 'epochs'.*max_steps"):
         build_experiment(small(tmp_path, "+train.epochs=3"))
+
+
+@pytest.mark.parametrize("task", ["mqar", "masked_segment", "byte_lm"])
+def test_logits_at_target_positions_only_give_the_full_forward_loss(task, tmp_path):
+    """Training projects to the vocabulary only where targets are; loss and accuracy do not change."""
+    model_preset = "mega_encoder" if task == "masked_segment" else "mega"
+    experiment = build_experiment(small(tmp_path, f"model={model_preset}", f"task={task}"))
+    batch = experiment.task.batch("train", 0, 3)
+    model = experiment.model.double()
+    selected = predict(model, batch)
+    full = model(batch.inputs, batch.padding_mask)
+    assert selected.shape == (int((batch.targets != IGNORE).sum()), full.shape[-1])
+    torch.testing.assert_close(loss_sum_and_count(selected, batch), loss_sum_and_count(full, batch))
+    assert correct_count(selected, batch) == correct_count(full, batch)
+    with pytest.raises(SeqmixError, match="classification head"):
+        build_experiment(small(tmp_path, "task=listops")).model(batch.inputs[:, :8], None, torch.tensor([0]))
