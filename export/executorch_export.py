@@ -234,6 +234,12 @@ def run_pte(path: str | Path, *inputs: Tensor) -> list[Tensor]:
     return _execute(_forward(path), inputs)
 
 
+def pte_runner(path: str | Path):
+    """``runner(*inputs) -> outputs`` over a .pte loaded once, for repeated calls (latency, streaming)."""
+    method = _forward(path)
+    return lambda *inputs: _execute(method, inputs)
+
+
 def verify_pte_parallel(model: nn.Module, path: str | Path, length: int, batch_size: int = 1, trials: int = 2) -> float:
     """Max |eager − .pte| over the outputs for ``trials`` batches of random token ids (batch_size, length)."""
     method = _forward(path)

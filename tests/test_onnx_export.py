@@ -109,24 +109,59 @@ def test_manifests_are_validated_before_use(tmp_path):
         read_manifest(tmp_path)
 
 
-def test_export_tool_writes_a_manifest_the_runner_reads(tmp_path):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A one-step gpt2-sized run on MQAR, for the export tool."""
+    run = tmp_path_factory.mktemp("export_tool") / "run"
     train = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "train.py"), "model=gpt2", "model.d_model=32", "model.depth=1", "task=mqar",
          "task.vocab_size=256", "task.seq_len=128", "task.num_pairs=8", "train.max_steps=1", "train.batch_size=2",
-         "train.eval_batches=1", "train.progress=false", "train.device=cpu", f"train.out_dir={tmp_path / 'run'}"],
+         "train.eval_batches=1", "train.progress=false", "train.device=cpu", f"train.out_dir={run}"],
         capture_output=True, text=True,
     )
     assert train.returncode == 0, train.stderr[-2000:]
-    export = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "export.py"), f"checkpoint={tmp_path / 'run'}", "format=onnx", "length=256",
-         "quantize=int8"],
-        capture_output=True, text=True,
-    )
+    return run
+
+
+def export_tool(*options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), *options], capture_output=True, text=True)
+
+
+def test_export_tool_writes_a_manifest_the_runner_reads(trained_run):
+    export = export_tool(f"checkpoint={trained_run}", "format=onnx", "length=256", "quantize=int8")
     assert export.returncode == 0, export.stderr[-2000:]
-    out = tmp_path / "run" / "export" / "onnx"
-    manifest = read_manifest(out)
+    manifest = read_manifest(trained_run / "export" / "onnx")
     assert manifest["latency"]["length"] == 256 and manifest["quantized"]["int8"]["metric"] == "accuracy"
     assert "ONNX Runtime" in export.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), f"checkpoint={tmp_path / 'run'}", "format=coreml"],
-                         capture_output=True, text=True)
+    bad = export_tool(f"checkpoint={trained_run}", "format=coreml")
     assert bad.returncode == 2 and "format='coreml' is not valid" in bad.stderr
+
+
+def test_export_tool_writes_verified_executorch_programs(trained_run):
+    pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
+    export = export_tool(f"checkpoint={trained_run}", "format=executorch", "length=128")
+    assert export.returncode == 0, export.stderr[-2000:]
+    out = trained_run / "export" / "executorch"
+    manifest = read_manifest(out)
+    assert (out / "model.pte").is_file() and (out / "step.pte").is_file()
+    assert manifest["parallel"]["max_error"] < 1e-4 and manifest["step"]["max_error"] < 1e-4
+    assert manifest["latency"]["length"] == 128 and manifest["latency"]["executorch_ms"] > 0
+    assert "ExecuTorch" in export.stdout
+    refused = export_tool(f"checkpoint={trained_run}", "format=executorch", "quantize=int8")
+    assert refused.returncode == 2 and "applies to format=onnx only" in refused.stderr
+
+
+def _tensorrt_runs_here() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def test_export_tool_tensorrt_checks_operators_and_says_what_is_missing(trained_run):
+    export = export_tool(f"checkpoint={trained_run}", "format=tensorrt", "length=128")
+    manifest = read_manifest(trained_run / "export" / "tensorrt")
+    assert manifest["tensorrt_check"]["parallel"]["ok"] and manifest["tensorrt_check"]["step"]["ok"]
+    if _tensorrt_runs_here():
+        assert export.returncode == 0, export.stderr[-2000:]
+        assert manifest["engine"]["max_error"] < 1e-3
+    else:
+        assert export.returncode == 2
+        assert "pip install tensorrt" in export.stderr or "no CUDA device" in export.stderr

@@ -1,0 +1,169 @@
+"""One call per deployment format: export a trained model, verify it, measure it, describe it.
+
+Each ``export_<format>`` writes its artifacts into ``out_dir`` and returns the manifest (a dict
+that ``write_manifest`` stores as manifest.json): the inputs, outputs, dynamic dims, state layout,
+the impl each mixer used, the verification's max error and the measured latency.
+
+- onnx: parallel graph (dynamic batch and length) and step graph, verified with ONNX Runtime;
+  optionally an int8 or fp16 variant with its metric change on the task's evaluation split.
+- executorch: .pte files of the parallel graph at one fixed (1, length) and of the step graph
+  (one token per call), lowered to XNNPACK and verified with ``executorch.runtime``.
+- tensorrt: the ONNX export, the static TensorRT operator check, then (with TensorRT and an NVIDIA
+  GPU) an engine with an optimization profile over batch 1..8 and length unit..length, verified.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixers import SeqmixError
+
+from .graphs import largest_chunk
+from .manifest import write_manifest
+from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, median_ms
+
+FORMATS = ("onnx", "executorch", "tensorrt")
+ENGINE_MAX_BATCH = 8
+
+
+def fit_length(model: nn.Module, length: int) -> int:
+    """``length`` rounded down to a multiple of the model's largest chunk (at least one chunk)."""
+    unit = largest_chunk(model)
+    return max(unit, (length // unit) * unit)
+
+
+def export_onnx(model: nn.Module, task, out_dir: Path, quantize: str | None = None, length: int = 1024) -> dict:
+    """ONNX parallel and step graphs, eager vs ONNX Runtime latency at (1, length), and a variant."""
+    from .quantize import compare_variant, make_variant
+
+    result = export_onnx_graphs(model, out_dir)
+    manifest = result.manifest
+    manifest["latency"] = compare_latency(model, result.parallel, length=length)
+    if quantize:
+        variant = make_variant(quantize, result.parallel)
+        manifest["quantized"] = {quantize: compare_variant(result.parallel, variant, task, length, task.metric)}
+    return manifest
+
+
+def export_executorch(model: nn.Module, task, out_dir: Path, quantize: str | None = None, length: int = 1024) -> dict:
+    """ExecuTorch .pte files (parallel at (1, length), and step when the model streams), verified."""
+    from .executorch_export import export_parallel_pte, export_step_pte, pte_runner, verify_pte_parallel, verify_pte_step
+
+    if quantize:
+        raise SeqmixError(f"quantize={quantize!r} applies to format=onnx only; ExecuTorch graphs are exported in float32")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    length = fit_length(model, length)
+    manifest = {"format": "executorch", "vocab_size": model.vocab_size}
+    parallel = out_dir / "model.pte"
+    manifest["parallel"] = export_parallel_pte(model, parallel, length)
+    manifest["parallel"]["max_error"] = _checked(verify_pte_parallel(model, parallel, length), "parallel .pte")
+    manifest["impls"] = manifest["parallel"]["impls"]
+    if model.causal and getattr(model.head, "per_token", False):
+        step = out_dir / "step.pte"
+        manifest["step"] = export_step_pte(model, step)
+        manifest["step"]["max_error"] = _checked(verify_pte_step(model, step), "step .pte")
+    tokens = torch.randint(0, model.vocab_size, (1, length))
+    runner = pte_runner(parallel)
+    with torch.no_grad():
+        eager_ms = median_ms(lambda: model(tokens))
+    pte_ms = median_ms(lambda: runner(tokens))
+    manifest["latency"] = {"batch": 1, "length": length, "eager_ms": eager_ms, "executorch_ms": pte_ms, "speedup": eager_ms / pte_ms}
+    return manifest
+
+
+def _checked(error: float, what: str) -> float:
+    if not error <= TOLERANCE:
+        raise SeqmixError(f"{what}: max |eager − ExecuTorch| = {error:.3e} exceeds the tolerance {TOLERANCE:.0e}")
+    return error
+
+
+def export_tensorrt(model: nn.Module, task, out_dir: Path, quantize: str | None = None, length: int = 1024) -> dict:
+    """The ONNX export with TensorRT's operator check, then an engine built and verified on the GPU.
+
+    Without TensorRT or a GPU, the ONNX graphs and the operator check are still written to
+    ``out_dir`` (manifest included) before the SeqmixError that says what is missing.
+    """
+    from .tensorrt import build_engine, check_tensorrt_support, run_engine
+
+    if quantize and quantize != "fp16":
+        raise SeqmixError(f"quantize={quantize!r} is not valid for format=tensorrt; expected fp16 (engine kernels in half precision)")
+    manifest = export_onnx(model, task, out_dir, length=length)
+    manifest["format"] = "tensorrt"
+    graphs = {"parallel": out_dir / "model.onnx", "step": out_dir / "step.onnx"}
+    manifest["tensorrt_check"] = {
+        name: dataclasses.asdict(check_tensorrt_support(path)) for name, path in graphs.items() if path.is_file()
+    }
+    unit, length = largest_chunk(model), fit_length(model, length)
+    shapes = {
+        "min": {"tokens": (1, unit), "padding_mask": (1, unit)},
+        "opt": {"tokens": (1, length), "padding_mask": (1, length)},
+        "max": {"tokens": (ENGINE_MAX_BATCH, length), "padding_mask": (ENGINE_MAX_BATCH, length)},
+    }
+    try:
+        engine = build_engine(graphs["parallel"], out_dir / "model.engine", shapes["min"], shapes["opt"], shapes["max"])
+    except SeqmixError:
+        write_manifest(out_dir, manifest)
+        raise
+    tokens = torch.randint(0, model.vocab_size, (2, length))
+    feed = {"tokens": tokens, "padding_mask": torch.zeros_like(tokens, dtype=torch.bool)}
+    with torch.no_grad():
+        expected = model(tokens).numpy()
+    got = next(iter(run_engine(engine, feed).values())).float().cpu().numpy()
+    worst = float(np.abs(expected - got).max())
+    manifest["engine"] = {
+        "file": engine.name,
+        "profile": {k: {n: list(s) for n, s in v.items()} for k, v in shapes.items()},
+        "max_error": _checked_engine(worst),
+    }
+    return manifest
+
+
+def _checked_engine(error: float) -> float:
+    # TensorRT may reorder reductions and pick TF32-free but fused kernels: allow 10x the ONNX tolerance.
+    if not error <= 10 * TOLERANCE:
+        raise SeqmixError(f"TensorRT engine: max |eager − TensorRT| = {error:.3e} exceeds {10 * TOLERANCE:.0e}")
+    return error
+
+
+EXPORTERS = {"onnx": export_onnx, "executorch": export_executorch, "tensorrt": export_tensorrt}
+
+
+def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantize: str | None = None, length: int = 1024) -> dict:
+    """Export ``model`` to ``kind`` in ``out_dir``, write manifest.json there and return it."""
+    if kind not in EXPORTERS:
+        raise SeqmixError(f"format={kind!r} is not valid; expected one of {list(FORMATS)}")
+    out_dir = Path(out_dir)
+    manifest = EXPORTERS[kind](model, task, out_dir, quantize, length)
+    manifest["task"] = {"name": type(task).name, "head": task.head, "metric": task.metric}
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+RUNTIME_NAMES = {"onnx": ("onnxruntime_ms", "ONNX Runtime"), "tensorrt": ("onnxruntime_ms", "ONNX Runtime"),
+                 "executorch": ("executorch_ms", "ExecuTorch")}
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """What an export verified and measured, as lines to print."""
+    kind = manifest["format"]
+    key, runtime = RUNTIME_NAMES[kind]
+    lines = [f"parallel graph: max |eager − {runtime}| = {manifest['parallel']['max_error']:.2e}"]
+    if "step" in manifest:
+        lines.append(f"step graph: streamed tokens agree to {manifest['step']['max_error']:.2e}")
+    latency = manifest["latency"]
+    lines.append(f"latency at B={latency['batch']}, L={latency['length']}: eager {latency['eager_ms']:.1f} ms, "
+                 f"{runtime} {latency[key]:.1f} ms ({latency['speedup']:.2f}x)")
+    for name, variant in manifest.get("quantized", {}).items():
+        lines.append(f"{name}: {variant['speedup']:.2f}x speed, {100 * variant['size_ratio']:.0f}% size, "
+                     f"{variant['metric']} {variant['metric_fp32']:.4f} -> {variant['metric_variant']:.4f}")
+    for graph, report in manifest.get("tensorrt_check", {}).items():
+        verdict = "OK" if report["ok"] else "NOT OK: " + "; ".join(report["flags"])
+        lines.append(f"TensorRT {report['tensorrt_version']} parser check of the {graph} graph: {verdict}")
+    if "engine" in manifest:
+        lines.append(f"TensorRT engine {manifest['engine']['file']}: max |eager − TensorRT| = {manifest['engine']['max_error']:.2e}")
+    return lines
