@@ -7,6 +7,12 @@
   new state_k), every state tensor of fixed shape, so a device streams with constant memory; its
   EMA/CEMA run their recurrent path (one step, no chunk padding).
 
+The exporter's default optimizer constant-folds every tensor derived from parameters alone, such
+as the EMA's per-chunk kernels (D, N, C) of each layer, into the file. That doubled mega's
+model.onnx and left its int8 variant larger than float32, since the quantizer only shrinks MatMul
+weights. ``_optimize`` runs the same optimizer with folding limited to small tensors; ONNX Runtime
+folds the large ones in memory when a session starts.
+
 Every export is checked against eager at shapes other than the traced ones before it is
 reported; a mismatch raises ``ExportMismatch`` with the largest error and where it occurred.
 """
@@ -27,6 +33,8 @@ from .graphs import ParallelGraph, StepGraph, largest_chunk, size_oblivious, ste
 
 OPSET = 23
 TOLERANCE = 1e-4
+FOLD_LIMIT = 1024
+"""Largest tensor (elements) the exporter may constant-fold into the file."""
 
 
 class ExportMismatch(SeqmixError):
@@ -77,6 +85,18 @@ class OnnxExport:
     step: Path | None
 
 
+def _optimize(program) -> None:
+    """onnxscript's graph cleanup (Split for sequence ops, dead nodes, small constants) without
+    folding large parameter-derived tensors into the file; and no per-node stack traces, which the
+    exporter records for debugging (8% of mega's file, and paths of the machine that exported it)."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+    from onnxscript import optimizer
+
+    optimizer.optimize_ir(program.model, output_size_limit=FOLD_LIMIT)
+    for node in RecursiveGraphIterator(program.model.graph):
+        node.metadata_props.clear()
+
+
 def export_parallel(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> dict:
     """Write the parallel graph and check it with ONNX Runtime at two untraced shapes."""
     unit = largest_chunk(model)
@@ -84,9 +104,10 @@ def export_parallel(model: nn.Module, path: Path, tolerance: float = TOLERANCE) 
     mask = torch.zeros(2, 2 * unit, dtype=torch.bool)
     dims = {0: Dim("batch", min=1, max=1024), 1: unit * Dim("units", min=1, max=1024)}
     with size_oblivious(), torch.no_grad():
-        program = torch.onnx.export(ParallelGraph(model), (example, mask), dynamic_shapes=(dims, dims), dynamo=True,
-                                    opset_version=OPSET, verbose=False, input_names=["tokens", "padding_mask"],
+        program = torch.onnx.export(ParallelGraph(model).eval(), (example, mask), dynamic_shapes=(dims, dims), dynamo=True,
+                                    optimize=False, opset_version=OPSET, verbose=False, input_names=["tokens", "padding_mask"],
                                     output_names=["logits"])
+    _optimize(program)
     program.save(str(path))
     optimized = path.with_suffix(".ort.onnx")
     runner = session(path, optimized_path=optimized)
@@ -125,9 +146,10 @@ def export_step(model: nn.Module, path: Path, steps: int = 12, tolerance: float 
     state = graph.initial_state(1)
     example = torch.zeros(1, 1, dtype=torch.long)
     with torch.no_grad(), stepwise_recurrences(model, tokens_per_step=1) as switched:
-        program = torch.onnx.export(graph, (example, *state), dynamo=True, opset_version=OPSET, verbose=False,
+        program = torch.onnx.export(graph, (example, *state), dynamo=True, optimize=False, opset_version=OPSET, verbose=False,
                                     input_names=["tokens", *graph.state_names],
                                     output_names=["logits", *[f"new_{n}" for n in graph.state_names]])
+    _optimize(program)
     program.save(str(path))
     runner = session(path)
     generator = torch.Generator().manual_seed(1)

@@ -13,14 +13,16 @@ VARIANTS = ("int8", "fp16")
 
 
 def quantize_int8(source: Path, target: Path) -> Path:
-    """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activations quantized on the fly."""
+    """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm and embedding tables (Gather), activations quantized on the fly."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = target.with_suffix(".pre.onnx")
-    # Shape inference and graph cleanup first: the quantizer needs shapes to pick what to quantize.
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    # Shape inference first: the quantizer needs shapes to pick what to quantize. Its graph
+    # optimization is skipped because it would fold the EMA kernels (float32, larger than the
+    # weights) into the file, as the exporter avoids doing (export/onnx_export.py).
+    quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
+    quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Gather"])
     prepared.unlink()
     return target
 
