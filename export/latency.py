@@ -1,0 +1,129 @@
+"""Deployed latency: how long one forward pass of a model takes on the runtime it ships on.
+
+The architecture search (``mixers.search``) ranks candidates by this number, so every runtime
+times the same thing: the parallel graph on token ids (batch_size, length), after warm-up, as
+the median of ``repeats`` calls. Exported graphs are checked against eager first, so a latency is
+never reported for a graph that computes something else.
+
+- ``eager``: the PyTorch module itself, in eval mode, without gradients.
+- ``onnxruntime``: the verified ONNX graph (``export_parallel``) on ONNX Runtime's CPU provider.
+  Its length must be a multiple of the model's chunk (``largest_chunk``), so the tokens are
+  right-padded to one and masked, as a deployment does.
+- ``executorch``: the .pte lowered to XNNPACK at exactly (batch_size, length), run through
+  ``executorch.runtime``.
+- ``tensorrt``: the ONNX graph on ONNX Runtime's TensorRT execution provider, with a fixed
+  optimization profile and no fallback to other providers (NVIDIA GPU only).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixers import SeqmixError
+from mixers.errors import choice_error, require_int
+
+RUNTIMES = ("eager", "onnxruntime", "executorch", "tensorrt")
+REQUIREMENTS = {
+    "onnxruntime": ("onnxruntime", "pip install onnx onnxruntime onnxscript"),
+    "executorch": ("executorch", "pip install executorch==1.5.1"),
+    "tensorrt": ("tensorrt", "pip install tensorrt onnxruntime-gpu, on a machine with an NVIDIA GPU"),
+}
+
+
+def check_runtime(runtime: str, field: str = "runtime") -> None:
+    """Raise unless ``runtime`` is known and its package is installed; errors name ``field`` and the package."""
+    if runtime not in RUNTIMES:
+        raise choice_error(field, runtime, RUNTIMES)
+    if runtime in REQUIREMENTS:
+        package, install = REQUIREMENTS[runtime]
+        if importlib.util.find_spec(package) is None:
+            raise SeqmixError(f"{field}={runtime} needs the {package} package, which is not installed: {install}")
+
+
+def deployed_latency_ms(
+    model: nn.Module,
+    runtime: str,
+    length: int,
+    batch_size: int = 1,
+    repeats: int = 7,
+    work_dir: str | Path | None = None,
+) -> float:
+    """Median milliseconds of one forward pass of ``model`` on ``runtime``.
+
+    Args:
+        model: a SequenceModel; it is copied, so exporting never changes the caller's module.
+        runtime: one of ``RUNTIMES``.
+        length: L of the token ids timed.
+        batch_size: B of the token ids timed.
+        repeats: calls timed after two warm-up calls.
+        work_dir: where exported graphs are written (a temporary directory when None).
+    """
+    from .onnx_export import median_ms
+
+    check_runtime(runtime)
+    require_int("deployed_latency_ms", "length", length)
+    require_int("deployed_latency_ms", "batch_size", batch_size)
+    require_int("deployed_latency_ms", "repeats", repeats)
+    model = copy.deepcopy(model).cpu().eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.vocab_size, (batch_size, length), generator=generator)
+    if runtime == "eager":
+        with torch.no_grad():
+            return median_ms(lambda: model(tokens), repeats)
+    work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="seqmix-latency-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if runtime == "executorch":
+        return median_ms(_executorch_forward(model, tokens, work_dir / "model.pte"), repeats)
+    return median_ms(_onnx_forward(model, tokens, work_dir / "model.onnx", on_tensorrt=runtime == "tensorrt"), repeats)
+
+
+def _onnx_forward(model: nn.Module, tokens: torch.Tensor, path: Path, on_tensorrt: bool):
+    """A call running the verified parallel ONNX graph once on ``tokens`` (B, L), padded to a whole chunk."""
+    from .graphs import largest_chunk, use_exportable_paths
+    from .onnx_export import export_parallel, session
+
+    use_exportable_paths(model)
+    export_parallel(model, path)
+    unit = largest_chunk(model)
+    batch_size, length = tokens.shape
+    padded = unit * math.ceil(length / unit)
+    feed = {
+        "tokens": np.zeros((batch_size, padded), dtype=np.int64),
+        "padding_mask": np.ones((batch_size, padded), dtype=bool),
+    }
+    feed["tokens"][:, :length] = tokens.numpy()
+    feed["padding_mask"][:, :length] = False
+    if on_tensorrt:
+        from .tensorrt import onnxruntime_tensorrt_session
+
+        shapes = {name: value.shape for name, value in feed.items()}
+        runner = onnxruntime_tensorrt_session(path, shapes, shapes, shapes, fallback=False)
+    else:
+        # As many threads as torch uses, so eager and ONNX Runtime are timed on the same cores.
+        runner = session(path, threads=torch.get_num_threads())
+    return lambda: runner.run(None, feed)
+
+
+def _executorch_forward(model: nn.Module, tokens: torch.Tensor, path: Path):
+    """A call running the verified .pte once on ``tokens`` (B, L), the shape it was lowered at."""
+    from executorch.runtime import Runtime
+
+    from .executorch_export import export_parallel_pte, verify_pte_parallel
+    from .onnx_export import TOLERANCE, ExportMismatch
+
+    batch_size, length = tokens.shape
+    export_parallel_pte(model, path, length=length, batch_size=batch_size)
+    error = verify_pte_parallel(model, path, length=length, batch_size=batch_size)
+    if not error <= TOLERANCE:
+        raise ExportMismatch(
+            f"executorch graph at B={batch_size}, L={length}: max |eager − .pte| = {error:.3e} > tolerance {TOLERANCE:.0e}"
+        )
+    method = Runtime.get().load_program(path).load_method("forward")
+    return lambda: method.execute([tokens])
