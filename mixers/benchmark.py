@@ -274,39 +274,64 @@ def make_run(mixer: Mixer, x: torch.Tensor, pass_: str) -> tuple[Callable[[], No
     return forward_backward, clear
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of repeated runs of one callable.
+
+    Attributes:
+        median_s: median of the timed runs, or the over-budget warmup run when none was timed.
+        runs: how many runs ``median_s`` summarises (at least 1).
+        note: set when a run exceeded the time budget and the repeats stopped there.
+    """
+
+    median_s: float
+    runs: int
+    note: str | None = None
+
+
+def time_runs(
+    run: Callable[[], None], device: torch.device, warmup: int, repeats: int, max_seconds_per_run: float
+) -> Timing:
+    """Time ``repeats`` calls of ``run`` after ``warmup`` untimed ones.
+
+    A run over ``max_seconds_per_run`` stops the repeats there: the time is the median of the
+    timed runs done, or the over-budget warmup run itself when none was timed yet.
+    """
+    timed: list[float] = []
+    over: float | None = None
+    for index in range(warmup + repeats):
+        seconds = time_once(run, device)
+        if index >= warmup:
+            timed.append(seconds)
+        if seconds > max_seconds_per_run:
+            over = seconds
+            break
+    if over is None:
+        return Timing(statistics.median(timed), len(timed))
+    done = f"after {len(timed)} timed run(s)" if timed else "in warmup; time is that warmup run"
+    note = f"a run took {over:.1f} s > {max_seconds_per_run:g} s: stopped {done}"
+    return Timing(statistics.median(timed) if timed else over, max(len(timed), 1), note)
+
+
 def measure(mixer: Mixer, x: torch.Tensor, pass_: str, config: BenchConfig, device: torch.device) -> dict:
     """Time and peak memory of one pass of ``mixer`` on x (B, L, D).
 
-    Returns the Row fields time_ms, peak_mib, tokens_per_s, runs, note. A run over the time budget
-    stops the repeats there: the time is the median of the timed runs done, or the over-budget
-    warmup run itself when none was timed yet.
+    Returns the Row fields time_ms, peak_mib, tokens_per_s, runs, note; see ``time_runs`` for
+    what a run over the time budget does.
     """
     run, clear = make_run(mixer, x, pass_)
-    timed: list[float] = []
-    over: float | None = None
-    for index in range(config.warmup + config.repeats):
-        seconds = time_once(run, device)
-        if index >= config.warmup:
-            timed.append(seconds)
-        if seconds > config.max_seconds_per_run:
-            over = seconds
-            break
-    median = statistics.median(timed) if timed else over
+    timing = time_runs(run, device, config.warmup, config.repeats, config.max_seconds_per_run)
     # Gradients left by the last run would be freed inside the profiled run and offset its peak.
     clear()
     peak = peak_memory_bytes(run, device)
     clear()
-    note = None
-    if over is not None:
-        done = f"after {len(timed)} timed run(s)" if timed else "in warmup; time is that warmup run"
-        note = f"a run took {over:.1f} s > {config.max_seconds_per_run:g} s: stopped {done}"
     batch, length, _ = x.shape
     return {
-        "time_ms": median * 1e3,
+        "time_ms": timing.median_s * 1e3,
         "peak_mib": peak / 2**20,
-        "tokens_per_s": batch * length / median,
-        "runs": len(timed) if timed else 1,
-        "note": note,
+        "tokens_per_s": batch * length / timing.median_s,
+        "runs": timing.runs,
+        "note": timing.note,
     }
 
 
@@ -384,9 +409,13 @@ def fit_slopes(rows: Sequence[Row]) -> list[Slope]:
         if len(lengths) < 2:
             slopes.append(Slope(name, impl, pass_, None, lengths, f"needs 2 measured lengths, has {len(lengths)}"))
             continue
-        fit = statistics.linear_regression([math.log(n) for n in lengths], [math.log(row.time_ms) for row in measured])
-        slopes.append(Slope(name, impl, pass_, fit.slope, lengths))
+        slopes.append(Slope(name, impl, pass_, loglog_slope(lengths, [row.time_ms for row in measured]), lengths))
     return slopes
+
+
+def loglog_slope(lengths: Sequence[int], times: Sequence[float]) -> float:
+    """Least-squares slope of log(time) against log(L) over at least two distinct lengths."""
+    return statistics.linear_regression([math.log(n) for n in lengths], [math.log(t) for t in times]).slope
 
 
 def _find_row(rows: Sequence[Row], name: str, impl: str, pass_: str, length: int) -> Row | None:

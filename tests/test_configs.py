@@ -64,6 +64,25 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         options = OmegaConf.to_container(compose_config([f"train={path.stem}"]).train)
         assert TrainConfig(**options).max_steps >= 1
         return
+    if group == "bench":
+        from export.bench import check_spec, compose_bench_spec
+
+        # Validates the spec and builds each subject once; the timing grid itself is tests/test_bench.py's.
+        assert check_spec(compose_bench_spec([f"bench={path.stem}"])) > 0
+        return
+    if group == "search":
+        optuna = pytest.importorskip("optuna")
+        from mixers.experiment import build_experiment
+        from mixers.search import SearchSettings, compose_search_config
+
+        # The search's task, train budget and base preset build; then one sampled candidate trains a step.
+        config = compose_search_config(path.stem)
+        build_experiment(config)
+        settings = SearchSettings.from_config(config.search)
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        candidate = settings.space.suggest(trial, OmegaConf.to_container(config.model, resolve=True))
+        _run_model(mixers.instantiate_model(candidate.model_config))
+        return
     factory = instantiate(OmegaConf.load(path))
     if group == "mixer":
         _run_sequence_module(factory(WIDTH))

@@ -1,0 +1,231 @@
+"""End-to-end check of the runtime benchmark (export/bench.py, tools/bench.py) on tiny grids.
+
+Rows, reasons, ratios, files and the claims table are checked; timings never are.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixers
+from export import bench
+from export.bench import PEERS, compose_bench_spec, plan_grid, run_claims, run_grid, write_claims, write_grid_results
+from mixers import SeqmixError
+
+ROOT = Path(__file__).resolve().parents[1]
+# The smoke grid, eager only: for the checks that do not need every runtime.
+EAGER_ONLY = ["bench=smoke", "bench.runtimes=[eager]", "bench.presets=[]", "bench.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """conf/bench/smoke.yaml with peers, run once: (spec, result, files written)."""
+    out = tmp_path_factory.mktemp("smoke")
+    spec = compose_bench_spec(["bench=smoke", "bench.peers=true", "bench.progress=false", f"bench.out_dir={out}"])
+    result = run_grid(spec)
+    return spec, result, write_grid_results(result, spec.out_dir)
+
+
+def _cells(spec):
+    return [(c.subject.label, c.runtime, c.pass_, c.length) for c in plan_grid(spec)]
+
+
+def test_every_requested_cell_has_a_row_with_a_reason_when_not_measured(smoke):
+    spec, result, _ = smoke
+    assert [(r.subject, r.runtime, r.pass_, r.length) for r in result.rows] == _cells(spec)
+    assert set(spec.runtimes) == set(bench.RUNTIMES)
+    for row in result.rows:
+        assert row.status in ("measured", "skipped"), row
+        if row.status == "measured":
+            assert row.time_ms > 0 and row.tokens_per_s > 0 and row.runs >= 1 and row.setup_s >= 0, row
+        else:
+            assert row.reason and row.time_ms is None, row
+        if row.pass_ == "fwd+bwd" and row.runtime not in bench.TRAINING_RUNTIMES:
+            assert row.status == "skipped" and "inference graphs only" in row.reason
+        if row.runtime in bench.GPU_RUNTIMES and not torch.cuda.is_available():
+            assert row.status == "skipped"
+    by_key = {(r.subject, r.runtime, r.pass_, r.length): r for r in result.rows}
+    # Every CPU runtime ran every subject: the mixers on x (B, L, D), the preset on token ids.
+    for subject in ("tcn", "softmax_attention", "tcnca"):
+        for runtime in ("eager", "compile", "onnxruntime", "executorch"):
+            assert by_key[(subject, runtime, "forward", 32)].status == "measured"
+    assert "L=64 > bench.max_length.executorch=32" in by_key[("tcn", "executorch", "forward", 64)].reason
+    assert by_key[("tcnca", "eager", "forward", 64)].status == "measured"
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in by_key[("tcn", "cuda", "forward", 32)].reason
+
+
+def test_ratios_memory_and_slopes_are_computed(smoke):
+    _, result, _ = smoke
+    by_key = {(r.subject, r.runtime, r.pass_, r.length): r for r in result.rows}
+    for length in (32, 64):
+        assert by_key[("softmax_attention", "eager", "forward", length)].speedup_vs_baseline == 1.0
+        tcn = by_key[("tcn", "eager", "fwd+bwd", length)]
+        assert tcn.speedup_vs_baseline > 0 and tcn.memory_vs_baseline > 0 and tcn.speedup_vs_eager == 1.0
+        assert by_key[("tcnca", "compile", "fwd+bwd", length)].speedup_vs_eager > 0
+        assert by_key[("tcnca", "eager", "forward", length)].peak_mib > 0
+    assert by_key[("tcn", "onnxruntime", "forward", 32)].peak_mib is None  # ORT allocates outside torch
+    assert by_key[("tcn", "onnxruntime", "forward", 32)].speedup_vs_eager > 0
+    assert by_key[("tcnca", "executorch", "forward", 32)].speedup_vs_baseline == 1.0  # tcnca is the smoke's preset baseline
+    assert by_key[("tcnca", "eager", "forward", 32)].impl == "gated_attention=reference, tcn=conv"
+    fitted = {(s.subject, s.runtime, s.pass_): s for s in result.slopes}
+    assert math.isfinite(fitted[("tcn", "eager", "forward")].slope)
+    assert fitted[("tcn", "executorch", "forward")].slope is None  # one length only
+
+
+def test_results_files_and_plots_are_written(smoke):
+    spec, result, paths = smoke
+    names = {path.name for path in paths}
+    assert names == {"results.json", "results.csv", "report.md", "time_vs_length.png", "memory_vs_length.png",
+                     "throughput_by_runtime.png"}
+    out = Path(spec.out_dir)
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert len(data["rows"]) == len(_cells(spec)) and data["spec"]["mixers"] == ["tcn", "softmax_attention"]
+    with (out / "results.csv").open(encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(data["rows"]) and list(table[0]) == list(bench.CSV_FIELDS)
+    for name in ("time_vs_length.png", "memory_vs_length.png", "throughput_by_runtime.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for heading in ("### Time (ms), forward", "### Peak memory (MiB)", "### Speed-up vs `softmax_attention`",
+                    "### Speed-up vs eager", "### Not measured"):
+        assert heading in report
+
+
+def test_peers_are_compared_or_skipped_with_an_install_hint(smoke):
+    _, result, _ = smoke
+    assert {p.peer for p in result.peers} == {"pytorch_tcn.TCN", "torch.nn.MultiheadAttention"}  # for tcn, softmax_attention
+    assert {p.runtime for p in result.peers} == {"eager", "cuda"}
+    eager = [p for p in result.peers if p.runtime == "eager"]
+    assert all(p.seqmix_speedup > 0 and p.memory_ratio > 0 for p in eager if p.peer == "torch.nn.MultiheadAttention")
+    tcn_peer = [p for p in eager if p.peer == "pytorch_tcn.TCN"]
+    if bench.peer_unavailable(PEERS["pytorch_tcn.TCN"]) is None:
+        assert all(p.seqmix_speedup > 0 and p.reason is None for p in tcn_peer)
+    else:
+        assert all(p.seqmix_speedup is None and "pip install pytorch-tcn" in p.reason for p in tcn_peer)
+
+
+def test_a_missing_peer_package_is_reported_with_pip_install(monkeypatch):
+    missing = dataclasses.replace(PEERS["pytorch_tcn.TCN"], module="seqmix_no_such_module")
+    monkeypatch.setitem(PEERS, "pytorch_tcn.TCN", missing)
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.lengths=[32]", "bench.peers=true"])
+    rows = [r for r in run_grid(spec).rows if r.kind == "peer"]
+    assert len(rows) == 2 and all(r.status == "skipped" and "pip install pytorch-tcn" in r.reason for r in rows)
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_peer_adapter_maps_x_like_its_seqmix_mixer(name):
+    peer = PEERS[name]
+    pytest.importorskip(peer.module, reason=f"peer package {peer.package} is not installed: pip install {peer.package}")
+    seqmix = mixers.build_mixer(peer.against, 16)
+    module = peer.build(seqmix)
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    y = module(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_time_and_memory_budgets_skip_cells_with_reasons():
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn,softmax_attention/math]", "bench.passes=[forward]",
+                               "bench.max_seconds_per_run=1e-9", "bench.memory_budget_gb=1e-9"])
+    rows = {(r.subject, r.length): r for r in run_grid(spec).rows}
+    assert rows[("tcn", 32)].status == "measured" and "stopped" in rows[("tcn", 32)].note
+    assert rows[("tcn", 64)].status == "skipped" and "bench.max_seconds_per_run" in rows[("tcn", 64)].reason
+    for length in (32, 64):  # the longer length names the shorter one's reason
+        assert "bench.memory_budget_gb" in rows[("softmax_attention/math", length)].reason
+
+
+def test_total_budget_and_failures_are_reported(monkeypatch):
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.max_total_seconds=1e-9"])
+    assert all("bench.max_total_seconds" in r.reason for r in run_grid(spec).rows)
+
+    def broken(subject, width):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bench, "build_subject", broken)
+    result = run_grid(compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.passes=[forward]"]))
+    first, second = result.rows
+    assert first.status == "failed" and first.reason == "RuntimeError: boom" and result.failed
+    assert second.status == "skipped" and second.reason == "not measured at L=32, failed: RuntimeError: boom"
+
+
+def _tiny_claims(*overrides: str) -> list[str]:
+    """Overrides running conf/bench/paper_claims.yaml's claims at L = 64 or 128 with tiny models."""
+    full = compose_bench_spec(["bench=paper_claims"])
+    assert {c.length for c in full.claims.values()} == {4096, 131072}
+    tiny = ["bench=paper_claims", "bench.width=16", "bench.repeats=1", "bench.warmup=0", "bench.progress=false",
+            "bench.preset_overrides=['model.d_model=16','model.depth=1','model.vocab_size=32']"]
+    tiny += [f"bench.claims.{name}.length={128 if claim.length > 4096 else 64}" for name, claim in full.claims.items()]
+    return tiny + list(overrides)
+
+
+def test_claims_table_from_a_tiny_grid(tmp_path):
+    full = compose_bench_spec(["bench=paper_claims"])
+    spec = compose_bench_spec(_tiny_claims(f"bench.out_dir={tmp_path}"))
+    result = run_claims(spec)
+    paths = write_claims(result, spec.out_dir)
+    assert [p.name for p in paths] == ["claims.md", "claims.json"]
+    assert [o.name for o in result.outcomes] == list(full.claims)
+    for outcome in result.outcomes:
+        assert outcome.ours > 0 and outcome.verdict == ("—" if outcome.claim.paper is None else outcome.verdict)
+        assert outcome.verdict in ("PASS", "MISS", "—")
+    table = (tmp_path / "claims.md").read_text(encoding="utf-8")
+    for figure in ("5.5×", "0.13×", "1.37×", "7.07×"):
+        assert figure in table
+    assert table.count("| MISS |") + table.count("| PASS |") == 4
+    data = json.loads((tmp_path / "claims.json").read_text(encoding="utf-8"))
+    assert len(data["claims"]) == len(full.claims) and all(m["time_ms"] > 0 for m in data["measurements"])
+
+
+def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
+    build = bench.build_subject
+
+    def build_but_not_the_transformer(subject, width):
+        if subject.label == "transformer":
+            raise RuntimeError("boom")
+        return build(subject, width)
+
+    monkeypatch.setattr(bench, "build_subject", build_but_not_the_transformer)
+    others = [name for name in compose_bench_spec(["bench=paper_claims"]).claims if name != "mega_chunk_speed"]
+    spec = compose_bench_spec(_tiny_claims(*[f"~bench.claims.{name}" for name in others]))
+    result = run_claims(spec)
+    (outcome,) = result.outcomes
+    assert outcome.verdict == "MISSING" and outcome.reason == "transformer failed: RuntimeError: boom" and result.failed
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["bench.runtimes=[gpu]"], ["bench.runtimes='gpu'", "onnxruntime"]),
+        (["bench.mixers=[emma]"], ["mixer='emma'", "softmax_attention"]),
+        (["bench.mixers=[ema/nope]"], ["impl of 'ema'", "chunked"]),
+        (["bench.presets=[nope]"], ["bench.presets='nope'", "megalodon"]),
+        (["bench.passes=[backward]"], ["bench.passes='backward'", "fwd+bwd"]),
+        (["+bench.colour=red"], ["unknown field 'colour'", "runtimes"]),
+        (["bench=paper_claims", "bench.claims.tcnca_forward.subject=nope"], ["bench.claims.tcnca_forward.subject='nope'", "tcnca"]),
+    ],
+)
+def test_config_errors_name_the_field_and_the_valid_choices(overrides, expected):
+    with pytest.raises(SeqmixError) as caught:
+        compose_bench_spec(overrides)
+    for text in expected:
+        assert text in str(caught.value)
+
+
+def test_command_line_writes_the_results(tmp_path):
+    command = [sys.executable, str(ROOT / "tools" / "bench.py"), *EAGER_ONLY, "bench.lengths=[32]", f"bench.out_dir={tmp_path}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "### Time (ms), forward" in done.stdout and f"wrote {tmp_path / 'results.csv'}" in done.stdout
+    # Hydra writes nothing of its own (no .hydra/, no log file) beside the results.
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "report.md", "time_vs_length.png",
+                                                    "memory_vs_length.png", "throughput_by_runtime.png"}
