@@ -1,0 +1,150 @@
+"""What lowering buys, per preset, measured as ratios within one process (shared machines are noisy).
+
+- ``onnxruntime_vs_eager``: forward latency at (1, L) of the exported parallel graph on ONNX
+  Runtime against eager PyTorch (``compare_latency``).
+- ``int8_vs_fp32``: the int8 variant's speed, file size and metric change against the float32 graph.
+- ``step_growth``: the latency of one streamed token at position P_far against P_near, for eager
+  ``model.step`` and for the ONNX step graph; 1.0 means constant cost per token. A softmax-attention
+  cache holds at most ``max_len`` tokens, so presets with one are measured up to that position and
+  say so; their per-token cost grows with the cache by design.
+- ``compile_vs_eager_training``: the time of one training step (forward, backward, AdamW) compiled
+  with Inductor against eager, after compilation.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from mixers.softmax_attention import SoftmaxAttention
+
+from .graphs import largest_chunk
+from .onnx_export import compare_latency, export_onnx, median_ms, session
+from .quantize import compare_variant, make_variant
+
+
+def _advance(model: nn.Module, position: int, generator: torch.Generator):
+    """The model's streaming state after ``position`` random tokens, fed in pieces of up to 512."""
+    state = model.init_state(1)
+    fed = 0
+    with torch.no_grad():
+        while fed < position:
+            piece = min(512, position - fed)
+            _, state = model.step(torch.randint(0, model.vocab_size, (1, piece), generator=generator), state)
+            fed += piece
+    return state
+
+
+def _cache_limit(model: nn.Module) -> int | None:
+    """The most tokens a full softmax-attention KV cache in ``model`` holds, or None without one."""
+    limits = [block.mixer.max_len for block in model.blocks if isinstance(block.mixer, SoftmaxAttention) and block.mixer.window is None]
+    return min(limits) if limits else None
+
+
+def step_growth(model: nn.Module, onnx_step: Path | None, near: int = 64, far: int = 8192, repeats: int = 50) -> dict:
+    """Per-token step latency at position ``far`` over position ``near`` (eager, and ONNX Runtime)."""
+    limit = _cache_limit(model)
+    far = min(far, limit - 1) if limit else far
+    generator = torch.Generator().manual_seed(0)
+    token = torch.zeros(1, 1, dtype=torch.long)
+    result: dict = {"near": near, "far": far, "cache_limit": limit}
+    states = {p: _advance(model, p, generator) for p in (near, far)}
+    with torch.no_grad():
+        eager = {p: median_ms(lambda s=s: model.step(token, s), repeats=repeats, warmup=5) for p, s in states.items()}
+    result.update(eager_near_ms=eager[near], eager_far_ms=eager[far], eager_ratio=eager[far] / eager[near])
+    if onnx_step is not None:
+        runner = session(onnx_step)
+        names = [i.name for i in runner.get_inputs()]
+        timed = {}
+        for p, s in states.items():
+            feed = dict(zip(names, [token.numpy(), *[t.numpy() for t in tree_flatten(s)[0]]]))
+            timed[p] = median_ms(lambda f=feed: runner.run(None, f), repeats=repeats, warmup=5)
+        result.update(onnxruntime_near_ms=timed[near], onnxruntime_far_ms=timed[far], onnxruntime_ratio=timed[far] / timed[near])
+    return result
+
+
+def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, steps: int = 5) -> dict:
+    """Median training-step time, eager vs ``compile_model`` (Inductor), on copies of ``model``."""
+    from compile import compile_model
+
+    length = max(largest_chunk(model), (length // largest_chunk(model)) * largest_chunk(model))
+    tokens = torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+
+    def timed(network: nn.Module, parameters) -> tuple[float, float]:
+        optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+
+        def step():
+            logits = network(tokens)
+            nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        started = time.perf_counter()
+        step()  # compiles, for the compiled network
+        first = time.perf_counter() - started
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return 1e3 * statistics.median(times), first
+
+    eager_model, compiled_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    eager_ms, _ = timed(eager_model, eager_model.parameters())
+    compiled_ms, compile_s = timed(compile_model(compiled_model), compiled_model.parameters())
+    return {"batch": batch, "length": length, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
+            "speedup": eager_ms / compiled_ms, "first_step_s": compile_s}
+
+
+def lowering_report(model: nn.Module, task, out_dir: str | Path, length: int = 1024, far: int = 8192,
+                    compile_training: bool = True) -> dict:
+    """Every measurement of the module docstring for one model (exported to ``out_dir``)."""
+    model = model.eval()
+    exported = export_onnx(model, out_dir)
+    report = {"parameters": sum(p.numel() for p in model.parameters())}
+    report["onnxruntime_vs_eager"] = compare_latency(model, exported.parallel, length=length)
+    variant = make_variant("int8", exported.parallel)
+    report["int8_vs_fp32"] = compare_variant(exported.parallel, variant, task, report["onnxruntime_vs_eager"]["length"], task.metric)
+    if exported.step is not None:
+        report["step_growth"] = step_growth(model, exported.step, far=far)
+    if compile_training:
+        report["compile_vs_eager_training"] = training_step_speedup(model)
+    return report
+
+
+def markdown_table(reports: dict[str, dict]) -> str:
+    """One row per preset: the four ratios and their inputs."""
+    header = ("| preset | params | ORT / eager at L | int8: speed, size, metric change | step at far / near (eager, ORT) "
+              "| compile / eager training |\n|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for name, r in reports.items():
+        ort, q = r["onnxruntime_vs_eager"], r["int8_vs_fp32"]
+        growth = r.get("step_growth")
+        step_cell = "no step graph"
+        if growth:
+            capped = f", cache ≤ {growth['cache_limit']}" if growth["cache_limit"] else ""
+            step_cell = (f"{growth['eager_ratio']:.2f}, {growth.get('onnxruntime_ratio', float('nan')):.2f} "
+                         f"({growth['far']} vs {growth['near']}{capped})")
+        compiled = r.get("compile_vs_eager_training")
+        compile_cell = f"{compiled['speedup']:.2f}× ({compiled['eager_ms']:.0f} → {compiled['compiled_ms']:.0f} ms)" if compiled else "not run"
+        rows.append(
+            f"| {name} | {r['parameters']:,} | {ort['speedup']:.2f}× ({ort['eager_ms']:.1f} → {ort['onnxruntime_ms']:.1f} ms, L={ort['length']}) "
+            f"| {q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.2f} {'pts' if q['metric'] == 'accuracy' else 'bpb'} "
+            f"| {step_cell} | {compile_cell} |"
+        )
+    return "\n".join([header, *rows])
+
+
+def as_builtin(value):
+    """numpy scalars in a nested report turned into Python numbers, for JSON."""
+    if isinstance(value, dict):
+        return {k: as_builtin(v) for k, v in value.items()}
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
