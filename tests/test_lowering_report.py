@@ -1,0 +1,39 @@
+"""tools/lowering_report.py and export/report.py: every ratio is measured and tabulated (no timing targets)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_preset
+from mixers.tasks.mqar import MQAR
+
+from export.report import lowering_report, markdown_table, step_growth
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_report_measures_every_ratio_for_a_streaming_model(tmp_path):
+    model = tiny_preset("megalodon").eval()
+    task = MQAR(vocab_size=model.vocab_size, seq_len=128, num_pairs=8)
+    report = lowering_report(model, task, tmp_path, length=256, far=512, compile_training=False)
+    assert report["onnxruntime_vs_eager"]["length"] == 256 and report["onnxruntime_vs_eager"]["speedup"] > 0
+    assert 0 < report["int8_vs_fp32"]["size_ratio"] and report["int8_vs_fp32"]["metric"] == "accuracy"
+    growth = report["step_growth"]
+    assert (growth["near"], growth["far"], growth["cache_limit"]) == (64, 512, None)
+    assert growth["eager_ratio"] > 0 and growth["onnxruntime_ratio"] > 0
+    table = markdown_table({"megalodon": report})
+    assert "| megalodon |" in table and "not run" in table
+
+
+def test_attention_caches_cap_the_far_position():
+    model = tiny_preset("transformer", "model.mixers.attention.max_len=256").eval()
+    growth = step_growth(model, None, near=16, far=8192, repeats=3)
+    assert growth["cache_limit"] == 256 and growth["far"] == 255 and "onnxruntime_ratio" not in growth
+
+
+def test_the_tool_needs_runs_or_presets():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "lowering_report.py")], capture_output=True, text=True)
+    assert result.returncode == 2 and "give runs=... or presets=..." in result.stderr
