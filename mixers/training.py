@@ -24,14 +24,26 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import check_targets, load_model, save_model
-from .errors import SeqmixError, require_int
+from .checkpoint import (
+    WEIGHTS,
+    check_targets,
+    check_weights,
+    load_model,
+    read_tensors,
+    save_model,
+    verify_checksums,
+    write_checksums,
+)
+from .errors import SeqmixError, choice_error, require_int
 from .tasks.base import IGNORE, Batch, Task
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 METRICS = "metrics.jsonl"
 RUN = "run.json"
+OPTIMIZER = "optimizer.safetensors"
+TRAINER = "trainer.json"
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 @dataclass
@@ -52,6 +64,11 @@ class TrainConfig:
         checkpoint_every: write a checkpoint every N steps (and at the end); keep_checkpoints of them.
         log_every: write a training row to metrics.jsonl every N steps.
         resume: continue the run found in out_dir.
+        on_nonfinite: what a step whose loss or gradient norm is NaN or infinite does: ``stop``
+            raises (the weights keep the last good step), ``skip`` drops that step's update and
+            goes on, logging a ``skipped`` row.
+        max_nonfinite_skips: with ``skip``, the most non-finite steps in a row before the run
+            stops anyway (a diverged run would otherwise skip every remaining step).
         seed: seeds the parameter initialisation.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
@@ -79,6 +96,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = False
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
     seed: int = 0
     device: str = "auto"
     tensorboard: bool = False
@@ -90,6 +109,9 @@ class TrainConfig:
             require_int("train", name, getattr(self, name))
         require_int("train", "warmup_steps", self.warmup_steps, 0)
         require_int("train", "keep_checkpoints", self.keep_checkpoints, 1)
+        require_int("train", "max_nonfinite_skips", self.max_nonfinite_skips, 1)
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise choice_error("train.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
         if self.batch_size % self.grad_accum:
             raise SeqmixError(f"train: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if not self.lr > 0:
@@ -194,10 +216,11 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int) -> Path:
-    """Write checkpoint ``step`` (weights, config, optimizer state), then point ``latest`` at it.
+    """Write checkpoint ``step`` (weights, config, optimizer state, checksums), then point ``latest`` at it.
 
-    The directory is written under a temporary name and renamed, and ``latest`` is replaced
-    atomically, so a run killed at any moment leaves the previous checkpoint intact.
+    The directory is written under a temporary name, its checksums recorded, and renamed, and
+    ``latest`` is replaced atomically, so a run killed at any moment leaves the previous
+    checkpoint intact and every checkpoint ``latest`` names complete and verifiable.
     """
     from safetensors.torch import save_file
 
@@ -207,8 +230,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     shutil.rmtree(staging, ignore_errors=True)
     save_model(model, staging)
     tensors, scalars = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    _write_json_atomic(staging / "trainer.json", {"step": step, "optimizer": scalars})
+    save_file(tensors, str(staging / OPTIMIZER))
+    _write_json_atomic(staging / TRAINER, {"step": step, "optimizer": scalars})
+    write_checksums(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     _write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
@@ -243,13 +267,20 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     pointer = Path(out_dir) / CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
-    return pointer.parent / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError):
+        raise SeqmixError(f"{pointer} is corrupted; it should name the newest checkpoint in {pointer.parent}") from None
+    checkpoint = pointer.parent / str(name)
+    if Path(str(name)).name != name or not checkpoint.is_dir():
+        raise SeqmixError(f"{pointer} names {name!r}, which is not a checkpoint directory in {pointer.parent}")
+    return checkpoint
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a run directory (its latest checkpoint) or a checkpoint directory."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / WEIGHTS).is_file():
         return path
     latest = latest_checkpoint(path)
     if latest is None:
@@ -257,16 +288,45 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
-def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights and optimizer state from ``checkpoint``; return the step to continue from."""
-    from safetensors.torch import load_file
-    from safetensors.torch import load_model as load_weights
+def _read_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, device: str) -> dict:
+    """The optimizer state dict stored in ``checkpoint``, checked against ``optimizer``'s parameters."""
+    try:
+        trainer = json.loads((checkpoint / TRAINER).read_text())
+        step = int(trainer["step"])
+        state = _unflatten_optimizer(read_tensors(checkpoint / OPTIMIZER, device), trainer["optimizer"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SeqmixError(f"checkpoint {checkpoint}: {TRAINER} or {OPTIMIZER} is unreadable ({error})") from None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        if not 0 <= index < len(params):
+            raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} holds state for parameter {index}, but the model has {len(params)}")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
+                raise SeqmixError(
+                    f"checkpoint {checkpoint}: {OPTIMIZER} tensor {index}.{name} has shape {tuple(value.shape)}, "
+                    f"its parameter has {tuple(params[index].shape)}; was it saved from another model?"
+                )
+    return {"state": state, "step": step}
 
-    load_weights(model, checkpoint / "model.safetensors", strict=True, device=str(next(model.parameters()).device))
-    trainer = json.loads((checkpoint / "trainer.json").read_text())
-    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, trainer["optimizer"]))
-    return int(trainer["step"])
+
+def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights and optimizer state from ``checkpoint``; return the step to continue from.
+
+    The checksums are verified and every file is read and checked against the model before
+    anything is copied, so a refused checkpoint leaves ``model`` and ``optimizer`` untouched.
+    """
+    verify_checksums(checkpoint)
+    device = str(next(model.parameters()).device)
+    weights = read_tensors(checkpoint / WEIGHTS, device)
+    check_weights(model, weights, str(checkpoint / WEIGHTS))
+    stored = _read_optimizer_state(checkpoint, optimizer, device)
+    try:
+        # Validates the parameter groups before it changes anything.
+        optimizer.load_state_dict(stored["state"])
+    except ValueError as error:
+        raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} does not fit this model's optimizer ({error})") from None
+    model.load_state_dict(weights, strict=False)
+    return stored["step"]
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -376,6 +436,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
                     writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     model.train()
+    consecutive_skips = 0
     for step in range(start, config.max_steps):
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
@@ -395,23 +456,39 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
         if world > 1:
             dist.all_reduce(step_loss)
         loss_value = float(step_loss / count)
-        if not math.isfinite(loss_value):
+        # The norm is what clip_grad_norm_ computes; taken always, since a non-finite gradient
+        # poisons the weights as surely as a non-finite loss.
+        grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        fault = _nonfinite_fault(loss_value, float(grad_norm))
+        if fault is None:
+            if config.grad_clip > 0:
+                nn.utils.clip_grads_with_norm_(model.parameters(), config.grad_clip, grad_norm)
+            optimizer.step()
+            consecutive_skips = 0
+        elif config.on_nonfinite == "skip" and consecutive_skips < config.max_nonfinite_skips:
+            consecutive_skips += 1
+        else:
             bar.close()
             last = latest_checkpoint(out_dir)
+            if config.on_nonfinite == "skip":
+                why = f"after {consecutive_skips} skipped steps in a row (train.max_nonfinite_skips={config.max_nonfinite_skips})"
+                advice = "The run has diverged: lower train.lr, or resume from the checkpoint with a smaller one."
+            else:
+                why = "with train.on_nonfinite=stop"
+                advice = "Lower train.lr or enable train.grad_clip, or pass train.on_nonfinite=skip to skip such steps."
             raise SeqmixError(
-                f"train: the loss became {loss_value} at step {step}; stopped without updating the weights. "
-                f"Last good checkpoint: {last if last else 'none yet'}. Lower train.lr or enable train.grad_clip."
+                f"train: the {fault} at step {step} {why}; stopped without updating the weights. "
+                f"Last good checkpoint: {last if last else 'none yet'}. {advice}"
             )
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += full.inputs.numel()
         done = step + 1
         elapsed = time.perf_counter() - started
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", lr=f"{lr:.2e}")
-        if done % config.log_every == 0 or done == config.max_steps:
+        if fault is not None:
+            log({"step": done, "split": "skipped", "reason": fault, "consecutive": consecutive_skips})
+        elif done % config.log_every == 0 or done == config.max_steps:
             row = {"step": done, "split": "train", "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
             if task.metric == "bits_per_byte":
                 row["bits_per_byte"] = loss_value / math.log(2)
@@ -444,11 +521,29 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
     )
 
 
+def _nonfinite_fault(loss: float, grad_norm: float) -> str | None:
+    """What went non-finite in a step ("loss became nan", ...), or None when both are finite."""
+    if not math.isfinite(loss):
+        return f"loss became {loss}"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm became {grad_norm}"
+    return None
+
+
+def _metric_row(line: str) -> dict | None:
+    """One metrics.jsonl row; None for a line torn by a run killed while writing it."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows written after checkpoint ``step``: the resumed run writes them again."""
+    """Drop metric rows written after checkpoint ``step`` (the resumed run writes them again) and torn lines."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if (row := _metric_row(line)) is not None and row["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -469,8 +564,23 @@ def _tensorboard(out_dir: Path):
 
 
 def load_run(path: str | os.PathLike, device: str = "cpu"):
-    """The model of a run's latest checkpoint (or of a checkpoint directory) and the run record."""
+    """The model of a run's latest checkpoint (or of a checkpoint directory) and the run record.
+
+    A training checkpoint must carry its checksums; the model and task configs of the record
+    are checked like the checkpoint's (only this project's ``_target_``s), so every tool that
+    loads a run through here (evaluate, export, generate) refuses the same things.
+    """
     checkpoint = resolve_checkpoint(path)
     record_path = checkpoint.parent.parent / RUN
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    return load_model(checkpoint, device=device), record
+    record = {}
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError as error:
+            raise SeqmixError(f"{record_path} is not valid JSON ({error}); the run record is corrupted") from None
+        if not isinstance(record, dict):
+            raise SeqmixError(f"{record_path} holds a {type(record).__name__}; expected the run record written by tools/train.py")
+        check_targets(record.get("model", {}), f"{RUN} model")
+        check_targets(record.get("task", {}), f"{RUN} task")
+    is_training_checkpoint = (checkpoint / TRAINER).is_file()
+    return load_model(checkpoint, device=device, require_checksums=is_training_checkpoint), record
