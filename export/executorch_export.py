@@ -30,6 +30,8 @@ from .graphs import StepGraph, stepwise_recurrences, use_exportable_paths
 
 INSTALL_HINT = "pip install executorch==1.5.1"
 MIXERS_DIR = Path(mixers.__file__).resolve().parent
+SCALAR_TYPES = {3: torch.int32, 4: torch.int64, 5: torch.float16, 6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
+"""ExecuTorch's ScalarType codes (c10's numbering), as ``MethodMeta`` reports input dtypes."""
 
 
 def _require_executorch():
@@ -212,32 +214,69 @@ def _forward(path: str | Path):
     return _runtime().load_program(path).load_method("forward")
 
 
-def _execute(method, inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    """Run ``method``, first checking the inputs against the shapes baked into the program."""
+def _input_name(index: int) -> str:
+    return "tokens" if index == 0 else f"state_{index - 1}"
+
+
+def _check_inputs(method, inputs: tuple[Tensor, ...], vocab_size: int | None) -> None:
+    """Raise a SeqmixError naming the input unless ``inputs`` match the program's count, shapes and
+    dtypes (and, given ``vocab_size``, the token ids lie in [0, vocab_size)); the runtime's own
+    errors name neither the input nor what it expected."""
     meta = method.metadata
     expected = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
-    got = [tuple(t.shape) for t in inputs]
-    if got != expected:
-        raise SeqmixError(f"run_pte: the program takes inputs of shapes {expected}, got {got}")
+    got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
+    if len(inputs) != len(expected):
+        raise SeqmixError(
+            f"run_pte: the program takes {len(expected)} inputs (tokens, then the state) of shapes {expected}, got "
+            f"{len(inputs)}: {got}; was the state built for another model?"
+        )
+    for index, (tensor, shape) in enumerate(zip(inputs, expected)):
+        name = _input_name(index)
+        if not isinstance(tensor, Tensor):
+            raise SeqmixError(f"run_pte: input {index} ({name}) is a {type(tensor).__name__}; expected a torch.Tensor of shape {shape}")
+        if tuple(tensor.shape) != shape:
+            raise SeqmixError(
+                f"run_pte: input {index} ({name}) has shape {tuple(tensor.shape)}, but the program takes inputs of shapes "
+                f"{expected}; was the state built for another model or batch size?"
+            )
+        dtype = SCALAR_TYPES.get(meta.input_tensor_meta(index).dtype())
+        if dtype is not None and tensor.dtype != dtype:
+            raise SeqmixError(f"run_pte: input {index} ({name}) has dtype {tensor.dtype}, the program takes {dtype}")
+    tokens = inputs[0]
+    if vocab_size is not None and tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab_size:
+        raise SeqmixError(
+            f"run_pte: token ids must lie in [0, vocab_size={vocab_size}), got ids from {int(tokens.min())} to {int(tokens.max())}"
+        )
+
+
+def _execute(method, inputs: tuple[Tensor, ...], vocab_size: int | None = None) -> list[Tensor]:
+    """Run ``method`` after ``_check_inputs``."""
+    _check_inputs(method, inputs, vocab_size)
     return list(method.execute([t.contiguous() for t in inputs]))
 
 
-def run_pte(path: str | Path, *inputs: Tensor) -> list[Tensor]:
+def run_pte(path: str | Path, *inputs: Tensor, vocab_size: int | None = None) -> list[Tensor]:
     """Run a .pte file's ``forward`` on CPU through ``executorch.runtime``.
 
     Args:
         path: a file written by ``export_parallel_pte`` or ``export_step_pte``.
-        inputs: the tensors in the program's input order and exact shapes (token ids int64).
+        inputs: the tensors in the program's input order, exact shapes and dtypes (token ids
+            int64, then the state tensors of a step program).
+        vocab_size: V, when known (the manifest's ``vocab_size``): token ids outside [0, V) are
+            refused instead of failing inside the runtime.
     Returns:
         The outputs, e.g. [logits] or [logits, new state...].
     """
-    return _execute(_forward(path), inputs)
+    return _execute(_forward(path), inputs, vocab_size)
 
 
-def pte_runner(path: str | Path):
-    """``runner(*inputs) -> outputs`` over a .pte loaded once, for repeated calls (latency, streaming)."""
+def pte_runner(path: str | Path, vocab_size: int | None = None):
+    """``runner(*inputs) -> outputs`` over a .pte loaded once, for repeated calls (latency, streaming).
+
+    Inputs are checked as ``run_pte`` checks them.
+    """
     method = _forward(path)
-    return lambda *inputs: _execute(method, inputs)
+    return lambda *inputs: _execute(method, inputs, vocab_size)
 
 
 def verify_pte_parallel(model: nn.Module, path: str | Path, length: int, batch_size: int = 1, trials: int = 2) -> float:
@@ -249,7 +288,7 @@ def verify_pte_parallel(model: nn.Module, path: str | Path, length: int, batch_s
         tokens = torch.randint(0, model.vocab_size, (batch_size, length), generator=generator)
         with torch.no_grad():
             expected = model(tokens)
-        worst = max(worst, (_execute(method, (tokens,))[0] - expected).abs().max().item())
+        worst = max(worst, (_execute(method, (tokens,), model.vocab_size)[0] - expected).abs().max().item())
     return worst
 
 
@@ -269,6 +308,6 @@ def verify_pte_step(model: nn.Module, path: str | Path, steps: int = 8) -> float
         tokens = torch.randint(0, model.vocab_size, (batch_size, tokens_per_step), generator=generator)
         with torch.no_grad():
             expected, eager_state = model.step(tokens, eager_state)
-        logits, *state = _execute(method, (tokens, *state))
+        logits, *state = _execute(method, (tokens, *state), model.vocab_size)
         worst = max(worst, (logits - expected).abs().max().item())
     return worst

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from .blocks import Block
 from .contract import State
@@ -107,6 +108,8 @@ class SequenceModel(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise SeqmixError(f"model: tokens must be a (B, L) integer tensor, got {got}")
+        if tokens.numel() == 0:
+            raise SeqmixError(f"model: tokens has shape {tuple(tokens.shape)}; expected at least one row and one token")
         if self.pos_embed is not None and start + tokens.shape[1] > self.max_len:
             raise SeqmixError(
                 f"model: {start + tokens.shape[1]} tokens exceed max_len={self.max_len} of the learned positions"
@@ -152,15 +155,63 @@ class SequenceModel(nn.Module):
             pos=torch.zeros(batch_size, dtype=torch.long, device=device),
         )
 
+    def _check_state(self, state: ModelState, batch_size: int) -> None:
+        """Reject a state built for another model, batch size or dtype before any layer reads it.
+
+        Compares every tensor with this model's ``init_state(batch_size)`` (built on the meta
+        device, so nothing is allocated): same layers, same tensors, same shapes, floating
+        tensors where floats are expected and int64 where positions are.
+        """
+        if not isinstance(state, ModelState):
+            raise SeqmixError(
+                f"model: state must be the ModelState that init_state() or step() returned, got {type(state).__name__}"
+            )
+        expected = self.init_state(batch_size, torch.device("meta"))
+        if len(state.blocks) != len(expected.blocks):
+            raise SeqmixError(
+                f"model: state holds {len(state.blocks)} layer states but this model has {len(expected.blocks)} layers; "
+                "was it built by another model? Pass what this model's init_state() or step() returned"
+            )
+        parts = [(f"layer {i} ({type(block.mixer).__name__})", got, want)
+                 for i, (block, got, want) in enumerate(zip(self.blocks, state.blocks, expected.blocks))]
+        parts += [("final norm", state.final_norm, expected.final_norm), ("pos", state.pos, expected.pos)]
+        for where, got, want in parts:
+            got_leaves, want_leaves = tree_flatten(got)[0], tree_flatten(want)[0]
+            if len(got_leaves) != len(want_leaves) or not all(isinstance(t, Tensor) for t in got_leaves):
+                raise SeqmixError(
+                    f"model: the state of {where} has {len(got_leaves)} tensors, expected {len(want_leaves)}; "
+                    "was it built by another model?"
+                )
+            for index, (tensor, reference) in enumerate(zip(got_leaves, want_leaves)):
+                if tuple(tensor.shape) != tuple(reference.shape):
+                    raise SeqmixError(
+                        f"model: state tensor {index} of {where} has shape {tuple(tensor.shape)}, expected "
+                        f"{tuple(reference.shape)} for batch size {batch_size}; was it built by another model or batch size?"
+                    )
+                kind_matches = tensor.is_floating_point() if reference.is_floating_point() else tensor.dtype == reference.dtype
+                if not kind_matches:
+                    wanted = "a floating dtype" if reference.is_floating_point() else str(reference.dtype)
+                    raise SeqmixError(f"model: state tensor {index} of {where} has dtype {tensor.dtype}, expected {wanted}")
+
     def step(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """Continue a stream by tokens (B, T) -> (logits (B, T, V), new state); equal to ``forward``'s logits."""
+        """Continue a stream by tokens (B, T) -> (logits (B, T, V), new state); equal to ``forward``'s logits.
+
+        The state is checked against this model's (``_check_state``) and, eagerly, the token ids
+        against the vocabulary, so a wrong input fails here with a SeqmixError.
+        """
         if not getattr(self.head, "per_token", False):
             raise SeqmixError(f"model: step() needs a per-token head; {type(self.head).__name__} pools the whole sequence")
         if not self.causal:
             raise SeqmixError("model: a model with bidirectional layers cannot stream")
-        # The position check reads a tensor value, which an exported graph cannot do; eager runs it.
-        checks_position = self.pos_embed is not None and not torch.compiler.is_compiling()
-        self._check_tokens(tokens, int(state.pos.max()) if checks_position else 0)
+        self._check_tokens(tokens)
+        self._check_state(state, tokens.shape[0])
+        # These checks read tensor values, which an exported graph cannot do; eager runs them.
+        if not torch.compiler.is_compiling():
+            if self.pos_embed is not None:
+                self._check_tokens(tokens, int(state.pos.max()))
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                raise SeqmixError(f"model: token ids must lie in [0, vocab_size={self.vocab_size}), got ids from {low} to {high}")
         positions = state.pos.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         h = self._embed(tokens, positions)
         block_states = []

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnxruntime as ort
 
 NUMPY_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+STATE_DTYPES = ("bool", "float16", "float32", "float64", "int32", "int64")
 
 
 class ExportError(ValueError):
@@ -25,41 +28,134 @@ class ExportError(ValueError):
 
 
 class OnnxModel:
-    """One exported graph with its manifest entry; inputs are checked against it before running."""
+    """One exported graph with its manifest entry; inputs are checked against it before running.
 
-    def __init__(self, directory: Path, entry: dict):
+    Args:
+        directory: the export directory.
+        entry: the graph's manifest entry, already checked by ``load``.
+        vocab_size: V; token ids outside [0, V) are refused before ONNX Runtime sees them.
+    """
+
+    def __init__(self, directory: Path, entry: dict, vocab_size: int | None = None):
         self.entry = entry
+        self.vocab_size = vocab_size
         self.session = ort.InferenceSession(str(directory / entry["file"]), providers=["CPUExecutionProvider"])
         self.inputs = {spec["name"]: spec for spec in entry["inputs"]}
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        unknown = sorted(set(feed) - set(self.inputs))
+        if unknown:
+            raise ExportError(f"input {unknown[0]!r} is not an input of this graph; it takes {list(self.inputs)}")
         for name, spec in self.inputs.items():
             if name not in feed:
                 raise ExportError(f"input {name!r} is missing; the graph takes {list(self.inputs)}")
             value = feed[name]
-            expected = NUMPY_DTYPES.get(spec["dtype"])
-            if expected is not None and value.dtype != expected:
+            if not isinstance(value, np.ndarray):
+                raise ExportError(f"input {name!r} is a {type(value).__name__}; expected a NumPy array of shape {spec['shape']}")
+            expected = NUMPY_DTYPES[spec["dtype"]]
+            if value.dtype != expected:
                 raise ExportError(f"input {name!r} has dtype {value.dtype}, expected {np.dtype(expected)} ({spec['dtype']})")
             if len(value.shape) != len(spec["shape"]):
                 raise ExportError(f"input {name!r} has shape {value.shape}, expected rank {len(spec['shape'])} {spec['shape']}")
             for axis, (got, want) in enumerate(zip(value.shape, spec["shape"])):
                 if isinstance(want, int) and got != want:
                     raise ExportError(f"input {name!r} has shape {value.shape}; axis {axis} must be {want} (manifest {spec['shape']})")
+        tokens = feed.get("tokens")
+        if self.vocab_size is not None and tokens is not None and tokens.size:
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ExportError(f"input 'tokens' holds ids from {low} to {high}; they must lie in [0, vocab_size={self.vocab_size})")
         return self.session.run(None, feed)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load(directory: Path) -> dict:
-    """Read and check manifest.json."""
+    """Read manifest.json and check everything this runner relies on, before any session opens.
+
+    The promises are those export/manifest.py's ``read_manifest`` checks, restated here because
+    this runner must work where neither seqmix nor torch is installed.
+    """
     path = directory / "manifest.json"
     if not path.is_file():
         raise ExportError(f"{path} does not exist; export the model with tools/export.py first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{path} is not valid JSON ({error}); re-export the model") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} holds a {type(manifest).__name__}, not a manifest; re-export the model")
     for key in ("format", "vocab_size", "parallel"):
         if key not in manifest:
             raise ExportError(f"{path} has no {key!r}; re-export the model")
     if manifest["format"] != "onnx":
         raise ExportError(f"{path} describes a {manifest['format']!r} export; this runner takes ONNX")
+
+    def bad(field: str, value, expected: str) -> NoReturn:
+        raise ExportError(f"{path}: {field}={value!r} is not valid; expected {expected}. Re-export the model")
+
+    if not _is_int(manifest["vocab_size"]) or manifest["vocab_size"] < 2:
+        bad("vocab_size", manifest["vocab_size"], "an integer >= 2")
+    _check_graph(directory, manifest["parallel"], "parallel", bad)
+    unit = manifest["parallel"].get("length_unit")
+    if not _is_int(unit) or unit < 1:
+        bad("parallel.length_unit", unit, "an integer >= 1")
+    if "step" in manifest:
+        _check_graph(directory, manifest["step"], "step", bad)
+        _check_state(manifest["step"], bad)
     return manifest
+
+
+def _check_graph(directory: Path, entry, section: str, bad) -> None:
+    """A graph entry: a file in ``directory`` and inputs of known dtypes with list shapes."""
+    if not isinstance(entry, dict):
+        bad(section, entry, "a mapping with file and inputs")
+    file = entry.get("file")
+    # A bare file name: the manifest must not point the runtime at files outside the directory.
+    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        bad(f"{section}.file", file, "the name of a file in the export directory")
+    if not (directory / file).is_file():
+        raise ExportError(f"the manifest names {file} for the {section} graph, but {directory / file} is missing")
+    inputs = entry.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        bad(f"{section}.inputs", inputs, "a non-empty list of {name, shape, dtype}")
+    for index, spec in enumerate(inputs):
+        where = f"{section}.inputs[{index}]"
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            bad(where, spec, "a mapping with a string name, a shape and a dtype")
+        if spec.get("dtype") not in NUMPY_DTYPES:
+            bad(f"{where}.dtype", spec.get("dtype"), f"one of {list(NUMPY_DTYPES)}")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all((_is_int(d) and d >= 0) or isinstance(d, str) for d in shape):
+            bad(f"{where}.shape", shape, "a list of sizes (integers >= 0, or names of dynamic dims)")
+
+
+def _check_state(step: dict, bad) -> None:
+    """Every step input but the tokens is a state entry with that input's fixed shape, a known dtype and a numeric fill."""
+    state = step.get("state")
+    if not isinstance(state, list):
+        bad("step.state", state, "a list of {name, shape, dtype, fill}")
+    inputs = {spec["name"]: spec for spec in step["inputs"]}
+    names = []
+    for index, entry in enumerate(state):
+        where = f"step.state[{index}]"
+        if not isinstance(entry, dict):
+            bad(where, entry, "a mapping with name, shape, dtype and fill")
+        name, shape, dtype, fill = (entry.get(key) for key in ("name", "shape", "dtype", "fill"))
+        if name not in inputs or name == "tokens" or name in names:
+            bad(f"{where}.name", name, f"a distinct state input of the step graph, one of {sorted(set(inputs) - {'tokens'})}")
+        names.append(name)
+        if not isinstance(shape, list) or shape != inputs[name]["shape"] or not all(_is_int(d) and d >= 0 for d in shape):
+            bad(f"{where}.shape", shape, f"the fixed shape of the step graph's input {name!r}, {inputs[name]['shape']}")
+        if dtype not in STATE_DTYPES:
+            bad(f"{where}.dtype", dtype, f"one of {list(STATE_DTYPES)}")
+        if not isinstance(fill, (int, float)) or isinstance(fill, bool) or not math.isfinite(fill):
+            bad(f"{where}.fill", fill, "a finite number (the value every element starts at)")
+    missing = sorted(set(inputs) - {"tokens"} - set(names))
+    if "tokens" not in inputs or missing:
+        bad("step.inputs", sorted(inputs), f"'tokens' and the state entries {names}")
 
 
 def initial_state(manifest: dict) -> list[np.ndarray]:
@@ -84,7 +180,13 @@ def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperat
     """Stream ``tokens`` bytes after ``prompt`` through the step graph."""
     if "step" not in manifest:
         raise ExportError("this export has no step graph (a bidirectional model or a classifier); use classify")
-    step = OnnxModel(directory, manifest["step"])
+    if tokens < 0:
+        raise ExportError(f"--tokens={tokens} is not valid; expected a count >= 0")
+    if not temperature >= 0 or not math.isfinite(temperature):
+        raise ExportError(f"--temperature={temperature} is not valid; expected a finite number >= 0 (0 decodes greedily)")
+    if top_k is not None and not 1 <= top_k <= manifest["vocab_size"]:
+        raise ExportError(f"--top-k={top_k} is not valid; expected 1 to vocab_size={manifest['vocab_size']}, or 0 for no cut-off")
+    step = OnnxModel(directory, manifest["step"], manifest["vocab_size"])
     state = initial_state(manifest)
     names = [s["name"] for s in manifest["step"]["state"]]
     rng = np.random.default_rng(seed)
@@ -101,7 +203,7 @@ def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperat
 
 def classify(directory: Path, manifest: dict, ids: list[int]) -> np.ndarray:
     """Class probabilities for one sequence of token ids."""
-    parallel = OnnxModel(directory, manifest["parallel"])
+    parallel = OnnxModel(directory, manifest["parallel"], manifest["vocab_size"])
     unit = manifest["parallel"]["length_unit"]
     length = -(-len(ids) // unit) * unit
     tokens = np.zeros((1, length), dtype=np.int64)
@@ -132,7 +234,11 @@ def main(argv: list[str]) -> int:
         if args.mode == "generate":
             print(args.prompt + generate(args.directory, manifest, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed))
         else:
-            probs = classify(args.directory, manifest, [int(i) for i in args.ids.split(",")])
+            try:
+                ids = [int(i) for i in args.ids.split(",")]
+            except ValueError:
+                raise ExportError(f"--ids={args.ids!r} is not valid; expected comma-separated integers, e.g. 11,3,7") from None
+            probs = classify(args.directory, manifest, ids)
             print(json.dumps({"class": int(probs.argmax()), "probabilities": [round(float(p), 4) for p in probs]}))
     except ExportError as error:
         print(f"run_onnx: error: {error}", file=sys.stderr)

@@ -1,0 +1,183 @@
+"""Wrong inputs to a streaming model get a SeqmixError that names them before any runtime sees
+them: eager ``model.step``, the ONNX Runtime runner (tools/run_onnx.py) and ExecuTorch's ``run_pte``.
+
+Each wrapper is fed wrong shapes, wrong dtypes, token ids outside the vocabulary, and the state
+of another model.
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+
+from conftest import tiny_preset
+from mixers import SeqmixError
+from mixers.configs import config_groups
+from mixers.model import ModelState
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@cache
+def tiny(preset: str, d_model: int = 32):
+    return tiny_preset(preset, f"model.d_model={d_model}").eval()
+
+
+CAUSAL = [preset for preset in config_groups()["model"] if tiny(preset).causal]
+
+
+# --- eager model.step ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", CAUSAL)
+def test_step_refuses_the_state_of_every_other_preset(preset):
+    model = tiny(preset)
+    tokens = torch.zeros(1, 1, dtype=torch.long)
+    for other in CAUSAL:
+        if other != preset:
+            with pytest.raises(SeqmixError, match="state"):
+                model.step(tokens, tiny(other).init_state(1))
+
+
+def _with_pos(state: ModelState, pos: torch.Tensor) -> ModelState:
+    return state._replace(pos=pos)
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda m: (torch.zeros(1, 1), m.init_state(1)), r"tokens must be a \(B, L\) integer tensor"),
+        (lambda m: (torch.zeros(1, dtype=torch.long), m.init_state(1)), r"tokens must be a \(B, L\) integer tensor"),
+        (lambda m: (torch.zeros(1, 0, dtype=torch.long), m.init_state(1)), "at least one row and one token"),
+        (lambda m: (torch.full((1, 2), 256), m.init_state(1)), r"token ids must lie in \[0, vocab_size=256\), got ids from 256 to 256"),
+        (lambda m: (torch.tensor([[3, -1]]), m.init_state(1)), r"token ids must lie in \[0, vocab_size=256\), got ids from -1"),
+        (lambda m: (torch.zeros(2, 1, dtype=torch.long), m.init_state(1)), "for batch size 2; was it built by another model or batch size"),
+        (lambda m: (torch.zeros(1, 1, dtype=torch.long), tuple(m.init_state(1))), "must be the ModelState"),
+        (lambda m: (torch.zeros(1, 1, dtype=torch.long), tiny_preset("megalodon", "model.depth=1").init_state(1)),
+         "state holds 1 layer states but this model has 2 layers"),
+        (lambda m: (torch.zeros(1, 1, dtype=torch.long), tiny("megalodon", 16).init_state(1)), r"state tensor \d+ of layer 0"),
+        (lambda m: (torch.zeros(1, 1, dtype=torch.long), _with_pos(m.init_state(1), torch.zeros(1))), "pos has dtype torch.float32, expected torch.int64"),
+    ],
+    ids=["float tokens", "rank 1", "no tokens", "id too large", "negative id", "batch size", "plain tuple", "fewer layers",
+         "narrower model", "float positions"],
+)
+def test_step_names_a_wrong_input(make_input, message):
+    model = tiny("megalodon")
+    tokens, state = make_input(model)
+    with pytest.raises(SeqmixError, match=message):
+        model.step(tokens, state)
+
+
+# --- the ONNX Runtime runner ----------------------------------------------------------------
+
+
+def run_onnx_module():
+    spec = importlib.util.spec_from_file_location("run_onnx", ROOT / "tools" / "run_onnx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def onnx_step(exported_presets):
+    """(runner module, the transformer's step graph as an OnnxModel, its initial state by name)."""
+    runner = run_onnx_module()
+    _, result = exported_presets("transformer")
+    manifest = runner.load(result.parallel.parent)
+    step = runner.OnnxModel(result.parallel.parent, manifest["step"], manifest["vocab_size"])
+    names = [s["name"] for s in manifest["step"]["state"]]
+    return runner, step, dict(zip(names, runner.initial_state(manifest)))
+
+
+def test_the_onnx_runner_refuses_the_state_of_another_model(onnx_step):
+    runner, step, _ = onnx_step
+    tokens = np.zeros((1, 1), dtype=np.int64)
+    for other in ("megalodon", "mega", "gpt2"):
+        leaves = tree_flatten(tiny(other).init_state(1))[0]
+        foreign = {f"state_{i}": leaf.numpy() for i, leaf in enumerate(leaves)}
+        with pytest.raises(runner.ExportError, match="input 'state_"):
+            step.run({"tokens": tokens, **foreign})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda feed: {**feed, "tokens": np.array([[256]])}, r"ids from 256 to 256; they must lie in \[0, vocab_size=256\)"),
+        (lambda feed: {**feed, "tokens": np.array([[-3]])}, "ids from -3"),
+        (lambda feed: {**feed, "tokens": [[1]]}, "input 'tokens' is a list; expected a NumPy array"),
+        (lambda feed: {**feed, "state_0": feed["state_0"].astype(np.float64)}, "input 'state_0' has dtype float64, expected float32"),
+        (lambda feed: {**feed, "extra": np.zeros(1)}, "input 'extra' is not an input of this graph"),
+        (lambda feed: {k: v for k, v in feed.items() if k != "state_3"}, "input 'state_3' is missing"),
+    ],
+    ids=["id too large", "negative id", "not an array", "state dtype", "unknown input", "missing state"],
+)
+def test_the_onnx_runner_names_a_wrong_input(change, message, onnx_step):
+    runner, step, state = onnx_step
+    with pytest.raises(runner.ExportError, match=message):
+        step.run(change({"tokens": np.zeros((1, 1), dtype=np.int64), **state}))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"tokens": -1}, "--tokens=-1"), ({"temperature": -0.5}, "--temperature=-0.5"), ({"top_k": 257}, "--top-k=257")],
+    ids=["tokens", "temperature", "top-k"],
+)
+def test_the_onnx_runner_names_a_bad_sampling_option_before_opening_a_session(options, message, exported_presets, monkeypatch):
+    runner = run_onnx_module()
+    _, result = exported_presets("transformer")
+    manifest = runner.load(result.parallel.parent)
+    monkeypatch.setattr(runner.ort, "InferenceSession", lambda *args, **kwargs: pytest.fail("a session was opened"))
+    arguments = {"tokens": 4, "temperature": 0.8, "top_k": 40, "seed": 0, **options}
+    with pytest.raises(runner.ExportError, match=message):
+        runner.generate(result.parallel.parent, manifest, "def ", **arguments)
+
+
+# --- ExecuTorch's run_pte -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pte_step(tmp_path_factory):
+    """A tiny ema_conv (D = 16, one layer) step program: inputs tokens (1, 1), state_0 (1, 16, 16), state_1 (1,)."""
+    pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
+    from export import executorch_export as et
+
+    model = tiny_preset("ema_conv", "model.d_model=16", "model.depth=1").eval()
+    path = tmp_path_factory.mktemp("pte") / "step.pte"
+    et.export_step_pte(model, path)
+    return et, model, path
+
+
+def test_run_pte_accepts_the_right_inputs(pte_step):
+    et, model, path = pte_step
+    state = tree_flatten(model.init_state(1))[0]
+    logits, *_ = et.run_pte(path, torch.tensor([[5]]), *state, vocab_size=model.vocab_size)
+    assert logits.shape == (1, 1, model.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "make_inputs, message",
+    [
+        (lambda m: [torch.tensor([[5.0]]), *tree_flatten(m.init_state(1))[0]], r"input 0 \(tokens\) has dtype torch.float32, the program takes torch.int64"),
+        (lambda m: [torch.tensor([[5]]), *(t.double() if t.is_floating_point() else t for t in tree_flatten(m.init_state(1))[0])],
+         r"input 1 \(state_0\) has dtype torch.float64, the program takes torch.float32"),
+        (lambda m: [torch.tensor([[5]]), *tree_flatten(tiny("transformer").init_state(1))[0]], "takes 3 inputs .* got 10"),
+        (lambda m: [torch.tensor([[5]]), *tree_flatten(tiny_preset("ema_conv", "model.depth=1").init_state(1))[0]],
+         r"input 1 \(state_0\) has shape \(1, 32, 16\)"),
+        (lambda m: [torch.tensor([[5, 6]]), *tree_flatten(m.init_state(1))[0]], r"input 0 \(tokens\) has shape \(1, 2\)"),
+        (lambda m: [[[5]], *tree_flatten(m.init_state(1))[0]], r"input 0 \(tokens\) is a list"),
+        (lambda m: [torch.tensor([[300]]), *tree_flatten(m.init_state(1))[0]], r"token ids must lie in \[0, vocab_size=256\), got ids from 300"),
+    ],
+    ids=["float tokens", "double state", "state of another preset", "state of a wider model", "two tokens", "not a tensor", "id too large"],
+)
+def test_run_pte_names_a_wrong_input(make_inputs, message, pte_step):
+    et, model, path = pte_step
+    inputs = make_inputs(model)
+    with pytest.raises(SeqmixError, match=message):
+        et.run_pte(path, *inputs, vocab_size=model.vocab_size)
+    with pytest.raises(SeqmixError, match=message):
+        et.pte_runner(path, vocab_size=model.vocab_size)(*inputs)
