@@ -7,18 +7,61 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+FUZZ_EXAMPLES_VARIABLE = "SEQMIX_FUZZ_EXAMPLES"
+FUZZ_EXAMPLES_DEFAULT = 2000
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption(
+        "--fuzz",
+        action="store_true",
+        default=False,
+        help=f"fuzz for long: property tests draw {FUZZ_EXAMPLES_VARIABLE} (default {FUZZ_EXAMPLES_DEFAULT}) random, "
+        "not derandomized, examples each, and tests marked fuzz run",
+    )
+
+
+def pytest_configure(config):
+    """Hypothesis profiles: reproducible by default, long and random when fuzzing.
+
+    By default every property test is derandomized (the same examples on every run and machine,
+    so CI is reproducible) and keeps its own small example count. ``--fuzz`` or the environment
+    variable SEQMIX_FUZZ_EXAMPLES=<n> switches to fresh random examples, n per test; a failure
+    prints the blob that replays it with ``@reproduce_failure``.
+    """
+    from hypothesis import settings
+
+    config.addinivalue_line("markers", "fuzz: long fuzzing; run with --fuzz or SEQMIX_FUZZ_EXAMPLES=<n>")
+    if config.getoption("--fuzz") and FUZZ_EXAMPLES_VARIABLE not in os.environ:
+        # The test modules read the count from the environment when they are imported.
+        os.environ[FUZZ_EXAMPLES_VARIABLE] = str(FUZZ_EXAMPLES_DEFAULT)
+    settings.register_profile("seqmix", deadline=None, derandomize=True, database=None, print_blob=True)
+    settings.register_profile("seqmix-fuzz", deadline=None, print_blob=True)
+    settings.load_profile("seqmix-fuzz" if fuzzing() else "seqmix")
+
+
+def fuzzing() -> bool:
+    """True when long fuzzing was asked for (``--fuzz`` or SEQMIX_FUZZ_EXAMPLES)."""
+    return FUZZ_EXAMPLES_VARIABLE in os.environ
+
+
+def examples(default: int) -> int:
+    """How many examples a property test draws: ``default`` normally, SEQMIX_FUZZ_EXAMPLES when fuzzing."""
+    return int(os.environ[FUZZ_EXAMPLES_VARIABLE]) if fuzzing() else default
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_fuzz = pytest.mark.skip(reason=f"long fuzzing: run with --fuzz or {FUZZ_EXAMPLES_VARIABLE}=<n>")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available here")
     for item in items:
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
+        if item.get_closest_marker("fuzz") is not None and not fuzzing():
+            item.add_marker(skip_fuzz)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 
