@@ -47,8 +47,10 @@ class Mixer(nn.Module):
         super().__init__()
         if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model < 1:
             raise SeqmixError(f"d_model={d_model!r} is not valid; expected a positive integer")
+        if not isinstance(causal, bool):
+            raise SeqmixError(f"{type(self).__name__}: causal={causal!r} is not valid; expected True or False")
         self.d_model = d_model
-        self.causal = bool(causal)
+        self.causal = causal
         self.impl = self.default_impl if impl is None else impl
 
     @property

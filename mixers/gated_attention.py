@@ -134,6 +134,7 @@ class GatedAttention(Mixer):
         if chunk_size is not None:
             require_int("gated_attention", "chunk_size", chunk_size, meaning="C, or None for full attention")
         require_int("gated_attention", "max_len", max_len, meaning="longest full-attention sequence")
+        require_int("gated_attention", "heads", heads, meaning="H, dividing z_dim and v_dim")
         for field, value in (("z_dim", z_dim), ("v_dim", v_dim)):
             if not isinstance(value, int) or value < 1 or value % heads:
                 raise SeqmixError(f"gated_attention: {field}={value!r} must be a positive multiple of heads={heads}")
@@ -267,6 +268,9 @@ class GatedAttention(Mixer):
                 f"gated_attention: length {length} exceeds max_len={self.max_len} of full attention; "
                 "raise max_len or set a chunk_size"
             )
+        if padding_mask is not None:
+            # Attention weighs padded values by 0, and 0 · NaN is NaN: padding must hold finite values.
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         xn = self.timestep_norm(x, padding_mask) if self.normalized else self._input_norm(x)
         m = self.local(xn, padding_mask)
         q, k, v, finish = self._branches(x, m, xn)

@@ -66,7 +66,7 @@ class SoftmaxAttention(Mixer):
         impl: str | None = None,
     ):
         super().__init__(d_model, causal=causal, impl=impl)
-        if not isinstance(heads, int) or heads < 1 or d_model % heads:
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or d_model % heads:
             raise SeqmixError(f"softmax_attention: heads={heads!r} must be a positive integer that divides d_model={d_model}")
         head_dim = d_model // heads
         if use_rotary and head_dim % 2:
@@ -120,6 +120,9 @@ class SoftmaxAttention(Mixer):
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         length = x.shape[1]
+        if padding_mask is not None:
+            # Attention weighs padded values by 0, and 0 · NaN is NaN: padding must hold finite values.
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         positions = torch.arange(length, device=x.device)
         q, k, v = self._project(x, positions)
         if padding_mask is None and self.window is None:
