@@ -775,14 +775,14 @@ def _match_executorch_threads() -> None:
 
 def _executorch_call(module: nn.Module, inputs: tuple[Tensor, ...], workdir: Path) -> Callable[..., Tensor]:
     """Lower ``module`` to XNNPACK at the inputs' shapes, load the .pte and check it against eager."""
-    from .executorch_export import _forward, _lower
+    from .executorch_export import load_pte_method, lower_to_pte
 
     path = workdir / "graph.pte"
     shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
     with _quiet_exporters():
-        _lower(module, inputs, path, module, f"graph at input shape {shapes}")
+        lower_to_pte(module, inputs, path, module, f"graph at input shape {shapes}")
     _match_executorch_threads()
-    method = _forward(path)
+    method = load_pte_method(path)
     contiguous = [t.contiguous() for t in inputs]
 
     def call(*_: Tensor) -> Tensor:

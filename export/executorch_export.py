@@ -102,9 +102,10 @@ def _spec(names: list[str], values) -> list[dict]:
     return [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for n, v in zip(names, values)]
 
 
-def _lower(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path, model: nn.Module, what: str):
+def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path, model: nn.Module, what: str):
     """Export ``graph`` at ``example``, lower it to XNNPACK and write the .pte to ``path``.
 
+    ``model`` and ``what`` name the model and the graph in the error raised when lowering fails.
     Returns the graph's outputs as traced (fake tensors: shape and dtype) and the delegation counts.
     """
     to_edge_transform_and_lower, XnnpackPartitioner = _require_executorch()
@@ -151,7 +152,7 @@ def export_parallel_pte(model: nn.Module, path: str | Path, length: int, batch_s
     model.eval()
     impls = use_exportable_paths(model)
     tokens = torch.zeros(batch_size, length, dtype=torch.long)
-    outputs, delegation = _lower(model, (tokens,), path, model, f"parallel graph (B={batch_size}, L={length})")
+    outputs, delegation = lower_to_pte(model, (tokens,), path, model, f"parallel graph (B={batch_size}, L={length})")
     return {
         "file": Path(path).name,
         "inputs": _spec(["tokens"], [tokens]),
@@ -193,7 +194,7 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tok
     tokens = torch.zeros(batch_size, tokens_per_step, dtype=torch.long)
     what = f"step graph (B={batch_size}, T={tokens_per_step})"
     with stepwise_recurrences(model, tokens_per_step) as switched:
-        outputs, delegation = _lower(graph, (tokens, *state), path, model, what)
+        outputs, delegation = lower_to_pte(graph, (tokens, *state), path, model, what)
     return {
         "file": Path(path).name,
         "inputs": _spec(["tokens", *graph.state_names], [tokens, *state]),
@@ -206,7 +207,7 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tok
     }
 
 
-def _forward(path: str | Path):
+def load_pte_method(path: str | Path):
     """The ``forward`` method of a .pte file, loaded once for repeated calls."""
     path = Path(path)
     if not path.is_file():
@@ -267,7 +268,7 @@ def run_pte(path: str | Path, *inputs: Tensor, vocab_size: int | None = None) ->
     Returns:
         The outputs, e.g. [logits] or [logits, new state...].
     """
-    return _execute(_forward(path), inputs, vocab_size)
+    return _execute(load_pte_method(path), inputs, vocab_size)
 
 
 def pte_runner(path: str | Path, vocab_size: int | None = None):
@@ -275,13 +276,13 @@ def pte_runner(path: str | Path, vocab_size: int | None = None):
 
     Inputs are checked as ``run_pte`` checks them.
     """
-    method = _forward(path)
+    method = load_pte_method(path)
     return lambda *inputs: _execute(method, inputs, vocab_size)
 
 
 def verify_pte_parallel(model: nn.Module, path: str | Path, length: int, batch_size: int = 1, trials: int = 2) -> float:
     """Max |eager − .pte| over the outputs for ``trials`` batches of random token ids (batch_size, length)."""
-    method = _forward(path)
+    method = load_pte_method(path)
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for _ in range(trials):
@@ -298,7 +299,7 @@ def verify_pte_step(model: nn.Module, path: str | Path, steps: int = 8) -> float
     The .pte's state outputs are fed back as its next state inputs, as a device would; batch
     size and tokens per call are read from the program.
     """
-    method = _forward(path)
+    method = load_pte_method(path)
     batch_size, tokens_per_step = method.metadata.input_tensor_meta(0).sizes()
     generator = torch.Generator().manual_seed(1)
     eager_state = model.init_state(batch_size)
