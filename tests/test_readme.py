@@ -16,3 +16,11 @@ def test_readme_lists_the_registered_mixers():
     import mixers
 
     assert str(mixers.list_mixers()) in README.read_text()
+
+
+def test_readme_links_and_images_point_to_files():
+    text = README.read_text()
+    targets = re.findall(r"\]\(((?!https?://|#)[^)\s]+)\)", text)
+    assert targets, "the README should link its plots and tables"
+    missing = [t for t in targets if not (README.parent / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
