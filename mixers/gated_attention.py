@@ -39,7 +39,7 @@ from .contract import Mixer, State, compute_dtype
 from .errors import SeqmixError, choice_error, require_int
 from .norms import RMSNorm, TimestepNorm, build_norm
 from .positions import RotaryRelativeBias, SimpleRelativeBias, rotary
-from .registry import build_mixer, register_mixer
+from .registry import build_mixer, list_mixers, register_mixer
 
 ATTENTIONS = ("softmax", "laplace", "relu2")
 POSITION_BIASES = ("simple", "rotary")
@@ -66,6 +66,8 @@ def _resolve_local(local, local_options: dict | None, d_model: int, causal: bool
     elif isinstance(local, str):
         if local_options and "causal" in local_options:
             raise SeqmixError("gated_attention: local_options may not set 'causal'; the local mixer follows the layer's causal flag")
+        if local not in list_mixers():
+            raise choice_error("gated_attention.local", local, list_mixers())
         mixer = build_mixer(local, d_model, causal=causal, **(local_options or {}))
     elif callable(local):
         mixer = local(d_model)

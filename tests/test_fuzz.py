@@ -365,6 +365,7 @@ BAD_OPTIONS_FOUND = [
     ("softmax_attention", {"heads": True}, "heads=True"),
     ("ema", {"causal": "no"}, "causal='no'"),
     ("identity", {"causal": "yes"}, "causal='yes'"),
+    ("gated_attention", {"local": "x"}, "gated_attention.local='x'"),
 ]
 ATTENTION_WITH_PADDING = [
     ("softmax_attention", {}),
