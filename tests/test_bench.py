@@ -161,7 +161,7 @@ def test_total_budget_and_failures_are_reported(monkeypatch):
 def _tiny_claims(*overrides: str) -> list[str]:
     """Overrides running conf/bench/paper_claims.yaml's claims at L = 64 or 128 with tiny models."""
     full = compose_bench_spec(["bench=paper_claims"])
-    assert {c.length for c in full.claims.values()} == {4096, 131072}
+    assert {c.length for c in full.claims.values()} == {4096, 16384, 131072}
     tiny = ["bench=paper_claims", "bench.width=16", "bench.repeats=1", "bench.warmup=0", "bench.progress=false",
             "bench.preset_overrides=['model.d_model=16','model.depth=1','model.vocab_size=32']"]
     tiny += [f"bench.claims.{name}.length={128 if claim.length > 4096 else 64}" for name, claim in full.claims.items()]
@@ -181,7 +181,7 @@ def test_claims_table_from_a_tiny_grid(tmp_path):
     table = (tmp_path / "claims.md").read_text(encoding="utf-8")
     for figure in ("5.5×", "0.13×", "1.37×", "7.07×"):
         assert figure in table
-    assert table.count("| MISS |") + table.count("| PASS |") == 4
+    assert table.count("| MISS |") + table.count("| PASS |") == 5
     data = json.loads((tmp_path / "claims.json").read_text(encoding="utf-8"))
     assert len(data["claims"]) == len(full.claims) and all(m["time_ms"] > 0 for m in data["measurements"])
 

@@ -278,7 +278,7 @@ def invalid_configurations(draw) -> tuple[str, int, dict, str]:
     elif field == "local":
         value = draw(NAMES.filter(lambda text: text not in mixers.list_mixers()))
         # The registry's message names the mixer it was asked for, not the option that asked.
-        return name, d_model, {**options, "local": value, "local_options": None}, f"mixer={value!r}"
+        return name, d_model, {**options, "local": value, "local_options": None}, f"gated_attention.local={value!r}"
     elif field == "heads" and name == "softmax_attention":
         value = draw(st.integers(1, 2 * MAX_WIDTH).filter(lambda h: d_model % h))
     elif field == "heads":
