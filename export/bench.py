@@ -890,7 +890,7 @@ class GridRow:
     note: str | None = None
 
     def to_dict(self) -> dict:
-        return {"pass" if key == "pass_" else key: value for key, value in asdict(self).items()}
+        return benchmark.record(self)
 
 
 @dataclass
@@ -905,7 +905,7 @@ class GridSlope:
     reason: str | None = None
 
     def to_dict(self) -> dict:
-        return {"pass" if key == "pass_" else key: value for key, value in asdict(self).items()}
+        return benchmark.record(self)
 
 
 @dataclass
@@ -927,7 +927,7 @@ class PeerComparison:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return {"pass" if key == "pass_" else key: value for key, value in asdict(self).items()}
+        return benchmark.record(self)
 
 
 @dataclass
@@ -1169,7 +1169,7 @@ class Measurement:
     note: str | None = None
 
     def to_dict(self) -> dict:
-        return {"pass" if key == "pass_" else key: value for key, value in asdict(self).items()}
+        return benchmark.record(self)
 
 
 @dataclass

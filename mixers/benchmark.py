@@ -60,6 +60,11 @@ SLOPE_TARGET = 1.15
 SLOPE_TARGETS = (("ema", "chunked"), ("cema", "chunked"), ("tcn", "conv"), ("gated_attention", "reference"))
 
 
+def record(row) -> dict:
+    """A result dataclass as a dict for JSON and CSV, its ``pass_`` field named ``pass``."""
+    return {"pass" if key == "pass_" else key: value for key, value in asdict(row).items()}
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to measure.
@@ -127,7 +132,7 @@ class Row:
     note: str | None = None
 
     def to_dict(self) -> dict:
-        return {"pass" if key == "pass_" else key: value for key, value in asdict(self).items()}
+        return record(self)
 
 
 @dataclass
@@ -142,7 +147,7 @@ class Slope:
     reason: str | None = None
 
     def to_dict(self) -> dict:
-        return {"pass" if key == "pass_" else key: value for key, value in asdict(self).items()}
+        return record(self)
 
 
 @dataclass
