@@ -135,7 +135,7 @@ def markdown_table(reports: dict[str, dict]) -> str:
         compile_cell = f"{compiled['speedup']:.2f}× ({compiled['eager_ms']:.0f} → {compiled['compiled_ms']:.0f} ms)" if compiled else "not run"
         rows.append(
             f"| {name} | {r['parameters']:,} | {ort['speedup']:.2f}× ({ort['eager_ms']:.1f} → {ort['onnxruntime_ms']:.1f} ms, L={ort['length']}) "
-            f"| {q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.2f} {'pts' if q['metric'] == 'accuracy' else 'bpb'} "
+            f"| {q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.4f} {'pts' if q['metric'] == 'accuracy' else 'bpb'} "
             f"| {step_cell} | {compile_cell} |"
         )
     return "\n".join([header, *rows])
