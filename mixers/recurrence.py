@@ -234,6 +234,10 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
 
     Same arguments and results as ``recurrent``, plus ``chunk_size`` (C). A length that is not a
     multiple of C is padded with zeros at the end and cropped.
+
+    Every contraction is a matmul batched over the channels, with the chunks of all rows side by
+    side as columns: (D, ·, C) @ (D, C, B·nC). Written as einsums they cost the same in eager, but
+    ONNX Runtime runs its generic Einsum kernel several times slower than MatMul.
     """
     batch, length, width = x.shape
     size = chunk_size
@@ -242,21 +246,37 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
         x = F.pad(x, (0, 0, 0, pad))
     chunks = x.shape[1] // size
     xc = x.reshape(batch, chunks, size, width)  # (B, nC, C, D)
+    columns = xc.permute(3, 2, 0, 1).reshape(width, size, batch * chunks)  # (D, C, B·nC), column (b, c)
     j = torch.arange(size, device=x.device)
 
     # Inside a chunk: y_i = Σ_{j<=i} k[i-j] x_j, a (C, C) lower-triangular Toeplitz matrix per channel.
     kernel = coef.kernel(size, x.device)  # (D, C)
     lag = j[:, None] - j[None, :]
     toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0).to(kernel.dtype)  # (D, C, C)
-    y = torch.einsum("bcjd,dij->bcid", xc, toeplitz)
+    # What each chunk adds to a zero state, b q^{C-1-j} x_j summed, from the same matmul.
+    feed_re, feed_im = coef.input_weights(size, x.device)  # (D, N, C)
+    order = feed_re.shape[1]
+    maps = [toeplitz, feed_re] + ([feed_im] if feed_im is not None else [])
+    mixed = torch.cat(maps, dim=1) @ columns  # (D, C + N or C + 2N, B·nC)
+    y = mixed[:, :size]
 
-    # Across chunks: what chunk c adds to the state, then the carried state at each chunk start.
-    fed = _real_contract("bcjd,dnj->cbdn", xc, coef.input_weights(size, x.device))  # (nC, B, D, N)
+    def by_chunk(part: Tensor) -> Tensor:
+        """(D, N, B·nC) -> (nC, B, D, N)."""
+        return part.reshape(width, order, batch, chunks).permute(3, 2, 0, 1)
+
+    fed = (by_chunk(mixed[:, size : size + order]), by_chunk(mixed[:, size + order :]) if feed_im is not None else None)
     h = coef.zero_state(batch) if h0 is None else h0
     starts, h_end = _carry_across_chunks(coef.power(size, x.device), fed, h)
-    c_q = coef.output_weights(j + 1)  # (D, N, C): c q^{i+1}
-    y = y + _real_part_contract("cbdn,dni->bcid", starts, c_q)
-    y = y.reshape(batch, chunks * size, width)[:, :length]
+
+    # What each chunk's start state adds: y_i += Re Σ_n c q^{i+1} H_c, again one matmul.
+    c_q = coef.output_weights(j + 1)  # (D, N, C) pair
+    readout, carried = [c_q[0]], [starts[0]]
+    if c_q[1] is not None and starts[1] is not None:
+        readout.append(-c_q[1])
+        carried.append(starts[1])
+    carried = torch.cat(carried, dim=-1).permute(2, 3, 1, 0).reshape(width, -1, batch * chunks)  # (D, N or 2N, B·nC)
+    y = y + torch.cat(readout, dim=1).transpose(1, 2) @ carried
+    y = y.reshape(width, size, batch, chunks).permute(2, 3, 1, 0).reshape(batch, chunks * size, width)[:, :length]
 
     if pad:
         # The carried state ran over the zero padding too; rebuild the last chunk's end from its start.
