@@ -235,9 +235,11 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     Same arguments and results as ``recurrent``, plus ``chunk_size`` (C). A length that is not a
     multiple of C is padded with zeros at the end and cropped.
 
-    Every contraction is a matmul batched over the channels, with the chunks of all rows side by
-    side as columns: (D, ·, C) @ (D, C, B·nC). Written as einsums they cost the same in eager, but
-    ONNX Runtime runs its generic Einsum kernel several times slower than MatMul.
+    Every contraction is a matmul batched over the channels, with the chunks of all rows stacked:
+    (D, B·nC, C) @ (D, C, ·). Written as einsums they cost the same in eager, but ONNX Runtime
+    runs its generic Einsum kernel several times slower than MatMul. The layout (D, B·nC, C) is
+    x (B, L, D) with its last axis moved to the front, a transpose runtimes do fast, where
+    (D, C, B·nC) would need a general 4-D permutation in and out.
     """
     batch, length, width = x.shape
     size = chunk_size
@@ -246,7 +248,7 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
         x = F.pad(x, (0, 0, 0, pad))
     chunks = x.shape[1] // size
     xc = x.reshape(batch, chunks, size, width)  # (B, nC, C, D)
-    columns = xc.permute(3, 2, 0, 1).reshape(width, size, batch * chunks)  # (D, C, B·nC), column (b, c)
+    rows = x.permute(2, 0, 1).reshape(width, batch * chunks, size)  # (D, B·nC, C), row (b, c)
     j = torch.arange(size, device=x.device)
 
     # Inside a chunk: y_i = Σ_{j<=i} k[i-j] x_j, a (C, C) lower-triangular Toeplitz matrix per channel.
@@ -257,14 +259,14 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     feed_re, feed_im = coef.input_weights(size, x.device)  # (D, N, C)
     order = feed_re.shape[1]
     maps = [toeplitz, feed_re] + ([feed_im] if feed_im is not None else [])
-    mixed = torch.cat(maps, dim=1) @ columns  # (D, C + N or C + 2N, B·nC)
-    y = mixed[:, :size]
+    mixed = rows @ torch.cat(maps, dim=1).transpose(1, 2)  # (D, B·nC, C + N or C + 2N)
+    y = mixed[..., :size]
 
     def by_chunk(part: Tensor) -> Tensor:
-        """(D, N, B·nC) -> (nC, B, D, N)."""
-        return part.reshape(width, order, batch, chunks).permute(3, 2, 0, 1)
+        """(D, B·nC, N) -> (nC, B, D, N)."""
+        return part.reshape(width, batch, chunks, order).permute(2, 1, 0, 3)
 
-    fed = (by_chunk(mixed[:, size : size + order]), by_chunk(mixed[:, size + order :]) if feed_im is not None else None)
+    fed = (by_chunk(mixed[..., size : size + order]), by_chunk(mixed[..., size + order :]) if feed_im is not None else None)
     h = coef.zero_state(batch) if h0 is None else h0
     starts, h_end = _carry_across_chunks(coef.power(size, x.device), fed, h)
 
@@ -274,9 +276,9 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     if c_q[1] is not None and starts[1] is not None:
         readout.append(-c_q[1])
         carried.append(starts[1])
-    carried = torch.cat(carried, dim=-1).permute(2, 3, 1, 0).reshape(width, -1, batch * chunks)  # (D, N or 2N, B·nC)
-    y = y + torch.cat(readout, dim=1).transpose(1, 2) @ carried
-    y = y.reshape(width, size, batch, chunks).permute(2, 3, 1, 0).reshape(batch, chunks * size, width)[:, :length]
+    carried = torch.cat(carried, dim=-1).permute(2, 1, 0, 3).reshape(width, batch * chunks, -1)  # (D, B·nC, N or 2N)
+    y = y + carried @ torch.cat(readout, dim=1)
+    y = y.reshape(width, batch, chunks * size).permute(1, 2, 0)[:, :length]  # (B, L, D)
 
     if pad:
         # The carried state ran over the zero padding too; rebuild the last chunk's end from its start.
