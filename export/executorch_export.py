@@ -193,8 +193,8 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tok
     state = graph.initial_state(batch_size)
     tokens = torch.zeros(batch_size, tokens_per_step, dtype=torch.long)
     what = f"step graph (B={batch_size}, T={tokens_per_step})"
-    with stepwise_recurrences(model, tokens_per_step) as switched:
-        outputs, delegation = lower_to_pte(graph, (tokens, *state), path, model, what)
+    switched = stepwise_recurrences(model, tokens_per_step)
+    outputs, delegation = lower_to_pte(graph, (tokens, *state), path, model, what)
     return {
         "file": Path(path).name,
         "inputs": _spec(["tokens", *graph.state_names], [tokens, *state]),

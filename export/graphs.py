@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from mixers.ema import steps_recurrently
+
 EXPORTABLE_IMPLS = {"recurrent": "chunked", "fft": "chunked"}
 
 
@@ -46,28 +48,15 @@ def use_exportable_paths(model: nn.Module) -> dict[str, str]:
     return used
 
 
-@contextmanager
-def stepwise_recurrences(model: nn.Module, tokens_per_step: int):
-    """Run every chunked recurrence whose chunk is longer than ``tokens_per_step`` on its ``recurrent`` path.
-
-    For step graphs with a fixed T: the recurrent path unrolls to T steps of O(D·N) work, while
-    the chunked one pads T up to C and does O(C²·D). Yields {module name: "recurrent"} for the
-    switched modules, which return to ``chunked`` on exit.
-    """
-    switched = {
-        name: module
+def stepwise_recurrences(model: nn.Module, tokens_per_step: int) -> dict[str, str]:
+    """{module name: "recurrent"} for every chunked recurrence that a step of ``tokens_per_step``
+    tokens runs on its recurrent loop (``mixers.ema.steps_recurrently``), for manifests."""
+    return {
+        name: "recurrent"
         for name, module in model.named_modules()
-        if getattr(module, "impl", None) == "chunked"
-        and "recurrent" in getattr(type(module), "impls", ())
-        and tokens_per_step < module.chunk_size
+        if "recurrent" in getattr(type(module), "impls", ())
+        and steps_recurrently(getattr(module, "impl", None), tokens_per_step, getattr(module, "chunk_size", 0))
     }
-    for module in switched.values():
-        module.impl = "recurrent"
-    try:
-        yield {name: "recurrent" for name in switched}
-    finally:
-        for module in switched.values():
-            module.impl = "chunked"
 
 
 @contextmanager

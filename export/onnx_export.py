@@ -145,7 +145,8 @@ def export_step(model: nn.Module, path: Path, steps: int = 12, tolerance: float 
     graph = StepGraph(model, batch_size=1).eval()
     state = graph.initial_state(1)
     example = torch.zeros(1, 1, dtype=torch.long)
-    with torch.no_grad(), stepwise_recurrences(model, tokens_per_step=1) as switched:
+    switched = stepwise_recurrences(model, tokens_per_step=1)
+    with torch.no_grad():
         program = torch.onnx.export(graph, (example, *state), dynamo=True, optimize=False, opset_version=OPSET, verbose=False,
                                     input_names=["tokens", *graph.state_names],
                                     output_names=["logits", *[f"new_{n}" for n in graph.state_names]])

@@ -35,8 +35,20 @@ class EMAState(NamedTuple):
     h: Tensor
 
 
+def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
+    """Whether a ``chunked`` call on ``tokens`` tokens runs the recurrent loop instead.
+
+    Fewer tokens than one chunk (a streaming step) would be padded to a whole chunk and pay for
+    the (D, C, C) Toeplitz matrix: at D = 128, N = 16, C = 64 that is 2.2 ms for one token
+    against 0.06 ms for the loop, which stays faster up to T = C − 1 (0.9 against 3.1 ms).
+    """
+    return impl == "chunked" and tokens < chunk_size
+
+
 def run_recurrence(impl: str, x: Tensor, coef: recurrence.Coefficients, h0, chunk_size: int):
-    """Dispatch to the chosen compute path of ``mixers.recurrence``."""
+    """Dispatch to the chosen compute path of ``mixers.recurrence`` (see ``steps_recurrently``)."""
+    if steps_recurrently(impl, x.shape[1], chunk_size):
+        return recurrence.recurrent(x, coef, h0)
     if impl == "chunked":
         return recurrence.chunked(x, coef, h0, chunk_size)
     return recurrence.PATHS[impl](x, coef, h0)
@@ -50,7 +62,8 @@ class EMA(Mixer):
         d_model: D.
         order: N, states per channel.
         causal: False for the bidirectional EMA (no streaming).
-        impl: ``recurrent`` (reference loop), ``fft`` (FFT convolution), ``chunked`` (default).
+        impl: ``recurrent`` (reference loop), ``fft`` (FFT convolution), ``chunked`` (default;
+            inputs shorter than one chunk run the loop).
         chunk_size: C of the chunked path.
     """
 
