@@ -50,18 +50,16 @@ paper's figure.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import importlib
 import importlib.metadata
 import json
-import logging
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -79,7 +77,7 @@ from mixers.model import SequenceModel
 from mixers.registry import build_mixer, mixer_class
 from mixers.softmax_attention import SoftmaxAttention
 
-from .graphs import use_exportable_paths
+from .graphs import quiet_exporters, use_exportable_paths
 from .onnx_export import ExportMismatch
 
 PASSES = benchmark.PASSES
@@ -713,22 +711,6 @@ def _compiled_call(module: nn.Module, backend: str) -> Callable[..., Tensor]:
     return compile_module(module, backend)
 
 
-@contextlib.contextmanager
-def _quiet_exporters() -> Iterator[None]:
-    """Silence the exporters' progress and warning logs (missing torchvision, deprecations)."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "executorch")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _check_against_eager(module: nn.Module, inputs: tuple[Tensor, ...], got: Tensor, runtime: str) -> None:
     """Raise ExportMismatch unless ``got`` matches eager on ``inputs`` within ``EXPORT_TOLERANCE``."""
     with torch.no_grad():
@@ -748,7 +730,7 @@ def _onnxruntime_call(module: nn.Module, inputs: tuple[Tensor, ...], workdir: Pa
 
     names = ["tokens"] if isinstance(module, SequenceModel) else ["x"]
     path = workdir / "graph.onnx"
-    with torch.no_grad(), _quiet_exporters():
+    with torch.no_grad(), quiet_exporters():
         program = torch.onnx.export(
             module, inputs, dynamo=True, opset_version=OPSET, verbose=False, input_names=names, output_names=["output"]
         )
@@ -779,8 +761,7 @@ def _executorch_call(module: nn.Module, inputs: tuple[Tensor, ...], workdir: Pat
 
     path = workdir / "graph.pte"
     shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-    with _quiet_exporters():
-        lower_to_pte(module, inputs, path, module, f"graph at input shape {shapes}")
+    lower_to_pte(module, inputs, path, module, f"graph at input shape {shapes}")
     _match_executorch_threads()
     method = load_pte_method(path)
     contiguous = [t.contiguous() for t in inputs]

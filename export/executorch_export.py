@@ -26,7 +26,7 @@ import mixers
 from mixers import SeqmixError, recurrence
 from mixers.errors import require_int
 
-from .graphs import StepGraph, stepwise_recurrences, use_exportable_paths
+from .graphs import StepGraph, quiet_exporters, stepwise_recurrences, use_exportable_paths
 
 INSTALL_HINT = "pip install executorch==1.5.1"
 MIXERS_DIR = Path(mixers.__file__).resolve().parent
@@ -111,10 +111,10 @@ def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path
     to_edge_transform_and_lower, XnnpackPartitioner = _require_executorch()
     path = Path(path)
     try:
-        with torch.no_grad(), recurrence.unrolled_chunks():
+        with torch.no_grad(), recurrence.unrolled_chunks(), quiet_exporters():
             program = torch.export.export(graph, example)
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        lowered = edge.to_executorch()
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            lowered = edge.to_executorch()
     except SeqmixError:
         raise
     except Exception as error:

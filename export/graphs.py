@@ -9,6 +9,8 @@ the chunked EMA/CEMA (plain matmuls; the FFT path needs DFT, the recurrent one a
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -57,6 +59,24 @@ def stepwise_recurrences(model: nn.Module, tokens_per_step: int) -> dict[str, st
         if "recurrent" in getattr(type(module), "impls", ())
         and steps_recurrently(getattr(module, "impl", None), tokens_per_step, getattr(module, "chunk_size", 0))
     }
+
+
+@contextmanager
+def quiet_exporters():
+    """Silence the exporters' progress and warning logs (missing torchvision, deprecations inside
+    torch, notes on dynamic axis names): lines on every export that ask nothing of the user.
+    Errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "executorch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextmanager

@@ -29,7 +29,8 @@ from torch.export import Dim
 
 from mixers import SeqmixError
 
-from .graphs import ParallelGraph, StepGraph, largest_chunk, size_oblivious, stepwise_recurrences, use_exportable_paths
+from .graphs import (ParallelGraph, StepGraph, largest_chunk, quiet_exporters, size_oblivious, stepwise_recurrences,
+                     use_exportable_paths)
 
 OPSET = 23
 TOLERANCE = 1e-4
@@ -103,7 +104,7 @@ def export_parallel(model: nn.Module, path: Path, tolerance: float = TOLERANCE) 
     example = torch.randint(0, model.vocab_size, (2, 2 * unit))
     mask = torch.zeros(2, 2 * unit, dtype=torch.bool)
     dims = {0: Dim("batch", min=1, max=1024), 1: unit * Dim("units", min=1, max=1024)}
-    with size_oblivious(), torch.no_grad():
+    with size_oblivious(), torch.no_grad(), quiet_exporters():
         program = torch.onnx.export(ParallelGraph(model).eval(), (example, mask), dynamic_shapes=(dims, dims), dynamo=True,
                                     optimize=False, opset_version=OPSET, verbose=False, input_names=["tokens", "padding_mask"],
                                     output_names=["logits"])
@@ -146,7 +147,7 @@ def export_step(model: nn.Module, path: Path, steps: int = 12, tolerance: float 
     state = graph.initial_state(1)
     example = torch.zeros(1, 1, dtype=torch.long)
     switched = stepwise_recurrences(model, tokens_per_step=1)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporters():
         program = torch.onnx.export(graph, (example, *state), dynamo=True, optimize=False, opset_version=OPSET, verbose=False,
                                     input_names=["tokens", *graph.state_names],
                                     output_names=["logits", *[f"new_{n}" for n in graph.state_names]])
