@@ -44,7 +44,8 @@ class CEMA(Mixer):
         d_model: D.
         order: N, complex states per channel.
         causal: must be True; the CEMA has no bidirectional form.
-        impl: ``recurrent`` (reference loop), ``fft`` (FFT convolution), ``chunked`` (default).
+        impl: ``recurrent`` (reference loop), ``fft`` (FFT convolution), ``chunked`` (default;
+            inputs shorter than one chunk run the loop).
         chunk_size: C of the chunked path.
     """
 

@@ -87,3 +87,26 @@ def test_recurrences_compute_in_float32_under_autocast():
                 y = mixer(x.bfloat16())
         # Only the bf16 rounding of the output remains: about 2^-8 relative.
         torch.testing.assert_close(y.float(), exact, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["ema", "cema"])
+def test_chunked_recurrence_steps_shorter_inputs_with_the_loop(name, monkeypatch):
+    """Fewer tokens than one chunk (a streaming step) take the recurrent loop, not a padded chunk;
+    a full chunk still takes the chunked path. Outputs and states equal the reference either way."""
+    from mixers import recurrence
+
+    torch.manual_seed(0)
+    chunked_calls = []
+    chunked = recurrence.chunked
+    monkeypatch.setattr(recurrence, "chunked", lambda *a, **k: chunked_calls.append(a[0].shape[1]) or chunked(*a, **k))
+    fast = mixers.build_mixer(name, 6, order=4, impl="chunked", chunk_size=8).double()
+    reference = mixers.build_mixer(name, 6, order=4, impl="recurrent").double()
+    reference.load_state_dict(fast.state_dict())
+    for tokens in (1, 7, 8):
+        x = torch.randn(2, tokens, 6, dtype=torch.float64)
+        with torch.no_grad():
+            y, state = fast.step(x, fast.init_state(2))
+            y_ref, state_ref = reference.step(x, reference.init_state(2))
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(tuple(state), tuple(state_ref))
+    assert chunked_calls == [8]
