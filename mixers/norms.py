@@ -165,7 +165,12 @@ class TimestepNorm(nn.Module):
             c0, m0, v0 = (t.to(cd) for t in state)
 
             # shift K: the prior mean, or for a fresh row the first valid step's mean (0 if none)
-            first = valid.to(torch.int8).argmax(1)  # (B,)
+            if padding_mask is None:
+                # Step 0 is valid. Not argmax of the all-True mask: Inductor (torch 2.13, CPU)
+                # returns a garbage index for an argmax over a constant and then reads out of bounds.
+                first = torch.zeros(B, dtype=torch.long, device=x.device)
+            else:
+                first = valid.to(torch.int8).argmax(1)  # (B,)
             first_mean = xs.gather(1, first.view(B, 1, 1, 1).expand(B, 1, G, D // G)).mean(-1).squeeze(1)  # (B, G)
             K = torch.where(c0 > 0, m0, first_mean)
             # shift before any sum, so that no sum ever holds a value as large as |mean|
