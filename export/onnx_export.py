@@ -50,8 +50,9 @@ def _require_onnxruntime():
     return onnxruntime
 
 
-def session(path: str | Path, optimized_path: str | Path | None = None, threads: int | None = None):
-    """An ONNX Runtime CPU session; with ``optimized_path`` it also saves the optimized graph there."""
+def session(path: str | Path | bytes, optimized_path: str | Path | None = None, threads: int | None = None):
+    """An ONNX Runtime CPU session for a file (or a serialized model); with ``optimized_path`` it
+    also saves the optimized graph there."""
     ort = _require_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -60,7 +61,8 @@ def session(path: str | Path, optimized_path: str | Path | None = None, threads:
     if optimized_path is not None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def _io_spec(values) -> list[dict]:

@@ -9,6 +9,11 @@
   say so; their per-token cost grows with the cache by design.
 - ``compile_vs_eager_training``: the time of one training step (forward, backward, AdamW) compiled
   with Inductor against eager, after compilation.
+
+``matmul_throughput`` gives the context for all of them: the same float32 matrix product in
+PyTorch and in ONNX Runtime, in GFLOP/s. Inductor calls PyTorch's BLAS for training matmuls, so
+where that BLAS is slow a compiled step can only win on everything else, and ONNX Runtime's own
+kernels win over eager for free.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from mixers.benchmark import cpu_name
 from mixers.softmax_attention import SoftmaxAttention
 
 from .graphs import largest_chunk
@@ -102,6 +108,31 @@ def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, s
             "speedup": eager_ms / compiled_ms, "first_step_s": compile_s}
 
 
+def matmul_throughput(rows: int = 4096, inner: int = 128, columns: int = 512, repeats: int = 20) -> dict:
+    """GFLOP/s of one float32 product (rows, inner) @ (inner, columns): ``torch.nn.functional.linear``
+    against an ONNX Runtime ``MatMul`` with the weight as a constant, on this machine's threads."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inner, generator=generator)
+    weight = torch.randn(columns, inner, generator=generator)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight_t"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, inner])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, columns])],
+        [numpy_helper.from_array(weight.t().contiguous().numpy(), "weight_t")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    runner = session(model.SerializeToString(), threads=torch.get_num_threads())
+    feed = {"x": x.numpy()}
+    gflop = 2 * rows * inner * columns / 1e9
+    torch_ms = median_ms(lambda: nn.functional.linear(x, weight), repeats=repeats)
+    onnxruntime_ms = median_ms(lambda: runner.run(None, feed), repeats=repeats)
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "shape": [rows, inner, columns],
+            "torch_gflops": gflop / torch_ms * 1e3, "onnxruntime_gflops": gflop / onnxruntime_ms * 1e3}
+
+
 def lowering_report(model: nn.Module, task, out_dir: str | Path, length: int = 1024, far: int = 8192,
                     compile_training: bool = True) -> dict:
     """Every measurement of the module docstring for one model (exported to ``out_dir``)."""
@@ -139,6 +170,13 @@ def markdown_table(reports: dict[str, dict]) -> str:
             f"| {step_cell} | {compile_cell} |"
         )
     return "\n".join([header, *rows])
+
+
+def throughput_line(measured: dict) -> str:
+    """``matmul_throughput``'s result as one sentence for the report."""
+    rows, inner, columns = measured["shape"]
+    return (f"float32 matmul ({rows}×{inner} · {inner}×{columns}, {measured['threads']} threads, {measured['cpu']}): "
+            f"PyTorch {measured['torch_gflops']:.0f} GFLOP/s, ONNX Runtime {measured['onnxruntime_gflops']:.0f} GFLOP/s")
 
 
 def as_builtin(value):

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_preset
 from mixers.tasks.mqar import MQAR
 
-from export.report import lowering_report, markdown_table, step_growth
+from export.report import lowering_report, markdown_table, matmul_throughput, step_growth, throughput_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +37,11 @@ def test_attention_caches_cap_the_far_position():
 def test_the_tool_needs_runs_or_presets():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "lowering_report.py")], capture_output=True, text=True)
     assert result.returncode == 2 and "give runs=... or presets=..." in result.stderr
+
+
+def test_matmul_throughput_measures_both_runtimes_on_the_same_product():
+    measured = matmul_throughput(rows=256, inner=64, columns=128, repeats=3)
+    assert measured["shape"] == [256, 64, 128] and measured["cpu"]
+    assert measured["torch_gflops"] > 0 and measured["onnxruntime_gflops"] > 0
+    line = throughput_line(measured)
+    assert "256×64 · 64×128" in line and f"PyTorch {measured['torch_gflops']:.0f} GFLOP/s" in line

@@ -4,8 +4,9 @@ at a far position vs a near one, and compiled vs eager training steps (see expor
     python tools/lowering_report.py runs=<run dir>[,<run dir>...] [length=1024] [far=8192] [compile=true] [out=<dir>]
     python tools/lowering_report.py presets=mega,tcnca [task=byte_lm] ...     # untrained presets
 
-Writes <out>/lowering.json and <out>/lowering.md (default out: runs/lowering) and prints the table.
-The int8 metric change means something only for trained runs.
+Writes <out>/lowering.json and <out>/lowering.md (default out: runs/lowering) and prints the table,
+with the machine's float32 matmul speed in PyTorch and in ONNX Runtime under it (the context
+for every ratio). The int8 metric change means something only for trained runs.
 """
 import json
 import sys
@@ -22,7 +23,7 @@ from mixers.configs import compose_config  # noqa: E402
 from mixers.experiment import adapt_model_config, build_task  # noqa: E402
 from mixers.training import load_run  # noqa: E402
 
-from export.report import as_builtin, lowering_report, markdown_table  # noqa: E402
+from export.report import as_builtin, lowering_report, markdown_table, matmul_throughput, throughput_line  # noqa: E402
 
 
 def subjects(options: dict[str, str]):
@@ -54,9 +55,11 @@ def main(argv: list[str]) -> int:
     except SeqmixError as error:
         print(f"lowering_report: error: {error}", file=sys.stderr)
         return 2
+    machine = as_builtin(matmul_throughput())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lowering.json").write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "reports": reports}, indent=2))
-    table = markdown_table(reports)
+    (out / "lowering.json").write_text(json.dumps(
+        {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul": machine, "reports": reports}, indent=2))
+    table = markdown_table(reports) + "\n\n" + throughput_line(machine)
     (out / "lowering.md").write_text(table + "\n")
     print(table)
     return 0
