@@ -12,6 +12,13 @@ Output t sees inputs t−RF+1 .. t, with receptive field RF = 1 + (K−1)·(f^de
 once; with f > K some offsets inside the field are never reached.
 
 Causal only. The streaming state keeps, per layer, the last (K−1)·f^i inputs of that layer.
+
+Two compute paths: ``conv`` (``nn.Conv1d`` with groups = D, the reference and default) and
+``taps`` (the same sum written as K shifted, weighted copies of the layer input). Eagerly neither
+wins everywhere; compiled with Inductor, the taps of a layer fuse into one kernel forward and
+backward, while the convolution stays a library call whose backward costs several forwards, so
+``compile.compile_model`` switches to ``taps``. Exporters keep ``conv``: ONNX Runtime's ``Conv``
+beats the K slices and products.
 """
 from __future__ import annotations
 
@@ -41,10 +48,10 @@ class TCN(Mixer):
         activation: ``none``, ``silu`` or ``gelu``, applied after every layer but the last.
         residual: h = h + layer(h) instead of h = layer(h).
         causal: must be True; the TCN has no bidirectional form.
-        impl: ``conv``, the only path.
+        impl: ``conv`` (reference, default) or ``taps`` (fuses when compiled).
     """
 
-    impls = ("conv",)
+    impls = ("conv", "taps")
     default_impl = "conv"
 
     def __init__(
@@ -120,12 +127,22 @@ class TCN(Mixer):
             else:
                 ctx = torch.cat([state[i].to(h.dtype), h], dim=-1)  # (B, D, window + T)
             new_state.append(ctx[..., -window:])
-            out = conv(ctx)  # (B, D, T)
+            out = conv(ctx) if self.impl == "conv" else self._taps(conv, ctx)  # (B, D, T)
             if i < self.depth - 1:
                 out = act(out)
             h = h + out if self.residual else out
         y = h.transpose(1, 2)  # (B, T, D)
         return F.silu(y + self.omega * x).to(x.dtype), tuple(new_state)
+
+    def _taps(self, conv: nn.Conv1d, ctx: Tensor) -> Tensor:
+        """``conv(ctx)`` as Σ_k w[k] · (ctx shifted by k·dilation): (B, D, window + T) -> (B, D, T)."""
+        weight = conv.weight.squeeze(1)  # (D, K)
+        dilation = conv.dilation[0]
+        length = ctx.shape[-1] - (self.kernel_size - 1) * dilation
+        out = conv.bias.unsqueeze(-1) + weight[:, :1] * ctx[..., :length]
+        for k in range(1, self.kernel_size):
+            out = out + weight[:, k : k + 1] * ctx[..., k * dilation : k * dilation + length]
+        return out
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         return self._run(x, padding_mask, None)[0]
