@@ -4,8 +4,10 @@
 - step: (token ids (B, T), state tensors...) -> (logits (B, T, V), new state tensors...), the
   state flattened into named tensors of fixed shape, so a device streams with constant memory.
 
-Exporters first switch every mixer to a path each backend can run (``use_exportable_paths``):
-the chunked EMA/CEMA (plain matmuls; the FFT path needs DFT, the recurrent one a loop over L).
+Exporters first switch every mixer to a path each backend can run, and runs well
+(``use_exportable_paths``): the chunked EMA/CEMA (plain matmuls; the FFT path needs DFT, the
+recurrent one a loop over L), and the TCN's ``conv`` (one ``Conv`` node per layer, faster in ONNX
+Runtime than the ``taps`` path's K slices and products).
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from mixers.contract import switch_impls
 from mixers.ema import steps_recurrently
 
-EXPORTABLE_IMPLS = {"recurrent": "chunked", "fft": "chunked"}
+EXPORTABLE_IMPLS = {"recurrent": "chunked", "fft": "chunked", "taps": "conv"}
 
 
 def largest_chunk(model: nn.Module) -> int:
@@ -38,16 +41,9 @@ def largest_chunk(model: nn.Module) -> int:
 
 
 def use_exportable_paths(model: nn.Module) -> dict[str, str]:
-    """Switch every mixer whose impl cannot export to its exportable path; return {module name: impl used}."""
-    used = {}
-    for name, module in model.named_modules():
-        impl = getattr(module, "impl", None)
-        if impl is None or not hasattr(type(module), "impls"):
-            continue
-        if impl in EXPORTABLE_IMPLS and EXPORTABLE_IMPLS[impl] in type(module).impls:
-            module.impl = EXPORTABLE_IMPLS[impl]
-        used[name or "model"] = module.impl
-    return used
+    """Switch every mixer whose impl exporters do not run to the path they do (``EXPORTABLE_IMPLS``);
+    return {module name: impl used}."""
+    return switch_impls(model, EXPORTABLE_IMPLS)
 
 
 def stepwise_recurrences(model: nn.Module, tokens_per_step: int) -> dict[str, str]:

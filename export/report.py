@@ -8,7 +8,8 @@
   cache holds at most ``max_len`` tokens, so presets with one are measured up to that position and
   say so; their per-token cost grows with the cache by design.
 - ``compile_vs_eager_training``: the time of one training step (forward, backward, AdamW) compiled
-  with Inductor against eager, after compilation.
+  with Inductor (``compile_model``, which runs the TCN on its ``taps`` path) against eager, after
+  compilation.
 
 ``matmul_throughput`` gives the context for all of them: the same float32 matrix product in
 PyTorch and in ONNX Runtime, in GFLOP/s. Inductor calls PyTorch's BLAS for training matmuls, so
@@ -75,8 +76,9 @@ def step_growth(model: nn.Module, onnx_step: Path | None, near: int = 64, far: i
     return result
 
 
-def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, steps: int = 5) -> dict:
-    """Median training-step time, eager vs ``compile_model`` (Inductor), on copies of ``model``."""
+def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, steps: int = 7, warmup: int = 2) -> dict:
+    """Median training-step time, eager vs ``compile_model`` (Inductor, with its path switches),
+    on copies of ``model``, after ``warmup`` untimed steps (the first one compiles)."""
     from compile import compile_model
 
     length = max(largest_chunk(model), (length // largest_chunk(model)) * largest_chunk(model))
@@ -94,6 +96,8 @@ def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, s
         started = time.perf_counter()
         step()  # compiles, for the compiled network
         first = time.perf_counter() - started
+        for _ in range(warmup - 1):
+            step()
         times = []
         for _ in range(steps):
             started = time.perf_counter()

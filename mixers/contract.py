@@ -188,3 +188,21 @@ class Mixer(nn.Module):
         if dtype is None:
             dtype = first.dtype if first is not None else torch.get_default_dtype()
         return torch.device(device), dtype
+
+
+def switch_impls(model: nn.Module, replacements: dict[str, str]) -> dict[str, str]:
+    """Switch every mixer in ``model`` whose impl is a key of ``replacements`` to the value, where
+    that mixer has such a path (compilers and exporters each prefer other paths).
+
+    Returns:
+        {module name ("model" for the root): impl now in use} for every mixer.
+    """
+    used = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Mixer):
+            continue
+        wanted = replacements.get(module.impl)
+        if wanted in type(module).impls:
+            module.impl = wanted
+        used[name or "model"] = module.impl
+    return used

@@ -3,7 +3,8 @@
 Inductor compiles take tens of seconds per graph on 2 cores, so Inductor runs only on the two
 presets that cover both kinds of mixer (mega: EMA with its cross-chunk ``scan``, and its
 backward; transformer: softmax attention with a KV cache), at tiny sizes, plus one megalodon
-forward at static shapes (a regression case). The other presets use
+forward at static shapes (a regression case) and one tcnca forward (Inductor runs its TCN on the
+``taps`` path). The other presets use
 ``aot_eager``, which traces the same forward and backward graphs (``scan`` included) and runs them
 with eager kernels. Graph breaks are checked on every preset with ``torch._dynamo.explain``,
 which needs no backend compiler.
@@ -23,6 +24,7 @@ import mixers
 from compile import BACKENDS, compile_model, explain_model, graph_breaks
 from mixers import SeqmixError
 from mixers.configs import compose_config, config_groups
+from mixers.tcn import TCN
 
 # torch's own tracing of scan calls a deprecated torch.jit API; nothing here can change that.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -174,6 +176,28 @@ def test_training_through_compiled_model_updates_the_model(preset, backend):
     assert losses[-1] < losses[0]
     unchanged = [name for name, p in model.named_parameters() if torch.equal(p, before[name])]
     assert unchanged == []
+
+
+def tcn_impls(model) -> set[str]:
+    return {module.impl for module in model.modules() if isinstance(module, TCN)}
+
+
+def test_inductor_runs_the_tcn_on_its_taps_and_matches_the_convolution():
+    model = build("tcnca", depth=1).eval()
+    tokens = random_tokens(model)
+    assert tcn_impls(model) == {"conv"}
+    with torch.no_grad():
+        expected = model(tokens)
+        compiled = compile_model(model)
+        assert tcn_impls(model) == {"taps"}
+        torch.testing.assert_close(compiled(tokens), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("backend, options", [("inductor", {"switch_paths": False}), ("aot_eager", {})])
+def test_the_tcn_keeps_its_path_unless_inductor_may_switch_it(backend, options):
+    model = build("tcnca", depth=1)
+    compile_model(model, backend=backend, **options)
+    assert tcn_impls(model) == {"conv"}
 
 
 def test_unknown_backend_lists_the_valid_ones():

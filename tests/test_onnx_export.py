@@ -171,3 +171,14 @@ def test_export_tool_tensorrt_checks_operators_and_says_what_is_missing(trained_
     else:
         assert export.returncode == 2
         assert "pip install tensorrt" in export.stderr or "no CUDA device" in export.stderr
+
+
+def test_exporters_switch_paths_they_do_not_run():
+    from export.graphs import use_exportable_paths
+    from mixers.tcn import TCN
+
+    model = tiny_preset("tcnca", "+model.mixers.mega.local_options.impl=taps")
+    tcn = next(m for m in model.modules() if isinstance(m, TCN))
+    assert tcn.impl == "taps"
+    used = use_exportable_paths(model)
+    assert tcn.impl == "conv" and "conv" in used.values() and "taps" not in used.values()
