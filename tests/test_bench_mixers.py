@@ -1,6 +1,7 @@
 """Smoke test of the mixer benchmark on a tiny grid: rows, skips and files, never timings."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 import mixers
 from mixers.benchmark import PASSES, BenchConfig, peak_memory_bytes, run_benchmark
+from mixers.tcn import TCN
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (64, 128)
@@ -57,8 +59,8 @@ def test_over_budget_memory_is_reported_as_skipped():
 def test_over_budget_time_skips_the_longer_lengths():
     config = BenchConfig(mixers=("tcn",), max_seconds_per_run=1e-9, **TINY)
     rows = run_benchmark(config, progress=False).rows
-    for pass_ in PASSES:
-        first, second = [r for r in rows if r.pass_ == pass_]
+    for impl, pass_ in itertools.product(TCN.impls, PASSES):
+        first, second = [r for r in rows if r.impl == impl and r.pass_ == pass_]
         assert first.length == 64 and first.time_ms > 0 and "stopped" in first.note
         assert second.length == 128 and second.time_ms is None and "--max-seconds-per-run" in second.skipped
 
