@@ -177,7 +177,7 @@ def test_exporters_switch_paths_they_do_not_run():
     from export.graphs import use_exportable_paths
     from mixers.tcn import TCN
 
-    model = tiny_preset("tcnca", "+model.mixers.mega.local_options.impl=taps")
+    model = tiny_preset("tcnca", "model.mixers.mega.local_options.impl=taps")
     tcn = next(m for m in model.modules() if isinstance(m, TCN))
     assert tcn.impl == "taps"
     used = use_exportable_paths(model)
