@@ -165,12 +165,10 @@ class TimestepNorm(nn.Module):
             c0, m0, v0 = (t.to(cd) for t in state)
 
             # shift K: the prior mean, or for a fresh row the first valid step's mean (0 if none)
-            if padding_mask is None:
-                # Step 0 is valid. Not argmax of the all-True mask: Inductor (torch 2.13, CPU)
-                # returns a garbage index for an argmax over a constant and then reads out of bounds.
-                first = torch.zeros(B, dtype=torch.long, device=x.device)
-            else:
-                first = valid.to(torch.int8).argmax(1)  # (B,)
+            # The first valid step is the number of steps before it (L − 1 for a row of padding,
+            # whose steps are all zeros). Counted, not argmax: Inductor (torch 2.13, CPU) compiles
+            # the argmax of an all-True mask into a garbage index and then reads out of bounds.
+            first = (valid.cumsum(1) == 0).sum(1).clamp_max(L - 1)  # (B,)
             first_mean = xs.gather(1, first.view(B, 1, 1, 1).expand(B, 1, G, D // G)).mean(-1).squeeze(1)  # (B, G)
             K = torch.where(c0 > 0, m0, first_mean)
             # shift before any sum, so that no sum ever holds a value as large as |mean|
