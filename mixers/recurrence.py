@@ -247,7 +247,6 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
     chunks = x.shape[1] // size
-    xc = x.reshape(batch, chunks, size, width)  # (B, nC, C, D)
     rows = x.permute(2, 0, 1).reshape(width, batch * chunks, size)  # (D, B·nC, C), row (b, c)
     j = torch.arange(size, device=x.device)
 
@@ -283,7 +282,7 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     if pad:
         # The carried state ran over the zero padding too; rebuild the last chunk's end from its start.
         last_start = (starts[0][-1], None if starts[1] is None else starts[1][-1])
-        h_end = _state_after(coef, last_start, xc[:, -1, : size - pad])
+        h_end = _state_after(coef, last_start, x[:, (chunks - 1) * size : length])
     return y, h_end
 
 
