@@ -9,8 +9,7 @@ graphs; a preset should show none (each break costs a return to Python and block
 
 With Inductor, ``compile_model`` first switches mixers to the paths Inductor compiles best
 (``INDUCTOR_IMPLS``): the TCN's ``taps``, which fuse into one kernel per layer, forward and
-backward, where ``conv`` stays a library call (a tcnca training step, B = 8, L = 512: 300 ms
-compiled with ``conv``, 230 ms with ``taps``).
+backward, where ``conv`` stays a library call (measured in README, ``tcn``).
 
 Two workarounds for torch 2.13's Inductor are applied when ``backend="inductor"``; both concern
 the ``scan`` that ``mixers.recurrence`` uses under compilation to carry the EMA/CEMA state across
