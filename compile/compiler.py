@@ -12,7 +12,7 @@ With Inductor, ``compile_model`` first switches mixers to the paths Inductor com
 backward, where ``conv`` stays a library call (measured in README, ``tcn``).
 
 Two workarounds for torch 2.13's Inductor are applied when ``backend="inductor"``; both concern
-the ``scan`` that ``mixers.recurrence`` uses under compilation to carry the EMA/CEMA state across
+the ``scan`` that ``seqmix.recurrence`` uses under compilation to carry the EMA/CEMA state across
 chunks. Inductor rewrites ``scan`` into a ``while_loop`` in a post-grad pass, and that rewrite
 1. reads its loop index with ``.item()``, which the fake tensors refuse unless Dynamo was allowed
    to capture scalar outputs (it is, automatically, only with ``fullgraph=True``); and
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils._pytree import tree_map_only
 
-from mixers import SeqmixError
-from mixers.contract import switch_impls
+from seqmix import SeqmixError
+from seqmix.contract import switch_impls
 
 BACKENDS = ("inductor", "aot_eager", "eager", "tensorrt")
 TENSORRT_INSTALL = "pip install torch-tensorrt (needs an NVIDIA GPU and the torch version it pins)"
@@ -144,7 +144,7 @@ def compile_model(
     """Compile a model's ``forward`` and ``step`` with ``torch.compile``.
 
     Args:
-        model: a ``SequenceModel`` (e.g. from ``mixers.instantiate_model``), on the device to run on.
+        model: a ``SequenceModel`` (e.g. from ``seqmix.instantiate_model``), on the device to run on.
         backend: ``inductor`` (generated kernels), ``aot_eager`` (traced forward and backward run
             by eager kernels: checks tracing without Inductor), ``eager`` (Dynamo only) or
             ``tensorrt`` (torch-tensorrt, CUDA only).

@@ -22,8 +22,8 @@ it measures, on a batch of B = ``batch`` sequences in float32:
   ``output.sum()`` to every parameter and to float inputs), the latter on the training runtimes
   only (eager, compile, cuda, cuda_compile).
 - time: one untimed setup call (which compiles or exports; its wall time, export included, is
-  ``setup_s``), then the median of ``repeats`` runs after ``warmup`` (``mixers.benchmark.time_runs``).
-- peak memory: ``mixers.benchmark.peak_memory_bytes`` over one more run, on the runtimes whose
+  ``setup_s``), then the median of ``repeats`` runs after ``warmup`` (``seqmix.benchmark.time_runs``).
+- peak memory: ``seqmix.benchmark.peak_memory_bytes`` over one more run, on the runtimes whose
   memory torch allocates (eager, compile, cuda, cuda_compile); None on ONNX Runtime, ExecuTorch
   and TensorRT, which allocate outside torch.
 - tokens/s: B·L / median time.
@@ -68,14 +68,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mixers import SeqmixError, benchmark
-from mixers.checkpoint import instantiate_model
-from mixers.configs import compose_config, config_groups
-from mixers.errors import choice_error, require_int
-from mixers.gated_attention import GatedAttention
-from mixers.model import SequenceModel
-from mixers.registry import build_mixer, mixer_class
-from mixers.softmax_attention import SoftmaxAttention
+from seqmix import SeqmixError, benchmark
+from seqmix.checkpoint import instantiate_model
+from seqmix.configs import compose_config, config_groups
+from seqmix.errors import choice_error, require_int
+from seqmix.gated_attention import GatedAttention
+from seqmix.model import SequenceModel
+from seqmix.registry import build_mixer, mixer_class
+from seqmix.softmax_attention import SoftmaxAttention
 
 from .graphs import quiet_exporters, use_exportable_paths
 from .onnx_export import ExportMismatch
@@ -323,7 +323,7 @@ def describe_impls(module: nn.Module) -> str:
 def attention_score_bytes(module: nn.Module, batch: int, length: int, pass_: str, fused_kernels: bool) -> int:
     """Estimated bytes of the attention score matrices alive at once in one pass; 0 without attention.
 
-    Per layer as ``mixers.benchmark.score_matrix_bytes``; with ``fused_kernels`` False (exported
+    Per layer as ``seqmix.benchmark.score_matrix_bytes``; with ``fused_kernels`` False (exported
     graphs) ``sdpa`` attention is counted as materialising its (B, H, L, L) scores too. A forward
     frees each layer's scores before the next; a backward keeps every layer's until it runs.
     """
@@ -649,7 +649,7 @@ def runtime_unavailable(runtime: str) -> str | None:
         try:
             import torch_tensorrt  # noqa: F401  (registers the "tensorrt" torch.compile backend)
         except ImportError as error:
-            from compile.compiler import TENSORRT_INSTALL
+            from seqmix.compile.compiler import TENSORRT_INSTALL
 
             return f"torch-tensorrt is not installed ({error}): {TENSORRT_INSTALL}"
     return None
@@ -681,7 +681,7 @@ def compile_module(module: nn.Module, backend: str) -> Callable[..., Tensor]:
     Inductor needs the scan workarounds ``compile.compiler`` documents: the ``AlignScanCarries``
     pass and scalar outputs captured while a call compiles.
     """
-    from compile.compiler import AlignScanCarries
+    from seqmix.compile.compiler import AlignScanCarries
 
     options: dict = {"backend": backend, "dynamic": False}
     call_config: dict = {}
@@ -705,7 +705,7 @@ def _compiled_call(module: nn.Module, backend: str) -> Callable[..., Tensor]:
     cells neither count against its recompile limit nor leave guards behind."""
     torch._dynamo.reset()
     if isinstance(module, SequenceModel):
-        from compile.compiler import compile_model
+        from seqmix.compile.compiler import compile_model
 
         return compile_model(module, backend=backend, dynamic=False)
     return compile_module(module, backend)
@@ -1120,7 +1120,7 @@ def _version(distribution: str) -> str | None:
 
 
 def environment(runtimes: Sequence[str] = ()) -> dict:
-    """What the numbers depend on besides the code: ``mixers.benchmark.environment`` plus runtime versions."""
+    """What the numbers depend on besides the code: ``seqmix.benchmark.environment`` plus runtime versions."""
     env = benchmark.environment(torch.device("cpu"))
     for distribution in ("onnxruntime", "executorch", "torch-tensorrt", "mega-pytorch", "pytorch-tcn"):
         env[distribution] = _version(distribution)

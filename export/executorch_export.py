@@ -22,14 +22,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-import mixers
-from mixers import SeqmixError, recurrence
-from mixers.errors import require_int
+import seqmix
+from seqmix import SeqmixError, recurrence
+from seqmix.errors import require_int
 
 from .graphs import StepGraph, quiet_exporters, stepwise_recurrences, use_exportable_paths
 
 INSTALL_HINT = "pip install executorch==1.5.1"
-MIXERS_DIR = Path(mixers.__file__).resolve().parent
+LIBRARY_DIR = Path(seqmix.__file__).resolve().parent
+EXPORT_DIR = Path(__file__).resolve().parent
 SCALAR_TYPES = {3: torch.int32, 4: torch.int64, 5: torch.float16, 6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
 """ExecuTorch's ScalarType codes (c10's numbering), as ``MethodMeta`` reports input dtypes."""
 
@@ -67,13 +68,17 @@ def _describe(model: nn.Module) -> str:
     return f"{prefix} ({', '.join(mixer_names) or 'no mixers'})"
 
 
-def _where_in_mixers(error: BaseException) -> str:
-    """' at mixers/<file>:<line> in <function>: <code>' for the innermost frame in this package, else ''."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve().is_relative_to(MIXERS_DIR)]
+def _where_in_library(error: BaseException) -> str:
+    """' at seqmix/<file>:<line> in <function>: <code>' for the innermost frame in the library (not this exporter), else ''."""
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__)
+        if Path(f.filename).resolve().is_relative_to(LIBRARY_DIR) and not Path(f.filename).resolve().is_relative_to(EXPORT_DIR)
+    ]
     if not frames:
         return ""
     frame = frames[-1]
-    return f" at mixers/{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    where = Path(frame.filename).resolve().relative_to(LIBRARY_DIR).as_posix()
+    return f" at seqmix/{where}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
 
 
 def _delegation(graph_module: torch.fx.GraphModule) -> dict:
@@ -120,7 +125,7 @@ def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise SeqmixError(
-            f"ExecuTorch: the {what} of {_describe(model)} could not be lowered{_where_in_mixers(error)}: "
+            f"ExecuTorch: the {what} of {_describe(model)} could not be lowered{_where_in_library(error)}: "
             f"{type(error).__name__}: {reason}"
         ) from error
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixers import SeqmixError
+from seqmix import SeqmixError
 
 from .graphs import largest_chunk
 from .manifest import write_manifest

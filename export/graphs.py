@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mixers.contract import switch_impls
-from mixers.ema import steps_recurrently
+from seqmix.contract import switch_impls
+from seqmix.ema import steps_recurrently
 
 EXPORTABLE_IMPLS = {"recurrent": "chunked", "fft": "chunked", "taps": "conv"}
 
@@ -48,7 +48,7 @@ def use_exportable_paths(model: nn.Module) -> dict[str, str]:
 
 def stepwise_recurrences(model: nn.Module, tokens_per_step: int) -> dict[str, str]:
     """{module name: "recurrent"} for every chunked recurrence that a step of ``tokens_per_step``
-    tokens runs on its recurrent loop (``mixers.ema.steps_recurrently``), for manifests."""
+    tokens runs on its recurrent loop (``seqmix.ema.steps_recurrently``), for manifests."""
     return {
         name: "recurrent"
         for name, module in model.named_modules()

@@ -1,6 +1,6 @@
 """Deployed latency: how long one forward pass of a model takes on the runtime it ships on.
 
-The architecture search (``mixers.search``) ranks candidates by this number, so every runtime
+The architecture search (``seqmix.search``) ranks candidates by this number, so every runtime
 times the same thing: the parallel graph on token ids (batch_size, length), after warm-up, as
 the median of ``repeats`` calls. Exported graphs are checked against eager first, so a latency is
 never reported for a graph that computes something else.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixers import SeqmixError
-from mixers.errors import choice_error, require_int
+from seqmix import SeqmixError
+from seqmix.errors import choice_error, require_int
 
 RUNTIMES = ("eager", "onnxruntime", "executorch", "tensorrt")
 REQUIREMENTS = {

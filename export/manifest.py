@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import NoReturn
 
-from mixers import SeqmixError
+from seqmix import SeqmixError
 
 MANIFEST = "manifest.json"
 REQUIRED = {"format", "vocab_size", "impls"}

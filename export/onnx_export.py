@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from mixers import SeqmixError
+from seqmix import SeqmixError
 
 from .graphs import (ParallelGraph, StepGraph, largest_chunk, quiet_exporters, size_oblivious, stepwise_recurrences,
                      use_exportable_paths)

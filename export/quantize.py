@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixers import SeqmixError
+from seqmix import SeqmixError
 
 from .onnx_export import median_ms, session
 
@@ -47,8 +47,8 @@ def make_variant(kind: str, source: Path) -> Path:
 
 def evaluate_onnx(path: Path, task, batch_size: int = 8, batches: int = 8) -> dict[str, float]:
     """Loss and the task's metric of an exported parallel graph on the task's evaluation set."""
-    from mixers.tasks.base import IGNORE
-    from mixers.training import task_scores
+    from seqmix.tasks.base import IGNORE
+    from seqmix.training import task_scores
 
     runner = session(path)
     total, count, correct = 0.0, 0, 0

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from mixers.benchmark import cpu_name
-from mixers.softmax_attention import SoftmaxAttention
+from seqmix.benchmark import cpu_name
+from seqmix.softmax_attention import SoftmaxAttention
 
 from .graphs import largest_chunk
 from .onnx_export import compare_latency, export_onnx, median_ms, session
@@ -79,7 +79,7 @@ def step_growth(model: nn.Module, onnx_step: Path | None, near: int = 64, far: i
 def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, steps: int = 7, warmup: int = 2) -> dict:
     """Median training-step time, eager vs ``compile_model`` (Inductor, with its path switches),
     on copies of ``model``, after ``warmup`` untimed steps (the first one compiles)."""
-    from compile import compile_model
+    from seqmix.compile import compile_model
 
     length = max(largest_chunk(model), (length // largest_chunk(model)) * largest_chunk(model))
     tokens = torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixers.errors import SeqmixError
+from seqmix.errors import SeqmixError
 
 # The operators TensorRT's ONNX parser imports ("Y" rows of the operator support matrix in
 # onnx/onnx-tensorrt, docs/operators.md, the revision describing TensorRT 10.15: opsets 9 to 24).

@@ -1,8 +1,9 @@
 """Build a model from its config, save it, and load it back without unpickling anything.
 
 A saved model is a directory with ``model.safetensors`` (the weights) and ``config.yaml`` (the
-resolved model config). Loading instantiates only ``_target_``s inside this project's packages,
-so a config cannot make the loader import or call anything else (``os.system``, say).
+resolved model config). Loading instantiates only the public targets of ``seqmix.targets``, so a
+config cannot make the loader import or call anything else (``os.system``, say); configs saved by
+seqmix 0.1.0, which name its module paths, are translated first.
 
 A training checkpoint adds ``checksums.json``: the sha256 of every other file in the directory,
 written before the directory is renamed into place. Loaders verify it before reading anything,
@@ -21,31 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import SeqmixError
+from .targets import check_targets, translate_legacy_targets
 
-ALLOWED_PACKAGES = ("mixers", "compile", "export")
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 CHECKSUMS = "checksums.json"
-
-
-def check_targets(config: Any, where: str = "model") -> None:
-    """Raise unless every ``_target_`` in the (nested) config lies in this project's packages."""
-    if isinstance(config, (DictConfig, dict)):
-        items = config.items()
-    elif isinstance(config, (list, tuple)) or OmegaConf.is_list(config):
-        items = ((str(i), v) for i, v in enumerate(config))
-    else:
-        return
-    for key, value in items:
-        if key == "_target_":
-            root = str(value).split(".")[0]
-            if root not in ALLOWED_PACKAGES:
-                raise SeqmixError(
-                    f"{where}._target_={value!r} is outside seqmix; configs may only build objects from the "
-                    f"packages {list(ALLOWED_PACKAGES)}"
-                )
-        else:
-            check_targets(value, f"{where}.{key}")
 
 
 def instantiate_model(config: DictConfig | dict):
@@ -54,7 +35,7 @@ def instantiate_model(config: DictConfig | dict):
     from hydra.utils import instantiate
 
     config = OmegaConf.create(config) if isinstance(config, dict) else config
-    resolved = OmegaConf.to_container(config, resolve=True)
+    resolved = translate_legacy_targets(OmegaConf.to_container(config, resolve=True))
     check_targets(resolved)
     try:
         model = instantiate(resolved, _convert_="all")
@@ -76,7 +57,7 @@ def save_model(model, directory: str | os.PathLike) -> Path:
 
     config = getattr(model, "config", None)
     if config is None:
-        raise SeqmixError("save_model: the model has no config; build it with mixers.instantiate_model(config)")
+        raise SeqmixError("save_model: the model has no config; build it with seqmix.instantiate_model(config)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # The files are about to change, so a checksum record written for the old ones would be stale.
@@ -139,7 +120,7 @@ def verify_checksums(directory: str | os.PathLike) -> None:
         raise SeqmixError(
             f"checkpoint {directory}: {CHECKSUMS} is missing, so its files cannot be verified; it was not written "
             "by seqmix's save_checkpoint (or has been damaged). If you trust it, record its checksums with "
-            "mixers.checkpoint.write_checksums(directory)"
+            "seqmix.checkpoint.write_checksums(directory)"
         )
     try:
         record = json.loads(record_path.read_text())

@@ -1,14 +1,20 @@
-"""Compose the project's Hydra configs (``conf/``) from command-line style overrides."""
+"""Compose seqmix's Hydra configs from command-line style overrides.
+
+The configs ship inside the package as ``seqmix.conf`` (the repository's ``conf/``), so a wheel
+installed anywhere composes the same presets as a checkout.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from .errors import SeqmixError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(str(files("seqmix.conf")))
+"""The config directory; Hydra reads it from the file system, so the package must not be zipped."""
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -29,7 +35,7 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
     from hydra.errors import MissingConfigException
 
     if not CONF_DIR.is_dir():
-        raise SeqmixError(f"the config directory {CONF_DIR} is missing; run from a seqmix checkout")
+        raise SeqmixError(f"the config directory {CONF_DIR} is missing; reinstall seqmix (pip install seqmix)")
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides))

@@ -46,7 +46,7 @@ def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
 
 
 def run_recurrence(impl: str, x: Tensor, coef: recurrence.Coefficients, h0, chunk_size: int):
-    """Dispatch to the chosen compute path of ``mixers.recurrence`` (see ``steps_recurrently``)."""
+    """Dispatch to the chosen compute path of ``seqmix.recurrence`` (see ``steps_recurrently``)."""
     if steps_recurrently(impl, x.shape[1], chunk_size):
         return recurrence.recurrent(x, coef, h0)
     if impl == "chunked":

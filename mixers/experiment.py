@@ -6,17 +6,18 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import check_targets, instantiate_model
+from .checkpoint import instantiate_model
 from .configs import CONF_DIR
 from .errors import SeqmixError
 from .model import SequenceModel
+from .targets import check_targets, translate_legacy_targets
 from .tasks.base import Task
 from .training import TrainConfig
 
 HEAD_TARGETS = {
-    "causal_lm": "mixers.heads.CausalLMHead",
-    "masked_lm": "mixers.heads.MaskedLMHead",
-    "classification": "mixers.heads.ClassificationHead",
+    "causal_lm": "seqmix.CausalLMHead",
+    "masked_lm": "seqmix.MaskedLMHead",
+    "classification": "seqmix.ClassificationHead",
 }
 
 
@@ -36,7 +37,7 @@ def build_task(task_config: DictConfig | dict) -> Task:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    container = OmegaConf.to_container(OmegaConf.create(task_config), resolve=True)
+    container = translate_legacy_targets(OmegaConf.to_container(OmegaConf.create(task_config), resolve=True))
     check_targets(container, "task")
     try:
         return instantiate(container)

@@ -45,6 +45,7 @@ from .configs import CONF_DIR, compose_config, config_groups
 from .errors import SeqmixError, choice_error, require_int
 from .experiment import adapt_model_config, build_experiment, check_fits
 from .registry import list_mixers, mixer_class
+from .targets import public_target
 from .runs import markdown_table, write_csv
 from .tasks.base import Task
 from .training import METRICS, TrainConfig, train
@@ -177,7 +178,7 @@ def _mixer_kinds() -> dict[str, str]:
     kinds = {}
     for name in list_mixers():
         cls = mixer_class(name)
-        kinds[f"{cls.__module__}.{cls.__qualname__}"] = name
+        kinds[public_target(cls)] = name
     return kinds
 
 
@@ -187,7 +188,7 @@ def default_mixer_config(name: str) -> dict:
     if path.is_file():
         return OmegaConf.to_container(OmegaConf.load(path))
     cls = mixer_class(name)
-    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", "_partial_": True}
+    return {"_target_": public_target(cls), "_partial_": True}
 
 
 def _local_kind(gated_config: dict) -> str:

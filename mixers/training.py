@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     WEIGHTS,
-    check_targets,
     check_weights,
     load_model,
     read_tensors,
@@ -35,6 +34,7 @@ from .checkpoint import (
     write_checksums,
 )
 from .errors import SeqmixError, choice_error, require_int
+from .targets import check_targets, translate_legacy_targets
 from .tasks.base import IGNORE, Batch, Task
 
 CHECKPOINTS = "checkpoints"
@@ -371,7 +371,7 @@ def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
     if config.resume and not record.exists():
         raise SeqmixError(f"train.resume=true but {out_dir} holds no run to resume")
     if config.resume:
-        previous = json.loads(record.read_text())
+        previous = translate_legacy_targets(json.loads(record.read_text()))
         if previous.get("model") != run_record["model"] or previous.get("task") != run_record["task"]:
             raise SeqmixError(f"train.resume=true but {out_dir} holds a run of another model or task; resume with the same config")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -579,7 +579,8 @@ def load_run(path: str | os.PathLike, device: str = "cpu"):
         except ValueError as error:
             raise SeqmixError(f"{record_path} is not valid JSON ({error}); the run record is corrupted") from None
         if not isinstance(record, dict):
-            raise SeqmixError(f"{record_path} holds a {type(record).__name__}; expected the run record written by tools/train.py")
+            raise SeqmixError(f"{record_path} holds a {type(record).__name__}; expected the run record written by seqmix train")
+        record = translate_legacy_targets(record)
         check_targets(record.get("model", {}), f"{RUN} model")
         check_targets(record.get("task", {}), f"{RUN} task")
     is_training_checkpoint = (checkpoint / TRAINER).is_file()

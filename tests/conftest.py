@@ -70,12 +70,12 @@ def tiny_preset(preset: str, *overrides: str):
     """A model preset at a tiny size (D = 32, two layers; three for a three-layer pattern), seeded."""
     import torch
 
-    import mixers
-    from mixers.configs import compose_config
+    import seqmix
+    from seqmix.configs import compose_config
 
     depth = "model.depth=3" if preset == "hybrid_tcn_attention" else "model.depth=2"
     torch.manual_seed(0)
-    return mixers.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", depth, *overrides]).model)
+    return seqmix.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", depth, *overrides]).model)
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +84,8 @@ def exported_presets(tmp_path_factory):
 
     Returns a function preset -> (model, export.onnx_export.OnnxExport).
     """
-    from export.manifest import write_manifest
-    from export.onnx_export import export_onnx
+    from seqmix.export.manifest import write_manifest
+    from seqmix.export.onnx_export import export_onnx
 
     cache = {}
 

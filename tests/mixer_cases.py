@@ -5,7 +5,7 @@ harness; the extra variants below cover the options that change the computation.
 """
 from __future__ import annotations
 
-import mixers
+import seqmix
 
 WIDTH = 16
 
@@ -38,7 +38,7 @@ def _case_id(name: str, options: dict) -> str:
 def mixer_cases() -> list[tuple[str, str, dict]]:
     """(id, registered name, options) for every case, defaults first."""
     cases = []
-    for name in mixers.list_mixers():
+    for name in seqmix.list_mixers():
         for options in [{}] + EXTRA_VARIANTS.get(name, []):
             cases.append((_case_id(name, options), name, options))
     return cases
@@ -53,14 +53,14 @@ def impl_cases(cases) -> list[tuple[str, str, dict, str]]:
     """(id, name, options, impl) for every compute path of every case."""
     out = []
     for case_id, name, options in cases:
-        for impl in mixers.mixer_class(name).impls:
+        for impl in seqmix.mixer_class(name).impls:
             out.append((f"{case_id}-{impl}", name, options, impl))
     return out
 
 
 def fast_impl_cases() -> list[tuple[str, str, dict, str]]:
     """(id, name, options, impl) for every path that is not the reference (the first impl)."""
-    return [case for case in impl_cases(mixer_cases()) if case[3] != mixers.mixer_class(case[1]).impls[0]]
+    return [case for case in impl_cases(mixer_cases()) if case[3] != seqmix.mixer_class(case[1]).impls[0]]
 
 
 def build(name: str, options: dict, seed: int = 0, dtype=None):
@@ -68,5 +68,5 @@ def build(name: str, options: dict, seed: int = 0, dtype=None):
     import torch
 
     torch.manual_seed(seed)
-    mixer = mixers.build_mixer(name, WIDTH, **options)
+    mixer = seqmix.build_mixer(name, WIDTH, **options)
     return mixer if dtype is None else mixer.to(dtype)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import mixers
-from export import bench
-from export.bench import PEERS, compose_bench_spec, plan_grid, run_claims, run_grid, write_claims, write_grid_results
-from mixers import SeqmixError
+import seqmix
+from seqmix.export import bench
+from seqmix.export.bench import PEERS, compose_bench_spec, plan_grid, run_claims, run_grid, write_claims, write_grid_results
+from seqmix import SeqmixError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smoke grid, eager only: for the checks that do not need every runtime.
@@ -125,8 +125,8 @@ def test_a_missing_peer_package_is_reported_with_pip_install(monkeypatch):
 def test_peer_adapter_maps_x_like_its_seqmix_mixer(name):
     peer = PEERS[name]
     pytest.importorskip(peer.module, reason=f"peer package {peer.package} is not installed: pip install {peer.package}")
-    seqmix = mixers.build_mixer(peer.against, 16)
-    module = peer.build(seqmix)
+    mixer = seqmix.build_mixer(peer.against, 16)
+    module = peer.build(mixer)
     x = torch.randn(2, 40, 16, requires_grad=True)
     y = module(x)
     assert y.shape == x.shape

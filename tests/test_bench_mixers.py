@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-import mixers
-from mixers.benchmark import PASSES, BenchConfig, peak_memory_bytes, run_benchmark
-from mixers.tcn import TCN
+import seqmix
+from seqmix.benchmark import PASSES, BenchConfig, peak_memory_bytes, run_benchmark
+from seqmix.tcn import TCN
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (64, 128)
@@ -32,7 +32,7 @@ def test_every_cell_measured_with_a_finite_slope():
     names = ("ema", "tcn")
     result = run_benchmark(BenchConfig(mixers=names, **TINY), progress=False)
     cells = {(r.mixer, r.impl, r.pass_, r.length): r for r in result.rows}
-    expected = {(n, i, p, L) for n in names for i in mixers.mixer_class(n).impls for p in PASSES for L in LENGTHS}
+    expected = {(n, i, p, L) for n in names for i in seqmix.mixer_class(n).impls for p in PASSES for L in LENGTHS}
     assert set(cells) == expected
     for row in cells.values():
         assert row.skipped is None, row

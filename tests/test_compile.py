@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-import mixers
-from compile import BACKENDS, compile_model, explain_model, graph_breaks
-from mixers import SeqmixError
-from mixers.configs import compose_config, config_groups
-from mixers.tcn import TCN
+import seqmix
+from seqmix.compile import BACKENDS, compile_model, explain_model, graph_breaks
+from seqmix import SeqmixError
+from seqmix.configs import compose_config, config_groups
+from seqmix.tcn import TCN
 
 # torch's own tracing of scan calls a deprecated torch.jit API; nothing here can change that.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -39,7 +39,7 @@ def build(preset: str, depth: int = 2):
     """The preset at width 32 (the hybrid needs its 3-layer pattern)."""
     torch.manual_seed(0)
     depth = 3 if preset == "hybrid_tcn_attention" else depth
-    return mixers.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", f"model.depth={depth}"]).model)
+    return seqmix.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", f"model.depth={depth}"]).model)
 
 
 def random_tokens(model, batch: int = 2, length: int = 256) -> torch.Tensor:
@@ -234,6 +234,7 @@ def test_step_of_a_compiled_bidirectional_model_refuses_like_the_model():
         compile_model(model, backend="eager").step(random_tokens(model, length=4), ())
 
 
-def test_mixers_never_imports_compile():
-    code = "import sys, mixers, mixers.training; assert 'compile' not in sys.modules, 'mixers imported compile'"
+def test_the_library_never_imports_compile_or_export():
+    code = ("import sys, seqmix, seqmix.training; "
+            "assert not {'seqmix.compile', 'seqmix.export'} & set(sys.modules), 'the library imported compile or export'")
     subprocess.run([sys.executable, "-c", code], check=True)

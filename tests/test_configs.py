@@ -8,12 +8,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import mixers
-from mixers.blocks import FeedForward
-from mixers.checkpoint import check_targets
-from mixers.configs import CONF_DIR, compose_config
-from mixers.norms import LayerNorm, TimestepNorm
-from mixers.training import TrainConfig
+import seqmix
+from seqmix.blocks import FeedForward
+from seqmix.checkpoint import check_targets
+from seqmix.configs import CONF_DIR, compose_config
+from seqmix.norms import LayerNorm, TimestepNorm
+from seqmix.training import TrainConfig
 
 WIDTH = 16
 CONFIG_FILES = sorted(CONF_DIR.rglob("*.yaml"))
@@ -47,10 +47,10 @@ def _run_sequence_module(module, *call_extra) -> None:
 def _build_and_run(path: Path, tmp_path: Path) -> None:
     group = _group(path)
     if group == ".":
-        _run_model(mixers.instantiate_model(compose_config([], config_name=path.stem).model))
+        _run_model(seqmix.instantiate_model(compose_config([], config_name=path.stem).model))
         return
     if group == "model":
-        _run_model(mixers.instantiate_model(compose_config([f"model={path.stem}"]).model))
+        _run_model(seqmix.instantiate_model(compose_config([f"model={path.stem}"]).model))
         return
     if group == "task":
         config = OmegaConf.load(path)
@@ -65,15 +65,15 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         assert TrainConfig(**options).max_steps >= 1
         return
     if group == "bench":
-        from export.bench import check_spec, compose_bench_spec
+        from seqmix.export.bench import check_spec, compose_bench_spec
 
         # Validates the spec and builds each subject once; the timing grid itself is tests/test_bench.py's.
         assert check_spec(compose_bench_spec([f"bench={path.stem}"])) > 0
         return
     if group == "search":
         optuna = pytest.importorskip("optuna")
-        from mixers.experiment import build_experiment
-        from mixers.search import SearchSettings, compose_search_config
+        from seqmix.experiment import build_experiment
+        from seqmix.search import SearchSettings, compose_search_config
 
         # The search's task, train budget and base preset build; then one sampled candidate trains a step.
         config = compose_search_config(path.stem)
@@ -81,7 +81,7 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         settings = SearchSettings.from_config(config.search)
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
         candidate = settings.space.suggest(trial, OmegaConf.to_container(config.model, resolve=True))
-        _run_model(mixers.instantiate_model(candidate.model_config))
+        _run_model(seqmix.instantiate_model(candidate.model_config))
         return
     factory = instantiate(OmegaConf.load(path))
     if group == "mixer":
@@ -94,7 +94,7 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
     elif group == "block":
         residual = OmegaConf.load(path).residual
         mixer_name = "gated_attention" if residual in ("gated", "two_hop") else "ema"
-        mixer = mixers.build_mixer(mixer_name, WIDTH, **({"normalized": True} if residual == "two_hop" else {}))
+        mixer = seqmix.build_mixer(mixer_name, WIDTH, **({"normalized": True} if residual == "two_hop" else {}))
         _run_sequence_module(factory(d_model=WIDTH, mixer=mixer, ffn=FeedForward(WIDTH), norm=LayerNorm))
     elif group == "head":
         head = factory(WIDTH, 50)
@@ -107,7 +107,7 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
 def test_configs_were_found():
     groups = {_group(p) for p in CONFIG_FILES}
     assert {"mixer", "norm", "ffn", "block", "head", "model", "task", "train"} <= groups
-    assert len([p for p in CONFIG_FILES if _group(p) == "mixer"]) == len(mixers.list_mixers())
+    assert len([p for p in CONFIG_FILES if _group(p) == "mixer"]) == len(seqmix.list_mixers())
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(CONF_DIR)) for p in CONFIG_FILES])

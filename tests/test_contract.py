@@ -5,18 +5,18 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-import mixers
-from mixers import SeqmixError
+import seqmix
+from seqmix import SeqmixError
 from mixer_cases import WIDTH, build, causal_cases, mixer_cases
 
 REQUIRED = {"ema", "cema", "tcn", "gated_attention", "softmax_attention"}
 
 
 def test_registry_names_the_five_operators():
-    assert REQUIRED <= set(mixers.list_mixers())
-    for name in mixers.list_mixers():
-        mixer = mixers.build_mixer(name, WIDTH)
-        assert isinstance(mixer, mixers.Mixer)
+    assert REQUIRED <= set(seqmix.list_mixers())
+    for name in seqmix.list_mixers():
+        mixer = seqmix.build_mixer(name, WIDTH)
+        assert isinstance(mixer, seqmix.Mixer)
         assert mixer.impl in type(mixer).impls
 
 
@@ -35,11 +35,11 @@ def test_state_shapes_do_not_depend_on_tokens_seen(case):
 
 
 def test_state_sizes_follow_the_design():
-    assert mixers.build_mixer("ema", 8, order=4).state_size() == 8 * 4
-    assert mixers.build_mixer("cema", 8, order=4).state_size() == 2 * 8 * 4
-    tcn = mixers.build_mixer("tcn", 8, kernel_size=4, dilation_base=4, depth=2)
+    assert seqmix.build_mixer("ema", 8, order=4).state_size() == 8 * 4
+    assert seqmix.build_mixer("cema", 8, order=4).state_size() == 2 * 8 * 4
+    tcn = seqmix.build_mixer("tcn", 8, kernel_size=4, dilation_base=4, depth=2)
     assert tcn.state_size() == 8 * (3 * 1 + 3 * 4)
-    assert mixers.build_mixer("ema", 8, causal=False).state_size() == 0
+    assert seqmix.build_mixer("ema", 8, causal=False).state_size() == 0
 
 
 @pytest.mark.parametrize("case", mixer_cases(), ids=[c[0] for c in mixer_cases()])
@@ -58,22 +58,22 @@ def test_wrong_inputs_are_named(case):
 
 def test_unknown_mixer_lists_the_registered_ones():
     with pytest.raises(SeqmixError) as error:
-        mixers.build_mixer("mamba", 8)
+        seqmix.build_mixer("mamba", 8)
     for name in REQUIRED:
         assert name in str(error.value)
 
 
 def test_unknown_impl_lists_the_valid_ones():
     with pytest.raises(SeqmixError, match=r"impl='cuda'.*\['chunked', 'fft', 'recurrent'\]"):
-        mixers.build_mixer("ema", 8, impl="cuda")
-    mixer = mixers.build_mixer("softmax_attention", 8)
+        seqmix.build_mixer("ema", 8, impl="cuda")
+    mixer = seqmix.build_mixer("softmax_attention", 8)
     with pytest.raises(SeqmixError, match=r"\['math', 'sdpa'\]"):
         mixer.impl = "flash"
 
 
 def test_unknown_option_lists_the_accepted_ones():
     with pytest.raises(SeqmixError, match="no option 'ndim'.*order"):
-        mixers.build_mixer("ema", 8, ndim=4)
+        seqmix.build_mixer("ema", 8, ndim=4)
 
 
 @pytest.mark.parametrize("case", [c for c in mixer_cases() if not build(c[1], c[2]).causal], ids=lambda c: c[0])
@@ -91,8 +91,8 @@ def test_state_for_another_batch_size_is_refused(case):
 
 
 def test_state_of_another_mixer_is_refused():
-    ema = mixers.build_mixer("ema", 8)
-    cema = mixers.build_mixer("cema", 8)
+    ema = seqmix.build_mixer("ema", 8)
+    cema = seqmix.build_mixer("cema", 8)
     with pytest.raises(SeqmixError, match="state has 1 tensors, expected 2"):
         cema.step(torch.randn(1, 1, 8), ema.init_state(1))
 
@@ -114,11 +114,11 @@ def test_state_of_another_mixer_is_refused():
 )
 def test_bad_options_name_the_field(name, options, field):
     with pytest.raises(SeqmixError, match=field):
-        mixers.build_mixer(name, 8, **options)
+        seqmix.build_mixer(name, 8, **options)
 
 
 def test_step_past_the_cache_capacity_is_refused():
-    mixer = mixers.build_mixer("softmax_attention", 8, max_len=4)
+    mixer = seqmix.build_mixer("softmax_attention", 8, max_len=4)
     with torch.no_grad():
         _, state = mixer.step(torch.randn(1, 3, 8), mixer.init_state(1))
         with pytest.raises(SeqmixError, match="max_len=4"):
@@ -126,6 +126,6 @@ def test_step_past_the_cache_capacity_is_refused():
 
 
 def test_full_attention_longer_than_max_len_is_refused():
-    mixer = mixers.build_mixer("gated_attention", 8, chunk_size=None, max_len=16)
+    mixer = seqmix.build_mixer("gated_attention", 8, chunk_size=None, max_len=16)
     with pytest.raises(SeqmixError, match="max_len=16"):
         mixer(torch.randn(1, 17, 8))

@@ -21,12 +21,12 @@ import torch
 
 pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
 
-import mixers  # noqa: E402
-from mixers import recurrence  # noqa: E402
-from export import executorch_export as et  # noqa: E402
-from export.graphs import largest_chunk  # noqa: E402
-from mixers import SeqmixError  # noqa: E402
-from mixers.configs import compose_config, config_groups  # noqa: E402
+import seqmix  # noqa: E402
+from seqmix import recurrence  # noqa: E402
+from seqmix.export import executorch_export as et  # noqa: E402
+from seqmix.export.graphs import largest_chunk  # noqa: E402
+from seqmix import SeqmixError  # noqa: E402
+from seqmix.configs import compose_config, config_groups  # noqa: E402
 
 ATOL = 1e-4
 LENGTH = 128  # a multiple of every preset's chunk sizes (64, 128), and within gpt2's max_len
@@ -39,7 +39,7 @@ def tiny(preset: str):
     depth = 3 if preset == "hybrid_tcn_attention" else 2
     torch.manual_seed(0)
     overrides = [f"model={preset}", "model.d_model=32", f"model.depth={depth}"]
-    return mixers.instantiate_model(compose_config(overrides).model).eval()
+    return seqmix.instantiate_model(compose_config(overrides).model).eval()
 
 
 def parallel_case(preset: str):
@@ -94,7 +94,7 @@ def test_a_graph_that_cannot_be_traced_names_the_layers_and_the_line(monkeypatch
 
 def test_the_chunked_recurrence_exports_as_a_loop_not_a_scan():
     """torch.export alone gives the chunked EMA a scan, which ExecuTorch would run outside XNNPACK."""
-    ema = mixers.build_mixer("ema", 8, chunk_size=4).eval()
+    ema = seqmix.build_mixer("ema", 8, chunk_size=4).eval()
     x = torch.randn(1, 12, 8)
 
     def scans(program) -> int:

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.export import Dim, export
 
-import mixers
-from export.graphs import size_oblivious
+import seqmix
+from seqmix.export.graphs import size_oblivious
 from mixer_cases import WIDTH
 
 # Lengths are declared a multiple of the largest default chunk, so chunked paths need no
 # padding inside the graph (padding there made export guard on the symbolic length).
 LENGTH_UNIT = 128
-CASES = [(name, {}) for name in mixers.list_mixers()] + [
+CASES = [(name, {}) for name in seqmix.list_mixers()] + [
     ("ema", {"causal": False}),
     ("softmax_attention", {"causal": False}),
     ("gated_attention", {"causal": False}),
@@ -39,7 +39,7 @@ class Stepper(torch.nn.Module):
 @pytest.mark.parametrize("name, options", CASES, ids=[f"{n}{o or ''}" for n, o in CASES])
 def test_parallel_graph_exports_with_dynamic_batch_and_length(name, options):
     torch.manual_seed(0)
-    mixer = mixers.build_mixer(name, WIDTH, **options).eval()
+    mixer = seqmix.build_mixer(name, WIDTH, **options).eval()
     example = torch.randn(2, 2 * LENGTH_UNIT, WIDTH)
     shapes = ({0: Dim("batch", min=1, max=64), 1: LENGTH_UNIT * Dim("units", min=1, max=64)},)
     with size_oblivious():
@@ -50,10 +50,10 @@ def test_parallel_graph_exports_with_dynamic_batch_and_length(name, options):
             torch.testing.assert_close(program.module()(x), mixer(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, options", [c for c in CASES if mixers.build_mixer(c[0], WIDTH, **c[1]).causal], ids=str)
+@pytest.mark.parametrize("name, options", [c for c in CASES if seqmix.build_mixer(c[0], WIDTH, **c[1]).causal], ids=str)
 def test_step_graph_exports_with_state_in_and_out(name, options):
     torch.manual_seed(0)
-    mixer = mixers.build_mixer(name, WIDTH, **options).eval()
+    mixer = seqmix.build_mixer(name, WIDTH, **options).eval()
     program = export(Stepper(mixer), (torch.randn(2, 1, WIDTH), mixer.init_state(2)))
     exported_state, eager_state = mixer.init_state(2), mixer.init_state(2)
     with torch.no_grad():

@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixers import SeqmixError
-from mixers.checkpoint import write_checksums
-from mixers.configs import compose_config
-from mixers.experiment import build_experiment
-from mixers.training import TrainConfig, latest_checkpoint, load_run, load_training_state, make_optimizer, train
+from seqmix import SeqmixError
+from seqmix.checkpoint import write_checksums
+from seqmix.configs import compose_config
+from seqmix.experiment import build_experiment
+from seqmix.training import TrainConfig, latest_checkpoint, load_run, load_training_state, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [

@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._pytree import tree_flatten
 
-import mixers
+import seqmix
 from conftest import examples
-from mixers import Mixer, SeqmixError
-from mixers.gated_attention import ATTENTIONS, POSITION_BIASES
-from mixers.tcn import ACTIVATIONS as TCN_ACTIVATIONS
+from seqmix import Mixer, SeqmixError
+from seqmix.gated_attention import ATTENTIONS, POSITION_BIASES
+from seqmix.tcn import ACTIVATIONS as TCN_ACTIVATIONS
 
 MAX_WIDTH = 16
 MAX_LENGTH = 40
@@ -39,7 +39,7 @@ def divisors(n: int) -> list[int]:
 
 
 def impls(name: str):
-    return st.sampled_from(mixers.mixer_class(name).impls)
+    return st.sampled_from(seqmix.mixer_class(name).impls)
 
 
 # --- valid configurations: one strategy per registered mixer -------------------------------
@@ -127,7 +127,7 @@ OPTIONS = {
 @st.composite
 def mixer_configs(draw) -> tuple[str, int, dict]:
     """(registered name, D, options) of a valid mixer."""
-    name = draw(st.sampled_from(mixers.list_mixers()))
+    name = draw(st.sampled_from(seqmix.list_mixers()))
     d_model = draw(st.integers(1, MAX_WIDTH))
     return name, d_model, draw(OPTIONS[name](d_model))
 
@@ -165,7 +165,7 @@ def piece_sizes(draw, length: int) -> list[int]:
 
 
 def test_every_registered_mixer_is_fuzzed():
-    assert set(OPTIONS) == set(mixers.list_mixers()), "give a new mixer a strategy of valid options in OPTIONS"
+    assert set(OPTIONS) == set(seqmix.list_mixers()), "give a new mixer a strategy of valid options in OPTIONS"
 
 
 def _reference_outputs(mixer: Mixer, x: torch.Tensor, mask) -> torch.Tensor:
@@ -189,7 +189,7 @@ def test_random_valid_configurations_run_match_the_reference_ignore_padding_and_
     mask = data.draw(padding_masks(batch, length), label="padding_mask")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     torch.manual_seed(seed)
-    mixer = mixers.build_mixer(name, d_model, **options).double()
+    mixer = seqmix.build_mixer(name, d_model, **options).double()
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, d_model, generator=generator, dtype=torch.float64)
 
@@ -232,7 +232,7 @@ def test_nan_and_inf_at_padded_positions_never_reach_unpadded_outputs(config, da
     batch, length = data.draw(st.integers(1, 3), label="batch"), data.draw(st.integers(1, MAX_LENGTH), label="length")
     mask = data.draw(padding_masks(batch, length).filter(lambda m: m is not None), label="padding_mask")
     torch.manual_seed(0)
-    mixer = mixers.build_mixer(name, d_model, **options).double()
+    mixer = seqmix.build_mixer(name, d_model, **options).double()
     x = torch.randn(batch, length, d_model, dtype=torch.float64)
     poison = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]), label="padding value")
     with torch.no_grad():
@@ -252,7 +252,7 @@ NOT_AN_INT = st.sampled_from([2.5, 16.0, "16", None, True])
 def invalid_configurations(draw) -> tuple[str, int, dict, str]:
     """(name, D, options, text the error must contain): one field of a valid configuration made invalid."""
     name, d_model, options = draw(mixer_configs())
-    accepted = inspect.signature(mixers.mixer_class(name)).parameters
+    accepted = inspect.signature(seqmix.mixer_class(name)).parameters
     mutations = ["d_model", "impl", "unknown option"]
     mutations += {
         "ema": ["order", "chunk_size"],
@@ -267,16 +267,16 @@ def invalid_configurations(draw) -> tuple[str, int, dict, str]:
         d_model = draw(NOT_POSITIVE | NOT_AN_INT)
         return name, d_model, options, f"d_model={d_model!r}"
     if field == "impl":
-        value = draw(NAMES.filter(lambda text: text not in mixers.mixer_class(name).impls))
+        value = draw(NAMES.filter(lambda text: text not in seqmix.mixer_class(name).impls))
     elif field == "unknown option":
         option = draw(NAMES.filter(lambda text: text not in accepted))
         return name, d_model, {**options, option: 1}, f"no option {option!r}"
     elif field == "local option":
-        local_accepted = inspect.signature(mixers.mixer_class(options["local"])).parameters
+        local_accepted = inspect.signature(seqmix.mixer_class(options["local"])).parameters
         option = draw(NAMES.filter(lambda text: text not in local_accepted))
         return name, d_model, {**options, "local_options": {**options.get("local_options", {}), option: 1}}, f"no option {option!r}"
     elif field == "local":
-        value = draw(NAMES.filter(lambda text: text not in mixers.list_mixers()))
+        value = draw(NAMES.filter(lambda text: text not in seqmix.list_mixers()))
         # The registry's message names the mixer it was asked for, not the option that asked.
         return name, d_model, {**options, "local": value, "local_options": None}, f"gated_attention.local={value!r}"
     elif field == "heads" and name == "softmax_attention":
@@ -300,7 +300,7 @@ def invalid_configurations(draw) -> tuple[str, int, dict, str]:
 def test_random_invalid_configurations_fail_naming_the_field_and_value(case):
     name, d_model, options, expected = case
     with pytest.raises(SeqmixError) as error:
-        mixers.build_mixer(name, d_model, **options)
+        seqmix.build_mixer(name, d_model, **options)
     assert expected in str(error.value)
 
 
@@ -309,7 +309,7 @@ def invalid_inputs(draw):
     """(mixer, call, text the error must contain): a valid mixer and a call with one bad input."""
     name, d_model, options = draw(mixer_configs())
     torch.manual_seed(0)
-    mixer = mixers.build_mixer(name, d_model, **options)
+    mixer = seqmix.build_mixer(name, d_model, **options)
     batch, length = draw(st.integers(1, 3)), draw(st.integers(1, 8))
     good = torch.randn(batch, length, d_model)
     kinds = ["rank", "dtype", "width", "empty", "mask dtype", "mask shape"]
@@ -340,7 +340,7 @@ def invalid_inputs(draw):
         assume(tree_flatten(mixer.init_state(other))[0])  # an empty state (identity) fits every batch size
         return mixer, lambda: mixer.step(good, mixer.init_state(other)), "state"
     other_name, other_width, other_options = draw(mixer_configs().filter(lambda c: c[0] != "identity"))
-    other = mixers.build_mixer(other_name, other_width, **{**other_options, "causal": True} if "causal" in other_options else other_options)
+    other = seqmix.build_mixer(other_name, other_width, **{**other_options, "causal": True} if "causal" in other_options else other_options)
     expected = tree_flatten(mixer.init_state(batch))[0]
     foreign = tree_flatten(other.init_state(batch))[0]
     assume([t.shape for t in expected] != [t.shape for t in foreign])
@@ -377,13 +377,13 @@ ATTENTION_WITH_PADDING = [
 @pytest.mark.parametrize("name, options, expected", BAD_OPTIONS_FOUND, ids=[e for _, _, e in BAD_OPTIONS_FOUND])
 def test_options_the_fuzzer_found_are_refused(name, options, expected):
     with pytest.raises(SeqmixError, match=expected):
-        mixers.build_mixer(name, 16, **options)
+        seqmix.build_mixer(name, 16, **options)
 
 
 @pytest.mark.parametrize("name, options", ATTENTION_WITH_PADDING, ids=[f"{n}{o}" for n, o in ATTENTION_WITH_PADDING])
 def test_nan_at_padded_positions_never_reaches_real_outputs(name, options):
     torch.manual_seed(0)
-    mixer = mixers.build_mixer(name, 16, **options).double()
+    mixer = seqmix.build_mixer(name, 16, **options).double()
     x = torch.randn(2, 24, 16, dtype=torch.float64)
     mask = torch.zeros(2, 24, dtype=torch.bool)
     mask[:, 20:] = True

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mixers
+import seqmix
 
 LENGTH = 45
 
@@ -47,7 +47,7 @@ def complex_cema(mixer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_ema_equals_literal_recurrence(impl, causal):
     torch.manual_seed(0)
-    mixer = mixers.build_mixer("ema", 6, order=5, causal=causal, impl=impl, chunk_size=8).double()
+    mixer = seqmix.build_mixer("ema", 6, order=5, causal=causal, impl=impl, chunk_size=8).double()
     x = torch.randn(2, LENGTH, 6, dtype=torch.float64)
     with torch.no_grad():
         y = literal_ema(mixer, x)
@@ -59,7 +59,7 @@ def test_ema_equals_literal_recurrence(impl, causal):
 
 def test_ema_kernel_is_the_impulse_response():
     torch.manual_seed(0)
-    mixer = mixers.build_mixer("ema", 4, order=3).double()
+    mixer = seqmix.build_mixer("ema", 4, order=3).double()
     impulse = torch.zeros(1, 20, 4, dtype=torch.float64)
     impulse[0, 0] = 1.0
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_ema_kernel_is_the_impulse_response():
 @pytest.mark.parametrize("impl", ["recurrent", "fft", "chunked"])
 def test_cema_real_arithmetic_equals_complex_reference(impl):
     torch.manual_seed(0)
-    mixer = mixers.build_mixer("cema", 6, order=4, impl=impl, chunk_size=8).double()
+    mixer = seqmix.build_mixer("cema", 6, order=4, impl=impl, chunk_size=8).double()
     with torch.no_grad():
         mixer.eta_im.normal_()  # a nonzero imaginary part exercises every term
         x = torch.randn(2, LENGTH, 6, dtype=torch.float64)
@@ -79,7 +79,7 @@ def test_cema_real_arithmetic_equals_complex_reference(impl):
 def test_recurrences_compute_in_float32_under_autocast():
     torch.manual_seed(0)
     for name in ("ema", "cema"):
-        mixer = mixers.build_mixer(name, 8)
+        mixer = seqmix.build_mixer(name, 8)
         x = torch.randn(1, 300, 8)
         with torch.no_grad():
             exact = mixer(x.bfloat16().float())
@@ -93,14 +93,14 @@ def test_recurrences_compute_in_float32_under_autocast():
 def test_chunked_recurrence_steps_shorter_inputs_with_the_loop(name, monkeypatch):
     """Fewer tokens than one chunk (a streaming step) take the recurrent loop, not a padded chunk;
     a full chunk still takes the chunked path. Outputs and states equal the reference either way."""
-    from mixers import recurrence
+    from seqmix import recurrence
 
     torch.manual_seed(0)
     chunked_calls = []
     chunked = recurrence.chunked
     monkeypatch.setattr(recurrence, "chunked", lambda *a, **k: chunked_calls.append(a[0].shape[1]) or chunked(*a, **k))
-    fast = mixers.build_mixer(name, 6, order=4, impl="chunked", chunk_size=8).double()
-    reference = mixers.build_mixer(name, 6, order=4, impl="recurrent").double()
+    fast = seqmix.build_mixer(name, 6, order=4, impl="chunked", chunk_size=8).double()
+    reference = seqmix.build_mixer(name, 6, order=4, impl="recurrent").double()
     reference.load_state_dict(fast.state_dict())
     for tokens in (1, 7, 8):
         x = torch.randn(2, tokens, 6, dtype=torch.float64)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_preset
-from mixers.tasks.mqar import MQAR
+from seqmix.tasks.mqar import MQAR
 
-from export.report import lowering_report, markdown_table, matmul_throughput, step_growth, throughput_line
+from seqmix.export.report import lowering_report, markdown_table, matmul_throughput, step_growth, throughput_line
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-import mixers
-from mixers import SeqmixError
-from mixers.configs import compose_config, config_groups
+import seqmix
+from seqmix import SeqmixError
+from seqmix.configs import compose_config, config_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = config_groups()["model"]
@@ -19,7 +19,7 @@ PRESETS = config_groups()["model"]
 
 def build(*overrides: str):
     torch.manual_seed(0)
-    return mixers.instantiate_model(compose_config(list(overrides)).model)
+    return seqmix.instantiate_model(compose_config(list(overrides)).model)
 
 
 def causal_presets() -> list[str]:
@@ -53,9 +53,9 @@ def test_streaming_in_random_pieces_equals_forward(preset):
 def test_save_then_load_gives_identical_outputs(preset, tmp_path):
     model = build(f"model={preset}").eval()
     tokens = torch.randint(0, model.vocab_size, (2, 33))
-    mixers.save_model(model, tmp_path)
+    seqmix.save_model(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "model.safetensors"]
-    loaded = mixers.load_model(tmp_path).eval()
+    loaded = seqmix.load_model(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
     assert loaded.head_is_tied == model.head_is_tied
@@ -63,20 +63,20 @@ def test_save_then_load_gives_identical_outputs(preset, tmp_path):
 
 def test_load_refuses_targets_outside_the_project(tmp_path):
     model = build("model=ema_conv")
-    mixers.save_model(model, tmp_path)
+    seqmix.save_model(model, tmp_path)
     config = (tmp_path / "config.yaml").read_text()
     marker = tmp_path / "pwned"
     (tmp_path / "config.yaml").write_text(
-        config.replace("_target_: mixers.blocks.FeedForward", "_target_: os.system\n  command: touch " + str(marker), 1)
+        config.replace("_target_: seqmix.FeedForward", "_target_: os.system\n  command: touch " + str(marker), 1)
     )
-    with pytest.raises(SeqmixError, match="os.system.*outside seqmix"):
-        mixers.load_model(tmp_path)
+    with pytest.raises(SeqmixError, match="os.system.*not something seqmix builds"):
+        seqmix.load_model(tmp_path)
     assert not marker.exists()
 
 
 def test_load_names_a_missing_file(tmp_path):
     with pytest.raises(SeqmixError, match="config.yaml does not exist"):
-        mixers.load_model(tmp_path)
+        seqmix.load_model(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mixers.errors import SeqmixError
-from mixers.norms import NORMS, RMSNorm, ScaleNorm, TimestepNorm, build_norm
+from seqmix.errors import SeqmixError
+from seqmix.norms import NORMS, RMSNorm, ScaleNorm, TimestepNorm, build_norm
 
 
 def naive_timestep_norm(x, padding_mask, groups, eps, weight, bias):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-import mixers
-from mixers.configs import compose_config, config_groups
-from mixers.experiment import build_experiment
-from mixers.norms import TimestepNorm
-from mixers.training import train
+import seqmix
+from seqmix.configs import compose_config, config_groups
+from seqmix.experiment import build_experiment
+from seqmix.norms import TimestepNorm
+from seqmix.training import train
 
 LONG = 65536
 DECAY = 1 - 1e-4
@@ -41,7 +41,7 @@ def test_decay_next_to_one_over_65536_steps_stays_finite_and_matches_the_recurre
     float32, give the same outputs (forward and step) and the same final state.
     """
     torch.manual_seed(0)
-    mixer = mixers.build_mixer(name, 4, order=2).double()
+    mixer = seqmix.build_mixer(name, 4, order=2).double()
     with torch.no_grad():
         mixer.alpha.zero_()
         mixer.delta.fill_(math.log(2e-4 / (1 - 2e-4)))

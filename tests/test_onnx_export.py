@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from mixers import SeqmixError
-from mixers.configs import config_groups
-from mixers.generation import generate
+from seqmix import SeqmixError
+from seqmix.configs import config_groups
+from seqmix.generation import generate
 from conftest import tiny_preset
 
-from export.manifest import read_manifest, write_manifest
-from export.onnx_export import ExportMismatch, export_onnx
-from export.quantize import VARIANTS, evaluate_onnx, make_variant
+from seqmix.export.manifest import read_manifest, write_manifest
+from seqmix.export.onnx_export import ExportMismatch, export_onnx
+from seqmix.export.quantize import VARIANTS, evaluate_onnx, make_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = config_groups()["model"]
@@ -92,7 +92,7 @@ def test_a_verification_beyond_tolerance_fails_with_the_error_and_where(tmp_path
 
 @pytest.mark.parametrize("kind", VARIANTS)
 def test_quantized_and_half_variants_run_and_are_measured(kind, exports, tmp_path):
-    from mixers.tasks.mqar import MQAR
+    from seqmix.tasks.mqar import MQAR
 
     model, result = exports("transformer")
     variant = make_variant(kind, result.parallel)
@@ -174,8 +174,8 @@ def test_export_tool_tensorrt_checks_operators_and_says_what_is_missing(trained_
 
 
 def test_exporters_switch_paths_they_do_not_run():
-    from export.graphs import use_exportable_paths
-    from mixers.tcn import TCN
+    from seqmix.export.graphs import use_exportable_paths
+    from seqmix.tcn import TCN
 
     model = tiny_preset("tcnca", "model.mixers.mega.local_options.impl=taps")
     tcn = next(m for m in model.modules() if isinstance(m, TCN))

@@ -13,9 +13,9 @@ def test_readme_python_examples_run():
 
 
 def test_readme_lists_the_registered_mixers():
-    import mixers
+    import seqmix
 
-    assert str(mixers.list_mixers()) in README.read_text()
+    assert str(seqmix.list_mixers()) in README.read_text()
 
 
 def test_readme_links_and_images_point_to_files():

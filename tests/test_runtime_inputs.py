@@ -16,9 +16,9 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from conftest import tiny_preset
-from mixers import SeqmixError
-from mixers.configs import config_groups
-from mixers.model import ModelState
+from seqmix import SeqmixError
+from seqmix.configs import config_groups
+from seqmix.model import ModelState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,7 +144,7 @@ def test_the_onnx_runner_names_a_bad_sampling_option_before_opening_a_session(op
 def pte_step(tmp_path_factory):
     """A tiny ema_conv (D = 16, one layer) step program: inputs tokens (1, 1), state_0 (1, 16, 16), state_1 (1,)."""
     pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
-    from export import executorch_export as et
+    from seqmix.export import executorch_export as et
 
     model = tiny_preset("ema_conv", "model.d_model=16", "model.depth=1").eval()
     path = tmp_path_factory.mktemp("pte") / "step.pte"

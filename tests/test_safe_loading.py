@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from mixers import SeqmixError, load_model
-from mixers.checkpoint import write_checksums
-from mixers.configs import compose_config
-from mixers.experiment import build_experiment
-from mixers.training import latest_checkpoint, load_run, train
+from seqmix import SeqmixError, load_model
+from seqmix.checkpoint import write_checksums
+from seqmix.configs import compose_config
+from seqmix.experiment import build_experiment
+from seqmix.training import latest_checkpoint, load_run, train
 
-from export.manifest import read_manifest, write_manifest
+from seqmix.export.manifest import read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("mixers", "compile", "export", "tools")
@@ -136,7 +136,7 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(run, tmp_path
 
 def _marker_config(text: str, marker: Path) -> str:
     """A model config whose FFN names os.system with a command that would create ``marker``."""
-    target = "_target_: mixers.blocks.FeedForward"
+    target = "_target_: seqmix.FeedForward"
     assert target in text
     return text.replace(target, f"_target_: os.system\n  command: touch {marker}", 1)
 
@@ -147,14 +147,14 @@ def test_load_run_and_the_tools_refuse_a_checkpoint_config_outside_the_project(r
     config = checkpoint / "config.yaml"
     config.write_text(_marker_config(config.read_text(), marker))
     write_checksums(checkpoint)  # an intact checkpoint whose config is hostile
-    with pytest.raises(SeqmixError, match="os.system.*outside seqmix"):
+    with pytest.raises(SeqmixError, match="os.system.*not something seqmix builds"):
         load_run(run)
     for name, arguments in (("evaluate", [f"checkpoint={run}"]), ("generate", [f"checkpoint={run}", "tokens=1"])):
         assert tool(name).main(arguments) == 2
-        assert "outside seqmix" in capsys.readouterr().err
+        assert "not something seqmix builds" in capsys.readouterr().err
     # tools/export.py rewrites sys.path when imported, so it runs in its own process.
     export = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), f"checkpoint={run}"], capture_output=True, text=True)
-    assert export.returncode == 2 and "outside seqmix" in export.stderr, export.stderr[-2000:]
+    assert export.returncode == 2 and "not something seqmix builds" in export.stderr, export.stderr[-2000:]
     assert not marker.exists()
 
 
@@ -163,10 +163,10 @@ def test_load_run_refuses_a_run_record_naming_a_target_outside_the_project(part,
     record = json.loads((run / "run.json").read_text())
     record[part]["_target_"] = "os.system"
     (run / "run.json").write_text(json.dumps(record))
-    with pytest.raises(SeqmixError, match=f"run.json {part}._target_='os.system' is outside seqmix"):
+    with pytest.raises(SeqmixError, match=f"run.json {part}._target_='os.system' is not something seqmix builds"):
         load_run(run)
     assert tool("evaluate").main([f"checkpoint={run}"]) == 2
-    assert "outside seqmix" in capsys.readouterr().err
+    assert "not something seqmix builds" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_run_record_that_names_another_model(run):

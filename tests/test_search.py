@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
-import mixers  # noqa: E402
-from mixers import SeqmixError  # noqa: E402
-from mixers.configs import compose_config  # noqa: E402
-from mixers.experiment import build_experiment  # noqa: E402
-from mixers.search import (  # noqa: E402
+import seqmix  # noqa: E402
+from seqmix import SeqmixError  # noqa: E402
+from seqmix.configs import compose_config  # noqa: E402
+from seqmix.experiment import build_experiment  # noqa: E402
+from seqmix.search import (  # noqa: E402
     SearchSettings,
     SearchSpace,
     budget_trials,
@@ -29,7 +29,7 @@ from mixers.search import (  # noqa: E402
     run_search,
 )
 
-from export.latency import check_runtime, deployed_latency_ms  # noqa: E402
+from seqmix.export.latency import check_runtime, deployed_latency_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -155,7 +155,7 @@ def test_space_sets_mixer_options_on_the_base_preset():
                                                        "tcn_kernel": 3, "tcn_depth": 2}), base)
     assert candidate.model_config["layers"] == ["tcn", "tcn"] and list(candidate.model_config["mixers"]) == ["tcn"]
     assert candidate.model_config["mixers"]["tcn"].items() >= {"kernel_size": 3, "dilation_base": 3, "depth": 2}.items()
-    model = mixers.instantiate_model(candidate.model_config)
+    model = seqmix.instantiate_model(candidate.model_config)
     assert model(torch.randint(0, 256, (1, 12))).shape == (1, 12, 256)
 
 
@@ -197,7 +197,7 @@ def test_onnxruntime_latency_times_a_verified_export_padded_to_whole_chunks(tmp_
     pytest.importorskip("onnxruntime")
     config = compose_config(["model=ema_conv", "model.d_model=16", "model.depth=1", "model.vocab_size=32",
                              "model.mixers.ema.chunk_size=16", "model.mixers.ema.impl=recurrent"])
-    model = mixers.instantiate_model(config.model)
+    model = seqmix.instantiate_model(config.model)
     milliseconds = deployed_latency_ms(model, "onnxruntime", length=20, repeats=2, work_dir=tmp_path)
     assert milliseconds > 0 and (tmp_path / "model.onnx").is_file()
     assert model.blocks[0].mixer.impl == "recurrent"  # the caller's model is not switched to its exportable path

@@ -1,6 +1,6 @@
 """The main job's tour: every mixer and impl appears, and forward agrees with streaming."""
-from mixers import list_mixers, mixer_class
-from mixers.showcase import format_tour, tour
+from seqmix import list_mixers, mixer_class
+from seqmix.showcase import format_tour, tour
 
 
 def test_tour_covers_every_mixer_and_impl_and_streams_like_forward():

@@ -15,15 +15,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mixers.configs import CONF_DIR
-from mixers.errors import SeqmixError
-from mixers.tasks import IGNORE, TASKS, build_task, list_tasks
-from mixers.tasks import byte_lm as byte_lm_module
-from mixers.tasks.byte_lm import ByteLM
-from mixers.tasks.listops import ListOps, encode, evaluate, parse, render, tokenize
-from mixers.tasks.masked_segment import MASK, MaskedSegment
-from mixers.tasks.mqar import MQAR
-from mixers.tasks.selective_copying import SelectiveCopying
+from seqmix.configs import CONF_DIR
+from seqmix.errors import SeqmixError
+from seqmix.tasks import IGNORE, TASKS, build_task, list_tasks
+from seqmix.tasks import byte_lm as byte_lm_module
+from seqmix.tasks.byte_lm import ByteLM
+from seqmix.tasks.listops import ListOps, encode, evaluate, parse, render, tokenize
+from seqmix.tasks.masked_segment import MASK, MaskedSegment
+from seqmix.tasks.mqar import MQAR
+from seqmix.tasks.selective_copying import SelectiveCopying
 
 SMALL = {
     "byte_lm": dict(seq_len=64, max_bytes=20_000),

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixers import SeqmixError, build_mixer
-from mixers.tcn import TCN
+from seqmix import SeqmixError, build_mixer
+from seqmix.tcn import TCN
 
 
 @pytest.mark.parametrize(("K", "f", "depth"), [(4, 4, 2), (2, 2, 3), (3, 1, 4), (3, 2, 3), (2, 3, 2)])

@@ -14,9 +14,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import mixers
-from export.graphs import StepGraph, largest_chunk
-from export.tensorrt import (
+import seqmix
+from seqmix.export.graphs import StepGraph, largest_chunk
+from seqmix.export.tensorrt import (
     LISTED_UNSUPPORTED,
     SUPPORTED_OPS,
     build_engine,
@@ -24,7 +24,7 @@ from export.tensorrt import (
     onnxruntime_tensorrt_session,
     run_engine,
 )
-from mixers.configs import config_groups
+from seqmix.configs import config_groups
 
 PRESETS = config_groups()["model"]
 BIDIRECTIONAL = {"mega_encoder"}  # no state, so no step graph
@@ -81,7 +81,7 @@ def test_check_walks_scan_bodies_of_the_chunked_ema(graphs):
 
 def test_fft_path_of_the_ema_is_refused_for_its_dft():
     # Why use_exportable_paths swaps it for the chunked path before a TensorRT export.
-    mixer = mixers.build_mixer("ema", 16, impl="fft").eval()
+    mixer = seqmix.build_mixer("ema", 16, impl="fft").eval()
     program = torch.onnx.export(mixer, (torch.randn(1, 64, 16),), dynamo=True, opset_version=23, verbose=False)
     report = check_tensorrt_support(program.model_proto)
     assert not report.ok and set(report.unsupported) == {"DFT"}, report.summary()
@@ -223,14 +223,14 @@ def test_support_list_is_consistent():
 
 
 def test_missing_graph_says_so(tmp_path):
-    with pytest.raises(mixers.SeqmixError, match="not a file"):
+    with pytest.raises(seqmix.SeqmixError, match="not a file"):
         check_tensorrt_support(tmp_path / "absent.onnx")
 
 
 # -- optional runtimes -------------------------------------------------------------------------------
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
 def test_build_engine_without_tensorrt_says_what_to_install(tmp_path):
-    with pytest.raises(mixers.SeqmixError, match="pip install tensorrt; needs an NVIDIA GPU"):
+    with pytest.raises(seqmix.SeqmixError, match="pip install tensorrt; needs an NVIDIA GPU"):
         build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", {}, {}, {})
 
 
@@ -239,7 +239,7 @@ def test_onnxruntime_session_without_tensorrt_provider_says_what_is_missing(tmp_
 
     if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has the TensorRT execution provider")
-    with pytest.raises(mixers.SeqmixError, match="TensorrtExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(seqmix.SeqmixError, match="TensorrtExecutionProvider.*onnxruntime-gpu"):
         onnxruntime_tensorrt_session(tmp_path / "m.onnx")
 
 

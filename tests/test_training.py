@@ -11,12 +11,12 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from mixers import SeqmixError
-from mixers.configs import compose_config
-from mixers.experiment import build_experiment
-from mixers.generation import generate
-from mixers.tasks.base import IGNORE
-from mixers.training import correct_count, latest_checkpoint, loss_sum_and_count, predict, train
+from seqmix import SeqmixError
+from seqmix.configs import compose_config
+from seqmix.experiment import build_experiment
+from seqmix.generation import generate
+from seqmix.tasks.base import IGNORE
+from seqmix.training import correct_count, latest_checkpoint, loss_sum_and_count, predict, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_MODEL = ["model.d_model=32", "model.depth=2"]
@@ -197,7 +197,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_whole(tmp_path):
         train(model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not list(checkpoints.glob(".*partial"))
-    from mixers import load_model
+    from seqmix import load_model
 
     restored = load_model(latest_checkpoint(tmp_path / "run"))
     assert all(torch.isfinite(p).all() for p in restored.parameters())

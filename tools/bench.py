@@ -26,8 +26,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 # when the profiler first starts.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
-from export.bench import compose_bench_spec, run_bench  # noqa: E402
-from mixers import SeqmixError  # noqa: E402
+from seqmix.export.bench import compose_bench_spec, run_bench  # noqa: E402
+from seqmix import SeqmixError  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -17,8 +17,8 @@ import sys
 # per cell; read when the profiler first starts, so setting it here (before any run) is enough.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
-from mixers import SeqmixError  # noqa: E402
-from mixers.benchmark import BenchConfig, format_report, run_benchmark, write_results  # noqa: E402
+from seqmix import SeqmixError  # noqa: E402
+from seqmix.benchmark import BenchConfig, format_report, run_benchmark, write_results  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

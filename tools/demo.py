@@ -4,7 +4,7 @@
 """
 import argparse
 
-from mixers.showcase import format_tour, tour
+from seqmix.showcase import format_tour, tour
 
 
 def main() -> None:

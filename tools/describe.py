@@ -9,9 +9,9 @@ Arguments are Hydra overrides of conf/config.yaml.
 """
 import sys
 
-from mixers import SeqmixError, instantiate_model
-from mixers.configs import compose_config, config_groups
-from mixers.summary import describe_model
+from seqmix import SeqmixError, instantiate_model
+from seqmix.configs import compose_config, config_groups
+from seqmix.summary import describe_model
 
 
 def main(argv: list[str]) -> int:

@@ -5,10 +5,10 @@
 import json
 import sys
 
-from mixers import SeqmixError
-from mixers.cli import key_value_options
-from mixers.experiment import build_task
-from mixers.training import evaluate, load_run
+from seqmix import SeqmixError
+from seqmix.cli import key_value_options
+from seqmix.experiment import build_task
+from seqmix.training import evaluate, load_run
 
 
 def main(argv: list[str]) -> int:

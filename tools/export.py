@@ -14,12 +14,12 @@ from pathlib import Path
 # project root instead of from tools/.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from mixers import SeqmixError  # noqa: E402
-from mixers.cli import key_value_options  # noqa: E402
-from mixers.experiment import build_task  # noqa: E402
-from mixers.training import load_run  # noqa: E402
+from seqmix import SeqmixError  # noqa: E402
+from seqmix.cli import key_value_options  # noqa: E402
+from seqmix.experiment import build_task  # noqa: E402
+from seqmix.training import load_run  # noqa: E402
 
-from export.formats import export_model, summary_lines  # noqa: E402
+from seqmix.export.formats import export_model, summary_lines  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

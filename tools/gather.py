@@ -4,7 +4,7 @@
 """
 import argparse
 
-from mixers.runs import collect_runs, markdown_table, write_csv
+from seqmix.runs import collect_runs, markdown_table, write_csv
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from mixers import SeqmixError
-from mixers.cli import key_value_options
-from mixers.generation import stream_tokens
-from mixers.training import load_run
+from seqmix import SeqmixError
+from seqmix.cli import key_value_options
+from seqmix.generation import stream_tokens
+from seqmix.training import load_run
 
 
 def main(argv: list[str]) -> int:

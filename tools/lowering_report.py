@@ -17,13 +17,13 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch  # noqa: E402
 
-from mixers import SeqmixError, instantiate_model  # noqa: E402
-from mixers.cli import key_value_options  # noqa: E402
-from mixers.configs import compose_config  # noqa: E402
-from mixers.experiment import adapt_model_config, build_task  # noqa: E402
-from mixers.training import load_run  # noqa: E402
+from seqmix import SeqmixError, instantiate_model  # noqa: E402
+from seqmix.cli import key_value_options  # noqa: E402
+from seqmix.configs import compose_config  # noqa: E402
+from seqmix.experiment import adapt_model_config, build_task  # noqa: E402
+from seqmix.training import load_run  # noqa: E402
 
-from export.report import as_builtin, lowering_report, markdown_table, matmul_throughput, throughput_line  # noqa: E402
+from seqmix.export.report import as_builtin, lowering_report, markdown_table, matmul_throughput, throughput_line  # noqa: E402
 
 
 def subjects(options: dict[str, str]):

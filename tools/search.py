@@ -20,12 +20,12 @@ from pathlib import Path
 # `export` package; search from the project root instead.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from mixers import SeqmixError  # noqa: E402
-from mixers.search import SearchSettings, compose_search_config, run_search  # noqa: E402 (says how to install optuna)
+from seqmix import SeqmixError  # noqa: E402
+from seqmix.search import SearchSettings, compose_search_config, run_search  # noqa: E402 (says how to install optuna)
 
 import optuna  # noqa: E402
 
-from export.latency import check_runtime, deployed_latency_ms  # noqa: E402
+from seqmix.export.latency import check_runtime, deployed_latency_ms  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

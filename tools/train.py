@@ -15,10 +15,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from mixers import SeqmixError
-from mixers.experiment import build_experiment
-from mixers.reporting import print_summary, sample_text
-from mixers.training import pick_device, train
+from seqmix import SeqmixError
+from seqmix.experiment import build_experiment
+from seqmix.reporting import print_summary, sample_text
+from seqmix.training import pick_device, train
 
 
 def _init_distributed() -> None:
@@ -47,7 +47,7 @@ def main(config: DictConfig) -> float:
         }
         compiled = None
         if experiment.train.compile:
-            from compile import compile_model
+            from seqmix.compile import compile_model
 
             device = pick_device(experiment.train.device)
             compiled = compile_model(experiment.model.to(device), backend=experiment.train.compile)
