@@ -1,4 +1,4 @@
-"""What the command-line tools print after a run: a summary table and a generated sample."""
+"""What ``seqmix train`` prints: the plan before the first step, a summary table and a generated sample after."""
 from __future__ import annotations
 
 import torch
@@ -6,19 +6,43 @@ import torch
 from .generation import generate
 
 
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def print_plan(experiment, choices: dict) -> None:
+    """What is about to run: model, task, training budget, device and threads, and where it goes."""
+    model, task, train = experiment.model, experiment.task, experiment.train
+    parameters = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("model", f"{choices.get('model') or 'model'}: {len(model.blocks)} layers, d_model={model.d_model}, "
+                  f"{parameters:,} parameters"),
+        ("task", f"{choices.get('task') or type(task).name}: sequences of {task.seq_len} tokens, "
+                 f"vocabulary {task.vocab_size}, metric {task.metric}"),
+        ("train", f"{train.max_steps:,} steps of {train.batch_size} sequences, lr {train.lr:g}, "
+                  f"evaluated every {train.eval_every} steps"),
+        ("device", f"{train.device}, {torch.get_num_threads()} torch thread(s)"),
+        ("out_dir", train.out_dir + (" (resuming)" if train.resume else "")),
+    ]
+    print(_table(rows), flush=True)
+
+
 def print_summary(experiment, result) -> None:
-    """A short table: model, task, steps, time, throughput, final validation metrics, checkpoint."""
+    """A short table: model, task, steps (those of this process apart), time, throughput, final metrics, checkpoint."""
     model = experiment.model
     parameters = sum(p.numel() for p in model.parameters())
+    done_here = result.steps - result.first_step
+    resumed = f", {done_here:,} of them in this run after resuming at step {result.first_step:,}" if result.first_step else ""
     rows = [
         ("task", type(experiment.task).name),
         ("model", f"{len(model.blocks)} layers, d_model={model.d_model}, {parameters:,} parameters"),
-        ("steps", f"{result.steps:,} in {result.seconds:.0f} s ({result.tokens_per_s:,.0f} tokens/s)"),
+        ("steps", f"{result.steps:,}{resumed}"),
+        ("time", f"{result.seconds:.0f} s for {done_here:,} steps ({result.tokens_per_s:,.0f} tokens/s)"),
     ]
     rows += [(f"valid {name}", f"{value:.4f}") for name, value in result.final_eval.items()]
     rows.append(("checkpoint", str(result.checkpoint)))
-    width = max(len(name) for name, _ in rows)
-    print("\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print("\n" + _table(rows))
 
 
 def sample_text(model, task, prompt: str = "def ", length: int = 200, seed: int = 0) -> tuple[str, str] | None:

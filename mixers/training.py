@@ -334,9 +334,16 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.opt
 
 @dataclass
 class RunResult:
-    """What a finished run reports."""
+    """What a finished run reports.
+
+    Attributes:
+        steps: the step the run reached (``max_steps``).
+        first_step: the step this process started from (0, or the resumed checkpoint's).
+        seconds, tokens_per_s: wall time and throughput of this process's steps alone.
+    """
 
     steps: int
+    first_step: int
     final_eval: dict[str, float]
     checkpoint: Path | None
     seconds: float
@@ -415,6 +422,13 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
             start = load_training_state(checkpoint, model, optimizer)
         if rank == 0:
             _truncate_metrics(out_dir / METRICS, start)
+            if checkpoint is None:
+                print(f"resume: {out_dir} has no checkpoint yet; starting at step 0 of {config.max_steps:,}", flush=True)
+            elif start >= config.max_steps:
+                print(f"resume: {checkpoint} is at step {start:,}, already train.max_steps={config.max_steps:,}; "
+                      "nothing left to train (raise train.max_steps to go on)", flush=True)
+            else:
+                print(f"resume: continuing from {checkpoint} at step {start:,} of {config.max_steps:,}", flush=True)
     network = model if forward_module is None else forward_module
     if world > 1:
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
@@ -513,6 +527,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
     seconds = time.perf_counter() - started
     return RunResult(
         steps=config.max_steps,
+        first_step=start,
         final_eval={k: v for k, v in final.items() if k not in ("step", "split")},
         checkpoint=checkpoint,
         seconds=seconds,

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from seqmix.configs import CONF_DIR
+from seqmix.targets import public_target
 from seqmix.errors import SeqmixError
 from seqmix.tasks import IGNORE, TASKS, build_task, list_tasks
 from seqmix.tasks import byte_lm as byte_lm_module
@@ -182,7 +183,7 @@ def test_config_lists_every_option_with_its_default_and_instantiates(path, cache
     assert path.read_text().startswith("# ")
     config = OmegaConf.load(path)
     cls = TASKS[path.stem]
-    assert config._target_ == f"{cls.__module__}.{cls.__qualname__}"
+    assert config._target_ == public_target(cls)
     parameters = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
     assert {k: v for k, v in OmegaConf.to_container(config).items() if k != "_target_"} == parameters
     # Corpus tasks get a test cache instead of writing into the user's home.
