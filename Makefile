@@ -1,28 +1,36 @@
-# Two commands a new user needs: `make run` (main job) and `make test` (the test suite).
+# Two commands a new user needs: `make run` (the main job) and `make test` (the test suite).
+#   make run STEPS=200     a shorter main job (the default is 600 steps)
+#   make run PYTHON=...    another interpreter
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+STEPS ?= 600
 
-.PHONY: install run tour test bench
+.PHONY: install install-test run tour test bench
 
 # Pin torch 2.13.0 only when no torch is installed: an unpinned torch pulls a multi-GB CUDA
 # build on CPU machines, while a GPU machine keeps the CUDA build it already has.
+# The main job needs only the export extra (ONNX, ONNX Runtime); the tests need the test extra.
 install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	@$(PIP) install -q -e ".[export]"
+
+install-test:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	@$(PIP) install -q -e ".[test]"
 
 # The main job: train the default model (mega) on the default task (byte-level LM on the Python
-# standard library) for a few minutes, evaluate, checkpoint, print a summary and a sample, then
+# standard library) for STEPS steps, evaluate, checkpoint, print a summary and a sample, then
 # export it to ONNX and compare ONNX Runtime with eager (agreement and latency).
 run: install
 	@dir=runs/quickstart/$$(date +%Y%m%d-%H%M%S); \
-	$(PYTHON) tools/train.py train=quickstart train.out_dir=$$dir && \
-	$(PYTHON) tools/export.py checkpoint=$$dir format=onnx
+	$(PYTHON) -m seqmix train train=quickstart train.max_steps=$(STEPS) train.out_dir=$$dir && \
+	$(PYTHON) -m seqmix export checkpoint=$$dir format=onnx
 
 tour: install
-	$(PYTHON) tools/demo.py
+	$(PYTHON) -m seqmix tour
 
-test: install
+test: install-test
 	$(PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) tools/bench_mixers.py --out bench_results
+	$(PYTHON) -m seqmix bench-mixers out=bench_results

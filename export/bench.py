@@ -1593,23 +1593,21 @@ def write_claims(result: ClaimsResult, out_dir: str | Path) -> list[Path]:
 # --- configs and the command line ---------------------------------------------------------
 
 
-def compose_bench_spec(overrides: Sequence[str] = ()) -> BenchSpec:
-    """The spec for Hydra command-line ``overrides``, e.g. ["bench=smoke", "bench.peers=true"].
+def compose_bench_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed config for Hydra command-line ``overrides``, e.g. ["bench=smoke", "bench.peers=true"].
 
-    The root config (registered here, not a file, so ``conf/`` keeps one root) holds the ``bench``
-    group of ``conf/bench/`` with ``default`` selected.
+    The root config (registered here, not a file, so ``conf/`` keeps one root per command) holds
+    the ``bench`` group of ``conf/bench/`` with ``default`` selected.
     """
     from hydra.core.config_store import ConfigStore
-    from hydra.errors import HydraException
 
     ConfigStore.instance().store(name=ROOT_CONFIG, node={"defaults": [{"bench": "default"}, "_self_"]})
-    try:
-        config = compose_config(overrides, config_name=ROOT_CONFIG)
-    except HydraException as error:
-        valid = sorted(f.name for f in fields(BenchSpec))
-        reason = str(error).splitlines()[0]
-        raise SeqmixError(f"bench: overrides {list(overrides)} rejected: {reason} (bench fields: {valid})") from None
-    return BenchSpec.from_config(config.bench)
+    return compose_config(overrides, config_name=ROOT_CONFIG)
+
+
+def compose_bench_spec(overrides: Sequence[str] = ()) -> BenchSpec:
+    """The checked spec for Hydra command-line ``overrides`` (``compose_bench_config``, then ``BenchSpec.from_config``)."""
+    return BenchSpec.from_config(compose_bench_config(overrides).bench)
 
 
 @dataclass

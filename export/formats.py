@@ -5,7 +5,8 @@ that ``write_manifest`` stores as manifest.json): the inputs, outputs, dynamic d
 the impl each mixer used, the verification's max error and the measured latency.
 
 - onnx: parallel graph (dynamic batch and length) and step graph, verified with ONNX Runtime;
-  optionally an int8 or fp16 variant with its metric change on the task's evaluation split.
+  optionally an int8 or fp16 variant with its metric change on the task's evaluation split; and
+  a copy of ``run_onnx.py``, which runs the directory with ONNX Runtime and NumPy alone.
 - executorch: .pte files of the parallel graph at one fixed (1, length) and of the step graph
   (one token per call), lowered to XNNPACK and verified with ``executorch.runtime``.
 - tensorrt: the ONNX export, the static TensorRT operator check, then (with TensorRT and an NVIDIA
@@ -14,6 +15,7 @@ the impl each mixer used, the verification's max error and the measured latency.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +23,27 @@ import torch
 from torch import nn
 
 from seqmix import SeqmixError
+from seqmix.errors import require_int
 
 from .graphs import largest_chunk
 from .manifest import write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, median_ms
 
 FORMATS = ("onnx", "executorch", "tensorrt")
+QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": (), "tensorrt": ("fp16",)}
+"""The ``quantize`` values each format takes (int8/fp16 ONNX variants, fp16 TensorRT kernels)."""
 ENGINE_MAX_BATCH = 8
+
+
+def check_export_options(kind: str, quantize: str | None, length: int) -> None:
+    """Refuse a format, quantization or length that no exporter takes, before anything is written."""
+    if kind not in FORMATS:
+        raise SeqmixError(f"format={kind!r} is not valid; expected one of {list(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS[kind]:
+        allowed = QUANTIZATIONS[kind]
+        expected = f"one of {list(allowed)} or null" if allowed else f"null (format={kind} exports float32 only)"
+        raise SeqmixError(f"quantize={quantize!r} is not valid for format={kind}; expected {expected}")
+    require_int("export", "length", length, 1, "tokens of the verification and latency inputs")
 
 
 def fit_length(model: nn.Module, length: int) -> int:
@@ -40,7 +56,10 @@ def export_onnx(model: nn.Module, task, out_dir: Path, quantize: str | None = No
     """ONNX parallel and step graphs, eager vs ONNX Runtime latency at (1, length), and a variant."""
     from .quantize import compare_variant, make_variant
 
+    check_export_options("onnx", quantize, length)
     result = export_onnx_graphs(model, out_dir)
+    # The runner needs only ONNX Runtime and NumPy, so the directory runs wherever it is copied.
+    shutil.copyfile(Path(__file__).with_name("run_onnx.py"), out_dir / "run_onnx.py")
     manifest = result.manifest
     manifest["latency"] = compare_latency(model, result.parallel, length=length)
     if quantize:
@@ -53,8 +72,7 @@ def export_executorch(model: nn.Module, task, out_dir: Path, quantize: str | Non
     """ExecuTorch .pte files (parallel at (1, length), and step when the model streams), verified."""
     from .executorch_export import export_parallel_pte, export_step_pte, pte_runner, verify_pte_parallel, verify_pte_step
 
-    if quantize:
-        raise SeqmixError(f"quantize={quantize!r} applies to format=onnx only; ExecuTorch graphs are exported in float32")
+    check_export_options("executorch", quantize, length)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     length = fit_length(model, length)
@@ -90,8 +108,7 @@ def export_tensorrt(model: nn.Module, task, out_dir: Path, quantize: str | None 
     """
     from .tensorrt import build_engine, check_tensorrt_support, run_engine
 
-    if quantize and quantize != "fp16":
-        raise SeqmixError(f"quantize={quantize!r} is not valid for format=tensorrt; expected fp16 (engine kernels in half precision)")
+    check_export_options("tensorrt", quantize, length)
     manifest = export_onnx(model, task, out_dir, length=length)
     manifest["format"] = "tensorrt"
     graphs = {"parallel": out_dir / "model.onnx", "step": out_dir / "step.onnx"}
@@ -135,8 +152,7 @@ EXPORTERS = {"onnx": export_onnx, "executorch": export_executorch, "tensorrt": e
 
 def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantize: str | None = None, length: int = 1024) -> dict:
     """Export ``model`` to ``kind`` in ``out_dir``, write manifest.json there and return it."""
-    if kind not in EXPORTERS:
-        raise SeqmixError(f"format={kind!r} is not valid; expected one of {list(FORMATS)}")
+    check_export_options(kind, quantize, length)
     out_dir = Path(out_dir)
     manifest = EXPORTERS[kind](model, task, out_dir, quantize, length)
     manifest["task"] = {"name": type(task).name, "head": task.head, "metric": task.metric}

@@ -42,7 +42,7 @@ def read_manifest(out_dir: str | Path) -> dict:
 
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
-        raise SeqmixError(f"{path} does not exist; export the model first with tools/export.py")
+        raise SeqmixError(f"{path} does not exist; export the model first with seqmix export")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -64,7 +64,7 @@ LISTED_UNSUPPORTED: frozenset[str] = frozenset(
     TfIdfVectorizer Unique
     """.split()
 )
-# The parser gained a DFT importer in TensorRT 11.2 (docs/DESIGN.md section 6); the list above
+# The parser gained a DFT importer in TensorRT 11.2 (its release notes); the list above
 # predates it and marks DFT unsupported.
 DFT_SINCE = (11, 2)
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
@@ -291,7 +291,7 @@ class _Checker:
         if op == "DFT":
             if self.version >= DFT_SINCE:
                 self.notes.add(
-                    "DFT: imported from TensorRT 11.2 on (docs/DESIGN.md section 6), after the 10.15 operator "
+                    "DFT: imported from TensorRT 11.2 on, after the 10.15 operator "
                     "list this check encodes; check that release's DFT restrictions", where,
                 )
             else:

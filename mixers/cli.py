@@ -1,19 +1,627 @@
-"""Argument handling shared by the small key=value command-line tools."""
+"""The ``seqmix`` command: every tool behind one entry point and one override syntax, Hydra's.
+
+    seqmix <command> [key=value ...]     e.g. seqmix train model=megalodon train.max_steps=200
+    seqmix <command> --help              the command's options, with their defaults, and its config groups
+    seqmix <command> --cfg               print the composed config and stop
+    seqmix train -m model=mega,tcnca     a Hydra sweep (train only)
+    python -m seqmix <command> ...       the same
+
+Overrides are Hydra's: ``key=value`` sets, ``group=option`` picks a preset, ``+key=value`` adds a
+key, ``~key`` deletes one. A key the command does not know is refused with the keys it does know.
+
+This module is the application above the library: the commands that lower or export import
+``seqmix.compile`` and ``seqmix.export`` when they run; nothing in the library imports this module.
+"""
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .configs import CONF_DIR, compose_config, config_groups, preset_picks
+from .errors import SeqmixError, require_int
+from .threads import apply_thread_policy
+
+PROGRAM = "seqmix"
 
 
-def key_value_options(argv: list[str], usage: str, required: tuple[str, ...] = ()) -> dict[str, str]:
-    """Parse ``key=value`` arguments; print ``usage`` and exit on -h/--help or a missing key."""
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(usage)
-        sys.exit(0)
-    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    unparsed = [arg for arg in argv if "=" not in arg]
-    missing = [key for key in required if key not in options]
-    if unparsed or missing:
-        problem = f"expected key=value arguments, got {unparsed}" if unparsed else f"missing {', '.join(missing)}"
-        print(f"error: {problem}\n{usage}", file=sys.stderr)
-        sys.exit(2)
-    return options
+@dataclass(frozen=True)
+class Command:
+    """One subcommand.
+
+    Attributes:
+        name: what follows ``seqmix`` on the command line.
+        summary: one line for ``seqmix --help``.
+        run: (composed config, preset choices) -> exit status.
+        config_name: the primary config in ``seqmix.conf`` that the overrides apply to.
+        groups: the config groups ``--help`` lists.
+        options: the config file whose text (comments included) ``--help`` prints as the options.
+        examples: command lines ``--help`` shows.
+        compose: composes the config from the overrides when the primary config alone cannot
+            (search picks a search config; bench composes its own root).
+        sweeps: accepts ``-m``/``--multirun`` (a Hydra sweep, one job per combination).
+    """
+
+    name: str
+    summary: str
+    run: Callable[[DictConfig, dict], int]
+    config_name: str = "config"
+    groups: tuple[str, ...] = ()
+    options: str | None = None
+    examples: tuple[str, ...] = ()
+    compose: Callable[[list[str]], tuple[DictConfig, dict]] | None = None
+    sweeps: bool = False
+
+
+# --- composing and checking -----------------------------------------------------------------
+
+
+def compose_command(command: Command, overrides: list[str]) -> tuple[DictConfig, dict]:
+    """The command's config with ``overrides`` applied, and the preset chosen in each group.
+
+    A key added with ``+`` at the top level is refused: no command reads keys it does not define.
+    """
+    if command.compose is not None:
+        return command.compose(overrides)
+    config = compose_config(overrides, config_name=command.config_name, with_choices=True)
+    choices = OmegaConf.to_container(config.hydra.runtime.choices)
+    with_hydra = config
+    config = OmegaConf.masked_copy(with_hydra, [key for key in with_hydra if key != "hydra"])
+    known = set(compose_config(preset_picks(overrides), config_name=command.config_name))
+    added = sorted(set(config) - known)
+    if added:
+        raise SeqmixError(f"unknown key {added[0]!r}; {command.name} takes the keys {sorted(known)}")
+    return config, choices
+
+
+def options_of(config: DictConfig, schema: type, where: str):
+    """``config`` as an instance of the dataclass ``schema``: unknown keys, bad types and missing values refused."""
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), config))
+    except ConfigKeyError as error:
+        key = getattr(error, "key", None) or str(error).split("'")[1]
+        raise SeqmixError(f"unknown key {key!r}; {where} takes the keys {[f for f in schema.__dataclass_fields__]}") from None
+    except MissingMandatoryValue as error:
+        key = getattr(error, "full_key", None) or str(error)
+        raise SeqmixError(f"{key} is required: {PROGRAM} {where} {key}=<value>") from None
+    except ValidationError as error:
+        key = getattr(error, "full_key", "?")
+        detail = str(error).splitlines()[0]
+        raise SeqmixError(f"{key}: {detail}") from None
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+
+def _warn_if_busy() -> None:
+    """Say so when other work competed for the cores while timings were taken."""
+    from .timing import busy_warning
+
+    warning = busy_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+def _rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _join_torchrun_group() -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPUs)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group(backend)
+
+
+def run_train(config: DictConfig, choices: dict) -> int:
+    """Train, evaluate and checkpoint; print the plan first and a summary and a sample at the end."""
+    import torch
+
+    from .experiment import build_experiment
+    from .reporting import print_plan, print_summary, sample_text
+    from .training import pick_device, train
+
+    _join_torchrun_group()
+    try:
+        experiment = build_experiment(config)
+        record = {
+            "preset": {"model": choices.get("model"), "task": choices.get("task")},
+            "model": experiment.model_config,
+            "task": experiment.task_config,
+        }
+        if _rank() == 0:
+            print_plan(experiment, choices)
+        compiled = None
+        if experiment.train.compile:
+            from seqmix.compile import compile_model
+
+            device = pick_device(experiment.train.device)
+            compiled = compile_model(experiment.model.to(device), backend=experiment.train.compile)
+        result = train(experiment.model, experiment.task, experiment.train, record, forward_module=compiled)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if _rank() == 0:
+        print_summary(experiment, result)
+        sample = sample_text(experiment.model, experiment.task)
+        if sample is not None:
+            print(f"\nsample (temperature 0.8, top-k 40) after the prompt {sample[0]!r}:\n{sample[0]}{sample[1]}")
+    return 0
+
+
+def run_describe(config: DictConfig, choices: dict) -> int:
+    from .checkpoint import instantiate_model
+    from .summary import describe_model
+
+    print(describe_model(instantiate_model(config.model), title=choices.get("model") or "model"))
+    return 0
+
+
+@dataclass
+class EvaluateOptions:
+    checkpoint: str
+    batches: int
+    batch_size: int
+
+
+def run_evaluate(config: DictConfig, choices: dict) -> int:
+    from .experiment import build_task
+    from .training import evaluate, load_run
+
+    options = options_of(config, EvaluateOptions, "evaluate")
+    require_int("evaluate", "batches", options.batches)
+    require_int("evaluate", "batch_size", options.batch_size)
+    model, record = load_run(options.checkpoint)
+    if "task" not in record:
+        raise SeqmixError(f"{options.checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
+    task = build_task(record["task"])
+    scores = evaluate(model, task, options.batch_size, options.batches, "cpu")
+    print(json.dumps({"task": type(task).name, **scores}, indent=2))
+    return 0
+
+
+@dataclass
+class GenerateOptions:
+    checkpoint: str
+    prompt: str
+    tokens: int
+    temperature: float
+    top_k: int | None
+    seed: int
+
+
+def run_generate(config: DictConfig, choices: dict) -> int:
+    import torch
+
+    from .generation import stream_tokens
+    from .training import load_run
+
+    options = options_of(config, GenerateOptions, "generate")
+    require_int("generate", "tokens", options.tokens, 0)
+    if options.top_k is not None:
+        require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
+    model, _ = load_run(options.checkpoint)
+    if model.vocab_size < 256:
+        raise SeqmixError(f"the model's vocabulary has {model.vocab_size} tokens; text needs a byte model (256)")
+    if not options.prompt:
+        raise SeqmixError("prompt='' is not valid; give at least one character to continue from")
+    tokens = stream_tokens(
+        model,
+        torch.tensor([list(options.prompt.encode())]),
+        options.tokens,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        generator=torch.Generator().manual_seed(options.seed),
+    )
+    sys.stdout.write(options.prompt)
+    pending = b""
+    for token in tokens:
+        pending += bytes([int(token[0])])
+        try:
+            sys.stdout.write(pending.decode("utf-8"))
+            pending = b""
+        except UnicodeDecodeError:
+            if len(pending) >= 4:  # not a UTF-8 sequence after all
+                sys.stdout.write(pending.decode("utf-8", errors="replace"))
+                pending = b""
+        sys.stdout.flush()
+    print()
+    return 0
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: str
+    format: str
+    quantize: str | None
+    out: str | None
+    length: int
+
+
+def run_export(config: DictConfig, choices: dict) -> int:
+    from seqmix.export.formats import FORMATS, check_quantize, export_model, summary_lines
+
+    from .errors import choice_error
+    from .experiment import build_task
+    from .training import load_run
+
+    options = options_of(config, ExportOptions, "export")
+    if options.format not in FORMATS:
+        raise choice_error("format", options.format, FORMATS)
+    check_quantize(options.format, options.quantize)
+    require_int("export", "length", options.length)
+    model, record = load_run(options.checkpoint)
+    task = build_task(record["task"])
+    out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
+    manifest = export_model(model, task, options.format, out, options.quantize, options.length)
+    graphs = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".pte", ".engine"))
+    print(f"exported to {out}: " + ", ".join(graphs))
+    for line in summary_lines(manifest):
+        print(line)
+    _warn_if_busy()
+    print(json.dumps({"manifest": str(out / "manifest.json")}))
+    return 0
+
+
+@dataclass
+class GatherOptions:
+    root: str
+    csv: str | None
+
+
+def run_gather(config: DictConfig, choices: dict) -> int:
+    from .runs import collect_runs, markdown_table, write_csv
+
+    options = options_of(config, GatherOptions, "gather")
+    if not Path(options.root).is_dir():
+        raise SeqmixError(f"root={options.root!r} is not a directory")
+    rows = collect_runs(options.root)
+    print(markdown_table(rows))
+    if options.csv:
+        write_csv(rows, options.csv)
+        print(f"wrote {options.csv}")
+    return 0
+
+
+@dataclass
+class TourOptions:
+    width: int
+    length: int
+    batch: int
+    piece: int
+    repeats: int
+
+
+def run_tour(config: DictConfig, choices: dict) -> int:
+    from .showcase import format_tour, tour
+
+    options = options_of(config, TourOptions, "tour")
+    for name in ("width", "length", "batch", "piece", "repeats"):
+        require_int("tour", name, getattr(options, name))
+    rows = tour(width=options.width, length=options.length, batch=options.batch, piece=options.piece, repeats=options.repeats)
+    print(f"Every mixer at D={options.width}, L={options.length}, B={options.batch}, "
+          f"streamed {options.piece} tokens per step (float32):")
+    print(format_tour(rows))
+    worst = max(row.max_stream_error for row in rows)
+    print(f"\nLargest forward-vs-streaming difference: {worst:.2e} (float32 rounding; the tests check float64 to 1e-9)")
+    _warn_if_busy()
+    return 0
+
+
+@dataclass
+class BenchMixersOptions:
+    lengths: list[int]
+    batch: int
+    width: int
+    mixers: list[str] | None
+    repeats: int
+    warmup: int
+    device: str
+    max_seconds_per_run: float
+    memory_budget_gb: float
+    out: str | None
+    progress: bool
+
+
+def run_bench_mixers(config: DictConfig, choices: dict) -> int:
+    from .benchmark import BenchConfig, format_report, run_benchmark, write_results
+
+    options = options_of(config, BenchMixersOptions, "bench-mixers")
+    bench = BenchConfig(
+        lengths=tuple(options.lengths),
+        batch=options.batch,
+        width=options.width,
+        mixers=tuple(options.mixers) if options.mixers else None,
+        repeats=options.repeats,
+        warmup=options.warmup,
+        device=options.device,
+        max_seconds_per_run=options.max_seconds_per_run,
+        memory_budget_gb=options.memory_budget_gb,
+    )
+    result = run_benchmark(bench, progress=options.progress)
+    print(format_report(result))
+    _warn_if_busy()
+    if options.out:
+        for path in write_results(result, options.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def compose_bench(overrides: list[str]) -> tuple[DictConfig, dict]:
+    from seqmix.export.bench import compose_bench_config
+
+    return compose_bench_config(overrides), {}
+
+
+def run_bench(config: DictConfig, choices: dict) -> int:
+    from seqmix.export.bench import BenchSpec, run_bench as run
+
+    spec = BenchSpec.from_config(config.bench)
+    outcome = run(spec)
+    print(outcome.report)
+    for path in outcome.paths:
+        print(f"wrote {path}")
+    _warn_if_busy()
+    return 1 if spec.strict and outcome.failed else 0
+
+
+def compose_search(overrides: list[str]) -> tuple[DictConfig, dict]:
+    from .search import compose_search_config
+
+    names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("search=")]
+    rest = [o for o in overrides if not o.lstrip("+").startswith("search=")]
+    if len(names) != 1:
+        searches = config_groups().get("search", [])
+        raise SeqmixError(f"give one search=<name>, one of {searches} (conf/search/<name>.yaml)")
+    return compose_search_config(names[0], rest), {"search": names[0]}
+
+
+def run_search(config: DictConfig, choices: dict) -> int:
+    import logging
+    import warnings
+
+    from .search import SearchSettings, run_search as search
+
+    from seqmix.export.latency import check_runtime, deployed_latency_ms
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Every trial's ONNX export repeats the same benign notices; keep the log to one line a trial.
+    for message in ("Exporting a model while it is in training mode", "# The axis name", "`isinstance(treespec, LeafSpec)`"):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    settings = SearchSettings.from_config(config.search)
+    if settings.measures_latency:
+        check_runtime(settings.runtime, field="search.runtime")
+    outcome = search(config, measure_latency=deployed_latency_ms if settings.measures_latency else None)
+    print(f"\nthis worker ran {outcome.trials_run} trial(s); the study has {len(outcome.study.trials)}")
+    for note in outcome.notes:
+        print(f"note: {note}")
+    for path in outcome.files:
+        print(f"wrote {path}")
+    return 0
+
+
+@dataclass
+class LoweringOptions:
+    runs: list[str]
+    presets: list[str]
+    task: str
+    length: int
+    far: int
+    compile: bool
+    out: str
+
+
+def run_lowering(config: DictConfig, choices: dict) -> int:
+    import torch
+
+    from seqmix.export.report import as_builtin, lowering_report, markdown_table, matmul_throughput, throughput_line
+
+    from .checkpoint import instantiate_model
+    from .experiment import adapt_model_config, build_task
+    from .training import load_run
+
+    options = options_of(config, LoweringOptions, "lowering")
+    if not options.runs and not options.presets:
+        raise SeqmixError("give runs=[<run dir>,...] or presets=[<preset>,...]")
+    presets = config_groups()["model"]
+    unknown = [p for p in options.presets if p not in presets]
+    if unknown:
+        raise SeqmixError(f"presets: {unknown[0]!r} is not a model preset; choose from {presets}")
+    out = Path(options.out)
+
+    def subjects():
+        for run in options.runs:
+            model, record = load_run(run)
+            yield f"{record['preset']['model']} ({run})", model, build_task(record["task"])
+        for preset in options.presets:
+            composed = compose_config([f"model={preset}", f"task={options.task}"])
+            task = build_task(composed.task)
+            torch.manual_seed(0)
+            yield preset, instantiate_model(adapt_model_config(composed.model, task)), task
+
+    reports = {}
+    for name, model, task in subjects():
+        print(f"measuring {name} ...", flush=True)
+        reports[name] = as_builtin(lowering_report(
+            model, task, out / name.split(" ")[0], length=options.length, far=options.far, compile_training=options.compile))
+    machine = as_builtin(matmul_throughput())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lowering.json").write_text(json.dumps(
+        {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul": machine, "reports": reports}, indent=2))
+    table = markdown_table(reports) + "\n\n" + throughput_line(machine)
+    (out / "lowering.md").write_text(table + "\n")
+    print(table)
+    _warn_if_busy()
+    print(f"wrote {out / 'lowering.json'}\nwrote {out / 'lowering.md'}")
+    return 0
+
+
+COMMANDS = {
+    command.name: command
+    for command in (
+        Command("train", "train a model on a task, evaluate it, checkpoint it, show a sample", run_train,
+                groups=("model", "task", "train"), options="train/default.yaml", sweeps=True,
+                examples=("seqmix train model=megalodon task=mqar train.max_steps=500 train.out_dir=runs/m",
+                          "seqmix train train.resume=true train.out_dir=runs/m",
+                          "seqmix train -m model=mega,tcnca task=mqar train.out_dir=runs/sweep",
+                          "torchrun --nproc_per_node=2 -m seqmix train ...")),
+        Command("evaluate", "score a trained run on its task's validation set", run_evaluate,
+                config_name="evaluate", options="evaluate.yaml", examples=("seqmix evaluate checkpoint=runs/m",)),
+        Command("generate", "stream text from a trained byte-level model", run_generate,
+                config_name="generate", options="generate.yaml",
+                examples=('seqmix generate checkpoint=runs/m prompt="class " tokens=200 temperature=0',)),
+        Command("export", "export to ONNX, ExecuTorch or TensorRT, verified against eager and timed", run_export,
+                config_name="export", options="export.yaml",
+                examples=("seqmix export checkpoint=runs/m", "seqmix export checkpoint=runs/m format=executorch quantize=int8")),
+        Command("describe", "print a model's layers, parameters, streaming state and receptive fields", run_describe,
+                groups=("model",), examples=("seqmix describe model=megalodon", "seqmix describe model=mega model.depth=8")),
+        Command("search", "search architectures with Optuna against accuracy and deployed latency", run_search,
+                groups=("search", "task", "model"), compose=compose_search,
+                examples=("seqmix search search=mqar search.n_trials=40",
+                          "seqmix search search=mqar search.storage=journal:/shared/mqar.log search.worker=1")),
+        Command("bench", "time mixers and presets across runtimes and lengths, or check the papers' claims", run_bench,
+                groups=("bench",), options="bench/default.yaml", compose=compose_bench,
+                examples=("seqmix bench bench=smoke", "seqmix bench bench=paper_claims",
+                          "seqmix bench bench.lengths=[1024,4096] bench.out_dir=runs/bench")),
+        Command("bench-mixers", "time, memory and log-log slopes of every mixer and compute path", run_bench_mixers,
+                config_name="bench_mixers", options="bench_mixers.yaml",
+                examples=("seqmix bench-mixers lengths=[1024,4096] mixers=[ema,tcn] out=runs/ops",)),
+        Command("lowering", "what ONNX Runtime, int8 and torch.compile buy for runs or presets", run_lowering,
+                config_name="lowering", options="lowering.yaml",
+                examples=("seqmix lowering runs=[runs/a,runs/b]", "seqmix lowering presets=[mega,tcnca] compile=false")),
+        Command("gather", "one table of the runs below a directory", run_gather,
+                config_name="gather", options="gather.yaml", examples=("seqmix gather root=runs/sweep csv=table.csv",)),
+        Command("tour", "every mixer and compute path, parallel vs streamed, with forward times", run_tour,
+                config_name="tour", options="tour.yaml", examples=("seqmix tour width=128",)),
+    )
+}
+
+
+# --- help ---------------------------------------------------------------------------------------
+
+
+def overview() -> str:
+    """``seqmix --help``: the commands."""
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROGRAM} <command> [key=value ...] [--help] [--cfg]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    lines += ["", f"'{PROGRAM} <command> --help' lists a command's options and config groups.",
+              "Overrides use Hydra's syntax: key=value, group=preset, +key=value adds a key, ~key removes one."]
+    return "\n".join(lines)
+
+
+def command_help(command: Command) -> str:
+    """``seqmix <command> --help``: usage, examples, the options with their defaults, the config groups."""
+    sweep = " [-m]" if command.sweeps else ""
+    lines = [f"usage: {PROGRAM} {command.name}{sweep} [key=value ...] [--cfg] [--config-dir DIR]", "", command.summary + "."]
+    if command.examples:
+        lines += ["", "examples:"] + [f"  {example}" for example in command.examples]
+    if command.options:
+        prefix = command.options.split("/")[0] + "." if "/" in command.options else ""
+        lines += ["", f"options ({prefix}<key>=<value>; defaults from conf/{command.options}):"]
+        text = (CONF_DIR / command.options).read_text()
+        lines += [f"  {line}" for line in text.splitlines() if line.strip() and not line.startswith(("defaults:", "  - "))]
+    groups = config_groups()
+    if command.groups:
+        lines += ["", "config groups (<group>=<option>):"]
+        lines += [f"  {group}: {', '.join(groups.get(group, []))}" for group in command.groups]
+    if command.sweeps:
+        lines += ["", "-m/--multirun sweeps every combination of comma-separated values, one run directory each."]
+    return "\n".join(lines)
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+
+def _sweep(command: Command, argv: list[str]) -> int:
+    """Hand a ``-m`` command line to Hydra's launcher; each job runs ``command`` in its own directory."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def job(config: DictConfig) -> None:
+        runtime = HydraConfig.get().runtime
+        with open_dict(config):
+            config.train.out_dir = runtime.output_dir
+        try:
+            status = command.run(config, OmegaConf.to_container(runtime.choices))
+        except SeqmixError as error:
+            print(f"{PROGRAM} {command.name}: error: {error}", file=sys.stderr)
+            status = 2
+        if status:
+            sys.exit(status)
+
+    sys.argv = [f"{PROGRAM} {command.name}", *argv]
+    hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base="1.3")(job)()
+    return 0
+
+
+def _config_dir_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``--config-dir DIR`` (an extra config directory, searched first) from the other arguments."""
+    rest, extra = [], []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--config-dir" or argument.startswith("--config-dir="):
+            directory = argument.split("=", 1)[1] if "=" in argument else next(arguments, None)
+            if not directory or not Path(directory).is_dir():
+                raise SeqmixError(f"--config-dir={directory!r} is not a directory")
+            extra.append(f"hydra.searchpath=[file://{Path(directory).resolve()}]")
+        else:
+            rest.append(argument)
+    return rest, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``seqmix <command> [overrides]``; the exit status is 0, 1 (the command failed) or 2 (bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        return 0 if argv else 2
+    name, argv = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"{PROGRAM}: error: unknown command {name!r}; the commands are {list(COMMANDS)}", file=sys.stderr)
+        return 2
+    command = COMMANDS[name]
+    if {"-h", "--help"} & set(argv):
+        print(command_help(command))
+        return 0
+    apply_thread_policy()
+    try:
+        if {"-m", "--multirun"} & set(argv):
+            if not command.sweeps:
+                raise SeqmixError(f"-m/--multirun sweeps only apply to {[c for c, cmd in COMMANDS.items() if cmd.sweeps]}")
+            return _sweep(command, argv)
+        show_config = "--cfg" in argv
+        argv = [argument for argument in argv if argument != "--cfg"]
+        argv, search_path = _config_dir_overrides(argv)
+        flags = [argument for argument in argv if argument.startswith("-")]
+        if flags:
+            raise SeqmixError(f"unknown flag {flags[0]!r}; {PROGRAM} {name} takes key=value overrides, --help, --cfg"
+                              + (", -m" if command.sweeps else "") + " and --config-dir")
+        config, choices = compose_command(command, [*search_path, *argv])
+        if show_config:
+            print(OmegaConf.to_yaml(config), end="")
+            return 0
+        return command.run(config, choices)
+    except SeqmixError as error:
+        print(f"{PROGRAM} {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROGRAM} {name}: interrupted", file=sys.stderr)
+        return 130

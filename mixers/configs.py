@@ -26,20 +26,68 @@ def config_groups() -> dict[str, list[str]]:
     return groups
 
 
-def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+def preset_picks(overrides: Sequence[str]) -> list[str]:
+    """The overrides that pick a group's preset (``model=tcnca``), without those that set or add values."""
+    groups = config_groups()
+    return [o for o in overrides if "=" in o and o.split("=", 1)[0] in groups]
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config", with_choices: bool = False) -> DictConfig:
     """The root config with Hydra overrides applied, e.g. ["model=megalodon", "model.d_model=256"].
 
-    An unknown preset raises SeqmixError listing the valid ones.
+    Every mistake in the overrides raises SeqmixError in one short message: an unknown preset
+    lists the group's options, an unknown key lists the keys beside it, an override Hydra cannot
+    parse is quoted. ``with_choices`` keeps Hydra's own node, whose ``hydra.runtime.choices``
+    names the preset picked in each group.
     """
     from hydra import compose, initialize_config_dir
-    from hydra.errors import MissingConfigException
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     if not CONF_DIR.is_dir():
         raise SeqmixError(f"the config directory {CONF_DIR} is missing; reinstall seqmix (pip install seqmix)")
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
-    except MissingConfigException as error:
-        groups = config_groups()
-        hints = "; ".join(f"{group}: {', '.join(options)}" for group, options in groups.items() if group in str(error))
-        raise SeqmixError(f"{str(error).splitlines()[0]} Valid options — {hints or groups}") from None
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_choices)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise SeqmixError(_composition_problem(error, overrides, config_name)) from None
+
+
+def _composition_problem(error: Exception, overrides: Sequence[str], config_name: str) -> str:
+    """One line (or a few) saying what is wrong with ``overrides``, in the user's terms."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text = str(error)
+    if isinstance(error, MissingConfigException):
+        for group, options in config_groups().items():
+            if f"'{group}/" in text:
+                picked = text.split(f"'{group}/", 1)[1].split("'", 1)[0]
+                return f"{group}={picked!r} is not a preset; the {group} presets are {options}"
+        return text.splitlines()[0]
+    if isinstance(error, OverrideParseException):
+        quoted = text.split("'")[1::2]
+        bad = next((o for o in overrides if o in quoted or any(q and q in o for q in quoted)), None)
+        problem = f"cannot read the override {bad!r}" if bad else "cannot read an override"
+        return f"{problem}: {text.splitlines()[0]} (Hydra's syntax: key=value, group=preset, +key=value, ~key)"
+    cause = error.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in struct" in str(cause):
+        key = getattr(cause, "full_key", None) or str(cause).split("'")[1]
+        return f"unknown key {key!r}; {_keys_beside(key, overrides, config_name)}"
+    return text.splitlines()[0]
+
+
+def _keys_beside(full_key: str, overrides: Sequence[str], config_name: str) -> str:
+    """'the keys of <parent> are [...]' for an unknown ``full_key``, from the config the presets picked compose to."""
+    from omegaconf import OmegaConf
+
+    picks = preset_picks(overrides)
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    try:
+        node = compose_config(picks, config_name)
+        node = OmegaConf.select(node, parent) if parent else node
+    except SeqmixError:
+        node = None
+    if not OmegaConf.is_dict(node):
+        return "check its spelling"
+    return f"the keys {'of ' + parent if parent else 'at the top'} are {sorted(node)}"

@@ -18,7 +18,7 @@ and queued again with the same parameters, so a killed search resumes where it s
 own heartbeat covers database storages only, not journal files, hence one mechanism for all).
 
 This module never imports ``export``: the latency measurement is passed in by the caller
-(tools/search.py passes ``export.latency.deployed_latency_ms``).
+(``seqmix search`` passes ``seqmix.export.latency.deployed_latency_ms``).
 """
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def _set_knobs(config: dict, kind: str | None, knobs: dict[str, int]) -> None:
         config.update({k: knobs[s] for s, k in (("ema_order", "order"), ("chunk_size", "chunk_size")) if s in knobs})
     elif kind == "tcn":
         if "tcn_kernel" in knobs:
-            # Dilation base = kernel size: every past offset is reached exactly once (DESIGN.md 4.3).
+            # Dilation base = kernel size: every past offset is reached exactly once (receptive field K^depth).
             config.update(kernel_size=knobs["tcn_kernel"], dilation_base=knobs["tcn_kernel"])
         if "tcn_depth" in knobs:
             config["depth"] = knobs["tcn_depth"]
@@ -713,7 +713,7 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
     if settings.measures_latency and measure_latency is None:
         raise SeqmixError(
             "search.objectives includes latency but no latency measurement was given; "
-            "tools/search.py passes export.latency.deployed_latency_ms"
+            "seqmix search passes seqmix.export.latency.deployed_latency_ms"
         )
     if settings.pruner != "none" and not settings.prunes:
         log(f"search.pruner={settings.pruner} is not used: Optuna prunes single-objective studies only, "
@@ -898,7 +898,7 @@ def write_presets(study: optuna.Study, settings: SearchSettings, metric: str, ta
     """Save the best architectures as complete model presets in ``<out_dir>/presets/model/``.
 
     The Pareto front, best metric first, at most ``top_k`` of it; presets of an earlier report
-    are replaced. ``tools/train.py --config-dir <out_dir>/presets model=<name>`` trains one; each
+    are replaced. ``seqmix train --config-dir <out_dir>/presets model=<name>`` trains one; each
     file's header gives the whole command, ``task_args`` and the searched learning rate included.
     """
     directory = settings.out_dir / PRESETS / "model"
@@ -912,11 +912,11 @@ def write_presets(study: optuna.Study, settings: SearchSettings, metric: str, ta
         name = preset_name(settings.study_name, trial.number)
         attrs = trial.user_attrs
         latency = f", {attrs['latency_ms']:.3f} ms on {settings.runtime}" if "latency_ms" in attrs else ""
-        command = ["python tools/train.py", f"--config-dir {(settings.out_dir / PRESETS).resolve()}", f"model={name}", *task_args]
+        command = ["seqmix train", f"--config-dir {(settings.out_dir / PRESETS).resolve()}", f"model={name}", *task_args]
         if "lr" in trial.params:
             command.append(f"train.lr={trial.params['lr']:.3e}")
         header = (
-            f"# Trial {trial.number} of the architecture search {settings.study_name!r} (tools/search.py).\n"
+            f"# Trial {trial.number} of the architecture search {settings.study_name!r} (seqmix search).\n"
             f"# {attrs['architecture']}: {attrs['parameters']:,} parameters, validation {metric} {attrs['metric']:.4f}{latency}.\n"
             f"# Train it:\n#   {' '.join(command)}\n"
         )

@@ -1,12 +1,12 @@
 """A tour of the registry: build every mixer, run it in parallel and streamed, compare the two."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from .registry import build_mixer, list_mixers, mixer_class
+from .timing import Timing, time_calls
 
 
 @dataclass
@@ -18,15 +18,16 @@ class TourRow:
     parameters: int
     state_size: int
     max_stream_error: float
-    forward_ms: float
+    forward: Timing
 
 
-def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, seed: int = 0) -> list[TourRow]:
+def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, seed: int = 0, repeats: int = 5) -> list[TourRow]:
     """Build every registered mixer with each impl and compare forward with step.
 
     Args:
         width: D. length: L. batch: B.
         piece: tokens per ``step`` call (the last call takes the rest).
+        repeats: timed forward calls per row, after one warm-up call.
     Returns:
         One row per (mixer, impl), with max |forward − streamed| over all outputs.
     """
@@ -38,25 +39,26 @@ def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, se
             torch.manual_seed(seed)
             mixer = build_mixer(name, width, impl=impl).eval()
             with torch.no_grad():
-                start = time.perf_counter()
                 y = mixer(x)
-                forward_ms = 1e3 * (time.perf_counter() - start)
+                forward = time_calls(lambda: mixer(x), repeats=repeats, warmup=1)
                 state, pieces = mixer.init_state(batch), []
                 for begin in range(0, length, piece):
                     y_piece, state = mixer.step(x[:, begin : begin + piece], state)
                     pieces.append(y_piece)
             error = (torch.cat(pieces, dim=1) - y).abs().max().item()
             parameters = sum(p.numel() for p in mixer.parameters())
-            rows.append(TourRow(name, impl, parameters, mixer.state_size(), error, forward_ms))
+            rows.append(TourRow(name, impl, parameters, mixer.state_size(), error, forward))
     return rows
 
 
 def format_tour(rows: list[TourRow]) -> str:
-    """The rows as an aligned text table."""
-    header = f"{'mixer':<18} {'impl':<10} {'parameters':>10} {'state/seq':>10} {'max|fwd-stream|':>16} {'forward ms':>11}"
+    """The rows as an aligned text table; forward times are the median (fastest–slowest) of the timed calls."""
+    header = (f"{'mixer':<18} {'impl':<10} {'parameters':>10} {'state/seq':>10} {'max|fwd-stream|':>16} "
+              f"{'forward ms, median (range)':>27}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        timing = f"{r.forward.median_ms:.2f} ({r.forward.low_ms:.2f}–{r.forward.high_ms:.2f})"
         lines.append(
-            f"{r.mixer:<18} {r.impl:<10} {r.parameters:>10,} {r.state_size:>10,} {r.max_stream_error:>16.2e} {r.forward_ms:>11.2f}"
+            f"{r.mixer:<18} {r.impl:<10} {r.parameters:>10,} {r.state_size:>10,} {r.max_stream_error:>16.2e} {timing:>27}"
         )
     return "\n".join(lines)

@@ -74,7 +74,7 @@ class TrainConfig:
         tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
         progress: show a progress bar.
         compile: None, or a torch.compile backend (``inductor``, ``aot_eager``, ...) to run the
-            training forward through; tools/train.py passes the compiled module to ``train``
+            training forward through; ``seqmix train`` passes the compiled module to ``train``
             (the library itself never imports ``compile/``).
     """
 
@@ -284,7 +284,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise SeqmixError(f"{path} holds no checkpoint: expected a run directory of tools/train.py or a checkpoint in it")
+        raise SeqmixError(f"{path} holds no checkpoint: expected a run directory of seqmix train or a checkpoint in it")
     return latest
 
 

@@ -7,6 +7,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+SEQMIX = [sys.executable, "-m", "seqmix"]
+"""The ``seqmix`` command, run by the interpreter running the tests (``python -m seqmix``)."""
+
 FUZZ_EXAMPLES_VARIABLE = "SEQMIX_FUZZ_EXAMPLES"
 FUZZ_EXAMPLES_DEFAULT = 2000
 
@@ -31,6 +34,11 @@ def pytest_configure(config):
     prints the blob that replays it with ``@reproduce_failure``.
     """
     from hypothesis import settings
+
+    from seqmix.threads import apply_thread_policy
+
+    # The suite runs on shared CI machines: the same thread policy as the seqmix command.
+    apply_thread_policy()
 
     config.addinivalue_line("markers", "fuzz: long fuzzing; run with --fuzz or SEQMIX_FUZZ_EXAMPLES=<n>")
     if config.getoption("--fuzz") and FUZZ_EXAMPLES_VARIABLE not in os.environ:
@@ -64,6 +72,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_fuzz)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def onnx_runner():
+    """export/run_onnx.py loaded from its file, as a script on a machine without seqmix would run it."""
+    import importlib.util
+
+    import seqmix.export
+
+    spec = importlib.util.spec_from_file_location("run_onnx", os.path.join(os.path.dirname(seqmix.export.__file__), "run_onnx.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_preset(preset: str, *overrides: str):

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ import seqmix
 from seqmix.export import bench
 from seqmix.export.bench import PEERS, compose_bench_spec, plan_grid, run_claims, run_grid, write_claims, write_grid_results
 from seqmix import SeqmixError
+
+from conftest import SEQMIX
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smoke grid, eager only: for the checks that do not need every runtime.
@@ -222,7 +223,7 @@ def test_config_errors_name_the_field_and_the_valid_choices(overrides, expected)
 
 
 def test_command_line_writes_the_results(tmp_path):
-    command = [sys.executable, str(ROOT / "tools" / "bench.py"), *EAGER_ONLY, "bench.lengths=[32]", f"bench.out_dir={tmp_path}"]
+    command = [*SEQMIX, "bench", *EAGER_ONLY, "bench.lengths=[32]", f"bench.out_dir={tmp_path}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "### Time (ms), forward" in done.stdout and f"wrote {tmp_path / 'results.csv'}" in done.stdout

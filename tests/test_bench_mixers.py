@@ -5,7 +5,6 @@ import itertools
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +12,8 @@ import torch
 import seqmix
 from seqmix.benchmark import PASSES, BenchConfig, peak_memory_bytes, run_benchmark
 from seqmix.tcn import TCN
+
+from conftest import SEQMIX
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (64, 128)
@@ -66,9 +67,8 @@ def test_over_budget_time_skips_the_longer_lengths():
 
 
 def test_command_line_writes_json_and_csv(tmp_path):
-    command = [sys.executable, str(ROOT / "tools" / "bench_mixers.py"), "--lengths", "64", "128", "--width", str(WIDTH),
-               "--repeats", "1", "--warmup", "0", "--mixers", "ema", "softmax_attention", "--memory-budget-gb", "1e-9",
-               "--no-progress", "--out", str(tmp_path)]
+    command = [*SEQMIX, "bench-mixers", "lengths=[64,128]", f"width={WIDTH}", "repeats=1", "warmup=0",
+               "mixers=[ema,softmax_attention]", "memory_budget_gb=1e-9", "progress=false", f"out={tmp_path}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "skipped: estimated score matrices" in done.stdout

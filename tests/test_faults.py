@@ -12,7 +12,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from seqmix.checkpoint import write_checksums
 from seqmix.configs import compose_config
 from seqmix.experiment import build_experiment
 from seqmix.training import TrainConfig, latest_checkpoint, load_run, load_training_state, make_optimizer, train
+
+from conftest import SEQMIX
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -64,9 +65,9 @@ KILL_RUN = ["train.checkpoint_every=1", "train.eval_every=5", f"train.max_steps=
 
 
 def _train_process(out_dir: Path, *overrides: str) -> subprocess.Popen:
-    """tools/train.py on the tiny config, single-threaded so that every run computes the same floats."""
+    """``seqmix train`` on the tiny config, single-threaded so that every run computes the same floats."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(ROOT / "tools" / "train.py"), *TINY, *KILL_RUN, f"train.out_dir={out_dir}", *overrides]
+    command = [*SEQMIX, "train", *TINY, *KILL_RUN, f"train.out_dir={out_dir}", *overrides]
     with open(out_dir.parent / f"{out_dir.name}.stderr", "a") as log:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT)
 

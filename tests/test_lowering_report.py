@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 
-from conftest import tiny_preset
+from conftest import SEQMIX, tiny_preset
 from seqmix.tasks.mqar import MQAR
 
 from seqmix.export.report import lowering_report, markdown_table, matmul_throughput, step_growth, throughput_line
@@ -34,9 +32,9 @@ def test_attention_caches_cap_the_far_position():
     assert growth["cache_limit"] == 256 and growth["far"] == 255 and "onnxruntime_ratio" not in growth
 
 
-def test_the_tool_needs_runs_or_presets():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "lowering_report.py")], capture_output=True, text=True)
-    assert result.returncode == 2 and "give runs=... or presets=..." in result.stderr
+def test_the_command_needs_runs_or_presets():
+    result = subprocess.run([*SEQMIX, "lowering"], capture_output=True, text=True)
+    assert result.returncode == 2 and "give runs=[<run dir>,...] or presets=[<preset>,...]" in result.stderr
 
 
 def test_matmul_throughput_measures_both_runtimes_on_the_same_product():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,8 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
+
+from conftest import SEQMIX
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = config_groups()["model"]
@@ -144,14 +145,14 @@ def test_block_states_are_fixed_shape_for_every_preset():
          ["3 layers", "tcn", "softmax_attention", "256", "O(L²·D)"]),
     ],
 )
-def test_describe_tool_prints_the_architecture(arguments, expected):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "describe.py"), *arguments], capture_output=True, text=True)
+def test_describe_prints_the_architecture(arguments, expected):
+    result = subprocess.run([*SEQMIX, "describe", *arguments], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for text in expected:
         assert text in result.stdout
 
 
-def test_describe_tool_lists_presets_for_an_unknown_one():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "describe.py"), "model=nope"], capture_output=True, text=True)
+def test_describe_lists_presets_for_an_unknown_one():
+    result = subprocess.run([*SEQMIX, "describe", "model=nope"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "megalodon" in result.stderr and "nope" in result.stderr

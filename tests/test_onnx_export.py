@@ -14,7 +14,7 @@ import torch
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
 from seqmix.generation import generate
-from conftest import tiny_preset
+from conftest import SEQMIX, onnx_runner, tiny_preset
 
 from seqmix.export.manifest import read_manifest, write_manifest
 from seqmix.export.onnx_export import ExportMismatch, export_onnx
@@ -22,13 +22,6 @@ from seqmix.export.quantize import VARIANTS, evaluate_onnx, make_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = config_groups()["model"]
-
-
-def run_onnx_module():
-    spec = importlib.util.spec_from_file_location("run_onnx", ROOT / "tools" / "run_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -60,7 +53,7 @@ def test_every_preset_exports_and_matches_eager_in_onnx_runtime(preset, exports)
 
 def test_streaming_with_onnx_runtime_alone_equals_eager_generation(exports):
     model, result = exports("megalodon")
-    runner = run_onnx_module()
+    runner = onnx_runner()
     manifest = runner.load(result.parallel.parent)
     text = runner.generate(result.parallel.parent, manifest, "def ", 24, temperature=0, top_k=None, seed=0)
     eager = generate(model.eval(), torch.tensor([list(b"def ")]), 24, temperature=0)
@@ -68,9 +61,24 @@ def test_streaming_with_onnx_runtime_alone_equals_eager_generation(exports):
     assert any(entry["fill"] == -1 for entry in manifest["step"]["state"]), "empty cache slots start at -1"
 
 
+def test_the_runner_script_runs_where_neither_torch_nor_seqmix_can_be_imported(exports):
+    model, result = exports("megalodon")
+    script = Path(onnx_runner().__file__)
+    # A None entry in sys.modules makes any import of that name fail, as on a machine without it.
+    blocked = (
+        "import runpy, sys; sys.modules.update(torch=None, seqmix=None); "
+        f"sys.argv = ['run_onnx.py', {str(result.parallel.parent)!r}, 'generate', '--prompt', 'def ', '--tokens', '8', "
+        f"'--temperature', '0']; runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    eager = generate(model.eval(), torch.tensor([list(b"def ")]), 8, temperature=0)
+    assert done.stdout.rstrip("\n") == "def " + bytes(eager[0, 4:].tolist()).decode("utf-8", errors="replace")
+
+
 def test_the_runner_rejects_wrong_shapes_and_dtypes_before_onnx_runtime(exports):
     _, result = exports("megalodon")
-    runner = run_onnx_module()
+    runner = onnx_runner()
     manifest = runner.load(result.parallel.parent)
     step = runner.OnnxModel(result.parallel.parent, manifest["step"])
     state = dict(zip([s["name"] for s in manifest["step"]["state"]], runner.initial_state(manifest)))
@@ -117,10 +125,10 @@ def test_manifests_are_validated_before_use(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A one-step gpt2-sized run on MQAR, for the export tool."""
+    """A one-step gpt2-sized run on MQAR, for ``seqmix export``."""
     run = tmp_path_factory.mktemp("export_tool") / "run"
     train = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train.py"), "model=gpt2", "model.d_model=32", "model.depth=1", "task=mqar",
+        [*SEQMIX, "train", "model=gpt2", "model.d_model=32", "model.depth=1", "task=mqar",
          "task.vocab_size=256", "task.seq_len=128", "task.num_pairs=8", "train.max_steps=1", "train.batch_size=2",
          "train.eval_batches=1", "train.progress=false", "train.device=cpu", f"train.out_dir={run}"],
         capture_output=True, text=True,
@@ -130,7 +138,7 @@ def trained_run(tmp_path_factory):
 
 
 def export_tool(*options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), *options], capture_output=True, text=True)
+    return subprocess.run([*SEQMIX, "export", *options], capture_output=True, text=True)
 
 
 def test_export_tool_writes_a_manifest_the_runner_reads(trained_run):
@@ -154,7 +162,7 @@ def test_export_tool_writes_verified_executorch_programs(trained_run):
     assert manifest["latency"]["length"] == 128 and manifest["latency"]["executorch_ms"] > 0
     assert "ExecuTorch" in export.stdout
     refused = export_tool(f"checkpoint={trained_run}", "format=executorch", "quantize=int8")
-    assert refused.returncode == 2 and "applies to format=onnx only" in refused.stderr
+    assert refused.returncode == 2 and "quantize='int8' is not valid for format=executorch" in refused.stderr
 
 
 def _tensorrt_runs_here() -> bool:

@@ -1,12 +1,11 @@
 """Wrong inputs to a streaming model get a SeqmixError that names them before any runtime sees
-them: eager ``model.step``, the ONNX Runtime runner (tools/run_onnx.py) and ExecuTorch's ``run_pte``.
+them: eager ``model.step``, the ONNX Runtime runner (export/run_onnx.py) and ExecuTorch's ``run_pte``.
 
 Each wrapper is fed wrong shapes, wrong dtypes, token ids outside the vocabulary, and the state
 of another model.
 """
 from __future__ import annotations
 
-import importlib.util
 from functools import cache
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-from conftest import tiny_preset
+from conftest import onnx_runner, tiny_preset
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
 from seqmix.model import ModelState
@@ -76,17 +75,10 @@ def test_step_names_a_wrong_input(make_input, message):
 # --- the ONNX Runtime runner ----------------------------------------------------------------
 
 
-def run_onnx_module():
-    spec = importlib.util.spec_from_file_location("run_onnx", ROOT / "tools" / "run_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def onnx_step(exported_presets):
     """(runner module, the transformer's step graph as an OnnxModel, its initial state by name)."""
-    runner = run_onnx_module()
+    runner = onnx_runner()
     _, result = exported_presets("transformer")
     manifest = runner.load(result.parallel.parent)
     step = runner.OnnxModel(result.parallel.parent, manifest["step"], manifest["vocab_size"])
@@ -128,7 +120,7 @@ def test_the_onnx_runner_names_a_wrong_input(change, message, onnx_step):
     ids=["tokens", "temperature", "top-k"],
 )
 def test_the_onnx_runner_names_a_bad_sampling_option_before_opening_a_session(options, message, exported_presets, monkeypatch):
-    runner = run_onnx_module()
+    runner = onnx_runner()
     _, result = exported_presets("transformer")
     manifest = runner.load(result.parallel.parent)
     monkeypatch.setattr(runner.ort, "InferenceSession", lambda *args, **kwargs: pytest.fail("a session was opened"))

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import json
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,8 @@ from seqmix.experiment import build_experiment
 from seqmix.training import latest_checkpoint, load_run, train
 
 from seqmix.export.manifest import read_manifest, write_manifest
+
+from conftest import SEQMIX, onnx_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("mixers", "compile", "export", "tools")
@@ -92,7 +92,7 @@ class _Payload:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A 1-step tiny run of tools/train.py's library path."""
+    """A 1-step tiny run of ``seqmix train``'s library path."""
     out_dir = tmp_path_factory.mktemp("safe") / "run"
     config = compose_config([
         "model=mega", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
@@ -111,12 +111,11 @@ def run(finished_run, tmp_path) -> Path:
     return copy
 
 
-def tool(name: str):
-    """A tools/<name>.py module, imported in this process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def command(name: str, *arguments: str) -> int:
+    """The exit status of ``seqmix <name> <arguments>``, run in this process."""
+    from seqmix.cli import main
+
+    return main([name, *arguments])
 
 
 def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(run, tmp_path):
@@ -150,10 +149,9 @@ def test_load_run_and_the_tools_refuse_a_checkpoint_config_outside_the_project(r
     with pytest.raises(SeqmixError, match="os.system.*not something seqmix builds"):
         load_run(run)
     for name, arguments in (("evaluate", [f"checkpoint={run}"]), ("generate", [f"checkpoint={run}", "tokens=1"])):
-        assert tool(name).main(arguments) == 2
+        assert command(name, *arguments) == 2
         assert "not something seqmix builds" in capsys.readouterr().err
-    # tools/export.py rewrites sys.path when imported, so it runs in its own process.
-    export = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), f"checkpoint={run}"], capture_output=True, text=True)
+    export = subprocess.run([*SEQMIX, "export", f"checkpoint={run}"], capture_output=True, text=True)
     assert export.returncode == 2 and "not something seqmix builds" in export.stderr, export.stderr[-2000:]
     assert not marker.exists()
 
@@ -165,7 +163,7 @@ def test_load_run_refuses_a_run_record_naming_a_target_outside_the_project(part,
     (run / "run.json").write_text(json.dumps(record))
     with pytest.raises(SeqmixError, match=f"run.json {part}._target_='os.system' is not something seqmix builds"):
         load_run(run)
-    assert tool("evaluate").main([f"checkpoint={run}"]) == 2
+    assert command("evaluate", f"checkpoint={run}") == 2
     assert "not something seqmix builds" in capsys.readouterr().err
 
 
@@ -277,7 +275,7 @@ def export_dir(tmp_path) -> Path:
 def test_a_well_formed_manifest_passes_both_readers(export_dir):
     write_manifest(export_dir, VALID_MANIFEST)
     assert read_manifest(export_dir) == VALID_MANIFEST
-    assert tool("run_onnx").load(export_dir) == VALID_MANIFEST
+    assert onnx_runner().load(export_dir) == VALID_MANIFEST
 
 
 @pytest.mark.parametrize("path, value, message", BAD_MANIFESTS + ONLY_READ_MANIFEST, ids=lambda v: str(v)[:30])
@@ -289,7 +287,7 @@ def test_read_manifest_refuses_a_malformed_manifest_naming_the_field(path, value
 
 @pytest.mark.parametrize("path, value, message", BAD_MANIFESTS + ONLY_RUNNER, ids=lambda v: str(v)[:30])
 def test_the_onnx_runner_refuses_a_malformed_manifest_before_opening_a_session(path, value, message, export_dir, monkeypatch, capsys):
-    runner = tool("run_onnx")
+    runner = onnx_runner()
     opened = []
     monkeypatch.setattr(runner.ort, "InferenceSession", lambda *args, **kwargs: opened.append(args))
     write_manifest(export_dir, _set(VALID_MANIFEST, path, value))

@@ -1,11 +1,10 @@
-"""Architecture search (mixers/search.py, tools/search.py, export/latency.py) on conf/search/tiny.yaml:
+"""Architecture search (seqmix.search, seqmix search, seqmix.export.latency) on conf/search/tiny.yaml:
 a whole study and its report, two workers sharing one study, failing and abandoned trials, the
 space's mapping onto model configs, and the errors of bad search configs."""
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from seqmix.search import (  # noqa: E402
 )
 
 from seqmix.export.latency import check_runtime, deployed_latency_ms  # noqa: E402
+
+from conftest import SEQMIX  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -75,18 +76,18 @@ def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_a
     assert model.config == trial.user_attrs["model_config"]
     assert sum(p.numel() for p in model.parameters()) == trial.user_attrs["parameters"]
 
-    # The command in the preset's header trains it with tools/train.py.
-    command = next(line for line in preset.read_text().splitlines() if "tools/train.py" in line).lstrip("# ").split()
-    assert command[:2] == ["python", "tools/train.py"] and "--config-dir" in command
+    # The command in the preset's header trains it with seqmix train.
+    command = next(line for line in preset.read_text().splitlines() if "seqmix train" in line).lstrip("# ").split()
+    assert command[:2] == ["seqmix", "train"] and "--config-dir" in command
     short = ["train.max_steps=1", "train.eval_batches=1", "train.batch_size=2", "train.progress=false", f"train.out_dir={tmp_path / 'retrain'}"]
-    result = subprocess.run([sys.executable, *command[1:], *short], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*SEQMIX, *command[1:], *short], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"d_model={trial.user_attrs['model_config']['d_model']}" in result.stdout
 
 
 def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     out_dir = tmp_path / "search"
-    command = [sys.executable, str(ROOT / "tools" / "search.py"), "search=tiny", f"search.out_dir={out_dir}", "search.n_trials=4"]
+    command = [*SEQMIX, "search", "search=tiny", f"search.out_dir={out_dir}", "search.n_trials=4"]
     workers = [subprocess.Popen([*command, f"search.worker={index}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for index in range(2)]
     outputs = [worker.communicate(timeout=240)[0] for worker in workers]

@@ -18,6 +18,8 @@ from seqmix.generation import generate
 from seqmix.tasks.base import IGNORE
 from seqmix.training import correct_count, latest_checkpoint, loss_sum_and_count, predict, train
 
+from conftest import SEQMIX
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_MODEL = ["model.d_model=32", "model.depth=2"]
 
@@ -124,13 +126,13 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train.py"), *common, f"train.out_dir={tmp_path / 'one'}"],
+        [*SEQMIX, "train", *common, f"train.out_dir={tmp_path / 'one'}"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         str(ROOT / "tools" / "train.py"), *common, f"train.out_dir={tmp_path / 'two'}"],
+         "-m", "seqmix", "train", *common, f"train.out_dir={tmp_path / 'two'}"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert double.returncode == 0, double.stderr[-2000:]
@@ -203,27 +205,27 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_whole(tmp_path):
     assert all(torch.isfinite(p).all() for p in restored.parameters())
 
 
-def test_evaluate_and_generate_tools_read_a_run(tmp_path):
+def test_evaluate_and_generate_read_a_run(tmp_path):
     run(small(tmp_path, "train.max_steps=2"))
     evaluation = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "evaluate.py"), f"checkpoint={tmp_path / 'run'}", "batches=1", "batch_size=2"],
+        [*SEQMIX, "evaluate", f"checkpoint={tmp_path / 'run'}", "batches=1", "batch_size=2"],
         capture_output=True, text=True,
     )
     assert evaluation.returncode == 0, evaluation.stderr
     assert "bits_per_byte" in json.loads(evaluation.stdout)
     sample = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "generate.py"), f"checkpoint={tmp_path / 'run'}", "prompt=def ", "tokens=10", "temperature=0"],
+        [*SEQMIX, "generate", f"checkpoint={tmp_path / 'run'}", "prompt=def ", "tokens=10", "temperature=0"],
         capture_output=True, text=True,
     )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("def ")
 
 
-def test_gather_tool_tabulates_runs(tmp_path):
+def test_gather_tabulates_runs(tmp_path):
     run(small(tmp_path, "train.max_steps=2", out="sweep/0"))
     run(small(tmp_path, "train.max_steps=2", "model=transformer", out="sweep/1"))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "gather.py"), str(tmp_path / "sweep"), "--csv", str(tmp_path / "t.csv")],
+        [*SEQMIX, "gather", f"root={tmp_path / 'sweep'}", f"csv={tmp_path / 't.csv'}"],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
@@ -261,7 +263,7 @@ def test_tensorboard_logging_or_a_clear_message(tmp_path):
 
 def test_training_through_torch_compile_updates_the_model(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train.py"), "model=transformer", "model.d_model=32", "model.depth=1",
+        [*SEQMIX, "train", "model=transformer", "model.d_model=32", "model.depth=1",
          "task=mqar", "task.vocab_size=64", "task.seq_len=64", "task.num_pairs=4", "train.max_steps=2", "train.batch_size=2",
          "train.eval_batches=1", "train.log_every=1", "train.progress=false", "train.device=cpu", "train.compile=aot_eager",
          f"train.out_dir={tmp_path / 'run'}"],

@@ -53,8 +53,8 @@ step() {
 }
 
 step pytest-gpu 900 "$python" -m pytest -q -m gpu -rs --junitxml="$out/pytest-gpu.xml"
-step bench-gpu 420 "$python" tools/bench.py bench=gpu "bench.out_dir=$out/bench" bench.progress=false
-step claims-gpu 420 "$python" tools/bench.py bench=paper_claims bench.claim_runtime=cuda "bench.out_dir=$out/claims" \
+step bench-gpu 420 "$python" -m seqmix bench bench=gpu "bench.out_dir=$out/bench" bench.progress=false
+step claims-gpu 420 "$python" -m seqmix bench bench=paper_claims bench.claim_runtime=cuda "bench.out_dir=$out/claims" \
     bench.progress=false bench.strict=true
 
 echo "gpu_check: results in $out (exit $status)" | tee -a "$summary"

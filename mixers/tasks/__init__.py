@@ -1,4 +1,4 @@
-"""The built-in tasks (DESIGN.md §7), buildable by name: ``build_task("mqar", num_pairs=8)``."""
+"""The built-in tasks (every one makes its data locally; nothing is downloaded), buildable by name: ``build_task("mqar", num_pairs=8)``."""
 from __future__ import annotations
 
 import inspect

@@ -1,11 +1,14 @@
 """Run an exported seqmix model with ONNX Runtime and NumPy only: no seqmix, no torch.
 
-    python tools/run_onnx.py <export dir> generate --prompt "def " [--tokens 200] [--temperature 0.8] [--top-k 40] [--seed 0]
-    python tools/run_onnx.py <export dir> classify --ids 11,3,7,15
+    python run_onnx.py <export dir> generate --prompt "def " [--tokens 200] [--temperature 0.8] [--top-k 40] [--seed 0]
+    python run_onnx.py <export dir> classify --ids 11,3,7,15
 
 `generate` streams a byte-level model through step.onnx, one token per call, feeding the state
 outputs back as inputs (constant memory); `classify` runs model.onnx on one sequence, padded to the
 graph's length unit. Everything about the graphs comes from manifest.json, checked first.
+
+``seqmix export`` copies this file into every ONNX export directory, so the directory runs on any
+machine with ``pip install onnxruntime numpy``.
 """
 from __future__ import annotations
 

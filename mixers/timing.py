@@ -1,0 +1,118 @@
+"""One way to time anything in seqmix: warm-up calls, then timed calls summarised by their median and spread.
+
+Every latency seqmix prints or records (the benchmark grid, the mixer benchmark, exports, the
+lowering report, the search's deployed latency, the tour) comes from ``time_calls``, so a figure
+always carries how many calls it summarises and how far they spread, and says when the machine
+was busier than its cores while it was taken. A single call is never reported as a latency: on
+a shared machine one call can take twenty times the median.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from .errors import require_int
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Timed calls of one thing.
+
+    Attributes:
+        median_ms: the median call, in milliseconds.
+        low_ms, high_ms: the fastest and the slowest timed call.
+        runs: how many calls were timed.
+        load: the machine's one-minute load average after the calls, when it exceeded its
+            number of cores (other work competed for them); None otherwise.
+        note: why fewer calls than asked were timed, if so.
+    """
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    runs: int
+    load: float | None = None
+    note: str | None = None
+
+    @property
+    def spread(self) -> float:
+        """(slowest − fastest) / median: 0 for identical calls."""
+        return (self.high_ms - self.low_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+    def __str__(self) -> str:
+        text = f"{_ms(self.median_ms)} ms (median of {self.runs}, {_ms(self.low_ms)}–{_ms(self.high_ms)})"
+        return text + (f" [machine busy: load {self.load:.1f} on {os.cpu_count()} cores]" if self.load else "")
+
+    def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def machine_load() -> float | None:
+    """The one-minute load average when it exceeds the number of cores, else None (also where unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    return load if load > (os.cpu_count() or 1) else None
+
+
+def time_calls(
+    call: Callable[[], object],
+    repeats: int = 7,
+    warmup: int = 2,
+    sync: Callable[[], None] | None = None,
+    max_seconds: float | None = None,
+) -> Timing:
+    """Call ``call`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    Args:
+        call: what to time; its result is discarded.
+        repeats: timed calls (at least 1).
+        warmup: untimed calls first (compilation, caches, lazy initialisation).
+        sync: waits for queued device work (``torch.cuda.synchronize``) before each clock read.
+        max_seconds: once one call takes longer, stop there: the summary covers the timed calls
+            done so far, or that one over-long call when it was still warming up.
+    """
+    require_int("time_calls", "repeats", repeats)
+    require_int("time_calls", "warmup", warmup, 0)
+    wait = sync or (lambda: None)
+    times: list[float] = []
+    note = None
+    for index in range(warmup + repeats):
+        wait()
+        started = time.perf_counter()
+        call()
+        wait()
+        seconds = time.perf_counter() - started
+        if index >= warmup:
+            times.append(seconds)
+        if max_seconds is not None and seconds > max_seconds:
+            done = f"after {len(times)} timed call(s)" if times else "while warming up; that call is the figure"
+            note = f"a call took {seconds:.1f} s > {max_seconds:g} s: stopped {done}"
+            times = times or [seconds]
+            break
+    return Timing(
+        median_ms=1e3 * statistics.median(times),
+        low_ms=1e3 * min(times),
+        high_ms=1e3 * max(times),
+        runs=len(times),
+        load=machine_load(),
+        note=note,
+    )
+
+
+def busy_warning() -> str | None:
+    """A line to print when the machine is busier than its cores, else None."""
+    load = machine_load()
+    if load is None:
+        return None
+    return (f"warning: load average {load:.1f} exceeds this machine's {os.cpu_count()} cores; "
+            "other work is competing, so the timings spread wider than usual")

@@ -1,0 +1,140 @@
+"""The ``seqmix`` command: one entry point, Hydra overrides everywhere, short errors, nothing written before validation."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from seqmix.cli import COMMANDS, main
+from seqmix.configs import CONF_DIR, config_groups
+
+from conftest import SEQMIX
+
+TINY_TRAIN = [
+    "model=mega", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
+    "task.num_pairs=4", "train.batch_size=2", "train.max_steps=2", "train.warmup_steps=1", "train.eval_every=2",
+    "train.eval_batches=1", "train.checkpoint_every=2", "train.log_every=1", "train.progress=false", "train.device=cpu",
+]
+
+
+def run(capsys, *arguments: str) -> tuple[int, str, str]:
+    status = main(list(arguments))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_the_overview_lists_every_command(capsys):
+    status, out, _ = run(capsys, "--help")
+    assert status == 0
+    for name, command in COMMANDS.items():
+        assert f"  {name}" in out and command.summary in out
+    assert {"train", "evaluate", "generate", "export", "describe", "search", "bench", "gather", "tour"} <= set(COMMANDS)
+
+
+def test_no_command_prints_the_overview_and_fails(capsys):
+    status, out, _ = run(capsys)
+    assert status == 2 and "commands:" in out
+
+
+def test_an_unknown_command_lists_the_commands(capsys):
+    status, _, err = run(capsys, "trian")
+    assert status == 2 and "unknown command 'trian'" in err and "'train'" in err
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_help_lists_its_options_and_groups(name, capsys):
+    status, out, _ = run(capsys, name, "--help")
+    assert status == 0 and out.startswith(f"usage: seqmix {name}")
+    command = COMMANDS[name]
+    if command.options:
+        first_key = next(line.split(":")[0] for line in (CONF_DIR / command.options).read_text().splitlines()
+                         if line and not line.startswith(("#", " ", "defaults")))
+        assert f"  {first_key}:" in out
+    for group in command.groups:
+        assert f"  {group}: {', '.join(config_groups()[group])}" in out
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["generate", "checkpoint=x", "temprature=0"], ["unknown key 'temprature'", "temperature"]),
+        (["evaluate", "checkpoint=x", "batch=3"], ["unknown key 'batch'", "batch_size"]),
+        (["export", "checkpoint=x", "fromat=onnx"], ["unknown key 'fromat'", "format"]),
+        (["gather", "rot=runs"], ["unknown key 'rot'", "root"]),
+        (["tour", "widht=8"], ["unknown key 'widht'", "width"]),
+        (["lowering", "preset=[mega]"], ["unknown key 'preset'", "presets"]),
+        (["bench-mixers", "length=[64]"], ["unknown key 'length'", "lengths"]),
+        (["describe", "model.d_modle=8"], ["unknown key 'model.d_modle'", "d_model"]),
+        (["train", "trian.max_steps=8"], ["unknown key 'trian'", "train"]),
+        (["train", "+colour=red"], ["unknown key 'colour'", "model"]),
+        (["evaluate", "+colour=red", "checkpoint=x"], ["unknown key 'colour'", "checkpoint"]),
+        (["bench", "bench.lenghts=[64]"], ["unknown key 'bench.lenghts'", "lengths"]),
+        (["search", "search=tiny", "search.n_trails=3"], ["unknown key 'search.n_trails'", "n_trials"]),
+        (["describe", "model=llama"], ["model='llama' is not a preset", "megalodon"]),
+        (["evaluate"], ["checkpoint is required", "seqmix evaluate checkpoint=<value>"]),
+        (["generate", "checkpoint=x", "tokens=many"], ["tokens", "many"]),
+        (["train", "train.max_steps"], ["cannot read the override 'train.max_steps'"]),
+        (["search"], ["give one search=<name>", "tiny"]),
+        (["tour", "--verbose"], ["unknown flag '--verbose'"]),
+        (["describe", "-m", "model=mega,tcnca"], ["-m/--multirun sweeps only apply to ['train']"]),
+    ],
+)
+def test_a_mistake_gets_one_short_message_naming_it(arguments, expected, capsys):
+    status, out, err = run(capsys, *arguments)
+    assert status == 2, out
+    assert err.startswith(f"seqmix {arguments[0]}: error: ") and len(err.splitlines()) <= 2, err
+    for text in expected:
+        assert text in err, err
+
+
+def test_cfg_prints_the_composed_config_and_runs_nothing(capsys):
+    status, out, _ = run(capsys, "describe", "model=tcnca", "model.depth=3", "--cfg")
+    assert status == 0 and "depth: 3" in out and "model:" in out
+
+
+def test_nothing_is_written_before_the_input_is_validated(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    status, _, err = run(capsys, "train", *TINY_TRAIN, "train.max_steps=0", f"train.out_dir={out_dir}")
+    assert status == 2 and "max_steps=0" in err
+    status, _, err = run(capsys, "train", *TINY_TRAIN, "model.mixers.mega.chunk_size=-1", f"train.out_dir={out_dir}")
+    assert status == 2
+    assert not out_dir.exists()
+
+
+def test_train_prints_the_plan_then_announces_a_resume_and_counts_its_own_steps(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    status, out, err = run(capsys, "train", *TINY_TRAIN, f"train.out_dir={out_dir}")
+    assert status == 0, err
+    plan = out.split("\n\n")[0]
+    assert "mega: 1 layers, d_model=16" in plan and "mqar" in plan and str(out_dir) in plan and "torch thread" in plan
+    status, out, err = run(capsys, "train", *TINY_TRAIN, "train.max_steps=3", "train.resume=true", f"train.out_dir={out_dir}")
+    assert status == 0, err
+    assert "(resuming)" in out and "resume: continuing from" in out and "at step 2 of 3" in out
+    assert "3, 1 of them in this run after resuming at step 2" in out and "for 1 steps" in out
+    export_dir = tmp_path / "export"
+    status, _, err = run(capsys, "export", f"checkpoint={out_dir}", "format=executorch", "quantize=int8", f"out={export_dir}")
+    assert status == 2 and "quantize='int8' is not valid for format=executorch" in err
+    assert not export_dir.exists()
+    status, out, err = run(capsys, "evaluate", f"checkpoint={out_dir}", "batches=1", "batch_size=2")
+    assert status == 0, err
+    assert json.loads(out)["task"] == "mqar"
+
+
+def test_python_dash_m_seqmix_is_the_same_command():
+    done = subprocess.run([*SEQMIX, "describe", "model=transformer", "model.depth=1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 layers" in done.stdout and "softmax_attention" in done.stdout
+    bad = subprocess.run([*SEQMIX, "describe", "model.depth=zero"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_sweep_runs_one_job_per_combination(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [*SEQMIX, "train", "-m", *TINY_TRAIN, "model=mega,tcnca", "train.max_steps=1", f"train.out_dir={sweep}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = sorted(json.loads(path.read_text())["preset"]["model"] for path in sweep.glob("*/run.json"))
+    assert records == ["mega", "tcnca"]
