@@ -1,20 +1,21 @@
 """One way to time anything in seqmix: warm-up calls, then timed calls summarised by their median and spread.
 
 Every latency seqmix prints or records (the benchmark grid, the mixer benchmark, exports, the
-lowering report, the search's deployed latency, the tour) comes from ``time_calls``, so a figure
-always carries how many calls it summarises and how far they spread, and says when the machine
-was busier than its cores while it was taken. A single call is never reported as a latency: on
-a shared machine one call can take twenty times the median.
+lowering report, the search's deployed latency, the tour) comes from ``time_calls``, or, where two
+things are timed in alternation so that drift hits both alike, from ``time_once`` per call and
+``summarize`` per side. So a figure always carries how many calls it summarises and how far they
+spread, and says when the machine was busier than its cores while it was taken. A single call is
+never reported as a latency: on a shared machine one call can take twenty times the median.
 """
 from __future__ import annotations
 
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from .errors import require_int
+from .errors import SeqmixError, require_int
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,34 @@ def machine_load() -> float | None:
     return load if load > (os.cpu_count() or 1) else None
 
 
+def time_once(call: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Seconds one call of ``call`` takes; ``sync`` (e.g. ``torch.cuda.synchronize``) runs before
+    each clock read, so the clock reads the queued device work and not just its launch."""
+    wait = sync or (lambda: None)
+    wait()
+    started = time.perf_counter()
+    call()
+    wait()
+    return time.perf_counter() - started
+
+
+def summarize(times_s: Sequence[float], note: str | None = None) -> Timing:
+    """The Timing of timed calls that took ``times_s`` seconds each (at least one).
+
+    ``note`` says why fewer calls than asked were timed, if so; the machine's load is read now.
+    """
+    if not times_s:
+        raise SeqmixError("summarize: times_s=[] is not valid; expected the seconds of at least one timed call")
+    return Timing(
+        median_ms=1e3 * statistics.median(times_s),
+        low_ms=1e3 * min(times_s),
+        high_ms=1e3 * max(times_s),
+        runs=len(times_s),
+        load=machine_load(),
+        note=note,
+    )
+
+
 def time_calls(
     call: Callable[[], object],
     repeats: int = 7,
@@ -83,15 +112,12 @@ def time_calls(
     """
     require_int("time_calls", "repeats", repeats)
     require_int("time_calls", "warmup", warmup, 0)
-    wait = sync or (lambda: None)
+    if max_seconds is not None and not max_seconds > 0:
+        raise SeqmixError(f"time_calls: max_seconds={max_seconds!r} is not valid; expected a positive number of seconds or None")
     times: list[float] = []
     note = None
     for index in range(warmup + repeats):
-        wait()
-        started = time.perf_counter()
-        call()
-        wait()
-        seconds = time.perf_counter() - started
+        seconds = time_once(call, sync)
         if index >= warmup:
             times.append(seconds)
         if max_seconds is not None and seconds > max_seconds:
@@ -99,14 +125,7 @@ def time_calls(
             note = f"a call took {seconds:.1f} s > {max_seconds:g} s: stopped {done}"
             times = times or [seconds]
             break
-    return Timing(
-        median_ms=1e3 * statistics.median(times),
-        low_ms=1e3 * min(times),
-        high_ms=1e3 * max(times),
-        runs=len(times),
-        load=machine_load(),
-        note=note,
-    )
+    return summarize(times, note)
 
 
 def busy_warning() -> str | None:
