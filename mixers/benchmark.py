@@ -3,8 +3,9 @@
 For each mixer, each impl in its class's ``impls``, each pass and each sequence length it measures
 on inputs x (B, L, D) float32:
 
-- time: the median of ``repeats`` timed runs (``time.perf_counter``, the device synchronised
-  before each clock read) after ``warmup`` untimed runs. The ``forward`` pass runs the module in
+- time: the median of ``repeats`` timed runs after ``warmup`` untimed runs, with the fastest and
+  the slowest of them (``seqmix.timing.time_calls``, the device synchronised before each clock
+  read). The ``forward`` pass runs the module in
   eval mode under ``torch.no_grad``; the ``fwd+bwd`` pass runs it in train mode and backpropagates
   ``output.sum()`` to x and every parameter, their gradients cleared (set to None) first.
 - peak memory over ONE extra run, relative to the memory allocated when the run starts, so the
@@ -29,9 +30,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from .errors import SeqmixError, require_int
 from .gated_attention import GatedAttention
 from .registry import build_mixer, list_mixers, mixer_class
 from .softmax_attention import SoftmaxAttention
+from .timing import time_calls
 
 PASSES = ("forward", "fwd+bwd")
 DTYPE = torch.float32
@@ -114,8 +116,10 @@ class BenchConfig:
 class Row:
     """One measured (or skipped) cell: a mixer, impl, pass and length.
 
-    ``skipped`` holds the reason when the cell was not measured; ``note`` flags a measurement
-    cut short by the time budget.
+    ``time_ms`` is the median of the timed runs, ``time_low_ms`` and ``time_high_ms`` the fastest
+    and the slowest; ``load`` the machine's load average when it exceeded its cores during the
+    runs. ``skipped`` holds the reason when the cell was not measured; ``note`` flags a
+    measurement cut short by the time budget.
     """
 
     mixer: str
@@ -125,9 +129,12 @@ class Row:
     batch: int
     width: int
     time_ms: float | None = None
+    time_low_ms: float | None = None
+    time_high_ms: float | None = None
     peak_mib: float | None = None
     tokens_per_s: float | None = None
     runs: int = 0
+    load: float | None = None
     skipped: str | None = None
     note: str | None = None
 
@@ -187,15 +194,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so the clock reads the work and not just its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_once(run: Callable[[], None], device: torch.device) -> float:
-    """Seconds one call of ``run`` takes, the device synchronised on both sides."""
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def peak_of_allocations(events: Sequence[tuple[int, int]]) -> int:
@@ -279,63 +277,29 @@ def make_run(mixer: Mixer, x: torch.Tensor, pass_: str) -> tuple[Callable[[], No
     return forward_backward, clear
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Wall times of repeated runs of one callable.
-
-    Attributes:
-        median_s: median of the timed runs, or the over-budget warmup run when none was timed.
-        runs: how many runs ``median_s`` summarises (at least 1).
-        note: set when a run exceeded the time budget and the repeats stopped there.
-    """
-
-    median_s: float
-    runs: int
-    note: str | None = None
-
-
-def time_runs(
-    run: Callable[[], None], device: torch.device, warmup: int, repeats: int, max_seconds_per_run: float
-) -> Timing:
-    """Time ``repeats`` calls of ``run`` after ``warmup`` untimed ones.
-
-    A run over ``max_seconds_per_run`` stops the repeats there: the time is the median of the
-    timed runs done, or the over-budget warmup run itself when none was timed yet.
-    """
-    timed: list[float] = []
-    over: float | None = None
-    for index in range(warmup + repeats):
-        seconds = time_once(run, device)
-        if index >= warmup:
-            timed.append(seconds)
-        if seconds > max_seconds_per_run:
-            over = seconds
-            break
-    if over is None:
-        return Timing(statistics.median(timed), len(timed))
-    done = f"after {len(timed)} timed run(s)" if timed else "in warmup; time is that warmup run"
-    note = f"a run took {over:.1f} s > {max_seconds_per_run:g} s: stopped {done}"
-    return Timing(statistics.median(timed) if timed else over, max(len(timed), 1), note)
-
-
 def measure(mixer: Mixer, x: torch.Tensor, pass_: str, config: BenchConfig, device: torch.device) -> dict:
     """Time and peak memory of one pass of ``mixer`` on x (B, L, D).
 
-    Returns the Row fields time_ms, peak_mib, tokens_per_s, runs, note; see ``time_runs`` for
-    what a run over the time budget does.
+    Returns the Row fields time_ms, time_low_ms, time_high_ms, peak_mib, tokens_per_s, runs, load
+    and note; a run over ``max_seconds_per_run`` stops the repeats there (``time_calls``).
     """
     run, clear = make_run(mixer, x, pass_)
-    timing = time_runs(run, device, config.warmup, config.repeats, config.max_seconds_per_run)
+    timing = time_calls(
+        run, config.repeats, config.warmup, sync=lambda: synchronize(device), max_seconds=config.max_seconds_per_run
+    )
     # Gradients left by the last run would be freed inside the profiled run and offset its peak.
     clear()
     peak = peak_memory_bytes(run, device)
     clear()
     batch, length, _ = x.shape
     return {
-        "time_ms": timing.median_s * 1e3,
+        "time_ms": timing.median_ms,
+        "time_low_ms": timing.low_ms,
+        "time_high_ms": timing.high_ms,
         "peak_mib": peak / 2**20,
-        "tokens_per_s": batch * length / timing.median_s,
+        "tokens_per_s": batch * length / (timing.median_ms / 1e3),
         "runs": timing.runs,
+        "load": timing.load,
         "note": timing.note,
     }
 
@@ -495,8 +459,25 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]], right: set[int]
     return [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
 
 
+def _milliseconds(value: float) -> str:
+    # Three significant digits below 1 ms, so a near-free path does not print as 0.00.
+    return f"{value:.2f}" if value >= 1 else f"{value:#.3g}"
+
+
+def busy_line(loads: Sequence[float | None]) -> str | None:
+    """A line saying how many of the measurements ran on a machine busier than its cores, or None."""
+    busy = [load for load in loads if load is not None]
+    if not busy:
+        return None
+    return (f"machine busy during {len(busy)} of {len(loads)} measurements (load average up to {max(busy):.1f} "
+            f"on {os.cpu_count()} cores): their times spread wider than usual")
+
+
 def format_report(result: BenchResult) -> str:
-    """The results table, the slope table and the target checks, as printable text."""
+    """The results table, the slope table and the target checks, as printable text.
+
+    Times are the median of the timed runs with the fastest–slowest run in parentheses.
+    """
     cfg = result.config
     env = result.environment
     lines = [
@@ -511,12 +492,13 @@ def format_report(result: BenchResult) -> str:
         if row.skipped is not None:
             body.append(head + [f"skipped: {row.skipped}"])
         else:
-            # Three significant digits below 1 ms, so a near-free path does not print as 0.00.
-            time_ms = f"{row.time_ms:.2f}" if row.time_ms >= 1 else f"{row.time_ms:.3g}"
+            time_ms = f"{_milliseconds(row.time_ms)} ({_milliseconds(row.time_low_ms)}–{_milliseconds(row.time_high_ms)})"
             cells = [time_ms, f"{row.peak_mib:.1f}", f"{row.tokens_per_s:,.0f}", row.note or ""]
             body.append(head + cells)
-    lines += _table(["mixer", "impl", "pass", "L", "time ms", "peak MiB", "tokens/s", "note"], body, right={3, 4, 5, 6})
-    lines.append("")
+    header = ["mixer", "impl", "pass", "L", "time ms (fastest–slowest)", "peak MiB", "tokens/s", "note"]
+    lines += _table(header, body, right={3, 4, 5, 6})
+    busy = busy_line([row.load for row in result.rows if row.skipped is None])
+    lines += [busy, ""] if busy else [""]
     body = []
     for fit in result.slopes:
         value = f"{fit.slope:.2f}" if fit.slope is not None else f"n/a ({fit.reason})"
@@ -527,7 +509,8 @@ def format_report(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ("mixer", "impl", "pass", "length", "batch", "width", "time_ms", "peak_mib", "tokens_per_s", "runs", "skipped", "note")
+CSV_FIELDS = ("mixer", "impl", "pass", "length", "batch", "width", "time_ms", "time_low_ms", "time_high_ms", "peak_mib",
+              "tokens_per_s", "runs", "load", "skipped", "note")
 
 
 def write_results(result: BenchResult, out_dir: str | Path) -> list[Path]:

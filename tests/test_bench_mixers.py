@@ -38,6 +38,7 @@ def test_every_cell_measured_with_a_finite_slope():
     for row in cells.values():
         assert row.skipped is None, row
         assert row.time_ms > 0 and row.tokens_per_s > 0 and row.runs == 1
+        assert 0 < row.time_low_ms <= row.time_ms <= row.time_high_ms
     # The EMA allocates its (B, L, D) float32 output at least.
     assert cells[("ema", "chunked", "forward", 128)].peak_mib * 2**20 >= 128 * WIDTH * 4
     assert {(s.mixer, s.impl, s.pass_) for s in result.slopes} == {key[:3] for key in expected}
@@ -76,3 +77,7 @@ def test_command_line_writes_json_and_csv(tmp_path):
     assert len(data["rows"]) == (3 + 2) * len(PASSES) * len(LENGTHS)
     csv_lines = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
     assert csv_lines[0].startswith("mixer,impl,pass,length") and len(csv_lines) == 1 + len(data["rows"])
+    assert "time_ms,time_low_ms,time_high_ms" in csv_lines[0]
+    measured = [row for row in data["rows"] if row["skipped"] is None]
+    assert measured and all(row["time_low_ms"] <= row["time_ms"] <= row["time_high_ms"] for row in measured)
+    assert "time ms (fastest–slowest)" in done.stdout
