@@ -22,7 +22,9 @@ it measures, on a batch of B = ``batch`` sequences in float32:
   ``output.sum()`` to every parameter and to float inputs), the latter on the training runtimes
   only (eager, compile, cuda, cuda_compile).
 - time: one untimed setup call (which compiles or exports; its wall time, export included, is
-  ``setup_s``), then the median of ``repeats`` runs after ``warmup`` (``seqmix.benchmark.time_runs``).
+  ``setup_s``), then the median of ``repeats`` runs after ``warmup``, with the fastest and the
+  slowest run (``time_low_ms``, ``time_high_ms``) and the load average when the machine was
+  busier than its cores (``load``), all from ``seqmix.timing.time_calls``.
 - peak memory: ``seqmix.benchmark.peak_memory_bytes`` over one more run, on the runtimes whose
   memory torch allocates (eager, compile, cuda, cuda_compile); None on ONNX Runtime, ExecuTorch
   and TensorRT, which allocate outside torch.
@@ -46,7 +48,7 @@ exception, an exported graph disagreeing with eager included), with the reason.
 
 ``run_claims`` measures the pairs behind the papers' speed claims (``conf/bench/paper_claims.yaml``),
 their timed runs interleaved so drift hits both sides alike, and sets each ratio beside the
-paper's figure.
+paper's figure; each side's Timing is built with ``seqmix.timing.time_once`` and ``summarize``.
 """
 from __future__ import annotations
 
@@ -55,7 +57,6 @@ import functools
 import importlib
 import importlib.metadata
 import json
-import statistics
 import tempfile
 import time
 import warnings
@@ -76,6 +77,7 @@ from seqmix.gated_attention import GatedAttention
 from seqmix.model import SequenceModel
 from seqmix.registry import build_mixer, mixer_class
 from seqmix.softmax_attention import SoftmaxAttention
+from seqmix.timing import Timing, summarize, time_calls, time_once
 
 from .graphs import quiet_exporters, use_exportable_paths
 from .onnx_export import ExportMismatch
@@ -661,7 +663,7 @@ class Prepared:
 
     Attributes:
         run: one pass; it discards its output. clear: drops the gradients a run leaves.
-        device: where it runs (the clock synchronises it).
+        device: where it runs (the clock synchronises it, see ``sync``).
         setup_s: wall time of building the runtime's graph and its first call.
         impl: the compute paths that run (``describe_impls``).
         torch_memory: True when torch allocates its memory, so its peak can be measured.
@@ -673,6 +675,10 @@ class Prepared:
     setup_s: float
     impl: str
     torch_memory: bool
+
+    def sync(self) -> None:
+        """Wait for the device's queued work, before each clock read."""
+        benchmark.synchronize(self.device)
 
 
 def compile_module(module: nn.Module, backend: str) -> Callable[..., Tensor]:
@@ -836,7 +842,8 @@ def prepare(
     else:
         call = _executorch_call(module, inputs, workdir)
     run, clear = _pass_callables(call, module, inputs, pass_)
-    benchmark.time_once(run, device)
+    run()
+    benchmark.synchronize(device)
     clear()
     setup_s = time.perf_counter() - start
     return Prepared(run, clear, device, setup_s, describe_impls(module), runtime in TRAINING_RUNTIMES)
@@ -847,7 +854,11 @@ def prepare(
 
 @dataclass
 class GridRow:
-    """One grid cell's outcome; ``status`` is ``measured``, ``skipped`` or ``failed`` (then ``reason``)."""
+    """One grid cell's outcome; ``status`` is ``measured``, ``skipped`` or ``failed`` (then ``reason``).
+
+    ``time_ms`` is the median of the timed runs, ``time_low_ms`` and ``time_high_ms`` the fastest
+    and the slowest; ``load`` the machine's load average when it exceeded its cores.
+    """
 
     kind: str
     subject: str
@@ -859,9 +870,12 @@ class GridRow:
     device: str | None = None
     impl: str | None = None
     time_ms: float | None = None
+    time_low_ms: float | None = None
+    time_high_ms: float | None = None
     peak_mib: float | None = None
     tokens_per_s: float | None = None
     runs: int = 0
+    load: float | None = None
     setup_s: float | None = None
     speedup_vs_eager: float | None = None
     speedup_vs_baseline: float | None = None
@@ -967,21 +981,26 @@ def measure_cell(cell: Cell, spec: BenchSpec, row: GridRow, workdir: Path) -> No
         inputs = example_inputs(cell.subject, module, spec.batch, cell.length, spec.width)
         prepared = prepare(cell.runtime, module, inputs, cell.pass_, spec.compile_backend, workdir)
         row.device, row.impl, row.setup_s = str(prepared.device), prepared.impl, prepared.setup_s
-        timing = benchmark.time_runs(prepared.run, prepared.device, spec.warmup, spec.repeats, spec.max_seconds_per_run)
+        timing = time_calls(prepared.run, spec.repeats, spec.warmup, sync=prepared.sync, max_seconds=spec.max_seconds_per_run)
         if prepared.torch_memory:
             # Gradients left by the last run would be freed inside the measured run and offset its peak.
             prepared.clear()
             row.peak_mib = benchmark.peak_memory_bytes(prepared.run, prepared.device) / 2**20
             prepared.clear()
-        row.time_ms = timing.median_s * 1e3
-        row.tokens_per_s = spec.batch * cell.length / timing.median_s
-        row.runs, row.note = timing.runs, timing.note
+        _record_timing(row, timing)
+        row.tokens_per_s = spec.batch * cell.length / (timing.median_ms / 1e3)
     except ExportMismatch as error:
         row.status, row.reason = "failed", str(error)
     except SeqmixError as error:
         row.status, row.reason = "skipped", f"seqmix refused it: {error}"
     except Exception as error:  # noqa: BLE001  (any failure of one cell is reported, the grid goes on)
         row.status, row.reason = "failed", _first_line(error)
+
+
+def _record_timing(row: GridRow | Measurement, timing: Timing) -> None:
+    """Copy a Timing into a grid row or a claims measurement."""
+    row.time_ms, row.time_low_ms, row.time_high_ms = timing.median_ms, timing.low_ms, timing.high_ms
+    row.runs, row.load, row.note = timing.runs, timing.load, timing.note
 
 
 def _skip_reason(
@@ -1136,15 +1155,19 @@ def environment(runtimes: Sequence[str] = ()) -> dict:
 
 @dataclass
 class Measurement:
-    """One subject's side of an interleaved pair: median time, peak memory, parameter count."""
+    """One subject's side of an interleaved pair: median time (with the fastest and slowest run and
+    the load average when the machine was busier than its cores), peak memory, parameter count."""
 
     subject: str
     pass_: str
     length: int
     time_ms: float | None = None
+    time_low_ms: float | None = None
+    time_high_ms: float | None = None
     peak_mib: float | None = None
     parameters: int | None = None
     runs: int = 0
+    load: float | None = None
     impl: str | None = None
     reason: str | None = None
     note: str | None = None
@@ -1212,31 +1235,30 @@ def measure_pair(subjects: Sequence[Subject], pass_: str, length: int, spec: Ben
         for side, result in zip(prepared, results):
             current = result.subject
             for _ in range(spec.warmup):
-                benchmark.time_once(side.run, side.device)
-        times: list[list[float]] = [[] for _ in prepared]
+                side.run()
+        times_s: list[list[float]] = [[] for _ in prepared]
+        note = None
         for _ in range(spec.repeats):
-            for side, timed, result in zip(prepared, times, results):
+            for side, timed_s, result in zip(prepared, times_s, results):
                 current = result.subject
-                timed.append(benchmark.time_once(side.run, side.device))
-            slowest = max(timed[-1] for timed in times)
+                timed_s.append(time_once(side.run, side.sync))
+            slowest = max(timed_s[-1] for timed_s in times_s)
             if slowest > spec.max_seconds_per_run:
                 note = (
                     f"a run took {slowest:.1f} s > bench.max_seconds_per_run={spec.max_seconds_per_run:g}: "
-                    f"stopped after {len(times[0])} round(s)"
+                    f"stopped after {len(times_s[0])} round(s)"
                 )
-                for result in results:
-                    result.note = note
                 break
-        for side, timed, result in zip(prepared, times, results):
+        for side, timed_s, result in zip(prepared, times_s, results):
             current = result.subject
             side.clear()
             result.peak_mib = benchmark.peak_memory_bytes(side.run, side.device) / 2**20
             side.clear()
-            result.time_ms = statistics.median(timed) * 1e3
-            result.runs = len(timed)
+            _record_timing(result, summarize(timed_s, note))
     except Exception as error:  # noqa: BLE001  (a side that cannot run makes its claims MISSING, the others go on)
         for result in results:
-            result.time_ms = result.peak_mib = None
+            result.time_ms = result.time_low_ms = result.time_high_ms = result.peak_mib = result.load = result.note = None
+            result.runs = 0
             result.reason = f"{current} failed: {_first_line(error)}"
     return results
 
@@ -1312,12 +1334,20 @@ def _is_measured(row: GridRow | None) -> bool:
     return row is not None and row.status == "measured"
 
 
-def _cell_text(row: GridRow | None, value: Callable[[GridRow], float | None], unit: str = "") -> str:
+def _time_range(measured: GridRow | Measurement) -> str:
+    """``7.92 (7.8–8.1)``: the median time in ms and the fastest–slowest run; '—' when not timed."""
+    if measured.time_ms is None:
+        return "—"
+    return f"{_number(measured.time_ms)} ({_number(measured.time_low_ms)}–{_number(measured.time_high_ms)})"
+
+
+def _cell_text(row: GridRow | None, text: Callable[[GridRow], str]) -> str:
+    """``text(row)`` for a measured row (``*`` when a run exceeded the time budget), else skip/FAIL."""
     if row is None:
         return ""
     if row.status != "measured":
         return "skip" if row.status == "skipped" else "FAIL"
-    return _number(value(row), unit) + ("*" if row.note else "")
+    return text(row) + ("*" if row.note else "")
 
 
 def shown_runtime(spec: BenchSpec) -> str:
@@ -1335,14 +1365,17 @@ def format_grid_report(result: GridResult) -> str:
         "## Benchmark grid",
         "",
         _machine_line(result.environment, spec) + f". Mixers and peers at D={spec.width}, presets at their own width. "
-        "`skip`/`FAIL`: see *Not measured*; `*`: a run exceeded the time budget.",
+        "Times: median (fastest–slowest run) in ms. `skip`/`FAIL`: see *Not measured*; `*`: a run exceeded the time budget.",
         "",
     ]
+    busy = benchmark.busy_line([r.load for r in rows if r.status == "measured"])
+    if busy:
+        lines += [f"**{busy}.**", ""]
     for pass_ in spec.passes:
         shown = [r for r in runtimes if pass_ == "forward" or r in TRAINING_RUNTIMES]
         lines += [f"### Time (ms), {pass_}", ""]
         body = [
-            [label, str(length)] + [_cell_text(index.get((label, r, pass_, length)), lambda x: x.time_ms) for r in shown]
+            [label, str(length)] + [_cell_text(index.get((label, r, pass_, length)), _time_range) for r in shown]
             for _, label in subjects
             for length in spec.lengths
             if any(index.get((label, r, pass_, length)) for r in shown)
@@ -1354,7 +1387,7 @@ def format_grid_report(result: GridResult) -> str:
         header = [f"{r} {p}" for r in memory_runtimes for p in spec.passes]
         body = [
             [label, str(length)]
-            + [_cell_text(index.get((label, r, p, length)), lambda x: x.peak_mib) for r in memory_runtimes for p in spec.passes]
+            + [_cell_text(index.get((label, r, p, length)), lambda x: _number(x.peak_mib)) for r in memory_runtimes for p in spec.passes]
             for _, label in subjects
             for length in spec.lengths
         ]
@@ -1365,20 +1398,20 @@ def format_grid_report(result: GridResult) -> str:
         if not baseline or not measured_kind:
             continue
         runtime = shown_runtime(spec)
-        lines += [f"### Speed-up vs `{baseline}` ({runtime}; baseline time / subject time)", ""]
+        lines += [f"### Speed-up vs `{baseline}` ({runtime}; baseline median time / subject median time)", ""]
         body = [
             [label, pass_]
-            + [_cell_text(index.get((label, runtime, pass_, n)), lambda x: x.speedup_vs_baseline, "×") for n in spec.lengths]
+            + [_cell_text(index.get((label, runtime, pass_, n)), lambda x: _number(x.speedup_vs_baseline, "×")) for n in spec.lengths]
             for label in measured_kind
             for pass_ in spec.passes
         ]
         lines += markdown_table(["subject", "pass", *[f"L={n}" for n in spec.lengths]], body) + [""]
     other = [r for r in runtimes if r != EAGER_REFERENCE[r] and EAGER_REFERENCE[r] in runtimes]
     if other:
-        lines += ["### Speed-up vs eager (forward; eager time on the same device / runtime time; cuda vs CPU eager)", ""]
+        lines += ["### Speed-up vs eager (forward; eager median time on the same device / runtime median time; cuda vs CPU eager)", ""]
         body = [
             [label, runtime]
-            + [_cell_text(index.get((label, runtime, "forward", n)), lambda x: x.speedup_vs_eager, "×") for n in spec.lengths]
+            + [_cell_text(index.get((label, runtime, "forward", n)), lambda x: _number(x.speedup_vs_eager, "×")) for n in spec.lengths]
             for _, label in subjects
             for runtime in other
             if any(_is_measured(index.get((label, runtime, "forward", n))) for n in spec.lengths)
@@ -1541,6 +1574,9 @@ def format_claims(result: ClaimsResult) -> str:
         _machine_line(result.environment, spec) + f"; {runtime}; the two sides' timed runs interleaved.",
         "",
     ]
+    busy = benchmark.busy_line([m.load for m in result.measurements if m.time_ms is not None])
+    if busy:
+        lines += [f"**{busy}.**", ""]
     body = []
     for outcome in result.outcomes:
         claim = outcome.claim
@@ -1556,18 +1592,20 @@ def format_claims(result: ClaimsResult) -> str:
     lines += markdown_table(["claim", "paper setting", "compared here", "paper", "ours", "verdict"], body)
     lines += [
         "",
-        "speed = baseline time / subject time (PASS when at least the paper's figure); memory = subject peak / "
-        "baseline peak (PASS when at most the paper's); — : context row, no paper figure.",
+        "speed = baseline median time / subject median time (PASS when at least the paper's figure); memory = "
+        "subject peak / baseline peak (PASS when at most the paper's); — : context row, no paper figure.",
         "",
         "### Measurements",
         "",
     ]
     body = [
-        [f"`{m.subject}`", m.pass_, str(m.length), _number(m.time_ms), _number(m.peak_mib),
+        [f"`{m.subject}`", m.pass_, str(m.length), _time_range(m), _number(m.peak_mib),
          f"{m.parameters:,}" if m.parameters else "—", m.impl or "", m.reason or m.note or ""]
         for m in result.measurements
     ]
-    lines += markdown_table(["subject", "pass", "L", "time ms", "peak MiB", "parameters", "compute paths", "note"], body)
+    lines += markdown_table(
+        ["subject", "pass", "L", "time ms (fastest–slowest)", "peak MiB", "parameters", "compute paths", "note"], body
+    )
     subjects = {m.subject for m in result.measurements}
     lines += ["", "### Subjects", ""]
     for label, subject in spec.claim_subjects.items():

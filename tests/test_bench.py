@@ -47,6 +47,7 @@ def test_every_requested_cell_has_a_row_with_a_reason_when_not_measured(smoke):
         assert row.status in ("measured", "skipped"), row
         if row.status == "measured":
             assert row.time_ms > 0 and row.tokens_per_s > 0 and row.runs >= 1 and row.setup_s >= 0, row
+            assert row.time_low_ms <= row.time_ms <= row.time_high_ms, row
         else:
             assert row.reason and row.time_ms is None, row
         if row.pass_ == "fwd+bwd" and row.runtime not in bench.TRAINING_RUNTIMES:
@@ -99,6 +100,10 @@ def test_results_files_and_plots_are_written(smoke):
     for heading in ("### Time (ms), forward", "### Peak memory (MiB)", "### Speed-up vs `softmax_attention`",
                     "### Speed-up vs eager", "### Not measured"):
         assert heading in report
+    assert "Times: median (fastest–slowest run) in ms" in report
+    tcn = next(r for r in result.rows if (r.subject, r.runtime, r.pass_, r.length) == ("tcn", "eager", "forward", 32))
+    assert f"| tcn | 32 | {bench._time_range(tcn)}" in report
+    assert table[0]["time_low_ms"] and table[0]["time_high_ms"]
 
 
 def test_peers_are_compared_or_skipped_with_an_install_hint(smoke):
@@ -185,6 +190,26 @@ def test_claims_table_from_a_tiny_grid(tmp_path):
     assert table.count("| MISS |") + table.count("| PASS |") == 5
     data = json.loads((tmp_path / "claims.json").read_text(encoding="utf-8"))
     assert len(data["claims"]) == len(full.claims) and all(m["time_ms"] > 0 for m in data["measurements"])
+    assert all(m["time_low_ms"] <= m["time_ms"] <= m["time_high_ms"] and m["runs"] == 1 for m in data["measurements"])
+    assert "| time ms (fastest–slowest) |" in table
+
+
+def test_claim_sides_are_timed_interleaved_and_summarised_per_side(monkeypatch):
+    sides = []
+    timed = bench.time_once
+
+    def record_side(run, sync):
+        sides.append(run)
+        return timed(run, sync)
+
+    monkeypatch.setattr(bench, "time_once", record_side)
+    others = [name for name in compose_bench_spec(["bench=paper_claims"]).claims if name != "mega_chunk_speed"]
+    spec = compose_bench_spec(_tiny_claims("bench.repeats=3", *[f"~bench.claims.{name}" for name in others]))
+    subject, baseline = run_claims(spec).measurements
+    first, second = sides[0], sides[1]
+    assert first is not second and sides == [first, second] * 3
+    for side in (subject, baseline):
+        assert side.runs == 3 and side.time_low_ms <= side.time_ms <= side.time_high_ms
 
 
 def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
