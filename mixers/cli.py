@@ -37,8 +37,10 @@ class Command:
     Attributes:
         name: what follows ``seqmix`` on the command line.
         summary: one line for ``seqmix --help``.
-        run: (composed config, preset choices) -> exit status.
+        run: (options, preset choices) -> exit status; the options are the composed config, or
+            an instance of ``schema`` when the command has one.
         config_name: the primary config in ``seqmix.conf`` that the overrides apply to.
+        schema: the dataclass the composed config must fit (keys, types, required values).
         groups: the config groups ``--help`` lists.
         options: the config file whose text (comments included) ``--help`` prints as the options.
         examples: command lines ``--help`` shows.
@@ -49,8 +51,9 @@ class Command:
 
     name: str
     summary: str
-    run: Callable[[DictConfig, dict], int]
+    run: Callable[[object, dict], int]
     config_name: str = "config"
+    schema: type | None = None
     groups: tuple[str, ...] = ()
     options: str | None = None
     examples: tuple[str, ...] = ()
@@ -177,11 +180,10 @@ class EvaluateOptions:
     batch_size: int
 
 
-def run_evaluate(config: DictConfig, choices: dict) -> int:
+def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
     from .experiment import build_task
     from .training import evaluate, load_run
 
-    options = options_of(config, EvaluateOptions, "evaluate")
     require_int("evaluate", "batches", options.batches)
     require_int("evaluate", "batch_size", options.batch_size)
     model, record = load_run(options.checkpoint)
@@ -203,13 +205,12 @@ class GenerateOptions:
     seed: int
 
 
-def run_generate(config: DictConfig, choices: dict) -> int:
+def run_generate(options: GenerateOptions, choices: dict) -> int:
     import torch
 
     from .generation import stream_tokens
     from .training import load_run
 
-    options = options_of(config, GenerateOptions, "generate")
     require_int("generate", "tokens", options.tokens, 0)
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
@@ -251,18 +252,13 @@ class ExportOptions:
     length: int
 
 
-def run_export(config: DictConfig, choices: dict) -> int:
-    from seqmix.export.formats import FORMATS, check_quantize, export_model, summary_lines
+def run_export(options: ExportOptions, choices: dict) -> int:
+    from seqmix.export.formats import check_export_options, export_model, summary_lines
 
-    from .errors import choice_error
     from .experiment import build_task
     from .training import load_run
 
-    options = options_of(config, ExportOptions, "export")
-    if options.format not in FORMATS:
-        raise choice_error("format", options.format, FORMATS)
-    check_quantize(options.format, options.quantize)
-    require_int("export", "length", options.length)
+    check_export_options(options.format, options.quantize, options.length)
     model, record = load_run(options.checkpoint)
     task = build_task(record["task"])
     out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
@@ -282,17 +278,17 @@ class GatherOptions:
     csv: str | None
 
 
-def run_gather(config: DictConfig, choices: dict) -> int:
+def run_gather(options: GatherOptions, choices: dict) -> int:
     from .runs import collect_runs, markdown_table, write_csv
 
-    options = options_of(config, GatherOptions, "gather")
     if not Path(options.root).is_dir():
         raise SeqmixError(f"root={options.root!r} is not a directory")
     rows = collect_runs(options.root)
     print(markdown_table(rows))
     if options.csv:
         write_csv(rows, options.csv)
-        print(f"wrote {options.csv}")
+        # stdout carries the table alone, so it can be piped.
+        print(f"wrote {options.csv}", file=sys.stderr)
     return 0
 
 
@@ -305,10 +301,9 @@ class TourOptions:
     repeats: int
 
 
-def run_tour(config: DictConfig, choices: dict) -> int:
+def run_tour(options: TourOptions, choices: dict) -> int:
     from .showcase import format_tour, tour
 
-    options = options_of(config, TourOptions, "tour")
     for name in ("width", "length", "batch", "piece", "repeats"):
         require_int("tour", name, getattr(options, name))
     rows = tour(width=options.width, length=options.length, batch=options.batch, piece=options.piece, repeats=options.repeats)
@@ -336,10 +331,9 @@ class BenchMixersOptions:
     progress: bool
 
 
-def run_bench_mixers(config: DictConfig, choices: dict) -> int:
+def run_bench_mixers(options: BenchMixersOptions, choices: dict) -> int:
     from .benchmark import BenchConfig, format_report, run_benchmark, write_results
 
-    options = options_of(config, BenchMixersOptions, "bench-mixers")
     bench = BenchConfig(
         lengths=tuple(options.lengths),
         batch=options.batch,
@@ -427,7 +421,7 @@ class LoweringOptions:
     out: str
 
 
-def run_lowering(config: DictConfig, choices: dict) -> int:
+def run_lowering(options: LoweringOptions, choices: dict) -> int:
     import torch
 
     from seqmix.export.report import as_builtin, lowering_report, markdown_table, matmul_throughput, throughput_line
@@ -436,7 +430,6 @@ def run_lowering(config: DictConfig, choices: dict) -> int:
     from .experiment import adapt_model_config, build_task
     from .training import load_run
 
-    options = options_of(config, LoweringOptions, "lowering")
     if not options.runs and not options.presets:
         raise SeqmixError("give runs=[<run dir>,...] or presets=[<preset>,...]")
     presets = config_groups()["model"]
@@ -482,12 +475,12 @@ COMMANDS = {
                           "seqmix train -m model=mega,tcnca task=mqar train.out_dir=runs/sweep",
                           "torchrun --nproc_per_node=2 -m seqmix train ...")),
         Command("evaluate", "score a trained run on its task's validation set", run_evaluate,
-                config_name="evaluate", options="evaluate.yaml", examples=("seqmix evaluate checkpoint=runs/m",)),
+                config_name="evaluate", schema=EvaluateOptions, options="evaluate.yaml", examples=("seqmix evaluate checkpoint=runs/m",)),
         Command("generate", "stream text from a trained byte-level model", run_generate,
-                config_name="generate", options="generate.yaml",
+                config_name="generate", schema=GenerateOptions, options="generate.yaml",
                 examples=('seqmix generate checkpoint=runs/m prompt="class " tokens=200 temperature=0',)),
         Command("export", "export to ONNX, ExecuTorch or TensorRT, verified against eager and timed", run_export,
-                config_name="export", options="export.yaml",
+                config_name="export", schema=ExportOptions, options="export.yaml",
                 examples=("seqmix export checkpoint=runs/m", "seqmix export checkpoint=runs/m format=executorch quantize=int8")),
         Command("describe", "print a model's layers, parameters, streaming state and receptive fields", run_describe,
                 groups=("model",), examples=("seqmix describe model=megalodon", "seqmix describe model=mega model.depth=8")),
@@ -500,15 +493,15 @@ COMMANDS = {
                 examples=("seqmix bench bench=smoke", "seqmix bench bench=paper_claims",
                           "seqmix bench bench.lengths=[1024,4096] bench.out_dir=runs/bench")),
         Command("bench-mixers", "time, memory and log-log slopes of every mixer and compute path", run_bench_mixers,
-                config_name="bench_mixers", options="bench_mixers.yaml",
+                config_name="bench_mixers", schema=BenchMixersOptions, options="bench_mixers.yaml",
                 examples=("seqmix bench-mixers lengths=[1024,4096] mixers=[ema,tcn] out=runs/ops",)),
         Command("lowering", "what ONNX Runtime, int8 and torch.compile buy for runs or presets", run_lowering,
-                config_name="lowering", options="lowering.yaml",
+                config_name="lowering", schema=LoweringOptions, options="lowering.yaml",
                 examples=("seqmix lowering runs=[runs/a,runs/b]", "seqmix lowering presets=[mega,tcnca] compile=false")),
         Command("gather", "one table of the runs below a directory", run_gather,
-                config_name="gather", options="gather.yaml", examples=("seqmix gather root=runs/sweep csv=table.csv",)),
+                config_name="gather", schema=GatherOptions, options="gather.yaml", examples=("seqmix gather root=runs/sweep csv=table.csv",)),
         Command("tour", "every mixer and compute path, parallel vs streamed, with forward times", run_tour,
-                config_name="tour", options="tour.yaml", examples=("seqmix tour width=128",)),
+                config_name="tour", schema=TourOptions, options="tour.yaml", examples=("seqmix tour width=128",)),
     )
 }
 
@@ -618,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         if show_config:
             print(OmegaConf.to_yaml(config), end="")
             return 0
-        return command.run(config, choices)
+        options = options_of(config, command.schema, name) if command.schema else config
+        return command.run(options, choices)
     except SeqmixError as error:
         print(f"{PROGRAM} {name}: error: {error}", file=sys.stderr)
         return 2

@@ -27,9 +27,10 @@ def config_groups() -> dict[str, list[str]]:
 
 
 def preset_picks(overrides: Sequence[str]) -> list[str]:
-    """The overrides that pick a group's preset (``model=tcnca``), without those that set or add values."""
+    """The overrides that decide which presets compose: a group's pick (``model=tcnca``, or ``+search=tiny`` for
+    a group the root lacks) and Hydra's own settings (``hydra.searchpath``, where extra presets live)."""
     groups = config_groups()
-    return [o for o in overrides if "=" in o and o.split("=", 1)[0] in groups]
+    return [o for o in overrides if "=" in o and (o.split("=", 1)[0].lstrip("+") in groups or o.startswith("hydra."))]
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config", with_choices: bool = False) -> DictConfig:

@@ -46,8 +46,21 @@ def _run_sequence_module(module, *call_extra) -> None:
 
 def _build_and_run(path: Path, tmp_path: Path) -> None:
     group = _group(path)
-    if group == ".":
+    if group == "." and path.stem == "config":
         _run_model(seqmix.instantiate_model(compose_config([], config_name=path.stem).model))
+        return
+    if group == ".":
+        from seqmix.cli import COMMANDS, options_of
+
+        # A command's own config: it must fit the command's schema once its required values are given.
+        (command,) = [c for c in COMMANDS.values() if c.config_name == path.stem]
+        config = compose_config([], config_name=path.stem)
+        required = [key for key in config if OmegaConf.is_missing(config, key)]
+        assert set(required) <= {"checkpoint", "root"}, required
+        for key in required:
+            config[key] = str(tmp_path)
+        options = options_of(config, command.schema, command.name)
+        assert isinstance(options, command.schema)
         return
     if group == "model":
         _run_model(seqmix.instantiate_model(compose_config([f"model={path.stem}"]).model))

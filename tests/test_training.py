@@ -214,7 +214,7 @@ def test_evaluate_and_generate_read_a_run(tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr
     assert "bits_per_byte" in json.loads(evaluation.stdout)
     sample = subprocess.run(
-        [*SEQMIX, "generate", f"checkpoint={tmp_path / 'run'}", "prompt=def ", "tokens=10", "temperature=0"],
+        [*SEQMIX, "generate", f"checkpoint={tmp_path / 'run'}", "prompt='def '", "tokens=10", "temperature=0"],
         capture_output=True, text=True,
     )
     assert sample.returncode == 0, sample.stderr
