@@ -24,10 +24,11 @@ from torch import nn
 
 from seqmix import SeqmixError
 from seqmix.errors import require_int
+from seqmix.timing import Timing, time_calls
 
 from .graphs import largest_chunk
 from .manifest import write_manifest
-from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, median_ms
+from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
 FORMATS = ("onnx", "executorch", "tensorrt")
 QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": (), "tensorrt": ("fp16",)}
@@ -88,9 +89,8 @@ def export_executorch(model: nn.Module, task, out_dir: Path, quantize: str | Non
     tokens = torch.randint(0, model.vocab_size, (1, length))
     runner = pte_runner(parallel)
     with torch.no_grad():
-        eager_ms = median_ms(lambda: model(tokens))
-    pte_ms = median_ms(lambda: runner(tokens))
-    manifest["latency"] = {"batch": 1, "length": length, "eager_ms": eager_ms, "executorch_ms": pte_ms, "speedup": eager_ms / pte_ms}
+        eager = time_calls(lambda: model(tokens))
+    manifest["latency"] = latency_entry(1, length, eager, "executorch", time_calls(lambda: runner(tokens)))
     return manifest
 
 
@@ -160,8 +160,9 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
     return manifest
 
 
-RUNTIME_NAMES = {"onnx": ("onnxruntime_ms", "ONNX Runtime"), "tensorrt": ("onnxruntime_ms", "ONNX Runtime"),
-                 "executorch": ("executorch_ms", "ExecuTorch")}
+RUNTIME_NAMES = {"onnx": ("onnxruntime", "ONNX Runtime"), "tensorrt": ("onnxruntime", "ONNX Runtime"),
+                 "executorch": ("executorch", "ExecuTorch")}
+"""Per format: the key of the deployed side in the manifest's ``latency`` (``latency_entry``), and its name."""
 
 
 def summary_lines(manifest: dict) -> list[str]:
@@ -172,8 +173,9 @@ def summary_lines(manifest: dict) -> list[str]:
     if "step" in manifest:
         lines.append(f"step graph: streamed tokens agree to {manifest['step']['max_error']:.2e}")
     latency = manifest["latency"]
-    lines.append(f"latency at B={latency['batch']}, L={latency['length']}: eager {latency['eager_ms']:.1f} ms, "
-                 f"{runtime} {latency[key]:.1f} ms ({latency['speedup']:.2f}x)")
+    eager, deployed = Timing(**latency["eager"]), Timing(**latency[key])
+    lines.append(f"latency at B={latency['batch']}, L={latency['length']}: eager {eager}, {runtime} {deployed} "
+                 f"({latency['speedup']:.2f}x, ratio of medians)")
     for name, variant in manifest.get("quantized", {}).items():
         lines.append(f"{name}: {variant['speedup']:.2f}x speed, {100 * variant['size_ratio']:.0f}% size, "
                      f"{variant['metric']} {variant['metric_fp32']:.4f} -> {variant['metric_variant']:.4f}")

@@ -18,7 +18,6 @@ reported; a mismatch raises ``ExportMismatch`` with the largest error and where 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 from torch.export import Dim
 
 from seqmix import SeqmixError
+from seqmix.timing import Timing, time_calls
 
 from .graphs import (ParallelGraph, StepGraph, largest_chunk, quiet_exporters, size_oblivious, stepwise_recurrences,
                      use_exportable_paths)
@@ -195,35 +195,39 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERA
     return OnnxExport(manifest, out_dir / "model.onnx", step_path)
 
 
-def median_ms(run, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``run()`` in milliseconds."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+def latency_entry(batch: int, length: int, eager: Timing, runtime: str, deployed: Timing) -> dict:
+    """A manifest's or report's ``latency``: eager against ``runtime`` at token ids (batch, length).
+
+    ``eager_ms`` and ``<runtime>_ms`` are the medians and ``speedup`` their ratio (eager /
+    runtime); ``eager`` and ``<runtime>`` hold each side's Timing (median, fastest, slowest, runs,
+    load, note); ``load`` is the highest load average seen when the machine was busier than its
+    cores, else None.
+    """
+    loads = [timing.load for timing in (eager, deployed) if timing.load is not None]
+    return {
+        "batch": batch,
+        "length": length,
+        "eager_ms": eager.median_ms,
+        f"{runtime}_ms": deployed.median_ms,
+        "speedup": eager.median_ms / deployed.median_ms,
+        "eager": eager.as_dict(),
+        runtime: deployed.as_dict(),
+        "load": max(loads) if loads else None,
+    }
 
 
 def compare_latency(model: nn.Module, onnx_path: str | Path, length: int = 1024, batch: int = 1) -> dict:
-    """Eager vs ONNX Runtime forward latency at (batch, length), and their max difference."""
+    """Eager vs ONNX Runtime forward latency at (batch, length) (``latency_entry``), and their max difference."""
     unit = largest_chunk(model)
     length = max(unit, (length // unit) * unit)
     tokens = torch.randint(0, model.vocab_size, (batch, length))
     runner = session(onnx_path)
     feed = {"tokens": tokens.numpy(), "padding_mask": np.zeros(tokens.shape, dtype=bool)}
     with torch.no_grad():
-        eager_ms = median_ms(lambda: model(tokens))
+        eager = time_calls(lambda: model(tokens))
         expected = model(tokens).numpy()
-    onnx_ms = median_ms(lambda: runner.run(None, feed))
+    onnxruntime = time_calls(lambda: runner.run(None, feed))
     got = runner.run(None, feed)[0]
-    return {
-        "batch": batch,
-        "length": length,
-        "eager_ms": eager_ms,
-        "onnxruntime_ms": onnx_ms,
-        "speedup": eager_ms / onnx_ms,
-        "max_abs_difference": float(np.abs(expected - got).max()),
-    }
+    latency = latency_entry(batch, length, eager, "onnxruntime", onnxruntime)
+    latency["max_abs_difference"] = float(np.abs(expected - got).max())
+    return latency

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from seqmix import SeqmixError
+from seqmix.timing import time_calls
 
-from .onnx_export import median_ms, session
+from .onnx_export import session
 
 VARIANTS = ("int8", "fp16")
 
@@ -67,16 +68,23 @@ def evaluate_onnx(path: Path, task, batch_size: int = 8, batches: int = 8) -> di
 
 
 def compare_variant(reference: Path, variant: Path, task, length: int, metric: str) -> dict:
-    """Size, speed and metric of ``variant`` against the float32 ``reference`` graph."""
+    """Size, speed and metric of ``variant`` against the float32 ``reference`` graph.
+
+    ``speedup`` is the ratio of the median latencies at (1, length), float32 / variant;
+    ``fp32_latency`` and ``variant_latency`` hold each side's Timing (median, fastest, slowest, runs).
+    """
     tokens = np.random.default_rng(0).integers(0, task.vocab_size, size=(1, length)).astype(np.int64)
     feed = {"tokens": tokens, "padding_mask": np.zeros(tokens.shape, dtype=bool)}
     fp32, small = session(reference), session(variant)
     reference_scores, variant_scores = evaluate_onnx(reference, task), evaluate_onnx(variant, task)
     change = variant_scores[metric] - reference_scores[metric]
+    fp32_latency, variant_latency = time_calls(lambda: fp32.run(None, feed)), time_calls(lambda: small.run(None, feed))
     return {
         "file": variant.name,
         "size_ratio": variant.stat().st_size / reference.stat().st_size,
-        "speedup": median_ms(lambda: fp32.run(None, feed)) / median_ms(lambda: small.run(None, feed)),
+        "speedup": fp32_latency.median_ms / variant_latency.median_ms,
+        "fp32_latency": fp32_latency.as_dict(),
+        "variant_latency": variant_latency.as_dict(),
         "metric": metric,
         "metric_fp32": reference_scores[metric],
         "metric_variant": variant_scores[metric],

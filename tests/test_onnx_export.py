@@ -14,10 +14,12 @@ import torch
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
 from seqmix.generation import generate
+from seqmix.timing import Timing
 from conftest import SEQMIX, onnx_runner, tiny_preset
 
+from seqmix.export.formats import summary_lines
 from seqmix.export.manifest import read_manifest, write_manifest
-from seqmix.export.onnx_export import ExportMismatch, export_onnx
+from seqmix.export.onnx_export import ExportMismatch, export_onnx, latency_entry
 from seqmix.export.quantize import VARIANTS, evaluate_onnx, make_variant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +139,27 @@ def trained_run(tmp_path_factory):
     return run
 
 
+def assert_latency_entry(latency: dict, runtime: str) -> None:
+    """Both sides of an export's latency carry their spread, and the speed-up is the ratio of medians."""
+    for side in ("eager", runtime):
+        timing = latency[side]
+        assert timing["runs"] == 7 and 0 < timing["low_ms"] <= timing["median_ms"] <= timing["high_ms"]
+        assert latency[f"{side}_ms"] == timing["median_ms"]
+    assert latency["speedup"] == latency["eager_ms"] / latency[f"{runtime}_ms"]
+    assert "load" in latency
+
+
+def test_summary_prints_both_medians_with_their_range_and_the_ratio_of_medians():
+    eager = Timing(median_ms=374.0, low_ms=360.0, high_ms=8168.0, runs=7)
+    deployed = Timing(median_ms=187.0, low_ms=180.0, high_ms=190.0, runs=7, load=5.0)
+    manifest = {"format": "onnx", "parallel": {"max_error": 1e-6},
+                "latency": latency_entry(1, 256, eager, "onnxruntime", deployed)}
+    (line,) = [text for text in summary_lines(manifest) if text.startswith("latency")]
+    assert line == f"latency at B=1, L=256: eager {eager}, ONNX Runtime {deployed} (2.00x, ratio of medians)"
+    assert "374 ms (median of 7, 360–8168)" in line and "machine busy: load 5.0" in line
+    assert manifest["latency"]["load"] == 5.0
+
+
 def export_tool(*options: str) -> subprocess.CompletedProcess:
     return subprocess.run([*SEQMIX, "export", *options], capture_output=True, text=True)
 
@@ -146,7 +169,10 @@ def test_export_tool_writes_a_manifest_the_runner_reads(trained_run):
     assert export.returncode == 0, export.stderr[-2000:]
     manifest = read_manifest(trained_run / "export" / "onnx")
     assert manifest["latency"]["length"] == 256 and manifest["quantized"]["int8"]["metric"] == "accuracy"
-    assert "ONNX Runtime" in export.stdout
+    assert_latency_entry(manifest["latency"], "onnxruntime")
+    quantized = manifest["quantized"]["int8"]
+    assert quantized["speedup"] == quantized["fp32_latency"]["median_ms"] / quantized["variant_latency"]["median_ms"]
+    assert "ONNX Runtime" in export.stdout and "(median of 7, " in export.stdout
     bad = export_tool(f"checkpoint={trained_run}", "format=coreml")
     assert bad.returncode == 2 and "format='coreml' is not valid" in bad.stderr
 
@@ -160,7 +186,8 @@ def test_export_tool_writes_verified_executorch_programs(trained_run):
     assert (out / "model.pte").is_file() and (out / "step.pte").is_file()
     assert manifest["parallel"]["max_error"] < 1e-4 and manifest["step"]["max_error"] < 1e-4
     assert manifest["latency"]["length"] == 128 and manifest["latency"]["executorch_ms"] > 0
-    assert "ExecuTorch" in export.stdout
+    assert_latency_entry(manifest["latency"], "executorch")
+    assert "ExecuTorch" in export.stdout and "(median of 7, " in export.stdout
     refused = export_tool(f"checkpoint={trained_run}", "format=executorch", "quantize=int8")
     assert refused.returncode == 2 and "quantize='int8' is not valid for format=executorch" in refused.stderr
 
