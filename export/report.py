@@ -19,8 +19,6 @@ kernels win over eager for free.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +27,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from seqmix.benchmark import cpu_name
+from seqmix.errors import require_int
 from seqmix.softmax_attention import SoftmaxAttention
+from seqmix.timing import Timing, time_calls, time_once
 
 from .graphs import largest_chunk
-from .onnx_export import compare_latency, export_onnx, median_ms, session
+from .onnx_export import compare_latency, export_onnx, session
 from .quantize import compare_variant, make_variant
 
 
@@ -55,7 +55,11 @@ def _cache_limit(model: nn.Module) -> int | None:
 
 
 def step_growth(model: nn.Module, onnx_step: Path | None, near: int = 64, far: int = 8192, repeats: int = 50) -> dict:
-    """Per-token step latency at position ``far`` over position ``near`` (eager, and ONNX Runtime)."""
+    """Per-token step latency at position ``far`` over position ``near`` (eager, and ONNX Runtime).
+
+    ``<runtime>_near_ms`` and ``<runtime>_far_ms`` are medians of ``repeats`` steps and
+    ``<runtime>_ratio`` their ratio; ``<runtime>_near`` and ``<runtime>_far`` hold each Timing.
+    """
     limit = _cache_limit(model)
     far = min(far, limit - 1) if limit else far
     generator = torch.Generator().manual_seed(0)
@@ -63,28 +67,42 @@ def step_growth(model: nn.Module, onnx_step: Path | None, near: int = 64, far: i
     result: dict = {"near": near, "far": far, "cache_limit": limit}
     states = {p: _advance(model, p, generator) for p in (near, far)}
     with torch.no_grad():
-        eager = {p: median_ms(lambda s=s: model.step(token, s), repeats=repeats, warmup=5) for p, s in states.items()}
-    result.update(eager_near_ms=eager[near], eager_far_ms=eager[far], eager_ratio=eager[far] / eager[near])
+        eager = {p: time_calls(lambda s=s: model.step(token, s), repeats=repeats, warmup=5) for p, s in states.items()}
+    result.update(_growth("eager", eager[near], eager[far]))
     if onnx_step is not None:
         runner = session(onnx_step)
         names = [i.name for i in runner.get_inputs()]
         timed = {}
         for p, s in states.items():
             feed = dict(zip(names, [token.numpy(), *[t.numpy() for t in tree_flatten(s)[0]]]))
-            timed[p] = median_ms(lambda f=feed: runner.run(None, f), repeats=repeats, warmup=5)
-        result.update(onnxruntime_near_ms=timed[near], onnxruntime_far_ms=timed[far], onnxruntime_ratio=timed[far] / timed[near])
+            timed[p] = time_calls(lambda f=feed: runner.run(None, f), repeats=repeats, warmup=5)
+        result.update(_growth("onnxruntime", timed[near], timed[far]))
     return result
+
+
+def _growth(runtime: str, near: Timing, far: Timing) -> dict:
+    """``step_growth``'s entries for one runtime: both medians (ms), their ratio, both Timings."""
+    return {f"{runtime}_near_ms": near.median_ms, f"{runtime}_far_ms": far.median_ms,
+            f"{runtime}_ratio": far.median_ms / near.median_ms,
+            f"{runtime}_near": near.as_dict(), f"{runtime}_far": far.as_dict()}
 
 
 def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, steps: int = 7, warmup: int = 2) -> dict:
     """Median training-step time, eager vs ``compile_model`` (Inductor, with its path switches),
-    on copies of ``model``, after ``warmup`` untimed steps (the first one compiles)."""
+    on copies of ``model``, after ``warmup`` untimed steps (the first one compiles).
+
+    ``eager_ms`` and ``compiled_ms`` are the medians of ``steps`` timed steps and ``speedup``
+    their ratio; ``eager`` and ``compiled`` hold each Timing; ``first_step_s`` is the compiled
+    network's first step, compilation included, in seconds.
+    """
     from seqmix.compile import compile_model
 
+    require_int("training_step_speedup", "warmup", warmup, 1, "untimed steps; the first one compiles")
     length = max(largest_chunk(model), (length // largest_chunk(model)) * largest_chunk(model))
     tokens = torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
-    def timed(network: nn.Module, parameters) -> tuple[float, float]:
+    def timed(network: nn.Module, parameters) -> tuple[Timing, float]:
+        """The Timing of the timed steps, and the seconds of the first (compiling) step."""
         optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
         def step():
@@ -93,23 +111,15 @@ def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, s
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        started = time.perf_counter()
-        step()  # compiles, for the compiled network
-        first = time.perf_counter() - started
-        for _ in range(warmup - 1):
-            step()
-        times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
-        return 1e3 * statistics.median(times), first
+        first_s = time_once(step)  # compiles, for the compiled network
+        return time_calls(step, repeats=steps, warmup=warmup - 1), first_s
 
     eager_model, compiled_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    eager_ms, _ = timed(eager_model, eager_model.parameters())
-    compiled_ms, compile_s = timed(compile_model(compiled_model), compiled_model.parameters())
-    return {"batch": batch, "length": length, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
-            "speedup": eager_ms / compiled_ms, "first_step_s": compile_s}
+    eager, _ = timed(eager_model, eager_model.parameters())
+    compiled, compile_s = timed(compile_model(compiled_model), compiled_model.parameters())
+    return {"batch": batch, "length": length, "eager_ms": eager.median_ms, "compiled_ms": compiled.median_ms,
+            "speedup": eager.median_ms / compiled.median_ms, "eager": eager.as_dict(), "compiled": compiled.as_dict(),
+            "first_step_s": compile_s}
 
 
 def matmul_throughput(rows: int = 4096, inner: int = 128, columns: int = 512, repeats: int = 20) -> dict:
@@ -131,10 +141,11 @@ def matmul_throughput(rows: int = 4096, inner: int = 128, columns: int = 512, re
     runner = session(model.SerializeToString(), threads=torch.get_num_threads())
     feed = {"x": x.numpy()}
     gflop = 2 * rows * inner * columns / 1e9
-    torch_ms = median_ms(lambda: nn.functional.linear(x, weight), repeats=repeats)
-    onnxruntime_ms = median_ms(lambda: runner.run(None, feed), repeats=repeats)
+    torch_time = time_calls(lambda: nn.functional.linear(x, weight), repeats=repeats)
+    onnxruntime_time = time_calls(lambda: runner.run(None, feed), repeats=repeats)
     return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "shape": [rows, inner, columns],
-            "torch_gflops": gflop / torch_ms * 1e3, "onnxruntime_gflops": gflop / onnxruntime_ms * 1e3}
+            "torch_gflops": gflop / torch_time.median_ms * 1e3, "onnxruntime_gflops": gflop / onnxruntime_time.median_ms * 1e3,
+            "torch": torch_time.as_dict(), "onnxruntime": onnxruntime_time.as_dict()}
 
 
 def lowering_report(model: nn.Module, task, out_dir: str | Path, length: int = 1024, far: int = 8192,
@@ -153,8 +164,13 @@ def lowering_report(model: nn.Module, task, out_dir: str | Path, length: int = 1
     return report
 
 
+def _median_range(timing: dict, digits: int) -> str:
+    """``12.3 [11.9–13.0]``: a Timing's (``as_dict``) median and fastest–slowest call, in ms."""
+    return f"{timing['median_ms']:.{digits}f} [{timing['low_ms']:.{digits}f}–{timing['high_ms']:.{digits}f}]"
+
+
 def markdown_table(reports: dict[str, dict]) -> str:
-    """One row per preset: the four ratios and their inputs."""
+    """One row per preset: the four ratios (of medians) and their inputs, times as median [fastest–slowest]."""
     header = ("| preset | params | ORT / eager at L | int8: speed, size, metric change | step at far / near (eager, ORT) "
               "| compile / eager training |\n|---|---:|---:|---:|---:|---:|")
     rows = []
@@ -167,9 +183,12 @@ def markdown_table(reports: dict[str, dict]) -> str:
             step_cell = (f"{growth['eager_ratio']:.2f}, {growth.get('onnxruntime_ratio', float('nan')):.2f} "
                          f"({growth['far']} vs {growth['near']}{capped})")
         compiled = r.get("compile_vs_eager_training")
-        compile_cell = f"{compiled['speedup']:.2f}× ({compiled['eager_ms']:.0f} → {compiled['compiled_ms']:.0f} ms)" if compiled else "not run"
+        compile_cell = (f"{compiled['speedup']:.2f}× ({_median_range(compiled['eager'], 0)} → "
+                        f"{_median_range(compiled['compiled'], 0)} ms)") if compiled else "not run"
+        ort_cell = (f"{ort['speedup']:.2f}× ({_median_range(ort['eager'], 1)} → {_median_range(ort['onnxruntime'], 1)} ms, "
+                    f"L={ort['length']})")
         rows.append(
-            f"| {name} | {r['parameters']:,} | {ort['speedup']:.2f}× ({ort['eager_ms']:.1f} → {ort['onnxruntime_ms']:.1f} ms, L={ort['length']}) "
+            f"| {name} | {r['parameters']:,} | {ort_cell} "
             f"| {q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.4f} {'pts' if q['metric'] == 'accuracy' else 'bpb'} "
             f"| {step_cell} | {compile_cell} |"
         )
