@@ -1,9 +1,10 @@
 """Deployed latency: how long one forward pass of a model takes on the runtime it ships on.
 
 The architecture search (``seqmix.search``) ranks candidates by this number, so every runtime
-times the same thing: the parallel graph on token ids (batch_size, length), after warm-up, as
-the median of ``repeats`` calls. Exported graphs are checked against eager first, so a latency is
-never reported for a graph that computes something else.
+times the same thing: the parallel graph on token ids (batch_size, length), two warm-up calls,
+then ``repeats`` timed calls summarised by ``seqmix.timing.time_calls`` (median, fastest, slowest).
+Exported graphs are checked against eager first, so a latency is never reported for a graph that
+computes something else.
 
 - ``eager``: the PyTorch module itself, in eval mode, without gradients.
 - ``onnxruntime``: the verified ONNX graph (``export_parallel``) on ONNX Runtime's CPU provider.
@@ -28,6 +29,7 @@ from torch import nn
 
 from seqmix import SeqmixError
 from seqmix.errors import choice_error, require_int
+from seqmix.timing import Timing, time_calls
 
 RUNTIMES = ("eager", "onnxruntime", "executorch", "tensorrt")
 REQUIREMENTS = {
@@ -54,8 +56,9 @@ def deployed_latency_ms(
     batch_size: int = 1,
     repeats: int = 7,
     work_dir: str | Path | None = None,
-) -> float:
-    """Median milliseconds of one forward pass of ``model`` on ``runtime``.
+) -> Timing:
+    """How long one forward pass of ``model`` takes on ``runtime``, in milliseconds: the median of
+    the timed calls with the fastest and the slowest (``Timing``).
 
     Args:
         model: a SequenceModel; it is copied, so exporting never changes the caller's module.
@@ -65,8 +68,6 @@ def deployed_latency_ms(
         repeats: calls timed after two warm-up calls.
         work_dir: where exported graphs are written (a temporary directory when None).
     """
-    from .onnx_export import median_ms
-
     check_runtime(runtime)
     require_int("deployed_latency_ms", "length", length)
     require_int("deployed_latency_ms", "batch_size", batch_size)
@@ -76,12 +77,12 @@ def deployed_latency_ms(
     tokens = torch.randint(0, model.vocab_size, (batch_size, length), generator=generator)
     if runtime == "eager":
         with torch.no_grad():
-            return median_ms(lambda: model(tokens), repeats)
+            return time_calls(lambda: model(tokens), repeats)
     work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="seqmix-latency-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     if runtime == "executorch":
-        return median_ms(_executorch_forward(model, tokens, work_dir / "model.pte"), repeats)
-    return median_ms(_onnx_forward(model, tokens, work_dir / "model.onnx", on_tensorrt=runtime == "tensorrt"), repeats)
+        return time_calls(_executorch_forward(model, tokens, work_dir / "model.pte"), repeats)
+    return time_calls(_onnx_forward(model, tokens, work_dir / "model.onnx", on_tensorrt=runtime == "tensorrt"), repeats)
 
 
 def _onnx_forward(model: nn.Module, tokens: torch.Tensor, path: Path, on_tensorrt: bool):

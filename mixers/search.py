@@ -48,6 +48,7 @@ from .registry import list_mixers, mixer_class
 from .targets import public_target
 from .runs import markdown_table, write_csv
 from .tasks.base import Task
+from .timing import Timing
 from .training import METRICS, TrainConfig, train
 
 try:
@@ -87,8 +88,8 @@ PRESETS = "presets"
 TRIALS = "trials"
 CLAIM_POLL_S = 1.0
 
-LatencyFn = Callable[..., float]
-"""``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> milliseconds``."""
+LatencyFn = Callable[..., Timing]
+"""``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> Timing``; its median is the objective."""
 
 
 def compose_search_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -622,11 +623,13 @@ def _run_trial(trial: optuna.Trial, context: _Context) -> list[float]:
     latency = None
     if settings.measures_latency:
         # Measured before training: an architecture that does not export fails before it costs a run.
-        latency = context.measure_latency(
+        timing = context.measure_latency(
             model, runtime=settings.runtime, length=settings.latency_length or task.seq_len,
             batch_size=settings.latency_batch_size, repeats=settings.latency_repeats, work_dir=run_dir / "export",
         )
+        latency = timing.median_ms
         trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("latency", timing.as_dict())
     train_config = replace(context.train, out_dir=str(run_dir), resume=False, lr=candidate.lr or context.train.lr)
     record = {
         "preset": {"model": f"{settings.study_name}_trial{trial.number}", "task": task.name},
@@ -705,7 +708,7 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
 
     Args:
         config: a root config composed with a search config (``compose_search_config``).
-        measure_latency: ``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> ms``,
+        measure_latency: ``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> Timing``,
             required when ``latency`` is an objective (``export.latency.deployed_latency_ms``).
         log: receives one line per event (trial results, retries, waiting).
     """
@@ -794,7 +797,11 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
-    """One row per claimed trial: completed ones best metric first, then pruned, running and failed."""
+    """One row per claimed trial: completed ones best metric first, then pruned, running and failed.
+
+    ``latency_ms`` is the median deployed latency, ``latency_low_ms`` and ``latency_high_ms`` the
+    fastest and the slowest timed call; None where latency was not measured.
+    """
     front = {t.number for t in pareto_front(study)}
     sign = -1.0 if metric_direction(metric) == "maximize" else 1.0
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.FAIL: 3}
@@ -817,6 +824,8 @@ def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
             "params": attrs.get("parameters"),
             metric: _metric_of(trial),
             "latency_ms": attrs.get("latency_ms"),
+            "latency_low_ms": attrs.get("latency", {}).get("low_ms"),
+            "latency_high_ms": attrs.get("latency", {}).get("high_ms"),
             "settings": _settings_text(trial.params),
             "pareto": "yes" if trial.number in front else "",
             "seconds": round(attrs["seconds"]) if "seconds" in attrs else None,

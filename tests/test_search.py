@@ -55,8 +55,12 @@ def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_a
     trials = outcome.study.trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert all(t.user_attrs["latency_ms"] > 0 and t.user_attrs["parameters"] > 0 for t in trials)
+    for t in trials:
+        spread = t.user_attrs["latency"]
+        assert spread["median_ms"] == t.user_attrs["latency_ms"] and spread["runs"] >= 1
+        assert spread["low_ms"] <= spread["median_ms"] <= spread["high_ms"]
     csv_lines = (out_dir / "leaderboard.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("trial,state,architecture,params,accuracy,latency_ms")
+    assert csv_lines[0].startswith("trial,state,architecture,params,accuracy,latency_ms,latency_low_ms,latency_high_ms")
     assert len(csv_lines) == 4
     markdown = (out_dir / "leaderboard.md").read_text()
     assert "| trial | state | architecture |" in markdown and " d=" in markdown and "×" in markdown
@@ -199,6 +203,7 @@ def test_onnxruntime_latency_times_a_verified_export_padded_to_whole_chunks(tmp_
     config = compose_config(["model=ema_conv", "model.d_model=16", "model.depth=1", "model.vocab_size=32",
                              "model.mixers.ema.chunk_size=16", "model.mixers.ema.impl=recurrent"])
     model = seqmix.instantiate_model(config.model)
-    milliseconds = deployed_latency_ms(model, "onnxruntime", length=20, repeats=2, work_dir=tmp_path)
-    assert milliseconds > 0 and (tmp_path / "model.onnx").is_file()
+    latency = deployed_latency_ms(model, "onnxruntime", length=20, repeats=2, work_dir=tmp_path)
+    assert latency.runs == 2 and 0 < latency.low_ms <= latency.median_ms <= latency.high_ms
+    assert (tmp_path / "model.onnx").is_file()
     assert model.blocks[0].mixer.impl == "recurrent"  # the caller's model is not switched to its exportable path
