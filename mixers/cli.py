@@ -534,8 +534,9 @@ def command_help(command: Command) -> str:
     if command.groups:
         lines += ["", "config groups (<group>=<option>):"]
         lines += [f"  {group}: {', '.join(groups.get(group, []))}" for group in command.groups]
+    lines += ["", "--cfg prints the composed config: every key an override can set."]
     if command.sweeps:
-        lines += ["", "-m/--multirun sweeps every combination of comma-separated values, one run directory each."]
+        lines += ["-m/--multirun sweeps every combination of comma-separated values, one run directory each."]
     return "\n".join(lines)
 
 
