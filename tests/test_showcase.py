@@ -9,5 +9,6 @@ def test_tour_covers_every_mixer_and_impl_and_streams_like_forward():
     assert {(row.mixer, row.impl) for row in rows} == expected
     for row in rows:
         assert row.max_stream_error < 1e-4, row
+        assert row.forward.runs == 5 and row.forward.low_ms <= row.forward.median_ms <= row.forward.high_ms, row
     table = format_tour(rows)
     assert all(name in table for name in list_mixers())
