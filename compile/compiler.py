@@ -9,7 +9,7 @@ graphs; a preset should show none (each break costs a return to Python and block
 
 With Inductor, ``compile_model`` first switches mixers to the paths Inductor compiles best
 (``INDUCTOR_IMPLS``): the TCN's ``taps``, which fuse into one kernel per layer, forward and
-backward, where ``conv`` stays a library call (measured in README, ``tcn``).
+backward, where ``conv`` stays a library call (``seqmix bench "bench.mixers=[tcn/taps,tcn/conv]"`` measures both).
 
 Two workarounds for torch 2.13's Inductor are applied when ``backend="inductor"``; both concern
 the ``scan`` that ``seqmix.recurrence`` uses under compilation to carry the EMA/CEMA state across

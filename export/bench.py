@@ -741,7 +741,7 @@ def _onnxruntime_call(module: nn.Module, inputs: tuple[Tensor, ...], workdir: Pa
             module, inputs, dynamo=True, opset_version=OPSET, verbose=False, input_names=names, output_names=["output"]
         )
     program.save(str(path))
-    runner = session(path, threads=torch.get_num_threads())
+    runner = session(path)
     feed = {name: tensor.numpy() for name, tensor in zip(names, inputs)}
 
     def call(*_: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ def check_runtime(runtime: str, field: str = "runtime") -> None:
             raise SeqmixError(f"{field}={runtime} needs the {package} package, which is not installed: {install}")
 
 
-def deployed_latency_ms(
+def deployed_latency(
     model: nn.Module,
     runtime: str,
     length: int,
@@ -69,9 +69,9 @@ def deployed_latency_ms(
         work_dir: where exported graphs are written (a temporary directory when None).
     """
     check_runtime(runtime)
-    require_int("deployed_latency_ms", "length", length)
-    require_int("deployed_latency_ms", "batch_size", batch_size)
-    require_int("deployed_latency_ms", "repeats", repeats)
+    require_int("deployed_latency", "length", length)
+    require_int("deployed_latency", "batch_size", batch_size)
+    require_int("deployed_latency", "repeats", repeats)
     model = copy.deepcopy(model).cpu().eval()
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.vocab_size, (batch_size, length), generator=generator)
@@ -107,8 +107,7 @@ def _onnx_forward(model: nn.Module, tokens: torch.Tensor, path: Path, on_tensorr
         shapes = {name: value.shape for name, value in feed.items()}
         runner = onnxruntime_tensorrt_session(path, shapes, shapes, shapes, fallback=False)
     else:
-        # As many threads as torch uses, so eager and ONNX Runtime are timed on the same cores.
-        runner = session(path, threads=torch.get_num_threads())
+        runner = session(path)
     return lambda: runner.run(None, feed)
 
 

@@ -52,12 +52,15 @@ def _require_onnxruntime():
 
 def session(path: str | Path | bytes, optimized_path: str | Path | None = None, threads: int | None = None):
     """An ONNX Runtime CPU session for a file (or a serialized model); with ``optimized_path`` it
-    also saves the optimized graph there."""
+    also saves the optimized graph there.
+
+    ``threads`` defaults to torch's intra-op thread count, so ONNX Runtime and eager PyTorch are
+    timed on the same number of cores and follow the same thread policy.
+    """
     ort = _require_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     if optimized_path is not None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(optimized_path)

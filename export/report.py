@@ -138,7 +138,7 @@ def matmul_throughput(rows: int = 4096, inner: int = 128, columns: int = 512, re
         [numpy_helper.from_array(weight.t().contiguous().numpy(), "weight_t")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    runner = session(model.SerializeToString(), threads=torch.get_num_threads())
+    runner = session(model.SerializeToString())
     feed = {"x": x.numpy()}
     gflop = 2 * rows * inner * columns / 1e9
     torch_time = time_calls(lambda: nn.functional.linear(x, weight), repeats=repeats)

@@ -389,7 +389,7 @@ def run_search(config: DictConfig, choices: dict) -> int:
 
     from .search import SearchSettings, run_search as search
 
-    from seqmix.export.latency import check_runtime, deployed_latency_ms
+    from seqmix.export.latency import check_runtime, deployed_latency
 
     import optuna
 
@@ -401,7 +401,7 @@ def run_search(config: DictConfig, choices: dict) -> int:
     settings = SearchSettings.from_config(config.search)
     if settings.measures_latency:
         check_runtime(settings.runtime, field="search.runtime")
-    outcome = search(config, measure_latency=deployed_latency_ms if settings.measures_latency else None)
+    outcome = search(config, measure_latency=deployed_latency if settings.measures_latency else None)
     print(f"\nthis worker ran {outcome.trials_run} trial(s); the study has {len(outcome.study.trials)}")
     for note in outcome.notes:
         print(f"note: {note}")
@@ -478,7 +478,7 @@ COMMANDS = {
                 config_name="evaluate", schema=EvaluateOptions, options="evaluate.yaml", examples=("seqmix evaluate checkpoint=runs/m",)),
         Command("generate", "stream text from a trained byte-level model", run_generate,
                 config_name="generate", schema=GenerateOptions, options="generate.yaml",
-                examples=('seqmix generate checkpoint=runs/m prompt="class " tokens=200 temperature=0',)),
+                examples=("seqmix generate checkpoint=runs/m 'prompt=\"class \"' tokens=200 temperature=0",)),
         Command("export", "export to ONNX, ExecuTorch or TensorRT, verified against eager and timed", run_export,
                 config_name="export", schema=ExportOptions, options="export.yaml",
                 examples=("seqmix export checkpoint=runs/m", "seqmix export checkpoint=runs/m format=executorch quantize=int8")),

@@ -18,7 +18,7 @@ and queued again with the same parameters, so a killed search resumes where it s
 own heartbeat covers database storages only, not journal files, hence one mechanism for all).
 
 This module never imports ``export``: the latency measurement is passed in by the caller
-(``seqmix search`` passes ``seqmix.export.latency.deployed_latency_ms``).
+(``seqmix search`` passes ``seqmix.export.latency.deployed_latency``).
 """
 from __future__ import annotations
 
@@ -709,14 +709,14 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
     Args:
         config: a root config composed with a search config (``compose_search_config``).
         measure_latency: ``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> Timing``,
-            required when ``latency`` is an objective (``export.latency.deployed_latency_ms``).
+            required when ``latency`` is an objective (``export.latency.deployed_latency``).
         log: receives one line per event (trial results, retries, waiting).
     """
     settings = SearchSettings.from_config(config.search)
     if settings.measures_latency and measure_latency is None:
         raise SeqmixError(
             "search.objectives includes latency but no latency measurement was given; "
-            "seqmix search passes seqmix.export.latency.deployed_latency_ms"
+            "seqmix search passes seqmix.export.latency.deployed_latency"
         )
     if settings.pruner != "none" and not settings.prunes:
         log(f"search.pruner={settings.pruner} is not used: Optuna prunes single-objective studies only, "

@@ -28,7 +28,7 @@ from seqmix.search import (  # noqa: E402
     run_search,
 )
 
-from seqmix.export.latency import check_runtime, deployed_latency_ms  # noqa: E402
+from seqmix.export.latency import check_runtime, deployed_latency  # noqa: E402
 
 from conftest import SEQMIX  # noqa: E402
 
@@ -49,7 +49,7 @@ def stored_study(out_dir: Path):
 def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_accepts(tmp_path):
     out_dir = tmp_path / "search"
     lines = []
-    outcome = run_search(tiny(out_dir), measure_latency=deployed_latency_ms, log=lines.append)
+    outcome = run_search(tiny(out_dir), measure_latency=deployed_latency, log=lines.append)
 
     assert outcome.trials_run == 3
     trials = outcome.study.trials
@@ -203,7 +203,7 @@ def test_onnxruntime_latency_times_a_verified_export_padded_to_whole_chunks(tmp_
     config = compose_config(["model=ema_conv", "model.d_model=16", "model.depth=1", "model.vocab_size=32",
                              "model.mixers.ema.chunk_size=16", "model.mixers.ema.impl=recurrent"])
     model = seqmix.instantiate_model(config.model)
-    latency = deployed_latency_ms(model, "onnxruntime", length=20, repeats=2, work_dir=tmp_path)
+    latency = deployed_latency(model, "onnxruntime", length=20, repeats=2, work_dir=tmp_path)
     assert latency.runs == 2 and 0 < latency.low_ms <= latency.median_ms <= latency.high_ms
     assert (tmp_path / "model.onnx").is_file()
     assert model.blocks[0].mixer.impl == "recurrent"  # the caller's model is not switched to its exportable path
