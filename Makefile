@@ -29,8 +29,9 @@ run: install
 tour: install
 	$(PYTHON) -m seqmix tour
 
+# One single-threaded worker per core (tests/conftest.py): tools/perf/threads.md shows why.
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 bench: install
 	$(PYTHON) -m seqmix bench-mixers out=bench_results

@@ -9,6 +9,7 @@ recovered only part of that (and must be set before torch loads), and one thread
 the idle speed but none of it when the machine was shared. So seqmix uses half the cores, at
 least one: one thread on a 2-core machine.
 
+The test suite (``make test``) runs one single-threaded pytest-xdist worker per core instead.
 An explicit OMP_NUM_THREADS always wins (torchrun sets it for each worker), so
 ``OMP_NUM_THREADS=2 seqmix train ...`` takes both cores of a machine you have to yourself.
 """
@@ -25,12 +26,17 @@ def default_threads(cores: int | None = None) -> int:
     return max(1, cores // 2)
 
 
-def apply_thread_policy() -> int:
-    """Set torch's intra-op threads to ``default_threads()`` unless OMP_NUM_THREADS is set; return the count in use."""
+def apply_thread_policy(workers: int = 0) -> int:
+    """Set torch's intra-op threads unless OMP_NUM_THREADS is set; return the count in use.
+
+    Args:
+        workers: how many processes of the same job share the machine (pytest-xdist's workers);
+            each then runs one thread. 0: this process alone, ``default_threads()``.
+    """
     import torch
 
     if os.environ.get(THREADS_VARIABLE, "").strip():
         return torch.get_num_threads()
-    threads = default_threads()
+    threads = 1 if workers else default_threads()
     torch.set_num_threads(threads)
     return threads

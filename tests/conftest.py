@@ -37,8 +37,9 @@ def pytest_configure(config):
 
     from seqmix.threads import apply_thread_policy
 
-    # The suite runs on shared CI machines: the same thread policy as the seqmix command.
-    apply_thread_policy()
+    # `make test` runs one pytest-xdist worker per core: each worker is single-threaded, so none waits
+    # on a core another holds. Run alone, the suite takes the seqmix command's policy.
+    apply_thread_policy(workers=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")))
 
     config.addinivalue_line("markers", "fuzz: long fuzzing; run with --fuzz or SEQMIX_FUZZ_EXAMPLES=<n>")
     if config.getoption("--fuzz") and FUZZ_EXAMPLES_VARIABLE not in os.environ:
