@@ -1,9 +1,12 @@
 """What ``seqmix train`` prints: the plan before the first step, a summary table and a generated sample after."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .generation import generate
+from .training import pick_device
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -22,7 +25,8 @@ def print_plan(experiment, choices: dict) -> None:
                  f"vocabulary {task.vocab_size}, metric {task.metric}"),
         ("train", f"{train.max_steps:,} steps of {train.batch_size} sequences, lr {train.lr:g}, "
                   f"evaluated every {train.eval_every} steps"),
-        ("device", f"{train.device}, {torch.get_num_threads()} torch thread(s)"),
+        ("device", f"{pick_device(train.device)}, {torch.get_num_threads()} torch thread(s)"
+                   + (" (OMP_NUM_THREADS sets it)" if os.environ.get("OMP_NUM_THREADS") else "")),
         ("out_dir", train.out_dir + (" (resuming)" if train.resume else "")),
     ]
     print(_table(rows), flush=True)
