@@ -595,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     if {"-h", "--help"} & set(argv):
         print(command_help(command))
         return 0
+    # Kineto prints start/stop markers each time the CPU profiler runs (the benchmarks' memory
+    # measurement, once per cell); it reads this when the profiler first starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     apply_thread_policy()
     try:
         if {"-m", "--multirun"} & set(argv):
