@@ -7,8 +7,8 @@ built on either module trains the same weights.
 ``graph_breaks`` and ``explain_model`` list where TorchDynamo splits a function into several
 graphs; a preset should show none (each break costs a return to Python and blocks fusion).
 
-With Inductor, ``compile_model`` first switches mixers to the paths Inductor compiles best
-(``INDUCTOR_IMPLS``): the TCN's ``taps``, which fuse into one kernel per layer, forward and
+With Inductor, ``compile_model`` first switches mixers to the paths Inductor compiles best (each
+mixer's ``lowered_impls["inductor"]``), e.g. the TCN's ``taps``, which fuse into one kernel per layer, forward and
 backward, where ``conv`` stays a library call (``seqmix bench "bench.mixers=[tcn/taps,tcn/conv]"`` measures both).
 
 Two workarounds for torch 2.13's Inductor are applied when ``backend="inductor"``; both concern
@@ -35,7 +35,6 @@ from seqmix.contract import switch_impls
 
 BACKENDS = ("inductor", "aot_eager", "eager", "tensorrt")
 TENSORRT_INSTALL = "pip install torch-tensorrt (needs an NVIDIA GPU and the torch version it pins)"
-INDUCTOR_IMPLS = {"conv": "taps"}
 """impl -> the path ``compile_model`` uses instead with Inductor (``switch_paths=True``)."""
 
 
@@ -151,7 +150,7 @@ def compile_model(
         mode: an Inductor mode (``default``, ``reduce-overhead``, ``max-autotune``, ...); inductor only.
         dynamic: as ``torch.compile``: None marks sizes dynamic once they change, True from the start.
         fullgraph: raise at the first graph break instead of splitting the graph.
-        switch_paths: with Inductor, switch the model's mixers to the paths in ``INDUCTOR_IMPLS``
+        switch_paths: with Inductor, switch the model's mixers to their Inductor paths (``lowered_impls``)
             (on ``model`` itself: the compiled module shares it); False keeps every mixer's path.
     Returns:
         A ``CompiledModel``: ``forward(tokens (B, L), padding_mask=None)`` and
@@ -166,7 +165,7 @@ def compile_model(
     call_config: dict[str, Any] = {}
     if backend == "inductor":
         if switch_paths:
-            switch_impls(model, INDUCTOR_IMPLS)
+            switch_impls(model, "inductor")
         modes = torch._inductor.list_mode_options()
         if mode is not None and mode not in modes:
             raise SeqmixError(f"compile_model: mode={mode!r} is not valid; expected one of {list(modes)}")

@@ -72,11 +72,10 @@ from tqdm import tqdm
 from seqmix import SeqmixError, benchmark
 from seqmix.checkpoint import instantiate_model
 from seqmix.configs import compose_config, config_groups
+from seqmix.contract import Mixer
 from seqmix.errors import choice_error, require_int
-from seqmix.gated_attention import GatedAttention
 from seqmix.model import SequenceModel
 from seqmix.registry import build_mixer, mixer_class
-from seqmix.softmax_attention import SoftmaxAttention
 from seqmix.timing import Timing, summarize, time_calls, time_once
 
 from .graphs import quiet_exporters, use_exportable_paths
@@ -132,7 +131,7 @@ def _mega_pytorch_ema(ema: nn.Module) -> nn.Module:
     return MultiHeadedEMA(dim=ema.d_model, heads=ema.order, bidirectional=not ema.causal)
 
 
-def _mega_pytorch_layer(layer: GatedAttention) -> nn.Module:
+def _mega_pytorch_layer(layer: nn.Module) -> nn.Module:
     from mega_pytorch import MegaLayer
 
     return MegaLayer(
@@ -165,7 +164,7 @@ def _pytorch_tcn(tcn: nn.Module) -> nn.Module:
         )
 
 
-def _torch_mha(attention: SoftmaxAttention) -> nn.Module:
+def _torch_mha(attention: nn.Module) -> nn.Module:
     return TorchMultiheadAttention(attention.d_model, attention.heads, attention.causal)
 
 
@@ -325,16 +324,15 @@ def describe_impls(module: nn.Module) -> str:
 def attention_score_bytes(module: nn.Module, batch: int, length: int, pass_: str, fused_kernels: bool) -> int:
     """Estimated bytes of the attention score matrices alive at once in one pass; 0 without attention.
 
-    Per layer as ``seqmix.benchmark.score_matrix_bytes``; with ``fused_kernels`` False (exported
-    graphs) ``sdpa`` attention is counted as materialising its (B, H, L, L) scores too. A forward
-    frees each layer's scores before the next; a backward keeps every layer's until it runs.
+    Per mixer from its ``attention_scores`` (float32, ``benchmark.SCORE_COPIES`` alive per pass);
+    with ``fused_kernels`` False (exported graphs) no score matrix is skipped by a fused kernel. A
+    forward frees each layer's scores before the next; a backward keeps every layer's until it runs.
     """
-    per_layer = []
-    for child in module.modules():
-        if isinstance(child, SoftmaxAttention) and child.impl == "sdpa" and child.window is None and not fused_kernels:
-            per_layer.append(int(batch * child.heads * length * length * 4 * benchmark.SCORE_COPIES[pass_]))
-        elif isinstance(child, (SoftmaxAttention, GatedAttention)):
-            per_layer.append(benchmark.score_matrix_bytes(child, batch, length, pass_))
+    per_layer = [
+        int(scores * 4 * benchmark.SCORE_COPIES[pass_])
+        for child in module.modules()
+        if isinstance(child, Mixer) and (scores := child.attention_scores(batch, length, fused=fused_kernels))
+    ]
     if not per_layer:
         return 0
     return sum(per_layer) if pass_ == "fwd+bwd" else max(per_layer)

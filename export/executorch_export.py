@@ -2,7 +2,7 @@
 
 - parallel: token ids (B, L) -> logits (B, L, V) (or the head's output), at one fixed (B, L).
   ExecuTorch takes bounded shapes only, so the length is chosen at export; a multiple of
-  ``largest_chunk(model)`` leaves no chunk padded inside the graph.
+  ``length_unit(model)`` leaves no chunk padded inside the graph.
 - step: (token ids (B, T), state_0 ... state_k) -> (logits (B, T, V), new state_0 ... new
   state_k), every state tensor of fixed shape: what an edge device runs to stream. An EMA/CEMA
   whose chunk is longer than T runs its recurrent path there (T unrolled steps) rather than a
@@ -145,7 +145,7 @@ def export_parallel_pte(model: nn.Module, path: str | Path, length: int, batch_s
         model: a SequenceModel.
         path: the .pte file to write.
         length: L, fixed in the graph (ExecuTorch has no dynamic length here); best a multiple of
-            ``largest_chunk(model)``, and at most ``max_len`` with learned positions.
+            ``length_unit(model)``, and at most ``max_len`` with learned positions.
         batch_size: B, fixed in the graph.
     Returns:
         The manifest entry: file, inputs and outputs (name, shape, dtype), length, batch_size,

@@ -26,7 +26,7 @@ from seqmix import SeqmixError
 from seqmix.errors import require_int
 from seqmix.timing import Timing, time_calls
 
-from .graphs import largest_chunk
+from seqmix.contract import length_unit
 from .manifest import write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
@@ -49,7 +49,7 @@ def check_export_options(kind: str, quantize: str | None, length: int) -> None:
 
 def fit_length(model: nn.Module, length: int) -> int:
     """``length`` rounded down to a multiple of the model's largest chunk (at least one chunk)."""
-    unit = largest_chunk(model)
+    unit = length_unit(model)
     return max(unit, (length // unit) * unit)
 
 
@@ -115,7 +115,7 @@ def export_tensorrt(model: nn.Module, task, out_dir: Path, quantize: str | None 
     manifest["tensorrt_check"] = {
         name: dataclasses.asdict(check_tensorrt_support(path)) for name, path in graphs.items() if path.is_file()
     }
-    unit, length = largest_chunk(model), fit_length(model, length)
+    unit, length = length_unit(model), fit_length(model, length)
     shapes = {
         "min": {"tokens": (1, unit), "padding_mask": (1, unit)},
         "opt": {"tokens": (1, length), "padding_mask": (1, length)},

@@ -4,10 +4,9 @@
 - step: (token ids (B, T), state tensors...) -> (logits (B, T, V), new state tensors...), the
   state flattened into named tensors of fixed shape, so a device streams with constant memory.
 
-Exporters first switch every mixer to a path each backend can run, and runs well
-(``use_exportable_paths``): the chunked EMA/CEMA (plain matmuls; the FFT path needs DFT, the
-recurrent one a loop over L), and the TCN's ``conv`` (one ``Conv`` node per layer, faster in ONNX
-Runtime than the ``taps`` path's K slices and products).
+Exporters first switch every mixer to the path it names for export (``use_exportable_paths``;
+each mixer's ``lowered_impls["export"]``), e.g. the chunked EMA/CEMA, whose plain matmuls every
+backend runs, where the FFT path needs DFT and the recurrent one a loop over L.
 """
 from __future__ import annotations
 
@@ -19,41 +18,21 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from seqmix.contract import switch_impls
-from seqmix.ema import steps_recurrently
-
-EXPORTABLE_IMPLS = {"recurrent": "chunked", "fft": "chunked", "taps": "conv"}
-
-
-def largest_chunk(model: nn.Module) -> int:
-    """The least common multiple of every chunk size in the model (1 when there is none).
-
-    Declaring the exported length as a multiple of it means no mixer pads inside the graph.
-    """
-    import math
-
-    unit = 1
-    for module in model.modules():
-        size = getattr(module, "chunk_size", None)
-        if isinstance(size, int):
-            unit = math.lcm(unit, size)
-    return unit
+from seqmix.contract import Mixer, switch_impls
 
 
 def use_exportable_paths(model: nn.Module) -> dict[str, str]:
-    """Switch every mixer whose impl exporters do not run to the path they do (``EXPORTABLE_IMPLS``);
-    return {module name: impl used}."""
-    return switch_impls(model, EXPORTABLE_IMPLS)
+    """Switch every mixer to the path it runs when exported; return {module name: impl used}."""
+    return switch_impls(model, "export")
 
 
 def stepwise_recurrences(model: nn.Module, tokens_per_step: int) -> dict[str, str]:
-    """{module name: "recurrent"} for every chunked recurrence that a step of ``tokens_per_step``
-    tokens runs on its recurrent loop (``seqmix.ema.steps_recurrently``), for manifests."""
+    """{module name: the path it runs} for every mixer that a step of ``tokens_per_step`` tokens
+    runs on another path than its own (a chunked recurrence loops on short inputs), for manifests."""
     return {
-        name: "recurrent"
+        name: module.impl_for_tokens(tokens_per_step)
         for name, module in model.named_modules()
-        if "recurrent" in getattr(type(module), "impls", ())
-        and steps_recurrently(getattr(module, "impl", None), tokens_per_step, getattr(module, "chunk_size", 0))
+        if isinstance(module, Mixer) and module.impl_for_tokens(tokens_per_step) != module.impl
     }
 
 

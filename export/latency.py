@@ -8,7 +8,7 @@ computes something else.
 
 - ``eager``: the PyTorch module itself, in eval mode, without gradients.
 - ``onnxruntime``: the verified ONNX graph (``export_parallel``) on ONNX Runtime's CPU provider.
-  Its length must be a multiple of the model's chunk (``largest_chunk``), so the tokens are
+  Its length must be a multiple of the model's chunk (``length_unit``), so the tokens are
   right-padded to one and masked, as a deployment does.
 - ``executorch``: the .pte lowered to XNNPACK at exactly (batch_size, length), run through
   ``executorch.runtime``.
@@ -87,12 +87,14 @@ def deployed_latency(
 
 def _onnx_forward(model: nn.Module, tokens: torch.Tensor, path: Path, on_tensorrt: bool):
     """A call running the verified parallel ONNX graph once on ``tokens`` (B, L), padded to a whole chunk."""
-    from .graphs import largest_chunk, use_exportable_paths
+    from seqmix.contract import length_unit
+
+    from .graphs import use_exportable_paths
     from .onnx_export import export_parallel, session
 
     use_exportable_paths(model)
     export_parallel(model, path)
-    unit = largest_chunk(model)
+    unit = length_unit(model)
     batch_size, length = tokens.shape
     padded = unit * math.ceil(length / unit)
     feed = {

@@ -27,10 +27,10 @@ from torch import nn
 from torch.export import Dim
 
 from seqmix import SeqmixError
+from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
-from .graphs import (ParallelGraph, StepGraph, largest_chunk, quiet_exporters, size_oblivious, stepwise_recurrences,
-                     use_exportable_paths)
+from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, stepwise_recurrences, use_exportable_paths
 
 OPSET = 23
 TOLERANCE = 1e-4
@@ -105,7 +105,7 @@ def _optimize(program) -> None:
 
 def export_parallel(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> dict:
     """Write the parallel graph and check it with ONNX Runtime at two untraced shapes."""
-    unit = largest_chunk(model)
+    unit = length_unit(model)
     example = torch.randint(0, model.vocab_size, (2, 2 * unit))
     mask = torch.zeros(2, 2 * unit, dtype=torch.bool)
     dims = {0: Dim("batch", min=1, max=1024), 1: unit * Dim("units", min=1, max=1024)}
@@ -221,7 +221,7 @@ def latency_entry(batch: int, length: int, eager: Timing, runtime: str, deployed
 
 def compare_latency(model: nn.Module, onnx_path: str | Path, length: int = 1024, batch: int = 1) -> dict:
     """Eager vs ONNX Runtime forward latency at (batch, length) (``latency_entry``), and their max difference."""
-    unit = largest_chunk(model)
+    unit = length_unit(model)
     length = max(unit, (length // unit) * unit)
     tokens = torch.randint(0, model.vocab_size, (batch, length))
     runner = session(onnx_path)

@@ -28,10 +28,9 @@ from torch.utils._pytree import tree_flatten
 
 from seqmix.benchmark import cpu_name
 from seqmix.errors import require_int
-from seqmix.softmax_attention import SoftmaxAttention
+from seqmix.contract import Mixer, length_unit
 from seqmix.timing import Timing, time_calls, time_once
 
-from .graphs import largest_chunk
 from .onnx_export import compare_latency, export_onnx, session
 from .quantize import compare_variant, make_variant
 
@@ -49,8 +48,8 @@ def _advance(model: nn.Module, position: int, generator: torch.Generator):
 
 
 def _cache_limit(model: nn.Module) -> int | None:
-    """The most tokens a full softmax-attention KV cache in ``model`` holds, or None without one."""
-    limits = [block.mixer.max_len for block in model.blocks if isinstance(block.mixer, SoftmaxAttention) and block.mixer.window is None]
+    """The most tokens any mixer's streaming state in ``model`` takes (a full attention cache), or None."""
+    limits = [m.cache_capacity() for m in model.modules() if isinstance(m, Mixer) and m.cache_capacity() is not None]
     return min(limits) if limits else None
 
 
@@ -98,7 +97,7 @@ def training_step_speedup(model: nn.Module, batch: int = 8, length: int = 512, s
     from seqmix.compile import compile_model
 
     require_int("training_step_speedup", "warmup", warmup, 1, "untimed steps; the first one compiles")
-    length = max(largest_chunk(model), (length // largest_chunk(model)) * largest_chunk(model))
+    length = max(length_unit(model), (length // length_unit(model)) * length_unit(model))
     tokens = torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
     def timed(network: nn.Module, parameters) -> tuple[Timing, float]:

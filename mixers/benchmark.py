@@ -43,9 +43,7 @@ from tqdm import tqdm
 
 from .contract import Mixer
 from .errors import SeqmixError, require_int
-from .gated_attention import GatedAttention
 from .registry import build_mixer, list_mixers, mixer_class
-from .softmax_attention import SoftmaxAttention
 from .timing import time_calls
 
 PASSES = ("forward", "fwd+bwd")
@@ -227,22 +225,13 @@ def peak_memory_bytes(run: Callable[[], None], device: torch.device) -> int:
 
 
 def score_matrix_bytes(mixer: Mixer, batch: int, length: int, pass_: str) -> int:
-    """Estimated bytes of the attention score matrices alive at once; 0 for mixers without them.
+    """Estimated bytes of the attention score matrices alive at once in eager PyTorch; 0 for mixers without them.
 
-    Softmax attention's ``math`` path (and ``sdpa`` with a window, which passes a mask and so falls
-    back to the math kernel) holds (B, H, L, L) matrices; gated attention holds (B, H, L/C, C, C),
-    with C = L when it attends over the whole sequence. Scores are float32 at least.
+    Each mixer counts its own scores (``Mixer.attention_scores``, nested mixers included); they
+    are float32 at least, and a pass keeps ``SCORE_COPIES`` of them alive.
     """
-    if isinstance(mixer, SoftmaxAttention):
-        if mixer.impl != "math" and mixer.window is None:
-            return 0
-        heads, span = mixer.heads, length
-    elif isinstance(mixer, GatedAttention):
-        heads, span = mixer.heads, mixer.chunk_size or length
-    else:
-        return 0
-    chunks = math.ceil(length / span)
-    return int(batch * heads * chunks * span * span * 4 * SCORE_COPIES[pass_])
+    elements = sum(m.attention_scores(batch, length, fused=True) for m in mixer.modules() if isinstance(m, Mixer))
+    return int(elements * 4 * SCORE_COPIES[pass_])
 
 
 def make_run(mixer: Mixer, x: torch.Tensor, pass_: str) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -23,8 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import recurrence
-from .contract import Mixer, compute_dtype
-from .ema import run_recurrence
+from .contract import compute_dtype
 from .errors import SeqmixError, require_int
 from .registry import register_mixer
 
@@ -37,7 +36,7 @@ class CEMAState(NamedTuple):
 
 
 @register_mixer("cema")
-class CEMA(Mixer):
+class CEMA(recurrence.RecurrenceMixer):
     """Megalodon's complex EMA with output Re(y) + omega ⊙ x.
 
     Args:
@@ -48,9 +47,6 @@ class CEMA(Mixer):
             inputs shorter than one chunk run the loop).
         chunk_size: C of the chunked path.
     """
-
-    impls = ("recurrent", "fft", "chunked")
-    default_impl = "chunked"
 
     def __init__(self, d_model: int, order: int = 16, causal: bool = True, impl: str | None = None, chunk_size: int = 64):
         if not causal:
@@ -99,7 +95,7 @@ class CEMA(Mixer):
         return self.coefficients(compute_dtype(self.alpha.dtype)).kernel(length, self.alpha.device)
 
     def _recur(self, xs: Tensor, h0):
-        return run_recurrence(self.impl, xs, self.coefficients(xs.dtype), h0, self.chunk_size)
+        return recurrence.run(self.impl, xs, self.coefficients(xs.dtype), h0, self.chunk_size)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):

@@ -8,6 +8,7 @@ H heads · C chunk size · K kernel size. The parallel layout is (B, L, D); a pa
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -32,16 +33,26 @@ class Mixer(nn.Module):
     ``init_state``. The public ``forward`` and ``step`` check their inputs first, so a wrong
     shape fails here with a message instead of deep inside a matmul.
 
+    A mixer also answers what the rest of seqmix would otherwise hard-code per mixer, so search,
+    benchmarks, exporters and compilers ask it and never branch on its name or class:
+    ``lowered_impls`` (the path each lowering runs), ``impl_for_tokens`` (the path a call of T
+    tokens takes), ``length_unit``, ``attention_scores``, ``cache_capacity`` and the search knobs
+    (``search_knobs``, ``apply_search_knobs``).
+
     Class attributes:
         impls: the compute paths; the first one is the plain reference path.
         default_impl: the path used when none is asked for.
         includes_residual: True when the output already adds the input back (gated attention),
             so a block must not add it again.
+        lowered_impls: {lowering: {impl: the impl that lowering runs instead}} for the lowerings in
+            ``LOWERINGS``: ``export`` (ONNX, ExecuTorch, TensorRT graphs) and ``inductor``
+            (torch.compile's default backend). An impl not listed is kept.
     """
 
     impls: ClassVar[tuple[str, ...]] = ("reference",)
     default_impl: ClassVar[str] = "reference"
     includes_residual: ClassVar[bool] = False
+    lowered_impls: ClassVar[dict[str, dict[str, str]]] = {}
 
     def __init__(self, d_model: int, *, causal: bool, impl: str | None = None):
         super().__init__()
@@ -125,6 +136,42 @@ class Mixer(nn.Module):
         leaves, _ = tree_flatten(self.empty_state(1, torch.device("meta"), None))
         return sum(leaf.numel() for leaf in leaves)
 
+    # --- what the rest of seqmix asks a mixer -------------------------------------------
+
+    def impl_for_tokens(self, tokens: int) -> str:
+        """The path a call on ``tokens`` tokens actually runs (a chunked path may loop on a short input)."""
+        return self.impl
+
+    def length_unit(self) -> int:
+        """Lengths that are a multiple of this run without padding inside the mixer (its chunk size)."""
+        return 1
+
+    def attention_scores(self, batch_size: int, length: int, fused: bool) -> int:
+        """Attention score elements one forward over (B, L) holds at once; 0 for mixers without scores.
+
+        Args:
+            fused: the runtime has fused attention kernels that never materialise the scores
+                (eager PyTorch's ``scaled_dot_product_attention``); False for exported graphs.
+        """
+        return 0
+
+    def cache_capacity(self) -> int | None:
+        """The most tokens the streaming state can take in all; None when it takes any number."""
+        return None
+
+    @classmethod
+    def search_knobs(cls, options: dict) -> dict[str, int]:
+        """The architecture-search knobs this mixer uses when built with ``options``: {knob: its smallest valid value}.
+
+        Knob names are shared between mixers that mean the same thing by them (``chunk_size``),
+        so one trial value sets every layer that uses it.
+        """
+        return {}
+
+    @classmethod
+    def apply_search_knobs(cls, options: dict, knobs: dict[str, int]) -> None:
+        """Write the chosen knob values this mixer uses into ``options`` (its config), in place."""
+
     # --- what subclasses provide --------------------------------------------------------
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -190,19 +237,29 @@ class Mixer(nn.Module):
         return torch.device(device), dtype
 
 
-def switch_impls(model: nn.Module, replacements: dict[str, str]) -> dict[str, str]:
-    """Switch every mixer in ``model`` whose impl is a key of ``replacements`` to the value, where
-    that mixer has such a path (compilers and exporters each prefer other paths).
+LOWERINGS = ("export", "inductor")
+
+
+def switch_impls(model: nn.Module, lowering: str) -> dict[str, str]:
+    """Switch every mixer in ``model`` to the path it runs under ``lowering`` (its ``lowered_impls``).
 
     Returns:
         {module name ("model" for the root): impl now in use} for every mixer.
     """
+    if lowering not in LOWERINGS:
+        raise choice_error("lowering", lowering, LOWERINGS)
     used = {}
     for name, module in model.named_modules():
         if not isinstance(module, Mixer):
             continue
-        wanted = replacements.get(module.impl)
-        if wanted in type(module).impls:
-            module.impl = wanted
+        module.impl = type(module).lowered_impls.get(lowering, {}).get(module.impl, module.impl)
         used[name or "model"] = module.impl
     return used
+
+
+def length_unit(model: nn.Module) -> int:
+    """The least common multiple of the length units of every mixer in ``model`` (1 without any).
+
+    A parallel graph whose length is a multiple of it pads nothing inside.
+    """
+    return math.lcm(1, *(module.length_unit() for module in model.modules() if isinstance(module, Mixer)))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import recurrence
-from .contract import Mixer, compute_dtype
+from .contract import compute_dtype
 from .errors import require_int
 from .registry import register_mixer
 
@@ -35,27 +35,8 @@ class EMAState(NamedTuple):
     h: Tensor
 
 
-def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
-    """Whether a ``chunked`` call on ``tokens`` tokens runs the recurrent loop instead.
-
-    Fewer tokens than one chunk (a streaming step) would be padded to a whole chunk and pay for
-    the (D, C, C) Toeplitz matrix: at D = 128, N = 16, C = 64 that is 2.2 ms for one token
-    against 0.06 ms for the loop, which stays faster up to T = C − 1 (0.9 against 3.1 ms).
-    """
-    return impl == "chunked" and tokens < chunk_size
-
-
-def run_recurrence(impl: str, x: Tensor, coef: recurrence.Coefficients, h0, chunk_size: int):
-    """Dispatch to the chosen compute path of ``seqmix.recurrence`` (see ``steps_recurrently``)."""
-    if steps_recurrently(impl, x.shape[1], chunk_size):
-        return recurrence.recurrent(x, coef, h0)
-    if impl == "chunked":
-        return recurrence.chunked(x, coef, h0, chunk_size)
-    return recurrence.PATHS[impl](x, coef, h0)
-
-
 @register_mixer("ema")
-class EMA(Mixer):
+class EMA(recurrence.RecurrenceMixer):
     """Mega's multi-dimensional damped EMA with output SiLU(y + omega ⊙ x).
 
     Args:
@@ -66,9 +47,6 @@ class EMA(Mixer):
             inputs shorter than one chunk run the loop).
         chunk_size: C of the chunked path.
     """
-
-    impls = ("recurrent", "fft", "chunked")
-    default_impl = "chunked"
 
     def __init__(self, d_model: int, order: int = 16, causal: bool = True, impl: str | None = None, chunk_size: int = 64):
         super().__init__(d_model, causal=causal, impl=impl)
@@ -111,7 +89,7 @@ class EMA(Mixer):
         return self.coefficients(compute_dtype(self.alpha.dtype), backward).kernel(length, self.alpha.device)
 
     def _recur(self, x: Tensor, h0, backward: bool = False):
-        return run_recurrence(self.impl, x, self.coefficients(x.dtype, backward), h0, self.chunk_size)
+        return recurrence.run(self.impl, x, self.coefficients(x.dtype, backward), h0, self.chunk_size)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):

@@ -27,6 +27,7 @@ across chunks. Streaming keeps only the current chunk's keys and values (a cache
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -39,7 +40,7 @@ from .contract import Mixer, State, compute_dtype
 from .errors import SeqmixError, choice_error, require_int
 from .norms import RMSNorm, TimestepNorm, build_norm
 from .positions import RotaryRelativeBias, SimpleRelativeBias, rotary
-from .registry import build_mixer, list_mixers, register_mixer
+from .registry import build_mixer, list_mixers, mixer_class, register_mixer
 
 ATTENTIONS = ("softmax", "laplace", "relu2")
 POSITION_BIASES = ("simple", "rotary")
@@ -186,6 +187,36 @@ class GatedAttention(Mixer):
     def complexity(self) -> str:
         span = "L²" if self.chunk_size is None else "L·C"
         return f"O({span}·(S+E)) attention + local {self.local.complexity()}"
+
+    def length_unit(self) -> int:
+        return self.chunk_size or 1
+
+    def attention_scores(self, batch_size: int, length: int, fused: bool) -> int:
+        """(B, H, L/C, C, C) scores, C = L for full attention; never fused (the bias is added to them)."""
+        span = self.chunk_size or length
+        return batch_size * self.heads * math.ceil(length / span) * span * span
+
+    def cache_capacity(self) -> int | None:
+        return self.max_len if self.chunk_size is None else None
+
+    @staticmethod
+    def local_class(options: dict) -> type[Mixer]:
+        """The class of the local mixer a config names (its default: cema when normalized, else ema)."""
+        local = options.get("local") or ("cema" if options.get("normalized") else "ema")
+        return mixer_class(local)
+
+    @classmethod
+    def search_knobs(cls, options: dict) -> dict[str, int]:
+        local = cls.local_class(options)
+        return {"chunk_size": 1, **local.search_knobs(dict(options.get("local_options") or {}))}
+
+    @classmethod
+    def apply_search_knobs(cls, options: dict, knobs: dict[str, int]) -> None:
+        if "chunk_size" in knobs:
+            options["chunk_size"] = knobs["chunk_size"]
+        local_options = dict(options.get("local_options") or {})
+        cls.local_class(options).apply_search_knobs(local_options, knobs)
+        options["local_options"] = local_options or None
 
     # --- projections shared by forward and step ------------------------------------------
 

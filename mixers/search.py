@@ -67,18 +67,9 @@ SETTINGS = (
 )
 LATENCY_SETTINGS = ("length", "batch_size", "repeats")
 RANGE_KEYS = ("low", "high", "step", "log")
-# The searchable knobs and the integer floor of each (lr is a positive float).
-INTEGER_KNOBS = {
-    "pattern_length": 1, "repeats": 1, "d_model": 1, "chunk_size": 1, "ema_order": 1, "tcn_kernel": 2, "tcn_depth": 1,
-}
-SPACE_KEYS = ("mixers", *INTEGER_KNOBS, "lr")
-# The mixer kinds (registered names) whose options each mixer knob sets.
-KNOB_USERS = {
-    "chunk_size": ("ema", "cema", "gated_attention"),
-    "ema_order": ("ema", "cema"),
-    "tcn_kernel": ("tcn",),
-    "tcn_depth": ("tcn",),
-}
+# The model's searchable sizes and the integer floor of each; the mixers add their own knobs
+# (``Mixer.search_knobs``), and lr is a positive float.
+MODEL_KNOBS = {"pattern_length": 1, "repeats": 1, "d_model": 1}
 # A crash or a NaN in one trial fails that trial only (SeqmixError is a ValueError; torch raises
 # RuntimeErrors, out-of-memory included). Anything else is a bug and stops the search.
 TRIAL_ERRORS = (ValueError, RuntimeError, ArithmeticError, MemoryError)
@@ -192,28 +183,17 @@ def default_mixer_config(name: str) -> dict:
     return {"_target_": public_target(cls), "_partial_": True}
 
 
-def _local_kind(gated_config: dict) -> str:
-    """The registered name of a gated attention layer's local mixer (its default: cema if normalized, else ema)."""
-    local = gated_config.get("local")
-    return local if isinstance(local, str) else ("cema" if gated_config.get("normalized") else "ema")
+def integer_knobs() -> dict[str, int]:
+    """Every searchable integer knob and its floor: the model's sizes and every registered mixer's knobs."""
+    knobs = dict(MODEL_KNOBS)
+    for name in list_mixers():
+        knobs.update(mixer_class(name).search_knobs({}))
+    return knobs
 
 
-def _set_knobs(config: dict, kind: str | None, knobs: dict[str, int]) -> None:
-    """Write the knobs a mixer of ``kind`` uses into its config (in place)."""
-    if kind in ("ema", "cema"):
-        config.update({k: knobs[s] for s, k in (("ema_order", "order"), ("chunk_size", "chunk_size")) if s in knobs})
-    elif kind == "tcn":
-        if "tcn_kernel" in knobs:
-            # Dilation base = kernel size: every past offset is reached exactly once (receptive field K^depth).
-            config.update(kernel_size=knobs["tcn_kernel"], dilation_base=knobs["tcn_kernel"])
-        if "tcn_depth" in knobs:
-            config["depth"] = knobs["tcn_depth"]
-    elif kind == "gated_attention":
-        if "chunk_size" in knobs:
-            config["chunk_size"] = knobs["chunk_size"]
-        local_options = dict(config.get("local_options") or {})
-        _set_knobs(local_options, _local_kind(config), knobs)
-        config["local_options"] = local_options or None
+def space_keys() -> tuple[str, ...]:
+    """The entries ``search.space`` may have."""
+    return ("mixers", *integer_knobs(), "lr")
 
 
 @dataclass
@@ -222,9 +202,10 @@ class SearchSpace:
 
     Keys: ``mixers`` (the choices of every layer slot, registered mixer names; absent: the base
     preset's layers and mixers), ``pattern_length`` (layer slots; absent: the base pattern's),
-    ``repeats`` (depth = pattern_length · repeats), ``d_model``, ``chunk_size`` (EMA/CEMA chunk
-    and gated attention's C), ``ema_order`` (N), ``tcn_kernel`` (K, also the dilation base),
-    ``tcn_depth``, ``lr``. A mixer knob is only asked for when a layer uses it. With ``mixers``,
+    ``repeats`` (depth = pattern_length · repeats), ``d_model``, ``lr``, and every knob a
+    registered mixer declares (``Mixer.search_knobs``; built in: ``chunk_size`` for the EMA/CEMA
+    chunk and gated attention's C, ``ema_order`` N, ``tcn_kernel`` K, also the dilation base,
+    ``tcn_depth``). A mixer knob is only asked for when a layer uses it. With ``mixers``,
     the block's residual rule becomes ``auto`` (gated for gated attention, pre for the others),
     the one rule every mixer can take.
     """
@@ -234,9 +215,9 @@ class SearchSpace:
     @classmethod
     def from_config(cls, node: DictConfig | dict) -> SearchSpace:
         entries = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-        unknown = sorted(set(entries) - set(SPACE_KEYS))
+        unknown = sorted(set(entries) - set(space_keys()))
         if unknown:
-            raise SeqmixError(f"search.space has no entry {unknown[0]!r}; valid entries are {list(SPACE_KEYS)}")
+            raise SeqmixError(f"search.space has no entry {unknown[0]!r}; valid entries are {list(space_keys())}")
         dimensions = {key: _dimension(key, entry) for key, entry in entries.items()}
         registered = list_mixers()
         for key, dimension in dimensions.items():
@@ -251,7 +232,7 @@ class SearchSpace:
                     raise SeqmixError(f"search.space.lr={entries[key]!r} is not valid; expected positive learning rates")
             else:
                 for value in dimension.values():
-                    require_int("search.space", key, value, INTEGER_KNOBS[key])
+                    require_int("search.space", key, value, integer_knobs()[key])
         return cls(dimensions)
 
     def suggest(self, trial: optuna.Trial, base_model: dict) -> Candidate:
@@ -275,19 +256,13 @@ class SearchSpace:
         base_depth = config.get("depth") or len(base_pattern)
         repeats = self._pick(trial, "repeats", max(1, base_depth // len(base_pattern)))
         d_model = self._pick(trial, "d_model", config["d_model"])
-        used = set()  # the mixer kinds the layers run, local mixers of gated attention included
-        for name in dict.fromkeys(pattern):
-            kind = kinds.get(mixers.get(name, {}).get("_target_"))
-            used.add(kind)
-            if kind == "gated_attention":
-                used.add(_local_kind(mixers[name]))
-        knobs = {
-            knob: self.dimensions[knob].suggest(trial, knob)
-            for knob, users in KNOB_USERS.items()
-            if knob in self.dimensions and used & set(users)
-        }
-        for mixer in mixers.values():
-            _set_knobs(mixer, kinds.get(mixer.get("_target_")), knobs)
+        # Each layer's mixer says which knobs it uses; a knob no layer uses is never asked for.
+        classes = {name: mixer_class(kinds[mixers[name]["_target_"]]) for name in dict.fromkeys(pattern)
+                   if mixers.get(name, {}).get("_target_") in kinds}
+        used = {knob for name, cls in classes.items() for knob in cls.search_knobs(mixers[name])}
+        knobs = {knob: self.dimensions[knob].suggest(trial, knob) for knob in integer_knobs() if knob in used and knob in self.dimensions}
+        for name, cls in classes.items():
+            cls.apply_search_knobs(mixers[name], knobs)
         config.update(d_model=d_model, layers=pattern, depth=len(pattern) * repeats, mixers=mixers)
         lr = self.dimensions["lr"].suggest(trial, "lr") if "lr" in self.dimensions else None
         return Candidate(config, pattern, repeats, d_model, lr)

@@ -94,6 +94,16 @@ class SoftmaxAttention(Mixer):
         """Cache slots: the window when there is one, else ``max_len``."""
         return self.window if self.window is not None else self.max_len
 
+    def attention_scores(self, batch_size: int, length: int, fused: bool) -> int:
+        """(B, H, L, L) scores, none under a fused kernel: ``sdpa`` without a window (a window's mask
+        sends PyTorch back to the math kernel)."""
+        if fused and self.impl == "sdpa" and self.window is None:
+            return 0
+        return batch_size * self.heads * length * length
+
+    def cache_capacity(self) -> int | None:
+        return self.max_len if self.window is None else None
+
     def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (B, H, T, D/H) for x (B, T, D) at ``positions`` broadcastable to (B, 1, T)."""
         batch, tokens, _ = x.shape

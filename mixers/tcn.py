@@ -53,6 +53,9 @@ class TCN(Mixer):
 
     impls = ("conv", "taps")
     default_impl = "conv"
+    # ONNX Runtime runs one Conv node per layer faster than K slices and products; Inductor fuses the
+    # taps into one kernel per layer, forward and backward, where the convolution stays a library call.
+    lowered_impls = {"export": {"taps": "conv"}, "inductor": {"conv": "taps"}}
 
     def __init__(
         self,
@@ -110,6 +113,18 @@ class TCN(Mixer):
 
     def complexity(self) -> str:
         return "O(L·K·depth·D)"
+
+    @classmethod
+    def search_knobs(cls, options: dict) -> dict[str, int]:
+        return {"tcn_kernel": 2, "tcn_depth": 1}
+
+    @classmethod
+    def apply_search_knobs(cls, options: dict, knobs: dict[str, int]) -> None:
+        if "tcn_kernel" in knobs:
+            # Dilation base = kernel size: every past offset is reached exactly once (receptive field K^depth).
+            options.update(kernel_size=knobs["tcn_kernel"], dilation_base=knobs["tcn_kernel"])
+        if "tcn_depth" in knobs:
+            options["depth"] = knobs["tcn_depth"]
 
     def _run(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
         """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""

@@ -24,7 +24,7 @@ pytest.importorskip("executorch.runtime", reason="executorch is not installed: p
 import seqmix  # noqa: E402
 from seqmix import recurrence  # noqa: E402
 from seqmix.export import executorch_export as et  # noqa: E402
-from seqmix.export.graphs import largest_chunk  # noqa: E402
+from seqmix.contract import length_unit  # noqa: E402
 from seqmix import SeqmixError  # noqa: E402
 from seqmix.configs import compose_config, config_groups  # noqa: E402
 
@@ -50,7 +50,7 @@ def parallel_case(preset: str):
 @pytest.mark.parametrize("preset", [parallel_case(p) for p in PRESETS])
 def test_parallel_graph_matches_eager(preset, tmp_path):
     model = tiny(preset)
-    assert LENGTH % largest_chunk(model) == 0
+    assert LENGTH % length_unit(model) == 0
     path = tmp_path / f"{preset}.pte"
     manifest = et.export_parallel_pte(model, path, LENGTH, batch_size=2)
     error = et.verify_pte_parallel(model, path, LENGTH, batch_size=2)

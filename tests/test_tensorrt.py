@@ -15,7 +15,8 @@ import torch
 from onnx import TensorProto, helper
 
 import seqmix
-from seqmix.export.graphs import StepGraph, largest_chunk
+from seqmix.contract import length_unit
+from seqmix.export.graphs import StepGraph
 from seqmix.export.tensorrt import (
     LISTED_UNSUPPORTED,
     SUPPORTED_OPS,
@@ -254,7 +255,7 @@ def io_names(path):
 @pytest.mark.parametrize("preset", ["transformer", "mega", "megalodon"])
 def test_engine_of_the_parallel_graph_matches_eager(preset, graphs, tmp_path):
     path, model = graphs.parallel(preset), graphs.model(preset)
-    unit = largest_chunk(model)
+    unit = length_unit(model)
     names, (output,) = io_names(path)  # tokens, padding_mask
 
     def profile(batch, units):
