@@ -226,6 +226,15 @@ class SequenceModel(nn.Module):
         return self.head(h), ModelState(tuple(block_states), norm_state, state.pos + tokens.shape[1])
 
 
+def registered_mixer_factory(entry: Mapping, where: str = "mixer") -> Callable[[int], nn.Module]:
+    """A factory taking D for ``{"mixer": <registered name>, <option>: <value>, ...}``, checked now."""
+    options = dict(entry)
+    name = options.pop("mixer", None)
+    if name not in list_mixers():
+        raise SeqmixError(f"{where}.mixer={name!r} is not a registered mixer; expected one of {list_mixers()}")
+    return partial(build_mixer, name, **options)
+
+
 def build_model(
     vocab_size: int,
     d_model: int,
@@ -247,7 +256,8 @@ def build_model(
         layers: the mixer of each layer: a key of ``mixers``, a registered mixer name (built with
             its default options), or a factory taking D.
             With ``depth``, the list is a pattern repeated until there are ``depth`` layers.
-        mixers: named mixer factories the names in ``layers`` refer to.
+        mixers: the mixers the names in ``layers`` refer to: factories taking D, or
+            ``{"mixer": <registered name>, <option>: <value>, ...}``.
         block: block factory taking (d_model, mixer, ffn, norm).
         ffn, norm, head, final_norm: factories taking D (the head: D and V); ffn and
             final_norm may be None.
@@ -269,6 +279,8 @@ def build_model(
         if isinstance(layer, str):
             if layer in mixers:
                 layer = mixers[layer]
+                if isinstance(layer, Mapping):
+                    layer = registered_mixer_factory(layer, f"model.mixers.{pattern[index]}")
             elif layer in list_mixers():
                 layer = partial(build_mixer, layer)
             else:

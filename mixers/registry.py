@@ -1,13 +1,58 @@
-"""Name -> mixer class registry, so configs and tools can build any mixer by name."""
+"""Name -> mixer class registry, so configs and tools can build any mixer by name.
+
+Built-in mixers register with ``@register_mixer``. A mixer from another installed package
+registers through the entry-point group ``seqmix.mixers``: in that package's pyproject.toml,
+
+    [project.entry-points."seqmix.mixers"]
+    my_mixer = "my_package.my_module:MyMixer"
+
+names a ``Mixer`` subclass, registered as ``my_mixer`` the first time the registry is asked
+anything. It then works wherever a built-in mixer does: ``build_mixer``, ``model.layers``,
+configs, training, export, search and the benchmarks.
+"""
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 from .contract import Mixer
 from .errors import SeqmixError, choice_error
 
+ENTRY_POINT_GROUP = "seqmix.mixers"
+
 _MIXERS: dict[str, type[Mixer]] = {}
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Register the mixers other installed packages declare in ``ENTRY_POINT_GROUP`` (once).
+
+    A plugin that fails to import, names something that is not a Mixer, or takes a name already
+    registered is skipped with a warning naming it: one broken package must not break seqmix.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"mixer plugin {entry.name!r} ({entry.value}, from {entry.dist.name if entry.dist else 'an unknown package'})"
+        try:
+            cls = entry.load()
+        except Exception as error:  # noqa: BLE001  (any import failure of foreign code is reported, not raised)
+            warnings.warn(f"seqmix: {where} could not be loaded and is skipped: {type(error).__name__}: {error}", stacklevel=2)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+            warnings.warn(f"seqmix: {where} names {cls!r}, not a seqmix.Mixer subclass; skipped", stacklevel=2)
+            continue
+        if _MIXERS.get(entry.name, cls) is not cls:
+            warnings.warn(f"seqmix: {where} takes the name of the registered {_MIXERS[entry.name].__qualname__}; skipped",
+                          stacklevel=2)
+            continue
+        _MIXERS[entry.name] = cls
+        cls.registered_name = entry.name
 
 
 def register_mixer(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
@@ -24,12 +69,14 @@ def register_mixer(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
 
 
 def list_mixers() -> list[str]:
-    """The registered mixer names, sorted."""
+    """The registered mixer names (built in and from plugins), sorted."""
+    _load_plugins()
     return sorted(_MIXERS)
 
 
 def mixer_class(name: str) -> type[Mixer]:
     """The class registered under ``name``; unknown names list the valid ones."""
+    _load_plugins()
     if name not in _MIXERS:
         raise choice_error("mixer", name, _MIXERS)
     return _MIXERS[name]

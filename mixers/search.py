@@ -42,11 +42,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import instantiate_model
 from .configs import CONF_DIR, compose_config, config_groups
+from .contract import Mixer
 from .errors import SeqmixError, choice_error, require_int
 from .experiment import adapt_model_config, build_experiment, check_fits
 from .registry import list_mixers, mixer_class
-from .targets import public_target
 from .runs import markdown_table, write_csv
+from .targets import target_of
 from .tasks.base import Task
 from .timing import Timing
 from .training import METRICS, TrainConfig, train
@@ -165,22 +166,21 @@ class Candidate:
         return f"{','.join(self.pattern)} ×{self.repeats} d={self.d_model}"
 
 
-def _mixer_kinds() -> dict[str, str]:
-    """{``_target_`` of a registered mixer class: its registered name}."""
-    kinds = {}
-    for name in list_mixers():
-        cls = mixer_class(name)
-        kinds[public_target(cls)] = name
-    return kinds
+def mixer_class_of(entry: dict) -> type[Mixer] | None:
+    """The mixer class a model config's mixer entry builds: ``{"mixer": <registered name>, ...}`` or a
+    public ``_target_`` (None for an entry that is neither)."""
+    if isinstance(entry.get("mixer"), str):
+        return mixer_class(entry["mixer"])
+    return next((mixer_class(name) for name in list_mixers() if target_of(mixer_class(name)) == entry.get("_target_")), None)
 
 
 def default_mixer_config(name: str) -> dict:
-    """The ``conf/mixer/<name>.yaml`` config of a registered mixer (its bare target when it has none)."""
+    """The ``conf/mixer/<name>.yaml`` config of a registered mixer, or ``{"mixer": name}`` (its defaults) without one."""
     path = CONF_DIR / "mixer" / f"{name}.yaml"
     if path.is_file():
         return OmegaConf.to_container(OmegaConf.load(path))
-    cls = mixer_class(name)
-    return {"_target_": public_target(cls), "_partial_": True}
+    mixer_class(name)
+    return {"mixer": name}
 
 
 def integer_knobs() -> dict[str, int]:
@@ -239,7 +239,6 @@ class SearchSpace:
         """Ask ``trial`` for one candidate; ``base_model`` (a resolved model config) fills the rest."""
         config = copy.deepcopy(base_model)
         base_pattern = list(config["layers"])
-        kinds = _mixer_kinds()
         if "mixers" in self.dimensions:
             slots = self._pick(trial, "pattern_length", len(base_pattern))
             pattern = [self.dimensions["mixers"].suggest(trial, f"layer_{i}") for i in range(slots)]
@@ -257,8 +256,7 @@ class SearchSpace:
         repeats = self._pick(trial, "repeats", max(1, base_depth // len(base_pattern)))
         d_model = self._pick(trial, "d_model", config["d_model"])
         # Each layer's mixer says which knobs it uses; a knob no layer uses is never asked for.
-        classes = {name: mixer_class(kinds[mixers[name]["_target_"]]) for name in dict.fromkeys(pattern)
-                   if mixers.get(name, {}).get("_target_") in kinds}
+        classes = {name: cls for name in dict.fromkeys(pattern) if (cls := mixer_class_of(mixers.get(name, {}))) is not None}
         used = {knob for name, cls in classes.items() for knob in cls.search_knobs(mixers[name])}
         knobs = {knob: self.dimensions[knob].suggest(trial, knob) for knob in integer_knobs() if knob in used and knob in self.dimensions}
         for name, cls in classes.items():

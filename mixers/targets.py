@@ -55,8 +55,8 @@ ALLOWED_TARGETS = frozenset(
 )
 
 
-def public_target(obj: Any) -> str:
-    """The ``_target_`` that builds ``obj`` (a class or function of the table above)."""
+def target_of(obj: Any) -> str | None:
+    """The ``_target_`` that builds ``obj`` (a class or function of the table above), or None."""
     import seqmix
     import seqmix.tasks
 
@@ -64,7 +64,15 @@ def public_target(obj: Any) -> str:
         for name in names:
             if getattr(module, name) is obj:
                 return f"{prefix}.{name}"
-    raise SeqmixError(f"{getattr(obj, '__qualname__', obj)!r} is not buildable from a config; buildable: {sorted(ALLOWED_TARGETS)}")
+    return None
+
+
+def public_target(obj: Any) -> str:
+    """The ``_target_`` that builds ``obj``; an object outside the table is refused by name."""
+    target = target_of(obj)
+    if target is None:
+        raise SeqmixError(f"{getattr(obj, '__qualname__', obj)!r} is not buildable from a config; buildable: {sorted(ALLOWED_TARGETS)}")
+    return target
 
 
 def translate_legacy_targets(config: Any) -> Any:

@@ -129,3 +129,32 @@ def test_full_attention_longer_than_max_len_is_refused():
     mixer = seqmix.build_mixer("gated_attention", 8, chunk_size=None, max_len=16)
     with pytest.raises(SeqmixError, match="max_len=16"):
         mixer(torch.randn(1, 17, 8))
+
+
+def test_a_broken_mixer_plugin_is_skipped_with_a_warning_naming_it(monkeypatch):
+    import importlib.metadata
+
+    from seqmix import registry
+
+    plugins = [
+        importlib.metadata.EntryPoint("missing", "no_such_package.mixers:Missing", registry.ENTRY_POINT_GROUP),
+        importlib.metadata.EntryPoint("not_a_mixer", "builtins:int", registry.ENTRY_POINT_GROUP),
+        importlib.metadata.EntryPoint("ema", "seqmix.tcn:TCN", registry.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: plugins if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    before = dict(registry._MIXERS)
+    with pytest.warns(UserWarning) as caught:
+        names = seqmix.list_mixers()
+    messages = "\n".join(str(w.message) for w in caught)
+    assert "'missing'" in messages and "ModuleNotFoundError" in messages
+    assert "'not_a_mixer'" in messages and "not a seqmix.Mixer subclass" in messages
+    assert "'ema'" in messages and "takes the name of the registered EMA" in messages
+    assert names == sorted(before) and registry._MIXERS == before
+
+
+def test_a_model_config_names_a_registered_mixer_and_its_options():
+    model = seqmix.build_model(vocab_size=32, d_model=16, layers=["fast", "ema"], mixers={"fast": {"mixer": "tcn", "depth": 2}})
+    assert isinstance(model.blocks[0].mixer, seqmix.TCN) and model.blocks[0].mixer.depth == 2
+    with pytest.raises(SeqmixError, match=r"model.mixers.fast.mixer='tcnn' is not a registered mixer.*'tcn'"):
+        seqmix.build_model(vocab_size=32, d_model=16, layers=["fast"], mixers={"fast": {"mixer": "tcnn"}})
