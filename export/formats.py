@@ -27,10 +27,9 @@ from seqmix.errors import require_int
 from seqmix.timing import Timing, time_calls
 
 from seqmix.contract import length_unit
-from .manifest import write_manifest
+from .manifest import FORMATS, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
-FORMATS = ("onnx", "executorch", "tensorrt")
 QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": (), "tensorrt": ("fp16",)}
 """The ``quantize`` values each format takes (int8/fp16 ONNX variants, fp16 TensorRT kernels)."""
 ENGINE_MAX_BATCH = 8

@@ -10,6 +10,8 @@ from typing import NoReturn
 from seqmix import SeqmixError
 
 MANIFEST = "manifest.json"
+FORMATS = ("onnx", "executorch", "tensorrt")
+"""The deployment formats an export directory can hold (``seqmix.export.formats`` writes each)."""
 REQUIRED = {"format", "vocab_size", "impls"}
 STATE_DTYPES = ("bfloat16", "bool", "float16", "float32", "float64", "int32", "int64")
 # The ONNX runner builds the initial state from each entry's fill; ExecuTorch callers build it
@@ -38,8 +40,6 @@ def read_manifest(out_dir: str | Path) -> dict:
     inputs, that input's fixed shape, a known dtype and (for ONNX) a finite fill. Any failure
     raises SeqmixError naming the manifest, the field and the bad value.
     """
-    from .formats import FORMATS
-
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise SeqmixError(f"{path} does not exist; export the model first with seqmix export")
