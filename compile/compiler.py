@@ -12,7 +12,7 @@ mixer's ``lowered_impls["inductor"]``), e.g. the TCN's ``taps``, which fuse into
 backward, where ``conv`` stays a library call (``seqmix bench "bench.mixers=[tcn/taps,tcn/conv]"`` measures both).
 
 Two workarounds for torch 2.13's Inductor are applied when ``backend="inductor"``; both concern
-the ``scan`` that ``seqmix.recurrence`` uses under compilation to carry the EMA/CEMA state across
+the ``scan`` that ``seqmix.operators.recurrence`` uses under compilation to carry the EMA/CEMA state across
 chunks. Inductor rewrites ``scan`` into a ``while_loop`` in a post-grad pass, and that rewrite
 1. reads its loop index with ``.item()``, which the fake tensors refuse unless Dynamo was allowed
    to capture scalar outputs (it is, automatically, only with ``fullgraph=True``); and

@@ -70,11 +70,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from seqmix import SeqmixError, benchmark
-from seqmix.checkpoint import instantiate_model
+from seqmix.model.checkpoint import instantiate_model
 from seqmix.configs import compose_config, config_groups
 from seqmix.contract import Mixer
 from seqmix.errors import choice_error, require_int
-from seqmix.model import SequenceModel
+from seqmix.model.sequence_model import SequenceModel
 from seqmix.registry import build_mixer, mixer_class
 from seqmix.timing import Timing, summarize, time_calls, time_once
 

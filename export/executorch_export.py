@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 import seqmix
-from seqmix import SeqmixError, recurrence
+from seqmix import SeqmixError
+from seqmix.operators import recurrence
 from seqmix.errors import require_int
 
 from .graphs import StepGraph, quiet_exporters, stepwise_recurrences, use_exportable_paths

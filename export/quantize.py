@@ -49,7 +49,7 @@ def make_variant(kind: str, source: Path) -> Path:
 def evaluate_onnx(path: Path, task, batch_size: int = 8, batches: int = 8) -> dict[str, float]:
     """Loss and the task's metric of an exported parallel graph on the task's evaluation set."""
     from seqmix.tasks.base import IGNORE
-    from seqmix.training import task_scores
+    from seqmix.training.loop import task_scores
 
     runner = session(path)
     total, count, correct = 0.0, 0, 0

@@ -4,20 +4,20 @@ Importing the package registers every built-in mixer, so ``build_mixer(name, d_m
 for each name in ``list_mixers()``. The classes and functions below are also the names configs
 build from (``_target_: seqmix.EMA``; see ``seqmix.targets``).
 """
-from .contract import Mixer, State
-from .errors import SeqmixError
-from .registry import build_mixer, list_mixers, mixer_class, register_mixer
-from .cema import CEMA
-from .ema import EMA
-from .gated_attention import GatedAttention
-from .identity import Identity
-from .softmax_attention import SoftmaxAttention
-from .tcn import TCN
-from .blocks import Block, FeedForward
-from .heads import CausalLMHead, ClassificationHead, MaskedLMHead
-from .norms import LayerNorm, RMSNorm, ScaleNorm, TimestepNorm
-from .checkpoint import instantiate_model, load_model, save_model
-from .model import SequenceModel, build_model
+from seqmix.contract import Mixer, State
+from seqmix.errors import SeqmixError
+from seqmix.layers.blocks import Block, FeedForward
+from seqmix.layers.heads import CausalLMHead, ClassificationHead, MaskedLMHead
+from seqmix.layers.norms import LayerNorm, RMSNorm, ScaleNorm, TimestepNorm
+from seqmix.model.checkpoint import instantiate_model, load_model, save_model
+from seqmix.model.sequence_model import SequenceModel, build_model
+from seqmix.operators.cema import CEMA
+from seqmix.operators.ema import EMA
+from seqmix.operators.gated_attention import GatedAttention
+from seqmix.operators.identity import Identity
+from seqmix.operators.softmax_attention import SoftmaxAttention
+from seqmix.operators.tcn import TCN
+from seqmix.registry import build_mixer, list_mixers, mixer_class, register_mixer
 
 __version__ = "0.2.0"
 

@@ -1,6 +1,6 @@
 """``python -m seqmix <command> ...``: the same as the ``seqmix`` console command."""
 import sys
 
-from .cli import main
+from seqmix.cli import main
 
 sys.exit(main())

@@ -41,10 +41,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from .contract import Mixer
-from .errors import SeqmixError, require_int
-from .registry import build_mixer, list_mixers, mixer_class
-from .timing import time_calls
+from seqmix.contract import Mixer
+from seqmix.errors import SeqmixError, require_int
+from seqmix.registry import build_mixer, list_mixers, mixer_class
+from seqmix.timing import time_calls
 
 PASSES = ("forward", "fwd+bwd")
 DTYPE = torch.float32

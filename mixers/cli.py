@@ -23,9 +23,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .configs import CONF_DIR, compose_config, config_groups, preset_picks
-from .errors import SeqmixError, require_int
-from .threads import apply_thread_policy
+from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks
+from seqmix.errors import SeqmixError, require_int
+from seqmix.threads import apply_thread_policy
 
 PROGRAM = "seqmix"
 
@@ -105,7 +105,7 @@ def options_of(config: DictConfig, schema: type, where: str):
 
 def _warn_if_busy() -> None:
     """Say so when other work competed for the cores while timings were taken."""
-    from .timing import busy_warning
+    from seqmix.timing import busy_warning
 
     warning = busy_warning()
     if warning:
@@ -133,9 +133,9 @@ def run_train(config: DictConfig, choices: dict) -> int:
     """Train, evaluate and checkpoint; print the plan first and a summary and a sample at the end."""
     import torch
 
-    from .experiment import build_experiment
-    from .reporting import print_plan, print_summary, sample_text
-    from .training import pick_device, train
+    from seqmix.training.experiment import build_experiment
+    from seqmix.training.loop import pick_device, train
+    from seqmix.training.reporting import print_plan, print_summary, sample_text
 
     _join_torchrun_group()
     try:
@@ -166,8 +166,8 @@ def run_train(config: DictConfig, choices: dict) -> int:
 
 
 def run_describe(config: DictConfig, choices: dict) -> int:
-    from .checkpoint import instantiate_model
-    from .summary import describe_model
+    from seqmix.model.checkpoint import instantiate_model
+    from seqmix.model.summary import describe_model
 
     print(describe_model(instantiate_model(config.model), title=choices.get("model") or "model"))
     return 0
@@ -181,8 +181,9 @@ class EvaluateOptions:
 
 
 def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
-    from .experiment import build_task
-    from .training import evaluate, load_run
+    from seqmix.training.checkpoints import load_run
+    from seqmix.training.experiment import build_task
+    from seqmix.training.loop import evaluate
 
     require_int("evaluate", "batches", options.batches)
     require_int("evaluate", "batch_size", options.batch_size)
@@ -208,8 +209,8 @@ class GenerateOptions:
 def run_generate(options: GenerateOptions, choices: dict) -> int:
     import torch
 
-    from .generation import stream_tokens
-    from .training import load_run
+    from seqmix.model.generation import stream_tokens
+    from seqmix.training.checkpoints import load_run
 
     require_int("generate", "tokens", options.tokens, 0)
     if options.top_k is not None:
@@ -254,9 +255,8 @@ class ExportOptions:
 
 def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.export.formats import check_export_options, export_model, summary_lines
-
-    from .experiment import build_task
-    from .training import load_run
+    from seqmix.training.checkpoints import load_run
+    from seqmix.training.experiment import build_task
 
     check_export_options(options.format, options.quantize, options.length)
     model, record = load_run(options.checkpoint)
@@ -279,7 +279,7 @@ class GatherOptions:
 
 
 def run_gather(options: GatherOptions, choices: dict) -> int:
-    from .runs import collect_runs, markdown_table, write_csv
+    from seqmix.training.runs import collect_runs, markdown_table, write_csv
 
     if not Path(options.root).is_dir():
         raise SeqmixError(f"root={options.root!r} is not a directory")
@@ -302,7 +302,7 @@ class TourOptions:
 
 
 def run_tour(options: TourOptions, choices: dict) -> int:
-    from .showcase import format_tour, tour
+    from seqmix.showcase import format_tour, tour
 
     for name in ("width", "length", "batch", "piece", "repeats"):
         require_int("tour", name, getattr(options, name))
@@ -332,7 +332,12 @@ class BenchMixersOptions:
 
 
 def run_bench_mixers(options: BenchMixersOptions, choices: dict) -> int:
-    from .benchmark import BenchConfig, format_report, run_benchmark, write_results
+    from seqmix.benchmark import (
+        BenchConfig,
+        format_report,
+        run_benchmark,
+        write_results,
+    )
 
     bench = BenchConfig(
         lengths=tuple(options.lengths),
@@ -361,7 +366,8 @@ def compose_bench(overrides: list[str]) -> tuple[DictConfig, dict]:
 
 
 def run_bench(config: DictConfig, choices: dict) -> int:
-    from seqmix.export.bench import BenchSpec, run_bench as run
+    from seqmix.export.bench import BenchSpec
+    from seqmix.export.bench import run_bench as run
 
     spec = BenchSpec.from_config(config.bench)
     outcome = run(spec)
@@ -373,7 +379,7 @@ def run_bench(config: DictConfig, choices: dict) -> int:
 
 
 def compose_search(overrides: list[str]) -> tuple[DictConfig, dict]:
-    from .search import compose_search_config
+    from seqmix.search.study import compose_search_config
 
     names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("search=")]
     rest = [o for o in overrides if not o.lstrip("+").startswith("search=")]
@@ -387,11 +393,11 @@ def run_search(config: DictConfig, choices: dict) -> int:
     import logging
     import warnings
 
-    from .search import SearchSettings, run_search as search
+    import optuna
 
     from seqmix.export.latency import check_runtime, deployed_latency
-
-    import optuna
+    from seqmix.search.study import SearchSettings
+    from seqmix.search.study import run_search as search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Every trial's ONNX export repeats the same benign notices; keep the log to one line a trial.
@@ -424,11 +430,16 @@ class LoweringOptions:
 def run_lowering(options: LoweringOptions, choices: dict) -> int:
     import torch
 
-    from seqmix.export.report import as_builtin, lowering_report, markdown_table, matmul_throughput, throughput_line
-
-    from .checkpoint import instantiate_model
-    from .experiment import adapt_model_config, build_task
-    from .training import load_run
+    from seqmix.export.report import (
+        as_builtin,
+        lowering_report,
+        markdown_table,
+        matmul_throughput,
+        throughput_line,
+    )
+    from seqmix.model.checkpoint import instantiate_model
+    from seqmix.training.checkpoints import load_run
+    from seqmix.training.experiment import adapt_model_config, build_task
 
     if not options.runs and not options.presets:
         raise SeqmixError("give runs=[<run dir>,...] or presets=[<preset>,...]")

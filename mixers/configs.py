@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .errors import SeqmixError
+from seqmix.errors import SeqmixError
 
 CONF_DIR = Path(str(files("seqmix.conf")))
 """The config directory; Hydra reads it from the file system, so the package must not be zipped."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, choice_error
 
 State = Any
 """A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""

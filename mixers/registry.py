@@ -16,8 +16,8 @@ import inspect
 import warnings
 from collections.abc import Callable
 
-from .contract import Mixer
-from .errors import SeqmixError, choice_error
+from seqmix.contract import Mixer
+from seqmix.errors import SeqmixError, choice_error
 
 ENTRY_POINT_GROUP = "seqmix.mixers"
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import build_mixer, list_mixers, mixer_class
-from .timing import Timing, time_calls
+from seqmix.registry import build_mixer, list_mixers, mixer_class
+from seqmix.timing import Timing, time_calls
 
 
 @dataclass

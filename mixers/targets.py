@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import SeqmixError
+from seqmix.errors import SeqmixError
 
 BUILT_IN_TARGETS = (
     "build_model", "Block", "FeedForward",

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from .errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int
 
 
 @dataclass(frozen=True)

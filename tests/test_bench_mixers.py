@@ -11,7 +11,7 @@ import torch
 
 import seqmix
 from seqmix.benchmark import PASSES, BenchConfig, peak_memory_bytes, run_benchmark
-from seqmix.tcn import TCN
+from seqmix.operators.tcn import TCN
 
 from conftest import SEQMIX
 

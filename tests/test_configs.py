@@ -9,11 +9,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import seqmix
-from seqmix.blocks import FeedForward
-from seqmix.checkpoint import check_targets
+from seqmix.layers.blocks import FeedForward
+from seqmix.model.checkpoint import check_targets
 from seqmix.configs import CONF_DIR, compose_config
-from seqmix.norms import LayerNorm, TimestepNorm
-from seqmix.training import TrainConfig
+from seqmix.layers.norms import LayerNorm, TimestepNorm
+from seqmix.training.loop import TrainConfig
 
 WIDTH = 16
 CONFIG_FILES = sorted(CONF_DIR.rglob("*.yaml"))
@@ -85,8 +85,8 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         return
     if group == "search":
         optuna = pytest.importorskip("optuna")
-        from seqmix.experiment import build_experiment
-        from seqmix.search import SearchSettings, compose_search_config
+        from seqmix.training.experiment import build_experiment
+        from seqmix.search.study import SearchSettings, compose_search_config
 
         # The search's task, train budget and base preset build; then one sampled candidate trains a step.
         config = compose_search_config(path.stem)

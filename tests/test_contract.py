@@ -139,7 +139,7 @@ def test_a_broken_mixer_plugin_is_skipped_with_a_warning_naming_it(monkeypatch):
     plugins = [
         importlib.metadata.EntryPoint("missing", "no_such_package.mixers:Missing", registry.ENTRY_POINT_GROUP),
         importlib.metadata.EntryPoint("not_a_mixer", "builtins:int", registry.ENTRY_POINT_GROUP),
-        importlib.metadata.EntryPoint("ema", "seqmix.tcn:TCN", registry.ENTRY_POINT_GROUP),
+        importlib.metadata.EntryPoint("ema", "seqmix.operators.tcn:TCN", registry.ENTRY_POINT_GROUP),
     ]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: plugins if group == registry.ENTRY_POINT_GROUP else [])
     monkeypatch.setattr(registry, "_plugins_loaded", False)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqmix.cema import CEMA
-from seqmix.convert import (
+from seqmix.operators.cema import CEMA
+from seqmix.model.convert import (
     CONVERTERS,
     mega_ema_to_seqmix,
     mega_gated_attention_to_seqmix,
@@ -15,11 +15,11 @@ from seqmix.convert import (
     megalodon_gated_attention_to_seqmix,
     megalodon_timestep_norm_to_seqmix,
 )
-from seqmix.ema import EMA
+from seqmix.operators.ema import EMA
 from seqmix.errors import SeqmixError
-from seqmix.gated_attention import GatedAttention
-from seqmix.norms import TimestepNorm
-from seqmix.positions import rotary
+from seqmix.operators.gated_attention import GatedAttention
+from seqmix.layers.norms import TimestepNorm
+from seqmix.layers.positions import rotary
 
 D, N, S, E, C = 8, 4, 6, 12, 5
 GEN = torch.Generator().manual_seed(0)

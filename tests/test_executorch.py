@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
 
 import seqmix  # noqa: E402
-from seqmix import recurrence  # noqa: E402
+from seqmix.operators import recurrence  # noqa: E402
 from seqmix.export import executorch_export as et  # noqa: E402
 from seqmix.contract import length_unit  # noqa: E402
 from seqmix import SeqmixError  # noqa: E402
@@ -88,7 +88,7 @@ def test_step_export_refuses_a_bidirectional_model(tmp_path):
 def test_a_graph_that_cannot_be_traced_names_the_layers_and_the_line(monkeypatch, tmp_path):
     # Un-skipping step()'s learned-position check makes it read a tensor value while tracing.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    with pytest.raises(SeqmixError, match=r"step graph .*layers \['attention'\].*seqmix/model\.py:\d+ in step"):
+    with pytest.raises(SeqmixError, match=r"step graph .*layers \['attention'\].*seqmix/model/sequence_model\.py:\d+ in step"):
         et.export_step_pte(tiny("gpt2"), tmp_path / "step.pte")
 
 

@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seqmix import SeqmixError
-from seqmix.checkpoint import write_checksums
+from seqmix.model.checkpoint import write_checksums
 from seqmix.configs import compose_config
-from seqmix.experiment import build_experiment
-from seqmix.training import TrainConfig, latest_checkpoint, load_run, load_training_state, make_optimizer, train
+from seqmix.training.experiment import build_experiment
+from seqmix.training.checkpoints import latest_checkpoint, load_run, load_training_state
+from seqmix.training.loop import TrainConfig, make_optimizer, train
 
 from conftest import SEQMIX
 

@@ -25,8 +25,8 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from conftest import examples
 from seqmix import Mixer, SeqmixError
-from seqmix.gated_attention import ATTENTIONS, POSITION_BIASES
-from seqmix.tcn import ACTIVATIONS as TCN_ACTIVATIONS
+from seqmix.operators.gated_attention import ATTENTIONS, POSITION_BIASES
+from seqmix.operators.tcn import ACTIVATIONS as TCN_ACTIVATIONS
 
 MAX_WIDTH = 16
 MAX_LENGTH = 40

@@ -93,7 +93,7 @@ def test_recurrences_compute_in_float32_under_autocast():
 def test_chunked_recurrence_steps_shorter_inputs_with_the_loop(name, monkeypatch):
     """Fewer tokens than one chunk (a streaming step) take the recurrent loop, not a padded chunk;
     a full chunk still takes the chunked path. Outputs and states equal the reference either way."""
-    from seqmix import recurrence
+    from seqmix.operators import recurrence
 
     torch.manual_seed(0)
     chunked_calls = []

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from seqmix import SeqmixError
-from seqmix.experiment import build_task
+from seqmix.training.experiment import build_task
 from seqmix.targets import LEGACY_TARGETS, check_targets, translate_legacy_targets
-from seqmix.training import load_run
+from seqmix.training.checkpoints import load_run
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "runs_0.1.0"
 PRESETS = ["mega", "megalodon", "hybrid_tcn_attention"]
@@ -34,8 +34,8 @@ def test_a_run_saved_by_0_1_0_loads_and_gives_the_same_logits(preset):
 
 def test_a_run_saved_by_0_1_0_resumes(tmp_path):
     from seqmix.configs import compose_config
-    from seqmix.experiment import build_experiment
-    from seqmix.training import train
+    from seqmix.training.experiment import build_experiment
+    from seqmix.training.loop import train
 
     run = tmp_path / "mega"
     shutil.copytree(FIXTURES / "mega", run)
@@ -57,7 +57,7 @@ def test_every_legacy_target_translates_to_an_allowed_one():
     check_targets(translate_legacy_targets(config))
 
 
-@pytest.mark.parametrize("target", ["mixers.checkpoint.os.system", "seqmix.checkpoint.os.system", "seqmix.os.system", "mixers.os.system"])
+@pytest.mark.parametrize("target", ["mixers.checkpoint.os.system", "seqmix.model.checkpoint.os.system", "seqmix.os.system", "mixers.os.system"])
 def test_a_target_behind_an_allowed_prefix_is_refused(target):
     with pytest.raises(SeqmixError, match="not something seqmix builds"):
         check_targets(translate_legacy_targets({"_target_": target}))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from seqmix.errors import SeqmixError
-from seqmix.norms import NORMS, RMSNorm, ScaleNorm, TimestepNorm, build_norm
+from seqmix.layers.norms import NORMS, RMSNorm, ScaleNorm, TimestepNorm, build_norm
 
 
 def naive_timestep_norm(x, padding_mask, groups, eps, weight, bias):

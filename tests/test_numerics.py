@@ -15,9 +15,9 @@ from omegaconf import open_dict
 
 import seqmix
 from seqmix.configs import compose_config, config_groups
-from seqmix.experiment import build_experiment
-from seqmix.norms import TimestepNorm
-from seqmix.training import train
+from seqmix.training.experiment import build_experiment
+from seqmix.layers.norms import TimestepNorm
+from seqmix.training.loop import train
 
 LONG = 65536
 DECAY = 1 - 1e-4

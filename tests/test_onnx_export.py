@@ -13,7 +13,7 @@ import torch
 
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
-from seqmix.generation import generate
+from seqmix.model.generation import generate
 from seqmix.timing import Timing
 from conftest import SEQMIX, onnx_runner, tiny_preset
 
@@ -210,7 +210,7 @@ def test_export_tool_tensorrt_checks_operators_and_says_what_is_missing(trained_
 
 def test_exporters_switch_paths_they_do_not_run():
     from seqmix.export.graphs import use_exportable_paths
-    from seqmix.tcn import TCN
+    from seqmix.operators.tcn import TCN
 
     model = tiny_preset("tcnca", "model.mixers.mega.local_options.impl=taps")
     tcn = next(m for m in model.modules() if isinstance(m, TCN))

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from conftest import onnx_runner, tiny_preset
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
-from seqmix.model import ModelState
+from seqmix.model.sequence_model import ModelState
 
 ROOT = Path(__file__).resolve().parent.parent
 

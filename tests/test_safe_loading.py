@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from seqmix import SeqmixError, load_model
-from seqmix.checkpoint import write_checksums
+from seqmix.model.checkpoint import write_checksums
 from seqmix.configs import compose_config
-from seqmix.experiment import build_experiment
-from seqmix.training import latest_checkpoint, load_run, train
+from seqmix.training.experiment import build_experiment
+from seqmix.training.checkpoints import latest_checkpoint, load_run
+from seqmix.training.loop import train
 
 from seqmix.export.manifest import read_manifest, write_manifest
 

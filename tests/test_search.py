@@ -1,4 +1,4 @@
-"""Architecture search (seqmix.search, seqmix search, seqmix.export.latency) on conf/search/tiny.yaml:
+"""Architecture search (seqmix.search.study, seqmix search, seqmix.export.latency) on conf/search/tiny.yaml:
 a whole study and its report, two workers sharing one study, failing and abandoned trials, the
 space's mapping onto model configs, and the errors of bad search configs."""
 from __future__ import annotations
@@ -18,8 +18,8 @@ pytest.importorskip("matplotlib")
 import seqmix  # noqa: E402
 from seqmix import SeqmixError  # noqa: E402
 from seqmix.configs import compose_config  # noqa: E402
-from seqmix.experiment import build_experiment  # noqa: E402
-from seqmix.search import (  # noqa: E402
+from seqmix.training.experiment import build_experiment  # noqa: E402
+from seqmix.search.study import (  # noqa: E402
     SearchSettings,
     SearchSpace,
     budget_trials,

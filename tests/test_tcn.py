@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix import SeqmixError, build_mixer
-from seqmix.tcn import TCN
+from seqmix.operators.tcn import TCN
 
 
 @pytest.mark.parametrize(("K", "f", "depth"), [(4, 4, 2), (2, 2, 3), (3, 1, 4), (3, 2, 3), (2, 3, 2)])

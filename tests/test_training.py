@@ -13,10 +13,11 @@ from omegaconf import open_dict
 
 from seqmix import SeqmixError
 from seqmix.configs import compose_config
-from seqmix.experiment import build_experiment
-from seqmix.generation import generate
+from seqmix.training.experiment import build_experiment
+from seqmix.model.generation import generate
 from seqmix.tasks.base import IGNORE
-from seqmix.training import correct_count, latest_checkpoint, loss_sum_and_count, predict, train
+from seqmix.training.checkpoints import latest_checkpoint
+from seqmix.training.loop import correct_count, loss_sum_and_count, predict, train
 
 from conftest import SEQMIX
 

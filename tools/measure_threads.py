@@ -35,8 +35,8 @@ POLICIES = {
 TRAINING = """
 import sys, time, torch
 from seqmix.configs import compose_config
-from seqmix.experiment import build_experiment
-from seqmix.training import loss_sum_and_count, make_optimizer, predict
+from seqmix.training.experiment import build_experiment
+from seqmix.training.loop import loss_sum_and_count, make_optimizer, predict
 experiment = build_experiment(compose_config(["train=quickstart"]))
 model, task, config = experiment.model, experiment.task, experiment.train
 optimizer = make_optimizer(model, config)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import inspect
 
-from ..errors import SeqmixError, choice_error
-from .base import IGNORE, Batch, Task, generator_for
-from .byte_lm import ByteLM
-from .listops import ListOps
-from .masked_segment import MaskedSegment
-from .mqar import MQAR
-from .selective_copying import SelectiveCopying
+from seqmix.errors import SeqmixError, choice_error
+from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
+from seqmix.tasks.byte_lm import ByteLM
+from seqmix.tasks.listops import ListOps
+from seqmix.tasks.masked_segment import MaskedSegment
+from seqmix.tasks.mqar import MQAR
+from seqmix.tasks.selective_copying import SelectiveCopying
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ByteLM, MQAR, ListOps, SelectiveCopying, MaskedSegment)}
 """Registered name -> task class."""

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from ..errors import SeqmixError, choice_error, require_int
-from .base import SPLITS
+from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.tasks.base import SPLITS
 
 
 def require_number(owner: str, field: str, value, low: float, high: float = math.inf, *, low_inclusive: bool = False,

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import SeqmixError, require_int
-from ._checks import check_request
-from .base import SPLITS, Batch, Task, generator_for
+from seqmix.errors import SeqmixError, require_int
+from seqmix.tasks._checks import check_request
+from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 
 VALID_EVERY = 20
 """A file goes to ``valid`` when its path hash is divisible by this (about 5% of the files)."""

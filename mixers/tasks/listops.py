@@ -20,9 +20,9 @@ from typing import Union
 
 import torch
 
-from ..errors import SeqmixError, require_int
-from ._checks import check_request
-from .base import Batch, Task, generator_for
+from seqmix.errors import SeqmixError, require_int
+from seqmix.tasks._checks import check_request
+from seqmix.tasks.base import Batch, Task, generator_for
 
 PAD = 0
 DIGITS = tuple(range(1, 11))

@@ -19,10 +19,10 @@ import os
 import torch
 from torch import Tensor
 
-from ..errors import SeqmixError, require_int
-from ._checks import check_request, require_number
-from .base import IGNORE, Batch, Task, generator_for
-from .byte_lm import StdlibCorpus
+from seqmix.errors import SeqmixError, require_int
+from seqmix.tasks._checks import check_request, require_number
+from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
+from seqmix.tasks.byte_lm import StdlibCorpus
 
 MASK = 256
 """Input token of a masked byte."""

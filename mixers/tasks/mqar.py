@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SeqmixError, require_int
-from ._checks import check_request, require_number
-from .base import IGNORE, Batch, Task, generator_for
+from seqmix.errors import SeqmixError, require_int
+from seqmix.tasks._checks import check_request, require_number
+from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
 
 FILLER = 0
 """Token of every position that is neither a pair nor a query."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SeqmixError, require_int
-from ._checks import check_request
-from .base import IGNORE, Batch, Task, generator_for
+from seqmix.errors import SeqmixError, require_int
+from seqmix.tasks._checks import check_request
+from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
 
 BLANK = 0
 DELIMITER = 1

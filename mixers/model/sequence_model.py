@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .blocks import Block
-from .contract import State
-from .errors import SeqmixError, choice_error, require_int
-from .heads import CausalLMHead
-from .norms import LayerNorm, TimestepNorm
-from .registry import build_mixer, list_mixers
+from seqmix.contract import State
+from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.layers.blocks import Block
+from seqmix.layers.heads import CausalLMHead
+from seqmix.layers.norms import LayerNorm, TimestepNorm
+from seqmix.registry import build_mixer, list_mixers
 
 POSITIONS = ("none", "learned")
 

@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kv_cache
-from .contract import Mixer, State, compute_dtype
-from .errors import SeqmixError, choice_error, require_int
-from .norms import RMSNorm, TimestepNorm, build_norm
-from .positions import RotaryRelativeBias, SimpleRelativeBias, rotary
-from .registry import build_mixer, list_mixers, mixer_class, register_mixer
+from seqmix.contract import Mixer, State, compute_dtype
+from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.layers.norms import RMSNorm, TimestepNorm, build_norm
+from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
+from seqmix.operators import kv_cache
+from seqmix.registry import build_mixer, list_mixers, mixer_class, register_mixer
 
 ATTENTIONS = ("softmax", "laplace", "relu2")
 POSITION_BIASES = ("simple", "rotary")

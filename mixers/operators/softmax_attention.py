@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kv_cache
-from .contract import Mixer, compute_dtype
-from .errors import SeqmixError, require_int
-from .positions import rotary
-from .registry import register_mixer
+from seqmix.contract import Mixer, compute_dtype
+from seqmix.errors import SeqmixError, require_int
+from seqmix.layers.positions import rotary
+from seqmix.operators import kv_cache
+from seqmix.registry import register_mixer
 
 
 def visible_keys(q_pos: Tensor, k_pos: Tensor, causal: bool, window: int | None) -> Tensor:

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .contract import compute_dtype
-from .errors import SeqmixError, choice_error
+from seqmix.contract import compute_dtype
+from seqmix.errors import SeqmixError, choice_error
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
 

@@ -40,17 +40,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import instantiate_model
-from .configs import CONF_DIR, compose_config, config_groups
-from .contract import Mixer
-from .errors import SeqmixError, choice_error, require_int
-from .experiment import adapt_model_config, build_experiment, check_fits
-from .registry import list_mixers, mixer_class
-from .runs import markdown_table, write_csv
-from .targets import target_of
-from .tasks.base import Task
-from .timing import Timing
-from .training import METRICS, TrainConfig, train
+from seqmix.configs import CONF_DIR, compose_config, config_groups
+from seqmix.contract import Mixer
+from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.model.checkpoint import instantiate_model
+from seqmix.registry import list_mixers, mixer_class
+from seqmix.targets import target_of
+from seqmix.tasks.base import Task
+from seqmix.timing import Timing
+from seqmix.training.experiment import adapt_model_config, build_experiment, check_fits
+from seqmix.training.loop import METRICS, TrainConfig, train
+from seqmix.training.runs import markdown_table, write_csv
 
 try:
     import optuna

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .errors import SeqmixError
+from seqmix.errors import SeqmixError
 
 
 @torch.no_grad()

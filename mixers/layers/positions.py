@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .contract import compute_dtype
+from seqmix.contract import compute_dtype
 
 
 def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .contract import Mixer
-from .registry import register_mixer
+from seqmix.contract import Mixer
+from seqmix.registry import register_mixer
 
 
 @register_mixer("identity")

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import SeqmixError
-from .targets import check_targets, translate_legacy_targets
+from seqmix.errors import SeqmixError
+from seqmix.targets import check_targets, translate_legacy_targets
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -119,7 +119,7 @@ def verify_checksums(directory: str | os.PathLike) -> None:
         raise SeqmixError(
             f"checkpoint {directory}: {CHECKSUMS} is missing, so its files cannot be verified; it was not written "
             "by seqmix's save_checkpoint (or has been damaged). If you trust it, record its checksums with "
-            "seqmix.checkpoint.write_checksums(directory)"
+            "seqmix.model.checkpoint.write_checksums(directory)"
         )
     try:
         record = json.loads(record_path.read_text())

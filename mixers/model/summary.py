@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .model import SequenceModel
+from seqmix.model.sequence_model import SequenceModel
 
 
 def _parameters(module: nn.Module | None) -> int:

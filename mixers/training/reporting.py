@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from .generation import generate
-from .training import pick_device
+from seqmix.model.generation import generate
+from seqmix.training.loop import pick_device
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

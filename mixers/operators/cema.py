@@ -22,10 +22,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import recurrence
-from .contract import compute_dtype
-from .errors import SeqmixError, require_int
-from .registry import register_mixer
+from seqmix.contract import compute_dtype
+from seqmix.errors import SeqmixError, require_int
+from seqmix.operators import recurrence
+from seqmix.registry import register_mixer
 
 
 class CEMAState(NamedTuple):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Mixer
-from .errors import SeqmixError, choice_error, require_int
-from .registry import register_mixer
+from seqmix.contract import Mixer
+from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.registry import register_mixer
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
 

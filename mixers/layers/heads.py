@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from .errors import choice_error, require_int
+from seqmix.errors import choice_error, require_int
 
 POOLINGS = ("mean", "first")
 

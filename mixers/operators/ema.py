@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import recurrence
-from .contract import compute_dtype
-from .errors import require_int
-from .registry import register_mixer
+from seqmix.contract import compute_dtype
+from seqmix.errors import require_int
+from seqmix.operators import recurrence
+from seqmix.registry import register_mixer
 
 
 class EMAState(NamedTuple):

@@ -80,7 +80,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int
 
 
 def _select(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-
 from typing import ClassVar
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops import scan
 
-from .contract import Mixer
+from seqmix.contract import Mixer
 
 _UNROLL_CHUNKS = False
 

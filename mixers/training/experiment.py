@@ -6,13 +6,13 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import instantiate_model
-from .configs import CONF_DIR
-from .errors import SeqmixError
-from .model import SequenceModel
-from .targets import check_targets, translate_legacy_targets
-from .tasks.base import Task
-from .training import TrainConfig
+from seqmix.configs import CONF_DIR
+from seqmix.errors import SeqmixError
+from seqmix.model.checkpoint import instantiate_model
+from seqmix.model.sequence_model import SequenceModel
+from seqmix.targets import check_targets, translate_legacy_targets
+from seqmix.tasks.base import Task
+from seqmix.training.loop import TrainConfig
 
 HEAD_TARGETS = {
     "causal_lm": "seqmix.CausalLMHead",

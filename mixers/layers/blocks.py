@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Mixer, State
-from .errors import SeqmixError, choice_error
-from .norms import LayerNorm
+from seqmix.contract import Mixer, State
+from seqmix.errors import SeqmixError, choice_error
+from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}

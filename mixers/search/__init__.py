@@ -1,0 +1,1 @@
+"""Architecture search with Optuna (``study``); README.md beside it describes the command."""

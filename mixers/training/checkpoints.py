@@ -1,0 +1,182 @@
+"""A run directory's files: checkpoints (weights, optimizer state, checksums), the ``latest``
+pointer, and loading a finished run back.
+
+A checkpoint directory is written under a temporary name, its checksums recorded, then renamed,
+and ``latest`` is replaced atomically, so a run killed at any moment leaves the previous
+checkpoint intact and every checkpoint ``latest`` names complete and verifiable. Nothing here is
+unpickled: weights and optimizer tensors are safetensors, the rest JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqmix.errors import SeqmixError
+from seqmix.model.checkpoint import (
+    WEIGHTS,
+    check_weights,
+    load_model,
+    read_tensors,
+    save_model,
+    verify_checksums,
+    write_checksums,
+)
+from seqmix.targets import check_targets, translate_legacy_targets
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+RUN = "run.json"
+OPTIMIZER = "optimizer.safetensors"
+TRAINER = "trainer.json"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int) -> Path:
+    """Write checkpoint ``step`` (weights, config, optimizer state, checksums), then point ``latest`` at it.
+
+    The directory is written under a temporary name, its checksums recorded, and renamed, and
+    ``latest`` is replaced atomically, so a run killed at any moment leaves the previous
+    checkpoint intact and every checkpoint ``latest`` names complete and verifiable.
+    """
+    from safetensors.torch import save_file
+
+    root = out_dir / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    staging = root / f".step-{step:08d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, staging)
+    tensors, scalars = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(staging / OPTIMIZER))
+    write_json_atomic(staging / TRAINER, {"step": step, "optimizer": scalars})
+    write_checksums(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able scalars."""
+    tensors, per_param = {}, {}
+    for index, values in state["state"].items():
+        per_param[str(index)] = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                per_param[str(index)][name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": per_param}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(values) for i, values in scalars["scalars"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points at in ``out_dir``, or None when there is none."""
+    pointer = Path(out_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError):
+        raise SeqmixError(f"{pointer} is corrupted; it should name the newest checkpoint in {pointer.parent}") from None
+    checkpoint = pointer.parent / str(name)
+    if Path(str(name)).name != name or not checkpoint.is_dir():
+        raise SeqmixError(f"{pointer} names {name!r}, which is not a checkpoint directory in {pointer.parent}")
+    return checkpoint
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a run directory (its latest checkpoint) or a checkpoint directory."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise SeqmixError(f"{path} holds no checkpoint: expected a run directory of seqmix train or a checkpoint in it")
+    return latest
+
+
+def _read_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, device: str) -> dict:
+    """The optimizer state dict stored in ``checkpoint``, checked against ``optimizer``'s parameters."""
+    try:
+        trainer = json.loads((checkpoint / TRAINER).read_text())
+        step = int(trainer["step"])
+        state = _unflatten_optimizer(read_tensors(checkpoint / OPTIMIZER, device), trainer["optimizer"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SeqmixError(f"checkpoint {checkpoint}: {TRAINER} or {OPTIMIZER} is unreadable ({error})") from None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        if not 0 <= index < len(params):
+            raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} holds state for parameter {index}, but the model has {len(params)}")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
+                raise SeqmixError(
+                    f"checkpoint {checkpoint}: {OPTIMIZER} tensor {index}.{name} has shape {tuple(value.shape)}, "
+                    f"its parameter has {tuple(params[index].shape)}; was it saved from another model?"
+                )
+    return {"state": state, "step": step}
+
+
+def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights and optimizer state from ``checkpoint``; return the step to continue from.
+
+    The checksums are verified and every file is read and checked against the model before
+    anything is copied, so a refused checkpoint leaves ``model`` and ``optimizer`` untouched.
+    """
+    verify_checksums(checkpoint)
+    device = str(next(model.parameters()).device)
+    weights = read_tensors(checkpoint / WEIGHTS, device)
+    check_weights(model, weights, str(checkpoint / WEIGHTS))
+    stored = _read_optimizer_state(checkpoint, optimizer, device)
+    try:
+        # Validates the parameter groups before it changes anything.
+        optimizer.load_state_dict(stored["state"])
+    except ValueError as error:
+        raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} does not fit this model's optimizer ({error})") from None
+    model.load_state_dict(weights, strict=False)
+    return stored["step"]
+
+
+
+def load_run(path: str | os.PathLike, device: str = "cpu"):
+    """The model of a run's latest checkpoint (or of a checkpoint directory) and the run record.
+
+    A training checkpoint must carry its checksums; the model and task configs of the record
+    are checked like the checkpoint's (only this project's ``_target_``s), so every tool that
+    loads a run through here (evaluate, export, generate) refuses the same things.
+    """
+    checkpoint = resolve_checkpoint(path)
+    record_path = checkpoint.parent.parent / RUN
+    record = {}
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError as error:
+            raise SeqmixError(f"{record_path} is not valid JSON ({error}); the run record is corrupted") from None
+        if not isinstance(record, dict):
+            raise SeqmixError(f"{record_path} holds a {type(record).__name__}; expected the run record written by seqmix train")
+        record = translate_legacy_targets(record)
+        check_targets(record.get("model", {}), f"{RUN} model")
+        check_targets(record.get("task", {}), f"{RUN} task")
+    is_training_checkpoint = (checkpoint / TRAINER).is_file()
+    return load_model(checkpoint, device=device, require_checksums=is_training_checkpoint), record
