@@ -64,9 +64,6 @@ class CEMA(recurrence.RecurrenceMixer):
         self.omega = nn.Parameter(torch.empty(d_model))
         self.reset_parameters()
 
-    def complexity(self) -> str:
-        return {"recurrent": "O(L·D·N), sequential", "fft": "O(L·log L·D + L·D·N)", "chunked": "O(L·C·D + L·D·N)"}[self.impl]
-
     def reset_parameters(self) -> None:
         """Megalodon's initialisation: theta = logit(D^(−j/D)) for j = 1..D, permuted; Im eta = 0."""
         with torch.no_grad():

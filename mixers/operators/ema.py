@@ -62,9 +62,6 @@ class EMA(recurrence.RecurrenceMixer):
         self.omega = nn.Parameter(torch.empty(d_model))
         self.reset_parameters()
 
-    def complexity(self) -> str:
-        return {"recurrent": "O(L·D·N), sequential", "fft": "O(L·log L·D + L·D·N)", "chunked": "O(L·C·D + L·D·N)"}[self.impl]
-
     def reset_parameters(self) -> None:
         """Mega's initialisation: beta = ±1 alternating over n plus small noise."""
         with torch.no_grad():

@@ -323,6 +323,9 @@ class RecurrenceMixer(Mixer):
     lowered_impls: ClassVar[dict[str, dict[str, str]]] = {"export": {"recurrent": "chunked", "fft": "chunked"}}
     chunk_size: int
 
+    def complexity(self) -> str:
+        return {"recurrent": "O(L·D·N), sequential", "fft": "O(L·log L·D + L·D·N)", "chunked": "O(L·C·D + L·D·N)"}[self.impl]
+
     def impl_for_tokens(self, tokens: int) -> str:
         return "recurrent" if steps_recurrently(self.impl, tokens, self.chunk_size) else self.impl
 
