@@ -13,6 +13,7 @@ from seqmix.layers.blocks import FeedForward
 from seqmix.model.checkpoint import check_targets
 from seqmix.configs import CONF_DIR, compose_config
 from seqmix.layers.norms import LayerNorm, TimestepNorm
+from seqmix.model.sequence_model import registered_mixer_factory
 from seqmix.training.loop import TrainConfig
 
 WIDTH = 16
@@ -96,7 +97,9 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         candidate = settings.space.suggest(trial, OmegaConf.to_container(config.model, resolve=True))
         _run_model(seqmix.instantiate_model(candidate.model_config))
         return
-    factory = instantiate(OmegaConf.load(path))
+    loaded = OmegaConf.to_container(OmegaConf.load(path))
+    # A mixer config may name its mixer by registered name instead of a target.
+    factory = registered_mixer_factory(loaded, str(path)) if "mixer" in loaded else instantiate(loaded)
     if group == "mixer":
         _run_sequence_module(factory(WIDTH))
     elif group == "norm":
