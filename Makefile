@@ -33,5 +33,6 @@ tour: install
 test: install-test
 	$(PYTHON) -m pytest -q -n auto
 
+# The operator sweep (conf/bench/operators.yaml): every mixer and compute path, eager, with the speed targets.
 bench: install
-	$(PYTHON) -m seqmix bench-mixers out=bench_results
+	$(PYTHON) -m seqmix bench bench=operators

@@ -12,13 +12,15 @@ computes something else.
   right-padded to one and masked, as a deployment does.
 - ``executorch``: the .pte lowered to XNNPACK at exactly (batch_size, length), run through
   ``executorch.runtime``.
-- ``tensorrt``: the ONNX graph on ONNX Runtime's TensorRT execution provider, with a fixed
-  optimization profile and no fallback to other providers (NVIDIA GPU only).
+- ``onnxruntime_tensorrt``: the ONNX graph on ONNX Runtime's TensorRT execution provider, with a
+  fixed optimization profile and no fallback to other providers (NVIDIA GPU only).
+
+The names, what each runtime needs and its install hint come from the one runtime catalogue,
+``export.bench.runtimes``; ``DEPLOYED_RUNTIMES`` are those a deployed latency is timed on.
 """
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import tempfile
 from pathlib import Path
@@ -27,26 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from seqmix import SeqmixError
-from seqmix.errors import choice_error, require_int
+from seqmix.errors import require_int
 from seqmix.timing import Timing, time_calls
 
-RUNTIMES = ("eager", "onnxruntime", "executorch", "tensorrt")
-REQUIREMENTS = {
-    "onnxruntime": ("onnxruntime", "pip install onnx onnxruntime onnxscript"),
-    "executorch": ("executorch", "pip install executorch==1.5.1"),
-    "tensorrt": ("tensorrt", "pip install tensorrt onnxruntime-gpu, on a machine with an NVIDIA GPU"),
-}
+from .bench.runtimes import require_runtime
+
+DEPLOYED_RUNTIMES = ("eager", "onnxruntime", "executorch", "onnxruntime_tensorrt")
 
 
 def check_runtime(runtime: str, field: str = "runtime") -> None:
-    """Raise unless ``runtime`` is known and its package is installed; errors name ``field`` and the package."""
-    if runtime not in RUNTIMES:
-        raise choice_error(field, runtime, RUNTIMES)
-    if runtime in REQUIREMENTS:
-        package, install = REQUIREMENTS[runtime]
-        if importlib.util.find_spec(package) is None:
-            raise SeqmixError(f"{field}={runtime} needs the {package} package, which is not installed: {install}")
+    """Raise unless ``runtime`` is one of ``DEPLOYED_RUNTIMES`` and can run here; errors name
+    ``field`` and the valid runtimes, or the missing package (with its install line) or device."""
+    require_runtime(runtime, field, among=DEPLOYED_RUNTIMES)
 
 
 def deployed_latency(
@@ -62,7 +56,7 @@ def deployed_latency(
 
     Args:
         model: a SequenceModel; it is copied, so exporting never changes the caller's module.
-        runtime: one of ``RUNTIMES``.
+        runtime: one of ``DEPLOYED_RUNTIMES``.
         length: L of the token ids timed.
         batch_size: B of the token ids timed.
         repeats: calls timed after two warm-up calls.
@@ -82,7 +76,7 @@ def deployed_latency(
     work_dir.mkdir(parents=True, exist_ok=True)
     if runtime == "executorch":
         return time_calls(_executorch_forward(model, tokens, work_dir / "model.pte"), repeats)
-    return time_calls(_onnx_forward(model, tokens, work_dir / "model.onnx", on_tensorrt=runtime == "tensorrt"), repeats)
+    return time_calls(_onnx_forward(model, tokens, work_dir / "model.onnx", on_tensorrt=runtime == "onnxruntime_tensorrt"), repeats)
 
 
 def _onnx_forward(model: nn.Module, tokens: torch.Tensor, path: Path, on_tensorrt: bool):

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.benchmark import cpu_name
-from seqmix.errors import require_int
 from seqmix.contract import Mixer, length_unit
+from seqmix.errors import require_int
+from seqmix.tables import markdown_table
 from seqmix.timing import Timing, time_calls, time_once
 
+from .bench.measure import cpu_name
 from .onnx_export import compare_latency, export_onnx, session
 from .quantize import compare_variant, make_variant
 
@@ -168,11 +169,11 @@ def _median_range(timing: dict, digits: int) -> str:
     return f"{timing['median_ms']:.{digits}f} [{timing['low_ms']:.{digits}f}–{timing['high_ms']:.{digits}f}]"
 
 
-def markdown_table(reports: dict[str, dict]) -> str:
+def lowering_table(reports: dict[str, dict]) -> str:
     """One row per preset: the four ratios (of medians) and their inputs, times as median [fastest–slowest]."""
-    header = ("| preset | params | ORT / eager at L | int8: speed, size, metric change | step at far / near (eager, ORT) "
-              "| compile / eager training |\n|---|---:|---:|---:|---:|---:|")
-    rows = []
+    header = ["preset", "params", "ORT / eager at L", "int8: speed, size, metric change", "step at far / near (eager, ORT)",
+              "compile / eager training"]
+    body = []
     for name, r in reports.items():
         ort, q = r["onnxruntime_vs_eager"], r["int8_vs_fp32"]
         growth = r.get("step_growth")
@@ -186,12 +187,10 @@ def markdown_table(reports: dict[str, dict]) -> str:
                         f"{_median_range(compiled['compiled'], 0)} ms)") if compiled else "not run"
         ort_cell = (f"{ort['speedup']:.2f}× ({_median_range(ort['eager'], 1)} → {_median_range(ort['onnxruntime'], 1)} ms, "
                     f"L={ort['length']})")
-        rows.append(
-            f"| {name} | {r['parameters']:,} | {ort_cell} "
-            f"| {q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.4f} {'pts' if q['metric'] == 'accuracy' else 'bpb'} "
-            f"| {step_cell} | {compile_cell} |"
-        )
-    return "\n".join([header, *rows])
+        int8_cell = (f"{q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.4f} "
+                     f"{'pts' if q['metric'] == 'accuracy' else 'bpb'}")
+        body.append([name, f"{r['parameters']:,}", ort_cell, int8_cell, step_cell, compile_cell])
+    return markdown_table(header, body, right=range(1, len(header)))
 
 
 def throughput_line(measured: dict) -> str:

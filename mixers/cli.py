@@ -279,12 +279,13 @@ class GatherOptions:
 
 
 def run_gather(options: GatherOptions, choices: dict) -> int:
-    from seqmix.training.runs import collect_runs, markdown_table, write_csv
+    from seqmix.tables import records_table
+    from seqmix.training.runs import collect_runs, write_csv
 
     if not Path(options.root).is_dir():
         raise SeqmixError(f"root={options.root!r} is not a directory")
     rows = collect_runs(options.root)
-    print(markdown_table(rows))
+    print(records_table(rows) if rows else "(no runs found)")
     if options.csv:
         write_csv(rows, options.csv)
         # stdout carries the table alone, so it can be piped.
@@ -313,49 +314,6 @@ def run_tour(options: TourOptions, choices: dict) -> int:
     worst = max(row.max_stream_error for row in rows)
     print(f"\nLargest forward-vs-streaming difference: {worst:.2e} (float32 rounding; the tests check float64 to 1e-9)")
     _warn_if_busy()
-    return 0
-
-
-@dataclass
-class BenchMixersOptions:
-    lengths: list[int]
-    batch: int
-    width: int
-    mixers: list[str] | None
-    repeats: int
-    warmup: int
-    device: str
-    max_seconds_per_run: float
-    memory_budget_gb: float
-    out: str | None
-    progress: bool
-
-
-def run_bench_mixers(options: BenchMixersOptions, choices: dict) -> int:
-    from seqmix.benchmark import (
-        BenchConfig,
-        format_report,
-        run_benchmark,
-        write_results,
-    )
-
-    bench = BenchConfig(
-        lengths=tuple(options.lengths),
-        batch=options.batch,
-        width=options.width,
-        mixers=tuple(options.mixers) if options.mixers else None,
-        repeats=options.repeats,
-        warmup=options.warmup,
-        device=options.device,
-        max_seconds_per_run=options.max_seconds_per_run,
-        memory_budget_gb=options.memory_budget_gb,
-    )
-    result = run_benchmark(bench, progress=options.progress)
-    print(format_report(result))
-    _warn_if_busy()
-    if options.out:
-        for path in write_results(result, options.out):
-            print(f"wrote {path}")
     return 0
 
 
@@ -430,13 +388,7 @@ class LoweringOptions:
 def run_lowering(options: LoweringOptions, choices: dict) -> int:
     import torch
 
-    from seqmix.export.report import (
-        as_builtin,
-        lowering_report,
-        markdown_table,
-        matmul_throughput,
-        throughput_line,
-    )
+    from seqmix.export.report import as_builtin, lowering_report, lowering_table, matmul_throughput, throughput_line
     from seqmix.model.checkpoint import instantiate_model
     from seqmix.training.checkpoints import load_run
     from seqmix.training.experiment import adapt_model_config, build_task
@@ -468,7 +420,7 @@ def run_lowering(options: LoweringOptions, choices: dict) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "lowering.json").write_text(json.dumps(
         {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul": machine, "reports": reports}, indent=2))
-    table = markdown_table(reports) + "\n\n" + throughput_line(machine)
+    table = lowering_table(reports) + "\n\n" + throughput_line(machine)
     (out / "lowering.md").write_text(table + "\n")
     print(table)
     _warn_if_busy()
@@ -499,13 +451,10 @@ COMMANDS = {
                 groups=("search", "task", "model"), compose=compose_search,
                 examples=("seqmix search search=mqar search.n_trials=40",
                           "seqmix search search=mqar search.storage=journal:/shared/mqar.log search.worker=1")),
-        Command("bench", "time mixers and presets across runtimes and lengths, or check the papers' claims", run_bench,
-                groups=("bench",), options="bench/default.yaml", compose=compose_bench,
-                examples=("seqmix bench bench=smoke", "seqmix bench bench=paper_claims",
+        Command("bench", "time mixers, compute paths and presets across runtimes and lengths, or check the papers' claims",
+                run_bench, groups=("bench",), options="bench/default.yaml", compose=compose_bench,
+                examples=("seqmix bench bench=smoke", "seqmix bench bench=operators", "seqmix bench bench=paper_claims",
                           "seqmix bench bench.lengths=[1024,4096] bench.out_dir=runs/bench")),
-        Command("bench-mixers", "time, memory and log-log slopes of every mixer and compute path", run_bench_mixers,
-                config_name="bench_mixers", schema=BenchMixersOptions, options="bench_mixers.yaml",
-                examples=("seqmix bench-mixers lengths=[1024,4096] mixers=[ema,tcn] out=runs/ops",)),
         Command("lowering", "what ONNX Runtime, int8 and torch.compile buy for runs or presets", run_lowering,
                 config_name="lowering", schema=LoweringOptions, options="lowering.yaml",
                 examples=("seqmix lowering runs=[runs/a,runs/b]", "seqmix lowering presets=[mega,tcnca] compile=false")),

@@ -1,7 +1,7 @@
 """One way to time anything in seqmix: warm-up calls, then timed calls summarised by their median and spread.
 
-Every latency seqmix prints or records (the benchmark grid, the mixer benchmark, exports, the
-lowering report, the search's deployed latency, the tour) comes from ``time_calls``, or, where two
+Every latency seqmix prints or records (the benchmark engine's grid, operator sweep and claims,
+exports, the lowering report, the search's deployed latency, the tour) comes from ``time_calls``, or, where two
 things are timed in alternation so that drift hits both alike, from ``time_once`` per call and
 ``summarize`` per side. So a figure always carries how many calls it summarises and how far they
 spread, and says when the machine was busier than its cores while it was taken. A single call is

@@ -1,6 +1,7 @@
-"""End-to-end check of the runtime benchmark (export/bench.py, tools/bench.py) on tiny grids.
+"""End-to-end check of the benchmark engine (export/bench/) on tiny grids: the runtime grid, the
+operator sweep (conf/bench/operators.yaml), the paper claims, peers, and peak memory itself.
 
-Rows, reasons, ratios, files and the claims table are checked; timings never are.
+Rows, reasons, ratios, slopes, claims and files are checked; timings never are.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import torch
 import seqmix
 from seqmix.export import bench
 from seqmix.export.bench import PEERS, compose_bench_spec, plan_grid, run_claims, run_grid, write_claims, write_grid_results
+from seqmix.export.bench import report as bench_report
+from seqmix.export.bench import run as bench_run
+from seqmix.export.bench.measure import PASSES, peak_memory_bytes
 from seqmix import SeqmixError
 
 from conftest import SEQMIX
@@ -102,7 +106,7 @@ def test_results_files_and_plots_are_written(smoke):
         assert heading in report
     assert "Times: median (fastest–slowest run) in ms" in report
     tcn = next(r for r in result.rows if (r.subject, r.runtime, r.pass_, r.length) == ("tcn", "eager", "forward", 32))
-    assert f"| tcn | 32 | {bench._time_range(tcn)}" in report
+    assert f"| tcn | 32 | {bench_report.time_range(tcn)}" in report
     assert table[0]["time_low_ms"] and table[0]["time_high_ms"]
 
 
@@ -157,11 +161,126 @@ def test_total_budget_and_failures_are_reported(monkeypatch):
     def broken(subject, width):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(bench, "build_subject", broken)
+    monkeypatch.setattr(bench_run, "build_subject", broken)
     result = run_grid(compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.passes=[forward]"]))
     first, second = result.rows
     assert first.status == "failed" and first.reason == "RuntimeError: boom" and result.failed
     assert second.status == "skipped" and second.reason == "not measured at L=32, failed: RuntimeError: boom"
+
+
+# The operator sweep (conf/bench/operators.yaml) on a tiny grid: every compute path of three mixers.
+OPERATORS_TINY = ["bench=operators", "bench.lengths=[64,128]", "bench.width=16", "bench.repeats=1", "bench.warmup=0",
+                  "bench.progress=false"]
+SWEPT = ("ema", "tcn", "softmax_attention")
+
+
+def test_cpu_peak_counts_the_output_and_temporaries():
+    x = torch.randn(2, 256, 16)
+    out_bytes = x.numel() * 4
+    # exp(x) is a temporary still alive when the product is allocated: the peak holds both.
+    assert peak_memory_bytes(lambda: torch.exp(x) * 2, torch.device("cpu")) >= 2 * out_bytes
+    assert peak_memory_bytes(lambda: None, torch.device("cpu")) == 0
+
+
+@pytest.fixture(scope="module")
+def operators():
+    """conf/bench/operators.yaml for every path of ema, tcn and softmax_attention at L = 64, 128,
+    with a memory budget no attention score matrix fits in."""
+    spec = compose_bench_spec([*OPERATORS_TINY, f"bench.mixers=[{','.join(f'{n}/*' for n in SWEPT)}]",
+                               "bench.memory_budget_gb=1e-9"])
+    return spec, run_grid(spec)
+
+
+def test_operator_sweep_measures_every_compute_path_with_a_finite_slope(operators):
+    spec, result = operators
+    cells = {(r.subject, r.pass_, r.length): r for r in result.rows}
+    paths = [f"{n}/{impl}" for n in SWEPT for impl in seqmix.mixer_class(n).impls]
+    assert [s.label for s in spec.mixers] == paths and spec.runtimes == ("eager",)
+    assert set(cells) == {(p, pass_, n) for p in paths for pass_ in PASSES for n in (64, 128)}
+    for (path, _, _), row in cells.items():
+        if path == "softmax_attention/math":
+            continue
+        assert row.status == "measured", row
+        assert row.time_ms > 0 and row.tokens_per_s > 0 and row.runs == 1
+        assert 0 < row.time_low_ms <= row.time_ms <= row.time_high_ms
+    # The EMA allocates its (B, L, D) float32 output at least.
+    assert cells[("ema/chunked", "forward", 128)].peak_mib * 2**20 >= 128 * 16 * 4
+    fitted = {(s.subject, s.pass_): s for s in result.slopes}
+    assert set(fitted) == {(p, pass_) for p in paths for pass_ in PASSES}
+    assert all(s.slope is not None and math.isfinite(s.slope) for (p, _), s in fitted.items() if p != "softmax_attention/math")
+
+
+def test_operator_sweep_skips_over_budget_score_matrices_with_the_reason(operators):
+    _, result = operators
+    for row in result.rows:
+        if row.subject == "softmax_attention/math":
+            assert row.time_ms is None and "estimated attention scores" in row.reason and "bench.memory_budget_gb" in row.reason
+        elif row.subject == "softmax_attention/sdpa":  # the fused kernel holds no score matrix
+            assert row.status == "measured"
+    math_slopes = [s for s in result.slopes if s.subject == "softmax_attention/math"]
+    assert math_slopes and all(s.slope is None and s.reason for s in math_slopes)
+
+
+def test_operator_targets_are_judged_from_the_sweep(operators):
+    _, result = operators
+    outcomes = {o.name: o for o in result.outcomes}
+    assert set(outcomes) == set(compose_bench_spec(["bench=operators"]).claims)
+    speedup = outcomes["chunked_ema_speedup"]
+    assert speedup.verdict == "MISSING" and "L=4096" in speedup.reason and "not in the grid" in speedup.reason
+    for name in ("ema_slope_forward", "ema_slope_backward", "tcn_slope_forward", "tcn_slope_backward"):
+        fit = next(s for s in result.slopes if (s.subject, s.pass_) == (outcomes[name].claim.subject, outcomes[name].claim.pass_))
+        assert outcomes[name].ours == fit.slope and outcomes[name].verdict == ("PASS" if fit.slope <= 1.15 else "MISS")
+    assert outcomes["cema_slope_forward"].verdict == "MISSING" and "not in the grid" in outcomes["cema_slope_forward"].reason
+    report = bench_report.format_grid_report(result)
+    assert "### Claims and targets (judged on eager)" in report and "| chunked EMA vs FFT EMA, forward |" in report
+
+
+def test_operator_sweep_over_budget_time_skips_the_longer_lengths():
+    spec = compose_bench_spec([*OPERATORS_TINY, "bench.mixers=[tcn/*]", "bench.max_seconds_per_run=1e-9"])
+    rows = run_grid(spec).rows
+    for impl, pass_ in [(impl, pass_) for impl in seqmix.mixer_class("tcn").impls for pass_ in PASSES]:
+        first, second = [r for r in rows if r.subject == f"tcn/{impl}" and r.pass_ == pass_]
+        assert first.length == 64 and first.time_ms > 0 and "stopped" in first.note
+        assert second.length == 128 and second.time_ms is None and "bench.max_seconds_per_run" in second.reason
+
+
+def test_operator_sweep_command_line_writes_json_csv_and_report(tmp_path):
+    command = [*SEQMIX, "bench", *OPERATORS_TINY, "bench.mixers=[ema/*,softmax_attention/*]", "bench.memory_budget_gb=1e-9",
+               f"bench.out_dir={tmp_path}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "estimated attention scores" in done.stdout and "Times: median (fastest–slowest run) in ms" in done.stdout
+    assert "### Claims and targets" in done.stdout
+    data = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert len(data["rows"]) == (3 + 2) * len(PASSES) * 2 and len(data["claims"]) == 9
+    csv_lines = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
+    assert csv_lines[0].startswith("kind,subject,runtime,pass,length") and len(csv_lines) == 1 + len(data["rows"])
+    assert "time_ms,time_low_ms,time_high_ms" in csv_lines[0]
+    measured = [row for row in data["rows"] if row["status"] == "measured"]
+    assert measured and all(row["time_low_ms"] <= row["time_ms"] <= row["time_high_ms"] for row in measured)
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "report.md"}
+
+
+def test_wildcards_name_every_registered_mixer_and_path():
+    every = compose_bench_spec(["bench=operators"])
+    assert [s.label for s in every.mixers] == [f"{n}/{i}" for n in seqmix.list_mixers() for i in seqmix.mixer_class(n).impls]
+    defaults = compose_bench_spec([*EAGER_ONLY, "bench.mixers=['*']"])
+    assert [s.label for s in defaults.mixers] == seqmix.list_mixers() and all(s.impl is None for s in defaults.mixers)
+
+
+def test_every_runtime_says_what_it_is_and_what_it_needs():
+    from seqmix.export.latency import DEPLOYED_RUNTIMES
+
+    assert set(DEPLOYED_RUNTIMES) <= set(bench.RUNTIMES)
+    for name, runtime in bench.RUNTIMES.items():
+        assert runtime.name == name and runtime.summary and runtime.device in ("cpu", "cuda")
+        reference = bench.RUNTIMES[runtime.reference]
+        assert reference.device == runtime.device or (name, reference.name) == ("cuda", "eager")
+        assert not (runtime.trains and runtime.exported) and bool(runtime.requires) == bool(runtime.install)
+        reason = bench.runtime_unavailable(name)
+        assert reason is None or "pip install" in reason or "no CUDA device" in reason
+    with pytest.raises(SeqmixError, match=r"bench.claim_runtime='tflite'.*'onnxruntime_tensorrt'"):
+        bench.require_runtime("tflite", "bench.claim_runtime")
 
 
 def _tiny_claims(*overrides: str) -> list[str]:
@@ -182,7 +301,7 @@ def test_claims_table_from_a_tiny_grid(tmp_path):
     assert [p.name for p in paths] == ["claims.md", "claims.json"]
     assert [o.name for o in result.outcomes] == list(full.claims)
     for outcome in result.outcomes:
-        assert outcome.ours > 0 and outcome.verdict == ("—" if outcome.claim.paper is None else outcome.verdict)
+        assert outcome.ours > 0 and outcome.verdict == ("—" if outcome.claim.figure is None else outcome.verdict)
         assert outcome.verdict in ("PASS", "MISS", "—")
     table = (tmp_path / "claims.md").read_text(encoding="utf-8")
     for figure in ("5.5×", "0.13×", "1.37×", "7.07×"):
@@ -196,13 +315,13 @@ def test_claims_table_from_a_tiny_grid(tmp_path):
 
 def test_claim_sides_are_timed_interleaved_and_summarised_per_side(monkeypatch):
     sides = []
-    timed = bench.time_once
+    timed = bench_run.time_once
 
     def record_side(run, sync):
         sides.append(run)
         return timed(run, sync)
 
-    monkeypatch.setattr(bench, "time_once", record_side)
+    monkeypatch.setattr(bench_run, "time_once", record_side)
     others = [name for name in compose_bench_spec(["bench=paper_claims"]).claims if name != "mega_chunk_speed"]
     spec = compose_bench_spec(_tiny_claims("bench.repeats=3", *[f"~bench.claims.{name}" for name in others]))
     subject, baseline = run_claims(spec).measurements
@@ -213,14 +332,14 @@ def test_claim_sides_are_timed_interleaved_and_summarised_per_side(monkeypatch):
 
 
 def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
-    build = bench.build_subject
+    build = bench_run.build_subject
 
     def build_but_not_the_transformer(subject, width):
         if subject.label == "transformer":
             raise RuntimeError("boom")
         return build(subject, width)
 
-    monkeypatch.setattr(bench, "build_subject", build_but_not_the_transformer)
+    monkeypatch.setattr(bench_run, "build_subject", build_but_not_the_transformer)
     others = [name for name in compose_bench_spec(["bench=paper_claims"]).claims if name != "mega_chunk_speed"]
     spec = compose_bench_spec(_tiny_claims(*[f"~bench.claims.{name}" for name in others]))
     result = run_claims(spec)
@@ -238,6 +357,14 @@ def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
         (["bench.passes=[backward]"], ["bench.passes='backward'", "fwd+bwd"]),
         (["+bench.colour=red"], ["unknown field 'colour'", "runtimes"]),
         (["bench=paper_claims", "bench.claims.tcnca_forward.subject=nope"], ["bench.claims.tcnca_forward.subject='nope'", "tcnca"]),
+        (["bench=operators", "bench.claims.chunked_ema_speedup.baseline=ema/fast"],
+         ["bench.claims.chunked_ema_speedup.baseline='ema/fast'", "ema/fft"]),
+        (["bench=operators", "bench.claims.ema_slope_forward.metric=pace"], ["bench.claims.ema_slope_forward.metric='pace'", "slope"]),
+        (["bench=operators", "bench.claims.tcn_slope_forward.length=64"], ["bench.claims.tcn_slope_forward", "'figure'"]),
+        (["bench=operators", "bench.claim_runtime=cuda"], ["bench.claim_runtime='cuda'", "['eager']"]),
+        (["bench=paper_claims", "bench.claims.tcnca_forward.metric=slope", "~bench.claims.tcnca_forward.baseline",
+          "~bench.claims.tcnca_forward.length"], ["bench.claims.tcnca_forward.metric='slope'", "bench.mode=grid"]),
+        (["bench.mixers=['*/fast']"], ["impl of 'cema'", "chunked"]),
     ],
 )
 def test_config_errors_name_the_field_and_the_valid_choices(overrides, expected):

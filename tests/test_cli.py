@@ -64,7 +64,7 @@ def test_every_command_help_lists_its_options_and_groups(name, capsys):
         (["gather", "rot=runs"], ["unknown key 'rot'", "root"]),
         (["tour", "widht=8"], ["unknown key 'widht'", "width"]),
         (["lowering", "preset=[mega]"], ["unknown key 'preset'", "presets"]),
-        (["bench-mixers", "length=[64]"], ["unknown key 'length'", "lengths"]),
+        (["bench", "bench=operators", "bench.mixer=[ema]"], ["unknown key 'bench.mixer'", "mixers"]),
         (["describe", "model.d_modle=8"], ["unknown key 'model.d_modle'", "d_model"]),
         (["train", "trian.max_steps=8"], ["unknown key 'trian'", "train"]),
         (["train", "+colour=red"], ["unknown key 'colour'", "model"]),

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import SEQMIX, tiny_preset
 from seqmix.tasks.mqar import MQAR
 
-from seqmix.export.report import lowering_report, markdown_table, matmul_throughput, step_growth, throughput_line
+from seqmix.export.report import lowering_report, lowering_table, matmul_throughput, step_growth, throughput_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_report_measures_every_ratio_for_a_streaming_model(tmp_path):
         assert growth[f"{runtime}_ratio"] == growth[f"{runtime}_far_ms"] / growth[f"{runtime}_near_ms"]
     latency = report["onnxruntime_vs_eager"]
     assert latency["speedup"] == latency["eager"]["median_ms"] / latency["onnxruntime"]["median_ms"]
-    table = markdown_table({"megalodon": report})
+    table = lowering_table({"megalodon": report})
     assert "| megalodon |" in table and "not run" in table
     eager = latency["eager"]
     assert f"({eager['median_ms']:.1f} [{eager['low_ms']:.1f}–{eager['high_ms']:.1f}] → " in table

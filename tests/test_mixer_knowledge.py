@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_MODULES = {"ema", "cema", "tcn", "gated_attention", "softmax_attention", "identity"}
 OPERATOR_CLASSES = {"EMA", "CEMA", "TCN", "GatedAttention", "SoftmaxAttention", "Identity"}
 # Code that must work for any registered mixer, a plugin's included.
-MIXER_AGNOSTIC = [*sorted((ROOT / "export").glob("*.py")), *sorted((ROOT / "compile").glob("*.py")),
-                  *sorted((ROOT / "mixers" / "search").glob("*.py")), ROOT / "mixers" / "benchmark.py", ROOT / "mixers" / "cli.py"]
+MIXER_AGNOSTIC = [*sorted((ROOT / "export").rglob("*.py")), *sorted((ROOT / "compile").rglob("*.py")),
+                  *sorted((ROOT / "mixers" / "search").rglob("*.py")), ROOT / "mixers" / "tables.py", ROOT / "mixers" / "cli.py"]
 
 
 @pytest.mark.parametrize("case", mixer_cases(), ids=[c[0] for c in mixer_cases()])

@@ -181,6 +181,9 @@ def test_bad_search_configs_name_the_valid_choices(tmp_path):
         SearchSettings.from_config(tiny(tmp_path, "+search.trials=3").search)
     with pytest.raises(SeqmixError, match=r"runtime='tflite'.*'executorch'.*'onnxruntime'"):
         check_runtime("tflite")
+    # "tensorrt" is torch-tensorrt's torch.compile backend, which times no deployed graph.
+    with pytest.raises(SeqmixError, match=r"search.runtime='tensorrt'.*'onnxruntime_tensorrt'"):
+        check_runtime("tensorrt", field="search.runtime")
     with pytest.raises(SeqmixError, match="latency but no latency measurement"):
         run_search(tiny(tmp_path))
 
@@ -195,7 +198,7 @@ def test_pruning_is_used_for_one_objective_only(tmp_path):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="tensorrt is installed")
 def test_tensorrt_runtime_without_tensorrt_names_the_package():
     with pytest.raises(SeqmixError, match="needs the tensorrt package.*pip install tensorrt"):
-        check_runtime("tensorrt")
+        check_runtime("onnxruntime_tensorrt")
 
 
 def test_onnxruntime_latency_times_a_verified_export_padded_to_whole_chunks(tmp_path):

@@ -236,6 +236,14 @@ def test_gather_tabulates_runs(tmp_path):
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 3
 
 
+def test_one_markdown_table_writer_escapes_aligns_and_fills_missing_keys():
+    from seqmix.tables import markdown_table, records_table
+
+    assert markdown_table(["name", "ms"], [["a|b", "1.5"]], right={1}) == "| name | ms |\n|---|---:|\n| a\\|b | 1.5 |"
+    table = records_table([{"run": "r0", "loss": 0.123456}, {"run": "r1", "steps": 3, "note": None}]).splitlines()
+    assert table == ["| run | loss | steps | note |", "|---|---|---|---|", "| r0 | 0.1235 |  |  |", "| r1 |  | 3 |  |"]
+
+
 def test_bf16_autocast_and_gradient_accumulation_train(tmp_path):
     experiment, result = run(small(tmp_path, "train.bf16=true", "train.grad_accum=2", "train.max_steps=3"))
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)

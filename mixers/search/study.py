@@ -45,12 +45,13 @@ from seqmix.contract import Mixer
 from seqmix.errors import SeqmixError, choice_error, require_int
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.registry import list_mixers, mixer_class
+from seqmix.tables import records_table
 from seqmix.targets import target_of
 from seqmix.tasks.base import Task
 from seqmix.timing import Timing
 from seqmix.training.experiment import adapt_model_config, build_experiment, check_fits
 from seqmix.training.loop import METRICS, TrainConfig, train
-from seqmix.training.runs import markdown_table, write_csv
+from seqmix.training.runs import write_csv
 
 try:
     import optuna
@@ -934,7 +935,7 @@ def write_report(study: optuna.Study, settings: SearchSettings, metric: str, tas
         + (f"; latency on {settings.runtime}" if settings.measures_latency else "") + "). "
         f"Trials: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'none yet'}.\n\n"
     )
-    _write_atomic(markdown_path, heading + markdown_table(rows) + "\n")
+    _write_atomic(markdown_path, heading + records_table(rows) + "\n")
     files, notes = [csv_path, markdown_path], []
     if any(row["state"] == "complete" for row in rows):
         try:

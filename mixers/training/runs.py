@@ -1,4 +1,5 @@
-"""Gather finished runs (a sweep's jobs, or any set of run directories) into one table."""
+"""Gather finished runs (a sweep's jobs, or any set of run directories) into rows of one table
+(``seqmix.tables.records_table`` draws it; ``write_csv`` writes it as CSV)."""
 from __future__ import annotations
 
 import csv
@@ -40,22 +41,6 @@ def collect_runs(root: str | os.PathLike) -> list[dict]:
                 row[f"valid_{column}"] = valid[-1][column]
         rows.append(row)
     return rows
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (columns: the union of the rows' keys, in first-seen order)."""
-    if not rows:
-        return "(no runs found)"
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-
-    def show(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return "" if value is None else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(show(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:

@@ -1,0 +1,370 @@
+"""What one benchmark run measures: ``BenchSpec``, composed from ``conf/bench/*.yaml`` and checked
+field by field, the paper claims and targets it judges (``Claim``), and the cells it plans.
+
+Two modes share the spec: ``grid`` times every subject × runtime × pass × L (``run.run_grid``) and
+judges its ``claims`` from those rows (targets such as conf/bench/operators.yaml's slopes);
+``claims`` measures each claim's two sides with their timed runs interleaved (``run.run_claims``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from seqmix import SeqmixError
+from seqmix.configs import compose_config, config_groups
+from seqmix.errors import choice_error, require_int
+from seqmix.registry import list_mixers, mixer_class
+
+from .measure import PASSES
+from .peers import PEER_RUNTIMES, PEERS, peer_unavailable
+from .runtimes import COMPILE_BACKENDS, RUNTIMES
+from .subjects import Subject, build_subject, expand_mixers, parse_mixer, parse_preset
+
+MODES = ("grid", "claims")
+# speed: baseline time / subject time, at least the figure; memory: subject peak / baseline peak,
+# at most the figure; slope: the subject's log-log slope of time against L, at most the figure.
+METRICS = ("speed", "memory", "slope")
+# The runtimes of the claims mode; the grid judges its claims on any runtime it runs.
+CLAIM_RUNTIMES = PEER_RUNTIMES
+ROOT_CONFIG = "bench_root"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One figure to reproduce: a paper's claim, or a target of seqmix's own.
+
+    Attributes:
+        title: what is claimed, in words.
+        source: the paper, its table and setting, or where the target comes from.
+        metric: ``speed`` (baseline time / subject time, PASS when at least ``figure``),
+            ``memory`` (subject peak / baseline peak, PASS when at most ``figure``) or ``slope``
+            (the subject's log-log slope of time against L, PASS when at most ``figure``; grid only).
+        figure: the claimed figure, or None for a context row with no figure to meet.
+        subject: the faster / smaller side: a label in ``claim_subjects`` (claims mode) or a
+            subject of the grid (grid mode).
+        baseline: the side it is compared with; None for ``slope``.
+        pass_: ``forward`` or ``fwd+bwd``.
+        length: L; None for ``slope`` (fitted over every L the grid measured).
+    """
+
+    title: str
+    source: str
+    metric: str
+    figure: float | None
+    subject: str
+    baseline: str | None
+    pass_: str
+    length: int | None
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """A benchmark run, as ``conf/bench/*.yaml`` describes it (``BenchSpec.from_config``).
+
+    Attributes:
+        mode: ``grid`` (``run.run_grid``) or ``claims`` (``run.run_claims``).
+        mixers: mixer subjects, ``name`` or ``name/impl``; ``*`` and ``name/*`` expanded
+            (``subjects.expand_mixers``).
+        mixer_options: {mixer name: keyword options} for every subject of that mixer (and its peer).
+        presets: model presets (``conf/model/``).
+        preset_overrides: Hydra overrides applied to every preset subject, after its own.
+        runtimes: from ``runtimes.RUNTIMES``.
+        passes: from ``PASSES``.
+        lengths: sequence lengths L, measured in increasing order.
+        batch: B.
+        width: D of the mixers and peers.
+        repeats: timed runs per cell (the median is reported); warmup: untimed runs before them.
+        max_seconds_per_run: a run longer than this skips the longer L of its subject, runtime and pass.
+        max_setup_seconds: a setup (compile, export) longer than this does too.
+        max_total_seconds: once the grid has run this long, the remaining cells are skipped; None: no limit.
+        memory_budget_gb: skip a cell whose estimated attention scores exceed this (GiB).
+        max_length: {runtime: longest L}, e.g. ExecuTorch lowers every chunk unrolled.
+        compile_backend: the torch.compile backend of ``compile`` and ``cuda_compile``.
+        baseline: {"mixer": label, "preset": label} the speed-up ratios divide by.
+        peers: also run the installed peer packages (``PEERS``) beside their seqmix mixers.
+        plots: write the PNG plots; plot_runtime: runtime of the time and memory plots;
+            plot_length: L of the throughput bars (None: the longest L measured on every runtime).
+        out_dir: where results go.
+        strict: exit status 1 when a cell failed (or a claim could not be measured).
+        progress: show a progress bar.
+        claim_runtime: the runtime the claims are measured on (claims mode: ``eager`` or
+            ``cuda``) or judged on (grid mode: one of ``runtimes``).
+        claim_subjects: {label: Subject} the claims compare (claims mode).
+        claims: {name: Claim}: papers' figures or seqmix's targets.
+    """
+
+    mode: str = "grid"
+    mixers: tuple[Subject, ...] = ()
+    mixer_options: Mapping = field(default_factory=dict)
+    presets: tuple[Subject, ...] = ()
+    preset_overrides: tuple[str, ...] = ()
+    runtimes: tuple[str, ...] = ("eager",)
+    passes: tuple[str, ...] = PASSES
+    lengths: tuple[int, ...] = (1024,)
+    batch: int = 1
+    width: int = 256
+    repeats: int = 5
+    warmup: int = 2
+    max_seconds_per_run: float = 20.0
+    max_setup_seconds: float = 300.0
+    max_total_seconds: float | None = None
+    memory_budget_gb: float = 4.0
+    max_length: Mapping = field(default_factory=dict)
+    compile_backend: str = "inductor"
+    baseline: Mapping = field(default_factory=dict)
+    peers: bool = False
+    plots: bool = True
+    plot_runtime: str = "eager"
+    plot_length: int | None = None
+    out_dir: str = "bench_results/grid"
+    strict: bool = False
+    progress: bool = True
+    claim_runtime: str = "eager"
+    claim_subjects: Mapping = field(default_factory=dict)
+    claims: Mapping = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: DictConfig | Mapping) -> BenchSpec:
+        """Validate a ``bench`` config (``conf/bench/*.yaml``) and build the spec; errors name the field."""
+        raw = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SeqmixError(f"bench: unknown field {unknown[0]!r}; valid fields are {sorted(known)}")
+        options = raw.get("mixer_options") or {}
+        if not isinstance(options, Mapping) or not all(isinstance(v, Mapping) for v in options.values()):
+            raise SeqmixError(f"bench.mixer_options={options!r} is not valid; expected {{mixer name: {{option: value}}}}")
+        for name in options:
+            mixer_class(name)
+        overrides = tuple(raw.get("preset_overrides") or ())
+        values = dict(raw)
+        values["mixers"] = tuple(
+            parse_mixer(name, options.get(str(name).partition("/")[0], {}), "bench.mixers")
+            for entry in raw.get("mixers") or ()
+            for name in expand_mixers(entry)
+        )
+        values["presets"] = tuple(parse_preset(name, overrides, "bench.presets") for name in raw.get("presets") or ())
+        values["preset_overrides"] = overrides
+        values["mixer_options"] = options
+        values["runtimes"] = tuple(raw.get("runtimes") or ())
+        values["passes"] = tuple(raw.get("passes") or ())
+        values["lengths"] = tuple(sorted(set(raw.get("lengths") or ())))
+        values["max_length"] = dict(raw.get("max_length") or {})
+        values["baseline"] = dict(raw.get("baseline") or {})
+        values["claim_subjects"] = {
+            label: _parse_claim_subject(label, entry, overrides, options)
+            for label, entry in (raw.get("claim_subjects") or {}).items()
+        }
+        values["claims"] = {name: _parse_claim(name, entry) for name, entry in (raw.get("claims") or {}).items()}
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise choice_error("bench.mode", self.mode, MODES)
+        for runtime in self.runtimes:
+            if runtime not in RUNTIMES:
+                raise choice_error("bench.runtimes", runtime, RUNTIMES)
+        for pass_ in self.passes:
+            if pass_ not in PASSES:
+                raise choice_error("bench.passes", pass_, PASSES)
+        for runtime, length in self.max_length.items():
+            if runtime not in RUNTIMES:
+                raise choice_error("bench.max_length", runtime, RUNTIMES)
+            require_int("bench", f"max_length.{runtime}", length, 1, "longest L on that runtime")
+        for length in self.lengths:
+            require_int("bench", "lengths", length, 1, "sequence length L")
+        require_int("bench", "batch", self.batch, 1, "B")
+        require_int("bench", "width", self.width, 1, "D of the mixers")
+        require_int("bench", "repeats", self.repeats, 1, "timed runs")
+        require_int("bench", "warmup", self.warmup, 0, "untimed runs")
+        for name in ("max_seconds_per_run", "max_setup_seconds", "memory_budget_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise SeqmixError(f"bench.{name}={value!r} is not valid; expected a positive number")
+        total = self.max_total_seconds
+        if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or not total > 0):
+            raise SeqmixError(f"bench.max_total_seconds={total!r} is not valid; expected a positive number or null")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise choice_error("bench.compile_backend", self.compile_backend, COMPILE_BACKENDS)
+        if self.plot_runtime not in RUNTIMES:
+            raise choice_error("bench.plot_runtime", self.plot_runtime, RUNTIMES)
+        if self.plot_length is not None:
+            require_int("bench", "plot_length", self.plot_length, 1, "L of the throughput bars, or null")
+        if set(self.baseline) - {"mixer", "preset"}:
+            raise SeqmixError(f"bench.baseline={dict(self.baseline)!r} is not valid; expected the keys 'mixer' and 'preset'")
+        labels = [s.label for s in (*self.mixers, *self.presets)]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise SeqmixError(f"bench: subject {duplicates[0]!r} is listed twice in bench.mixers / bench.presets")
+        if self.mode == "grid":
+            if not labels:
+                raise SeqmixError("bench: the grid has no subject; list some in bench.mixers or bench.presets")
+            for name in ("runtimes", "passes", "lengths"):
+                if not getattr(self, name):
+                    raise SeqmixError(f"bench.{name} is empty; give at least one")
+            if self.claims and self.claim_runtime not in self.runtimes:
+                raise SeqmixError(f"bench.claim_runtime={self.claim_runtime!r} is not valid; the grid judges its "
+                                  f"claims on one of its runtimes, {sorted(self.runtimes)}")
+            sides = [s.label for s in self.grid_subjects()]
+        else:
+            if not self.claims:
+                raise SeqmixError("bench.mode=claims needs bench.claims; see conf/bench/paper_claims.yaml")
+            if self.claim_runtime not in CLAIM_RUNTIMES:
+                raise choice_error("bench.claim_runtime", self.claim_runtime, CLAIM_RUNTIMES)
+            sides = list(self.claim_subjects)
+        for name, claim in self.claims.items():
+            if claim.metric == "slope" and self.mode == "claims":
+                raise SeqmixError(f"bench.claims.{name}.metric='slope' is judged in bench.mode=grid only, "
+                                  "which measures the subject at every L; the claims mode times one L per pair")
+            for side in ("subject", "baseline"):
+                label = getattr(claim, side)
+                if label is None or label in sides:
+                    continue
+                if self.mode == "claims" or not _names_a_subject(label):
+                    raise choice_error(f"bench.claims.{name}.{side}", label, sides)
+
+    def grid_subjects(self) -> list[Subject]:
+        """The mixers, the presets and, with ``peers``, one peer subject per seqmix mixer it mirrors."""
+        subjects = [*self.mixers, *self.presets]
+        if self.peers:
+            for peer in PEERS.values():
+                for mixer in self.mixers:
+                    if mixer.name == peer.against:
+                        label = peer.name if mixer.impl is None else f"{peer.name} (vs {mixer.label})"
+                        subjects.append(Subject(label, "peer", peer.name, options=mixer.options, against=mixer.label))
+        return subjects
+
+
+def _parse_claim_subject(label: str, entry, overrides: Sequence[str], options: Mapping) -> Subject:
+    where = f"bench.claim_subjects.{label}"
+    if not isinstance(entry, Mapping) or ("mixer" in entry) == ("preset" in entry):
+        raise SeqmixError(
+            f"{where}={entry!r} is not valid; expected {{mixer: name, impl: ..., options: {{...}}}} "
+            "or {preset: name, overrides: [...]}"
+        )
+    if "preset" in entry:
+        extra = sorted(set(entry) - {"preset", "overrides"})
+        if extra:
+            raise SeqmixError(f"{where}: unknown key {extra[0]!r} for a preset; valid keys are ['overrides', 'preset']")
+        subject = parse_preset(entry["preset"], [*(entry.get("overrides") or ()), *overrides], f"{where}.preset")
+    else:
+        extra = sorted(set(entry) - {"mixer", "impl", "options"})
+        if extra:
+            raise SeqmixError(f"{where}: unknown key {extra[0]!r} for a mixer; valid keys are ['impl', 'mixer', 'options']")
+        name = entry["mixer"] + (f"/{entry['impl']}" if entry.get("impl") else "")
+        merged = {**options.get(entry["mixer"], {}), **(entry.get("options") or {})}
+        subject = parse_mixer(name, merged, f"{where}.mixer")
+    return Subject(label, subject.kind, subject.name, subject.impl, subject.options, subject.overrides)
+
+
+def _names_a_subject(label: str) -> bool:
+    """Whether ``label`` names something a grid could time (a mixer ``name`` or ``name/impl``, a
+    preset, a peer), so a grid's claim on a subject left out of ``bench.mixers`` is MISSING, not
+    an error (``bench=operators bench.mixers=[ema/*]`` keeps the operators' targets)."""
+    name, _, impl = label.partition("/")
+    if name in list_mixers():
+        return not impl or impl in mixer_class(name).impls
+    return label in config_groups().get("model", []) or label in PEERS
+
+
+def _parse_claim(name: str, entry) -> Claim:
+    where = f"bench.claims.{name}"
+    common = {"title", "source", "metric", "figure", "subject", "pass"}
+    metric = entry.get("metric") if isinstance(entry, Mapping) else None
+    if isinstance(entry, Mapping) and metric not in METRICS:
+        raise choice_error(f"{where}.metric", metric, METRICS)
+    keys = common if metric == "slope" else common | {"baseline", "length"}
+    if not isinstance(entry, Mapping) or set(entry) != keys:
+        got = sorted(entry) if isinstance(entry, Mapping) else entry
+        raise SeqmixError(f"{where}={got!r} is not valid; expected the keys {sorted(keys)}")
+    if entry["pass"] not in PASSES:
+        raise choice_error(f"{where}.pass", entry["pass"], PASSES)
+    if metric != "slope":
+        require_int(where, "length", entry["length"], 1, "sequence length L")
+    figure = entry["figure"]
+    if figure is not None and (isinstance(figure, bool) or not isinstance(figure, (int, float)) or figure <= 0):
+        raise SeqmixError(f"{where}.figure={figure!r} is not valid; expected a positive number or null")
+    return Claim(
+        entry["title"], entry["source"], metric, None if figure is None else float(figure),
+        entry["subject"], entry.get("baseline"), entry["pass"], entry.get("length"),
+    )
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a subject on a runtime, for one pass at one length."""
+
+    subject: Subject
+    runtime: str
+    pass_: str
+    length: int
+
+
+def plan_grid(spec: BenchSpec) -> list[Cell]:
+    """Every cell the grid reports, in measuring order.
+
+    Runtime by runtime in ``spec.runtimes`` order, so when ``max_total_seconds`` runs out every
+    subject has the first runtimes measured; L innermost, so budgets can skip the longer L.
+    Peers get the runtimes of ``PEER_RUNTIMES`` that ``spec.runtimes`` lists.
+    """
+    subjects = spec.grid_subjects()
+    cells = []
+    for runtime in spec.runtimes:
+        for subject in subjects:
+            if subject.kind == "peer" and runtime not in PEER_RUNTIMES:
+                continue
+            for pass_ in spec.passes:
+                cells.extend(Cell(subject, runtime, pass_, length) for length in spec.lengths)
+    return cells
+
+
+def plan_claims(spec: BenchSpec) -> list[tuple[Subject, Subject, str, int]]:
+    """The (subject, baseline, pass, L) pairs the claims need, each measured once."""
+    pairs = []
+    for claim in spec.claims.values():
+        pair = (spec.claim_subjects[claim.subject], spec.claim_subjects[claim.baseline], claim.pass_, claim.length)
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def check_spec(spec: BenchSpec) -> int:
+    """Build every subject once (its config, options and overrides must be valid); time nothing.
+
+    Returns how many cells (grid) or pairs (claims) the spec would measure.
+    """
+    if spec.mode == "claims":
+        subjects = {s.label: s for pair in plan_claims(spec) for s in pair[:2]}.values()
+        planned = len(plan_claims(spec))
+    else:
+        subjects = [s for s in spec.grid_subjects() if s.kind != "peer" or peer_unavailable(PEERS[s.name]) is None]
+        planned = len(plan_grid(spec))
+    for subject in subjects:
+        build_subject(subject, spec.width)
+    return planned
+
+
+def spec_dict(spec: BenchSpec) -> dict:
+    """The spec as plain JSON data (subjects by label; claims with their fields)."""
+    data = asdict(spec)
+    data["mixers"] = [s.label for s in spec.mixers]
+    data["presets"] = [s.label for s in spec.presets]
+    return data
+
+
+def compose_bench_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed config for Hydra command-line ``overrides``, e.g. ["bench=smoke", "bench.peers=true"].
+
+    The root config (registered here, not a file, so ``conf/`` keeps one root per command) holds
+    the ``bench`` group of ``conf/bench/`` with ``default`` selected.
+    """
+    ConfigStore.instance().store(name=ROOT_CONFIG, node={"defaults": [{"bench": "default"}, "_self_"]})
+    return compose_config(overrides, config_name=ROOT_CONFIG)
+
+
+def compose_bench_spec(overrides: Sequence[str] = ()) -> BenchSpec:
+    """The checked spec for Hydra command-line ``overrides`` (``compose_bench_config``, then ``BenchSpec.from_config``)."""
+    return BenchSpec.from_config(compose_bench_config(overrides).bench)

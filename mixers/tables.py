@@ -1,0 +1,35 @@
+"""Markdown tables: the one writer behind every table seqmix prints or writes.
+
+The benchmark reports, the lowering report, ``seqmix gather`` and the search's leaderboard all
+call ``markdown_table`` (or ``records_table`` for rows held as dicts), so every table escapes its
+cells and aligns its columns the same way.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], right: Collection[int] = ()) -> str:
+    """A GitHub Markdown table, its lines joined by newlines.
+
+    Args:
+        header: the column names.
+        body: one sequence of cell texts per row, as many as ``header``; a ``|`` in a cell is escaped.
+        right: indices of the columns aligned right (numbers); the others align left.
+    """
+    rule = "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"
+    rows = ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |" for cells in body]
+    return "\n".join(["| " + " | ".join(header) + " |", rule, *rows])
+
+
+def records_table(records: Sequence[Mapping]) -> str:
+    """Records (dicts) as a Markdown table: one column per key, in first-seen order across the
+    records; floats with 4 decimals, None as an empty cell, a key a record lacks as an empty cell."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+
+    def show(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    return markdown_table(columns, [[show(record.get(column)) for column in columns] for record in records])
