@@ -374,60 +374,6 @@ def run_search(config: DictConfig, choices: dict) -> int:
     return 0
 
 
-@dataclass
-class LoweringOptions:
-    runs: list[str]
-    presets: list[str]
-    task: str
-    length: int
-    far: int
-    compile: bool
-    out: str
-
-
-def run_lowering(options: LoweringOptions, choices: dict) -> int:
-    import torch
-
-    from seqmix.export.report import as_builtin, lowering_report, lowering_table, matmul_throughput, throughput_line
-    from seqmix.model.checkpoint import instantiate_model
-    from seqmix.training.checkpoints import load_run
-    from seqmix.training.experiment import adapt_model_config, build_task
-
-    if not options.runs and not options.presets:
-        raise SeqmixError("give runs=[<run dir>,...] or presets=[<preset>,...]")
-    presets = config_groups()["model"]
-    unknown = [p for p in options.presets if p not in presets]
-    if unknown:
-        raise SeqmixError(f"presets: {unknown[0]!r} is not a model preset; choose from {presets}")
-    out = Path(options.out)
-
-    def subjects():
-        for run in options.runs:
-            model, record = load_run(run)
-            yield f"{record['preset']['model']} ({run})", model, build_task(record["task"])
-        for preset in options.presets:
-            composed = compose_config([f"model={preset}", f"task={options.task}"])
-            task = build_task(composed.task)
-            torch.manual_seed(0)
-            yield preset, instantiate_model(adapt_model_config(composed.model, task)), task
-
-    reports = {}
-    for name, model, task in subjects():
-        print(f"measuring {name} ...", flush=True)
-        reports[name] = as_builtin(lowering_report(
-            model, task, out / name.split(" ")[0], length=options.length, far=options.far, compile_training=options.compile))
-    machine = as_builtin(matmul_throughput())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lowering.json").write_text(json.dumps(
-        {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul": machine, "reports": reports}, indent=2))
-    table = lowering_table(reports) + "\n\n" + throughput_line(machine)
-    (out / "lowering.md").write_text(table + "\n")
-    print(table)
-    _warn_if_busy()
-    print(f"wrote {out / 'lowering.json'}\nwrote {out / 'lowering.md'}")
-    return 0
-
-
 COMMANDS = {
     command.name: command
     for command in (
@@ -451,13 +397,11 @@ COMMANDS = {
                 groups=("search", "task", "model"), compose=compose_search,
                 examples=("seqmix search search=mqar search.n_trials=40",
                           "seqmix search search=mqar search.storage=journal:/shared/mqar.log search.worker=1")),
-        Command("bench", "time mixers, compute paths and presets across runtimes and lengths, or check the papers' claims",
+        Command("bench", "time mixers and presets across runtimes and lengths, check papers' claims, or what lowering buys",
                 run_bench, groups=("bench",), options="bench/default.yaml", compose=compose_bench,
                 examples=("seqmix bench bench=smoke", "seqmix bench bench=operators", "seqmix bench bench=paper_claims",
+                          "seqmix bench bench=lowering \"bench.lowering.runs=[runs/a,runs/b]\" bench.presets=[]",
                           "seqmix bench bench.lengths=[1024,4096] bench.out_dir=runs/bench")),
-        Command("lowering", "what ONNX Runtime, int8 and torch.compile buy for runs or presets", run_lowering,
-                config_name="lowering", schema=LoweringOptions, options="lowering.yaml",
-                examples=("seqmix lowering runs=[runs/a,runs/b]", "seqmix lowering presets=[mega,tcnca] compile=false")),
         Command("gather", "one table of the runs below a directory", run_gather,
                 config_name="gather", schema=GatherOptions, options="gather.yaml", examples=("seqmix gather root=runs/sweep csv=table.csv",)),
         Command("tour", "every mixer and compute path, parallel vs streamed, with forward times", run_tour,

@@ -63,7 +63,7 @@ def test_every_command_help_lists_its_options_and_groups(name, capsys):
         (["export", "checkpoint=x", "fromat=onnx"], ["unknown key 'fromat'", "format"]),
         (["gather", "rot=runs"], ["unknown key 'rot'", "root"]),
         (["tour", "widht=8"], ["unknown key 'widht'", "width"]),
-        (["lowering", "preset=[mega]"], ["unknown key 'preset'", "presets"]),
+        (["bench", "bench=lowering", "bench.lowering.run=[x]"], ["unknown key 'bench.lowering.run'", "runs"]),
         (["bench", "bench=operators", "bench.mixer=[ema]"], ["unknown key 'bench.mixer'", "mixers"]),
         (["describe", "model.d_modle=8"], ["unknown key 'model.d_modle'", "d_model"]),
         (["train", "trian.max_steps=8"], ["unknown key 'trian'", "train"]),

@@ -1,14 +1,19 @@
-"""tools/lowering_report.py and export/report.py: every ratio is measured and tabulated (no timing targets)."""
+"""The benchmark's lowering mode (export/bench/lowering.py, seqmix bench bench=lowering): every ratio
+is measured and tabulated (no timing targets)."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
+import pytest
 
 from conftest import SEQMIX, tiny_preset
+from seqmix import SeqmixError
+from seqmix.export.bench import compose_bench_spec
+from seqmix.export.bench.lowering import lowering_report, matmul_throughput, step_growth
+from seqmix.export.bench.report import lowering_table, throughput_line
 from seqmix.tasks.mqar import MQAR
-
-from seqmix.export.report import lowering_report, lowering_table, matmul_throughput, step_growth, throughput_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +49,45 @@ def test_attention_caches_cap_the_far_position():
 
 
 def test_the_command_needs_runs_or_presets():
-    result = subprocess.run([*SEQMIX, "lowering"], capture_output=True, text=True)
-    assert result.returncode == 2 and "give runs=[<run dir>,...] or presets=[<preset>,...]" in result.stderr
+    result = subprocess.run([*SEQMIX, "bench", "bench=lowering", "bench.presets=[]"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "bench.mode=lowering needs bench.presets=[<preset>,...] or bench.lowering.runs=[<run dir>,...]" in result.stderr
+
+
+def test_the_lowering_mode_measures_a_preset_end_to_end(tmp_path):
+    overrides = ("['model.d_model=16','model.depth=1','model.mixers.mega.chunk_size=32','task.vocab_size=32',"
+                 "'task.seq_len=64','task.num_pairs=4']")
+    command = [*SEQMIX, "bench", "bench=lowering", "bench.presets=[tcnca]", f"bench.preset_overrides={overrides}",
+               "bench.lowering.task=mqar", "bench.runtimes=[eager,onnxruntime]", "bench.lengths=[64]", "bench.lowering.far=128",
+               "bench.progress=false", f"bench.out_dir={tmp_path}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| tcnca |" in done.stdout and "not run" in done.stdout and "float32 matmul" in done.stdout
+    data = json.loads((tmp_path / "lowering.json").read_text(encoding="utf-8"))
+    assert set(data) == {"spec", "environment", "matmul", "reports"} and data["spec"]["mode"] == "lowering"
+    report = data["reports"]["tcnca"]
+    assert report["onnxruntime_vs_eager"]["length"] == 64 and report["step_growth"]["far"] == 128
+    assert report["int8_vs_fp32"]["metric"] == "accuracy" and "compile_vs_eager_training" not in report
+    assert (tmp_path / "lowering.md").read_text(encoding="utf-8") in done.stdout
+    assert (tmp_path / "tcnca" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["bench.lengths=[256,1024]"], ["bench.lengths=[256, 1024]", "expected one L"]),
+        (["bench.runtimes=[eager]"], ["bench.runtimes=['eager']", "'onnxruntime'", "'compile'"]),
+        (["bench.lowering.task=chess"], ["bench.lowering.task='chess'", "mqar"]),
+        (["+bench.lowering.depth=3"], ["bench.lowering", "'depth'", "'far'"]),
+        (["+bench.claims.x={title: t, source: s, metric: slope, figure: 1, subject: mega, pass: forward}"],
+         ["bench.claims (['x'])", "not lowering"]),
+    ],
+)
+def test_lowering_config_errors_name_the_field_and_the_valid_choices(overrides, expected):
+    with pytest.raises(SeqmixError) as caught:
+        compose_bench_spec(["bench=lowering", *overrides])
+    for text in expected:
+        assert text in str(caught.value)
 
 
 def test_matmul_throughput_measures_both_runtimes_on_the_same_product():

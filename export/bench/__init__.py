@@ -1,6 +1,6 @@
 """One benchmark engine: what to measure (a spec), running it, and reporting it.
 
-``seqmix bench`` composes a spec from ``conf/bench/*.yaml`` and runs it in one of two modes:
+``seqmix bench`` composes a spec from ``conf/bench/*.yaml`` and runs it in one of three modes:
 
 - ``grid``: every subject × runtime × pass × sequence length, with ratios, log-log slopes, peers
   and the spec's claims (targets) judged from the rows. ``bench=default`` is the full CPU grid,
@@ -8,6 +8,8 @@
   seqmix's speed and slope targets), ``bench=smoke`` a tiny grid, ``bench=gpu`` a short GPU one.
 - ``claims``: the pairs behind the papers' speed claims, their timed runs interleaved
   (``bench=paper_claims``).
+- ``lowering``: what ONNX Runtime, int8 and torch.compile buy whole models, presets or trained
+  runs (``bench=lowering``).
 
 The modules, in the order a run uses them:
 
@@ -17,22 +19,23 @@ The modules, in the order a run uses them:
 - ``runtimes``: the one runtime catalogue (``RUNTIMES``): what each runtime is, what it needs,
   how a subject is prepared on it. ``export.latency`` names its runtimes from it too.
 - ``measure``: how a pass runs, peak memory, the environment; times come from ``seqmix.timing``.
-- ``run``: ``run_grid``, ``run_claims``, ``run_bench``.
+- ``run``: ``run_grid``, ``run_claims``, ``run_lowering``, ``run_bench``.
+- ``lowering``: the lowering mode's measurements (step cost growth, compiled training, matmul throughput).
 - ``results``: the rows and results, ratios, slopes, peer comparisons, claims judged.
 - ``report``: Markdown, CSV, JSON and the plots.
 """
 from .peers import PEERS, Peer, peer_unavailable
 from .report import CSV_FIELDS, format_claims, format_grid_report, write_claims, write_grid_results
-from .results import ClaimOutcome, ClaimsResult, GridResult, GridRow, GridSlope, Measurement, PeerComparison
-from .run import BenchRun, run_bench, run_claims, run_grid
+from .results import ClaimOutcome, ClaimsResult, GridResult, GridRow, GridSlope, LoweringResult, Measurement, PeerComparison
+from .run import BenchRun, run_bench, run_claims, run_grid, run_lowering
 from .runtimes import GPU_RUNTIMES, RUNTIMES, TRAINING_RUNTIMES, Runtime, require_runtime, runtime_unavailable
-from .spec import BenchSpec, Claim, check_spec, compose_bench_config, compose_bench_spec, plan_claims, plan_grid
+from .spec import BenchSpec, Claim, LoweringSpec, check_spec, compose_bench_config, compose_bench_spec, plan_claims, plan_grid
 from .subjects import Subject
 
 __all__ = [
     "BenchRun", "BenchSpec", "CSV_FIELDS", "Claim", "ClaimOutcome", "ClaimsResult", "GPU_RUNTIMES", "GridResult", "GridRow",
-    "GridSlope", "Measurement", "PEERS", "Peer", "PeerComparison", "RUNTIMES", "Runtime", "Subject", "TRAINING_RUNTIMES",
-    "check_spec", "compose_bench_config", "compose_bench_spec", "format_claims", "format_grid_report", "peer_unavailable",
-    "plan_claims", "plan_grid", "require_runtime", "run_bench", "run_claims", "run_grid", "runtime_unavailable",
-    "write_claims", "write_grid_results",
+    "GridSlope", "LoweringResult", "LoweringSpec", "Measurement", "PEERS", "Peer", "PeerComparison", "RUNTIMES", "Runtime",
+    "Subject", "TRAINING_RUNTIMES", "check_spec", "compose_bench_config", "compose_bench_spec", "format_claims",
+    "format_grid_report", "peer_unavailable", "plan_claims", "plan_grid", "require_runtime", "run_bench", "run_claims",
+    "run_grid", "run_lowering", "runtime_unavailable", "write_claims", "write_grid_results",
 ]

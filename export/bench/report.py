@@ -15,7 +15,7 @@ from pathlib import Path
 
 from seqmix.tables import markdown_table
 
-from .results import ClaimOutcome, ClaimsResult, GridResult, GridRow, Measurement
+from .results import ClaimOutcome, ClaimsResult, GridResult, GridRow, LoweringResult, Measurement
 from .runtimes import RUNTIMES, TRAINING_RUNTIMES
 from .spec import BenchSpec
 
@@ -338,6 +338,66 @@ def format_claims(result: ClaimsResult) -> str:
                     f"D={spec.width}" + (f", options {dict(subject.options)}" if subject.options else ""))
             lines.append(f"- `{label}`: {what}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _median_range(timing: dict, digits: int) -> str:
+    """``12.3 [11.9–13.0]``: a Timing's (``as_dict``) median and fastest–slowest call, in ms."""
+    return f"{timing['median_ms']:.{digits}f} [{timing['low_ms']:.{digits}f}–{timing['high_ms']:.{digits}f}]"
+
+
+def lowering_table(reports: dict[str, dict]) -> str:
+    """One row per preset: the four ratios (of medians) and their inputs, times as median [fastest–slowest]."""
+    header = ["preset", "params", "ORT / eager at L", "int8: speed, size, metric change", "step at far / near (eager, ORT)",
+              "compile / eager training"]
+    body = []
+    for name, r in reports.items():
+        ort, q = r["onnxruntime_vs_eager"], r["int8_vs_fp32"]
+        growth = r.get("step_growth")
+        step_cell = "no step graph"
+        if growth:
+            capped = f", cache ≤ {growth['cache_limit']}" if growth["cache_limit"] else ""
+            step_cell = (f"{growth['eager_ratio']:.2f}, {growth.get('onnxruntime_ratio', float('nan')):.2f} "
+                         f"({growth['far']} vs {growth['near']}{capped})")
+        compiled = r.get("compile_vs_eager_training")
+        compile_cell = (f"{compiled['speedup']:.2f}× ({_median_range(compiled['eager'], 0)} → "
+                        f"{_median_range(compiled['compiled'], 0)} ms)") if compiled else "not run"
+        ort_cell = (f"{ort['speedup']:.2f}× ({_median_range(ort['eager'], 1)} → {_median_range(ort['onnxruntime'], 1)} ms, "
+                    f"L={ort['length']})")
+        int8_cell = (f"{q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.4f} "
+                     f"{'pts' if q['metric'] == 'accuracy' else 'bpb'}")
+        body.append([name, f"{r['parameters']:,}", ort_cell, int8_cell, step_cell, compile_cell])
+    return markdown_table(header, body, right=range(1, len(header)))
+
+
+def throughput_line(measured: dict) -> str:
+    """``matmul_throughput``'s result as one sentence for the report."""
+    rows, inner, columns = measured["shape"]
+    return (f"float32 matmul ({rows}×{inner} · {inner}×{columns}, {measured['threads']} threads, {measured['cpu']}): "
+            f"PyTorch {measured['torch_gflops']:.0f} GFLOP/s, ONNX Runtime {measured['onnxruntime_gflops']:.0f} GFLOP/s")
+
+
+def format_lowering(result: LoweringResult) -> str:
+    """What lowering buys as Markdown: one row per model, then the machine's matmul throughput."""
+    return "\n".join([
+        "## What lowering buys",
+        "",
+        f"torch {result.environment['torch']}, {result.environment['threads']} torch threads; ratios of medians, "
+        "times as median [fastest–slowest] in ms.",
+        "",
+        lowering_table(result.reports),
+        "",
+        throughput_line(result.matmul),
+    ]) + "\n"
+
+
+def write_lowering(result: LoweringResult, out_dir: str | Path) -> list[Path]:
+    """lowering.md (the table) and lowering.json (everything) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = out / "lowering.md", out / "lowering.json"
+    md_path.write_text(format_lowering(result), encoding="utf-8")
+    json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [md_path, json_path]
 
 
 def write_claims(result: ClaimsResult, out_dir: str | Path) -> list[Path]:

@@ -189,6 +189,25 @@ class ClaimsResult:
         }
 
 
+@dataclass
+class LoweringResult:
+    """Everything ``run_lowering`` produced: per model, its ``lowering.lowering_report`` (ratios of
+    medians with their Timings), and the machine's float32 matmul throughput as their context."""
+
+    spec: BenchSpec
+    environment: dict
+    reports: dict[str, dict]
+    matmul: dict
+
+    @property
+    def failed(self) -> bool:
+        """Never: a model that cannot be measured stops the run with its error instead."""
+        return False
+
+    def to_dict(self) -> dict:
+        return {"spec": spec_dict(self.spec), "environment": self.environment, "matmul": self.matmul, "reports": self.reports}
+
+
 def record_timing(row: GridRow | Measurement, timing: Timing) -> None:
     """Copy a Timing into a grid row or a claims measurement."""
     row.time_ms, row.time_low_ms, row.time_high_ms = timing.median_ms, timing.low_ms, timing.high_ms

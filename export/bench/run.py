@@ -22,28 +22,38 @@ L is above the runtime's ``max_length``, the estimated attention scores exceed
 
 ``run_claims`` measures the pairs behind the claims, their timed runs interleaved so drift hits
 both sides alike, each side's Timing built with ``seqmix.timing.time_once`` and ``summarize``.
+
+``run_lowering`` measures what lowering buys each model, a preset or a trained run
+(``lowering.lowering_report``), and the machine's matmul throughput beside them.
 """
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from seqmix import SeqmixError
+from seqmix.configs import compose_config
+from seqmix.model.checkpoint import instantiate_model
 from seqmix.registry import build_mixer
+from seqmix.tasks.base import Task
 from seqmix.timing import summarize, time_calls, time_once
+from seqmix.training.checkpoints import load_run
+from seqmix.training.experiment import adapt_model_config, build_task
 
 from ..onnx_export import ExportMismatch
+from .lowering import as_builtin, lowering_report, matmul_throughput
 from .measure import environment, peak_mib
 from .peers import PEERS, peer_unavailable
-from .report import format_claims, format_grid_report, write_claims, write_grid_results
+from .report import format_claims, format_grid_report, format_lowering, write_claims, write_grid_results, write_lowering
 from .results import (
-    ClaimsResult, GridResult, GridRow, Measurement, add_ratios, compare_peers, fit_grid_slopes, judge_claim, judge_grid_claims,
+    ClaimsResult, GridResult, GridRow, LoweringResult, Measurement, add_ratios, compare_peers, fit_grid_slopes, judge_claim, judge_grid_claims,
     record_timing,
 )
 from .runtimes import RUNTIMES, TRAINING_RUNTIMES, Prepared, prepare, require_runtime, runtime_unavailable
@@ -228,6 +238,32 @@ def run_claims(spec: BenchSpec, progress: bool | None = None) -> ClaimsResult:
     return ClaimsResult(spec, environment({}), measurements, outcomes)
 
 
+def _lowering_models(spec: BenchSpec) -> Iterator[tuple[str, nn.Module, Task]]:
+    """(label, model, task) of each trained run, as saved, then of each preset built for ``lowering.task``."""
+    for run_dir in spec.lowering.runs:
+        model, record = load_run(run_dir)
+        yield f"{record['preset']['model']} ({run_dir})", model, build_task(record["task"])
+    for subject in spec.presets:
+        composed = compose_config([f"model={subject.name}", f"task={spec.lowering.task}", *subject.overrides])
+        task = build_task(composed.task)
+        torch.manual_seed(0)
+        yield subject.label, instantiate_model(adapt_model_config(composed.model, task)), task
+
+
+def run_lowering(spec: BenchSpec, progress: bool | None = None) -> LoweringResult:
+    """Measure what lowering buys each model of ``spec`` (exported into ``out_dir/<preset>``) at
+    L = ``spec.lengths[0]``, compiled training too when ``compile`` is in ``spec.runtimes``."""
+    show = spec.progress if progress is None else progress
+    count = len(spec.lowering.runs) + len(spec.presets)
+    reports = {}
+    for name, model, task in tqdm(_lowering_models(spec), total=count, disable=not show, unit="model", dynamic_ncols=True):
+        reports[name] = as_builtin(lowering_report(
+            model, task, Path(spec.out_dir) / name.split(" ")[0], length=spec.lengths[0], far=spec.lowering.far,
+            compile_training="compile" in spec.runtimes,
+        ))
+    return LoweringResult(spec, environment({}), reports, as_builtin(matmul_throughput()))
+
+
 @dataclass
 class BenchRun:
     """What one ``run_bench`` did: the printable report, the files written, whether anything failed."""
@@ -238,7 +274,10 @@ class BenchRun:
 
 
 def run_bench(spec: BenchSpec) -> BenchRun:
-    """Run the grid or the claims of ``spec`` and write their files to ``spec.out_dir``."""
+    """Run the grid, the claims or the lowering report of ``spec`` and write their files to ``spec.out_dir``."""
+    if spec.mode == "lowering":
+        lowering = run_lowering(spec)
+        return BenchRun(format_lowering(lowering), write_lowering(lowering, spec.out_dir), lowering.failed)
     if spec.mode == "claims":
         claims = run_claims(spec)
         return BenchRun(format_claims(claims), write_claims(claims, spec.out_dir), claims.failed)

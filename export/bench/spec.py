@@ -1,9 +1,10 @@
 """What one benchmark run measures: ``BenchSpec``, composed from ``conf/bench/*.yaml`` and checked
 field by field, the paper claims and targets it judges (``Claim``), and the cells it plans.
 
-Two modes share the spec: ``grid`` times every subject × runtime × pass × L (``run.run_grid``) and
-judges its ``claims`` from those rows (targets such as conf/bench/operators.yaml's slopes);
-``claims`` measures each claim's two sides with their timed runs interleaved (``run.run_claims``).
+Three modes share the spec: ``grid`` times every subject × runtime × pass × L (``run.run_grid``)
+and judges its ``claims`` from those rows (targets such as conf/bench/operators.yaml's slopes);
+``claims`` measures each claim's two sides with their timed runs interleaved (``run.run_claims``);
+``lowering`` measures what lowering buys whole models, presets or trained runs (``run.run_lowering``).
 """
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ from .peers import PEER_RUNTIMES, PEERS, peer_unavailable
 from .runtimes import COMPILE_BACKENDS, RUNTIMES
 from .subjects import Subject, build_subject, expand_mixers, parse_mixer, parse_preset
 
-MODES = ("grid", "claims")
+MODES = ("grid", "claims", "lowering")
 # speed: baseline time / subject time, at least the figure; memory: subject peak / baseline peak,
 # at most the figure; slope: the subject's log-log slope of time against L, at most the figure.
 METRICS = ("speed", "memory", "slope")
 # The runtimes of the claims mode; the grid judges its claims on any runtime it runs.
 CLAIM_RUNTIMES = PEER_RUNTIMES
+# The lowering mode compares eager with ONNX Runtime always, and with compiled training when "compile" is listed.
+LOWERING_RUNTIMES = ("eager", "onnxruntime", "compile")
 ROOT_CONFIG = "bench_root"
 
 
@@ -61,19 +64,52 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class LoweringSpec:
+    """What the lowering mode measures besides ``bench.presets``.
+
+    Attributes:
+        runs: trained run directories, each measured as saved, on its own task.
+        task: the task preset (``conf/task/<task>.yaml``) the presets are built for and scored on;
+            ``task.*`` entries of ``bench.preset_overrides`` adjust it.
+        far: the far position P of the streaming-step comparison (against position 64), tokens.
+    """
+
+    runs: tuple[str, ...] = ()
+    task: str = "byte_lm"
+    far: int = 8192
+
+    @classmethod
+    def from_config(cls, raw) -> LoweringSpec:
+        """The ``bench.lowering`` block checked: its keys, the task preset, the far position."""
+        known = [f.name for f in fields(cls)]
+        if not isinstance(raw, Mapping) or set(raw) - set(known):
+            extra = sorted(set(raw) - set(known)) if isinstance(raw, Mapping) else raw
+            raise SeqmixError(f"bench.lowering: {extra!r} is not valid; expected the keys {known}")
+        spec = cls(tuple(raw.get("runs") or ()), raw.get("task", cls.task), raw.get("far", cls.far))
+        tasks = config_groups().get("task", [])
+        if spec.task not in tasks:
+            raise choice_error("bench.lowering.task", spec.task, tasks)
+        require_int("bench", "lowering.far", spec.far, 1, "the far position of the step comparison")
+        return spec
+
+
+@dataclass(frozen=True)
 class BenchSpec:
     """A benchmark run, as ``conf/bench/*.yaml`` describes it (``BenchSpec.from_config``).
 
     Attributes:
-        mode: ``grid`` (``run.run_grid``) or ``claims`` (``run.run_claims``).
+        mode: ``grid`` (``run.run_grid``), ``claims`` (``run.run_claims``) or ``lowering``
+            (``run.run_lowering``).
         mixers: mixer subjects, ``name`` or ``name/impl``; ``*`` and ``name/*`` expanded
             (``subjects.expand_mixers``).
         mixer_options: {mixer name: keyword options} for every subject of that mixer (and its peer).
         presets: model presets (``conf/model/``).
         preset_overrides: Hydra overrides applied to every preset subject, after its own.
-        runtimes: from ``runtimes.RUNTIMES``.
+        runtimes: from ``runtimes.RUNTIMES`` (lowering mode: ``LOWERING_RUNTIMES``, eager and
+            onnxruntime among them).
         passes: from ``PASSES``.
-        lengths: sequence lengths L, measured in increasing order.
+        lengths: sequence lengths L, measured in increasing order (lowering mode: one L, of the
+            parallel-graph timings).
         batch: B.
         width: D of the mixers and peers.
         repeats: timed runs per cell (the median is reported); warmup: untimed runs before them.
@@ -94,6 +130,7 @@ class BenchSpec:
             ``cuda``) or judged on (grid mode: one of ``runtimes``).
         claim_subjects: {label: Subject} the claims compare (claims mode).
         claims: {name: Claim}: papers' figures or seqmix's targets.
+        lowering: the lowering mode's trained runs, task and far position (``LoweringSpec``).
     """
 
     mode: str = "grid"
@@ -125,6 +162,7 @@ class BenchSpec:
     claim_runtime: str = "eager"
     claim_subjects: Mapping = field(default_factory=dict)
     claims: Mapping = field(default_factory=dict)
+    lowering: LoweringSpec = field(default_factory=LoweringSpec)
 
     @classmethod
     def from_config(cls, config: DictConfig | Mapping) -> BenchSpec:
@@ -159,6 +197,7 @@ class BenchSpec:
             for label, entry in (raw.get("claim_subjects") or {}).items()
         }
         values["claims"] = {name: _parse_claim(name, entry) for name, entry in (raw.get("claims") or {}).items()}
+        values["lowering"] = LoweringSpec.from_config(raw.get("lowering") or {})
         return cls(**values)
 
     def __post_init__(self):
@@ -209,6 +248,17 @@ class BenchSpec:
                 raise SeqmixError(f"bench.claim_runtime={self.claim_runtime!r} is not valid; the grid judges its "
                                   f"claims on one of its runtimes, {sorted(self.runtimes)}")
             sides = [s.label for s in self.grid_subjects()]
+        elif self.mode == "lowering":
+            if not self.presets and not self.lowering.runs:
+                raise SeqmixError("bench.mode=lowering needs bench.presets=[<preset>,...] or bench.lowering.runs=[<run dir>,...]")
+            if len(self.lengths) != 1:
+                raise SeqmixError(f"bench.lengths={list(self.lengths)} is not valid in bench.mode=lowering; "
+                                  "expected one L, the length of the parallel-graph timings")
+            if not {"eager", "onnxruntime"} <= set(self.runtimes) <= set(LOWERING_RUNTIMES):
+                raise SeqmixError(f"bench.runtimes={list(self.runtimes)} is not valid in bench.mode=lowering; expected "
+                                  f"eager and onnxruntime, and compile to time compiled training: a subset of {list(LOWERING_RUNTIMES)}")
+            if self.claims:
+                raise SeqmixError(f"bench.claims ({sorted(self.claims)}) are judged in bench.mode=grid or claims, not lowering")
         else:
             if not self.claims:
                 raise SeqmixError("bench.mode=claims needs bench.claims; see conf/bench/paper_claims.yaml")
@@ -334,9 +384,12 @@ def plan_claims(spec: BenchSpec) -> list[tuple[Subject, Subject, str, int]]:
 def check_spec(spec: BenchSpec) -> int:
     """Build every subject once (its config, options and overrides must be valid); time nothing.
 
-    Returns how many cells (grid) or pairs (claims) the spec would measure.
+    Returns how many cells (grid), pairs (claims) or models (lowering) the spec would measure.
     """
-    if spec.mode == "claims":
+    if spec.mode == "lowering":
+        subjects = spec.presets
+        planned = len(spec.presets) + len(spec.lowering.runs)
+    elif spec.mode == "claims":
         subjects = {s.label: s for pair in plan_claims(spec) for s in pair[:2]}.values()
         planned = len(plan_claims(spec))
     else:

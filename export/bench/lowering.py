@@ -1,4 +1,5 @@
-"""What lowering buys, per preset, measured as ratios within one process (shared machines are noisy).
+"""What lowering buys, per model, measured as ratios within one process (shared machines are noisy):
+the measurements of the benchmark's ``lowering`` mode (``conf/bench/lowering.yaml``, ``run.run_lowering``).
 
 - ``onnxruntime_vs_eager``: forward latency at (1, L) of the exported parallel graph on ONNX
   Runtime against eager PyTorch (``compare_latency``).
@@ -28,12 +29,11 @@ from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import Mixer, length_unit
 from seqmix.errors import require_int
-from seqmix.tables import markdown_table
 from seqmix.timing import Timing, time_calls, time_once
 
-from .bench.measure import cpu_name
-from .onnx_export import compare_latency, export_onnx, session
-from .quantize import compare_variant, make_variant
+from ..onnx_export import compare_latency, export_onnx, session
+from ..quantize import compare_variant, make_variant
+from .measure import cpu_name
 
 
 def _advance(model: nn.Module, position: int, generator: torch.Generator):
@@ -162,42 +162,6 @@ def lowering_report(model: nn.Module, task, out_dir: str | Path, length: int = 1
     if compile_training:
         report["compile_vs_eager_training"] = training_step_speedup(model)
     return report
-
-
-def _median_range(timing: dict, digits: int) -> str:
-    """``12.3 [11.9–13.0]``: a Timing's (``as_dict``) median and fastest–slowest call, in ms."""
-    return f"{timing['median_ms']:.{digits}f} [{timing['low_ms']:.{digits}f}–{timing['high_ms']:.{digits}f}]"
-
-
-def lowering_table(reports: dict[str, dict]) -> str:
-    """One row per preset: the four ratios (of medians) and their inputs, times as median [fastest–slowest]."""
-    header = ["preset", "params", "ORT / eager at L", "int8: speed, size, metric change", "step at far / near (eager, ORT)",
-              "compile / eager training"]
-    body = []
-    for name, r in reports.items():
-        ort, q = r["onnxruntime_vs_eager"], r["int8_vs_fp32"]
-        growth = r.get("step_growth")
-        step_cell = "no step graph"
-        if growth:
-            capped = f", cache ≤ {growth['cache_limit']}" if growth["cache_limit"] else ""
-            step_cell = (f"{growth['eager_ratio']:.2f}, {growth.get('onnxruntime_ratio', float('nan')):.2f} "
-                         f"({growth['far']} vs {growth['near']}{capped})")
-        compiled = r.get("compile_vs_eager_training")
-        compile_cell = (f"{compiled['speedup']:.2f}× ({_median_range(compiled['eager'], 0)} → "
-                        f"{_median_range(compiled['compiled'], 0)} ms)") if compiled else "not run"
-        ort_cell = (f"{ort['speedup']:.2f}× ({_median_range(ort['eager'], 1)} → {_median_range(ort['onnxruntime'], 1)} ms, "
-                    f"L={ort['length']})")
-        int8_cell = (f"{q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.4f} "
-                     f"{'pts' if q['metric'] == 'accuracy' else 'bpb'}")
-        body.append([name, f"{r['parameters']:,}", ort_cell, int8_cell, step_cell, compile_cell])
-    return markdown_table(header, body, right=range(1, len(header)))
-
-
-def throughput_line(measured: dict) -> str:
-    """``matmul_throughput``'s result as one sentence for the report."""
-    rows, inner, columns = measured["shape"]
-    return (f"float32 matmul ({rows}×{inner} · {inner}×{columns}, {measured['threads']} threads, {measured['cpu']}): "
-            f"PyTorch {measured['torch_gflops']:.0f} GFLOP/s, ONNX Runtime {measured['onnxruntime_gflops']:.0f} GFLOP/s")
 
 
 def as_builtin(value):
