@@ -267,8 +267,7 @@ def write_grid_results(result: GridResult, out_dir: str | Path) -> list[Path]:
     """results.json (everything), results.csv (one line per cell), report.md and, with ``plots``, the PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path, report_path = out / "results.json", out / "results.csv", out / "report.md"
-    json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    json_path, csv_path, report_path = _write_json(out / "results.json", result.to_dict()), out / "results.csv", out / "report.md"
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -390,23 +389,28 @@ def format_lowering(result: LoweringResult) -> str:
     ]) + "\n"
 
 
-def write_lowering(result: LoweringResult, out_dir: str | Path) -> list[Path]:
-    """lowering.md (the table) and lowering.json (everything) in ``out_dir``."""
+def _write_json(path: Path, data: dict) -> Path:
+    """``data`` as indented UTF-8 JSON at ``path``."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_markdown_and_json(out_dir: str | Path, stem: str, markdown: str, data: dict) -> list[Path]:
+    """``<stem>.md`` and ``<stem>.json`` in ``out_dir`` (created), in that order."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = out / "lowering.md", out / "lowering.json"
-    md_path.write_text(format_lowering(result), encoding="utf-8")
-    json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return [md_path, json_path]
+    md_path = out / f"{stem}.md"
+    md_path.write_text(markdown, encoding="utf-8")
+    return [md_path, _write_json(out / f"{stem}.json", data)]
+
+
+def write_lowering(result: LoweringResult, out_dir: str | Path) -> list[Path]:
+    """lowering.md (the table) and lowering.json (everything) in ``out_dir``."""
+    return _write_markdown_and_json(out_dir, "lowering", format_lowering(result), result.to_dict())
 
 
 def write_claims(result: ClaimsResult, out_dir: str | Path) -> list[Path]:
     """claims.md (the table) and claims.json (everything) in ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = out / "claims.md", out / "claims.json"
-    md_path.write_text(format_claims(result), encoding="utf-8")
-    json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return [md_path, json_path]
+    return _write_markdown_and_json(out_dir, "claims", format_claims(result), result.to_dict())
 
 
