@@ -83,7 +83,7 @@ def load(directory: Path) -> dict:
     """
     path = directory / "manifest.json"
     if not path.is_file():
-        raise ExportError(f"{path} does not exist; export the model with tools/export.py first")
+        raise ExportError(f"{path} does not exist; export the model with seqmix export first")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:

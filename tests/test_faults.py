@@ -112,7 +112,7 @@ def _killed_runs_resume_to_the_uninterrupted_metrics(tmp_path: Path, seed: int, 
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
-    """Fault: SIGKILL a tools/train.py run at a random point after a random checkpoint (which may
+    """Fault: SIGKILL a seqmix train run at a random point after a random checkpoint (which may
     land while the next checkpoint or a metrics row is being written). Outcome: train.resume=true
     finishes it with metrics.jsonl and final weights equal to an uninterrupted run's."""
     _killed_runs_resume_to_the_uninterrupted_metrics(tmp_path, seed=8, kills=1)
