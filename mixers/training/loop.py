@@ -10,10 +10,14 @@ processes compute what one process computes on the whole batch.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,22 +40,34 @@ from seqmix.training.checkpoints import (
 
 METRICS = "metrics.jsonl"
 NONFINITE_ACTIONS = ("stop", "skip")
+# The backends seqmix.compile.compile_model takes (the library never imports compile/; a test keeps the two equal).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
+SWITCHES = ("bf16", "resume", "tensorboard", "progress")
+POSITIVE_COUNTS = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every")
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most this
+LOCK = ".lock"
 
 
 @dataclass
 class TrainConfig:
     """Options of a training run (``conf/train/default.yaml`` mirrors them).
 
+    Every field is checked against its domain on construction (and again when ``train`` starts),
+    so a bad option raises SeqmixError naming it before anything is written to out_dir.
+
     Attributes:
-        out_dir: where checkpoints, metrics.jsonl and run.json go.
-        max_steps: optimizer steps.
+        out_dir: where checkpoints, metrics.jsonl and run.json go (a non-empty path).
+        max_steps: optimizer steps (>= 1).
         batch_size: sequences per optimizer step, over all processes and accumulation steps.
-        grad_accum: micro-batches per optimizer step.
-        lr, min_lr_ratio, warmup_steps: peak learning rate, the floor of the cosine decay as a
-            fraction of it, and linear warm-up steps.
-        weight_decay, beta1, beta2: AdamW's (no decay on biases, norms and EMA vectors).
-        grad_clip: max global gradient norm (0 disables).
-        bf16: run forward and backward under bfloat16 autocast.
+        grad_accum: micro-batches per optimizer step; divides batch_size.
+        lr, min_lr_ratio, warmup_steps: peak learning rate (finite, > 0), the floor of the cosine
+            decay as a fraction of it (in [0, 1]), and linear warm-up steps (>= 0).
+        weight_decay, beta1, beta2: AdamW's: decay finite and >= 0 (not on biases, norms and EMA
+            vectors), betas in [0, 1).
+        grad_clip: max global gradient norm, finite and >= 0; 0 turns clipping off.
+        bf16: run forward and backward under bfloat16 autocast (a bool, as are resume,
+            tensorboard and progress: the string "false" is refused, not read as true).
         eval_every, eval_batches: evaluate every N steps (and at the end) on this many batches.
         checkpoint_every: write a checkpoint every N steps (and at the end); keep_checkpoints of them.
         log_every: write a training row to metrics.jsonl every N steps.
@@ -61,11 +77,11 @@ class TrainConfig:
             goes on, logging a ``skipped`` row.
         max_nonfinite_skips: with ``skip``, the most non-finite steps in a row before the run
             stops anyway (a diverged run would otherwise skip every remaining step).
-        seed: seeds the parameter initialisation.
-        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        seed: seeds the parameter initialisation (an integer in [0, 2**64 - 1]).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:<index>``.
         tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
         progress: show a progress bar.
-        compile: None, or a torch.compile backend (``inductor``, ``aot_eager``, ...) to run the
+        compile: None, or a torch.compile backend (``COMPILE_BACKENDS``) to run the
             training forward through; ``seqmix train`` passes the compiled module to ``train``
             (the library itself never imports ``compile/``).
     """
@@ -97,17 +113,53 @@ class TrainConfig:
     compile: str | None = None
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SeqmixError naming the first field outside its domain (see the attributes)."""
+        if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
+            raise SeqmixError(f"train.out_dir={self.out_dir!r} is not valid; expected a non-empty path")
+        self.out_dir = os.fspath(self.out_dir)
+        for name in POSITIVE_COUNTS:
             require_int("train", name, getattr(self, name))
         require_int("train", "warmup_steps", self.warmup_steps, 0)
         require_int("train", "keep_checkpoints", self.keep_checkpoints, 1)
         require_int("train", "max_nonfinite_skips", self.max_nonfinite_skips, 1)
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            raise choice_error("train.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        require_int("train", "seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise SeqmixError(f"train.seed={self.seed} is not valid; expected an integer in [0, 2**64 - 1]")
         if self.batch_size % self.grad_accum:
             raise SeqmixError(f"train: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if not self.lr > 0:
-            raise SeqmixError(f"train: lr={self.lr!r} must be positive")
+        _require_number("lr", self.lr, 0.0, math.inf, "finite and > 0", low_open=True)
+        _require_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, "in [0, 1]: the floor of the decay as a fraction of lr")
+        _require_number("weight_decay", self.weight_decay, 0.0, math.inf, "finite and >= 0")
+        _require_number("beta1", self.beta1, 0.0, 1.0, "in [0, 1)", high_open=True)
+        _require_number("beta2", self.beta2, 0.0, 1.0, "in [0, 1)", high_open=True)
+        _require_number("grad_clip", self.grad_clip, 0.0, math.inf, "finite and >= 0; 0 turns clipping off")
+        for name in SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise SeqmixError(f"train.{name}={getattr(self, name)!r} is not valid; expected true or false")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise choice_error("train.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        check_device_name(self.device)
+        if self.compile is not None and self.compile not in COMPILE_BACKENDS:
+            raise SeqmixError(f"train.compile={self.compile!r} is not valid; expected null or one of {list(COMPILE_BACKENDS)}")
+
+
+def _require_number(name: str, value, low: float, high: float, domain: str, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise unless ``value`` is a finite int or float between ``low`` and ``high`` (bools are not numbers here)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    finite = number and (not isinstance(value, float) or math.isfinite(value))
+    above = finite and (value > low if low_open else value >= low)
+    below = finite and (value < high if high_open else value <= high)
+    if not (above and below):
+        raise SeqmixError(f"train.{name}={value!r} is not valid; expected a number {domain}")
+
+
+def check_device_name(name) -> None:
+    """Raise unless ``name`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>`` (whether it exists is ``pick_device``'s)."""
+    if not (isinstance(name, str) and (name in DEVICES or re.fullmatch(r"cuda:[0-9]+", name))):
+        raise SeqmixError(f"train.device={name!r} is not valid; expected one of {list(DEVICES)} or cuda:<index>")
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -227,12 +279,16 @@ def _world() -> tuple[int, int]:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
+    """``auto`` picks CUDA when available; asking for a CUDA device that is not there is an error."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SeqmixError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SeqmixError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SeqmixError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
@@ -256,6 +312,82 @@ def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
     return out_dir
 
 
+@contextmanager
+def run_dir_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the run directory ``out_dir`` (created when missing) for the block.
+
+    The lock is ``fcntl.flock`` on ``out_dir/.lock``, a file that holds the holder's pid. The
+    kernel drops it when the holder exits or is killed, so a crashed run never leaves its
+    directory locked. While it is held, a second process (or a second run in this one) is
+    refused with a SeqmixError naming the holder's pid. When the block fails in a directory it
+    created and that holds nothing but the lock, the directory is removed again.
+    """
+    out_dir = Path(out_dir).absolute()
+    created = _outermost_missing(out_dir)
+    path = out_dir / LOCK
+    handle = _acquire_lock(path)
+    try:
+        yield out_dir
+    except BaseException:
+        if created is not None and list(out_dir.iterdir()) == [path]:
+            path.unlink()
+            _remove_empty_dirs(out_dir, created)
+        raise
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _acquire_lock(path: Path):
+    """The open lock file ``path``, locked by this process with its pid written in; SeqmixError when another holds it."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown (it is starting)"
+            handle.close()
+            raise SeqmixError(
+                f"train.out_dir={str(path.parent)!r} is in use: the process with pid {holder} is training into it "
+                f"(it holds {path}); wait for that run to end, or stop it, before training into this directory"
+            ) from None
+        # A holder that failed in a directory it had created unlinks the file before unlocking it:
+        # the lock is only ours when the file we locked is still the one at ``path``.
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), path.stat()):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (None when ``path`` exists)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_empty_dirs(path: Path, outermost: Path) -> None:
+    """Remove ``path`` and its parents up to ``outermost`` while they are empty."""
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == outermost:
+            return
+        path = path.parent
+
+
 def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, forward_module: nn.Module | None = None) -> RunResult:
     """Train ``model`` on ``task`` as ``config`` says; resume when asked.
 
@@ -266,7 +398,12 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
         run_record: what to store in run.json (the resolved model and task configs).
         forward_module: what runs the training forward, sharing ``model``'s parameters (e.g. a
             torch.compile wrapper); ``model`` itself when None.
+
+    Everything that can refuse the run's options (their domains, the device, the optimizer) runs
+    before anything is written to out_dir. The run directory is then locked for the whole run
+    (``run_dir_lock``): a second process training into it is refused with the holder's pid.
     """
+    config.validate()
     rank, world = _world()
     if config.batch_size % (world * config.grad_accum):
         raise SeqmixError(
@@ -274,16 +411,26 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
         )
     check_targets(run_record.get("task", {}), "task")
     device = pick_device(config.device)
-    out_dir = Path(config.out_dir)
     if config.tensorboard and rank == 0:
         _require_tensorboard()
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    with run_dir_lock(config.out_dir) if rank == 0 else nullcontext():
+        return _train_in_locked_dir(model, task, config, run_record, forward_module, device, optimizer)
+
+
+def _train_in_locked_dir(
+    model: nn.Module, task: Task, config: TrainConfig, run_record: dict, forward_module: nn.Module | None,
+    device: torch.device, optimizer: torch.optim.Optimizer,
+) -> RunResult:
+    """``train`` once its options are checked, the model is on ``device`` and rank 0 holds the run directory's lock."""
+    rank, world = _world()
+    out_dir = Path(config.out_dir)
     if rank == 0:
         prepare_out_dir(config, run_record)
     writer = _tensorboard(out_dir) if (config.tensorboard and rank == 0) else None
     if world > 1:
         dist.barrier()
-    model.to(device)
-    optimizer = make_optimizer(model, config)
     start = 0
     if config.resume:
         checkpoint = latest_checkpoint(out_dir)
