@@ -1,8 +1,8 @@
 """seqmix: pluggable sequence mixers behind one streaming contract.
 
 Importing the package registers every built-in mixer, so ``build_mixer(name, d_model)`` works
-for each name in ``list_mixers()``. The classes and functions below are also the names configs
-build from (``_target_: seqmix.EMA``; see ``seqmix.targets``).
+for each name in ``list_mixers()``. Configs and saved models name these parts by their registered
+names (``{mixer: ema}``, ``{norm: rmsnorm}``); see ``seqmix.model.description``.
 """
 from seqmix.contract import Mixer, State
 from seqmix.errors import SeqmixError

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks
+from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.errors import SeqmixError, require_int
 from seqmix.threads import apply_thread_policy
 
@@ -178,19 +178,20 @@ class EvaluateOptions:
     checkpoint: str
     batches: int
     batch_size: int
+    allow_unverified: bool
 
 
 def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
     from seqmix.training.checkpoints import load_run
-    from seqmix.training.experiment import build_task
     from seqmix.training.loop import evaluate
+    from seqmix.training.records import build_task
 
     require_int("evaluate", "batches", options.batches)
     require_int("evaluate", "batch_size", options.batch_size)
-    model, record = load_run(options.checkpoint)
+    model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
     if "task" not in record:
         raise SeqmixError(f"{options.checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
-    task = build_task(record["task"])
+    task = build_task(record["task"], trust_paths=False)
     scores = evaluate(model, task, options.batch_size, options.batches, "cpu")
     print(json.dumps({"task": type(task).name, **scores}, indent=2))
     return 0
@@ -204,6 +205,7 @@ class GenerateOptions:
     temperature: float
     top_k: int | None
     seed: int
+    allow_unverified: bool
 
 
 def run_generate(options: GenerateOptions, choices: dict) -> int:
@@ -215,7 +217,7 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     require_int("generate", "tokens", options.tokens, 0)
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
-    model, _ = load_run(options.checkpoint)
+    model, _ = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
     if model.vocab_size < 256:
         raise SeqmixError(f"the model's vocabulary has {model.vocab_size} tokens; text needs a byte model (256)")
     if not options.prompt:
@@ -251,16 +253,19 @@ class ExportOptions:
     quantize: str | None
     out: str | None
     length: int
+    allow_unverified: bool
 
 
 def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.export.formats import check_export_options, export_model, summary_lines
     from seqmix.training.checkpoints import load_run
-    from seqmix.training.experiment import build_task
+    from seqmix.training.records import build_task
 
     check_export_options(options.format, options.quantize, options.length)
-    model, record = load_run(options.checkpoint)
-    task = build_task(record["task"])
+    model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
+    if "task" not in record:
+        raise SeqmixError(f"{options.checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
+    task = build_task(record["task"], trust_paths=False)
     out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
     manifest = export_model(model, task, options.format, out, options.quantize, options.length)
     graphs = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".pte", ".engine"))
@@ -466,6 +471,7 @@ def _sweep(command: Command, argv: list[str]) -> int:
             sys.exit(status)
 
     sys.argv = [f"{PROGRAM} {command.name}", *argv]
+    store_code_defaults()
     hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base="1.3")(job)()
     return 0
 

@@ -33,6 +33,38 @@ def preset_picks(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if "=" in o and (o.split("=", 1)[0].lstrip("+") in groups or o.startswith("hydra."))]
 
 
+DEFAULTS_GROUP = "defaults_of"
+"""The config group of nodes generated from the code: ``defaults_of/<kind>/<name>`` holds every option of a
+registered part with its default (``defaults_of/block`` and ``defaults_of/ffn`` for the single-class parts)."""
+
+
+def store_code_defaults() -> None:
+    """Register the ``defaults_of`` nodes with Hydra's ConfigStore.
+
+    A config file pulls in the node of its part (``- /defaults_of/mixer/ema@_here_`` in its defaults
+    list) and then sets only the options that differ, so defaults live in the code alone while the
+    composed config still lists every option (and every option can be overridden without ``+``).
+    Mixers registered by plugins get their node too.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from seqmix.model.description import HEAD_PARTS, NORM_PARTS, part_defaults
+    from seqmix.registry import list_mixers
+    from seqmix.tasks import TASKS
+    from seqmix.training.records import task_description
+
+    store = ConfigStore.instance()
+    for name in list_mixers():
+        store.store(group=f"{DEFAULTS_GROUP}/mixer", name=name, node=part_defaults("mixer", name))
+    for kind, registry in (("norm", NORM_PARTS), ("head", HEAD_PARTS)):
+        for name in registry:
+            store.store(group=f"{DEFAULTS_GROUP}/{kind}", name=name, node=part_defaults(kind, name))
+    for kind in ("block", "ffn"):
+        store.store(group=DEFAULTS_GROUP, name=kind, node=part_defaults(kind))
+    for name in TASKS:
+        store.store(group=f"{DEFAULTS_GROUP}/task", name=name, node=task_description({"task": name}))
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config", with_choices: bool = False) -> DictConfig:
     """The root config with Hydra overrides applied, e.g. ["model=megalodon", "model.d_model=256"].
 
@@ -47,6 +79,7 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config", w
 
     if not CONF_DIR.is_dir():
         raise SeqmixError(f"the config directory {CONF_DIR} is missing; reinstall seqmix (pip install seqmix)")
+    store_code_defaults()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_choices)

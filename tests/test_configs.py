@@ -5,16 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import seqmix
-from seqmix.layers.blocks import FeedForward
-from seqmix.model.checkpoint import check_targets
 from seqmix.configs import CONF_DIR, compose_config
+from seqmix.layers.blocks import FeedForward
 from seqmix.layers.norms import LayerNorm, TimestepNorm
-from seqmix.model.sequence_model import registered_mixer_factory
+from seqmix.model.description import part_factory
 from seqmix.training.loop import TrainConfig
+from seqmix.training.records import build_task
 
 WIDTH = 16
 CONFIG_FILES = sorted(CONF_DIR.rglob("*.yaml"))
@@ -67,10 +66,10 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         _run_model(seqmix.instantiate_model(compose_config([f"model={path.stem}"]).model))
         return
     if group == "task":
-        config = OmegaConf.load(path)
+        config = compose_config([f"task={path.stem}"]).task
         if "cache_dir" in config:  # keep the byte corpus small and out of the user's cache
             config.cache_dir, config.max_bytes = str(tmp_path), 100_000
-        task = instantiate(config)
+        task = build_task(config)
         batch = task.batch("train", 0, 2)
         assert batch.inputs.shape == (2, task.seq_len) and int(batch.inputs.max()) < task.vocab_size
         return
@@ -97,9 +96,8 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         candidate = settings.space.suggest(trial, OmegaConf.to_container(config.model, resolve=True))
         _run_model(seqmix.instantiate_model(candidate.model_config))
         return
-    loaded = OmegaConf.to_container(OmegaConf.load(path))
-    # A mixer config may name its mixer by registered name instead of a target.
-    factory = registered_mixer_factory(loaded, str(path)) if "mixer" in loaded else instantiate(loaded)
+    # A part's config, composed as a model preset would compose it.
+    factory = part_factory(group, compose_config([f"+{group}@probe={path.stem}"]).probe, str(path))
     if group == "mixer":
         _run_sequence_module(factory(WIDTH))
     elif group == "norm":
@@ -108,7 +106,7 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
     elif group == "ffn":
         _run_sequence_module(factory(WIDTH))
     elif group == "block":
-        residual = OmegaConf.load(path).residual
+        residual = compose_config([f"+{group}@probe={path.stem}"]).probe.residual
         mixer_name = "gated_attention" if residual in ("gated", "two_hop") else "ema"
         mixer = seqmix.build_mixer(mixer_name, WIDTH, **({"normalized": True} if residual == "two_hop" else {}))
         _run_sequence_module(factory(d_model=WIDTH, mixer=mixer, ffn=FeedForward(WIDTH), norm=LayerNorm))
@@ -129,5 +127,5 @@ def test_configs_were_found():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(CONF_DIR)) for p in CONFIG_FILES])
 def test_config_builds_and_trains_a_step(path, tmp_path):
     torch.manual_seed(0)
-    check_targets(OmegaConf.to_container(OmegaConf.load(path)))
+    assert "_target_" not in path.read_text(), "configs name registered parts, never code paths"
     _build_and_run(path, tmp_path)

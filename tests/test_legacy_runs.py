@@ -1,4 +1,8 @@
-"""Runs saved by seqmix 0.1.0 (module paths like ``mixers.ema.EMA`` in their configs) still load and compute the same."""
+"""Runs saved by older seqmix versions, whose configs named code paths, still load, compute the same and resume.
+
+seqmix 0.1.0 wrote module paths of its checkout (``mixers.ema.EMA``), 0.2.0 public ``_target_``
+names (``seqmix.EMA``); both are translated into registry-name descriptions by a frozen table.
+"""
 from __future__ import annotations
 
 import json
@@ -7,38 +11,45 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from seqmix import SeqmixError
-from seqmix.training.experiment import build_task
-from seqmix.targets import LEGACY_TARGETS, check_targets, translate_legacy_targets
+from seqmix.model.description import model_description
+from seqmix.model.legacy import LEGACY_TARGETS, translate
 from seqmix.training.checkpoints import load_run
+from seqmix.training.records import build_task, same_run
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "runs_0.1.0"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+VERSIONS = {"0.1.0": "_target_: mixers.", "0.2.0": "_target_: seqmix."}
 PRESETS = ["mega", "megalodon", "hybrid_tcn_attention"]
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_a_run_saved_by_0_1_0_loads_and_gives_the_same_logits(preset):
-    run = FIXTURES / preset
+def test_an_old_run_loads_and_gives_the_same_logits(version, preset):
+    run = FIXTURES / f"runs_{version}" / preset
     saved = (run / "checkpoints" / "step-00000003" / "config.yaml").read_text()
-    assert "_target_: mixers." in saved, "the fixture must keep the old module paths"
+    assert VERSIONS[version] in saved, "the fixture must keep the old form"
     model, record = load_run(run)
-    expected = load_file(str(FIXTURES / f"{preset}.expected.safetensors"))
+    expected = load_file(str(FIXTURES / f"runs_{version}" / f"{preset}.expected.safetensors"))
     with torch.no_grad():
         logits = model.eval()(expected["tokens"])
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
     assert record["preset"]["model"] == preset
+    assert "_target_" not in json.dumps(record) and "_target_" not in json.dumps(model.config)
     assert build_task(record["task"]).vocab_size == 64
 
 
-def test_a_run_saved_by_0_1_0_resumes(tmp_path):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_old_run_resumes_with_todays_config(version, tmp_path):
     from seqmix.configs import compose_config
     from seqmix.training.experiment import build_experiment
     from seqmix.training.loop import train
 
     run = tmp_path / "mega"
-    shutil.copytree(FIXTURES / "mega", run)
+    shutil.copytree(FIXTURES / f"runs_{version}" / "mega", run)
     old = json.loads((run / "run.json").read_text())
     config = compose_config([
         "model=mega", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
@@ -47,17 +58,25 @@ def test_a_run_saved_by_0_1_0_resumes(tmp_path):
         "train.progress=false", "train.device=cpu", "train.resume=true", f"train.out_dir={run}",
     ])
     experiment = build_experiment(config)
-    assert experiment.model_config == translate_legacy_targets(old["model"])
-    result = train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    record = {"model": experiment.model_config, "task": experiment.task_config}
+    assert experiment.model_config == model_description(old["model"])
+    assert same_run(old, record)
+    result = train(experiment.model, experiment.task, experiment.train, record)
     assert result.checkpoint.name == "step-00000004"
 
 
-def test_every_legacy_target_translates_to_an_allowed_one():
-    config = {"_target_": next(iter(LEGACY_TARGETS)), "parts": [{"_target_": old} for old in LEGACY_TARGETS]}
-    check_targets(translate_legacy_targets(config))
+def test_every_old_target_translates_to_a_registered_part():
+    for target, (kind, name) in LEGACY_TARGETS.items():
+        translated = translate({"_target_": target, "_partial_": True})
+        assert "_target_" not in translated and (name is None or translated[kind] == name)
 
 
-@pytest.mark.parametrize("target", ["mixers.checkpoint.os.system", "seqmix.model.checkpoint.os.system", "seqmix.os.system", "mixers.os.system"])
-def test_a_target_behind_an_allowed_prefix_is_refused(target):
-    with pytest.raises(SeqmixError, match="not something seqmix builds"):
-        check_targets(translate_legacy_targets({"_target_": target}))
+@given(st.sampled_from(sorted(LEGACY_TARGETS)), st.text(min_size=1, max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_a_target_outside_the_frozen_table_is_refused(known, suffix):
+    """Anything reachable behind a known path (``seqmix.EMA.os``, ``seqmix.model.checkpoint.os.system``) is refused."""
+    for target in (f"{known}.{suffix}", f"{known.rsplit('.', 1)[0]}.{suffix}", f"{suffix}.{known}"):
+        if target in LEGACY_TARGETS:
+            continue
+        with pytest.raises(SeqmixError, match="not a part seqmix builds"):
+            translate({"model": {"ffn": {"_target_": target}}})

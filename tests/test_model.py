@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
+from seqmix.model.checkpoint import write_checksums
 
 from conftest import SEQMIX
 
@@ -55,7 +56,7 @@ def test_save_then_load_gives_identical_outputs(preset, tmp_path):
     model = build(f"model={preset}").eval()
     tokens = torch.randint(0, model.vocab_size, (2, 33))
     seqmix.save_model(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checksums.json", "config.yaml", "model.safetensors"]
     loaded = seqmix.load_model(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
@@ -67,10 +68,10 @@ def test_load_refuses_targets_outside_the_project(tmp_path):
     seqmix.save_model(model, tmp_path)
     config = (tmp_path / "config.yaml").read_text()
     marker = tmp_path / "pwned"
-    (tmp_path / "config.yaml").write_text(
-        config.replace("_target_: seqmix.FeedForward", "_target_: os.system\n  command: touch " + str(marker), 1)
-    )
-    with pytest.raises(SeqmixError, match="os.system.*not something seqmix builds"):
+    (tmp_path / "config.yaml").write_text(config.replace("ffn:\n", "ffn:\n  _target_: os.system\n  command: touch " + str(marker) + "\n", 1))
+    # Whoever edits the config can rewrite the checksums too: the description itself must refuse.
+    write_checksums(tmp_path)
+    with pytest.raises(SeqmixError, match="os.system.*not a part seqmix builds"):
         seqmix.load_model(tmp_path)
     assert not marker.exists()
 

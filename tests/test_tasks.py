@@ -12,11 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-
-from seqmix.configs import CONF_DIR
-from seqmix.targets import public_target
+from seqmix.configs import CONF_DIR, compose_config
 from seqmix.errors import SeqmixError
 from seqmix.tasks import IGNORE, TASKS, build_task, list_tasks
 from seqmix.tasks import byte_lm as byte_lm_module
@@ -25,6 +21,7 @@ from seqmix.tasks.listops import ListOps, encode, evaluate, parse, render, token
 from seqmix.tasks.masked_segment import MASK, MaskedSegment
 from seqmix.tasks.mqar import MQAR
 from seqmix.tasks.selective_copying import SelectiveCopying
+from seqmix.training.records import build_task as build_task_from_config
 
 SMALL = {
     "byte_lm": dict(seq_len=64, max_bytes=20_000),
@@ -179,16 +176,16 @@ def test_every_task_has_a_config():
 
 
 @pytest.mark.parametrize("path", TASK_CONFIGS, ids=[p.name for p in TASK_CONFIGS])
-def test_config_lists_every_option_with_its_default_and_instantiates(path, cache_dir):
+def test_config_composes_to_every_option_with_its_code_default_and_builds(path, cache_dir):
     assert path.read_text().startswith("# ")
-    config = OmegaConf.load(path)
+    config = compose_config([f"task={path.stem}"]).task
     cls = TASKS[path.stem]
-    assert config._target_ == public_target(cls)
+    assert config.task == path.stem
     parameters = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
-    assert {k: v for k, v in OmegaConf.to_container(config).items() if k != "_target_"} == parameters
+    assert {k: v for k, v in config.items() if k != "task"} == parameters
     # Corpus tasks get a test cache instead of writing into the user's home.
     overrides = {"cache_dir": str(cache_dir), "max_bytes": 20_000} if "cache_dir" in config else {}
-    task = instantiate(config, **overrides)
+    task = build_task_from_config({**config, **overrides})
     assert type(task) is cls
     assert task.batch("train", 0, 2).inputs.shape == (2, task.seq_len)
 

@@ -1,13 +1,19 @@
-"""Build a model from its config, save it, and load it back without unpickling anything.
+"""Build a model from its description, save it, and load it back without unpickling or calling anything.
 
-A saved model is a directory with ``model.safetensors`` (the weights) and ``config.yaml`` (the
-resolved model config). Loading instantiates only the public targets of ``seqmix.targets``, so a
-config cannot make the loader import or call anything else (``os.system``, say); configs saved by
-seqmix 0.1.0, which name its module paths, are translated first.
+A saved model is a directory with ``model.safetensors`` (the weights), ``config.yaml`` (the
+model's description: registry names and options, see ``seqmix.model.description``) and
+``checksums.json`` (the sha256 of every other file). Loading
 
-A training checkpoint adds ``checksums.json``: the sha256 of every other file in the directory,
-written before the directory is renamed into place. Loaders verify it before reading anything,
-so a truncated or corrupted file is refused by name instead of being half-loaded.
+1. refuses symlinks and verifies every file against ``checksums.json`` (a directory without it
+   loads only when the caller passes ``allow_unverified=True``);
+2. reads the description, which can name nothing but registered parts (configs of older seqmix
+   versions, which named code paths, go through a frozen translation table);
+3. reads only the safetensors *header* and checks the description against it: vocabulary,
+   width and layer count first, then every tensor shape of the model built on the meta device
+   (no memory), and the model's total size against the weights' size;
+4. and only then builds the model and copies the weights in.
+
+So a config asking for a huge model is refused before anything is allocated.
 """
 from __future__ import annotations
 
@@ -15,42 +21,38 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.errors import SeqmixError
-from seqmix.targets import check_targets, translate_legacy_targets
+from seqmix.model.description import build_described_model, model_description
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 CHECKSUMS = "checksums.json"
 
+SIZE_SLACK_BYTES = 64 << 20
+"""What a model may hold beyond twice its stored weights (buffers the file does not carry)."""
 
-def instantiate_model(config: DictConfig | dict):
-    """Build the model a ``conf/model`` config describes, remembering the resolved config on it."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
-    config = OmegaConf.create(config) if isinstance(config, dict) else config
-    resolved = translate_legacy_targets(OmegaConf.to_container(config, resolve=True))
-    check_targets(resolved)
-    try:
-        model = instantiate(resolved, _convert_="all")
-    except InstantiationException as error:
-        # Hydra wraps our own validation errors; surface them as they were raised.
-        if isinstance(error.__cause__, SeqmixError):
-            raise error.__cause__ from None
-        raise SeqmixError(f"model config could not be built: {error}") from error
-    model.config = resolved
+def instantiate_model(config: DictConfig | dict, device=None):
+    """Build the model a ``conf/model`` config (a description) describes, remembering its canonical description.
+
+    ``device`` (e.g. ``"meta"``) is where the parameters are made; None keeps torch's default.
+    """
+    description = model_description(config)
+    model = build_described_model(description, device)
+    model.config = description
     return model
 
 
 def save_model(model, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``config.yaml`` into ``directory``, each atomically.
+    """Write ``model.safetensors``, ``config.yaml`` and ``checksums.json`` into ``directory``, each atomically.
 
-    The model must come from ``instantiate_model`` (or ``load_model``), which records its config.
+    The model must come from ``instantiate_model`` (or ``load_model``), which records its description.
     """
     from safetensors.torch import save_model as save_weights
 
@@ -67,30 +69,109 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     save_weights(model, weights_tmp)
     os.replace(weights_tmp, directory / WEIGHTS)
     config_tmp = directory / (CONFIG + ".tmp")
-    OmegaConf.save(OmegaConf.create(config), config_tmp)
+    OmegaConf.save(OmegaConf.create(dict(config)), config_tmp)
     os.replace(config_tmp, directory / CONFIG)
+    write_checksums(directory, [CONFIG, WEIGHTS])
     return directory
 
 
-def load_model(directory: str | os.PathLike, device: str = "cpu", require_checksums: bool = False):
-    """Rebuild a model saved by ``save_model``: checksums, then config (targets checked), then weights.
+def read_description(path: Path) -> dict:
+    """The canonical model description in a ``config.yaml`` (any version's form); unreadable files are refused by name."""
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as error:
+        raise SeqmixError(f"{path} is not a readable YAML config ({type(error).__name__}: {error})") from None
+    try:
+        return model_description(config)
+    except SeqmixError as error:
+        raise SeqmixError(f"{path}: {error}") from None
 
-    ``checksums.json`` is verified whenever the directory holds one; ``require_checksums`` refuses
-    a directory without it (training checkpoints always have one).
+
+def load_model(directory: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False):
+    """Rebuild a model saved by ``save_model``: checksums, description, header check, then the weights.
+
+    Args:
+        directory: written by ``save_model`` or a training checkpoint.
+        device: where the loaded weights go.
+        allow_unverified: load a directory that has no ``checksums.json`` (a model saved by hand, or by
+            a tool that does not record checksums). Its files are then trusted as they are: a truncated
+            or altered file is caught only where it no longer parses or no longer fits the description.
+            Symlinks are refused either way, and a present ``checksums.json`` is always verified.
     """
     directory = Path(directory)
     for name in (CONFIG, WEIGHTS):
         if not (directory / name).is_file():
             raise SeqmixError(f"load_model: {directory / name} does not exist; expected a directory written by save_model")
-    if require_checksums or (directory / CHECKSUMS).exists():
+    if allow_unverified and not (directory / CHECKSUMS).exists():
+        refuse_symlinks(directory)
+    else:
         verify_checksums(directory)
-    try:
-        config = OmegaConf.load(directory / CONFIG)
-    except Exception as error:
-        raise SeqmixError(f"load_model: {directory / CONFIG} is not a readable YAML config ({error})") from None
-    model = instantiate_model(config)
-    load_weights(model, read_tensors(directory / WEIGHTS, device), str(directory / WEIGHTS))
+    description = read_description(directory / CONFIG)
+    weights = directory / WEIGHTS
+    check_description_fits(description, read_header(weights), str(weights))
+    model = build_described_model(description)
+    model.config = description
+    load_weights(model, read_tensors(weights, device), str(weights))
     return model.to(device)
+
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Name -> (shape, size in bytes) of every tensor in a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = {}
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                shape = tuple(view.get_shape())
+                itemsize = torch.empty((), dtype=_DTYPES[view.get_dtype()]).element_size()
+                header[name] = (shape, itemsize * int(torch.Size(shape).numel()))
+            return header
+    except KeyError as error:
+        raise SeqmixError(f"{path} holds a tensor of dtype {error}, which seqmix does not store") from None
+    except Exception as error:
+        raise SeqmixError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def check_description_fits(description: Mapping, header: Mapping[str, tuple[tuple[int, ...], int]], source: str) -> None:
+    """Raise unless the described model has exactly the tensors of ``header``, before allocating anything.
+
+    The cheap facts come first (vocabulary and width from the embedding, the layer count against
+    the number of stored tensors), so even a description asking for millions of layers is refused
+    at once; then the model is built on the meta device and every shape compared; finally its
+    parameters and buffers may not exceed twice the stored bytes (plus ``SIZE_SLACK_BYTES``).
+    """
+    embedding = header.get("embed.weight")
+    if embedding is None:
+        raise SeqmixError(f"{source}: no 'embed.weight' tensor; this is not a seqmix model's weights file")
+    wanted = (description["vocab_size"], description["d_model"])
+    if tuple(embedding[0]) != wanted:
+        raise SeqmixError(
+            f"{source}: embed.weight has shape {tuple(embedding[0])}, but the config describes "
+            f"vocab_size={wanted[0]}, d_model={wanted[1]}; the config does not belong to these weights"
+        )
+    layers = description["depth"] or len(description["layers"])
+    if not isinstance(layers, int) or layers > len(header):
+        raise SeqmixError(
+            f"{source}: the config describes {layers} layers, more than the {len(header)} tensors the weights "
+            "hold; the config does not belong to these weights"
+        )
+    skeleton = instantiate_model(description, device="meta")
+    check_weights(skeleton, {name: shape for name, (shape, _) in header.items()}, source)
+    stored = sum(size for _, size in header.values())
+    needed = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*skeleton.parameters(), *skeleton.buffers()]}.values())
+    if needed > 2 * stored + SIZE_SLACK_BYTES:
+        raise SeqmixError(
+            f"{source}: the config describes a model of {needed:,} bytes, but its weights hold only {stored:,}; "
+            "refusing to allocate it"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -101,25 +182,38 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(directory: str | os.PathLike) -> Path:
-    """Record the sha256 of every file in ``directory`` in ``checksums.json``, written atomically."""
+def write_checksums(directory: str | os.PathLike, names: list[str] | None = None) -> Path:
+    """Record the sha256 of ``names`` (default: every file) in ``directory``'s ``checksums.json``, atomically."""
     directory = Path(directory)
-    files = {path.name: _sha256(path) for path in sorted(directory.iterdir()) if path.is_file() and path.name != CHECKSUMS}
+    refuse_symlinks(directory)
+    if names is None:
+        names = [path.name for path in directory.iterdir() if path.is_file() and path.name != CHECKSUMS]
+    files = {name: _sha256(directory / name) for name in sorted(names)}
     tmp = directory / (CHECKSUMS + ".tmp")
     tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=2))
     os.replace(tmp, directory / CHECKSUMS)
     return directory / CHECKSUMS
 
 
+def refuse_symlinks(directory: Path) -> None:
+    """Raise if ``directory`` or anything directly in it is a symbolic link (it could point anywhere)."""
+    if directory.is_symlink():
+        raise SeqmixError(f"{directory} is a symbolic link; seqmix loads only real directories")
+    for path in directory.iterdir():
+        if path.is_symlink():
+            raise SeqmixError(f"{path} is a symbolic link; seqmix refuses links inside a saved model or checkpoint")
+
+
 def verify_checksums(directory: str | os.PathLike) -> None:
-    """Raise unless ``checksums.json`` exists, lists every other file, and every file matches it."""
+    """Raise unless ``checksums.json`` exists, lists every other file, every file matches it, and nothing is a link."""
     directory = Path(directory)
+    refuse_symlinks(directory)
     record_path = directory / CHECKSUMS
     if not record_path.is_file():
         raise SeqmixError(
-            f"checkpoint {directory}: {CHECKSUMS} is missing, so its files cannot be verified; it was not written "
-            "by seqmix's save_checkpoint (or has been damaged). If you trust it, record its checksums with "
-            "seqmix.model.checkpoint.write_checksums(directory)"
+            f"{directory}: {CHECKSUMS} is missing, so its files cannot be verified (every directory seqmix saves has "
+            "one). If you trust these files, load them with allow_unverified=True (seqmix commands: "
+            "allow_unverified=true)"
         )
     try:
         record = json.loads(record_path.read_text())
@@ -127,18 +221,18 @@ def verify_checksums(directory: str | os.PathLike) -> None:
         if record.get("algorithm") != "sha256" or not isinstance(expected, dict):
             raise ValueError("unknown layout")
     except (ValueError, KeyError, TypeError) as error:
-        raise SeqmixError(f"checkpoint {directory}: {CHECKSUMS} is corrupted ({error}); refusing to load the checkpoint") from None
-    present = sorted(path.name for path in directory.iterdir() if path.is_file() and path.name != CHECKSUMS)
+        raise SeqmixError(f"{directory}: {CHECKSUMS} is corrupted ({error}); refusing to load it") from None
+    present = sorted(path.name for path in directory.iterdir() if path.name != CHECKSUMS)
     unlisted = [name for name in present if name not in expected]
     if unlisted:
-        raise SeqmixError(f"checkpoint {directory}: {unlisted[0]} is not listed in {CHECKSUMS}; refusing an unverified file")
+        raise SeqmixError(f"{directory}: {unlisted[0]} is not listed in {CHECKSUMS}; refusing an unverified file")
     for name, digest in expected.items():
-        path = directory / name
-        if Path(name).name != name or not path.is_file():
-            raise SeqmixError(f"checkpoint {directory}: {name} is listed in {CHECKSUMS} but missing; the checkpoint is incomplete")
+        path = directory / str(name)
+        if Path(str(name)).name != name or not path.is_file():
+            raise SeqmixError(f"{directory}: {name} is listed in {CHECKSUMS} but missing; the directory is incomplete")
         if _sha256(path) != digest:
             raise SeqmixError(
-                f"checkpoint {directory}: {name} does not match its sha256 in {CHECKSUMS} (truncated or corrupted); "
+                f"{directory}: {name} does not match its sha256 in {CHECKSUMS} (truncated or corrupted); "
                 "refusing to load it. Resume from an earlier checkpoint or retrain"
             )
 
@@ -153,28 +247,22 @@ def read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
         raise SeqmixError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
 
 
-def _storage(tensor: torch.Tensor) -> int | None:
-    """Where a tensor's data lives, to recognise tied weights; None for empty tensors, which share nothing."""
-    return tensor.untyped_storage().data_ptr() if tensor.numel() else None
-
-
-def check_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = WEIGHTS) -> None:
-    """Raise unless ``tensors`` holds exactly the model's weights with the model's shapes.
+def check_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor | tuple[int, ...]], source: str = WEIGHTS) -> None:
+    """Raise unless ``tensors`` (tensors, or their shapes) holds exactly the model's weights with the model's shapes.
 
     A tied weight is stored once under one of its names (safetensors refuses shared tensors), so
-    a model name is covered when it, or a name sharing its storage, is in ``tensors``.
+    a model name is covered when it, or a name of the same parameter, is in ``tensors``.
     """
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise SeqmixError(f"{source}: tensor {unexpected[0]!r} is not a weight of this model; was it saved from another model?")
     for name, value in tensors.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise SeqmixError(
-                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[name].shape)}"
-            )
-    stored = {_storage(expected[name]) for name in tensors} - {None}
-    missing = [name for name, value in expected.items() if name not in tensors and _storage(value) not in stored]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+        if shape != tuple(expected[name].shape):
+            raise SeqmixError(f"{source}: tensor {name!r} has shape {shape}, the model expects {tuple(expected[name].shape)}")
+    stored = {id(expected[name]) for name in tensors}
+    missing = [name for name, value in expected.items() if name not in tensors and id(value) not in stored]
     if missing:
         raise SeqmixError(f"{source}: the model's weight {missing[0]!r} is not in the file; was it saved from another model?")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,12 @@ from seqmix.model.checkpoint import (
     check_weights,
     load_model,
     read_tensors,
+    refuse_symlinks,
     save_model,
     verify_checksums,
     write_checksums,
 )
-from seqmix.targets import check_targets, translate_legacy_targets
+from seqmix.training.records import read_run_record
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -53,20 +55,43 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     from safetensors.torch import save_file
 
     root = out_dir / CHECKPOINTS
-    final = root / f"step-{step:08d}"
-    staging = root / f".step-{step:08d}.partial"
+    final = root / checkpoint_name(step)
+    staging = root / f".{final.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     save_model(model, staging)
     tensors, scalars = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(staging / OPTIMIZER))
     write_json_atomic(staging / TRAINER, {"step": step, "optimizer": scalars})
+    if (out_dir / RUN).is_file():
+        # A copy under the checkpoint's checksums: loaders trust this one, never the editable run.json beside it.
+        shutil.copyfile(out_dir / RUN, staging / RUN)
     write_checksums(staging)
-    shutil.rmtree(final, ignore_errors=True)
+    _remove_checkpoint(final)
     os.replace(staging, final)
     write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = sorted(path for path in root.iterdir() if _is_checkpoint(path))
+    for old in kept[:-keep]:
+        if old != final:
+            _remove_checkpoint(old)
     return final
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step-{step:08d}"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A real directory named like a checkpoint (a symlink is never one: it could point outside the run)."""
+    return re.fullmatch(r"step-\d{8}", path.name) is not None and path.is_dir() and not path.is_symlink()
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory; a symlink in its place is unlinked, never followed."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -100,8 +125,11 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     except (ValueError, KeyError, TypeError):
         raise SeqmixError(f"{pointer} is corrupted; it should name the newest checkpoint in {pointer.parent}") from None
     checkpoint = pointer.parent / str(name)
-    if Path(str(name)).name != name or not checkpoint.is_dir():
-        raise SeqmixError(f"{pointer} names {name!r}, which is not a checkpoint directory in {pointer.parent}")
+    if not isinstance(name, str) or not _is_checkpoint(checkpoint):
+        raise SeqmixError(
+            f"{pointer} names {name!r}, which is not a checkpoint directory in {pointer.parent} "
+            "(checkpoints are real directories named step-NNNNNNNN; symbolic links are refused)"
+        )
     return checkpoint
 
 
@@ -158,25 +186,18 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.opt
 
 
 
-def load_run(path: str | os.PathLike, device: str = "cpu"):
+def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False):
     """The model of a run's latest checkpoint (or of a checkpoint directory) and the run record.
 
-    A training checkpoint must carry its checksums; the model and task configs of the record
-    are checked like the checkpoint's (only this project's ``_target_``s), so every tool that
-    loads a run through here (evaluate, export, generate) refuses the same things.
+    The checkpoint's files are verified against its ``checksums.json`` (``allow_unverified`` as in
+    ``load_model``), and the run record is the copy inside the checkpoint, which those checksums
+    cover. Runs saved before checkpoints carried that copy fall back to the run directory's
+    ``run.json``. Either way the record's model and task are descriptions, checked and built only
+    through seqmix's registries, so every tool that loads a run through here (evaluate, export,
+    generate) refuses the same things.
     """
     checkpoint = resolve_checkpoint(path)
-    record_path = checkpoint.parent.parent / RUN
-    record = {}
-    if record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-        except ValueError as error:
-            raise SeqmixError(f"{record_path} is not valid JSON ({error}); the run record is corrupted") from None
-        if not isinstance(record, dict):
-            raise SeqmixError(f"{record_path} holds a {type(record).__name__}; expected the run record written by seqmix train")
-        record = translate_legacy_targets(record)
-        check_targets(record.get("model", {}), f"{RUN} model")
-        check_targets(record.get("task", {}), f"{RUN} task")
-    is_training_checkpoint = (checkpoint / TRAINER).is_file()
-    return load_model(checkpoint, device=device, require_checksums=is_training_checkpoint), record
+    model = load_model(checkpoint, device=device, allow_unverified=allow_unverified)
+    record_path = checkpoint / RUN if (checkpoint / RUN).is_file() else checkpoint.parent.parent / RUN
+    record = read_run_record(record_path) if record_path.is_file() else {}
+    return model, record

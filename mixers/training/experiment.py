@@ -6,19 +6,13 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.configs import CONF_DIR
 from seqmix.errors import SeqmixError
 from seqmix.model.checkpoint import instantiate_model
+from seqmix.model.description import model_description
 from seqmix.model.sequence_model import SequenceModel
-from seqmix.targets import check_targets, translate_legacy_targets
 from seqmix.tasks.base import Task
 from seqmix.training.loop import TrainConfig
-
-HEAD_TARGETS = {
-    "causal_lm": "seqmix.CausalLMHead",
-    "masked_lm": "seqmix.MaskedLMHead",
-    "classification": "seqmix.ClassificationHead",
-}
+from seqmix.training.records import build_task, task_description
 
 
 @dataclass
@@ -32,36 +26,20 @@ class Experiment:
     task_config: dict
 
 
-def build_task(task_config: DictConfig | dict) -> Task:
-    """Instantiate a ``conf/task`` config (only this project's targets)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    container = translate_legacy_targets(OmegaConf.to_container(OmegaConf.create(task_config), resolve=True))
-    check_targets(container, "task")
-    try:
-        return instantiate(container)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, SeqmixError):
-            raise error.__cause__ from None
-        raise
-
-
 def adapt_model_config(model_config: DictConfig | dict, task: Task) -> dict:
     """The model config with the task's vocabulary and the head the task needs.
 
     A preset's LM head is swapped for a classification head on classification tasks (untying the
     embedding), and for a masked-LM head on masked objectives.
     """
-    config = OmegaConf.to_container(OmegaConf.create(model_config), resolve=True)
+    config = model_description(model_config)
     config["vocab_size"] = task.vocab_size
-    wanted = HEAD_TARGETS[task.head]
-    if config.get("head", {}).get("_target_") != wanted:
-        config["head"] = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "head" / f"{task.head}.yaml"))
+    if config["head"]["head"] != task.head:
+        config["head"] = {"head": task.head}
     if task.head == "classification":
         config["head"]["num_classes"] = task.num_classes
         config["tie_embeddings"] = False
-    return config
+    return model_description(config)
 
 
 def check_fits(model: SequenceModel, task: Task) -> None:
@@ -93,5 +71,5 @@ def build_experiment(config: DictConfig) -> Experiment:
     torch.manual_seed(train.seed)
     model = instantiate_model(model_config)
     check_fits(model, task)
-    task_config = OmegaConf.to_container(config.task, resolve=True)
+    task_config = task_description(config.task)
     return Experiment(model, task, train, model_config, task_config)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, choice_error, require_int
-from seqmix.targets import check_targets, translate_legacy_targets
+from seqmix.training.records import read_run_record, same_run
 from seqmix.tasks.base import IGNORE, Batch, Task
 from seqmix.training.checkpoints import (
     RUN,
@@ -303,8 +303,7 @@ def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
     if config.resume and not record.exists():
         raise SeqmixError(f"train.resume=true but {out_dir} holds no run to resume")
     if config.resume:
-        previous = translate_legacy_targets(json.loads(record.read_text()))
-        if previous.get("model") != run_record["model"] or previous.get("task") != run_record["task"]:
+        if not same_run(read_run_record(record), run_record):
             raise SeqmixError(f"train.resume=true but {out_dir} holds a run of another model or task; resume with the same config")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not config.resume:
@@ -409,7 +408,6 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
         raise SeqmixError(
             f"train: batch_size={config.batch_size} must split evenly over {world} processes × grad_accum={config.grad_accum}"
         )
-    check_targets(run_record.get("task", {}), "task")
     device = pick_device(config.device)
     if config.tensorboard and rank == 0:
         _require_tensorboard()

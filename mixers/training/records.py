@@ -1,0 +1,85 @@
+"""A run's record (``run.json``): its model and task as descriptions, and the options it trained with.
+
+Both parts name registered things only: the model as a ``seqmix.model.description``, the task as
+``{task: <registered name>, <option>: <value>, ...}``. Reading a record someone else wrote can
+therefore build nothing but seqmix's registered models and tasks; records of older versions,
+which named code paths, go through the frozen translation of ``seqmix.model.legacy``. Paths in a
+record (a task's ``cache_dir``) are never followed: they belong to the machine that wrote it.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from seqmix.errors import SeqmixError, choice_error
+from seqmix.model.description import model_description, plain_data
+from seqmix.model.legacy import translate
+from seqmix.tasks import TASKS, Task
+
+
+def _task_parameters(name: str) -> dict[str, inspect.Parameter]:
+    return {key: value for key, value in inspect.signature(TASKS[name].__init__).parameters.items() if key != "self"}
+
+
+def task_description(config: Any) -> dict:
+    """The canonical description ``{task: <name>, <every option>: <value>}`` of a task config (any version's form)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, Mapping):
+        raise SeqmixError(f"task config is a {type(config).__name__}; expected {{task: <name>, <option>: <value>, ...}}")
+    options = dict(translate(dict(config), "task"))
+    name = options.pop("task", None)
+    if name not in TASKS:
+        raise choice_error("task.task", name, TASKS)
+    parameters = _task_parameters(name)
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        raise SeqmixError(f"task {name!r} has no option {unknown[0]!r}; accepted options are {sorted(parameters)}")
+    filled = {key: plain_data(options.get(key, parameter.default), f"task.{key}") for key, parameter in parameters.items()}
+    return {"task": name, **filled}
+
+
+def build_task(config: Any, trust_paths: bool = True) -> Task:
+    """Build the task a task config describes; ``trust_paths=False`` replaces path options by their defaults."""
+    description = task_description(config)
+    name = description.pop("task")
+    if not trust_paths:
+        for key, parameter in _task_parameters(name).items():
+            if "PathLike" in str(parameter.annotation):
+                description[key] = parameter.default
+    return TASKS[name](**description)
+
+
+def same_run(previous: Mapping, current: Mapping) -> bool:
+    """True when two records describe the same model and task (however each spelled its defaults)."""
+    return (
+        model_description(previous.get("model")) == model_description(current.get("model"))
+        and task_description(previous.get("task")) == task_description(current.get("task"))
+    )
+
+
+def read_run_record(path: str | os.PathLike) -> dict:
+    """A ``run.json`` with its model and task as canonical descriptions; anything else is refused by name."""
+    path = Path(path)
+    if path.is_symlink():
+        raise SeqmixError(f"{path} is a symbolic link; seqmix reads only the run record the run wrote")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SeqmixError(f"{path} is not valid JSON ({error}); the run record is corrupted") from None
+    if not isinstance(record, dict):
+        raise SeqmixError(f"{path} holds a {type(record).__name__}; expected the run record written by seqmix train")
+    try:
+        if "model" in record:
+            record["model"] = model_description(record["model"])
+        if "task" in record:
+            record["task"] = task_description(record["task"])
+    except SeqmixError as error:
+        raise SeqmixError(f"{path}: {error}") from None
+    return record
