@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 import warnings
@@ -44,9 +45,9 @@ from seqmix.configs import CONF_DIR, compose_config, config_groups
 from seqmix.contract import Mixer
 from seqmix.errors import SeqmixError, choice_error, require_int
 from seqmix.model.checkpoint import instantiate_model
+from seqmix.model.description import part_defaults
 from seqmix.registry import list_mixers, mixer_class
 from seqmix.tables import records_table
-from seqmix.targets import target_of
 from seqmix.tasks.base import Task
 from seqmix.timing import Timing
 from seqmix.training.experiment import adapt_model_config, build_experiment, check_fits
@@ -80,6 +81,7 @@ PARETO_PNG = "pareto.png"
 PRESETS = "presets"
 TRIALS = "trials"
 CLAIM_POLL_S = 1.0
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 LatencyFn = Callable[..., Timing]
 """``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> Timing``; its median is the objective."""
@@ -126,6 +128,12 @@ class Dimension:
         """The bounds or choices, for validation."""
         return self.choices if self.choices is not None else (self.low, self.high)
 
+    def description(self) -> dict:
+        """The dimension as JSON: ``{"choices": [...]}`` or ``{"low", "high", "step", "log"}``."""
+        if self.choices is not None:
+            return {"choices": list(self.choices)}
+        return {"low": self.low, "high": self.high, "step": self.step, "log": self.log}
+
 
 def _dimension(key: str, entry: Any) -> Dimension:
     """A Dimension from a space entry: a list of choices, {low, high, step?, log?}, or one fixed value."""
@@ -149,7 +157,7 @@ class Candidate:
     """One architecture from the space.
 
     Attributes:
-        model_config: a complete ``conf/model`` config (``_target_``s included).
+        model_config: a complete ``conf/model`` config (a model description).
         pattern: the mixer of each layer slot; the model repeats it ``repeats`` times.
         repeats, d_model: depth = len(pattern) · repeats; D.
         lr: the learning rate to train it with; None keeps train.lr.
@@ -168,20 +176,15 @@ class Candidate:
 
 
 def mixer_class_of(entry: dict) -> type[Mixer] | None:
-    """The mixer class a model config's mixer entry builds: ``{"mixer": <registered name>, ...}`` or a
-    public ``_target_`` (None for an entry that is neither)."""
-    if isinstance(entry.get("mixer"), str):
-        return mixer_class(entry["mixer"])
-    return next((mixer_class(name) for name in list_mixers() if target_of(mixer_class(name)) == entry.get("_target_")), None)
+    """The mixer class a model config's mixer entry ``{"mixer": <registered name>, ...}`` builds (None for another entry)."""
+    return mixer_class(entry["mixer"]) if isinstance(entry.get("mixer"), str) else None
 
 
 def default_mixer_config(name: str) -> dict:
-    """The ``conf/mixer/<name>.yaml`` config of a registered mixer, or ``{"mixer": name}`` (its defaults) without one."""
-    path = CONF_DIR / "mixer" / f"{name}.yaml"
-    if path.is_file():
-        return OmegaConf.to_container(OmegaConf.load(path))
-    mixer_class(name)
-    return {"mixer": name}
+    """The composed ``conf/mixer/<name>.yaml`` of a registered mixer, or its code defaults when it has no file."""
+    if (CONF_DIR / "mixer" / f"{name}.yaml").is_file():
+        return OmegaConf.to_container(compose_config([f"+mixer@picked={name}"]).picked)
+    return part_defaults("mixer", name)
 
 
 def integer_knobs() -> dict[str, int]:
@@ -265,6 +268,10 @@ class SearchSpace:
         config.update(d_model=d_model, layers=pattern, depth=len(pattern) * repeats, mixers=mixers)
         lr = self.dimensions["lr"].suggest(trial, "lr") if "lr" in self.dimensions else None
         return Candidate(config, pattern, repeats, d_model, lr)
+
+    def description(self) -> dict[str, dict]:
+        """Every entry's ``Dimension.description``, as a study stores it to compare a later search's space with."""
+        return {key: dimension.description() for key, dimension in sorted(self.dimensions.items())}
 
     def _pick(self, trial: optuna.Trial, key: str, default):
         return self.dimensions[key].suggest(trial, key) if key in self.dimensions else default
@@ -422,8 +429,10 @@ def open_storage(settings: SearchSettings) -> tuple[optuna.storages.BaseStorage,
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.journal.JournalStorage(backend), path
+        with readable_storage(str(path)):
+            # The journal is replayed here: a file of other lines fails now, not in a trial.
+            backend = optuna.storages.journal.JournalFileBackend(str(path))
+            return optuna.storages.journal.JournalStorage(backend), path
     if "://" not in url:
         raise SeqmixError(
             f"search.storage={url!r} is not valid; expected null (a SQLite file in out_dir), sqlite:///<file>, "
@@ -435,8 +444,60 @@ def open_storage(settings: SearchSettings) -> tuple[optuna.storages.BaseStorage,
     if lock is not None:
         lock.parent.mkdir(parents=True, exist_ok=True)
     # Workers starting together would otherwise race to create the tables of a new file.
-    with _claim_lock(lock):
+    with _claim_lock(lock), readable_storage(str(lock) if lock is not None else url):
+        if lock is not None:
+            check_sqlite_file(lock)
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), lock
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What Optuna and its backends raise on a storage they cannot read (Optuna asserts on some journals)."""
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError)
+
+
+@contextmanager
+def readable_storage(where: str) -> Iterator[None]:
+    """Turn the errors of a storage that cannot be read (corrupted, truncated, another program's file) into SeqmixError."""
+    try:
+        yield
+    except SeqmixError:
+        raise
+    except _storage_errors() as error:
+        detail = str(error).splitlines()[0][:200] if str(error) else ""
+        raise SeqmixError(
+            f"search.storage: {where} cannot be read as an Optuna study ({type(error).__name__}: {detail}); "
+            "it is corrupted, truncated or not a study's storage. Move it away to start a new study, "
+            "or point search.storage (or search.out_dir) elsewhere"
+        ) from None
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Raise unless ``path`` is missing, empty (a new study) or a whole SQLite database.
+
+    SQLite would take a file shorter than its header for an empty database and write a new study
+    over it; a truncated one fails later, at some query. Checked under a read transaction, so a
+    worker writing the file meanwhile cannot make it look torn.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as handle:
+        if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+            raise sqlite3.DatabaseError("file is not a database")
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+    connection.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
+    try:
+        connection.execute("BEGIN")
+        problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+        pages = connection.execute("PRAGMA page_count").fetchone()[0] * connection.execute("PRAGMA page_size").fetchone()[0]
+        size = path.stat().st_size
+    finally:
+        connection.close()
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
+    if pages != size:
+        raise sqlite3.DatabaseError(f"the file holds {size} bytes, its header says {pages}")
 
 
 @contextmanager
@@ -702,21 +763,7 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
         settings, task, experiment.task_config, experiment.train, OmegaConf.to_container(config.model, resolve=True),
         measure_latency,
     )
-    storage, lock_file = open_storage(settings)
-    directions = [metric_direction(task.metric) if name == "metric" else "minimize" for name in settings.objectives]
-    with _claim_lock(lock_file):
-        try:
-            previous_trials = len(storage.get_all_trials(storage.get_study_id_from_name(settings.study_name), deepcopy=False))
-        except KeyError:  # a new study
-            previous_trials = 0
-        study = optuna.create_study(
-            storage=storage, study_name=settings.study_name, directions=directions, load_if_exists=True,
-            sampler=make_sampler(settings, previous_trials), pruner=make_pruner(settings),
-        )
-        _check_study(study, settings, task)
-        for params in settings.enqueue:
-            if len(budget_trials(study.get_trials(deepcopy=False))) < settings.n_trials:
-                study.enqueue_trial(params, skip_if_exists=True)
+    study, storage, lock_file = open_study(settings, task)
     trials_run = 0
     while (trial := _next_trial(study, storage, lock_file, settings, log)) is not None:
         _run_claimed(study, trial, context, log)
@@ -726,8 +773,35 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
     return SearchOutcome(study, settings, task.metric, trials_run, files, notes)
 
 
-def _check_study(study: optuna.Study, settings: SearchSettings, task: Task) -> None:
-    """Refuse to continue a stored study with other objectives or another task; record them on a new one."""
+def open_study(settings: SearchSettings, task: Task) -> tuple[optuna.Study, optuna.storages.BaseStorage, Path | None]:
+    """The study ``settings`` name, created or continued, with ``search.enqueue`` queued; its storage and claim lock file.
+
+    A storage that cannot be read is refused (``readable_storage``), and so is a stored study made
+    with other objectives, another task or another search space (``check_study``), before any trial runs.
+    """
+    storage, lock_file = open_storage(settings)
+    directions = [metric_direction(task.metric) if name == "metric" else "minimize" for name in settings.objectives]
+    with _claim_lock(lock_file), readable_storage(str(lock_file) if lock_file is not None else str(settings.storage)):
+        try:
+            previous_trials = len(storage.get_all_trials(storage.get_study_id_from_name(settings.study_name), deepcopy=False))
+        except KeyError:  # a new study
+            previous_trials = 0
+        study = optuna.create_study(
+            storage=storage, study_name=settings.study_name, directions=directions, load_if_exists=True,
+            sampler=make_sampler(settings, previous_trials), pruner=make_pruner(settings),
+        )
+        check_study(study, settings, task)
+        for params in settings.enqueue:
+            if len(budget_trials(study.get_trials(deepcopy=False))) < settings.n_trials:
+                study.enqueue_trial(params, skip_if_exists=True)
+    return study, storage, lock_file
+
+
+def check_study(study: optuna.Study, settings: SearchSettings, task: Task) -> None:
+    """Refuse to continue a stored study with other objectives, another task or another search space; record them on a new one.
+
+    A study stored before its space was recorded takes this search's space.
+    """
     wanted = {"objectives": settings.objectives, "metric": task.metric, "task": task.name}
     stored = {key: study.user_attrs.get(key) for key in wanted}
     if all(value is None for value in stored.values()):
@@ -738,6 +812,40 @@ def _check_study(study: optuna.Study, settings: SearchSettings, task: Task) -> N
             f"study {settings.study_name!r} in the storage was made with {stored}, but this search has {wanted}; "
             "choose another search.study_name or search.storage"
         )
+    # As the storage gives it back (JSON: tuples become lists).
+    space = json.loads(json.dumps(settings.space.description()))
+    stored_space = study.user_attrs.get("space")
+    if stored_space is None:
+        study.set_user_attr("space", space)
+        return
+    differing = space_differences(stored_space, space)
+    if differing:
+        raise SeqmixError(
+            f"study {settings.study_name!r} in the storage was made with another search space: "
+            + "; ".join(differing)
+            + ". Its trials were sampled from the stored space: search that space again, or choose another "
+            "search.study_name or search.storage"
+        )
+
+
+def space_differences(stored: dict, current: dict) -> list[str]:
+    """One line per parameter whose dimension differs, e.g. ``search.space.d_model is [16, 32], the study's [16]``."""
+    lines = []
+    for key in sorted(set(stored) | set(current)):
+        if stored.get(key) == current.get(key):
+            continue
+        before = _dimension_text(stored[key]) if key in stored else "absent"
+        now = _dimension_text(current[key]) if key in current else "absent"
+        lines.append(f"search.space.{key} is {now}, the study's {before}")
+    return lines
+
+
+def _dimension_text(description: dict) -> str:
+    """A stored dimension as a space entry reads: ``[16, 32]`` or ``{low: 0.001, high: 0.01, log: true}``."""
+    if "choices" in description:
+        return json.dumps(description["choices"])
+    parts = [f"{key}: {json.dumps(description.get(key))}" for key in ("low", "high", "step", "log") if description.get(key) not in (None, False)]
+    return "{" + ", ".join(parts) + "}"
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -870,10 +978,8 @@ def _override_value(value) -> str:
 
 def task_overrides(task_config: dict, name: str) -> list[str]:
     """Command-line overrides that turn ``conf/task/<name>.yaml`` into ``task_config`` (resolved)."""
-    path = CONF_DIR / "task" / f"{name}.yaml"
-    defaults = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
-    changed = [f"task.{key}={_override_value(value)}" for key, value in task_config.items()
-               if not key.startswith("_") and defaults.get(key) != value]
+    defaults = OmegaConf.to_container(compose_config([f"task={name}"]).task)
+    changed = [f"task.{key}={_override_value(value)}" for key, value in task_config.items() if defaults.get(key) != value]
     return [f"task={name}", *changed]
 
 
@@ -904,9 +1010,9 @@ def write_presets(study: optuna.Study, settings: SearchSettings, metric: str, ta
             f"# Train it:\n#   {' '.join(command)}\n"
         )
         path = directory / f"{name}.yaml"
-        # The target and the sizes first, so the file reads top down like the presets in conf/model.
+        # The sizes first, so the file reads top down like the presets in conf/model.
         config = attrs["model_config"]
-        ordered = {key: config[key] for key in ("_target_", "vocab_size", "d_model", "layers", "depth") if key in config}
+        ordered = {key: config[key] for key in ("vocab_size", "d_model", "layers", "depth") if key in config}
         _write_atomic(path, header + OmegaConf.to_yaml(OmegaConf.create({**ordered, **config})))
         paths.append(path)
     return paths

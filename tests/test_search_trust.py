@@ -1,0 +1,171 @@
+"""A search's stored study is input someone else may have written: a corrupted, truncated or
+foreign storage file is refused with a named error, and a stored study is continued only with the
+search space it was made with (refused up front, naming the differing parameters)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("matplotlib")
+
+from seqmix import SeqmixError  # noqa: E402
+from seqmix.search.study import SearchSettings, SearchSpace, compose_search_config, open_study, run_search  # noqa: E402
+from seqmix.training.experiment import build_experiment  # noqa: E402
+
+from conftest import examples  # noqa: E402
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def tiny(out_dir: Path, *overrides: str):
+    return compose_search_config("tiny", [f"search.out_dir={out_dir}", "search.objectives=[metric]", *overrides])
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_experiment(compose_search_config("tiny")).task
+
+
+@pytest.fixture(scope="module")
+def base_settings(tmp_path_factory) -> SearchSettings:
+    """search=tiny with the metric as its one objective (composed once: each example changes only what it needs)."""
+    return SearchSettings.from_config(tiny(tmp_path_factory.mktemp("unused")).search)
+
+
+@pytest.fixture(scope="module")
+def stored_study(tmp_path_factory, task, base_settings) -> bytes:
+    """The bytes of a study.db as a search leaves it: the study's attributes and three finished trials."""
+    out_dir = tmp_path_factory.mktemp("search")
+    study, _, _ = open_study(dataclasses.replace(base_settings, out_dir=out_dir), task)
+    for _ in range(3):
+        trial = study.ask()
+        trial.suggest_int("d_model", 16, 32)
+        trial.set_user_attr("architecture", "tcn ×1 d=16")
+        study.tell(trial, 0.5)
+    return (out_dir / "study.db").read_bytes()
+
+
+def open_stored(settings: SearchSettings, directory: Path, content: bytes, task, journal: bool = False):
+    """Write ``content`` as the study's storage file (study.db, or a study.log journal) in ``directory`` and open the study from it."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    path = directory / ("study.log" if journal else "study.db")
+    path.write_bytes(content)
+    storage = f"journal:{path}" if journal else None
+    return open_study(dataclasses.replace(settings, out_dir=directory, storage=storage), task)
+
+
+def test_the_stored_study_opens_again(tmp_path, base_settings, stored_study, task):
+    study, _, _ = open_stored(base_settings, tmp_path / "s", stored_study, task)
+    assert len(study.trials) == 3 and study.user_attrs["task"] == "mqar"
+
+
+@settings(max_examples=examples(40), **PROPERTY)
+@given(st.data())
+def test_a_truncated_study_db_is_refused_naming_it(tmp_path, base_settings, stored_study, task, data):
+    cut = data.draw(st.integers(1, len(stored_study) - 1), label="cut")
+    with pytest.raises(SeqmixError, match=r"study.db.*cannot be read as an Optuna study"):
+        open_stored(base_settings, tmp_path / "s", stored_study[:cut], task)
+
+
+@settings(max_examples=examples(40), **PROPERTY)
+@given(st.one_of(
+    st.binary(min_size=1, max_size=8192).filter(lambda b: not SQLITE_MAGIC.startswith(b[:16])),
+    st.text(min_size=1, max_size=200).map(str.encode).filter(lambda b: not SQLITE_MAGIC.startswith(b[:16])),
+    st.binary(max_size=8192).map(lambda b: SQLITE_MAGIC + b),
+))
+def test_a_study_db_of_other_bytes_is_refused_naming_it(tmp_path, base_settings, task, content):
+    with pytest.raises(SeqmixError, match=r"study.db.*cannot be read as an Optuna study"):
+        open_stored(base_settings, tmp_path / "s", content, task)
+
+
+@settings(max_examples=examples(20), **PROPERTY)
+@given(st.data())
+def test_a_study_db_with_a_damaged_range_opens_whole_or_is_refused(tmp_path, base_settings, stored_study, task, data):
+    """SQLite keeps no checksums: garbage inside a record may go unnoticed, but never as a traceback."""
+    start = data.draw(st.integers(0, len(stored_study) - 1), label="start")
+    garbage = data.draw(st.binary(min_size=1, max_size=4096), label="garbage")
+    damaged = stored_study[:start] + garbage + stored_study[start + len(garbage):]
+    with contextlib.suppress(SeqmixError):
+        study, _, _ = open_stored(base_settings, tmp_path / "s", damaged[: len(stored_study)], task)
+        assert len(study.trials) <= 3
+
+
+@settings(max_examples=examples(20), **PROPERTY)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=64), st.text(min_size=1, max_size=64).map(str.encode)), min_size=1, max_size=4))
+def test_a_journal_of_other_lines_is_refused_naming_it(tmp_path, base_settings, task, lines):
+    journal = b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n"
+    with pytest.raises(SeqmixError, match=r"study.log.*cannot be read as an Optuna study"):
+        open_stored(base_settings, tmp_path / "s", journal, task, journal=True)
+
+
+def test_search_refuses_a_corrupted_study_db_before_any_trial(tmp_path):
+    out_dir = tmp_path / "search"
+    out_dir.mkdir()
+    (out_dir / "study.db").write_text("not a database\n")
+    with pytest.raises(SeqmixError, match=r"study.db.*cannot be read as an Optuna study"):
+        run_search(tiny(out_dir), log=lambda line: None)
+    assert not (out_dir / "trials").exists()
+
+
+# --- the space a study was made with -------------------------------------------------------
+
+SPACE_VARIANTS = {
+    "mixers": [["tcn", "ema"], ["ema", "tcn"], ["tcn"]],
+    "d_model": [[16, 32], [16], {"low": 16, "high": 32}, {"low": 16, "high": 32, "step": 8}],
+    "lr": [{"low": 1.0e-3, "high": 1.0e-2, "log": True}, {"low": 1.0e-3, "high": 1.0e-2}, [0.001]],
+    "repeats": [[1], [1, 2]],
+    "tcn_kernel": [[2, 3], [2]],
+}
+
+
+@st.composite
+def spaces(draw) -> dict:
+    keys = draw(st.sets(st.sampled_from(sorted(SPACE_VARIANTS)), min_size=1))
+    return {key: draw(st.sampled_from(SPACE_VARIANTS[key])) for key in keys}
+
+
+@settings(max_examples=examples(25), **PROPERTY)
+@given(spaces(), spaces())
+def test_a_study_continues_only_with_the_space_it_was_made_with(tmp_path_factory, base_settings, task, first, second):
+    out_dir = tmp_path_factory.mktemp("space")
+    storage = f"journal:{out_dir / 'study.log'}"
+    made = dataclasses.replace(base_settings, out_dir=out_dir, storage=storage, space=SearchSpace.from_config(first))
+    again = dataclasses.replace(made, space=SearchSpace.from_config(second))
+    open_study(made, task)
+    differing = {key for key in first.keys() | second.keys() if made.space.dimensions.get(key) != again.space.dimensions.get(key)}
+    if not differing:
+        study, _, _ = open_study(again, task)
+        assert json.dumps(study.user_attrs["space"], sort_keys=True) == json.dumps(made.space.description(), sort_keys=True)
+        return
+    with pytest.raises(SeqmixError, match="another search space") as refused:
+        open_study(again, task)
+    named = {key for key in SPACE_VARIANTS if f"search.space.{key}" in str(refused.value)}
+    assert named == differing, str(refused.value)
+
+
+def space_overrides(space: dict[str, str]) -> list[str]:
+    return ["~search.space", "+search.space={" + ", ".join(f"{key}: {value}" for key, value in space.items()) + "}"]
+
+
+def test_a_second_search_with_another_space_is_refused_before_any_trial_and_the_same_space_resumes(tmp_path):
+    out_dir = tmp_path / "search"
+    space = {"mixers": "[tcn]", "pattern_length": "[1]", "d_model": "[16]", "tcn_kernel": "[2]", "tcn_depth": "[2]"}
+    fast = ("search.n_trials=1", "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2")
+    run_search(tiny(out_dir, *fast, *space_overrides(space)), log=lambda line: None)
+    with pytest.raises(SeqmixError, match=r"another search space: search.space.d_model is \[16, 32\], the study.s \[16\]"):
+        run_search(tiny(out_dir, *fast, *space_overrides({**space, "d_model": "[16, 32]"})), log=lambda line: None)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out_dir / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+    outcome = run_search(tiny(out_dir, *fast, "search.n_trials=2", *space_overrides(space)), log=lambda line: None)
+    assert outcome.trials_run == 1
+    assert [t.state for t in outcome.study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
