@@ -1,9 +1,22 @@
-"""manifest.json: what an export directory holds, checked before anything runs it."""
+"""manifest.json: what an export directory holds, checked before anything runs it.
+
+An export directory is written whole or not at all (``staged_export``): the exporter writes into
+a fresh hidden directory beside the target, ``write_manifest`` records every file's sha256 and size
+in the manifest's ``files``, and the directory is renamed into place. ``read_manifest`` checks the
+manifest and verifies every file it lists before anything opens one; ``run_onnx.py`` restates the
+same checks for the graphs it runs, since it must work without seqmix.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -12,41 +25,160 @@ from seqmix import SeqmixError
 MANIFEST = "manifest.json"
 FORMATS = ("onnx", "executorch", "tensorrt")
 """The deployment formats an export directory can hold (``seqmix.export.formats`` writes each)."""
-REQUIRED = {"format", "vocab_size", "impls"}
+REQUIRED = {"format", "vocab_size", "impls", "files"}
 STATE_DTYPES = ("bfloat16", "bool", "float16", "float32", "float64", "int32", "int64")
 # The ONNX runner builds the initial state from each entry's fill; ExecuTorch callers build it
 # from the model, so its manifests record none.
 NEEDS_FILL = ("onnx", "tensorrt")
 # Formats whose parallel graph takes any multiple of ``length_unit`` tokens.
 DYNAMIC_LENGTH = ("onnx", "tensorrt")
+FILE_NAME = "the name of a file in the export directory (no directories, '..', drive or absolute paths)"
+# Characters that make a name a path on some system where an export may be run (Windows included).
+PATH_CHARACTERS = ("/", "\\", ":", "\0")
+SHA256_HEX = frozenset("0123456789abcdef")
+CHUNK = 1 << 20
 
 
-def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
-    """Write ``manifest.json`` atomically."""
-    path = Path(out_dir) / MANIFEST
+def is_file_name(name) -> bool:
+    """True for a bare file name that stays inside the directory it is joined to, on any system."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in PATH_CHARACTERS)
+
+
+def file_record(path: Path) -> dict:
+    """{"sha256": hex digest, "bytes": size} of one file, read without following a symlink."""
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)), "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
+    """Write ``manifest`` to ``out_dir/manifest.json`` atomically, with ``files`` recording every
+    regular file of ``out_dir`` (sha256 and size, by file name; the manifest itself excepted).
+    Returns the manifest as written; ``manifest`` itself is left unchanged."""
+    out_dir = Path(out_dir)
+    files = {
+        entry.name: file_record(Path(entry.path))
+        for entry in sorted(os.scandir(out_dir), key=lambda entry: entry.name)
+        if entry.name != MANIFEST and entry.is_file(follow_symlinks=False)
+    }
+    written = {**manifest, "files": files}
+    path = out_dir / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.write_text(json.dumps(written, indent=2))
     os.replace(tmp, path)
+    return written
+
+
+def verify_file(out_dir: Path, name: str, files: dict, what: str) -> Path:
+    """Check that ``name`` is a regular file of ``out_dir`` (not a symlink) with the size and sha256
+    that the manifest's (already validated) ``files`` records for it; return its path.
+
+    Raises SeqmixError naming the file and ``what`` it is for: missing, a symlink or not a regular
+    file, not listed in ``files``, another size (truncated or replaced) or another sha256 (modified).
+    """
+    path = out_dir / name
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise SeqmixError(f"the manifest names {name} for {what}, but {path} is missing") from None
+    except OSError as error:
+        raise SeqmixError(f"{path} ({what}) cannot be read: {error.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise SeqmixError(f"{path} ({what}) is a symbolic link; an export's files must be regular files in its directory")
+    if not stat.S_ISREG(mode):
+        raise SeqmixError(f"{path} ({what}) is not a regular file")
+    if name not in files:
+        raise SeqmixError(f"{path} ({what}) is not among the files the manifest verifies; re-export the model")
+    try:
+        found = file_record(path)
+    except OSError as error:
+        raise SeqmixError(f"{path} ({what}) cannot be read: {error.strerror}") from None
+    expected = files[name]
+    if found["bytes"] != expected["bytes"]:
+        raise SeqmixError(f"{path} ({what}) is {found['bytes']} bytes but the manifest records {expected['bytes']}: "
+                          "it was truncated or replaced; re-export the model")
+    if found["sha256"] != expected["sha256"]:
+        raise SeqmixError(f"{path} ({what}) does not match the sha256 the manifest records: it was modified; re-export the model")
     return path
 
 
+def check_export_target(out_dir: str | Path) -> None:
+    """Refuse to export into ``out_dir`` unless it is absent, an empty directory or a seqmix export
+    (a directory holding manifest.json), which the new export replaces as a whole."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise SeqmixError(f"out={str(out_dir)!r} is a symbolic link; give the directory itself")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise SeqmixError(f"out={str(out_dir)!r} is not a directory; choose a directory for the export")
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise SeqmixError(f"out={str(out_dir)!r} holds files but no {MANIFEST}, so it is not a seqmix export; "
+                          "refusing to replace it. Choose another directory or empty it")
+
+
+@contextmanager
+def staged_export(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh directory to write an export into, renamed to ``out_dir`` when the block completes.
+
+    The staging directory, ``.<name>.partial-<pid>-<random>``, sits beside ``out_dir`` (the same
+    filesystem, so the rename is atomic) and is removed when the block raises. An existing export
+    at ``out_dir`` is replaced only once the new one is complete: it is renamed to
+    ``.<name>.replaced-<pid>-<random>``, the new one renamed into place, then the old one removed.
+    A process killed mid-export leaves its ``.partial-`` directory behind, which nothing reads.
+    """
+    out_dir = Path(out_dir)
+    check_export_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out_dir, "partial")
+    staging.mkdir()
+    try:
+        yield staging
+        check_export_target(out_dir)
+        _replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _sibling(out_dir: Path, kind: str) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Rename ``staging`` to ``out_dir``, moving an existing ``out_dir`` aside first and deleting it after."""
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    backup = _sibling(out_dir, "replaced")
+    os.rename(out_dir, backup)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(backup, out_dir)
+        raise
+    shutil.rmtree(backup)
+
+
 def read_manifest(out_dir: str | Path) -> dict:
-    """Load and validate ``manifest.json`` before anything uses it.
+    """Load and validate ``manifest.json``, and verify every file it lists, before anything uses it.
 
     Checks the required keys and their types (a known ``format``, an integer ``vocab_size``,
-    ``impls`` a mapping of names), that every graph file it names is a file in ``out_dir``, that
-    inputs and outputs are lists of {name, shape, dtype}, that a dynamic-length graph has an
-    integer ``length_unit``, and that the step graph's state entries have a name among its
-    inputs, that input's fixed shape, a known dtype and (for ONNX) a finite fill. Any failure
-    raises SeqmixError naming the manifest, the field and the bad value.
+    ``impls`` a mapping of names, ``files`` a mapping of file names to {sha256, bytes}), that
+    every file it names is a bare file name, that inputs and outputs are lists of {name, shape,
+    dtype}, that a dynamic-length graph has an integer ``length_unit``, and that the step graph's
+    state entries have a name among its inputs, that input's fixed shape, a known dtype and (for
+    ONNX) a finite fill. Then every file the manifest names (graphs, optimized graph, variants,
+    engine) must be listed in ``files``, and every listed file must be a regular file, not a
+    symlink, of the recorded size and sha256 (``verify_file``). Any failure raises SeqmixError
+    naming the manifest or the file, the field and the bad value.
     """
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise SeqmixError(f"{path} does not exist; export the model first with seqmix export")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SeqmixError(f"{path} is not valid JSON ({error}); re-export the model") from None
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    manifest = _load_json(path)
     if not isinstance(manifest, dict) or not REQUIRED <= set(manifest):
         present = set(manifest) if isinstance(manifest, dict) else set()
         raise SeqmixError(f"{path} lacks the keys {sorted(REQUIRED - present)}; re-export the model")
@@ -65,30 +197,92 @@ def read_manifest(out_dir: str | Path) -> dict:
         raise SeqmixError(f"{path} names no parallel graph; re-export the model")
     for section in ("parallel", "step"):
         if section in manifest:
-            _check_graph(manifest[section], section, Path(out_dir), path, fail)
+            _check_graph(manifest[section], section, fail)
     if manifest["format"] in DYNAMIC_LENGTH:
         unit = manifest["parallel"].get("length_unit")
         if not _is_int(unit) or unit < 1:
             fail("parallel.length_unit", unit, "an integer >= 1 (exported lengths are multiples of it)")
     if "step" in manifest:
         _check_state(manifest["step"], manifest["format"] in NEEDS_FILL, path, fail)
+    files = _check_files(manifest["files"], fail)
+    named = _named_files(manifest, fail)
+    for field, name in named:
+        verify_file(out_dir, name, files, field)
+    for name in sorted(set(files) - {name for _, name in named}):
+        verify_file(out_dir, name, files, "a file the manifest lists")
     return manifest
+
+
+def _load_json(path: Path):
+    """The parsed contents of a manifest file that is a regular file, not a symlink."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise SeqmixError(f"{path} does not exist; export the model first with seqmix export") from None
+    except OSError as error:
+        raise SeqmixError(f"{path} cannot be read: {error.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise SeqmixError(f"{path} is a symbolic link; an export's manifest must be a regular file in its directory")
+    if not stat.S_ISREG(mode):
+        raise SeqmixError(f"{path} is not a regular file; re-export the model")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise SeqmixError(f"{path} is not valid JSON ({error}); re-export the model") from None
+    except OSError as error:
+        raise SeqmixError(f"{path} cannot be read: {error.strerror}") from None
+
+
+def _check_files(files, fail) -> dict:
+    """``files``: a mapping of bare file names to {"sha256": 64 lowercase hex digits, "bytes": size}."""
+    if not isinstance(files, dict):
+        fail("files", files, "a mapping of file names to {sha256, bytes}")
+    for name, record in files.items():
+        if not is_file_name(name):
+            fail("files", name, FILE_NAME)
+        digest = record.get("sha256") if isinstance(record, dict) else None
+        size = record.get("bytes") if isinstance(record, dict) else None
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= SHA256_HEX and _is_int(size) and size >= 0):
+            fail(f"files[{name!r}]", record, "{sha256: 64 lowercase hex digits, bytes: a size >= 0}")
+    return files
+
+
+def _named_files(manifest: dict, fail) -> list[tuple[str, str]]:
+    """(field, file name) of every file the manifest points a runtime at, each a bare file name."""
+    named = []
+
+    def add(field: str, name) -> None:
+        if not is_file_name(name):
+            fail(field, name, FILE_NAME)
+        named.append((field, name))
+
+    add("parallel.file", manifest["parallel"]["file"])
+    if "optimized_file" in manifest["parallel"]:
+        add("parallel.optimized_file", manifest["parallel"]["optimized_file"])
+    if "step" in manifest:
+        add("step.file", manifest["step"]["file"])
+    quantized = manifest.get("quantized", {})
+    if not isinstance(quantized, dict) or not all(isinstance(entry, dict) for entry in quantized.values()):
+        fail("quantized", quantized, "a mapping of variant names to {file, ...}")
+    for kind, entry in quantized.items():
+        add(f"quantized.{kind}.file", entry.get("file"))
+    if "engine" in manifest:
+        engine = manifest["engine"]
+        add("engine.file", engine.get("file") if isinstance(engine, dict) else engine)
+    return named
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_graph(entry, section: str, out_dir: Path, path: Path, fail) -> None:
-    """A graph entry: a file inside ``out_dir`` that exists, and well-formed input/output specs."""
+def _check_graph(entry, section: str, fail) -> None:
+    """A graph entry: a bare file name (its file is verified later), and well-formed input/output specs."""
     if not isinstance(entry, dict):
         fail(section, entry, "a mapping with file, inputs and outputs")
-    file = entry.get("file")
     # A bare file name: a manifest must not point a runtime at files outside its directory.
-    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
-        fail(f"{section}.file", file, "the name of a file in the export directory")
-    if not (out_dir / file).is_file():
-        raise SeqmixError(f"{path} names {file} for the {section} graph, but that file is missing")
+    if not is_file_name(entry.get("file")):
+        fail(f"{section}.file", entry.get("file"), FILE_NAME)
     # Every exporter records outputs, but only the inputs are needed to run a graph.
     for key in ("inputs", "outputs") if "outputs" in entry else ("inputs",):
         specs = entry.get(key)

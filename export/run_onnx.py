@@ -5,7 +5,10 @@
 
 `generate` streams a byte-level model through step.onnx, one token per call, feeding the state
 outputs back as inputs (constant memory); `classify` runs model.onnx on one sequence, padded to the
-graph's length unit. Everything about the graphs comes from manifest.json, checked first.
+graph's length unit. Everything about the graphs comes from manifest.json, checked first; every
+graph is verified against the sha256 and size the manifest records for it, and symlinks are
+refused, before ONNX Runtime opens it. A bad directory, file or argument ends the run with one
+line, ``run_onnx: error: ...``, and exit status 2.
 
 ``seqmix export`` copies this file into every ONNX export directory, so the directory runs on any
 machine with ``pip install onnxruntime numpy``.
@@ -13,8 +16,11 @@ machine with ``pip install onnxruntime numpy``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -24,6 +30,11 @@ import onnxruntime as ort
 
 NUMPY_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
 STATE_DTYPES = ("bool", "float16", "float32", "float64", "int32", "int64")
+FILE_NAME = "the name of a file in the export directory (no directories, '..', drive or absolute paths)"
+# Characters that make a name a path on some system where an export may be run (Windows included).
+PATH_CHARACTERS = ("/", "\\", ":", "\0")
+SHA256_HEX = frozenset("0123456789abcdef")
+CHUNK = 1 << 20
 
 
 class ExportError(ValueError):
@@ -35,7 +46,7 @@ class OnnxModel:
 
     Args:
         directory: the export directory.
-        entry: the graph's manifest entry, already checked by ``load``.
+        entry: the graph's manifest entry, from ``load``, which checked it and verified its file.
         vocab_size: V; token ids outside [0, V) are refused before ONNX Runtime sees them.
     """
 
@@ -76,21 +87,19 @@ def _is_int(value) -> bool:
 
 
 def load(directory: Path) -> dict:
-    """Read manifest.json and check everything this runner relies on, before any session opens.
+    """Read manifest.json, check everything this runner relies on, and verify the graphs' files,
+    before any session opens.
 
     The promises are those export/manifest.py's ``read_manifest`` checks, restated here because
-    this runner must work where neither seqmix nor torch is installed.
+    this runner must work where neither seqmix nor torch is installed. Every graph the manifest
+    names (parallel and step) must be a bare file name listed in ``files``, a regular file in
+    ``directory`` (not a symlink) of the recorded size and sha256.
     """
     path = directory / "manifest.json"
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist; export the model with seqmix export first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{path} is not valid JSON ({error}); re-export the model") from None
+    manifest = _load_json(path)
     if not isinstance(manifest, dict):
         raise ExportError(f"{path} holds a {type(manifest).__name__}, not a manifest; re-export the model")
-    for key in ("format", "vocab_size", "parallel"):
+    for key in ("format", "vocab_size", "parallel", "files"):
         if key not in manifest:
             raise ExportError(f"{path} has no {key!r}; re-export the model")
     if manifest["format"] != "onnx":
@@ -101,26 +110,107 @@ def load(directory: Path) -> dict:
 
     if not _is_int(manifest["vocab_size"]) or manifest["vocab_size"] < 2:
         bad("vocab_size", manifest["vocab_size"], "an integer >= 2")
-    _check_graph(directory, manifest["parallel"], "parallel", bad)
+    _check_graph(manifest["parallel"], "parallel", bad)
     unit = manifest["parallel"].get("length_unit")
     if not _is_int(unit) or unit < 1:
         bad("parallel.length_unit", unit, "an integer >= 1")
     if "step" in manifest:
-        _check_graph(directory, manifest["step"], "step", bad)
+        _check_graph(manifest["step"], "step", bad)
         _check_state(manifest["step"], bad)
+    files = _check_files(manifest["files"], bad)
+    for section in ("parallel", "step"):
+        if section in manifest:
+            verify_file(directory, manifest[section]["file"], files, f"{section}.file")
     return manifest
 
 
-def _check_graph(directory: Path, entry, section: str, bad) -> None:
-    """A graph entry: a file in ``directory`` and inputs of known dtypes with list shapes."""
+def _load_json(path: Path):
+    """The parsed contents of a manifest file that is a regular file, not a symlink."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ExportError(f"{path} does not exist; export the model with seqmix export first") from None
+    except OSError as error:
+        raise ExportError(f"{path} cannot be read: {error.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise ExportError(f"{path} is a symbolic link; an export's manifest must be a regular file in its directory")
+    if not stat.S_ISREG(mode):
+        raise ExportError(f"{path} is not a regular file; re-export the model")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ExportError(f"{path} is not valid JSON ({error}); re-export the model") from None
+    except OSError as error:
+        raise ExportError(f"{path} cannot be read: {error.strerror}") from None
+
+
+def is_file_name(name) -> bool:
+    """True for a bare file name that stays inside the directory it is joined to, on any system."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in PATH_CHARACTERS)
+
+
+def _check_files(files, bad) -> dict:
+    """``files``: a mapping of bare file names to {"sha256": 64 lowercase hex digits, "bytes": size}."""
+    if not isinstance(files, dict):
+        bad("files", files, "a mapping of file names to {sha256, bytes}")
+    for name, record in files.items():
+        if not is_file_name(name):
+            bad("files", name, FILE_NAME)
+        digest = record.get("sha256") if isinstance(record, dict) else None
+        size = record.get("bytes") if isinstance(record, dict) else None
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= SHA256_HEX and _is_int(size) and size >= 0):
+            bad(f"files[{name!r}]", record, "{sha256: 64 lowercase hex digits, bytes: a size >= 0}")
+    return files
+
+
+def file_record(path: Path) -> dict:
+    """{"sha256": hex digest, "bytes": size} of one file, read without following a symlink."""
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)), "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def verify_file(directory: Path, name: str, files: dict, what: str) -> Path:
+    """Check that ``name`` is a regular file of ``directory`` (not a symlink) with the size and
+    sha256 that the manifest's ``files`` records for it; return its path. Raises ExportError naming
+    the file: missing, a symlink or not a regular file, not listed, another size or another sha256.
+    """
+    path = directory / name
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise ExportError(f"the manifest names {name} for {what}, but {path} is missing") from None
+    except OSError as error:
+        raise ExportError(f"{path} ({what}) cannot be read: {error.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise ExportError(f"{path} ({what}) is a symbolic link; an export's files must be regular files in its directory")
+    if not stat.S_ISREG(mode):
+        raise ExportError(f"{path} ({what}) is not a regular file")
+    if name not in files:
+        raise ExportError(f"{path} ({what}) is not among the files the manifest verifies; re-export the model")
+    try:
+        found = file_record(path)
+    except OSError as error:
+        raise ExportError(f"{path} ({what}) cannot be read: {error.strerror}") from None
+    expected = files[name]
+    if found["bytes"] != expected["bytes"]:
+        raise ExportError(f"{path} ({what}) is {found['bytes']} bytes but the manifest records {expected['bytes']}: "
+                          "it was truncated or replaced; re-export the model")
+    if found["sha256"] != expected["sha256"]:
+        raise ExportError(f"{path} ({what}) does not match the sha256 the manifest records: it was modified; re-export the model")
+    return path
+
+
+def _check_graph(entry, section: str, bad) -> None:
+    """A graph entry: a bare file name (verified by ``load``) and inputs of known dtypes with list shapes."""
     if not isinstance(entry, dict):
         bad(section, entry, "a mapping with file and inputs")
-    file = entry.get("file")
     # A bare file name: the manifest must not point the runtime at files outside the directory.
-    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
-        bad(f"{section}.file", file, "the name of a file in the export directory")
-    if not (directory / file).is_file():
-        raise ExportError(f"the manifest names {file} for the {section} graph, but {directory / file} is missing")
+    if not is_file_name(entry.get("file")):
+        bad(f"{section}.file", entry.get("file"), FILE_NAME)
     inputs = entry.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         bad(f"{section}.inputs", inputs, "a non-empty list of {name, shape, dtype}")
@@ -180,22 +270,35 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.ra
 
 
 def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
-    """Stream ``tokens`` bytes after ``prompt`` through the step graph."""
+    """Stream ``tokens`` bytes after ``prompt`` (its UTF-8 bytes, at least one) through the step graph.
+
+    Every option is checked before a session opens: a generation needs a prompt of at least one
+    byte (the first sampled token is drawn from the logits after the prompt's last one).
+    """
     if "step" not in manifest:
         raise ExportError("this export has no step graph (a bidirectional model or a classifier); use classify")
-    if tokens < 0:
-        raise ExportError(f"--tokens={tokens} is not valid; expected a count >= 0")
+    # surrogateescape gives back the bytes of a command-line argument that was not valid UTF-8.
+    prompt_ids = list(prompt.encode("utf-8", "surrogateescape"))
+    if not prompt_ids:
+        raise ExportError("--prompt='' is not valid; generation needs at least one prompt token (one byte)")
+    if max(prompt_ids) >= manifest["vocab_size"]:
+        raise ExportError(f"--prompt={prompt!r} holds byte {max(prompt_ids)}; "
+                          f"this model's tokens lie in [0, vocab_size={manifest['vocab_size']})")
+    if tokens < 1:
+        raise ExportError(f"--tokens={tokens} is not valid; expected a count >= 1 of tokens to generate")
     if not temperature >= 0 or not math.isfinite(temperature):
         raise ExportError(f"--temperature={temperature} is not valid; expected a finite number >= 0 (0 decodes greedily)")
     if top_k is not None and not 1 <= top_k <= manifest["vocab_size"]:
         raise ExportError(f"--top-k={top_k} is not valid; expected 1 to vocab_size={manifest['vocab_size']}, or 0 for no cut-off")
+    if seed < 0:
+        raise ExportError(f"--seed={seed} is not valid; expected an integer >= 0")
     step = OnnxModel(directory, manifest["step"], manifest["vocab_size"])
     state = initial_state(manifest)
     names = [s["name"] for s in manifest["step"]["state"]]
     rng = np.random.default_rng(seed)
     out = bytearray()
     logits = None
-    for token in list(prompt.encode()) + [None] * tokens:
+    for token in prompt_ids + [None] * tokens:
         if token is None:
             token = sample(logits, temperature, top_k, rng)
             out.append(token)
@@ -205,7 +308,12 @@ def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperat
 
 
 def classify(directory: Path, manifest: dict, ids: list[int]) -> np.ndarray:
-    """Class probabilities for one sequence of token ids."""
+    """Class probabilities for one sequence of token ids, each in [0, vocab_size), checked before a session opens."""
+    if not ids:
+        raise ExportError("--ids is empty; expected at least one token id")
+    if min(ids) < 0 or max(ids) >= manifest["vocab_size"]:
+        raise ExportError(f"--ids holds ids from {min(ids)} to {max(ids)}; "
+                          f"they must lie in [0, vocab_size={manifest['vocab_size']})")
     parallel = OnnxModel(directory, manifest["parallel"], manifest["vocab_size"])
     unit = manifest["parallel"]["length_unit"]
     length = -(-len(ids) // unit) * unit
@@ -219,8 +327,16 @@ def classify(directory: Path, manifest: dict, ids: list[int]) -> np.ndarray:
     return probs / probs.sum()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors raise ExportError, so that a bad argument ends the run with one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ExportError(f"{message} (see --help)")
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run the command line; 0 on success, 2 with one ``run_onnx: error: ...`` line on stderr otherwise."""
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     sub = parser.add_subparsers(dest="mode", required=True)
     gen = sub.add_parser("generate")
@@ -231,8 +347,8 @@ def main(argv: list[str]) -> int:
     gen.add_argument("--seed", type=int, default=0)
     cls = sub.add_parser("classify")
     cls.add_argument("--ids", required=True, help="comma-separated token ids")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         manifest = load(args.directory)
         if args.mode == "generate":
             print(args.prompt + generate(args.directory, manifest, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed))

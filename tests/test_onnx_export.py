@@ -120,7 +120,9 @@ def test_manifests_are_validated_before_use(tmp_path):
     write_manifest(tmp_path, {"format": "onnx", "vocab_size": 256})
     with pytest.raises(SeqmixError, match="lacks the keys \\['impls'\\]"):
         read_manifest(tmp_path)
-    write_manifest(tmp_path, {"format": "onnx", "vocab_size": 256, "impls": {}, "parallel": {"file": "gone.onnx"}})
+    tokens = {"name": "tokens", "shape": ["batch", "length"], "dtype": "tensor(int64)"}
+    parallel = {"file": "gone.onnx", "inputs": [tokens], "length_unit": 128}
+    write_manifest(tmp_path, {"format": "onnx", "vocab_size": 256, "impls": {}, "parallel": parallel})
     with pytest.raises(SeqmixError, match="gone.onnx.*missing"):
         read_manifest(tmp_path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 import json
 import pickle
 import shutil
@@ -129,16 +130,17 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(run, tmp_path
     with pytest.raises(SeqmixError, match="model.safetensors is not a readable safetensors file"):
         load_run(run)
     (checkpoint / "checksums.json").unlink()
-    with pytest.raises(SeqmixError, match="not a readable safetensors file"):
+    with pytest.raises(SeqmixError, match="checksums.json is missing"):
         load_model(checkpoint)
+    with pytest.raises(SeqmixError, match="not a readable safetensors file"):
+        load_model(checkpoint, allow_unverified=True)
     assert not marker.exists()
 
 
 def _marker_config(text: str, marker: Path) -> str:
     """A model config whose FFN names os.system with a command that would create ``marker``."""
-    target = "_target_: seqmix.FeedForward"
-    assert target in text
-    return text.replace(target, f"_target_: os.system\n  command: touch {marker}", 1)
+    assert "\nffn:\n" in text
+    return text.replace("\nffn:\n", f"\nffn:\n  _target_: os.system\n  command: touch {marker}\n", 1)
 
 
 def test_load_run_and_the_tools_refuse_a_checkpoint_config_outside_the_project(run, tmp_path, capsys):
@@ -147,30 +149,42 @@ def test_load_run_and_the_tools_refuse_a_checkpoint_config_outside_the_project(r
     config = checkpoint / "config.yaml"
     config.write_text(_marker_config(config.read_text(), marker))
     write_checksums(checkpoint)  # an intact checkpoint whose config is hostile
-    with pytest.raises(SeqmixError, match="os.system.*not something seqmix builds"):
+    with pytest.raises(SeqmixError, match="os.system.*not a part seqmix builds"):
         load_run(run)
     for name, arguments in (("evaluate", [f"checkpoint={run}"]), ("generate", [f"checkpoint={run}", "tokens=1"])):
         assert command(name, *arguments) == 2
-        assert "not something seqmix builds" in capsys.readouterr().err
+        assert "not a part seqmix builds" in capsys.readouterr().err
     export = subprocess.run([*SEQMIX, "export", f"checkpoint={run}"], capture_output=True, text=True)
-    assert export.returncode == 2 and "not something seqmix builds" in export.stderr, export.stderr[-2000:]
+    assert export.returncode == 2 and "not a part seqmix builds" in export.stderr, export.stderr[-2000:]
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("part", ["task", "model"])
 def test_load_run_refuses_a_run_record_naming_a_target_outside_the_project(part, run, tmp_path, capsys):
-    record = json.loads((run / "run.json").read_text())
+    checkpoint = latest_checkpoint(run)
+    record = json.loads((checkpoint / "run.json").read_text())
     record[part]["_target_"] = "os.system"
-    (run / "run.json").write_text(json.dumps(record))
-    with pytest.raises(SeqmixError, match=f"run.json {part}._target_='os.system' is not something seqmix builds"):
+    (checkpoint / "run.json").write_text(json.dumps(record))
+    with pytest.raises(SeqmixError, match="run.json does not match its sha256"):
+        load_run(run)
+    write_checksums(checkpoint)  # whoever can edit the record can rewrite the checksums too
+    with pytest.raises(SeqmixError, match=f"run.json: {part}._target_='os.system' is not a part seqmix builds"):
         load_run(run)
     assert command("evaluate", f"checkpoint={run}") == 2
-    assert "not something seqmix builds" in capsys.readouterr().err
+    assert "not a part seqmix builds" in capsys.readouterr().err
+
+
+def test_load_run_trusts_the_checksummed_record_not_the_one_beside_the_checkpoints(run):
+    record = json.loads((run / "run.json").read_text())
+    record["task"]["_target_"] = "os.system"
+    (run / "run.json").write_text(json.dumps(record))
+    _, loaded = load_run(run)
+    assert loaded["task"]["task"] == "mqar"
 
 
 def test_resume_refuses_a_run_record_that_names_another_model(run):
     record = json.loads((run / "run.json").read_text())
-    record["model"]["_target_"] = "os.system"
+    record["model"]["d_model"] = 32
     (run / "run.json").write_text(json.dumps(record))
     config = compose_config([
         "model=mega", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
@@ -189,9 +203,11 @@ def test_a_corrupted_run_record_or_latest_pointer_is_refused_by_name(run):
     (run / "checkpoints" / "latest").write_text("{")
     with pytest.raises(SeqmixError, match="latest is corrupted"):
         load_run(run)
-    (run / "run.json").write_text("{")
+    checkpoint = next((run / "checkpoints").glob("step-*"))
+    (checkpoint / "run.json").write_text("{")
+    write_checksums(checkpoint)
     with pytest.raises(SeqmixError, match="run.json is not valid JSON"):
-        load_run(next((run / "checkpoints").glob("step-*")))
+        load_run(checkpoint)
 
 
 # --- manifests --------------------------------------------------------------------------------
@@ -274,9 +290,11 @@ def export_dir(tmp_path) -> Path:
 
 
 def test_a_well_formed_manifest_passes_both_readers(export_dir):
-    write_manifest(export_dir, VALID_MANIFEST)
-    assert read_manifest(export_dir) == VALID_MANIFEST
-    assert onnx_runner().load(export_dir) == VALID_MANIFEST
+    written = write_manifest(export_dir, VALID_MANIFEST)
+    assert written == {**VALID_MANIFEST, "files": {name: {"sha256": hashlib.sha256(b"").hexdigest(), "bytes": 0}
+                                                   for name in ("model.onnx", "step.onnx")}}
+    assert read_manifest(export_dir) == written
+    assert onnx_runner().load(export_dir) == written
 
 
 @pytest.mark.parametrize("path, value, message", BAD_MANIFESTS + ONLY_READ_MANIFEST, ids=lambda v: str(v)[:30])
