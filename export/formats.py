@@ -1,8 +1,10 @@
 """One call per deployment format: export a trained model, verify it, measure it, describe it.
 
 Each ``export_<format>`` writes its artifacts into ``out_dir`` and returns the manifest (a dict
-that ``write_manifest`` stores as manifest.json): the inputs, outputs, dynamic dims, state layout,
-the impl each mixer used, the verification's max error and the measured latency.
+that ``write_manifest`` stores as manifest.json, with every file's sha256 and size): the inputs,
+outputs, dynamic dims, state layout, the impl each mixer used, the verification's max error and
+the measured latency. ``export_model`` runs them in a staging directory that replaces the target
+only once the export is complete (``staged_export``).
 
 - onnx: parallel graph (dynamic batch and length) and step graph, verified with ONNX Runtime;
   optionally an int8 or fp16 variant with its metric change on the task's evaluation split; and
@@ -27,12 +29,22 @@ from seqmix.errors import require_int
 from seqmix.timing import Timing, time_calls
 
 from seqmix.contract import length_unit
-from .manifest import FORMATS, write_manifest
+from .manifest import FORMATS, staged_export, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
 QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": (), "tensorrt": ("fp16",)}
 """The ``quantize`` values each format takes (int8/fp16 ONNX variants, fp16 TensorRT kernels)."""
 ENGINE_MAX_BATCH = 8
+
+
+class IncompleteExport(SeqmixError):
+    """An export that wrote usable artifacts but could not finish (a TensorRT export without
+    TensorRT or a GPU keeps its ONNX graphs and operator check): ``export_model`` still puts the
+    directory, with ``manifest``, in place, then raises this error."""
+
+    def __init__(self, message: str, manifest: dict):
+        super().__init__(message)
+        self.manifest = manifest
 
 
 def check_export_options(kind: str, quantize: str | None, length: int) -> None:
@@ -102,8 +114,8 @@ def _checked(error: float, what: str) -> float:
 def export_tensorrt(model: nn.Module, task, out_dir: Path, quantize: str | None = None, length: int = 1024) -> dict:
     """The ONNX export with TensorRT's operator check, then an engine built and verified on the GPU.
 
-    Without TensorRT or a GPU, the ONNX graphs and the operator check are still written to
-    ``out_dir`` (manifest included) before the SeqmixError that says what is missing.
+    Without TensorRT or a GPU, it raises IncompleteExport, which says what is missing and carries
+    the manifest of the ONNX graphs and the operator check, which ``export_model`` still writes.
     """
     from .tensorrt import build_engine, check_tensorrt_support, run_engine
 
@@ -122,9 +134,8 @@ def export_tensorrt(model: nn.Module, task, out_dir: Path, quantize: str | None 
     }
     try:
         engine = build_engine(graphs["parallel"], out_dir / "model.engine", shapes["min"], shapes["opt"], shapes["max"])
-    except SeqmixError:
-        write_manifest(out_dir, manifest)
-        raise
+    except SeqmixError as error:
+        raise IncompleteExport(str(error), manifest) from None
     tokens = torch.randint(0, model.vocab_size, (2, length))
     feed = {"tokens": tokens, "padding_mask": torch.zeros_like(tokens, dtype=torch.bool)}
     with torch.no_grad():
@@ -150,12 +161,23 @@ EXPORTERS = {"onnx": export_onnx, "executorch": export_executorch, "tensorrt": e
 
 
 def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantize: str | None = None, length: int = 1024) -> dict:
-    """Export ``model`` to ``kind`` in ``out_dir``, write manifest.json there and return it."""
+    """Export ``model`` to ``kind`` in ``out_dir``, write manifest.json there and return it.
+
+    Nothing is written before the options and the target are checked: ``out_dir`` must be absent,
+    empty or an earlier export (``check_export_target``), which is replaced only once the new
+    export is complete; an export that fails or is killed part-way leaves it as it was.
+    """
     check_export_options(kind, quantize, length)
-    out_dir = Path(out_dir)
-    manifest = EXPORTERS[kind](model, task, out_dir, quantize, length)
-    manifest["task"] = {"name": type(task).name, "head": task.head, "metric": task.metric}
-    write_manifest(out_dir, manifest)
+    incomplete = None
+    with staged_export(Path(out_dir)) as staging:
+        try:
+            manifest = EXPORTERS[kind](model, task, staging, quantize, length)
+        except IncompleteExport as error:
+            manifest, incomplete = error.manifest, error
+        manifest["task"] = {"name": type(task).name, "head": task.head, "metric": task.metric}
+        manifest = write_manifest(staging, manifest)
+    if incomplete is not None:
+        raise incomplete
     return manifest
 
 
