@@ -95,6 +95,31 @@ def plain_data(value: Any, where: str) -> Any:
     raise SeqmixError(f"{where} is a {type(value).__name__}; a description holds only plain data (numbers, strings, lists, maps)")
 
 
+_PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "dict": dict, "list": list}
+
+
+def check_annotation(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` when it has a type its parameter's annotation allows; SeqmixError naming both otherwise.
+
+    Only plain annotations are checked (``int``, ``float | None``, ``bool``, ...): a bool is never
+    an int here, an int is a float, and a string such as ``"false"`` is not a bool. Annotations
+    naming other types (a Mixer, a callable, a path) accept any plain value; the part checks it.
+    """
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = [name.strip() for name in text.split("|")]
+    if annotation is inspect.Parameter.empty or not all(name in _PLAIN_TYPES for name in names):
+        return value
+    for name in names:
+        expected = _PLAIN_TYPES[name]
+        if expected is bool and isinstance(value, bool):
+            return value
+        if expected in (int, float) and isinstance(value, bool):
+            continue
+        if isinstance(value, expected) or (expected is float and isinstance(value, int)):
+            return value
+    raise SeqmixError(f"{where}={value!r} is a {type(value).__name__}; expected {text}")
+
+
 def _options(cls: Callable, kind: str, options: Mapping, where: str) -> dict:
     """``options`` checked against ``cls``'s keyword arguments, with every default it leaves out filled in."""
     parameters = {
@@ -107,7 +132,7 @@ def _options(cls: Callable, kind: str, options: Mapping, where: str) -> dict:
     filled = {}
     for name, parameter in parameters.items():
         if name in options:
-            filled[name] = plain_data(options[name], f"{where}.{name}")
+            filled[name] = check_annotation(plain_data(options[name], f"{where}.{name}"), parameter.annotation, f"{where}.{name}")
         elif parameter.default is parameter.empty:
             raise SeqmixError(f"{where} needs the option {name!r}")
         elif parameter.default is None or isinstance(parameter.default, (str, bool, int, float)):
@@ -123,7 +148,7 @@ def _named_part(entry: Any, kind: str, registry: Mapping[str, Callable], where: 
         raise SeqmixError(f"{where} is a {type(entry).__name__}; expected {{{kind}: <name>, <option>: <value>, ...}}")
     options = dict(entry)
     name = options.pop(kind, None)
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise choice_error(f"{where}.{kind}", name, registry)
     return {kind: name, **_options(registry[name], kind, options, f"{where} ({name})")}
 

@@ -1,0 +1,254 @@
+"""Loading files someone else wrote: descriptions build only registered parts, configs cannot ask for more than
+their weights hold, and integrity cannot be switched off by deleting or linking files.
+
+Each property runs over many generated cases (hypothesis); the counts are the ``max_examples`` below.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import seqmix
+from seqmix import SeqmixError, load_model
+from seqmix.configs import compose_config
+from seqmix.model.checkpoint import CHECKSUMS, check_description_fits, read_header, write_checksums
+from seqmix.model.description import model_description
+from seqmix.training.checkpoints import latest_checkpoint, load_run, save_checkpoint
+from seqmix.training.experiment import build_experiment
+from seqmix.training.loop import train
+
+from conftest import SEQMIX
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A 1-step tiny run of ``seqmix train``'s library path."""
+    out_dir = tmp_path_factory.mktemp("trust") / "run"
+    config = compose_config([
+        "model=mega", "model.d_model=16", "model.depth=2", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
+        "task.num_pairs=4", "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
+        "train.device=cpu", f"train.out_dir={out_dir}",
+    ])
+    experiment = build_experiment(config)
+    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    return out_dir
+
+
+def _copy(finished_run: Path, root: Path) -> Path:
+    """A fresh copy of the run under ``root`` (hypothesis reuses one tmp_path for all its cases)."""
+    copy = root / f"run-{time.monotonic_ns()}"
+    shutil.copytree(finished_run, copy, symlinks=True)
+    return copy
+
+
+# --- class 1: descriptions build registered parts only ------------------------------------------
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+KEYS = ["vocab_size", "d_model", "layers", "depth", "mixers", "block", "ffn", "norm", "final_norm", "head",
+        "positions", "max_len", "tie_embeddings", "_target_", "mixer", "local", "local_options"]
+
+
+def _paths(node, prefix=()):
+    """Every (path, map) of the maps nested in ``node``."""
+    if isinstance(node, dict):
+        yield prefix, node
+        for key, value in node.items():
+            yield from _paths(value, (*prefix, key))
+
+
+@functools.cache
+def _mega_description() -> str:
+    return json.dumps(model_description(compose_config(["model=mega", "model.d_model=16", "model.depth=1"]).model))
+
+
+@given(data=st.data())
+@FUZZ
+def test_any_edit_of_a_description_is_built_or_refused_by_name(data):
+    """Arbitrary values at arbitrary places of a valid description: a model or a SeqmixError, nothing else."""
+    description = json.loads(_mega_description())
+    path, node = data.draw(st.sampled_from(list(_paths(description))))
+    key = data.draw(st.sampled_from(sorted(node) + KEYS))
+    node[key] = data.draw(plain)
+    try:
+        canonical = model_description(description)
+        model = seqmix.instantiate_model(canonical, device="meta")
+    except SeqmixError:
+        return
+    assert "_target_" not in json.dumps(canonical) and model.config == canonical
+
+
+TARGETS = st.sampled_from(["os.system", "subprocess.run", "builtins.eval", "torch.load", "seqmix.model.checkpoint.os.system",
+                           "seqmix.EMA.__init__", "mixers.ema.torch.load", "seqmix.tasks.byte_lm.Path.write_text"]) | st.text(max_size=40)
+
+
+@given(data=st.data(), target=TARGETS)
+@FUZZ
+def test_a_target_anywhere_in_a_saved_config_is_refused_before_anything_runs(finished_run, tmp_path, data, target):
+    run = _copy(finished_run, tmp_path)
+    checkpoint = latest_checkpoint(run)
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    path, node = data.draw(st.sampled_from(list(_paths(config))))
+    marker = tmp_path / "pwned"
+    node.update({"_target_": target, "_args_": [f"touch {marker}"], "path": str(marker)})
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))
+    write_checksums(checkpoint)  # whoever edits the config can rewrite the checksums too
+    before = set(sys.modules)
+    with pytest.raises(SeqmixError):
+        load_run(run)
+    assert not marker.exists()
+    assert set(sys.modules) == before, "refusing a config must not import anything"
+
+
+# --- class 2: a config may not ask for more than its weights hold -------------------------------
+
+BLOWUPS = [
+    ("vocab_size",), ("d_model",), ("depth",), ("max_len",), ("ffn", "hidden"),
+    ("mixers", "mega", "z_dim"), ("mixers", "mega", "v_dim"), ("mixers", "mega", "heads"),
+    ("mixers", "mega", "chunk_size"), ("mixers", "mega", "max_len"), ("mixers", "mega", "local_options"),
+]
+
+
+@given(where=st.sampled_from(BLOWUPS), size=st.integers(2, 10**12))
+@FUZZ
+def test_a_config_asking_for_a_huge_model_is_refused_before_allocating(finished_run, where, size):
+    """The description checked against the weights' header alone: refused fast, or it fits the weights."""
+    checkpoint = latest_checkpoint(finished_run)
+    description = model_description(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    node = description
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = {"order": size} if where[-1] == "local_options" else size
+    header = read_header(checkpoint / "model.safetensors")
+    started = time.perf_counter()
+    try:
+        check_description_fits(model_description(description), header, "model.safetensors")
+    except SeqmixError:
+        assert time.perf_counter() - started < 5
+        return
+    # Accepted: then building it costs no more than the weights themselves.
+    model = seqmix.instantiate_model(description, device="meta")
+    stored = sum(nbytes for _, nbytes in header.values())
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) <= stored
+
+
+def test_a_config_bomb_is_refused_without_memory_or_time(finished_run, tmp_path):
+    """The probe's case end to end, under a 2 GB address-space limit: millions of layers, a huge width or vocabulary."""
+    for key, value in (("depth", 10**7), ("d_model", 10**6), ("vocab_size", 10**9)):
+        run = _copy(finished_run, tmp_path)
+        checkpoint = latest_checkpoint(run)
+        config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        config[key] = value
+        (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))
+        write_checksums(checkpoint)
+        limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+        started = time.perf_counter()
+        probe = subprocess.run(
+            [sys.executable, "-c", limit + "from seqmix.cli import main; raise SystemExit(main(['evaluate', 'checkpoint=" + str(run) + "']))"],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert probe.returncode == 2, probe.stderr[-2000:]
+        assert "does not belong to these weights" in probe.stderr or "refusing to allocate" in probe.stderr, probe.stderr[-2000:]
+        assert time.perf_counter() - started < 60
+
+
+# --- class 3: integrity that cannot be switched off ---------------------------------------------
+
+CHECKPOINT_FILES = ["checksums.json", "trainer.json", "optimizer.safetensors", "run.json", "config.yaml", "model.safetensors"]
+
+
+@given(removed=st.sets(st.sampled_from(CHECKPOINT_FILES), min_size=1))
+@FUZZ
+def test_deleting_files_never_skips_verification(finished_run, tmp_path, removed):
+    run = _copy(finished_run, tmp_path)
+    checkpoint = latest_checkpoint(run)
+    for name in removed:
+        (checkpoint / name).unlink()
+    with pytest.raises(SeqmixError):
+        load_run(run)
+    if removed == {CHECKSUMS} or removed <= {CHECKSUMS, "trainer.json", "optimizer.safetensors", "run.json"} and CHECKSUMS in removed:
+        # Asked for by name, an unverified load of a complete model works.
+        model, _ = load_run(run, allow_unverified=True)
+        assert model.vocab_size == 64
+
+
+@given(name=st.sampled_from(CHECKPOINT_FILES), offset=st.floats(0, 1, exclude_max=True), flip=st.integers(1, 255))
+@FUZZ
+def test_a_changed_byte_in_any_checkpoint_file_is_refused(finished_run, tmp_path, name, offset, flip):
+    run = _copy(finished_run, tmp_path)
+    path = latest_checkpoint(run) / name
+    data = bytearray(path.read_bytes())
+    data[int(offset * len(data))] ^= flip
+    path.write_bytes(bytes(data))
+    with pytest.raises(SeqmixError):
+        load_run(run)
+
+
+@given(name=st.sampled_from(CHECKPOINT_FILES))
+@FUZZ
+def test_a_symlink_in_a_checkpoint_is_refused_even_to_identical_bytes(finished_run, tmp_path, name):
+    run = _copy(finished_run, tmp_path)
+    checkpoint = latest_checkpoint(run)
+    outside = tmp_path / f"outside-{time.monotonic_ns()}"
+    shutil.move(checkpoint / name, outside)
+    (checkpoint / name).symlink_to(outside)
+    for allow_unverified in (False, True):
+        with pytest.raises(SeqmixError, match="symbolic link"):
+            load_run(run, allow_unverified=allow_unverified)
+
+
+def test_a_symlinked_checkpoint_is_never_loaded_counted_or_deleted_through(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(latest_checkpoint(run), outside)
+    link = run / "checkpoints" / "step-99999999"
+    link.symlink_to(outside, target_is_directory=True)
+    (run / "checkpoints" / "latest").write_text(json.dumps({"checkpoint": link.name, "step": 99999999}))
+    with pytest.raises(SeqmixError, match="symbolic links are refused"):
+        load_run(run)
+    # A new checkpoint with keep=1 keeps the real one it wrote; the link is neither kept nor followed.
+    model, _ = load_run(latest := sorted(p for p in (run / "checkpoints").glob("step-0*"))[-1])
+    optimizer = torch.optim.AdamW(model.parameters())
+    final = save_checkpoint(run, 5, model, optimizer, keep=1)
+    assert final.is_dir() and latest_checkpoint(run) == final
+    assert sorted(outside.iterdir()) and (outside / "model.safetensors").is_file(), "the outside directory was deleted"
+    assert not latest.exists()
+
+
+def test_evaluate_refuses_an_unverified_checkpoint_unless_asked_by_name(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    (latest_checkpoint(run) / CHECKSUMS).unlink()
+    refused = subprocess.run([*SEQMIX, "evaluate", f"checkpoint={run}", "batches=1", "batch_size=2"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "checksums.json is missing" in refused.stderr, refused.stderr[-2000:]
+    allowed = subprocess.run([*SEQMIX, "evaluate", f"checkpoint={run}", "batches=1", "batch_size=2", "allow_unverified=true"],
+                             capture_output=True, text=True)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "loss" in json.loads(allowed.stdout)
+
+
+def test_a_task_path_in_a_loaded_record_is_never_followed(tmp_path, monkeypatch):
+    """A record's cache_dir belongs to the machine that wrote it; evaluate uses the local default instead."""
+    from seqmix.training.records import build_task
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    record = {"task": "byte_lm", "cache_dir": str(tmp_path / "planted"), "max_bytes": 20_000, "seq_len": 32}
+    task = build_task(record, trust_paths=False)
+    assert not (tmp_path / "planted").exists()
+    assert all(path.is_relative_to(tmp_path / "home") for path in task.corpus.cache_paths.values())
