@@ -19,7 +19,7 @@ from seqmix.operators.softmax_attention import SoftmaxAttention
 from seqmix.operators.tcn import TCN
 from seqmix.registry import build_mixer, list_mixers, mixer_class, register_mixer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Block",

@@ -21,6 +21,8 @@ from seqmix.model.legacy import LEGACY_TARGETS, translate
 from seqmix.training.checkpoints import load_run
 from seqmix.training.records import build_task, same_run
 
+from conftest import examples
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VERSIONS = {"0.1.0": "_target_: mixers.", "0.2.0": "_target_: seqmix."}
 PRESETS = ["mega", "megalodon", "hybrid_tcn_attention"]
@@ -72,7 +74,7 @@ def test_every_old_target_translates_to_a_registered_part():
 
 
 @given(st.sampled_from(sorted(LEGACY_TARGETS)), st.text(min_size=1, max_size=30))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_a_target_outside_the_frozen_table_is_refused(known, suffix):
     """Anything reachable behind a known path (``seqmix.EMA.os``, ``seqmix.model.checkpoint.os.system``) is refused."""
     for target in (f"{known}.{suffix}", f"{known.rsplit('.', 1)[0]}.{suffix}", f"{suffix}.{known}"):

@@ -29,9 +29,9 @@ from seqmix.training.checkpoints import latest_checkpoint, load_run, save_checkp
 from seqmix.training.experiment import build_experiment
 from seqmix.training.loop import train
 
-from conftest import SEQMIX
+from conftest import SEQMIX, examples
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
