@@ -2,6 +2,7 @@
 written to train.out_dir before the whole configuration has been validated."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import math
 from pathlib import Path
@@ -120,9 +121,11 @@ def test_the_named_probes_are_refused():
 
 
 def test_the_compile_backends_are_those_compile_model_takes():
-    from seqmix.compile.compiler import BACKENDS
-
-    assert set(COMPILE_BACKENDS) == set(BACKENDS)
+    """Read from compile/compiler.py's source: importing it would load Inductor for one tuple."""
+    source = (Path(__file__).resolve().parent.parent / "compile" / "compiler.py").read_text()
+    assignment = next(node for node in ast.parse(source).body
+                      if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["BACKENDS"])
+    assert set(COMPILE_BACKENDS) == set(ast.literal_eval(assignment.value))
 
 
 # Overrides as a user types them, each outside its option's domain.
@@ -135,7 +138,9 @@ INVALID_OVERRIDES = [
 ]
 
 
-@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Each example composes the config twice (about a second); the option domains themselves are the
+# TrainConfig properties above, so this one checks the path from the command line to the refusal.
+@settings(max_examples=examples(8), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(INVALID_OVERRIDES))
 def test_seqmix_train_with_an_invalid_option_writes_nothing(tmp_path_factory, capsys, override):
     out_dir = tmp_path_factory.mktemp("invalid") / "run"
@@ -148,7 +153,7 @@ def test_seqmix_train_with_an_invalid_option_writes_nothing(tmp_path_factory, ca
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("bad", ["train.beta1=2", "train.device=tpu", "train.grad_clip=nan", "train.compile=tpu_backend"])
+@pytest.mark.parametrize("bad", ["train.beta1=2", "train.device=tpu"])
 def test_the_corrected_rerun_of_a_refused_run_trains(tmp_path, capsys, bad):
     out_dir = tmp_path / "run"
     assert main(["train", *TINY_TRAIN, "train.max_steps=1", bad, f"train.out_dir={out_dir}"]) == 2
