@@ -781,16 +781,17 @@ def open_study(settings: SearchSettings, task: Task) -> tuple[optuna.Study, optu
     """
     storage, lock_file = open_storage(settings)
     directions = [metric_direction(task.metric) if name == "metric" else "minimize" for name in settings.objectives]
-    with _claim_lock(lock_file), readable_storage(str(lock_file) if lock_file is not None else str(settings.storage)):
-        try:
-            previous_trials = len(storage.get_all_trials(storage.get_study_id_from_name(settings.study_name), deepcopy=False))
-        except KeyError:  # a new study
-            previous_trials = 0
-        study = optuna.create_study(
-            storage=storage, study_name=settings.study_name, directions=directions, load_if_exists=True,
-            sampler=make_sampler(settings, previous_trials), pruner=make_pruner(settings),
-        )
-        check_study(study, settings, task)
+    with _claim_lock(lock_file):
+        with readable_storage(str(lock_file) if lock_file is not None else str(settings.storage)):
+            try:
+                previous_trials = len(storage.get_all_trials(storage.get_study_id_from_name(settings.study_name), deepcopy=False))
+            except KeyError:  # a new study
+                previous_trials = 0
+            study = optuna.create_study(
+                storage=storage, study_name=settings.study_name, directions=directions, load_if_exists=True,
+                sampler=make_sampler(settings, previous_trials), pruner=make_pruner(settings),
+            )
+            check_study(study, settings, task)
         for params in settings.enqueue:
             if len(budget_trials(study.get_trials(deepcopy=False))) < settings.n_trials:
                 study.enqueue_trial(params, skip_if_exists=True)
@@ -818,7 +819,7 @@ def check_study(study: optuna.Study, settings: SearchSettings, task: Task) -> No
     if stored_space is None:
         study.set_user_attr("space", space)
         return
-    differing = space_differences(stored_space, space)
+    differing = space_differences(stored_space, space) if isinstance(stored_space, dict) else [f"the study's space is {stored_space!r}"]
     if differing:
         raise SeqmixError(
             f"study {settings.study_name!r} in the storage was made with another search space: "
