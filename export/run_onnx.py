@@ -218,7 +218,7 @@ def _check_graph(entry, section: str, bad) -> None:
         where = f"{section}.inputs[{index}]"
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             bad(where, spec, "a mapping with a string name, a shape and a dtype")
-        if spec.get("dtype") not in NUMPY_DTYPES:
+        if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in NUMPY_DTYPES:
             bad(f"{where}.dtype", spec.get("dtype"), f"one of {list(NUMPY_DTYPES)}")
         shape = spec.get("shape")
         if not isinstance(shape, list) or not all((_is_int(d) and d >= 0) or isinstance(d, str) for d in shape):
@@ -237,7 +237,7 @@ def _check_state(step: dict, bad) -> None:
         if not isinstance(entry, dict):
             bad(where, entry, "a mapping with name, shape, dtype and fill")
         name, shape, dtype, fill = (entry.get(key) for key in ("name", "shape", "dtype", "fill"))
-        if name not in inputs or name == "tokens" or name in names:
+        if not isinstance(name, str) or name not in inputs or name == "tokens" or name in names:
             bad(f"{where}.name", name, f"a distinct state input of the step graph, one of {sorted(set(inputs) - {'tokens'})}")
         names.append(name)
         if not isinstance(shape, list) or shape != inputs[name]["shape"] or not all(_is_int(d) and d >= 0 for d in shape):
