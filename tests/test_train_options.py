@@ -22,7 +22,7 @@ from test_cli import TINY_TRAIN
 from test_training import small
 
 NOT_A_NUMBER = st.one_of(st.text(max_size=4), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
-NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
+NON_FINITE = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf]), st.integers(min_value=2**1024))  # ints too large for a float
 
 
 def _floats(low=None, high=None, exclude_low=False, exclude_high=False):
@@ -65,13 +65,13 @@ def valid_options(draw) -> dict:
         "max_steps": draw(st.integers(1, 10**6)),
         "batch_size": grad_accum * draw(st.integers(1, 64)),
         "grad_accum": grad_accum,
-        "lr": draw(st.one_of(_floats(low=0.0, exclude_low=True), st.integers(min_value=1))),
+        "lr": draw(st.one_of(_floats(low=0.0, exclude_low=True), st.integers(1, 2**1000))),
         "min_lr_ratio": draw(st.one_of(_floats(0.0, 1.0), st.sampled_from([0, 1]))),
         "warmup_steps": draw(st.integers(0, 10**6)),
-        "weight_decay": draw(st.one_of(_floats(low=0.0), st.integers(min_value=0))),
+        "weight_decay": draw(st.one_of(_floats(low=0.0), st.integers(0, 2**1000))),
         "beta1": draw(st.one_of(_floats(0.0, 1.0, exclude_high=True), st.just(0))),
         "beta2": draw(_floats(0.0, 1.0, exclude_high=True)),
-        "grad_clip": draw(st.one_of(_floats(low=0.0), st.integers(min_value=0))),
+        "grad_clip": draw(st.one_of(_floats(low=0.0), st.integers(0, 2**1000))),
         "bf16": draw(st.booleans()),
         "eval_every": draw(st.integers(1, 10**6)),
         "eval_batches": draw(st.integers(1, 10**3)),

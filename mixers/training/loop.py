@@ -147,9 +147,15 @@ class TrainConfig:
 
 
 def _require_number(name: str, value, low: float, high: float, domain: str, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise unless ``value`` is a finite int or float between ``low`` and ``high`` (bools are not numbers here)."""
+    """Raise unless ``value`` is a finite int or float between ``low`` and ``high`` (bools are not numbers here).
+
+    An int too large for a float counts as infinite: the schedule and AdamW compute in floats.
+    """
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    finite = number and (not isinstance(value, float) or math.isfinite(value))
+    try:
+        finite = number and math.isfinite(value)
+    except OverflowError:
+        finite = False
     above = finite and (value > low if low_open else value >= low)
     below = finite and (value < high if high_open else value <= high)
     if not (above and below):
