@@ -108,7 +108,9 @@ def verify_file(out_dir: Path, name: str, files: dict, what: str) -> Path:
 def check_export_target(out_dir: str | Path) -> None:
     """Refuse to export into ``out_dir`` unless it is absent, an empty directory or a seqmix export
     (a directory holding manifest.json), which the new export replaces as a whole."""
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
+    if out_dir == out_dir.parent:
+        raise SeqmixError(f"out={str(out_dir)!r} is a filesystem root; choose a directory for the export")
     if out_dir.is_symlink():
         raise SeqmixError(f"out={str(out_dir)!r} is a symbolic link; give the directory itself")
     if not out_dir.exists():
@@ -130,7 +132,7 @@ def staged_export(out_dir: str | Path) -> Iterator[Path]:
     ``.<name>.replaced-<pid>-<random>``, the new one renamed into place, then the old one removed.
     A process killed mid-export leaves its ``.partial-`` directory behind, which nothing reads.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." and ".." resolved, so the siblings have a name to derive from
     check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(out_dir, "partial")
