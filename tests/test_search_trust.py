@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,22 @@ def open_stored(settings: SearchSettings, directory: Path, content: bytes, task,
 def test_the_stored_study_opens_again(tmp_path, base_settings, stored_study, task):
     study, _, _ = open_stored(base_settings, tmp_path / "s", stored_study, task)
     assert len(study.trials) == 3 and study.user_attrs["task"] == "mqar"
+
+
+def test_a_study_db_a_killed_writer_left_mid_transaction_is_rolled_back_and_opens(tmp_path, base_settings, stored_study, task):
+    directory = tmp_path / "s"
+    directory.mkdir()
+    (directory / "study.db").write_bytes(stored_study)
+    # A writer killed inside a transaction that had already spilled changed pages into the file.
+    writer = ("import os, sqlite3, sys\n"
+              "db = sqlite3.connect(sys.argv[1]); db.execute('PRAGMA cache_size=1'); db.execute('BEGIN')\n"
+              "db.execute('UPDATE trial_values SET value = value + 1'); db.execute('DELETE FROM trial_user_attributes')\n"
+              "os._exit(9)\n")
+    subprocess.run([sys.executable, "-c", writer, str(directory / "study.db")], check=False)
+    assert (directory / "study.db-journal").is_file(), "the writer left no journal: the case this test is about did not happen"
+    study, _, _ = open_study(dataclasses.replace(base_settings, out_dir=directory), task)
+    assert [t.values for t in study.trials] == [[0.5]] * 3
+    assert all(t.user_attrs["architecture"] == "tcn ×1 d=16" for t in study.trials)
 
 
 @settings(max_examples=examples(40), **PROPERTY)

@@ -478,25 +478,28 @@ def check_sqlite_file(path: Path) -> None:
 
     SQLite would take a file shorter than its header for an empty database and write a new study
     over it; a truncated one fails later, at some query. Checked under a read transaction, so a
-    worker writing the file meanwhile cannot make it look torn.
+    worker writing the file meanwhile cannot make it look torn. The connection may write: SQLite
+    rolls back the journal a killed writer left, which a read-only connection refuses to do.
     """
     if not path.is_file() or path.stat().st_size == 0:
         return
     with path.open("rb") as handle:
         if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
             raise sqlite3.DatabaseError("file is not a database")
-    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+    connection = sqlite3.connect(path, timeout=60)
     connection.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
     try:
         connection.execute("BEGIN")
         problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
         pages = connection.execute("PRAGMA page_count").fetchone()[0] * connection.execute("PRAGMA page_size").fetchone()[0]
+        # In WAL mode the newest pages live in the -wal file, not yet in this one.
+        whole = connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
         size = path.stat().st_size
     finally:
         connection.close()
     if problems != ["ok"]:
         raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
-    if pages != size:
+    if whole and pages != size:
         raise sqlite3.DatabaseError(f"the file holds {size} bytes, its header says {pages}")
 
 
