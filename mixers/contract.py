@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 
 State = Any
 """A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""
@@ -30,8 +30,15 @@ class Mixer(nn.Module):
     """Base class of a token mixer: (B, L, D) -> (B, L, D), in parallel or streamed.
 
     Subclasses implement ``mix`` (parallel), and for causal mixers ``mix_step`` and
-    ``init_state``. The public ``forward`` and ``step`` check their inputs first, so a wrong
-    shape fails here with a message instead of deep inside a matmul.
+    ``init_state``. The public ``forward``, ``step`` and ``init_state`` check their inputs first
+    (shape, dtype, device, mask, state structure), so a wrong input fails here with a SeqmixError
+    naming it instead of deep inside a matmul.
+
+    Dtypes, one rule for every mixer: an input of any floating dtype is accepted and computed in
+    the dtype of the mixer's parameters (recurrences and statistics in ``compute_dtype`` of it,
+    float32 at least); the output is returned in the input's dtype. The state may be in any
+    floating dtype (``init_state(dtype=...)``); its integer tensors (positions) must be int64.
+    ``mix`` and ``mix_step`` therefore always see inputs in the parameters' dtype.
 
     A mixer also answers what the rest of seqmix would otherwise hard-code per mixer, so search,
     benchmarks, exporters and compilers ask it and never branch on its name or class:
@@ -58,8 +65,7 @@ class Mixer(nn.Module):
         super().__init__()
         if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model < 1:
             raise SeqmixError(f"d_model={d_model!r} is not valid; expected a positive integer")
-        if not isinstance(causal, bool):
-            raise SeqmixError(f"{type(self).__name__}: causal={causal!r} is not valid; expected True or False")
+        require_bool(type(self).__name__, "causal", causal)
         self.d_model = d_model
         self.causal = causal
         self.impl = self.default_impl if impl is None else impl
@@ -88,7 +94,10 @@ class Mixer(nn.Module):
             (B, L, D) outputs.
         """
         self.check_input(x, padding_mask)
-        return self.mix(x, padding_mask)
+        dtype = self.parameter_dtype()
+        if dtype is None or x.dtype == dtype:
+            return self.mix(x, padding_mask)
+        return self.mix(x.to(dtype), padding_mask).to(x.dtype)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Continue a stream by T >= 1 tokens.
@@ -106,18 +115,31 @@ class Mixer(nn.Module):
                 "the whole sequence, so it cannot step; use forward() or build it with causal=True"
             )
         self.check_input(x, None)
-        self.check_state(state, x.shape[0])
-        return self.mix_step(x, state)
+        self.check_state(state, x)
+        dtype = self.parameter_dtype()
+        if dtype is None or x.dtype == dtype:
+            return self.mix_step(x, state)
+        y, state = self.mix_step(x.to(dtype), state)
+        return y.to(x.dtype), state
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """The state before any token: fixed-shape, batch-first tensors.
 
         Args:
-            batch_size: B.
+            batch_size: B, a positive integer.
             device, dtype: where and in which floating dtype; default the parameters'.
         """
+        name = type(self).__name__
         if not self.causal:
-            raise SeqmixError(f"{type(self).__name__} was built with causal=False and has no streaming state")
+            raise SeqmixError(f"{name} was built with causal=False and has no streaming state")
+        require_int(name, "batch_size", batch_size, meaning="B, the number of streams")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise SeqmixError(f"{name}: dtype={dtype!r} is not valid; expected a floating torch.dtype or None (the parameters')")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as error:
+                raise SeqmixError(f"{name}: device={device!r} is not valid: {error}") from None
         return self.empty_state(batch_size, device, dtype)
 
     @property
@@ -185,8 +207,17 @@ class Mixer(nn.Module):
 
     # --- shared checks and helpers ------------------------------------------------------
 
+    def parameter_dtype(self) -> torch.dtype | None:
+        """The dtype inputs are computed in: that of the first floating parameter (None without any)."""
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return None
+
     def check_input(self, x: Tensor, padding_mask: Tensor | None) -> None:
-        """Reject inputs that are not (B, L, D) with L >= 1, or a mask that is not (B, L) bool."""
+        """Reject inputs that are not floating (B, L, D) tensors with L >= 1 on the parameters' device,
+        or a mask that is not a (B, L) bool tensor on x's device. Shapes, dtypes and devices only:
+        nothing here reads a value, so exported graphs keep every check."""
         name = type(self).__name__
         if not isinstance(x, Tensor):
             raise SeqmixError(f"{name}: x must be a torch.Tensor of shape (B, L, D), got {type(x).__name__}")
@@ -198,34 +229,56 @@ class Mixer(nn.Module):
             raise SeqmixError(f"{name}: x has length L=0; expected at least one token")
         if not x.is_floating_point():
             raise SeqmixError(f"{name}: x has dtype {x.dtype}; expected a floating dtype")
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is not None and x.device != weight.device:
+            raise SeqmixError(f"{name}: x is on {x.device} but the mixer's parameters are on {weight.device}; move one of them")
         if padding_mask is not None:
+            if not isinstance(padding_mask, Tensor):
+                raise SeqmixError(
+                    f"{name}: padding_mask must be a (B, L) torch.bool tensor (True = padding) or None, got {type(padding_mask).__name__}"
+                )
             if padding_mask.dtype != torch.bool:
                 raise SeqmixError(f"{name}: padding_mask has dtype {padding_mask.dtype}; expected torch.bool (True = padding)")
             if tuple(padding_mask.shape) != tuple(x.shape[:2]):
                 raise SeqmixError(
                     f"{name}: padding_mask has shape {tuple(padding_mask.shape)}, expected (B, L)={tuple(x.shape[:2])}"
                 )
+            if padding_mask.device != x.device:
+                raise SeqmixError(f"{name}: padding_mask is on {padding_mask.device} but x is on {x.device}")
 
-    def check_state(self, state: State, batch_size: int) -> None:
-        """Reject a state whose tensors were built for another batch size or another mixer."""
+    def check_state(self, state: State, x: Tensor) -> None:
+        """Reject a state that is not what ``init_state`` or ``step`` returns for x's batch size:
+        another structure (a list, None, a tensor), another mixer's, another batch size's, a
+        non-floating tensor where floats are held, floats where int64 positions are, or another device.
+
+        Compared with ``init_state`` built on the meta device: nothing is allocated, no value is read.
+        """
         name = type(self).__name__
-        expected, expected_spec = tree_flatten(self.empty_state(batch_size, torch.device("meta"), None))
+        batch_size = x.shape[0]
+        reference = self.empty_state(batch_size, torch.device("meta"), None)
+        expected, expected_spec = tree_flatten(reference)
         leaves, spec = tree_flatten(state)
-        if len(leaves) != len(expected) or not all(isinstance(t, Tensor) for t in leaves):
+        if spec != expected_spec or not all(isinstance(t, Tensor) for t in leaves):
             raise SeqmixError(
-                f"{name}: state has {len(leaves)} tensors, expected {len(expected)}; pass what "
-                f"{name}.init_state() or the previous step() returned"
+                f"{name}: state has {len(leaves)} tensors, expected {len(expected)}: got a {type(state).__name__}, expected the "
+                f"{type(reference).__name__} that {name}.init_state() or the previous step() returned"
             )
         for i, (got, want) in enumerate(zip(leaves, expected)):
-            if got.shape[0] != batch_size:
+            if got.dim() == 0 or got.shape[0] != batch_size:
                 raise SeqmixError(
-                    f"{name}: state tensor {i} was built for batch size {got.shape[0]}, but x has batch size {batch_size}"
+                    f"{name}: state tensor {i} was built for batch size {got.shape[0] if got.dim() else None}, "
+                    f"but x has batch size {batch_size}"
                 )
             if tuple(got.shape) != tuple(want.shape):
                 raise SeqmixError(
                     f"{name}: state tensor {i} has shape {tuple(got.shape)}, expected {tuple(want.shape)}; "
                     "was it built by another mixer or with other options?"
                 )
+            if (got.is_floating_point() != want.is_floating_point()) or (not want.is_floating_point() and got.dtype != want.dtype):
+                wanted = "a floating dtype" if want.is_floating_point() else str(want.dtype)
+                raise SeqmixError(f"{name}: state tensor {i} has dtype {got.dtype}, expected {wanted}")
+            if got.device != x.device:
+                raise SeqmixError(f"{name}: state tensor {i} is on {got.device} but x is on {x.device}")
 
     def param_dtype_device(self, device, dtype) -> tuple[torch.device, torch.dtype]:
         """Defaults for ``init_state``: the device and dtype of this mixer's parameters."""

@@ -18,3 +18,9 @@ def require_int(owner: str, field: str, value, minimum: int = 1, meaning: str = 
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         detail = f" ({meaning})" if meaning else ""
         raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected an integer >= {minimum}{detail}")
+
+
+def require_bool(owner: str, field: str, value) -> None:
+    """Raise unless ``value`` is True or False itself: "false", 0 or None would silently mean the opposite."""
+    if not isinstance(value, bool):
+        raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected True or False")

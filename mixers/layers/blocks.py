@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, choice_error, require_bool
 from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
@@ -40,6 +40,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, hidden: int | None = None, activation: str = "gelu", swiglu: bool = False, bias: bool = True):
         super().__init__()
+        require_bool("ffn", "swiglu", swiglu)
+        require_bool("ffn", "bias", bias)
         if activation not in ACTIVATIONS:
             raise choice_error("ffn.activation", activation, ACTIVATIONS)
         hidden = 4 * d_model if hidden is None else hidden

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmix.contract import compute_dtype
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, choice_error, require_bool
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
 
@@ -40,6 +40,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
+        require_bool("RMSNorm", "affine", affine)
         self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmix.contract import compute_dtype
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_bool, require_int
 from seqmix.operators import recurrence
 from seqmix.registry import register_mixer
 
@@ -49,6 +49,7 @@ class CEMA(recurrence.RecurrenceMixer):
     """
 
     def __init__(self, d_model: int, order: int = 16, causal: bool = True, impl: str | None = None, chunk_size: int = 64):
+        require_bool("cema", "causal", causal)
         if not causal:
             raise SeqmixError("cema: causal=False is not supported; the complex EMA is causal only (use ema for a bidirectional EMA)")
         super().__init__(d_model, causal=True, impl=impl)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmix.contract import Mixer, State, compute_dtype
-from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.layers.norms import RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
 from seqmix.operators import kv_cache
@@ -128,6 +128,8 @@ class GatedAttention(Mixer):
         impl: str | None = None,
     ):
         super().__init__(d_model, causal=causal, impl=impl)
+        require_bool("gated_attention", "prenorm", prenorm)
+        require_bool("gated_attention", "normalized", normalized)
         z_dim = d_model // 2 if z_dim is None else z_dim
         v_dim = 2 * d_model if v_dim is None else v_dim
         if attention not in ATTENTIONS:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmix.contract import Mixer, compute_dtype
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_bool, require_int
 from seqmix.layers.positions import rotary
 from seqmix.operators import kv_cache
 from seqmix.registry import register_mixer
@@ -66,6 +66,7 @@ class SoftmaxAttention(Mixer):
         impl: str | None = None,
     ):
         super().__init__(d_model, causal=causal, impl=impl)
+        require_bool("softmax_attention", "use_rotary", use_rotary)
         if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or d_model % heads:
             raise SeqmixError(f"softmax_attention: heads={heads!r} must be a positive integer that divides d_model={d_model}")
         head_dim = d_model // heads

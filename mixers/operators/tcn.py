@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmix.contract import Mixer
-from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.registry import register_mixer
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
@@ -68,7 +68,9 @@ class TCN(Mixer):
         causal: bool = True,
         impl: str | None = None,
     ):
-        if causal is not True:
+        require_bool("tcn", "causal", causal)
+        require_bool("tcn", "residual", residual)
+        if not causal:
             raise SeqmixError(
                 f"tcn: causal={causal!r} is not valid; the TCN is causal only (its convolutions look "
                 "back, never ahead), so build it with causal=True"
@@ -79,8 +81,6 @@ class TCN(Mixer):
         require_int("tcn", "depth", depth, 1, "number of convolution layers")
         if activation not in ACTIVATIONS:
             raise choice_error("tcn.activation", activation, ACTIVATIONS)
-        if not isinstance(residual, bool):
-            raise SeqmixError(f"tcn: residual={residual!r} is not valid; expected True or False")
         self.kernel_size = kernel_size
         self.dilation_base = dilation_base
         self.depth = depth
