@@ -39,7 +39,7 @@ from seqmix.contract import Mixer, State, compute_dtype
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.layers.norms import RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
-from seqmix.operators import kv_cache
+from seqmix.operators import kv_cache, masking
 from seqmix.registry import build_mixer, list_mixers, mixer_class, register_mixer
 
 ATTENTIONS = ("softmax", "laplace", "relu2")
@@ -272,8 +272,14 @@ class GatedAttention(Mixer):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, visible: Tensor) -> Tensor:
         """Attention of q (..., Tq, S/H) over k, v (..., Tk, ·); positions (..., Tq) and (..., Tk)
-        are inside the chunk; ``visible`` (..., Tq, Tk) bool. Scores are computed in float32."""
+        are inside the chunk; ``visible`` (..., Tq, Tk) bool. Scores are computed in float32.
+
+        Masked-out keys are selected away, never multiplied by 0: a key or value holding a NaN or
+        infinity is zeroed before the products and exactly the queries that see it get NaN (``masking``).
+        """
         dtype = compute_dtype(q.dtype)
+        k, bad_keys = masking.split_nonfinite(k)
+        v, bad_values = masking.split_nonfinite(v)
         if self.normalized:
             q, k = rotary(q, q_pos), rotary(k, k_pos)
         scores = (q @ k.transpose(-1, -2)).to(dtype)
@@ -286,8 +292,8 @@ class GatedAttention(Mixer):
             count = visible.sum(-1, keepdim=True).clamp(min=1).to(dtype)
             scores = scores / count + self.bias(q_pos, k_pos).to(dtype)
             weights = laplace(scores) if self.attention == "laplace" else F.relu(scores).square()
-            weights = weights * visible.to(dtype)
-        return weights.to(v.dtype) @ v
+            weights = weights.masked_fill(~visible, 0.0)
+        return masking.poison(weights.to(v.dtype) @ v, masking.seen_by(visible, bad_keys | bad_values))
 
     def _merge(self, attended: Tensor) -> Tensor:
         """(B, H, T, E/H) -> (B, T, E)."""

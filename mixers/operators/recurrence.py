@@ -29,6 +29,7 @@ from torch import Tensor
 from torch._higher_order_ops import scan
 
 from seqmix.contract import Mixer
+from seqmix.operators import masking
 
 _UNROLL_CHUNKS = False
 
@@ -303,12 +304,26 @@ def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
 
 
 def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int):
-    """Run path ``impl`` on x (B, L, D) from state h0 (see ``steps_recurrently``) -> (y (B, L, D), final state)."""
+    """Run path ``impl`` on x (B, L, D) from state h0 (see ``steps_recurrently``) -> (y (B, L, D), final state).
+
+    The loop lets a NaN or infinity at step t reach steps >= t only. The FFT and the chunks' Toeplitz
+    matmuls would multiply it by the zeros above the diagonal into earlier steps too, so they run on
+    x with its non-finite values zeroed, and every output of a channel from its first non-finite
+    input on, and its final state, is NaN (the loop may give ±inf there instead).
+    """
     if steps_recurrently(impl, x.shape[1], chunk_size):
         return recurrent(x, coef, h0)
+    bad = ~torch.isfinite(x)  # (B, L, D)
+    finite_x = x.masked_fill(bad, 0.0)
     if impl == "chunked":
-        return chunked(x, coef, h0, chunk_size)
-    return PATHS[impl](x, coef, h0)
+        y, (h_re, h_im) = chunked(finite_x, coef, h0, chunk_size)
+    else:
+        y, (h_re, h_im) = PATHS[impl](finite_x, coef, h0)
+    reached = masking.seen_causally(bad.transpose(1, 2))  # (B, D, L)
+    y = y.masked_fill(reached.transpose(1, 2), float("nan"))
+    h_re = masking.poison(h_re, reached[..., -1])  # (B, D, N) rows of channel d
+    h_im = None if h_im is None else masking.poison(h_im, reached[..., -1])
+    return y, (h_re, h_im)
 
 
 class RecurrenceMixer(Mixer):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from seqmix.contract import Mixer, compute_dtype
 from seqmix.errors import SeqmixError, require_bool, require_int
 from seqmix.layers.positions import rotary
-from seqmix.operators import kv_cache
+from seqmix.operators import kv_cache, masking
 from seqmix.registry import register_mixer
 
 
@@ -114,15 +114,30 @@ class SoftmaxAttention(Mixer):
         return q, k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, is_causal: bool) -> Tensor:
-        """softmax(q kᵀ/√(D/H) masked) v for (B, H, T, ·) tensors; ``visible`` broadcasts to the scores."""
+        """softmax(q kᵀ/√(D/H) masked) v for (B, H, T, ·) tensors; ``visible`` broadcasts to the scores.
+
+        A key or value holding a NaN or infinity is zeroed before the product (0 · NaN would reach
+        queries that cannot see it) and the queries that do see it get NaN (``masking``).
+        """
+        k, bad_keys = masking.split_nonfinite(k)
+        v, bad_values = masking.split_nonfinite(v)
+        bad = bad_keys | bad_values  # (B, H, Tk)
         if self.impl == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=is_causal)
-        scores = (q @ k.transpose(-1, -2)).to(compute_dtype(q.dtype)) / self.head_dim**0.5
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=is_causal)
+        else:
+            scores = (q @ k.transpose(-1, -2)).to(compute_dtype(q.dtype)) / self.head_dim**0.5
+            if is_causal:
+                visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            if visible is not None:
+                scores = scores.masked_fill(~visible, float("-inf"))
+            attended = torch.softmax(scores, dim=-1).to(v.dtype) @ v
         if is_causal:
-            visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        if visible is not None:
-            scores = scores.masked_fill(~visible, float("-inf"))
-        return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+            reached = masking.seen_causally(bad)
+        elif visible is None:
+            reached = bad.any(-1, keepdim=True)
+        else:
+            reached = masking.seen_by(visible, bad)
+        return masking.poison(attended, reached)
 
     def _merge(self, attended: Tensor) -> Tensor:
         """(B, H, T, D/H) -> output projection of (B, T, D)."""

@@ -1,0 +1,37 @@
+"""Non-finite values and masks: select masked-out positions away, never multiply them by zero.
+
+A dense product over positions (attention weights · values, a Toeplitz matrix · inputs, an FFT)
+multiplies every position by every other; where a position is masked out its factor is 0, and
+0 · NaN = NaN, 0 · inf = NaN. One NaN or infinity at position t would then reach outputs it must
+not reach: those before t in a causal mixer, those in other chunks, those that only see padding.
+So the fast paths zero the rows that hold a non-finite number before the product and afterwards
+mark as NaN exactly the outputs that do see one. Outputs that see none are then bit for bit what
+they are without it, and outputs that do are never laundered into finite numbers.
+
+Shapes: (..., T, W) rows of width W at T positions; ``bad`` and ``reached`` are (..., T) bool.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def split_nonfinite(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows (..., T, W) with every row that holds a NaN or infinity set to 0, and which rows those were (..., T)."""
+    bad = ~torch.isfinite(rows).all(-1)
+    return rows.masked_fill(bad.unsqueeze(-1), 0.0), bad
+
+
+def seen_by(visible: Tensor, bad: Tensor) -> Tensor:
+    """Which queries see a bad key: ``visible`` (..., Tq, Tk) bool (broadcasting), ``bad`` (..., Tk) -> (..., Tq)."""
+    return (visible & bad.unsqueeze(-2)).any(-1)
+
+
+def seen_causally(bad: Tensor) -> Tensor:
+    """Which positions have a bad position at or before them: ``bad`` (..., T) -> (..., T)."""
+    return torch.cumsum(bad.to(torch.int32), dim=-1) > 0
+
+
+def poison(outputs: Tensor, reached: Tensor) -> Tensor:
+    """Outputs (..., T, W) with NaN in every row where ``reached`` (..., T, broadcasting) is True."""
+    return outputs.masked_fill(reached.unsqueeze(-1), float("nan"))
