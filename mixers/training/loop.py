@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.training.records import read_run_record, same_run
 from seqmix.tasks.base import IGNORE, Batch, Task
 from seqmix.training.checkpoints import (
@@ -137,8 +137,7 @@ class TrainConfig:
         _require_number("beta2", self.beta2, 0.0, 1.0, "in [0, 1)", high_open=True)
         _require_number("grad_clip", self.grad_clip, 0.0, math.inf, "finite and >= 0; 0 turns clipping off")
         for name in SWITCHES:
-            if not isinstance(getattr(self, name), bool):
-                raise SeqmixError(f"train.{name}={getattr(self, name)!r} is not valid; expected true or false")
+            require_bool("train", name, getattr(self, name))
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise choice_error("train.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
         check_device_name(self.device)
