@@ -7,6 +7,15 @@ Causal or bidirectional, optionally restricted to a sliding window of the last `
 positions. Streaming keeps a key/value cache of ``max_len`` slots (``window`` slots with a
 window, used as a ring). Two compute paths: ``math`` (the formula, the reference) and ``sdpa``
 (``torch.nn.functional.scaled_dot_product_attention``, the default).
+
+Padding never builds an (L, L) mask without a window, so ``sdpa`` keeps its fused, O(L)-memory
+kernel: a bidirectional layer masks padded keys with a (B, 1, 1, L) mask; a causal one attends
+over each row reordered so that its unpadded positions come first, in order, and the padded ones
+after them. Unpadded outputs are exactly those of the masked formula; a padded query sees every
+unpadded key and the padded keys before it (every key when a bidirectional row is all padding),
+so its output stays finite. With a window, padded keys are masked densely and a padded query sees
+itself. Every output that attends to a key or value holding a NaN or infinity is NaN, and no
+other output changes (``masking``).
 """
 from __future__ import annotations
 
@@ -123,6 +132,9 @@ class SoftmaxAttention(Mixer):
         v, bad_values = masking.split_nonfinite(v)
         bad = bad_keys | bad_values  # (B, H, Tk)
         if self.impl == "sdpa":
+            # The fused kernels need unit stride along the head width (rotary's cat leaves a wider one
+            # at small widths); without it PyTorch falls back to the math kernel and its (L, L) scores.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=is_causal)
         else:
             scores = (q @ k.transpose(-1, -2)).to(compute_dtype(q.dtype)) / self.head_dim**0.5
@@ -150,15 +162,40 @@ class SoftmaxAttention(Mixer):
             # Attention weighs padded values by 0, and 0 · NaN is NaN: padding must hold finite values.
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         positions = torch.arange(length, device=x.device)
+        if self.window is not None:
+            q, k, v = self._project(x, positions)
+            visible = visible_keys(positions, positions, self.causal, self.window)  # (L, L)
+            if padding_mask is not None:
+                visible = visible & ~padding_mask[:, None, None, :]
+                # A query may always see itself, so a padded query with nothing else visible stays finite.
+                visible = visible | torch.eye(length, dtype=torch.bool, device=x.device)
+            return self._merge(self._attend(q, k, v, visible, is_causal=False))
+        if padding_mask is not None and self.causal:
+            return self._mix_unpadded_first(x, padding_mask)
         q, k, v = self._project(x, positions)
-        if padding_mask is None and self.window is None:
+        if padding_mask is None:
             return self._merge(self._attend(q, k, v, None, is_causal=self.causal))
-        visible = visible_keys(positions, positions, self.causal, self.window)  # (L, L)
-        if padding_mask is not None:
-            visible = visible & ~padding_mask[:, None, None, :]
-            # A query may always see itself, so a padded query with nothing else visible stays finite.
-            visible = visible | torch.eye(length, dtype=torch.bool, device=x.device)
-        return self._merge(self._attend(q, k, v, visible, is_causal=False))
+        # Every key of an all-padding row stays visible, so its outputs stay finite.
+        keys = ~padding_mask | padding_mask.all(1, keepdim=True)
+        return self._merge(self._attend(q, k, v, keys[:, None, None, :], is_causal=False))
+
+    def _mix_unpadded_first(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        """Causal attention over (B, L, D) with padding and no window, without an (L, L) mask.
+
+        Each row is reordered so that its unpadded positions come first, in order, and the padded
+        ones after them; q and k are rotated by their true positions, so causal attention over the
+        new order lets every unpadded query see exactly the unpadded keys at or before it. The
+        outputs move back to their positions.
+        """
+        kept = ~padding_mask
+        # destination[b, i]: where position i goes; source[b, j]: which position lands at j.
+        destination = torch.where(kept, kept.cumsum(1) - 1, kept.sum(1, keepdim=True) + padding_mask.cumsum(1) - 1)
+        positions = torch.arange(x.shape[1], device=x.device).expand_as(destination)
+        source = torch.zeros_like(destination).scatter(1, destination, positions)
+        moved = x.gather(1, source.unsqueeze(-1).expand_as(x))
+        q, k, v = self._project(moved, source.unsqueeze(1))
+        y = self._merge(self._attend(q, k, v, None, is_causal=True))
+        return y.gather(1, destination.unsqueeze(-1).expand_as(y))
 
     def mix_step(self, x: Tensor, state: kv_cache.KVState) -> tuple[Tensor, kv_cache.KVState]:
         tokens = x.shape[1]
