@@ -196,3 +196,11 @@ def test_every_bad_input_raises_a_seqmix_error_naming_it(case):
 def test_init_state_names_the_batch_size(batch_size):
     with pytest.raises(SeqmixError, match=f"batch_size={batch_size!r}"):
         seqmix.build_mixer("tcn", 8).init_state(batch_size)
+
+
+@settings(max_examples=examples(20))
+@given(value=NOT_BOOLEANS)
+def test_the_model_tie_embeddings_option_refuses_anything_but_true_or_false(value):
+    with pytest.raises(SeqmixError) as error:
+        seqmix.build_model(vocab_size=16, d_model=8, layers=["identity"], tie_embeddings=value)
+    assert f"tie_embeddings={value!r}" in str(error.value)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import State
-from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.layers.blocks import Block
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
@@ -60,6 +60,7 @@ class SequenceModel(nn.Module):
         require_int("model", "vocab_size", vocab_size, 2)
         require_int("model", "d_model", d_model)
         require_int("model", "max_len", max_len)
+        require_bool("model", "tie_embeddings", tie_embeddings)
         if positions not in POSITIONS:
             raise choice_error("model.positions", positions, POSITIONS)
         if not blocks:
