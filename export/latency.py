@@ -1,6 +1,6 @@
 """Deployed latency: how long one forward pass of a model takes on the runtime it ships on.
 
-The architecture search (``seqmix.search.study``) ranks candidates by this number, so every runtime
+The architecture search (``seqmix.search``) ranks candidates by this number, so every runtime
 times the same thing: the parallel graph on token ids (batch_size, length), two warm-up calls,
 then ``repeats`` timed calls summarised by ``seqmix.timing.time_calls`` (median, fastest, slowest).
 Exported graphs are checked against eager first, so a latency is never reported for a graph that

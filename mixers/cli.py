@@ -342,7 +342,7 @@ def run_bench(config: DictConfig, choices: dict) -> int:
 
 
 def compose_search(overrides: list[str]) -> tuple[DictConfig, dict]:
-    from seqmix.search.study import compose_search_config
+    from seqmix.search import compose_search_config
 
     names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("search=")]
     rest = [o for o in overrides if not o.lstrip("+").startswith("search=")]
@@ -359,8 +359,8 @@ def run_search(config: DictConfig, choices: dict) -> int:
     import optuna
 
     from seqmix.export.latency import check_runtime, deployed_latency
-    from seqmix.search.study import SearchSettings
-    from seqmix.search.study import run_search as search
+    from seqmix.search import SearchSettings
+    from seqmix.search import run_search as search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Every trial's ONNX export repeats the same benign notices; keep the log to one line a trial.

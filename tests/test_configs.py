@@ -86,7 +86,7 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
     if group == "search":
         optuna = pytest.importorskip("optuna")
         from seqmix.training.experiment import build_experiment
-        from seqmix.search.study import SearchSettings, compose_search_config
+        from seqmix.search import SearchSettings, compose_search_config
 
         # The search's task, train budget and base preset build; then one sampled candidate trains a step.
         config = compose_search_config(path.stem)

@@ -1,4 +1,4 @@
-"""Architecture search (seqmix.search.study, seqmix search, seqmix.export.latency) on conf/search/tiny.yaml:
+"""Architecture search (seqmix.search, seqmix search, seqmix.export.latency) on conf/search/tiny.yaml:
 a whole study and its report, two workers sharing one study, failing and abandoned trials, the
 space's mapping onto model configs, and the errors of bad search configs."""
 from __future__ import annotations
@@ -19,14 +19,9 @@ import seqmix  # noqa: E402
 from seqmix import SeqmixError  # noqa: E402
 from seqmix.configs import compose_config  # noqa: E402
 from seqmix.training.experiment import build_experiment  # noqa: E402
-from seqmix.search.study import (  # noqa: E402
-    SearchSettings,
-    SearchSpace,
-    budget_trials,
-    compose_search_config,
-    make_pruner,
-    run_search,
-)
+from seqmix.search import SearchSettings, SearchSpace, compose_search_config, run_search  # noqa: E402
+from seqmix.search.claims import budget_trials  # noqa: E402
+from seqmix.search.settings import make_pruner  # noqa: E402
 
 from seqmix.export.latency import check_runtime, deployed_latency  # noqa: E402
 

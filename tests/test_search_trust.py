@@ -19,7 +19,8 @@ optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
 from seqmix import SeqmixError  # noqa: E402
-from seqmix.search.study import SearchSettings, SearchSpace, compose_search_config, open_study, run_search  # noqa: E402
+from seqmix.search import SearchSettings, SearchSpace, compose_search_config, run_search  # noqa: E402
+from seqmix.search.storage import open_study  # noqa: E402
 from seqmix.training.experiment import build_experiment  # noqa: E402
 
 from conftest import examples  # noqa: E402

@@ -1,0 +1,183 @@
+"""The ``search`` node of a search config: ``SearchSettings`` (validated), the sampler and pruner it
+names, the objectives' directions, and ``compose_search_config`` (the root config with
+``conf/search/<name>.yaml`` applied).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from seqmix.configs import compose_config, config_groups
+from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.search.space import SearchSpace
+
+OBJECTIVES = ("metric", "latency", "params")
+SAMPLERS = ("tpe", "nsga2", "random")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+SETTINGS = (
+    "study_name", "n_trials", "objectives", "runtime", "latency", "storage", "sampler", "sampler_options",
+    "pruner", "pruner_options", "out_dir", "seed", "worker", "top_k", "heartbeat_s", "stale_after_s",
+    "retries", "enqueue", "space",
+)
+LATENCY_SETTINGS = ("length", "batch_size", "repeats")
+
+
+def compose_search_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The root config with ``conf/search/<name>.yaml`` applied, then ``overrides``.
+
+    An unknown name raises SeqmixError listing the search configs.
+    """
+    from hydra.errors import HydraException
+
+    searches = config_groups().get("search", [])
+    if name not in searches:
+        raise choice_error("search", name, searches)
+    try:
+        return compose_config([f"+search={name}", *overrides])
+    except HydraException as error:
+        # e.g. a dict given whole: Hydra merges it into the existing one, new keys need ++key=...
+        raise SeqmixError(f"the overrides {list(overrides)} do not apply to search={name}: {error}") from None
+
+
+def metric_direction(metric: str) -> str:
+    """``maximize`` for accuracy, ``minimize`` for losses and bits per byte."""
+    return "maximize" if metric == "accuracy" else "minimize"
+
+
+@dataclass
+class SearchSettings:
+    """The ``search`` node of a search config (see ``conf/search/mqar.yaml`` for every field)."""
+
+    study_name: str
+    n_trials: int
+    objectives: list[str]
+    out_dir: Path
+    space: SearchSpace
+    runtime: str = "eager"
+    latency_length: int | None = None
+    latency_batch_size: int = 1
+    latency_repeats: int = 7
+    storage: str | None = None
+    sampler: str = "tpe"
+    sampler_options: dict = field(default_factory=dict)
+    pruner: str = "none"
+    pruner_options: dict = field(default_factory=dict)
+    seed: int | None = 0
+    worker: int = 0
+    top_k: int = 5
+    heartbeat_s: float = 10.0
+    stale_after_s: float = 60.0
+    retries: int = 2
+    enqueue: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, node: DictConfig) -> SearchSettings:
+        options = OmegaConf.to_container(node, resolve=True)
+        unknown = sorted(set(options) - set(SETTINGS))
+        if unknown:
+            raise SeqmixError(f"search has no option {unknown[0]!r}; accepted options are {list(SETTINGS)}")
+        missing = [key for key in ("study_name", "n_trials", "objectives", "out_dir", "space") if options.get(key) is None]
+        if missing:
+            raise SeqmixError(f"search.{missing[0]} is required; set it in the search config or as search.{missing[0]}=...")
+        for key in ("sampler_options", "pruner_options"):
+            options[key] = options.get(key) or {}
+        options["enqueue"] = options.get("enqueue") or []
+        latency = options.pop("latency", None) or {}
+        unknown = sorted(set(latency) - set(LATENCY_SETTINGS))
+        if unknown:
+            raise SeqmixError(f"search.latency has no option {unknown[0]!r}; accepted options are {list(LATENCY_SETTINGS)}")
+        settings = cls(
+            **{**options, "out_dir": Path(options["out_dir"]), "space": SearchSpace.from_config(options["space"])},
+            latency_length=latency.get("length"),
+            latency_batch_size=latency.get("batch_size", 1),
+            latency_repeats=latency.get("repeats", 7),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        require_int("search", "n_trials", self.n_trials)
+        require_int("search", "top_k", self.top_k)
+        require_int("search", "worker", self.worker, 0)
+        require_int("search", "retries", self.retries, 0)
+        require_int("search.latency", "batch_size", self.latency_batch_size)
+        require_int("search.latency", "repeats", self.latency_repeats)
+        if self.latency_length is not None:
+            require_int("search.latency", "length", self.latency_length)
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise SeqmixError(f"search.objectives={self.objectives!r} must name each objective once, from {list(OBJECTIVES)}")
+        for objective in self.objectives:
+            if objective not in OBJECTIVES:
+                raise choice_error("search.objectives", objective, OBJECTIVES)
+        if self.sampler not in SAMPLERS:
+            raise choice_error("search.sampler", self.sampler, SAMPLERS)
+        if self.pruner not in PRUNERS:
+            raise choice_error("search.pruner", self.pruner, PRUNERS)
+        if not (self.heartbeat_s > 0 and self.stale_after_s > 2 * self.heartbeat_s):
+            raise SeqmixError(
+                f"search: heartbeat_s={self.heartbeat_s} and stale_after_s={self.stale_after_s} must be positive, "
+                "with stale_after_s more than twice heartbeat_s (a live trial must never look stale)"
+            )
+        if not isinstance(self.enqueue, list) or not all(isinstance(params, dict) for params in self.enqueue):
+            raise SeqmixError(f"search.enqueue={self.enqueue!r} must be a list of {{parameter: value}} trials to run first")
+
+    @property
+    def measures_latency(self) -> bool:
+        return "latency" in self.objectives
+
+    @property
+    def prunes(self) -> bool:
+        """Optuna prunes single-objective studies only, so a pruner is used only then."""
+        return self.pruner != "none" and len(self.objectives) == 1
+
+
+def make_sampler(settings: SearchSettings, previous_trials: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded from (``search.seed``, ``search.worker``, ``previous_trials``).
+
+    Seeding from the worker index and the number of trials the study already holds keeps parallel
+    and restarted workers from proposing the trials another worker or an earlier run proposed.
+    """
+    seed = None
+    if settings.seed is not None:
+        seed = int(np.random.SeedSequence([settings.seed, settings.worker, previous_trials]).generate_state(1)[0])
+    options = dict(settings.sampler_options)
+    if settings.sampler == "tpe":
+        # Grouped multivariate TPE models the conditional space (mixer knobs exist only with their
+        # mixers); the constant liar keeps parallel workers from piling onto one point.
+        options = {"multivariate": True, "group": True, "constant_liar": True, **options}
+        cls = optuna.samplers.TPESampler
+    elif settings.sampler == "nsga2":
+        cls = optuna.samplers.NSGAIISampler
+    else:
+        cls = optuna.samplers.RandomSampler
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return cls(seed=seed, **options)
+        except (TypeError, ValueError) as error:
+            raise SeqmixError(
+                f"search.sampler_options={settings.sampler_options!r} do not fit search.sampler={settings.sampler}: {error}"
+            ) from None
+
+
+def make_pruner(settings: SearchSettings) -> optuna.pruners.BasePruner:
+    """The configured pruner when the study has one objective; never pruning otherwise."""
+    if not settings.prunes:
+        return optuna.pruners.NopPruner()
+    cls = {
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }[settings.pruner]
+    try:
+        return cls(**settings.pruner_options)
+    except (TypeError, ValueError) as error:
+        raise SeqmixError(
+            f"search.pruner_options={settings.pruner_options!r} do not fit search.pruner={settings.pruner}: {error}"
+        ) from None

@@ -1,0 +1,155 @@
+"""One trial: build the candidate the space suggests, measure it, train it for the fixed budget in
+``<out_dir>/trials/<n>/`` (an ordinary run directory), and record how it ended in the study.
+
+The latency measurement is passed in (``LatencyFn``): this module never imports ``export``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from seqmix.model.checkpoint import instantiate_model
+from seqmix.search.claims import heartbeat, requeue
+from seqmix.search.settings import SearchSettings
+from seqmix.tasks.base import Task
+from seqmix.timing import Timing
+from seqmix.training.experiment import adapt_model_config, check_fits
+from seqmix.training.loop import METRICS, TrainConfig, train
+
+# A crash or a NaN in one trial fails that trial only (SeqmixError is a ValueError; torch raises
+# RuntimeErrors, out-of-memory included). Anything else is a bug and stops the search.
+TRIAL_ERRORS = (ValueError, RuntimeError, ArithmeticError, MemoryError)
+TRIALS = "trials"
+
+LatencyFn = Callable[..., Timing]
+"""``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> Timing``; its median is the objective."""
+
+
+class _ReportingTask:
+    """``task`` as the trainer sees it, reporting each validation result to the trial for pruning.
+
+    The trainer evaluates at every ``eval_every`` steps and appends the row to metrics.jsonl
+    before it asks for the next training batch; at that request this wrapper reads the row,
+    reports it, and raises ``optuna.TrialPruned`` when the pruner says so.
+    """
+
+    def __init__(self, task: Task, trial: optuna.Trial, run_dir: Path, eval_every: int):
+        self._task, self._trial, self._run_dir, self._eval_every = task, trial, run_dir, eval_every
+
+    def __getattr__(self, name: str):
+        return getattr(self._task, name)
+
+    def batch(self, split: str, index: int, batch_size: int):
+        if split == "train" and index > 0 and index % self._eval_every == 0:
+            self._report(index)
+        return self._task.batch(split, index, batch_size)
+
+    def _report(self, step: int) -> None:
+        rows = [json.loads(line) for line in (self._run_dir / METRICS).read_text().splitlines() if line.strip()]
+        scores = next((row for row in rows if row["split"] == "valid" and row["step"] == step), None)
+        if scores is None:
+            return
+        value = scores[self._task.metric]
+        self._trial.report(value, step)
+        if self._trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} with {self._task.metric} {value:.4f}")
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one worker shares."""
+
+    settings: SearchSettings
+    task: Task
+    task_config: dict
+    train: TrainConfig
+    base_model: dict
+    measure_latency: LatencyFn | None
+
+
+def _run_trial(trial: optuna.Trial, context: TrialContext) -> list[float]:
+    """Build, measure and train one candidate; return the objective values in ``search.objectives`` order."""
+    settings, task = context.settings, context.task
+    candidate = settings.space.suggest(trial, context.base_model)
+    model_config = adapt_model_config(candidate.model_config, task)
+    trial.set_user_attr("architecture", candidate.summary)
+    trial.set_user_attr("model_config", model_config)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    run_dir = settings.out_dir / TRIALS / f"{trial.number:04d}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # left by an older study in this out_dir
+    torch.manual_seed(context.train.seed)
+    model = instantiate_model(model_config)
+    check_fits(model, task)
+    parameters = sum(p.numel() for p in model.parameters())
+    trial.set_user_attr("parameters", parameters)
+    latency = None
+    if settings.measures_latency:
+        # Measured before training: an architecture that does not export fails before it costs a run.
+        timing = context.measure_latency(
+            model, runtime=settings.runtime, length=settings.latency_length or task.seq_len,
+            batch_size=settings.latency_batch_size, repeats=settings.latency_repeats, work_dir=run_dir / "export",
+        )
+        latency = timing.median_ms
+        trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("latency", timing.as_dict())
+    train_config = replace(context.train, out_dir=str(run_dir), resume=False, lr=candidate.lr or context.train.lr)
+    record = {
+        "preset": {"model": f"{settings.study_name}_trial{trial.number}", "task": task.name},
+        "model": model_config,
+        "task": context.task_config,
+        "search": {"study": settings.study_name, "trial": trial.number, "params": trial.params},
+    }
+    watched = _ReportingTask(task, trial, run_dir, train_config.eval_every) if settings.prunes else task
+    result = train(model, watched, train_config, record)
+    metric = result.final_eval[task.metric]
+    trial.set_user_attr("metric", metric)
+    trial.set_user_attr("seconds", result.seconds)
+    values = {"metric": metric, "latency": latency, "params": float(parameters)}
+    return [values[name] for name in settings.objectives]
+
+
+def _shown(objective: str, value: float, metric: str) -> str:
+    """An objective value for the log, e.g. ``accuracy 0.9531``, ``latency 1.234 ms``, ``params 52,416``."""
+    if objective == "latency":
+        return f"latency {value:.3f} ms"
+    if objective == "params":
+        return f"params {int(value):,}"
+    return f"{metric} {value:.4f}"
+
+
+def run_claimed(study: optuna.Study, trial: optuna.Trial, context: TrialContext, log) -> None:
+    """Run a claimed trial and record how it ended; only errors outside TRIAL_ERRORS propagate."""
+    started = time.perf_counter()
+    try:
+        with heartbeat(trial, context.settings.heartbeat_s):
+            values = _run_trial(trial, context)
+    except optuna.TrialPruned as pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"trial {trial.number}: {trial.user_attrs.get('architecture', '?')}: {pruned}")
+        return
+    except TRIAL_ERRORS as error:
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"trial {trial.number}: {trial.user_attrs.get('architecture', '?')}: failed: {type(error).__name__}: {error}")
+        return
+    except BaseException as error:
+        # Interrupted (Ctrl-C) or a bug: record it as failed, and queue an interrupted trial
+        # again, so that resuming the search runs it.
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+        study.tell(trial, state=TrialState.FAIL)
+        if isinstance(error, KeyboardInterrupt):
+            requeue(study, study.get_trials(deepcopy=False)[trial.number], context.settings.retries)
+        raise
+    study.tell(trial, values)
+    shown = ", ".join(_shown(name, value, context.task.metric) for name, value in zip(context.settings.objectives, values))
+    log(f"trial {trial.number}: {trial.user_attrs['architecture']}: {shown} ({time.perf_counter() - started:.0f} s)")
