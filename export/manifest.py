@@ -4,23 +4,24 @@ An export directory is written whole or not at all (``staged_export``): the expo
 a fresh hidden directory beside the target, ``write_manifest`` records every file's sha256 and size
 in the manifest's ``files``, and the directory is renamed into place. ``read_manifest`` checks the
 manifest and verifies every file it lists before anything opens one; ``run_onnx.py`` restates the
-same checks for the graphs it runs, since it must work without seqmix.
+same checks for the graphs it runs, without seqmix; the checks of files and names are the runner's own
+functions, which this module reuses.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import secrets
 import shutil
-import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 from seqmix import SeqmixError
+# The standalone runner (NumPy only until it opens a session) holds the file checks both readers make.
+from seqmix.export import run_onnx
 
 MANIFEST = "manifest.json"
 FORMATS = ("onnx", "executorch", "tensorrt")
@@ -32,26 +33,29 @@ STATE_DTYPES = ("bfloat16", "bool", "float16", "float32", "float64", "int32", "i
 NEEDS_FILL = ("onnx", "tensorrt")
 # Formats whose parallel graph takes any multiple of ``length_unit`` tokens.
 DYNAMIC_LENGTH = ("onnx", "tensorrt")
-FILE_NAME = "the name of a file in the export directory (no directories, '..', drive or absolute paths)"
-# Characters that make a name a path on some system where an export may be run (Windows included).
-PATH_CHARACTERS = ("/", "\\", ":", "\0")
-SHA256_HEX = frozenset("0123456789abcdef")
-CHUNK = 1 << 20
+FILE_NAME = run_onnx.FILE_NAME
 
 
-def is_file_name(name) -> bool:
-    """True for a bare file name that stays inside the directory it is joined to, on any system."""
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in PATH_CHARACTERS)
+def _as_seqmix_error(check: Callable, *args):
+    """``check(*args)``, one of the runner's checks, with its ExportError raised as a SeqmixError."""
+    try:
+        return check(*args)
+    except run_onnx.ExportError as error:
+        raise SeqmixError(str(error)) from None
 
 
-def file_record(path: Path) -> dict:
-    """{"sha256": hex digest, "bytes": size} of one file, read without following a symlink."""
-    digest, size = hashlib.sha256(), 0
-    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)), "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"sha256": digest.hexdigest(), "bytes": size}
+is_file_name = run_onnx.is_file_name
+file_record = run_onnx.file_record
+
+
+def verify_file(out_dir: Path, name: str, files: dict, what: str) -> Path:
+    """Check that ``name`` is a regular file of ``out_dir`` (not a symlink) with the size and sha256
+    that the manifest's (already validated) ``files`` records for it; return its path.
+
+    Raises SeqmixError naming the file and ``what`` it is for: missing, a symlink or not a regular
+    file, not listed in ``files``, another size (truncated or replaced) or another sha256 (modified).
+    """
+    return _as_seqmix_error(run_onnx.verify_file, out_dir, name, files, what)
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
@@ -70,39 +74,6 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
     tmp.write_text(json.dumps(written, indent=2))
     os.replace(tmp, path)
     return written
-
-
-def verify_file(out_dir: Path, name: str, files: dict, what: str) -> Path:
-    """Check that ``name`` is a regular file of ``out_dir`` (not a symlink) with the size and sha256
-    that the manifest's (already validated) ``files`` records for it; return its path.
-
-    Raises SeqmixError naming the file and ``what`` it is for: missing, a symlink or not a regular
-    file, not listed in ``files``, another size (truncated or replaced) or another sha256 (modified).
-    """
-    path = out_dir / name
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        raise SeqmixError(f"the manifest names {name} for {what}, but {path} is missing") from None
-    except OSError as error:
-        raise SeqmixError(f"{path} ({what}) cannot be read: {error.strerror}") from None
-    if stat.S_ISLNK(mode):
-        raise SeqmixError(f"{path} ({what}) is a symbolic link; an export's files must be regular files in its directory")
-    if not stat.S_ISREG(mode):
-        raise SeqmixError(f"{path} ({what}) is not a regular file")
-    if name not in files:
-        raise SeqmixError(f"{path} ({what}) is not among the files the manifest verifies; re-export the model")
-    try:
-        found = file_record(path)
-    except OSError as error:
-        raise SeqmixError(f"{path} ({what}) cannot be read: {error.strerror}") from None
-    expected = files[name]
-    if found["bytes"] != expected["bytes"]:
-        raise SeqmixError(f"{path} ({what}) is {found['bytes']} bytes but the manifest records {expected['bytes']}: "
-                          "it was truncated or replaced; re-export the model")
-    if found["sha256"] != expected["sha256"]:
-        raise SeqmixError(f"{path} ({what}) does not match the sha256 the manifest records: it was modified; re-export the model")
-    return path
 
 
 def check_export_target(out_dir: str | Path) -> None:
@@ -180,7 +151,7 @@ def read_manifest(out_dir: str | Path) -> dict:
     """
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
-    manifest = _load_json(path)
+    manifest = _as_seqmix_error(run_onnx.load_json, path)
     if not isinstance(manifest, dict) or not REQUIRED <= set(manifest):
         present = set(manifest) if isinstance(manifest, dict) else set()
         raise SeqmixError(f"{path} lacks the keys {sorted(REQUIRED - present)}; re-export the model")
@@ -206,47 +177,13 @@ def read_manifest(out_dir: str | Path) -> dict:
             fail("parallel.length_unit", unit, "an integer >= 1 (exported lengths are multiples of it)")
     if "step" in manifest:
         _check_state(manifest["step"], manifest["format"] in NEEDS_FILL, path, fail)
-    files = _check_files(manifest["files"], fail)
+    files = run_onnx.check_files(manifest["files"], fail)
     named = _named_files(manifest, fail)
     for field, name in named:
         verify_file(out_dir, name, files, field)
     for name in sorted(set(files) - {name for _, name in named}):
         verify_file(out_dir, name, files, "a file the manifest lists")
     return manifest
-
-
-def _load_json(path: Path):
-    """The parsed contents of a manifest file that is a regular file, not a symlink."""
-    try:
-        mode = os.lstat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        raise SeqmixError(f"{path} does not exist; export the model first with seqmix export") from None
-    except OSError as error:
-        raise SeqmixError(f"{path} cannot be read: {error.strerror}") from None
-    if stat.S_ISLNK(mode):
-        raise SeqmixError(f"{path} is a symbolic link; an export's manifest must be a regular file in its directory")
-    if not stat.S_ISREG(mode):
-        raise SeqmixError(f"{path} is not a regular file; re-export the model")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise SeqmixError(f"{path} is not valid JSON ({error}); re-export the model") from None
-    except OSError as error:
-        raise SeqmixError(f"{path} cannot be read: {error.strerror}") from None
-
-
-def _check_files(files, fail) -> dict:
-    """``files``: a mapping of bare file names to {"sha256": 64 lowercase hex digits, "bytes": size}."""
-    if not isinstance(files, dict):
-        fail("files", files, "a mapping of file names to {sha256, bytes}")
-    for name, record in files.items():
-        if not is_file_name(name):
-            fail("files", name, FILE_NAME)
-        digest = record.get("sha256") if isinstance(record, dict) else None
-        size = record.get("bytes") if isinstance(record, dict) else None
-        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= SHA256_HEX and _is_int(size) and size >= 0):
-            fail(f"files[{name!r}]", record, "{sha256: 64 lowercase hex digits, bytes: a size >= 0}")
-    return files
 
 
 def _named_files(manifest: dict, fail) -> list[tuple[str, str]]:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
-import onnxruntime as ort
 
 NUMPY_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
 STATE_DTYPES = ("bool", "float16", "float32", "float64", "int32", "int64")
@@ -53,6 +52,9 @@ class OnnxModel:
     def __init__(self, directory: Path, entry: dict, vocab_size: int | None = None):
         self.entry = entry
         self.vocab_size = vocab_size
+        # Imported here, so seqmix.export.manifest can reuse this file's checks without ONNX Runtime installed.
+        import onnxruntime as ort
+
         self.session = ort.InferenceSession(str(directory / entry["file"]), providers=["CPUExecutionProvider"])
         self.inputs = {spec["name"]: spec for spec in entry["inputs"]}
 
@@ -96,7 +98,7 @@ def load(directory: Path) -> dict:
     ``directory`` (not a symlink) of the recorded size and sha256.
     """
     path = directory / "manifest.json"
-    manifest = _load_json(path)
+    manifest = load_json(path)
     if not isinstance(manifest, dict):
         raise ExportError(f"{path} holds a {type(manifest).__name__}, not a manifest; re-export the model")
     for key in ("format", "vocab_size", "parallel", "files"):
@@ -117,14 +119,14 @@ def load(directory: Path) -> dict:
     if "step" in manifest:
         _check_graph(manifest["step"], "step", bad)
         _check_state(manifest["step"], bad)
-    files = _check_files(manifest["files"], bad)
+    files = check_files(manifest["files"], bad)
     for section in ("parallel", "step"):
         if section in manifest:
             verify_file(directory, manifest[section]["file"], files, f"{section}.file")
     return manifest
 
 
-def _load_json(path: Path):
+def load_json(path: Path):
     """The parsed contents of a manifest file that is a regular file, not a symlink."""
     try:
         mode = os.lstat(path).st_mode
@@ -149,7 +151,7 @@ def is_file_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in PATH_CHARACTERS)
 
 
-def _check_files(files, bad) -> dict:
+def check_files(files, bad) -> dict:
     """``files``: a mapping of bare file names to {"sha256": 64 lowercase hex digits, "bytes": size}."""
     if not isinstance(files, dict):
         bad("files", files, "a mapping of file names to {sha256, bytes}")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,7 +65,7 @@ def no_session(runner):
         raise AssertionError(f"an InferenceSession was opened on {args[:1]}")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner.ort, "InferenceSession", refuse)
+        patch.setattr(onnxruntime, "InferenceSession", refuse)
         yield
 
 

@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
@@ -123,7 +124,7 @@ def test_the_onnx_runner_names_a_bad_sampling_option_before_opening_a_session(op
     runner = onnx_runner()
     _, result = exported_presets("transformer")
     manifest = runner.load(result.parallel.parent)
-    monkeypatch.setattr(runner.ort, "InferenceSession", lambda *args, **kwargs: pytest.fail("a session was opened"))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *args, **kwargs: pytest.fail("a session was opened"))
     arguments = {"tokens": 4, "temperature": 0.8, "top_k": 40, "seed": 0, **options}
     with pytest.raises(runner.ExportError, match=message):
         runner.generate(result.parallel.parent, manifest, "def ", **arguments)

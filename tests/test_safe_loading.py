@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import onnxruntime
 import pytest
 
 from seqmix import SeqmixError, load_model
@@ -308,7 +309,7 @@ def test_read_manifest_refuses_a_malformed_manifest_naming_the_field(path, value
 def test_the_onnx_runner_refuses_a_malformed_manifest_before_opening_a_session(path, value, message, export_dir, monkeypatch, capsys):
     runner = onnx_runner()
     opened = []
-    monkeypatch.setattr(runner.ort, "InferenceSession", lambda *args, **kwargs: opened.append(args))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *args, **kwargs: opened.append(args))
     write_manifest(export_dir, _set(VALID_MANIFEST, path, value))
     with pytest.raises(runner.ExportError, match=message):
         runner.load(export_dir)
