@@ -93,20 +93,6 @@ class _Payload:
         return Path.touch, (self.marker,)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A 1-step tiny run of ``seqmix train``'s library path."""
-    out_dir = tmp_path_factory.mktemp("safe") / "run"
-    config = compose_config([
-        "model=mega", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
-        "task.num_pairs=4", "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
-        "train.device=cpu", f"train.out_dir={out_dir}",
-    ])
-    experiment = build_experiment(config)
-    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
-    return out_dir
-
-
 @pytest.fixture
 def run(finished_run, tmp_path) -> Path:
     copy = tmp_path / "run"

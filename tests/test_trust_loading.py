@@ -21,31 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import seqmix
-from seqmix import SeqmixError, load_model
+from seqmix import SeqmixError
 from seqmix.configs import compose_config
 from seqmix.model.checkpoint import CHECKSUMS, check_description_fits, read_header, write_checksums
 from seqmix.model.description import model_description
 from seqmix.training.checkpoints import latest_checkpoint, load_run, save_checkpoint
-from seqmix.training.experiment import build_experiment
-from seqmix.training.loop import train
 
 from conftest import SEQMIX, examples
 
 FUZZ = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A 1-step tiny run of ``seqmix train``'s library path."""
-    out_dir = tmp_path_factory.mktemp("trust") / "run"
-    config = compose_config([
-        "model=mega", "model.d_model=16", "model.depth=2", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
-        "task.num_pairs=4", "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
-        "train.device=cpu", f"train.out_dir={out_dir}",
-    ])
-    experiment = build_experiment(config)
-    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
-    return out_dir
 
 
 def _copy(finished_run: Path, root: Path) -> Path:

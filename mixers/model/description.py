@@ -184,7 +184,13 @@ def model_description(config: Any) -> dict:
     missing = [key for key in REQUIRED if config.get(key) is None]
     if missing:
         raise SeqmixError(f"model needs {missing[0]!r}; a model description requires {list(REQUIRED)}")
-    described = {key: plain_data(config.get(key, default), f"model.{key}") for key, default in MODEL_OPTIONS.items()}
+    from seqmix.model.sequence_model import build_model
+
+    annotations = {name: parameter.annotation for name, parameter in inspect.signature(build_model).parameters.items()}
+    described = {
+        key: check_annotation(plain_data(config.get(key, default), f"model.{key}"), annotations[key], f"model.{key}")
+        for key, default in MODEL_OPTIONS.items()
+    }
     if not isinstance(described["layers"], list) or not all(isinstance(name, str) for name in described["layers"]):
         raise SeqmixError(f"model.layers={described['layers']!r} must be a list of mixer names")
     if not isinstance(described["mixers"], Mapping):
