@@ -278,8 +278,10 @@ class GatedAttention(Mixer):
         infinity is zeroed before the products and exactly the queries that see it get NaN (``masking``).
         """
         dtype = compute_dtype(q.dtype)
-        k, bad_keys = masking.split_nonfinite(k)
-        v, bad_values = masking.split_nonfinite(v)
+        clean = masking.all_finite(k, v)
+        if not clean:
+            k, bad_keys = masking.split_nonfinite(k)
+            v, bad_values = masking.split_nonfinite(v)
         if self.normalized:
             q, k = rotary(q, q_pos), rotary(k, k_pos)
         scores = (q @ k.transpose(-1, -2)).to(dtype)
@@ -293,7 +295,8 @@ class GatedAttention(Mixer):
             scores = scores / count + self.bias(q_pos, k_pos).to(dtype)
             weights = laplace(scores) if self.attention == "laplace" else F.relu(scores).square()
             weights = weights.masked_fill(~visible, 0.0)
-        return masking.poison(weights.to(v.dtype) @ v, masking.seen_by(visible, bad_keys | bad_values))
+        attended = weights.to(v.dtype) @ v
+        return attended if clean else masking.poison(attended, masking.seen_by(visible, bad_keys | bad_values))
 
     def _merge(self, attended: Tensor) -> Tensor:
         """(B, H, T, E/H) -> (B, T, E)."""

@@ -313,6 +313,8 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int):
     """
     if steps_recurrently(impl, x.shape[1], chunk_size):
         return recurrent(x, coef, h0)
+    if masking.all_finite(x):
+        return chunked(x, coef, h0, chunk_size) if impl == "chunked" else PATHS[impl](x, coef, h0)
     bad = ~torch.isfinite(x)  # (B, L, D)
     finite_x = x.masked_fill(bad, 0.0)
     if impl == "chunked":

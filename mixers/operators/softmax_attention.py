@@ -128,9 +128,10 @@ class SoftmaxAttention(Mixer):
         A key or value holding a NaN or infinity is zeroed before the product (0 · NaN would reach
         queries that cannot see it) and the queries that do see it get NaN (``masking``).
         """
-        k, bad_keys = masking.split_nonfinite(k)
-        v, bad_values = masking.split_nonfinite(v)
-        bad = bad_keys | bad_values  # (B, H, Tk)
+        clean = masking.all_finite(k, v)
+        if not clean:
+            k, bad_keys = masking.split_nonfinite(k)
+            v, bad_values = masking.split_nonfinite(v)
         if self.impl == "sdpa":
             # The fused kernels need unit stride along the head width (rotary's cat leaves a wider one
             # at small widths); without it PyTorch falls back to the math kernel and its (L, L) scores.
@@ -143,6 +144,9 @@ class SoftmaxAttention(Mixer):
             if visible is not None:
                 scores = scores.masked_fill(~visible, float("-inf"))
             attended = torch.softmax(scores, dim=-1).to(v.dtype) @ v
+        if clean:
+            return attended
+        bad = bad_keys | bad_values  # (B, H, Tk)
         if is_causal:
             reached = masking.seen_causally(bad)
         elif visible is None:
