@@ -31,7 +31,7 @@ tour: install
 
 # One single-threaded worker per core (tests/conftest.py): tools/perf/threads.md shows why.
 test: install-test
-	$(PYTHON) -m pytest -q -n auto
+	$(PYTHON) -m pytest -q -n auto --dist loadgroup
 
 # The operator sweep (conf/bench/operators.yaml): every mixer and compute path, eager, with the speed targets.
 bench: install

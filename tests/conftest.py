@@ -73,6 +73,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_fuzz)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        # Each xdist worker has its own session fixtures: keep the tests of the exported presets on one
+        # worker (with --dist loadgroup, as `make test` runs), so every preset is exported once, not per worker.
+        if "exported_presets" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("exported_presets"))
 
 
 def onnx_runner():

@@ -31,6 +31,8 @@ from seqmix.export.manifest import MANIFEST, read_manifest
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 256
+# One worker runs this file (with --dist loadgroup), so its module fixture exports once.
+pytestmark = pytest.mark.xdist_group("export_integrity")
 
 
 def _task():
