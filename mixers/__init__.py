@@ -10,6 +10,7 @@ from seqmix.layers.blocks import Block, FeedForward
 from seqmix.layers.heads import CausalLMHead, ClassificationHead, MaskedLMHead
 from seqmix.layers.norms import LayerNorm, RMSNorm, ScaleNorm, TimestepNorm
 from seqmix.model.checkpoint import instantiate_model, load_model, save_model
+from seqmix.model.pretrained import from_pretrained, push_to_hub, save_pretrained
 from seqmix.model.sequence_model import SequenceModel, build_model
 from seqmix.operators.cema import CEMA
 from seqmix.operators.ema import EMA
@@ -43,10 +44,13 @@ __all__ = [
     "TimestepNorm",
     "build_mixer",
     "build_model",
+    "from_pretrained",
     "instantiate_model",
     "list_mixers",
     "load_model",
     "mixer_class",
+    "push_to_hub",
     "register_mixer",
     "save_model",
+    "save_pretrained",
 ]

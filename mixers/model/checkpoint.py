@@ -98,15 +98,22 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", allow_unverifi
             or altered file is caught only where it no longer parses or no longer fits the description.
             Symlinks are refused either way, and a present ``checksums.json`` is always verified.
     """
-    directory = Path(directory)
-    for name in (CONFIG, WEIGHTS):
+    return load_verified(Path(directory), CONFIG, read_description, device, allow_unverified, "load_model", "save_model")
+
+
+def load_verified(directory: Path, config_name: str, read_config, device: str, allow_unverified: bool,
+                  caller: str, writer: str):
+    """The shared load: checksums (or, asked for by name, none), the description ``read_config(path)``
+    reads from ``config_name``, the header check, then the weights. ``caller`` and ``writer`` name
+    the function that failed and the one that writes such directories, for the error messages."""
+    for name in (config_name, WEIGHTS):
         if not (directory / name).is_file():
-            raise SeqmixError(f"load_model: {directory / name} does not exist; expected a directory written by save_model")
+            raise SeqmixError(f"{caller}: {directory / name} does not exist; expected a directory written by {writer}")
     if allow_unverified and not (directory / CHECKSUMS).exists():
         refuse_symlinks(directory)
     else:
         verify_checksums(directory)
-    description = read_description(directory / CONFIG)
+    description = read_config(directory / config_name)
     weights = directory / WEIGHTS
     check_description_fits(description, read_header(weights), str(weights))
     model = build_described_model(description)

@@ -1,0 +1,189 @@
+"""Models in the Hugging Face layout: ``seqmix.save_pretrained``, ``seqmix.from_pretrained``, ``seqmix.push_to_hub``.
+
+A directory (or Hub repository) holds
+
+- ``config.json``: ``{"model_type": "seqmix", "seqmix_version": ..., <the model description>}``, the
+  model in seqmix's own terms (registry names and options, ``seqmix.model.description``);
+- ``model.safetensors``: the weights;
+- ``README.md``: a model card (architecture, parameter count, streaming state per sequence, and,
+  when given, the training data with its hash, the metrics and the command that trained it);
+- ``checksums.json``: the sha256 of every other file.
+
+Loading is the same verified path as ``seqmix.load_model``: checksums first (``allow_unverified``
+asked for by name), then a description that can name only registered parts, checked against the
+safetensors header before anything is allocated. Hub access goes through ``huggingface_hub``
+(``snapshot_download``, ``HfApi.upload_folder``); with ``HF_HUB_OFFLINE=1`` only local directories
+and the local cache are read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch.utils._pytree import tree_flatten
+
+from seqmix.errors import SeqmixError
+from seqmix.model.checkpoint import WEIGHTS, load_verified, write_checksums
+from seqmix.model.description import model_description
+
+CONFIG_JSON = "config.json"
+CARD = "README.md"
+MODEL_TYPE = "seqmix"
+HUB_FILES = [CONFIG_JSON, WEIGHTS, CARD, "checksums.json"]
+"""The files a pretrained directory holds, and the only ones fetched from the Hub."""
+
+
+def _version() -> str:
+    import seqmix
+
+    return seqmix.__version__
+
+
+def _card(model, training: Mapping | None) -> str:
+    """The model card: what the model is, and what trained it when ``training`` says so."""
+    from seqmix.model.summary import describe_model
+
+    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    state = sum(t[0].numel() for t in tree_flatten(model.init_state(1))[0]) if model.causal else 0
+    training = dict(training or {})
+    metrics = training.get("metrics")
+    lines = [
+        "---",
+        "library_name: seqmix",
+        "tags: [seqmix, sequence-mixer]",
+        "---",
+        "",
+        f"# {training.get('name', 'seqmix model')}",
+        "",
+        f"A seqmix {'causal' if model.causal else 'bidirectional'} sequence model: {len(model.blocks)} layers, "
+        f"d_model={model.d_model}, vocabulary {model.vocab_size}.",
+        "",
+        f"- parameters: {parameters:,}",
+        f"- streaming state per sequence: {state:,} numbers ({state * 4 / 1024:,.1f} KiB in float32)"
+        if model.causal else "- streaming state: none (bidirectional)",
+        f"- training data: {training.get('data', 'not recorded')}",
+        f"- training data sha256: {training.get('data_sha256', 'not recorded')}",
+        f"- metrics: {json.dumps(metrics) if metrics else 'not recorded'}",
+        f"- trained with: `{training['command']}`" if training.get("command") else "- trained with: not recorded",
+        "",
+        "## Architecture",
+        "",
+        "```",
+        describe_model(model),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import seqmix",
+        "model = seqmix.from_pretrained(\"<this directory or repo id>\")",
+        "```",
+        "",
+        "`config.json` describes the model by seqmix's registry names; loading builds nothing else.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None) -> Path:
+    """Write ``model`` to ``directory`` in the Hugging Face layout, whole or not at all.
+
+    Args:
+        model: built by ``seqmix.instantiate_model`` (it carries its description).
+        directory: created, or replaced if it is an earlier pretrained directory (it holds config.json);
+            any other non-empty directory is refused.
+        training: optional card facts: ``name``, ``data``, ``data_sha256``, ``metrics`` (a mapping),
+            ``command``.
+    """
+    from safetensors.torch import save_model as save_weights
+
+    description = getattr(model, "config", None)
+    if description is None:
+        raise SeqmixError("save_pretrained: the model has no description; build it with seqmix.instantiate_model(config)")
+    directory = Path(os.path.abspath(directory))
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise SeqmixError(f"save_pretrained: {directory} is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_JSON).is_file():
+        raise SeqmixError(f"save_pretrained: {directory} holds files but no {CONFIG_JSON}; refusing to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        config = {"model_type": MODEL_TYPE, "seqmix_version": _version(), **model_description(description)}
+        (staging / CONFIG_JSON).write_text(json.dumps(config, indent=2))
+        save_weights(model, str(staging / WEIGHTS))
+        (staging / CARD).write_text(_card(model, training))
+        write_checksums(staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config_json(path: Path) -> dict:
+    """The canonical description in a pretrained ``config.json``; another model type or a bad description is refused."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SeqmixError(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise SeqmixError(f"{path}: model_type={found!r}; seqmix loads only model_type={MODEL_TYPE!r}")
+    description = {key: value for key, value in config.items() if key not in ("model_type", "seqmix_version")}
+    try:
+        return model_description(description)
+    except SeqmixError as error:
+        raise SeqmixError(f"{path}: {error}") from None
+
+
+def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local pretrained directory, or the local snapshot of Hub repository ``name`` (downloaded unless offline)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SeqmixError(f"{path} is a file; from_pretrained takes a directory or a Hub repository id")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:
+        raise SeqmixError(f"{name!r} is not a local directory, and reading the Hub needs huggingface_hub: "
+                          "pip install 'seqmix[hub]'") from None
+
+    try:
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=HUB_FILES))
+    except HFValidationError:
+        raise SeqmixError(f"{name!r} is neither a directory nor a valid Hub repository id") from None
+    except Exception as error:  # noqa: BLE001  (network, offline mode, missing repo: one named error)
+        raise SeqmixError(f"could not fetch {name!r} from the Hugging Face Hub ({type(error).__name__}: {error})") from None
+
+
+def from_pretrained(name: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False, revision: str | None = None):
+    """The model saved by ``save_pretrained`` in a directory or Hub repository ``name``, through the verified load."""
+    return load_verified(resolve_pretrained(name, revision), CONFIG_JSON, read_config_json, device, allow_unverified,
+                         "from_pretrained", "save_pretrained")
+
+
+def push_to_hub(model, repo_id: str, training: Mapping | None = None, private: bool = False, token: str | None = None,
+                commit_message: str = "Upload seqmix model") -> str:
+    """Save ``model`` in the pretrained layout and upload it to Hub repository ``repo_id`` (created if needed).
+
+    Returns the URL of the commit.
+    """
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise SeqmixError("push_to_hub needs huggingface_hub: pip install 'seqmix[hub]'") from None
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = save_pretrained(model, Path(scratch) / "model", training)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(commit, "commit_url", commit))

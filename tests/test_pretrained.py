@@ -1,0 +1,155 @@
+"""The Hugging Face layout: save_pretrained -> from_pretrained gives the same model, and loading one stays safe.
+
+Everything runs offline (HF_HUB_OFFLINE=1); the Hub upload is checked against a stand-in for HfApi.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import seqmix
+from seqmix import SeqmixError, from_pretrained
+from seqmix.configs import compose_config
+from seqmix.model.checkpoint import write_checksums
+from seqmix.model.pretrained import CARD, CONFIG_JSON, HUB_FILES
+
+from conftest import examples
+
+PRESETS = ["megalodon", "mega_encoder", "gpt2"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _model(preset: str):
+    torch.manual_seed(0)
+    return seqmix.instantiate_model(compose_config([f"model={preset}", "model.d_model=16", "model.depth=1"]).model).eval()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_save_pretrained_then_from_pretrained_gives_identical_logits(preset, tmp_path):
+    model = _model(preset)
+    training = {"name": "probe", "data": "mqar", "data_sha256": "ab" * 32, "metrics": {"accuracy": 0.75}, "command": "seqmix train task=mqar"}
+    directory = seqmix.save_pretrained(model, tmp_path / "pretrained", training)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(HUB_FILES)
+    config = json.loads((directory / CONFIG_JSON).read_text())
+    assert config["model_type"] == "seqmix" and config["seqmix_version"] == seqmix.__version__
+    assert "_target_" not in json.dumps(config)
+    card = (directory / CARD).read_text()
+    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert f"parameters: {parameters:,}" in card and "ab" * 32 in card and "seqmix train task=mqar" in card
+    loaded = from_pretrained(directory).eval()
+    tokens = torch.randint(0, model.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_save_pretrained_replaces_only_a_pretrained_directory(tmp_path):
+    model = _model("megalodon")
+    first = seqmix.save_pretrained(model, tmp_path / "m")
+    (first / "stale.txt").write_text("from an earlier save")
+    seqmix.save_pretrained(model, first)
+    assert not (first / "stale.txt").exists() and from_pretrained(first) is not None
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    with pytest.raises(SeqmixError, match="holds files but no config.json"):
+        seqmix.save_pretrained(model, other)
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "a staging directory was left behind"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return seqmix.save_pretrained(_model("megalodon"), tmp_path_factory.mktemp("pretrained") / "model")
+
+
+HOSTILE = [
+    ("a target", lambda c: c["ffn"].update({"_target_": "os.system", "command": "touch pwned"}), "not a part seqmix builds"),
+    ("another model type", lambda c: c.update({"model_type": "llama"}), "model_type='llama'"),
+    ("a huge depth", lambda c: c.update({"depth": 10**7}), "does not belong to these weights"),
+    ("a huge width", lambda c: c.update({"d_model": 10**6}), "does not belong to these weights"),
+    ("an unknown mixer", lambda c: c["mixers"]["megalodon"].update({"mixer": "evil"}), "is not valid"),
+    ("a string for a bool", lambda c: c.update({"tie_embeddings": "false"}), "expected bool"),
+]
+
+
+@pytest.mark.parametrize("what, edit, message", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_config_json_is_refused_even_with_rewritten_checksums(what, edit, message, saved, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(saved, directory)
+    config = json.loads((directory / CONFIG_JSON).read_text())
+    edit(config)
+    (directory / CONFIG_JSON).write_text(json.dumps(config))
+    with pytest.raises(SeqmixError, match="config.json does not match its sha256"):
+        from_pretrained(directory)
+    write_checksums(directory)
+    with pytest.raises(SeqmixError, match=message):
+        from_pretrained(directory)
+    assert not (Path.cwd() / "pwned").exists()
+
+
+@given(removed=st.sets(st.sampled_from(HUB_FILES), min_size=1))
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_pretrained_directory_missing_files_is_refused_unless_unverified_is_asked(removed, saved, tmp_path):
+    directory = tmp_path / f"model-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(saved, directory)
+    for name in removed:
+        (directory / name).unlink()
+    with pytest.raises(SeqmixError):
+        from_pretrained(directory)
+    if "checksums.json" in removed and removed <= {"checksums.json", CARD}:
+        assert from_pretrained(directory, allow_unverified=True).vocab_size == 256
+
+
+def test_a_symlink_in_a_pretrained_directory_is_refused(saved, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(saved, directory)
+    outside = tmp_path / "weights.safetensors"
+    shutil.move(directory / "model.safetensors", outside)
+    (directory / "model.safetensors").symlink_to(outside)
+    with pytest.raises(SeqmixError, match="symbolic link"):
+        from_pretrained(directory)
+
+
+def test_an_unknown_repository_offline_is_a_named_error():
+    with pytest.raises(SeqmixError, match="could not fetch 'nobody/no-such-seqmix-model' from the Hugging Face Hub"):
+        from_pretrained("nobody/no-such-seqmix-model")
+    with pytest.raises(SeqmixError, match="neither a directory nor a valid Hub repository id"):
+        from_pretrained("not a/valid//id")
+
+
+def test_push_to_hub_uploads_the_pretrained_layout(monkeypatch, tmp_path):
+    """Through a stand-in for HfApi: the uploaded folder is exactly what from_pretrained reads back."""
+    import huggingface_hub
+
+    calls, uploaded = [], tmp_path / "uploaded"
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id))
+            shutil.copytree(folder_path, uploaded)
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = _model("megalodon")
+    url = seqmix.push_to_hub(model, "someone/tiny-megalodon", private=True, token="t")
+    assert url.endswith("/commit/0")
+    assert calls == [("init", "t"), ("create_repo", "someone/tiny-megalodon", True, True), ("upload_folder", "someone/tiny-megalodon")]
+    tokens = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(uploaded).eval()(tokens), model(tokens), rtol=0, atol=0)
