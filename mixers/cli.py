@@ -28,6 +28,8 @@ from seqmix.errors import SeqmixError, require_int
 from seqmix.threads import apply_thread_policy
 
 PROGRAM = "seqmix"
+OVERRIDES = "overrides"
+"""The key of a command's choices that holds its command-line overrides (never a config group's name)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Command:
         name: what follows ``seqmix`` on the command line.
         summary: one line for ``seqmix --help``.
         run: (options, preset choices) -> exit status; the options are the composed config, or
-            an instance of ``schema`` when the command has one.
+            an instance of ``schema`` when the command has one. The choices map each config group to
+            its preset, and ``OVERRIDES`` to the command line's overrides.
         config_name: the primary config in ``seqmix.conf`` that the overrides apply to.
         schema: the dataclass the composed config must fit (keys, types, required values).
         groups: the config groups ``--help`` lists.
@@ -72,7 +75,7 @@ def compose_command(command: Command, overrides: list[str]) -> tuple[DictConfig,
     if command.compose is not None:
         return command.compose(overrides)
     config = compose_config(overrides, config_name=command.config_name, with_choices=True)
-    choices = OmegaConf.to_container(config.hydra.runtime.choices)
+    choices = {**OmegaConf.to_container(config.hydra.runtime.choices), OVERRIDES: list(config.hydra.overrides.task)}
     with_hydra = config
     config = OmegaConf.masked_copy(with_hydra, [key for key in with_hydra if key != "hydra"])
     known = set(compose_config(preset_picks(overrides), config_name=command.config_name))
@@ -159,10 +162,34 @@ def run_train(config: DictConfig, choices: dict) -> int:
             torch.distributed.destroy_process_group()
     if _rank() == 0:
         print_summary(experiment, result)
+        if experiment.train.save_pretrained:
+            _save_pretrained(experiment, result, choices)
         sample = sample_text(experiment.model, experiment.task)
         if sample is not None:
             print(f"\nsample (temperature 0.8, top-k 40) after the prompt {sample[0]!r}:\n{sample[0]}{sample[1]}")
     return 0
+
+
+def _save_pretrained(experiment, result, choices: dict) -> None:
+    """Write the trained model in the Hugging Face layout, its card naming the data, metrics and command."""
+    import hashlib
+
+    from seqmix.model.pretrained import save_pretrained
+
+    task = experiment.task_config
+    directory = save_pretrained(
+        experiment.model,
+        experiment.train.save_pretrained,
+        training={
+            "name": f"{choices.get('model') or 'seqmix'} on {task['task']}",
+            "data": f"task {json.dumps(task, sort_keys=True)} (the hash is of this description, which generates the data)",
+            "data_sha256": hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest(),
+            "metrics": result.final_eval,
+            "command": " ".join([PROGRAM, "train", *choices.get(OVERRIDES, [])]),
+        },
+        task=task,
+    )
+    print(f"saved the model in the Hugging Face layout to {directory}")
 
 
 def run_describe(config: DictConfig, choices: dict) -> int:
@@ -463,7 +490,8 @@ def _sweep(command: Command, argv: list[str]) -> int:
         with open_dict(config):
             config.train.out_dir = runtime.output_dir
         try:
-            status = command.run(config, OmegaConf.to_container(runtime.choices))
+            choices = {**OmegaConf.to_container(runtime.choices), OVERRIDES: list(HydraConfig.get().overrides.task)}
+            status = command.run(config, choices)
         except SeqmixError as error:
             print(f"{PROGRAM} {command.name}: error: {error}", file=sys.stderr)
             status = 2

@@ -153,3 +153,29 @@ def test_push_to_hub_uploads_the_pretrained_layout(monkeypatch, tmp_path):
     tokens = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(from_pretrained(uploaded).eval()(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_train_saves_pretrained_and_evaluate_and_export_read_it(tmp_path, capsys):
+    """seqmix train train.save_pretrained=<dir>; then evaluate and export take that directory like a run."""
+    from seqmix.cli import main
+    from seqmix.export.manifest import read_manifest
+    from seqmix.training.checkpoints import load_run
+
+    run, pretrained = tmp_path / "run", tmp_path / "pretrained"
+    assert main([
+        "train", "model=transformer", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64",
+        "task.seq_len=64", "task.num_pairs=4", "train.batch_size=2", "train.max_steps=2", "train.eval_batches=1",
+        "train.progress=false", "train.device=cpu", f"train.out_dir={run}", f"train.save_pretrained={pretrained}",
+    ]) == 0
+    card = (pretrained / CARD).read_text()
+    assert "seqmix train" in card and "train.save_pretrained=" in card and '"task": "mqar"' in card
+    from_run, _ = load_run(run)
+    shared = from_pretrained(pretrained).eval()
+    tokens = torch.randint(0, 64, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(shared(tokens), from_run.eval()(tokens), rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["evaluate", f"checkpoint={pretrained}", "batches=1", "batch_size=2"]) == 0
+    assert "loss" in json.loads(capsys.readouterr().out)
+    assert main(["export", f"checkpoint={pretrained}", f"out={tmp_path / 'export'}", "length=64"]) == 0
+    assert read_manifest(tmp_path / "export")["vocab_size"] == 64

@@ -48,6 +48,7 @@ INVALID = {
         st.none(), st.integers(),
     ),
     "compile": st.one_of(st.text(max_size=8).filter(lambda s: s not in COMPILE_BACKENDS), st.integers(), st.booleans()),
+    "save_pretrained": st.one_of(st.just(""), st.integers(), st.booleans(), st.lists(st.text(), max_size=2)),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**64), st.booleans(), _floats(), st.text(max_size=3)),
     **{name: st.one_of(st.integers(max_value=0), st.booleans(), _floats(), st.none())
        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every")},
@@ -86,6 +87,7 @@ def valid_options(draw) -> dict:
         "tensorboard": draw(st.booleans()),
         "progress": draw(st.booleans()),
         "compile": draw(st.one_of(st.none(), st.sampled_from(COMPILE_BACKENDS))),
+        "save_pretrained": draw(st.one_of(st.none(), st.text(min_size=1, max_size=12))),
     }
 
 

@@ -3,7 +3,8 @@
 A directory (or Hub repository) holds
 
 - ``config.json``: ``{"model_type": "seqmix", "seqmix_version": ..., <the model description>}``, the
-  model in seqmix's own terms (registry names and options, ``seqmix.model.description``);
+  model in seqmix's own terms (registry names and options, ``seqmix.model.description``), and the
+  ``task`` it was trained on when known;
 - ``model.safetensors``: the weights;
 - ``README.md``: a model card (architecture, parameter count, streaming state per sequence, and,
   when given, the training data with its hash, the metrics and the command that trained it);
@@ -89,7 +90,7 @@ def _card(model, training: Mapping | None) -> str:
     return "\n".join(lines)
 
 
-def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None) -> Path:
+def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None, task: Mapping | None = None) -> Path:
     """Write ``model`` to ``directory`` in the Hugging Face layout, whole or not at all.
 
     Args:
@@ -98,6 +99,8 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
             any other non-empty directory is refused.
         training: optional card facts: ``name``, ``data``, ``data_sha256``, ``metrics`` (a mapping),
             ``command``.
+        task: optional task description (``{task: <name>, ...}``) stored in config.json as ``task``, so
+            ``seqmix export`` can build the example inputs of an exported graph from the directory.
     """
     from safetensors.torch import save_model as save_weights
 
@@ -113,6 +116,8 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:
         config = {"model_type": MODEL_TYPE, "seqmix_version": _version(), **model_description(description)}
+        if task is not None:
+            config["task"] = dict(task)
         (staging / CONFIG_JSON).write_text(json.dumps(config, indent=2))
         save_weights(model, str(staging / WEIGHTS))
         (staging / CARD).write_text(_card(model, training))
@@ -135,11 +140,21 @@ def read_config_json(path: Path) -> dict:
     if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise SeqmixError(f"{path}: model_type={found!r}; seqmix loads only model_type={MODEL_TYPE!r}")
-    description = {key: value for key, value in config.items() if key not in ("model_type", "seqmix_version")}
+    description = {key: value for key, value in config.items() if key not in ("model_type", "seqmix_version", "task")}
     try:
         return model_description(description)
     except SeqmixError as error:
         raise SeqmixError(f"{path}: {error}") from None
+
+
+def pretrained_task(directory: str | os.PathLike) -> dict | None:
+    """The task description a pretrained directory's config.json records (None when it records none)."""
+    path = Path(directory) / CONFIG_JSON
+    try:
+        task = json.loads(path.read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        raise SeqmixError(f"{path} is not a readable pretrained config") from None
+    return task
 
 
 def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> Path:

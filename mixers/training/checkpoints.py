@@ -29,7 +29,7 @@ from seqmix.model.checkpoint import (
     verify_checksums,
     write_checksums,
 )
-from seqmix.training.records import read_run_record
+from seqmix.training.records import read_run_record, read_task
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -187,7 +187,8 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.opt
 
 
 def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False):
-    """The model of a run's latest checkpoint (or of a checkpoint directory) and the run record.
+    """The model of a run's latest checkpoint (or of a checkpoint directory, or of a directory written by
+    ``seqmix.save_pretrained``) and the run record.
 
     The checkpoint's files are verified against its ``checksums.json`` (``allow_unverified`` as in
     ``load_model``), and the run record is the copy inside the checkpoint, which those checksums
@@ -196,6 +197,13 @@ def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: boo
     through seqmix's registries, so every tool that loads a run through here (evaluate, export,
     generate) refuses the same things.
     """
+    from seqmix.model.pretrained import CONFIG_JSON, from_pretrained, pretrained_task
+
+    if (Path(path) / CONFIG_JSON).is_file():
+        # A directory in the Hugging Face layout (seqmix.save_pretrained): its config.json records the task.
+        model = from_pretrained(path, device=device, allow_unverified=allow_unverified)
+        task = pretrained_task(path)
+        return model, ({} if task is None else {"task": read_task(task, Path(path) / CONFIG_JSON)})
     checkpoint = resolve_checkpoint(path)
     model = load_model(checkpoint, device=device, allow_unverified=allow_unverified)
     record_path = checkpoint / RUN if (checkpoint / RUN).is_file() else checkpoint.parent.parent / RUN

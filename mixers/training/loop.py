@@ -84,6 +84,8 @@ class TrainConfig:
         compile: None, or a torch.compile backend (``COMPILE_BACKENDS``) to run the
             training forward through; ``seqmix train`` passes the compiled module to ``train``
             (the library itself never imports ``compile/``).
+        save_pretrained: None, or a directory where ``seqmix train`` writes the trained model in the
+            Hugging Face layout (``seqmix.save_pretrained``) when the run ends.
     """
 
     out_dir: str = "runs/default"
@@ -111,6 +113,7 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     compile: str | None = None
+    save_pretrained: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -120,6 +123,9 @@ class TrainConfig:
         if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
             raise SeqmixError(f"train.out_dir={self.out_dir!r} is not valid; expected a non-empty path")
         self.out_dir = os.fspath(self.out_dir)
+        if self.save_pretrained is not None and (not isinstance(self.save_pretrained, (str, os.PathLike))
+                                                 or not os.fspath(self.save_pretrained)):
+            raise SeqmixError(f"train.save_pretrained={self.save_pretrained!r} is not valid; expected null or a directory path")
         for name in POSITIVE_COUNTS:
             require_int("train", name, getattr(self, name))
         require_int("train", "warmup_steps", self.warmup_steps, 0)

@@ -64,6 +64,14 @@ def same_run(previous: Mapping, current: Mapping) -> bool:
     )
 
 
+def read_task(config: Any, source: Path) -> dict:
+    """The canonical task description ``config`` read from ``source``; a bad one is refused naming the file."""
+    try:
+        return task_description(config)
+    except SeqmixError as error:
+        raise SeqmixError(f"{source}: {error}") from None
+
+
 def read_run_record(path: str | os.PathLike) -> dict:
     """A ``run.json`` with its model and task as canonical descriptions; anything else is refused by name."""
     path = Path(path)
