@@ -24,7 +24,6 @@ from seqmix.model.checkpoint import (
     check_weights,
     load_model,
     read_tensors,
-    refuse_symlinks,
     save_model,
     verify_checksums,
     write_checksums,
