@@ -91,6 +91,30 @@ def onnx_runner():
     return module
 
 
+def write_text_corpus(directory, documents: int = 40) -> str:
+    """A directory of ``documents`` small generated text files (a user's corpus); returns its path."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        words = " ".join(f"w{(index * 7 + k) % 97}" for k in range(60 + index))
+        (directory / f"doc{index:03d}.txt").write_text(f"Document {index}.\n{words}\n")
+    return str(directory)
+
+
+def task_test_options(config, tmp_path) -> dict:
+    """Options that keep a task config's data small and out of the user's cache (and give ``text`` a corpus)."""
+    options = {}
+    if "cache_dir" in config:
+        options["cache_dir"] = str(tmp_path / "cache")
+    if "max_bytes" in config:
+        options["max_bytes"] = 20_000
+    if "path" in config:
+        options["path"] = write_text_corpus(tmp_path / "corpus")
+    return options
+
+
 def tiny_preset(preset: str, *overrides: str):
     """A model preset at a tiny size (D = 32, two layers; three for a three-layer pattern), seeded."""
     import torch

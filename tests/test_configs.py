@@ -15,6 +15,8 @@ from seqmix.model.description import part_factory
 from seqmix.training.loop import TrainConfig
 from seqmix.training.records import build_task
 
+from conftest import task_test_options
+
 WIDTH = 16
 CONFIG_FILES = sorted(CONF_DIR.rglob("*.yaml"))
 
@@ -67,9 +69,7 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         return
     if group == "task":
         config = compose_config([f"task={path.stem}"]).task
-        if "cache_dir" in config:  # keep the byte corpus small and out of the user's cache
-            config.cache_dir, config.max_bytes = str(tmp_path), 100_000
-        task = build_task(config)
+        task = build_task({**config, **task_test_options(config, tmp_path)})
         batch = task.batch("train", 0, 2)
         assert batch.inputs.shape == (2, task.seq_len) and int(batch.inputs.max()) < task.vocab_size
         return

@@ -23,6 +23,8 @@ from seqmix.tasks.mqar import MQAR
 from seqmix.tasks.selective_copying import SelectiveCopying
 from seqmix.training.records import build_task as build_task_from_config
 
+from conftest import task_test_options
+
 SMALL = {
     "byte_lm": dict(seq_len=64, max_bytes=20_000),
     "mqar": dict(vocab_size=64, seq_len=64, num_pairs=8),
@@ -59,7 +61,7 @@ def _runs(mask: torch.Tensor) -> list[int]:
 
 
 def test_registry_names_and_classes():
-    assert list_tasks() == sorted(["byte_lm", "mqar", "listops", "selective_copying", "masked_segment"])
+    assert list_tasks() == sorted(["byte_lm", "mqar", "listops", "selective_copying", "masked_segment", "text"])
     for name, cls in TASKS.items():
         assert cls.name == name
         assert cls.head in ("causal_lm", "masked_lm", "classification")
@@ -176,7 +178,7 @@ def test_every_task_has_a_config():
 
 
 @pytest.mark.parametrize("path", TASK_CONFIGS, ids=[p.name for p in TASK_CONFIGS])
-def test_config_composes_to_every_option_with_its_code_default_and_builds(path, cache_dir):
+def test_config_composes_to_every_option_with_its_code_default_and_builds(path, tmp_path):
     assert path.read_text().startswith("# ")
     config = compose_config([f"task={path.stem}"]).task
     cls = TASKS[path.stem]
@@ -184,8 +186,7 @@ def test_config_composes_to_every_option_with_its_code_default_and_builds(path, 
     parameters = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
     assert {k: v for k, v in config.items() if k != "task"} == parameters
     # Corpus tasks get a test cache instead of writing into the user's home.
-    overrides = {"cache_dir": str(cache_dir), "max_bytes": 20_000} if "cache_dir" in config else {}
-    task = build_task_from_config({**config, **overrides})
+    task = build_task_from_config({**config, **task_test_options(config, tmp_path)})
     assert type(task) is cls
     assert task.batch("train", 0, 2).inputs.shape == (2, task.seq_len)
 

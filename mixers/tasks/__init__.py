@@ -10,11 +10,12 @@ from seqmix.tasks.listops import ListOps
 from seqmix.tasks.masked_segment import MaskedSegment
 from seqmix.tasks.mqar import MQAR
 from seqmix.tasks.selective_copying import SelectiveCopying
+from seqmix.tasks.text import TextCorpus
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ByteLM, MQAR, ListOps, SelectiveCopying, MaskedSegment)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ByteLM, MQAR, ListOps, SelectiveCopying, MaskedSegment, TextCorpus)}
 """Registered name -> task class."""
 
-__all__ = ["IGNORE", "TASKS", "Batch", "ByteLM", "ListOps", "MQAR", "MaskedSegment", "SelectiveCopying", "Task",
+__all__ = ["IGNORE", "TASKS", "Batch", "ByteLM", "ListOps", "MQAR", "MaskedSegment", "SelectiveCopying", "Task", "TextCorpus",
            "build_task", "generator_for", "list_tasks"]
 
 

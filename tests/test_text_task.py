@@ -1,0 +1,115 @@
+"""task=text: the user's own corpus from files, JSONL, CSV, Parquet or a saved dataset, cached as memory-mapped tokens."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seqmix import SeqmixError
+from seqmix.tasks import build_task
+from seqmix.tasks.text import TextCorpus
+
+from conftest import examples, write_text_corpus
+
+
+def _task(path, tmp_path, **options) -> TextCorpus:
+    return build_task("text", path=str(path), cache_dir=str(tmp_path / "cache"), **{"seq_len": 16, **options})
+
+
+def test_a_directory_of_files_trains_reuses_its_cache_and_gives_the_same_batches(tmp_path, monkeypatch, capsys):
+    from seqmix.cli import main
+
+    corpus = write_text_corpus(tmp_path / "corpus")
+    first = _task(corpus, tmp_path)
+    assert first.meta["documents"]["train"] + first.meta["documents"]["valid"] == 40
+    assert isinstance(first.data["train"], np.memmap)
+    monkeypatch.setattr(TextCorpus, "_tokenize", lambda self: pytest.fail("the cache was not reused"))
+    second = _task(corpus, tmp_path)
+    for split in ("train", "valid"):
+        for index in (0, 5):
+            torch.testing.assert_close(second.batch(split, index, 3).inputs, first.batch(split, index, 3).inputs, rtol=0, atol=0)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    arguments = ["train", "model=transformer", "model.d_model=16", "model.depth=1", "task=text", f"task.path={corpus}",
+                 "task.seq_len=32", f"task.cache_dir={tmp_path / 'cache'}", "train.batch_size=2", "train.max_steps=2",
+                 "train.eval_batches=1", "train.checkpoint_every=1", "train.log_every=1", "train.progress=false", "train.device=cpu", f"train.out_dir={run}"]
+    assert main(arguments) == 0
+    assert main([*arguments[:-1], f"train.out_dir={run}", "train.max_steps=3", "train.resume=true"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["split"] == "train"] == [1, 2, 3]
+
+
+def test_an_edited_file_makes_a_new_cache(tmp_path):
+    corpus = write_text_corpus(tmp_path / "corpus")
+    key = _task(corpus, tmp_path).key
+    (tmp_path / "corpus" / "doc000.txt").write_text("changed\n" * 50)
+    assert _task(corpus, tmp_path).key != key
+
+
+def test_jsonl_csv_parquet_and_a_saved_dataset_give_the_same_documents(tmp_path):
+    documents = [f"row {i}: " + "abc " * (20 + i) for i in range(30)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    (tmp_path / "data.csv").write_text("id,text\n" + "".join(f'{i},"{d}"\n' for i, d in enumerate(documents)))
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": documents}), tmp_path / "data.parquet")
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": documents}).save_to_disk(str(tmp_path / "saved"))
+    metas = [_task(tmp_path / name, tmp_path).meta for name in ("data.jsonl", "data.csv", "data.parquet", "saved")]
+    assert len({meta["content_sha256"] for meta in metas}) == 1
+    assert metas[0]["documents"]["train"] + metas[0]["documents"]["valid"] == len(documents)
+
+
+def test_bad_corpora_are_refused_naming_the_file_and_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SeqmixError, match="names no files; the corpus is empty"):
+        _task(tmp_path / "empty", tmp_path)
+    with pytest.raises(SeqmixError, match="does not exist"):
+        _task(tmp_path / "nowhere", tmp_path)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x" * 100}) + "\n" + json.dumps({"body": "y"}) + "\n")
+    with pytest.raises(SeqmixError, match=r"a.jsonl line 2 has no column 'text'"):
+        _task(tmp_path / "a.jsonl", tmp_path)
+    (tmp_path / "b.jsonl").write_text("{not json\n")
+    with pytest.raises(SeqmixError, match=r"b.jsonl line 1 is not a JSON object"):
+        _task(tmp_path / "b.jsonl", tmp_path)
+    (tmp_path / "c.csv").write_text("id,body\n1,hello\n")
+    with pytest.raises(SeqmixError, match=r"c.csv has no column 'text'"):
+        _task(tmp_path / "c.csv", tmp_path)
+    (tmp_path / "latin1.txt").write_bytes(("ok\n" * 40).encode() + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SeqmixError, match=r"latin1.txt line 41 holds bytes that are not UTF-8"):
+        _task(tmp_path / "latin1.txt", tmp_path, decode_errors="strict")
+    mixed = write_text_corpus(tmp_path / "mixed")
+    (tmp_path / "mixed" / "latin1.txt").write_bytes((tmp_path / "latin1.txt").read_bytes())
+    with pytest.raises(SeqmixError, match=r"latin1.txt line 41"):
+        _task(mixed, tmp_path, decode_errors="strict")
+    assert sum(_task(mixed, tmp_path).meta["documents"].values()) == 41  # replace: U+FFFD stands in for the byte
+    (tmp_path / "short.txt").write_text("tiny")
+    with pytest.raises(SeqmixError, match="split .* has .* tokens .* fewer than seq_len"):
+        _task(tmp_path / "short.txt", tmp_path)
+    with pytest.raises(SeqmixError, match="path='' is not valid"):
+        build_task("text")
+
+
+@given(documents=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=25), seed=st.integers(0, 2**16))
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_document_lands_whole_in_one_split_whatever_the_file_order(documents, seed, tmp_path_factory):
+    """Tokens = each document's UTF-8 bytes plus a separator, and a document's split depends on its bytes alone."""
+    root = tmp_path_factory.mktemp("docs")
+    order = np.random.default_rng(seed).permutation(len(documents))
+    for position, index in enumerate(order):
+        (root / f"{position:03d}.txt").write_text(documents[index])
+    task = TextCorpus.__new__(TextCorpus)
+    task.format, task.text_column, task.decode_errors, task.valid_fraction = "auto", "text", "replace", 0.3
+    task.path, task.files = str(root), sorted(root.iterdir())
+    task.key, task.cache = "probe", root / ".cache" / "probe"
+    task._tokenize()
+    meta = json.loads((task.cache / "meta.json").read_text())
+    expected = {"train": 0, "valid": 0}
+    for document in documents:
+        raw = document.encode("utf-8", errors="replace").decode("utf-8", errors="replace").encode()
+        expected[task._split_of(raw)] += len(raw) + 1
+    assert meta["tokens"] == expected
+    assert sum(meta["documents"].values()) == len(documents)
