@@ -123,8 +123,13 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         (staging / CARD).write_text(_card(model, training))
         write_checksums(staging)
         if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(staging, directory)
+            # Move the old directory aside before the new one takes its name, so a kill never leaves neither.
+            previous = Path(tempfile.mkdtemp(prefix=f".{directory.name}.replaced-", dir=directory.parent))
+            os.rename(directory, previous / directory.name)
+            os.rename(staging, directory)
+            shutil.rmtree(previous)
+        else:
+            os.rename(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
