@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from seqmix import SeqmixError
 from seqmix.tasks import build_task
+from seqmix.tasks.documents import DocumentSource
 from seqmix.tasks.text import TextCorpus
+from seqmix.tokenization import ByteTokenizer, token_dtype
 
 from conftest import examples, write_text_corpus
 
@@ -103,7 +105,8 @@ def test_every_document_lands_whole_in_one_split_whatever_the_file_order(documen
         (root / f"{position:03d}.txt").write_text(documents[index])
     task = TextCorpus.__new__(TextCorpus)
     task.format, task.text_column, task.decode_errors, task.valid_fraction = "auto", "text", "replace", 0.3
-    task.path, task.files = str(root), sorted(root.iterdir())
+    task.path, task.source = str(root), DocumentSource(str(root))
+    task.tokenizer, task.dtype = ByteTokenizer(), token_dtype(256)
     task.key, task.cache = "probe", root / ".cache" / "probe"
     task._tokenize()
     meta = json.loads((task.cache / "meta.json").read_text())

@@ -18,6 +18,9 @@ IGNORE = -100
 
 SPLITS = ("train", "valid")
 
+MODEL_FILES = ("tokenizer.json", "labels.json")
+"""The names ``Task.model_files`` may use; the run directory's copies of these travel with every checkpoint."""
+
 
 @dataclass
 class Batch:
@@ -65,6 +68,11 @@ class Task:
     vocab_size: int
     num_classes: int | None = None
     seq_len: int
+
+    def model_files(self) -> dict[str, bytes]:
+        """Files a model trained on this task needs beside its weights, by name (``tokenizer.json``,
+        ``labels.json``): saved with the run, every checkpoint, ``save_pretrained`` and every export."""
+        return {}
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         """Batch number ``index`` of ``split``: the same tensors every time it is asked for."""

@@ -1,0 +1,176 @@
+"""Rows of the user's files: text files, JSONL, CSV, Parquet, or a Hugging Face ``datasets`` dataset.
+
+``DocumentSource(path, format, decode_errors).rows({"text_column": "body"})`` yields ``(where, row)``
+for every record, ``where`` naming the file and the line or row (for error messages) and ``row``
+mapping each option (``text_column``) to that record's value in the column it names (``body``). A plain text file is one record whose only column is the text. Every problem is a
+``SeqmixError`` naming the file and the line or row: a missing column, a value of the wrong type,
+undecodable bytes under ``decode_errors=strict``, a line that is not JSON.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from seqmix.errors import SeqmixError, choice_error
+
+FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
+DECODE_ERRORS = ("replace", "strict")
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+DATASETS_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
+"""The ``datasets`` builder that reads local files of each format."""
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``datasets``' ``save_to_disk``."""
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def source_files(path: str) -> list[Path]:
+    """The files ``path`` names: itself, every file below a directory (hidden ones skipped), or a glob's matches, sorted."""
+    if any(character in path for character in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(path), recursive=True)) if Path(p).is_file()]
+    else:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise SeqmixError(f"task.path={path!r} does not exist; give a file, a directory, a glob or a saved dataset")
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    if not files:
+        raise SeqmixError(f"task.path={path!r} names no files; the corpus is empty")
+    return files
+
+
+class DocumentSource:
+    """The records of the user's files.
+
+    Args:
+        path: a file, a directory, a glob, or a directory written by ``datasets``' ``save_to_disk``.
+        format: ``auto`` (by suffix: .jsonl/.json, .csv, .parquet, anything else text; a saved dataset by
+            its files), ``text`` (each file one record), ``jsonl``, ``csv``, ``parquet``, or ``datasets``
+            (a saved dataset, or the files read through ``datasets.load_dataset`` with the builder
+            their suffix names).
+        decode_errors: ``replace`` turns bytes that are not UTF-8 into U+FFFD; ``strict`` refuses them,
+            naming the file and line.
+        owner: the task name that prefixes error messages.
+    """
+
+    def __init__(self, path: str, format: str = "auto", decode_errors: str = "replace", owner: str = "text"):
+        if format not in FORMATS:
+            raise choice_error(f"{owner}: format", format, FORMATS)
+        if decode_errors not in DECODE_ERRORS:
+            raise choice_error(f"{owner}: decode_errors", decode_errors, DECODE_ERRORS)
+        self.path, self.format, self.decode_errors, self.owner = path, format, decode_errors, owner
+        self.saved = is_saved_dataset(Path(path).expanduser())
+        self.files = sorted(p for p in Path(path).expanduser().rglob("*") if p.is_file()) if self.saved else source_files(path)
+
+    def kind_of(self, path: Path) -> str:
+        return self.format if self.format not in ("auto", "datasets") else SUFFIX_FORMATS.get(path.suffix.lower(), "text")
+
+    def rows(self, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
+        """``(where, {option: value})`` of every record, in file order; ``columns`` maps each option to its column."""
+        if self.saved or self.format == "datasets":
+            yield from self._dataset_rows(columns)
+            return
+        for path in tqdm(self.files, desc="reading", unit="file", leave=False):
+            kind = self.kind_of(path)
+            if kind == "text":
+                yield f"{path}", {next(iter(columns)): self.decode(path.read_bytes(), path).decode()}
+            elif kind == "jsonl":
+                yield from self._jsonl(path, columns)
+            elif kind == "csv":
+                yield from self._csv(path, columns)
+            else:
+                yield from self._parquet(path, columns)
+
+    def decode(self, raw: bytes, where: Path | str, line: int | None = None) -> bytes:
+        """``raw`` as valid UTF-8 bytes, under the decode_errors policy."""
+        try:
+            raw.decode("utf-8", errors="strict")
+            return raw
+        except UnicodeDecodeError as error:
+            if self.decode_errors == "replace":
+                return raw.decode("utf-8", errors="replace").encode()
+            at = line if line is not None else raw.count(b"\n", 0, error.start) + 1
+            raise SeqmixError(
+                f"{self.owner}: {where} line {at} holds bytes that are not UTF-8 ({error.reason}); fix the file or use "
+                "task.decode_errors=replace"
+            ) from None
+
+    def _missing(self, columns: Mapping[str, str], found: list, where: str) -> None:
+        """Raise naming the first column of ``columns`` that ``found`` lacks, and the option that names it."""
+        for option, column in columns.items():
+            if column not in found:
+                raise SeqmixError(f"{self.owner}: {where} has no column {column!r} (its columns: {found}); set task.{option}")
+
+    def _pick(self, row, columns: Mapping[str, str], where: str) -> dict:
+        if not isinstance(row, dict):
+            raise SeqmixError(f"{self.owner}: {where} is a JSON {type(row).__name__}, not an object with columns {list(columns.values())}")
+        self._missing(columns, sorted(row), where)
+        return {option: row[column] for option, column in columns.items()}
+
+    def _jsonl(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    row = json.loads(self.decode(raw, path, number))
+                except ValueError as error:
+                    raise SeqmixError(f"{self.owner}: {where} is not a JSON object ({error})") from None
+                yield where, self._pick(row, columns, where)
+
+    def _csv(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
+        text = self.decode(path.read_bytes(), path).decode()
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        self._missing(columns, header, f"{path}")
+        for row in reader:
+            # The reader's line_num is the physical line a record ends on, so quoted newlines still point right.
+            where = f"{path} line {reader.line_num}"
+            if any(row.get(column) is None for column in columns.values()):
+                raise SeqmixError(f"{self.owner}: {where} has fewer fields than the header {header}")
+            yield where, {option: row[column] for option, column in columns.items()}
+
+    def _parquet(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SeqmixError(f"{self.owner}: reading {path} needs pyarrow: pip install 'seqmix[data]'") from None
+        self._missing(columns, pq.read_schema(path).names, f"{path}")
+        table = pq.read_table(path, columns=list(dict.fromkeys(columns.values()))).to_pydict()
+        for number in range(len(next(iter(table.values())))):
+            yield f"{path} row {number}", {option: table[column][number] for option, column in columns.items()}
+
+    def _load_dataset(self):
+        try:
+            import datasets
+        except ImportError:
+            raise SeqmixError(f"{self.owner}: reading {self.path} through datasets needs it: pip install 'seqmix[data]'") from None
+        if self.saved:
+            loaded = datasets.load_from_disk(str(Path(self.path).expanduser()))
+        else:
+            kinds = {self.kind_of(path) for path in self.files}
+            if len(kinds) != 1:
+                raise SeqmixError(f"{self.owner}: {self.path!r} mixes file kinds {sorted(kinds)}; datasets reads one kind at a time")
+            builder = DATASETS_BUILDERS[kinds.pop()]
+            loaded = datasets.load_dataset(builder, data_files=[str(path) for path in self.files], split="train")
+        if isinstance(loaded, datasets.DatasetDict):
+            return [(name, loaded[name]) for name in sorted(loaded)]
+        return [("", loaded)]
+
+    def _dataset_rows(self, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
+        for part, dataset in self._load_dataset():
+            self._missing(columns, dataset.column_names, " ".join(filter(None, [f"the dataset {self.path}", part])))
+            values = {option: dataset[column] for option, column in columns.items()}
+            for number in tqdm(range(len(dataset)), desc="reading", unit="row", leave=False):
+                where = " ".join(filter(None, [f"the dataset {self.path}", part, f"row {number}"]))
+                yield where, {option: values[option][number] for option in columns}

@@ -1,0 +1,221 @@
+"""Tokenizers: bytes (the default), or a Hugging Face ``tokenizer.json``, trained here as BPE or the user's own.
+
+A tokenizer turns text into token ids and back. ``load_tokenizer("bytes")`` gives the 256 byte values;
+``load_tokenizer(path)`` reads a ``tokenizer.json`` (a file, or a directory holding one) with the
+``tokenizers`` library, which never runs code from the file. ``train_bpe`` trains a byte-level BPE
+tokenizer on the user's corpus (``seqmix tokenizer task.path=... vocab_size=8000``).
+
+Every tokenizer has a separator: the token placed between packed documents and after a
+classification text. For bytes it is the NUL byte; for a ``tokenizer.json`` it is the first of
+``SEPARATOR_TOKENS`` its vocabulary holds (BPE tokenizers trained here hold ``<|endoftext|>``).
+Its ``fingerprint`` (the sha256 of the file) keys token caches, so a changed tokenizer never reuses
+tokens made by another.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from seqmix.errors import SeqmixError, require_int
+
+BYTES = "bytes"
+TOKENIZER_FILE = "tokenizer.json"
+SEPARATOR_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+"""Tokens that a ``tokenizer.json`` may use to separate documents, in the order they are looked for."""
+MAX_VOCAB = 2**32
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id: uint16 up to 65,536 tokens, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class Tokenizer:
+    """What the tasks, ``seqmix generate`` and the exports need from a tokenizer.
+
+    Attributes:
+        name: ``bytes``, or the path of the ``tokenizer.json``.
+        vocab_size: V; every id is in [0, V).
+        separator: the id placed between packed documents.
+        fingerprint: identifies the token mapping (a version tag for bytes, the file's sha256 otherwise).
+    """
+
+    name: str
+    vocab_size: int
+    separator: int
+    fingerprint: str
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """One 1-D int64 array of ids per text."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0].tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``; bytes that are not UTF-8 (a cut multi-byte character) become U+FFFD."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path | None:
+        """Copy the tokenizer into ``directory`` as ``tokenizer.json``; bytes need no file (returns None)."""
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values of the text's UTF-8 encoding; documents are separated by the NUL byte."""
+
+    name = BYTES
+    vocab_size = 256
+    separator = 0
+    fingerprint = "bytes-v1"
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(text.encode("utf-8", "surrogateescape"), dtype=np.uint8).astype(np.int64) for text in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | os.PathLike) -> Path | None:
+        return None
+
+
+class FileTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json``, run by the ``tokenizers`` library.
+
+    Args:
+        path: the ``tokenizer.json`` file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise SeqmixError(f"tokenizer={str(path)!r} needs the tokenizers library: pip install 'seqmix[data]'") from None
+        self.path = Path(path)
+        raw = self.path.read_bytes()
+        try:
+            self.backend = HFTokenizer.from_str(raw.decode("utf-8"))
+        except Exception as error:  # the library raises its own Exception type for every malformed file
+            raise SeqmixError(f"tokenizer={str(path)!r} is not a valid tokenizer.json ({error})") from None
+        self.name = str(self.path)
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        if not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise SeqmixError(f"tokenizer={str(path)!r} has {self.vocab_size} tokens; expected 1 to {MAX_VOCAB}")
+        vocabulary = self.backend.get_vocab(with_added_tokens=True)
+        found = [token for token in SEPARATOR_TOKENS if token in vocabulary]
+        if not found:
+            raise SeqmixError(
+                f"tokenizer={str(path)!r} has none of the separator tokens {list(SEPARATOR_TOKENS)}; add one as a special "
+                "token, or train a tokenizer with `seqmix tokenizer`"
+            )
+        self.separator = vocabulary[found[0]]
+        self.fingerprint = hashlib.sha256(raw).hexdigest()
+        self._raw = raw
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        target = Path(directory) / TOKENIZER_FILE
+        target.write_bytes(self._raw)
+        return target
+
+
+def load_tokenizer(spec: str | os.PathLike = BYTES) -> Tokenizer:
+    """``bytes``, or a ``tokenizer.json`` file (or a directory holding one, such as a checkpoint or export)."""
+    if spec == BYTES:
+        return ByteTokenizer()
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec):
+        raise SeqmixError(f"tokenizer={spec!r} is not valid; expected {BYTES!r} or the path of a tokenizer.json")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if path.is_symlink():
+        raise SeqmixError(f"tokenizer={str(spec)!r} is a symbolic link; give the tokenizer.json file itself")
+    if not path.is_file():
+        raise SeqmixError(f"tokenizer={str(spec)!r}: {path} does not exist; expected {BYTES!r} or a tokenizer.json")
+    return FileTokenizer(path)
+
+
+def saved_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in a checkpoint, pretrained or export directory: its ``tokenizer.json``, else bytes."""
+    path = Path(directory) / TOKENIZER_FILE
+    return FileTokenizer(path) if path.is_file() and not path.is_symlink() else ByteTokenizer()
+
+
+def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Copy the ``tokenizer.json`` saved in ``source`` (if any) into ``directory``."""
+    path = Path(source) / TOKENIZER_FILE
+    if path.is_file() and not path.is_symlink():
+        shutil.copyfile(path, Path(directory) / TOKENIZER_FILE)
+
+
+class TextStream:
+    """Decode ids as they arrive, emitting text only once it is whole.
+
+    A token may end in the middle of a multi-byte character; the text so far then ends in U+FFFD
+    and is held back until the next tokens complete it (or, after ``patience`` tokens, emitted as is).
+    The ids are decoded together up to the last line break, then dropped, so a long stream costs
+    per line, not per stream, and tokenizers whose decoding depends on neighbouring tokens stay right.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, patience: int = 4):
+        self.tokenizer, self.patience = tokenizer, patience
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.waiting = 0
+
+    def push(self, token: int) -> str:
+        """Add one id; return the new text that is ready ('' while a character is incomplete)."""
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and self.waiting < self.patience:
+            self.waiting += 1
+            return ""
+        self.waiting = 0
+        new = text[self.emitted:]
+        if text.endswith("\n"):
+            self.ids, self.emitted = [], 0
+        else:
+            self.emitted = len(text)
+        return new
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike, min_frequency: int = 2) -> FileTokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` and write it to ``out`` (a ``tokenizer.json`` path).
+
+    Byte-level BPE starts from the 256 byte values, so any text encodes and decodes back exactly; its
+    first token is the separator ``<|endoftext|>``. ``vocab_size`` counts every token (at least 257).
+    """
+    require_int("tokenizer", "vocab_size", vocab_size, 257, f"and at most {MAX_VOCAB}")
+    if vocab_size > MAX_VOCAB:
+        raise SeqmixError(f"tokenizer: vocab_size={vocab_size} is not valid; expected at most {MAX_VOCAB}")
+    require_int("tokenizer", "min_frequency", min_frequency, 1)
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[SEPARATOR_TOKENS[0]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial")
+    backend.save(str(staging))
+    os.replace(staging, out)
+    return FileTokenizer(out)
