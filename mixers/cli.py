@@ -177,17 +177,22 @@ def _save_pretrained(experiment, result, choices: dict) -> None:
     from seqmix.model.pretrained import save_pretrained
 
     task = experiment.task_config
+    # A corpus task knows the hash of the text it read; a generated task is pinned by its description.
+    content = getattr(experiment.task, "meta", {}).get("content_sha256")
+    data = (f"{task.get('path')} (the hash is of its documents' text)" if content
+            else f"task {json.dumps(task, sort_keys=True)} (the hash is of this description, which generates the data)")
     directory = save_pretrained(
         experiment.model,
         experiment.train.save_pretrained,
         training={
             "name": f"{choices.get('model') or 'seqmix'} on {task['task']}",
-            "data": f"task {json.dumps(task, sort_keys=True)} (the hash is of this description, which generates the data)",
-            "data_sha256": hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest(),
+            "data": data,
+            "data_sha256": content or hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest(),
             "metrics": result.final_eval,
             "command": " ".join([PROGRAM, "train", *choices.get(OVERRIDES, [])]),
         },
         task=task,
+        files=experiment.task.model_files(),
     )
     print(f"saved the model in the Hugging Face layout to {directory}")
 
@@ -239,35 +244,34 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     import torch
 
     from seqmix.model.generation import stream_tokens
+    from seqmix.tokenization import TextStream, saved_tokenizer
     from seqmix.training.checkpoints import load_run
 
     require_int("generate", "tokens", options.tokens, 0)
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
-    model, _ = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
-    if model.vocab_size < 256:
-        raise SeqmixError(f"the model's vocabulary has {model.vocab_size} tokens; text needs a byte model (256)")
+    model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
+    tokenizer = saved_tokenizer(record["directory"])
+    if model.vocab_size != tokenizer.vocab_size:
+        raise SeqmixError(f"{options.checkpoint}: the model's vocabulary has {model.vocab_size} tokens but its tokenizer "
+                          f"({tokenizer.name}) has {tokenizer.vocab_size}; generate needs a model trained on text")
     if not options.prompt:
         raise SeqmixError("prompt='' is not valid; give at least one character to continue from")
+    prompt = tokenizer.encode(options.prompt)
+    if not prompt:
+        raise SeqmixError(f"prompt={options.prompt!r} encodes to no tokens; give text the tokenizer knows")
     tokens = stream_tokens(
         model,
-        torch.tensor([list(options.prompt.encode())]),
+        torch.tensor([prompt]),
         options.tokens,
         temperature=options.temperature,
         top_k=options.top_k,
         generator=torch.Generator().manual_seed(options.seed),
     )
     sys.stdout.write(options.prompt)
-    pending = b""
+    text = TextStream(tokenizer)
     for token in tokens:
-        pending += bytes([int(token[0])])
-        try:
-            sys.stdout.write(pending.decode("utf-8"))
-            pending = b""
-        except UnicodeDecodeError:
-            if len(pending) >= 4:  # not a UTF-8 sequence after all
-                sys.stdout.write(pending.decode("utf-8", errors="replace"))
-                pending = b""
+        sys.stdout.write(text.push(int(token[0])))
         sys.stdout.flush()
     print()
     return 0

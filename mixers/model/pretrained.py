@@ -6,6 +6,8 @@ A directory (or Hub repository) holds
   model in seqmix's own terms (registry names and options, ``seqmix.model.description``), and the
   ``task`` it was trained on when known;
 - ``model.safetensors``: the weights;
+- ``tokenizer.json`` when the model was trained with one, and ``labels.json`` (the class names)
+  for a classifier of the user's labels;
 - ``README.md``: a model card (architecture, parameter count, streaming state per sequence, and,
   when given, the training data with its hash, the metrics and the command that trained it);
 - ``checksums.json``: the sha256 of every other file.
@@ -30,12 +32,15 @@ from torch.utils._pytree import tree_flatten
 from seqmix.errors import SeqmixError
 from seqmix.model.checkpoint import WEIGHTS, load_verified, write_checksums
 from seqmix.model.description import model_description
+from seqmix.tasks.base import MODEL_FILES
 
 CONFIG_JSON = "config.json"
 CARD = "README.md"
 MODEL_TYPE = "seqmix"
 HUB_FILES = [CONFIG_JSON, WEIGHTS, CARD, "checksums.json"]
-"""The files a pretrained directory holds, and the only ones fetched from the Hub."""
+"""The files every pretrained directory holds."""
+HUB_PATTERNS = [*HUB_FILES, *MODEL_FILES]
+"""The only files fetched from the Hub: those above, and the tokenizer and labels when there are any."""
 
 
 def _version() -> str:
@@ -44,7 +49,7 @@ def _version() -> str:
     return seqmix.__version__
 
 
-def _card(model, training: Mapping | None) -> str:
+def _card(model, training: Mapping | None, files: Mapping[str, bytes]) -> str:
     """The model card: what the model is, and what trained it when ``training`` says so."""
     from seqmix.model.summary import describe_model
 
@@ -66,6 +71,8 @@ def _card(model, training: Mapping | None) -> str:
         f"- parameters: {parameters:,}",
         f"- streaming state per sequence: {state:,} numbers ({state * 4 / 1024:,.1f} KiB in float32)"
         if model.causal else "- streaming state: none (bidirectional)",
+        "- tokenizer: `tokenizer.json` (in this directory)" if "tokenizer.json" in files
+        else "- tokenizer: bytes (token ids are the UTF-8 bytes of the text)",
         f"- training data: {training.get('data', 'not recorded')}",
         f"- training data sha256: {training.get('data_sha256', 'not recorded')}",
         f"- metrics: {json.dumps(metrics) if metrics else 'not recorded'}",
@@ -90,7 +97,8 @@ def _card(model, training: Mapping | None) -> str:
     return "\n".join(lines)
 
 
-def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None, task: Mapping | None = None) -> Path:
+def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None, task: Mapping | None = None,
+                    files: Mapping[str, bytes] | None = None) -> Path:
     """Write ``model`` to ``directory`` in the Hugging Face layout, whole or not at all.
 
     Args:
@@ -101,8 +109,14 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
             ``command``.
         task: optional task description (``{task: <name>, ...}``) stored in config.json as ``task``, so
             ``seqmix export`` can build the example inputs of an exported graph from the directory.
+        files: the task's ``model_files()`` (``tokenizer.json``, ``labels.json``), written beside the weights.
     """
     from safetensors.torch import save_model as save_weights
+
+    files = dict(files or {})
+    unknown = sorted(set(files) - set(MODEL_FILES))
+    if unknown or not all(isinstance(content, bytes) for content in files.values()):
+        raise SeqmixError(f"save_pretrained: files={sorted(files)} is not valid; expected bytes under the names {list(MODEL_FILES)}")
 
     description = getattr(model, "config", None)
     if description is None:
@@ -120,7 +134,9 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
             config["task"] = dict(task)
         (staging / CONFIG_JSON).write_text(json.dumps(config, indent=2))
         save_weights(model, str(staging / WEIGHTS))
-        (staging / CARD).write_text(_card(model, training))
+        for name, content in files.items():
+            (staging / name).write_bytes(content)
+        (staging / CARD).write_text(_card(model, training, files))
         write_checksums(staging)
         if directory.exists():
             # Move the old directory aside before the new one takes its name, so a kill never leaves neither.
@@ -177,7 +193,7 @@ def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> 
                           "pip install 'seqmix[hub]'") from None
 
     try:
-        return Path(snapshot_download(str(name), revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=HUB_PATTERNS))
     except HFValidationError:
         raise SeqmixError(f"{name!r} is neither a directory nor a valid Hub repository id") from None
     except Exception as error:  # noqa: BLE001  (network, offline mode, missing repo: one named error)
@@ -191,7 +207,8 @@ def from_pretrained(name: str | os.PathLike, device: str = "cpu", allow_unverifi
 
 
 def push_to_hub(model, repo_id: str, training: Mapping | None = None, private: bool = False, token: str | None = None,
-                commit_message: str = "Upload seqmix model") -> str:
+                commit_message: str = "Upload seqmix model", task: Mapping | None = None,
+                files: Mapping[str, bytes] | None = None) -> str:
     """Save ``model`` in the pretrained layout and upload it to Hub repository ``repo_id`` (created if needed).
 
     Returns the URL of the commit.
@@ -203,7 +220,7 @@ def push_to_hub(model, repo_id: str, training: Mapping | None = None, private: b
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as scratch:
-        folder = save_pretrained(model, Path(scratch) / "model", training)
+        folder = save_pretrained(model, Path(scratch) / "model", training, task, files)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     return str(getattr(commit, "commit_url", commit))

@@ -28,6 +28,8 @@ from seqmix.model.checkpoint import (
     verify_checksums,
     write_checksums,
 )
+from seqmix.tasks.base import MODEL_FILES
+from seqmix.tokenization import BYTES, TOKENIZER_FILE
 from seqmix.training.records import read_run_record, read_task
 
 CHECKPOINTS = "checkpoints"
@@ -64,6 +66,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     if (out_dir / RUN).is_file():
         # A copy under the checkpoint's checksums: loaders trust this one, never the editable run.json beside it.
         shutil.copyfile(out_dir / RUN, staging / RUN)
+    for name in MODEL_FILES:
+        if (out_dir / name).is_file() and not (out_dir / name).is_symlink():
+            shutil.copyfile(out_dir / name, staging / name)
     write_checksums(staging)
     _remove_checkpoint(final)
     os.replace(staging, final)
@@ -194,7 +199,8 @@ def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: boo
     cover. Runs saved before checkpoints carried that copy fall back to the run directory's
     ``run.json``. Either way the record's model and task are descriptions, checked and built only
     through seqmix's registries, so every tool that loads a run through here (evaluate, export,
-    generate) refuses the same things.
+    generate) refuses the same things. The record's ``directory`` is the verified directory, and a
+    task's ``tokenizer`` names the copy saved there, never the path the record was written with.
     """
     from seqmix.model.pretrained import CONFIG_JSON, from_pretrained, pretrained_task
 
@@ -202,9 +208,18 @@ def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: boo
         # A directory in the Hugging Face layout (seqmix.save_pretrained): its config.json records the task.
         model = from_pretrained(path, device=device, allow_unverified=allow_unverified)
         task = pretrained_task(path)
-        return model, ({} if task is None else {"task": read_task(task, Path(path) / CONFIG_JSON)})
+        record = {} if task is None else {"task": read_task(task, Path(path) / CONFIG_JSON)}
+        return model, _with_saved_tokenizer(record, Path(path))
     checkpoint = resolve_checkpoint(path)
     model = load_model(checkpoint, device=device, allow_unverified=allow_unverified)
     record_path = checkpoint / RUN if (checkpoint / RUN).is_file() else checkpoint.parent.parent / RUN
     record = read_run_record(record_path) if record_path.is_file() else {}
-    return model, record
+    return model, _with_saved_tokenizer(record, checkpoint)
+
+
+def _with_saved_tokenizer(record: dict, directory: Path) -> dict:
+    """``record`` with its ``directory``, and its task's tokenizer pointed at the copy saved in it."""
+    task = record.get("task")
+    if task is not None and task.get("tokenizer", BYTES) != BYTES:
+        task["tokenizer"] = str(directory / TOKENIZER_FILE)
+    return {**record, "directory": str(directory)}

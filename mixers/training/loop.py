@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.training.records import read_run_record, same_run
-from seqmix.tasks.base import IGNORE, Batch, Task
+from seqmix.tasks.base import IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
     RUN,
     latest_checkpoint,
@@ -302,8 +302,13 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
-    """Create out_dir, refusing to mix a new run into another run's directory."""
+def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[str, bytes] | None = None) -> Path:
+    """Create out_dir, refusing to mix a new run into another run's directory.
+
+    ``model_files`` (the task's ``model_files()``: its tokenizer, its labels) are written beside
+    run.json; a resumed run must bring the same ones, or its tokens would silently change meaning.
+    """
+    model_files = dict(model_files or {})
     out_dir = Path(config.out_dir)
     record = out_dir / RUN
     if record.exists() and not config.resume:
@@ -316,8 +321,16 @@ def prepare_out_dir(config: TrainConfig, run_record: dict) -> Path:
     if config.resume:
         if not same_run(read_run_record(record), run_record):
             raise SeqmixError(f"train.resume=true but {out_dir} holds a run of another model or task; resume with the same config")
+        for name in MODEL_FILES:
+            path = out_dir / name
+            stored = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+            if stored != model_files.get(name):
+                raise SeqmixError(f"train.resume=true but the task's {name} is not the one {out_dir} trained with; "
+                                  "resume with the same tokenizer and data")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not config.resume:
+        for name, content in model_files.items():
+            (out_dir / name).write_bytes(content)
         write_json_atomic(record, run_record)
     return out_dir
 
@@ -436,7 +449,7 @@ def _train_in_locked_dir(
     rank, world = _world()
     out_dir = Path(config.out_dir)
     if rank == 0:
-        prepare_out_dir(config, run_record)
+        prepare_out_dir(config, run_record, task.model_files())
     writer = _tensorboard(out_dir) if (config.tensorboard and rank == 0) else None
     if world > 1:
         dist.barrier()
