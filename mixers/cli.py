@@ -289,6 +289,7 @@ class ExportOptions:
 
 def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.export.formats import check_export_options, export_model, summary_lines
+    from seqmix.tasks.base import MODEL_FILES
     from seqmix.training.checkpoints import load_run
     from seqmix.training.records import build_task
 
@@ -298,13 +299,53 @@ def run_export(options: ExportOptions, choices: dict) -> int:
         raise SeqmixError(f"{options.checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
     task = build_task(record["task"], trust_paths=False)
     out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
-    manifest = export_model(model, task, options.format, out, options.quantize, options.length)
+    files = {name: (Path(record["directory"]) / name).read_bytes() for name in MODEL_FILES
+             if (Path(record["directory"]) / name).is_file()}
+    manifest = export_model(model, task, options.format, out, options.quantize, options.length, files)
     graphs = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".pte", ".engine"))
     print(f"exported to {out}: " + ", ".join(graphs))
     for line in summary_lines(manifest):
         print(line)
     _warn_if_busy()
     print(json.dumps({"manifest": str(out / "manifest.json")}))
+    return 0
+
+
+@dataclass
+class TokenizerOptions:
+    path: str
+    format: str
+    text_column: str
+    decode_errors: str
+    vocab_size: int
+    min_frequency: int
+    out: str
+    overwrite: bool
+
+
+def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
+    from seqmix.errors import require_bool
+    from seqmix.tasks.documents import DocumentSource
+    from seqmix.tokenization import train_bpe
+
+    require_int("tokenizer", "vocab_size", options.vocab_size, 257, "the 256 bytes and the separator at least")
+    require_int("tokenizer", "min_frequency", options.min_frequency)
+    require_bool("tokenizer", "overwrite", options.overwrite)
+    out = Path(options.out)
+    if out.is_dir() or out.is_symlink() or (out.exists() and not options.overwrite):
+        raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace a file")
+    source = DocumentSource(options.path, options.format, options.decode_errors, owner="tokenizer")
+
+    def texts():
+        for where, row in source.rows({"text_column": options.text_column}):
+            if not isinstance(row["text_column"], str):
+                raise SeqmixError(f"tokenizer: {where} column {options.text_column!r} holds a "
+                                  f"{type(row['text_column']).__name__}, not text")
+            yield row["text_column"]
+
+    tokenizer = train_bpe(texts(), options.vocab_size, out, options.min_frequency)
+    print(f"wrote {out}: {tokenizer.vocab_size:,} tokens (separator id {tokenizer.separator}); train with "
+          f"{PROGRAM} train task=text task.path={options.path} task.tokenizer={out}")
     return 0
 
 
@@ -419,9 +460,12 @@ COMMANDS = {
                           "seqmix train train.resume=true train.out_dir=runs/m",
                           "seqmix train -m model=mega,tcnca task=mqar train.out_dir=runs/sweep",
                           "torchrun --nproc_per_node=2 -m seqmix train ...")),
+        Command("tokenizer", "train a BPE tokenizer on your corpus (a tokenizer.json for task.tokenizer)", run_tokenizer,
+                config_name="tokenizer", schema=TokenizerOptions, options="tokenizer.yaml",
+                examples=("seqmix tokenizer path='notes/**/*.md' vocab_size=4000 out=runs/notes-bpe.json",)),
         Command("evaluate", "score a trained run on its task's validation set", run_evaluate,
                 config_name="evaluate", schema=EvaluateOptions, options="evaluate.yaml", examples=("seqmix evaluate checkpoint=runs/m",)),
-        Command("generate", "stream text from a trained byte-level model", run_generate,
+        Command("generate", "stream text from a model trained on text, with its saved tokenizer", run_generate,
                 config_name="generate", schema=GenerateOptions, options="generate.yaml",
                 examples=("seqmix generate checkpoint=runs/m 'prompt=\"class \"' tokens=200 temperature=0",)),
         Command("export", "export to ONNX, ExecuTorch or TensorRT, verified against eager and timed", run_export,

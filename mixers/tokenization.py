@@ -212,7 +212,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike, min
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=True,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for text in texts:
+            seen += len(text)
+            yield text
+
+    backend.train_from_iterator(counted(), trainer=trainer)
+    if not seen:
+        raise SeqmixError("tokenizer: the corpus holds no text; nothing to train a tokenizer on")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial")

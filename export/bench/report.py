@@ -363,7 +363,7 @@ def lowering_table(reports: dict[str, dict]) -> str:
         ort_cell = (f"{ort['speedup']:.2f}× ({_median_range(ort['eager'], 1)} → {_median_range(ort['onnxruntime'], 1)} ms, "
                     f"L={ort['length']})")
         int8_cell = (f"{q['speedup']:.2f}×, {100 * q['size_ratio']:.0f}%, {q['metric_change']:+.4f} "
-                     f"{'pts' if q['metric'] == 'accuracy' else 'bpb'}")
+                     f"{'pts' if q['metric'] == 'accuracy' else 'bits'}")
         body.append([name, f"{r['parameters']:,}", ort_cell, int8_cell, step_cell, compile_cell])
     return markdown_table(header, body, right=range(1, len(header)))
 

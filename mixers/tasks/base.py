@@ -18,6 +18,9 @@ IGNORE = -100
 
 SPLITS = ("train", "valid")
 
+BITS_METRICS = ("bits_per_byte", "bits_per_token")
+"""Metrics that are the per-token cross-entropy in bits (lower is better); the other metric is ``accuracy``."""
+
 MODEL_FILES = ("tokenizer.json", "labels.json")
 """The names ``Task.model_files`` may use; the run directory's copies of these travel with every checkpoint."""
 
@@ -53,7 +56,8 @@ class Task:
     Class attributes:
         name: the registered name (``task=<name>`` on the command line).
         head: the model head it needs: ``causal_lm``, ``masked_lm`` or ``classification``.
-        metric: ``bits_per_byte`` (per-token cross-entropy in bits) or ``accuracy``.
+        metric: ``bits_per_byte`` (per-token cross-entropy in bits, tokens being bytes), ``bits_per_token``
+            (the same over a tokenizer's tokens) or ``accuracy``.
         causal: whether a causal model can solve it (False for masked objectives).
     Attributes set by subclasses:
         vocab_size: V, the number of token ids inputs use.

@@ -55,7 +55,7 @@ class TextCorpus(Task):
         seed: seeds the training windows.
 
     Batches: inputs (B, L) long token ids, targets (B, L) the next token. The metric is the per-token
-    cross-entropy in bits (bits per byte when the tokenizer is bytes).
+    cross-entropy in bits: ``bits_per_byte`` with the bytes tokenizer, ``bits_per_token`` with a tokenizer.json.
     """
 
     name = "text"
@@ -76,6 +76,7 @@ class TextCorpus(Task):
             raise SeqmixError(f"text: cache_dir={cache_dir!r} is not valid; expected a directory path")
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = self.tokenizer.vocab_size
+        self.metric = "bits_per_byte" if isinstance(self.tokenizer, ByteTokenizer) else "bits_per_token"
         self.dtype = token_dtype(self.vocab_size)
         self.path, self.format, self.text_column = path, format, text_column
         self.seq_len, self.valid_fraction, self.decode_errors, self.seed = seq_len, valid_fraction, decode_errors, seed

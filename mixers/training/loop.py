@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.training.records import read_run_record, same_run
-from seqmix.tasks.base import IGNORE, MODEL_FILES, Batch, Task
+from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
     RUN,
     latest_checkpoint,
@@ -254,8 +254,8 @@ def task_scores(task: Task, loss_sum: float, count: int, correct: int) -> dict[s
     """Mean loss per target and the task's metric, from summed loss, target count and correct argmaxes."""
     loss = loss_sum / max(count, 1)
     scores = {"loss": loss}
-    if task.metric == "bits_per_byte":
-        scores["bits_per_byte"] = loss / math.log(2)
+    if task.metric in BITS_METRICS:
+        scores[task.metric] = loss / math.log(2)
     else:
         scores["accuracy"] = correct / max(count, 1)
     return scores
@@ -542,8 +542,8 @@ def _train_in_locked_dir(
             log({"step": done, "split": "skipped", "reason": fault, "consecutive": consecutive_skips})
         elif done % config.log_every == 0 or done == config.max_steps:
             row = {"step": done, "split": "train", "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
-            if task.metric == "bits_per_byte":
-                row["bits_per_byte"] = loss_value / math.log(2)
+            if task.metric in BITS_METRICS:
+                row[task.metric] = loss_value / math.log(2)
             log(row)
         if done % config.eval_every == 0 or done == config.max_steps:
             scores = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)

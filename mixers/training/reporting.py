@@ -6,6 +6,7 @@ import os
 import torch
 
 from seqmix.model.generation import generate
+from seqmix.tokenization import ByteTokenizer
 from seqmix.training.loop import pick_device
 
 
@@ -50,10 +51,11 @@ def print_summary(experiment, result) -> None:
 
 
 def sample_text(model, task, prompt: str = "def ", length: int = 200, seed: int = 0) -> tuple[str, str] | None:
-    """(prompt, continuation) sampled through ``step`` for causal byte-level models, else None."""
-    if not model.causal or task.head != "causal_lm" or task.vocab_size != 256:
+    """(prompt, continuation) sampled through ``step`` for causal models of text (the task's tokenizer, or bytes), else None."""
+    tokenizer = getattr(task, "tokenizer", ByteTokenizer() if task.vocab_size == ByteTokenizer.vocab_size else None)
+    if not model.causal or task.head != "causal_lm" or tokenizer is None:
         return None
-    tokens = torch.tensor([list(prompt.encode())], device=next(model.parameters()).device)
+    tokens = torch.tensor([tokenizer.encode(prompt)], device=next(model.parameters()).device)
     generator = torch.Generator(device=tokens.device).manual_seed(seed)
     out = generate(model, tokens, length, temperature=0.8, top_k=40, generator=generator)
-    return prompt, bytes(out[0, tokens.shape[1] :].tolist()).decode("utf-8", errors="replace")
+    return prompt, tokenizer.decode(out[0, tokens.shape[1] :].tolist())

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-METRIC_COLUMNS = ("bits_per_byte", "accuracy", "loss")
+METRIC_COLUMNS = ("bits_per_byte", "bits_per_token", "accuracy", "loss")
 
 
 def collect_runs(root: str | os.PathLike) -> list[dict]:
