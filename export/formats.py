@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from seqmix.errors import require_int
 from seqmix.timing import Timing, time_calls
 
 from seqmix.contract import length_unit
-from .manifest import FORMATS, staged_export, write_manifest
+from .manifest import COMPANIONS, FORMATS, staged_export, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
 QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": (), "tensorrt": ("fp16",)}
@@ -160,14 +161,23 @@ def _checked_engine(error: float) -> float:
 EXPORTERS = {"onnx": export_onnx, "executorch": export_executorch, "tensorrt": export_tensorrt}
 
 
-def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantize: str | None = None, length: int = 1024) -> dict:
+def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantize: str | None = None, length: int = 1024,
+                 files: Mapping[str, bytes] | None = None) -> dict:
     """Export ``model`` to ``kind`` in ``out_dir``, write manifest.json there and return it.
+
+    ``files`` are the model's companions saved beside its weights (``tokenizer.json``, ``labels.json``);
+    they are copied into the export, and the manifest names them (``tokenizer``, ``labels``) so the
+    runners encode prompts and decode tokens and classes as training did.
 
     Nothing is written before the options and the target are checked: ``out_dir`` must be absent,
     empty or an earlier export (``check_export_target``), which is replaced only once the new
     export is complete; an export that fails or is killed part-way leaves it as it was.
     """
     check_export_options(kind, quantize, length)
+    files = dict(files or {})
+    unknown = sorted(set(files) - set(COMPANIONS))
+    if unknown:
+        raise SeqmixError(f"export: files={sorted(files)} is not valid; the companions an export carries are {sorted(COMPANIONS)}")
     incomplete = None
     with staged_export(Path(out_dir)) as staging:
         try:
@@ -175,6 +185,9 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
         except IncompleteExport as error:
             manifest, incomplete = error.manifest, error
         manifest["task"] = {"name": type(task).name, "head": task.head, "metric": task.metric}
+        for name, content in files.items():
+            (staging / name).write_bytes(content)
+            manifest[COMPANIONS[name]] = name
         manifest = write_manifest(staging, manifest)
     if incomplete is not None:
         raise incomplete

@@ -34,6 +34,7 @@ NEEDS_FILL = ("onnx", "tensorrt")
 # Formats whose parallel graph takes any multiple of ``length_unit`` tokens.
 DYNAMIC_LENGTH = ("onnx", "tensorrt")
 FILE_NAME = run_onnx.FILE_NAME
+COMPANIONS = run_onnx.COMPANIONS
 
 
 def _as_seqmix_error(check: Callable, *args):
@@ -208,6 +209,11 @@ def _named_files(manifest: dict, fail) -> list[tuple[str, str]]:
     if "engine" in manifest:
         engine = manifest["engine"]
         add("engine.file", engine.get("file") if isinstance(engine, dict) else engine)
+    for name, key in COMPANIONS.items():
+        if key in manifest:
+            if manifest[key] != name:
+                fail(key, manifest[key], repr(name))
+            add(key, name)
     return named
 
 

@@ -3,9 +3,11 @@
     python run_onnx.py <export dir> generate --prompt "def " [--tokens 200] [--temperature 0.8] [--top-k 40] [--seed 0]
     python run_onnx.py <export dir> classify --ids 11,3,7,15
 
-`generate` streams a byte-level model through step.onnx, one token per call, feeding the state
+`generate` streams a language model through step.onnx, one token per call, feeding the state
 outputs back as inputs (constant memory); `classify` runs model.onnx on one sequence, padded to the
-graph's length unit. Everything about the graphs comes from manifest.json, checked first; every
+graph's length unit, and names the class from labels.json when the export carries one. Text is
+encoded and decoded as the model was trained: with the export's tokenizer.json when it has one
+(this needs ``pip install tokenizers``), else as UTF-8 bytes. Everything about the graphs comes from manifest.json, checked first; every
 graph is verified against the sha256 and size the manifest records for it, and symlinks are
 refused, before ONNX Runtime opens it. A bad directory, file or argument ends the run with one
 line, ``run_onnx: error: ...``, and exit status 2.
@@ -33,6 +35,8 @@ FILE_NAME = "the name of a file in the export directory (no directories, '..', d
 # Characters that make a name a path on some system where an export may be run (Windows included).
 PATH_CHARACTERS = ("/", "\\", ":", "\0")
 SHA256_HEX = frozenset("0123456789abcdef")
+COMPANIONS = {"tokenizer.json": "tokenizer", "labels.json": "labels"}
+"""Files an export may carry beside its graphs, and the manifest key that names each."""
 CHUNK = 1 << 20
 
 
@@ -123,7 +127,36 @@ def load(directory: Path) -> dict:
     for section in ("parallel", "step"):
         if section in manifest:
             verify_file(directory, manifest[section]["file"], files, f"{section}.file")
+    for name, key in COMPANIONS.items():
+        if key in manifest:
+            if manifest[key] != name:
+                bad(key, manifest[key], repr(name))
+            verify_file(directory, name, files, key)
     return manifest
+
+
+class TextCodec:
+    """Text to token ids and back, as the model was trained: the export's tokenizer.json, or UTF-8 bytes."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.tokenizer = None
+        if "tokenizer" in manifest:
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise ExportError("this export carries a tokenizer.json; reading it needs: pip install tokenizers") from None
+            self.tokenizer = Tokenizer.from_file(str(directory / manifest["tokenizer"]))
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            # surrogateescape gives back the bytes of a command-line argument that was not valid UTF-8.
+            return list(text.encode("utf-8", "surrogateescape"))
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return bytes(ids).decode("utf-8", errors="replace")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def load_json(path: Path):
@@ -271,20 +304,20 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.ra
     return int(rng.choice(len(probs), p=probs))
 
 
-def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
-    """Stream ``tokens`` bytes after ``prompt`` (its UTF-8 bytes, at least one) through the step graph.
+def generate_ids(directory: Path, manifest: dict, prompt: str, tokens: int, temperature: float, top_k: int | None,
+                 seed: int) -> list[int]:
+    """The ``tokens`` ids sampled after ``prompt`` (encoded as the model was trained) through the step graph.
 
     Every option is checked before a session opens: a generation needs a prompt of at least one
-    byte (the first sampled token is drawn from the logits after the prompt's last one).
+    token (the first sampled token is drawn from the logits after the prompt's last one).
     """
     if "step" not in manifest:
         raise ExportError("this export has no step graph (a bidirectional model or a classifier); use classify")
-    # surrogateescape gives back the bytes of a command-line argument that was not valid UTF-8.
-    prompt_ids = list(prompt.encode("utf-8", "surrogateescape"))
+    prompt_ids = TextCodec(directory, manifest).encode(prompt)
     if not prompt_ids:
-        raise ExportError("--prompt='' is not valid; generation needs at least one prompt token (one byte)")
+        raise ExportError(f"--prompt={prompt!r} is not valid; generation needs at least one prompt token")
     if max(prompt_ids) >= manifest["vocab_size"]:
-        raise ExportError(f"--prompt={prompt!r} holds byte {max(prompt_ids)}; "
+        raise ExportError(f"--prompt={prompt!r} holds token {max(prompt_ids)}; "
                           f"this model's tokens lie in [0, vocab_size={manifest['vocab_size']})")
     if tokens < 1:
         raise ExportError(f"--tokens={tokens} is not valid; expected a count >= 1 of tokens to generate")
@@ -298,7 +331,7 @@ def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperat
     state = initial_state(manifest)
     names = [s["name"] for s in manifest["step"]["state"]]
     rng = np.random.default_rng(seed)
-    out = bytearray()
+    out: list[int] = []
     logits = None
     for token in prompt_ids + [None] * tokens:
         if token is None:
@@ -306,7 +339,13 @@ def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperat
             out.append(token)
         outputs = step.run({"tokens": np.array([[token]], dtype=np.int64), **dict(zip(names, state))})
         logits, state = outputs[0][0, -1], outputs[1:]
-    return out.decode("utf-8", errors="replace")
+    return out
+
+
+def generate(directory: Path, manifest: dict, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+    """The text of ``generate_ids``' tokens."""
+    ids = generate_ids(directory, manifest, prompt, tokens, temperature, top_k, seed)
+    return TextCodec(directory, manifest).decode(ids)
 
 
 def classify(directory: Path, manifest: dict, ids: list[int]) -> np.ndarray:
@@ -360,7 +399,11 @@ def main(argv: list[str]) -> int:
             except ValueError:
                 raise ExportError(f"--ids={args.ids!r} is not valid; expected comma-separated integers, e.g. 11,3,7") from None
             probs = classify(args.directory, manifest, ids)
-            print(json.dumps({"class": int(probs.argmax()), "probabilities": [round(float(p), 4) for p in probs]}))
+            result = {"class": int(probs.argmax()), "probabilities": [round(float(p), 4) for p in probs]}
+            if "labels" in manifest:
+                labels = load_json(args.directory / manifest["labels"])
+                result["label"] = labels[result["class"]] if isinstance(labels, list) and result["class"] < len(labels) else None
+            print(json.dumps(result))
     except ExportError as error:
         print(f"run_onnx: error: {error}", file=sys.stderr)
         return 2
