@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"mixers": "seqmix", "export": "seqmix.export", "compile": "seqmix.compile"}
 # The command line is the application above the library: it runs export and compile commands.
 APPLICATION = {"seqmix.cli", "seqmix.__main__"}
+# Edges allowed to close a circle, each made only by an import inside a function: the model class's
+# save_pretrained/from_pretrained/push_to_hub (the Hugging Face convention) call the module that
+# builds models from descriptions.
+LAZY_BY_DESIGN = {("seqmix.model.sequence_model", "seqmix.model.pretrained")}
 
 
 def modules() -> dict[str, Path]:
@@ -24,11 +28,20 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The seqmix modules ``name`` imports; ``from package import submodule`` counts the submodule."""
+def outside_functions(node: ast.AST):
+    """Every node below ``node`` that runs at import time: function bodies are skipped."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield child
+            yield from outside_functions(child)
+
+
+def imports_of(name: str, path: Path, known: dict[str, Path], at_import_only: bool = False) -> set[str]:
+    """The seqmix modules ``name`` imports (only at import time when asked); ``from package import submodule`` counts the submodule."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     targets = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in (outside_functions(tree) if at_import_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -81,7 +94,17 @@ def test_the_circle_finder_finds_a_circle():
 
 
 def test_no_module_imports_itself_through_others():
-    assert circles(graph()) == []
+    edges = graph()
+    for source, target in LAZY_BY_DESIGN:
+        edges[source] = edges[source] - {target}
+    assert circles(edges) == []
+
+
+def test_the_allowed_circle_edges_are_imports_inside_functions():
+    known = modules()
+    for source, target in LAZY_BY_DESIGN:
+        assert target in graph()[source], f"{source} no longer imports {target}; drop the allowance"
+        assert target not in imports_of(source, known[source], known, at_import_only=True)
 
 
 def test_the_library_never_imports_export_or_compile():

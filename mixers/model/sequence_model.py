@@ -226,6 +226,29 @@ class SequenceModel(nn.Module):
             h = self.final_norm(h)
         return self.head(h), ModelState(tuple(block_states), norm_state, state.pos + tokens.shape[1])
 
+    # The Hugging Face convention: the model class saves and loads itself. The work is done by
+    # seqmix.model.pretrained, which builds models from their descriptions, so it is imported here
+    # when called rather than at module level.
+
+    def save_pretrained(self, directory, training=None, task=None, files=None):
+        """Write this model to ``directory`` in the Hugging Face layout (``seqmix.save_pretrained``)."""
+        from seqmix.model.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, training, task, files)
+
+    @classmethod
+    def from_pretrained(cls, name, device: str = "cpu", allow_unverified: bool = False, revision: str | None = None):
+        """The model in a pretrained directory or Hub repository ``name``, verified (``seqmix.from_pretrained``)."""
+        from seqmix.model.pretrained import from_pretrained
+
+        return from_pretrained(name, device=device, allow_unverified=allow_unverified, revision=revision)
+
+    def push_to_hub(self, repo_id: str, **options) -> str:
+        """Save this model in the pretrained layout and upload it to ``repo_id`` (``seqmix.push_to_hub``)."""
+        from seqmix.model.pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, **options)
+
 
 def registered_mixer_factory(entry: Mapping, where: str = "mixer") -> Callable[[int], nn.Module]:
     """A factory taking D for ``{"mixer": <registered name>, <option>: <value>, ...}``, checked now."""
