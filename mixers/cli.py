@@ -273,7 +273,7 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     for token in tokens:
         sys.stdout.write(text.push(int(token[0])))
         sys.stdout.flush()
-    print()
+    print(text.finish())
     return 0
 
 

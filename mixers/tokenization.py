@@ -189,6 +189,12 @@ class TextStream:
             self.emitted = len(text)
         return new
 
+    def finish(self) -> str:
+        """The text still held back at the end of the stream (an incomplete character, as U+FFFD)."""
+        rest = self.tokenizer.decode(self.ids)[self.emitted:]
+        self.ids, self.emitted, self.waiting = [], 0, 0
+        return rest
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike, min_frequency: int = 2) -> FileTokenizer:
     """Train a byte-level BPE tokenizer on ``texts`` and write it to ``out`` (a ``tokenizer.json`` path).

@@ -35,6 +35,10 @@ def pytest_configure(config):
     """
     from hypothesis import settings
 
+    # Nothing at run time comes from outside: Hugging Face libraries read local files and caches only.
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[variable] = "1"
+
     from seqmix.threads import apply_thread_policy
 
     # `make test` runs one pytest-xdist worker per core: each worker is single-threaded, so none waits
@@ -103,14 +107,47 @@ def write_text_corpus(directory, documents: int = 40) -> str:
     return str(directory)
 
 
+KEYWORD_LABELS = {"zebra": "animal", "piano": "music", "tulip": "plant"}
+"""The generated classification rows' keywords and the label each decides."""
+
+
+def labelled_rows(count: int = 120, seed: int = 0) -> list[tuple[str, str]]:
+    """``count`` (text, label) rows: a few filler words around one keyword, which alone decides the label."""
+    import random
+
+    rng = random.Random(seed)
+    fillers = ["the", "a", "small", "report", "about", "one", "item", "seen", "today", "near", "old", "road"]
+    rows = []
+    for index in range(count):
+        keyword = rng.choice(sorted(KEYWORD_LABELS))
+        words = rng.choices(fillers, k=rng.randint(3, 8))
+        words.insert(rng.randint(0, len(words)), keyword)
+        rows.append((f"{index}: " + " ".join(words), KEYWORD_LABELS[keyword]))
+    return rows
+
+
+def write_labelled_csv(path, rows: list[tuple[str, str]]) -> str:
+    """``rows`` as a CSV with the columns id, text and label (a user's classification data); returns its path."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text", "label"])
+        writer.writerows((index, text, label) for index, (text, label) in enumerate(rows))
+    return str(path)
+
+
 def task_test_options(config, tmp_path) -> dict:
-    """Options that keep a task config's data small and out of the user's cache (and give ``text`` a corpus)."""
+    """Options that keep a task config's data small and out of the user's cache (and give ``text`` a corpus,
+    ``classify`` a labelled CSV)."""
     options = {}
     if "cache_dir" in config:
         options["cache_dir"] = str(tmp_path / "cache")
     if "max_bytes" in config:
         options["max_bytes"] = 20_000
-    if "path" in config:
+    if "label_column" in config:
+        options["path"] = write_labelled_csv(tmp_path / "labelled.csv", labelled_rows())
+    elif "path" in config:
         options["path"] = write_text_corpus(tmp_path / "corpus")
     return options
 

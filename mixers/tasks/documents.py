@@ -60,14 +60,17 @@ class DocumentSource:
         decode_errors: ``replace`` turns bytes that are not UTF-8 into U+FFFD; ``strict`` refuses them,
             naming the file and line.
         owner: the task name that prefixes error messages.
+        cache_dir: where ``datasets`` keeps what it makes of local files (its default cache when None).
     """
 
-    def __init__(self, path: str, format: str = "auto", decode_errors: str = "replace", owner: str = "text"):
+    def __init__(self, path: str, format: str = "auto", decode_errors: str = "replace", owner: str = "text",
+                 cache_dir: str | os.PathLike | None = None):
         if format not in FORMATS:
             raise choice_error(f"{owner}: format", format, FORMATS)
         if decode_errors not in DECODE_ERRORS:
             raise choice_error(f"{owner}: decode_errors", decode_errors, DECODE_ERRORS)
         self.path, self.format, self.decode_errors, self.owner = path, format, decode_errors, owner
+        self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser() / "datasets")
         self.saved = is_saved_dataset(Path(path).expanduser())
         self.files = sorted(p for p in Path(path).expanduser().rglob("*") if p.is_file()) if self.saved else source_files(path)
 
@@ -132,6 +135,8 @@ class DocumentSource:
         text = self.decode(path.read_bytes(), path).decode()
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
+        if not header:
+            raise SeqmixError(f"{self.owner}: {path} is empty; a CSV starts with a header line naming its columns")
         self._missing(columns, header, f"{path}")
         for row in reader:
             # The reader's line_num is the physical line a record ends on, so quoted newlines still point right.
@@ -162,7 +167,8 @@ class DocumentSource:
             if len(kinds) != 1:
                 raise SeqmixError(f"{self.owner}: {self.path!r} mixes file kinds {sorted(kinds)}; datasets reads one kind at a time")
             builder = DATASETS_BUILDERS[kinds.pop()]
-            loaded = datasets.load_dataset(builder, data_files=[str(path) for path in self.files], split="train")
+            loaded = datasets.load_dataset(builder, data_files=[str(path) for path in self.files], split="train",
+                                           cache_dir=self.cache_dir)
         if isinstance(loaded, datasets.DatasetDict):
             return [(name, loaded[name]) for name in sorted(loaded)]
         return [("", loaded)]

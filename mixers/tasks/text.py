@@ -80,7 +80,7 @@ class TextCorpus(Task):
         self.dtype = token_dtype(self.vocab_size)
         self.path, self.format, self.text_column = path, format, text_column
         self.seq_len, self.valid_fraction, self.decode_errors, self.seed = seq_len, valid_fraction, decode_errors, seed
-        self.source = DocumentSource(path, format, decode_errors, owner=self.name)
+        self.source = DocumentSource(path, format, decode_errors, owner=self.name, cache_dir=cache_dir)
         self.files = self.source.files
         self.key = self._cache_key()
         self.cache = Path(cache_dir).expanduser() / "text" / self.key
