@@ -61,7 +61,7 @@ def _runs(mask: torch.Tensor) -> list[int]:
 
 
 def test_registry_names_and_classes():
-    assert list_tasks() == sorted(["byte_lm", "mqar", "listops", "selective_copying", "masked_segment", "text"])
+    assert list_tasks() == sorted(["byte_lm", "mqar", "listops", "selective_copying", "masked_segment", "text", "classify"])
     for name, cls in TASKS.items():
         assert cls.name == name
         assert cls.head in ("causal_lm", "masked_lm", "classification")

@@ -6,16 +6,17 @@ import inspect
 from seqmix.errors import SeqmixError, choice_error
 from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
 from seqmix.tasks.byte_lm import ByteLM
+from seqmix.tasks.classify import Classify
 from seqmix.tasks.listops import ListOps
 from seqmix.tasks.masked_segment import MaskedSegment
 from seqmix.tasks.mqar import MQAR
 from seqmix.tasks.selective_copying import SelectiveCopying
 from seqmix.tasks.text import TextCorpus
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ByteLM, MQAR, ListOps, SelectiveCopying, MaskedSegment, TextCorpus)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ByteLM, MQAR, ListOps, SelectiveCopying, MaskedSegment, TextCorpus, Classify)}
 """Registered name -> task class."""
 
-__all__ = ["IGNORE", "TASKS", "Batch", "ByteLM", "ListOps", "MQAR", "MaskedSegment", "SelectiveCopying", "Task", "TextCorpus",
+__all__ = ["IGNORE", "TASKS", "Batch", "ByteLM", "Classify", "ListOps", "MQAR", "MaskedSegment", "SelectiveCopying", "Task", "TextCorpus",
            "build_task", "generator_for", "list_tasks"]
 
 
