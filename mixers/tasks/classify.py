@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from array import array
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -37,6 +35,7 @@ from seqmix.errors import SeqmixError, require_int
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tasks.documents import DocumentSource
+from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, staged_cache
 from seqmix.tokenization import BYTES, TOKENIZER_FILE, load_tokenizer, token_dtype
 
 LABELS_FILE = "labels.json"
@@ -116,9 +115,9 @@ class Classify(Task):
                                       "rows with a text and a label column (task.format names the format of other suffixes)")
         self.key = self._cache_key()
         self.cache = Path(cache_dir).expanduser() / self.name / self.key
-        if not (self.cache / "meta.json").is_file():
+        if not is_complete(self.cache):
             self._tokenize()
-        self.meta = json.loads((self.cache / "meta.json").read_text())
+        self.meta = json.loads((self.cache / META).read_text())
         self.labels: list[str] = self.meta["labels"]
         self.num_classes = len(self.labels)
         if self.num_classes < 2:
@@ -149,17 +148,10 @@ class Classify(Task):
         """sha256 of the tokenizer, the options that change the rows and every source file's name and bytes."""
         options = [CACHE_VERSION, self.tokenizer.fingerprint, self.format, self.text_column, self.label_column, self.seq_len,
                    self.valid_fraction, self.decode_errors]
-        digest = hashlib.sha256(json.dumps(options).encode())
-        for path in self.files:
-            digest.update(path.name.encode() + b"\0")
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()[:32]
+        return cache_key(options, self.files)
 
     def _split_of(self, text: bytes) -> str:
-        fraction = int.from_bytes(hashlib.sha256(text).digest()[:8], "big") / 2**64
-        return "valid" if fraction < self.valid_fraction else "train"
+        return hashed_split(text, self.valid_fraction)
 
     def _rows(self) -> Iterator[tuple[str, str]]:
         """(text, label) of every row in file order; a text that is not a string or an unusable label is refused by row."""
@@ -183,9 +175,7 @@ class Classify(Task):
 
     def _tokenize(self) -> None:
         """Write both splits' rows and meta.json into a fresh directory, renamed into place when complete."""
-        self.cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.key}.partial-", dir=self.cache.parent))
-        try:
+        with staged_cache(self.cache) as staging:
             lengths = {split: array("q") for split in SPLITS}
             first_seen_ids = {split: array("q") for split in SPLITS}
             seen: dict[str, int] = {}
@@ -218,16 +208,7 @@ class Classify(Task):
             meta = {"tokenizer": self.tokenizer.fingerprint, "dtype": self.dtype.name, "seq_len": self.seq_len, "labels": labels,
                     "rows": {split: len(lengths[split]) for split in SPLITS}, "truncated": truncated,
                     "content_sha256": content.hexdigest(), "source": self.path}
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            try:
-                os.rename(staging, self.cache)
-            except OSError:
-                if not (self.cache / "meta.json").is_file():  # another process finished first: its cache is the same
-                    raise
-                shutil.rmtree(staging, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            (staging / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         check_request(self.name, split, index, batch_size)

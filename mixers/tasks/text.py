@@ -17,9 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from seqmix.errors import SeqmixError, require_int
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
+from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, staged_cache
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tokenization import BYTES, TOKENIZER_FILE, ByteTokenizer, load_tokenizer, token_dtype
 
@@ -84,9 +84,9 @@ class TextCorpus(Task):
         self.files = self.source.files
         self.key = self._cache_key()
         self.cache = Path(cache_dir).expanduser() / "text" / self.key
-        if not (self.cache / "meta.json").is_file():
+        if not is_complete(self.cache):
             self._tokenize()
-        self.meta = json.loads((self.cache / "meta.json").read_text())
+        self.meta = json.loads((self.cache / META).read_text())
         # numpy cannot map an empty file; an empty split is refused just below.
         self.data = {
             split: np.memmap(self.cache / self._token_file(split), dtype=self.dtype, mode="r") if self.meta["tokens"][split]
@@ -110,13 +110,8 @@ class TextCorpus(Task):
 
     def _cache_key(self) -> str:
         """sha256 of the tokenizer, the options that change the tokens and every source file's name and bytes."""
-        digest = hashlib.sha256(json.dumps([self.tokenizer.fingerprint, self.format, self.text_column, self.valid_fraction, self.decode_errors]).encode())
-        for path in self.files:
-            digest.update(path.name.encode() + b"\0")
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()[:32]
+        return cache_key([self.tokenizer.fingerprint, self.format, self.text_column, self.valid_fraction, self.decode_errors],
+                         self.files)
 
     def _documents(self) -> Iterator[bytes]:
         """The UTF-8 bytes of every document, in file order; a text that is not a string is refused by row."""
@@ -145,44 +140,29 @@ class TextCorpus(Task):
         return self.tokenizer.encode_batch([document.decode("utf-8") for document in documents])
 
     def _split_of(self, document: bytes) -> str:
-        fraction = int.from_bytes(hashlib.sha256(document).digest()[:8], "big") / 2**64
-        return "valid" if fraction < self.valid_fraction else "train"
+        return hashed_split(document, self.valid_fraction)
 
     def _tokenize(self) -> None:
         """Write both splits' token files and meta.json into a fresh directory, renamed into place when complete."""
-        self.cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.key}.partial-", dir=self.cache.parent))
-        try:
+        with staged_cache(self.cache) as staging:
             counts = {split: 0 for split in SPLITS}
             tokens = {split: 0 for split in SPLITS}
             content = hashlib.sha256()
-            streams = {split: open(staging / self._token_file(split), "wb") for split in SPLITS}
-            try:
+            with ExitStack() as files:
+                streams = {split: files.enter_context(open(staging / self._token_file(split), "wb")) for split in SPLITS}
                 for batch in self._document_batches():
-                    splits = [self._split_of(document) for document in batch]
-                    for document, split, ids in zip(batch, splits, self._encode(batch)):
+                    for document, ids in zip(batch, self._encode(batch)):
                         content.update(document + b"\0")
+                        split = self._split_of(document)
                         array = np.append(ids, self.tokenizer.separator).astype(self.dtype)
                         streams[split].write(array.tobytes())
                         counts[split] += 1
                         tokens[split] += array.size
-            finally:
-                for stream in streams.values():
-                    stream.close()
             if not any(counts.values()):
                 raise SeqmixError(f"text: {self.path!r} holds no documents; the corpus is empty")
-            meta = {"tokenizer": self.tokenizer.fingerprint, "dtype": self.dtype.name, "documents": counts, "tokens": tokens, "content_sha256": content.hexdigest(),
-                    "source": self.path}
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            try:
-                os.rename(staging, self.cache)
-            except OSError:
-                if not (self.cache / "meta.json").is_file():  # another process finished first: its cache is the same
-                    raise
-                shutil.rmtree(staging, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            meta = {"tokenizer": self.tokenizer.fingerprint, "dtype": self.dtype.name, "documents": counts, "tokens": tokens,
+                    "content_sha256": content.hexdigest(), "source": self.path}
+            (staging / META).write_text(json.dumps(meta, indent=2))
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         check_request(self.name, split, index, batch_size)
