@@ -205,6 +205,19 @@ def run_describe(config: DictConfig, choices: dict) -> int:
     return 0
 
 
+def _recorded_task(checkpoint: str, record: dict):
+    """The task a loaded run's record names, rebuilt (paths of the writer's machine not followed) and
+    checked against the model files saved with the model."""
+    from seqmix.training.checkpoints import check_task_files
+    from seqmix.training.records import build_task
+
+    if "task" not in record:
+        raise SeqmixError(f"{checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
+    task = build_task(record["task"], trust_paths=False)
+    check_task_files(task, record)
+    return task
+
+
 @dataclass
 class EvaluateOptions:
     checkpoint: str
@@ -216,14 +229,11 @@ class EvaluateOptions:
 def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
     from seqmix.training.checkpoints import load_run
     from seqmix.training.loop import evaluate
-    from seqmix.training.records import build_task
 
     require_int("evaluate", "batches", options.batches)
     require_int("evaluate", "batch_size", options.batch_size)
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
-    if "task" not in record:
-        raise SeqmixError(f"{options.checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
-    task = build_task(record["task"], trust_paths=False)
+    task = _recorded_task(options.checkpoint, record)
     scores = evaluate(model, task, options.batch_size, options.batches, "cpu")
     print(json.dumps({"task": type(task).name, **scores}, indent=2))
     return 0
@@ -291,13 +301,10 @@ def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.export.formats import check_export_options, export_model, summary_lines
     from seqmix.tasks.base import MODEL_FILES
     from seqmix.training.checkpoints import load_run
-    from seqmix.training.records import build_task
 
     check_export_options(options.format, options.quantize, options.length)
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
-    if "task" not in record:
-        raise SeqmixError(f"{options.checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
-    task = build_task(record["task"], trust_paths=False)
+    task = _recorded_task(options.checkpoint, record)
     out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
     files = {name: (Path(record["directory"]) / name).read_bytes() for name in MODEL_FILES
              if (Path(record["directory"]) / name).is_file()}

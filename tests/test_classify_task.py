@@ -67,6 +67,14 @@ def test_a_csv_trains_above_chance_and_its_labels_travel_with_the_run_and_checkp
     scores = json.loads(capsys.readouterr().out)
     assert scores["task"] == "classify" and scores["accuracy"] == pytest.approx(accuracy)
 
+    # The file gains a class after training: the rebuilt task's ids would shift, so evaluate and export refuse.
+    with open(data, "a") as handle:
+        handle.write('999,"a brand new kind of row",aardvark\n')
+    for command in (["evaluate", f"checkpoint={run}"], ["export", f"checkpoint={run}", f"out={tmp_path / 'onnx'}"]):
+        assert main(command) == 2
+        assert "another labels.json than the model was trained with" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+
 
 def test_csv_jsonl_and_parquet_of_the_same_rows_give_the_same_labels_and_batches(tmp_path):
     """Integer labels in JSONL and Parquet read as the text a CSV holds for them."""

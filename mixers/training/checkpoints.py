@@ -223,3 +223,16 @@ def _with_saved_tokenizer(record: dict, directory: Path) -> dict:
     if task is not None and task.get("tokenizer", BYTES) != BYTES:
         task["tokenizer"] = str(directory / TOKENIZER_FILE)
     return {**record, "directory": str(directory)}
+
+
+def check_task_files(task, record: dict) -> None:
+    """Refuse a task rebuilt from a record whose model files (its labels, its tokenizer) differ from
+    the ones saved with the model: class ids or token ids would silently mean something else."""
+    directory = Path(record["directory"])
+    for name, content in task.model_files().items():
+        saved = directory / name
+        if not saved.is_file() or saved.is_symlink() or saved.read_bytes() != content:
+            raise SeqmixError(
+                f"{directory}: the task rebuilt from its data gives another {name} than the model was trained with "
+                "(did the data change since training?); evaluate or export against the data the model was trained on"
+            )
