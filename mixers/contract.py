@@ -9,6 +9,8 @@ H heads · C chunk size · K kernel size. The parallel layout is (B, L, D); a pa
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +21,27 @@ from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 
 State = Any
 """A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""
+
+
+_ANY_TOKEN_COUNT = False
+
+
+@contextmanager
+def any_token_count() -> Iterator[None]:
+    """While tracing ``step`` for a token count T known only at run time (one graph that serves
+    prefill, T = prompt length, and decode, T = 1): every mixer must take one path whatever T is,
+    with no Python branch on T (``token_count_is_dynamic`` tells it)."""
+    global _ANY_TOKEN_COUNT
+    previous, _ANY_TOKEN_COUNT = _ANY_TOKEN_COUNT, True
+    try:
+        yield
+    finally:
+        _ANY_TOKEN_COUNT = previous
+
+
+def token_count_is_dynamic() -> bool:
+    """Whether ``step`` is being traced for any token count (``any_token_count``)."""
+    return _ANY_TOKEN_COUNT
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -43,9 +43,9 @@ def seen_by(visible: Tensor, bad: Tensor) -> Tensor:
     return (visible & bad.unsqueeze(-2)).any(-1)
 
 
-def seen_causally(bad: Tensor) -> Tensor:
-    """Which positions have a bad position at or before them: ``bad`` (..., T) -> (..., T)."""
-    return torch.cumsum(bad.to(torch.int32), dim=-1) > 0
+def seen_causally(bad: Tensor, dim: int = -1) -> Tensor:
+    """Which positions have a bad position at or before them along ``dim`` (time): same shape as ``bad``."""
+    return torch.cumsum(bad.to(torch.int32), dim=dim) > 0
 
 
 def poison(outputs: Tensor, reached: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops import scan
 
-from seqmix.contract import Mixer
+from seqmix.contract import Mixer, token_count_is_dynamic
 from seqmix.operators import masking
 
 _UNROLL_CHUNKS = False
@@ -218,7 +218,8 @@ def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair
             return (nxt if is_complex else (nxt[0],)), tuple(part.clone() for part in carry)
 
         init = h0 if is_complex else (h0[0],)
-        xs = fed if is_complex else (fed[0],)
+        # Contiguous, or the scan is traced against the strides of the view's base and fixes the chunk count.
+        xs = tuple(part.contiguous() for part in (fed if is_complex else (fed[0],)))
         last, starts = scan(combine, init, xs)
         if is_complex:
             return (starts[0], starts[1]), (last[0], last[1])
@@ -247,11 +248,22 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     """
     batch, length, width = x.shape
     size = chunk_size
-    pad = (-length) % size
-    if pad:
+    # Written as a ceiling division, not with a modulo, so that a symbolic length's solver can
+    # bound nC >= 1 when tracing for any length.
+    chunks = (length + size - 1) // size
+    pad = chunks * size - length
+    # While tracing, the length may be symbolic: pad (by 0 when it divides) and rebuild the end state
+    # unconditionally rather than branch on it.
+    tracing = torch.compiler.is_compiling()
+    if tracing or pad:
         x = F.pad(x, (0, 0, 0, pad))
-    chunks = x.shape[1] // size
-    rows = x.permute(2, 0, 1).reshape(width, batch * chunks, size)  # (D, B·nC, C), row (b, c)
+
+    def regroup(t: Tensor, *shape) -> Tensor:
+        """``t.reshape(*shape)``; while tracing, a copy first (``contiguous`` would ask the same question): whether a reshape of a permuted tensor
+        can be a view depends on B = 1, which torch.export would otherwise fix."""
+        return t.clone(memory_format=torch.contiguous_format).view(*shape) if tracing else t.reshape(*shape)
+
+    rows = regroup(x.permute(2, 0, 1), width, batch * chunks, size)  # (D, B·nC, C), row (b, c)
     j = torch.arange(size, device=x.device)
 
     # Inside a chunk: y_i = Σ_{j<=i} k[i-j] x_j, a (C, C) lower-triangular Toeplitz matrix per channel.
@@ -267,7 +279,7 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
 
     def by_chunk(part: Tensor) -> Tensor:
         """(D, B·nC, N) -> (nC, B, D, N)."""
-        return part.reshape(width, batch, chunks, order).permute(2, 1, 0, 3)
+        return regroup(part, width, batch, chunks, order).permute(2, 1, 0, 3)
 
     fed = (by_chunk(mixed[..., size : size + order]), by_chunk(mixed[..., size + order :]) if feed_im is not None else None)
     h = coef.zero_state(batch) if h0 is None else h0
@@ -279,15 +291,33 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     if c_q[1] is not None and starts[1] is not None:
         readout.append(-c_q[1])
         carried.append(starts[1])
-    carried = torch.cat(carried, dim=-1).permute(2, 1, 0, 3).reshape(width, batch * chunks, -1)  # (D, B·nC, N or 2N)
+    carried = regroup(torch.cat(carried, dim=-1).permute(2, 1, 0, 3), width, batch * chunks, -1)  # (D, B·nC, N or 2N)
     y = y + carried @ torch.cat(readout, dim=1)
-    y = y.reshape(width, batch, chunks * size).permute(1, 2, 0)[:, :length]  # (B, L, D)
+    y = regroup(y, width, batch, chunks * size).permute(1, 2, 0)  # (B, nC·C, D)
+    if tracing:
+        # A slice to a symbolic length makes torch.export specialise it; an index_select does not.
+        y = y.index_select(1, torch.arange(length, device=x.device))
+    elif pad:
+        y = y[:, :length]
 
-    if pad:
-        # The carried state ran over the zero padding too; rebuild the last chunk's end from its start.
+    if tracing or pad:
+        # The carried state ran over the zero padding too; rebuild the state after the last real
+        # token from the last chunk's start: h = q^r H + Σ_{j<r} b q^{r-1-j} x_j for its r real
+        # tokens. Written over the whole (zero-padded) chunk, with the weights past r masked, so that
+        # r may be symbolic.
+        real = length - (chunks - 1) * size
         last_start = (starts[0][-1], None if starts[1] is None else starts[1][-1])
-        h_end = _state_after(coef, last_start, x[:, (chunks - 1) * size : length])
+        last_x = regroup(x, batch, chunks, size, width)[:, -1]  # (B, C, D)
+        exponents = real - 1 - j  # (C,), negative past the real tokens
+        reached = _scale(coef.powers(exponents.clamp(min=0)), coef.b.unsqueeze(-1))  # (D, N, C)
+        reached = _scale(reached, (exponents >= 0).to(reached[0].dtype))
+        h_end = _add(_mul(_squeeze_last(coef.powers(real - j[:1])), last_start), _real_contract("btd,dnt->bdn", last_x, reached))
     return y, h_end
+
+
+def _squeeze_last(pair: Pair) -> Pair:
+    """A (..., 1) pair -> (...)."""
+    return pair[0][..., 0], None if pair[1] is None else pair[1][..., 0]
 
 
 PATHS = {"recurrent": recurrent, "fft": fft, "chunked": chunked}
@@ -298,9 +328,10 @@ def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
 
     Fewer tokens than one chunk (a streaming step) would be padded to a whole chunk and pay for
     the (D, C, C) Toeplitz matrix: at D = 128, N = 16, C = 64 that is 2.2 ms for one token
-    against 0.06 ms for the loop, which stays faster up to T = C − 1 (0.9 against 3.1 ms).
+    against 0.06 ms for the loop, which stays faster up to T = C − 1 (0.9 against 3.1 ms). A graph
+    traced for any T (``token_count_is_dynamic``) takes the chunked path, which is right for every T.
     """
-    return impl == "chunked" and tokens < chunk_size
+    return impl == "chunked" and not token_count_is_dynamic() and tokens < chunk_size
 
 
 def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int):
@@ -321,10 +352,12 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int):
         y, (h_re, h_im) = chunked(finite_x, coef, h0, chunk_size)
     else:
         y, (h_re, h_im) = PATHS[impl](finite_x, coef, h0)
-    reached = masking.seen_causally(bad.transpose(1, 2))  # (B, D, L)
-    y = y.masked_fill(reached.transpose(1, 2), float("nan"))
-    h_re = masking.poison(h_re, reached[..., -1])  # (B, D, N) rows of channel d
-    h_im = None if h_im is None else masking.poison(h_im, reached[..., -1])
+    # Along time in place, not transposed: torch.export cannot tell a transposed mask's strides apart
+    # at length 1 and would specialise a graph traced for any length.
+    reached = masking.seen_causally(bad, dim=1)  # (B, L, D)
+    y = y.masked_fill(reached, float("nan"))
+    h_re = masking.poison(h_re, reached[:, -1])  # (B, D, N) rows of channel d
+    h_im = None if h_im is None else masking.poison(h_im, reached[:, -1])
     return y, (h_re, h_im)
 
 
