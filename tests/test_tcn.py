@@ -60,7 +60,7 @@ def test_step_in_pieces_matches_forward(activation, residual):
 
     y_once, state_once = tcn.step(x, tcn.init_state(2))
     torch.testing.assert_close(y_once, tcn(x), rtol=0, atol=1e-12)
-    assert [s.shape for s in state] == [(2, 4, w) for w in tcn.windows]
+    assert [s.shape for s in state.tcn] == [(2, 4, w) for w in tcn.windows]
     for got, want in zip(state, state_once):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert tcn.state_size() == 4 * sum(tcn.windows)

@@ -31,8 +31,8 @@ from seqmix.registry import register_mixer
 class CEMAState(NamedTuple):
     """Streaming state of the CEMA: the real and imaginary parts of h, each (B, D, N)."""
 
-    h_re: Tensor
-    h_im: Tensor
+    cema_re: Tensor
+    cema_im: Tensor
 
 
 @register_mixer("cema")
@@ -107,9 +107,9 @@ class CEMA(recurrence.RecurrenceMixer):
     def mix_step(self, x: Tensor, state: CEMAState) -> tuple[Tensor, CEMAState]:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
-            y, (h_re, h_im) = self._recur(xs, (state.h_re.to(xs.dtype), state.h_im.to(xs.dtype)))
+            y, (h_re, h_im) = self._recur(xs, (state.cema_re.to(xs.dtype), state.cema_im.to(xs.dtype)))
             out = y + self.omega.to(xs.dtype) * xs
-        return out.to(x.dtype), CEMAState(h_re.to(state.h_re.dtype), h_im.to(state.h_im.dtype))
+        return out.to(x.dtype), CEMAState(h_re.to(state.cema_re.dtype), h_im.to(state.cema_im.dtype))
 
     def empty_state(self, batch_size: int, device, dtype) -> CEMAState:
         device, dtype = self.param_dtype_device(device, dtype)

@@ -30,9 +30,9 @@ from seqmix.registry import register_mixer
 
 
 class EMAState(NamedTuple):
-    """Streaming state of the EMA: h (B, D, N)."""
+    """Streaming state of the EMA: its hidden state h, (B, D, N) (``ema``, the name exported graphs give it)."""
 
-    h: Tensor
+    ema: Tensor
 
 
 @register_mixer("ema")
@@ -103,9 +103,9 @@ class EMA(recurrence.RecurrenceMixer):
     def mix_step(self, x: Tensor, state: EMAState) -> tuple[Tensor, EMAState]:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
-            y, (h, _) = self._recur(xs, (state.h.to(xs.dtype), None))
+            y, (h, _) = self._recur(xs, (state.ema.to(xs.dtype), None))
             out = F.silu(y + self.omega.to(xs.dtype) * xs)
-        return out.to(x.dtype), EMAState(h.to(state.h.dtype))
+        return out.to(x.dtype), EMAState(h.to(state.ema.dtype))
 
     def empty_state(self, batch_size: int, device, dtype) -> EMAState:
         device, dtype = self.param_dtype_device(device, dtype)

@@ -22,6 +22,8 @@ beats the K slices and products.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,8 +34,10 @@ from seqmix.registry import register_mixer
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
 
-TCNState = tuple[Tensor, ...]
-"""Streaming state of the TCN: per layer i, its last (K−1)·f^i inputs, (B, D, (K−1)·f^i)."""
+class TCNState(NamedTuple):
+    """Streaming state of the TCN: ``tcn[i]``, layer i's last (K−1)·f^i inputs, (B, D, (K−1)·f^i)."""
+
+    tcn: tuple[Tensor, ...]
 
 
 @register_mixer("tcn")
@@ -140,14 +144,14 @@ class TCN(Mixer):
             if state is None:
                 ctx = F.pad(h, (window, 0))  # (B, D, window + T)
             else:
-                ctx = torch.cat([state[i].to(h.dtype), h], dim=-1)  # (B, D, window + T)
+                ctx = torch.cat([state.tcn[i].to(h.dtype), h], dim=-1)  # (B, D, window + T)
             new_state.append(ctx[..., -window:])
             out = conv(ctx) if self.impl == "conv" else self._taps(conv, ctx)  # (B, D, T)
             if i < self.depth - 1:
                 out = act(out)
             h = h + out if self.residual else out
         y = h.transpose(1, 2)  # (B, T, D)
-        return F.silu(y + self.omega * x).to(x.dtype), tuple(new_state)
+        return F.silu(y + self.omega * x).to(x.dtype), TCNState(tuple(new_state))
 
     def _taps(self, conv: nn.Conv1d, ctx: Tensor) -> Tensor:
         """``conv(ctx)`` as Σ_k w[k] · (ctx shifted by k·dilation): (B, D, window + T) -> (B, D, T)."""
@@ -165,8 +169,8 @@ class TCN(Mixer):
     def mix_step(self, x: Tensor, state: TCNState) -> tuple[Tensor, TCNState]:
         y, windows = self._run(x, None, state)
         # Keep the state's dtype fixed whatever autocast made of the activations.
-        return y, tuple(w.to(s.dtype) for w, s in zip(windows, state))
+        return y, TCNState(tuple(w.to(s.dtype) for w, s in zip(windows.tcn, state.tcn)))
 
     def empty_state(self, batch_size: int, device, dtype) -> TCNState:
         device, dtype = self.param_dtype_device(device, dtype)
-        return tuple(torch.zeros(batch_size, self.d_model, w, device=device, dtype=dtype) for w in self.windows)
+        return TCNState(tuple(torch.zeros(batch_size, self.d_model, w, device=device, dtype=dtype) for w in self.windows))
