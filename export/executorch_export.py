@@ -204,7 +204,7 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tok
     return {
         "file": Path(path).name,
         "inputs": _spec(["tokens", *graph.state_names], [tokens, *state]),
-        "outputs": _spec(["logits", *[f"new_{n}" for n in graph.state_names]], outputs),
+        "outputs": _spec(["logits", *graph.present_names], outputs),
         "state": _spec(graph.state_names, state),
         "batch_size": batch_size,
         "tokens_per_step": tokens_per_step,
