@@ -9,8 +9,8 @@ What it does, in order, all in one process with one torch thread:
    directory under --work-dir: words drawn (numpy, Zipf-weighted) from a vocabulary of Latin,
    accented Latin, Greek, Cyrillic and CJK words and emoji, with punctuation and paragraph breaks.
    Each file is one document of ``task=text``; --files makes enough of them for the 5% validation
-   split to hold some. Every file is fsynced, so the page cache can drop it.
-2. Tokenization. Drops the source files from the page cache (posix_fadvise DONTNEED), then times
+   split to hold some.
+2. Tokenization. Drops the source files from the page cache (fsync, then posix_fadvise DONTNEED), then times
    ``TextCorpus(path=<corpus>, seq_len=L, cache_dir=<fresh dir>)``, which hashes the sources and
    writes the memory-mapped token files: MB/s of source bytes. Drops them again and times a second
    construction, which finds and reuses the cache.
@@ -131,10 +131,7 @@ def write_corpus(directory: Path, total_bytes: int, files: int, seed: int) -> tu
     with tqdm(total=total_bytes, desc="generating corpus", unit="B", unit_scale=True, unit_divisor=1024) as bar:
         for number in range(files):
             text = generate_text(rng, vocabulary, total_bytes // files)
-            with open(directory / f"part-{number:05d}.txt", "wb") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
+            (directory / f"part-{number:05d}.txt").write_bytes(text)
             written += len(text)
             bar.update(len(text))
     return written, time.perf_counter() - started
