@@ -11,6 +11,12 @@
 Both go torch.export -> ``to_edge_transform_and_lower`` with the XNNPACK partitioner ->
 ``.to_executorch()`` -> a .pte file, which ``run_pte`` runs on CPU through ``executorch.runtime``.
 Operators XNNPACK does not take stay on ExecuTorch's portable kernels; the manifest counts both.
+
+With ``quantize="int8"`` the exported graph first goes through the XNNPACK quantizer (torchao's
+PT2E flow): every linear and convolution gets int8 weights, symmetric per output channel, and
+int8 activations quantized per call (dynamic: no calibration data). Everything else (norms,
+attention's activation x activation matmuls, the EMA's kernels and carry, embeddings) stays
+float32. ``compare_pte_variant`` measures what that buys: size, latency and the task's metric.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import seqmix
 from seqmix import SeqmixError
 from seqmix.operators import recurrence
 from seqmix.errors import require_int
+from seqmix.tasks.base import IGNORE, Batch
+from seqmix.timing import summarize, time_once
 
 from .graphs import StepGraph, quiet_exporters, stepwise_recurrences, use_exportable_paths
 
@@ -34,6 +42,12 @@ LIBRARY_DIR = Path(seqmix.__file__).resolve().parent
 EXPORT_DIR = Path(__file__).resolve().parent
 SCALAR_TYPES = {3: torch.int32, 4: torch.int64, 5: torch.float16, 6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
 """ExecuTorch's ScalarType codes (c10's numbering), as ``MethodMeta`` reports input dtypes."""
+QUANTIZATIONS = ("int8",)
+"""The ``quantize`` values a .pte takes besides None (float32)."""
+INT8_TOLERANCE = 0.1
+"""Largest max |int8 − float32| of a quantized .pte's outputs, relative to the largest |float32|
+output. Dynamic int8 with per-channel weights stays within a few percent on every preset; a
+larger error is a broken quantization, not rounding."""
 
 
 def _require_executorch():
@@ -104,21 +118,56 @@ def _delegation(graph_module: torch.fx.GraphModule) -> dict:
     return {"delegated_nodes": delegated, "total_nodes": delegated + outside, "delegated_subgraphs": subgraphs}
 
 
+def check_quantize(quantize: str | None) -> None:
+    """Refuse a ``quantize`` value that no .pte exporter takes."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise SeqmixError(f"ExecuTorch: quantize={quantize!r} is not valid; expected one of {list(QUANTIZATIONS)} or None (float32)")
+
+
+def _int8_quantizer():
+    """The XNNPACK quantizer set to dynamic int8 activations and int8 per-channel symmetric weights."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    class DynamicXNNPACKQuantizer(XNNPACKQuantizer):
+        # The base class first turns every scalar operand of add/mul into a float32 tensor, which
+        # static quantization of add and mul needs; dynamic quantization annotates only linear and
+        # convolution, and the rewrite turned integer index arithmetic (attention's relative
+        # positions) into float, which then fails as an index (executorch 1.5.1).
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return model
+
+    return DynamicXNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+
+
+def _quantized_int8(program, example: tuple[Tensor, ...]):
+    """``program`` (an ExportedProgram) with int8 linears and convolutions, exported again at ``example``."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(program.module(), _int8_quantizer())
+    # One call runs the weight observers; dynamic activations need no calibration data.
+    prepared(*example)
+    return torch.export.export(convert_pt2e(prepared), example)
+
+
 def _spec(names: list[str], values) -> list[dict]:
     return [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for n, v in zip(names, values)]
 
 
-def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path, model: nn.Module, what: str):
-    """Export ``graph`` at ``example``, lower it to XNNPACK and write the .pte to ``path``.
+def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path, model: nn.Module, what: str,
+                 quantize: str | None = None):
+    """Export ``graph`` at ``example``, quantize it (``quantize="int8"``), lower it to XNNPACK and write the .pte to ``path``.
 
     ``model`` and ``what`` name the model and the graph in the error raised when lowering fails.
     Returns the graph's outputs as traced (fake tensors: shape and dtype) and the delegation counts.
     """
+    check_quantize(quantize)
     to_edge_transform_and_lower, XnnpackPartitioner = _require_executorch()
     path = Path(path)
     try:
         with torch.no_grad(), recurrence.unrolled_chunks(), quiet_exporters():
             program = torch.export.export(graph, example)
+            if quantize == "int8":
+                program = _quantized_int8(program, example)
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             lowered = edge.to_executorch()
     except SeqmixError:
@@ -137,7 +186,8 @@ def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path
     return traced_outputs, _delegation(edge.exported_program().graph_module)
 
 
-def export_parallel_pte(model: nn.Module, path: str | Path, length: int, batch_size: int = 1) -> dict:
+def export_parallel_pte(model: nn.Module, path: str | Path, length: int, batch_size: int = 1,
+                        quantize: str | None = None) -> dict:
     """Write the parallel graph, token ids (batch_size, length) -> model output, as a .pte.
 
     The model is put in eval mode and switched to its exportable paths (``use_exportable_paths``).
@@ -148,29 +198,34 @@ def export_parallel_pte(model: nn.Module, path: str | Path, length: int, batch_s
         length: L, fixed in the graph (ExecuTorch has no dynamic length here); best a multiple of
             ``length_unit(model)``, and at most ``max_len`` with learned positions.
         batch_size: B, fixed in the graph.
+        quantize: None for float32, or "int8" (dynamic int8 linears and convolutions, see the module doc).
     Returns:
         The manifest entry: file, inputs and outputs (name, shape, dtype), length, batch_size,
-        the impl of every mixer, and the operators delegated to XNNPACK (``delegated_nodes`` of
-        ``total_nodes``).
+        quantize, the impl of every mixer, and the operators delegated to XNNPACK
+        (``delegated_nodes`` of ``total_nodes``).
     """
     require_int("export_parallel_pte", "length", length)
     require_int("export_parallel_pte", "batch_size", batch_size)
+    check_quantize(quantize)
     model.eval()
     impls = use_exportable_paths(model)
     tokens = torch.zeros(batch_size, length, dtype=torch.long)
-    outputs, delegation = lower_to_pte(model, (tokens,), path, model, f"parallel graph (B={batch_size}, L={length})")
+    what = f"parallel graph (B={batch_size}, L={length}{', ' + quantize if quantize else ''})"
+    outputs, delegation = lower_to_pte(model, (tokens,), path, model, what, quantize)
     return {
         "file": Path(path).name,
         "inputs": _spec(["tokens"], [tokens]),
         "outputs": _spec(["logits"], outputs),
         "length": length,
         "batch_size": batch_size,
+        "quantize": quantize,
         "impls": impls,
         **delegation,
     }
 
 
-def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tokens_per_step: int = 1) -> dict:
+def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tokens_per_step: int = 1,
+                    quantize: str | None = None) -> dict:
     """Write the step graph, (token ids (B, T), state...) -> (logits (B, T, V), new state...), as a .pte.
 
     The model is put in eval mode and switched to its exportable paths (``use_exportable_paths``);
@@ -181,13 +236,15 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tok
         path: the .pte file to write.
         batch_size: B, fixed in the graph and in every state tensor.
         tokens_per_step: T, tokens per call, fixed in the graph.
+        quantize: None for float32, or "int8" (dynamic int8 linears and convolutions, see the module doc).
     Returns:
         The manifest entry: file, inputs, outputs and state (name, shape, dtype), batch_size,
-        tokens_per_step, the impl of every mixer in the graph, and the operators delegated to
+        tokens_per_step, quantize, the impl of every mixer in the graph, and the operators delegated to
         XNNPACK (``delegated_nodes`` of ``total_nodes``).
     """
     require_int("export_step_pte", "batch_size", batch_size)
     require_int("export_step_pte", "tokens_per_step", tokens_per_step)
+    check_quantize(quantize)
     if not getattr(model, "causal", False):
         raise SeqmixError(
             f"export_step_pte: {_describe(model)} has bidirectional layers, so it cannot stream and has no "
@@ -198,9 +255,9 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tok
     graph = StepGraph(model, batch_size)
     state = graph.initial_state(batch_size)
     tokens = torch.zeros(batch_size, tokens_per_step, dtype=torch.long)
-    what = f"step graph (B={batch_size}, T={tokens_per_step})"
+    what = f"step graph (B={batch_size}, T={tokens_per_step}{', ' + quantize if quantize else ''})"
     switched = stepwise_recurrences(model, tokens_per_step)
-    outputs, delegation = lower_to_pte(graph, (tokens, *state), path, model, what)
+    outputs, delegation = lower_to_pte(graph, (tokens, *state), path, model, what, quantize)
     return {
         "file": Path(path).name,
         "inputs": _spec(["tokens", *graph.state_names], [tokens, *state]),
@@ -208,6 +265,7 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tok
         "state": _spec(graph.state_names, state),
         "batch_size": batch_size,
         "tokens_per_step": tokens_per_step,
+        "quantize": quantize,
         "impls": {**impls, **switched},
         **delegation,
     }
@@ -318,3 +376,138 @@ def verify_pte_step(model: nn.Module, path: str | Path, steps: int = 8) -> float
         logits, *state = _execute(method, (tokens, *state), model.vocab_size)
         worst = max(worst, (logits - expected).abs().max().item())
     return worst
+
+
+def pte_eval_rows(task, length: int, batch_size: int = 8, batches: int = 8) -> list[Batch]:
+    """The task's evaluation batches as single sequences of exactly ``length`` tokens: what a
+    parallel .pte at (1, length) takes.
+
+    Each row of ``task.eval_batches(batch_size, batches)`` is cut to its first ``length`` tokens
+    (per-token targets with it) or padded at the end with token 0 and target ``IGNORE``. The
+    program has no padding-mask input, so a padded row is read whole; quantized and float32
+    programs see the same rows, so their metric change is quantization's alone.
+    """
+    require_int("pte_eval_rows", "length", length)
+    rows = []
+    for batch in task.eval_batches(batch_size, batches):
+        for inputs, targets in zip(batch.inputs, batch.targets):
+            inputs = inputs[:length]
+            pad = length - inputs.numel()
+            inputs = torch.nn.functional.pad(inputs, (0, pad))
+            if targets.dim() == 1:  # per-token targets; a label (a 0-dim row) stays as it is
+                targets = torch.nn.functional.pad(targets[:length], (0, pad), value=IGNORE)
+            rows.append(Batch(inputs[None], targets[None]))
+    return rows
+
+
+def _scores(task, outputs: list[Tensor], rows: list[Batch]) -> dict[str, float]:
+    """Loss and the task's metric of ``outputs`` (one program output per row) against the rows' targets."""
+    from seqmix.training.loop import correct_count, loss_sum_and_count, task_scores
+
+    total, count, correct = 0.0, 0, 0
+    for output, row in zip(outputs, rows):
+        loss, n = loss_sum_and_count(output, row)
+        total += float(loss)
+        count += int(n)
+        correct += int(correct_count(output, row))
+    return task_scores(task, total, count, correct)
+
+
+def _interleaved_latency(calls: dict[str, object], repeats: int = 7, warmup: int = 2) -> dict[str, dict]:
+    """{name: Timing as a dict} of each call, timed in rounds (a b c a b c ...) so drift hits all alike."""
+    times = {name: [] for name in calls}
+    for index in range(warmup + repeats):
+        for name, call in calls.items():
+            seconds = time_once(call)
+            if index >= warmup:
+                times[name].append(seconds)
+    return {name: summarize(seconds).as_dict() for name, seconds in times.items()}
+
+
+def _stream_error(model: nn.Module, path: Path, steps: int = 8) -> tuple[float, float]:
+    """(max |eager ``step`` − .pte| over a stream of ``steps`` calls' logits, max |eager logits|)."""
+    method = load_pte_method(path)
+    batch_size, tokens_per_step = method.metadata.input_tensor_meta(0).sizes()
+    generator = torch.Generator().manual_seed(1)
+    eager_state = model.init_state(batch_size)
+    state = tree_flatten(model.init_state(batch_size))[0]
+    worst = scale = 0.0
+    for _ in range(steps):
+        tokens = torch.randint(0, model.vocab_size, (batch_size, tokens_per_step), generator=generator)
+        with torch.no_grad():
+            expected, eager_state = model.step(tokens, eager_state)
+        logits, *state = _execute(method, (tokens, *state), model.vocab_size)
+        worst = max(worst, (logits - expected).abs().max().item())
+        scale = max(scale, expected.abs().max().item())
+    return worst, scale
+
+
+def _checked_relative(error: float, scale: float, what: str) -> float:
+    """``error / scale``, or a SeqmixError when it exceeds ``INT8_TOLERANCE``."""
+    relative = error / scale if scale > 0 else error
+    if not relative <= INT8_TOLERANCE:
+        raise SeqmixError(
+            f"{what}: max |int8 − float32| = {error:.3e} is {relative:.1%} of the largest float32 output {scale:.3e}, "
+            f"over the tolerance {INT8_TOLERANCE:.0%}"
+        )
+    return relative
+
+
+def compare_pte_variant(model: nn.Module, task, reference: Path, variant: Path, length: int,
+                        step_reference: Path | None = None, step_variant: Path | None = None,
+                        batch_size: int = 8, batches: int = 8) -> dict:
+    """Size, latency and the task's metric of a quantized parallel .pte against the float32 one, both at (1, length).
+
+    The metric is taken on ``pte_eval_rows(task, length, batch_size, batches)``; latency is the
+    median (with the fastest and slowest call) of eager, float32 and quantized calls on one
+    random (1, length) input, timed in alternation. Raises SeqmixError when the quantized
+    outputs on those rows, or the quantized step program's streamed logits against eager
+    ``step``, differ from float32 by more than ``INT8_TOLERANCE`` of the largest float32 output.
+
+    Returns the manifest's ``quantized`` entry: file, bytes, fp32_bytes, size_ratio (variant /
+    float32), the eager, float32 and variant latencies and ``speedup`` (float32 / variant median),
+    metric, metric_fp32, metric_variant, metric_change (points ×100 for accuracy, bits as is),
+    eval_rows, eval_length, relative_error; and with a step program the same sizes and
+    relative error under ``step_*``.
+    """
+    rows = pte_eval_rows(task, length, batch_size, batches)
+    fp32, small = pte_runner(reference, model.vocab_size), pte_runner(variant, model.vocab_size)
+    fp32_outputs = [fp32(row.inputs)[0] for row in rows]
+    variant_outputs = [small(row.inputs)[0] for row in rows]
+    error = max((a - b).abs().max().item() for a, b in zip(fp32_outputs, variant_outputs))
+    scale = max(a.abs().max().item() for a in fp32_outputs)
+    relative = _checked_relative(error, scale, f"{variant.name} on the task's evaluation rows")
+    reference_scores, variant_scores = _scores(task, fp32_outputs, rows), _scores(task, variant_outputs, rows)
+    metric = task.metric
+    change = variant_scores[metric] - reference_scores[metric]
+    tokens = torch.randint(0, model.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latency = _interleaved_latency({"eager": lambda: model(tokens), "fp32": lambda: fp32(tokens), "variant": lambda: small(tokens)})
+    entry = {
+        "file": variant.name,
+        "bytes": variant.stat().st_size,
+        "fp32_bytes": reference.stat().st_size,
+        "size_ratio": variant.stat().st_size / reference.stat().st_size,
+        "speedup": latency["fp32"]["median_ms"] / latency["variant"]["median_ms"],
+        "eager_latency": latency["eager"],
+        "fp32_latency": latency["fp32"],
+        "variant_latency": latency["variant"],
+        "metric": metric,
+        "metric_fp32": reference_scores[metric],
+        "metric_variant": variant_scores[metric],
+        # Accuracy change in points (×100); bits per byte or token as is.
+        "metric_change": 100 * change if metric == "accuracy" else change,
+        "eval_rows": len(rows),
+        "eval_length": length,
+        "relative_error": relative,
+    }
+    if step_variant is not None:
+        step_error, step_scale = _stream_error(model, step_variant)
+        entry.update({
+            "step_file": step_variant.name,
+            "step_bytes": step_variant.stat().st_size,
+            "step_fp32_bytes": step_reference.stat().st_size,
+            "step_size_ratio": step_variant.stat().st_size / step_reference.stat().st_size,
+            "step_relative_error": _checked_relative(step_error, step_scale, f"{step_variant.name} streamed against eager step"),
+        })
+    return entry

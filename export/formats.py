@@ -33,7 +33,7 @@ from seqmix.contract import length_unit
 from .manifest import COMPANIONS, FORMATS, staged_export, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
-QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": (), "tensorrt": ("fp16",)}
+QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": ("int8",), "tensorrt": ("fp16",)}
 """The ``quantize`` values each format takes (int8/fp16 ONNX variants, fp16 TensorRT kernels)."""
 ENGINE_MAX_BATCH = 8
 
@@ -82,8 +82,10 @@ def export_onnx(model: nn.Module, task, out_dir: Path, quantize: str | None = No
 
 
 def export_executorch(model: nn.Module, task, out_dir: Path, quantize: str | None = None, length: int = 1024) -> dict:
-    """ExecuTorch .pte files (parallel at (1, length), and step when the model streams), verified."""
-    from .executorch_export import export_parallel_pte, export_step_pte, pte_runner, verify_pte_parallel, verify_pte_step
+    """ExecuTorch .pte files (parallel at (1, length), and step when the model streams), verified;
+    with ``quantize="int8"`` also model.int8.pte (and step.int8.pte), measured against float32."""
+    from .executorch_export import (compare_pte_variant, export_parallel_pte, export_step_pte, pte_runner,
+                                    verify_pte_parallel, verify_pte_step)
 
     check_export_options("executorch", quantize, length)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,16 @@ def export_executorch(model: nn.Module, task, out_dir: Path, quantize: str | Non
     with torch.no_grad():
         eager = time_calls(lambda: model(tokens))
     manifest["latency"] = latency_entry(1, length, eager, "executorch", time_calls(lambda: runner(tokens)))
+    if quantize:
+        variant, step_variant = out_dir / f"model.{quantize}.pte", None
+        delegation = {"parallel": export_parallel_pte(model, variant, length, quantize=quantize)}
+        if "step" in manifest:
+            step_variant = out_dir / f"step.{quantize}.pte"
+            delegation["step"] = export_step_pte(model, step_variant, quantize=quantize)
+        entry = compare_pte_variant(model, task, parallel, variant, length, out_dir / "step.pte", step_variant)
+        entry["delegation"] = {graph: {key: value[key] for key in ("delegated_nodes", "total_nodes", "delegated_subgraphs")}
+                               for graph, value in delegation.items()}
+        manifest["quantized"] = {quantize: entry}
     return manifest
 
 
