@@ -33,8 +33,9 @@ from seqmix.contract import length_unit
 from .manifest import COMPANIONS, FORMATS, staged_export, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
-QUANTIZATIONS = {"onnx": ("int8", "fp16"), "executorch": ("int8",), "tensorrt": ("fp16",)}
-"""The ``quantize`` values each format takes (int8/fp16 ONNX variants, fp16 TensorRT kernels)."""
+QUANTIZATIONS = {"onnx": ("int8", "int8_static", "fp16"), "executorch": ("int8",), "tensorrt": ("fp16",)}
+"""The ``quantize`` values each format takes (dynamic int8, static int8 (QDQ) and fp16 ONNX variants,
+fp16 TensorRT kernels)."""
 ENGINE_MAX_BATCH = 8
 
 
@@ -67,7 +68,7 @@ def fit_length(model: nn.Module, length: int) -> int:
 
 def export_onnx(model: nn.Module, task, out_dir: Path, quantize: str | None = None, length: int = 1024) -> dict:
     """ONNX parallel and step graphs, eager vs ONNX Runtime latency at (1, length), and a variant."""
-    from .quantize import compare_variant, make_variant
+    from .quantize import measured_variant
 
     check_export_options("onnx", quantize, length)
     result = export_onnx_graphs(model, out_dir)
@@ -76,8 +77,8 @@ def export_onnx(model: nn.Module, task, out_dir: Path, quantize: str | None = No
     manifest = result.manifest
     manifest["latency"] = compare_latency(model, result.parallel, length=length)
     if quantize:
-        variant = make_variant(quantize, result.parallel)
-        manifest["quantized"] = {quantize: compare_variant(result.parallel, variant, task, length, task.metric)}
+        unit = manifest["parallel"]["length_unit"]
+        manifest["quantized"] = {quantize: measured_variant(quantize, result.parallel, task, length, unit)}
     return manifest
 
 
@@ -223,8 +224,10 @@ def summary_lines(manifest: dict) -> list[str]:
     lines.append(f"latency at B={latency['batch']}, L={latency['length']}: eager {eager}, {runtime} {deployed} "
                  f"({latency['speedup']:.2f}x, ratio of medians)")
     for name, variant in manifest.get("quantized", {}).items():
+        calibration = variant.get("calibration")
+        calibrated = f", calibrated on {calibration['batches']} validation batches of {calibration['batch_size']}" if calibration else ""
         lines.append(f"{name}: {variant['speedup']:.2f}x speed, {100 * variant['size_ratio']:.0f}% size, "
-                     f"{variant['metric']} {variant['metric_fp32']:.4f} -> {variant['metric_variant']:.4f}")
+                     f"{variant['metric']} {variant['metric_fp32']:.4f} -> {variant['metric_variant']:.4f}{calibrated}")
     for graph, report in manifest.get("tensorrt_check", {}).items():
         verdict = "OK" if report["ok"] else "NOT OK: " + "; ".join(report["flags"])
         lines.append(f"TensorRT {report['tensorrt_version']} parser check of the {graph} graph: {verdict}")
