@@ -1,7 +1,11 @@
 """TensorRT: will an exported ONNX graph import, and building an engine from it.
 
+- ``ask_tensorrt`` asks TensorRT itself when it is installed and can make a parser (its ONNX
+  parser's ``supports_model_v2``), and otherwise answers with ``check_tensorrt_support``, the
+  labelled CPU fallback; the report says which answered (``answered_by``, ``source``).
 - ``check_tensorrt_support`` reads an ONNX graph with only the ``onnx`` package (no GPU, no
-  TensorRT) and reports what TensorRT's ONNX parser would refuse: operators it has no importer
+  TensorRT) against an operator list copied from TensorRT 10.15 and reports what TensorRT's ONNX
+  parser would refuse: operators it has no importer
   for, DFT (no importer before TensorRT 11.2), complex tensors (TensorRT has no complex type),
   operators in non-default domains (they would need a plugin), and the documented restrictions
   that can be read off the graph (Attention inputs, constant ``axes``, Loop scan outputs, ...).
@@ -31,6 +35,8 @@ from seqmix.errors import SeqmixError
 # onnx/onnx-tensorrt, docs/operators.md, the revision describing TensorRT 10.15: opsets 9 to 24).
 SUPPORT_LIST_SOURCE = "onnx/onnx-tensorrt docs/operators.md (Supported ONNX Operators), TensorRT 10.15"
 SUPPORT_LIST_VERSION = "10.15"
+FALLBACK_SOURCE = f"CPU fallback: seqmix's copy of the TensorRT {SUPPORT_LIST_VERSION} ONNX parser operator list"
+"""What ``TensorRTReport.source`` says when TensorRT did not answer: the copied list, which will go stale."""
 SUPPORTED_OPSETS = (9, 24)
 SUPPORTED_OPS: frozenset[str] = frozenset(
     """
@@ -136,6 +142,10 @@ class TensorRTReport:
         notes: findings that do not stop the import but deserve a look (restrictions the static
             check cannot decide, DOUBLE tensors narrowed to FLOAT, ...).
         tensorrt_version: the TensorRT version the verdict is for.
+        answered_by: ``tensorrt`` (TensorRT's own ONNX parser was asked) or ``operator_list`` (the
+            copied list of TensorRT ``SUPPORT_LIST_VERSION``, the CPU fallback).
+        source: what answered, in words (the parser call, or ``FALLBACK_SOURCE``).
+        fallback_reason: why TensorRT was not asked (None when it was, or when the list was asked for).
     """
 
     ok: bool
@@ -145,14 +155,19 @@ class TensorRTReport:
     opset: int | None = None
     notes: list[str] = field(default_factory=list)
     tensorrt_version: str = SUPPORT_LIST_VERSION
+    answered_by: str = "operator_list"
+    source: str = FALLBACK_SOURCE
+    fallback_reason: str | None = None
 
     def summary(self) -> str:
         """A few lines for a log or an assertion message."""
         total = sum(self.op_counts.values())
         lines = [
             f"TensorRT {self.tensorrt_version} ONNX parser check: {'OK' if self.ok else 'NOT OK'} "
-            f"(opset {self.opset}, {total} nodes, {len(self.op_counts)} op types)"
+            f"(opset {self.opset}, {total} nodes, {len(self.op_counts)} op types; answered by {self.source})"
         ]
+        if self.fallback_reason:
+            lines.append(f"TensorRT was not asked: {self.fallback_reason}")
         if self.unsupported:
             lines.append("unsupported ops: " + ", ".join(f"{op} x{n}" for op, n in sorted(self.unsupported.items())))
         lines += [f"flag: {flag}" for flag in self.flags]
@@ -417,6 +432,90 @@ def check_tensorrt_support(onnx_path_or_model, tensorrt_version: str | Sequence[
         notes=checker.notes.render(),
         tensorrt_version=".".join(map(str, version)),
     )
+
+
+# -- TensorRT's own answer ----------------------------------------------------------------------
+def _parser_error(error) -> str:
+    """One line from a TensorRT IParserError: the node, its operator and the description."""
+    def field(name):
+        value = getattr(error, name, None)
+        return value() if callable(value) else value
+
+    where = " ".join(str(part) for part in (field("node_operator"), field("node_name")) if part)
+    return f"{where}: {field('desc')}" if where else str(field("desc") or error)
+
+
+def _tensorrt_report(trt, path: Path) -> TensorRTReport:
+    """Ask TensorRT's ONNX parser which subgraphs of ``path`` it supports (no engine is built)."""
+    listed = check_tensorrt_support(path, trt.__version__)
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    major = int(str(trt.__version__).split(".")[0])
+    network = builder.create_network(0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    parser = trt.OnnxParser(network, logger)
+    serialized = path.read_bytes()
+    if hasattr(parser, "supports_model_v2"):
+        call = "supports_model_v2"
+        supported = parser.supports_model_v2(serialized, str(path))
+        subgraphs = [(list(parser.get_subgraph_nodes(i)), bool(parser.is_subgraph_supported(i))) for i in range(parser.num_subgraphs)]
+    else:  # TensorRT before 10.x's supports_model_v2
+        call = "supports_model"
+        supported, subgraphs = parser.supports_model(serialized, str(path))
+    nodes = _load(path).graph.node
+    unsupported: dict[str, int] = {}
+    for indices, ok in subgraphs:
+        for index in indices if not ok else ():
+            op = nodes[index].op_type if index < len(nodes) else f"node #{index}"
+            unsupported[op] = unsupported.get(op, 0) + 1
+    flags = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+    flags += [f"{op}: in a subgraph TensorRT's parser does not support ({n}x)" for op, n in sorted(unsupported.items())]
+    notes = [] if listed.ok == bool(supported) else [
+        f"the copied TensorRT {SUPPORT_LIST_VERSION} operator list says {'OK' if listed.ok else 'NOT OK'}: "
+        + ("; ".join(listed.flags) or "no flags")
+    ]
+    return TensorRTReport(
+        ok=bool(supported) and not unsupported and not flags, unsupported=dict(sorted(unsupported.items())), flags=flags,
+        op_counts=listed.op_counts, opset=listed.opset, notes=notes, tensorrt_version=str(trt.__version__),
+        answered_by="tensorrt", source=f"TensorRT {trt.__version__} OnnxParser.{call}",
+    )
+
+
+def ask_tensorrt(onnx_path: str | os.PathLike, tensorrt: Any = None) -> TensorRTReport:
+    """Will TensorRT import this graph? TensorRT's own answer when it can give one, else the copied list's.
+
+    Args:
+        onnx_path: an exported ``.onnx`` file (external weights beside it are found by the parser).
+        tensorrt: the ``tensorrt`` module to ask (default: import it).
+    Returns:
+        a ``TensorRTReport`` whose ``answered_by`` is ``tensorrt`` when TensorRT's parser answered, or
+        ``operator_list`` (``check_tensorrt_support``, labelled ``FALLBACK_SOURCE``) with
+        ``fallback_reason`` saying why TensorRT could not be asked: not installed, or no parser
+        without a GPU (TensorRT's builder needs CUDA).
+    """
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise SeqmixError(f"onnx_path={str(path)!r} is not a file; expected an exported .onnx model")
+    reason = None
+    if tensorrt is None:
+        try:
+            import tensorrt
+        except ImportError:
+            reason = "the tensorrt package is not installed (pip install tensorrt; needs an NVIDIA GPU)"
+    if tensorrt is not None:
+        try:
+            return _tensorrt_report(tensorrt, path)
+        except Exception as error:  # noqa: BLE001 - any failure to make a parser (no CUDA device, driver) means: fall back
+            reason = f"TensorRT {getattr(tensorrt, '__version__', '?')} could not check the graph: {type(error).__name__}: {error}"
+    report = check_tensorrt_support(path)
+    report.fallback_reason = reason
+    return report
+
+
+def tensorrt_checks(graphs: Mapping[str, Path], tensorrt: Any = None) -> dict[str, dict]:
+    """The manifest's ``tensorrt_check``: ``ask_tensorrt``'s report of each existing graph, by name, as a dict."""
+    from dataclasses import asdict
+
+    return {name: asdict(ask_tensorrt(path, tensorrt)) for name, path in graphs.items() if Path(path).is_file()}
 
 
 # -- building and running engines ---------------------------------------------------------------
