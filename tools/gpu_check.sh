@@ -7,7 +7,9 @@
 # OUT_DIR receives environment.txt (nvidia-smi, versions), pytest-gpu.log and pytest-gpu.xml
 # (python -m pytest -m gpu; tests/conftest.py skips gpu-marked tests with a reason when torch sees no
 # CUDA device), bench/ (conf/bench/gpu.yaml: results.json, results.csv, report.md, PNGs), claims/
-# (conf/bench/paper_claims.yaml on the GPU: claims.md, claims.json), a log per step and summary.txt.
+# (conf/bench/paper_claims.yaml on the GPU: claims.md, claims.json), with TensorRT installed
+# tensorrt_decoder.json (tools/check_tensorrt_decoder.py: engines built from the exported decoder graph,
+# compared with eager), a log per step and summary.txt.
 #
 # Exit status: 0 when every step passed, 1 when one failed (a test, a failed benchmark cell, a claim
 # that could not be measured, a step over its time limit). Without a CUDA device the script says so
@@ -56,6 +58,13 @@ step pytest-gpu 900 "$python" -m pytest -q -m gpu -rs --junitxml="$out/pytest-gp
 step bench-gpu 420 "$python" -m seqmix bench bench=gpu "bench.out_dir=$out/bench" bench.progress=false
 step claims-gpu 420 "$python" -m seqmix bench bench=paper_claims bench.claim_runtime=cuda "bench.out_dir=$out/claims" \
     bench.progress=false bench.strict=true
+# TensorRT engines from the exported decoder graph (step.onnx), streamed against eager; only where
+# the tensorrt package imports (it is an optional extra that pins its own CUDA libraries).
+if "$python" -c "import tensorrt" 2>/dev/null; then
+    step tensorrt-decoder 600 "$python" tools/check_tensorrt_decoder.py --out-dir "$out"
+else
+    echo "tensorrt-decoder: skipped (the tensorrt package does not import: pip install tensorrt)" | tee -a "$summary"
+fi
 
 echo "gpu_check: results in $out (exit $status)" | tee -a "$summary"
 exit "$status"
