@@ -2,7 +2,15 @@
 
 - parallel: (token ids (B, L), padding mask (B, L)) -> logits, L a dynamic multiple of ``length_unit``.
 - step: (token ids (B, T), state tensors...) -> (logits (B, T, V), new state tensors...), the
-  state flattened into named tensors of fixed shape, so a device streams with constant memory.
+  state flattened into named tensors of fixed shape per sequence, so a device streams with constant
+  memory. ONNX traces it for any B and T (``contract.any_token_count``): one graph prefills a
+  prompt in one call and decodes one token per call.
+
+State tensors are named per layer and per kind, after the decoder exports of optimum and ONNX
+Runtime GenAI: a key/value cache is ``past_key_values.{i}.key`` / ``.value``, every other tensor
+``past_state.{i}.<its fields>`` (``past_state.0.local.ema``, ``past_state.2.norm.mean``,
+``past_state.0.kv.key_pos``), the model's own ``past_state.final_norm.*`` and ``past_state.pos``;
+each output is the input's name with ``past_key_values`` or ``past_state`` replaced by ``present``.
 
 Exporters first switch every mixer to the path it names for export (``use_exportable_paths``;
 each mixer's ``lowered_impls["export"]``), e.g. the chunked EMA/CEMA, whose plain matmuls every
@@ -16,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import GetAttrKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from seqmix.contract import Mixer, switch_impls
 
@@ -82,6 +90,41 @@ class ParallelGraph(nn.Module):
         return self.model(tokens, padding_mask)
 
 
+KV_FIELDS = {"keys": "key", "values": "value"}
+"""Fields of a key/value cache (``seqmix.operators.kv_cache.KVState``) and the names exports give them."""
+
+
+def _key_name(key) -> str:
+    if isinstance(key, GetAttrKey):
+        return key.name
+    if isinstance(key, SequenceKey):
+        return str(key.idx)
+    raise TypeError(f"unexpected state container key {key!r}")
+
+
+def state_input_names(state) -> list[str]:
+    """The graph input name of every tensor of a model's state, in ``tree_flatten`` order (see the module doc)."""
+    names = []
+    for path, _ in tree_flatten_with_path(state)[0]:
+        parts = [_key_name(key) for key in path]
+        if parts[0] == "blocks":
+            layer, fields = parts[1], parts[2:]
+            if fields and fields[-1] in KV_FIELDS:
+                names.append(f"past_key_values.{layer}.{KV_FIELDS[fields[-1]]}")
+            else:
+                names.append(".".join(["past_state", layer, *fields]))
+        else:
+            names.append(".".join(["past_state", *parts]))
+    if len(set(names)) != len(names):
+        raise ValueError(f"state names collide: {names}")
+    return names
+
+
+def present_name(input_name: str) -> str:
+    """The output name of the state tensor fed as ``input_name``: ``past_*.`` becomes ``present.``."""
+    return "present." + input_name.split(".", 1)[1]
+
+
 class StepGraph(nn.Module):
     """``model.step`` with its state as a flat list of tensors, for exporters.
 
@@ -89,14 +132,17 @@ class StepGraph(nn.Module):
         model: a causal SequenceModel.
         batch_size: B of the state the graph is traced with (the batch dim can stay dynamic).
     Attributes:
-        state_names: the names of the state tensors, in input (and output) order.
+        state_names: the input names of the state tensors, in input (and output) order.
+        present_names: their output names.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1):
         super().__init__()
         self.model = model
-        leaves, self._spec = tree_flatten(model.init_state(batch_size))
-        self.state_names = [f"state_{i}" for i in range(len(leaves))]
+        state = model.init_state(batch_size)
+        self._spec = tree_flatten(state)[1]
+        self.state_names = state_input_names(state)
+        self.present_names = [present_name(name) for name in self.state_names]
 
     def initial_state(self, batch_size: int) -> list[Tensor]:
         """The flat state before any token."""

@@ -257,8 +257,8 @@ def _check_state(step: dict, needs_fill: bool, path: Path, fail) -> None:
         if not isinstance(name, str) or name not in inputs or name in names:
             fail(f"{where}.name", name, f"a distinct name among the step graph's inputs {sorted(inputs)}")
         names.add(name)
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            fail(f"{where}.shape", shape, "a list of integer sizes >= 0 (state shapes are fixed)")
+        if not run_onnx.is_state_shape(shape):
+            fail(f"{where}.shape", shape, "a list of integer sizes >= 0, the first of which may be 'batch' (state shapes are fixed per sequence)")
         graph_shape = inputs[name]["shape"]
         if len(graph_shape) != len(shape) or any(_is_int(g) and g != d for g, d in zip(graph_shape, shape)):
             fail(f"{where}.shape", shape, f"the shape of the step graph's input {name!r}, {graph_shape}")

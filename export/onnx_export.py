@@ -18,6 +18,7 @@ reported; a mismatch raises ``ExportMismatch`` with the largest error and where 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.utils._pytree import tree_flatten
 
 from seqmix import SeqmixError
 from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
-from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, stepwise_recurrences, use_exportable_paths
+from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, use_exportable_paths
 
 OPSET = 23
 TOLERANCE = 1e-4
@@ -138,44 +140,84 @@ def export_parallel(model: nn.Module, path: Path, tolerance: float = TOLERANCE) 
     }
 
 
-def _state_entry(name: str, initial: torch.Tensor) -> dict:
-    """A state tensor's layout and its initial value, which is one constant (0, or −1 for empty cache slots)."""
+def _state_entry(name: str, initial: torch.Tensor, output: str) -> dict:
+    """A state tensor's layout per sequence, its output name and its initial value, which is one
+    constant (0, or −1 for empty cache slots). ``shape`` is ["batch", ...]: the first dim is B."""
     fill = initial.flatten()[0].item() if initial.numel() else 0
     if not bool((initial == fill).all()):
         raise SeqmixError(f"state tensor {name} does not start as one constant value; the manifest cannot describe it")
-    return {"name": name, "shape": list(initial.shape), "dtype": str(initial.dtype).replace("torch.", ""), "fill": fill}
+    return {"name": name, "output": output, "shape": ["batch", *initial.shape[1:]],
+            "dtype": str(initial.dtype).replace("torch.", ""), "fill": fill}
 
 
-def export_step(model: nn.Module, path: Path, steps: int = 12, tolerance: float = TOLERANCE) -> dict:
-    """Write the step graph (batch 1, one token per call) and check a stream of ``steps`` tokens."""
-    graph = StepGraph(model, batch_size=1).eval()
-    state = graph.initial_state(1)
-    example = torch.zeros(1, 1, dtype=torch.long)
-    switched = stepwise_recurrences(model, tokens_per_step=1)
-    with torch.no_grad(), quiet_exporters():
-        program = torch.onnx.export(graph, (example, *state), dynamo=True, optimize=False, opset_version=OPSET, verbose=False,
-                                    input_names=["tokens", *graph.state_names],
-                                    output_names=["logits", *[f"new_{n}" for n in graph.state_names]])
+STEP_CHECKS = ((1, (1, 5, 1)), (3, (2, 1, 1)), (2, (1, 3)))
+"""(B, token counts of successive calls) the decoder graph is checked at, none of them the traced (2, 5);
+``export_step`` adds one call of two chunks and a bit, so a prefill crosses chunk boundaries."""
+MAX_TOKENS = 1 << 16
+"""The most tokens one call of the decoder graph may take, unless the model holds fewer."""
+
+
+def stream_limit(model: nn.Module) -> int:
+    """The most tokens one stream of ``model`` can take: its smallest attention cache, its learned
+    positions, or ``MAX_TOKENS``."""
+    from seqmix.contract import Mixer
+
+    limits = [module.cache_capacity() for module in model.modules() if isinstance(module, Mixer)]
+    limits = [limit for limit in limits if limit is not None]
+    if getattr(model, "pos_embed", None) is not None:
+        limits.append(model.max_len)
+    return min([MAX_TOKENS, *limits])
+
+
+def export_step(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> dict:
+    """Write the decoder graph (any B, any T) and check streams of several (B, T) against eager ``step``."""
+    from seqmix.contract import any_token_count
+
+    graph = StepGraph(model, batch_size=2).eval()
+    state = graph.initial_state(2)
+    limit = stream_limit(model)
+    traced_tokens = min(5, limit)
+    example = torch.zeros(2, traced_tokens, dtype=torch.long)
+    batch, tokens = Dim("batch", min=1, max=1024), Dim("tokens", min=1, max=limit)
+    dims = ({0: batch, 1: tokens}, tuple({0: batch} for _ in state))
+    with size_oblivious(), any_token_count(), torch.no_grad(), quiet_exporters():
+        program = torch.onnx.export(graph, (example, *state), dynamic_shapes=dims, dynamo=True, optimize=False,
+                                    opset_version=OPSET, verbose=False, input_names=["input_ids", *graph.state_names],
+                                    output_names=["logits", *graph.present_names])
     _optimize(program)
     program.save(str(path))
     runner = session(path)
     generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, model.vocab_size, (1, steps), generator=generator)
-    eager_state, onnx_state, worst = model.init_state(1), [t.numpy() for t in state], 0.0
-    names = [i.name for i in runner.get_inputs()]
-    for t in range(steps):
-        with torch.no_grad():
-            expected, eager_state = model.step(tokens[:, t : t + 1], eager_state)
-        outputs = runner.run(None, dict(zip(names, [tokens[:, t : t + 1].numpy(), *onnx_state])))
-        onnx_state = outputs[1:]
-        worst = max(worst, _compare(expected.numpy(), outputs[0], f"step graph at token {t}", tolerance))
+    worst = 0.0
+    prefill = min(2 * length_unit(model) + 3, limit - 2)
+    checks = [*STEP_CHECKS, (1, (prefill, 1))]
+    for rows, calls in checks:
+        if sum(calls) > limit:
+            continue
+        eager_state = model.init_state(rows)
+        onnx_state = [t.numpy() for t in graph.initial_state(rows)]
+        for call, count in enumerate(calls):
+            ids = torch.randint(0, model.vocab_size, (rows, count), generator=generator)
+            with torch.no_grad():
+                expected, eager_state = model.step(ids, eager_state)
+            outputs = runner.run(None, {"input_ids": ids.numpy(), **dict(zip(graph.state_names, onnx_state))})
+            onnx_state = outputs[1:]
+            where = f"decoder graph at B={rows}, call {call} of T={count}"
+            worst = max(worst, _compare(expected.numpy(), outputs[0], where, tolerance))
+        for name, want, got in zip(graph.state_names, tree_flatten(eager_state)[0], onnx_state):
+            if want.is_floating_point():
+                worst = max(worst, _compare(want.numpy(), got, f"decoder graph state {name} at B={rows}", tolerance))
+            elif not np.array_equal(want.numpy(), got):
+                raise ExportMismatch(f"decoder graph state {name} at B={rows} differs from eager")
     return {
         "file": path.name,
         "inputs": _io_spec(runner.get_inputs()),
         "outputs": _io_spec(runner.get_outputs()),
-        "state": [_state_entry(name, tensor) for name, tensor in zip(graph.state_names, state)],
-        "tokens_per_call": 1,
-        "impls_switched_for_one_token": switched,
+        "state": [_state_entry(name, tensor, present) for name, present, tensor in
+                  zip(graph.state_names, graph.present_names, graph.initial_state(1))],
+        "tokens_per_call": f"1..{limit}",
+        "dynamic_dims": {"batch": "1..1024", "tokens": f"1..{limit}"},
+        "checked_at": [{"batch": rows, "tokens": list(calls)} for rows, calls in checks if sum(calls) <= limit],
         "max_error": worst,
     }
 
@@ -195,7 +237,81 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERA
     if model.causal and getattr(model.head, "per_token", False):
         step_path = out_dir / "step.onnx"
         manifest["step"] = export_step(model, step_path, tolerance=tolerance)
+        manifest["step"]["prefill"] = compare_prefill(step_path, manifest["step"], model.vocab_size)
+        (out_dir / GENAI_CONFIG).write_text(json.dumps(genai_config(model, manifest["step"]), indent=2))
+        manifest["step"]["genai_config"] = GENAI_CONFIG
     return OnnxExport(manifest, out_dir / "model.onnx", step_path)
+
+
+PREFILL_TOKENS = 512
+
+
+def compare_prefill(path: Path, step: dict, vocab_size: int, tokens: int = PREFILL_TOKENS, repeats: int = 3) -> dict:
+    """A prompt of ``tokens`` tokens through the decoder graph in ONNX Runtime, in one call against one
+    token per call (B = 1, the same graph and session): medians, spread and the speed-up."""
+    limit = int(step["dynamic_dims"]["tokens"].split("..")[1])
+    tokens = min(tokens, limit)
+    runner = session(path)
+    names = [entry["name"] for entry in step["state"]]
+    initial = {entry["name"]: np.full([1, *entry["shape"][1:]], entry["fill"], dtype=np.dtype(entry["dtype"]))
+               for entry in step["state"]}
+    prompt = np.random.default_rng(0).integers(0, vocab_size, size=(1, tokens))
+
+    def one_call():
+        runner.run(None, {"input_ids": prompt, **initial})
+
+    def token_by_token():
+        state = initial
+        for t in range(tokens):
+            outputs = runner.run(None, {"input_ids": prompt[:, t : t + 1], **state})
+            state = dict(zip(names, outputs[1:]))
+
+    whole = time_calls(one_call, repeats=repeats, warmup=1)
+    stepped = time_calls(token_by_token, repeats=repeats, warmup=1)
+    return {"tokens": tokens, "one_call": whole.as_dict(), "token_by_token": stepped.as_dict(),
+            "speedup": stepped.median_ms / whole.median_ms}
+
+
+GENAI_CONFIG = "genai_config.json"
+GENAI_DIFFERENCES = [
+    "no attention_mask or position_ids inputs: positions live in the state (past_state.pos), and every row of a "
+    "batch advances by the same T tokens per call",
+    "recurrent state beside the key/value caches: past_state.{i}.* in, present.{i}.* out, listed in decoder.state",
+    "each key/value cache is a ring of fixed capacity (past_state.{i}.*key_pos holds each slot's position, -1 "
+    "when empty), so present.* has the shape of past_* and buffers can be reused; there is no past sequence axis",
+    "type 'seqmix' is not a model type ONNX Runtime GenAI builds: drive the graph with ONNX Runtime itself "
+    "(run_onnx.py, or the JavaScript client in tools/js)",
+]
+
+
+def genai_config(model: nn.Module, step: dict) -> dict:
+    """The decoder graph described in ONNX Runtime GenAI's ``genai_config.json`` layout, with what differs."""
+    state = step["state"]
+    key_layers = sorted({int(entry["name"].split(".")[1]) for entry in state if entry["name"].startswith("past_key_values.")})
+    inputs = {"input_ids": "input_ids"}
+    outputs = {"logits": "logits"}
+    if key_layers:
+        inputs.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
+        outputs.update(present_key_names="present.%d.key", present_value_names="present.%d.value")
+    limit = int(step["dynamic_dims"]["tokens"].split("..")[1])
+    return {
+        "model": {
+            "type": "seqmix",
+            "vocab_size": model.vocab_size,
+            "context_length": limit,
+            "decoder": {
+                "filename": step["file"],
+                "hidden_size": model.d_model,
+                "num_hidden_layers": len(model.blocks),
+                "key_value_layers": key_layers,
+                "inputs": inputs,
+                "outputs": outputs,
+                "state": [{key: entry[key] for key in ("name", "output", "shape", "dtype", "fill")} for entry in state],
+            },
+        },
+        "search": {"max_length": limit, "do_sample": False, "num_beams": 1},
+        "differences_from_onnxruntime_genai": GENAI_DIFFERENCES,
+    }
 
 
 def latency_entry(batch: int, length: int, eager: Timing, runtime: str, deployed: Timing) -> dict:

@@ -3,8 +3,8 @@
     python run_onnx.py <export dir> generate --prompt "def " [--tokens 200] [--temperature 0.8] [--top-k 40] [--seed 0]
     python run_onnx.py <export dir> classify --ids 11,3,7,15
 
-`generate` streams a language model through step.onnx, one token per call, feeding the state
-outputs back as inputs (constant memory); `classify` runs model.onnx on one sequence, padded to the
+`generate` streams a language model through step.onnx, the decoder graph: the prompt in one call,
+then one token per call, feeding the state outputs back as inputs (constant memory); `classify` runs model.onnx on one sequence, padded to the
 graph's length unit, and names the class from labels.json when the export carries one. Text is
 encoded and decoded as the model was trained: with the export's tokenizer.json when it has one
 (this needs ``pip install tokenizers``), else as UTF-8 bytes. Everything about the graphs comes from manifest.json, checked first; every
@@ -66,6 +66,7 @@ class OnnxModel:
         unknown = sorted(set(feed) - set(self.inputs))
         if unknown:
             raise ExportError(f"input {unknown[0]!r} is not an input of this graph; it takes {list(self.inputs)}")
+        dims: dict[str, tuple[str, int]] = {}
         for name, spec in self.inputs.items():
             if name not in feed:
                 raise ExportError(f"input {name!r} is missing; the graph takes {list(self.inputs)}")
@@ -80,11 +81,18 @@ class OnnxModel:
             for axis, (got, want) in enumerate(zip(value.shape, spec["shape"])):
                 if isinstance(want, int) and got != want:
                     raise ExportError(f"input {name!r} has shape {value.shape}; axis {axis} must be {want} (manifest {spec['shape']})")
-        tokens = feed.get("tokens")
-        if self.vocab_size is not None and tokens is not None and tokens.size:
-            low, high = int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= self.vocab_size:
-                raise ExportError(f"input 'tokens' holds ids from {low} to {high}; they must lie in [0, vocab_size={self.vocab_size})")
+                if isinstance(want, str):
+                    # A named dynamic dim (batch, tokens) must have one size across all inputs.
+                    seen_name, seen_size = dims.setdefault(want, (name, got))
+                    if got != seen_size:
+                        raise ExportError(f"input {name!r} has {want}={got} on axis {axis} but input {seen_name!r} has "
+                                          f"{want}={seen_size}; every input must agree")
+        for name in TOKEN_INPUTS:
+            tokens = feed.get(name)
+            if self.vocab_size is not None and tokens is not None and tokens.size:
+                low, high = int(tokens.min()), int(tokens.max())
+                if low < 0 or high >= self.vocab_size:
+                    raise ExportError(f"input {name!r} holds ids from {low} to {high}; they must lie in [0, vocab_size={self.vocab_size})")
         return self.session.run(None, feed)
 
 
@@ -260,35 +268,55 @@ def _check_graph(entry, section: str, bad) -> None:
             bad(f"{where}.shape", shape, "a list of sizes (integers >= 0, or names of dynamic dims)")
 
 
+TOKEN_INPUTS = ("input_ids", "tokens")
+"""The token input of a step graph: ``input_ids`` (the ONNX decoder graph), ``tokens`` (ExecuTorch)."""
+
+
+def is_state_shape(shape) -> bool:
+    """A state shape: sizes >= 0, the first of which may be the dynamic batch, ``"batch"``."""
+    return (isinstance(shape, list) and bool(shape) and (shape[0] == "batch" or (_is_int(shape[0]) and shape[0] >= 0))
+            and all(_is_int(d) and d >= 0 for d in shape[1:]))
+
+
+def token_input(step: dict) -> str:
+    """The name of the step graph's token input."""
+    return next(spec["name"] for spec in step["inputs"] if spec["name"] in TOKEN_INPUTS)
+
+
 def _check_state(step: dict, bad) -> None:
-    """Every step input but the tokens is a state entry with that input's fixed shape, a known dtype and a numeric fill."""
+    """Every step input but the tokens is a state entry with that input's shape, a known dtype and a numeric fill."""
     state = step.get("state")
     if not isinstance(state, list):
         bad("step.state", state, "a list of {name, shape, dtype, fill}")
     inputs = {spec["name"]: spec for spec in step["inputs"]}
+    tokens = [name for name in inputs if name in TOKEN_INPUTS]
     names = []
     for index, entry in enumerate(state):
         where = f"step.state[{index}]"
         if not isinstance(entry, dict):
             bad(where, entry, "a mapping with name, shape, dtype and fill")
         name, shape, dtype, fill = (entry.get(key) for key in ("name", "shape", "dtype", "fill"))
-        if not isinstance(name, str) or name not in inputs or name == "tokens" or name in names:
-            bad(f"{where}.name", name, f"a distinct state input of the step graph, one of {sorted(set(inputs) - {'tokens'})}")
+        if not isinstance(name, str) or name not in inputs or name in TOKEN_INPUTS or name in names:
+            bad(f"{where}.name", name, f"a distinct state input of the step graph, one of {sorted(set(inputs) - set(tokens))}")
         names.append(name)
-        if not isinstance(shape, list) or shape != inputs[name]["shape"] or not all(_is_int(d) and d >= 0 for d in shape):
-            bad(f"{where}.shape", shape, f"the fixed shape of the step graph's input {name!r}, {inputs[name]['shape']}")
+        graph_shape = inputs[name]["shape"]
+        if (not is_state_shape(shape) or len(shape) != len(graph_shape)
+                or any(_is_int(g) and g != d for g, d in zip(graph_shape, shape))):
+            bad(f"{where}.shape", shape, f"the shape of the step graph's input {name!r}, {graph_shape} (first dim 'batch' or a size)")
         if dtype not in STATE_DTYPES:
             bad(f"{where}.dtype", dtype, f"one of {list(STATE_DTYPES)}")
         if not isinstance(fill, (int, float)) or isinstance(fill, bool) or not math.isfinite(fill):
             bad(f"{where}.fill", fill, "a finite number (the value every element starts at)")
-    missing = sorted(set(inputs) - {"tokens"} - set(names))
-    if "tokens" not in inputs or missing:
-        bad("step.inputs", sorted(inputs), f"'tokens' and the state entries {names}")
+    missing = sorted(set(inputs) - set(tokens) - set(names))
+    if len(tokens) != 1 or missing:
+        bad("step.inputs", sorted(inputs), f"one token input ({' or '.join(TOKEN_INPUTS)}) and the state entries {names}")
 
 
-def initial_state(manifest: dict) -> list[np.ndarray]:
-    """The step graph's state before any token, as the manifest describes it (0, or −1 for empty cache slots)."""
-    return [np.full(s["shape"], s["fill"], dtype=np.dtype(s["dtype"])) for s in manifest["step"]["state"]]
+def initial_state(manifest: dict, batch: int = 1) -> list[np.ndarray]:
+    """The step graph's state for ``batch`` sequences before any token, as the manifest describes it
+    (0, or −1 for empty cache slots)."""
+    return [np.full([batch if d == "batch" else d for d in s["shape"]], s["fill"], dtype=np.dtype(s["dtype"]))
+            for s in manifest["step"]["state"]]
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
@@ -328,16 +356,16 @@ def generate_ids(directory: Path, manifest: dict, prompt: str, tokens: int, temp
     if seed < 0:
         raise ExportError(f"--seed={seed} is not valid; expected an integer >= 0")
     step = OnnxModel(directory, manifest["step"], manifest["vocab_size"])
-    state = initial_state(manifest)
     names = [s["name"] for s in manifest["step"]["state"]]
+    ids = token_input(manifest["step"])
+    # The whole prompt in one call (prefill), then one token per call, the state fed back each time.
+    outputs = step.run({ids: np.array([prompt_ids], dtype=np.int64), **dict(zip(names, initial_state(manifest)))})
+    logits, state = outputs[0][0, -1], outputs[1:]
     rng = np.random.default_rng(seed)
     out: list[int] = []
-    logits = None
-    for token in prompt_ids + [None] * tokens:
-        if token is None:
-            token = sample(logits, temperature, top_k, rng)
-            out.append(token)
-        outputs = step.run({"tokens": np.array([[token]], dtype=np.int64), **dict(zip(names, state))})
+    for _ in range(tokens):
+        out.append(sample(logits, temperature, top_k, rng))
+        outputs = step.run({ids: np.array([[out[-1]]], dtype=np.int64), **dict(zip(names, state))})
         logits, state = outputs[0][0, -1], outputs[1:]
     return out
 

@@ -3,6 +3,8 @@ manifests, the NumPy-only runner and the export tool."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
 from seqmix.model.generation import generate
+from seqmix.operators.kv_cache import KVState
 from seqmix.timing import Timing
 from conftest import SEQMIX, onnx_runner, tiny_preset
 
@@ -41,8 +44,7 @@ def test_every_preset_exports_and_matches_eager_in_onnx_runtime(preset, exports)
     assert manifest["parallel"]["inputs"][0]["shape"][0] == "batch"
     assert set(manifest["impls"].values()) <= {"chunked", "conv", "sdpa", "math", "reference"}
     if model.causal:
-        assert manifest["step"]["max_error"] < 1e-4
-        assert len(manifest["step"]["state"]) == len(manifest["step"]["inputs"]) - 1
+        assert_decoder_graph(model, result)
     else:
         assert result.step is None
     # Nothing computed from the parameters (EMA kernels, transposes) is folded into the file.
@@ -51,6 +53,43 @@ def test_every_preset_exports_and_matches_eager_in_onnx_runtime(preset, exports)
     graph = onnx.load(str(result.parallel), load_external_data=False).graph
     stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
     assert stored <= 1.1 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 1024
+
+
+def assert_decoder_graph(model, result) -> None:
+    """The decoder graph: dynamic B and T, checked at untraced (B, T) against eager, state named per layer and kind."""
+    step = result.manifest["step"]
+    assert step["max_error"] < 1e-4
+    checked = step["checked_at"]
+    assert any(check["batch"] > 1 for check in checked) and any(max(check["tokens"]) > 1 for check in checked)
+    assert any(1 in check["tokens"] for check in checked)  # decode (T = 1) after a prefill, in one graph
+    assert all((check["batch"], check["tokens"][0]) != (2, 5) for check in checked), "the traced shape is no check"
+    inputs = {spec["name"]: spec["shape"] for spec in step["inputs"]}
+    assert inputs.pop("input_ids") == ["batch", "tokens"]
+    names = [entry["name"] for entry in step["state"]]
+    assert sorted(inputs) == sorted(names) and all(shape[0] == "batch" for shape in inputs.values())
+    assert all(re.fullmatch(r"past_key_values\.\d+\.(key|value)|past_state\.(\d+|final_norm)\.[\w.]+|past_state\.pos", n) for n in names)
+    assert [entry["output"] for entry in step["state"]] == ["present." + n.split(".", 1)[1] for n in names]
+    outputs = [spec["name"] for spec in step["outputs"]]
+    assert outputs == ["logits", *[entry["output"] for entry in step["state"]]]
+    # A layer's key/value cache is named as optimum and ONNX Runtime GenAI name it.
+    kv_layers = [i for i, block in enumerate(model.blocks) if any(isinstance(s, KVState) for s in _tuples(block.init_state(1)))]
+    for layer in kv_layers:
+        assert f"past_key_values.{layer}.key" in names and f"past_key_values.{layer}.value" in names
+    config = json.loads((result.parallel.parent / step["genai_config"]).read_text())
+    assert config["model"]["decoder"]["filename"] == result.step.name
+    assert [entry["name"] for entry in config["model"]["decoder"]["state"]] == names
+    assert config["model"]["decoder"]["key_value_layers"] == kv_layers
+
+
+def _tuples(state):
+    """Every tuple inside a streaming state, nested ones included."""
+    found, stack = [], [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple):
+            found.append(item)
+            stack.extend(item)
+    return found
 
 
 def test_streaming_with_onnx_runtime_alone_equals_eager_generation(exports):
@@ -85,12 +124,12 @@ def test_the_runner_rejects_wrong_shapes_and_dtypes_before_onnx_runtime(exports)
     step = runner.OnnxModel(result.parallel.parent, manifest["step"])
     state = dict(zip([s["name"] for s in manifest["step"]["state"]], runner.initial_state(manifest)))
     with pytest.raises(runner.ExportError, match="dtype float32, expected int64"):
-        step.run({"tokens": np.zeros((1, 1), dtype=np.float32), **state})
-    with pytest.raises(runner.ExportError, match="axis 0 must be 1"):
-        step.run({"tokens": np.zeros((2, 1), dtype=np.int64), **state})
+        step.run({"input_ids": np.zeros((1, 1), dtype=np.float32), **state})
+    with pytest.raises(runner.ExportError, match="has batch=1 on axis 0 but input 'input_ids' has batch=2"):
+        step.run({"input_ids": np.zeros((2, 1), dtype=np.int64), **state})
     first = manifest["step"]["state"][0]["name"]
     with pytest.raises(runner.ExportError, match=f"input '{first}' has shape"):
-        step.run({"tokens": np.zeros((1, 1), dtype=np.int64), **{**state, first: np.zeros((1, 3), dtype=np.float32)}})
+        step.run({"input_ids": np.zeros((1, 1), dtype=np.int64), **{**state, first: np.zeros((1, 3), dtype=np.float32)}})
     with pytest.raises(runner.ExportError, match="no step graph"):
         runner.generate(result.parallel.parent, {k: v for k, v in manifest.items() if k != "step"}, "a", 1, 0, None, 0)
 

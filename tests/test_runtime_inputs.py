@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 from conftest import onnx_runner, tiny_preset
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
+from seqmix.export.graphs import state_input_names
 from seqmix.model.sequence_model import ModelState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,10 @@ def test_step_names_a_wrong_input(make_input, message):
 # --- the ONNX Runtime runner ----------------------------------------------------------------
 
 
+KEY, POSITIONS = "past_key_values.0.key", "past_state.0.key_pos"
+"""Two state inputs of the transformer's decoder graph: its first layer's keys and their positions."""
+
+
 @pytest.fixture(scope="module")
 def onnx_step(exported_presets):
     """(runner module, the transformer's step graph as an OnnxModel, its initial state by name)."""
@@ -91,28 +96,29 @@ def test_the_onnx_runner_refuses_the_state_of_another_model(onnx_step):
     runner, step, _ = onnx_step
     tokens = np.zeros((1, 1), dtype=np.int64)
     for other in ("megalodon", "mega", "gpt2"):
-        leaves = tree_flatten(tiny(other).init_state(1))[0]
-        foreign = {f"state_{i}": leaf.numpy() for i, leaf in enumerate(leaves)}
-        with pytest.raises(runner.ExportError, match="input 'state_"):
-            step.run({"tokens": tokens, **foreign})
+        state = tiny(other).init_state(1)
+        foreign = {name: leaf.numpy() for name, leaf in zip(state_input_names(state), tree_flatten(state)[0])}
+        with pytest.raises(runner.ExportError, match="input 'past_"):
+            step.run({"input_ids": tokens, **foreign})
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda feed: {**feed, "tokens": np.array([[256]])}, r"ids from 256 to 256; they must lie in \[0, vocab_size=256\)"),
-        (lambda feed: {**feed, "tokens": np.array([[-3]])}, "ids from -3"),
-        (lambda feed: {**feed, "tokens": [[1]]}, "input 'tokens' is a list; expected a NumPy array"),
-        (lambda feed: {**feed, "state_0": feed["state_0"].astype(np.float64)}, "input 'state_0' has dtype float64, expected float32"),
+        (lambda feed: {**feed, "input_ids": np.array([[256]])}, r"ids from 256 to 256; they must lie in \[0, vocab_size=256\)"),
+        (lambda feed: {**feed, "input_ids": np.array([[-3]])}, "ids from -3"),
+        (lambda feed: {**feed, "input_ids": [[1]]}, "input 'input_ids' is a list; expected a NumPy array"),
+        (lambda feed: {**feed, KEY: feed[KEY].astype(np.float64)}, f"input '{KEY}' has dtype float64, expected float32"),
         (lambda feed: {**feed, "extra": np.zeros(1)}, "input 'extra' is not an input of this graph"),
-        (lambda feed: {k: v for k, v in feed.items() if k != "state_3"}, "input 'state_3' is missing"),
+        (lambda feed: {k: v for k, v in feed.items() if k != POSITIONS}, f"input '{POSITIONS}' is missing"),
+        (lambda feed: {**feed, "input_ids": np.zeros((2, 3), dtype=np.int64)}, "batch=1 on axis 0 but input 'input_ids' has batch=2"),
     ],
-    ids=["id too large", "negative id", "not an array", "state dtype", "unknown input", "missing state"],
+    ids=["id too large", "negative id", "not an array", "state dtype", "unknown input", "missing state", "batch disagrees"],
 )
 def test_the_onnx_runner_names_a_wrong_input(change, message, onnx_step):
     runner, step, state = onnx_step
     with pytest.raises(runner.ExportError, match=message):
-        step.run(change({"tokens": np.zeros((1, 1), dtype=np.int64), **state}))
+        step.run(change({"input_ids": np.zeros((1, 1), dtype=np.int64), **state}))
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from seqmix.contract import token_count_is_dynamic
+
 
 class KVState(NamedTuple):
     """Cache contents.
@@ -62,9 +64,31 @@ def extend(state: KVState, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor
     all_values = torch.cat([state.values.to(values.dtype), values], dim=2)
     all_pos = torch.cat([state.key_pos, q_pos], dim=1)
 
-    # Each slot s ends up holding the latest position p <= last with p mod capacity = s: one of the
-    # new tokens when p >= pos, else what it held. Gathered per slot, so no count of kept tokens
-    # (min(T, capacity)) is needed, and a graph traced for any T stays valid for every T.
+    if token_count_is_dynamic():
+        return all_keys, all_values, all_pos, _gathered(state, keys, values, tokens, capacity)
+    # Only the last `capacity` new tokens can survive in the ring; older ones would be overwritten.
+    kept = min(tokens, capacity)
+    slots = q_pos[:, tokens - kept :] % capacity  # (B, kept)
+    heads = keys.shape[1]
+    key_index = slots[:, None, :, None].expand(-1, heads, -1, keys.shape[-1])
+    value_index = slots[:, None, :, None].expand(-1, heads, -1, values.shape[-1])
+    new_state = KVState(
+        keys=state.keys.scatter(2, key_index, keys[:, :, tokens - kept :].to(state.keys.dtype)),
+        values=state.values.scatter(2, value_index, values[:, :, tokens - kept :].to(state.values.dtype)),
+        key_pos=state.key_pos.scatter(1, slots, q_pos[:, tokens - kept :]),
+        pos=state.pos + tokens,
+    )
+    return all_keys, all_values, all_pos, new_state
+
+
+def _gathered(state: KVState, keys: Tensor, values: Tensor, tokens, capacity: int) -> KVState:
+    """The cache after ``tokens`` new keys and values, for a graph traced for any token count.
+
+    Each slot s ends up holding the latest position p <= last with p mod capacity = s: one of the
+    new tokens when p >= pos, else what it held. Gathered per slot, so no count of kept tokens
+    (min(T, capacity)) is needed, which would fix T in the graph. (ExecuTorch's kernels, which
+    run fixed T, take the scatter of ``extend`` instead.)
+    """
     last = (state.pos + tokens - 1).unsqueeze(1)  # (B, 1)
     slot = torch.arange(capacity, device=keys.device)
     latest = last - (last - slot) % capacity  # (B, capacity)
@@ -76,10 +100,9 @@ def extend(state: KVState, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor
         picked = new.gather(2, index[:, None, :, None].expand(-1, heads, -1, new.shape[-1]))
         return torch.where(written[:, None, :, None], picked.to(old.dtype), old)
 
-    new_state = KVState(
+    return KVState(
         keys=take(keys, state.keys),
         values=take(values, state.values),
         key_pos=torch.where(written, latest, state.key_pos),
         pos=state.pos + tokens,
     )
-    return all_keys, all_values, all_pos, new_state
