@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -164,14 +165,32 @@ class TextCorpus(Task):
                     "content_sha256": content.hexdigest(), "source": self.path}
             (staging / META).write_text(json.dumps(meta, indent=2))
 
+    def _starts(self, split: str, index: int, batch_size: int) -> np.ndarray:
+        """The first token of each window of batch ``index`` -> (B,)."""
+        data = self.data[split]
+        if split == "train":
+            span = self.seq_len + 1
+            return torch.randint(0, data.size - span + 1, (batch_size,), generator=generator_for(self.seed, split, index)).numpy()
+        windows = (data.size - 1) // self.seq_len
+        return ((np.arange(batch_size) + index * batch_size) % windows) * self.seq_len
+
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         check_request(self.name, split, index, batch_size)
         data = self.data[split]
         span = self.seq_len + 1
-        if split == "train":
-            starts = torch.randint(0, data.size - span + 1, (batch_size,), generator=generator_for(self.seed, split, index))
-        else:
-            windows = (data.size - 1) // self.seq_len
-            starts = (torch.arange(batch_size) + index * batch_size) % windows * self.seq_len
-        window = torch.from_numpy(data[starts.numpy()[:, None] + np.arange(span)].astype(np.int64))
+        window = torch.from_numpy(data[self._starts(split, index, batch_size)[:, None] + np.arange(span)].astype(np.int64))
+        # Batch index + 1 is known now: ask the kernel to start reading its windows, so a corpus larger
+        # than memory is read from disk while this batch trains, not when the next one is asked for.
+        self._prefetch(split, index + 1, batch_size)
         return Batch(window[:, :-1], window[:, 1:])
+
+    def _prefetch(self, split: str, index: int, batch_size: int) -> None:
+        data = self.data[split]
+        mapping = getattr(data, "_mmap", None)
+        if mapping is None or not hasattr(mapping, "madvise"):
+            return
+        page, item = mmap.PAGESIZE, data.dtype.itemsize
+        for start in self._starts(split, index, batch_size):
+            first = int(start) * item + data.offset
+            aligned = first - first % page
+            mapping.madvise(mmap.MADV_WILLNEED, aligned, first - aligned + (self.seq_len + 1) * item)
