@@ -139,6 +139,19 @@ def _int8_quantizer():
     return DynamicXNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
 
 
+def _dynamic_int8_partitioner():
+    """A partitioner that delegates each dynamically quantized linear or convolution, with its
+    activation's quantize chain, as a delegate of its own, before ``XnnpackPartitioner`` takes the rest.
+
+    XnnpackPartitioner alone merges quantized linears that share one activation's chain
+    (megalodon's projections of the same normed input) into groups whose nodes interleave with
+    float nodes, and lowering fails with "Invalid partition, found dependency cycles" (executorch 1.5.1).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackDynamicallyQuantizedPartitioner
+
+    return XnnpackDynamicallyQuantizedPartitioner(per_op_mode=True)
+
+
 def _quantized_int8(program, example: tuple[Tensor, ...]):
     """``program`` (an ExportedProgram) with int8 linears and convolutions, exported again at ``example``."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -166,9 +179,11 @@ def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path
     try:
         with torch.no_grad(), recurrence.unrolled_chunks(), quiet_exporters():
             program = torch.export.export(graph, example)
+            partitioners = [XnnpackPartitioner()]
             if quantize == "int8":
                 program = _quantized_int8(program, example)
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+                partitioners.insert(0, _dynamic_int8_partitioner())
+            edge = to_edge_transform_and_lower(program, partitioner=partitioners)
             lowered = edge.to_executorch()
     except SeqmixError:
         raise

@@ -60,7 +60,7 @@ def programs(tmp_path_factory):
 
 
 def test_the_int8_program_is_smaller_and_delegates_its_quantized_linears(programs):
-    model, fp32, int8, fp32_entry, int8_entry = programs
+    _, fp32, int8, fp32_entry, int8_entry = programs
     ratio = int8.stat().st_size / fp32.stat().st_size
     print(f"{PRESET}: int8 {int8.stat().st_size} bytes, float32 {fp32.stat().st_size} bytes ({ratio:.0%})")
     assert ratio <= SIZE_BOUND
