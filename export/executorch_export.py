@@ -378,19 +378,26 @@ def verify_pte_step(model: nn.Module, path: str | Path, steps: int = 8) -> float
     The .pte's state outputs are fed back as its next state inputs, as a device would; batch
     size and tokens per call are read from the program.
     """
+    return stream_error(model, path, steps)[0]
+
+
+def stream_error(model: nn.Module, path: str | Path, steps: int = 8) -> tuple[float, float]:
+    """(max |eager ``model.step`` − .pte| over the logits of a stream of ``steps`` calls, max |eager logits|),
+    streamed as ``verify_pte_step`` does."""
     method = load_pte_method(path)
     batch_size, tokens_per_step = method.metadata.input_tensor_meta(0).sizes()
     generator = torch.Generator().manual_seed(1)
     eager_state = model.init_state(batch_size)
     state = tree_flatten(model.init_state(batch_size))[0]
-    worst = 0.0
+    worst = scale = 0.0
     for _ in range(steps):
         tokens = torch.randint(0, model.vocab_size, (batch_size, tokens_per_step), generator=generator)
         with torch.no_grad():
             expected, eager_state = model.step(tokens, eager_state)
         logits, *state = _execute(method, (tokens, *state), model.vocab_size)
         worst = max(worst, (logits - expected).abs().max().item())
-    return worst
+        scale = max(scale, expected.abs().max().item())
+    return worst, scale
 
 
 def pte_eval_rows(task, length: int, batch_size: int = 8, batches: int = 8) -> list[Batch]:
@@ -437,24 +444,6 @@ def _interleaved_latency(calls: dict[str, object], repeats: int = 7, warmup: int
             if index >= warmup:
                 times[name].append(seconds)
     return {name: summarize(seconds).as_dict() for name, seconds in times.items()}
-
-
-def _stream_error(model: nn.Module, path: Path, steps: int = 8) -> tuple[float, float]:
-    """(max |eager ``step`` − .pte| over a stream of ``steps`` calls' logits, max |eager logits|)."""
-    method = load_pte_method(path)
-    batch_size, tokens_per_step = method.metadata.input_tensor_meta(0).sizes()
-    generator = torch.Generator().manual_seed(1)
-    eager_state = model.init_state(batch_size)
-    state = tree_flatten(model.init_state(batch_size))[0]
-    worst = scale = 0.0
-    for _ in range(steps):
-        tokens = torch.randint(0, model.vocab_size, (batch_size, tokens_per_step), generator=generator)
-        with torch.no_grad():
-            expected, eager_state = model.step(tokens, eager_state)
-        logits, *state = _execute(method, (tokens, *state), model.vocab_size)
-        worst = max(worst, (logits - expected).abs().max().item())
-        scale = max(scale, expected.abs().max().item())
-    return worst, scale
 
 
 def _checked_relative(error: float, scale: float, what: str) -> float:
@@ -517,7 +506,7 @@ def compare_pte_variant(model: nn.Module, task, reference: Path, variant: Path, 
         "relative_error": relative,
     }
     if step_variant is not None:
-        step_error, step_scale = _stream_error(model, step_variant)
+        step_error, step_scale = stream_error(model, step_variant)
         entry.update({
             "step_file": step_variant.name,
             "step_bytes": step_variant.stat().st_size,
