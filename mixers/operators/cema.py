@@ -92,15 +92,16 @@ class CEMA(recurrence.RecurrenceMixer):
         """k[d, j] = (1/√N) Σ_k p r^j (eta_re cos jφ − eta_im sin jφ) for j < length -> (D, length)."""
         return self.coefficients(compute_dtype(self.alpha.dtype)).kernel(length, self.alpha.device)
 
-    def _recur(self, xs: Tensor, h0):
-        return recurrence.run(self.impl, xs, self.coefficients(xs.dtype), h0, self.chunk_size)
+    def _recur(self, xs: Tensor, h0, need_state: bool = True):
+        coef = self.coefficients(xs.dtype)
+        return recurrence.run(self.impl, xs, coef, h0, self.chunk_size, self.spectrum(coef, xs.shape[1]), need_state)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
             if padding_mask is not None:
                 xs = xs.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-            y, _ = self._recur(xs, None)
+            y, _ = self._recur(xs, None, need_state=False)
             out = y + self.omega.to(xs.dtype) * xs
         return out.to(x.dtype)
 

@@ -85,17 +85,19 @@ class EMA(recurrence.RecurrenceMixer):
         """k[d, j] = Σ_n (eta/√N)·p·beta·q^j for j < length -> (D, length), float32 at least."""
         return self.coefficients(compute_dtype(self.alpha.dtype), backward).kernel(length, self.alpha.device)
 
-    def _recur(self, x: Tensor, h0, backward: bool = False):
-        return recurrence.run(self.impl, x, self.coefficients(x.dtype, backward), h0, self.chunk_size)
+    def _recur(self, x: Tensor, h0, backward: bool = False, need_state: bool = True):
+        coef = self.coefficients(x.dtype, backward)
+        spectrum = self.spectrum(coef, x.shape[1], "backward" if backward else "forward")
+        return recurrence.run(self.impl, x, coef, h0, self.chunk_size, spectrum, need_state)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
             if padding_mask is not None:
                 xs = xs.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-            y, _ = self._recur(xs, None)
+            y, _ = self._recur(xs, None, need_state=False)
             if not self.causal:
-                y_back, _ = self._recur(xs.flip(1), None, backward=True)
+                y_back, _ = self._recur(xs.flip(1), None, backward=True, need_state=False)
                 y = y + y_back.flip(1)
             out = F.silu(y + self.omega.to(xs.dtype) * xs)
         return out.to(x.dtype)

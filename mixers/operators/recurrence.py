@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -180,20 +181,28 @@ def recurrent(x: Tensor, coef: Coefficients, h0: Pair | None = None) -> tuple[Te
     return torch.stack(outputs, dim=1), h
 
 
-def fft(x: Tensor, coef: Coefficients, h0: Pair | None = None) -> tuple[Tensor, Pair]:
+def kernel_spectrum(coef: Coefficients, length: int, device) -> Tensor:
+    """The FFT at size 2L of the length-L kernel -> (D, L + 1) complex: what ``fft`` multiplies by."""
+    return torch.fft.rfft(coef.kernel(length, device), n=2 * length)
+
+
+def fft(x: Tensor, coef: Coefficients, h0: Pair | None = None, spectrum: Tensor | None = None,
+        need_state: bool = True) -> tuple[Tensor, Pair | None]:
     """Convolution with the length-L kernel by FFT at size 2L (the reference code's way).
 
-    Same arguments and results as ``recurrent``.
+    Same arguments and results as ``recurrent``, plus ``spectrum``: ``kernel_spectrum(coef, L)``
+    when the caller holds it already (a mixer in eval mode caches it), else computed here; and
+    ``need_state``: False returns None for the final state, whose D·N·L powers cost more than the
+    convolution itself when only the outputs are wanted (a forward pass).
     """
     length = x.shape[1]
-    kernel = coef.kernel(length, x.device)  # (D, L)
     x_f = torch.fft.rfft(x.transpose(1, 2), n=2 * length)  # (B, D, L+1)
-    k_f = torch.fft.rfft(kernel, n=2 * length)
+    k_f = kernel_spectrum(coef, length, x.device) if spectrum is None else spectrum
     y = torch.fft.irfft(x_f * k_f, n=2 * length)[..., :length].transpose(1, 2)  # (B, L, D)
     h = coef.zero_state(x.shape[0]) if h0 is None else h0
     if h0 is not None:
         y = y + _state_output(coef, h0, length, x.device)
-    return y, _state_after(coef, h, x)
+    return y, _state_after(coef, h, x) if need_state else None
 
 
 def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair]:
@@ -321,6 +330,8 @@ def _squeeze_last(pair: Pair) -> Pair:
 
 
 PATHS = {"recurrent": recurrent, "fft": fft, "chunked": chunked}
+SPECTRA_KEPT = 4
+"""Kernel spectra a mixer keeps (lengths, dtypes, directions); the oldest goes first."""
 
 
 def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
@@ -334,8 +345,12 @@ def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
     return impl == "chunked" and not token_count_is_dynamic() and tokens < chunk_size
 
 
-def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int):
+def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, spectrum: Tensor | None = None,
+        need_state: bool = True):
     """Run path ``impl`` on x (B, L, D) from state h0 (see ``steps_recurrently``) -> (y (B, L, D), final state).
+
+    ``spectrum`` is the FFT path's kernel spectrum when the caller caches it, and ``need_state=False``
+    lets the FFT path skip the final state (``fft``); the state is then None on that path.
 
     The loop lets a NaN or infinity at step t reach steps >= t only. The FFT and the chunks' Toeplitz
     matmuls would multiply it by the zeros above the diagonal into earlier steps too, so they run on
@@ -344,20 +359,23 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int):
     """
     if steps_recurrently(impl, x.shape[1], chunk_size):
         return recurrent(x, coef, h0)
+    paths = {**PATHS, "fft": partial(fft, spectrum=spectrum, need_state=need_state)}
     if masking.all_finite(x):
-        return chunked(x, coef, h0, chunk_size) if impl == "chunked" else PATHS[impl](x, coef, h0)
+        return chunked(x, coef, h0, chunk_size) if impl == "chunked" else paths[impl](x, coef, h0)
     bad = ~torch.isfinite(x)  # (B, L, D)
     finite_x = x.masked_fill(bad, 0.0)
     if impl == "chunked":
-        y, (h_re, h_im) = chunked(finite_x, coef, h0, chunk_size)
+        y, h = chunked(finite_x, coef, h0, chunk_size)
     else:
-        y, (h_re, h_im) = PATHS[impl](finite_x, coef, h0)
+        y, h = paths[impl](finite_x, coef, h0)
     # Along time in place, not transposed: torch.export cannot tell a transposed mask's strides apart
     # at length 1 and would specialise a graph traced for any length.
     reached = masking.seen_causally(bad, dim=1)  # (B, L, D)
     y = y.masked_fill(reached, float("nan"))
-    h_re = masking.poison(h_re, reached[:, -1])  # (B, D, N) rows of channel d
-    h_im = None if h_im is None else masking.poison(h_im, reached[:, -1])
+    if h is None:
+        return y, None
+    h_re = masking.poison(h[0], reached[:, -1])  # (B, D, N) rows of channel d
+    h_im = None if h[1] is None else masking.poison(h[1], reached[:, -1])
     return y, (h_re, h_im)
 
 
@@ -378,6 +396,27 @@ class RecurrenceMixer(Mixer):
 
     def impl_for_tokens(self, tokens: int) -> str:
         return "recurrent" if steps_recurrently(self.impl, tokens, self.chunk_size) else self.impl
+
+    def spectrum(self, coef: Coefficients, length: int, direction: str = "forward") -> Tensor | None:
+        """The FFT path's kernel spectrum for length L, cached while nothing needs its gradient.
+
+        In eval mode, outside autograd and tracing, the spectrum depends only on L, the dtype, the
+        device and the parameters, so it is kept, keyed by those (each parameter by identity and
+        version: an optimizer step, ``load_state_dict`` or any in-place change makes a new key).
+        Without it ``impl=fft`` recomputed D·N·L powers on every call. Returns None when the
+        spectrum must be computed with the call (training, autograd, tracing, or another path).
+        """
+        parameters = list(self.parameters())
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
+        if self.impl != "fft" or self.training or needs_grad or torch.compiler.is_compiling():
+            return None
+        key = (length, coef.log_r.dtype, coef.log_r.device, direction, tuple((id(p), p._version) for p in parameters))
+        cache = self.__dict__.setdefault("_spectra", {})
+        if key not in cache:
+            if len(cache) >= SPECTRA_KEPT:
+                cache.pop(next(iter(cache)))
+            cache[key] = kernel_spectrum(coef, length, coef.log_r.device)
+        return cache[key]
 
     def length_unit(self) -> int:
         return self.chunk_size
