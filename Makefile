@@ -14,9 +14,15 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	@$(PIP) install -q -e ".[export]"
 
+# Where node and npm are installed, also the JavaScript client's pinned packages (tools/js/package-lock.json),
+# which tests/test_js_client.py needs; reinstalled only when the lockfile changed. ONNXRUNTIME_NODE_INSTALL=skip:
+# the CPU binaries ship in the package, and its install script would fetch CUDA ones.
 install-test:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	@$(PIP) install -q -e ".[test]"
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && \
+	    ! [ tools/js/node_modules/.package-lock.json -nt tools/js/package-lock.json ]; then \
+	    cd tools/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error; fi
 
 # The main job: train the default model (mega) on the default task (byte-level LM on the Python
 # standard library) for STEPS steps, evaluate, checkpoint, print a summary and a sample, then

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 README_LIMIT = 16 * 1024
-OUTPUT_FOLDERS = {"runs", "outputs", "bench_results", "gpu_results", "build", "dist", "__pycache__"}
+OUTPUT_FOLDERS = {"runs", "outputs", "bench_results", "gpu_results", "build", "dist", "__pycache__", "node_modules"}
 
 
 def _is_doc(path: Path) -> bool:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY_IGNORED = shutil.ignore_patterns(".git", "build", "dist", "runs", "outputs", "__pycache__", "*.egg-info", ".pytest_cache")
+COPY_IGNORED = shutil.ignore_patterns(".git", "build", "dist", "runs", "outputs", "__pycache__", "*.egg-info", ".pytest_cache",
+                                     "node_modules")
 TINY = [
     "model=megalodon", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=128",
     "task.num_pairs=4", "train.batch_size=2", "train.max_steps=3", "train.warmup_steps=1", "train.eval_every=3",

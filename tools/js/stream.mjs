@@ -1,0 +1,136 @@
+#!/usr/bin/env node
+// Stream greedy tokens from a seqmix ONNX export's decoder graph (step.onnx) with onnxruntime-node.
+//
+//   node tools/js/stream.mjs <export dir> [--prompt TEXT | --ids 1,2,3] [--tokens N] [--json]
+//
+// The prompt goes through the graph in one call (prefill), then one token per call, the state
+// outputs (present.*) fed back as the state inputs (past_*). Tokens are printed as they come: as
+// UTF-8 text for a byte-level export, as ids for one that carries a tokenizer.json (pass --ids
+// there). With --json, the tokens stream to stderr and stdout gets one line, {"ids": [...]}.
+// A bad argument, manifest or graph file ends the run with one line, "stream: error: ...", exit 2.
+import { createHash } from "node:crypto";
+import { lstatSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import ort from "onnxruntime-node";
+
+const USAGE = "usage: node tools/js/stream.mjs <export dir> [--prompt TEXT | --ids 1,2,3] [--tokens N] [--json]";
+// Manifest dtype -> how one state tensor is built: its typed array and how a fill value is stored in it.
+const STATE_ARRAYS = {
+  float32: [Float32Array, Number], float64: [Float64Array, Number], int32: [Int32Array, Number],
+  int64: [BigInt64Array, BigInt], bool: [Uint8Array, Number],
+};
+
+function fail(message) {
+  console.error(`stream: error: ${message}`);
+  process.exit(2);
+}
+
+function parseCommandLine(argv) {
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, allowPositionals: true, options: {
+      prompt: { type: "string" }, ids: { type: "string" }, tokens: { type: "string", default: "32" },
+      json: { type: "boolean", default: false },
+    } });
+  } catch (error) {
+    fail(`${error.message} (${USAGE})`);
+  }
+  const { positionals, values } = parsed;
+  if (positionals.length !== 1) fail(`expected one export directory, got ${positionals.length} (${USAGE})`);
+  if (values.prompt !== undefined && values.ids !== undefined) fail("--prompt and --ids are exclusive; give one");
+  if (!/^[1-9]\d*$/.test(values.tokens)) fail(`--tokens=${values.tokens} is not valid; expected a count >= 1`);
+  if (values.ids !== undefined && !/^\d+(,\d+)*$/.test(values.ids)) {
+    fail(`--ids=${values.ids} is not valid; expected comma-separated token ids, e.g. 100,101,102`);
+  }
+  return { directory: positionals[0], ...values, tokens: Number(values.tokens) };
+}
+
+// The decoder graph's manifest entry, once its file is a regular file of the recorded size and sha256.
+function loadStep(directory) {
+  const path = join(directory, "manifest.json");
+  let manifest;
+  try {
+    manifest = JSON.parse(readFileSync(path, "utf8"));
+  } catch (error) {
+    fail(`${path} cannot be read as JSON (${error.message}); export the model with seqmix export first`);
+  }
+  const step = manifest?.step;
+  if (manifest?.format !== "onnx") fail(`${path} is not an ONNX export's manifest (format ${manifest?.format}); expected "onnx"`);
+  if (!step) fail(`${path} has no step section: the model has no decoder graph (a bidirectional model or a classifier)`);
+  if (!Array.isArray(step.inputs) || !Array.isArray(step.state) || !Array.isArray(step.outputs)) {
+    fail(`${path}: the step section lacks its inputs, outputs or state lists; re-export the model`);
+  }
+  const file = step.file;
+  if (typeof file !== "string" || /[/\\:\0]/.test(file) || file === ".." || file === ".") {
+    fail(`${path}: step.file=${JSON.stringify(file)} is not a bare file name in the export directory`);
+  }
+  const record = manifest.files?.[file];
+  if (!record) fail(`${path} does not record ${file} among its files; re-export the model`);
+  const graph = join(directory, file);
+  let stat;
+  try {
+    stat = lstatSync(graph);
+  } catch {
+    fail(`the manifest names ${file} for step.file, but ${graph} is missing`);
+  }
+  if (!stat.isFile()) fail(`${graph} is not a regular file (a symbolic link or a directory); re-export the model`);
+  const bytes = readFileSync(graph);
+  if (bytes.length !== record.bytes || createHash("sha256").update(bytes).digest("hex") !== record.sha256) {
+    fail(`${graph} does not match the size and sha256 the manifest records: it was modified; re-export the model`);
+  }
+  for (const entry of step.state) {
+    if (!(entry.dtype in STATE_ARRAYS)) fail(`state ${entry.name} has dtype ${entry.dtype}; this client takes ${Object.keys(STATE_ARRAYS)}`);
+  }
+  const tokenInput = step.inputs.map((spec) => spec.name).find((name) => !step.state.some((entry) => entry.name === name));
+  const limit = Number(String(step.dynamic_dims?.tokens ?? "").split("..")[1]) || Infinity;
+  return { manifest, step, graph: bytes, tokenInput, limit };
+}
+
+// The state before any token, as the manifest describes it ("batch" -> 1; 0, or -1 for empty cache slots).
+function initialState(step) {
+  return Object.fromEntries(step.state.map((entry) => {
+    const shape = entry.shape.map((dim) => (dim === "batch" ? 1 : dim));
+    const [TypedArray, convert] = STATE_ARRAYS[entry.dtype];
+    const data = new TypedArray(shape.reduce((a, b) => a * b, 1)).fill(convert(entry.fill));
+    return [entry.name, new ort.Tensor(entry.dtype, data, shape)];
+  }));
+}
+
+// The id of the largest logit at the last position of logits (1, T, V); the first one on a tie, as NumPy.
+function argmaxLast(logits) {
+  const vocab = logits.dims.at(-1);
+  const row = logits.data.subarray(logits.data.length - vocab);
+  let best = 0;
+  for (let id = 1; id < vocab; id++) if (row[id] > row[best]) best = id;
+  return best;
+}
+
+const options = parseCommandLine(process.argv.slice(2));
+const { manifest, step, graph, tokenInput, limit } = loadStep(options.directory);
+const byteLevel = !("tokenizer" in manifest);
+if (!byteLevel && options.ids === undefined) fail("this export carries a tokenizer.json, which this client does not read; pass the prompt as --ids");
+const prompt = options.ids !== undefined ? options.ids.split(",").map(Number) : [...new TextEncoder().encode(options.prompt ?? "def ")];
+if (prompt.length === 0) fail("the prompt is empty; generation needs at least one prompt token");
+const tooLarge = prompt.find((id) => id >= manifest.vocab_size);
+if (tooLarge !== undefined) fail(`the prompt holds token ${tooLarge}; this model's tokens lie in [0, vocab_size=${manifest.vocab_size})`);
+if (prompt.length + options.tokens - 1 > limit) fail(`${prompt.length} prompt tokens + --tokens=${options.tokens} exceed the ${limit} tokens one stream can take`);
+
+const session = await ort.InferenceSession.create(graph, { executionProviders: ["cpu"] });
+const out = options.json ? process.stderr : process.stdout;
+const decoder = new TextDecoder("utf-8");
+const show = (ids) => out.write(byteLevel ? decoder.decode(Uint8Array.from(ids), { stream: true }) : ids.map((id) => `${id} `).join(""));
+show(prompt);
+let state = initialState(step);
+let feed = prompt;
+const generated = [];
+while (generated.length < options.tokens) {
+  const ids = new ort.Tensor("int64", BigInt64Array.from(feed, BigInt), [1, feed.length]);
+  const results = await session.run({ [tokenInput]: ids, ...state });
+  state = Object.fromEntries(step.state.map((entry) => [entry.name, results[entry.output]]));
+  feed = [argmaxLast(results[step.outputs[0].name])];
+  generated.push(feed[0]);
+  show(feed);
+}
+out.write(byteLevel ? decoder.decode() + "\n" : "\n");
+if (options.json) console.log(JSON.stringify({ ids: generated }));
