@@ -71,7 +71,7 @@ def export_onnx(model: nn.Module, task, out_dir: Path, quantize: str | None = No
     from .quantize import measured_variant
 
     check_export_options("onnx", quantize, length)
-    result = export_onnx_graphs(model, out_dir)
+    result = export_onnx_graphs(model, out_dir, measure_prefill=True)
     # The runner needs only ONNX Runtime and NumPy, so the directory runs wherever it is copied.
     shutil.copyfile(Path(__file__).with_name("run_onnx.py"), out_dir / "run_onnx.py")
     manifest = result.manifest
@@ -217,6 +217,11 @@ def summary_lines(manifest: dict) -> list[str]:
     lines = [f"parallel graph: max |eager − {runtime}| = {manifest['parallel']['max_error']:.2e}"]
     if "step" in manifest:
         lines.append(f"step graph: streamed tokens agree to {manifest['step']['max_error']:.2e}")
+    prefill = manifest.get("step", {}).get("prefill")
+    if prefill is not None:
+        whole, stepped = Timing(**prefill["one_call"]), Timing(**prefill["token_by_token"])
+        lines.append(f"prefill of {prefill['tokens']} tokens through the step graph: one call {whole}, token by token "
+                     f"{stepped} ({prefill['speedup']:.1f}x)")
     latency = manifest["latency"]
     eager, deployed = Timing(**latency["eager"]), Timing(**latency[key])
     lines.append(f"latency at B={latency['batch']}, L={latency['length']}: eager {eager}, {runtime} {deployed} "

@@ -222,10 +222,12 @@ def export_step(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> d
     }
 
 
-def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERANCE) -> OnnxExport:
+def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERANCE, measure_prefill: bool = False) -> OnnxExport:
     """Export ``model`` (eval mode, exportable paths) to ``out_dir``; return the manifest section.
 
-    The step graph is written for causal models with a per-token head.
+    The step graph is written for causal models with a per-token head; ``measure_prefill`` also
+    times a prompt through it in one call against token by token (``compare_prefill``; ``seqmix
+    export`` does, into the manifest's ``step.prefill``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +239,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERA
     if model.causal and getattr(model.head, "per_token", False):
         step_path = out_dir / "step.onnx"
         manifest["step"] = export_step(model, step_path, tolerance=tolerance)
-        manifest["step"]["prefill"] = compare_prefill(step_path, manifest["step"], model.vocab_size)
+        if measure_prefill:
+            manifest["step"]["prefill"] = compare_prefill(step_path, manifest["step"], model.vocab_size)
         (out_dir / GENAI_CONFIG).write_text(json.dumps(genai_config(model, manifest["step"]), indent=2))
         manifest["step"]["genai_config"] = GENAI_CONFIG
     return OnnxExport(manifest, out_dir / "model.onnx", step_path)

@@ -214,6 +214,9 @@ def test_export_tool_writes_a_manifest_the_runner_reads(trained_run):
     quantized = manifest["quantized"]["int8"]
     assert quantized["speedup"] == quantized["fp32_latency"]["median_ms"] / quantized["variant_latency"]["median_ms"]
     assert "ONNX Runtime" in export.stdout and "(median of 7, " in export.stdout
+    prefill = manifest["step"]["prefill"]
+    assert prefill["speedup"] == prefill["token_by_token"]["median_ms"] / prefill["one_call"]["median_ms"] > 1
+    assert f"prefill of {prefill['tokens']} tokens through the step graph" in export.stdout
     bad = export_tool(f"checkpoint={trained_run}", "format=coreml")
     assert bad.returncode == 2 and "format='coreml' is not valid" in bad.stderr
 
@@ -229,8 +232,8 @@ def test_export_tool_writes_verified_executorch_programs(trained_run):
     assert manifest["latency"]["length"] == 128 and manifest["latency"]["executorch_ms"] > 0
     assert_latency_entry(manifest["latency"], "executorch")
     assert "ExecuTorch" in export.stdout and "(median of 7, " in export.stdout
-    refused = export_tool(f"checkpoint={trained_run}", "format=executorch", "quantize=int8")
-    assert refused.returncode == 2 and "quantize='int8' is not valid for format=executorch" in refused.stderr
+    refused = export_tool(f"checkpoint={trained_run}", "format=executorch", "quantize=fp16")
+    assert refused.returncode == 2 and "quantize='fp16' is not valid for format=executorch" in refused.stderr
 
 
 def _tensorrt_runs_here() -> bool:
