@@ -77,10 +77,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_fuzz)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        # Each xdist worker has its own session fixtures: keep the tests of the exported presets on one
-        # worker (with --dist loadgroup, as `make test` runs), so every preset is exported once, not per worker.
-        if "exported_presets" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("exported_presets"))
 
 
 def onnx_runner():
@@ -184,21 +180,40 @@ def finished_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported_presets(tmp_path_factory):
-    """Each tiny preset exported to ONNX (verified parallel and step graphs) once per session.
+    """Each tiny preset exported to ONNX (verified parallel and step graphs) once per test run.
+
+    The exports are shared by every xdist worker: the first worker to ask for a preset exports it,
+    under a lock, into the run's shared temporary directory, and the others read it there. So the
+    tests that use them can run on any worker, and the workers split the exports between them.
+    Tests must not change these directories (copy one first).
 
     Returns a function preset -> (model, export.onnx_export.OnnxExport).
     """
-    from seqmix.export.manifest import write_manifest
-    from seqmix.export.onnx_export import export_onnx
+    import fcntl
+    import json
 
+    from seqmix.export.graphs import use_exportable_paths
+    from seqmix.export.manifest import write_manifest
+    from seqmix.export.onnx_export import OnnxExport, export_onnx
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "exported_presets"
+    shared.mkdir(exist_ok=True)
     cache = {}
 
     def get(preset: str):
         if preset not in cache:
             model = tiny_preset(preset).eval()
-            result = export_onnx(model, tmp_path_factory.mktemp(preset))
-            write_manifest(result.parallel.parent, result.manifest)
-            cache[preset] = (model, result)
+            directory = shared / preset
+            with open(shared / f".{preset}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (directory / "manifest.json").is_file():
+                    result = export_onnx(model, directory)
+                    write_manifest(directory, result.manifest)
+            use_exportable_paths(model)  # what export_onnx does to the model it exports
+            manifest = json.loads((directory / "manifest.json").read_text())
+            step = directory / manifest["step"]["file"] if "step" in manifest else None
+            cache[preset] = (model, OnnxExport(manifest, directory / manifest["parallel"]["file"], step))
         return cache[preset]
 
     return get

@@ -113,8 +113,8 @@ def test_train_prints_the_plan_then_announces_a_resume_and_counts_its_own_steps(
     assert "(resuming)" in out and "resume: continuing from" in out and "at step 2 of 3" in out
     assert "3, 1 of them in this run after resuming at step 2" in out and "for 1 steps" in out
     export_dir = tmp_path / "export"
-    status, _, err = run(capsys, "export", f"checkpoint={out_dir}", "format=executorch", "quantize=int8", f"out={export_dir}")
-    assert status == 2 and "quantize='int8' is not valid for format=executorch" in err
+    status, _, err = run(capsys, "export", f"checkpoint={out_dir}", "format=executorch", "quantize=fp16", f"out={export_dir}")
+    assert status == 2 and "quantize='fp16' is not valid for format=executorch" in err
     assert not export_dir.exists()
     status, out, err = run(capsys, "evaluate", f"checkpoint={out_dir}", "batches=1", "batch_size=2")
     assert status == 0, err

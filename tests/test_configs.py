@@ -58,7 +58,7 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         (command,) = [c for c in COMMANDS.values() if c.config_name == path.stem]
         config = compose_config([], config_name=path.stem)
         required = [key for key in config if OmegaConf.is_missing(config, key)]
-        assert set(required) <= {"checkpoint", "root"}, required
+        assert set(required) <= {"checkpoint", "root", "path"}, required
         for key in required:
             config[key] = str(tmp_path)
         options = options_of(config, command.schema, command.name)
