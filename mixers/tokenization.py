@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -61,10 +60,6 @@ class Tokenizer:
         """The text of ``ids``; bytes that are not UTF-8 (a cut multi-byte character) become U+FFFD."""
         raise NotImplementedError
 
-    def save(self, directory: str | os.PathLike) -> Path | None:
-        """Copy the tokenizer into ``directory`` as ``tokenizer.json``; bytes need no file (returns None)."""
-        raise NotImplementedError
-
 
 class ByteTokenizer(Tokenizer):
     """The 256 byte values of the text's UTF-8 encoding; documents are separated by the NUL byte."""
@@ -79,9 +74,6 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-    def save(self, directory: str | os.PathLike) -> Path | None:
-        return None
 
 
 class FileTokenizer(Tokenizer):
@@ -115,7 +107,6 @@ class FileTokenizer(Tokenizer):
             )
         self.separator = vocabulary[found[0]]
         self.fingerprint = hashlib.sha256(raw).hexdigest()
-        self._raw = raw
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
@@ -123,11 +114,6 @@ class FileTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        target = Path(directory) / TOKENIZER_FILE
-        target.write_bytes(self._raw)
-        return target
 
 
 def load_tokenizer(spec: str | os.PathLike = BYTES) -> Tokenizer:
@@ -150,13 +136,6 @@ def saved_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer saved in a checkpoint, pretrained or export directory: its ``tokenizer.json``, else bytes."""
     path = Path(directory) / TOKENIZER_FILE
     return FileTokenizer(path) if path.is_file() and not path.is_symlink() else ByteTokenizer()
-
-
-def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike) -> None:
-    """Copy the ``tokenizer.json`` saved in ``source`` (if any) into ``directory``."""
-    path = Path(source) / TOKENIZER_FILE
-    if path.is_file() and not path.is_symlink():
-        shutil.copyfile(path, Path(directory) / TOKENIZER_FILE)
 
 
 class TextStream:
