@@ -406,9 +406,11 @@ class RecurrenceMixer(Mixer):
         Without it ``impl=fft`` recomputed D·N·L powers on every call. Returns None when the
         spectrum must be computed with the call (training, autograd, tracing, or another path).
         """
+        # The cheap tests first: every call of every path (a one-token step included) asks.
+        if self.impl != "fft" or self.training or torch.compiler.is_compiling():
+            return None
         parameters = list(self.parameters())
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
-        if self.impl != "fft" or self.training or needs_grad or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
             return None
         key = (length, coef.log_r.dtype, coef.log_r.device, direction, tuple((id(p), p._version) for p in parameters))
         cache = self.__dict__.setdefault("_spectra", {})
