@@ -13,7 +13,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import seqmix
 from seqmix import SeqmixError
 from seqmix.cli import main
 from seqmix.model.generation import generate
