@@ -9,8 +9,9 @@ H heads · C chunk size · K kernel size. The parallel layout is (B, L, D); a pa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +48,74 @@ def token_count_is_dynamic() -> bool:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype recurrences and statistics run in: float32 at least, float64 kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+PASSES = ("forward", "fwd+bwd")
+"""The passes a cost is stated for: ``forward`` in eval mode without autograd (as the benchmark
+runs it), ``fwd+bwd`` in train mode, back to the input and to every parameter."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The minimum work of one pass of an algorithm: FLOPs and bytes moved (``Mixer.cost`` says what counts)."""
+
+    flops: float
+    bytes: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The forward work of an algorithm's stages, summed: FLOPs and elements read and written.
+
+    A stage is one step of linear algebra (a matrix product, a convolution layer, an FFT, a
+    recurrence or the carry between chunks) that reads its operands once and writes its results
+    once; pointwise work (activations, gates, norms, residuals, masks, softmax's exponentials) is
+    fused into the stage beside it and moves nothing of its own. ``cost`` turns the sum into the
+    Cost of a pass.
+    """
+
+    flops: float = 0
+    reads: float = 0
+    writes: float = 0
+
+    def __add__(self, other: Stages) -> Stages:
+        return Stages(self.flops + other.flops, self.reads + other.reads, self.writes + other.writes)
+
+    def __mul__(self, count: int) -> Stages:
+        """The same stages run ``count`` times (directions, layers)."""
+        return Stages(self.flops * count, self.reads * count, self.writes * count)
+
+    def cost(self, pass_: str, itemsize: int) -> Cost:
+        """The Cost of a pass with elements of ``itemsize`` bytes.
+
+        ``fwd+bwd`` adds the backward: each stage's backward does two of its products (the
+        gradient of its inputs and of its weights), so three times the forward's FLOPs in all; it
+        reads the gradient of what the stage wrote and what the stage read, and writes the
+        gradients of what it read, so it moves the forward's elements plus those read once more.
+        """
+        if pass_ not in PASSES:
+            raise choice_error("pass_", pass_, PASSES)
+        if pass_ == "forward":
+            return Cost(self.flops, (self.reads + self.writes) * itemsize)
+        return Cost(3 * self.flops, (3 * self.reads + 2 * self.writes) * itemsize)
+
+
+def linear_stages(layers: Iterable[nn.Linear], rows: int) -> Stages:
+    """Each linear layer applied to ``rows`` rows (B·L): its product, reading its input and
+    writing its output once (its weights are counted with the parameters, ``parameter_reads``)."""
+    total = Stages()
+    for layer in layers:
+        total += Stages(2 * rows * layer.in_features * layer.out_features, rows * layer.in_features, rows * layer.out_features)
+    return total
+
+
+def parameter_reads(module: nn.Module, *excluded: nn.Module) -> Stages:
+    """Reading ``module``'s parameters once, those of the ``excluded`` submodules left out (they count their own)."""
+    skip = {id(p) for inner in excluded for p in inner.parameters()}
+    return Stages(reads=sum(p.numel() for p in module.parameters() if id(p) not in skip))
 
 
 class Mixer(nn.Module):
@@ -202,6 +271,44 @@ class Mixer(nn.Module):
 
     def cache_capacity(self) -> int | None:
         """The most tokens the streaming state can take in all; None when it takes any number."""
+        return None
+
+    def cost(self, batch_size: int, length: int, pass_: str = "forward") -> Cost | None:
+        """The minimum FLOPs and bytes of one pass over (B, L, D) on the path ``impl_for_tokens(L)`` runs.
+
+        What counts, for every mixer (``Stages``): FLOPs are those of the algorithm's linear
+        algebra, 2 per multiply-add (matrix products, convolution taps, a recurrence's updates and
+        readout, the carry between chunks, FFTs at 2.5·n·log2(n) per real transform of size n);
+        pointwise work (activations, gates, norms, softmax) is counted in neither FLOPs nor bytes,
+        as if fused into the stage beside it. Bytes are the input and the parameters read once,
+        the output written once, and every intermediate the algorithm passes from one stage to
+        the next written once and read once; caches, tiles and copies an implementation adds are
+        not counted. So the time a machine needs at least is max(FLOPs / its matmul rate,
+        bytes / its memory bandwidth), and measured / that time says how far a path is from it.
+        ``fwd+bwd`` is ``Stages.cost``'s rule: three times the FLOPs, the stages' elements read
+        three times and written twice. Each mixer's ``stages`` says which stages its paths have.
+
+        Args:
+            batch_size: B; length: L, both positive.
+            pass_: ``forward`` (eval mode, no autograd) or ``fwd+bwd`` (train mode).
+        Returns:
+            The Cost, or None when the mixer does not state its stages (a plugin may not).
+        """
+        name = type(self).__name__
+        require_int(name, "batch_size", batch_size, meaning="B, the number of sequences")
+        require_int(name, "length", length, meaning="L, tokens per sequence")
+        if pass_ not in PASSES:
+            raise choice_error(f"{name}.cost pass_", pass_, PASSES)
+        stages = self.stages(batch_size, length, pass_)
+        if stages is None:
+            return None
+        dtype = self.parameter_dtype() or torch.float32
+        return stages.cost(pass_, torch.finfo(dtype).bits // 8)
+
+    def stages(self, batch_size: int, length: int, pass_: str) -> Stages | None:
+        """The forward stages of one pass over (B, L) on the path ``impl_for_tokens(L)``, reading the
+        parameters included (``cost`` says what counts); None when not stated. ``pass_`` matters
+        where a path caches something in eval mode (the FFT path's kernel spectrum)."""
         return None
 
     @classmethod

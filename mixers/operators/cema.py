@@ -48,6 +48,8 @@ class CEMA(recurrence.RecurrenceMixer):
         chunk_size: C of the chunked path.
     """
 
+    complex_state = True
+
     def __init__(self, d_model: int, order: int = 16, causal: bool = True, impl: str | None = None, chunk_size: int = 64):
         require_bool("cema", "causal", causal)
         if not causal:

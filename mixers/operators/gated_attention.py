@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, State, compute_dtype
+from seqmix.contract import Mixer, Stages, State, compute_dtype, linear_stages, parameter_reads
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.layers.norms import RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
@@ -200,6 +200,31 @@ class GatedAttention(Mixer):
 
     def cache_capacity(self) -> int | None:
         return self.max_len if self.chunk_size is None else None
+
+    def stages(self, batch_size: int, length: int, pass_: str) -> Stages | None:
+        """The local mixer's stages, every projection (``linear_stages``), chunked attention and the residual.
+
+        The local mixer reads x (its norm fused into the read) and writes m. Every projection's
+        output is read once by a later stage, except the output projection's, which the residual
+        (reading x once more) turns into y. Attention runs over L padded to whole chunks of C (C = L
+        for full attention), computing all C² pairs of a chunk as the path does (causal ones masked):
+        q·k over S and weights·v over E, writing the (B, H, L/C, C, C) scores and the weights and
+        reading each once, and writing its output (B, L, E). The rotary bias is a (C, C) product of its own.
+        """
+        local = self.local.stages(batch_size, length, pass_)
+        if local is None:
+            return None
+        rows = batch_size * length
+        span = self.chunk_size if self.chunk_size is not None else length
+        padded = batch_size * -(-length // span) * span
+        projections = [module for name, module in self.named_modules() if isinstance(module, nn.Linear) and not name.startswith("local.")]
+        consumed = sum(rows * layer.out_features for layer in projections) - rows * self.d_model
+        scores = self.heads * padded * span
+        attention = Stages(2 * padded * span * (self.z_dim + self.v_dim), 2 * scores, 2 * scores + padded * self.v_dim)
+        if not self.normalized and self.position_bias == "rotary":
+            attention += Stages(2 * span * span * (self.z_dim // self.heads), 0, span * span)
+        return (local + linear_stages(projections, rows) + Stages(reads=consumed + rows * self.d_model) + attention
+                + parameter_reads(self, self.local))
 
     @staticmethod
     def local_class(options: dict) -> type[Mixer]:

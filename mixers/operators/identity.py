@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from seqmix.contract import Mixer
+from seqmix.contract import Mixer, Stages
 from seqmix.registry import register_mixer
 
 
@@ -22,6 +22,10 @@ class Identity(Mixer):
     @property
     def receptive_field(self) -> int:
         return 1
+
+    def stages(self, batch_size: int, length: int, pass_: str) -> Stages:
+        """Nothing: the output is the input tensor itself, neither computed nor copied."""
+        return Stages()
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         return x

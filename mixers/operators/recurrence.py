@@ -19,6 +19,7 @@ Three paths compute the same function of (x, h0):
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops import scan
 
-from seqmix.contract import Mixer, token_count_is_dynamic
+from seqmix.contract import Mixer, Stages, parameter_reads, token_count_is_dynamic
 from seqmix.operators import masking
 
 _UNROLL_CHUNKS = False
@@ -379,11 +380,68 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, spectrum:
     return y, (h_re, h_im)
 
 
+# FLOPs per state element of the elementwise linear algebra, real / complex recurrence:
+# the update h = q·h + b·x (real: 2 multiplies, 1 add; complex: q·h is 4 multiplies and 2 adds, b·x
+# adds 2 more), its readout Re Σ_n c·h (real: 1 multiply-add; complex: 2), the carry q^C·H + fed.
+UPDATE_FLOPS = {False: 3, True: 8}
+READOUT_FLOPS = {False: 2, True: 4}
+CARRY_FLOPS = {False: 2, True: 8}
+
+
+def fft_flops(size: int) -> float:
+    """FLOPs of one real FFT (or inverse) of ``size`` points: 2.5·n·log2(n), half a complex one's 5·n·log2(n)."""
+    return 2.5 * size * math.log2(size)
+
+
+def path_stages(impl: str, batch: int, length: int, width: int, order: int, chunk_size: int, complex_: bool,
+                cached_spectrum: bool) -> Stages:
+    """The stages of one direction of the recurrence on ``impl`` over x (B, L, D), without the parameters.
+
+    Each path reads x and writes y (B, L, D) once; where y is written by another stage than the one
+    that read x, the output's ω·x term reads x once more. What else each must pass between its stages:
+
+    - ``recurrent``: nothing; the (B, D, N) state stays in cache from one step to the next.
+    - ``chunked`` (L padded to nC·C): the per-chunk weights built from the parameters, (D, C, C + kN)
+      (the Toeplitz block beside the input weights; k = 2 for a complex state) and (D, kN, C) (the
+      readout); the intra-chunk outputs (B, nC·C, D); what each chunk feeds the state, and the state
+      at each chunk's start, (B, nC, D, kN) each. The Toeplitz block is counted dense, C² per chunk
+      and channel, as the path computes it with a plain matrix product.
+    - ``fft`` (size n = 2L): x's spectrum (B, D, L + 1) complex; the kernel spectrum (D, L + 1) read,
+      cached in eval mode without autograd, else computed from the kernel (D, L) first.
+    """
+    k = 2 if complex_ else 1
+    sequence = batch * length * width
+    if impl == "recurrent":
+        return Stages(sequence * order * (UPDATE_FLOPS[complex_] + READOUT_FLOPS[complex_]), sequence, sequence)
+    if impl == "chunked":
+        chunks = -(-length // chunk_size)
+        padded = batch * chunks * chunk_size * width
+        states = batch * chunks * width * k * order
+        feed_weights, readout_weights = width * chunk_size * (chunk_size + k * order), width * k * order * chunk_size
+        weights = Stages(2 * k * width * order * chunk_size, 0, feed_weights + readout_weights)
+        intra = Stages(2 * padded * (chunk_size + k * order), sequence + feed_weights, padded + states)
+        carry = Stages(CARRY_FLOPS[complex_] * batch * chunks * width * order, states, states)
+        readout = Stages(2 * padded * k * order, states + readout_weights + padded + sequence, sequence)
+        return weights + intra + carry + readout
+    size, bins = 2 * length, length + 1
+    spectra = 2 * batch * width * bins  # complex (B, D, L + 1) as real numbers
+    kernel = Stages() if cached_spectrum else Stages(
+        2 * k * width * order * length + width * fft_flops(size), width * length, width * length + 2 * width * bins
+    )
+    transform = Stages(batch * width * fft_flops(size), sequence, spectra)
+    # The product with the kernel spectrum (6 FLOPs per complex bin) runs inside the inverse transform's read.
+    inverse = Stages(batch * width * (fft_flops(size) + 6 * bins), spectra + 2 * width * bins + sequence, sequence)
+    return kernel + transform + inverse
+
+
 class RecurrenceMixer(Mixer):
     """Base of the mixers this engine computes (EMA, CEMA): their paths and what they tell the rest of seqmix.
 
-    Subclasses set ``chunk_size`` (C of the chunked path) and ``order`` (N) and run ``run``.
+    Subclasses set ``chunk_size`` (C of the chunked path), ``order`` (N) and ``complex_state`` (a
+    complex h, as real and imaginary parts), and run ``run``.
     """
+
+    complex_state: ClassVar[bool] = False
 
     impls: ClassVar[tuple[str, ...]] = tuple(PATHS)
     default_impl: ClassVar[str] = "chunked"
@@ -422,6 +480,19 @@ class RecurrenceMixer(Mixer):
 
     def length_unit(self) -> int:
         return self.chunk_size
+
+    @property
+    def directions(self) -> int:
+        """Recurrences run per call: 2 for a bidirectional mixer, one per direction."""
+        return 1 if self.causal else 2
+
+    def stages(self, batch_size: int, length: int, pass_: str) -> Stages:
+        """``path_stages`` once per direction; a second direction also reads the first one's output to add it."""
+        impl = self.impl_for_tokens(length)
+        cached = impl == "fft" and pass_ == "forward"
+        one = path_stages(impl, batch_size, length, self.d_model, self.order, self.chunk_size, self.complex_state, cached)
+        combine = Stages(reads=(self.directions - 1) * batch_size * length * self.d_model)
+        return one * self.directions + combine + parameter_reads(self)
 
     @classmethod
     def search_knobs(cls, options: dict) -> dict[str, int]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, compute_dtype
+from seqmix.contract import Mixer, Stages, compute_dtype, linear_stages, parameter_reads
 from seqmix.errors import SeqmixError, require_bool, require_int
 from seqmix.layers.positions import rotary
 from seqmix.operators import kv_cache, masking
@@ -113,6 +113,24 @@ class SoftmaxAttention(Mixer):
 
     def cache_capacity(self) -> int | None:
         return self.max_len if self.window is None else None
+
+    def stages(self, batch_size: int, length: int, pass_: str) -> Stages:
+        """The qkv projection, attention and the output projection (``linear_stages``).
+
+        Attention reads q, k, v (B, L, 3D) and writes its output (B, L, D), with q·k and weights·v
+        over the pairs the path computes: on ``sdpa`` without a window, the L(L+1)/2 visible ones
+        when causal (the fused kernel skips the blocks above the diagonal); otherwise all L² (a
+        window's mask is applied to the full product). ``math`` also writes the (B, H, L, L) scores
+        and the softmax weights and reads each once; the fused kernel never materialises them.
+        """
+        rows = batch_size * length
+        fused = self.impl == "sdpa"
+        pairs = length * (length + 1) // 2 if fused and self.causal and self.window is None else length * length
+        attention = Stages(4 * batch_size * pairs * self.d_model, 3 * rows * self.d_model, rows * self.d_model)
+        if not fused:
+            scores = batch_size * self.heads * length * length
+            attention += Stages(0, 2 * scores, 2 * scores)
+        return linear_stages((self.qkv, self.out), rows) + attention + parameter_reads(self)
 
     def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (B, H, T, D/H) for x (B, T, D) at ``positions`` broadcastable to (B, 1, T)."""

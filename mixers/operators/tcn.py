@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer
+from seqmix.contract import Mixer, Stages, parameter_reads
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.registry import register_mixer
 
@@ -117,6 +117,14 @@ class TCN(Mixer):
 
     def complexity(self) -> str:
         return "O(L·K·depth·D)"
+
+    def stages(self, batch_size: int, length: int, pass_: str) -> Stages:
+        """One stage per layer, on either path (the same K multiply-adds per output): it reads the
+        layer's input and writes its output (B, L, D), so every hidden sequence between two layers is
+        written once and read once; the last reads x once more for the output's ω·x term."""
+        sequence = batch_size * length * self.d_model
+        layer = Stages(2 * sequence * self.kernel_size, sequence, sequence)
+        return layer * self.depth + Stages(reads=sequence) + parameter_reads(self)
 
     @classmethod
     def search_knobs(cls, options: dict) -> dict[str, int]:

@@ -1,0 +1,162 @@
+"""The roofline: every mixer's stated cost (``Mixer.cost``) against independent counts, the machine's
+measured rates, and measured ÷ minimum in the benchmark's output.
+
+FLOPs are checked against ``torch.utils.flop_counter.FlopCounterMode`` run on the path itself. It
+counts matrix products and convolutions (forward and backward) but not elementwise arithmetic, so
+the recurrences' elementwise updates and the carry between chunks are added by a hand count here;
+it does not count FFTs either, so the FFT path is checked by how its count grows with L.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import seqmix
+from seqmix import SeqmixError
+from seqmix.contract import PASSES, Cost
+
+# (mixer, options, FLOPs of its elementwise linear algebra per (B, L, D, N, chunks)), the paths the counter sees.
+REAL_UPDATE, COMPLEX_UPDATE = 3, 8  # h = q·h + b·x per state element: real 2 mul + 1 add; complex q·h 6, + b·x 2
+REAL_CARRY, COMPLEX_CARRY = 2, 8  # H = q^C·H + fed per state element and chunk
+
+
+def _elementwise(name: str, impl: str, batch: int, length: int, width: int, order: int, chunk: int) -> int:
+    """FLOPs the counter cannot see: the recurrence's updates (recurrent) or the carry (chunked)."""
+    if name not in ("ema", "cema"):
+        return 0
+    complex_ = name == "cema"
+    if impl == "recurrent":
+        return (COMPLEX_UPDATE if complex_ else REAL_UPDATE) * batch * length * width * order
+    return (COMPLEX_CARRY if complex_ else REAL_CARRY) * batch * (length // chunk) * width * order
+
+
+def _counted_flops(mixer, x: torch.Tensor, pass_: str) -> int:
+    """FLOPs FlopCounterMode counts for one pass of ``mixer`` on x, as the benchmark runs it."""
+    if pass_ == "forward":
+        mixer.eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            mixer(x)
+    else:
+        mixer.train()
+        x = x.clone().requires_grad_(True)
+        with FlopCounterMode(display=False) as counter:
+            mixer(x).sum().backward()
+    return counter.get_total_flops()
+
+
+SUBJECTS = st.sampled_from([
+    ("ema", {"impl": "chunked"}), ("ema", {"impl": "recurrent"}), ("ema", {"impl": "chunked", "causal": False}),
+    ("cema", {"impl": "chunked"}), ("cema", {"impl": "recurrent"}), ("tcn", {"impl": "conv"}),
+    ("softmax_attention", {"impl": "math"}), ("softmax_attention", {"impl": "math", "causal": False, "heads": 2}),
+    ("gated_attention", {"local": "identity"}), ("gated_attention", {"local": "identity", "position_bias": "rotary", "heads": 2}),
+    ("gated_attention", {"local": "ema", "attention": "laplace"}), ("identity", {}),
+])
+
+
+# Two chunks at least: with one, every chunk starts from the constant zero state, and autograd skips
+# the gradient of the readout's (zero) state operand that the stated count includes.
+@settings(max_examples=40, deadline=None)
+@given(subject=SUBJECTS, batch=st.integers(1, 2), chunks=st.integers(2, 4), chunk=st.sampled_from([4, 8]),
+       order=st.sampled_from([2, 4]), pass_=st.sampled_from(PASSES))
+def test_stated_flops_equal_the_flop_counter_plus_the_elementwise_recurrence(subject, batch, chunks, chunk, order, pass_):
+    name, options = subject
+    # FlopCounterMode ignores groups in convolution_backward's weight gradient: D times a depthwise
+    # convolution's true count. The TCN's backward is left to the 3x rule checked below.
+    assume(not (name == "tcn" and pass_ == "fwd+bwd"))
+    width, length = 8, chunks * chunk
+    options = dict(options)
+    if name in ("ema", "cema"):
+        options.update(order=order, chunk_size=chunk)
+    elif name == "gated_attention":
+        options.update(chunk_size=chunk)
+        if options["local"] == "ema":
+            options["local_options"] = {"order": order, "chunk_size": chunk}
+    torch.manual_seed(0)
+    mixer = seqmix.build_mixer(name, width, **options)
+    impl = mixer.impl_for_tokens(length)
+    counted = _counted_flops(mixer, torch.randn(batch, length, width), pass_)
+    local = options.get("local")
+    extra = _elementwise(name, impl, batch, length, width, order, chunk)
+    if local == "ema":
+        extra += _elementwise("ema", mixer.local.impl_for_tokens(length), batch, length, width, order, chunk)
+    if not mixer.causal:
+        extra *= 2  # one recurrence per direction
+    stated = mixer.cost(batch, length, pass_)
+    assert stated.flops == counted + (3 if pass_ == "fwd+bwd" else 1) * extra
+
+
+def _every_path():
+    for name in seqmix.list_mixers():
+        for impl in seqmix.mixer_class(name).impls:
+            yield name, impl
+
+
+@pytest.mark.parametrize("name, impl", list(_every_path()))
+def test_every_mixer_and_path_states_a_cost_that_moves_its_input_and_output(name, impl):
+    mixer = seqmix.build_mixer(name, 16, impl=impl)
+    for length in (64, 256):
+        forward, both = mixer.cost(2, length, "forward"), mixer.cost(2, length, "fwd+bwd")
+        assert isinstance(forward, Cost) and isinstance(both, Cost)
+        if name == "identity":  # returns its input: nothing to compute, nothing to move
+            assert forward == both == Cost(0, 0)
+            continue
+        assert forward.flops > 0 and forward.bytes >= 2 * 2 * length * 16 * 4  # x read and y written, float32
+        assert both.bytes > 2 * forward.bytes
+        # Training computes the FFT path's kernel spectrum, which the eval forward reads from its cache.
+        assert both.flops > 3 * forward.flops if impl == "fft" else both.flops == 3 * forward.flops
+
+
+def _grows(name: str, impl: str, lengths, pass_: str = "forward", batch: int = 1, **options) -> list[Cost]:
+    mixer = seqmix.build_mixer(name, 16, impl=impl, **options)
+    return [mixer.cost(batch, length, pass_) for length in lengths]
+
+
+@settings(max_examples=25, deadline=None)
+@given(chunks=st.integers(1, 50), batch=st.integers(1, 3), pass_=st.sampled_from(PASSES),
+       subject=st.sampled_from([("ema", "chunked"), ("cema", "chunked"), ("ema", "recurrent"), ("tcn", "conv"), ("tcn", "taps"),
+                                ("gated_attention", "reference")]))
+def test_linear_paths_cost_an_affine_function_of_the_length(chunks, batch, pass_, subject):
+    """In whole chunks (128, a multiple of every default chunk size) equal steps in L add equal work, FLOPs and bytes."""
+    name, impl = subject
+    one, two, three = _grows(name, impl, [128 * chunks, 256 * chunks, 384 * chunks], pass_, batch)
+    assert two.flops - one.flops == three.flops - two.flops > 0
+    assert two.bytes - one.bytes == three.bytes - two.bytes > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(8, 4096), causal=st.booleans())
+def test_attention_costs_grow_quadratically_and_its_fused_kernel_moves_no_scores(length, causal):
+    math_path = _grows("softmax_attention", "math", [length, 2 * length, 3 * length], causal=causal)
+    fused = _grows("softmax_attention", "sdpa", [length, 2 * length, 3 * length], causal=causal)
+    # Second differences of a quadratic are constant and positive.
+    for costs in (math_path, fused):
+        assert costs[2].flops - 2 * costs[1].flops + costs[0].flops > 0
+    # Causal: the fused kernel computes only the L(L+1)/2 visible pairs, the math path all L².
+    assert fused[0].flops <= math_path[0].flops and (fused[0].flops < math_path[0].flops) == causal
+    # The math path writes and reads the (B, H, L, L) scores and weights; the fused kernel never does.
+    assert math_path[0].bytes - fused[0].bytes == 4 * 4 * 4 * length * length
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(64, 1 << 16))
+def test_the_fft_path_grows_as_l_log_l(length):
+    """An FFT of size 2L costs 2.5·2L·log2(2L): doubling L multiplies the FLOPs by a bit over 2, by
+    2·log2(4L)/log2(2L) at most, and the eval forward reads the cached kernel spectrum instead of computing it."""
+    short, long_ = _grows("ema", "fft", [length, 2 * length])
+    ratio = long_.flops / short.flops
+    assert 2 < ratio <= 2 * math.log2(4 * length) / math.log2(2 * length) + 1e-9
+    training_short, = _grows("ema", "fft", [length], "fwd+bwd")
+    assert training_short.flops > 3 * short.flops  # training computes the kernel and its spectrum
+
+
+def test_cost_refuses_bad_arguments_naming_them():
+    mixer = seqmix.build_mixer("ema", 8)
+    with pytest.raises(SeqmixError, match="pass_='backward'.*fwd\\+bwd"):
+        mixer.cost(1, 64, "backward")
+    with pytest.raises(SeqmixError, match="length=0"):
+        mixer.cost(1, 0)
