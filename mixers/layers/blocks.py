@@ -11,13 +11,23 @@ Residual rules, for input x (B, L, D):
     auto:    gated for a mixer with its own residual, else pre.
 
 Without an FFN the block returns h.
+
+Activation recomputation (``recompute``): ``none`` keeps every activation for the backward pass;
+``mixer`` keeps only the mixer's input and runs the mixer again in the backward pass; ``block``
+does so for the whole block, so a block keeps only its input (B, L, D). It is active only in a
+training-mode forward with gradients enabled, outside export and tracing; ``step`` never
+recomputes. The gradients are those of ``none``: the recomputation replays the random state
+(dropout masks) of the forward it repeats.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from seqmix.contract import Mixer, State
 from seqmix.errors import SeqmixError, choice_error, require_bool
@@ -25,6 +35,17 @@ from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+Recompute = Literal["none", "mixer", "block"]
+"""What a block's backward pass recomputes instead of keeping (see the module docstring). Not a plain
+``str`` annotation, so that a value of the wrong type reaches ``require_recompute`` and is refused
+with the accepted values."""
+RECOMPUTE: tuple[str, ...] = get_args(Recompute)
+
+
+def require_recompute(field: str, value) -> None:
+    """Raise unless ``value`` is one of ``RECOMPUTE``; ``field`` names the option in the message."""
+    if not isinstance(value, str) or value not in RECOMPUTE:
+        raise choice_error(field, value, RECOMPUTE)
 
 
 class FeedForward(nn.Module):
@@ -68,6 +89,8 @@ class Block(nn.Module):
         ffn: the feed-forward network, or None for a mixer-only block.
         norm: factory of the block's norms, called with D.
         residual: one of ``RESIDUALS``.
+        recompute: one of ``RECOMPUTE``: what the backward pass recomputes instead of keeping
+            (see the module docstring).
     """
 
     def __init__(
@@ -77,10 +100,12 @@ class Block(nn.Module):
         ffn: nn.Module | None = None,
         norm: Callable[[int], nn.Module] = LayerNorm,
         residual: str = "auto",
+        recompute: Recompute = "none",
     ):
         super().__init__()
         if residual not in RESIDUALS:
             raise choice_error("block.residual", residual, RESIDUALS)
+        require_recompute("block.recompute", recompute)
         if not isinstance(mixer, Mixer):
             raise SeqmixError(f"block: mixer must be a seqmix Mixer, got {type(mixer).__name__}")
         if mixer.d_model != d_model:
@@ -102,6 +127,7 @@ class Block(nn.Module):
             raise SeqmixError("block: residual='two_hop' joins the mixer and the FFN; it needs an ffn")
         self.d_model = d_model
         self.residual = residual
+        self.recompute = recompute
         self.mixer = mixer
         self.ffn = ffn
         self.norm1 = norm(d_model) if residual in ("pre", "post") else None
@@ -120,15 +146,36 @@ class Block(nn.Module):
         base = x if self.residual == "two_hop" else h
         return base + self.ffn(self.norm2(h))
 
+    def _recomputes(self, part: str) -> bool:
+        """True when this forward should recompute ``part`` (``mixer`` or ``block``) in the backward pass."""
+        if self.recompute != part or not (self.training and torch.is_grad_enabled()):
+            return False
+        # An exported or traced graph is an inference graph: a checkpoint there would only add a
+        # higher-order op that exporters and runtimes do not need. torch.compile traces it.
+        return not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+
+    def _mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """The mixer on x (B, L, D), recomputed in the backward pass under ``recompute=mixer``."""
+        if self._recomputes("mixer"):
+            # Non-reentrant: works under torch.compile and DDP, and with inputs that need no
+            # gradient. It saves and restores the RNG state (the default), so dropout replays its mask.
+            return checkpoint(self.mixer, x, padding_mask, use_reentrant=False)
+        return self.mixer(x, padding_mask)
+
+    def _forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        if self.residual == "pre":
+            h = x + self._mix(self.norm1(x), padding_mask)
+        elif self.residual == "post":
+            h = self.norm1(x + self._mix(x, padding_mask))
+        else:
+            h = self._mix(x, padding_mask)
+        return self._finish(x, h)
+
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """(B, L, D) -> (B, L, D); padding_mask (B, L) bool, True at padding."""
-        if self.residual == "pre":
-            h = x + self.mixer(self.norm1(x), padding_mask)
-        elif self.residual == "post":
-            h = self.norm1(x + self.mixer(x, padding_mask))
-        else:
-            h = self.mixer(x, padding_mask)
-        return self._finish(x, h)
+        if self._recomputes("block"):
+            return checkpoint(self._forward, x, padding_mask, use_reentrant=False)
+        return self._forward(x, padding_mask)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """The mixer's streaming state (norms and FFN are position-wise and hold none)."""

@@ -65,7 +65,7 @@ INJECTED = {
 MODEL_OPTIONS = {
     "vocab_size": None, "d_model": None, "layers": None, "mixers": {}, "depth": None,
     "block": {"residual": "auto"}, "ffn": None, "norm": {"norm": "layernorm"}, "final_norm": None,
-    "head": {"head": "causal_lm"}, "positions": "none", "max_len": 2048, "tie_embeddings": False,
+    "head": {"head": "causal_lm"}, "positions": "none", "max_len": 2048, "tie_embeddings": False, "recompute": None,
 }
 """Every top-level key of a description, with its default (None for the sizes, which are required)."""
 
@@ -264,4 +264,5 @@ def build_described_model(description: Mapping, device=None) -> nn.Module:
             positions=description["positions"],
             max_len=description["max_len"],
             tie_embeddings=description["tie_embeddings"],
+            recompute=description["recompute"],
         )

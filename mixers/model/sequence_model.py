@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import State
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
-from seqmix.layers.blocks import Block
+from seqmix.layers.blocks import Block, Recompute, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
 from seqmix.registry import build_mixer, list_mixers
@@ -276,6 +276,7 @@ def build_model(
     positions: str = "none",
     max_len: int = 2048,
     tie_embeddings: bool = False,
+    recompute: Recompute | None = None,
 ) -> SequenceModel:
     """Compose a model from factories: the Hydra target of every ``conf/model`` preset.
 
@@ -288,8 +289,12 @@ def build_model(
         block: block factory taking (d_model, mixer, ffn, norm).
         ffn, norm, head, final_norm: factories taking D (the head: D and V); ffn and
             final_norm may be None.
+        recompute: the activation recomputation of every block (``none``, ``mixer`` or ``block``;
+            ``seqmix.Block``), passed to the block factory; None leaves each block's own.
         Others as in ``SequenceModel``.
     """
+    if recompute is not None:
+        require_recompute("model.recompute", recompute)
     mixers = dict(mixers or {})
     pattern = list(layers)
     if not pattern:
@@ -316,8 +321,9 @@ def build_model(
                     f"({sorted(mixers)}) nor registered ({list_mixers()})"
                 )
         factories.append(layer)
+    every_block = {} if recompute is None else {"recompute": recompute}
     blocks = [
-        block(d_model=d_model, mixer=factory(d_model), ffn=None if ffn is None else ffn(d_model), norm=norm)
+        block(d_model=d_model, mixer=factory(d_model), ffn=None if ffn is None else ffn(d_model), norm=norm, **every_block)
         for factory in factories
     ]
     return SequenceModel(
