@@ -87,6 +87,23 @@ def test_ratios_memory_and_slopes_are_computed(smoke):
     assert fitted[("tcn", "executorch", "forward")].slope is None  # one length only
 
 
+def test_every_measured_seqmix_row_is_set_against_the_roofline(smoke):
+    _, result, _ = smoke
+    cpu = result.machine["cpu"]
+    assert cpu.matmul_gflops > 0 and cpu.bandwidth_gbs > 0 and cpu.threads == torch.get_num_threads()
+    for row in result.rows:
+        if row.status != "measured" or row.kind == "peer":  # a peer's algorithm states no cost
+            assert row.vs_minimum is None and row.minimum_ms is None, row
+            continue
+        assert row.flops > 0 and row.bytes > 0, row
+        assert row.minimum_ms == pytest.approx(max(row.flops / cpu.matmul_gflops, row.bytes / cpu.bandwidth_gbs) / 1e6)
+        assert row.vs_minimum == pytest.approx(row.time_ms / row.minimum_ms) and row.bound in ("compute", "memory")
+    # The exported graph runs the path eager does here, so the same cost; the backward triples the FLOPs.
+    by_key = {(r.subject, r.runtime, r.pass_, r.length): r for r in result.rows}
+    assert by_key[("tcn", "onnxruntime", "forward", 32)].flops == by_key[("tcn", "eager", "forward", 32)].flops
+    assert by_key[("tcn", "eager", "fwd+bwd", 32)].flops == 3 * by_key[("tcn", "eager", "forward", 32)].flops
+
+
 def test_results_files_and_plots_are_written(smoke):
     spec, result, paths = smoke
     names = {path.name for path in paths}
@@ -106,7 +123,10 @@ def test_results_files_and_plots_are_written(smoke):
         assert heading in report
     assert "Times: median (fastest–slowest run) in ms" in report
     tcn = next(r for r in result.rows if (r.subject, r.runtime, r.pass_, r.length) == ("tcn", "eager", "forward", 32))
-    assert f"| tcn | 32 | {bench_report.time_range(tcn)}" in report
+    assert f"| tcn | 32 | {bench_report.time_range(tcn)}, {bench_report._number(tcn.vs_minimum, '× min')} |" in report
+    assert "### Roofline" in report and result.machine["cpu"].describe() in report
+    assert data["roofline"]["cpu"]["matmul_gflops"] == result.machine["cpu"].matmul_gflops
+    assert float(table[0]["vs_minimum"]) > 0
     assert table[0]["time_low_ms"] and table[0]["time_high_ms"]
 
 
@@ -251,7 +271,10 @@ def test_operator_sweep_command_line_writes_json_csv_and_report(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "estimated attention scores" in done.stdout and "Times: median (fastest–slowest run) in ms" in done.stdout
     assert "### Claims and targets" in done.stdout
+    # Measured ÷ minimum beside every time, and the machine's rates it divides by.
+    assert "× min |" in done.stdout and "GFLOP/s" in done.stdout and "GB/s" in done.stdout
     data = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert all(row["vs_minimum"] > 0 for row in data["rows"] if row["status"] == "measured")
     assert len(data["rows"]) == (3 + 2) * len(PASSES) * 2 and len(data["claims"]) == 9
     csv_lines = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
     assert csv_lines[0].startswith("kind,subject,runtime,pass,length") and len(csv_lines) == 1 + len(data["rows"])

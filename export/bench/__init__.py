@@ -19,6 +19,8 @@ The modules, in the order a run uses them:
 - ``runtimes``: the one runtime catalogue (``RUNTIMES``): what each runtime is, what it needs,
   how a subject is prepared on it. ``export.latency`` names its runtimes from it too.
 - ``measure``: how a pass runs, peak memory, the environment; times come from ``seqmix.timing``.
+- ``roofline``: the machine's matmul rate and memory bandwidth, measured once per run, and each
+  subject's minimum FLOPs and bytes (``Mixer.cost``): measured ÷ minimum beside every time.
 - ``run``: ``run_grid``, ``run_claims``, ``run_lowering``, ``run_bench``.
 - ``lowering``: the lowering mode's measurements (step cost growth, compiled training, matmul throughput).
 - ``results``: the rows and results, ratios, slopes, peer comparisons, claims judged.
@@ -27,6 +29,7 @@ The modules, in the order a run uses them:
 from .peers import PEERS, Peer, peer_unavailable
 from .report import CSV_FIELDS, format_claims, format_grid_report, write_claims, write_grid_results
 from .results import ClaimOutcome, ClaimsResult, GridResult, GridRow, GridSlope, LoweringResult, Measurement, PeerComparison
+from .roofline import MachineRates, measure_machine, subject_cost
 from .run import BenchRun, run_bench, run_claims, run_grid, run_lowering
 from .runtimes import GPU_RUNTIMES, RUNTIMES, TRAINING_RUNTIMES, Runtime, require_runtime, runtime_unavailable
 from .spec import BenchSpec, Claim, LoweringSpec, check_spec, compose_bench_config, compose_bench_spec, plan_claims, plan_grid
@@ -34,8 +37,8 @@ from .subjects import Subject
 
 __all__ = [
     "BenchRun", "BenchSpec", "CSV_FIELDS", "Claim", "ClaimOutcome", "ClaimsResult", "GPU_RUNTIMES", "GridResult", "GridRow",
-    "GridSlope", "LoweringResult", "LoweringSpec", "Measurement", "PEERS", "Peer", "PeerComparison", "RUNTIMES", "Runtime",
-    "Subject", "TRAINING_RUNTIMES", "check_spec", "compose_bench_config", "compose_bench_spec", "format_claims",
-    "format_grid_report", "peer_unavailable", "plan_claims", "plan_grid", "require_runtime", "run_bench", "run_claims",
-    "run_grid", "run_lowering", "runtime_unavailable", "write_claims", "write_grid_results",
+    "GridSlope", "LoweringResult", "LoweringSpec", "MachineRates", "Measurement", "PEERS", "Peer", "PeerComparison", "RUNTIMES",
+    "Runtime", "Subject", "TRAINING_RUNTIMES", "check_spec", "compose_bench_config", "compose_bench_spec", "format_claims",
+    "format_grid_report", "measure_machine", "peer_unavailable", "plan_claims", "plan_grid", "require_runtime", "run_bench",
+    "run_claims", "run_grid", "run_lowering", "runtime_unavailable", "subject_cost", "write_claims", "write_grid_results",
 ]

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-PASSES = ("forward", "fwd+bwd")
+from seqmix.contract import PASSES
+
 # Versions recorded with every result, besides torch's and Python's.
 VERSIONED = ("onnxruntime", "executorch", "torch-tensorrt", "tensorrt", "mega-pytorch", "pytorch-tcn")
 

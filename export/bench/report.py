@@ -1,6 +1,7 @@
 """The benchmark's reports: Markdown (``report.md``, ``claims.md``), CSV and JSON, and the plots.
 
-Times are the median of the timed runs with the fastest–slowest run beside them; every table is
+Times are the median of the timed runs with the fastest–slowest run beside them, then measured ÷
+minimum (``12× min``: the time over the least the machine allows, ``roofline``); every table is
 drawn by ``seqmix.tables.markdown_table``; cells not measured are grouped by reason under
 *Not measured*, so a missing runtime is one line, not forty.
 """
@@ -56,6 +57,34 @@ def time_range(measured: GridRow | Measurement) -> str:
     return f"{_number(measured.time_ms)} ({_number(measured.time_low_ms)}–{_number(measured.time_high_ms)})"
 
 
+def time_and_minimum(row: GridRow) -> str:
+    """``7.92 (7.8–8.1), 12× min``: ``time_range`` and measured ÷ minimum, when the subject states its cost."""
+    if row.vs_minimum is None:
+        return time_range(row)
+    return f"{time_range(row)}, {_number(row.vs_minimum, '× min')}"
+
+
+def roofline_lines(result: GridResult) -> list[str]:
+    """The machine's rates and, on the shown runtime, each measured row's minimum work, time and ratio."""
+    if not result.machine:
+        return []
+    lines = ["### Roofline (measured ÷ minimum; minimum = max(FLOPs / matmul rate, bytes / bandwidth))", ""]
+    lines += [f"- {rates.describe()}" for rates in result.machine.values()]
+    runtime = shown_runtime(result.spec)
+    rows = [r for r in result.rows if r.runtime == runtime and r.vs_minimum is not None]
+    if rows:
+        body = [
+            [r.subject, r.pass_, str(r.length), f"{r.flops / 1e9:.3g}", f"{r.bytes / 1e6:.3g}", r.bound, _number(r.minimum_ms),
+             time_range(r), _number(r.vs_minimum, "×")]
+            for r in rows
+        ]
+        header = ["subject", "pass", "L", "GFLOP", "MB moved", "bound", "minimum ms", "measured ms", "measured ÷ minimum"]
+        lines += ["", f"On {runtime}. FLOPs and bytes are the minimum of each algorithm on the paths that ran (`Mixer.cost`; "
+                  "a preset adds the linear layers outside its mixers and counts no embedding or norm, a lower bound).", "",
+                  markdown_table(header, body)]
+    return lines + [""]
+
+
 def _cell_text(row: GridRow | None, text: Callable[[GridRow], str]) -> str:
     """``text(row)`` for a measured row (``*`` when a run exceeded the time budget), else skip/FAIL."""
     if row is None:
@@ -80,7 +109,8 @@ def format_grid_report(result: GridResult) -> str:
         "## Benchmark grid",
         "",
         _machine_line(result.environment, spec) + f". Mixers and peers at D={spec.width}, presets at their own width. "
-        "Times: median (fastest–slowest run) in ms. `skip`/`FAIL`: see *Not measured*; `*`: a run exceeded the time budget.",
+        "Times: median (fastest–slowest run) in ms, then measured ÷ minimum (`× min`, see *Roofline*). "
+        "`skip`/`FAIL`: see *Not measured*; `*`: a run exceeded the time budget.",
         "",
     ]
     busy = busy_line([r.load for r in rows if r.status == "measured"])
@@ -90,12 +120,13 @@ def format_grid_report(result: GridResult) -> str:
         shown = [r for r in runtimes if pass_ == "forward" or r in TRAINING_RUNTIMES]
         lines += [f"### Time (ms), {pass_}", ""]
         body = [
-            [label, str(length)] + [_cell_text(index.get((label, r, pass_, length)), time_range) for r in shown]
+            [label, str(length)] + [_cell_text(index.get((label, r, pass_, length)), time_and_minimum) for r in shown]
             for _, label in subjects
             for length in spec.lengths
             if any(index.get((label, r, pass_, length)) for r in shown)
         ]
         lines += [markdown_table(["subject", "L", *shown], body), ""]
+    lines += roofline_lines(result)
     memory_runtimes = [r for r in runtimes if r in TRAINING_RUNTIMES]
     if memory_runtimes:
         lines += ["### Peak memory (MiB)", ""]

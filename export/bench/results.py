@@ -8,17 +8,21 @@ L / this time; ``baseline.mixer`` for mixers and peers, ``baseline.preset`` for 
 ``memory_vs_baseline`` (this peak / the baseline's), per peer ``seqmix_speedup`` (peer time /
 seqmix time) and ``memory_ratio`` (seqmix peak / peer peak), and per claim its metric
 (``spec.Claim``). Slopes are least-squares fits of log(time) against log(L); 1 is linear, 2 quadratic.
+``vs_minimum`` is the time over the least time the machine allows the subject's algorithm, from
+its FLOPs and bytes and the machine's rates measured in the same run (``roofline``).
 """
 from __future__ import annotations
 
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from seqmix.contract import Cost
 from seqmix.timing import Timing
 
 from .peers import PEERS
+from .roofline import MachineRates
 from .runtimes import RUNTIMES
 from .spec import BenchSpec, Claim, spec_dict
 
@@ -33,7 +37,10 @@ class GridRow:
     """One grid cell's outcome; ``status`` is ``measured``, ``skipped`` or ``failed`` (then ``reason``).
 
     ``time_ms`` is the median of the timed runs, ``time_low_ms`` and ``time_high_ms`` the fastest
-    and the slowest; ``load`` the machine's load average when it exceeded its cores.
+    and the slowest; ``load`` the machine's load average when it exceeded its cores. ``flops`` and
+    ``bytes`` are the minimum work of the pass on the paths that ran (``roofline.subject_cost``; None
+    for a peer), ``minimum_ms`` the least time the machine allows it and ``bound`` which limit sets
+    that time (``compute`` or ``memory``), ``vs_minimum`` = ``time_ms`` / ``minimum_ms``.
     """
 
     kind: str
@@ -50,6 +57,11 @@ class GridRow:
     time_high_ms: float | None = None
     peak_mib: float | None = None
     tokens_per_s: float | None = None
+    flops: float | None = None
+    bytes: float | None = None
+    minimum_ms: float | None = None
+    vs_minimum: float | None = None
+    bound: str | None = None
     runs: int = 0
     load: float | None = None
     setup_s: float | None = None
@@ -103,7 +115,8 @@ class PeerComparison:
 
 @dataclass
 class GridResult:
-    """Everything ``run_grid`` produced; ``outcomes`` are its claims judged from its rows."""
+    """Everything ``run_grid`` produced; ``outcomes`` are its claims judged from its rows, ``machine``
+    the rates of each device its rows are set against ({device: MachineRates})."""
 
     spec: BenchSpec
     environment: dict
@@ -111,6 +124,7 @@ class GridResult:
     slopes: list[GridSlope]
     peers: list[PeerComparison]
     outcomes: list[ClaimOutcome]
+    machine: dict[str, MachineRates] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -124,6 +138,7 @@ class GridResult:
             "slopes": [slope.to_dict() for slope in self.slopes],
             "peers": [peer.to_dict() for peer in self.peers],
             "claims": [outcome.to_dict() for outcome in self.outcomes],
+            "roofline": {device: rates.to_dict() for device, rates in self.machine.items()},
         }
 
 
@@ -227,6 +242,19 @@ def add_ratios(rows: Sequence[GridRow], spec: BenchSpec) -> None:
             row.speedup_vs_baseline = baseline.time_ms / row.time_ms
             if row.peak_mib is not None and baseline.peak_mib:
                 row.memory_vs_baseline = row.peak_mib / baseline.peak_mib
+
+
+def add_roofline(rows: Sequence[GridRow], machine: dict[str, MachineRates]) -> None:
+    """Fill minimum_ms, bound and vs_minimum of the measured rows with a cost, from their device's rates
+    (none when the minimum is 0: a subject that neither computes nor moves anything)."""
+    for row in rows:
+        rates = machine.get(RUNTIMES[row.runtime].device)
+        if row.status != "measured" or row.flops is None or rates is None:
+            continue
+        cost = Cost(row.flops, row.bytes)
+        row.minimum_ms, row.bound = rates.minimum_ms(cost), rates.bound(cost)
+        if row.minimum_ms > 0:
+            row.vs_minimum = row.time_ms / row.minimum_ms
 
 
 def loglog_slope(lengths: Sequence[int], times: Sequence[float]) -> float:

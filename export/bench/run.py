@@ -10,7 +10,10 @@ included, is ``setup_s``), then times ``repeats`` runs after ``warmup`` with
 ``seqmix.timing.time_calls`` (median, fastest, slowest, and the load average when the machine was
 busier than its cores), measures the peak memory of one more run on the runtimes whose memory
 torch allocates (``measure.peak_mib``), and derives tokens/s = B·L / median time. Ratios, slopes,
-peer comparisons and the claims judged from the rows follow (``results``).
+peer comparisons and the claims judged from the rows follow (``results``). Before the first cell
+the machine's float32 matmul rate and memory bandwidth are measured once per device the grid uses
+(``roofline.measure_machine``), and each measured row of a seqmix subject gets the minimum FLOPs and
+bytes of its pass on the paths it ran (``roofline.subject_cost``) and measured ÷ minimum time.
 
 Nothing requested is dropped. A cell that is not measured is a row whose ``status`` is
 ``skipped`` (the runtime or the peer package is missing, the pass does not apply to the runtime,
@@ -53,9 +56,10 @@ from .measure import environment, peak_mib
 from .peers import PEERS, peer_unavailable
 from .report import format_claims, format_grid_report, format_lowering, write_claims, write_grid_results, write_lowering
 from .results import (
-    ClaimsResult, GridResult, GridRow, LoweringResult, Measurement, add_ratios, compare_peers, fit_grid_slopes, judge_claim, judge_grid_claims,
-    record_timing,
+    ClaimsResult, GridResult, GridRow, LoweringResult, Measurement, add_ratios, add_roofline, compare_peers, fit_grid_slopes, judge_claim,
+    judge_grid_claims, record_timing,
 )
+from .roofline import measure_machine, subject_cost
 from .runtimes import RUNTIMES, TRAINING_RUNTIMES, Prepared, prepare, require_runtime, runtime_unavailable
 from .spec import BenchSpec, Cell, plan_claims, plan_grid
 from .subjects import Subject, attention_score_bytes, build_subject, example_inputs, subject_width
@@ -90,6 +94,11 @@ def measure_cell(cell: Cell, spec: BenchSpec, row: GridRow, workdir: Path) -> No
             row.peak_mib = peak_mib(prepared.run, prepared.clear, prepared.device)
         record_timing(row, timing)
         row.tokens_per_s = spec.batch * cell.length / (timing.median_ms / 1e3)
+        if cell.subject.kind != "peer":
+            # Asked after prepare: the module now runs the paths of this runtime (an export's, say).
+            cost = subject_cost(module, spec.batch, cell.length, cell.pass_)
+            if cost is not None:
+                row.flops, row.bytes = cost.flops, cost.bytes
     except ExportMismatch as error:
         row.status, row.reason = "failed", str(error)
     except SeqmixError as error:
@@ -145,6 +154,8 @@ def run_grid(spec: BenchSpec, progress: bool | None = None) -> GridResult:
     unavailable.update({s.name: peer_unavailable(PEERS[s.name]) for s in spec.grid_subjects() if s.kind == "peer"})
     stopped: dict[tuple, str] = {}
     rows: list[GridRow] = []
+    devices = dict.fromkeys(RUNTIMES[runtime].device for runtime in spec.runtimes if not unavailable[runtime])
+    machine = {device: measure_machine(device) for device in devices}
     start = time.perf_counter()
     show = spec.progress if progress is None else progress
     bar = tqdm(total=len(cells), disable=not show, unit="cell", dynamic_ncols=True)
@@ -167,10 +178,11 @@ def run_grid(spec: BenchSpec, progress: bool | None = None) -> GridResult:
     bar.close()
     torch._dynamo.reset()
     add_ratios(rows, spec)
+    add_roofline(rows, machine)
     slopes = fit_grid_slopes(rows)
     runtimes_unavailable = {runtime: unavailable[runtime] for runtime in spec.runtimes if unavailable[runtime]}
     return GridResult(spec, environment(runtimes_unavailable), rows, slopes, compare_peers(rows, spec),
-                      judge_grid_claims(rows, slopes, spec))
+                      judge_grid_claims(rows, slopes, spec), machine)
 
 
 def measure_pair(subjects: Sequence[Subject], pass_: str, length: int, spec: BenchSpec, workdir: Path) -> list[Measurement]:
