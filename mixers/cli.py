@@ -141,6 +141,8 @@ def run_train(config: DictConfig, choices: dict) -> int:
     from seqmix.training.reporting import print_plan, print_summary, sample_text
 
     _join_torchrun_group()
+    # Read while the process group exists: after it is destroyed every process would call itself rank 0.
+    rank = _rank()
     try:
         experiment = build_experiment(config)
         record = {
@@ -148,7 +150,7 @@ def run_train(config: DictConfig, choices: dict) -> int:
             "model": experiment.model_config,
             "task": experiment.task_config,
         }
-        if _rank() == 0:
+        if rank == 0:
             print_plan(experiment, choices)
         compiled = None
         if experiment.train.compile:
@@ -160,7 +162,7 @@ def run_train(config: DictConfig, choices: dict) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if _rank() == 0:
+    if rank == 0:
         print_summary(experiment, result)
         if experiment.train.save_pretrained:
             _save_pretrained(experiment, result, choices)

@@ -289,6 +289,25 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _require_one_resume_step(start: int, out_dir: Path, device: torch.device) -> None:
+    """Refuse, on every rank, a resume where the ranks found checkpoints of different steps.
+
+    Each rank reads ``out_dir`` itself, so a node that does not see rank 0's run directory (no
+    shared file system) would train other steps than the rest and leave them waiting in a
+    collective forever. ``start`` is this rank's step; the comparison is an all-gather.
+    """
+    found = torch.tensor([start], dtype=torch.long, device=device)
+    starts = [torch.zeros_like(found) for _ in range(dist.get_world_size())]
+    dist.all_gather(starts, found)
+    steps = [int(step) for step in starts]
+    other = next((rank for rank, step in enumerate(steps) if step != steps[0]), None)
+    if other is not None:
+        raise SeqmixError(
+            f"train.resume: rank 0 resumes {out_dir} at step {steps[0]} but rank {other} at step {steps[other]}; "
+            "every node must see the same train.out_dir, on a file system all nodes share"
+        )
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for a CUDA device that is not there is an error."""
     check_device_name(name)
@@ -458,6 +477,8 @@ def _train_in_locked_dir(
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is not None:
             start = load_training_state(checkpoint, model, optimizer)
+        if world > 1:
+            _require_one_resume_step(start, out_dir, device)
         if rank == 0:
             _truncate_metrics(out_dir / METRICS, start)
             if checkpoint is None:
