@@ -18,12 +18,14 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
+from seqmix.configs import _composition_problem as composition_problem
 from seqmix.errors import SeqmixError, require_int
 from seqmix.threads import apply_thread_policy
 
@@ -50,6 +52,10 @@ class Command:
         compose: composes the config from the overrides when the primary config alone cannot
             (search picks a search config; bench composes its own root).
         sweeps: accepts ``-m``/``--multirun`` (a Hydra sweep, one job per combination).
+        job_dir: the key a sweep sets to each job's own directory (``train.out_dir``: one run per
+            job); None when the jobs share one output (search workers share one study).
+        sweep_dir: where a sweep keeps Hydra's and the launcher's files (``hydra.sweep.dir``); None
+            keeps the root config's.
     """
 
     name: str
@@ -62,6 +68,8 @@ class Command:
     examples: tuple[str, ...] = ()
     compose: Callable[[list[str]], tuple[DictConfig, dict]] | None = None
     sweeps: bool = False
+    job_dir: str | None = None
+    sweep_dir: str | None = None
 
 
 # --- composing and checking -----------------------------------------------------------------
@@ -464,11 +472,15 @@ COMMANDS = {
     command.name: command
     for command in (
         Command("train", "train a model on a task, evaluate it, checkpoint it, show a sample", run_train,
-                groups=("model", "task", "train"), options="train/default.yaml", sweeps=True,
+                groups=("model", "task", "train", "hydra/launcher"), options="train/default.yaml", sweeps=True,
+                job_dir="train.out_dir",
                 examples=("seqmix train model=megalodon task=mqar train.max_steps=500 train.out_dir=runs/m",
                           "seqmix train train.resume=true train.out_dir=runs/m",
                           "seqmix train -m model=mega,tcnca task=mqar train.out_dir=runs/sweep",
-                          "torchrun --nproc_per_node=2 -m seqmix train ...")),
+                          "seqmix train -m hydra/launcher=slurm hydra.launcher.partition=gpu model=mega,tcnca ...",
+                          "torchrun --nproc_per_node=2 -m seqmix train ...",
+                          "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT "
+                          "--rdzv-id=ID -m seqmix train ...")),
         Command("tokenizer", "train a BPE tokenizer on your corpus (a tokenizer.json for task.tokenizer)", run_tokenizer,
                 config_name="tokenizer", schema=TokenizerOptions, options="tokenizer.yaml",
                 examples=("seqmix tokenizer path='notes/**/*.md' vocab_size=4000 out=runs/notes-bpe.json",)),
@@ -483,9 +495,11 @@ COMMANDS = {
         Command("describe", "print a model's layers, parameters, streaming state and receptive fields", run_describe,
                 groups=("model",), examples=("seqmix describe model=megalodon", "seqmix describe model=mega model.depth=8")),
         Command("search", "search architectures with Optuna against accuracy and deployed latency", run_search,
-                groups=("search", "task", "model"), compose=compose_search,
+                groups=("search", "task", "model", "hydra/launcher"), compose=compose_search, sweeps=True,
+                sweep_dir="${search.out_dir}/workers",
                 examples=("seqmix search search=mqar search.n_trials=40",
-                          "seqmix search search=mqar search.storage=journal:/shared/mqar.log search.worker=1")),
+                          "seqmix search search=mqar search.storage=journal:/shared/mqar.log search.worker=1",
+                          "seqmix search -m hydra/launcher=local search=mqar search.worker=0,1")),
         Command("bench", "time mixers and presets across runtimes and lengths, check papers' claims, or what lowering buys",
                 run_bench, groups=("bench",), options="bench/default.yaml", compose=compose_bench,
                 examples=("seqmix bench bench=smoke", "seqmix bench bench=operators", "seqmix bench bench=paper_claims",
@@ -537,28 +551,95 @@ def command_help(command: Command) -> str:
 
 
 def _sweep(command: Command, argv: list[str]) -> int:
-    """Hand a ``-m`` command line to Hydra's launcher; each job runs ``command`` in its own directory."""
+    """Hand a ``-m`` command line to Hydra's launcher (``hydra/launcher=...``: in this process, or as
+    submitit jobs on this machine or a SLURM cluster); each job runs ``command``.
+
+    A group the primary config does not pick by default is added (``search=tiny`` becomes
+    ``+search=tiny``), as the command's own composition adds it.
+    """
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
     from omegaconf import open_dict
 
     def job(config: DictConfig) -> None:
+        # A launched job is a fresh process that never passed through main().
+        apply_thread_policy()
         runtime = HydraConfig.get().runtime
-        with open_dict(config):
-            config.train.out_dir = runtime.output_dir
+        if command.job_dir is not None:
+            with open_dict(config):
+                OmegaConf.update(config, command.job_dir, runtime.output_dir)
         try:
             choices = {**OmegaConf.to_container(runtime.choices), OVERRIDES: list(HydraConfig.get().overrides.task)}
-            status = command.run(config, choices)
+            with _hydra_app_set_aside():
+                status = command.run(config, choices)
         except SeqmixError as error:
             print(f"{PROGRAM} {command.name}: error: {error}", file=sys.stderr)
             status = 2
         if status:
             sys.exit(status)
 
-    sys.argv = [f"{PROGRAM} {command.name}", *argv]
+    defaults = compose_config([], config_name=command.config_name, with_choices=True).hydra.runtime.choices
+    groups = config_groups()
+    argv = [f"+{argument}" if argument.split("=", 1)[0] in groups and argument.split("=", 1)[0] not in defaults
+            else argument for argument in argv]
+    if command.sweep_dir is not None and not any(argument.startswith("hydra.sweep.dir=") for argument in argv):
+        argv.append(f"hydra.sweep.dir={command.sweep_dir}")
     store_code_defaults()
-    hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base="1.3")(job)()
+    # Hydra reads the command line from sys.argv; and it raises instead of printing a traceback, so
+    # that a mistake or a failed job is named in one line.
+    program_argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = [f"{PROGRAM} {command.name}", *argv]
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base="1.3")(job)()
+    except HydraException as error:
+        raise SeqmixError(composition_problem(error, argv, command.config_name)) from None
+    except Exception as error:
+        reason = _launched_job_error(error)
+        if reason is None:
+            raise
+        raise SeqmixError(reason) from None
+    finally:
+        sys.argv = program_argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR")
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
     return 0
+
+
+@contextmanager
+def _hydra_app_set_aside():
+    """Let a sweep's job compose configs (``compose_config``, as a search does for its presets): Hydra
+    refuses to initialise while its application is running, so that is set aside until the job ends."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    global_hydra = GlobalHydra.instance()
+    application = global_hydra.hydra
+    global_hydra.clear()
+    try:
+        yield
+    finally:
+        global_hydra.clear()
+        if application is not None:
+            global_hydra.initialize(application)
+
+
+def _launched_job_error(error: Exception) -> str | None:
+    """What a submitit job that refused its input said (the line ``job`` printed before exiting), with
+    where its logs are; None when ``error`` is not such a job's end."""
+    try:
+        from submitit.core.utils import UncompletedJobError
+    except ImportError:
+        return None
+    marker = f"{PROGRAM} "
+    lines = str(error).splitlines()
+    said = [line.split(": error: ", 1)[1] for line in lines if line.startswith(marker) and ": error: " in line]
+    if not isinstance(error, UncompletedJobError) or not said:
+        return None
+    result_file = lines[0].split(" with path ", 1)[-1]
+    return f"{said[-1]} (a job of the sweep; its logs are in {Path(result_file).parent})"
 
 
 def _config_dir_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

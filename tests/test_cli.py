@@ -77,7 +77,8 @@ def test_every_command_help_lists_its_options_and_groups(name, capsys):
         (["train", "train.max_steps"], ["cannot read the override 'train.max_steps'"]),
         (["search"], ["give one search=<name>", "tiny"]),
         (["tour", "--verbose"], ["unknown flag '--verbose'"]),
-        (["describe", "-m", "model=mega,tcnca"], ["-m/--multirun sweeps only apply to ['train']"]),
+        (["describe", "-m", "model=mega,tcnca"], ["-m/--multirun sweeps only apply to ['train', 'search']"]),
+        (["train", "-m", "model=mega,llama"], ["model='llama' is not a preset", "megalodon"]),
     ],
 )
 def test_a_mistake_gets_one_short_message_naming_it(arguments, expected, capsys):

@@ -96,6 +96,15 @@ def _build_and_run(path: Path, tmp_path: Path) -> None:
         candidate = settings.space.suggest(trial, OmegaConf.to_container(config.model, resolve=True))
         _run_model(seqmix.instantiate_model(candidate.model_config))
         return
+    if group == "hydra/launcher":
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the launcher extra: pip install 'seqmix[launcher]'")
+        from hydra.plugins.launcher import Launcher
+        from hydra.utils import instantiate
+
+        # A sweep's launcher: Hydra's own node, composed and built as `-m hydra/launcher=<name>` would (submits nothing).
+        launcher = instantiate(compose_config([f"hydra/launcher={path.stem}"], with_choices=True).hydra.launcher)
+        assert isinstance(launcher, Launcher)
+        return
     # A part's config, composed as a model preset would compose it.
     factory = part_factory(group, compose_config([f"+{group}@probe={path.stem}"]).probe, str(path))
     if group == "mixer":
