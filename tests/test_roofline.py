@@ -160,3 +160,19 @@ def test_cost_refuses_bad_arguments_naming_them():
         mixer.cost(1, 64, "backward")
     with pytest.raises(SeqmixError, match="length=0"):
         mixer.cost(1, 0)
+
+
+def test_the_machine_measurement_gives_positive_finite_rates_and_the_minimum_time_follows():
+    from seqmix.export.bench.roofline import measure_machine
+
+    rates = measure_machine()
+    assert rates.device == "cpu" and rates.threads == torch.get_num_threads()
+    for value in (rates.matmul_gflops, rates.bandwidth_gbs, rates.matmul_median_gflops, rates.bandwidth_median_gbs):
+        assert math.isfinite(value) and value > 0
+    # The fastest call sets the rate; the median call is no faster.
+    assert rates.matmul_gflops >= rates.matmul_median_gflops and rates.bandwidth_gbs >= rates.bandwidth_median_gbs
+    compute = Cost(flops=rates.matmul_gflops * 1e9, bytes=1.0)  # one second of products, one byte
+    memory = Cost(flops=1.0, bytes=rates.bandwidth_gbs * 1e9 * 2)  # two seconds of traffic
+    assert rates.minimum_ms(compute) == pytest.approx(1e3) and rates.bound(compute) == "compute"
+    assert rates.minimum_ms(memory) == pytest.approx(2e3) and rates.bound(memory) == "memory"
+    assert "GFLOP/s" in rates.describe() and "GB/s" in rates.describe()
