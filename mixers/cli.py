@@ -32,6 +32,8 @@ from seqmix.threads import apply_thread_policy
 PROGRAM = "seqmix"
 OVERRIDES = "overrides"
 """The key of a command's choices that holds its command-line overrides (never a config group's name)."""
+LAUNCHER_GROUP = "hydra/launcher"
+"""The config group that picks where a sweep's jobs run; seqmix's presets (conf/hydra/launcher/) are submitit's."""
 
 
 @dataclass(frozen=True)
@@ -472,7 +474,7 @@ COMMANDS = {
     command.name: command
     for command in (
         Command("train", "train a model on a task, evaluate it, checkpoint it, show a sample", run_train,
-                groups=("model", "task", "train", "hydra/launcher"), options="train/default.yaml", sweeps=True,
+                groups=("model", "task", "train", LAUNCHER_GROUP), options="train/default.yaml", sweeps=True,
                 job_dir="train.out_dir",
                 examples=("seqmix train model=megalodon task=mqar train.max_steps=500 train.out_dir=runs/m",
                           "seqmix train train.resume=true train.out_dir=runs/m",
@@ -495,7 +497,7 @@ COMMANDS = {
         Command("describe", "print a model's layers, parameters, streaming state and receptive fields", run_describe,
                 groups=("model",), examples=("seqmix describe model=megalodon", "seqmix describe model=mega model.depth=8")),
         Command("search", "search architectures with Optuna against accuracy and deployed latency", run_search,
-                groups=("search", "task", "model", "hydra/launcher"), compose=compose_search, sweeps=True,
+                groups=("search", "task", "model", LAUNCHER_GROUP), compose=compose_search, sweeps=True,
                 sweep_dir="${search.out_dir}/workers",
                 examples=("seqmix search search=mqar search.n_trials=40",
                           "seqmix search search=mqar search.storage=journal:/shared/mqar.log search.worker=1",
@@ -581,6 +583,9 @@ def _sweep(command: Command, argv: list[str]) -> int:
 
     defaults = compose_config([], config_name=command.config_name, with_choices=True).hydra.runtime.choices
     groups = config_groups()
+    launchers = [a.split("=", 1)[1] for a in argv if a.startswith(f"{LAUNCHER_GROUP}=")]
+    if set(launchers) & set(groups.get(LAUNCHER_GROUP, [])) and not _submitit_launcher_installed():
+        raise SeqmixError(f"{LAUNCHER_GROUP}={launchers[-1]} needs Hydra's submitit launcher: pip install 'seqmix[launcher]'")
     argv = [f"+{argument}" if argument.split("=", 1)[0] in groups and argument.split("=", 1)[0] not in defaults
             else argument for argument in argv]
     if command.sweep_dir is not None and not any(argument.startswith("hydra.sweep.dir=") for argument in argv):
@@ -607,6 +612,12 @@ def _sweep(command: Command, argv: list[str]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
     return 0
+
+
+def _submitit_launcher_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 from omegaconf import OmegaConf
 
+from seqmix.cli import main
 from seqmix.configs import compose_config
 
 from conftest import SEQMIX
@@ -78,6 +79,18 @@ def test_two_search_workers_launched_as_two_jobs_share_one_study(tmp_path):
     ran = [int(log.read_text().split("this worker ran ")[1].split()[0]) for log in logs]
     assert sum(ran) == 3
     assert (out_dir / "leaderboard.md").is_file()
+
+
+def test_a_launcher_preset_without_the_launcher_extra_names_the_extra(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_submitit") else real_find_spec(name, *a))
+    status = main(["train", "-m", "hydra/launcher=slurm", *TINY_TRAIN, "train.max_steps=1,2", f"train.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert status == 2 and "hydra/launcher=slurm needs Hydra's submitit launcher: pip install 'seqmix[launcher]'" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_slurm_form_in_the_docs_becomes_these_sbatch_lines(tmp_path, monkeypatch):
