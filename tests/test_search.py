@@ -1,15 +1,18 @@
 """Architecture search (seqmix.search, seqmix search, seqmix.export.latency) on conf/search/tiny.yaml:
-a whole study and its report, two workers sharing one study, failing and abandoned trials, the
-space's mapping onto model configs, and the errors of bad search configs."""
+a whole study and its report, two workers sharing one study, claims of racing workers, failing and
+abandoned trials, the space's mapping onto model configs, and the errors of bad search configs."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 optuna = pytest.importorskip("optuna")
@@ -20,12 +23,12 @@ from seqmix import SeqmixError  # noqa: E402
 from seqmix.configs import compose_config  # noqa: E402
 from seqmix.training.experiment import build_experiment  # noqa: E402
 from seqmix.search import SearchSettings, SearchSpace, compose_search_config, run_search  # noqa: E402
-from seqmix.search.claims import budget_trials  # noqa: E402
+from seqmix.search.claims import NOT_RUN, RETRY_OF, HeartbeatJournalStorage, RetryTrial, budget_spent, budget_trials, keep_claim  # noqa: E402
 from seqmix.search.settings import make_pruner  # noqa: E402
 
 from seqmix.export.latency import check_runtime, deployed_latency  # noqa: E402
 
-from conftest import SEQMIX  # noqa: E402
+from conftest import SEQMIX, examples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -92,7 +95,8 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     outputs = [worker.communicate(timeout=240)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
 
-    trials = stored_study(out_dir).trials
+    # Two workers that asked for the last place at the same instant: the later claim is recorded, never run.
+    trials = [t for t in stored_study(out_dir).trials if NOT_RUN not in t.user_attrs]
     assert [t.number for t in trials] == [0, 1, 2, 3]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
@@ -119,26 +123,111 @@ def test_a_diverging_trial_fails_and_the_study_goes_on_with_intermediate_reports
     assert (tmp_path / "journal" / "study.log").is_file() and not (out_dir / "study.db").exists()
 
 
-def test_a_trial_left_running_by_a_killed_worker_is_failed_and_rerun_with_its_parameters(tmp_path):
-    out_dir = tmp_path / "search"
-    config = tiny(out_dir, "search.objectives=[metric]", "search.n_trials=2")
-    # What a worker killed during trial 0 leaves behind: a running trial whose heartbeat stopped.
-    out_dir.mkdir(parents=True)
-    study = optuna.create_study(storage=f"sqlite:///{out_dir / 'study.db'}", study_name="tiny", direction="maximize")
+def abandon_a_trial(storage_url: str, config) -> None:
+    """Leave what a worker killed during trial 0 leaves: a running trial whose last heartbeat is an hour old."""
+    if storage_url.startswith("journal:"):
+        storage = HeartbeatJournalStorage(optuna.storages.journal.JournalFileBackend(storage_url.removeprefix("journal:")), 1, 3)
+    else:
+        storage = optuna.storages.RDBStorage(storage_url)
+    study = optuna.create_study(storage=storage, study_name="tiny", direction="maximize")
     abandoned = study.ask()
     SearchSettings.from_config(config.search).space.suggest(abandoned, OmegaConf.to_container(config.model, resolve=True))
-    abandoned.set_user_attr("heartbeat", time.time() - 3600)
+    if isinstance(storage, HeartbeatJournalStorage):
+        storage.set_trial_system_attr(abandoned._trial_id, "heartbeat", time.time() - 3600)
+        return
+    storage.record_heartbeat(abandoned._trial_id)
+    # Optuna's RDB storages keep heartbeats in this table, in the database's clock (UTC for SQLite).
+    with sqlite3.connect(storage_url.removeprefix("sqlite:///")) as database:
+        database.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour')")
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_a_trial_left_running_by_a_killed_worker_is_failed_and_rerun_with_its_parameters(tmp_path, storage):
+    out_dir = tmp_path / "search"
+    out_dir.mkdir(parents=True)
+    url = f"sqlite:///{out_dir / 'study.db'}" if storage == "sqlite" else f"journal:{out_dir / 'study.log'}"
+    config = tiny(out_dir, "search.objectives=[metric]", "search.n_trials=2", f"search.storage={url}")
+    abandon_a_trial(url, config)
 
     lines = []
-    run_search(config, log=lines.append)
+    outcome = run_search(config, log=lines.append)
 
-    killed, retry, fresh = stored_study(out_dir).trials
-    assert killed.state == optuna.trial.TrialState.FAIL and "no heartbeat" in killed.user_attrs["error"]
+    killed, retry, fresh = outcome.study.trials
+    assert killed.state == optuna.trial.TrialState.FAIL
     assert retry.state == fresh.state == optuna.trial.TrialState.COMPLETE
-    assert retry.params == killed.params and retry.user_attrs["retry_of"] == 0
+    assert retry.params == killed.params and retry.system_attrs[RETRY_OF] == 0
     assert len(budget_trials([killed, retry, fresh])) == 2
-    assert any("queued again" in line for line in lines)
-    assert "retry of trial 0" in (out_dir / "leaderboard.csv").read_text()
+    assert any(line == "trial 0: its worker stopped (no heartbeat); queued again" for line in lines)
+    leaderboard = (out_dir / "leaderboard.csv").read_text()
+    assert "retry of trial 0" in leaderboard and "its worker stopped (no heartbeat)" in leaderboard
+
+
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_claims_of_racing_and_dying_workers_fill_exactly_n_trials_places_and_run_no_trial_twice(data):
+    """Workers interleaved step by step as drawn: observe the study, ask for a trial, keep or refuse
+    the claim, then finish it or die in it. Whatever the order, the study ends with exactly n_trials
+    complete trials, and a parameter set runs again only as the retry of a trial whose worker died."""
+    n_trials, n_workers = data.draw(st.integers(1, 4), label="n_trials"), data.draw(st.integers(2, 4), label="workers")
+    deaths = data.draw(st.integers(0, n_workers - 1), label="deaths")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    storage = study._storage
+    retry = RetryTrial(retries=deaths, log=lambda line: None)
+    if data.draw(st.booleans(), label="search.enqueue queued by two workers at once"):
+        study.enqueue_trial({"x": 0.5})
+        study.enqueue_trial({"x": 0.5})
+    states, claims, runs, dead = ["observe"] * n_workers, [None] * n_workers, [], []
+    for step in range(2000):
+        live = [index for index, state in enumerate(states) if state not in ("done", "dead")]
+        if not live:
+            break
+        # Drawn first, then in turn, so that every run ends.
+        index = data.draw(st.sampled_from(live), label="worker") if step < 60 else live[step % len(live)]
+        state = states[index]
+        if state == "observe":
+            # fail_stale_trials, once the dead workers' heartbeats are older than the grace period.
+            if dead and (step >= 60 or data.draw(st.booleans(), label="grace period over")):
+                for trial in dead:
+                    storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                    retry(study, storage.get_trial(trial._trial_id))
+                dead = []
+            trials = study.get_trials(deepcopy=False)
+            if not budget_spent(trials, n_trials):
+                states[index] = "ask"
+            elif not any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+                states[index] = "done"
+        elif state == "ask":
+            claims[index], states[index] = study.ask(), "claimed"
+        elif state == "claimed":
+            if keep_claim(study, claims[index], n_trials, log=lambda line: None):
+                claims[index].suggest_float("x", 0.0, 1.0)
+                runs.append(claims[index].number)
+                states[index] = "running"
+            else:
+                states[index] = "observe"
+        elif len(dead) + states.count("dead") < deaths and data.draw(st.booleans(), label="dies in its trial"):
+            states[index] = "dead"
+            dead.append(claims[index])
+        else:
+            study.tell(claims[index], 1.0)
+            states[index] = "observe"
+    assert all(state in ("done", "dead") for state in states)
+
+    trials = {t.number: t for t in study.get_trials()}
+    assert [t.number for t in trials.values() if t.state == optuna.trial.TrialState.COMPLETE] == sorted(
+        n for n in runs if trials[n].state == optuna.trial.TrialState.COMPLETE)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values()) == n_trials
+    assert len(runs) == len(set(runs)) == n_trials + states.count("dead")
+    assert all(NOT_RUN in t.user_attrs and t.state == optuna.trial.TrialState.FAIL for n, t in trials.items() if n not in runs)
+    # A parameter set that ran twice is a trial whose worker died and its retries, and nothing else.
+    by_params = {}
+    for number in runs:
+        by_params.setdefault(trials[number].params["x"], []).append(trials[number])
+    for group in by_params.values():
+        first, *again = sorted(group, key=lambda t: t.number)
+        assert all(t.system_attrs.get(RETRY_OF) == first.number for t in again)
+        assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in group) == 1
 
 
 def test_space_sets_mixer_options_on_the_base_preset():

@@ -48,7 +48,7 @@ def base_settings(tmp_path_factory) -> SearchSettings:
 def stored_study(tmp_path_factory, task, base_settings) -> bytes:
     """The bytes of a study.db as a search leaves it: the study's attributes and three finished trials."""
     out_dir = tmp_path_factory.mktemp("search")
-    study, _, _ = open_study(dataclasses.replace(base_settings, out_dir=out_dir), task)
+    study, _ = open_study(dataclasses.replace(base_settings, out_dir=out_dir), task)
     for _ in range(3):
         trial = study.ask()
         trial.suggest_int("d_model", 16, 32)
@@ -68,7 +68,7 @@ def open_stored(settings: SearchSettings, directory: Path, content: bytes, task,
 
 
 def test_the_stored_study_opens_again(tmp_path, base_settings, stored_study, task):
-    study, _, _ = open_stored(base_settings, tmp_path / "s", stored_study, task)
+    study, _ = open_stored(base_settings, tmp_path / "s", stored_study, task)
     assert len(study.trials) == 3 and study.user_attrs["task"] == "mqar"
 
 
@@ -83,7 +83,7 @@ def test_a_study_db_a_killed_writer_left_mid_transaction_is_rolled_back_and_open
               "os._exit(9)\n")
     subprocess.run([sys.executable, "-c", writer, str(directory / "study.db")], check=False)
     assert (directory / "study.db-journal").is_file(), "the writer left no journal: the case this test is about did not happen"
-    study, _, _ = open_study(dataclasses.replace(base_settings, out_dir=directory), task)
+    study, _ = open_study(dataclasses.replace(base_settings, out_dir=directory), task)
     assert [t.values for t in study.trials] == [[0.5]] * 3
     assert all(t.user_attrs["architecture"] == "tcn ×1 d=16" for t in study.trials)
 
@@ -115,7 +115,7 @@ def test_a_study_db_with_a_damaged_range_opens_whole_or_is_refused(tmp_path, bas
     garbage = data.draw(st.binary(min_size=1, max_size=4096), label="garbage")
     damaged = stored_study[:start] + garbage + stored_study[start + len(garbage):]
     with contextlib.suppress(SeqmixError):
-        study, _, _ = open_stored(base_settings, tmp_path / "s", damaged[: len(stored_study)], task)
+        study, _ = open_stored(base_settings, tmp_path / "s", damaged[: len(stored_study)], task)
         assert len(study.trials) <= 3
 
 
@@ -163,7 +163,7 @@ def test_a_study_continues_only_with_the_space_it_was_made_with(tmp_path_factory
     open_study(made, task)
     differing = {key for key in first.keys() | second.keys() if made.space.dimensions.get(key) != again.space.dimensions.get(key)}
     if not differing:
-        study, _, _ = open_study(again, task)
+        study, _ = open_study(again, task)
         assert json.dumps(study.user_attrs["space"], sort_keys=True) == json.dumps(made.space.description(), sort_keys=True)
         return
     with pytest.raises(SeqmixError, match="another search space") as refused:

@@ -1,10 +1,15 @@
 """What a search writes into ``out_dir``: the leaderboard (CSV and Markdown), the Pareto plot, and the
 best architectures as model presets whose header gives the command that trains them.
+
+Every worker writes the report when it ends, and workers may share ``out_dir`` (a shared disk):
+each file is written beside its place under a name of this process's own, then moved over it.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
@@ -13,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from seqmix.configs import compose_config
 from seqmix.errors import SeqmixError
+from seqmix.search.claims import NOT_RUN, RETRY_OF
 from seqmix.search.settings import SearchSettings, metric_direction
 from seqmix.tables import records_table
 from seqmix.training.runs import write_csv
@@ -50,7 +56,9 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
-    """One row per claimed trial: completed ones best metric first, then pruned, running and failed.
+    """One row per trial run: completed ones best metric first, then pruned, running and failed.
+
+    Queued trials and refused claims (never run, ``claims.NOT_RUN``) have none.
 
     ``latency_ms`` is the median deployed latency, ``latency_low_ms`` and ``latency_high_ms`` the
     fastest and the slowest timed call; None where latency was not measured.
@@ -58,7 +66,7 @@ def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
     front = {t.number for t in pareto_front(study)}
     sign = -1.0 if metric_direction(metric) == "maximize" else 1.0
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.FAIL: 3}
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state in order]
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state in order and NOT_RUN not in t.user_attrs]
 
     def rank(trial: FrozenTrial):
         value = _metric_of(trial)
@@ -67,9 +75,12 @@ def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
     rows = []
     for trial in sorted(trials, key=rank):
         attrs = trial.user_attrs
-        note = attrs.get("error", "")
-        if "retry_of" in attrs:
-            note = f"retry of trial {attrs['retry_of']}" + (f"; {note}" if note else "")
+        note = ""
+        if trial.state == TrialState.FAIL:
+            # Only seqmix's own failures record an error; the storage fails a trial whose heartbeat stopped.
+            note = attrs.get("error", "its worker stopped (no heartbeat)")
+        if RETRY_OF in trial.system_attrs:
+            note = f"retry of trial {trial.system_attrs[RETRY_OF]}" + (f"; {note}" if note else "")
         rows.append({
             "trial": trial.number,
             "state": trial.state.name.lower(),
@@ -87,17 +98,22 @@ def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(staging)`` a file of this process's own beside ``path``, then move it over ``path``."""
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def plot_pareto(study: optuna.Study, metric: str, runtime: str, path: Path) -> Path:
     """Metric against latency (or parameters when latency was not measured), the front labelled.
 
-    Every completed trial is a grey point; the study's Pareto front over its objectives is drawn
-    in colour, joined in order of the x axis, and labelled by architecture.
+    Optuna's ``plot_pareto_front`` draws every completed trial and marks the study's Pareto front
+    over its objectives (the best trial for a single objective); the front is also joined in order
+    of the x axis and labelled by architecture.
     """
     try:
         import matplotlib
@@ -105,29 +121,29 @@ def plot_pareto(study: optuna.Study, metric: str, runtime: str, path: Path) -> P
         raise SeqmixError("the Pareto plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_pareto_front
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     by_latency = all("latency_ms" in t.user_attrs for t in done)
     x_key, x_label = ("latency_ms", f"latency on {runtime} (ms)") if by_latency else ("parameters", "parameters")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = plot_pareto_front(study, targets=lambda t: (t.user_attrs[x_key], t.user_attrs["metric"]),
+                                 target_names=[x_label, f"validation {metric}"])
+    figure = axes.figure
+    figure.set_size_inches(8, 5.5)
     front = sorted(pareto_front(study), key=lambda t: t.user_attrs[x_key])
-    figure, axes = plt.subplots(figsize=(8, 5.5))
-    axes.scatter([t.user_attrs[x_key] for t in done], [t.user_attrs["metric"] for t in done], color="0.7", label="trials")
-    axes.plot([t.user_attrs[x_key] for t in front], [t.user_attrs["metric"] for t in front], "o-", color="tab:blue", label="Pareto front")
+    axes.plot([t.user_attrs[x_key] for t in front], [t.user_attrs["metric"] for t in front], "-", color="tab:red", alpha=0.5)
     for index, trial in enumerate(front):
         # Labels alternate above and below the line, so neighbouring points do not overwrite each other.
         axes.annotate(f"#{trial.number} {trial.user_attrs['architecture']}", (trial.user_attrs[x_key], trial.user_attrs["metric"]),
                       textcoords="offset points", xytext=(6, 6 if index % 2 else -12), fontsize=7)
-    axes.set_xlabel(x_label)
-    axes.set_ylabel(f"validation {metric}")
     axes.set_title(f"study {study.study_name}: {len(done)} completed trials")
     axes.margins(x=0.25, y=0.1)  # room for the labels of the outermost points
     axes.grid(alpha=0.3)
-    axes.legend()
     figure.tight_layout()
-    staging = path.with_name(".tmp-" + path.name)
-    figure.savefig(staging, dpi=120)
+    _write_atomic(path, lambda staging: figure.savefig(staging, dpi=120, format="png"))
     plt.close(figure)
-    os.replace(staging, path)
     return path
 
 
@@ -164,7 +180,7 @@ def write_presets(study: optuna.Study, settings: SearchSettings, metric: str, ta
     directory = settings.out_dir / PRESETS / "model"
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob(f"{settings.study_name}_trial*.yaml"):
-        old.unlink()
+        old.unlink(missing_ok=True)  # another worker may be writing the same report
     reverse = metric_direction(metric) == "maximize"
     best = sorted(pareto_front(study), key=lambda t: t.user_attrs["metric"], reverse=reverse)[: settings.top_k]
     paths = []
@@ -184,7 +200,8 @@ def write_presets(study: optuna.Study, settings: SearchSettings, metric: str, ta
         # The sizes first, so the file reads top down like the presets in conf/model.
         config = attrs["model_config"]
         ordered = {key: config[key] for key in ("vocab_size", "d_model", "layers", "depth") if key in config}
-        _write_atomic(path, header + OmegaConf.to_yaml(OmegaConf.create({**ordered, **config})))
+        text = header + OmegaConf.to_yaml(OmegaConf.create({**ordered, **config}))
+        _write_atomic(path, lambda staging: staging.write_text(text))
         paths.append(path)
     return paths
 
@@ -200,9 +217,7 @@ def write_report(study: optuna.Study, settings: SearchSettings, metric: str, tas
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = leaderboard_rows(study, metric)
     csv_path, markdown_path = out_dir / f"{LEADERBOARD}.csv", out_dir / f"{LEADERBOARD}.md"
-    staging = out_dir / f".{LEADERBOARD}.csv.tmp"
-    write_csv(rows, staging)
-    os.replace(staging, csv_path)
+    _write_atomic(csv_path, lambda staging: write_csv(rows, staging))
     counts = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
@@ -212,7 +227,7 @@ def write_report(study: optuna.Study, settings: SearchSettings, metric: str, tas
         + (f"; latency on {settings.runtime}" if settings.measures_latency else "") + "). "
         f"Trials: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'none yet'}.\n\n"
     )
-    _write_atomic(markdown_path, heading + records_table(rows) + "\n")
+    _write_atomic(markdown_path, lambda staging: staging.write_text(heading + records_table(rows) + "\n"))
     files, notes = [csv_path, markdown_path], []
     if any(row["state"] == "complete" for row in rows):
         try:

@@ -5,9 +5,11 @@ A search is a config in ``conf/search/`` (``# @package _global_``): it picks the
 (blocks, FFN, norms, head), the task and the training budget through the root config's ``model``,
 ``task`` and ``train`` groups, and describes the study under ``search``: the space, the
 objectives, the storage and the sampler (``settings``). The worker opens the study in its storage
-(``storage``), claims trials from the budget it shares with other workers (``claims``), runs each
-one (``trial``: build, measure, train, score) and writes the leaderboard, the Pareto plot and the
-best presets (``report``).
+(``storage``), claims trials from the budget it shares with other workers (``claims``: exactly
+``n_trials``, none run twice, a dead worker's trial run again), runs each one (``trial``: build,
+measure, train, score) and writes the leaderboard, the Pareto plot and the best presets
+(``report``). Workers share a study through its storage alone: a SQLite file, a journal file on a
+shared disk, or a database server (``postgresql+psycopg://...``).
 
 This module never imports ``export``: the latency measurement is passed in by the caller
 (``seqmix search`` passes ``seqmix.export.latency.deployed_latency``).
@@ -22,7 +24,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.errors import SeqmixError
-from seqmix.search.claims import claim_lock, next_trial
+from seqmix.search.claims import next_trial
 from seqmix.search.report import task_overrides, write_report
 from seqmix.search.settings import SearchSettings
 from seqmix.search.storage import open_study
@@ -63,15 +65,14 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
     # Builds the base model once: a bad preset, task or train option fails here, before any trial.
     experiment = build_experiment(config)
     task = experiment.task
+    study, storage = open_study(settings, task, log)
     context = TrialContext(
         settings, task, experiment.task_config, experiment.train, OmegaConf.to_container(config.model, resolve=True),
-        measure_latency,
+        measure_latency, storage, storage.get_heartbeat_stale_trial_callback(),
     )
-    study, storage, lock_file = open_study(settings, task)
     trials_run = 0
-    while (trial := next_trial(study, storage, lock_file, settings, log)) is not None:
+    while (trial := next_trial(study, storage, settings, log)) is not None:
         run_claimed(study, trial, context, log)
         trials_run += 1
-    with claim_lock(lock_file):
-        files, notes = write_report(study, settings, task.metric, task_overrides(experiment.task_config, task.name))
+    files, notes = write_report(study, settings, task.metric, task_overrides(experiment.task_config, task.name))
     return SearchOutcome(study, settings, task.metric, trials_run, files, notes)

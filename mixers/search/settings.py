@@ -71,7 +71,7 @@ class SearchSettings:
     seed: int | None = 0
     worker: int = 0
     top_k: int = 5
-    heartbeat_s: float = 10.0
+    heartbeat_s: int = 10
     stale_after_s: float = 60.0
     retries: int = 2
     enqueue: list[dict] = field(default_factory=list)
@@ -119,10 +119,12 @@ class SearchSettings:
             raise choice_error("search.sampler", self.sampler, SAMPLERS)
         if self.pruner not in PRUNERS:
             raise choice_error("search.pruner", self.pruner, PRUNERS)
-        if not (self.heartbeat_s > 0 and self.stale_after_s > 2 * self.heartbeat_s):
+        # Whole seconds: Optuna's RDB storages take no other heartbeat interval.
+        require_int("search", "heartbeat_s", self.heartbeat_s, meaning="seconds between a running trial's heartbeats")
+        if isinstance(self.stale_after_s, bool) or not isinstance(self.stale_after_s, (int, float)) or not self.stale_after_s > 2 * self.heartbeat_s:
             raise SeqmixError(
-                f"search: heartbeat_s={self.heartbeat_s} and stale_after_s={self.stale_after_s} must be positive, "
-                "with stale_after_s more than twice heartbeat_s (a live trial must never look stale)"
+                f"search: stale_after_s={self.stale_after_s!r} is not valid; expected a number of seconds more than twice "
+                f"heartbeat_s={self.heartbeat_s} (a live trial must never look stale)"
             )
         if not isinstance(self.enqueue, list) or not all(isinstance(params, dict) for params in self.enqueue):
             raise SeqmixError(f"search.enqueue={self.enqueue!r} must be a list of {{parameter: value}} trials to run first")

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from seqmix.model.checkpoint import instantiate_model
-from seqmix.search.claims import heartbeat, requeue
+from seqmix.search.claims import RetryTrial, heartbeat
 from seqmix.search.settings import SearchSettings
 from seqmix.tasks.base import Task
 from seqmix.timing import Timing
@@ -67,7 +68,7 @@ class _ReportingTask:
 
 @dataclass
 class TrialContext:
-    """What every trial of one worker shares."""
+    """What every trial of one worker shares: ``storage`` records its heartbeats, ``retry`` queues an interrupted one again."""
 
     settings: SearchSettings
     task: Task
@@ -75,16 +76,19 @@ class TrialContext:
     train: TrainConfig
     base_model: dict
     measure_latency: LatencyFn | None
+    storage: BaseHeartbeat
+    retry: RetryTrial
 
 
 def _run_trial(trial: optuna.Trial, context: TrialContext) -> list[float]:
     """Build, measure and train one candidate; return the objective values in ``search.objectives`` order."""
     settings, task = context.settings, context.task
+    # First: a retry starts with the attributes of the attempt it replaces, its worker's included.
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     candidate = settings.space.suggest(trial, context.base_model)
     model_config = adapt_model_config(candidate.model_config, task)
     trial.set_user_attr("architecture", candidate.summary)
     trial.set_user_attr("model_config", model_config)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     run_dir = settings.out_dir / TRIALS / f"{trial.number:04d}"
     shutil.rmtree(run_dir, ignore_errors=True)  # left by an older study in this out_dir
     torch.manual_seed(context.train.seed)
@@ -127,29 +131,50 @@ def _shown(objective: str, value: float, metric: str) -> str:
     return f"{metric} {value:.4f}"
 
 
+def _running(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """False when another worker failed ``trial`` meanwhile.
+
+    That happens when its heartbeats did not reach the storage for ``search.stale_after_s`` (an
+    overloaded machine or storage): the trial was then queued again, and the retry counts.
+    """
+    return study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, context: TrialContext, log, values=None, state=None) -> bool:
+    """Record how ``trial`` ended; False, said in the log, when another worker had failed it (``_running``)."""
+    if not _running(study, trial):
+        log(f"trial {trial.number}: another worker failed it, its last heartbeat being older than search.stale_after_s="
+            f"{context.settings.stale_after_s}, and queued it again; this result is dropped (raise search.stale_after_s)")
+        return False
+    study.tell(trial, values, state=state, skip_if_finished=True)
+    return True
+
+
 def run_claimed(study: optuna.Study, trial: optuna.Trial, context: TrialContext, log) -> None:
     """Run a claimed trial and record how it ended; only errors outside TRIAL_ERRORS propagate."""
     started = time.perf_counter()
     try:
-        with heartbeat(trial, context.settings.heartbeat_s):
+        with heartbeat(context.storage, trial):
             values = _run_trial(trial, context)
     except optuna.TrialPruned as pruned:
-        study.tell(trial, state=TrialState.PRUNED)
-        log(f"trial {trial.number}: {trial.user_attrs.get('architecture', '?')}: {pruned}")
+        if _tell(study, trial, context, log, state=TrialState.PRUNED):
+            log(f"trial {trial.number}: {trial.user_attrs.get('architecture', '?')}: {pruned}")
         return
     except TRIAL_ERRORS as error:
-        trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
-        study.tell(trial, state=TrialState.FAIL)
-        log(f"trial {trial.number}: {trial.user_attrs.get('architecture', '?')}: failed: {type(error).__name__}: {error}")
+        if _running(study, trial):
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+        if _tell(study, trial, context, log, state=TrialState.FAIL):
+            log(f"trial {trial.number}: {trial.user_attrs.get('architecture', '?')}: failed: {type(error).__name__}: {error}")
         return
     except BaseException as error:
         # Interrupted (Ctrl-C) or a bug: record it as failed, and queue an interrupted trial
         # again, so that resuming the search runs it.
-        trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
-        study.tell(trial, state=TrialState.FAIL)
-        if isinstance(error, KeyboardInterrupt):
-            requeue(study, study.get_trials(deepcopy=False)[trial.number], context.settings.retries)
+        if _running(study, trial):
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            if isinstance(error, KeyboardInterrupt):
+                context.retry.requeue(study, study.get_trials(deepcopy=False)[trial.number], "interrupted")
         raise
-    study.tell(trial, values)
-    shown = ", ".join(_shown(name, value, context.task.metric) for name, value in zip(context.settings.objectives, values))
-    log(f"trial {trial.number}: {trial.user_attrs['architecture']}: {shown} ({time.perf_counter() - started:.0f} s)")
+    if _tell(study, trial, context, log, values=values):
+        shown = ", ".join(_shown(name, value, context.task.metric) for name, value in zip(context.settings.objectives, values))
+        log(f"trial {trial.number}: {trial.user_attrs['architecture']}: {shown} ({time.perf_counter() - started:.0f} s)")
