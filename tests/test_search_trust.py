@@ -4,6 +4,7 @@ search space it was made with (refused up front, naming the differing parameters
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import dataclasses
 import json
 import shutil
@@ -188,3 +189,23 @@ def test_a_second_search_with_another_space_is_refused_before_any_trial_and_the_
     outcome = run_search(tiny(out_dir, *fast, "search.n_trials=2", *space_overrides(space)), log=lambda line: None)
     assert outcome.trials_run == 1
     assert [t.state for t in outcome.study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+# --- database URLs --------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("MySQLdb") is not None, reason="mysqlclient is installed: mysql:// has its driver")
+def test_a_database_url_without_its_driver_names_the_forms_seqmix_documents(base_settings, task):
+    with pytest.raises(SeqmixError, match=r"driver for it is not installed.*postgresql\+psycopg://.*mysql\+pymysql://") as refused:
+        open_study(dataclasses.replace(base_settings, storage="mysql://seqmix:hunter2-secret@localhost/study"), task)
+    assert "hunter2-secret" not in str(refused.value)
+
+
+@settings(max_examples=examples(10), **PROPERTY)
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~", min_size=8, max_size=24))
+def test_a_database_server_that_cannot_be_reached_is_refused_naming_it_without_its_password(tmp_path, base_settings, task, password):
+    pytest.importorskip("psycopg")
+    # No server listens on a socket in this empty directory.
+    url = f"postgresql+psycopg://seqmix:{password}@/study?host={tmp_path}"
+    with pytest.raises(SeqmixError, match=r"postgresql\+psycopg://seqmix:\*\*\*@/study.*cannot be opened as an Optuna study") as refused:
+        open_study(dataclasses.replace(base_settings, storage=url), task)
+    assert password not in str(refused.value)
