@@ -45,6 +45,17 @@ def token_count_is_dynamic() -> bool:
     return _ANY_TOKEN_COUNT
 
 
+def traceable_reshape(t: Tensor, *shape) -> Tensor:
+    """``t.reshape(*shape)`` for a permuted ``t``; while tracing, a contiguous copy and then a view.
+
+    Whether such a reshape can be a view depends on sizes of 1 (B = 1, T = 1), a question that
+    torch.export would answer by fixing that size in the graph; ``contiguous`` asks it too, a copy does not.
+    """
+    if torch.compiler.is_compiling():
+        return t.clone(memory_format=torch.contiguous_format).view(*shape)
+    return t.reshape(*shape)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype recurrences and statistics run in: float32 at least, float64 kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32

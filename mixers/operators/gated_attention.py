@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, Stages, State, compute_dtype, linear_stages, parameter_reads
+from seqmix.contract import Mixer, Stages, State, compute_dtype, linear_stages, parameter_reads, traceable_reshape
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.layers.norms import RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
@@ -326,7 +326,7 @@ class GatedAttention(Mixer):
     def _merge(self, attended: Tensor) -> Tensor:
         """(B, H, T, E/H) -> (B, T, E)."""
         batch, _, tokens, _ = attended.shape
-        return attended.transpose(1, 2).reshape(batch, tokens, self.v_dim)
+        return traceable_reshape(attended.transpose(1, 2), batch, tokens, self.v_dim)
 
     # --- the contract -------------------------------------------------------------------
 

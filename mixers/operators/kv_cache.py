@@ -91,7 +91,9 @@ def _gathered(state: KVState, keys: Tensor, values: Tensor, tokens, capacity: in
     """
     last = (state.pos + tokens - 1).unsqueeze(1)  # (B, 1)
     slot = torch.arange(capacity, device=keys.device)
-    latest = last - (last - slot) % capacity  # (B, capacity)
+    # last - slot > -capacity, so the dividend stays non-negative: ExecuTorch's remainder kernel
+    # rounds toward zero like C, and differs from torch's on negative dividends.
+    latest = last - (last - slot + capacity) % capacity  # (B, capacity)
     written = latest >= state.pos.unsqueeze(1)  # (B, capacity)
     index = (latest - state.pos.unsqueeze(1)).clamp(min=0)  # (B, capacity), a new token's index where written
     heads = keys.shape[1]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops import scan
 
-from seqmix.contract import Mixer, Stages, parameter_reads, token_count_is_dynamic
+from seqmix.contract import Mixer, Stages, parameter_reads, token_count_is_dynamic, traceable_reshape
 from seqmix.operators import masking
 
 _UNROLL_CHUNKS = False
@@ -40,8 +40,9 @@ _UNROLL_CHUNKS = False
 def unrolled_chunks():
     """Carry the state across chunks with the Python loop even while tracing.
 
-    For fixed-length exports (ExecuTorch), where a scan buys nothing and would run outside the
-    delegated kernels; the number of chunks is then baked into the graph.
+    For ExecuTorch, where a scan would run outside the delegated kernels: the number of chunks is
+    then baked into the graph. A graph traced for any token count (``any_token_count``) then treats
+    each call as one chunk of T tokens, so its T must stay within ``chunk_size``.
     """
     global _UNROLL_CHUNKS
     previous, _UNROLL_CHUNKS = _UNROLL_CHUNKS, True
@@ -257,21 +258,27 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     (D, C, B·nC) would need a general 4-D permutation in and out.
     """
     batch, length, width = x.shape
-    size = chunk_size
-    # Written as a ceiling division, not with a modulo, so that a symbolic length's solver can
-    # bound nC >= 1 when tracing for any length.
-    chunks = (length + size - 1) // size
+    # An unrolled loop needs its chunk count while tracing, and for a token count known only at
+    # run time one chunk is the only count right for every T: the call is the chunk (the exporter
+    # bounds T by C), so a decode step costs one token, not a chunk padded from one, and nothing
+    # is padded, cropped or rebuilt.
+    call_is_chunk = _UNROLL_CHUNKS and token_count_is_dynamic()
+    if call_is_chunk:
+        size, chunks = length, 1
+    else:
+        size = chunk_size
+        # Written as a ceiling division, not with a modulo, so that a symbolic length's solver can
+        # bound nC >= 1 when tracing for any length.
+        chunks = (length + size - 1) // size
     pad = chunks * size - length
     # While tracing, the length may be symbolic: pad (by 0 when it divides) and rebuild the end state
     # unconditionally rather than branch on it.
     tracing = torch.compiler.is_compiling()
-    if tracing or pad:
+    padded = (tracing and not call_is_chunk) or pad
+    if padded:
         x = F.pad(x, (0, 0, 0, pad))
 
-    def regroup(t: Tensor, *shape) -> Tensor:
-        """``t.reshape(*shape)``; while tracing, a copy first (``contiguous`` would ask the same question): whether a reshape of a permuted tensor
-        can be a view depends on B = 1, which torch.export would otherwise fix."""
-        return t.clone(memory_format=torch.contiguous_format).view(*shape) if tracing else t.reshape(*shape)
+    regroup = traceable_reshape
 
     rows = regroup(x.permute(2, 0, 1), width, batch * chunks, size)  # (D, B·nC, C), row (b, c)
     j = torch.arange(size, device=x.device)
@@ -284,7 +291,8 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     feed_re, feed_im = coef.input_weights(size, x.device)  # (D, N, C)
     order = feed_re.shape[1]
     maps = [toeplitz, feed_re] + ([feed_im] if feed_im is not None else [])
-    mixed = rows @ torch.cat(maps, dim=1).transpose(1, 2)  # (D, B·nC, C + N or C + 2N)
+    # bmm, not matmul: matmul's decomposition branches on a symbolic chunk length of 1.
+    mixed = torch.bmm(rows, torch.cat(maps, dim=1).transpose(1, 2))  # (D, B·nC, C + N or C + 2N)
     y = mixed[..., :size]
 
     def by_chunk(part: Tensor) -> Tensor:
@@ -302,15 +310,15 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
         readout.append(-c_q[1])
         carried.append(starts[1])
     carried = regroup(torch.cat(carried, dim=-1).permute(2, 1, 0, 3), width, batch * chunks, -1)  # (D, B·nC, N or 2N)
-    y = y + carried @ torch.cat(readout, dim=1)
+    y = y + torch.bmm(carried, torch.cat(readout, dim=1))
     y = regroup(y, width, batch, chunks * size).permute(1, 2, 0)  # (B, nC·C, D)
-    if tracing:
+    if padded and tracing:
         # A slice to a symbolic length makes torch.export specialise it; an index_select does not.
         y = y.index_select(1, torch.arange(length, device=x.device))
-    elif pad:
+    elif padded:
         y = y[:, :length]
 
-    if tracing or pad:
+    if padded:
         # The carried state ran over the zero padding too; rebuild the state after the last real
         # token from the last chunk's start: h = q^r H + Σ_{j<r} b q^{r-1-j} x_j for its r real
         # tokens. Written over the whole (zero-padded) chunk, with the weights past r masked, so that

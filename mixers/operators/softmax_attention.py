@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, Stages, compute_dtype, linear_stages, parameter_reads
+from seqmix.contract import Mixer, Stages, compute_dtype, linear_stages, parameter_reads, traceable_reshape
 from seqmix.errors import SeqmixError, require_bool, require_int
 from seqmix.layers.positions import rotary
 from seqmix.operators import kv_cache, masking
@@ -176,7 +176,7 @@ class SoftmaxAttention(Mixer):
     def _merge(self, attended: Tensor) -> Tensor:
         """(B, H, T, D/H) -> output projection of (B, T, D)."""
         batch, _, tokens, _ = attended.shape
-        return self.out(attended.transpose(1, 2).reshape(batch, tokens, self.d_model))
+        return self.out(traceable_reshape(attended.transpose(1, 2), batch, tokens, self.d_model))
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         length = x.shape[1]
