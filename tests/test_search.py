@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,9 @@ def abandon_a_trial(storage_url: str, config) -> None:
     else:
         storage = optuna.storages.RDBStorage(storage_url)
     study = optuna.create_study(storage=storage, study_name="tiny", direction="maximize")
-    abandoned = study.ask()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        abandoned = study.ask()
     SearchSettings.from_config(config.search).space.suggest(abandoned, OmegaConf.to_container(config.model, resolve=True))
     if isinstance(storage, HeartbeatJournalStorage):
         storage.set_trial_system_attr(abandoned._trial_id, "heartbeat", time.time() - 3600)

@@ -4,12 +4,13 @@ search space it was made with (refused up front, naming the differing parameters
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,9 @@ def stored_study(tmp_path_factory, task, base_settings) -> bytes:
     out_dir = tmp_path_factory.mktemp("search")
     study, _ = open_study(dataclasses.replace(base_settings, out_dir=out_dir), task)
     for _ in range(3):
-        trial = study.ask()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+            trial = study.ask()
         trial.suggest_int("d_model", 16, 32)
         trial.set_user_attr("architecture", "tcn ×1 d=16")
         study.tell(trial, 0.5)
