@@ -137,7 +137,8 @@ def launcher(work: Path) -> dict:
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{work / 'search' / 'study.db'}")
     logs = sorted((work / "search" / "workers" / ".submitit").glob("*/*_log.out"))
     per_worker = [int(log.read_text().split("this worker ran ")[1].split()[0]) for log in logs]
-    params = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    # A claim that lost the race for the last place is failed with a not_run note and never trained.
+    params = [json.dumps(t.params, sort_keys=True) for t in study.trials if "not_run" not in t.user_attrs]
     return {
         "sweep_command": shlex.join(["seqmix", *sweep_args, "train.out_dir=runs/sweep"]),
         "sweep_s": sweep_s,
