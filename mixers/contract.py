@@ -45,15 +45,18 @@ def token_count_is_dynamic() -> bool:
     return _ANY_TOKEN_COUNT
 
 
-def traceable_reshape(t: Tensor, *shape) -> Tensor:
-    """``t.reshape(*shape)`` for a permuted ``t``; while tracing, a contiguous copy and then a view.
+def traceable_contiguous(t: Tensor) -> Tensor:
+    """``t.contiguous()``; while tracing, always a copy.
 
-    Whether such a reshape can be a view depends on sizes of 1 (B = 1, T = 1), a question that
-    torch.export would answer by fixing that size in the graph; ``contiguous`` asks it too, a copy does not.
+    Whether a permuted tensor is already contiguous depends on sizes of 1 (B = 1, T = 1), a
+    question that torch.export would answer by fixing that size in the graph; a copy asks nothing.
     """
-    if torch.compiler.is_compiling():
-        return t.clone(memory_format=torch.contiguous_format).view(*shape)
-    return t.reshape(*shape)
+    return t.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else t.contiguous()
+
+
+def traceable_reshape(t: Tensor, *shape) -> Tensor:
+    """``t.reshape(*shape)`` for a permuted ``t``, without the question ``traceable_contiguous`` avoids."""
+    return traceable_contiguous(t).view(*shape)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

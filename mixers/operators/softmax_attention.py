@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, Stages, compute_dtype, linear_stages, parameter_reads, traceable_reshape
+from seqmix.contract import Mixer, Stages, compute_dtype, linear_stages, parameter_reads, traceable_contiguous, traceable_reshape
 from seqmix.errors import SeqmixError, require_bool, require_int
 from seqmix.layers.positions import rotary
 from seqmix.operators import kv_cache, masking
@@ -153,7 +153,7 @@ class SoftmaxAttention(Mixer):
         if self.impl == "sdpa":
             # The fused kernels need unit stride along the head width (rotary's cat leaves a wider one
             # at small widths); without it PyTorch falls back to the math kernel and its (L, L) scores.
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            q, k, v = traceable_contiguous(q), traceable_contiguous(k), traceable_contiguous(v)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=is_causal)
         else:
             scores = (q @ k.transpose(-1, -2)).to(compute_dtype(q.dtype)) / self.head_dim**0.5
