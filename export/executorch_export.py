@@ -3,10 +3,14 @@
 - parallel: token ids (B, L) -> logits (B, L, V) (or the head's output), at one fixed (B, L).
   ExecuTorch takes bounded shapes only, so the length is chosen at export; a multiple of
   ``length_unit(model)`` leaves no chunk padded inside the graph.
-- step: (token ids (B, T), state_0 ... state_k) -> (logits (B, T, V), new state_0 ... new
-  state_k), every state tensor of fixed shape: what an edge device runs to stream. An EMA/CEMA
-  whose chunk is longer than T runs its recurrent path there (T unrolled steps) rather than a
-  chunk padded from T to C: measured 19x (megalodon) to 130x (ema_conv) faster per call at T=1.
+- decoder (``step.pte``): (input_ids (B, T), state...) -> (logits (B, T, V), new state...), the
+  state tensors named as in ONNX (``past_key_values.{i}.key``, ``past_state.{i}.ema``, ...; see
+  ``graphs``) and of fixed shape: what an edge device runs to stream. One program prefills a prompt
+  and decodes: T is dynamic, from 1 to ``decoder_token_limit`` (memory is planned for the largest
+  call); B is fixed at export, because XNNPACK reshapes take one dynamic dimension. The chunk loop
+  is unrolled (a scan would leave XNNPACK), so a call may hold one chunk of an EMA/CEMA at most:
+  the call is the chunk, with no padding, and a decode step costs one token. Longer prompts are
+  fed in calls of at most that many tokens.
 
 Both go torch.export -> ``to_edge_transform_and_lower`` with the XNNPACK partitioner ->
 ``.to_executorch()`` -> a .pte file, which ``run_pte`` runs on CPU through ``executorch.runtime``.
@@ -35,7 +39,7 @@ from seqmix.errors import require_int
 from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
-from .graphs import StepGraph, quiet_exporters, stepwise_recurrences, use_exportable_paths
+from .graphs import StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
 
 INSTALL_HINT = "pip install executorch==1.5.1"
 LIBRARY_DIR = Path(seqmix.__file__).resolve().parent
@@ -48,6 +52,8 @@ INT8_TOLERANCE = 0.1
 """Largest max |int8 − float32| of a quantized .pte's outputs, relative to the largest |float32|
 output. Dynamic int8 with per-channel weights stays within a few percent on every preset; a
 larger error is a broken quantization, not rounding."""
+DECODER_MAX_TOKENS = 512
+"""The default bound of T in a decoder program whose mixers set none (no chunked path, no short cache)."""
 
 
 def _require_executorch():
@@ -152,14 +158,14 @@ def _dynamic_int8_partitioner():
     return XnnpackDynamicallyQuantizedPartitioner(per_op_mode=True)
 
 
-def _quantized_int8(program, example: tuple[Tensor, ...]):
+def _quantized_int8(program, example: tuple[Tensor, ...], dynamic_shapes=None):
     """``program`` (an ExportedProgram) with int8 linears and convolutions, exported again at ``example``."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     prepared = prepare_pt2e(program.module(), _int8_quantizer())
     # One call runs the weight observers; dynamic activations need no calibration data.
     prepared(*example)
-    return torch.export.export(convert_pt2e(prepared), example)
+    return torch.export.export(convert_pt2e(prepared), example, dynamic_shapes=dynamic_shapes)
 
 
 def _spec(names: list[str], values) -> list[dict]:
@@ -167,8 +173,9 @@ def _spec(names: list[str], values) -> list[dict]:
 
 
 def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path, model: nn.Module, what: str,
-                 quantize: str | None = None):
-    """Export ``graph`` at ``example``, quantize it (``quantize="int8"``), lower it to XNNPACK and write the .pte to ``path``.
+                 quantize: str | None = None, dynamic_shapes=None):
+    """Export ``graph`` at ``example`` (with torch.export's ``dynamic_shapes``), quantize it
+    (``quantize="int8"``), lower it to XNNPACK and write the .pte to ``path``.
 
     ``model`` and ``what`` name the model and the graph in the error raised when lowering fails.
     Returns the graph's outputs as traced (fake tensors: shape and dtype) and the delegation counts.
@@ -178,10 +185,10 @@ def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path
     path = Path(path)
     try:
         with torch.no_grad(), recurrence.unrolled_chunks(), quiet_exporters():
-            program = torch.export.export(graph, example)
+            program = torch.export.export(graph, example, dynamic_shapes=dynamic_shapes)
             partitioners = [XnnpackPartitioner()]
             if quantize == "int8":
-                program = _quantized_int8(program, example)
+                program = _quantized_int8(program, example, dynamic_shapes)
                 partitioners.insert(0, _dynamic_int8_partitioner())
             edge = to_edge_transform_and_lower(program, partitioner=partitioners)
             lowered = edge.to_executorch()
@@ -239,49 +246,69 @@ def export_parallel_pte(model: nn.Module, path: str | Path, length: int, batch_s
     }
 
 
-def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, tokens_per_step: int = 1,
-                    quantize: str | None = None) -> dict:
-    """Write the step graph, (token ids (B, T), state...) -> (logits (B, T, V), new state...), as a .pte.
+def decoder_token_limit(model: nn.Module, max_tokens: int = DECODER_MAX_TOKENS) -> int:
+    """The most tokens one call of ``model``'s decoder program takes: ``max_tokens``, the model's
+    stream limit, and the smallest chunk of its mixers (``length_unit`` of each), since the chunk
+    loop is unrolled and a call must fit one chunk."""
+    from seqmix.contract import Mixer
 
-    The model is put in eval mode and switched to its exportable paths (``use_exportable_paths``);
-    while tracing, recurrences with a chunk longer than T run their recurrent path instead.
+    chunks = [module.length_unit() for module in model.modules() if isinstance(module, Mixer) and module.length_unit() > 1]
+    return min([max_tokens, stream_limit(model), *chunks])
+
+
+def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, max_tokens: int = DECODER_MAX_TOKENS,
+                    quantize: str | None = None) -> dict:
+    """Write the decoder program, (input_ids (B, T), state...) -> (logits (B, T, V), new state...), as a .pte.
+
+    T is dynamic, 1 to ``decoder_token_limit(model, max_tokens)``; the model is put in eval mode and
+    switched to its exportable paths (``use_exportable_paths``).
 
     Args:
         model: a causal SequenceModel with a per-token head.
         path: the .pte file to write.
-        batch_size: B, fixed in the graph and in every state tensor.
-        tokens_per_step: T, tokens per call, fixed in the graph.
+        batch_size: B, fixed in the program and in every state tensor.
+        max_tokens: the most tokens per call asked for; the model may allow fewer.
         quantize: None for float32, or "int8" (dynamic int8 linears and convolutions, see the module doc).
     Returns:
-        The manifest entry: file, inputs, outputs and state (name, shape, dtype), batch_size,
-        tokens_per_step, quantize, the impl of every mixer in the graph, and the operators delegated to
-        XNNPACK (``delegated_nodes`` of ``total_nodes``).
+        The manifest entry: file, inputs, outputs and state (name, shape with ``"tokens"`` for T, dtype;
+        each state entry with its output name), batch_size, tokens_per_call ``"1..N"``, max_tokens N,
+        quantize, the impl of every mixer, and the operators delegated to XNNPACK (``delegated_nodes``
+        of ``total_nodes``).
     """
+    from torch.export import Dim
+
+    from seqmix.contract import any_token_count
+
     require_int("export_step_pte", "batch_size", batch_size)
-    require_int("export_step_pte", "tokens_per_step", tokens_per_step)
+    require_int("export_step_pte", "max_tokens", max_tokens)
     check_quantize(quantize)
     if not getattr(model, "causal", False):
         raise SeqmixError(
             f"export_step_pte: {_describe(model)} has bidirectional layers, so it cannot stream and has no "
-            "step graph; export its parallel graph with export_parallel_pte"
+            "decoder program; export its parallel graph with export_parallel_pte"
         )
     model.eval()
     impls = use_exportable_paths(model)
     graph = StepGraph(model, batch_size)
     state = graph.initial_state(batch_size)
-    tokens = torch.zeros(batch_size, tokens_per_step, dtype=torch.long)
-    what = f"step graph (B={batch_size}, T={tokens_per_step}{', ' + quantize if quantize else ''})"
-    switched = stepwise_recurrences(model, tokens_per_step)
-    outputs, delegation = lower_to_pte(graph, (tokens, *state), path, model, what, quantize)
+    limit = decoder_token_limit(model, max_tokens)
+    tokens = torch.zeros(batch_size, min(2, limit), dtype=torch.long)
+    dims = ({1: Dim("tokens", min=1, max=limit)} if limit > 1 else {}, tuple({} for _ in state))
+    what = f"decoder program (B={batch_size}, T=1..{limit}{', ' + quantize if quantize else ''})"
+    with any_token_count(), size_oblivious():
+        outputs, delegation = lower_to_pte(graph, (tokens, *state), path, model, what, quantize, dims)
+    token_shape = [batch_size, "tokens"]
     return {
         "file": Path(path).name,
-        "inputs": _spec(["tokens", *graph.state_names], [tokens, *state]),
-        "outputs": _spec(["logits", *graph.present_names], outputs),
-        "state": _spec(graph.state_names, state),
+        "inputs": [{"name": "input_ids", "shape": token_shape, "dtype": "int64"}, *_spec(graph.state_names, state)],
+        "outputs": [{"name": "logits", "shape": [*token_shape, *outputs[0].shape[2:]], "dtype": "float32"},
+                    *_spec(graph.present_names, outputs[1:])],
+        "state": [{**entry, "output": present} for entry, present in zip(_spec(graph.state_names, state), graph.present_names)],
         "batch_size": batch_size,
-        "tokens_per_step": tokens_per_step,
+        "tokens_per_call": f"1..{limit}",
+        "max_tokens": limit,
         "quantize": quantize,
-        "impls": {**impls, **switched},
+        "impls": impls,
         **delegation,
     }
 
@@ -295,26 +322,36 @@ def load_pte_method(path: str | Path):
 
 
 def _input_name(index: int) -> str:
-    return "tokens" if index == 0 else f"state_{index - 1}"
+    return "input_ids" if index == 0 else f"state tensor {index - 1}"
 
 
 def _check_inputs(method, inputs: tuple[Tensor, ...], vocab_size: int | None) -> None:
     """Raise a SeqmixError naming the input unless ``inputs`` match the program's count, shapes and
     dtypes (and, given ``vocab_size``, the token ids lie in [0, vocab_size)); the runtime's own
-    errors name neither the input nor what it expected."""
+    errors name neither the input nor what it expected.
+
+    A decoder program (token ids, then state) takes any T up to the one it was planned for; a
+    parallel program (token ids alone) takes exactly its (B, L).
+    """
     meta = method.metadata
     expected = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
     got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
     if len(inputs) != len(expected):
         raise SeqmixError(
-            f"run_pte: the program takes {len(expected)} inputs (tokens, then the state) of shapes {expected}, got "
+            f"run_pte: the program takes {len(expected)} inputs (token ids, then the state) of shapes {expected}, got "
             f"{len(inputs)}: {got}; was the state built for another model?"
         )
     for index, (tensor, shape) in enumerate(zip(inputs, expected)):
         name = _input_name(index)
         if not isinstance(tensor, Tensor):
             raise SeqmixError(f"run_pte: input {index} ({name}) is a {type(tensor).__name__}; expected a torch.Tensor of shape {shape}")
-        if tuple(tensor.shape) != shape:
+        if index == 0 and len(expected) > 1:
+            if tensor.dim() != 2 or tensor.shape[0] != shape[0] or not 1 <= tensor.shape[1] <= shape[1]:
+                raise SeqmixError(
+                    f"run_pte: input_ids has shape {tuple(tensor.shape)}; this decoder program takes ({shape[0]}, T) "
+                    f"with 1 <= T <= {shape[1]}: feed a longer prompt in calls of at most {shape[1]} tokens"
+                )
+        elif tuple(tensor.shape) != shape:
             raise SeqmixError(
                 f"run_pte: input {index} ({name}) has shape {tuple(tensor.shape)}, but the program takes inputs of shapes "
                 f"{expected}; was the state built for another model or batch size?"
@@ -372,31 +409,42 @@ def verify_pte_parallel(model: nn.Module, path: str | Path, length: int, batch_s
     return worst
 
 
-def verify_pte_step(model: nn.Module, path: str | Path, steps: int = 8) -> float:
-    """Max |eager ``model.step`` − .pte| over the logits of a stream of ``steps`` calls.
+def decoder_calls(limit: int) -> list[int]:
+    """Tokens per call of the stream that checks a decoder program planned for T <= ``limit``:
+    one token, the most it takes, a few in between, none of them the traced T = 2 alone."""
+    return [1, limit, max(1, limit // 2 + 1), 1, min(3, limit), 1]
 
-    The .pte's state outputs are fed back as its next state inputs, as a device would; batch
-    size and tokens per call are read from the program.
+
+def verify_pte_step(model: nn.Module, path: str | Path) -> float:
+    """Max |eager ``model.step`` − .pte| over the logits of a stream of calls of ``decoder_calls`` tokens.
+
+    The .pte's state outputs are fed back as its next state inputs, as a device would; the batch
+    size and the most tokens per call are read from the program.
     """
-    return stream_error(model, path, steps)[0]
+    return stream_error(model, path)[0]
 
 
-def stream_error(model: nn.Module, path: str | Path, steps: int = 8) -> tuple[float, float]:
-    """(max |eager ``model.step`` − .pte| over the logits of a stream of ``steps`` calls, max |eager logits|),
+def stream_error(model: nn.Module, path: str | Path) -> tuple[float, float]:
+    """(max |eager ``model.step`` − .pte| over the logits and the final state, max |eager logits|),
     streamed as ``verify_pte_step`` does."""
     method = load_pte_method(path)
-    batch_size, tokens_per_step = method.metadata.input_tensor_meta(0).sizes()
+    batch_size, limit = method.metadata.input_tensor_meta(0).sizes()
     generator = torch.Generator().manual_seed(1)
     eager_state = model.init_state(batch_size)
     state = tree_flatten(model.init_state(batch_size))[0]
     worst = scale = 0.0
-    for _ in range(steps):
-        tokens = torch.randint(0, model.vocab_size, (batch_size, tokens_per_step), generator=generator)
+    for count in decoder_calls(limit):
+        tokens = torch.randint(0, model.vocab_size, (batch_size, count), generator=generator)
         with torch.no_grad():
             expected, eager_state = model.step(tokens, eager_state)
         logits, *state = _execute(method, (tokens, *state), model.vocab_size)
         worst = max(worst, (logits - expected).abs().max().item())
         scale = max(scale, expected.abs().max().item())
+    for want, got in zip(tree_flatten(eager_state)[0], state):
+        if want.is_floating_point():
+            worst = max(worst, (want - got).abs().max().item())
+        elif not torch.equal(want, got):
+            return float("inf"), scale
     return worst, scale
 
 

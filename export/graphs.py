@@ -3,8 +3,9 @@
 - parallel: (token ids (B, L), padding mask (B, L)) -> logits, L a dynamic multiple of ``length_unit``.
 - step: (token ids (B, T), state tensors...) -> (logits (B, T, V), new state tensors...), the
   state flattened into named tensors of fixed shape per sequence, so a device streams with constant
-  memory. ONNX traces it for any B and T (``contract.any_token_count``): one graph prefills a
-  prompt in one call and decodes one token per call.
+  memory. Both exporters trace it for any T (``contract.any_token_count``): one graph prefills a
+  prompt and decodes one token per call. ONNX also leaves B dynamic and takes any T in one call;
+  ExecuTorch fixes B and takes up to one chunk per call (``executorch_export``).
 
 State tensors are named per layer and per kind, after the decoder exports of optimum and ONNX
 Runtime GenAI: a key/value cache is ``past_key_values.{i}.key`` / ``.value``, every other tensor
@@ -34,14 +35,18 @@ def use_exportable_paths(model: nn.Module) -> dict[str, str]:
     return switch_impls(model, "export")
 
 
-def stepwise_recurrences(model: nn.Module, tokens_per_step: int) -> dict[str, str]:
-    """{module name: the path it runs} for every mixer that a step of ``tokens_per_step`` tokens
-    runs on another path than its own (a chunked recurrence loops on short inputs), for manifests."""
-    return {
-        name: module.impl_for_tokens(tokens_per_step)
-        for name, module in model.named_modules()
-        if isinstance(module, Mixer) and module.impl_for_tokens(tokens_per_step) != module.impl
-    }
+MAX_TOKENS = 1 << 16
+"""The most tokens one stream may take, unless the model holds fewer."""
+
+
+def stream_limit(model: nn.Module) -> int:
+    """The most tokens one stream of ``model`` can take: its smallest attention cache, its learned
+    positions, or ``MAX_TOKENS``."""
+    limits = [module.cache_capacity() for module in model.modules() if isinstance(module, Mixer)]
+    limits = [limit for limit in limits if limit is not None]
+    if getattr(model, "pos_embed", None) is not None:
+        limits.append(model.max_len)
+    return min([MAX_TOKENS, *limits])
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from seqmix import SeqmixError
 from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
-from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, use_exportable_paths
+from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
 
 OPSET = 23
 TOLERANCE = 1e-4
@@ -153,22 +153,6 @@ def _state_entry(name: str, initial: torch.Tensor, output: str) -> dict:
 STEP_CHECKS = ((1, (1, 5, 1)), (3, (2, 1, 1)), (2, (1, 3)))
 """(B, token counts of successive calls) the decoder graph is checked at, none of them the traced (2, 5);
 ``export_step`` adds one call of two chunks and a bit, so a prefill crosses chunk boundaries."""
-MAX_TOKENS = 1 << 16
-"""The most tokens one call of the decoder graph may take, unless the model holds fewer."""
-
-
-def stream_limit(model: nn.Module) -> int:
-    """The most tokens one stream of ``model`` can take: its smallest attention cache, its learned
-    positions, or ``MAX_TOKENS``."""
-    from seqmix.contract import Mixer
-
-    limits = [module.cache_capacity() for module in model.modules() if isinstance(module, Mixer)]
-    limits = [limit for limit in limits if limit is not None]
-    if getattr(model, "pos_embed", None) is not None:
-        limits.append(model.max_len)
-    return min([MAX_TOKENS, *limits])
-
-
 def export_step(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> dict:
     """Write the decoder graph (any B, any T) and check streams of several (B, T) against eager ``step``."""
     from seqmix.contract import any_token_count

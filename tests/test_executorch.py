@@ -2,9 +2,8 @@
 
 Every preset is built tiny (d_model=32, depth 2; 3 for hybrid_tcn_attention, whose pattern has three
 layers). Lowering costs 5-25 s of CPU per graph, so by default:
-- step graphs (B=1, one token per call, state fed back for 8 calls): every causal preset; the
-  manifest must show every EMA/CEMA traced on its recurrent path (a chunk padded from 1 token to
-  C would be far slower);
+- decoder programs (T dynamic up to the model's smallest chunk, state fed back over calls of
+  several T): every causal preset, at B = 1, and at B = 3 for mega and gpt2;
 - parallel graphs (B=2, L=128): mega_encoder (bidirectional EMA carried across chunks, gated
   attention, masked-LM head: the only graph it has) and hybrid_tcn_attention (TCN with softmax
   attention). The other presets' parallel graphs (ema_conv, gpt2, mega, megalodon, tcnca,
@@ -63,21 +62,34 @@ def test_parallel_graph_matches_eager(preset, tmp_path):
         et.run_pte(path, torch.zeros(1, LENGTH, dtype=torch.long))
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if tiny(p).causal])
-def test_step_graph_streams_like_eager(preset, tmp_path):
+def decoder_case(preset: str):
+    """B = 1 (a device's stream) for most presets; B = 3 for one chunked and one cache-only preset."""
+    return pytest.param(preset, 3 if preset in ("mega", "gpt2") else 1, id=preset)
+
+
+@pytest.mark.parametrize("preset, batch", [decoder_case(p) for p in PRESETS if tiny(p).causal])
+def test_decoder_program_prefills_and_decodes_like_eager(preset, batch, tmp_path):
+    """One program for every T up to its limit: a stream of calls of 1, N, N/2 + 1, 1, 3 and 1
+    tokens (the trace used 2) matches eager ``step``, logits and final state."""
     model = tiny(preset)
     path = tmp_path / f"{preset}_step.pte"
-    manifest = et.export_step_pte(model, path)
-    error = et.verify_pte_step(model, path, steps=8)
-    print(f"{preset} step: max error {error:.2e}, delegated {manifest['delegated_nodes']}/{manifest['total_nodes']}")
+    manifest = et.export_step_pte(model, path, batch_size=batch)
+    error = et.verify_pte_step(model, path)
+    limit = et.decoder_token_limit(model)
+    print(f"{preset} decoder: T=1..{limit}, max error {error:.2e}, delegated {manifest['delegated_nodes']}/{manifest['total_nodes']}")
     assert error < ATOL
+    assert limit > 3 and manifest["tokens_per_call"] == f"1..{limit}" and manifest["max_tokens"] == limit
     state = manifest["state"]
-    assert [i["name"] for i in manifest["inputs"]] == ["tokens", *(s["name"] for s in state)]
-    assert [o["shape"] for o in manifest["outputs"]] == [[1, 1, model.vocab_size], *(s["shape"] for s in state)]
+    assert all(s["name"].startswith(("past_key_values.", "past_state.")) for s in state)
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", *(s["name"] for s in state)]
+    assert [o["name"] for o in manifest["outputs"]] == ["logits", *(s["output"] for s in state)]
+    assert [o["shape"] for o in manifest["outputs"]] == [[batch, "tokens", model.vocab_size], *(s["shape"] for s in state)]
     assert manifest["delegated_nodes"] > 0
-    # One token per call: every EMA/CEMA was traced on its recurrent path, then switched back.
-    assert "chunked" not in manifest["impls"].values()
-    assert "recurrent" not in {getattr(m, "impl", None) for m in model.modules()}
+    # Every EMA/CEMA runs its chunked path, each call being one chunk; none was left switched.
+    assert "recurrent" not in manifest["impls"].values()
+    state_inputs = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in state]
+    with pytest.raises(SeqmixError, match=rf"1 <= T <= {limit}: feed a longer prompt in calls of at most {limit} tokens"):
+        et.run_pte(path, torch.zeros(batch, limit + 1, dtype=torch.long), *state_inputs)
 
 
 def test_step_export_refuses_a_bidirectional_model(tmp_path):
@@ -88,7 +100,7 @@ def test_step_export_refuses_a_bidirectional_model(tmp_path):
 def test_a_graph_that_cannot_be_traced_names_the_layers_and_the_line(monkeypatch, tmp_path):
     # Un-skipping step()'s learned-position check makes it read a tensor value while tracing.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    with pytest.raises(SeqmixError, match=r"step graph .*layers \['attention'\].*seqmix/model/sequence_model\.py:\d+ in step"):
+    with pytest.raises(SeqmixError, match=r"decoder program .*layers \['attention'\].*seqmix/model/sequence_model\.py:\d+ in step"):
         et.export_step_pte(tiny("gpt2"), tmp_path / "step.pte")
 
 

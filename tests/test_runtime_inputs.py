@@ -141,7 +141,7 @@ def test_the_onnx_runner_names_a_bad_sampling_option_before_opening_a_session(op
 
 @pytest.fixture(scope="module")
 def pte_step(tmp_path_factory):
-    """A tiny ema_conv (D = 16, one layer) step program: inputs tokens (1, 1), state_0 (1, 16, 16), state_1 (1,)."""
+    """A tiny ema_conv (D = 16, one layer) decoder program: inputs input_ids (1, T <= 64), then two state tensors (1, 16, 16) and (1,)."""
     pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
     from seqmix.export import executorch_export as et
 
@@ -161,17 +161,17 @@ def test_run_pte_accepts_the_right_inputs(pte_step):
 @pytest.mark.parametrize(
     "make_inputs, message",
     [
-        (lambda m: [torch.tensor([[5.0]]), *tree_flatten(m.init_state(1))[0]], r"input 0 \(tokens\) has dtype torch.float32, the program takes torch.int64"),
+        (lambda m: [torch.tensor([[5.0]]), *tree_flatten(m.init_state(1))[0]], r"input 0 \(input_ids\) has dtype torch.float32, the program takes torch.int64"),
         (lambda m: [torch.tensor([[5]]), *(t.double() if t.is_floating_point() else t for t in tree_flatten(m.init_state(1))[0])],
-         r"input 1 \(state_0\) has dtype torch.float64, the program takes torch.float32"),
+         r"input 1 \(state tensor 0\) has dtype torch.float64, the program takes torch.float32"),
         (lambda m: [torch.tensor([[5]]), *tree_flatten(tiny("transformer").init_state(1))[0]], "takes 3 inputs .* got 10"),
         (lambda m: [torch.tensor([[5]]), *tree_flatten(tiny_preset("ema_conv", "model.depth=1").init_state(1))[0]],
-         r"input 1 \(state_0\) has shape \(1, 32, 16\)"),
-        (lambda m: [torch.tensor([[5, 6]]), *tree_flatten(m.init_state(1))[0]], r"input 0 \(tokens\) has shape \(1, 2\)"),
-        (lambda m: [[[5]], *tree_flatten(m.init_state(1))[0]], r"input 0 \(tokens\) is a list"),
+         r"input 1 \(state tensor 0\) has shape \(1, 32, 16\)"),
+        (lambda m: [torch.tensor([[5], [6]]), *tree_flatten(m.init_state(1))[0]], r"input_ids has shape \(2, 1\); this decoder program takes \(1, T\) with 1 <= T <= 64"),
+        (lambda m: [[[5]], *tree_flatten(m.init_state(1))[0]], r"input 0 \(input_ids\) is a list"),
         (lambda m: [torch.tensor([[300]]), *tree_flatten(m.init_state(1))[0]], r"token ids must lie in \[0, vocab_size=256\), got ids from 300"),
     ],
-    ids=["float tokens", "double state", "state of another preset", "state of a wider model", "two tokens", "not a tensor", "id too large"],
+    ids=["float tokens", "double state", "state of another preset", "state of a wider model", "two rows", "not a tensor", "id too large"],
 )
 def test_run_pte_names_a_wrong_input(make_inputs, message, pte_step):
     et, model, path = pte_step
