@@ -95,23 +95,23 @@ class CEMA(recurrence.RecurrenceMixer):
         return self.coefficients(compute_dtype(self.alpha.dtype)).kernel(length, self.alpha.device)
 
     def _recur(self, xs: Tensor, h0, need_state: bool = True):
+        """``recurrence.run`` with the output Re(y) + omega ⊙ x, the skip fused on the chunked path."""
         coef = self.coefficients(xs.dtype)
-        return recurrence.run(self.impl, xs, coef, h0, self.chunk_size, self.spectrum(coef, xs.shape[1]), need_state)
+        return recurrence.run(self.impl, xs, coef, h0, self.chunk_size, self.spectrum(coef, xs.shape[1]), need_state,
+                              skip=self.omega.to(xs.dtype))
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
             if padding_mask is not None:
                 xs = xs.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-            y, _ = self._recur(xs, None, need_state=False)
-            out = y + self.omega.to(xs.dtype) * xs
+            out, _ = self._recur(xs, None, need_state=False)
         return out.to(x.dtype)
 
     def mix_step(self, x: Tensor, state: CEMAState) -> tuple[Tensor, CEMAState]:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
-            y, (h_re, h_im) = self._recur(xs, (state.cema_re.to(xs.dtype), state.cema_im.to(xs.dtype)))
-            out = y + self.omega.to(xs.dtype) * xs
+            out, (h_re, h_im) = self._recur(xs, (state.cema_re.to(xs.dtype), state.cema_im.to(xs.dtype)))
         return out.to(x.dtype), CEMAState(h_re.to(state.cema_re.dtype), h_im.to(state.cema_im.dtype))
 
     def empty_state(self, batch_size: int, device, dtype) -> CEMAState:

@@ -85,28 +85,31 @@ class EMA(recurrence.RecurrenceMixer):
         """k[d, j] = Σ_n (eta/√N)·p·beta·q^j for j < length -> (D, length), float32 at least."""
         return self.coefficients(compute_dtype(self.alpha.dtype), backward).kernel(length, self.alpha.device)
 
-    def _recur(self, x: Tensor, h0, backward: bool = False, need_state: bool = True):
+    def _recur(self, x: Tensor, h0, backward: bool = False, need_state: bool = True, skip: Tensor | None = None,
+               silu: bool = False):
+        """``recurrence.run`` of one direction; ``skip`` and ``silu`` give SiLU(y + skip ⊙ x), fused on the chunked path."""
         coef = self.coefficients(x.dtype, backward)
         spectrum = self.spectrum(coef, x.shape[1], "backward" if backward else "forward")
-        return recurrence.run(self.impl, x, coef, h0, self.chunk_size, spectrum, need_state)
+        return recurrence.run(self.impl, x, coef, h0, self.chunk_size, spectrum, need_state, skip, silu)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
             if padding_mask is not None:
                 xs = xs.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-            y, _ = self._recur(xs, None, need_state=False)
+            omega = self.omega.to(xs.dtype)
+            # Causal: the whole output SiLU(y + omega ⊙ x) in the recurrence's passes. Bidirectional:
+            # the forward direction adds omega ⊙ x, the SiLU waits for the backward direction.
+            out, _ = self._recur(xs, None, need_state=False, skip=omega, silu=self.causal)
             if not self.causal:
                 y_back, _ = self._recur(xs.flip(1), None, backward=True, need_state=False)
-                y = y + y_back.flip(1)
-            out = F.silu(y + self.omega.to(xs.dtype) * xs)
+                out = F.silu(out + y_back.flip(1))
         return out.to(x.dtype)
 
     def mix_step(self, x: Tensor, state: EMAState) -> tuple[Tensor, EMAState]:
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(compute_dtype(x.dtype))
-            y, (h, _) = self._recur(xs, (state.ema.to(xs.dtype), None))
-            out = F.silu(y + self.omega.to(xs.dtype) * xs)
+            out, (h, _) = self._recur(xs, (state.ema.to(xs.dtype), None), skip=self.omega.to(xs.dtype), silu=True)
         return out.to(x.dtype), EMAState(h.to(state.ema.dtype))
 
     def empty_state(self, batch_size: int, device, dtype) -> EMAState:

@@ -16,6 +16,11 @@ Three paths compute the same function of (x, h0):
 - ``fft``: the kernel k[d, j] = Re Σ_n c b q^j for j < L, convolved by FFT at size 2L.
 - ``chunked``: inside each chunk of C steps a lower-triangular Toeplitz matmul; across chunks
   the state is carried with q^C. O(L·C) work in plain matmuls, which export everywhere.
+
+``run`` also applies the mixers' output transform SiLU(y + skip ⊙ x) (either part optional). The
+chunked path fuses it and runs eagerly as one autograd node (``_ChunkedRecurrence``) that views
+its interleaved (real, imaginary) states as complex tensors internally; while tracing it runs
+plain real ops (``_chunked_traced``), a scan or an unrolled loop carrying the state.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops import scan
+from torch.autograd.function import once_differentiable
 
 from seqmix.contract import Mixer, Stages, parameter_reads, token_count_is_dynamic, traceable_reshape
 from seqmix.operators import masking
@@ -208,7 +214,7 @@ def fft(x: Tensor, coef: Coefficients, h0: Pair | None = None, spectrum: Tensor 
 
 
 def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair]:
-    """State at the start of every chunk: H_0 = h0, H_{c+1} = q^C H_c + fed_c.
+    """State at the start of every chunk while tracing: H_0 = h0, H_{c+1} = q^C H_c + fed_c.
 
     Args:
         q_chunk: q^C as a (D, N) pair.
@@ -218,7 +224,7 @@ def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair
         starts (nC, B, D, N) pair and the state after the last chunk.
     """
     is_complex = fed[1] is not None
-    if torch.compiler.is_compiling() and not _UNROLL_CHUNKS:
+    if not _UNROLL_CHUNKS:
         # A Python loop would bake the number of chunks into the graph; scan keeps it dynamic
         # (torch.export turns it into an ONNX Scan). Eagerly scan is much slower than the loop.
         def combine(carry, fed_c):
@@ -245,24 +251,236 @@ def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair
     return starts, h
 
 
-def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: int = 64) -> tuple[Tensor, Pair]:
+def _finish(y: Tensor, x: Tensor, skip: Tensor | None, silu: bool) -> Tensor:
+    """y + skip ⊙ x, then SiLU when asked: the output transform the eager chunked path fuses into its own passes."""
+    if skip is not None:
+        y = y + skip * x
+    return F.silu(y) if silu else y
+
+
+def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: int = 64, skip: Tensor | None = None,
+            silu: bool = False, need_state: bool = True) -> tuple[Tensor, Pair | None]:
     """Chunk-parallel path: Toeplitz matmuls inside chunks, the state carried across them.
 
-    Same arguments and results as ``recurrent``, plus ``chunk_size`` (C). A length that is not a
-    multiple of C is padded with zeros at the end and cropped.
+    Same arguments and results as ``recurrent``, plus ``chunk_size`` (C), and the output transform
+    y ← SiLU(y + skip ⊙ x) with ``skip`` (D,) or None and ``silu``, which this path fuses (the skip
+    rides on the Toeplitz diagonal, the SiLU on the pass that writes y); ``need_state=False``
+    returns None for the state and skips rebuilding it. A length that is not a multiple of C is
+    padded with zeros at the end and cropped.
+
+    Eagerly this runs ``_ChunkedRecurrence`` (one autograd node, the carry one fused multiply-add per
+    chunk); while tracing it runs ``_chunked_traced``, which exporters can lower.
+    """
+    # An unrolled loop needs its chunk count while tracing, and for a token count known only at
+    # run time one chunk is the only count right for every T: the call is the chunk (the exporter
+    # bounds T by C), so a decode step costs one token, not a chunk padded from one.
+    call_is_chunk = _UNROLL_CHUNKS and token_count_is_dynamic()
+    if torch.compiler.is_compiling() or call_is_chunk:
+        y, h = _chunked_traced(x, coef, h0, chunk_size, call_is_chunk)
+        return _finish(y, x, skip, silu), h
+    batch, length = x.shape[:2]
+    chunks = -(-length // chunk_size)
+    pad = chunks * chunk_size - length
+    padded = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+    complex_ = coef.phase is not None
+    feed, mix, q_chunk = _chunk_weights(coef, chunk_size, skip)
+    h = _interleave(coef.zero_state(batch) if h0 is None else h0, 2, complex_)
+    y, last_start, end = _ChunkedRecurrence.apply(padded, feed, mix, q_chunk, h, complex_, silu)
+    if pad:
+        y = y[:, :length]
+    if not need_state:
+        return y, None
+    if not pad:
+        return y, _deinterleave(end, complex_)
+    # The carried state ran over the zero padding too: rebuild it from the last chunk's start and its real tokens.
+    real = length - (chunks - 1) * chunk_size
+    return y, _state_after(coef, _deinterleave(last_start, complex_), x[:, length - real :])
+
+
+def _interleave(pair: Pair, dim: int, complex_: bool) -> Tensor:
+    """A pair with N along ``dim`` -> one real tensor with K along it: N real parts, or 2N for a
+    complex recurrence with (real, imaginary) side by side, which ``torch.view_as_complex`` reads."""
+    if not complex_:
+        return pair[0]
+    imaginary = pair[1] if pair[1] is not None else torch.zeros_like(pair[0])
+    return torch.stack((pair[0], imaginary), dim=dim + 1).flatten(dim, dim + 1)
+
+
+def _deinterleave(states: Tensor, complex_: bool) -> Pair:
+    """(..., K) from ``_interleave`` along the last axis -> a (..., N) pair."""
+    if not complex_:
+        return states, None
+    parts = states.unflatten(-1, (-1, 2))
+    return parts[..., 0].contiguous(), parts[..., 1].contiguous()
+
+
+def _chunk_weights(coef: Coefficients, size: int, skip: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """What the eager chunked path multiplies by, from one set of powers q^j, j <= C.
+
+    Returns, with K = N (real) or 2N (complex, interleaved as in ``_interleave``):
+        feed (D, C, K): b q^{C-1-j}, how input j of a chunk reaches the state after it;
+        mix (D, K + C, C): the readout Re(c q^{i+1}) (imaginary rows negated) stacked on the
+            transposed Toeplitz block, [j, i] = k[i - j] for j <= i with skip added to k[0];
+        q_chunk (D, K): q^C, the carry's decay.
+    """
+    complex_ = coef.phase is not None
+    q_re, q_im = coef.powers(torch.arange(size + 1, device=coef.log_r.device))  # (D, N, C + 1)
+    within = (q_re[..., :size], None if q_im is None else q_im[..., :size])
+    kernel = _real_part_contract("dn,dnj->dj", _scale(coef.c, coef.b), within)  # (D, C)
+    if skip is not None:
+        kernel = kernel + F.pad(skip.unsqueeze(-1), (0, size - 1))
+    # The transposed Toeplitz block as windows of the kernel padded with C-1 zeros in front.
+    toeplitz = F.pad(kernel, (size - 1, 0)).unfold(1, size, 1).flip(1)  # (D, C, C)
+    feed = _scale((within[0].flip(-1), None if q_im is None else within[1].flip(-1)), coef.b.unsqueeze(-1))
+    c_col = (coef.c[0].unsqueeze(-1), None if coef.c[1] is None else coef.c[1].unsqueeze(-1))
+    c_q = _mul(c_col, (q_re[..., 1:], None if q_im is None else q_im[..., 1:]))  # c q^{i+1}, (D, N, C) pair
+    readout = _interleave((c_q[0], None if c_q[1] is None else -c_q[1]), 1, complex_)
+    mix = torch.cat((readout, toeplitz), dim=1)
+    feed = _interleave(feed, 1, complex_).transpose(1, 2).contiguous()
+    q_chunk = _interleave((q_re[..., size], None if q_im is None else q_im[..., size]), 1, complex_).contiguous()
+    return feed, mix, q_chunk
+
+
+def _as_complex(t: Tensor, complex_: bool) -> Tensor:
+    """A real (..., K) tensor from ``_interleave`` as the complex (..., N) one it holds, sharing memory; real ones as they are."""
+    return torch.view_as_complex(t.unflatten(-1, (-1, 2))) if complex_ else t
+
+
+def _as_real(t: Tensor, complex_: bool) -> Tensor:
+    """The inverse of ``_as_complex``: complex (..., N) -> real (..., 2N)."""
+    return torch.view_as_real(t).flatten(-2) if complex_ else t
+
+
+class _ChunkedRecurrence(torch.autograd.Function):
+    """The eager chunked recurrence as one autograd node, with its backward written out.
+
+    Shapes: B batch, nC chunks of C, D channels, K states per channel (N, or 2N interleaved for a
+    complex recurrence), M = B·nC chunk rows. Every product is a matmul batched over the channels,
+    (D, M, ·) @ (D, ·, ·), whose operands are strided views of buffers laid out (M, D, ·): a chunk's
+    (C, D) block is transposed where it sits in cache, never the whole (L, D) sequence, and the
+    matmuls read and write those layouts in place. The carry H_{c+1} = q^C H_c + fed_c runs as one
+    fused multiply-add per chunk on contiguous (B, D, K) states, written straight into the buffer
+    the readout product reads, so it costs no autograd node, no copy and no per-chunk gradient
+    buffer; its adjoint runs the same way backwards. Forward:
+
+        stacked (M, D, K + C) = [starts | chunk inputs transposed]
+        fed = inputs @ feed                      (D, M, K), then the carry fills starts
+        y = stacked @ mix                        (D, M, C): readout and Toeplitz block in one product
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, feed: Tensor, mix: Tensor, q_chunk: Tensor, h0: Tensor, complex_: bool, silu: bool):
+        """x (B, nC·C, D), feed (D, C, K), mix (D, K + C, C), q_chunk (D, K), h0 (B, D, K) ->
+        y (B, nC·C, D), the last chunk's start state (B, D, K), the state after it (B, D, K)."""
+        batch, length, width = x.shape
+        size, states = mix.shape[-1], feed.shape[-1]
+        chunks = length // size
+        stacked = _stacked_buffer(x, batch * chunks, width, states + size)
+        inputs = stacked[..., states : states + size]
+        inputs.copy_(x.view(batch * chunks, size, width).transpose(1, 2))
+        fed = x.new_empty(batch * chunks, width, states)
+        torch.bmm(inputs.transpose(0, 1), feed, out=fed.transpose(0, 1))
+        starts = stacked[..., :states].view(batch, chunks, width, states)
+        starts[:, 0].copy_(h0)
+        end = _carry(starts, fed.view(batch, chunks, width, states), q_chunk, complex_)
+        y_chunks = x.new_empty(batch * chunks, width, size)
+        torch.bmm(stacked[..., : states + size].transpose(0, 1), mix, out=y_chunks.transpose(0, 1))
+        y = x.new_empty(batch, length, width)
+        y.view(batch * chunks, size, width).copy_(y_chunks.transpose(1, 2))
+        keep_input = silu and any(ctx.needs_input_grad)
+        pre = y if keep_input else None
+        if silu:
+            y = F.silu(y) if keep_input else F.silu(y, inplace=True)
+        ctx.save_for_backward(stacked, feed, mix, q_chunk, pre)
+        ctx.shape, ctx.complex_, ctx.silu = (batch, chunks, size, width, states), complex_, silu
+        return y, starts[:, -1].clone(), end
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor, grad_last_start: Tensor, grad_end: Tensor):
+        stacked, feed, mix, q_chunk, pre = ctx.saved_tensors
+        batch, chunks, size, width, states = ctx.shape
+        rows = batch * chunks
+        needs_x, needs_feed, needs_mix, needs_q, needs_h0 = ctx.needs_input_grad[:5]
+        if ctx.silu:
+            grad_y = torch.ops.aten.silu_backward(grad_y, pre)
+        grad_chunks = stacked.new_empty(rows, width, size)
+        grad_chunks.copy_(grad_y.reshape(rows, size, width).transpose(1, 2))
+        grad_chunks = grad_chunks.transpose(0, 1)  # (D, M, C)
+        operands = stacked[..., : states + size].transpose(0, 1)  # (D, M, K + C)
+        grad_mix = torch.bmm(operands.transpose(1, 2), grad_chunks) if needs_mix else None
+        if not (needs_x or needs_feed or needs_q or needs_h0):
+            return None, None, grad_mix, None, None, None, None
+        grad_stacked = _stacked_buffer(stacked, rows, width, states + size)
+        torch.bmm(grad_chunks, mix.transpose(1, 2), out=grad_stacked[..., : states + size].transpose(0, 1))
+        grad_starts = grad_stacked[..., :states].view(batch, chunks, width, states)
+        grad_starts[:, -1] += grad_last_start
+        starts = stacked[..., :states].view(batch, chunks, width, states)
+        grad_fed, grad_h0, grad_q = _carry_adjoint(grad_starts, grad_end, starts, q_chunk, ctx.complex_)
+        grad_fed = grad_fed.view(rows, width, states).transpose(0, 1)  # (D, M, K)
+        inputs = stacked[..., states : states + size].transpose(0, 1)  # (D, M, C)
+        grad_feed = torch.bmm(inputs.transpose(1, 2), grad_fed) if needs_feed else None
+        grad_x = None
+        if needs_x:
+            grad_inputs = stacked.new_empty(rows, width, size)
+            torch.baddbmm(grad_stacked[..., states : states + size].transpose(0, 1), grad_fed, feed.transpose(1, 2),
+                          out=grad_inputs.transpose(0, 1))
+            grad_x = stacked.new_empty(batch, chunks * size, width)
+            grad_x.view(rows, size, width).copy_(grad_inputs.transpose(1, 2))
+        return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None
+
+
+def _stacked_buffer(like: Tensor, rows: int, width: int, columns: int) -> Tensor:
+    """An uninitialised (M, D, columns) buffer whose rows start at even offsets, so that complex views of its states hold."""
+    return like.new_empty(rows, width, columns + columns % 2)[..., :columns]
+
+
+def _carry(starts: Tensor, fed: Tensor, q_chunk: Tensor, complex_: bool) -> Tensor:
+    """Fill starts[:, c] = q^C starts[:, c-1] + fed[:, c-1] for c >= 1, in place; return the state after the last chunk.
+
+    starts and fed (B, nC, D, K), starts[:, 0] holding h0; q_chunk (D, K). One fused multiply-add
+    per chunk: the work is nC·B·D·K, each state written once.
+    """
+    starts, fed = (_as_complex(t, complex_).unbind(1) for t in (starts, fed))
+    q = _as_complex(q_chunk, complex_)
+    for c in range(1, len(starts)):
+        torch.addcmul(fed[c - 1], q, starts[c - 1], out=starts[c])
+    return _as_real(torch.addcmul(fed[-1], q, starts[-1]), complex_)
+
+
+def _carry_adjoint(grad_starts: Tensor, grad_end: Tensor, starts: Tensor, q_chunk: Tensor,
+                   complex_: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The carry's backward: the same recurrence run from the last chunk with the conjugate decay.
+
+    With G_c the gradient reaching starts[:, c] and fed[:, c] (the state after chunk c):
+    fed's gradient is G_{nC-1} = grad_end, G_c = grad_starts[:, c+1] + conj(q^C) G_{c+1}; h0's is
+    grad_starts[:, 0] + conj(q^C) G_0; q^C's is Σ conj(starts[:, c]) G_c over b and c. Returns
+    (grad_fed (B, nC, D, K), grad_h0 (B, D, K), grad_q_chunk (D, K)).
+    """
+    grad_fed = torch.empty_like(grad_starts, memory_format=torch.contiguous_format)
+    grad_fed[:, -1].copy_(grad_end)
+    grad_starts_c, grad_fed_c, starts_c, q = (_as_complex(t, complex_) for t in (grad_starts, grad_fed, starts, q_chunk))
+    q_conj = q.conj_physical()
+    into, reaching = grad_fed_c.unbind(1), grad_starts_c.unbind(1)
+    for c in range(len(into) - 2, -1, -1):
+        torch.addcmul(reaching[c + 1], q_conj, into[c + 1], out=into[c])
+    grad_h0 = torch.addcmul(reaching[0], q_conj, into[0])
+    grad_q = (starts_c.conj_physical() * grad_fed_c).sum((0, 1))
+    return grad_fed, _as_real(grad_h0, complex_), _as_real(grad_q, complex_)
+
+
+def _chunked_traced(x: Tensor, coef: Coefficients, h0: Pair | None, chunk_size: int, call_is_chunk: bool) -> tuple[Tensor, Pair]:
+    """``chunked`` as exporters trace it (before the output transform): plain ops and a scan or an unrolled loop.
 
     Every contraction is a matmul batched over the channels, with the chunks of all rows stacked:
     (D, B·nC, C) @ (D, C, ·). Written as einsums they cost the same in eager, but ONNX Runtime
     runs its generic Einsum kernel several times slower than MatMul. The layout (D, B·nC, C) is
     x (B, L, D) with its last axis moved to the front, a transpose runtimes do fast, where
-    (D, C, B·nC) would need a general 4-D permutation in and out.
+    (D, C, B·nC) would need a general 4-D permutation in and out. With ``call_is_chunk`` (a graph
+    for any token count with the loop unrolled) the call is one chunk: nothing is padded, cropped
+    or rebuilt.
     """
     batch, length, width = x.shape
-    # An unrolled loop needs its chunk count while tracing, and for a token count known only at
-    # run time one chunk is the only count right for every T: the call is the chunk (the exporter
-    # bounds T by C), so a decode step costs one token, not a chunk padded from one, and nothing
-    # is padded, cropped or rebuilt.
-    call_is_chunk = _UNROLL_CHUNKS and token_count_is_dynamic()
     if call_is_chunk:
         size, chunks = length, 1
     else:
@@ -271,10 +489,9 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
         # bound nC >= 1 when tracing for any length.
         chunks = (length + size - 1) // size
     pad = chunks * size - length
-    # While tracing, the length may be symbolic: pad (by 0 when it divides) and rebuild the end state
+    # The length may be symbolic: pad (by 0 when it divides) and rebuild the end state
     # unconditionally rather than branch on it.
-    tracing = torch.compiler.is_compiling()
-    padded = (tracing and not call_is_chunk) or pad
+    padded = not call_is_chunk
     if padded:
         x = F.pad(x, (0, 0, 0, pad))
 
@@ -312,13 +529,9 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     carried = regroup(torch.cat(carried, dim=-1).permute(2, 1, 0, 3), width, batch * chunks, -1)  # (D, B·nC, N or 2N)
     y = y + torch.bmm(carried, torch.cat(readout, dim=1))
     y = regroup(y, width, batch, chunks * size).permute(1, 2, 0)  # (B, nC·C, D)
-    if padded and tracing:
+    if padded:
         # A slice to a symbolic length makes torch.export specialise it; an index_select does not.
         y = y.index_select(1, torch.arange(length, device=x.device))
-    elif padded:
-        y = y[:, :length]
-
-    if padded:
         # The carried state ran over the zero padding too; rebuild the state after the last real
         # token from the last chunk's start: h = q^r H + Σ_{j<r} b q^{r-1-j} x_j for its r real
         # tokens. Written over the whole (zero-padded) chunk, with the weights past r masked, so that
@@ -355,11 +568,14 @@ def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
 
 
 def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, spectrum: Tensor | None = None,
-        need_state: bool = True):
+        need_state: bool = True, skip: Tensor | None = None, silu: bool = False):
     """Run path ``impl`` on x (B, L, D) from state h0 (see ``steps_recurrently``) -> (y (B, L, D), final state).
 
-    ``spectrum`` is the FFT path's kernel spectrum when the caller caches it, and ``need_state=False``
-    lets the FFT path skip the final state (``fft``); the state is then None on that path.
+    y is the recurrence's output transformed as SiLU(y + skip ⊙ x) (``skip`` (D,) or None, ``silu``
+    a bool), which the chunked path fuses into its own passes and the others apply after.
+    ``spectrum`` is the FFT path's kernel spectrum when the caller caches it, and
+    ``need_state=False`` lets the FFT and chunked paths skip the final state (``fft``, ``chunked``);
+    the state is then None on those paths.
 
     The loop lets a NaN or infinity at step t reach steps >= t only. The FFT and the chunks' Toeplitz
     matmuls would multiply it by the zeros above the diagonal into earlier steps too, so they run on
@@ -367,16 +583,18 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, spectrum:
     input on, and its final state, is NaN (the loop may give ±inf there instead).
     """
     if steps_recurrently(impl, x.shape[1], chunk_size):
-        return recurrent(x, coef, h0)
-    paths = {**PATHS, "fft": partial(fft, spectrum=spectrum, need_state=need_state)}
-    if masking.all_finite(x):
-        return chunked(x, coef, h0, chunk_size) if impl == "chunked" else paths[impl](x, coef, h0)
-    bad = ~torch.isfinite(x)  # (B, L, D)
-    finite_x = x.masked_fill(bad, 0.0)
+        y, h = recurrent(x, coef, h0)
+        return _finish(y, x, skip, silu), h
+    bad = None if masking.all_finite(x) else ~torch.isfinite(x)  # (B, L, D)
+    finite_x = x if bad is None else x.masked_fill(bad, 0.0)
     if impl == "chunked":
-        y, h = chunked(finite_x, coef, h0, chunk_size)
+        y, h = chunked(finite_x, coef, h0, chunk_size, skip, silu, need_state)
     else:
+        paths = {**PATHS, "fft": partial(fft, spectrum=spectrum, need_state=need_state)}
         y, h = paths[impl](finite_x, coef, h0)
+        y = _finish(y, finite_x, skip, silu)
+    if bad is None:
+        return y, h
     # Along time in place, not transposed: torch.export cannot tell a transposed mask's strides apart
     # at length 1 and would specialise a graph traced for any length.
     reached = masking.seen_causally(bad, dim=1)  # (B, L, D)

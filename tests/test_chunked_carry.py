@@ -1,0 +1,126 @@
+"""The chunked recurrence's eager path: the same function as the reference loop, and a cost per chunk that stays flat.
+
+``recurrence.chunked`` carries the state across chunks with one fused multiply-add per chunk on
+contiguous states inside one autograd node, folds the skip term ω·x into the Toeplitz diagonal and
+applies the SiLU on the way out. These tests hold it to the literal loop (``recurrence.recurrent``
+followed by the same skip and SiLU) on outputs, final state and every gradient, and hold its graph
+to a size that does not grow with the number of chunks.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from seqmix.operators import recurrence
+
+
+def _coefficients(width: int, order: int, complex_: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Leaf tensors (float64, requiring grad) from which ``Coefficients`` are built, decays in (0.5, 1)."""
+    def draw(*shape, low=-1.0, high=1.0):
+        return (low + (high - low) * torch.rand(*shape, generator=generator, dtype=torch.float64)).requires_grad_(True)
+
+    leaves = {"log_r": draw(width, order, low=math.log(0.5), high=-1e-3), "b": draw(width, order), "c_re": draw(width, order)}
+    if complex_:
+        leaves.update(phase=draw(width, order, low=-math.pi, high=math.pi), c_im=draw(width, order))
+    return leaves
+
+
+def _build(leaves: dict[str, torch.Tensor]) -> recurrence.Coefficients:
+    return recurrence.Coefficients(log_r=leaves["log_r"], phase=leaves.get("phase"), b=leaves["b"], c=(leaves["c_re"], leaves.get("c_im")))
+
+
+def _reference(x, coef, h0, skip, silu):
+    y, h = recurrence.recurrent(x, coef, h0)
+    if skip is not None:
+        y = y + skip * x
+    return (F.silu(y) if silu else y), h
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    complex_=st.booleans(), batch=st.integers(1, 3), chunk=st.integers(1, 9), chunks=st.integers(1, 12),
+    short_by=st.integers(0, 8), order=st.integers(1, 4), with_state=st.booleans(), with_skip=st.booleans(),
+    silu=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_chunked_equals_the_loop_with_its_state_and_every_gradient(complex_, batch, chunk, chunks, short_by, order, with_state,
+                                                                    with_skip, silu, seed):
+    """Any chunk size (odd ones too), a last chunk cut short, a start state, the skip and the SiLU: float64 to rounding."""
+    width = 3
+    length = max(1, chunks * chunk - short_by % chunk)
+    generator = torch.Generator().manual_seed(seed)
+    leaves = _coefficients(width, order, complex_, generator)
+    x = torch.randn(batch, length, width, generator=generator, dtype=torch.float64, requires_grad=True)
+    h0 = None
+    if with_state:
+        h0 = tuple(torch.randn(batch, width, order, generator=generator, dtype=torch.float64, requires_grad=True)
+                   for _ in range(2 if complex_ else 1))
+        h0 = h0 if complex_ else (h0[0], None)
+    skip = torch.randn(width, generator=generator, dtype=torch.float64, requires_grad=True) if with_skip else None
+    weights_y = torch.randn(batch, length, width, generator=generator, dtype=torch.float64)
+    weights_h = torch.randn(batch, width, order, generator=generator, dtype=torch.float64)
+    inputs = [x, *leaves.values(), *([skip] if skip is not None else []), *([t for t in h0 if t is not None] if h0 else [])]
+
+    def loss_and_grads(path):
+        y, h = path(x, _build(leaves), h0, skip, silu)
+        loss = (y * weights_y).sum() + (h[0] * weights_h).sum() + (0 if h[1] is None else (h[1] * weights_h.flip(-1)).sum())
+        return y.detach(), tuple(part.detach() for part in h if part is not None), torch.autograd.grad(loss, inputs)
+
+    def fast(x, coef, h0, skip, silu):
+        return recurrence.chunked(x, coef, h0, chunk_size=chunk, skip=skip, silu=silu)
+
+    y, h, grads = loss_and_grads(fast)
+    y_ref, h_ref, grads_ref = loss_and_grads(_reference)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-10)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-9)
+
+
+def _autograd_nodes(output: torch.Tensor) -> int:
+    """Nodes of the backward graph that produces ``output``."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("complex_", [False, True], ids=["ema", "cema"])
+def test_the_backward_graph_and_the_operators_per_chunk_stay_flat_as_chunks_are_added(complex_):
+    """From 4 to 64 chunks the autograd graph keeps its size (no node per chunk, so no per-chunk
+    gradient buffers in the backward), and each added chunk costs at most one operator forward and
+    one backward: the carry's multiply-add and its adjoint."""
+    generator = torch.Generator().manual_seed(0)
+    chunk, width, order = 8, 4, 3
+    leaves = _coefficients(width, order, complex_, generator)
+    nodes, operators = {}, {}
+    for chunks in (4, 64):
+        x = torch.randn(2, chunks * chunk, width, generator=generator, dtype=torch.float64, requires_grad=True)
+        with _CountOps() as counter:
+            y, _ = recurrence.chunked(x, _build(leaves), None, chunk_size=chunk, silu=True)
+            nodes[chunks] = _autograd_nodes(y)
+            y.sum().backward()
+        operators[chunks] = counter.count
+    assert nodes[64] == nodes[4]
+    assert operators[64] - operators[4] <= 2 * (64 - 4)
