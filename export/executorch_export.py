@@ -18,12 +18,15 @@ Operators XNNPACK does not take stay on ExecuTorch's portable kernels; the manif
 
 With ``quantize="int8"`` the exported graph first goes through the XNNPACK quantizer (torchao's
 PT2E flow): every linear and convolution gets int8 weights, symmetric per output channel, and
-int8 activations quantized per call (dynamic: no calibration data). Everything else (norms,
-attention's activation x activation matmuls, the EMA's kernels and carry, embeddings) stays
-float32. ``compare_pte_variant`` measures what that buys: size, latency and the task's metric.
+int8 activations quantized per call (dynamic: no calibration data). Embedding tables (tokens,
+learned positions) become int8 rows with one scale each (``Int8Embedding``), read by ExecuTorch's
+quantized ``embedding_byte`` kernel. Everything else (norms, attention's activation x activation
+matmuls, the EMA's kernels and carry) stays float32. ``compare_pte_variant`` measures what that
+buys: size, latency and the task's metric.
 """
 from __future__ import annotations
 
+import copy
 import operator
 import traceback
 from pathlib import Path
@@ -59,6 +62,7 @@ DECODER_MAX_TOKENS = 512
 def _require_executorch():
     """(to_edge_transform_and_lower, XnnpackPartitioner), or a SeqmixError saying how to install them."""
     try:
+        import executorch.kernels.quantized  # noqa: F401  (defines quantized_decomposed.embedding_byte for export)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
     except ImportError as error:
@@ -69,6 +73,7 @@ def _require_executorch():
 def _runtime():
     """The ExecuTorch runtime singleton, or a SeqmixError saying how to install it."""
     try:
+        import executorch.kernels.quantized  # noqa: F401  (registers the int8 embedding kernel int8 programs call)
         from executorch.runtime import Runtime
     except ImportError as error:
         raise SeqmixError(f"running a .pte needs executorch ({error}): {INSTALL_HINT}") from None
@@ -168,6 +173,33 @@ def _quantized_int8(program, example: tuple[Tensor, ...], dynamic_shapes=None):
     return torch.export.export(convert_pt2e(prepared), example, dynamic_shapes=dynamic_shapes)
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table as int8 rows with one float32 scale per row (symmetric), looked up by
+    ExecuTorch's quantized ``embedding_byte`` kernel (D >= 2): (...) token ids -> (..., D) float32."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        _require_executorch()  # the kernel's definition
+        weight = embedding.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte(self.weight, self.scales, None, -128, 127, ids)
+
+
+def _with_int8_embeddings(graph: nn.Module) -> nn.Module:
+    """A copy of ``graph`` with every ``nn.Embedding`` an ``Int8Embedding``. A head tied to the
+    token embedding keeps the float weight, which the quantizer then turns into int8 as a linear's."""
+    graph = copy.deepcopy(graph)
+    for name, module in list(graph.named_modules()):
+        if isinstance(module, nn.Embedding):
+            parent, _, attribute = name.rpartition(".")
+            setattr(graph.get_submodule(parent), attribute, Int8Embedding(module))
+    return graph
+
+
 def _spec(names: list[str], values) -> list[dict]:
     return [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for n, v in zip(names, values)]
 
@@ -185,6 +217,8 @@ def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path
     path = Path(path)
     try:
         with torch.no_grad(), recurrence.unrolled_chunks(), quiet_exporters():
+            if quantize == "int8":
+                graph = _with_int8_embeddings(graph)
             program = torch.export.export(graph, example, dynamic_shapes=dynamic_shapes)
             partitioners = [XnnpackPartitioner()]
             if quantize == "int8":
