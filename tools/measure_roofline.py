@@ -1,6 +1,6 @@
 """Set the chunked EMA and CEMA (and gated attention and the TCN) against the machine's roofline, on 1 and 2 threads.
 
-    python tools/measure_roofline.py [--threads 1 2] [--out tools/perf] [bench overrides ...]
+    python tools/measure_roofline.py [--threads 1 2] [--out tools/perf] [--before COMMIT] [bench overrides ...]
 
 Runs the benchmark grid of conf/bench/roofline.yaml (``seqmix bench bench=roofline``: D = 256,
 B = 1, L = 4096 and 16384, forward and forward+backward, eager) once per thread count, in this one
@@ -10,6 +10,14 @@ measured ÷ minimum divides by rates taken minutes earlier on the same threads. 
 roofline.md (the table, the rates, the load average before and after) and roofline.json
 (everything, rows and rates as the bench records them). Extra arguments are bench overrides,
 e.g. ``bench.lengths=[4096] bench.repeats=3``.
+
+``--before COMMIT`` adds a before/after table for the EMA and CEMA on their chunked path: the
+mixers as that commit wrote them (recurrence.py, ema.py and cema.py read with ``git show`` into
+temporary modules, nothing checked out) beside today's, with the same weights and inputs, their
+calls alternating (before, after, before, ...) so that both see the same load, on the grid's
+lengths, passes and thread counts. It reports each one's median (fastest–slowest), measured ÷
+minimum against the rates measured on those threads, before ÷ after, and the largest difference
+between their outputs.
 """
 from __future__ import annotations
 
@@ -17,15 +25,21 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
 
+import seqmix
 from seqmix.export.bench import compose_bench_spec, run_grid
-from seqmix.export.bench.measure import environment
+from seqmix.export.bench.measure import environment, pass_callables
 from seqmix.export.bench.report import time_range
+from seqmix.export.bench.roofline import measure_machine
 from seqmix.tables import markdown_table
+from seqmix.timing import summarize, time_once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,17 +48,114 @@ def _load() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
+BEFORE_FILES = {"recurrence": "mixers/operators/recurrence.py", "ema": "mixers/operators/ema.py", "cema": "mixers/operators/cema.py"}
+COMPARED = ("ema", "cema")
+
+
+def _module_from_git(commit: str, name: str, path: str, replacements: dict[str, str], names: dict) -> types.ModuleType:
+    """``path`` as of ``commit``, run as a fresh module ``before_<name>`` (in sys.modules, as dataclasses need)."""
+    text = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    for old, new in replacements.items():
+        if old not in text:
+            raise SystemExit(f"--before {commit}: {path} has no {old.strip()!r} to replace; this tool reads the layout of commit 96f3bc2")
+        text = text.replace(old, new)
+    module = types.ModuleType(f"before_{name}")
+    module.__dict__.update(names)
+    sys.modules[module.__name__] = module
+    exec(compile(text, f"{commit[:8]}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def before_classes(commit: str) -> dict[str, type]:
+    """The EMA and CEMA classes as ``commit`` wrote them, on that commit's recurrence engine, left out of the registry."""
+    recurrence = _module_from_git(commit, "recurrence", BEFORE_FILES["recurrence"], {}, {})
+    classes = {}
+    for name in COMPARED:
+        module = _module_from_git(commit, name, BEFORE_FILES[name], {
+            "from seqmix.operators import recurrence\n": "",
+            f'@register_mixer("{name}")\n': "",
+        }, {"recurrence": recurrence})
+        classes[name] = getattr(module, name.upper())
+    return classes
+
+
+def compare_before(before: dict[str, type], spec, threads: int) -> tuple[object, list[dict]]:
+    """Time each compared mixer before and after on every length and pass of ``spec``, calls alternating; -> (rates, rows)."""
+    rates = measure_machine("cpu")
+    rows = []
+    for name in COMPARED:
+        torch.manual_seed(0)
+        after = seqmix.build_mixer(name, spec.width, impl="chunked")
+        old = before[name](spec.width, impl="chunked")
+        old.load_state_dict(after.state_dict())
+        for length in spec.lengths:
+            x = torch.randn(spec.batch, length, spec.width)
+            with torch.no_grad():
+                difference = float((old.eval()(x) - after.eval()(x)).abs().max())
+            for pass_ in spec.passes:
+                runs = {label: pass_callables(module, module, (x,), pass_)[0] for label, module in (("before", old), ("after", after))}
+                times = {label: [] for label in runs}
+                for index in range(spec.warmup + spec.repeats):
+                    for label, run in runs.items():
+                        seconds = time_once(run)
+                        if index >= spec.warmup:
+                            times[label].append(seconds)
+                timings = {label: summarize(values) for label, values in times.items()}
+                minimum = rates.minimum_ms(after.cost(spec.batch, length, pass_))
+                ratios = [b / a for b, a in zip(times["before"], times["after"])]
+                rows.append({"mixer": f"{name}/chunked", "pass": pass_, "length": length, "threads": threads, "minimum_ms": minimum,
+                             "before": timings["before"].as_dict(), "after": timings["after"].as_dict(),
+                             "before_vs_minimum": timings["before"].median_ms / minimum, "after_vs_minimum": timings["after"].median_ms / minimum,
+                             "speedup_median": statistics.median(ratios), "speedup_low": min(ratios), "speedup_high": max(ratios),
+                             "max_abs_difference": difference, "load": _load()})
+    return rates, rows
+
+
+def _timing_cell(timing: dict) -> str:
+    return f"{timing['median_ms']:.3g} ({timing['low_ms']:.3g}–{timing['high_ms']:.3g})"
+
+
+def before_after_lines(commit: str, compared: list[tuple[object, list[dict]]]) -> list[str]:
+    """The before/after section of roofline.md."""
+    body = []
+    for _, rows in compared:
+        for row in rows:
+            body.append([row["mixer"], row["pass"], str(row["length"]), str(row["threads"]), f"{row['minimum_ms']:.3g}",
+                         _timing_cell(row["before"]), f"{row['before_vs_minimum']:.1f}×", _timing_cell(row["after"]),
+                         f"{row['after_vs_minimum']:.1f}×",
+                         f"{row['speedup_median']:.2f}× ({row['speedup_low']:.2f}–{row['speedup_high']:.2f})",
+                         f"{row['max_abs_difference']:.1e}", f"{row['load'][0]}"])
+    lines = [
+        f"## Before and after: the chunked EMA and CEMA against commit {commit[:10]}",
+        "",
+        f"The mixers as commit {commit[:10]} wrote them (read from git into temporary modules) and today's, same weights and "
+        "inputs, their calls alternating so that both see the same load; the rates each minimum divides by were measured "
+        "just before on the same threads. Times: median (fastest–slowest) in ms; before ÷ after: median (range) of the "
+        "ratios of calls made side by side; difference: the largest |before − after| of a forward output; load: "
+        "the one-minute load average after the row.",
+        "",
+    ]
+    lines += [f"- {rates.describe()}" for rates, _ in compared]
+    lines += ["", markdown_table(["mixer", "pass", "L", "threads", "minimum ms", "before ms", "before ÷ minimum", "after ms",
+                                  "after ÷ minimum", "before ÷ after", "difference", "load"], body), ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, in order")
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf", help="where roofline.md and roofline.json go")
+    parser.add_argument("--before", metavar="COMMIT", help="also time the chunked EMA and CEMA as this commit wrote them, side by side")
     args, overrides = parser.parse_known_args(argv)
     spec = compose_bench_spec(["bench=roofline", "bench.progress=false", *overrides])
     command = " ".join(["python tools/measure_roofline.py", *sys.argv[1:]] if argv is None else ["python tools/measure_roofline.py", *argv])
+    before = before_classes(args.before) if args.before else None
     load_before = _load()
-    results = {}
+    results, compared = {}, []
     for threads in args.threads:
         torch.set_num_threads(threads)
+        if before is not None:
+            compared.append(compare_before(before, spec, threads))
         results[threads] = run_grid(spec)
     load_after = _load()
 
@@ -73,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in results.values():
         lines += [f"- {rates.describe()}" for rates in result.machine.values()]
     lines += ["", markdown_table(["subject", "pass", "L", "threads", "measured ms", "minimum ms", "bound", "measured ÷ minimum"], body), ""]
+    if compared:
+        lines += before_after_lines(args.before, compared)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "roofline.md").write_text("\n".join(lines), encoding="utf-8")
     data = {"command": command, "torch": torch.__version__, "load_average_before": load_before, "load_average_after": load_after,
@@ -80,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                      "width": spec.width, "batch": spec.batch, "repeats": spec.repeats, "warmup": spec.warmup},
             "runs": [{"threads": threads, "machine": {device: rates.to_dict() for device, rates in result.machine.items()},
                       "rows": [row.to_dict() for row in result.rows]} for threads, result in results.items()]}
+    if compared:
+        data["before_after"] = {"commit": args.before, "runs": [{"machine": rates.to_dict(), "rows": rows} for rates, rows in compared]}
     (args.out / "roofline.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print("\n".join(lines))
     print(f"wrote {args.out / 'roofline.md'} and {args.out / 'roofline.json'}")
