@@ -109,7 +109,9 @@ def test_train_prints_the_plan_then_announces_a_resume_and_counts_its_own_steps(
     assert status == 0, err
     plan = out.split("\n\n")[0]
     assert "mega: 1 layers, d_model=16" in plan and "mqar" in plan and str(out_dir) in plan and "torch thread" in plan
-    status, out, err = run(capsys, "train", *TINY_TRAIN, "train.max_steps=3", "train.resume=true", f"train.out_dir={out_dir}")
+    # Recomputation changes how training runs, not the model: a run resumes with it switched on.
+    status, out, err = run(capsys, "train", *TINY_TRAIN, "train.max_steps=3", "train.resume=true", "model.recompute=block",
+                           f"train.out_dir={out_dir}")
     assert status == 0, err
     assert "(resuming)" in out and "resume: continuing from" in out and "at step 2 of 3" in out
     assert "3, 1 of them in this run after resuming at step 2" in out and "for 1 steps" in out

@@ -56,10 +56,25 @@ def build_task(config: Any, trust_paths: bool = True) -> Task:
     return TASKS[name](**description)
 
 
+EXECUTION_OPTIONS = ("recompute",)
+"""Model and block options that change how training runs, not what the model computes or holds:
+a run may resume with other values (e.g. ``model.recompute=block`` after running out of memory)."""
+
+
+def _what_it_computes(description: Any) -> Any:
+    """A model description without ``EXECUTION_OPTIONS``, at any depth."""
+    if isinstance(description, Mapping):
+        return {key: _what_it_computes(value) for key, value in description.items() if key not in EXECUTION_OPTIONS}
+    if isinstance(description, list):
+        return [_what_it_computes(value) for value in description]
+    return description
+
+
 def same_run(previous: Mapping, current: Mapping) -> bool:
-    """True when two records describe the same model and task (however each spelled its defaults)."""
+    """True when two records describe the same model and task (however each spelled its defaults),
+    whatever their ``EXECUTION_OPTIONS``."""
     return (
-        model_description(previous.get("model")) == model_description(current.get("model"))
+        _what_it_computes(model_description(previous.get("model"))) == _what_it_computes(model_description(current.get("model")))
         and task_description(previous.get("task")) == task_description(current.get("task"))
     )
 
