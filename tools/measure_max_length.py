@@ -187,7 +187,8 @@ def longest_length(needs: Callable[[int], int | None], budget: int) -> tuple[int
         if ok:
             low = middle
         else:
-            high, refused = middle, refused or ok is None
+            # Why the length one unit above the answer fails: the last failing probe's reason.
+            high, refused = middle, ok is None
     return low, probes, "refused" if refused else "budget"
 
 
