@@ -9,8 +9,9 @@ only once the export is complete (``staged_export``).
 - onnx: parallel graph (dynamic batch and length) and step graph, verified with ONNX Runtime;
   optionally an int8 or fp16 variant with its metric change on the task's evaluation split; and
   a copy of ``run_onnx.py``, which runs the directory with ONNX Runtime and NumPy alone.
-- executorch: .pte files of the parallel graph at one fixed (1, length) and of the step graph
-  (one token per call), lowered to XNNPACK and verified with ``executorch.runtime``.
+- executorch: .pte files of the parallel graph at one fixed (1, length) and of the decoder
+  program (batch 1, 1 to one chunk of tokens per call), lowered to XNNPACK and verified with
+  ``executorch.runtime``.
 - tensorrt: the ONNX export, TensorRT's own operator check (the copied list without it), then
   (with TensorRT and an NVIDIA GPU) an engine with an optimization profile over batch 1..8 and
   length unit..length, verified.
