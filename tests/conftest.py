@@ -64,8 +64,11 @@ def examples(default: int) -> int:
     return int(os.environ[FUZZ_EXAMPLES_VARIABLE]) if fuzzing() else default
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     import torch
+
+    share_module_fixtures(items)
 
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_fuzz = pytest.mark.skip(reason=f"long fuzzing: run with --fuzz or {FUZZ_EXAMPLES_VARIABLE}=<n>")
@@ -77,6 +80,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_fuzz)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def share_module_fixtures(items) -> None:
+    """Keep the tests that use a module-scoped fixture on one pytest-xdist worker (``--dist loadgroup``).
+
+    Such a fixture is built once per worker that runs one of its tests: spread over two workers, an
+    export or a training run behind it is paid twice. A test with an ``xdist_group`` of its own keeps it.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        definitions = getattr(item, "_fixtureinfo", None)
+        if definitions is None:
+            continue
+        if any(defs[-1].scope == "module" for defs in definitions.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def onnx_runner():
@@ -149,13 +168,17 @@ def task_test_options(config, tmp_path) -> dict:
 
 
 def tiny_preset(preset: str, *overrides: str):
-    """A model preset at a tiny size (D = 32, two layers; three for a three-layer pattern), seeded."""
+    """A model preset at a tiny size, seeded: D = 32 and its layer pattern once (one layer; three for
+    the three-layer hybrid, which so exercises every path across layers of different kinds).
+
+    Tracing and lowering time grows with the number of layers, and exports dominate the suite's time.
+    """
     import torch
 
     import seqmix
     from seqmix.configs import compose_config
 
-    depth = "model.depth=3" if preset == "hybrid_tcn_attention" else "model.depth=2"
+    depth = "model.depth=3" if preset == "hybrid_tcn_attention" else "model.depth=1"
     torch.manual_seed(0)
     return seqmix.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", depth, *overrides]).model)
 

@@ -1,9 +1,9 @@
 """ExecuTorch (XNNPACK) export of every model preset, run through ``executorch.runtime`` and checked against eager.
 
-Every preset is built tiny (d_model=32, depth 2; 3 for hybrid_tcn_attention, whose pattern has three
-layers). Lowering costs 5-25 s of CPU per graph, so by default:
+Every preset is built tiny (d_model=32, its layer pattern once: one layer, three for
+hybrid_tcn_attention). Lowering costs 5-25 s of CPU per graph, so by default:
 - decoder programs (T dynamic up to the model's smallest chunk, state fed back over calls of
-  several T): every causal preset with its layer pattern once, at B = 1, and at B = 3 for mega and gpt2;
+  several T): every causal preset, at B = 1, and at B = 3 for mega and gpt2;
 - parallel graphs (B=2, L=128): mega_encoder (bidirectional EMA carried across chunks, gated
   attention, masked-LM head: the only graph it has) and hybrid_tcn_attention (TCN with softmax
   attention). The other presets' parallel graphs (ema_conv, gpt2, mega, megalodon, tcnca,
@@ -25,7 +25,8 @@ from seqmix.operators import recurrence  # noqa: E402
 from seqmix.export import executorch_export as et  # noqa: E402
 from seqmix.contract import length_unit  # noqa: E402
 from seqmix import SeqmixError  # noqa: E402
-from seqmix.configs import compose_config, config_groups  # noqa: E402
+from seqmix.configs import config_groups  # noqa: E402
+from conftest import tiny_preset  # noqa: E402
 
 ATOL = 1e-4
 LENGTH = 128  # a multiple of every preset's chunk sizes (64, 128), and within gpt2's max_len
@@ -34,13 +35,9 @@ PRESETS = config_groups()["model"]
 
 
 @cache
-def tiny(preset: str, one_pattern: bool = False):
-    """The preset at D = 32 and depth 2, or with ``one_pattern`` its layer pattern once (one layer for
-    most presets; lowering time grows with the graph, and one of each layer kind exercises them all)."""
-    depth = 3 if preset == "hybrid_tcn_attention" else 1 if one_pattern else 2
-    torch.manual_seed(0)
-    overrides = [f"model={preset}", "model.d_model=32", f"model.depth={depth}"]
-    return seqmix.instantiate_model(compose_config(overrides).model).eval()
+def tiny(preset: str):
+    """The preset at D = 32 with its layer pattern once, in eval mode (``conftest.tiny_preset``)."""
+    return tiny_preset(preset).eval()
 
 
 def parallel_case(preset: str):
@@ -73,7 +70,7 @@ def decoder_case(preset: str):
 def test_decoder_program_prefills_and_decodes_like_eager(preset, batch, tmp_path):
     """One program for every T up to its limit: a stream of calls of 1, N, N/2 + 1, 1, 3 and 1
     tokens (the trace used 2) matches eager ``step``, logits and final state."""
-    model = tiny(preset, one_pattern=True)
+    model = tiny(preset)
     path = tmp_path / f"{preset}_step.pte"
     manifest = et.export_step_pte(model, path, batch_size=batch)
     error = et.verify_pte_step(model, path)

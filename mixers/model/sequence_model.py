@@ -173,7 +173,7 @@ class SequenceModel(nn.Module):
         expected = self.init_state(batch_size, torch.device("meta"))
         if len(state.blocks) != len(expected.blocks):
             raise SeqmixError(
-                f"model: state holds {len(state.blocks)} layer states but this model has {len(expected.blocks)} layers; "
+                f"model: state holds {len(state.blocks)} layer state(s) but this model has {len(expected.blocks)} layer(s); "
                 "was it built by another model? Pass what this model's init_state() or step() returned"
             )
         parts = [(f"layer {i} ({type(block.mixer).__name__})", got, want)
