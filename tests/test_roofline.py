@@ -176,3 +176,29 @@ def test_the_machine_measurement_gives_positive_finite_rates_and_the_minimum_tim
     assert rates.minimum_ms(compute) == pytest.approx(1e3) and rates.bound(compute) == "compute"
     assert rates.minimum_ms(memory) == pytest.approx(2e3) and rates.bound(memory) == "memory"
     assert "GFLOP/s" in rates.describe() and "GB/s" in rates.describe()
+
+
+def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_fft_target(tmp_path):
+    """tools/measure_roofline.py on a tiny grid: every row carries measured ÷ minimum, and the
+    chunked EMA's target against the FFT path with its cached kernel is judged from the same run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "measure_roofline.py"
+    done = subprocess.run(
+        [sys.executable, str(tool), "--threads", "1", "--out", str(tmp_path), "bench.lengths=[64]", "bench.width=16",
+         "bench.repeats=1", "bench.warmup=0", "bench.passes=[forward]", "bench.claims.chunked_vs_cached_fft_ema_16k.length=64"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "roofline.md").read_text(encoding="utf-8")
+    rows = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["runs"][0]["rows"]
+    assert {row["subject"] for row in rows} == {"ema/chunked", "ema/fft", "cema/chunked", "gated_attention", "tcn"}
+    for row in rows:
+        assert row["status"] == "measured" and row["vs_minimum"] == pytest.approx(row["time_ms"] / row["minimum_ms"]), row
+    times = {row["subject"]: row["time_ms"] for row in rows}
+    line = next(line for line in report.splitlines() if line.startswith("| chunked EMA vs FFT EMA with a cached kernel"))
+    verdict = "PASS" if times["ema/fft"] / times["ema/chunked"] >= 5 else "MISS"
+    assert "`ema/chunked` vs `ema/fft`, forward, L=64" in line and verdict in line, line

@@ -36,7 +36,7 @@ import torch
 import seqmix
 from seqmix.export.bench import compose_bench_spec, run_grid
 from seqmix.export.bench.measure import environment, pass_callables
-from seqmix.export.bench.report import time_range
+from seqmix.export.bench.report import claims_table, time_range
 from seqmix.export.bench.roofline import measure_machine
 from seqmix.tables import markdown_table
 from seqmix.timing import summarize, time_once
@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     for result in results.values():
         lines += [f"- {rates.describe()}" for rates in result.machine.values()]
     lines += ["", markdown_table(["subject", "pass", "L", "threads", "measured ms", "minimum ms", "bound", "measured ÷ minimum"], body), ""]
+    for threads, result in results.items():
+        if result.outcomes:
+            lines += [f"## Targets judged from the rows, {threads} thread{'s' if threads > 1 else ''}", "",
+                      *claims_table(result.outcomes), ""]
     if compared:
         lines += before_after_lines(args.before, compared)
     args.out.mkdir(parents=True, exist_ok=True)
