@@ -153,6 +153,8 @@ def _state_entry(name: str, initial: torch.Tensor, output: str) -> dict:
 STEP_CHECKS = ((1, (1, 5, 1)), (3, (2, 1, 1)), (2, (1, 3)))
 """(B, token counts of successive calls) the decoder graph is checked at, none of them the traced (2, 5);
 ``export_step`` adds one call of two chunks and a bit, so a prefill crosses chunk boundaries."""
+
+
 def export_step(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> dict:
     """Write the decoder graph (any B, any T) and check streams of several (B, T) against eager ``step``."""
     from seqmix.contract import any_token_count

@@ -69,6 +69,9 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     share_module_fixtures(items)
+    # Grouped tests first: pytest-xdist hands out work in collection order, and a long group handed
+    # out last would leave one worker running it alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
 
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_fuzz = pytest.mark.skip(reason=f"long fuzzing: run with --fuzz or {FUZZ_EXAMPLES_VARIABLE}=<n>")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COPY_IGNORED = shutil.ignore_patterns(".git", "build", "dist", "runs", "outputs", "__pycache__", "*.egg-info", ".pytest_cache",
                                      "node_modules")
 TINY = [
-    "model=megalodon", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=128",
+    "model=ema_conv", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=64", "task.seq_len=128",
     "task.num_pairs=4", "train.batch_size=2", "train.max_steps=3", "train.warmup_steps=1", "train.eval_every=3",
     "train.eval_batches=1", "train.checkpoint_every=3", "train.progress=false", "train.device=cpu",
 ]
