@@ -1,4 +1,5 @@
-"""impl=fft keeps its kernel's spectrum in eval mode, and never serves a stale one."""
+"""In eval mode the FFT path keeps its kernel's spectrum and the chunked path its chunk weights,
+and neither ever serves a stale one."""
 from __future__ import annotations
 
 import pytest
@@ -7,62 +8,75 @@ import torch
 import seqmix
 from seqmix.operators import recurrence
 
+BUILDERS = {"fft": "kernel_spectrum", "chunked": "chunk_weights"}
+"""The function that computes each path's parameter-only part, which the cache saves."""
+
 
 @pytest.fixture
-def kernels_computed(monkeypatch):
-    """Counts the kernel spectra computed."""
-    calls = []
-    original = recurrence.kernel_spectrum
+def computed(monkeypatch):
+    """impl -> the calls of its builder made so far (the FFT's record the length, the chunked path's the chunk size)."""
+    calls = {impl: [] for impl in BUILDERS}
+    for impl, name in BUILDERS.items():
+        original = getattr(recurrence, name)
 
-    def counted(coef, length, device):
-        calls.append(length)
-        return original(coef, length, device)
+        def counted(coef, size, *rest, _impl=impl, _original=original):
+            calls[_impl].append(size)
+            return _original(coef, size, *rest)
 
-    monkeypatch.setattr(recurrence, "kernel_spectrum", counted)
+        monkeypatch.setattr(recurrence, name, counted)
     return calls
 
 
+@pytest.mark.parametrize("impl", BUILDERS)
 @pytest.mark.parametrize("name, options", [("ema", {}), ("ema", {"causal": False}), ("cema", {})])
-def test_eval_mode_computes_the_spectrum_once_per_length_and_matches_the_uncached_path(name, options, kernels_computed):
+def test_eval_mode_computes_the_parameters_part_once_and_matches_the_recurrence(name, options, impl, computed):
     torch.manual_seed(0)
-    mixer = seqmix.build_mixer(name, 8, impl="fft", **options).eval()
+    mixer = seqmix.build_mixer(name, 8, impl=impl, chunk_size=8, **options).double().eval()
     directions = 1 if mixer.causal else 2
     x, y = torch.randn(2, 40, 8, dtype=torch.float64), torch.randn(1, 40, 8, dtype=torch.float64)
-    mixer.double()
     with torch.no_grad():
         first = mixer(x)
-        assert len(kernels_computed) == directions
+        assert len(computed[impl]) == directions
         again, other_batch = mixer(x), mixer(y)
-        assert len(kernels_computed) == directions, "a second call at the same length recomputed the kernel"
-        mixer(x[:, :17])
-        assert kernels_computed[-1] == 17
+        assert len(computed[impl]) == directions, "a second call at the same length recomputed it"
+        shorter = mixer(x[:, :17])
+        # The FFT's spectrum is per length; the chunk weights serve every length.
+        assert len(computed[impl]) == (2 * directions if impl == "fft" else directions)
+        if impl == "chunked" and mixer.causal:
+            mixer.step(x[:, :3], mixer.init_state(2))  # fewer tokens than a chunk: the recurrent loop
+            assert len(computed[impl]) == directions
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     reference = seqmix.build_mixer(name, 8, impl="recurrent", **options).double().eval()
     reference.load_state_dict(mixer.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(first, reference(x), rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(other_batch, reference(y), rtol=1e-9, atol=1e-9)
+        if mixer.causal:
+            torch.testing.assert_close(shorter, reference(x[:, :17]), rtol=1e-9, atol=1e-9)
 
 
-def test_changed_parameters_training_and_autograd_never_use_a_cached_spectrum(kernels_computed):
+@pytest.mark.parametrize("impl", BUILDERS)
+def test_changed_parameters_training_and_autograd_never_use_a_cached_part(impl, computed):
     torch.manual_seed(0)
-    mixer = seqmix.build_mixer("ema", 8, impl="fft").double().eval()
+    mixer = seqmix.build_mixer("ema", 8, impl=impl, chunk_size=8).double().eval()
     x = torch.randn(1, 32, 8, dtype=torch.float64)
     with torch.no_grad():
         before = mixer(x)
         mixer.alpha.add_(0.5)  # an in-place change, as an optimizer step makes
         after = mixer(x)
-    assert len(kernels_computed) == 2 and not torch.allclose(before, after)
+        mixer.omega.mul_(2.0)  # the skip rides on the chunk weights' Toeplitz diagonal
+        doubled = mixer(x)
+    assert len(computed[impl]) == 3 and not torch.allclose(before, after)
     fresh = seqmix.build_mixer("ema", 8, impl="recurrent").double().eval()
     fresh.load_state_dict(mixer.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(after, fresh(x), rtol=1e-9, atol=1e-9)
-    # With autograd the spectrum is part of the graph: computed on every call, gradients reach the parameters.
+        torch.testing.assert_close(doubled, fresh(x), rtol=1e-9, atol=1e-9)
+    # With autograd the part belongs to the graph: computed on every call, gradients reach the parameters.
     out = mixer(x).sum()
     out.backward()
-    assert mixer.alpha.grad is not None and len(kernels_computed) == 3
+    assert mixer.alpha.grad is not None and len(computed[impl]) == 4
     mixer.train()
     with torch.no_grad():
         mixer(x)
         mixer(x)
-    assert len(kernels_computed) == 5
+    assert len(computed[impl]) == 6

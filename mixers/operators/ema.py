@@ -89,8 +89,8 @@ class EMA(recurrence.RecurrenceMixer):
                silu: bool = False):
         """``recurrence.run`` of one direction; ``skip`` and ``silu`` give SiLU(y + skip ⊙ x), fused on the chunked path."""
         coef = self.coefficients(x.dtype, backward)
-        spectrum = self.spectrum(coef, x.shape[1], "backward" if backward else "forward")
-        return recurrence.run(self.impl, x, coef, h0, self.chunk_size, spectrum, need_state, skip, silu)
+        prepared = self.prepared(coef, x.shape[1], "backward" if backward else "forward", skip)
+        return recurrence.run(self.impl, x, coef, h0, self.chunk_size, prepared, need_state, skip, silu)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):

@@ -259,14 +259,16 @@ def _finish(y: Tensor, x: Tensor, skip: Tensor | None, silu: bool) -> Tensor:
 
 
 def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: int = 64, skip: Tensor | None = None,
-            silu: bool = False, need_state: bool = True) -> tuple[Tensor, Pair | None]:
+            silu: bool = False, need_state: bool = True, weights: tuple[Tensor, Tensor, Tensor] | None = None
+            ) -> tuple[Tensor, Pair | None]:
     """Chunk-parallel path: Toeplitz matmuls inside chunks, the state carried across them.
 
     Same arguments and results as ``recurrent``, plus ``chunk_size`` (C), and the output transform
     y ← SiLU(y + skip ⊙ x) with ``skip`` (D,) or None and ``silu``, which this path fuses (the skip
     rides on the Toeplitz diagonal, the SiLU on the pass that writes y); ``need_state=False``
-    returns None for the state and skips rebuilding it. A length that is not a multiple of C is
-    padded with zeros at the end and cropped.
+    returns None for the state and skips rebuilding it; ``weights`` is ``chunk_weights(coef, C, skip)``
+    when the caller holds it already (a mixer in eval mode caches it). A length that is not a
+    multiple of C is padded with zeros at the end and cropped.
 
     Eagerly this runs ``_ChunkedRecurrence`` (one autograd node, the carry one fused multiply-add per
     chunk); while tracing it runs ``_chunked_traced``, which exporters can lower.
@@ -283,7 +285,7 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     pad = chunks * chunk_size - length
     padded = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
     complex_ = coef.phase is not None
-    feed, mix, q_chunk = _chunk_weights(coef, chunk_size, skip)
+    feed, mix, q_chunk = chunk_weights(coef, chunk_size, skip) if weights is None else weights
     h = _interleave(coef.zero_state(batch) if h0 is None else h0, 2, complex_)
     y, last_start, end = _ChunkedRecurrence.apply(padded, feed, mix, q_chunk, h, complex_, silu)
     if pad:
@@ -314,8 +316,9 @@ def _deinterleave(states: Tensor, complex_: bool) -> Pair:
     return parts[..., 0].contiguous(), parts[..., 1].contiguous()
 
 
-def _chunk_weights(coef: Coefficients, size: int, skip: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """What the eager chunked path multiplies by, from one set of powers q^j, j <= C.
+def chunk_weights(coef: Coefficients, size: int, skip: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """What the eager chunked path multiplies by, from one set of powers q^j, j <= C: the parameters'
+    part of its work, the same for every call and length.
 
     Returns, with K = N (real) or 2N (complex, interleaved as in ``_interleave``):
         feed (D, C, K): b q^{C-1-j}, how input j of a chunk reaches the state after it;
@@ -484,7 +487,9 @@ def _chunked_traced(x: Tensor, coef: Coefficients, h0: Pair | None, chunk_size: 
     if call_is_chunk:
         size, chunks = length, 1
     else:
-        size = chunk_size
+        # A graph for any token count runs a call shorter than a chunk as one chunk of its own length,
+        # so that a decode step (T = 1) costs one token, not a chunk padded from one.
+        size = torch.sym_min(length, chunk_size) if token_count_is_dynamic() else chunk_size
         # Written as a ceiling division, not with a modulo, so that a symbolic length's solver can
         # bound nC >= 1 when tracing for any length.
         chunks = (length + size - 1) // size
@@ -552,8 +557,8 @@ def _squeeze_last(pair: Pair) -> Pair:
 
 
 PATHS = {"recurrent": recurrent, "fft": fft, "chunked": chunked}
-SPECTRA_KEPT = 4
-"""Kernel spectra a mixer keeps (lengths, dtypes, directions); the oldest goes first."""
+PREPARED_KEPT = 4
+"""Kernel spectra or chunk weights a mixer keeps (paths, lengths, dtypes, directions); the oldest goes first."""
 
 
 def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
@@ -567,13 +572,14 @@ def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
     return impl == "chunked" and not token_count_is_dynamic() and tokens < chunk_size
 
 
-def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, spectrum: Tensor | None = None,
+def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=None,
         need_state: bool = True, skip: Tensor | None = None, silu: bool = False):
     """Run path ``impl`` on x (B, L, D) from state h0 (see ``steps_recurrently``) -> (y (B, L, D), final state).
 
     y is the recurrence's output transformed as SiLU(y + skip ⊙ x) (``skip`` (D,) or None, ``silu``
     a bool), which the chunked path fuses into its own passes and the others apply after.
-    ``spectrum`` is the FFT path's kernel spectrum when the caller caches it, and
+    ``prepared`` is what the path computes from the parameters alone, when the caller caches it
+    (``RecurrenceMixer.prepared``): the FFT path's kernel spectrum, the chunked path's chunk weights. And
     ``need_state=False`` lets the FFT and chunked paths skip the final state (``fft``, ``chunked``);
     the state is then None on those paths.
 
@@ -588,9 +594,9 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, spectrum:
     bad = None if masking.all_finite(x) else ~torch.isfinite(x)  # (B, L, D)
     finite_x = x if bad is None else x.masked_fill(bad, 0.0)
     if impl == "chunked":
-        y, h = chunked(finite_x, coef, h0, chunk_size, skip, silu, need_state)
+        y, h = chunked(finite_x, coef, h0, chunk_size, skip, silu, need_state, prepared)
     else:
-        paths = {**PATHS, "fft": partial(fft, spectrum=spectrum, need_state=need_state)}
+        paths = {**PATHS, "fft": partial(fft, spectrum=prepared, need_state=need_state)}
         y, h = paths[impl](finite_x, coef, h0)
         y = _finish(y, finite_x, skip, silu)
     if bad is None:
@@ -620,20 +626,20 @@ def fft_flops(size: int) -> float:
 
 
 def path_stages(impl: str, batch: int, length: int, width: int, order: int, chunk_size: int, complex_: bool,
-                cached_spectrum: bool) -> Stages:
+                cached: bool) -> Stages:
     """The stages of one direction of the recurrence on ``impl`` over x (B, L, D), without the parameters.
 
     Each path reads x and writes y (B, L, D) once; where y is written by another stage than the one
     that read x, the output's ω·x term reads x once more. What else each must pass between its stages:
 
     - ``recurrent``: nothing; the (B, D, N) state stays in cache from one step to the next.
-    - ``chunked`` (L padded to nC·C): the per-chunk weights built from the parameters, (D, C, C + kN)
-      (the Toeplitz block beside the input weights; k = 2 for a complex state) and (D, kN, C) (the
-      readout); the intra-chunk outputs (B, nC·C, D); what each chunk feeds the state, and the state
+    - ``chunked`` (L padded to nC·C): the per-chunk weights built from the parameters (unless
+      ``cached``: in eval mode without autograd) and read, (D, C, C + kN) (the Toeplitz block beside
+      the input weights; k = 2 for a complex state) and (D, kN, C) (the readout); the intra-chunk outputs (B, nC·C, D); what each chunk feeds the state, and the state
       at each chunk's start, (B, nC, D, kN) each. The Toeplitz block is counted dense, C² per chunk
       and channel, as the path computes it with a plain matrix product.
     - ``fft`` (size n = 2L): x's spectrum (B, D, L + 1) complex; the kernel spectrum (D, L + 1) read,
-      cached in eval mode without autograd, else computed from the kernel (D, L) first.
+      ``cached`` (in eval mode without autograd), else computed from the kernel (D, L) first.
     """
     k = 2 if complex_ else 1
     sequence = batch * length * width
@@ -644,14 +650,14 @@ def path_stages(impl: str, batch: int, length: int, width: int, order: int, chun
         padded = batch * chunks * chunk_size * width
         states = batch * chunks * width * k * order
         feed_weights, readout_weights = width * chunk_size * (chunk_size + k * order), width * k * order * chunk_size
-        weights = Stages(2 * k * width * order * chunk_size, 0, feed_weights + readout_weights)
+        weights = Stages() if cached else Stages(2 * k * width * order * chunk_size, 0, feed_weights + readout_weights)
         intra = Stages(2 * padded * (chunk_size + k * order), sequence + feed_weights, padded + states)
         carry = Stages(CARRY_FLOPS[complex_] * batch * chunks * width * order, states, states)
         readout = Stages(2 * padded * k * order, states + readout_weights + padded + sequence, sequence)
         return weights + intra + carry + readout
     size, bins = 2 * length, length + 1
     spectra = 2 * batch * width * bins  # complex (B, D, L + 1) as real numbers
-    kernel = Stages() if cached_spectrum else Stages(
+    kernel = Stages() if cached else Stages(
         2 * k * width * order * length + width * fft_flops(size), width * length, width * length + 2 * width * bins
     )
     transform = Stages(batch * width * fft_flops(size), sequence, spectra)
@@ -681,27 +687,33 @@ class RecurrenceMixer(Mixer):
     def impl_for_tokens(self, tokens: int) -> str:
         return "recurrent" if steps_recurrently(self.impl, tokens, self.chunk_size) else self.impl
 
-    def spectrum(self, coef: Coefficients, length: int, direction: str = "forward") -> Tensor | None:
-        """The FFT path's kernel spectrum for length L, cached while nothing needs its gradient.
+    def prepared(self, coef: Coefficients, length: int, direction: str = "forward", skip: Tensor | None = None):
+        """What the path computes from the parameters alone, cached while nothing needs its gradient:
+        the FFT path's kernel spectrum for length L, or the chunked path's ``chunk_weights`` (any L).
 
-        In eval mode, outside autograd and tracing, the spectrum depends only on L, the dtype, the
-        device and the parameters, so it is kept, keyed by those (each parameter by identity and
-        version: an optimizer step, ``load_state_dict`` or any in-place change makes a new key).
-        Without it ``impl=fft`` recomputed D·N·L powers on every call. Returns None when the
-        spectrum must be computed with the call (training, autograd, tracing, or another path).
+        In eval mode, outside autograd and tracing, these depend only on the path, L (the FFT's),
+        the dtype, the device, whether ``skip`` (a parameter) rides on them, and the parameters, so
+        they are kept, keyed by those (each parameter by identity and version: an optimizer step,
+        ``load_state_dict`` or any in-place change makes a new key). Without the cache ``impl=fft``
+        recomputed D·N·L powers on every call, and the chunked path its (D, C, C) Toeplitz block.
+        Returns None when they must be computed with the call (training, autograd, tracing, or a
+        call that runs the recurrent loop).
         """
         # The cheap tests first: every call of every path (a one-token step included) asks.
-        if self.impl != "fft" or self.training or torch.compiler.is_compiling():
+        impl = self.impl_for_tokens(length)
+        if impl == "recurrent" or self.training or torch.compiler.is_compiling():
             return None
         parameters = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
             return None
-        key = (length, coef.log_r.dtype, coef.log_r.device, direction, tuple((id(p), p._version) for p in parameters))
-        cache = self.__dict__.setdefault("_spectra", {})
+        key = (impl, length if impl == "fft" else None, coef.log_r.dtype, coef.log_r.device, direction, skip is not None,
+               tuple((id(p), p._version) for p in parameters))
+        cache = self.__dict__.setdefault("_prepared", {})
         if key not in cache:
-            if len(cache) >= SPECTRA_KEPT:
+            if len(cache) >= PREPARED_KEPT:
                 cache.pop(next(iter(cache)))
-            cache[key] = kernel_spectrum(coef, length, coef.log_r.device)
+            device = coef.log_r.device
+            cache[key] = kernel_spectrum(coef, length, device) if impl == "fft" else chunk_weights(coef, self.chunk_size, skip)
         return cache[key]
 
     def length_unit(self) -> int:
@@ -715,7 +727,7 @@ class RecurrenceMixer(Mixer):
     def stages(self, batch_size: int, length: int, pass_: str) -> Stages:
         """``path_stages`` once per direction; a second direction also reads the first one's output to add it."""
         impl = self.impl_for_tokens(length)
-        cached = impl == "fft" and pass_ == "forward"
+        cached = impl != "recurrent" and pass_ == "forward"
         one = path_stages(impl, batch_size, length, self.d_model, self.order, self.chunk_size, self.complex_state, cached)
         combine = Stages(reads=(self.directions - 1) * batch_size * length * self.d_model)
         return one * self.directions + combine + parameter_reads(self)
