@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 
@@ -170,20 +171,47 @@ def task_test_options(config, tmp_path) -> dict:
     return options
 
 
+@functools.cache
+def _composed(overrides: tuple[str, ...]):
+    from seqmix.configs import compose_config
+
+    return compose_config(list(overrides))
+
+
+def composed_config(overrides=()):
+    """``seqmix.configs.compose_config(overrides)``, composed once per test process (Hydra takes a
+    third of a second a call, and the tests ask for the same presets again and again); a copy."""
+    import copy
+
+    return copy.deepcopy(_composed(tuple(overrides)))
+
+
+def preset_model(*overrides: str):
+    """The model of ``composed_config(overrides)``, seeded."""
+    import torch
+
+    import seqmix
+
+    torch.manual_seed(0)
+    return seqmix.instantiate_model(composed_config(overrides).model)
+
+
+@functools.cache
+def causal_presets() -> tuple[str, ...]:
+    """The model presets whose models are causal (they have a decoder graph and ``step``)."""
+    from seqmix.configs import config_groups
+
+    return tuple(preset for preset in config_groups()["model"] if tiny_preset(preset).causal)
+
+
 def tiny_preset(preset: str, *overrides: str):
     """A model preset at a tiny size, seeded: D = 32 and its layer pattern once (one layer; three for
     the three-layer hybrid, which so exercises every path across layers of different kinds).
 
     Tracing and lowering time grows with the number of layers, and exports dominate the suite's time.
     """
-    import torch
-
-    import seqmix
-    from seqmix.configs import compose_config
-
     depth = "model.depth=3" if preset == "hybrid_tcn_attention" else "model.depth=1"
-    torch.manual_seed(0)
-    return seqmix.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", depth, *overrides]).model)
+    return preset_model(f"model={preset}", "model.d_model=32", depth, *overrides)
 
 
 @pytest.fixture(scope="session")

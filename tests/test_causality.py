@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqmix
-from conftest import examples
+from conftest import causal_presets, examples
 from mixer_cases import WIDTH, build, causal_cases, impl_cases
-from seqmix.configs import compose_config, config_groups
+from conftest import composed_config
 
 VALUES = (math.nan, math.inf, -math.inf, 1e30)
 CASES = impl_cases(causal_cases())
@@ -87,11 +87,7 @@ def test_a_non_finite_or_huge_input_never_reaches_earlier_outputs(drawn):
         assert not torch.isfinite(streamed[rows, t]).all(-1).any()
 
 
-def causal_presets() -> list[str]:
-    return [name for name in config_groups()["model"] if seqmix.instantiate_model(compose_config([f"model={name}"]).model).causal]
-
-
-PRESETS = causal_presets()
+PRESETS = list(causal_presets())
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -100,7 +96,7 @@ PRESETS = causal_presets()
 def test_a_non_finite_embedding_never_reaches_earlier_logits_of_a_preset(preset, length, data):
     """A token whose embedding row is NaN or infinite, first seen at t: logits before t are those of a clean model."""
     torch.manual_seed(0)
-    model = seqmix.instantiate_model(compose_config([f"model={preset}", "model.tie_embeddings=false"]).model)
+    model = seqmix.instantiate_model(composed_config([f"model={preset}", "model.tie_embeddings=false"]).model)
     model = model.double().eval()
     t = data.draw(st.integers(1, length - 1))
     value = data.draw(st.sampled_from(VALUES[:3]))

@@ -23,7 +23,8 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from seqmix.compile import BACKENDS, compile_model, explain_model, graph_breaks
 from seqmix import SeqmixError
-from seqmix.configs import compose_config, config_groups
+from seqmix.configs import config_groups
+from conftest import composed_config
 from seqmix.operators.tcn import TCN
 
 # torch's own tracing of scan calls a deprecated torch.jit API; nothing here can change that.
@@ -39,7 +40,7 @@ def build(preset: str, depth: int = 2):
     """The preset at width 32 (the hybrid needs its 3-layer pattern)."""
     torch.manual_seed(0)
     depth = 3 if preset == "hybrid_tcn_attention" else depth
-    return seqmix.instantiate_model(compose_config([f"model={preset}", "model.d_model=32", f"model.depth={depth}"]).model)
+    return seqmix.instantiate_model(composed_config([f"model={preset}", "model.d_model=32", f"model.depth={depth}"]).model)
 
 
 def random_tokens(model, batch: int = 2, length: int = 256) -> torch.Tensor:

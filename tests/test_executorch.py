@@ -26,7 +26,7 @@ from seqmix.export import executorch_export as et  # noqa: E402
 from seqmix.contract import length_unit  # noqa: E402
 from seqmix import SeqmixError  # noqa: E402
 from seqmix.configs import config_groups  # noqa: E402
-from conftest import tiny_preset  # noqa: E402
+from conftest import causal_presets, tiny_preset  # noqa: E402
 
 ATOL = 1e-4
 LENGTH = 128  # a multiple of every preset's chunk sizes (64, 128), and within gpt2's max_len
@@ -41,7 +41,7 @@ def tiny(preset: str):
 
 
 def parallel_case(preset: str):
-    default = preset in PARALLEL_BY_DEFAULT or not tiny(preset).causal
+    default = preset in PARALLEL_BY_DEFAULT or preset not in causal_presets()
     return pytest.param(preset, marks=() if default else pytest.mark.slow)
 
 
@@ -66,7 +66,7 @@ def decoder_case(preset: str):
     return pytest.param(preset, 3 if preset in ("mega", "gpt2") else 1, id=preset)
 
 
-@pytest.mark.parametrize("preset, batch", [decoder_case(p) for p in PRESETS if tiny(p).causal])
+@pytest.mark.parametrize("preset, batch", [decoder_case(p) for p in causal_presets()])
 def test_decoder_program_prefills_and_decodes_like_eager(preset, batch, tmp_path):
     """One program for every T up to its limit: a stream of calls of 1, N, N/2 + 1, 1, 3 and 1
     tokens (the trace used 2) matches eager ``step``, logits and final state."""

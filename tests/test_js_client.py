@@ -15,14 +15,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from seqmix.configs import config_groups
 from seqmix.model.generation import generate
-from conftest import examples, tiny_preset
+from conftest import causal_presets, examples
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_DIR = ROOT / "tools" / "js"
 CLIENT = CLIENT_DIR / "stream.mjs"
-CAUSAL_PRESETS = [preset for preset in config_groups()["model"] if tiny_preset(preset).causal]
+CAUSAL_PRESETS = list(causal_presets())
 NODE = shutil.which("node")
 
 

@@ -11,7 +11,7 @@ import torch
 
 import seqmix
 from seqmix.contract import LOWERINGS, length_unit, switch_impls
-from seqmix.configs import compose_config
+from conftest import composed_config
 from mixer_cases import build, mixer_cases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +56,13 @@ def test_search_knobs_write_options_the_mixer_is_built_with(case):
 
 
 def test_the_length_unit_of_a_model_covers_every_chunk_inside_it():
-    model = seqmix.instantiate_model(compose_config(["model=mega", "model.d_model=16", "model.depth=1",
+    model = seqmix.instantiate_model(composed_config(["model=mega", "model.d_model=16", "model.depth=1",
                                                      "model.mixers.mega.chunk_size=6", "+model.mixers.mega.local_options.chunk_size=4"]).model)
     assert length_unit(model) == math.lcm(6, 4)
 
 
 def test_each_lowering_switches_to_the_paths_the_mixers_name():
-    model = seqmix.instantiate_model(compose_config(["model=tcnca", "model.d_model=16", "model.depth=1"]).model)
+    model = seqmix.instantiate_model(composed_config(["model=tcnca", "model.d_model=16", "model.depth=1"]).model)
     tcn = next(m for m in model.modules() if isinstance(m, seqmix.TCN))
     assert switch_impls(model, "inductor")[next(n for n, m in model.named_modules() if m is tcn)] == "taps"
     assert switch_impls(model, "export")[next(n for n, m in model.named_modules() if m is tcn)] == "conv"

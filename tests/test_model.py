@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_flatten
 
 import seqmix
 from seqmix import SeqmixError
-from seqmix.configs import compose_config, config_groups
+from seqmix.configs import config_groups
+from conftest import causal_presets, composed_config
 from seqmix.model.checkpoint import write_checksums
 
 from conftest import SEQMIX
@@ -21,11 +22,7 @@ PRESETS = config_groups()["model"]
 
 def build(*overrides: str):
     torch.manual_seed(0)
-    return seqmix.instantiate_model(compose_config(list(overrides)).model)
-
-
-def causal_presets() -> list[str]:
-    return [name for name in PRESETS if build(f"model={name}").causal]
+    return seqmix.instantiate_model(composed_config(list(overrides)).model)
 
 
 def test_required_presets_exist():

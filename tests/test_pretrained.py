@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import seqmix
 from seqmix import SeqmixError, from_pretrained
-from seqmix.configs import compose_config
+from conftest import composed_config
 from seqmix.model.checkpoint import write_checksums
 from seqmix.model.pretrained import CARD, CONFIG_JSON, HUB_FILES
 
@@ -31,7 +31,7 @@ def offline(monkeypatch):
 
 def _model(preset: str):
     torch.manual_seed(0)
-    return seqmix.instantiate_model(compose_config([f"model={preset}", "model.d_model=16", "model.depth=1"]).model).eval()
+    return seqmix.instantiate_model(composed_config([f"model={preset}", "model.d_model=16", "model.depth=1"]).model).eval()
 
 
 @pytest.mark.parametrize("preset", PRESETS)

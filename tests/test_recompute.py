@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import seqmix
 from seqmix import SeqmixError
-from seqmix.configs import compose_config, config_groups
+from seqmix.configs import config_groups
+from conftest import composed_config
 from seqmix.layers.blocks import RECOMPUTE, Block, FeedForward
 
 from conftest import examples
@@ -32,7 +33,7 @@ DROPOUT = 0.25
 def tiny_config(preset: str, recompute: str, depth_scale: int = 1):
     """The composed model config of a tiny ``preset`` (D = 16, two layers; three for a three-layer pattern)."""
     depth = (3 if preset == "hybrid_tcn_attention" else 2) * depth_scale
-    return compose_config([f"model={preset}", "model.d_model=16", f"model.depth={depth}", f"model.recompute={recompute}"]).model
+    return composed_config([f"model={preset}", "model.d_model=16", f"model.depth={depth}", f"model.recompute={recompute}"]).model
 
 
 def tiny_model(preset: str, recompute: str, depth_scale: int = 1, dtype=torch.float64):
@@ -168,7 +169,7 @@ def test_recompute_is_off_outside_training_with_gradients():
 def test_the_model_key_sets_every_block_and_the_block_key_one_config():
     assert {block.recompute for block in tiny_model("megalodon", "block").blocks} == {"block"}
     torch.manual_seed(0)
-    model = seqmix.instantiate_model(compose_config(["model=hybrid_tcn_attention", "model.d_model=16",
+    model = seqmix.instantiate_model(composed_config(["model=hybrid_tcn_attention", "model.d_model=16",
                                                      "model.block.recompute=mixer"]).model)
     assert {block.recompute for block in model.blocks} == {"mixer"}
     assert {block.recompute for block in tiny_model("hybrid_tcn_attention", "none").blocks} == {"none"}
@@ -181,7 +182,7 @@ def test_the_model_key_sets_every_block_and_the_block_key_one_config():
 ])
 def test_a_bad_recompute_value_is_refused_naming_it_and_the_accepted_ones(override, named):
     with pytest.raises(SeqmixError) as refused:
-        seqmix.instantiate_model(compose_config(["model=mega", "model.d_model=16", "model.depth=1", override]).model)
+        seqmix.instantiate_model(composed_config(["model=mega", "model.d_model=16", "model.depth=1", override]).model)
     assert named in str(refused.value)
     assert all(mode in str(refused.value) for mode in RECOMPUTE)
 

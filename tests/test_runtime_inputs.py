@@ -15,9 +15,8 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-from conftest import onnx_runner, tiny_preset
+from conftest import causal_presets, onnx_runner, tiny_preset
 from seqmix import SeqmixError
-from seqmix.configs import config_groups
 from seqmix.export.graphs import state_input_names
 from seqmix.model.sequence_model import ModelState
 
@@ -29,7 +28,7 @@ def tiny(preset: str, d_model: int = 32):
     return tiny_preset(preset, f"model.d_model={d_model}").eval()
 
 
-CAUSAL = [preset for preset in config_groups()["model"] if tiny(preset).causal]
+CAUSAL = list(causal_presets())
 
 
 # --- eager model.step ---------------------------------------------------------------------

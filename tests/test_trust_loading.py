@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import seqmix
 from seqmix import SeqmixError
-from seqmix.configs import compose_config
+from conftest import composed_config
 from seqmix.model.checkpoint import CHECKSUMS, check_description_fits, read_header, write_checksums
 from seqmix.model.description import model_description
 from seqmix.training.checkpoints import latest_checkpoint, load_run, save_checkpoint
@@ -60,7 +60,7 @@ def _paths(node, prefix=()):
 
 @functools.cache
 def _mega_description() -> str:
-    return json.dumps(model_description(compose_config(["model=mega", "model.d_model=16", "model.depth=1"]).model))
+    return json.dumps(model_description(composed_config(["model=mega", "model.d_model=16", "model.depth=1"]).model))
 
 
 @given(data=st.data())
