@@ -90,7 +90,9 @@ def share_module_fixtures(items) -> None:
     """Keep the tests that use a module-scoped fixture on one pytest-xdist worker (``--dist loadgroup``).
 
     Such a fixture is built once per worker that runs one of its tests: spread over two workers, an
-    export or a training run behind it is paid twice. A test with an ``xdist_group`` of its own keeps it.
+    export or a training run behind it is paid twice. The tests of ``exported_presets`` share one
+    group too: its exports are shared between workers under a lock, and a worker waiting on the
+    lock for the other's export would sit idle. A test with an ``xdist_group`` of its own keeps it.
     """
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
@@ -98,7 +100,9 @@ def share_module_fixtures(items) -> None:
         definitions = getattr(item, "_fixtureinfo", None)
         if definitions is None:
             continue
-        if any(defs[-1].scope == "module" for defs in definitions.name2fixturedefs.values()):
+        if "exported_presets" in definitions.name2fixturedefs:
+            item.add_marker(pytest.mark.xdist_group("exported_presets"))
+        elif any(defs[-1].scope == "module" for defs in definitions.name2fixturedefs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
