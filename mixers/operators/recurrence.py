@@ -579,8 +579,8 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
     y is the recurrence's output transformed as SiLU(y + skip ⊙ x) (``skip`` (D,) or None, ``silu``
     a bool), which the chunked path fuses into its own passes and the others apply after.
     ``prepared`` is what the path computes from the parameters alone, when the caller caches it
-    (``RecurrenceMixer.prepared``): the FFT path's kernel spectrum, the chunked path's chunk weights. And
-    ``need_state=False`` lets the FFT and chunked paths skip the final state (``fft``, ``chunked``);
+    (``RecurrenceMixer.prepared``): the FFT path's kernel spectrum, the chunked path's chunk
+    weights. ``need_state=False`` lets the FFT and chunked paths skip the final state (``fft``, ``chunked``);
     the state is then None on those paths.
 
     The loop lets a NaN or infinity at step t reach steps >= t only. The FFT and the chunks' Toeplitz
@@ -635,8 +635,9 @@ def path_stages(impl: str, batch: int, length: int, width: int, order: int, chun
     - ``recurrent``: nothing; the (B, D, N) state stays in cache from one step to the next.
     - ``chunked`` (L padded to nC·C): the per-chunk weights built from the parameters (unless
       ``cached``: in eval mode without autograd) and read, (D, C, C + kN) (the Toeplitz block beside
-      the input weights; k = 2 for a complex state) and (D, kN, C) (the readout); the intra-chunk outputs (B, nC·C, D); what each chunk feeds the state, and the state
-      at each chunk's start, (B, nC, D, kN) each. The Toeplitz block is counted dense, C² per chunk
+      the input weights; k = 2 for a complex state) and (D, kN, C) (the readout); the intra-chunk
+      outputs (B, nC·C, D); what each chunk feeds the state, and the state at each chunk's start,
+      (B, nC, D, kN) each. The Toeplitz block is counted dense, C² per chunk
       and channel, as the path computes it with a plain matrix product.
     - ``fft`` (size n = 2L): x's spectrum (B, D, L + 1) complex; the kernel spectrum (D, L + 1) read,
       ``cached`` (in eval mode without autograd), else computed from the kernel (D, L) first.
