@@ -55,21 +55,20 @@ def test_the_command_needs_runs_or_presets():
 
 
 def test_the_lowering_mode_measures_a_preset_end_to_end(tmp_path):
-    overrides = ("['model.d_model=16','model.depth=1','model.mixers.mega.chunk_size=32','task.vocab_size=32',"
-                 "'task.seq_len=64','task.num_pairs=4']")
-    command = [*SEQMIX, "bench", "bench=lowering", "bench.presets=[tcnca]", f"bench.preset_overrides={overrides}",
+    overrides = "['model.d_model=16','model.depth=1','task.vocab_size=32','task.seq_len=64','task.num_pairs=4']"
+    command = [*SEQMIX, "bench", "bench=lowering", "bench.presets=[ema_conv]", f"bench.preset_overrides={overrides}",
                "bench.lowering.task=mqar", "bench.runtimes=[eager,onnxruntime]", "bench.lengths=[64]", "bench.lowering.far=128",
                "bench.progress=false", f"bench.out_dir={tmp_path}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "| tcnca |" in done.stdout and "not run" in done.stdout and "float32 matmul" in done.stdout
+    assert "| ema_conv |" in done.stdout and "not run" in done.stdout and "float32 matmul" in done.stdout
     data = json.loads((tmp_path / "lowering.json").read_text(encoding="utf-8"))
     assert set(data) == {"spec", "environment", "matmul", "reports"} and data["spec"]["mode"] == "lowering"
-    report = data["reports"]["tcnca"]
+    report = data["reports"]["ema_conv"]
     assert report["onnxruntime_vs_eager"]["length"] == 64 and report["step_growth"]["far"] == 128
     assert report["int8_vs_fp32"]["metric"] == "accuracy" and "compile_vs_eager_training" not in report
     assert (tmp_path / "lowering.md").read_text(encoding="utf-8") in done.stdout
-    assert (tmp_path / "tcnca" / "model.onnx").is_file()
+    assert (tmp_path / "ema_conv" / "model.onnx").is_file()
 
 
 @pytest.mark.parametrize(

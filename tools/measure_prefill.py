@@ -1,6 +1,7 @@
 """Prefill through the ONNX decoder graph: a prompt in one call against one token per call, every causal preset.
 
-    python tools/measure_prefill.py [--tokens 512] [--repeats 3] [--presets mega transformer] [--out tools/perf/prefill.md]
+    python tools/measure_prefill.py [--tokens 512] [--repeats 3] [--presets mega transformer] [--padded-before]
+                                    [--out tools/perf/prefill.md]
 
 For each causal model preset at its default size (untrained, seeded), it exports the ONNX decoder
 graph (``step.onnx``, B and T dynamic; ``seqmix.export.onnx_export.export_step``, which also checks it
@@ -9,6 +10,10 @@ against eager at untraced (B, T)), then times in one ONNX Runtime session, one t
 Both are medians over ``--repeats`` runs after one warm-up, with their spread, measured side by
 side (``compare_prefill``). The issue's target is a speed-up of at least 10x at 512 tokens.
 It writes a Markdown report to ``--out`` and the rows as JSON beside it.
+
+``--padded-before`` also exports each decoder graph as it was before a call shorter than a chunk
+became one chunk of its own length (every call padded to whole chunks), and times decoding through
+both graphs side by side: ``DECODE_TOKENS`` tokens one per call, the two graphs' runs alternating.
 """
 from __future__ import annotations
 
@@ -23,9 +28,50 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 10.0
+DECODE_TOKENS = 64
 
 
-def measure(preset: str, tokens: int, repeats: int) -> dict | None:
+def padded_decoder_graph(model, directory: Path) -> Path:
+    """The decoder graph traced with chunks of C whatever T, as before: a one-token call padded to a chunk."""
+    from unittest import mock
+
+    from seqmix.export.onnx_export import export_step
+
+    # The recurrence takes min(T, C) as its chunk while tracing for any T; C alone is the old graph.
+    with mock.patch("torch.sym_min", lambda tokens, chunk: chunk):
+        export_step(model, directory / "step.padded.onnx")
+    return directory / "step.padded.onnx"
+
+
+def compare_decode(padded: Path, current: Path, step: dict, vocab_size: int, repeats: int) -> dict:
+    """DECODE_TOKENS tokens one per call through both graphs, their runs alternating -> medians per token and ratio."""
+    import numpy as np
+
+    from seqmix.export.onnx_export import session
+    from seqmix.timing import time_calls
+
+    names = [entry["name"] for entry in step["state"]]
+    initial = {entry["name"]: np.full([1, *entry["shape"][1:]], entry["fill"], dtype=np.dtype(entry["dtype"]))
+               for entry in step["state"]}
+    prompt = np.random.default_rng(1).integers(0, vocab_size, size=(1, DECODE_TOKENS))
+
+    def decode(runner):
+        state = initial
+        for t in range(DECODE_TOKENS):
+            state = dict(zip(names, runner.run(None, {"input_ids": prompt[:, t : t + 1], **state})[1:]))
+
+    runners = {"padded": session(padded), "current": session(current)}
+    times = {"padded": [], "current": []}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            times[name].append(time_calls(lambda runner=runner: decode(runner), repeats=1, warmup=1).median_ms / DECODE_TOKENS)
+    medians = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    return {"tokens": DECODE_TOKENS, "padded_ms_per_token": medians["padded"], "ms_per_token": medians["current"],
+            "padded_range": [min(times["padded"]), max(times["padded"])], "range": [min(times["current"]), max(times["current"])],
+            "speedup": medians["padded"] / medians["current"]}
+
+
+def measure(preset: str, tokens: int, repeats: int, padded_before: bool = False) -> dict | None:
     """The preset's prefill row, or None for a bidirectional preset (it has no decoder graph)."""
     import torch
 
@@ -41,6 +87,9 @@ def measure(preset: str, tokens: int, repeats: int) -> dict | None:
         exported = export_onnx(model, scratch)
         step = exported.manifest["step"]
         prefill = compare_prefill(exported.step, step, model.vocab_size, tokens=tokens, repeats=repeats)
+        if padded_before:
+            padded = padded_decoder_graph(model, Path(scratch))
+            prefill["decode_vs_padded"] = compare_decode(padded, exported.step, step, model.vocab_size, repeats=max(repeats, 5))
     return {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()), "max_error": step["max_error"],
             **prefill}
 
@@ -72,6 +121,25 @@ def report(rows: list[dict], command: str) -> str:
             f"({stepped['low_ms']:.0f}–{stepped['high_ms']:.0f}) | {stepped['median_ms'] / row['tokens']:.2f} | {row['speedup']:.1f}x | "
             f"{'met' if row['speedup'] >= TARGET else 'MISSED'} | {row['max_error']:.1e} |"
         )
+    compared = [row for row in rows if "decode_vs_padded" in row]
+    if compared:
+        lines += [
+            "",
+            "## Decoding against the padded graph, side by side",
+            "",
+            f"*Padded*: the decoder graph as it was before a call shorter than a chunk became one chunk of its own "
+            f"length (every call padded to whole chunks). {DECODE_TOKENS} tokens, one per call, through both graphs in "
+            "one process, their runs alternating; ms per token, median (fastest–slowest) of the runs.",
+            "",
+            "| preset | padded, ms per token | now, ms per token | speed-up |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in compared:
+            decode = row["decode_vs_padded"]
+            lines.append(
+                f"| {row['preset']} | {decode['padded_ms_per_token']:.2f} ({decode['padded_range'][0]:.2f}–{decode['padded_range'][1]:.2f}) "
+                f"| {decode['ms_per_token']:.2f} ({decode['range'][0]:.2f}–{decode['range'][1]:.2f}) | {decode['speedup']:.1f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -80,6 +148,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way (default 3)")
     parser.add_argument("--presets", nargs="*", default=None, help="model presets (default: every causal preset)")
+    parser.add_argument("--padded-before", action="store_true",
+                        help="also time decoding against the graph that padded every call to whole chunks")
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf" / "prefill.md")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
@@ -92,7 +162,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     rows = []
     for preset in args.presets or config_groups()["model"]:
-        row = measure(preset, args.tokens, args.repeats)
+        row = measure(preset, args.tokens, args.repeats, args.padded_before)
         if row is None:
             print(f"{preset}: bidirectional, no decoder graph", flush=True)
             continue
