@@ -20,11 +20,10 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-import seqmix
 from seqmix.compile import BACKENDS, compile_model, explain_model, graph_breaks
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
-from conftest import composed_config
+from conftest import preset_model
 from seqmix.operators.tcn import TCN
 
 # torch's own tracing of scan calls a deprecated torch.jit API; nothing here can change that.
@@ -38,9 +37,8 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 def build(preset: str, depth: int = 1):
     """The preset at width 32, its layer pattern once (the hybrid's has 3 layers)."""
-    torch.manual_seed(0)
     depth = 3 if preset == "hybrid_tcn_attention" else depth
-    return seqmix.instantiate_model(composed_config([f"model={preset}", "model.d_model=32", f"model.depth={depth}"]).model)
+    return preset_model(f"model={preset}", "model.d_model=32", f"model.depth={depth}")
 
 
 def random_tokens(model, batch: int = 2, length: int = 256) -> torch.Tensor:

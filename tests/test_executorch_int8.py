@@ -17,10 +17,9 @@ from conftest import examples
 
 pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
 
-import seqmix  # noqa: E402
 from seqmix import SeqmixError  # noqa: E402
 from seqmix.configs import config_groups  # noqa: E402
-from conftest import composed_config  # noqa: E402
+from conftest import preset_model  # noqa: E402
 from seqmix.export import executorch_export as et  # noqa: E402
 from seqmix.export.formats import check_export_options, export_model, summary_lines  # noqa: E402
 from seqmix.export.manifest import read_manifest  # noqa: E402
@@ -40,9 +39,7 @@ float32 bytes, and the tiny model's norms, biases, per-row scales and program st
 
 @cache
 def tiny(preset: str, width: int = 64, depth: int = 1):
-    torch.manual_seed(0)
-    overrides = [f"model={preset}", f"model.d_model={width}", f"model.depth={depth}"]
-    return seqmix.instantiate_model(composed_config(overrides).model).eval()
+    return preset_model(f"model={preset}", f"model.d_model={width}", f"model.depth={depth}").eval()
 
 
 def mqar_task() -> MQAR:

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
-from conftest import causal_presets, composed_config
+from conftest import causal_presets, preset_model
 from seqmix.model.checkpoint import write_checksums
 
 from conftest import SEQMIX
@@ -21,8 +21,7 @@ PRESETS = config_groups()["model"]
 
 
 def build(*overrides: str):
-    torch.manual_seed(0)
-    return seqmix.instantiate_model(composed_config(list(overrides)).model)
+    return preset_model(*overrides)
 
 
 def test_required_presets_exist():
