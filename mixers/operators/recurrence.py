@@ -713,8 +713,8 @@ class RecurrenceMixer(Mixer):
         if key not in cache:
             if len(cache) >= PREPARED_KEPT:
                 cache.pop(next(iter(cache)))
-            device = coef.log_r.device
-            cache[key] = kernel_spectrum(coef, length, device) if impl == "fft" else chunk_weights(coef, self.chunk_size, skip)
+            cache[key] = (kernel_spectrum(coef, length, coef.log_r.device) if impl == "fft"
+                          else chunk_weights(coef, self.chunk_size, skip))
         return cache[key]
 
     def length_unit(self) -> int:
