@@ -2,12 +2,13 @@
 
 ``recurrence.chunked`` carries the state across chunks with one fused multiply-add per chunk on
 contiguous states inside one autograd node, folds the skip term ω·x into the Toeplitz diagonal and
-applies the SiLU on the way out. These tests hold it to the literal loop (``recurrence.recurrent``
+applies the SiLU on the way out. These tests hold it, and the traced path beside it, to the literal loop (``recurrence.recurrent``
 followed by the same skip and SiLU) on outputs, final state and every gradient, and hold its graph
 to a size that does not grow with the number of chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -80,6 +81,41 @@ def test_chunked_equals_the_loop_with_its_state_and_every_gradient(complex_, bat
     torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-10)
     for grad, grad_ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(complex_=st.booleans(), chunk=st.integers(1, 9), chunks=st.integers(1, 5), short_by=st.integers(0, 8),
+       unrolled=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_traced_path_equals_the_loop_for_lengths_that_divide_into_chunks_and_lengths_that_do_not(complex_, chunk, chunks,
+                                                                                                  short_by, unrolled, seed):
+    """``_chunked_traced``, what torch.compile, ONNX and ExecuTorch trace, run eagerly at fixed lengths: a length that
+    divides into chunks skips the padding and the end state's rebuild, one that does not takes both."""
+    width, order, batch = 3, 2, 2
+    length = max(1, chunks * chunk - short_by % chunk)
+    generator = torch.Generator().manual_seed(seed)
+    leaves = _coefficients(width, order, complex_, generator)
+    x = torch.randn(batch, length, width, generator=generator, dtype=torch.float64, requires_grad=True)
+    h0 = tuple(torch.randn(batch, width, order, generator=generator, dtype=torch.float64) for _ in range(2))
+    h0 = h0 if complex_ else (h0[0], None)
+    with recurrence.unrolled_chunks() if unrolled else contextlib.nullcontext():
+        y, h = recurrence._chunked_traced(x, _build(leaves), h0, chunk, call_is_chunk=False)
+    y_ref, h_ref = recurrence.recurrent(x, _build(leaves), h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(tuple(p for p in h if p is not None), tuple(p for p in h_ref if p is not None), rtol=1e-9, atol=1e-10)
+    grad, = torch.autograd.grad(y.sum(), x)
+    grad_ref, = torch.autograd.grad(y_ref.sum(), x)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 64])
+def test_the_toeplitz_blocks_hold_the_kernel_at_every_lag_below_the_diagonal_and_zeros_above(size):
+    kernel = torch.randn(3, size, dtype=torch.float64)
+    blocks = recurrence.lower_toeplitz(kernel)
+    assert blocks.shape == (3, size, size)
+    for i in range(size):
+        for j in range(size):
+            expected = kernel[:, i - j] if j <= i else torch.zeros(3, dtype=torch.float64)
+            torch.testing.assert_close(blocks[:, i, j], expected, rtol=0, atol=0)
 
 
 def _autograd_nodes(output: torch.Tensor) -> int:

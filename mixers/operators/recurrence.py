@@ -316,6 +316,23 @@ def _deinterleave(states: Tensor, complex_: bool) -> Pair:
     return parts[..., 0].contiguous(), parts[..., 1].contiguous()
 
 
+def lower_toeplitz(kernel: Tensor) -> Tensor:
+    """The lower-triangular Toeplitz blocks of a kernel: (D, C) -> (D, C, C), [d, i, j] = k[d, i - j] for j <= i, else 0.
+
+    Built from copies and reshapes, without a gather: ExecuTorch runs a gather with its generic
+    portable kernel, which took most of a lowered EMA model's time. The reversed
+    kernel followed by C zeros, z = (k_{C-1}, ..., k_0, 0, ..., 0), tiled C times and read in rows
+    of 2C - 1 holds z[C - 1 - i + j] at row i, column C - 1 + j: each row is the one above shifted
+    right by one, with zeros shifted in. The C(2C - 1) values read are C - 1 copies of z and the
+    first C of z, joined by a concatenation rather than cut from C copies, so that the reshape
+    reads a contiguous tensor: a size known only at run time would otherwise be specialised.
+    """
+    width, size = kernel.shape
+    period = F.pad(kernel.flip(-1), (0, size))  # (D, 2C)
+    tiled = torch.cat((period.repeat(1, size - 1), period[:, :size]), dim=1)  # (D, C(2C - 1))
+    return tiled.reshape(width, size, 2 * size - 1)[..., size - 1 :]
+
+
 def chunk_weights(coef: Coefficients, size: int, skip: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """What the eager chunked path multiplies by, from one set of powers q^j, j <= C: the parameters'
     part of its work, the same for every call and length.
@@ -332,8 +349,7 @@ def chunk_weights(coef: Coefficients, size: int, skip: Tensor | None) -> tuple[T
     kernel = _real_part_contract("dn,dnj->dj", _scale(coef.c, coef.b), within)  # (D, C)
     if skip is not None:
         kernel = kernel + F.pad(skip.unsqueeze(-1), (0, size - 1))
-    # The transposed Toeplitz block as windows of the kernel padded with C-1 zeros in front.
-    toeplitz = F.pad(kernel, (size - 1, 0)).unfold(1, size, 1).flip(1)  # (D, C, C)
+    toeplitz = lower_toeplitz(kernel).transpose(1, 2)  # (D, C, C), [j, i] = k[i - j]
     feed = _scale((within[0].flip(-1), None if q_im is None else within[1].flip(-1)), coef.b.unsqueeze(-1))
     c_col = (coef.c[0].unsqueeze(-1), None if coef.c[1] is None else coef.c[1].unsqueeze(-1))
     c_q = _mul(c_col, (q_re[..., 1:], None if q_im is None else q_im[..., 1:]))  # c q^{i+1}, (D, N, C) pair
@@ -494,9 +510,9 @@ def _chunked_traced(x: Tensor, coef: Coefficients, h0: Pair | None, chunk_size: 
         # bound nC >= 1 when tracing for any length.
         chunks = (length + size - 1) // size
     pad = chunks * size - length
-    # The length may be symbolic: pad (by 0 when it divides) and rebuild the end state
-    # unconditionally rather than branch on it.
-    padded = not call_is_chunk
+    # A symbolic length is padded (by 0 when it divides) and its end state rebuilt unconditionally,
+    # rather than branching on it; a length fixed at tracing that divides needs neither.
+    padded = not (call_is_chunk or (isinstance(pad, int) and pad == 0))
     if padded:
         x = F.pad(x, (0, 0, 0, pad))
 
@@ -506,9 +522,7 @@ def _chunked_traced(x: Tensor, coef: Coefficients, h0: Pair | None, chunk_size: 
     j = torch.arange(size, device=x.device)
 
     # Inside a chunk: y_i = Σ_{j<=i} k[i-j] x_j, a (C, C) lower-triangular Toeplitz matrix per channel.
-    kernel = coef.kernel(size, x.device)  # (D, C)
-    lag = j[:, None] - j[None, :]
-    toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0).to(kernel.dtype)  # (D, C, C)
+    toeplitz = lower_toeplitz(coef.kernel(size, x.device))  # (D, C, C)
     # What each chunk adds to a zero state, b q^{C-1-j} x_j summed, from the same matmul.
     feed_re, feed_im = coef.input_weights(size, x.device)  # (D, N, C)
     order = feed_re.shape[1]
