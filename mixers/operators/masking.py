@@ -34,7 +34,10 @@ def all_finite(*tensors: Tensor) -> bool:
 
 def split_nonfinite(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Rows (..., T, W) with every row that holds a NaN or infinity set to 0, and which rows those were (..., T)."""
-    bad = ~torch.isfinite(rows).all(-1)
+    # 0·x is 0 for a finite x and NaN for a NaN or an infinity, so the row sums of 0·rows are NaN
+    # exactly at the bad rows and cannot overflow: two passes where isfinite(rows).all(-1) takes
+    # several, which an exported graph's runtime runs with generic kernels.
+    bad = torch.isnan((rows * 0).sum(-1))
     return rows.masked_fill(bad.unsqueeze(-1), 0.0), bad
 
 
@@ -49,5 +52,10 @@ def seen_causally(bad: Tensor, dim: int = -1) -> Tensor:
 
 
 def poison(outputs: Tensor, reached: Tensor) -> Tensor:
-    """Outputs (..., T, W) with NaN in every row where ``reached`` (..., T, broadcasting) is True."""
-    return outputs.masked_fill(reached.unsqueeze(-1), float("nan"))
+    """Outputs (..., T, W) with NaN in every row where ``reached`` (..., T, broadcasting) is True.
+
+    Adds NaN to those rows and −0 to the others (x + (−0) is x, signed zeros included): the
+    selection then runs over the (..., T) flags, and the sum over the outputs is a plain broadcast add.
+    """
+    nan_or_zero = torch.full_like(reached, -0.0, dtype=outputs.dtype).masked_fill(reached, float("nan"))
+    return outputs + nan_or_zero.unsqueeze(-1)

@@ -63,6 +63,9 @@ class SoftmaxAttention(Mixer):
 
     impls = ("math", "sdpa")
     default_impl = "sdpa"
+    # Exporters decompose sdpa into the formula plus a guard for rows with no visible key (a
+    # comparison, a reduction and a selection over every score), which causal rows never need.
+    lowered_impls = {"export": {"sdpa": "math"}}
 
     def __init__(
         self,
@@ -150,16 +153,19 @@ class SoftmaxAttention(Mixer):
         if not clean:
             k, bad_keys = masking.split_nonfinite(k)
             v, bad_values = masking.split_nonfinite(v)
+        # The fused kernels need unit stride along the head width (rotary's cat leaves a wider one
+        # at small widths); without it PyTorch falls back to the math kernel and its (L, L) scores.
+        # The formula's products traced for any T would otherwise ask whether T is 1 to lay them out.
+        q, k, v = traceable_contiguous(q), traceable_contiguous(k), traceable_contiguous(v)
         if self.impl == "sdpa":
-            # The fused kernels need unit stride along the head width (rotary's cat leaves a wider one
-            # at small widths); without it PyTorch falls back to the math kernel and its (L, L) scores.
-            q, k, v = traceable_contiguous(q), traceable_contiguous(k), traceable_contiguous(v)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=is_causal)
         else:
             scores = (q @ k.transpose(-1, -2)).to(compute_dtype(q.dtype)) / self.head_dim**0.5
             if is_causal:
-                visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-            if visible is not None:
+                # An (L, L) bias added, not a (B, H, L, L) selection: an exported graph's runtime
+                # delegates the sum and would run the selection with a generic kernel.
+                scores = scores + torch.full(scores.shape[-2:], float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
+            elif visible is not None:
                 scores = scores.masked_fill(~visible, float("-inf"))
             attended = torch.softmax(scores, dim=-1).to(v.dtype) @ v
         if clean:
