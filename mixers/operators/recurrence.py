@@ -605,24 +605,27 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
     if steps_recurrently(impl, x.shape[1], chunk_size):
         y, h = recurrent(x, coef, h0)
         return _finish(y, x, skip, silu), h
-    bad = None if masking.all_finite(x) else ~torch.isfinite(x)  # (B, L, D)
-    finite_x = x if bad is None else x.masked_fill(bad, 0.0)
+    clean = masking.all_finite(x)
+    finite_x, marks = (x, None) if clean else masking.zero_nonfinite(x)
     if impl == "chunked":
         y, h = chunked(finite_x, coef, h0, chunk_size, skip, silu, need_state, prepared)
     else:
         paths = {**PATHS, "fft": partial(fft, spectrum=prepared, need_state=need_state)}
         y, h = paths[impl](finite_x, coef, h0)
         y = _finish(y, finite_x, skip, silu)
-    if bad is None:
+    if clean:
         return y, h
-    # Along time in place, not transposed: torch.export cannot tell a transposed mask's strides apart
-    # at length 1 and would specialise a graph traced for any length.
-    reached = masking.seen_causally(bad, dim=1)  # (B, L, D)
-    y = y.masked_fill(reached, float("nan"))
+    # Along time in place, not transposed: torch.export cannot tell a transposed tensor's strides
+    # apart at length 1 and would specialise a graph traced for any length.
+    nan_after = masking.nan_after(marks, dim=1)  # (B, L, D)
+    # The contiguous operand first: the sum takes its layout, not that of y, which the traced
+    # chunked path leaves permuted.
+    y = nan_after + y
     if h is None:
         return y, None
-    h_re = masking.poison(h[0], reached[:, -1])  # (B, D, N) rows of channel d
-    h_im = None if h[1] is None else masking.poison(h[1], reached[:, -1])
+    reached = torch.isnan(nan_after[:, -1])  # (B, D)
+    h_re = masking.poison(h[0], reached)  # (B, D, N) rows of channel d
+    h_im = None if h[1] is None else masking.poison(h[1], reached)
     return y, (h_re, h_im)
 
 
