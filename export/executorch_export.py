@@ -170,6 +170,10 @@ def _quantized_int8(program, example: tuple[Tensor, ...], dynamic_shapes=None):
     prepared = prepare_pt2e(program.module(), _int8_quantizer())
     # One call runs the weight observers; dynamic activations need no calibration data.
     prepared(*example)
+    # The converted module takes the example's tensors as flat positional inputs, so the shapes
+    # follow flat: a decoder program's (tokens, (state, ...)) becomes (tokens, state, ...).
+    if dynamic_shapes is not None:
+        dynamic_shapes = tuple(tree_flatten(dynamic_shapes, is_leaf=lambda spec: isinstance(spec, dict))[0])
     return torch.export.export(convert_pt2e(prepared), example, dynamic_shapes=dynamic_shapes)
 
 

@@ -2,7 +2,7 @@
 
 By default one tiny causal preset (transformer, d_model=64, depth 1: linears hold most of its
 weights, as in the real presets) is lowered twice at (1, LENGTH), float32 and int8 (about 10 s each), and shared
-by the tests here. Every preset through ``seqmix.export.formats.export_model(format=executorch,
+by the tests here, and its int8 decoder program once. Every preset through ``seqmix.export.formats.export_model(format=executorch,
 quantize=int8)``, step programs included, runs with --runslow (minutes).
 """
 from __future__ import annotations
@@ -158,6 +158,16 @@ def test_evaluation_rows_are_cut_or_padded_to_the_program_length(lengths, per_to
             assert (row.targets[0, kept:] == IGNORE).all()
         else:
             assert torch.equal(row.targets, targets[None])
+
+
+def test_the_int8_decoder_program_takes_any_token_count_and_streams_close_to_eager(tmp_path):
+    """The decoder program re-exported after quantization keeps T dynamic: it was traced with its state
+    as a nested tuple and the quantized module takes it flat, so the shapes must follow flat."""
+    model = tiny(PRESET)
+    entry = et.export_step_pte(model, tmp_path / "step.int8.pte", quantize="int8")
+    assert entry["quantize"] == "int8" and entry["max_tokens"] > 1 and entry["tokens_per_call"] == f"1..{entry['max_tokens']}"
+    worst, scale = et.stream_error(model, tmp_path / "step.int8.pte")
+    assert worst <= RELATIVE_TOLERANCE * scale, (worst, scale)
 
 
 @pytest.mark.parametrize("quantize", ["int4", "fp16", "INT8", ""])
