@@ -208,3 +208,14 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     line = next(line for line in report.splitlines() if line.startswith("| chunked EMA vs FFT EMA with a cached kernel"))
     verdict = "PASS" if times["ema/fft"] / times["ema/chunked"] >= 5 else "MISS"
     assert "`ema/chunked` vs `ema/fft`, forward, L=64" in line and verdict in line, line
+    # The kernel floor: the chunked paths' products and transposes beside the minimum and the grid's own time.
+    floors = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["kernel_floor"]
+    assert {floor["mixer"] for floor in floors} == {"ema/chunked", "cema/chunked"}
+    minimum = {row["subject"]: row["minimum_ms"] for row in rows}
+    for floor in floors:
+        assert floor["products_ms"] > 0 and floor["transposes_ms"] > 0 and floor["copy_ms"] > 0, floor
+        assert floor["floor_ms"] == pytest.approx(floor["products_ms"] + floor["transposes_ms"]), floor
+        assert floor["minimum_ms"] == pytest.approx(minimum[floor["mixer"]]), floor
+        assert floor["floor_vs_minimum"] == pytest.approx(floor["floor_ms"] / floor["minimum_ms"]), floor
+        assert floor["measured_ms"] == times[floor["mixer"]], floor
+    assert "## What torch's kernels allow the chunked forward" in report

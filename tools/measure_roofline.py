@@ -11,6 +11,10 @@ roofline.md (the table, the rates, the load average before and after) and roofli
 (everything, rows and rates as the bench records them). Extra arguments are bench overrides,
 e.g. ``bench.lengths=[4096] bench.repeats=3``.
 
+It also times, per thread count, what torch's kernels take for the parts of the chunked EMA and
+CEMA forward that no rewrite in PyTorch avoids (their batched products and block transposes,
+``kernel_floor``), and sets that floor beside the minimum and the measured time.
+
 ``--before COMMIT`` adds a before/after table for the EMA and CEMA on their chunked path: the
 mixers as that commit wrote them (recurrence.py, ema.py and cema.py read with ``git show`` into
 temporary modules, nothing checked out) beside today's, with the same weights and inputs, their
@@ -111,6 +115,76 @@ def compare_before(before: dict[str, type], spec, threads: int) -> tuple[object,
     return rates, rows
 
 
+def _median_ms(call, spec) -> float:
+    """Median ms of ``spec.repeats`` calls of ``call`` after ``spec.warmup``."""
+    for _ in range(spec.warmup):
+        call()
+    return summarize([time_once(call) for _ in range(spec.repeats)]).median_ms
+
+
+def kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
+    """What torch's CPU kernels take for the parts of the chunked forward no rewrite in PyTorch avoids,
+    per compared mixer and length of ``spec``: its two batched products, (D, M, C) @ (D, C, K) and
+    (D, M, K + C) @ (D, K + C, C) with contiguous operands (M = B·nC chunk rows, K = N, or 2N for a
+    complex state), and the transposes of x's (C, D) chunk blocks in and of y's out. Their sum is the
+    path's floor with these kernels; each row sets it beside the minimum and the grid's measured time."""
+    measured = {(row.subject, row.length): row.time_ms for row in grid_rows if row.pass_ == "forward" and row.status == "measured"}
+    rows = []
+    for name in COMPARED:
+        mixer = seqmix.build_mixer(name, spec.width, impl="chunked")
+        width, size = mixer.d_model, mixer.chunk_size
+        states = mixer.order * (2 if mixer.complex_state else 1)
+        for length in spec.lengths:
+            chunk_rows = spec.batch * -(-length // size)
+            inputs, feed = torch.randn(width, chunk_rows, size), torch.randn(width, size, states)
+            stacked, mix = torch.randn(width, chunk_rows, states + size), torch.randn(width, states + size, size)
+            fed, y = torch.empty(width, chunk_rows, states), torch.empty(width, chunk_rows, size)
+            sequence, blocks = torch.randn(chunk_rows, size, width), torch.empty(chunk_rows, width, size)
+
+            def products():
+                torch.bmm(inputs, feed, out=fed)
+                torch.bmm(stacked, mix, out=y)
+
+            def transposes():
+                blocks.copy_(sequence.transpose(1, 2))
+                sequence.copy_(blocks.transpose(1, 2))
+
+            products_ms, transposes_ms, copy_ms = (_median_ms(call, spec) for call in (products, transposes, sequence.clone))
+            minimum = rates.minimum_ms(mixer.cost(spec.batch, length, "forward"))
+            floor = products_ms + transposes_ms
+            time_ms = measured.get((f"{name}/chunked", length))
+            rows.append({"mixer": f"{name}/chunked", "length": length, "threads": threads, "minimum_ms": minimum,
+                         "products_ms": products_ms, "products_gflops": 2 * width * chunk_rows * size * (2 * states + size) / products_ms / 1e6,
+                         "transposes_ms": transposes_ms, "copy_ms": copy_ms, "floor_ms": floor, "floor_vs_minimum": floor / minimum,
+                         "measured_ms": time_ms, "measured_vs_minimum": None if time_ms is None else time_ms / minimum})
+    return rows
+
+
+def floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
+    """The kernel-floor section of roofline.md."""
+    body = []
+    for rates, rows in floors:
+        for row in rows:
+            measured = "—" if row["measured_ms"] is None else f"{row['measured_ms']:.3g} ({row['measured_vs_minimum']:.1f}×)"
+            body.append([row["mixer"], str(row["length"]), str(row["threads"]), f"{row['minimum_ms']:.3g}",
+                         f"{row['products_ms']:.3g} ({row['products_gflops']:.0f} GFLOP/s)", f"{row['transposes_ms']:.3g}",
+                         f"{row['copy_ms']:.3g}", f"{row['floor_ms']:.3g}", f"{row['floor_vs_minimum']:.1f}×", measured])
+    return [
+        "## What torch's kernels allow the chunked forward",
+        "",
+        "The parts of the chunked EMA and CEMA forward that no rewrite in PyTorch avoids, timed alone with the same "
+        "kernels (medians in ms): the two batched products at the path's shapes with contiguous operands (and the rate "
+        "they reach, against the matmul rate above), and the transposes of the (C, D) chunk blocks of x in and of y out, "
+        "beside one plain copy of the same (B, L, D) tensor. Floor = products + transposes: what the path would take if "
+        "everything else (the carry, the SiLU, allocation) were free; a floor above 2× the minimum puts the 2× target "
+        "out of reach of these kernels. Measured: the grid's forward row.",
+        "",
+        markdown_table(["mixer", "L", "threads", "minimum ms", "products ms", "transposes ms", "plain copy ms", "floor ms",
+                        "floor ÷ minimum", "measured ms (÷ minimum)"], body),
+        "",
+    ]
+
+
 def _timing_cell(timing: dict) -> str:
     return f"{timing['median_ms']:.3g} ({timing['low_ms']:.3g}–{timing['high_ms']:.3g})"
 
@@ -151,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python tools/measure_roofline.py", *sys.argv[1:]] if argv is None else ["python tools/measure_roofline.py", *argv])
     before = before_classes(args.before) if args.before else None
     load_before = _load()
-    results, compared = {}, []
+    results, compared, floors = {}, [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         if before is not None:
             compared.append(compare_before(before, spec, threads))
         results[threads] = run_grid(spec)
+        rates = results[threads].machine["cpu"]
+        floors.append((rates, kernel_floor(spec, rates, results[threads].rows, threads)))
     load_after = _load()
 
     # One line per cell and thread count, the thread counts of a cell side by side.
@@ -188,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.outcomes:
             lines += [f"## Targets judged from the rows, {threads} thread{'s' if threads > 1 else ''}", "",
                       *claims_table(result.outcomes), ""]
+    lines += floor_lines(floors)
     if compared:
         lines += before_after_lines(args.before, compared)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                      "width": spec.width, "batch": spec.batch, "repeats": spec.repeats, "warmup": spec.warmup},
             "runs": [{"threads": threads, "machine": {device: rates.to_dict() for device, rates in result.machine.items()},
                       "rows": [row.to_dict() for row in result.rows]} for threads, result in results.items()]}
+    data["kernel_floor"] = [row for _, rows in floors for row in rows]
     if compared:
         data["before_after"] = {"commit": args.before, "runs": [{"machine": rates.to_dict(), "rows": rows} for rates, rows in compared]}
     (args.out / "roofline.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
