@@ -3,7 +3,11 @@
 Every preset is built tiny (d_model=32, its layer pattern once: one layer, three for
 hybrid_tcn_attention). Lowering costs 5-25 s of CPU per graph, so by default:
 - decoder programs (T dynamic up to the model's smallest chunk, state fed back over calls of
-  several T): every causal preset, at B = 1, and at B = 3 for mega and gpt2;
+  several T): one preset per kind of state, mega (chunked EMA and gated attention) and
+  transformer (key/value cache) at B = 3, megalodon (complex EMA, timestep norm) and tcnca
+  (convolution windows) at B = 1. ema_conv, gpt2 and hybrid_tcn_attention combine those same
+  layers and states; their decoder programs run with --runslow (gpt2's is also lowered by
+  default, through ``seqmix export`` in tests/test_onnx_export.py);
 - parallel graphs (B=2, L=128): mega_encoder (bidirectional EMA carried across chunks, gated
   attention, masked-LM head: the only graph it has; tests/test_onnx_export.py also writes gpt2's
   through ``seqmix export``). The other presets' parallel graphs (ema_conv, gpt2,
@@ -62,9 +66,13 @@ def test_parallel_graph_matches_eager(preset, tmp_path):
         et.run_pte(path, torch.zeros(1, LENGTH, dtype=torch.long))
 
 
+DECODER_BY_DEFAULT = {"mega", "megalodon", "tcnca", "transformer"}
+
+
 def decoder_case(preset: str):
     """B = 1 (a device's stream) for most presets; B = 3 for one chunked and one cache-only preset."""
-    return pytest.param(preset, 3 if preset in ("mega", "gpt2") else 1, id=preset)
+    marks = () if preset in DECODER_BY_DEFAULT else pytest.mark.slow
+    return pytest.param(preset, 3 if preset in ("mega", "transformer") else 1, id=preset, marks=marks)
 
 
 @pytest.mark.parametrize("preset, batch", [decoder_case(p) for p in causal_presets()])
