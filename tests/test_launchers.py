@@ -72,6 +72,9 @@ def test_two_search_workers_launched_as_two_jobs_share_one_study(tmp_path):
     # A claim that lost the race for the last place is recorded as failed, never trained.
     assert all("not_run" in t.user_attrs for t in study.trials if t not in complete)
     assert len({t.number for t in complete}) == 3
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3
+    # Only the trials that ran have a run directory.
+    assert sorted(p.name for p in (out_dir / "trials").iterdir()) == [f"{t.number:04d}" for t in sorted(complete, key=lambda t: t.number)]
     for trial in complete:
         run = rows(out_dir / "trials" / f"{trial.number:04d}")
         assert run[-1]["split"] == "valid" and run[-1]["step"] == 6

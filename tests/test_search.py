@@ -41,10 +41,6 @@ def tiny(out_dir: Path, *overrides: str):
     return compose_search_config("tiny", [f"search.out_dir={out_dir}", *overrides])
 
 
-def stored_study(out_dir: Path):
-    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{out_dir / 'study.db'}")
-
-
 def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_accepts(tmp_path):
     out_dir = tmp_path / "search"
     lines = []
@@ -86,24 +82,6 @@ def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_a
     result = subprocess.run([*SEQMIX, *command[1:], *short], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"d_model={trial.user_attrs['model_config']['d_model']}" in result.stdout
-
-
-def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
-    out_dir = tmp_path / "search"
-    command = [*SEQMIX, "search", "search=tiny", f"search.out_dir={out_dir}", "search.n_trials=4"]
-    workers = [subprocess.Popen([*command, f"search.worker={index}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for index in range(2)]
-    outputs = [worker.communicate(timeout=240)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
-
-    # Two workers that asked for the last place at the same instant: the later claim is recorded, never run.
-    trials = [t for t in stored_study(out_dir).trials if NOT_RUN not in t.user_attrs]
-    assert [t.number for t in trials] == [0, 1, 2, 3]
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
-    ran = sum(int(line.split()[3]) for output in outputs for line in output.splitlines() if line.startswith("this worker ran"))
-    assert ran == 4
-    assert sorted(p.name for p in (out_dir / "trials").iterdir()) == ["0000", "0001", "0002", "0003"]
 
 
 def test_a_diverging_trial_fails_and_the_study_goes_on_with_intermediate_reports(tmp_path):
