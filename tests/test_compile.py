@@ -2,9 +2,9 @@
 
 Inductor compiles take tens of seconds per graph on 2 cores, so Inductor runs only on the two
 presets that cover both kinds of mixer (mega: EMA with its cross-chunk ``scan``, and its
-backward; transformer: softmax attention with a KV cache), at tiny sizes, plus one megalodon
-forward at static shapes (a regression case) and one tcnca forward (Inductor runs its TCN on the
-``taps`` path). The other presets use
+backward; transformer: softmax attention with a KV cache), at tiny sizes, plus one tcnca forward
+(Inductor runs its TCN on the ``taps`` path), and with --runslow one megalodon forward at static
+shapes (a regression case). The other presets use
 ``aot_eager``, which traces the same forward and backward graphs (``scan`` included) and runs them
 with eager kernels. Graph breaks are checked on every preset with ``torch._dynamo.explain``,
 which needs no backend compiler.
@@ -116,10 +116,12 @@ def test_inductor_forward_equals_eager():
         torch.testing.assert_close(compile_model(model)(tokens), model(tokens), **TOLERANCE)
 
 
+@pytest.mark.slow
 def test_inductor_static_forward_of_megalodon_equals_eager():
     # Regression: TimestepNorm took the first valid step as argmax of an all-True mask, which
     # Inductor (torch 2.13) compiled at static shapes into a garbage index and an out-of-bounds
-    # read that aborted the process; with a padding mask the argmax runs on an input instead.
+    # read that aborted the process. Restoring that argmax no longer fails here with torch
+    # 2.13.0, so this 20 s compile runs with --runslow only.
     model = build("megalodon", depth=1).eval()
     tokens = random_tokens(model, batch=1)
     with torch.no_grad():
