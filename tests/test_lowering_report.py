@@ -10,6 +10,7 @@ import pytest
 
 from conftest import SEQMIX, tiny_preset
 from seqmix import SeqmixError
+from seqmix.cli import main
 from seqmix.export.bench import compose_bench_spec
 from seqmix.export.bench.lowering import lowering_report, matmul_throughput, step_growth
 from seqmix.export.bench.report import lowering_table, throughput_line
@@ -48,10 +49,9 @@ def test_attention_caches_cap_the_far_position():
     assert growth["eager_near"]["runs"] == growth["eager_far"]["runs"] == 3
 
 
-def test_the_command_needs_runs_or_presets():
-    result = subprocess.run([*SEQMIX, "bench", "bench=lowering", "bench.presets=[]"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "bench.mode=lowering needs bench.presets=[<preset>,...] or bench.lowering.runs=[<run dir>,...]" in result.stderr
+def test_the_command_needs_runs_or_presets(capsys):
+    assert main(["bench", "bench=lowering", "bench.presets=[]"]) == 2
+    assert "bench.mode=lowering needs bench.presets=[<preset>,...] or bench.lowering.runs=[<run dir>,...]" in capsys.readouterr().err
 
 
 def test_the_lowering_mode_measures_a_preset_end_to_end(tmp_path):
