@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
 from seqmix.errors import SeqmixError, require_int
+from seqmix.allocator import keep_freed_memory
 from seqmix.threads import apply_thread_policy
 
 PROGRAM = "seqmix"
@@ -567,6 +568,7 @@ def _sweep(command: Command, argv: list[str]) -> int:
     def job(config: DictConfig) -> None:
         # A launched job is a fresh process that never passed through main().
         apply_thread_policy()
+        keep_freed_memory()
         runtime = HydraConfig.get().runtime
         if command.job_dir is not None:
             with open_dict(config):
@@ -686,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     # measurement, once per cell); it reads this when the profiler first starts.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     apply_thread_policy()
+    keep_freed_memory()
     try:
         if {"-m", "--multirun"} & set(argv):
             if not command.sweeps:
