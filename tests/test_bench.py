@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import math
+import platform
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from seqmix.export.bench import report as bench_report
 from seqmix.export.bench import run as bench_run
 from seqmix.export.bench.measure import PASSES, peak_memory_bytes
 from seqmix import SeqmixError
+from seqmix.allocator import user_settings
 
 from conftest import SEQMIX
 
@@ -405,3 +407,7 @@ def test_command_line_writes_the_results(tmp_path):
     # Hydra writes nothing of its own (no .hydra/, no log file) beside the results.
     assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "report.md", "time_vs_length.png",
                                                     "memory_vs_length.png", "throughput_by_runtime.png"}
+    # The command keeps freed memory (seqmix.allocator) and the results say so.
+    if platform.libc_ver()[0] == "glibc" and user_settings() is None:
+        allocator = json.loads((tmp_path / "results.json").read_text())["environment"]["allocator"]
+        assert allocator.startswith("glibc malloc keeping freed memory") and allocator in (tmp_path / "report.md").read_text()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
+from seqmix.allocator import applied_policy
 from seqmix.contract import PASSES
 
 # Versions recorded with every result, besides torch's and Python's.
@@ -136,6 +137,8 @@ def environment(unavailable: Mapping[str, str]) -> dict:
         "platform": platform.platform(),
         "processor": cpu_name(),
         "threads": torch.get_num_threads(),
+        # Large temporaries are faulted in on every call unless freed memory is kept (seqmix.allocator).
+        "allocator": applied_policy() or "C library's malloc as it is (seqmix.allocator not applied)",
     }
     env.update({distribution: _version(distribution) for distribution in VERSIONED})
     if torch.cuda.is_available():

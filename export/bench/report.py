@@ -43,7 +43,8 @@ def _machine_line(env: Mapping, spec: BenchSpec) -> str:
     cpu = env.get("processor") or env.get("platform")
     where = f"{cpu}, {env['threads']} torch threads" + (f"; GPU {device} (CUDA {env.get('cuda')})" if device else "")
     runs = f"{spec.repeats} run" + ("s" if spec.repeats != 1 else "")
-    return f"torch {env['torch']} on {where}. B={spec.batch}, float32, median of {runs} after {spec.warmup} warm-up"
+    allocator = f"; {env['allocator']}" if env.get("allocator") else ""
+    return f"torch {env['torch']} on {where}{allocator}. B={spec.batch}, float32, median of {runs} after {spec.warmup} warm-up"
 
 
 def _is_measured(row: GridRow | None) -> bool:
