@@ -194,7 +194,7 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
 
     tool = Path(__file__).resolve().parent.parent / "tools" / "measure_roofline.py"
     done = subprocess.run(
-        [sys.executable, str(tool), "--threads", "1", "--out", str(tmp_path), "bench.lengths=[64]", "bench.width=16",
+        [sys.executable, str(tool), "--threads", "1", "--out", str(tmp_path), "--allocator-rounds", "1", "bench.lengths=[64]", "bench.width=16",
          "bench.repeats=1", "bench.warmup=0", "bench.passes=[forward]", "bench.claims.chunked_vs_cached_fft_ema_16k.length=64"],
         capture_output=True, text=True, timeout=300,
     )
@@ -219,3 +219,12 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
         assert floor["floor_vs_minimum"] == pytest.approx(floor["floor_ms"] / floor["minimum_ms"]), floor
         assert floor["measured_ms"] == times[floor["mixer"]], floor
     assert "## What torch's kernels allow the chunked forward" in report
+    # The allocator: the run states it, and times each mixer's forward in one child process per setting.
+    allocator = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["allocator"]
+    if allocator["in_use"].startswith("glibc malloc keeping"):
+        assert allocator["in_use"] in report and allocator["policy"] == allocator["in_use"]
+    assert [row["subject"] for row in allocator["rows"]] == [row["subject"] for row in rows]
+    for row in allocator["rows"]:
+        assert row["default_ms"] > 0 and row["kept_ms"] > 0 and row["default_range"][0] <= row["default_ms"] <= row["default_range"][1]
+        assert row["ratio"] == pytest.approx(row["default_ms"] / row["kept_ms"]), row
+    assert "## The allocator's share" in report

@@ -1,6 +1,6 @@
 """Set the chunked EMA and CEMA (and gated attention and the TCN) against the machine's roofline, on 1 and 2 threads.
 
-    python tools/measure_roofline.py [--threads 1 2] [--out tools/perf] [--before COMMIT] [bench overrides ...]
+    python tools/measure_roofline.py [--threads 1 2] [--out tools/perf] [--allocator-rounds 3] [--before COMMIT] [bench overrides ...]
 
 Runs the benchmark grid of conf/bench/roofline.yaml (``seqmix bench bench=roofline``: D = 256,
 B = 1, L = 4096 and 16384, forward and forward+backward, eager) once per thread count, in this one
@@ -14,6 +14,12 @@ e.g. ``bench.lengths=[4096] bench.repeats=3``.
 It also times, per thread count, what torch's kernels take for the parts of the chunked EMA and
 CEMA forward that no rewrite in PyTorch avoids (their batched products and block transposes,
 ``kernel_floor``), and sets that floor beside the minimum and the measured time.
+
+The process keeps freed memory (``seqmix.allocator``, as the ``seqmix`` command does). Each
+operator's forward at the grid's longest length is also timed in fresh child processes with
+glibc's malloc as it comes and with freed memory kept, the children alternating (defaults, kept,
+defaults, ...), on one thread: how much of each figure the allocator's page faults would add
+(``--allocator-rounds`` children each; 0 skips it).
 
 ``--before COMMIT`` adds a before/after table for the EMA and CEMA on their chunked path: the
 mixers as that commit wrote them (recurrence.py, ema.py and cema.py read with ``git show`` into
@@ -38,6 +44,7 @@ from pathlib import Path
 import torch
 
 import seqmix
+from seqmix.allocator import keep_freed_memory
 from seqmix.export.bench import compose_bench_spec, run_grid
 from seqmix.export.bench.measure import environment, pass_callables
 from seqmix.export.bench.report import claims_table, time_range
@@ -113,6 +120,65 @@ def compare_before(before: dict[str, type], spec, threads: int) -> tuple[object,
                              "speedup_median": statistics.median(ratios), "speedup_low": min(ratios), "speedup_high": max(ratios),
                              "max_abs_difference": difference, "load": _load()})
     return rates, rows
+
+
+ALLOCATOR_CHILD = """
+import json, sys, torch
+from seqmix.allocator import keep_freed_memory
+from seqmix.export.bench.subjects import build_subject, parse_mixer
+from seqmix.timing import summarize, time_once
+keep, subjects, length, width, warmup, repeats = json.loads(sys.argv[1])
+policy = keep_freed_memory() if keep else "glibc defaults"
+torch.set_num_threads(1)
+times = {}
+for label, options in subjects:
+    mixer = build_subject(parse_mixer(label, options, "bench.mixers"), width).eval()
+    x = torch.randn(1, length, width)
+    with torch.no_grad():
+        for _ in range(warmup):
+            mixer(x)
+        times[label] = summarize([time_once(lambda: mixer(x)) for _ in range(repeats)]).median_ms
+print(json.dumps({"policy": policy, "times": times}))
+"""
+
+
+def allocator_effect(spec, rounds: int) -> dict:
+    """Each mixer's forward at the longest length, one thread, in fresh processes: glibc's malloc as it comes
+    against freed memory kept, ``rounds`` children each, alternating. Returns {"policy", "rounds", "rows": [...]}."""
+    labels = [subject.label for subject in spec.mixers]
+    subjects = [[subject.label, dict(subject.options)] for subject in spec.mixers]
+    arguments = [max(spec.lengths), spec.width, spec.warmup, spec.repeats]
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
+    runs = {False: [], True: []}
+    for _ in range(rounds):
+        for keep in (False, True):
+            child = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, json.dumps([keep, subjects, *arguments])],
+                                   capture_output=True, text=True, env=environment, check=True)
+            runs[keep].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    rows = []
+    for label in labels:
+        default = [run["times"][label] for run in runs[False]]
+        kept = [run["times"][label] for run in runs[True]]
+        rows.append({"subject": label, "length": arguments[0], "default_ms": statistics.median(default),
+                     "default_range": [min(default), max(default)], "kept_ms": statistics.median(kept),
+                     "kept_range": [min(kept), max(kept)], "ratio": statistics.median(default) / statistics.median(kept)})
+    return {"policy": runs[True][0]["policy"], "rounds": rounds, "rows": rows}
+
+
+def allocator_lines(effect: dict) -> list[str]:
+    body = [[row["subject"], str(row["length"]), f"{row['default_ms']:.3g} ({row['default_range'][0]:.3g}–{row['default_range'][1]:.3g})",
+             f"{row['kept_ms']:.3g} ({row['kept_range'][0]:.3g}–{row['kept_range'][1]:.3g})", f"{row['ratio']:.2f}×"]
+            for row in effect["rows"]]
+    return [
+        "## The allocator's share",
+        "",
+        f"The forward pass, one thread, each side the median over {effect['rounds']} fresh processes (fastest–slowest of "
+        "their medians), the processes alternating: glibc's malloc as it comes, against freed memory kept "
+        f"({effect['policy']}; `seqmix.allocator`, which the rows above and the `seqmix` command use).",
+        "",
+        markdown_table(["subject", "L", "glibc defaults ms", "freed memory kept ms", "defaults ÷ kept"], body),
+        "",
+    ]
 
 
 def _median_ms(call, spec) -> float:
@@ -219,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, in order")
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf", help="where roofline.md and roofline.json go")
+    parser.add_argument("--allocator-rounds", type=int, default=3, metavar="N",
+                        help="fresh processes per allocator setting for the allocator's share (0: skip it)")
     parser.add_argument("--before", metavar="COMMIT", help="also time the chunked EMA and CEMA as this commit wrote them, side by side")
     args, overrides = parser.parse_known_args(argv)
+    allocator = keep_freed_memory()
     spec = compose_bench_spec(["bench=roofline", "bench.progress=false", *overrides])
     command = " ".join(["python tools/measure_roofline.py", *sys.argv[1:]] if argv is None else ["python tools/measure_roofline.py", *argv])
     before = before_classes(args.before) if args.before else None
@@ -233,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         results[threads] = run_grid(spec)
         rates = results[threads].machine["cpu"]
         floors.append((rates, kernel_floor(spec, rates, results[threads].rows, threads)))
+    effect = allocator_effect(spec, args.allocator_rounds) if args.allocator_rounds > 0 else None
     load_after = _load()
 
     # One line per cell and thread count, the thread counts of a cell side by side.
@@ -250,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Generated by `{command}` (conf/bench/roofline.yaml, the thread counts one after the other in one process).",
         f"torch {torch.__version__}, Python {platform.python_version()}, {environment({})['processor']}, "
-        f"{os.cpu_count()} cores. Load average (1, 5, 15 min) before: {load_before}, after: {load_after}.",
+        f"{os.cpu_count()} cores, {allocator}. Load average (1, 5, 15 min) before: {load_before}, after: {load_after}.",
         "",
         "Minimum = max(FLOPs / matmul rate, bytes / bandwidth): the algorithm's minimum work (`Mixer.cost`, "
         "counting described in export/README.md) over the rates measured at the start of each run, each the fastest "
@@ -265,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"## Targets judged from the rows, {threads} thread{'s' if threads > 1 else ''}", "",
                       *claims_table(result.outcomes), ""]
     lines += floor_lines(floors)
+    if effect is not None:
+        lines += allocator_lines(effect)
     if compared:
         lines += before_after_lines(args.before, compared)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [{"threads": threads, "machine": {device: rates.to_dict() for device, rates in result.machine.items()},
                       "rows": [row.to_dict() for row in result.rows]} for threads, result in results.items()]}
     data["kernel_floor"] = [row for _, rows in floors for row in rows]
+    data["allocator"] = {"in_use": allocator, **(effect or {})}
     if compared:
         data["before_after"] = {"commit": args.before, "runs": [{"machine": rates.to_dict(), "rows": rows} for rates, rows in compared]}
     (args.out / "roofline.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
