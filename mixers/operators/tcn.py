@@ -161,7 +161,7 @@ class TCN(Mixer):
             if i < self.depth - 1:
                 out = act(out)
             h = h + out if self.residual else out
-        y = F.silu(h + self.omega.unsqueeze(-1) * x_rows)  # (B, D, T)
+        y = F.silu(torch.addcmul(h, self.omega.unsqueeze(-1), x_rows))  # (B, D, T)
         return traceable_contiguous(y.transpose(1, 2)).to(x.dtype), TCNState(tuple(new_state))
 
     def _taps(self, conv: nn.Conv1d, ctx: Tensor) -> Tensor:
