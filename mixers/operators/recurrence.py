@@ -404,10 +404,17 @@ class _ChunkedRecurrence(torch.autograd.Function):
         starts = stacked[..., :states].view(batch, chunks, width, states)
         starts[:, 0].copy_(h0)
         end = _carry(starts, fed.view(width, batch, chunks, states).permute(1, 2, 0, 3), q_chunk, complex_)
-        y_chunks = x.new_empty(batch * chunks, width, size)
-        torch.bmm(stacked[..., : states + size].transpose(0, 1), mix, out=y_chunks.transpose(0, 1))
+        operands = stacked[..., : states + size].transpose(0, 1)  # (D, M, K + C)
         y = x.new_empty(batch, length, width)
-        y.view(batch * chunks, size, width).copy_(y_chunks.transpose(1, 2))
+        if batch == 1:
+            # One sequence: the product writes its own (D, L) layout, and a single 2-D transpose,
+            # which torch copies in cache-sized blocks, turns it into (L, D). With several rows that
+            # transpose would be a general permutation, slower than the per-chunk blocks below.
+            y[0].copy_(torch.bmm(operands, mix).view(width, length).t())
+        else:
+            y_chunks = x.new_empty(batch * chunks, width, size)
+            torch.bmm(operands, mix, out=y_chunks.transpose(0, 1))
+            y.view(batch * chunks, size, width).copy_(y_chunks.transpose(1, 2))
         keep_input = silu and any(ctx.needs_input_grad)
         pre = y if keep_input else None
         if silu:
