@@ -66,14 +66,15 @@ def test_step_in_pieces_matches_forward(activation, residual):
     assert tcn.state_size() == 4 * sum(tcn.windows)
 
 
+@pytest.mark.parametrize("impl", TCN.impls)
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
-def test_forward_follows_the_equations(activation, residual):
+def test_forward_and_gradients_follow_the_equations(activation, residual, impl):
     torch.manual_seed(3)
-    tcn = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual).double()
-    x = torch.randn(2, 30, 4, dtype=torch.float64)
+    tcn = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual, impl=impl).double()
+    x = torch.randn(3, 30, 4, dtype=torch.float64, requires_grad=True)
     act = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}[activation]
-    # Independent of the module's own padding: symmetric padding, then drop the look-ahead.
+    # Independent of the module's own padding and layout: symmetric padding, then drop the look-ahead.
     h = x.transpose(1, 2)
     for i, conv in enumerate(tcn.convs):
         pad = 2 * 2**i
@@ -81,7 +82,14 @@ def test_forward_follows_the_equations(activation, residual):
         out = act(out) if i < 2 else out
         h = h + out if residual else out
     expected = F.silu(h.transpose(1, 2) + tcn.omega * x)
-    torch.testing.assert_close(tcn(x), expected, rtol=0, atol=1e-12)
+    got = tcn(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # Gradients of one random projection of the outputs, for the input and every parameter.
+    projection = torch.randn_like(expected)
+    wrt = [x, *tcn.parameters()]
+    for got_grad, want_grad in zip(torch.autograd.grad((got * projection).sum(), wrt),
+                                   torch.autograd.grad((expected * projection).sum(), wrt), strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
 
 
 def test_left_padding_acts_as_if_absent():

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, Stages, parameter_reads, traceable_contiguous
+from seqmix.contract import Mixer, Stages, parameter_reads, transposed_rows
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.registry import register_mixer
 
@@ -144,7 +144,7 @@ class TCN(Mixer):
         mask = None if padding_mask is None else padding_mask.unsqueeze(1)  # (B, 1, T)
         # One transposed copy in and one out: every pad, convolution and residual sum between them
         # reads and writes contiguous (B, D, T) rows, where a transposed view made each one a strided pass.
-        x_rows = traceable_contiguous(x.transpose(1, 2))  # (B, D, T)
+        x_rows = transposed_rows(x)  # (B, D, T)
         h = x_rows
         new_state = []
         for i, (conv, window) in enumerate(zip(self.convs, self.windows)):
@@ -162,7 +162,7 @@ class TCN(Mixer):
                 out = act(out)
             h = h + out if self.residual else out
         y = F.silu(torch.addcmul(h, self.omega.unsqueeze(-1), x_rows))  # (B, D, T)
-        return traceable_contiguous(y.transpose(1, 2)).to(x.dtype), TCNState(tuple(new_state))
+        return transposed_rows(y).to(x.dtype), TCNState(tuple(new_state))
 
     def _taps(self, conv: nn.Conv1d, ctx: Tensor) -> Tensor:
         """``conv(ctx)`` as Σ_k w[k] · (ctx shifted by k·dilation): (B, D, window + T) -> (B, D, T)."""
