@@ -24,10 +24,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
 from seqmix.errors import SeqmixError, require_int
-from seqmix.allocator import keep_freed_memory
 from seqmix.threads import apply_thread_policy
 
 PROGRAM = "seqmix"
