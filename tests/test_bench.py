@@ -176,6 +176,30 @@ def test_time_and_memory_budgets_skip_cells_with_reasons():
         assert "bench.memory_budget_gb" in rows[("softmax_attention/math", length)].reason
 
 
+def test_a_mixer_listed_by_its_paths_is_the_baseline_and_claim_side_through_its_default_path(tmp_path):
+    claim = ("{title: t, source: s, metric: speed, figure: 1, subject: tcn, baseline: softmax_attention, pass: forward, "
+             "length: 32}")
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn,'softmax_attention/*']", "bench.passes=[forward]",
+                               "bench.lengths=[32]", "bench.baseline.mixer=softmax_attention",
+                               f"+bench.claims.c={claim}", f"bench.out_dir={tmp_path}"])
+    assert spec.grid_label("softmax_attention") == "softmax_attention/sdpa" and spec.grid_label("tcn") == "tcn"
+    result = run_grid(spec)
+    rows = {r.subject: r for r in result.rows}
+    sdpa, tcn = rows["softmax_attention/sdpa"], rows["tcn"]
+    assert sdpa.speedup_vs_baseline == 1.0 and rows["softmax_attention/math"].speedup_vs_baseline != 1.0
+    assert tcn.speedup_vs_baseline == pytest.approx(sdpa.time_ms / tcn.time_ms)
+    (outcome,) = result.outcomes
+    assert outcome.verdict != "MISSING" and outcome.ours == pytest.approx(sdpa.time_ms / tcn.time_ms)
+    write_grid_results(result, spec.out_dir)
+    report = (tmp_path / "report.md").read_text()
+    assert "Speed-up vs `softmax_attention/sdpa`" in report
+
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.passes=[forward]", "bench.lengths=[32]",
+                               f"bench.out_dir={tmp_path}"])
+    write_grid_results(run_grid(spec), spec.out_dir)
+    assert "None: `softmax_attention` (bench.baseline.mixer) is not among this grid's subjects." in (tmp_path / "report.md").read_text()
+
+
 def test_total_budget_and_failures_are_reported(monkeypatch):
     spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.max_total_seconds=1e-9"])
     assert all("bench.max_total_seconds" in r.reason for r in run_grid(spec).rows)
@@ -390,6 +414,7 @@ def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
         (["bench=paper_claims", "bench.claims.tcnca_forward.metric=slope", "~bench.claims.tcnca_forward.baseline",
           "~bench.claims.tcnca_forward.length"], ["bench.claims.tcnca_forward.metric='slope'", "bench.mode=grid"]),
         (["bench.mixers=['*/fast']"], ["impl of 'cema'", "chunked"]),
+        (["bench.baseline.mixer=softmax"], ["bench.baseline.mixer='softmax'", "softmax_attention"]),
     ],
 )
 def test_config_errors_name_the_field_and_the_valid_choices(overrides, expected):

@@ -140,12 +140,15 @@ def format_grid_report(result: GridResult) -> str:
         ]
         lines += [markdown_table(["subject", "L", *header], body), ""]
     for kind in ("mixer", "preset"):
-        baseline = spec.baseline.get(kind)
+        baseline = spec.grid_label(spec.baseline.get(kind))
         measured_kind = [label for k, label in subjects if k == kind or (kind == "mixer" and k == "peer")]
         if not baseline or not measured_kind:
             continue
         runtime = shown_runtime(spec)
         lines += [f"### Speed-up vs `{baseline}` ({runtime}; baseline median time / subject median time)", ""]
+        if baseline not in measured_kind:
+            lines += [f"None: `{baseline}` (bench.baseline.{kind}) is not among this grid's subjects.", ""]
+            continue
         body = [
             [label, pass_]
             + [_cell_text(index.get((label, runtime, pass_, n)), lambda x: _number(x.speedup_vs_baseline, "×")) for n in spec.lengths]

@@ -236,7 +236,7 @@ def add_ratios(rows: Sequence[GridRow], spec: BenchSpec) -> None:
         eager = measured.get((row.subject, RUNTIMES[row.runtime].reference, row.pass_, row.length))
         if eager is not None:
             row.speedup_vs_eager = eager.time_ms / row.time_ms
-        baseline_label = spec.baseline.get("preset" if row.kind == "preset" else "mixer")
+        baseline_label = spec.grid_label(spec.baseline.get("preset" if row.kind == "preset" else "mixer"))
         baseline = measured.get((baseline_label, row.runtime, row.pass_, row.length))
         if baseline is not None:
             row.speedup_vs_baseline = baseline.time_ms / row.time_ms
@@ -347,10 +347,10 @@ def judge_grid_claims(rows: Sequence[GridRow], slopes: Sequence[GridSlope], spec
     outcomes = []
     for name, claim in spec.claims.items():
         if claim.metric != "slope":
-            sides = [_grid_side(index, label, spec.claim_runtime, claim) for label in (claim.subject, claim.baseline)]
+            sides = [_grid_side(index, spec.grid_label(label), spec.claim_runtime, claim) for label in (claim.subject, claim.baseline)]
             outcomes.append(judge_claim(name, claim, *sides))
             continue
-        fit = fits.get((claim.subject, spec.claim_runtime, claim.pass_))
+        fit = fits.get((spec.grid_label(claim.subject), spec.claim_runtime, claim.pass_))
         if fit is None:
             missing = f"{claim.subject} {claim.pass_} on {spec.claim_runtime} is not in the grid (bench.mixers, bench.passes)"
             outcomes.append(ClaimOutcome(name, claim, None, "MISSING", missing))

@@ -248,6 +248,9 @@ class BenchSpec:
                 raise SeqmixError(f"bench.claim_runtime={self.claim_runtime!r} is not valid; the grid judges its "
                                   f"claims on one of its runtimes, {sorted(self.runtimes)}")
             sides = [s.label for s in self.grid_subjects()]
+            for kind, label in self.baseline.items():
+                if label is not None and not _names_a_subject(label):
+                    raise choice_error(f"bench.baseline.{kind}", label, sides)
         elif self.mode == "lowering":
             if not self.presets and not self.lowering.runs:
                 raise SeqmixError("bench.mode=lowering needs bench.presets=[<preset>,...] or bench.lowering.runs=[<run dir>,...]")
@@ -275,6 +278,15 @@ class BenchSpec:
                     continue
                 if self.mode == "claims" or not _names_a_subject(label):
                     raise choice_error(f"bench.claims.{name}.{side}", label, sides)
+
+    def grid_label(self, label: str | None) -> str | None:
+        """The grid subject ``label`` stands for: itself, or, for a mixer the grid lists only by its
+        paths (``bench.mixers=[ema/*]``), its default path (``ema`` -> ``ema/chunked``)."""
+        labels = {s.label for s in self.grid_subjects()}
+        if label is None or label in labels or "/" in label or label not in list_mixers():
+            return label
+        default = f"{label}/{mixer_class(label).default_impl}"
+        return default if default in labels else label
 
     def grid_subjects(self) -> list[Subject]:
         """The mixers, the presets and, with ``peers``, one peer subject per seqmix mixer it mirrors."""
