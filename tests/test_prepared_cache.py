@@ -80,3 +80,37 @@ def test_changed_parameters_training_and_autograd_never_use_a_cached_part(impl, 
         mixer(x)
         mixer(x)
     assert len(computed[impl]) == 6
+
+
+def _write_through_data(mixer, values):
+    for parameter, value in zip(mixer.parameters(), values):
+        parameter.data.copy_(value)
+
+
+def _assign_data(mixer, values):
+    for parameter, value in zip(mixer.parameters(), values):
+        parameter.data = value.clone()
+
+
+def _vector_to_parameters(mixer, values):
+    torch.nn.utils.vector_to_parameters(torch.cat([v.flatten() for v in values]), mixer.parameters())
+
+
+def _load_assigned(mixer, values):
+    names = [name for name, _ in mixer.named_parameters()]
+    mixer.load_state_dict(dict(zip(names, (v.clone() for v in values))), assign=True)
+
+
+@pytest.mark.parametrize("change", [_write_through_data, _assign_data, _vector_to_parameters, _load_assigned])
+@pytest.mark.parametrize("impl", BUILDERS)
+def test_parameters_changed_without_a_version_bump_are_seen(impl, change):
+    """Writes through ``.data`` (weight averaging, ``vector_to_parameters``) leave a parameter's
+    version counter as it was; the cache must still see the new values."""
+    torch.manual_seed(0)
+    mixer = seqmix.build_mixer("cema", 8, impl=impl, chunk_size=8).double().eval()
+    other = seqmix.build_mixer("cema", 8, impl="recurrent").double().eval()
+    x = torch.randn(1, 32, 8, dtype=torch.float64)
+    with torch.no_grad():
+        mixer(x)
+        change(mixer, [p.detach() for p in other.parameters()])
+        torch.testing.assert_close(mixer(x), other(x), rtol=1e-9, atol=1e-9)

@@ -584,6 +584,14 @@ PREPARED_KEPT = 4
 """Kernel spectra or chunk weights a mixer keeps (paths, lengths, dtypes, directions); the oldest goes first."""
 
 
+def _same_values(parameters: list[Tensor], copies: list[Tensor]) -> bool:
+    """Whether every parameter still holds its copy's shape, dtype, device and values (NaN never does)."""
+    return len(parameters) == len(copies) and all(
+        p.shape == c.shape and p.dtype == c.dtype and p.device == c.device and torch.equal(p, c)
+        for p, c in zip(parameters, copies)
+    )
+
+
 def steps_recurrently(impl: str, tokens: int, chunk_size: int) -> bool:
     """Whether a ``chunked`` call on ``tokens`` tokens runs the recurrent loop instead.
 
@@ -719,12 +727,13 @@ class RecurrenceMixer(Mixer):
         the FFT path's kernel spectrum for length L, or the chunked path's ``chunk_weights`` (any L).
 
         In eval mode, outside autograd and tracing, these depend only on the path, L (the FFT's),
-        the dtype, the device, whether ``skip`` (a parameter) rides on them, and the parameters, so
-        they are kept, keyed by those (each parameter by identity and version: an optimizer step,
-        ``load_state_dict`` or any in-place change makes a new key). Without the cache ``impl=fft``
-        recomputed D·N·L powers on every call, and the chunked path its (D, C, C) Toeplitz block.
-        Returns None when they must be computed with the call (training, autograd, tracing, or a
-        call that runs the recurrent loop).
+        the dtype, the device, whether ``skip`` (a parameter) rides on them, and the parameters'
+        values, so they are kept, keyed by the first five, for as long as the parameters hold the
+        values they were computed from. The values are compared, not version counters: writes
+        through ``.data`` (weight averaging, ``vector_to_parameters``) change a parameter without
+        bumping its version. Without the cache ``impl=fft`` recomputed D·N·L powers on every call,
+        and the chunked path its (D, C, C) Toeplitz block. Returns None when they must be computed
+        with the call (training, autograd, tracing, or a call that runs the recurrent loop).
         """
         # The cheap tests first: every call of every path (a one-token step included) asks.
         impl = self.impl_for_tokens(length)
@@ -733,9 +742,13 @@ class RecurrenceMixer(Mixer):
         parameters = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
             return None
-        key = (impl, length if impl == "fft" else None, coef.log_r.dtype, coef.log_r.device, direction, skip is not None,
-               tuple((id(p), p._version) for p in parameters))
-        cache = self.__dict__.setdefault("_prepared", {})
+        computed_from = self.__dict__.get("_prepared_from")
+        if computed_from is None or not _same_values(parameters, computed_from):
+            # A few (D, N) tensors: comparing them costs microseconds, a stale entry a wrong output.
+            self.__dict__["_prepared_from"] = [p.detach().clone() for p in parameters]
+            self.__dict__["_prepared"] = {}
+        key = (impl, length if impl == "fft" else None, coef.log_r.dtype, coef.log_r.device, direction, skip is not None)
+        cache = self.__dict__["_prepared"]
         if key not in cache:
             if len(cache) >= PREPARED_KEPT:
                 cache.pop(next(iter(cache)))
