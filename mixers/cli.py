@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_writable_dir, require_writable_file
 from seqmix.threads import apply_thread_policy
 
 PROGRAM = "seqmix"
@@ -316,9 +316,10 @@ def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.training.checkpoints import load_run
 
     check_export_options(options.format, options.quantize, options.length)
+    out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
+    require_writable_dir("out", out)
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
     task = _recorded_task(options.checkpoint, record)
-    out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
     files = {name: (Path(record["directory"]) / name).read_bytes() for name in MODEL_FILES
              if (Path(record["directory"]) / name).is_file()}
     manifest = export_model(model, task, options.format, out, options.quantize, options.length, files)
@@ -354,6 +355,7 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     out = Path(options.out)
     if out.is_dir() or out.is_symlink() or (out.exists() and not options.overwrite):
         raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace a file")
+    require_writable_file("out", out)
     source = DocumentSource(options.path, options.format, options.decode_errors, owner="tokenizer")
 
     def texts():

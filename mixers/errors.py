@@ -1,4 +1,9 @@
 """The project's own error type: every user-facing mistake raises it with the bad value named."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
 
 
 class SeqmixError(ValueError):
@@ -24,3 +29,53 @@ def require_bool(owner: str, field: str, value) -> None:
     """Raise unless ``value`` is True or False itself: "false", 0 or None would silently mean the opposite."""
     if not isinstance(value, bool):
         raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected True or False")
+
+
+def require_writable_dir(field: str, path) -> None:
+    """Raise unless ``path`` is a directory seqmix can write into, or one it can create.
+
+    Checked before any work starts, so that a run of minutes or hours does not end in a traceback
+    at its first write: no file may stand at ``path`` or above it, and the nearest folder of it
+    that exists must be writable.
+    """
+    problem = _output_problem(path, is_file=False)
+    if problem:
+        raise SeqmixError(f"{field}={problem}")
+
+
+def require_writable_file(field: str, path) -> None:
+    """Raise unless a file can be written at ``path``: not a directory, its folder writable or creatable."""
+    problem = _output_problem(path, is_file=True)
+    if problem:
+        raise SeqmixError(f"{field}={problem}")
+
+
+def writable_dir_argument(path: str) -> Path:
+    """An argparse ``type`` for an output directory, refused up front as ``require_writable_dir`` refuses it."""
+    problem = _output_problem(path, is_file=False)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return Path(path)
+
+
+def writable_file_argument(path: str) -> Path:
+    """An argparse ``type`` for an output file, refused up front as ``require_writable_file`` refuses it."""
+    problem = _output_problem(path, is_file=True)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return Path(path)
+
+
+def _output_problem(path, is_file: bool) -> str | None:
+    """Why nothing can be written at ``path`` ("'<path>' is not valid: ..."), or None."""
+    target = Path(os.fspath(path)).expanduser()
+    if is_file and target.is_dir():
+        return f"{os.fspath(path)!r} is not valid: it is a directory; expected a file path"
+    existing = target.parent if is_file else target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{os.fspath(path)!r} is not valid: {str(existing)!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{os.fspath(path)!r} is not valid: {str(existing)!r} is not writable"
+    return None

@@ -103,6 +103,26 @@ def test_nothing_is_written_before_the_input_is_validated(tmp_path, capsys):
     assert not out_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "arguments, field",
+    [
+        (["train", "train.out_dir={blocked}/run"], "train.out_dir"),
+        (["train", "train.save_pretrained={blocked}"], "train.save_pretrained"),
+        (["search", "search=tiny", "search.out_dir={blocked}/search"], "search.out_dir"),
+        (["bench", "bench=smoke", "bench.out_dir={blocked}"], "bench.out_dir"),
+        (["export", "checkpoint=x", "format=onnx", "out={blocked}/onnx"], "out"),
+        (["tokenizer", "path=x", "out={blocked}/tokenizer.json"], "out"),
+    ],
+)
+def test_an_output_path_blocked_by_a_file_is_refused_before_any_work(arguments, field, tmp_path, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    status, out, err = run(capsys, *[a.format(blocked=blocked) for a in arguments])
+    assert status == 2, out
+    assert err.startswith(f"seqmix {arguments[0]}: error: {field}=") and f"{str(blocked)!r} is a file, not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_train_prints_the_plan_then_announces_a_resume_and_counts_its_own_steps(tmp_path, capsys):
     out_dir = tmp_path / "run"
     status, out, err = run(capsys, "train", *TINY_TRAIN, f"train.out_dir={out_dir}")

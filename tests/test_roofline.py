@@ -228,3 +228,27 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
         assert row["default_ms"] > 0 and row["kept_ms"] > 0 and row["default_range"][0] <= row["default_ms"] <= row["default_range"][1]
         assert row["ratio"] == pytest.approx(row["default_ms"] / row["kept_ms"]), row
     assert "## The allocator's share" in report
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--before", "no-such-commit"], "--before 'no-such-commit' is not valid: no such commit"),
+        (["--threads", "0"], "expected thread counts >= 1"),
+        (["--allocator-rounds", "-1"], "rounds >= 0"),
+        (["--out", "{blocked}/report"], "is a file, not a folder"),
+    ],
+)
+def test_the_roofline_tool_refuses_bad_arguments_before_measuring_anything(arguments, expected, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    spec = importlib.util.spec_from_file_location("measure_roofline", Path(__file__).resolve().parent.parent / "tools" / "measure_roofline.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as exited:
+        tool.main([a.format(blocked=blocked) for a in arguments])
+    assert exited.value.code == 2 and expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

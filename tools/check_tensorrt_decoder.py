@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from seqmix.errors import writable_dir_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_preset: the tests' tiny size
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["mega", "megalodon", "transformer", "tcnca"])
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted |engine − eager| of a logit")
-    parser.add_argument("--out-dir", type=Path, default=Path("gpu_results"))
+    parser.add_argument("--out-dir", type=writable_dir_argument, default=Path("gpu_results"))
     options = parser.parse_args(argv)
     try:
         import tensorrt  # noqa: F401

@@ -24,6 +24,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from seqmix.errors import writable_file_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH = 8
 WARMUP_LENGTH = 64
@@ -122,7 +124,7 @@ def report(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf" / "attention_memory.md")
+    parser.add_argument("--out", type=writable_file_argument, default=ROOT / "tools" / "perf" / "attention_memory.md")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of writing --out")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -58,7 +58,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import seqmix
 from seqmix.configs import compose_config, config_groups
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, writable_dir_argument
 from seqmix.export.bench.measure import pass_callables, peak_memory_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-up-to", type=int, default=16384, help="longest L whose peak is tracked in the search")
     parser.add_argument("--verify-length", type=int, default=32768, help="one more tracked L to check the line against")
     parser.add_argument("--check-lengths", nargs="*", type=int, default=[1024, 4096], help="L profiled on the CPU")
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf")
+    parser.add_argument("--out", type=writable_dir_argument, default=ROOT / "tools" / "perf")
     args = parser.parse_args(argv)
     if args.measure_up_to % (4 * UNIT):
         parser.error(f"--measure-up-to must be a multiple of {4 * UNIT}")

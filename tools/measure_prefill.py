@@ -26,6 +26,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from seqmix.errors import writable_file_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 10.0
 DECODE_TOKENS = 64
@@ -150,7 +152,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--presets", nargs="*", default=None, help="model presets (default: every causal preset)")
     parser.add_argument("--padded-before", action="store_true",
                         help="also time decoding against the graph that padded every call to whole chunks")
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf" / "prefill.md")
+    parser.add_argument("--out", type=writable_file_argument, default=ROOT / "tools" / "perf" / "prefill.md")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
         parser.error(f"--tokens={args.tokens} and --repeats={args.repeats} must be >= 1")

@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from seqmix.errors import writable_file_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_SIZE_RATIO = 0.35
 TARGET_METRIC_POINTS = 1.0
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", nargs="*", default=[], help="trained run directories to measure too")
     parser.add_argument("--length", type=int, default=256, help="L of the programs (rounded down to the model's chunk)")
     parser.add_argument("--jobs", type=int, default=2, help="rows measured at once, each in its own one-thread process")
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf" / "pte_int8.md")
+    parser.add_argument("--out", type=writable_file_argument, default=ROOT / "tools" / "perf" / "pte_int8.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

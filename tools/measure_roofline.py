@@ -45,6 +45,7 @@ import torch
 
 import seqmix
 from seqmix.allocator import keep_freed_memory
+from seqmix.errors import writable_dir_argument
 from seqmix.export.bench import compose_bench_spec, run_grid
 from seqmix.export.bench.measure import environment, pass_callables
 from seqmix.export.bench.report import claims_table, time_range
@@ -284,11 +285,17 @@ def before_after_lines(commit: str, compared: list[tuple[object, list[dict]]]) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, in order")
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf", help="where roofline.md and roofline.json go")
+    parser.add_argument("--out", type=writable_dir_argument, default=ROOT / "tools" / "perf", help="where roofline.md and roofline.json go")
     parser.add_argument("--allocator-rounds", type=int, default=3, metavar="N",
                         help="fresh processes per allocator setting for the allocator's share (0: skip it)")
     parser.add_argument("--before", metavar="COMMIT", help="also time the chunked EMA and CEMA as this commit wrote them, side by side")
     args, overrides = parser.parse_known_args(argv)
+    if min(args.threads) < 1 or args.allocator_rounds < 0:
+        parser.error(f"--threads {args.threads} and --allocator-rounds {args.allocator_rounds} are not valid: "
+                     "expected thread counts >= 1 and rounds >= 0")
+    if args.before and subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.before}^{{commit}}"], cwd=ROOT,
+                                      capture_output=True).returncode:
+        parser.error(f"--before {args.before!r} is not valid: no such commit in {ROOT}")
     allocator = keep_freed_memory()
     spec = compose_bench_spec(["bench=roofline", "bench.progress=false", *overrides])
     command = " ".join(["python tools/measure_roofline.py", *sys.argv[1:]] if argv is None else ["python tools/measure_roofline.py", *argv])

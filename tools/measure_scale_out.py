@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+from seqmix.errors import writable_dir_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 SEQMIX = [sys.executable, "-m", "seqmix"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -200,7 +202,7 @@ def report(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="training steps of the multi-node comparison (even)")
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf")
+    parser.add_argument("--out", type=writable_dir_argument, default=ROOT / "tools" / "perf")
     args = parser.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as work:

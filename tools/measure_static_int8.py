@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seqmix.errors import writable_dir_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_preset: the tests' tiny size
 
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", choices=("default", "tiny"), default=["default", "tiny"])
     parser.add_argument("--length", type=int, default=1024, help="L of the timed calls (rounded down to the graph's length unit)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls of each graph")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "tools" / "perf")
+    parser.add_argument("--out-dir", type=writable_dir_argument, default=ROOT / "tools" / "perf")
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = build_task("byte_lm")

@@ -54,6 +54,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from seqmix.errors import writable_dir_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 MEGABYTE = 1 << 20
 GIGABYTE = 1 << 30
@@ -441,7 +443,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the fresh work directory (corpus, token cache, runs) is made (default: the system's temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory instead of removing it at the end")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "tools" / "perf",
+    parser.add_argument("--out-dir", type=writable_dir_argument, default=ROOT / "tools" / "perf",
                         help="where text_throughput.md and text_throughput.json are written (default: tools/perf)")
     parser.add_argument("--small", action="store_true",
                         help="a smoke run: allows --gigabytes below 1.0 and sets, for every option left at its default, "

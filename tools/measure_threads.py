@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from seqmix.errors import writable_dir_argument
+
 ROOT = Path(__file__).resolve().parent.parent
 CORES = os.cpu_count() or 1
 POLICIES = {
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=20.0, help="timed training seconds per trial")
     parser.add_argument("--tests", nargs="+", default=["tests/test_parity.py", "tests/test_model.py"])
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "perf")
+    parser.add_argument("--out", type=writable_dir_argument, default=ROOT / "tools" / "perf")
     args = parser.parse_args()
     results: dict = {}
     for condition in ("idle", "busy"):

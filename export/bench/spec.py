@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
-from seqmix.errors import choice_error, require_int
+from seqmix.errors import choice_error, require_int, require_writable_dir
 from seqmix.registry import list_mixers, mixer_class
 
 from .measure import PASSES
@@ -203,6 +203,7 @@ class BenchSpec:
     def __post_init__(self):
         if self.mode not in MODES:
             raise choice_error("bench.mode", self.mode, MODES)
+        require_writable_dir("bench.out_dir", self.out_dir)
         for runtime in self.runtimes:
             if runtime not in RUNTIMES:
                 raise choice_error("bench.runtimes", runtime, RUNTIMES)

@@ -14,7 +14,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.configs import compose_config, config_groups
-from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.errors import SeqmixError, choice_error, require_int, require_writable_dir
 from seqmix.search.space import SearchSpace
 
 OBJECTIVES = ("metric", "latency", "params")
@@ -102,6 +102,7 @@ class SearchSettings:
         return settings
 
     def validate(self) -> None:
+        require_writable_dir("search.out_dir", self.out_dir)
         require_int("search", "n_trials", self.n_trials)
         require_int("search", "top_k", self.top_k)
         require_int("search", "worker", self.worker, 0)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
+from seqmix.errors import SeqmixError, choice_error, require_bool, require_int, require_writable_dir
 from seqmix.training.records import read_run_record, same_run
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
@@ -123,9 +123,12 @@ class TrainConfig:
         if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
             raise SeqmixError(f"train.out_dir={self.out_dir!r} is not valid; expected a non-empty path")
         self.out_dir = os.fspath(self.out_dir)
+        require_writable_dir("train.out_dir", self.out_dir)
         if self.save_pretrained is not None and (not isinstance(self.save_pretrained, (str, os.PathLike))
                                                  or not os.fspath(self.save_pretrained)):
             raise SeqmixError(f"train.save_pretrained={self.save_pretrained!r} is not valid; expected null or a directory path")
+        if self.save_pretrained is not None:
+            require_writable_dir("train.save_pretrained", self.save_pretrained)
         for name in POSITIVE_COUNTS:
             require_int("train", name, getattr(self, name))
         require_int("train", "warmup_steps", self.warmup_steps, 0)
