@@ -68,14 +68,24 @@ def writable_file_argument(path: str) -> Path:
 
 def _output_problem(path, is_file: bool) -> str | None:
     """Why nothing can be written at ``path`` ("'<path>' is not valid: ..."), or None."""
-    target = Path(os.fspath(path)).expanduser()
-    if is_file and target.is_dir():
-        return f"{os.fspath(path)!r} is not valid: it is a directory; expected a file path"
-    existing = target.parent if is_file else target
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{os.fspath(path)!r} is not valid: {str(existing)!r} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{os.fspath(path)!r} is not valid: {str(existing)!r} is not writable"
+    text = os.fspath(path)
+    if "\0" in text:
+        return f"{text!r} is not valid: it holds a NUL character"
+    target = Path(text)
+    try:
+        if is_file and target.is_dir():
+            return f"{text!r} is not valid: it is a directory; expected a file path"
+        existing = target.parent if is_file else target
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{text!r} is not valid: {str(existing)!r} is a file, not a folder"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{text!r} is not valid: {str(existing)!r} is not writable"
+        longest = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    except OSError as error:
+        return f"{text!r} is not valid: {error.strerror or error}"
+    too_long = next((part for part in target.parts if len(os.fsencode(part)) > longest), None)
+    if too_long is not None:
+        return f"{text!r} is not valid: the name {too_long[:40]!r}... is longer than {longest} bytes"
     return None

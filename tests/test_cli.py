@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
 
 from seqmix.cli import COMMANDS, main
+from seqmix.errors import SeqmixError
 from seqmix.configs import CONF_DIR, config_groups
 
 from conftest import SEQMIX
@@ -120,6 +122,26 @@ def test_an_output_path_blocked_by_a_file_is_refused_before_any_work(arguments, 
     status, out, err = run(capsys, *[a.format(blocked=blocked) for a in arguments])
     assert status == 2, out
     assert err.startswith(f"seqmix {arguments[0]}: error: {field}=") and f"{str(blocked)!r} is a file, not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_output_path_checks_name_what_is_wrong(tmp_path):
+    from seqmix.errors import require_writable_dir, require_writable_file
+
+    (tmp_path / "a_file").write_text("")
+    refused = [
+        (require_writable_dir, str(tmp_path / "a_file"), "is a file, not a folder"),
+        (require_writable_dir, str(tmp_path / "a_file" / "deeper" / "still"), "is a file, not a folder"),
+        (require_writable_file, str(tmp_path), "it is a directory; expected a file path"),
+        (require_writable_dir, str(tmp_path / "a\0b"), "NUL character"),
+        # The file system says so itself (ENAMETOOLONG) or the name exceeds its PC_NAME_MAX.
+        (require_writable_dir, str(tmp_path / ("n" * 300) / "run"), "(File name too long|is longer than)"),
+    ]
+    for check, path, expected in refused:
+        with pytest.raises(SeqmixError, match=f"^out={re.escape(repr(path))} is not valid: .*{expected}"):
+            check("out", path)
+    require_writable_dir("out", tmp_path / "new" / "run")
+    require_writable_file("out", tmp_path / "new" / "tokenizer.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
