@@ -89,11 +89,15 @@ def test_static_variant_outputs_stay_close_to_float32(static_export, index, rows
     kept = ~feed["padding_mask"]
     error = np.abs(reference - quantized)[kept]
     spread = reference[kept].max() - reference[kept].min()
-    assert error.max() <= 0.05 * spread, f"max |fp32 − int8_static| = {error.max():.4f}, logits span {spread:.4f}"
+    # The model is untrained, so its logits span little and its top tokens are near ties. Over 150
+    # random validation batches the largest error reached 8% of the span, the mean 0.64%, and greedy
+    # agreement fell to 80% (median 90%). Doubling half the graph's quantization scales gave a
+    # largest error of 36% of the span, a mean of 4.7%, and 46% agreement.
+    assert error.max() <= 0.1 * spread, f"max |fp32 − int8_static| = {error.max():.4f}, logits span {spread:.4f}"
     assert error.mean() <= 0.01 * spread, f"mean |fp32 − int8_static| = {error.mean():.4f}, logits span {spread:.4f}"
     assert error.max() > 0, "the variant computes exactly what float32 does: nothing was quantized"
     agree = (reference.argmax(-1) == quantized.argmax(-1))[kept].mean()
-    assert agree >= 0.9, f"greedy tokens agree at {agree:.0%} of positions"
+    assert agree >= 0.75, f"greedy tokens agree at {agree:.0%} of positions"
 
 
 _SESSIONS: dict = {}
