@@ -11,7 +11,7 @@ from seqmix.model.checkpoint import instantiate_model
 from seqmix.model.description import model_description
 from seqmix.model.sequence_model import SequenceModel
 from seqmix.tasks.base import Task
-from seqmix.training.loop import TrainConfig
+from seqmix.training.loop import TrainConfig, process_rank
 from seqmix.training.records import build_task, task_description
 
 
@@ -66,6 +66,8 @@ def build_experiment(config: DictConfig) -> Experiment:
     if unknown:
         raise SeqmixError(f"train has no option {unknown[0]!r}; accepted options are {accepted}")
     train = TrainConfig(**options)
+    if process_rank() == 0:
+        train.require_writable_outputs()  # before the task's data is read or tokenized
     task = build_task(config.task)
     model_config = adapt_model_config(config.model, task)
     torch.manual_seed(train.seed)

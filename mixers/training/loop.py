@@ -123,12 +123,9 @@ class TrainConfig:
         if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
             raise SeqmixError(f"train.out_dir={self.out_dir!r} is not valid; expected a non-empty path")
         self.out_dir = os.fspath(self.out_dir)
-        require_writable_dir("train.out_dir", self.out_dir)
         if self.save_pretrained is not None and (not isinstance(self.save_pretrained, (str, os.PathLike))
                                                  or not os.fspath(self.save_pretrained)):
             raise SeqmixError(f"train.save_pretrained={self.save_pretrained!r} is not valid; expected null or a directory path")
-        if self.save_pretrained is not None:
-            require_writable_dir("train.save_pretrained", self.save_pretrained)
         for name in POSITIVE_COUNTS:
             require_int("train", name, getattr(self, name))
         require_int("train", "warmup_steps", self.warmup_steps, 0)
@@ -152,6 +149,13 @@ class TrainConfig:
         check_device_name(self.device)
         if self.compile is not None and self.compile not in COMPILE_BACKENDS:
             raise SeqmixError(f"train.compile={self.compile!r} is not valid; expected null or one of {list(COMPILE_BACKENDS)}")
+
+    def require_writable_outputs(self) -> None:
+        """Raise unless out_dir and save_pretrained can be written: the writing process (rank 0) asks,
+        before any work; other ranks never write there and may not even see that file system."""
+        require_writable_dir("train.out_dir", self.out_dir)
+        if self.save_pretrained is not None:
+            require_writable_dir("train.save_pretrained", self.save_pretrained)
 
 
 def _require_number(name: str, value, low: float, high: float, domain: str, low_open: bool = False, high_open: bool = False) -> None:
@@ -290,6 +294,11 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def process_rank() -> int:
+    """This process's rank in the training process group; 0 without one."""
+    return _world()[0]
 
 
 def _require_one_resume_step(start: int, out_dir: Path, device: torch.device) -> None:
@@ -450,6 +459,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
     """
     config.validate()
     rank, world = _world()
+    if rank == 0:
+        config.require_writable_outputs()
     if config.batch_size % (world * config.grad_accum):
         raise SeqmixError(
             f"train: batch_size={config.batch_size} must split evenly over {world} processes × grad_accum={config.grad_accum}"
