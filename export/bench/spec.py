@@ -250,8 +250,9 @@ class BenchSpec:
                                   f"claims on one of its runtimes, {sorted(self.runtimes)}")
             sides = [s.label for s in self.grid_subjects()]
             for kind, label in self.baseline.items():
-                if label is not None and not _names_a_subject(label):
-                    raise choice_error(f"bench.baseline.{kind}", label, sides)
+                if label is not None and not _names_a_subject(label, kind):
+                    listed = [s.label for s in self.grid_subjects() if (s.kind == "preset") == (kind == "preset")]
+                    raise choice_error(f"bench.baseline.{kind}", label, listed)
         elif self.mode == "lowering":
             if not self.presets and not self.lowering.runs:
                 raise SeqmixError("bench.mode=lowering needs bench.presets=[<preset>,...] or bench.lowering.runs=[<run dir>,...]")
@@ -323,14 +324,17 @@ def _parse_claim_subject(label: str, entry, overrides: Sequence[str], options: M
     return Subject(label, subject.kind, subject.name, subject.impl, subject.options, subject.overrides)
 
 
-def _names_a_subject(label: str) -> bool:
+def _names_a_subject(label: str, kind: str | None = None) -> bool:
     """Whether ``label`` names something a grid could time (a mixer ``name`` or ``name/impl``, a
     preset, a peer), so a grid's claim on a subject left out of ``bench.mixers`` is MISSING, not
-    an error (``bench=operators bench.mixers=[ema/*]`` keeps the operators' targets)."""
+    an error (``bench=operators bench.mixers=[ema/*]`` keeps the operators' targets). ``kind``
+    ``mixer`` or ``preset`` (a baseline's) narrows it: mixers and peers, or presets."""
     name, _, impl = label.partition("/")
     if name in list_mixers():
-        return not impl or impl in mixer_class(name).impls
-    return label in config_groups().get("model", []) or label in PEERS
+        return kind != "preset" and (not impl or impl in mixer_class(name).impls)
+    if label in PEERS:
+        return kind != "preset"
+    return kind != "mixer" and label in config_groups().get("model", [])
 
 
 def _parse_claim(name: str, entry) -> Claim:
