@@ -356,7 +356,7 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     if out.is_dir() or out.is_symlink() or (out.exists() and not options.overwrite):
         raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace a file")
     require_writable_file("out", out)
-    source = DocumentSource(options.path, options.format, options.decode_errors, owner="tokenizer")
+    source = DocumentSource(options.path, options.format, options.decode_errors, owner="tokenizer", options="")
 
     def texts():
         for where, row in source.rows({"text_column": options.text_column}):

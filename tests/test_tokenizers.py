@@ -69,7 +69,8 @@ def test_the_tokenizer_command_refuses_bad_options_before_writing(tmp_path):
     out = tmp_path / "t.json"
     for options, message in [
         (["vocab_size=100"], "vocab_size=100 is not valid"),
-        (["text_column=body"], "no column 'body'"),
+        # The command's own option names, not a task's (task.text_column): what the user types here.
+        (["text_column=body"], "no column 'body'.*; set text_column$"),
         (["format=xml"], "format"),
     ]:
         with pytest.raises(SeqmixError, match=message):
@@ -79,6 +80,15 @@ def test_the_tokenizer_command_refuses_bad_options_before_writing(tmp_path):
     with pytest.raises(SeqmixError, match="already exists"):
         _tokenizer(corpus, out)
     assert out.read_text() == "mine"
+    for corpus_path, message in [(tmp_path / "missing.txt", "^path='.*missing.txt' does not exist"),
+                                 (tmp_path / "no_files", "^path='.*no_files' names no files")]:
+        if corpus_path.name == "no_files":
+            corpus_path.mkdir()
+        with pytest.raises(SeqmixError, match=message):
+            _tokenizer(corpus_path, tmp_path / "m.json")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(SeqmixError, match="not UTF-8.*use decode_errors=replace$"):
+        _tokenizer(tmp_path / "latin1.txt", tmp_path / "l.json", "decode_errors=strict")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SeqmixError, match="no text"):
         _tokenizer(tmp_path / "empty.jsonl", tmp_path / "e.json")

@@ -32,19 +32,22 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
-def source_files(path: str) -> list[Path]:
-    """The files ``path`` names: itself, every file below a directory (hidden ones skipped), or a glob's matches, sorted."""
+def source_files(path: str, options: str = "task.") -> list[Path]:
+    """The files ``path`` names: itself, every file below a directory (hidden ones skipped), or a glob's matches, sorted.
+
+    ``options`` prefixes the option names errors cite (``task.path``; ``path`` for ``seqmix tokenizer``).
+    """
     if any(character in path for character in "*?["):
         files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(path), recursive=True)) if Path(p).is_file()]
     else:
         root = Path(path).expanduser()
         if not root.exists():
-            raise SeqmixError(f"task.path={path!r} does not exist; give a file, a directory, a glob or a saved dataset")
+            raise SeqmixError(f"{options}path={path!r} does not exist; give a file, a directory, a glob or a saved dataset")
         files = [root] if root.is_file() else sorted(
             p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
     if not files:
-        raise SeqmixError(f"task.path={path!r} names no files; the corpus is empty")
+        raise SeqmixError(f"{options}path={path!r} names no files; the corpus is empty")
     return files
 
 
@@ -60,19 +63,21 @@ class DocumentSource:
         decode_errors: ``replace`` turns bytes that are not UTF-8 into U+FFFD; ``strict`` refuses them,
             naming the file and line.
         owner: the task name that prefixes error messages.
+        options: what prefixes the option names they cite: ``task.`` for a task's, ``""`` for the
+            ``seqmix tokenizer`` command's own.
         cache_dir: where ``datasets`` keeps what it makes of local files (its default cache when None).
     """
 
     def __init__(self, path: str, format: str = "auto", decode_errors: str = "replace", owner: str = "text",
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, options: str = "task."):
         if format not in FORMATS:
             raise choice_error(f"{owner}: format", format, FORMATS)
         if decode_errors not in DECODE_ERRORS:
             raise choice_error(f"{owner}: decode_errors", decode_errors, DECODE_ERRORS)
-        self.path, self.format, self.decode_errors, self.owner = path, format, decode_errors, owner
+        self.path, self.format, self.decode_errors, self.owner, self.options = path, format, decode_errors, owner, options
         self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser() / "datasets")
         self.saved = is_saved_dataset(Path(path).expanduser())
-        self.files = sorted(p for p in Path(path).expanduser().rglob("*") if p.is_file()) if self.saved else source_files(path)
+        self.files = sorted(p for p in Path(path).expanduser().rglob("*") if p.is_file()) if self.saved else source_files(path, options)
 
     def kind_of(self, path: Path) -> str:
         return self.format if self.format not in ("auto", "datasets") else SUFFIX_FORMATS.get(path.suffix.lower(), "text")
@@ -104,14 +109,14 @@ class DocumentSource:
             at = line if line is not None else raw.count(b"\n", 0, error.start) + 1
             raise SeqmixError(
                 f"{self.owner}: {where} line {at} holds bytes that are not UTF-8 ({error.reason}); fix the file or use "
-                "task.decode_errors=replace"
+                f"{self.options}decode_errors=replace"
             ) from None
 
     def _missing(self, columns: Mapping[str, str], found: list, where: str) -> None:
         """Raise naming the first column of ``columns`` that ``found`` lacks, and the option that names it."""
         for option, column in columns.items():
             if column not in found:
-                raise SeqmixError(f"{self.owner}: {where} has no column {column!r} (its columns: {found}); set task.{option}")
+                raise SeqmixError(f"{self.owner}: {where} has no column {column!r} (its columns: {found}); set {self.options}{option}")
 
     def _pick(self, row, columns: Mapping[str, str], where: str) -> dict:
         if not isinstance(row, dict):
