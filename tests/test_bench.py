@@ -415,6 +415,7 @@ def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
           "~bench.claims.tcnca_forward.length"], ["bench.claims.tcnca_forward.metric='slope'", "bench.mode=grid"]),
         (["bench.mixers=['*/fast']"], ["impl of 'cema'", "chunked"]),
         (["bench.baseline.mixer=softmax"], ["bench.baseline.mixer='softmax'", "softmax_attention"]),
+        (["bench=smoke", "bench.plot_length=7"], ["bench.plot_length=7", "[32, 64]"]),
         (["bench.baseline.mixer=mega"], ["bench.baseline.mixer='mega'", "'tcn'"]),
         (["bench.baseline.preset=tcn"], ["bench.baseline.preset='tcn'", "'tcnca'"]),
     ],

@@ -233,6 +233,9 @@ class BenchSpec:
             raise choice_error("bench.plot_runtime", self.plot_runtime, RUNTIMES)
         if self.plot_length is not None:
             require_int("bench", "plot_length", self.plot_length, 1, "L of the throughput bars, or null")
+            if self.plot_length not in self.lengths:
+                raise SeqmixError(f"bench.plot_length={self.plot_length} is not valid; the throughput bars show one "
+                                  f"of bench.lengths={list(self.lengths)}, or null for the longest measured everywhere")
         if set(self.baseline) - {"mixer", "preset"}:
             raise SeqmixError(f"bench.baseline={dict(self.baseline)!r} is not valid; expected the keys 'mixer' and 'preset'")
         labels = [s.label for s in (*self.mixers, *self.presets)]
