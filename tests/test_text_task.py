@@ -91,6 +91,16 @@ def test_bad_corpora_are_refused_naming_the_file_and_line(tmp_path):
     (tmp_path / "short.txt").write_text("tiny")
     with pytest.raises(SeqmixError, match="split .* has .* tokens .* fewer than seq_len"):
         _task(tmp_path / "short.txt", tmp_path)
+    # One file is one document, which goes to one split whole: the error says so rather than suggest
+    # a valid_fraction that cannot help.
+    (tmp_path / "novel.txt").write_text("a long single document. " * 200)
+    with pytest.raises(SeqmixError, match="split .* has 0 tokens \\(0 documents\\).* the corpus is one document"):
+        _task(tmp_path / "novel.txt", tmp_path)
+    (tmp_path / "three").mkdir()
+    for index in range(3):
+        (tmp_path / "three" / f"{index}.txt").write_text(f"document {index}. " * 20)
+    with pytest.raises(SeqmixError, match="valid split .* none of the 3 went to valid: give more documents"):
+        _task(tmp_path / "three", tmp_path, valid_fraction=1e-9)
     with pytest.raises(SeqmixError, match="path='' is not valid"):
         build_task("text")
 

@@ -94,11 +94,22 @@ class TextCorpus(Task):
             else np.zeros(0, dtype=self.dtype)
             for split in SPLITS
         }
+        documents = self.meta["documents"]
         for split, data in self.data.items():
             if data.size < seq_len + 1:
+                # Documents go to a split whole: a one-document corpus (one text file) can never fill
+                # both, and no valid_fraction changes where a given document goes when there are few.
+                if sum(documents.values()) == 1:
+                    advice = ("the corpus is one document, and each document goes to train or valid whole: give "
+                              "several (the files of a directory or a glob, or one per row of JSONL, CSV or Parquet)")
+                elif documents[split] == 0:
+                    advice = (f"each document goes to train or valid whole, by its hash, and none of the "
+                              f"{sum(documents.values())} went to {split}: give more documents or change valid_fraction")
+                else:
+                    advice = "add text, lower seq_len or change valid_fraction"
                 raise SeqmixError(
-                    f"text: the {split} split of {path!r} has {data.size} tokens ({self.meta['documents'][split]} documents), "
-                    f"fewer than seq_len + 1 = {seq_len + 1}; add text, lower seq_len or change valid_fraction"
+                    f"text: the {split} split of {path!r} has {data.size} tokens ({documents[split]} documents), "
+                    f"fewer than seq_len + 1 = {seq_len + 1}; {advice}"
                 )
 
     def model_files(self) -> dict[str, bytes]:
