@@ -126,12 +126,6 @@ def _warn_if_busy() -> None:
         print(warning, file=sys.stderr)
 
 
-def _rank() -> int:
-    import torch
-
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def _join_torchrun_group() -> None:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPUs)."""
     import torch
@@ -148,12 +142,12 @@ def run_train(config: DictConfig, choices: dict) -> int:
     import torch
 
     from seqmix.training.experiment import build_experiment
-    from seqmix.training.loop import pick_device, train
+    from seqmix.training.loop import pick_device, process_rank, train
     from seqmix.training.reporting import print_plan, print_summary, sample_text
 
     _join_torchrun_group()
     # Read while the process group exists: after it is destroyed every process would call itself rank 0.
-    rank = _rank()
+    rank = process_rank()
     try:
         experiment = build_experiment(config)
         record = {
