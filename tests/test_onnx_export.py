@@ -252,12 +252,13 @@ def test_export_tool_tensorrt_checks_operators_and_says_what_is_missing(trained_
         assert "pip install tensorrt" in export.stderr or "no CUDA device" in export.stderr
 
 
-def test_exporters_switch_paths_they_do_not_run():
+@pytest.mark.parametrize("impl", ["taps", "channels_last"])
+def test_exporters_switch_paths_they_do_not_run(impl):
     from seqmix.export.graphs import use_exportable_paths
     from seqmix.operators.tcn import TCN
 
-    model = tiny_preset("tcnca", "model.mixers.mega.local_options.impl=taps")
+    model = tiny_preset("tcnca", f"model.mixers.mega.local_options.impl={impl}")
     tcn = next(m for m in model.modules() if isinstance(m, TCN))
-    assert tcn.impl == "taps"
+    assert tcn.impl == impl
     used = use_exportable_paths(model)
-    assert tcn.impl == "conv" and "conv" in used.values() and "taps" not in used.values()
+    assert tcn.impl == "conv" and "conv" in used.values() and impl not in used.values()

@@ -125,7 +125,7 @@ def _grows(name: str, impl: str, lengths, pass_: str = "forward", batch: int = 1
 @settings(max_examples=25, deadline=None)
 @given(chunks=st.integers(1, 50), batch=st.integers(1, 3), pass_=st.sampled_from(PASSES),
        subject=st.sampled_from([("ema", "chunked"), ("cema", "chunked"), ("ema", "recurrent"), ("tcn", "conv"), ("tcn", "taps"),
-                                ("gated_attention", "reference")]))
+                                ("tcn", "channels_last"), ("gated_attention", "reference")]))
 def test_linear_paths_cost_an_affine_function_of_the_length(chunks, batch, pass_, subject):
     """In whole chunks (128, a multiple of every default chunk size) equal steps in L add equal work, FLOPs and bytes."""
     name, impl = subject
@@ -201,7 +201,7 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "roofline.md").read_text(encoding="utf-8")
     rows = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["runs"][0]["rows"]
-    assert {row["subject"] for row in rows} == {"ema/chunked", "ema/fft", "cema/chunked", "gated_attention", "tcn"}
+    assert {row["subject"] for row in rows} == {"ema/chunked", "ema/fft", "cema/chunked", "gated_attention", "tcn/conv", "tcn/channels_last"}
     for row in rows:
         assert row["status"] == "measured" and row["vs_minimum"] == pytest.approx(row["time_ms"] / row["minimum_ms"]), row
     times = {row["subject"]: row["time_ms"] for row in rows}
@@ -219,6 +219,14 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
         assert floor["floor_vs_minimum"] == pytest.approx(floor["floor_ms"] / floor["minimum_ms"]), floor
         assert floor["measured_ms"] == times[floor["mixer"]], floor
     assert "## What torch's kernels allow the chunked forward" in report
+    # The TCN's floor: its convolutions, activations and sums beside the minimum and both paths' times.
+    (tcn_floor,) = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["tcn_kernel_floor"]
+    tcn = seqmix.build_mixer("tcn", 16)
+    parts = tcn_floor["convolutions_ms"] + tcn.depth * tcn_floor["silu_ms"] + (tcn.depth + 1) * tcn_floor["add_ms"]
+    assert min(tcn_floor["convolutions_ms"], tcn_floor["silu_ms"], tcn_floor["add_ms"]) > 0 and tcn_floor["floor_ms"] == pytest.approx(parts)
+    assert tcn_floor["minimum_ms"] == pytest.approx(minimum["tcn/conv"])
+    assert tcn_floor["measured_ms"] == {"conv": times["tcn/conv"], "channels_last": times["tcn/channels_last"]}
+    assert "## What torch's kernels allow the TCN forward" in report
     # The allocator: the run states it, and times each mixer's forward in one child process per setting.
     allocator = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["allocator"]
     if allocator["in_use"].startswith("glibc malloc keeping"):

@@ -92,6 +92,45 @@ def test_forward_and_gradients_follow_the_equations(activation, residual, impl):
         torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
+def test_the_channels_last_inference_path_equals_the_convolution_with_padding_and_state(activation, residual):
+    """Without autograd the channels-last path runs its activations and sums in place, into the next
+    layer's context: outputs and states after a padded prefill and one more call equal ``conv``'s."""
+    torch.manual_seed(4)
+    conv = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual).double()
+    fast = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual, impl="channels_last").double()
+    fast.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 21, 4, dtype=torch.float64)
+    mask = torch.zeros(2, 21, dtype=torch.bool)
+    mask[0, :5] = True  # left padding of the first row
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, mask), conv(x, mask), rtol=0, atol=1e-12)
+        states = []
+        for mixer in (conv, fast):
+            y, state = mixer.step(x[:, :13], mixer.init_state(2))
+            y_next, state = mixer.step(x[:, 13:], state)
+            states.append((torch.cat([y, y_next], dim=1), state))
+    (y_conv, state_conv), (y_fast, state_fast) = states
+    torch.testing.assert_close(y_fast, y_conv, rtol=0, atol=1e-12)
+    for got, want in zip(state_fast.tcn, state_conv.tcn, strict=True):
+        assert got.is_contiguous() and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_the_channels_last_path_gives_the_same_bf16_outputs_with_and_without_autograd():
+    """Under bf16 autocast the in-place sums keep the dtype the out-of-place ones promote to."""
+    torch.manual_seed(5)
+    fast = TCN(8, impl="channels_last")
+    x = torch.randn(2, 40, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recorded = fast(x)
+        with torch.no_grad():
+            in_place = fast(x)
+    assert in_place.dtype == recorded.dtype
+    torch.testing.assert_close(in_place, recorded.detach(), rtol=0, atol=0)
+
+
 def test_left_padding_acts_as_if_absent():
     torch.manual_seed(2)
     tcn = TCN(4, kernel_size=2, dilation_base=2, depth=3).double()

@@ -13,7 +13,9 @@ e.g. ``bench.lengths=[4096] bench.repeats=3``.
 
 It also times, per thread count, what torch's kernels take for the parts of the chunked EMA and
 CEMA forward that no rewrite in PyTorch avoids (their batched products and block transposes,
-``kernel_floor``), and sets that floor beside the minimum and the measured time.
+``kernel_floor``), and what they take for the kernels every eager TCN forward runs (its
+convolutions, activations and sums, ``tcn_kernel_floor``), and sets each floor beside the minimum
+and the measured times.
 
 The process keeps freed memory (``seqmix.allocator``, as the ``seqmix`` command does). Each
 operator's forward at the grid's longest length is also timed in fresh child processes with
@@ -227,6 +229,68 @@ def kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
     return rows
 
 
+def tcn_kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
+    """What torch's CPU kernels take for the kernels every eager TCN forward runs, per length of
+    ``spec`` (the default TCN at D = ``spec.width``): per layer its depthwise convolution (the faster
+    of ``conv1d`` on channel-major rows and ``conv2d`` on channels-last (B, T, D) rows, on the layer's
+    input with its window already in front), its activation and its residual sum, then the output's
+    SiLU(h + ω ⊙ x). Their sum is the floor with these kernels, were the copies that lay out each
+    layer's input free; each row sets it beside the minimum and the grid's measured times of the
+    TCN's paths."""
+    measured = {(row.subject, row.length): row.time_ms for row in grid_rows if row.pass_ == "forward" and row.status == "measured"}
+    tcn = seqmix.build_mixer("tcn", spec.width)
+    rows = []
+    for length in spec.lengths:
+        convolutions_ms = 0.0
+        for conv, window in zip(tcn.convs, tcn.windows):
+            channel_major = torch.randn(spec.batch, spec.width, window + length)
+            time_major = torch.randn(spec.batch, window + length, spec.width).transpose(1, 2).unsqueeze(2)
+            weight, bias, dilation = conv.weight.detach(), conv.bias.detach(), conv.dilation[0]
+            with torch.no_grad():
+                convolutions_ms += min(
+                    _median_ms(lambda: torch.nn.functional.conv1d(channel_major, weight, bias, dilation=dilation, groups=spec.width), spec),
+                    _median_ms(lambda: torch.nn.functional.conv2d(time_major, weight.unsqueeze(2), bias, dilation=(1, dilation),
+                                                                   groups=spec.width), spec))
+        h, out = torch.randn(spec.batch, length, spec.width), torch.randn(spec.batch, length, spec.width)
+        silu_ms = _median_ms(lambda: torch.nn.functional.silu(h), spec)
+        add_ms = _median_ms(lambda: torch.add(h, out), spec)
+        activations = tcn.depth - 1 if tcn.activation != "none" else 0
+        floor = convolutions_ms + activations * silu_ms + (tcn.depth + 1) * add_ms + silu_ms
+        minimum = rates.minimum_ms(tcn.cost(spec.batch, length, "forward"))
+        paths = {(subject.partition("/")[2] or tcn.impl): time_ms for (subject, n), time_ms in measured.items()
+                 if n == length and subject.partition("/")[0] == "tcn"}
+        rows.append({"length": length, "threads": threads, "minimum_ms": minimum, "convolutions_ms": convolutions_ms,
+                     "silu_ms": silu_ms, "add_ms": add_ms, "floor_ms": floor, "floor_vs_minimum": floor / minimum,
+                     "measured_ms": paths})
+    return rows
+
+
+def tcn_floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
+    """The TCN's kernel-floor section of roofline.md."""
+    body = []
+    for _, rows in floors:
+        for row in rows:
+            measured = ", ".join(f"{impl} {ms:.3g} ({ms / row['minimum_ms']:.1f}×)" for impl, ms in row["measured_ms"].items()) or "—"
+            body.append([str(row["length"]), str(row["threads"]), f"{row['minimum_ms']:.3g}", f"{row['convolutions_ms']:.3g}",
+                         f"{row['silu_ms']:.3g}", f"{row['add_ms']:.3g}", f"{row['floor_ms']:.3g}", f"{row['floor_vs_minimum']:.1f}×",
+                         measured])
+    return [
+        "## What torch's kernels allow the TCN forward",
+        "",
+        "The kernels every eager forward of the default TCN runs, each timed alone (medians in ms): the depth-many "
+        "depthwise convolutions (each the faster of the channel-major and the channels-last kernel), and one SiLU "
+        "and one sum of two (B, L, D) tensors, times the activations and residual sums of the layers and the "
+        "output's SiLU(h + ω ⊙ x) (its three-operand sum counted as a sum of two). Floor = all of them: what a path "
+        "would take were the copies that lay out each layer's input free; a floor above 3× the minimum puts the 3× "
+        "target out of reach of these kernels: only a kernel that fuses a layer's convolution, activation and sum "
+        "could reach it. Measured: the grid's forward rows of the TCN's paths.",
+        "",
+        markdown_table(["L", "threads", "minimum ms", "convolutions ms", "SiLU ms", "sum ms", "floor ms", "floor ÷ minimum",
+                        "measured ms (÷ minimum)"], body),
+        "",
+    ]
+
+
 def floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
     """The kernel-floor section of roofline.md."""
     body = []
@@ -301,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python tools/measure_roofline.py", *sys.argv[1:]] if argv is None else ["python tools/measure_roofline.py", *argv])
     before = before_classes(args.before) if args.before else None
     load_before = _load()
-    results, compared, floors = {}, [], []
+    results, compared, floors, tcn_floors = {}, [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         if before is not None:
@@ -309,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         results[threads] = run_grid(spec)
         rates = results[threads].machine["cpu"]
         floors.append((rates, kernel_floor(spec, rates, results[threads].rows, threads)))
+        tcn_floors.append((rates, tcn_kernel_floor(spec, rates, results[threads].rows, threads)))
     effect = allocator_effect(spec, args.allocator_rounds) if args.allocator_rounds > 0 else None
     load_after = _load()
 
@@ -342,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"## Targets judged from the rows, {threads} thread{'s' if threads > 1 else ''}", "",
                       *claims_table(result.outcomes), ""]
     lines += floor_lines(floors)
+    lines += tcn_floor_lines(tcn_floors)
     if effect is not None:
         lines += allocator_lines(effect)
     if compared:
@@ -354,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [{"threads": threads, "machine": {device: rates.to_dict() for device, rates in result.machine.items()},
                       "rows": [row.to_dict() for row in result.rows]} for threads, result in results.items()]}
     data["kernel_floor"] = [row for _, rows in floors for row in rows]
+    data["tcn_kernel_floor"] = [row for _, rows in tcn_floors for row in rows]
     data["allocator"] = {"in_use": allocator, **(effect or {})}
     if compared:
         data["before_after"] = {"commit": args.before, "runs": [{"machine": rates.to_dict(), "rows": rows} for rates, rows in compared]}

@@ -13,12 +13,17 @@ once; with f > K some offsets inside the field are never reached.
 
 Causal only. The streaming state keeps, per layer, the last (K−1)·f^i inputs of that layer.
 
-Two compute paths: ``conv`` (``nn.Conv1d`` with groups = D, the reference and default) and
-``taps`` (the same sum written as K shifted, weighted copies of the layer input). Eagerly neither
-wins everywhere; compiled with Inductor, the taps of a layer fuse into one kernel forward and
-backward, while the convolution stays a library call whose backward costs several forwards, so
-``compile.compile_model`` switches to ``taps``. Exporters keep ``conv``: ONNX Runtime's ``Conv``
-beats the K slices and products.
+Three compute paths of the same sum:
+- ``conv``: ``nn.Conv1d`` with groups = D on (B, D, T) rows, one transposed copy of x in and of
+  y out (the reference and default);
+- ``channels_last``: the same depthwise convolution as a 2-D one over (B, D, 1, T) views of the
+  (B, T, D) rows in channels-last layout, so no transposes at all, and with no autograd recording
+  the activations and sums in place. Its forward is faster than ``conv``'s (oneDNN's channels-last
+  depthwise kernel also beats its channel-major one), its backward slower: the path for inference;
+- ``taps``: K shifted, weighted copies of the layer input. Compiled with Inductor, the taps of a
+  layer fuse into one kernel forward and backward, while a convolution stays a library call whose
+  backward costs several forwards, so ``compile.compile_model`` switches to ``taps``.
+Exporters take ``conv``: ONNX Runtime's ``Conv`` beats the K slices and products.
 """
 from __future__ import annotations
 
@@ -52,14 +57,16 @@ class TCN(Mixer):
         activation: ``none``, ``silu`` or ``gelu``, applied after every layer but the last.
         residual: h = h + layer(h) instead of h = layer(h).
         causal: must be True; the TCN has no bidirectional form.
-        impl: ``conv`` (reference, default) or ``taps`` (fuses when compiled).
+        impl: ``conv`` (reference, default), ``channels_last`` (the fastest eager forward, for
+            inference) or ``taps`` (fuses when compiled).
     """
 
-    impls = ("conv", "taps")
+    impls = ("conv", "channels_last", "taps")
     default_impl = "conv"
     # ONNX Runtime runs one Conv node per layer faster than K slices and products; Inductor fuses the
     # taps into one kernel per layer, forward and backward, where the convolution stays a library call.
-    lowered_impls = {"export": {"taps": "conv"}, "inductor": {"conv": "taps"}}
+    lowered_impls = {"export": {"taps": "conv", "channels_last": "conv"},
+                     "inductor": {"conv": "taps", "channels_last": "taps"}}
 
     def __init__(
         self,
@@ -140,6 +147,8 @@ class TCN(Mixer):
 
     def _run(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
         """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""
+        if self.impl == "channels_last":
+            return self._run_channels_last(x, padding_mask, state)
         act = ACTIVATIONS[self.activation]
         mask = None if padding_mask is None else padding_mask.unsqueeze(1)  # (B, 1, T)
         # One transposed copy in and one out: every pad, convolution and residual sum between them
@@ -163,6 +172,61 @@ class TCN(Mixer):
             h = h + out if self.residual else out
         y = F.silu(torch.addcmul(h, self.omega.unsqueeze(-1), x_rows))  # (B, D, T)
         return transposed_rows(y).to(x.dtype), TCNState(tuple(new_state))
+
+    def _run_channels_last(self, x: Tensor, padding_mask: Tensor | None,
+                           state: TCNState | None) -> tuple[Tensor, TCNState]:
+        """``_run`` on the (B, T, D) rows themselves: each layer's context (B, window + T, D) is
+        contiguous, and its (B, D, 1, window + T) transposed view is a channels-last image that a
+        2-D depthwise convolution (1 × K kernel, dilation f^i) reads as it is."""
+        act = ACTIVATIONS[self.activation]
+        mask = None if padding_mask is None else padding_mask.unsqueeze(-1)  # (B, T, 1)
+        # Without autograd, the activation runs in place and each residual sum is written straight
+        # into the next layer's context: nothing is copied between layers.
+        in_place = not torch.is_grad_enabled()
+        ctx = self._context(0, x, None, mask, state, in_place)
+        new_state = []
+        for i, (conv, window) in enumerate(zip(self.convs, self.windows)):
+            h = ctx[:, window:]  # the layer's input, (B, T, D)
+            # A copy, not a view: a view would keep the whole context alive in the state.
+            new_state.append(ctx[:, -window:].transpose(1, 2).contiguous())  # (B, D, window)
+            out = F.conv2d(ctx.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias,
+                           dilation=(1, conv.dilation[0]), groups=self.d_model)  # (B, D, 1, T), channels-last
+            out = out.squeeze(2).transpose(1, 2)  # (B, T, D), contiguous
+            if i < self.depth - 1:
+                out = F.silu(out, inplace=True) if in_place and self.activation == "silu" else act(out)
+                ctx = self._context(i + 1, h if self.residual else None, out, mask, state, in_place)
+            else:
+                h = h + out if self.residual else out
+        y = F.silu(torch.addcmul(h, self.omega, x))
+        return y.to(x.dtype), TCNState(tuple(new_state))
+
+    def _context(self, layer: int, h: Tensor | None, out: Tensor | None, mask: Tensor | None,
+                 state: TCNState | None, in_place: bool) -> Tensor:
+        """Layer ``layer``'s context (B, window + T, D) for ``_run_channels_last``: its past window
+        (the state's, zeros when None), then its input h + out (h alone when ``out`` is None, out
+        alone when ``h`` is None), zeroed where ``mask`` (B, T, 1) is True. ``in_place``: written
+        into one new tensor, with no intermediate sum."""
+        window = self.windows[layer]
+        first = h if h is not None else out
+        dtype = first.dtype if h is None or out is None else torch.promote_types(h.dtype, out.dtype)
+        batch, length, width = first.shape
+        if state is None:
+            past = first.new_zeros(batch, window, width, dtype=dtype)
+        else:
+            past = state.tcn[layer].to(dtype).transpose(1, 2)  # (B, window, D)
+        if not in_place:
+            value = first if h is None or out is None else h + out
+            return torch.cat([past, value if mask is None else value.masked_fill(mask, 0.0)], dim=1)
+        ctx = first.new_empty(batch, window + length, width, dtype=dtype)
+        ctx[:, :window].copy_(past)
+        body = ctx[:, window:]
+        if h is None or out is None:
+            body.copy_(first)
+        else:
+            torch.add(h, out, out=body)
+        if mask is not None:
+            body.masked_fill_(mask, 0.0)
+        return ctx
 
     def _taps(self, conv: nn.Conv1d, ctx: Tensor) -> Tensor:
         """``conv(ctx)`` as Σ_k w[k] · (ctx shifted by k·dilation): (B, D, window + T) -> (B, D, T)."""
