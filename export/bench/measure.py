@@ -136,6 +136,9 @@ def environment(unavailable: Mapping[str, str]) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": cpu_name(),
+        # The widest vector instructions torch's CPU kernels use here (AVX2, AVX512, ...): machines
+        # that share a processor name can differ in it, and matmul rates and bfloat16 with it.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         # Large temporaries are faulted in on every call unless freed memory is kept (seqmix.allocator).
         "allocator": applied_policy() or "C library's malloc as it is (seqmix.allocator not applied)",

@@ -41,6 +41,8 @@ def _number(value: float | None, unit: str = "") -> str:
 def _machine_line(env: Mapping, spec: BenchSpec) -> str:
     device = env.get("cuda_device")
     cpu = env.get("processor") or env.get("platform")
+    if env.get("cpu_capability"):
+        cpu = f"{cpu} ({env['cpu_capability']} kernels)"
     where = f"{cpu}, {env['threads']} torch threads" + (f"; GPU {device} (CUDA {env.get('cuda')})" if device else "")
     runs = f"{spec.repeats} run" + ("s" if spec.repeats != 1 else "")
     allocator = f"; {env['allocator']}" if env.get("allocator") else ""
