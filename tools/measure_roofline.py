@@ -251,9 +251,10 @@ def tcn_kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
                     _median_ms(lambda: torch.nn.functional.conv1d(channel_major, weight, bias, dilation=dilation, groups=spec.width), spec),
                     _median_ms(lambda: torch.nn.functional.conv2d(time_major, weight.unsqueeze(2), bias, dilation=(1, dilation),
                                                                    groups=spec.width), spec))
-        h, out = torch.randn(spec.batch, length, spec.width), torch.randn(spec.batch, length, spec.width)
-        silu_ms = _median_ms(lambda: torch.nn.functional.silu(h), spec)
-        add_ms = _median_ms(lambda: torch.add(h, out), spec)
+        # Into a preallocated tensor, as an in-place path runs them: no allocation is timed.
+        h, out, result = (torch.randn(spec.batch, length, spec.width) for _ in range(3))
+        silu_ms = _median_ms(lambda: torch.ops.aten.silu.out(h, out=result), spec)
+        add_ms = _median_ms(lambda: torch.add(h, out, out=result), spec)
         activations = tcn.depth - 1 if tcn.activation != "none" else 0
         floor = convolutions_ms + activations * silu_ms + (tcn.depth + 1) * add_ms + silu_ms
         minimum = rates.minimum_ms(tcn.cost(spec.batch, length, "forward"))
@@ -279,7 +280,7 @@ def tcn_floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
         "",
         "The kernels every eager forward of the default TCN runs, each timed alone (medians in ms): the depth-many "
         "depthwise convolutions (each the faster of the channel-major and the channels-last kernel), and one SiLU "
-        "and one sum of two (B, L, D) tensors, times the activations and residual sums of the layers and the "
+        "and one sum of two (B, L, D) tensors into a tensor allocated beforehand, times the activations and residual sums of the layers and the "
         "output's SiLU(h + ω ⊙ x) (its three-operand sum counted as a sum of two). Floor = all of them: what a path "
         "would take were the copies that lay out each layer's input free; a floor above 3× the minimum puts the 3× "
         "target out of reach of these kernels: only a kernel that fuses a layer's convolution, activation and sum "
