@@ -280,8 +280,9 @@ def tcn_floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
         "",
         "The kernels every eager forward of the default TCN runs, each timed alone (medians in ms): the depth-many "
         "depthwise convolutions (each the faster of the channel-major and the channels-last kernel), and one SiLU "
-        "and one sum of two (B, L, D) tensors into a tensor allocated beforehand, times the activations and residual sums of the layers and the "
-        "output's SiLU(h + ω ⊙ x) (its three-operand sum counted as a sum of two). Floor = all of them: what a path "
+        "and one sum of two (B, L, D) tensors into a tensor allocated beforehand, times the activations and "
+        "residual sums of the layers and the output's SiLU(h + ω ⊙ x) (its three-operand sum counted as a sum of "
+        "two). Floor = all of them: what a path "
         "would take were the copies that lay out each layer's input free; a floor above 3× the minimum puts the 3× "
         "target out of reach of these kernels: only a kernel that fuses a layer's convolution, activation and sum "
         "could reach it. Measured: the grid's forward rows of the TCN's paths.",

@@ -191,7 +191,7 @@ class TCN(Mixer):
             new_state.append(ctx[:, -window:].transpose(1, 2).contiguous())  # (B, D, window)
             out = F.conv2d(ctx.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias,
                            dilation=(1, conv.dilation[0]), groups=self.d_model)  # (B, D, 1, T), channels-last
-            out = out.squeeze(2).transpose(1, 2)  # (B, T, D), contiguous
+            out = out.squeeze(2).transpose(1, 2)  # (B, T, D), contiguous where the kernel kept channels-last
             if i < self.depth - 1:
                 out = F.silu(out, inplace=True) if in_place and self.activation == "silu" else act(out)
                 ctx = self._context(i + 1, h if self.residual else None, out, mask, state, in_place)
@@ -210,15 +210,17 @@ class TCN(Mixer):
         first = h if h is not None else out
         dtype = first.dtype if h is None or out is None else torch.promote_types(h.dtype, out.dtype)
         batch, length, width = first.shape
-        if state is None:
-            past = first.new_zeros(batch, window, width, dtype=dtype)
-        else:
-            past = state.tcn[layer].to(dtype).transpose(1, 2)  # (B, window, D)
+        past = None if state is None else state.tcn[layer].to(dtype).transpose(1, 2)  # (B, window, D)
         if not in_place:
             value = first if h is None or out is None else h + out
+            if past is None:
+                past = first.new_zeros(batch, window, width, dtype=dtype)
             return torch.cat([past, value if mask is None else value.masked_fill(mask, 0.0)], dim=1)
         ctx = first.new_empty(batch, window + length, width, dtype=dtype)
-        ctx[:, :window].copy_(past)
+        if past is None:
+            ctx[:, :window].zero_()
+        else:
+            ctx[:, :window].copy_(past)
         body = ctx[:, window:]
         if h is None or out is None:
             body.copy_(first)
