@@ -55,6 +55,39 @@ def pytest_configure(config):
     settings.load_profile("seqmix-fuzz" if fuzzing() else "seqmix")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity set, capped by a cgroup v2 CPU quota (a container's
+    ``cpu.max``) when there is one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per usable CPU (PYTEST_XDIST_AUTO_NUM_WORKERS still wins).
+
+    pytest-xdist's own ``auto`` counts physical cores through psutil, so a 2-CPU machine whose CPUs
+    are two hyperthreads of one core would get one worker and run the suite serially.
+    """
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip():
+        return None
+    return usable_cpus()
+
+
+def pytest_report_header(config):
+    """The machine the suite's time depends on: usable CPUs, their model, the vector kernels torch picked."""
+    import torch
+
+    from seqmix.export.bench.measure import cpu_name
+
+    return [f"seqmix suite: {usable_cpus()} usable CPUs, {cpu_name()}, torch kernels {torch.backends.cpu.get_cpu_capability()}"]
+
+
 def fuzzing() -> bool:
     """True when long fuzzing was asked for (``--fuzz`` or SEQMIX_FUZZ_EXAMPLES)."""
     return FUZZ_EXAMPLES_VARIABLE in os.environ
