@@ -1,11 +1,12 @@
 """compile/: every preset traces as one graph, compiled models equal eager ones, training works.
 
 Inductor compiles take tens of seconds per graph on 2 cores, so Inductor runs only on the two
-presets that cover both kinds of mixer (mega: EMA with its cross-chunk ``scan``, and its
-backward; transformer: softmax attention with a KV cache), at tiny sizes, plus one tcnca forward
-(Inductor runs its TCN on the ``taps`` path), and with --runslow one megalodon forward at static
-shapes (a regression case). The other presets use
-``aot_eager``, which traces the same forward and backward graphs (``scan`` included) and runs them
+presets that cover both kinds of mixer, at tiny sizes: mega's training step (EMA with its
+cross-chunk ``scan``, gated attention, and their backward) and transformer's forward and decoding
+step (softmax attention with a KV cache); plus one tcnca forward (Inductor runs its TCN on the
+``taps`` path). With --runslow also mega's decoding step and one megalodon forward at static
+shapes (a regression case). Every other preset, mega's forward and step included, runs through ``aot_eager``,
+which traces the same forward, step and backward graphs (``scan`` included) and runs them
 with eager kernels. Graph breaks are checked on every preset with ``torch._dynamo.explain``,
 which needs no backend compiler.
 """
@@ -31,6 +32,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 PRESETS = config_groups()["model"]
 BIDIRECTIONAL = {"mega_encoder"}
+# Inductor's first compile in a process builds its CPU probes and precompiled header (~15 s on a
+# 2-core machine, once per empty cache directory); on one worker, the later compiles reuse them.
+INDUCTOR = pytest.mark.xdist_group("inductor")
 # Float32, compiled vs eager: Inductor reorders sums and fuses ops, errors seen are ~1e-6.
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -103,12 +107,14 @@ def assert_step_matches_eager(compiled, model, tokens, steps: int = 4):
         torch.testing.assert_close(got, want, **TOLERANCE)
 
 
-@pytest.mark.parametrize("preset", ["mega", "transformer"])
+@INDUCTOR
+@pytest.mark.parametrize("preset", ["transformer", pytest.param("mega", marks=pytest.mark.slow)])
 def test_inductor_step_equals_eager(preset):
     model = build(preset, depth=1).eval()
     assert_step_matches_eager(compile_model(model), model, random_tokens(model))
 
 
+@INDUCTOR
 def test_inductor_forward_equals_eager():
     model = build("transformer", depth=1).eval()
     tokens = random_tokens(model)
@@ -116,6 +122,7 @@ def test_inductor_forward_equals_eager():
         torch.testing.assert_close(compile_model(model)(tokens), model(tokens), **TOLERANCE)
 
 
+@INDUCTOR
 @pytest.mark.slow
 def test_inductor_static_forward_of_megalodon_equals_eager():
     # Regression: TimestepNorm took the first valid step as argmax of an all-True mask, which
@@ -128,7 +135,7 @@ def test_inductor_static_forward_of_megalodon_equals_eager():
         torch.testing.assert_close(compile_model(model, dynamic=False)(tokens), model(tokens), **TOLERANCE)
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in {"mega", "transformer"}])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "transformer"])
 def test_aot_eager_forward_and_step_equal_eager(preset):
     model = build(preset, depth=1).eval()
     compiled = compile_model(model, backend="aot_eager")
@@ -141,7 +148,7 @@ def test_aot_eager_forward_and_step_equal_eager(preset):
         assert_step_matches_eager(compiled, model, tokens)
 
 
-@pytest.mark.parametrize("preset, backend", [("mega", "inductor"), ("megalodon", "aot_eager")])
+@pytest.mark.parametrize("preset, backend", [pytest.param("mega", "inductor", marks=INDUCTOR), ("megalodon", "aot_eager")])
 def test_training_through_compiled_model_updates_the_model(preset, backend):
     model = build(preset, depth=1).train()
     reference = copy.deepcopy(model)
@@ -183,6 +190,7 @@ def tcn_impls(model) -> set[str]:
     return {module.impl for module in model.modules() if isinstance(module, TCN)}
 
 
+@INDUCTOR
 def test_inductor_runs_the_tcn_on_its_taps_and_matches_the_convolution():
     model = build("tcnca", depth=1).eval()
     tokens = random_tokens(model)

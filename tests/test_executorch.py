@@ -3,11 +3,12 @@
 Every preset is built tiny (d_model=32, its layer pattern once: one layer, three for
 hybrid_tcn_attention). Lowering costs 5-25 s of CPU per graph, so by default:
 - decoder programs (T dynamic up to the model's smallest chunk, state fed back over calls of
-  several T): one preset per kind of state, mega (chunked EMA and gated attention) and
-  transformer (key/value cache) at B = 3, megalodon (complex EMA, timestep norm) and tcnca
-  (convolution windows) at B = 1. ema_conv, gpt2 and hybrid_tcn_attention combine those same
-  layers and states; their decoder programs run with --runslow (gpt2's is also lowered by
-  default, through ``seqmix export`` in tests/test_onnx_export.py);
+  several T): one preset per kind of recurrent state, mega (chunked EMA and gated attention) at
+  B = 3, megalodon (complex EMA, timestep norm) and tcnca (convolution windows) at B = 1. The
+  key/value cache is lowered by default through gpt2's decoder program (``seqmix export`` in
+  tests/test_onnx_export.py) and transformer's int8 one (tests/test_executorch_int8.py).
+  ema_conv, gpt2, hybrid_tcn_attention and transformer combine those same layers and states;
+  their decoder programs here run with --runslow;
 - parallel graphs (B=2, L=128): mega_encoder (bidirectional EMA carried across chunks, gated
   attention, masked-LM head: the only graph it has; tests/test_onnx_export.py also writes gpt2's
   through ``seqmix export``). The other presets' parallel graphs (ema_conv, gpt2,
@@ -66,7 +67,7 @@ def test_parallel_graph_matches_eager(preset, tmp_path):
         et.run_pte(path, torch.zeros(1, LENGTH, dtype=torch.long))
 
 
-DECODER_BY_DEFAULT = {"mega", "megalodon", "tcnca", "transformer"}
+DECODER_BY_DEFAULT = {"mega", "megalodon", "tcnca"}
 
 
 def decoder_case(preset: str):
