@@ -35,7 +35,8 @@ run: install
 tour: install
 	$(PYTHON) -m seqmix tour
 
-# One single-threaded worker per core (tests/conftest.py): tools/perf/threads.md shows why.
+# One single-threaded worker per usable CPU (tests/conftest.py counts them; pytest-xdist alone counts physical
+# cores, one on a machine of two hyperthreads): tools/perf/threads.md shows why single-threaded.
 test: install-test
 	$(PYTHON) -m pytest -q -n auto --dist loadgroup
 
