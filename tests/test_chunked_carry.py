@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -47,11 +48,14 @@ def _reference(x, coef, h0, skip, silu):
 @given(
     complex_=st.booleans(), batch=st.integers(1, 3), chunk=st.integers(1, 9), chunks=st.integers(1, 12),
     short_by=st.integers(0, 8), order=st.integers(1, 4), with_state=st.booleans(), with_skip=st.booleans(),
-    silu=st.booleans(), seed=st.integers(0, 2**16),
+    silu=st.booleans(), seed=st.integers(0, 2**16), slab_bytes=st.sampled_from([1, 40, 1000, recurrence.TRANSPOSE_SLAB_BYTES]),
 )
 def test_chunked_equals_the_loop_with_its_state_and_every_gradient(complex_, batch, chunk, chunks, short_by, order, with_state,
-                                                                    with_skip, silu, seed):
-    """Any chunk size (odd ones too), a last chunk cut short, a start state, the skip and the SiLU: float64 to rounding."""
+                                                                    with_skip, silu, seed, slab_bytes):
+    """Any chunk size (odd ones too), a last chunk cut short, a start state, the skip and the SiLU: float64 to rounding.
+
+    The transposing copies run in slabs of ``slab_bytes``: one row at a time, slabs that do not divide
+    the rows, or the whole tensor at once."""
     width = 3
     length = max(1, chunks * chunk - short_by % chunk)
     generator = torch.Generator().manual_seed(seed)
@@ -75,7 +79,8 @@ def test_chunked_equals_the_loop_with_its_state_and_every_gradient(complex_, bat
     def fast(x, coef, h0, skip, silu):
         return recurrence.chunked(x, coef, h0, chunk_size=chunk, skip=skip, silu=silu)
 
-    y, h, grads = loss_and_grads(fast)
+    with mock.patch.object(recurrence, "TRANSPOSE_SLAB_BYTES", slab_bytes):
+        y, h, grads = loss_and_grads(fast)
     y_ref, h_ref, grads_ref = loss_and_grads(_reference)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-10)
