@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import seqmix
+from seqmix.operators import recurrence
 from seqmix.allocator import keep_freed_memory
 from seqmix.errors import writable_dir_argument
 from seqmix.export.bench import compose_bench_spec, run_grid
@@ -195,7 +196,8 @@ def kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
     """What torch's CPU kernels take for the parts of the chunked forward no rewrite in PyTorch avoids,
     per compared mixer and length of ``spec``: its two batched products, (D, M, C) @ (D, C, K) and
     (D, M, K + C) @ (D, K + C, C) with contiguous operands (M = B·nC chunk rows, K = N, or 2N for a
-    complex state), and the transposes of x's (C, D) chunk blocks in and of y's out. Their sum is the
+    complex state), and the transposes of x's (C, D) chunk blocks in and of y's out (the faster of one
+    copy of the whole tensor and the path's copies in cache-sized slabs). Their sum is the
     path's floor with these kernels; each row sets it beside the minimum and the grid's measured time."""
     measured = {(row.subject, row.length): row.time_ms for row in grid_rows if row.pass_ == "forward" and row.status == "measured"}
     rows = []
@@ -214,11 +216,17 @@ def kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
                 torch.bmm(inputs, feed, out=fed)
                 torch.bmm(stacked, mix, out=y)
 
-            def transposes():
+            def whole_transposes():
                 blocks.copy_(sequence.transpose(1, 2))
                 sequence.copy_(blocks.transpose(1, 2))
 
-            products_ms, transposes_ms, copy_ms = (_median_ms(call, spec) for call in (products, transposes, sequence.clone))
+            def slab_transposes():
+                recurrence.copy_in_slabs(blocks, sequence.transpose(1, 2))
+                recurrence.copy_in_slabs(sequence, blocks.transpose(1, 2))
+
+            products_ms, whole_ms, slabs_ms, copy_ms = (_median_ms(call, spec) for call in
+                                                        (products, whole_transposes, slab_transposes, sequence.clone))
+            transposes_ms = min(whole_ms, slabs_ms)
             minimum = rates.minimum_ms(mixer.cost(spec.batch, length, "forward"))
             floor = products_ms + transposes_ms
             time_ms = measured.get((f"{name}/chunked", length))
@@ -307,7 +315,8 @@ def floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
         "",
         "The parts of the chunked EMA and CEMA forward that no rewrite in PyTorch avoids, timed alone with the same "
         "kernels (medians in ms): the two batched products at the path's shapes with contiguous operands (and the rate "
-        "they reach, against the matmul rate above), and the transposes of the (C, D) chunk blocks of x in and of y out, "
+        "they reach, against the matmul rate above), and the transposes of the (C, D) chunk blocks of x in and of y out "
+        "(the faster of one copy of the whole tensor and copies in cache-sized slabs, as the path makes them), "
         "beside one plain copy of the same (B, L, D) tensor. Floor = products + transposes: what the path would take if "
         "everything else (the carry, the SiLU, allocation) were free; a floor above 2× the minimum puts the 2× target "
         "out of reach of these kernels. Measured: the grid's forward row.",

@@ -397,7 +397,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         chunks = length // size
         stacked = _stacked_buffer(x, batch * chunks, width, states + size)
         inputs = stacked[..., states : states + size]
-        _copy_in_slabs(inputs, x.view(batch * chunks, size, width).transpose(1, 2))
+        copy_in_slabs(inputs, x.view(batch * chunks, size, width).transpose(1, 2))
         # Written in the product's own layout: into a transposed view the product runs up to 3x slower
         # on two threads, and the carry reads fed one small (B, D, K) slice at a time either way.
         fed = torch.bmm(inputs.transpose(0, 1), feed)  # (D, M, K)
@@ -410,11 +410,11 @@ class _ChunkedRecurrence(torch.autograd.Function):
             # One sequence: the product writes its own (D, L) layout, and a 2-D transpose turns it
             # into (L, D). With several rows that transpose would be a general permutation, slower
             # than the per-chunk blocks below.
-            _copy_in_slabs(y[0], torch.bmm(operands, mix).view(width, length).t())
+            copy_in_slabs(y[0], torch.bmm(operands, mix).view(width, length).t())
         else:
             y_chunks = x.new_empty(batch * chunks, width, size)
             torch.bmm(operands, mix, out=y_chunks.transpose(0, 1))
-            _copy_in_slabs(y.view(batch * chunks, size, width), y_chunks.transpose(1, 2))
+            copy_in_slabs(y.view(batch * chunks, size, width), y_chunks.transpose(1, 2))
         keep_input = silu and any(ctx.needs_input_grad)
         pre = y if keep_input else None
         if silu:
@@ -433,7 +433,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         if ctx.silu:
             grad_y = torch.ops.aten.silu_backward(grad_y, pre)
         grad_chunks = stacked.new_empty(rows, width, size)
-        _copy_in_slabs(grad_chunks, grad_y.reshape(rows, size, width).transpose(1, 2))
+        copy_in_slabs(grad_chunks, grad_y.reshape(rows, size, width).transpose(1, 2))
         grad_chunks = grad_chunks.transpose(0, 1)  # (D, M, C)
         operands = stacked[..., : states + size].transpose(0, 1)  # (D, M, K + C)
         grad_mix = torch.bmm(operands.transpose(1, 2), grad_chunks) if needs_mix else None
@@ -454,15 +454,15 @@ class _ChunkedRecurrence(torch.autograd.Function):
             torch.baddbmm(grad_stacked[..., states : states + size].transpose(0, 1), grad_fed, feed.transpose(1, 2),
                           out=grad_inputs.transpose(0, 1))
             grad_x = stacked.new_empty(batch, chunks * size, width)
-            _copy_in_slabs(grad_x.view(rows, size, width), grad_inputs.transpose(1, 2))
+            copy_in_slabs(grad_x.view(rows, size, width), grad_inputs.transpose(1, 2))
         return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None
 
 
 TRANSPOSE_SLAB_BYTES = 2 * 2**20
-"""Bytes of the slabs ``_copy_in_slabs`` moves at a time: a slab's source and target fit in cache together."""
+"""Bytes of the slabs ``copy_in_slabs`` moves at a time: a slab's source and target fit in cache together."""
 
 
-def _copy_in_slabs(target: Tensor, source: Tensor) -> None:
+def copy_in_slabs(target: Tensor, source: Tensor) -> None:
     """``target.copy_(source)`` for a transposing copy, one slab of rows along dim 0 at a time.
 
     torch copies a whole 2-D transpose with a cache-blocked kernel on one thread only, and a large
