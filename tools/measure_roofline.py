@@ -46,13 +46,13 @@ from pathlib import Path
 import torch
 
 import seqmix
-from seqmix.operators import recurrence
 from seqmix.allocator import keep_freed_memory
 from seqmix.errors import writable_dir_argument
 from seqmix.export.bench import compose_bench_spec, run_grid
 from seqmix.export.bench.measure import environment, pass_callables
 from seqmix.export.bench.report import claims_table, time_range
 from seqmix.export.bench.roofline import measure_machine
+from seqmix.operators import recurrence
 from seqmix.tables import markdown_table
 from seqmix.timing import summarize, time_once
 
