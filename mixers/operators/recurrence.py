@@ -470,7 +470,7 @@ def copy_in_slabs(target: Tensor, source: Tensor) -> None:
     general copy, which runs on every thread with each slab in cache. The gain is largest on two
     threads at long L (tools/perf/roofline.md times the chunked paths).
     """
-    row_bytes = max(1, target[0].numel() * target.element_size()) if target.shape[0] else 1
+    row_bytes = max(1, math.prod(target.shape[1:]) * target.element_size())
     rows = max(1, TRANSPOSE_SLAB_BYTES // row_bytes)
     for start in range(0, target.shape[0], rows):
         target[start : start + rows].copy_(source[start : start + rows])
