@@ -301,7 +301,8 @@ def test_operator_sweep_command_line_writes_json_csv_and_report(tmp_path):
     assert "× min |" in done.stdout and "GFLOP/s" in done.stdout and "GB/s" in done.stdout
     data = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert all(row["vs_minimum"] > 0 for row in data["rows"] if row["status"] == "measured")
-    assert len(data["rows"]) == (3 + 2) * len(PASSES) * 2 and len(data["claims"]) == 9
+    paths = len(seqmix.mixer_class("ema").impls) + len(seqmix.mixer_class("softmax_attention").impls)
+    assert len(data["rows"]) == paths * len(PASSES) * 2 and len(data["claims"]) == 9
     csv_lines = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
     assert csv_lines[0].startswith("kind,subject,runtime,pass,length") and len(csv_lines) == 1 + len(data["rows"])
     assert "time_ms,time_low_ms,time_high_ms" in csv_lines[0]

@@ -64,7 +64,7 @@ def test_unknown_mixer_lists_the_registered_ones():
 
 
 def test_unknown_impl_lists_the_valid_ones():
-    with pytest.raises(SeqmixError, match=r"impl='cuda'.*\['chunked', 'fft', 'recurrent'\]"):
+    with pytest.raises(SeqmixError, match=r"impl='cuda'.*\['chunked', 'fft', 'native', 'recurrent'\]"):
         seqmix.build_mixer("ema", 8, impl="cuda")
     mixer = seqmix.build_mixer("softmax_attention", 8)
     with pytest.raises(SeqmixError, match=r"\['math', 'sdpa'\]"):

@@ -11,11 +11,15 @@ Im c = 0) passes ``None`` as the imaginary parts and skips their arithmetic. Pow
 exp(j·log r)·(cos jφ, sin jφ), never cumulative products (ONNX has no CumProd before opset 26
 and products lose precision).
 
-Three paths compute the same function of (x, h0):
+Four paths compute the same function of (x, h0):
 - ``recurrent``: the literal loop over t; the reference.
 - ``fft``: the kernel k[d, j] = Re Σ_n c b q^j for j < L, convolved by FFT at size 2L.
 - ``chunked``: inside each chunk of C steps a lower-triangular Toeplitz matmul; across chunks
   the state is carried with q^C. O(L·C) work in plain matmuls, which export everywhere.
+- ``native``: the literal loop as C++ (recurrence_native.cpp), vectorised across channels, its
+  states in registers, SiLU fused, and its adjoint written out; built on first use with the
+  machine's compiler (``seqmix.native``). The fastest eager path on a CPU; exporters and
+  compilers take ``chunked`` instead.
 
 ``run`` also applies the mixers' output transform SiLU(y + skip ⊙ x) (either part optional). The
 chunked path fuses it and runs eagerly as one autograd node (``_ChunkedRecurrence``) that views
@@ -24,6 +28,8 @@ plain real ops (``_chunked_traced``), a scan or an unrolled loop carrying the st
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +42,9 @@ from torch import Tensor
 from torch._higher_order_ops import scan
 from torch.autograd.function import once_differentiable
 
+from seqmix import native as native_code
 from seqmix.contract import Mixer, Stages, parameter_reads, token_count_is_dynamic, traceable_reshape
+from seqmix.errors import SeqmixError
 from seqmix.operators import masking
 
 _UNROLL_CHUNKS = False
@@ -597,7 +605,152 @@ def _squeeze_last(pair: Pair) -> Pair:
     return pair[0][..., 0], None if pair[1] is None else pair[1][..., 0]
 
 
-PATHS = {"recurrent": recurrent, "fft": fft, "chunked": chunked}
+class _NativeRecurrence(torch.autograd.Function):
+    """The recurrent loop as native code (recurrence_native.cpp), with its adjoint: one autograd node.
+
+    Shapes: x (B, L, D); coefficients (N', P) with P = D padded to the kernel's vector width and N'
+    = N padded to its group of states (the padding holds zeros and adds nothing); states (B, N', P).
+    Forward keeps the state at the start of every segment of the kernel's steps when autograd
+    records, so that backward recomputes each segment's states from there instead of storing all
+    B·L·N of them.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q_re: Tensor, q_im: Tensor | None, b: Tensor, c_re: Tensor, c_im: Tensor | None,
+                skip: Tensor | None, h_re: Tensor, h_im: Tensor | None, silu: bool):
+        """-> y (B, L, D): y + skip ⊙ x, SiLU of it when ``silu``; the state after the last step, (B, N', P) pair."""
+        kernels = _native_kernels(x.dtype)
+        batch, length, width = x.shape
+        order, padded = q_re.shape
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        end_re, end_im = h_re.clone(), None if h_im is None else h_im.clone()
+        records = any(ctx.needs_input_grad)
+        segments = -(-length // kernels.segment)
+        kept_re = x.new_empty(batch, segments, order, padded) if records else None
+        kept_im = x.new_empty(batch, segments, order, padded) if records and h_im is not None else None
+        kernels.forward(*_pointers(x, y, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
+                        batch, length, width, padded, order, int(silu), torch.get_num_threads())
+        ctx.save_for_backward(x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
+        return y, end_re, end_im
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor | None, grad_end_re: Tensor | None, grad_end_im: Tensor | None):
+        x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im = ctx.saved_tensors
+        kernels = _native_kernels(x.dtype)
+        batch, length, width = x.shape
+        order, padded = q_re.shape
+        complex_ = q_im is not None
+        grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
+        carry_re = x.new_zeros(batch, order, padded) if grad_end_re is None else grad_end_re.clone(memory_format=torch.contiguous_format)
+        carry_im = None
+        if complex_:
+            carry_im = torch.zeros_like(carry_re) if grad_end_im is None else grad_end_im.clone(memory_format=torch.contiguous_format)
+        sums = [x.new_zeros(batch, order, padded) for _ in range(5 if complex_ else 3)]
+        grad_q_re, grad_b, grad_c_re = sums[:3]
+        grad_q_im, grad_c_im = (sums[3], sums[4]) if complex_ else (None, None)
+        grad_x = torch.empty_like(x)
+        kernels.backward(*_pointers(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
+                                    grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im),
+                         batch, length, width, padded, order, torch.get_num_threads())
+        grad_skip = None
+        if skip is not None and ctx.needs_input_grad[6]:
+            grad_skip = F.pad((grad_y * x).sum((0, 1)), (0, padded - width))
+
+        def total(grad: Tensor | None) -> Tensor | None:
+            return None if grad is None else grad.sum(0)
+
+        return (grad_x, total(grad_q_re), total(grad_q_im), total(grad_b), total(grad_c_re), total(grad_c_im), grad_skip,
+                carry_re, carry_im, None)
+
+
+@dataclass(frozen=True)
+class _NativeKernels:
+    """The native library's entry points for one dtype, with the layout constants they were built with."""
+
+    forward: object
+    backward: object
+    lanes: int
+    group: int
+    segment: int
+
+
+_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+@functools.lru_cache(maxsize=None)
+def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
+    """The native forward and backward for ``dtype`` (float32 or float64), built on first use (``seqmix.native``)."""
+    if dtype not in _NATIVE_DTYPES:
+        raise SeqmixError(f"impl='native' runs in float32 or float64, not {dtype}")
+    library = native_code.load("seqmix.operators", "recurrence_native.cpp")
+    suffix = _NATIVE_DTYPES[dtype]
+    forward, backward = getattr(library, f"seqmix_recurrence_forward_{suffix}"), getattr(library, f"seqmix_recurrence_backward_{suffix}")
+    pointer, count = ctypes.c_void_p, ctypes.c_int64
+    forward.argtypes = [pointer] * 12 + [count] * 5 + [ctypes.c_int] * 2
+    backward.argtypes = [pointer] * 18 + [count] * 5 + [ctypes.c_int]
+    forward.restype = backward.restype = None
+    constants = [getattr(library, name) for name in
+                 (f"seqmix_recurrence_lanes_{suffix}", "seqmix_recurrence_group", "seqmix_recurrence_segment")]
+    for constant in constants:
+        constant.restype = ctypes.c_int64
+    return _NativeKernels(forward, backward, *(constant() for constant in constants))
+
+
+def _pointers(*tensors: Tensor | None) -> list[int | None]:
+    """The data pointers the native kernels take (None for an absent part), each tensor contiguous on the CPU."""
+    for tensor in tensors:
+        if tensor is not None and not tensor.is_contiguous():
+            raise AssertionError("native recurrence operands must be contiguous")
+    return [None if tensor is None else tensor.data_ptr() for tensor in tensors]
+
+
+def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor | None = None, silu: bool = False,
+           chunk_size: int = 64) -> tuple[Tensor, Pair]:
+    """The literal recurrence as native code, vectorised across channels (``seqmix.native`` builds it).
+
+    Same arguments and results as ``recurrent``, plus the output transform SiLU(y + skip ⊙ x)
+    (``skip`` (D,) or None, ``silu``), which the kernel applies as it writes y (its SiLU after the
+    call while autograd records, which needs the sum). Like the loop, a NaN or infinity at step t
+    reaches steps >= t only. CPU only; float32 and float64. While compiling or exporting it runs
+    ``chunked`` with ``chunk_size``: tracers cannot see into native code.
+    """
+    if torch.compiler.is_compiling():
+        return chunked(x, coef, h0, chunk_size, skip, silu)
+    if x.device.type != "cpu":
+        raise SeqmixError(f"impl='native' runs on the CPU, and x is on {x.device}; use impl='chunked' there")
+    kernels = _native_kernels(x.dtype)
+    batch, _, width = x.shape
+    order = coef.b.shape[1]
+    padded = -(-width // kernels.lanes) * kernels.lanes
+    orders = -(-order // kernels.group) * kernels.group
+
+    def laid_out(t: Tensor | None) -> Tensor | None:
+        """(..., D, N) -> (..., N', P), zero padded."""
+        return None if t is None else F.pad(t.transpose(-1, -2), (0, padded - width, 0, orders - order)).contiguous()
+
+    q_re, q_im = coef.power(1, x.device)
+    h = coef.zero_state(batch) if h0 is None else h0
+    complex_ = coef.phase is not None
+    h_im = h[1] if h[1] is not None or not complex_ else torch.zeros_like(h[0])
+    padded_skip = None if skip is None else F.pad(skip, (0, padded - width)).contiguous()
+    fused_silu = silu and not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, coef.log_r, coef.phase, coef.b, *coef.c, skip, *h)))
+    y, end_re, end_im = _NativeRecurrence.apply(
+        x, laid_out(q_re), laid_out(q_im), laid_out(coef.b), laid_out(coef.c[0]), laid_out(coef.c[1] if complex_ else None),
+        padded_skip, laid_out(h[0]), laid_out(h_im if complex_ else None), fused_silu)
+    if silu and not fused_silu:
+        y = F.silu(y)
+
+    def state(t: Tensor | None) -> Tensor | None:
+        """(B, N', P) -> (B, D, N)."""
+        return None if t is None else t[:, :order, :width].transpose(1, 2).contiguous()
+
+    return y, (state(end_re), state(end_im))
+
+
+PATHS = {"recurrent": recurrent, "fft": fft, "chunked": chunked, "native": native}
 PREPARED_KEPT = 4
 """Kernel spectra or chunk weights a mixer keeps (paths, lengths, dtypes, directions); the oldest goes first."""
 
@@ -632,7 +785,7 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
     weights. ``need_state=False`` lets the FFT and chunked paths skip the final state (``fft``, ``chunked``);
     the state is then None on those paths.
 
-    The loop lets a NaN or infinity at step t reach steps >= t only. The FFT and the chunks' Toeplitz
+    The loop (and its native code) lets a NaN or infinity at step t reach steps >= t only. The FFT and the chunks' Toeplitz
     matmuls would multiply it by the zeros above the diagonal into earlier steps too, so they run on
     x with its non-finite values zeroed, and every output of a channel from its first non-finite
     input on, and its final state, is NaN (the loop may give ±inf there instead).
@@ -640,6 +793,9 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
     if steps_recurrently(impl, x.shape[1], chunk_size):
         y, h = recurrent(x, coef, h0)
         return _finish(y, x, skip, silu), h
+    if impl == "native":
+        y, h = native(x, coef, h0, skip, silu, chunk_size)
+        return y, h if need_state else None
     clean = masking.all_finite(x)
     finite_x, marks = (x, None) if clean else masking.zero_nonfinite(x)
     if impl == "chunked":
@@ -684,7 +840,7 @@ def path_stages(impl: str, batch: int, length: int, width: int, order: int, chun
     Each path reads x and writes y (B, L, D) once; where y is written by another stage than the one
     that read x, the output's ω·x term reads x once more. What else each must pass between its stages:
 
-    - ``recurrent``: nothing; the (B, D, N) state stays in cache from one step to the next.
+    - ``recurrent`` and ``native``: nothing; the (B, D, N) state stays in cache (or registers) from one step to the next.
     - ``chunked`` (L padded to nC·C): the per-chunk weights built from the parameters (unless
       ``cached``: in eval mode without autograd) and read, (D, C, C + kN) (the Toeplitz block beside
       the input weights; k = 2 for a complex state) and (D, kN, C) (the readout); the intra-chunk
@@ -696,7 +852,7 @@ def path_stages(impl: str, batch: int, length: int, width: int, order: int, chun
     """
     k = 2 if complex_ else 1
     sequence = batch * length * width
-    if impl == "recurrent":
+    if impl in ("recurrent", "native"):
         return Stages(sequence * order * (UPDATE_FLOPS[complex_] + READOUT_FLOPS[complex_]), sequence, sequence)
     if impl == "chunked":
         chunks = -(-length // chunk_size)
@@ -730,12 +886,15 @@ class RecurrenceMixer(Mixer):
 
     impls: ClassVar[tuple[str, ...]] = tuple(PATHS)
     default_impl: ClassVar[str] = "chunked"
-    # Exported graphs need plain matmuls: the FFT path needs DFT, the loop a Loop over L.
-    lowered_impls: ClassVar[dict[str, dict[str, str]]] = {"export": {"recurrent": "chunked", "fft": "chunked"}}
+    # Exported graphs need plain matmuls: the FFT path needs DFT, the loop a Loop over L. Native code
+    # is a call tracers cannot see into: compiled and exported graphs take the chunked path instead.
+    lowered_impls: ClassVar[dict[str, dict[str, str]]] = {"export": {"recurrent": "chunked", "fft": "chunked", "native": "chunked"},
+                                                         "inductor": {"native": "chunked"}}
     chunk_size: int
 
     def complexity(self) -> str:
-        return {"recurrent": "O(L·D·N), sequential", "fft": "O(L·log L·D + L·D·N)", "chunked": "O(L·C·D + L·D·N)"}[self.impl]
+        return {"recurrent": "O(L·D·N), sequential", "fft": "O(L·log L·D + L·D·N)", "chunked": "O(L·C·D + L·D·N)",
+                "native": "O(L·D·N), sequential, vectorised over D"}[self.impl]
 
     def impl_for_tokens(self, tokens: int) -> str:
         return "recurrent" if steps_recurrently(self.impl, tokens, self.chunk_size) else self.impl
@@ -751,11 +910,11 @@ class RecurrenceMixer(Mixer):
         through ``.data`` (weight averaging, ``vector_to_parameters``) change a parameter without
         bumping its version. Without the cache ``impl=fft`` recomputed D·N·L powers on every call,
         and the chunked path its (D, C, C) Toeplitz block. Returns None when they must be computed
-        with the call (training, autograd, tracing, or a call that runs the recurrent loop).
+        with the call (training, autograd, tracing, or a path with nothing to prepare: the loop, native or not).
         """
         # The cheap tests first: every call of every path (a one-token step included) asks.
         impl = self.impl_for_tokens(length)
-        if impl == "recurrent" or self.training or torch.compiler.is_compiling():
+        if impl not in ("fft", "chunked") or self.training or torch.compiler.is_compiling():
             return None
         parameters = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):

@@ -1,0 +1,130 @@
+"""Native code that seqmix ships as C++ source, built on first use with the machine's compiler.
+
+A fast path written in C++ (``impl="native"`` of the EMA and CEMA) is built once per machine
+into seqmix's cache and loaded with ctypes: no build step at install, no wheel per platform, and
+``-march=native`` lets the compiler vectorise for the CPU it runs on. Paths that need it say so
+by name, and a machine without a compiler gets an error that names the compiler looked for and
+the path to use instead.
+
+The build needs a C++ compiler: ``$CXX``, else the first of ``c++``, ``g++`` and ``clang++`` on
+``PATH``. OpenMP (threads) is used when the compiler has it. The library lands in
+``$SEQMIX_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/seqmix``, else ``~/.cache/seqmix``),
+named by a hash of the source, the compiler and its flags, and the CPU's feature flags: a cache
+shared between machines never loads a library built for another CPU. A library is loaded only
+from a folder owned by the current user that nobody else can write to.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from seqmix.errors import SeqmixError
+
+COMPILERS = ("c++", "g++", "clang++")
+BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17")
+OPENMP_FLAG = "-fopenmp"
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$SEQMIX_CACHE_DIR/native``, default ``$XDG_CACHE_HOME/seqmix/native`` or ``~/.cache/seqmix/native``."""
+    root = os.environ.get("SEQMIX_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "seqmix")
+    return Path(root) / "native"
+
+
+def compiler() -> str:
+    """The C++ compiler's path: ``$CXX``, else the first of COMPILERS on PATH; a SeqmixError when none is found."""
+    wanted = os.environ.get("CXX")
+    candidates = (wanted,) if wanted else COMPILERS
+    for candidate in candidates:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    looked = f"CXX={wanted!r}" if wanted else f"any of {list(COMPILERS)} on PATH"
+    raise SeqmixError(f"native code needs a C++ compiler and found none ({looked}); install one (e.g. g++), "
+                      "or use a path that needs none (the EMA's and CEMA's impl='chunked')")
+
+
+def _cpu_flags() -> str:
+    """The CPU's model and feature flags, which ``-march=native`` compiles for."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            lines = [line for line in info if line.startswith(("flags", "Features", "model name"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler_version(path: str) -> str:
+    try:
+        return subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _private_dir(path: Path) -> Path:
+    """``path``, created with mode 0700 if missing; a SeqmixError unless it is a folder the current
+    user owns and nobody else can write to (a library loaded from it runs as this process)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise SeqmixError(f"native code cache {str(path)!r} is not a folder; set SEQMIX_CACHE_DIR to a private folder")
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise SeqmixError(
+            f"native code cache {str(path)!r} is writable by another user (owner uid {info.st_uid}, mode "
+            f"{stat.filemode(info.st_mode)}); seqmix loads native code only from a folder that only you can "
+            "write to: set SEQMIX_CACHE_DIR to one"
+        )
+    return path
+
+
+def _build(source: Path, target: Path, cxx: str) -> list[str]:
+    """Compile ``source`` into the shared library ``target`` (atomically), with OpenMP when the
+    compiler has it; returns the flags used. A SeqmixError with the compiler's output on failure."""
+    attempts = [[*BASE_FLAGS, OPENMP_FLAG], list(BASE_FLAGS)]
+    errors = []
+    for flags in attempts:
+        handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
+        os.close(handle)
+        try:
+            result = subprocess.run([cxx, *flags, str(source), "-o", partial], capture_output=True, text=True, timeout=600)
+            if result.returncode == 0:
+                os.chmod(partial, 0o700)
+                os.replace(partial, target)
+                return flags
+            # The first lines: a compiler's first error is the one that explains the rest.
+            errors.append(f"$ {cxx} {' '.join(flags)} ...\n{result.stderr[:2000]}")
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    raise SeqmixError(f"could not build {source.name} with {cxx}:\n" + "\n".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def load(package: str, name: str) -> ctypes.CDLL:
+    """The library built from the C++ source ``name`` in ``package`` (e.g. ``seqmix.operators``),
+    built into ``cache_dir()`` on the first call on this machine (a second or so) and loaded once per process."""
+    cxx = compiler()
+    with resources.as_file(resources.files(package) / name) as source:
+        code = source.read_bytes()
+        key = hashlib.sha256(b"\0".join([
+            code, cxx.encode(), _compiler_version(cxx).encode(), " ".join(BASE_FLAGS + (OPENMP_FLAG,)).encode(),
+            _cpu_flags().encode(), sys.platform.encode(),
+        ])).hexdigest()[:24]
+        folder = _private_dir(cache_dir())
+        target = folder / f"{Path(name).stem}-{key}.so"
+        if not target.exists():
+            print(f"seqmix: building native code {name} with {cxx} (once per machine) into {folder}", file=sys.stderr)
+            _build(source, target, cxx)
+    return ctypes.CDLL(str(target))

@@ -1,0 +1,201 @@
+"""The EMA's and CEMA's ``native`` path: the loop as C++, held to the reference loop, and the code that builds it.
+
+``recurrence.native`` runs recurrence_native.cpp, built on first use by ``seqmix.native``. The
+kernel vectorises across channels (8 float64 or 16 float32 lanes), takes the states four at a time
+and the steps in segments of 128, keeping each segment's start state for its adjoint; these tests
+draw widths, orders and lengths across all three boundaries and compare outputs, final states and
+every gradient with the literal loop (``recurrence.recurrent`` followed by the skip and the SiLU).
+"""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_chunked_carry import _build, _coefficients, _reference
+
+import seqmix
+from seqmix import native
+from seqmix.errors import SeqmixError
+from seqmix.operators import recurrence
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    complex_=st.booleans(), batch=st.integers(1, 3), width=st.integers(1, 19), order=st.integers(1, 6),
+    length=st.integers(1, 300), with_state=st.booleans(), with_skip=st.booleans(), silu=st.booleans(),
+    threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+)
+def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batch, width, order, length, with_state, with_skip,
+                                                                  silu, threads, seed):
+    """float64 to rounding: widths across a vector (8 lanes), orders across a group of states (4),
+    lengths across segments (128), a start state, the skip and the SiLU, on one and two threads."""
+    generator = torch.Generator().manual_seed(seed)
+    leaves = _coefficients(width, order, complex_, generator)
+    x = torch.randn(batch, length, width, generator=generator, dtype=torch.float64, requires_grad=True)
+    h0 = None
+    if with_state:
+        h0 = tuple(torch.randn(batch, width, order, generator=generator, dtype=torch.float64, requires_grad=True)
+                   for _ in range(2 if complex_ else 1))
+        h0 = h0 if complex_ else (h0[0], None)
+    skip = torch.randn(width, generator=generator, dtype=torch.float64, requires_grad=True) if with_skip else None
+    weights_y = torch.randn(batch, length, width, generator=generator, dtype=torch.float64)
+    weights_h = torch.randn(batch, width, order, generator=generator, dtype=torch.float64)
+    inputs = [x, *leaves.values(), *([skip] if skip is not None else []), *([t for t in h0 if t is not None] if h0 else [])]
+
+    def loss_and_grads(path):
+        y, h = path(x, _build(leaves), h0, skip, silu)
+        loss = (y * weights_y).sum() + (h[0] * weights_h).sum() + (0 if h[1] is None else (h[1] * weights_h.flip(-1)).sum())
+        return y.detach(), tuple(part.detach() for part in h if part is not None), torch.autograd.grad(loss, inputs)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, h, grads = loss_and_grads(lambda x, coef, h0, skip, silu: recurrence.native(x, coef, h0, skip, silu))
+    finally:
+        torch.set_num_threads(previous)
+    y_ref, h_ref, grads_ref = loss_and_grads(_reference)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-11)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ema", "cema"])
+def test_native_mixers_in_float32_match_the_loop_forward_streaming_and_backward(name):
+    """The mixers as users build them (D = 40: two float32 vectors and a partial one), a length of
+    three segments and a bit: training outputs and gradients, the eval output with its SiLU fused,
+    and a stream of steps carrying the state, against ``impl="recurrent"``."""
+    torch.manual_seed(0)
+    reference = seqmix.build_mixer(name, 40, impl="recurrent")
+    fast = seqmix.build_mixer(name, 40, impl="native")
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3 * 128 + 5, 40, requires_grad=True)
+    weights = torch.randn(2, 3 * 128 + 5, 40)
+    grads = [torch.autograd.grad((mixer(x) * weights).sum(), [x, *mixer.parameters()]) for mixer in (reference, fast)]
+    for grad, grad_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(grad, grad_ref, rtol=2e-4, atol=2e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
+        states = [mixer.init_state(2) for mixer in (reference, fast)]
+        for start in range(0, 150, 50):
+            outs = []
+            for i, mixer in enumerate((reference, fast)):
+                out, states[i] = mixer.step(x[:, start : start + 50], states[i])
+                outs.append(out)
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+            for part, part_ref in zip(states[1], states[0]):
+                torch.testing.assert_close(part, part_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fused_silu_is_torchs_silu_from_tiny_to_huge_and_at_inf_and_nan(dtype):
+    """With b = 0 the recurrence adds nothing and the output is SiLU(skip ⊙ x): the kernel's own
+    exponential against torch's SiLU over ±1e-30 .. ±1e30, through the range where e^y leaves the
+    normal numbers until SiLU's own e^-y overflows (about -87 to -88.7 in float32, -708 to -709.8
+    in float64), at ±0, NaN, and ±inf (a product skip ⊙ x that overflows: an infinite x would meet
+    b = 0 in the state and make it NaN)."""
+    magnitudes = torch.logspace(-30, 30, 2001, dtype=torch.float64)
+    edges = torch.linspace(-760, 100, 8601, dtype=torch.float64)
+    largest = torch.finfo(dtype).max
+    values = torch.cat([magnitudes, -magnitudes, edges, torch.tensor([0.0, -0.0, float("nan"), largest, -largest],
+                                                                      dtype=torch.float64)]).to(dtype)
+    skip = torch.ones_like(values)
+    skip[-2:] = 10.0
+    width = values.numel()
+    coef = recurrence.Coefficients(log_r=torch.full((width, 1), -0.1, dtype=dtype), phase=None,
+                                   b=torch.zeros(width, 1, dtype=dtype), c=(torch.ones(width, 1, dtype=dtype), None))
+    with torch.inference_mode():
+        y, _ = recurrence.native(values.view(1, 1, width), coef, skip=skip, silu=True)
+    expected = F.silu(skip * values)
+    assert expected[-2] == float("inf") and expected[-1].isnan()
+    tolerance = {torch.float32: dict(rtol=4e-7, atol=1e-42), torch.float64: dict(rtol=1e-14, atol=1e-320)}[dtype]
+    torch.testing.assert_close(y.view(-1), expected, equal_nan=True, **tolerance)
+    # Signs too (-0 where torch returns -0), but not at ±0 itself: y + 0 turns -0 into +0 before the SiLU.
+    nonzero = values != 0
+    assert torch.equal(torch.signbit(y.view(-1)[nonzero]), torch.signbit(expected[nonzero]))
+
+
+def test_a_nan_reaches_only_later_steps_as_in_the_loop():
+    torch.manual_seed(0)
+    mixer = seqmix.build_mixer("cema", 20, impl="native").eval()
+    x = torch.randn(1, 300, 20)
+    x[0, 200, 3] = float("nan")
+    with torch.inference_mode():
+        clean, poisoned = mixer(x.nan_to_num()), mixer(x)
+    assert torch.equal(poisoned[:, :200], clean[:, :200])
+    assert torch.isnan(poisoned[:, 200:, 3]).all()
+
+
+def test_tracers_take_the_chunked_path_and_lowerings_switch_to_it():
+    """Native code is a call tracers cannot see into: exporters and Inductor switch the path, and
+    a graph traced with it anyway is the chunked path's."""
+    for name in ("ema", "cema"):
+        lowered = seqmix.mixer_class(name).lowered_impls
+        assert lowered["export"]["native"] == "chunked" and lowered["inductor"]["native"] == "chunked"
+    torch.manual_seed(0)
+    mixer = seqmix.build_mixer("ema", 16, impl="native").eval()
+    x = torch.randn(1, 70, 16)
+    graph = torch.export.export(mixer, (x,))
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert any("bmm" in target for target in targets), targets
+    torch.testing.assert_close(graph.module()(x), mixer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_half_precision_input_is_refused_by_name():
+    coef = recurrence.Coefficients(log_r=torch.full((4, 2), -0.1), phase=None, b=torch.ones(4, 2), c=(torch.ones(4, 2), None))
+    with pytest.raises(SeqmixError, match=r"impl='native' runs in float32 or float64, not torch.bfloat16"):
+        recurrence.native(torch.randn(1, 3, 4, dtype=torch.bfloat16), coef)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put the input on")
+def test_a_cuda_input_is_refused_with_the_path_to_use_instead():
+    mixer = seqmix.build_mixer("ema", 8, impl="native").cuda()
+    with pytest.raises(SeqmixError, match=r"runs on the CPU, and x is on cuda.*impl='chunked'"):
+        mixer(torch.randn(1, 4, 8, device="cuda"))
+
+
+def test_without_a_compiler_the_error_names_what_was_looked_for(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(SeqmixError, match=r"C\+\+ compiler.*CXX='no-such-compiler-here'.*impl='chunked'"):
+        native.compiler()
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(SeqmixError, match=r"any of \['c\+\+', 'g\+\+', 'clang\+\+'\] on PATH"):
+        native.compiler()
+
+
+def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQMIX_CACHE_DIR", str(tmp_path))
+    build = native.load.__wrapped__
+    build("seqmix.operators", "recurrence_native.cpp")
+    built = list((tmp_path / "native").glob("recurrence_native-*.so"))
+    assert len(built) == 1 and stat.S_IMODE((tmp_path / "native").stat().st_mode) == 0o700
+    mtime = built[0].stat().st_mtime_ns
+    library = build("seqmix.operators", "recurrence_native.cpp")
+    assert built[0].stat().st_mtime_ns == mtime and library.seqmix_recurrence_segment() == 128
+    assert not list((tmp_path / "native").glob("*.partial"))
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="ownership and modes are POSIX")
+def test_a_cache_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
+    """A library in the cache runs as this process: one that another user could have put there is never loaded."""
+    shared = tmp_path / "native"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("SEQMIX_CACHE_DIR", str(tmp_path))
+    with pytest.raises(SeqmixError, match=r"writable by another user.*drwxrwxrwx.*SEQMIX_CACHE_DIR"):
+        native.load.__wrapped__("seqmix.operators", "recurrence_native.cpp")
+
+
+def test_a_source_that_does_not_compile_reports_the_compilers_words(tmp_path, monkeypatch):
+    source = tmp_path / "broken.cpp"
+    source.write_text("this is not C++\n", encoding="utf-8")
+    monkeypatch.setenv("SEQMIX_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(SeqmixError, match=r"(?s)could not build broken.cpp with .*broken.cpp.*error"):
+        native._build(source, native._private_dir(native.cache_dir()) / "broken.so", native.compiler())
+    assert not list((tmp_path / "cache" / "native").iterdir())
