@@ -195,19 +195,24 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     tool = Path(__file__).resolve().parent.parent / "tools" / "measure_roofline.py"
     done = subprocess.run(
         [sys.executable, str(tool), "--threads", "1", "--out", str(tmp_path), "--allocator-rounds", "1", "bench.lengths=[64]", "bench.width=16",
-         "bench.repeats=1", "bench.warmup=0", "bench.passes=[forward]", "bench.claims.chunked_vs_cached_fft_ema_16k.length=64"],
+         "bench.repeats=1", "bench.warmup=0", "bench.passes=[forward]", "bench.claims.chunked_vs_cached_fft_ema_16k.length=64",
+         "bench.claims.native_vs_cached_fft_ema_16k.length=64"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "roofline.md").read_text(encoding="utf-8")
     rows = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["runs"][0]["rows"]
-    assert {row["subject"] for row in rows} == {"ema/chunked", "ema/fft", "cema/chunked", "gated_attention", "tcn/conv", "tcn/channels_last"}
+    assert {row["subject"] for row in rows} == {"ema/chunked", "ema/native", "ema/fft", "cema/chunked", "cema/native", "gated_attention",
+                                                "tcn/conv", "tcn/channels_last"}
     for row in rows:
         assert row["status"] == "measured" and row["vs_minimum"] == pytest.approx(row["time_ms"] / row["minimum_ms"]), row
     times = {row["subject"]: row["time_ms"] for row in rows}
     line = next(line for line in report.splitlines() if line.startswith("| chunked EMA vs FFT EMA with a cached kernel"))
     verdict = "PASS" if times["ema/fft"] / times["ema/chunked"] >= 5 else "MISS"
     assert "`ema/chunked` vs `ema/fft`, forward, L=64" in line and verdict in line, line
+    line = next(line for line in report.splitlines() if line.startswith("| native EMA vs FFT EMA with a cached kernel"))
+    verdict = "PASS" if times["ema/fft"] / times["ema/native"] >= 5 else "MISS"
+    assert "`ema/native` vs `ema/fft`, forward, L=64" in line and verdict in line, line
     # The kernel floor: the chunked paths' products and transposes beside the minimum and the grid's own time.
     floors = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["kernel_floor"]
     assert {floor["mixer"] for floor in floors} == {"ema/chunked", "cema/chunked"}

@@ -1,4 +1,4 @@
-"""Set the chunked EMA and CEMA (and gated attention and the TCN) against the machine's roofline, on 1 and 2 threads.
+"""Set the chunked and native EMA and CEMA (and gated attention and the TCN) against the machine's roofline, on 1 and 2 threads.
 
     python tools/measure_roofline.py [--threads 1 2] [--out tools/perf] [--allocator-rounds 3] [--before COMMIT] [bench overrides ...]
 
@@ -23,8 +23,8 @@ glibc's malloc as it comes and with freed memory kept, the children alternating 
 defaults, ...), on one thread: how much of each figure the allocator's page faults would add
 (``--allocator-rounds`` children each; 0 skips it).
 
-``--before COMMIT`` adds a before/after table for the EMA and CEMA on their chunked path: the
-mixers as that commit wrote them (recurrence.py, ema.py and cema.py read with ``git show`` into
+``--before COMMIT`` adds a before/after table for the EMA and CEMA: their chunked path (the default) as
+that commit wrote it against today's chunked and native paths; the mixers as that commit wrote them (recurrence.py, ema.py and cema.py read with ``git show`` into
 temporary modules, nothing checked out) beside today's, with the same weights and inputs, their
 calls alternating (before, after, before, ...) so that both see the same load, on the grid's
 lengths, passes and thread counts. It reports each one's median (fastest–slowest), measured ÷
@@ -94,13 +94,18 @@ def before_classes(commit: str) -> dict[str, type]:
     return classes
 
 
+AFTER_IMPLS = ("chunked", "native")
+"""Today's paths set against the chunked path (the default) as the earlier commit wrote it."""
+
+
 def compare_before(before: dict[str, type], spec, threads: int) -> tuple[object, list[dict]]:
-    """Time each compared mixer before and after on every length and pass of ``spec``, calls alternating; -> (rates, rows)."""
+    """Time each compared mixer before (chunked) and after (each of AFTER_IMPLS) on every length and pass of
+    ``spec``, calls alternating; -> (rates, rows)."""
     rates = measure_machine("cpu")
     rows = []
-    for name in COMPARED:
+    for name, impl in [(name, impl) for name in COMPARED for impl in AFTER_IMPLS]:
         torch.manual_seed(0)
-        after = seqmix.build_mixer(name, spec.width, impl="chunked")
+        after = seqmix.build_mixer(name, spec.width, impl=impl)
         old = before[name](spec.width, impl="chunked")
         old.load_state_dict(after.state_dict())
         for length in spec.lengths:
@@ -118,7 +123,7 @@ def compare_before(before: dict[str, type], spec, threads: int) -> tuple[object,
                 timings = {label: summarize(values) for label, values in times.items()}
                 minimum = rates.minimum_ms(after.cost(spec.batch, length, pass_))
                 ratios = [b / a for b, a in zip(times["before"], times["after"])]
-                rows.append({"mixer": f"{name}/chunked", "pass": pass_, "length": length, "threads": threads, "minimum_ms": minimum,
+                rows.append({"mixer": f"{name}/{impl}", "pass": pass_, "length": length, "threads": threads, "minimum_ms": minimum,
                              "before": timings["before"].as_dict(), "after": timings["after"].as_dict(),
                              "before_vs_minimum": timings["before"].median_ms / minimum, "after_vs_minimum": timings["after"].median_ms / minimum,
                              "speedup_median": statistics.median(ratios), "speedup_low": min(ratios), "speedup_high": max(ratios),
@@ -342,9 +347,10 @@ def before_after_lines(commit: str, compared: list[tuple[object, list[dict]]]) -
                          f"{row['speedup_median']:.2f}× ({row['speedup_low']:.2f}–{row['speedup_high']:.2f})",
                          f"{row['max_abs_difference']:.1e}", f"{row['load'][0]}"])
     lines = [
-        f"## Before and after: the chunked EMA and CEMA against commit {commit[:10]}",
+        f"## Before and after: the EMA and CEMA against their chunked path at commit {commit[:10]}",
         "",
-        f"The mixers as commit {commit[:10]} wrote them (read from git into temporary modules) and today's, same weights and "
+        f"The mixers' chunked path (the default) as commit {commit[:10]} wrote it (read from git into temporary modules) "
+        "against today's chunked and native paths (the mixer column names today's), same weights and "
         "inputs, their calls alternating so that both see the same load; the rates each minimum divides by were measured "
         "just before on the same threads. Times: median (fastest–slowest) in ms; before ÷ after: median (range) of the "
         "ratios of calls made side by side; difference: the largest |before − after| of a forward output; load: "
