@@ -194,7 +194,7 @@ def tcn_impls(model) -> set[str]:
 def test_inductor_runs_the_tcn_on_its_taps_and_matches_the_convolution():
     model = build("tcnca", depth=1).eval()
     tokens = random_tokens(model)
-    assert tcn_impls(model) == {"conv"}
+    assert tcn_impls(model) == {"channels_last"}
     with torch.no_grad():
         expected = model(tokens)
         compiled = compile_model(model)
@@ -206,7 +206,7 @@ def test_inductor_runs_the_tcn_on_its_taps_and_matches_the_convolution():
 def test_the_tcn_keeps_its_path_unless_inductor_may_switch_it(backend, options):
     model = build("tcnca", depth=1)
     compile_model(model, backend=backend, **options)
-    assert tcn_impls(model) == {"conv"}
+    assert tcn_impls(model) == {"channels_last"}
 
 
 def test_unknown_backend_lists_the_valid_ones():

@@ -15,11 +15,13 @@ Causal only. The streaming state keeps, per layer, the last (K−1)·f^i inputs 
 
 Three compute paths of the same sum:
 - ``conv``: ``nn.Conv1d`` with groups = D on (B, D, T) rows, one transposed copy of x in and of
-  y out (the reference and default);
-- ``channels_last``: the same depthwise convolution as a 2-D one over (B, D, 1, T) views of the
-  (B, T, D) rows in channels-last layout, so no transposes at all, and with no autograd recording
-  the activations and sums in place. Its forward is faster than ``conv``'s (oneDNN's channels-last
-  depthwise kernel also beats its channel-major one), its backward slower: the path for inference;
+  y out (the reference);
+- ``channels_last`` (the default): eagerly with no autograd recording, the same depthwise
+  convolution as a 2-D one over (B, D, 1, T) views of the (B, T, D) rows in channels-last layout,
+  so no transposes at all, with the activations and sums in place (oneDNN's channels-last
+  depthwise kernel also beats its channel-major one); while autograd records, ``conv``'s
+  computation, whose backward is several times faster than the channels-last kernel's, and
+  ``conv``'s too while traced. So inference and training each run the faster of the two;
 - ``taps``: K shifted, weighted copies of the layer input. Compiled with Inductor, the taps of a
   layer fuse into one kernel forward and backward, while a convolution stays a library call whose
   backward costs several forwards, so ``compile.compile_model`` switches to ``taps``.
@@ -57,12 +59,13 @@ class TCN(Mixer):
         activation: ``none``, ``silu`` or ``gelu``, applied after every layer but the last.
         residual: h = h + layer(h) instead of h = layer(h).
         causal: must be True; the TCN has no bidirectional form.
-        impl: ``conv`` (reference, default), ``channels_last`` (the fastest eager forward, for
-            inference) or ``taps`` (fuses when compiled).
+        impl: ``conv`` (reference), ``channels_last`` (default: the channels-last kernel in
+            place without autograd, ``conv``'s computation while autograd records) or ``taps``
+            (fuses when compiled).
     """
 
     impls = ("conv", "channels_last", "taps")
-    default_impl = "conv"
+    default_impl = "channels_last"
     # ONNX Runtime runs one Conv node per layer faster than K slices and products; Inductor fuses the
     # taps into one kernel per layer, forward and backward, where the convolution stays a library call.
     lowered_impls = {"export": {"taps": "conv", "channels_last": "conv"},
@@ -147,7 +150,7 @@ class TCN(Mixer):
 
     def _run(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
         """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""
-        if self.impl == "channels_last":
+        if self.impl == "channels_last" and self._in_place_allowed(x, state):
             return self._run_channels_last(x, padding_mask, state)
         act = ACTIVATIONS[self.activation]
         mask = None if padding_mask is None else padding_mask.unsqueeze(1)  # (B, 1, T)
@@ -166,24 +169,37 @@ class TCN(Mixer):
             else:
                 ctx = torch.cat([state.tcn[i].to(h.dtype), h], dim=-1)  # (B, D, window + T)
             new_state.append(ctx[..., -window:])
-            out = conv(ctx) if self.impl == "conv" else self._taps(conv, ctx)  # (B, D, T)
+            out = self._taps(conv, ctx) if self.impl == "taps" else conv(ctx)  # (B, D, T)
             if i < self.depth - 1:
                 out = act(out)
             h = h + out if self.residual else out
         y = F.silu(torch.addcmul(h, self.omega.unsqueeze(-1), x_rows))  # (B, D, T)
         return transposed_rows(y).to(x.dtype), TCNState(tuple(new_state))
 
+    def _in_place_allowed(self, x: Tensor, state: TCNState | None) -> bool:
+        """Whether ``channels_last`` may run its in-place kernel path: eagerly, with autograd not
+        recording (grad mode off, or nothing of x, the parameters and the state requiring grad).
+
+        Traced (torch.compile, torch.export) it runs ``conv``'s computation: aot_eager traced the
+        in-place writes into slices of each fresh context wrongly, giving different outputs for a
+        padded depth-4 stack."""
+        if torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        tensors = [x, *self.parameters(), *(state.tcn if state is not None else ())]
+        return not any(t.requires_grad for t in tensors)
+
     def _run_channels_last(self, x: Tensor, padding_mask: Tensor | None,
                            state: TCNState | None) -> tuple[Tensor, TCNState]:
-        """``_run`` on the (B, T, D) rows themselves: each layer's context (B, window + T, D) is
-        contiguous, and its (B, D, 1, window + T) transposed view is a channels-last image that a
-        2-D depthwise convolution (1 × K kernel, dilation f^i) reads as it is."""
+        """``_run`` on the (B, T, D) rows themselves, with no autograd recording: each layer's
+        context (B, window + T, D) is contiguous, and its (B, D, 1, window + T) transposed view is a
+        channels-last image that a 2-D depthwise convolution (1 × K kernel, dilation f^i) reads as
+        it is. The activation runs in place and each residual sum is written straight into the
+        next layer's context: nothing is copied between layers."""
         act = ACTIVATIONS[self.activation]
         mask = None if padding_mask is None else padding_mask.unsqueeze(-1)  # (B, T, 1)
-        # Without autograd, the activation runs in place and each residual sum is written straight
-        # into the next layer's context: nothing is copied between layers.
-        in_place = not torch.is_grad_enabled()
-        ctx = self._context(0, x, None, mask, state, in_place)
+        ctx = self._context(0, x, None, mask, state)
         new_state = []
         for i, (conv, window) in enumerate(zip(self.convs, self.windows)):
             h = ctx[:, window:]  # the layer's input, (B, T, D)
@@ -193,34 +209,27 @@ class TCN(Mixer):
                            dilation=(1, conv.dilation[0]), groups=self.d_model)  # (B, D, 1, T), channels-last
             out = out.squeeze(2).transpose(1, 2)  # (B, T, D), contiguous where the kernel kept channels-last
             if i < self.depth - 1:
-                out = F.silu(out, inplace=True) if in_place and self.activation == "silu" else act(out)
-                ctx = self._context(i + 1, h if self.residual else None, out, mask, state, in_place)
+                out = F.silu(out, inplace=True) if self.activation == "silu" else act(out)
+                ctx = self._context(i + 1, h if self.residual else None, out, mask, state)
             else:
                 h = h + out if self.residual else out
         y = F.silu(torch.addcmul(h, self.omega, x))
         return y.to(x.dtype), TCNState(tuple(new_state))
 
     def _context(self, layer: int, h: Tensor | None, out: Tensor | None, mask: Tensor | None,
-                 state: TCNState | None, in_place: bool) -> Tensor:
-        """Layer ``layer``'s context (B, window + T, D) for ``_run_channels_last``: its past window
-        (the state's, zeros when None), then its input h + out (h alone when ``out`` is None, out
-        alone when ``h`` is None), zeroed where ``mask`` (B, T, 1) is True. ``in_place``: written
-        into one new tensor, with no intermediate sum."""
+                 state: TCNState | None) -> Tensor:
+        """Layer ``layer``'s context (B, window + T, D) for ``_run_channels_last``, written into one
+        new tensor: its past window (the state's, zeros when None), then its input h + out (h alone
+        when ``out`` is None, out alone when ``h`` is None), zeroed where ``mask`` (B, T, 1) is True."""
         window = self.windows[layer]
         first = h if h is not None else out
         dtype = first.dtype if h is None or out is None else torch.promote_types(h.dtype, out.dtype)
         batch, length, width = first.shape
-        past = None if state is None else state.tcn[layer].to(dtype).transpose(1, 2)  # (B, window, D)
-        if not in_place:
-            value = first if h is None or out is None else h + out
-            if past is None:
-                past = first.new_zeros(batch, window, width, dtype=dtype)
-            return torch.cat([past, value if mask is None else value.masked_fill(mask, 0.0)], dim=1)
         ctx = first.new_empty(batch, window + length, width, dtype=dtype)
-        if past is None:
+        if state is None:
             ctx[:, :window].zero_()
         else:
-            ctx[:, :window].copy_(past)
+            ctx[:, :window].copy_(state.tcn[layer].transpose(1, 2))
         body = ctx[:, window:]
         if h is None or out is None:
             body.copy_(first)
