@@ -5,20 +5,23 @@ from dataclasses import dataclass
 
 import torch
 
+from seqmix.errors import SeqmixError
 from seqmix.registry import build_mixer, list_mixers, mixer_class
 from seqmix.timing import Timing, time_calls
 
 
 @dataclass
 class TourRow:
-    """One mixer and compute path: size, agreement of forward and streaming, forward time."""
+    """One mixer and compute path: size, agreement of forward and streaming, forward time; or why
+    it did not run here (``not_run``, e.g. native code without a C++ compiler), the figures None."""
 
     mixer: str
     impl: str
     parameters: int
     state_size: int
-    max_stream_error: float
-    forward: Timing
+    max_stream_error: float | None
+    forward: Timing | None
+    not_run: str | None = None
 
 
 def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, seed: int = 0, repeats: int = 5) -> list[TourRow]:
@@ -38,15 +41,19 @@ def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, se
         for impl in mixer_class(name).impls:
             torch.manual_seed(seed)
             mixer = build_mixer(name, width, impl=impl).eval()
+            parameters = sum(p.numel() for p in mixer.parameters())
             with torch.no_grad():
-                y = mixer(x)
+                try:
+                    y = mixer(x)
+                except SeqmixError as error:  # a path this machine cannot run: the tour goes on
+                    rows.append(TourRow(name, impl, parameters, mixer.state_size(), None, None, str(error)))
+                    continue
                 forward = time_calls(lambda: mixer(x), repeats=repeats, warmup=1)
                 state, pieces = mixer.init_state(batch), []
                 for begin in range(0, length, piece):
                     y_piece, state = mixer.step(x[:, begin : begin + piece], state)
                     pieces.append(y_piece)
             error = (torch.cat(pieces, dim=1) - y).abs().max().item()
-            parameters = sum(p.numel() for p in mixer.parameters())
             rows.append(TourRow(name, impl, parameters, mixer.state_size(), error, forward))
     return rows
 
@@ -56,9 +63,14 @@ def format_tour(rows: list[TourRow]) -> str:
     header = (f"{'mixer':<18} {'impl':<10} {'parameters':>10} {'state/seq':>10} {'max|fwd-stream|':>16} "
               f"{'forward ms, median (range)':>27}")
     lines = [header, "-" * len(header)]
+    notes = []
     for r in rows:
+        if r.not_run is not None:
+            notes.append(f"{r.mixer}/{r.impl} did not run here: {r.not_run}")
+            lines.append(f"{r.mixer:<18} {r.impl:<10} {r.parameters:>10,} {r.state_size:>10,} {'—':>16} {'not run (below)':>27}")
+            continue
         timing = f"{r.forward.median_ms:.2f} ({r.forward.low_ms:.2f}–{r.forward.high_ms:.2f})"
         lines.append(
             f"{r.mixer:<18} {r.impl:<10} {r.parameters:>10,} {r.state_size:>10,} {r.max_stream_error:>16.2e} {timing:>27}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))

@@ -113,6 +113,7 @@ def examples(default: int) -> int:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     import torch
+    from mixer_cases import native_unavailable
 
     share_module_fixtures(items)
     # Grouped tests first: pytest-xdist hands out work in collection order, and a long group handed
@@ -122,13 +123,26 @@ def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_fuzz = pytest.mark.skip(reason=f"long fuzzing: run with --fuzz or {FUZZ_EXAMPLES_VARIABLE}=<n>")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available here")
+    no_compiler = native_unavailable()
+    skip_native = pytest.mark.skip(reason=f"impl='native': {no_compiler}")
     for item in items:
+        if no_compiler and _runs_native(item):
+            item.add_marker(skip_native)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
         if item.get_closest_marker("fuzz") is not None and not fuzzing():
             item.add_marker(skip_fuzz)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def _runs_native(item) -> bool:
+    """Whether a test builds native code: marked ``native``, or parametrized with the path ``"native"``."""
+    if item.get_closest_marker("native") is not None:
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    values = [part for value in params.values() for part in (value if isinstance(value, tuple) else (value,))]
+    return any(isinstance(value, str) and (value == "native" or value.endswith("/native")) for value in values)
 
 
 def share_module_fixtures(items) -> None:

@@ -5,7 +5,11 @@ harness; the extra variants below cover the options that change the computation.
 """
 from __future__ import annotations
 
+import functools
+
 import seqmix
+from seqmix import native
+from seqmix.errors import SeqmixError
 
 WIDTH = 16
 
@@ -70,3 +74,22 @@ def build(name: str, options: dict, seed: int = 0, dtype=None):
     torch.manual_seed(seed)
     mixer = seqmix.build_mixer(name, WIDTH, **options)
     return mixer if dtype is None else mixer.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def native_unavailable() -> str | None:
+    """Why seqmix's native code (``impl="native"``) cannot be built here (no C++ compiler), or None when it can."""
+    try:
+        native.compiler()
+    except SeqmixError as error:
+        return str(error)
+    return None
+
+
+def runnable_impls(name: str) -> tuple[str, ...]:
+    """The paths of mixer ``name`` this machine can run: all but ``native`` without a C++ compiler.
+
+    Strategies draw from these; parametrized tests take every path and conftest skips the native
+    ones with the reason instead."""
+    impls = seqmix.mixer_class(name).impls
+    return tuple(impl for impl in impls if impl != "native" or native_unavailable() is None)

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 import seqmix
 from conftest import examples
+from mixer_cases import runnable_impls
 from seqmix import Mixer, SeqmixError
 from seqmix.operators.gated_attention import ATTENTIONS, POSITION_BIASES
 from seqmix.operators.tcn import ACTIVATIONS as TCN_ACTIVATIONS
@@ -39,7 +40,7 @@ def divisors(n: int) -> list[int]:
 
 
 def impls(name: str):
-    return st.sampled_from(seqmix.mixer_class(name).impls)
+    return st.sampled_from(runnable_impls(name))
 
 
 # --- valid configurations: one strategy per registered mixer -------------------------------

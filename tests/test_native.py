@@ -23,7 +23,10 @@ from seqmix import native
 from seqmix.errors import SeqmixError
 from seqmix.operators import recurrence
 
+NATIVE = pytest.mark.native
 
+
+@NATIVE
 @settings(max_examples=40, deadline=None)
 @given(
     complex_=st.booleans(), batch=st.integers(1, 3), width=st.integers(1, 19), order=st.integers(1, 6),
@@ -65,6 +68,7 @@ def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batc
         torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
 
 
+@NATIVE
 @pytest.mark.parametrize("name", ["ema", "cema"])
 def test_native_mixers_in_float32_match_the_loop_forward_streaming_and_backward(name):
     """The mixers as users build them (D = 40: two float32 vectors and a partial one), a length of
@@ -92,6 +96,7 @@ def test_native_mixers_in_float32_match_the_loop_forward_streaming_and_backward(
                 torch.testing.assert_close(part, part_ref, rtol=1e-4, atol=1e-5)
 
 
+@NATIVE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_fused_silu_is_torchs_silu_from_tiny_to_huge_and_at_inf_and_nan(dtype):
     """With b = 0 the recurrence adds nothing and the output is SiLU(skip ⊙ x): the kernel's own
@@ -120,6 +125,7 @@ def test_the_fused_silu_is_torchs_silu_from_tiny_to_huge_and_at_inf_and_nan(dtyp
     assert torch.equal(torch.signbit(y.view(-1)[nonzero]), torch.signbit(expected[nonzero]))
 
 
+@NATIVE
 def test_a_nan_reaches_only_later_steps_as_in_the_loop():
     torch.manual_seed(0)
     mixer = seqmix.build_mixer("cema", 20, impl="native").eval()
@@ -131,6 +137,7 @@ def test_a_nan_reaches_only_later_steps_as_in_the_loop():
     assert torch.isnan(poisoned[:, 200:, 3]).all()
 
 
+@NATIVE
 def test_tracers_take_the_chunked_path_and_lowerings_switch_to_it():
     """Native code is a call tracers cannot see into: exporters and Inductor switch the path, and
     a graph traced with it anyway is the chunked path's."""
@@ -169,6 +176,7 @@ def test_without_a_compiler_the_error_names_what_was_looked_for(monkeypatch):
         native.compiler()
 
 
+@NATIVE
 def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("SEQMIX_CACHE_DIR", str(tmp_path))
     build = native.load.__wrapped__
@@ -181,6 +189,7 @@ def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypat
     assert not list((tmp_path / "native").glob("*.partial"))
 
 
+@NATIVE
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="ownership and modes are POSIX")
 def test_a_cache_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
     """A library in the cache runs as this process: one that another user could have put there is never loaded."""
@@ -192,6 +201,7 @@ def test_a_cache_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
         native.load.__wrapped__("seqmix.operators", "recurrence_native.cpp")
 
 
+@NATIVE
 def test_a_source_that_does_not_compile_reports_the_compilers_words(tmp_path, monkeypatch):
     source = tmp_path / "broken.cpp"
     source.write_text("this is not C++\n", encoding="utf-8")

@@ -1,4 +1,6 @@
 """The main job's tour: every mixer and impl appears, and forward agrees with streaming."""
+from mixer_cases import runnable_impls
+
 from seqmix import list_mixers, mixer_class
 from seqmix.showcase import format_tour, tour
 
@@ -7,8 +9,12 @@ def test_tour_covers_every_mixer_and_impl_and_streams_like_forward():
     rows = tour(width=8, length=40, batch=2, piece=7)
     expected = {(name, impl) for name in list_mixers() for impl in mixer_class(name).impls}
     assert {(row.mixer, row.impl) for row in rows} == expected
-    for row in rows:
-        assert row.max_stream_error < 1e-4, row
-        assert row.forward.runs == 5 and row.forward.low_ms <= row.forward.median_ms <= row.forward.high_ms, row
     table = format_tour(rows)
+    for row in rows:
+        # A path this machine cannot run (native code without a C++ compiler) is listed with the reason.
+        if row.impl not in runnable_impls(row.mixer):
+            assert row.forward is None and "C++ compiler" in row.not_run and row.not_run in table, row
+            continue
+        assert row.not_run is None and row.max_stream_error < 1e-4, row
+        assert row.forward.runs == 5 and row.forward.low_ms <= row.forward.median_ms <= row.forward.high_ms, row
     assert all(name in table for name in list_mixers())
