@@ -124,10 +124,10 @@ def pytest_collection_modifyitems(config, items):
     skip_fuzz = pytest.mark.skip(reason=f"long fuzzing: run with --fuzz or {FUZZ_EXAMPLES_VARIABLE}=<n>")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available here")
     no_compiler = native_unavailable()
-    skip_native = pytest.mark.skip(reason=f"impl='native': {no_compiler}")
+    skip_compiling = pytest.mark.skip(reason=f"builds C++ (impl='native' or Inductor): {no_compiler}")
     for item in items:
-        if no_compiler and _runs_native(item):
-            item.add_marker(skip_native)
+        if no_compiler and _compiles_cpp(item):
+            item.add_marker(skip_compiling)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
         if item.get_closest_marker("fuzz") is not None and not fuzzing():
@@ -136,9 +136,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def _runs_native(item) -> bool:
-    """Whether a test builds native code: marked ``native``, or parametrized with the path ``"native"``."""
-    if item.get_closest_marker("native") is not None:
+def _compiles_cpp(item) -> bool:
+    """Whether a test needs a C++ compiler: it builds seqmix's native code (marked ``native``, or
+    parametrized with the path ``"native"``) or compiles with Inductor (xdist group ``inductor``)."""
+    group = item.get_closest_marker("xdist_group")
+    if item.get_closest_marker("native") is not None or (group is not None and "inductor" in group.args):
         return True
     params = getattr(getattr(item, "callspec", None), "params", {})
     values = [part for value in params.values() for part in (value if isinstance(value, tuple) else (value,))]
