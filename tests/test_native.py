@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_chunked_carry import _build, _coefficients, _reference
+from test_chunked_carry import assert_equals_the_loop
 
 import seqmix
 from seqmix import native
@@ -37,35 +37,13 @@ def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batc
                                                                   silu, threads, seed):
     """float64 to rounding: widths across a vector (8 lanes), orders across a group of states (4),
     lengths across segments (128), a start state, the skip and the SiLU, on one and two threads."""
-    generator = torch.Generator().manual_seed(seed)
-    leaves = _coefficients(width, order, complex_, generator)
-    x = torch.randn(batch, length, width, generator=generator, dtype=torch.float64, requires_grad=True)
-    h0 = None
-    if with_state:
-        h0 = tuple(torch.randn(batch, width, order, generator=generator, dtype=torch.float64, requires_grad=True)
-                   for _ in range(2 if complex_ else 1))
-        h0 = h0 if complex_ else (h0[0], None)
-    skip = torch.randn(width, generator=generator, dtype=torch.float64, requires_grad=True) if with_skip else None
-    weights_y = torch.randn(batch, length, width, generator=generator, dtype=torch.float64)
-    weights_h = torch.randn(batch, width, order, generator=generator, dtype=torch.float64)
-    inputs = [x, *leaves.values(), *([skip] if skip is not None else []), *([t for t in h0 if t is not None] if h0 else [])]
-
-    def loss_and_grads(path):
-        y, h = path(x, _build(leaves), h0, skip, silu)
-        loss = (y * weights_y).sum() + (h[0] * weights_h).sum() + (0 if h[1] is None else (h[1] * weights_h.flip(-1)).sum())
-        return y.detach(), tuple(part.detach() for part in h if part is not None), torch.autograd.grad(loss, inputs)
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y, h, grads = loss_and_grads(lambda x, coef, h0, skip, silu: recurrence.native(x, coef, h0, skip, silu))
+        assert_equals_the_loop(lambda x, coef, h0, skip, silu: recurrence.native(x, coef, h0, skip, silu), complex_, batch, width,
+                               order, length, with_state, with_skip, silu, seed, rtol=1e-10, grad_rtol=1e-9)
     finally:
         torch.set_num_threads(previous)
-    y_ref, h_ref, grads_ref = loss_and_grads(_reference)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-11)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-11)
-    for grad, grad_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
 
 
 @NATIVE
