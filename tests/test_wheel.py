@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from mixer_cases import native_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY_IGNORED = shutil.ignore_patterns(".git", "build", "dist", "runs", "outputs", "__pycache__", "*.egg-info", ".pytest_cache",
@@ -127,6 +128,7 @@ def test_the_wheel_holds_one_top_level_package_with_its_configs(wheel):
     assert {t for t in top if not t.endswith(".dist-info")} == {"seqmix"}
     assert "seqmix/conf/model/megalodon.yaml" in names and "seqmix/conf/config.yaml" in names
     assert "seqmix/export/run_onnx.py" in names and "seqmix/compile/compiler.py" in names
+    assert "seqmix/operators/recurrence_native.cpp" in names  # the native path's source, built on the user's machine
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "seqmix = seqmix.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -144,6 +146,12 @@ def test_the_installed_wheel_describes_trains_exports_evaluates_searches_and_ben
     where = in_venv(venv, tmp_path, "python", "-c", "import seqmix; print(seqmix.__file__); seqmix.build_mixer('ema', 64)")
     assert where.returncode == 0, where.stderr[-2000:]
     assert Path(where.stdout.strip()).is_relative_to(venv), "the import must come from the installed wheel"
+    if native_unavailable() is None:
+        # The native EMA builds from the source inside the installed package, into the cache it is given.
+        native = in_venv(venv, tmp_path, "python", "-c", "import os, torch; os.environ['SEQMIX_CACHE_DIR'] = 'cache'; import seqmix; "
+                         "print(tuple(seqmix.build_mixer('ema', 20, impl='native')(torch.randn(1, 9, 20)).shape))")
+        assert native.returncode == 0 and native.stdout.strip() == "(1, 9, 20)", native.stderr[-2000:]
+        assert len(list((tmp_path / "cache" / "native").glob("recurrence_native-*.so"))) == 1
 
     described = in_venv(venv, tmp_path, "seqmix", "describe", "model=megalodon")
     assert described.returncode == 0, described.stderr[-2000:]
