@@ -47,8 +47,10 @@ template <typename T> inline void store(T* p, typename Vec<T>::type v) { store<T
 template <typename T> constexpr T normal_floor() { return sizeof(T) == 4 ? T(-87.0) : T(-708.0); }
 template <typename T> constexpr T silu_floor() { return sizeof(T) == 4 ? T(-88.72283935546875) : T(-709.782712893384); }
 
-// exp(v) for normal_floor <= v <= 0, lower v clamped: 2^k times a polynomial on [-ln2/2, ln2/2],
-// within 2 ulp of the correctly rounded value in float32, 1e-15 relative in float64.
+// exp(v) for normal_floor <= v <= 0, lower v clamped: 2^k times a Taylor polynomial on
+// [-ln2/2, ln2/2] (degree 7 in float32, 13 in float64, each truncation error below its rounding).
+// The SiLU built on it agrees with torch's to 4e-7 relative in float32 and 1e-14 in float64
+// (tests/test_native.py).
 template <typename T> inline typename Vec<T>::type exp_normal(typename Vec<T>::type v) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::bits I;
