@@ -650,18 +650,16 @@ class _NativeRecurrence(torch.autograd.Function):
         sums = [x.new_zeros(batch, order, padded) for _ in range(5 if complex_ else 3)]
         grad_q_re, grad_b, grad_c_re = sums[:3]
         grad_q_im, grad_c_im = (sums[3], sums[4]) if complex_ else (None, None)
+        grad_skip = x.new_zeros(batch, padded) if skip is not None and ctx.needs_input_grad[6] else None
         grad_x = torch.empty_like(x)
         kernels.backward(*_pointers(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
-                                    grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im),
+                                    grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
                          batch, length, width, padded, order, torch.get_num_threads())
-        grad_skip = None
-        if skip is not None and ctx.needs_input_grad[6]:
-            grad_skip = F.pad((grad_y * x).sum((0, 1)), (0, padded - width))
 
         def total(grad: Tensor | None) -> Tensor | None:
             return None if grad is None else grad.sum(0)
 
-        return (grad_x, total(grad_q_re), total(grad_q_im), total(grad_b), total(grad_c_re), total(grad_c_im), grad_skip,
+        return (grad_x, total(grad_q_re), total(grad_q_im), total(grad_b), total(grad_c_re), total(grad_c_im), total(grad_skip),
                 carry_re, carry_im, None)
 
 
@@ -689,7 +687,7 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     forward, backward = getattr(library, f"seqmix_recurrence_forward_{suffix}"), getattr(library, f"seqmix_recurrence_backward_{suffix}")
     pointer, count = ctypes.c_void_p, ctypes.c_int64
     forward.argtypes = [pointer] * 12 + [count] * 5 + [ctypes.c_int] * 2
-    backward.argtypes = [pointer] * 18 + [count] * 5 + [ctypes.c_int]
+    backward.argtypes = [pointer] * 19 + [count] * 5 + [ctypes.c_int]
     forward.restype = backward.restype = None
     constants = [getattr(library, name) for name in
                  (f"seqmix_recurrence_lanes_{suffix}", "seqmix_recurrence_group", "seqmix_recurrence_segment")]

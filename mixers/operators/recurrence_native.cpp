@@ -9,11 +9,11 @@
 // order; within one, the (batch row, block) pairs are spread over the threads, so that the rows of
 // x and y a segment touches stay in cache.
 //
-// Layouts: x, y, g, gx (B, L, D) row-major; coefficients and their gradients (N, P) and states
-// (B, N, P), with P = D padded to a multiple of W and N to a multiple of GROUP (the padding holds
-// zeros, so it adds nothing); checkpoints (B, ceil(L / SEGMENT), N, P). Imaginary parts are null
-// for a real recurrence. Built by seqmix.native with the compiler's vector extensions, so the
-// same source vectorises for whatever the build machine's CPU offers.
+// Layouts: x, y, g, gx (B, L, D) row-major; coefficients and their gradients (N, P); states and
+// per-row sums (B, N, P), the skip's (B, P); P = D padded to a multiple of W and N to a multiple
+// of GROUP (the padding holds zeros, so it adds nothing); checkpoints (B, ceil(L / SEGMENT), N, P).
+// Imaginary parts are null for a real recurrence. Built by seqmix.native with the compiler's
+// vector extensions, so the same source vectorises for whatever the build machine's CPU offers.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -207,12 +207,13 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
 //     dl/dx_t = skip g_t + sum_n b Re mu_t,    dl/db = sum_t Re(mu_t) x_t
 //     dl/dc = sum_t g_t conj(h_t),    dl/dq = sum_t conj(h_{t-1}) mu_t,    dl/dh_{-1} = conj(q) mu_0
 // `carry` holds conj(q) mu_{t+1} between segments: dl/dh_{L-1} in, dl/dh_{-1} out. The coefficient
-// gradients are summed over time per batch row, into (B, N, P) buffers the caller sums over B.
+// gradients are summed over time per batch row, into (B, N, P) buffers the caller sums over B, and
+// the skip's, sum_t g_t x_t, into (B, P), from the rows the adjoint loads anyway.
 template <typename T, bool Complex>
 void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,
               const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,
-              T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, int64_t batch, int64_t length, int64_t width,
-              int64_t padded, int64_t order, int threads) {
+              T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,
+              int64_t width, int64_t padded, int64_t order, int threads) {
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
   const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT;
@@ -228,12 +229,15 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
         const int64_t d0 = block * W, live = std::min<int64_t>(W, width - d0);
         V xs[SEGMENT], gs[SEGMENT], gx[SEGMENT], kept_re[SEGMENT][GROUP], kept_im[Complex ? SEGMENT : 1][GROUP];
         const V sk = skip ? load<T>(skip + d0) : V{};
+        V skip_sum = {};
         for (int64_t t = 0; t < steps; ++t) {
           const int64_t at = ((row * length) + t0 + t) * width + d0;
           xs[t] = load<T>(x + at, live);
           gs[t] = load<T>(grad_y + at, live);
           gx[t] = sk * gs[t];
+          skip_sum += gs[t] * xs[t];
         }
+        if (grad_skip) store<T>(grad_skip + row * padded + d0, load<T>(grad_skip + row * padded + d0) + skip_sum);
         for (int64_t n0 = 0; n0 < order; n0 += GROUP) {
           V qr[GROUP], qi[GROUP], bw[GROUP], cr[GROUP], ci[GROUP], hr[GROUP], hi[GROUP], mr[GROUP], mi[GROUP];
           V dqr[GROUP], dqi[GROUP], db[GROUP], dcr[GROUP], dci[GROUP];
@@ -332,11 +336,12 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
   extern "C" void seqmix_recurrence_backward_##suffix(                                                               \
       const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,                \
       const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,           \
-      T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, int64_t batch, int64_t length, int64_t width,              \
-      int64_t padded, int64_t order, int threads) {                                                                   \
+      T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,               \
+      int64_t width, int64_t padded, int64_t order, int threads) {                                                    \
     (q_im ? backward<T, true> : backward<T, false>)(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, ck_re, ck_im, \
                                                     carry_re, carry_im, grad_q_re, grad_q_im, grad_b, grad_c_re,      \
-                                                    grad_c_im, batch, length, width, padded, order, threads);         \
+                                                    grad_c_im, grad_skip, batch, length, width, padded, order,        \
+                                                    threads);                                                         \
   }
 
 SEQMIX_RECURRENCE(float, f32)
