@@ -7,7 +7,7 @@ by name, and a machine without a compiler gets an error that names the compiler 
 the path to use instead.
 
 The build needs a C++ compiler: ``$CXX``, else the first of ``c++``, ``g++`` and ``clang++`` on
-``PATH``. OpenMP (threads) is used when the compiler has it. The library lands in
+``PATH``. OpenMP (threads) and ``-march=native`` are used when the compiler takes them. The library lands in
 ``$SEQMIX_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/seqmix``, else ``~/.cache/seqmix``),
 named by a hash of the source, the compiler and its flags, and the CPU's feature flags: a cache
 shared between machines never loads a library built for another CPU. A library is loaded only
@@ -76,8 +76,12 @@ def _compiler_version(path: str) -> str:
 def _private_dir(path: Path) -> Path:
     """``path``, created with mode 0700 if missing; a SeqmixError unless it is a folder the current
     user owns and nobody else can write to (a library loaded from it runs as this process)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.stat()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = path.stat()
+    except OSError as error:
+        raise SeqmixError(f"native code cache {str(path)!r} cannot be created or read ({error.strerror}); set "
+                          "SEQMIX_CACHE_DIR to a folder you can write to") from error
     if not stat.S_ISDIR(info.st_mode):
         raise SeqmixError(f"native code cache {str(path)!r} is not a folder; set SEQMIX_CACHE_DIR to a private folder")
     if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
@@ -90,9 +94,13 @@ def _private_dir(path: Path) -> Path:
 
 
 def _build(source: Path, target: Path, cxx: str) -> list[str]:
-    """Compile ``source`` into the shared library ``target`` (atomically), with OpenMP when the
-    compiler has it; returns the flags used. A SeqmixError with the compiler's output on failure."""
-    attempts = [[*BASE_FLAGS, OPENMP_FLAG], list(BASE_FLAGS)]
+    """Compile ``source`` into the shared library ``target`` (atomically), with OpenMP and
+    ``-march=native`` when the compiler takes them; returns the flags used. A SeqmixError with the
+    compiler's output of every attempt on failure."""
+    # Without OpenMP the kernel runs on one thread; without -march=native (a compiler that does not
+    # know it for this CPU) it vectorises for the architecture's baseline.
+    portable = [flag for flag in BASE_FLAGS if flag != "-march=native"]
+    attempts = [[*BASE_FLAGS, OPENMP_FLAG], list(BASE_FLAGS), portable]
     errors = []
     for flags in attempts:
         handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)

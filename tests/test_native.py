@@ -187,3 +187,27 @@ def test_a_source_that_does_not_compile_reports_the_compilers_words(tmp_path, mo
     with pytest.raises(SeqmixError, match=r"(?s)could not build broken.cpp with .*broken.cpp.*error"):
         native._build(source, native._private_dir(native.cache_dir()) / "broken.so", native.compiler())
     assert not list((tmp_path / "cache" / "native").iterdir())
+
+
+@NATIVE
+@pytest.mark.parametrize("refused", ["-fopenmp", "-march=native"])
+def test_a_compiler_that_refuses_openmp_or_the_native_architecture_still_builds_the_library(refused, tmp_path, monkeypatch):
+    """The build falls back: without OpenMP (one thread), then without -march=native (the
+    architecture's baseline); the library it gets loads, one file in the cache."""
+    wrapper = tmp_path / "picky-c++"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{refused}" ] && {{ echo "unsupported {refused}" >&2; exit 1; }}; done\n'
+                       f'exec {native.compiler()} "$@"\n', encoding="utf-8")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv("SEQMIX_CACHE_DIR", str(tmp_path / "cache"))
+    library = native.load.__wrapped__("seqmix.operators", "recurrence_native.cpp")
+    assert library.seqmix_recurrence_segment() == 128
+    assert len(list((tmp_path / "cache" / "native").glob("recurrence_native-*.so"))) == 1
+
+
+def test_a_cache_path_that_is_a_file_is_refused_by_name(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("", encoding="utf-8")
+    monkeypatch.setenv("SEQMIX_CACHE_DIR", str(blocker))
+    with pytest.raises(SeqmixError, match=r"native code cache '.*not-a-folder/native' cannot be created or read.*SEQMIX_CACHE_DIR"):
+        native._private_dir(native.cache_dir())
