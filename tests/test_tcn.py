@@ -207,3 +207,33 @@ def test_registered_under_tcn():
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(SeqmixError, match=field):
         TCN(4, **options)
+
+
+def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast():
+    """While autograd records, ``channels_last`` runs the convolutions with its own backward
+    (``_DepthwiseConv``): gradients of x, of a start state and of every parameter equal ``conv``'s
+    (float64, a streamed step), and under bf16 autocast they come back in the operands' dtype."""
+    torch.manual_seed(7)
+    conv = TCN(6, kernel_size=3, dilation_base=3, depth=3).double()
+    fast = TCN(6, kernel_size=3, dilation_base=3, depth=3, impl="channels_last").double()
+    fast.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 25, 6, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn_like(w).requires_grad_(True) for w in conv.init_state(3).tcn)
+    projection = torch.randn(3, 25, 6, dtype=torch.float64)
+    grads = []
+    for mixer in (conv, fast):
+        y, after = mixer.step(x, type(conv.init_state(3))(state))
+        loss = (y * projection).sum() + sum((w * w).sum() for w in after.tcn)
+        grads.append(torch.autograd.grad(loss, [x, *state, *mixer.parameters()]))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    conv, fast = conv.float(), fast.float()
+    x = torch.randn(2, 40, 6, requires_grad=True)
+    grads = []
+    for mixer in (conv, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mixer(x)
+        grads.append(torch.autograd.grad(y.float().sum(), [x, *mixer.parameters()]))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)

@@ -20,8 +20,9 @@ Three compute paths of the same sum:
   convolution as a 2-D one over (B, D, 1, T) views of the (B, T, D) rows in channels-last layout,
   so no transposes at all, with the activations and sums in place (oneDNN's channels-last
   depthwise kernel also beats its channel-major one); while autograd records, ``conv``'s
-  computation, whose backward is several times faster than the channels-last kernel's, and
-  ``conv``'s too while traced. So inference and training each run the faster of the two;
+  computation (the channels-last kernel's backward is several times slower) with each
+  convolution's backward written out (``_DepthwiseConv``: forward-speed kernels where torch's
+  convolution backward is slow); while traced, ``conv``'s computation as it is;
 - ``taps``: K shifted, weighted copies of the layer input. Compiled with Inductor, the taps of a
   layer fuse into one kernel forward and backward, while a convolution stays a library call whose
   backward costs several forwards, so ``compile.compile_model`` switches to ``taps``.
@@ -34,6 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from seqmix.contract import Mixer, Stages, parameter_reads, transposed_rows
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
@@ -45,6 +47,51 @@ class TCNState(NamedTuple):
     """Streaming state of the TCN: ``tcn[i]``, layer i's last (K−1)·f^i inputs, (B, D, (K−1)·f^i)."""
 
     tcn: tuple[Tensor, ...]
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """A layer's depthwise convolution, ``nn.Conv1d(groups=D, padding=0)`` on (B, D, window + T)
+    rows, with its backward written out for ``channels_last`` while autograd records. torch's
+    convolution backward runs this depthwise case far slower than its forward; these three are
+    forward-speed kernels (tools/perf/roofline.md sets ``tcn/channels_last`` fwd+bwd beside ``tcn/conv``).
+
+    - input: the adjoint of a correlation is a correlation of the gradient, padded by the window on
+      both sides, with the flipped kernel: one more forward depthwise convolution;
+    - weight: tap k meets the context shifted by k·dilation, an unfold view (D, K, T) per batch row,
+      one batched matrix-vector product per row;
+    - bias: the gradient summed over batch and time.
+    """
+
+    @staticmethod
+    def forward(ctx, context: Tensor, weight: Tensor, bias: Tensor, dilation: int) -> Tensor:
+        """context (B, D, window + T), weight (D, 1, K), bias (D,) -> (B, D, T)."""
+        ctx.save_for_backward(context, weight)
+        ctx.dilation = dilation
+        return F.conv1d(context, weight, bias, dilation=dilation, groups=weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        context, weight = ctx.saved_tensors
+        dilation = ctx.dilation
+        width, _, taps = weight.shape
+        window = (taps - 1) * dilation
+        # Under autocast the convolution ran in a lower precision; the gradients are the operands'.
+        grad = grad.to(context.dtype).contiguous()
+        batch, _, length = grad.shape
+        grad_context = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_context = F.conv1d(F.pad(grad, (window, window)), weight.to(grad.dtype).flip(-1), groups=width, dilation=dilation)
+        if ctx.needs_input_grad[1]:
+            shifted = context.unfold(-1, length, dilation)  # (B, D, K, T): the context under tap k
+            # bmm, not baddbmm_: the in-place form ran one matrix product per channel on this strided view.
+            grad_weight = grad.new_zeros(width, taps, 1)
+            for row in range(batch):
+                grad_weight = grad_weight + torch.bmm(shifted[row], grad[row].unsqueeze(-1))
+            grad_weight = grad_weight.transpose(1, 2).to(weight.dtype)  # (D, 1, K)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2)).to(weight.dtype)
+        return grad_context, grad_weight, grad_bias, None
 
 
 @register_mixer("tcn")
@@ -169,7 +216,12 @@ class TCN(Mixer):
             else:
                 ctx = torch.cat([state.tcn[i].to(h.dtype), h], dim=-1)  # (B, D, window + T)
             new_state.append(ctx[..., -window:])
-            out = self._taps(conv, ctx) if self.impl == "taps" else conv(ctx)  # (B, D, T)
+            if self.impl == "taps":
+                out = self._taps(conv, ctx)  # (B, D, T)
+            elif self.impl == "channels_last" and not torch.compiler.is_compiling():
+                out = _DepthwiseConv.apply(ctx, conv.weight, conv.bias, conv.dilation[0])
+            else:
+                out = conv(ctx)
             if i < self.depth - 1:
                 out = act(out)
             h = h + out if self.residual else out
