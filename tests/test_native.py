@@ -137,6 +137,21 @@ def test_a_half_precision_input_is_refused_by_name():
         recurrence.native(torch.randn(1, 3, 4, dtype=torch.bfloat16), coef)
 
 
+@NATIVE
+@pytest.mark.parametrize("bad, message", [
+    ({"b": torch.ones(4, 2, dtype=torch.float64)}, r"b is torch.float64 \(4, 2\).*must be torch.float32 \(4, 2\)"),
+    ({"b": torch.ones(5, 2)}, r"b is torch.float32 \(5, 2\).*must be torch.float32 \(4, 2\)"),
+    ({"h0": (torch.zeros(1, 4, 3), None)}, r"h0 \(real part\) is torch.float32 \(1, 4, 3\).*must be torch.float32 \(1, 4, 2\)"),
+    ({"skip": torch.ones(3)}, r"skip is torch.float32 \(3,\).*must be torch.float32 \(4,\)"),
+])
+def test_operands_that_do_not_match_x_are_refused_before_native_code_reads_them(bad, message):
+    """Native code reads raw memory: a wrong dtype or shape would be a wrong answer or a crash, so it is an error first."""
+    parts = {"b": torch.ones(4, 2), "h0": None, "skip": None, **bad}
+    coef = recurrence.Coefficients(log_r=torch.full((4, 2), -0.1), phase=None, b=parts["b"], c=(torch.ones(4, 2), None))
+    with pytest.raises(SeqmixError, match=message):
+        recurrence.native(torch.randn(1, 3, 4), coef, parts["h0"], parts["skip"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put the input on")
 def test_a_cuda_input_is_refused_with_the_path_to_use_instead():
     mixer = seqmix.build_mixer("ema", 8, impl="native").cuda()

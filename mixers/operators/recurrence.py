@@ -696,6 +696,24 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     return _NativeKernels(forward, backward, *(constant() for constant in constants))
 
 
+def _check_native_operands(x: Tensor, coefficients: dict[str, Tensor | None], states: dict[str, Tensor | None],
+                           skip: Tensor | None) -> None:
+    """Raise a SeqmixError unless every operand has x's dtype and device and its shape: coefficients
+    (D, N), states (B, D, N), skip (D,). Native code reads raw memory, where a mismatch is no error
+    but a wrong answer or a crash."""
+    batch, _, width = x.shape
+    order = coefficients["b"].shape[-1]
+    expected = {**{name: (width, order) for name in coefficients}, **{name: (batch, width, order) for name in states}, "skip": (width,)}
+    for name, tensor in {**coefficients, **states, "skip": skip}.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype or tensor.device != x.device or tuple(tensor.shape) != expected[name]:
+            raise SeqmixError(
+                f"impl='native': {name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; with x {x.dtype} "
+                f"{tuple(x.shape)} on {x.device} it must be {x.dtype} {expected[name]} on {x.device}"
+            )
+
+
 def _pointers(*tensors: Tensor | None) -> list[int | None]:
     """The data pointers the native kernels take (None for an absent part), each tensor contiguous on the CPU."""
     for tensor in tensors:
@@ -720,7 +738,10 @@ def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor |
         raise SeqmixError(f"impl='native' runs on the CPU, and x is on {x.device}; use impl='chunked' there")
     kernels = _native_kernels(x.dtype)
     batch, _, width = x.shape
-    order = coef.b.shape[1]
+    order = coef.b.shape[-1]
+    h = coef.zero_state(batch) if h0 is None else h0
+    _check_native_operands(x, {"log_r": coef.log_r, "phase": coef.phase, "b": coef.b, "c (real part)": coef.c[0],
+                               "c (imaginary part)": coef.c[1]}, {"h0 (real part)": h[0], "h0 (imaginary part)": h[1]}, skip)
     padded = -(-width // kernels.lanes) * kernels.lanes
     orders = -(-order // kernels.group) * kernels.group
 
@@ -729,7 +750,6 @@ def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor |
         return None if t is None else F.pad(t.transpose(-1, -2), (0, padded - width, 0, orders - order)).contiguous()
 
     q_re, q_im = coef.power(1, x.device)
-    h = coef.zero_state(batch) if h0 is None else h0
     complex_ = coef.phase is not None
     h_im = h[1] if h[1] is not None or not complex_ else torch.zeros_like(h[0])
     padded_skip = None if skip is None else F.pad(skip, (0, padded - width)).contiguous()
