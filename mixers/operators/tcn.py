@@ -107,8 +107,8 @@ class TCN(Mixer):
         residual: h = h + layer(h) instead of h = layer(h).
         causal: must be True; the TCN has no bidirectional form.
         impl: ``conv`` (reference), ``channels_last`` (default: the channels-last kernel in
-            place without autograd, ``conv``'s computation while autograd records) or ``taps``
-            (fuses when compiled).
+            place without autograd, ``conv``'s computation with its own convolution backward while
+            autograd records) or ``taps`` (fuses when compiled).
     """
 
     impls = ("conv", "channels_last", "taps")
