@@ -9,7 +9,8 @@ the path to use instead.
 The build needs a C++ compiler: ``$CXX``, else the first of ``c++``, ``g++`` and ``clang++`` on
 ``PATH``. OpenMP (threads) and ``-march=native`` are used when the compiler takes them. The library lands in
 ``$SEQMIX_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/seqmix``, else ``~/.cache/seqmix``),
-named by a hash of the source, the compiler and its flags, and the CPU's feature flags: a cache
+named by a hash of the source and the headers beside it (``*.h``, which the source may include),
+the compiler and its flags, and the CPU's feature flags: a cache
 shared between machines never loads a library built for another CPU. A library is loaded only
 from a folder owned by the current user that nobody else can write to.
 """
@@ -93,10 +94,15 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def _headers(source: Path) -> list[Path]:
+    """The headers beside ``source``, which it may include, in a fixed order."""
+    return sorted(source.parent.glob("*.h"))
+
+
 def _build(source: Path, target: Path, cxx: str) -> list[str]:
     """Compile ``source`` into the shared library ``target`` (atomically), with OpenMP and
-    ``-march=native`` when the compiler takes them; returns the flags used. A SeqmixError with the
-    compiler's output of every attempt on failure."""
+    ``-march=native`` when the compiler takes them, and the source's folder on the include path;
+    returns the flags used. A SeqmixError with the compiler's output of every attempt on failure."""
     # Without OpenMP the kernel runs on one thread; without -march=native (a compiler that does not
     # know it for this CPU) it vectorises for the architecture's baseline.
     portable = [flag for flag in BASE_FLAGS if flag != "-march=native"]
@@ -106,7 +112,7 @@ def _build(source: Path, target: Path, cxx: str) -> list[str]:
         handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
         os.close(handle)
         try:
-            result = subprocess.run([cxx, *flags, str(source), "-o", partial], capture_output=True, text=True, timeout=600)
+            result = subprocess.run([cxx, *flags, f"-I{source.parent}", str(source), "-o", partial], capture_output=True, text=True, timeout=600)
             if result.returncode == 0:
                 os.chmod(partial, 0o700)
                 os.replace(partial, target)
@@ -125,9 +131,9 @@ def load(package: str, name: str) -> ctypes.CDLL:
     built into ``cache_dir()`` on the first call on this machine (a second or so) and loaded once per process."""
     cxx = compiler()
     with resources.as_file(resources.files(package) / name) as source:
-        code = source.read_bytes()
+        code = [source.read_bytes(), *(header.read_bytes() for header in _headers(source))]
         key = hashlib.sha256(b"\0".join([
-            code, cxx.encode(), _compiler_version(cxx).encode(), " ".join(BASE_FLAGS + (OPENMP_FLAG,)).encode(),
+            *code, cxx.encode(), _compiler_version(cxx).encode(), " ".join(BASE_FLAGS + (OPENMP_FLAG,)).encode(),
             _cpu_flags().encode(), sys.platform.encode(),
         ])).hexdigest()[:24]
         folder = _private_dir(cache_dir())

@@ -25,11 +25,20 @@ Three compute paths of the same sum:
   convolution backward is slow); while traced, ``conv``'s computation as it is;
 - ``taps``: K shifted, weighted copies of the layer input. Compiled with Inductor, the taps of a
   layer fuse into one kernel forward and backward, while a convolution stays a library call whose
-  backward costs several forwards, so ``compile.compile_model`` switches to ``taps``.
+  backward costs several forwards, so ``compile.compile_model`` switches to ``taps``;
+- ``native``: each layer as one pass of C++ over the (B, T, D) rows (tcn_native.cpp, built on first
+  use with the machine's compiler by ``seqmix.native``): the convolution, activation, residual sum
+  and mask in one read of the layer's input and one write of its output, the last layer writing the
+  mixer's output; its backward two such passes per layer. CPU only, float32 and float64, computed
+  in x's dtype (autocast does not lower it). The fastest eager path on a CPU; while compiled or
+  exported it runs ``taps`` and ``conv`` as the other paths do, as tracers cannot see into native code.
 Exporters take ``conv``: ONNX Runtime's ``Conv`` beats the K slices and products.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -37,11 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from seqmix import native as native_code
 from seqmix.contract import Mixer, Stages, parameter_reads, transposed_rows
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.registry import register_mixer
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
+# The activations' codes in tcn_native.cpp.
+NATIVE_ACTIVATIONS = {"none": 0, "silu": 1, "gelu": 2}
 
 class TCNState(NamedTuple):
     """Streaming state of the TCN: ``tcn[i]``, layer i's last (K−1)·f^i inputs, (B, D, (K−1)·f^i)."""
@@ -94,6 +106,159 @@ class _DepthwiseConv(torch.autograd.Function):
         return grad_context, grad_weight, grad_bias, None
 
 
+@dataclass(frozen=True)
+class _NativeStack:
+    """What the native kernels need of a TCN besides its tensors: per layer its dilation and window."""
+
+    taps: int
+    dilations: tuple[int, ...]
+    windows: tuple[int, ...]
+    activation: int
+    residual: bool
+
+
+@dataclass(frozen=True)
+class _NativeKernels:
+    """tcn_native.cpp's entry points for one dtype."""
+
+    forward: object
+    backward_taps: object
+    backward_input: object
+
+
+_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+@functools.lru_cache(maxsize=None)
+def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
+    """The native layer forward and backward passes for ``dtype`` (float32 or float64), built on first use."""
+    if dtype not in _NATIVE_DTYPES:
+        raise SeqmixError(f"tcn impl='native' runs in float32 or float64, not {dtype}")
+    library = native_code.load("seqmix.operators", "tcn_native.cpp")
+    suffix = _NATIVE_DTYPES[dtype]
+    kernels = _NativeKernels(*(getattr(library, f"seqmix_tcn_{name}_{suffix}") for name in ("forward", "backward_taps", "backward_input")))
+    pointer, count, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    kernels.forward.argtypes = [pointer] * 8 + [count] * 5 + [flag] * 3
+    kernels.backward_taps.argtypes = [pointer] * 11 + [count] * 5 + [flag] * 3
+    kernels.backward_input.argtypes = [pointer] * 8 + [count] * 5 + [flag]
+    for kernel in (kernels.forward, kernels.backward_taps, kernels.backward_input):
+        kernel.restype = None
+    return kernels
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    """The data pointer a native kernel takes (None for an absent operand)."""
+    if tensor is None:
+        return None
+    if not tensor.is_contiguous():
+        raise AssertionError("native TCN operands must be contiguous")
+    return tensor.data_ptr()
+
+
+def _last_window(h: Tensor, past: Tensor | None, window: int) -> Tensor:
+    """The last ``window`` rows of a layer's context, its past (B, window, D) (zeros when None) then
+    its input h (B, T, D): the layer's next streaming state, (B, window, D), a copy."""
+    batch, length, width = h.shape
+    if length >= window:
+        return h[:, length - window:].clone()
+    past = h.new_zeros(batch, window, width) if past is None else past
+    return torch.cat([past[:, length:], h], dim=1)
+
+
+class _NativeTCN(torch.autograd.Function):
+    """The TCN's stack as native code (tcn_native.cpp), one kernel call per layer: one autograd node.
+
+    Inputs: x (B, T, D) contiguous; omega (D,); mask (B, T) uint8, nonzero where padded, or None;
+    then per layer its weight (K, D) (tap k multiplies the input (K−1−k)·f^i steps back), per layer
+    its bias (D,), per layer its past window (B, window_i, D) or None for zeros.
+    Outputs: y (B, T, D), then per layer its next window (B, window_i, D).
+    Keeps every layer's input for backward, which recomputes the pre-activations from them.
+    """
+
+    @staticmethod
+    def forward(ctx, stack: _NativeStack, x: Tensor, omega: Tensor, mask: Tensor | None, *operands: Tensor | None):
+        depth = len(stack.dilations)
+        weights, biases, pasts = operands[:depth], operands[depth : 2 * depth], operands[2 * depth :]
+        kernels = _native_kernels(x.dtype)
+        batch, length, width = x.shape
+        h = x if mask is None else x.masked_fill(mask.bool().unsqueeze(-1), 0.0)
+        inputs, windows = [], []
+        for i, (dilation, window) in enumerate(zip(stack.dilations, stack.windows)):
+            windows.append(_last_window(h, pasts[i], window))
+            last = i == depth - 1
+            out = torch.empty_like(x)
+            kernels.forward(_pointer(h), _pointer(pasts[i]), _pointer(out), _pointer(weights[i]), _pointer(biases[i]),
+                            _pointer(mask), _pointer(x) if last else None, _pointer(omega) if last else None,
+                            batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual),
+                            torch.get_num_threads())
+            inputs.append(h)
+            h = out
+        ctx.set_materialize_grads(False)
+        ctx.stack = stack
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, omega, mask, *inputs, *operands)
+        return (h, *windows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor | None, *grad_windows: Tensor | None):
+        stack = ctx.stack
+        depth = len(stack.dilations)
+        x, omega, mask, *rest = ctx.saved_tensors
+        inputs, weights, biases, pasts = (rest[i * depth : (i + 1) * depth] for i in range(4))
+        kernels = _native_kernels(x.dtype)
+        batch, length, width = x.shape
+        keep = None if mask is None else (mask == 0).unsqueeze(-1)  # (B, T, 1)
+        threads = torch.get_num_threads()
+        g = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
+        grad_weights = [torch.zeros_like(w) for w in weights]
+        grad_biases = [torch.zeros_like(b) for b in biases]
+        grad_omega = torch.zeros_like(omega)
+        grad_pasts: list[Tensor | None] = [None] * depth
+        grad_x = None
+        output_grad = None  # dl/d(next + omega·x) of the last layer: omega times it is x's direct gradient
+        for i in reversed(range(depth)):
+            last = i == depth - 1
+            dilation, window = stack.dilations[i], stack.windows[i]
+            dz = torch.empty_like(x)
+            kernels.backward_taps(_pointer(inputs[i]), _pointer(pasts[i]), _pointer(g), _pointer(dz), _pointer(weights[i]),
+                                  _pointer(biases[i]), _pointer(x) if last else None, _pointer(omega) if last else None,
+                                  _pointer(grad_weights[i]), _pointer(grad_biases[i]), _pointer(grad_omega) if last else None,
+                                  batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual), threads)
+            if last:
+                output_grad = dz
+            wants_past = pasts[i] is not None and ctx.needs_input_grad[4 + 2 * depth + i]
+            if i == 0 and not (ctx.needs_input_grad[1] or wants_past):
+                break
+            # The residual passes the output's gradient straight through: the last layer's is its dz.
+            residual = (dz if last else g) if stack.residual else None
+            grad_h = torch.empty_like(x)
+            grad_past = x.new_empty(batch, window, width) if wants_past else None
+            first = i == 0
+            kernels.backward_input(_pointer(dz), _pointer(residual), _pointer(weights[i]), _pointer(mask),
+                                   _pointer(output_grad) if first else None, _pointer(omega) if first else None,
+                                   _pointer(grad_h), _pointer(grad_past), batch, length, width, stack.taps, dilation, threads)
+            if grad_windows[i] is not None:
+                _add_window_grad(grad_windows[i].to(x.dtype), grad_h, grad_past, keep)
+            grad_pasts[i] = grad_past
+            g = grad_h
+            if first:
+                grad_x = grad_h
+        return (None, grad_x, grad_omega, None, *grad_weights, *grad_biases, *grad_pasts)
+
+
+def _add_window_grad(grad_window: Tensor, grad_h: Tensor, grad_past: Tensor | None, keep: Tensor | None) -> None:
+    """Add the gradient of a layer's next window (B, window, D), ``_last_window`` of its context, to
+    its input's gradient grad_h (B, T, D) (not where ``keep`` (B, T, 1) is False: the input was
+    masked there) and to its past's, grad_past (B, window, D) or None."""
+    length, window = grad_h.shape[1], grad_window.shape[1]
+    start = max(length - window, 0)
+    tail = grad_window[:, window - (length - start):]
+    grad_h[:, start:] += tail if keep is None else tail * keep[:, start:]
+    if grad_past is not None and length < window:
+        grad_past[:, length:] += grad_window[:, : window - length]
+
+
 @register_mixer("tcn")
 class TCN(Mixer):
     """TCNCA's stack of dilated depthwise causal convolutions with output SiLU(y + omega ⊙ x).
@@ -108,15 +273,16 @@ class TCN(Mixer):
         causal: must be True; the TCN has no bidirectional form.
         impl: ``conv`` (reference), ``channels_last`` (default: the channels-last kernel in
             place without autograd, ``conv``'s computation with its own convolution backward while
-            autograd records) or ``taps`` (fuses when compiled).
+            autograd records), ``taps`` (fuses when compiled) or ``native`` (one pass of C++ per
+            layer; needs a C++ compiler, CPU, float32 or float64).
     """
 
-    impls = ("conv", "channels_last", "taps")
+    impls = ("conv", "channels_last", "taps", "native")
     default_impl = "channels_last"
     # ONNX Runtime runs one Conv node per layer faster than K slices and products; Inductor fuses the
     # taps into one kernel per layer, forward and backward, where the convolution stays a library call.
-    lowered_impls = {"export": {"taps": "conv", "channels_last": "conv"},
-                     "inductor": {"conv": "taps", "channels_last": "taps"}}
+    lowered_impls = {"export": {"taps": "conv", "channels_last": "conv", "native": "conv"},
+                     "inductor": {"conv": "taps", "channels_last": "taps", "native": "taps"}}
 
     def __init__(
         self,
@@ -199,6 +365,8 @@ class TCN(Mixer):
         """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""
         if self.impl == "channels_last" and self._in_place_allowed(x, state):
             return self._run_channels_last(x, padding_mask, state)
+        if self.impl == "native" and not torch.compiler.is_compiling():
+            return self._run_native(x, padding_mask, state)
         act = ACTIVATIONS[self.activation]
         mask = None if padding_mask is None else padding_mask.unsqueeze(1)  # (B, 1, T)
         # One transposed copy in and one out: every pad, convolution and residual sum between them
@@ -267,6 +435,24 @@ class TCN(Mixer):
                 h = h + out if self.residual else out
         y = F.silu(torch.addcmul(h, self.omega, x))
         return y.to(x.dtype), TCNState(tuple(new_state))
+
+    def _run_native(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
+        """``_run`` as native code (``_NativeTCN``), on the (B, T, D) rows in x's dtype."""
+        if x.device.type != "cpu":
+            raise SeqmixError(f"tcn impl='native' runs on the CPU, and x is on {x.device}; use impl='channels_last' there")
+        _native_kernels(x.dtype)
+        for name, parameter in self.named_parameters():
+            if parameter.dtype != x.dtype or parameter.device != x.device:
+                raise SeqmixError(f"tcn impl='native': parameter {name} is {parameter.dtype} on {parameter.device}, "
+                                  f"x is {x.dtype} on {x.device}; native code needs them alike (convert the model or x)")
+        stack = _NativeStack(self.kernel_size, tuple(conv.dilation[0] for conv in self.convs), tuple(self.windows),
+                             NATIVE_ACTIVATIONS[self.activation], self.residual)
+        weights = [conv.weight.squeeze(1).t().contiguous() for conv in self.convs]  # (K, D) each
+        biases = [conv.bias for conv in self.convs]
+        pasts = [None] * self.depth if state is None else [w.to(x.dtype).transpose(1, 2).contiguous() for w in state.tcn]
+        mask = None if padding_mask is None else padding_mask.to(device=x.device, dtype=torch.uint8).contiguous()
+        y, *windows = _NativeTCN.apply(stack, x.contiguous(), self.omega, mask, *weights, *biases, *pasts)
+        return y, TCNState(tuple(w.transpose(1, 2).contiguous() for w in windows))
 
     def _context(self, layer: int, h: Tensor | None, out: Tensor | None, mask: Tensor | None,
                  state: TCNState | None) -> Tensor:

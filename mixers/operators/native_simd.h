@@ -1,0 +1,104 @@
+// Vector helpers shared by seqmix's native kernels (recurrence_native.cpp, tcn_native.cpp): a
+// 64-byte vector type per dtype from the compiler's vector extensions, loads and stores of a
+// partial tail vector, and an exponential and SiLU that agree with torch's.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace seqmix_simd {
+
+template <typename T> struct Vec;
+template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); typedef int32_t bits __attribute__((vector_size(64))); };
+template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); typedef int64_t bits __attribute__((vector_size(64))); };
+
+template <typename T> constexpr int lanes() { return 64 / sizeof(T); }
+
+// A vector from `width` values at p (the rest zero), and its store back: the tail block of a D
+// that is not a multiple of W reads and writes only its own channels.
+template <typename T> inline typename Vec<T>::type load(const T* p, int64_t width) {
+  typename Vec<T>::type v = {};
+  std::memcpy(&v, p, sizeof(T) * width);
+  return v;
+}
+template <typename T> inline void store(T* p, typename Vec<T>::type v, int64_t width) {
+  std::memcpy(p, &v, sizeof(T) * width);
+}
+template <typename T> inline typename Vec<T>::type load(const T* p) { return load<T>(p, lanes<T>()); }
+template <typename T> inline void store(T* p, typename Vec<T>::type v) { store<T>(p, v, lanes<T>()); }
+
+// Where e^v leaves the normal numbers (2^-126, 2^-1022), and where torch's SiLU, y / (1 + e^-y),
+// overflows its e^-y and returns -0: below log of the largest finite number.
+template <typename T> constexpr T normal_floor() { return sizeof(T) == 4 ? T(-87.0) : T(-708.0); }
+template <typename T> constexpr T silu_floor() { return sizeof(T) == 4 ? T(-88.72283935546875) : T(-709.782712893384); }
+
+// exp(v) for normal_floor <= v <= 0, lower v clamped: 2^k times a Taylor polynomial on
+// [-ln2/2, ln2/2] (degree 7 in float32, 13 in float64, each truncation error below its rounding).
+// The SiLU built on it agrees with torch's to 4e-7 relative in float32 and 1e-14 in float64
+// (tests/test_native.py).
+template <typename T> inline typename Vec<T>::type exp_normal(typename Vec<T>::type v) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::bits I;
+  v = v < normal_floor<T>() ? V{} + normal_floor<T>() : v;
+  const T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125), ln2_lo = T(1.428606820309417e-06);
+  V k = v * log2e;
+  // Round to nearest by adding and removing 1.5 * 2^mantissa bits.
+  const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
+  k = (k + shifter) - shifter;
+  V r = (v - k * ln2_hi) - k * ln2_lo;
+  V p;
+  if (sizeof(T) == 4) {
+    p = T(1.0 / 5040) * r + T(1.0 / 720);
+    p = p * r + T(1.0 / 120);
+    p = p * r + T(1.0 / 24);
+    p = p * r + T(1.0 / 6);
+    p = p * r + T(0.5);
+    p = p * r + T(1.0);
+    p = p * r + T(1.0);
+  } else {
+    const T coefficients[] = {1.0 / 6227020800, 1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880,
+                              1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0};
+    p = V{} + coefficients[0];
+    for (int i = 1; i < 14; ++i) p = p * r + coefficients[i];
+  }
+  const int mantissa = sizeof(T) == 4 ? 23 : 52;
+  const int bias = sizeof(T) == 4 ? 127 : 1023;
+  I scale = (__builtin_convertvector(k, I) + bias) << mantissa;
+  V two_k;
+  std::memcpy(&two_k, &scale, sizeof two_k);
+  return p * two_k;
+}
+
+// exp(v) for v <= 0, subnormal results included down to silu_floor: below normal_floor, e^(v + 64 ln2)
+// scaled by 2^-64, whose product rounds into the subnormals as it should.
+template <typename T> inline typename Vec<T>::type exp_nonpositive(typename Vec<T>::type v) {
+  typedef typename Vec<T>::type V;
+  const T shift = T(44.3614195558365);  // 64 ln 2
+  const auto low = v < normal_floor<T>();
+  const V e = exp_normal<T>(low ? v + shift : v);
+  return low ? e * T(5.421010862427522e-20) : e;  // 2^-64
+}
+
+// SiLU(y) = y / (1 + e^-y), through e = e^-|y| so that the exponential never overflows:
+// y >= 0: y / (1 + e), y < 0: y e / (1 + e). As torch's SiLU: NaN stays NaN, +inf gives +inf,
+// and y below silu_floor gives y * 0: -0, or NaN for -inf.
+template <typename T> inline typename Vec<T>::type silu(typename Vec<T>::type y) {
+  typedef typename Vec<T>::type V;
+  const V magnitude = y < T(0) ? -y : y;
+  const V e = exp_nonpositive<T>(-magnitude);
+  const V numerator = y < T(0) ? y * e : y;
+  V out = numerator / (T(1) + e);
+  out = y < silu_floor<T>() ? y * T(0) : out;
+  return y != y ? y : out;
+}
+
+// SiLU'(y) = s (1 + y (1 - s)) with s = sigmoid(y) = 1 / (1 + e^-y), through e = e^-|y| as silu.
+template <typename T> inline typename Vec<T>::type silu_derivative(typename Vec<T>::type y) {
+  typedef typename Vec<T>::type V;
+  const V magnitude = y < T(0) ? -y : y;
+  const V e = exp_nonpositive<T>(-magnitude);
+  const V sigmoid = (y < T(0) ? e : V{} + T(1)) / (T(1) + e);
+  return sigmoid * (T(1) + y * (T(1) - sigmoid));
+}
+
+}  // namespace seqmix_simd
