@@ -1,10 +1,12 @@
-"""The TCN mixer: receptive field, streaming in pieces, padding, option validation."""
+"""The TCN mixer: receptive field, streaming in pieces, padding, option validation, and its paths held to ``conv``."""
 import itertools
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from seqmix import SeqmixError, build_mixer
@@ -237,3 +239,125 @@ def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_
     for got, want in zip(grads[1], grads[0], strict=True):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+# The ``native`` path: tcn_native.cpp, one C++ pass per layer, held to ``conv``.
+
+def _native_pair(width: int, **options) -> tuple[TCN, TCN]:
+    """A ``conv`` TCN and a ``native`` one with the same parameters, in float64."""
+    reference = TCN(width, impl="conv", **options).double()
+    fast = TCN(width, impl="native", **options).double()
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def _streamed_step_and_grads(mixer: TCN, x: torch.Tensor, start: tuple[torch.Tensor, ...] | None,
+                             mask: torch.Tensor | None, projection: torch.Tensor):
+    """y and the next windows of one step from ``start`` (or of the whole sequence with ``mask``
+    when ``start`` is None), and the gradients of a loss that reads both, for x, the start windows
+    and every parameter."""
+    if start is None:
+        y, after = mixer._run(x, mask, None)
+    else:
+        y, after = mixer.step(x, type(mixer.init_state(1))(start))
+    loss = (y * projection).sum() + sum((w * w.flip(-1)).sum() for w in after.tcn)
+    wrt = [x, *(start or ()), *mixer.parameters()]
+    return y, after, torch.autograd.grad(loss, wrt)
+
+
+@pytest.mark.native
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3), width=st.integers(1, 19), kernel_size=st.integers(2, 4), dilation_base=st.integers(1, 3),
+    depth=st.integers(1, 3), length=st.integers(1, 300), activation=st.sampled_from(["none", "silu", "gelu"]),
+    residual=st.booleans(), start=st.sampled_from(["zeros", "state", "mask"]), threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_native_equals_conv_with_its_windows_and_every_gradient(batch, width, kernel_size, dilation_base, depth, length,
+                                                                 activation, residual, start, threads, seed):
+    """float64 to rounding: widths across a vector (8 lanes) and its tail, lengths shorter and
+    longer than each layer's window, B·T rows across the kernel's tiles of 256, every activation, with and without the residual, from zeros,
+    from a start state that takes gradients, or with a padding mask; the next windows enter the
+    loss, so their gradients flow back too. One and two threads (the parameter gradients are
+    summed per thread)."""
+    torch.manual_seed(seed)
+    reference, fast = _native_pair(width, kernel_size=kernel_size, dilation_base=dilation_base, depth=depth,
+                                   activation=activation, residual=residual)
+    x = torch.randn(batch, length, width, dtype=torch.float64, requires_grad=True)
+    projection = torch.randn(batch, length, width, dtype=torch.float64)
+    state = mask = None
+    if start == "state":
+        state = tuple(torch.randn_like(w).requires_grad_(True) for w in reference.init_state(batch).tcn)
+    elif start == "mask":
+        mask = torch.rand(batch, length) < 0.3
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = _streamed_step_and_grads(reference, x, state, mask, projection)
+        got = _streamed_step_and_grads(fast, x, state, mask, projection)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for window, window_ref in zip(got[1].tcn, want[1].tcn, strict=True):
+        assert window.shape == window_ref.shape
+        torch.testing.assert_close(window, window_ref, rtol=1e-10, atol=1e-12)
+    for grad, grad_ref in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.native
+def test_native_in_float32_matches_conv_training_eval_and_streaming():
+    """The mixer as users build it (D = 40: two float32 vectors and a partial one; the default
+    four layers, windows up to 192), a length past the largest window: training outputs and
+    gradients, the eval output with a padding mask, and a stream of steps carrying the state."""
+    torch.manual_seed(0)
+    reference = build_mixer("tcn", 40, impl="conv")
+    fast = build_mixer("tcn", 40, impl="native")
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 389, 40, requires_grad=True)
+    weights = torch.randn(2, 389, 40)
+    grads = [torch.autograd.grad((mixer(x) * weights).sum(), [x, *mixer.parameters()]) for mixer in (reference, fast)]
+    for grad, grad_ref in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+    mask = torch.zeros(2, 389, dtype=torch.bool)
+    mask[1, :50] = True
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x, mask), reference(x, mask), rtol=1e-5, atol=1e-5)
+        states = [mixer.init_state(2) for mixer in (reference, fast)]
+        for start in range(0, 389, 97):
+            outs = []
+            for i, mixer in enumerate((reference, fast)):
+                out, states[i] = mixer.step(x[:, start : start + 97], states[i])
+                outs.append(out)
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+            for window, window_ref in zip(states[1].tcn, states[0].tcn, strict=True):
+                torch.testing.assert_close(window, window_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.native
+def test_native_refuses_other_dtypes_devices_and_mismatched_parameters_by_name():
+    """The contract hands ``mix`` x in the parameters' dtype; a bf16 model is refused by dtype, and
+    parameters left in another dtype than x (a direct ``mix`` call) are named before native code
+    reads their memory."""
+    with pytest.raises(SeqmixError, match=r"tcn impl='native' runs in float32 or float64, not torch.bfloat16"):
+        TCN(8, impl="native").bfloat16()(torch.randn(1, 5, 8, dtype=torch.bfloat16))
+    tcn = TCN(8, impl="native")
+    with pytest.raises(SeqmixError, match=r"parameter omega is torch.float32 on cpu, x is torch.float64"):
+        tcn.mix(torch.randn(1, 5, 8, dtype=torch.float64), None)
+    if torch.cuda.is_available():
+        with pytest.raises(SeqmixError, match=r"runs on the CPU, and x is on cuda"):
+            tcn.cuda()(torch.randn(1, 5, 8, device="cuda"))
+
+
+@pytest.mark.native
+def test_native_is_traced_as_conv_and_lowerings_switch_it():
+    """Tracers cannot see into native code: exporters take ``conv`` and Inductor ``taps``, and a
+    graph traced from a native TCN anyway holds the convolutions and equals it."""
+    assert TCN.lowered_impls["export"]["native"] == "conv" and TCN.lowered_impls["inductor"]["native"] == "taps"
+    torch.manual_seed(0)
+    tcn = TCN(8, impl="native").eval()
+    x = torch.randn(1, 70, 8)
+    graph = torch.export.export(tcn, (x,))
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert any("conv" in target for target in targets), targets
+    torch.testing.assert_close(graph.module()(x), tcn(x), rtol=1e-5, atol=1e-6)

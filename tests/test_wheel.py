@@ -123,12 +123,13 @@ def in_venv(venv: Path, cwd: Path, *command: str, timeout: int = 300) -> subproc
 
 
 def test_the_wheel_holds_one_top_level_package_with_its_configs(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
+    names = set(zipfile.ZipFile(wheel).namelist())
     top = {name.split("/")[0] for name in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"seqmix"}
     assert "seqmix/conf/model/megalodon.yaml" in names and "seqmix/conf/config.yaml" in names
     assert "seqmix/export/run_onnx.py" in names and "seqmix/compile/compiler.py" in names
-    assert "seqmix/operators/recurrence_native.cpp" in names  # the native path's source, built on the user's machine
+    # The native paths' sources and the header they share, built on the user's machine.
+    assert {"seqmix/operators/recurrence_native.cpp", "seqmix/operators/tcn_native.cpp", "seqmix/operators/native_simd.h"} <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "seqmix = seqmix.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -147,11 +148,12 @@ def test_the_installed_wheel_describes_trains_exports_evaluates_searches_and_ben
     assert where.returncode == 0, where.stderr[-2000:]
     assert Path(where.stdout.strip()).is_relative_to(venv), "the import must come from the installed wheel"
     if native_unavailable() is None:
-        # The native EMA builds from the source inside the installed package, into the cache it is given.
+        # The native EMA and TCN build from the sources inside the installed package, into the cache it is given.
         native = in_venv(venv, tmp_path, "python", "-c", "import os, torch; os.environ['SEQMIX_CACHE_DIR'] = 'cache'; import seqmix; "
-                         "print(tuple(seqmix.build_mixer('ema', 20, impl='native')(torch.randn(1, 9, 20)).shape))")
-        assert native.returncode == 0 and native.stdout.strip() == "(1, 9, 20)", native.stderr[-2000:]
-        assert len(list((tmp_path / "cache" / "native").glob("recurrence_native-*.so"))) == 1
+                         "print([tuple(seqmix.build_mixer(name, 20, impl='native')(torch.randn(1, 9, 20)).shape) for name in ('ema', 'tcn')])")
+        assert native.returncode == 0 and native.stdout.strip() == "[(1, 9, 20), (1, 9, 20)]", native.stderr[-2000:]
+        for library in ("recurrence_native", "tcn_native"):
+            assert len(list((tmp_path / "cache" / "native").glob(f"{library}-*.so"))) == 1
 
     described = in_venv(venv, tmp_path, "seqmix", "describe", "model=megalodon")
     assert described.returncode == 0, described.stderr[-2000:]
