@@ -1,6 +1,6 @@
 """Native code that seqmix ships as C++ source, built on first use with the machine's compiler.
 
-A fast path written in C++ (``impl="native"`` of the EMA and CEMA) is built once per machine
+A fast path written in C++ (``impl="native"`` of the EMA, CEMA and TCN) is built once per machine
 into seqmix's cache and loaded with ctypes: no build step at install, no wheel per platform, and
 ``-march=native`` lets the compiler vectorise for the CPU it runs on. Paths that need it say so
 by name, and a machine without a compiler gets an error that names the compiler looked for and
@@ -54,7 +54,7 @@ def compiler() -> str:
             return found
     looked = f"CXX={wanted!r}" if wanted else f"any of {list(COMPILERS)} on PATH"
     raise SeqmixError(f"native code needs a C++ compiler and found none ({looked}); install one (e.g. g++), "
-                      "or use a path that needs none (the EMA's and CEMA's impl='chunked')")
+                      "or use a path that needs none (impl='chunked' for the EMA and CEMA, impl='channels_last' for the TCN)")
 
 
 def _cpu_flags() -> str:

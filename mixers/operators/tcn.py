@@ -13,7 +13,7 @@ once; with f > K some offsets inside the field are never reached.
 
 Causal only. The streaming state keeps, per layer, the last (K−1)·f^i inputs of that layer.
 
-Three compute paths of the same sum:
+Four compute paths of the same sum:
 - ``conv``: ``nn.Conv1d`` with groups = D on (B, D, T) rows, one transposed copy of x in and of
   y out (the reference);
 - ``channels_last`` (the default): eagerly with no autograd recording, the same depthwise
