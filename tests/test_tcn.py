@@ -261,7 +261,7 @@ def _streamed_step_and_grads(mixer: TCN, x: torch.Tensor, start: tuple[torch.Ten
     else:
         y, after = mixer.step(x, type(mixer.init_state(1))(start))
     loss = (y * projection).sum() + sum((w * w.flip(-1)).sum() for w in after.tcn)
-    wrt = [x, *(start or ()), *mixer.parameters()]
+    wrt = [*([x] if x.requires_grad else []), *(start or ()), *mixer.parameters()]
     return y, after, torch.autograd.grad(loss, wrt)
 
 
@@ -270,20 +270,21 @@ def _streamed_step_and_grads(mixer: TCN, x: torch.Tensor, start: tuple[torch.Ten
 @given(
     batch=st.integers(1, 3), width=st.integers(1, 19), kernel_size=st.integers(2, 4), dilation_base=st.integers(1, 3),
     depth=st.integers(1, 3), length=st.integers(1, 300), activation=st.sampled_from(["none", "silu", "gelu"]),
-    residual=st.booleans(), start=st.sampled_from(["zeros", "state", "mask"]), threads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
+    residual=st.booleans(), start=st.sampled_from(["zeros", "state", "mask"]), x_grad=st.booleans(),
+    threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
 )
 def test_native_equals_conv_with_its_windows_and_every_gradient(batch, width, kernel_size, dilation_base, depth, length,
-                                                                 activation, residual, start, threads, seed):
+                                                                 activation, residual, start, x_grad, threads, seed):
     """float64 to rounding: widths across a vector (8 lanes) and its tail, lengths shorter and
     longer than each layer's window, B·T rows across the kernel's tiles of 256, every activation, with and without the residual, from zeros,
     from a start state that takes gradients, or with a padding mask; the next windows enter the
-    loss, so their gradients flow back too. One and two threads (the parameter gradients are
-    summed per thread)."""
+    loss, so their gradients flow back too; x itself with or without a gradient (the first layer's
+    input gradient is then skipped). One and two threads (the parameter gradients are summed per
+    thread, and the backward's ranges of rows recompute the window past their ends)."""
     torch.manual_seed(seed)
     reference, fast = _native_pair(width, kernel_size=kernel_size, dilation_base=dilation_base, depth=depth,
                                    activation=activation, residual=residual)
-    x = torch.randn(batch, length, width, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, length, width, dtype=torch.float64, requires_grad=x_grad)
     projection = torch.randn(batch, length, width, dtype=torch.float64)
     state = mask = None
     if start == "state":

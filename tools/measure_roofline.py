@@ -305,7 +305,8 @@ def tcn_floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
         "two). Floor = all of them: what a path "
         "would take were the copies that lay out each layer's input free; a floor above 3× the minimum puts the 3× "
         "target out of reach of these kernels: only a kernel that fuses a layer's convolution, activation and sum "
-        "could reach it. Measured: the grid's forward rows of the TCN's paths.",
+        "could reach it, as the `native` path does (one pass of C++ per layer, outside these kernels). Measured: the "
+        "grid's forward rows of the TCN's paths.",
         "",
         markdown_table(["L", "threads", "minimum ms", "convolutions ms", "SiLU ms", "sum ms", "floor ms", "floor ÷ minimum",
                         "measured ms (÷ minimum)"], body),

@@ -119,11 +119,10 @@ class _NativeStack:
 
 @dataclass(frozen=True)
 class _NativeKernels:
-    """tcn_native.cpp's entry points for one dtype."""
+    """tcn_native.cpp's entry points for one dtype: a layer's forward pass and its backward pass."""
 
     forward: object
-    backward_taps: object
-    backward_input: object
+    backward: object
 
 
 _NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -136,12 +135,11 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
         raise SeqmixError(f"tcn impl='native' runs in float32 or float64, not {dtype}")
     library = native_code.load("seqmix.operators", "tcn_native.cpp")
     suffix = _NATIVE_DTYPES[dtype]
-    kernels = _NativeKernels(*(getattr(library, f"seqmix_tcn_{name}_{suffix}") for name in ("forward", "backward_taps", "backward_input")))
+    kernels = _NativeKernels(*(getattr(library, f"seqmix_tcn_{name}_{suffix}") for name in ("forward", "backward")))
     pointer, count, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     kernels.forward.argtypes = [pointer] * 8 + [count] * 5 + [flag] * 3
-    kernels.backward_taps.argtypes = [pointer] * 11 + [count] * 5 + [flag] * 3
-    kernels.backward_input.argtypes = [pointer] * 8 + [count] * 5 + [flag]
-    for kernel in (kernels.forward, kernels.backward_taps, kernels.backward_input):
+    kernels.backward.argtypes = [pointer] * 16 + [count] * 5 + [flag] * 3
+    for kernel in (kernels.forward, kernels.backward):
         kernel.restype = None
     return kernels
 
@@ -216,30 +214,22 @@ class _NativeTCN(torch.autograd.Function):
         grad_omega = torch.zeros_like(omega)
         grad_pasts: list[Tensor | None] = [None] * depth
         grad_x = None
-        output_grad = None  # dl/d(next + omega·x) of the last layer: omega times it is x's direct gradient
+        # dl/d(next + omega·x) of the last layer, kept when x needs its gradient: omega times it is x's direct term.
+        output_grad = torch.empty_like(x) if ctx.needs_input_grad[1] else None
         for i in reversed(range(depth)):
-            last = i == depth - 1
-            dilation, window = stack.dilations[i], stack.windows[i]
-            dz = torch.empty_like(x)
-            kernels.backward_taps(_pointer(inputs[i]), _pointer(pasts[i]), _pointer(g), _pointer(dz), _pointer(weights[i]),
-                                  _pointer(biases[i]), _pointer(x) if last else None, _pointer(omega) if last else None,
-                                  _pointer(grad_weights[i]), _pointer(grad_biases[i]), _pointer(grad_omega) if last else None,
-                                  batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual), threads)
-            if last:
-                output_grad = dz
+            last, first = i == depth - 1, i == 0
+            wants_input = not first or ctx.needs_input_grad[1]
             wants_past = pasts[i] is not None and ctx.needs_input_grad[4 + 2 * depth + i]
-            if i == 0 and not (ctx.needs_input_grad[1] or wants_past):
-                break
-            # The residual passes the output's gradient straight through: the last layer's is its dz.
-            residual = (dz if last else g) if stack.residual else None
-            grad_h = torch.empty_like(x)
-            grad_past = x.new_empty(batch, window, width) if wants_past else None
-            first = i == 0
-            kernels.backward_input(_pointer(dz), _pointer(residual), _pointer(weights[i]), _pointer(mask),
-                                   _pointer(output_grad) if first else None, _pointer(omega) if first else None,
-                                   _pointer(grad_h), _pointer(grad_past), batch, length, width, stack.taps, dilation, threads)
+            grad_h = torch.empty_like(x) if wants_input else None
+            grad_past = x.new_empty(batch, stack.windows[i], width) if wants_past else None
+            kernels.backward(_pointer(inputs[i]), _pointer(pasts[i]), _pointer(g), _pointer(weights[i]), _pointer(biases[i]),
+                             _pointer(mask), _pointer(x) if last else None, _pointer(omega) if last else None,
+                             _pointer(output_grad) if first else None, _pointer(omega) if first and output_grad is not None else None,
+                             _pointer(grad_h), _pointer(grad_past), _pointer(output_grad) if last else None,
+                             _pointer(grad_weights[i]), _pointer(grad_biases[i]), _pointer(grad_omega) if last else None,
+                             batch, length, width, stack.taps, stack.dilations[i], stack.activation, int(stack.residual), threads)
             if grad_windows[i] is not None:
-                _add_window_grad(grad_windows[i].to(x.dtype), grad_h, grad_past, keep)
+                _add_window_grad(grad_windows[i].to(x.dtype), length, grad_h, grad_past, keep)
             grad_pasts[i] = grad_past
             g = grad_h
             if first:
@@ -247,14 +237,17 @@ class _NativeTCN(torch.autograd.Function):
         return (None, grad_x, grad_omega, None, *grad_weights, *grad_biases, *grad_pasts)
 
 
-def _add_window_grad(grad_window: Tensor, grad_h: Tensor, grad_past: Tensor | None, keep: Tensor | None) -> None:
-    """Add the gradient of a layer's next window (B, window, D), ``_last_window`` of its context, to
-    its input's gradient grad_h (B, T, D) (not where ``keep`` (B, T, 1) is False: the input was
-    masked there) and to its past's, grad_past (B, window, D) or None."""
-    length, window = grad_h.shape[1], grad_window.shape[1]
-    start = max(length - window, 0)
-    tail = grad_window[:, window - (length - start):]
-    grad_h[:, start:] += tail if keep is None else tail * keep[:, start:]
+def _add_window_grad(grad_window: Tensor, length: int, grad_h: Tensor | None, grad_past: Tensor | None,
+                     keep: Tensor | None) -> None:
+    """Add the gradient of a layer's next window (B, window, D), ``_last_window`` of its context,
+    to its input's gradient grad_h (B, T = ``length``, D) (not where ``keep`` (B, T, 1) is False:
+    the input was masked there) and to its past's, grad_past (B, window, D); either may be None
+    (not wanted)."""
+    window = grad_window.shape[1]
+    if grad_h is not None:
+        start = max(length - window, 0)
+        tail = grad_window[:, window - (length - start):]
+        grad_h[:, start:] += tail if keep is None else tail * keep[:, start:]
     if grad_past is not None and length < window:
         grad_past[:, length:] += grad_window[:, : window - length]
 

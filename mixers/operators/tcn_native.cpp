@@ -11,16 +11,21 @@
 // which a thread has just read and are still in cache: each layer reads its input and writes its
 // output once, with the activation, the residual sum and the mask in the same pass.
 //
-// The backward of a layer is two passes:
-//   1. dz_t = g_t act'(z_t) (z recomputed from the input), or on the last layer
-//      dz_t = g_t SiLU'(next_t + omega x_t); the parameter gradients sum over rows:
-//      grad_w[k] += dz_t src_{t - off_k}, grad_bias += dz_t, grad_omega += dz_t x_t.
-//   2. the input's gradient, the adjoint of the correlation, a correlation looking ahead:
-//      grad_s = keep_s ((residual ? g_s : 0) + sum_k w[k] dz_{s + off_k}) + extra_scale extra_s
-//      for 0 <= s < T (keep_s = 0 where padded; `extra` adds the omega x term's gradient on the
-//      first layer), and grad_prev_{window + s} = sum_k w[k] dz_{s + off_k} for -window <= s < 0.
+// The backward of a layer is one pass too. With g the gradient of the layer's output:
+//     dz_t = g_t act'(z_t)   (z recomputed from the input), or on the last layer
+//     dz_t = g_t SiLU'(next_t + omega x_t), whose residual passes dz_t itself;
+//     grad_w[k] = sum_t dz_t src_{t - off_k},  grad_bias = sum_t dz_t,  grad_omega = sum_t dz_t x_t;
+//     grad_s = keep_s ((residual ? g_s : 0) + sum_k w[k] dz_{s + off_k}) + extra_scale extra_s
+//         for 0 <= s < T (keep_s = 0 where padded; `extra` adds the omega x term's gradient on the
+//         first layer): the correlation's adjoint, a correlation looking ahead;
+//     grad_prev_{window + s} = sum_k w[k] dz_{s + off_k}  for -window <= s < 0.
+// Each thread walks its range of rows in order, keeping dz of the next window + 1 rows in a ring
+// buffer (cache-sized): dz_t is computed once, as row t - window's gradient needs it, and read
+// from the ring by the window + 1 rows' gradients that need it. A range recomputes the window of
+// rows past its end, so a layer reads its input and g and writes its input's gradient once.
 //
-// Layouts: h, x, out, g, dz, extra, grad (B, T, D) row-major; prev, grad_prev (B, window, D), null
+// Layouts: h, x, out, g, dz, extra, grad (B, T, D) row-major (dz: the last layer's, kept for
+// the first layer's `extra`; grad null when only the parameters' gradients are wanted); prev, grad_prev (B, window, D), null
 // for a zero past; weight and grad_weight (K, D); bias, omega, their gradients (D,); mask (B, T)
 // bytes, nonzero where padded, or null. Built by seqmix.native (see recurrence_native.cpp).
 #include <algorithm>
@@ -35,7 +40,8 @@ namespace {
 
 using namespace seqmix_simd;
 
-enum Activation { NONE = 0, SILU = 1, GELU = 2 };
+// OUTPUT: the last layer, no activation, writing the mixer's output SiLU(next + omega x).
+enum Activation { NONE = 0, SILU = 1, GELU = 2, OUTPUT = 3 };
 
 // Rows per unit of work in the parameter gradients' sums: each unit sums its rows on its own
 // before adding to the thread's total, which keeps float32 sums accurate over long sequences.
@@ -57,11 +63,17 @@ template <typename T> inline typename Vec<T>::type gelu_derivative(typename Vec<
   return out;
 }
 
-template <typename T> inline typename Vec<T>::type activate(typename Vec<T>::type z, int activation) {
-  return activation == SILU ? silu<T>(z) : activation == GELU ? gelu<T>(z) : z;
+// The activation (and whether the layer is the last) is a template argument: chosen per vector at
+// run time, its branches cost the SiLU's backward a third more time.
+template <typename T, int Act> inline typename Vec<T>::type activate(typename Vec<T>::type z) {
+  if constexpr (Act == SILU) return silu<T>(z);
+  if constexpr (Act == GELU) return gelu<T>(z);
+  return z;
 }
-template <typename T> inline typename Vec<T>::type activation_derivative(typename Vec<T>::type z, int activation) {
-  return activation == SILU ? silu_derivative<T>(z) : activation == GELU ? gelu_derivative<T>(z) : typename Vec<T>::type{} + T(1);
+template <typename T, int Act> inline typename Vec<T>::type activation_derivative(typename Vec<T>::type z) {
+  if constexpr (Act == SILU) return silu_derivative<T>(z);
+  if constexpr (Act == GELU) return gelu_derivative<T>(z);
+  return typename Vec<T>::type{} + T(1);
 }
 
 // The row of the layer's input s steps into the sequence of batch row b: h_s, or the past window's
@@ -77,44 +89,51 @@ template <typename T> struct Layer {
   const T* bias;
   int64_t batch, length, width, taps, dilation, window;
   int activation;
-  // z at row (b, t), channels [d0, d0 + live).
-  inline typename Vec<T>::type preactivation(const T* h, const T* prev, int64_t b, int64_t t, int64_t d0, int64_t live) const {
+  // rows[k] = src_{t - off_k} of batch row b, null for a zero past: found once per row, not per vector.
+  inline void tap_rows(const T** rows, const T* h, const T* prev, int64_t b, int64_t t) const {
+    for (int64_t k = 0; k < taps; ++k) rows[k] = source(h, prev, b, t - (taps - 1 - k) * dilation, length, window, width);
+  }
+  // z at channels [d0, d0 + live) of the row whose tap rows are `rows`.
+  inline typename Vec<T>::type preactivation(const T* const* rows, int64_t d0, int64_t live) const {
     typename Vec<T>::type z = load<T>(bias + d0, live);
     for (int64_t k = 0; k < taps; ++k) {
-      const T* row = source(h, prev, b, t - (taps - 1 - k) * dilation, length, window, width);
-      if (row) z += load<T>(weight + k * width + d0, live) * load<T>(row + d0, live);
+      if (rows[k]) z += load<T>(weight + k * width + d0, live) * load<T>(rows[k] + d0, live);
     }
     return z;
   }
 };
 
 // Channels [d0, d0 + live) are one vector; full vectors take the fixed-size loads.
-#define SEQMIX_FOR_BLOCKS(width, body)                                          \
+#define SEQMIX_FOR_BLOCKS(width, ...)                                           \
   for (int64_t d0 = 0; d0 < (width); d0 += lanes<T>()) {                        \
     const int64_t live = std::min<int64_t>(lanes<T>(), (width) - d0);           \
     if (live == lanes<T>()) {                                                   \
       constexpr int64_t block = lanes<T>();                                     \
-      body                                                                      \
+      __VA_ARGS__                                                               \
     } else {                                                                    \
       const int64_t block = live;                                               \
-      body                                                                      \
+      __VA_ARGS__                                                               \
     }                                                                           \
   }
 
-template <typename T>
+template <typename T, int Act>
 void layer_forward(const T* h, const T* prev, T* out, const Layer<T>& layer, const uint8_t* mask, const T* x,
                    const T* omega, int residual, int threads) {
   typedef typename Vec<T>::type V;
   const int64_t rows = layer.batch * layer.length, width = layer.width;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel num_threads(threads)
+  {
+  std::vector<const T*> taps(layer.taps);
+#pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = r / layer.length, t = r % layer.length;
     const bool padded = mask && mask[r];
+    layer.tap_rows(taps.data(), h, prev, b, t);
     SEQMIX_FOR_BLOCKS(width, {
-      const V z = layer.preactivation(h, prev, b, t, d0, block);
-      const V a = x ? z : activate<T>(z, layer.activation);
+      const V z = layer.preactivation(taps.data(), d0, block);
+      const V a = activate<T, Act>(z);
       V next = residual ? load<T>(h + r * width + d0, block) + a : a;
-      if (x) {
+      if constexpr (Act == OUTPUT) {
         next = silu<T>(next + load<T>(omega + d0, block) * load<T>(x + r * width + d0, block));
       } else if (padded) {
         next = V{};
@@ -122,88 +141,126 @@ void layer_forward(const T* h, const T* prev, T* out, const Layer<T>& layer, con
       store<T>(out + r * width + d0, next, block);
     })
   }
-}
-
-template <typename T>
-void layer_backward_taps(const T* h, const T* prev, const T* g, T* dz, const Layer<T>& layer, const T* x,
-                         const T* omega, int residual, T* grad_weight, T* grad_bias, T* grad_omega, int threads) {
-  typedef typename Vec<T>::type V;
-  const int64_t rows = layer.batch * layer.length, width = layer.width, taps = layer.taps;
-  const int64_t tiles = (rows + TILE - 1) / TILE, sums = (taps + 2) * width;
-#pragma omp parallel num_threads(threads)
-  {
-    // Per thread: the sums of its tiles, and the current tile's; each (K + 2, D): weight, bias, omega.
-    std::vector<T> total(sums, T(0)), tile_sum(sums);
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      std::fill(tile_sum.begin(), tile_sum.end(), T(0));
-      for (int64_t r = tile * TILE; r < std::min(rows, (tile + 1) * TILE); ++r) {
-        const int64_t b = r / layer.length, t = r % layer.length;
-        SEQMIX_FOR_BLOCKS(width, {
-          const V z = layer.preactivation(h, prev, b, t, d0, block);
-          const V gv = load<T>(g + r * width + d0, block);
-          V d;
-          if (x) {
-            const V xv = load<T>(x + r * width + d0, block);
-            const V next = residual ? load<T>(h + r * width + d0, block) + z : z;
-            d = gv * silu_derivative<T>(next + load<T>(omega + d0, block) * xv);
-            T* omega_sum = tile_sum.data() + (taps + 1) * width + d0;
-            store<T>(omega_sum, load<T>(omega_sum, block) + d * xv, block);
-          } else {
-            d = gv * activation_derivative<T>(z, layer.activation);
-          }
-          store<T>(dz + r * width + d0, d, block);
-          for (int64_t k = 0; k < taps; ++k) {
-            const T* row = source(h, prev, b, t - (taps - 1 - k) * layer.dilation, layer.length, layer.window, width);
-            if (!row) continue;
-            T* weight_sum = tile_sum.data() + k * width + d0;
-            store<T>(weight_sum, load<T>(weight_sum, block) + d * load<T>(row + d0, block), block);
-          }
-          T* bias_sum = tile_sum.data() + taps * width + d0;
-          store<T>(bias_sum, load<T>(bias_sum, block) + d, block);
-        })
-      }
-      for (int64_t i = 0; i < sums; ++i) total[i] += tile_sum[i];
-    }
-#pragma omp critical
-    {
-      for (int64_t i = 0; i < taps * width; ++i) grad_weight[i] += total[i];
-      for (int64_t i = 0; i < width; ++i) grad_bias[i] += total[taps * width + i];
-      if (grad_omega) {
-        for (int64_t i = 0; i < width; ++i) grad_omega[i] += total[(taps + 1) * width + i];
-      }
-    }
   }
 }
 
-template <typename T>
-void layer_backward_input(const T* dz, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* extra,
-                          const T* extra_scale, T* grad, T* grad_prev, int threads) {
+// One batch row's range of gradient rows [s0, s1) (s0 < 0: the past window's rows too), dz from
+// the ring; the parameter gradients of rows t in [max(s0, 0), s1) added into `sums` (K + 2, D).
+template <typename T, int Act>
+void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* x,
+                    const T* omega, int residual, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept,
+                    int64_t b, int64_t s0, int64_t s1, T* ring, T* tile_sum, T* sums) {
   typedef typename Vec<T>::type V;
-  const int64_t length = layer.length, width = layer.width, taps = layer.taps;
-  const int64_t before = grad_prev ? layer.window : 0, span = before + length;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < layer.batch * span; ++r) {
-    const int64_t b = r / span, s = r % span - before;
+  const int64_t length = layer.length, width = layer.width, taps = layer.taps, window = layer.window;
+  const int64_t slots = window + 1, count = (taps + 2) * width;
+  int64_t next = std::max<int64_t>(s0, 0), in_tile = 0;
+  std::vector<const T*> behind_rows(taps), ahead_rows(taps);
+  auto flush = [&]() {
+    for (int64_t i = 0; i < count; ++i) sums[i] += tile_sum[i];
+    std::fill(tile_sum, tile_sum + count, T(0));
+    in_tile = 0;
+  };
+  for (int64_t s = s0; s < s1; ++s) {
+    // dz of rows up to s + window, each once, into the ring.
+    for (; next < length && next <= s + window; ++next) {
+      const int64_t r = b * length + next;
+      const bool owned = next < s1;
+      T* slot = ring + (next % slots) * width;
+      layer.tap_rows(behind_rows.data(), h, prev, b, next);
+      SEQMIX_FOR_BLOCKS(width, {
+        const V z = layer.preactivation(behind_rows.data(), d0, block);
+        const V gv = load<T>(g + r * width + d0, block);
+        V d;
+        if constexpr (Act == OUTPUT) {
+          const V xv = load<T>(x + r * width + d0, block);
+          const V out = residual ? load<T>(h + r * width + d0, block) + z : z;
+          d = gv * silu_derivative<T>(out + load<T>(omega + d0, block) * xv);
+          if (owned) {
+            T* omega_sum = tile_sum + (taps + 1) * width + d0;
+            store<T>(omega_sum, load<T>(omega_sum, block) + d * xv, block);
+          }
+        } else {
+          d = gv * activation_derivative<T, Act>(z);
+        }
+        store<T>(slot + d0, d, block);
+        if (owned) {
+          if (dz_kept) store<T>(dz_kept + r * width + d0, d, block);
+          for (int64_t k = 0; k < taps; ++k) {
+            if (!behind_rows[k]) continue;
+            T* weight_sum = tile_sum + k * width + d0;
+            store<T>(weight_sum, load<T>(weight_sum, block) + d * load<T>(behind_rows[k] + d0, block), block);
+          }
+          T* bias_sum = tile_sum + taps * width + d0;
+          store<T>(bias_sum, load<T>(bias_sum, block) + d, block);
+        }
+      })
+      if (owned && ++in_tile == TILE) flush();
+    }
+    if (s >= 0 && !grad) continue;  // only the parameters' gradients wanted
     const bool padded = s >= 0 && mask && mask[b * length + s];
-    T* target = s >= 0 ? grad + (b * length + s) * width : grad_prev + (b * layer.window + layer.window + s) * width;
+    T* target = s >= 0 ? grad + (b * length + s) * width : grad_prev + (b * window + window + s) * width;
+    // The ring rows of dz_{s + off_k} (null past the end), found once per row: a division per
+    // vector would cost more than the vector's arithmetic.
+    for (int64_t k = 0; k < taps; ++k) {
+      const int64_t ahead = s + (taps - 1 - k) * layer.dilation;
+      ahead_rows[k] = ahead >= 0 && ahead < length ? ring + (ahead % slots) * width : nullptr;
+    }
+    const T* passed = s >= 0 && residual ? (Act == OUTPUT ? ring + (s % slots) * width : g + (b * length + s) * width) : nullptr;
     SEQMIX_FOR_BLOCKS(width, {
       V v = {};
       if (!padded) {
         for (int64_t k = 0; k < taps; ++k) {
-          const int64_t ahead = s + (taps - 1 - k) * layer.dilation;
-          if (ahead >= 0 && ahead < length) {
-            v += load<T>(layer.weight + k * width + d0, block) * load<T>(dz + (b * length + ahead) * width + d0, block);
-          }
+          if (ahead_rows[k]) v += load<T>(layer.weight + k * width + d0, block) * load<T>(ahead_rows[k] + d0, block);
         }
-        if (s >= 0 && g) v += load<T>(g + (b * length + s) * width + d0, block);
+        if (passed) v += load<T>(passed + d0, block);
       }
-      if (s >= 0 && extra) {
-        v += load<T>(extra_scale + d0, block) * load<T>(extra + (b * length + s) * width + d0, block);
-      }
+      if (s >= 0 && extra) v += load<T>(extra_scale + d0, block) * load<T>(extra + (b * length + s) * width + d0, block);
       store<T>(target + d0, v, block);
     })
   }
+  flush();
+}
+
+template <typename T, int Act>
+void layer_backward(const T* h, const T* prev, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* x,
+                    const T* omega, int residual, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept,
+                    T* grad_weight, T* grad_bias, T* grad_omega, int threads) {
+  const int64_t width = layer.width, taps = layer.taps, window = layer.window;
+  const int64_t before = grad_prev ? window : 0, span = before + layer.length;
+  // Ranges long against the window (each recomputes the window past its end), a few per thread.
+  const int64_t wanted = (span * layer.batch + 4 * threads - 1) / (4 * threads);
+  const int64_t range = std::max<int64_t>({wanted, 4 * window, 64});
+  const int64_t ranges = (span + range - 1) / range, count = (taps + 2) * width;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> ring((window + 1) * width), tile_sum(count, T(0)), sums(count, T(0));
+#pragma omp for schedule(static)
+    for (int64_t piece = 0; piece < layer.batch * ranges; ++piece) {
+      const int64_t b = piece / ranges, s0 = (piece % ranges) * range - before;
+      backward_range<T, Act>(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, grad, grad_prev, dz_kept, b, s0,
+                        std::min(s0 + range, layer.length), ring.data(), tile_sum.data(), sums.data());
+    }
+#pragma omp critical
+    {
+      for (int64_t i = 0; i < taps * width; ++i) grad_weight[i] += sums[i];
+      for (int64_t i = 0; i < width; ++i) grad_bias[i] += sums[taps * width + i];
+      if (grad_omega) {
+        for (int64_t i = 0; i < width; ++i) grad_omega[i] += sums[(taps + 1) * width + i];
+      }
+    }
+  }
+}
+
+// The kernels' instance for the activation `activation` (NONE, SILU or GELU), or for the last layer.
+template <typename T>
+decltype(&layer_forward<T, NONE>) forward_for(int activation, bool last) {
+  if (last) return layer_forward<T, OUTPUT>;
+  return activation == SILU ? layer_forward<T, SILU> : activation == GELU ? layer_forward<T, GELU> : layer_forward<T, NONE>;
+}
+template <typename T>
+decltype(&layer_backward<T, NONE>) backward_for(int activation, bool last) {
+  if (last) return layer_backward<T, OUTPUT>;
+  return activation == SILU ? layer_backward<T, SILU> : activation == GELU ? layer_backward<T, GELU> : layer_backward<T, NONE>;
 }
 
 }  // namespace
@@ -214,20 +271,16 @@ void layer_backward_input(const T* dz, const T* g, const Layer<T>& layer, const 
       const T* omega, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation, int activation,   \
       int residual, int threads) {                                                                                   \
     const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation};     \
-    layer_forward<T>(h, prev, out, layer, mask, x, omega, residual, threads);                                        \
+    forward_for<T>(activation, x != nullptr)(h, prev, out, layer, mask, x, omega, residual, threads);                                        \
   }                                                                                                                  \
-  extern "C" void seqmix_tcn_backward_taps_##suffix(                                                                 \
-      const T* h, const T* prev, const T* g, T* dz, const T* weight, const T* bias, const T* x, const T* omega,       \
-      T* grad_weight, T* grad_bias, T* grad_omega, int64_t batch, int64_t length, int64_t width, int64_t taps,        \
-      int64_t dilation, int activation, int residual, int threads) {                                                 \
+  extern "C" void seqmix_tcn_backward_##suffix(                                                                      \
+      const T* h, const T* prev, const T* g, const T* weight, const T* bias, const uint8_t* mask, const T* x,         \
+      const T* omega, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept, T* grad_weight,        \
+      T* grad_bias, T* grad_omega, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation,      \
+      int activation, int residual, int threads) {                                                                   \
     const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation};     \
-    layer_backward_taps<T>(h, prev, g, dz, layer, x, omega, residual, grad_weight, grad_bias, grad_omega, threads);  \
-  }                                                                                                                  \
-  extern "C" void seqmix_tcn_backward_input_##suffix(                                                                \
-      const T* dz, const T* g, const T* weight, const uint8_t* mask, const T* extra, const T* extra_scale, T* grad,   \
-      T* grad_prev, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation, int threads) {      \
-    const Layer<T> layer{weight, nullptr, batch, length, width, taps, dilation, (taps - 1) * dilation, NONE};        \
-    layer_backward_input<T>(dz, g, layer, mask, extra, extra_scale, grad, grad_prev, threads);                       \
+    backward_for<T>(activation, x != nullptr)(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, grad, grad_prev,     \
+                                dz_kept, grad_weight, grad_bias, grad_omega, threads);                               \
   }
 
 SEQMIX_TCN(float, f32)
