@@ -29,7 +29,7 @@ Four compute paths of the same sum:
 - ``native``: each layer as one pass of C++ over the (B, T, D) rows (tcn_native.cpp, built on first
   use with the machine's compiler by ``seqmix.native``): the convolution, activation, residual sum
   and mask in one read of the layer's input and one write of its output, the last layer writing the
-  mixer's output; its backward two such passes per layer. CPU only, float32 and float64, computed
+  mixer's output; its backward one such pass per layer. CPU only, float32 and float64, computed
   in x's dtype (autocast does not lower it). The fastest eager path on a CPU; while compiled or
   exported it runs ``taps`` and ``conv`` as the other paths do, as tracers cannot see into native code.
 Exporters take ``conv``: ONNX Runtime's ``Conv`` beats the K slices and products.
@@ -335,7 +335,7 @@ class TCN(Mixer):
         return "O(L·K·depth·D)"
 
     def stages(self, batch_size: int, length: int, pass_: str) -> Stages:
-        """One stage per layer, on either path (the same K multiply-adds per output): it reads the
+        """One stage per layer, on every path (the same K multiply-adds per output): it reads the
         layer's input and writes its output (B, L, D), so every hidden sequence between two layers is
         written once and read once; the last reads x once more for the output's ω·x term."""
         sequence = batch_size * length * self.d_model
