@@ -25,9 +25,10 @@
 // rows past its end, so a layer reads its input and g and writes its input's gradient once.
 //
 // Layouts: h, x, out, g, dz, extra, grad (B, T, D) row-major (dz: the last layer's, kept for
-// the first layer's `extra`; grad null when only the parameters' gradients are wanted); prev, grad_prev (B, window, D), null
-// for a zero past; weight and grad_weight (K, D); bias, omega, their gradients (D,); mask (B, T)
-// bytes, nonzero where padded, or null. Built by seqmix.native (see recurrence_native.cpp).
+// the first layer's `extra`; grad null when only the parameters' gradients are wanted); prev and
+// grad_prev (B, window, D), prev null for a zero past; weight and grad_weight (K, D); bias, omega
+// and their gradients (D,); mask (B, T) bytes, nonzero where padded, or null. Built by
+// seqmix.native (see recurrence_native.cpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,8 +44,8 @@ using namespace seqmix_simd;
 // OUTPUT: the last layer, no activation, writing the mixer's output SiLU(next + omega x).
 enum Activation { NONE = 0, SILU = 1, GELU = 2, OUTPUT = 3 };
 
-// Rows per unit of work in the parameter gradients' sums: each unit sums its rows on its own
-// before adding to the thread's total, which keeps float32 sums accurate over long sequences.
+// Rows summed on their own into the parameter gradients before the sum joins the thread's total,
+// which keeps float32 sums accurate over long sequences.
 constexpr int64_t TILE = 256;
 
 // GELU, exact (the error function's form, as torch's default), and its derivative, lane by lane:
