@@ -204,7 +204,7 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     report = (tmp_path / "roofline.md").read_text(encoding="utf-8")
     rows = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["runs"][0]["rows"]
     assert {row["subject"] for row in rows} == {"ema/chunked", "ema/native", "ema/fft", "cema/chunked", "cema/native", "gated_attention",
-                                                "tcn/conv", "tcn/channels_last"}
+                                                "tcn/conv", "tcn/channels_last", "tcn/native"}
     runnable = {row["subject"] for row in rows if row["subject"].partition("/")[2] in ("", *runnable_impls(row["subject"].partition("/")[0]))}
     for row in rows:
         if row["subject"] not in runnable:  # native code without a C++ compiler: a row with the reason
@@ -238,7 +238,8 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     parts = tcn_floor["convolutions_ms"] + tcn.depth * tcn_floor["silu_ms"] + (tcn.depth + 1) * tcn_floor["add_ms"]
     assert min(tcn_floor["convolutions_ms"], tcn_floor["silu_ms"], tcn_floor["add_ms"]) > 0 and tcn_floor["floor_ms"] == pytest.approx(parts)
     assert tcn_floor["minimum_ms"] == pytest.approx(minimum["tcn/conv"])
-    assert tcn_floor["measured_ms"] == {"conv": times["tcn/conv"], "channels_last": times["tcn/channels_last"]}
+    assert tcn_floor["measured_ms"] == {impl: times[f"tcn/{impl}"] for impl in ("conv", "channels_last", "native")
+                                        if f"tcn/{impl}" in runnable}
     assert "## What torch's kernels allow the TCN forward" in report
     # Machines with one processor name differ in the vector instructions torch uses: the header says which.
     assert f"({torch.backends.cpu.get_cpu_capability()} kernels)" in report.splitlines()[3]
