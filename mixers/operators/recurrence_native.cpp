@@ -55,11 +55,12 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
   const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT;
+  const bool stream = batch * length * width * int64_t(sizeof(T)) >= STREAM_BYTES;
 #pragma omp parallel num_threads(threads)
+  {
   for (int64_t segment = 0; segment < segments; ++segment) {
     const int64_t t0 = segment * SEGMENT, steps = std::min(SEGMENT, length - t0);
     prefetch_rows(x, 0, batch, length, width, t0 + SEGMENT);
-    prefetch_rows(y, 1, batch, length, width, t0 + SEGMENT);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t row = 0; row < batch; ++row) {
       for (int64_t block = 0; block < blocks; ++block) {
@@ -113,10 +114,12 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
           }
         }
         for (int64_t t = 0; t < steps; ++t) {
-          store<T>(y + ((row * length) + t0 + t) * width + d0, apply_silu ? silu<T>(acc[t]) : acc[t], live);
+          store_out<T>(y + ((row * length) + t0 + t) * width + d0, apply_silu ? silu<T>(acc[t]) : acc[t], live, stream);
         }
       }
     }
+  }
+  stream_fence();
   }
 }
 
@@ -137,12 +140,14 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
   const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT;
+  const bool stream = batch * length * width * int64_t(sizeof(T)) >= STREAM_BYTES;
 #pragma omp parallel num_threads(threads)
+  {
   for (int64_t segment = segments - 1; segment >= 0; --segment) {
     const int64_t t0 = segment * SEGMENT, steps = std::min(SEGMENT, length - t0);
     prefetch_rows(x, 0, batch, length, width, t0 - SEGMENT);
     prefetch_rows(grad_y, 0, batch, length, width, t0 - SEGMENT);
-    prefetch_rows(grad_x, 1, batch, length, width, t0 - SEGMENT);
+    if (!stream) prefetch_rows(grad_x, 1, batch, length, width, t0 - SEGMENT);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t row = 0; row < batch; ++row) {
       for (int64_t block = 0; block < blocks; ++block) {
@@ -237,9 +242,11 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
             }
           }
         }
-        for (int64_t t = 0; t < steps; ++t) store<T>(grad_x + ((row * length) + t0 + t) * width + d0, gx[t], live);
+        for (int64_t t = 0; t < steps; ++t) store_out<T>(grad_x + ((row * length) + t0 + t) * width + d0, gx[t], live, stream);
       }
     }
+  }
+  stream_fence();
   }
 }
 
