@@ -24,6 +24,9 @@
 // from the ring by the window + 1 rows' gradients that need it. A range recomputes the window of
 // rows past its end, so a layer reads its input and g and writes its input's gradient once.
 //
+// Outputs are plain stores: streaming stores (native_simd.h), which speed up the EMA's strided
+// writes, made these layers slower (a third, forward), as the next layer reads each output at once.
+//
 // Layouts: h, x, out, g, dz, extra, grad (B, T, D) row-major (dz: the last layer's, kept for
 // the first layer's `extra`; grad null when only the parameters' gradients are wanted); prev and
 // grad_prev (B, window, D), prev null for a zero past; weight and grad_weight (K, D); bias, omega
