@@ -2,7 +2,7 @@
 
 ``recurrence.native`` runs recurrence_native.cpp, built on first use by ``seqmix.native``. The
 kernel vectorises across channels (8 float64 or 16 float32 lanes), takes the states four at a time
-and the steps in segments of 128, keeping each segment's start state for its adjoint; these tests
+and the steps in segments of 128, keeping the state every 64 steps for its adjoint; these tests
 draw widths, orders and lengths across all three boundaries and compare outputs, final states and
 every gradient with the literal loop (``recurrence.recurrent`` followed by the skip and the SiLU).
 """
@@ -36,7 +36,7 @@ NATIVE = pytest.mark.native
 def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batch, width, order, length, with_state, with_skip,
                                                                   silu, threads, seed):
     """float64 to rounding: widths across a vector (8 lanes), orders across a group of states (4),
-    lengths across segments (128), a start state, the skip and the SiLU, on one and two threads."""
+    lengths across checkpoints (64) and segments (128), a start state, the skip and the SiLU, on one and two threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -178,7 +178,7 @@ def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypat
     assert len(built) == 1 and stat.S_IMODE((tmp_path / "native").stat().st_mode) == 0o700
     mtime = built[0].stat().st_mtime_ns
     library = build("seqmix.operators", "recurrence_native.cpp")
-    assert built[0].stat().st_mtime_ns == mtime and library.seqmix_recurrence_segment() == 128
+    assert built[0].stat().st_mtime_ns == mtime and library.seqmix_recurrence_checkpoint() == 64
     assert not list((tmp_path / "native").glob("*.partial"))
 
 
@@ -216,7 +216,7 @@ def test_a_compiler_that_refuses_openmp_or_the_native_architecture_still_builds_
     monkeypatch.setenv("CXX", str(wrapper))
     monkeypatch.setenv("SEQMIX_CACHE_DIR", str(tmp_path / "cache"))
     library = native.load.__wrapped__("seqmix.operators", "recurrence_native.cpp")
-    assert library.seqmix_recurrence_segment() == 128
+    assert library.seqmix_recurrence_checkpoint() == 64
     assert len(list((tmp_path / "cache" / "native").glob("recurrence_native-*.so"))) == 1
 
 

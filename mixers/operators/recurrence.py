@@ -610,9 +610,8 @@ class _NativeRecurrence(torch.autograd.Function):
 
     Shapes: x (B, L, D); coefficients (N', P) with P = D padded to the kernel's vector width and N'
     = N padded to its group of states (the padding holds zeros and adds nothing); states (B, N', P).
-    Forward keeps the state at the start of every segment of the kernel's steps when autograd
-    records, so that backward recomputes each segment's states from there instead of storing all
-    B·L·N of them.
+    Forward keeps the state every ``checkpoint`` steps of the kernel when autograd records, so that
+    backward recomputes each interval's states from there instead of storing all B·L·N of them.
     """
 
     @staticmethod
@@ -626,9 +625,9 @@ class _NativeRecurrence(torch.autograd.Function):
         y = torch.empty_like(x)
         end_re, end_im = h_re.clone(), None if h_im is None else h_im.clone()
         records = any(ctx.needs_input_grad)
-        segments = -(-length // kernels.segment)
-        kept_re = x.new_empty(batch, segments, order, padded) if records else None
-        kept_im = x.new_empty(batch, segments, order, padded) if records and h_im is not None else None
+        checkpoints = -(-length // kernels.checkpoint)
+        kept_re = x.new_empty(batch, checkpoints, order, padded) if records else None
+        kept_im = x.new_empty(batch, checkpoints, order, padded) if records and h_im is not None else None
         kernels.forward(*_pointers(x, y, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
                         batch, length, width, padded, order, int(silu), torch.get_num_threads())
         ctx.save_for_backward(x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
@@ -671,7 +670,7 @@ class _NativeKernels:
     backward: object
     lanes: int
     group: int
-    segment: int
+    checkpoint: int
 
 
 _NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -690,7 +689,7 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     backward.argtypes = [pointer] * 19 + [count] * 5 + [ctypes.c_int]
     forward.restype = backward.restype = None
     constants = [getattr(library, name) for name in
-                 (f"seqmix_recurrence_lanes_{suffix}", "seqmix_recurrence_group", "seqmix_recurrence_segment")]
+                 (f"seqmix_recurrence_lanes_{suffix}", "seqmix_recurrence_group", "seqmix_recurrence_checkpoint")]
     for constant in constants:
         constant.restype = ctypes.c_int64
     return _NativeKernels(forward, backward, *(constant() for constant in constants))

@@ -7,11 +7,13 @@
 // vector), and its states stay in registers while the loop runs over a segment of SEGMENT steps,
 // a few states at a time (GROUP), their readouts summed into a per-segment buffer. Segments run in
 // order; within one, the (batch row, block) pairs are spread over the threads, so that the rows of
-// x and y a segment touches stay in cache.
+// x and y a segment touches stay in cache. While autograd records, the forward keeps the state
+// every CHECKPOINT steps, and the adjoint runs over those shorter segments, whose recomputed
+// states and rows fit the core's L1 cache.
 //
 // Layouts: x, y, g, gx (B, L, D) row-major; coefficients and their gradients (N, P); states and
 // per-row sums (B, N, P), the skip's (B, P); P = D padded to a multiple of W and N to a multiple
-// of GROUP (the padding holds zeros, so it adds nothing); checkpoints (B, ceil(L / SEGMENT), N, P).
+// of GROUP (the padding holds zeros, so it adds nothing); checkpoints (B, ceil(L / CHECKPOINT), N, P).
 // Imaginary parts are null for a real recurrence. Built by seqmix.native with the compiler's
 // vector extensions, so the same source vectorises for whatever the build machine's CPU offers.
 #include <algorithm>
@@ -25,16 +27,21 @@ namespace {
 using namespace seqmix_simd;
 
 constexpr int64_t SEGMENT = 128;
+// Half a segment: with 128 the adjoint's buffers outgrew L1 (forward + backward 5-10% slower at
+// L = 16384), while forward segments of 64 were up to 5% slower on two threads.
+constexpr int64_t CHECKPOINT = 64;
+static_assert(SEGMENT % CHECKPOINT == 0, "segments hold whole checkpoint intervals");
 constexpr int GROUP = 4;
 
-// Fetch rows [t1, t1 + SEGMENT) of each batch row of a (B, L, D) tensor into cache, in order, split
+// Fetch rows [t1, t1 + span) of each batch row of a (B, L, D) tensor into cache, in order, split
 // over the threads: the segment after the one being computed. A block reads one 64-byte line per
 // row, rows apart, a pattern the hardware prefetchers miss once the tensors outgrow the caches;
 // fetched as contiguous ranges they stream in (a third faster forward at L = 16384, D = 256).
 template <typename T>
-inline void prefetch_rows(const T* data, int write, int64_t batch, int64_t length, int64_t width, int64_t t1) {
+inline void prefetch_rows(const T* data, int write, int64_t batch, int64_t length, int64_t width, int64_t t1,
+                          int64_t span) {
   if (t1 < 0 || t1 >= length) return;
-  const int64_t lines = std::min(SEGMENT, length - t1) * width * int64_t(sizeof(T)) / 64;
+  const int64_t lines = std::min(span, length - t1) * width * int64_t(sizeof(T)) / 64;
 #pragma omp for collapse(2) schedule(static) nowait
   for (int64_t row = 0; row < batch; ++row) {
     for (int64_t line = 0; line < lines; ++line) {
@@ -55,12 +62,13 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
   const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT;
+  const int64_t checkpoints = (length + CHECKPOINT - 1) / CHECKPOINT;
   const bool stream = batch * length * width * int64_t(sizeof(T)) >= STREAM_BYTES;
 #pragma omp parallel num_threads(threads)
   {
   for (int64_t segment = 0; segment < segments; ++segment) {
     const int64_t t0 = segment * SEGMENT, steps = std::min(SEGMENT, length - t0);
-    prefetch_rows(x, 0, batch, length, width, t0 + SEGMENT);
+    prefetch_rows(x, 0, batch, length, width, t0 + SEGMENT, SEGMENT);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t row = 0; row < batch; ++row) {
       for (int64_t block = 0; block < blocks; ++block) {
@@ -84,13 +92,15 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
               qi[g] = load<T>(q_im + at);
               ci[g] = load<T>(c_im + at);
             }
-            if (ck_re) {
-              const int64_t kept = ((row * segments + segment) * order) * padded + at;
-              store<T>(ck_re + kept, hr[g]);
-              if (Complex) store<T>(ck_im + kept, hi[g]);
-            }
           }
           for (int64_t t = 0; t < steps; ++t) {
+            if (ck_re && t % CHECKPOINT == 0) {
+              for (int g = 0; g < GROUP; ++g) {
+                const int64_t kept = ((row * checkpoints + (t0 + t) / CHECKPOINT) * order + n0 + g) * padded + d0;
+                store<T>(ck_re + kept, hr[g]);
+                if (Complex) store<T>(ck_im + kept, hi[g]);
+              }
+            }
             V a = acc[t];
             const V xv = xs[t];
 #pragma GCC unroll 4
@@ -123,7 +133,7 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
   }
 }
 
-// The adjoint, segment by segment from the last: each segment's states are recomputed from its
+// The adjoint, segment by segment (of CHECKPOINT steps) from the last: each segment's states are recomputed from its
 // checkpoint into a buffer, then walked backwards. With mu_t = dl/dh_t (a complex number as its
 // real and imaginary gradients) and g_t = dl/dy_t:
 //     mu_t = g_t conj(c) + conj(q) mu_{t+1},   mu_{L-1} = g_{L-1} conj(c) + dl/dh_{L-1}
@@ -139,20 +149,20 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
               int64_t width, int64_t padded, int64_t order, int threads) {
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
-  const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT;
+  const int64_t blocks = padded / W, segments = (length + CHECKPOINT - 1) / CHECKPOINT;
   const bool stream = batch * length * width * int64_t(sizeof(T)) >= STREAM_BYTES;
 #pragma omp parallel num_threads(threads)
   {
   for (int64_t segment = segments - 1; segment >= 0; --segment) {
-    const int64_t t0 = segment * SEGMENT, steps = std::min(SEGMENT, length - t0);
-    prefetch_rows(x, 0, batch, length, width, t0 - SEGMENT);
-    prefetch_rows(grad_y, 0, batch, length, width, t0 - SEGMENT);
-    if (!stream) prefetch_rows(grad_x, 1, batch, length, width, t0 - SEGMENT);
+    const int64_t t0 = segment * CHECKPOINT, steps = std::min(CHECKPOINT, length - t0);
+    prefetch_rows(x, 0, batch, length, width, t0 - CHECKPOINT, CHECKPOINT);
+    prefetch_rows(grad_y, 0, batch, length, width, t0 - CHECKPOINT, CHECKPOINT);
+    if (!stream) prefetch_rows(grad_x, 1, batch, length, width, t0 - CHECKPOINT, CHECKPOINT);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t row = 0; row < batch; ++row) {
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t d0 = block * W, live = std::min<int64_t>(W, width - d0);
-        V xs[SEGMENT], gs[SEGMENT], gx[SEGMENT], kept_re[SEGMENT][GROUP], kept_im[Complex ? SEGMENT : 1][GROUP];
+        V xs[CHECKPOINT], gs[CHECKPOINT], gx[CHECKPOINT], kept_re[CHECKPOINT][GROUP], kept_im[Complex ? CHECKPOINT : 1][GROUP];
         const V sk = skip ? load<T>(skip + d0) : V{};
         V skip_sum = {};
         for (int64_t t = 0; t < steps; ++t) {
@@ -274,7 +284,7 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
 SEQMIX_RECURRENCE(float, f32)
 SEQMIX_RECURRENCE(double, f64)
 
-extern "C" int64_t seqmix_recurrence_segment() { return SEGMENT; }
+extern "C" int64_t seqmix_recurrence_checkpoint() { return CHECKPOINT; }
 extern "C" int64_t seqmix_recurrence_lanes_f32() { return lanes<float>(); }
 extern "C" int64_t seqmix_recurrence_lanes_f64() { return lanes<double>(); }
 extern "C" int64_t seqmix_recurrence_group() { return GROUP; }
