@@ -183,6 +183,24 @@ def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypat
 
 
 @NATIVE
+def test_a_header_beside_the_source_is_included_and_a_change_to_it_rebuilds(tmp_path, monkeypatch):
+    """Sources include the headers beside them (native_simd.h): the folder is on the include path
+    and the headers enter the library's name, so editing one never loads a stale library."""
+    package = tmp_path / "probe_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "probe.cpp").write_text('#include "probe.h"\nextern "C" int probe() { return PROBE; }\n', encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SEQMIX_CACHE_DIR", str(tmp_path / "cache"))
+    answers = []
+    for value in (1, 2):
+        (package / "probe.h").write_text(f"#define PROBE {value}\n", encoding="utf-8")
+        answers.append(native.load.__wrapped__("probe_package", "probe.cpp").probe())
+    assert answers == [1, 2]
+    assert len(list((tmp_path / "cache" / "native").glob("probe-*.so"))) == 2
+
+
+@NATIVE
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="ownership and modes are POSIX")
 def test_a_cache_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
     """A library in the cache runs as this process: one that another user could have put there is never loaded."""
