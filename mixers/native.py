@@ -29,9 +29,13 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from seqmix.errors import SeqmixError
 
 COMPILERS = ("c++", "g++", "clang++")
+# The dtypes native kernels are built for, by the suffix of their symbols.
+DTYPE_SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
 BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17")
 OPENMP_FLAG = "-fopenmp"
 
@@ -142,3 +146,29 @@ def load(package: str, name: str) -> ctypes.CDLL:
             print(f"seqmix: building native code {name} with {cxx} (once per machine) into {folder}", file=sys.stderr)
             _build(source, target, cxx)
     return ctypes.CDLL(str(target))
+
+
+def dtype_suffix(dtype: torch.dtype, path: str) -> str:
+    """The symbol suffix of ``dtype`` in seqmix's native libraries (``f32``, ``f64``); a SeqmixError
+    naming ``path`` (e.g. ``"tcn impl='native'"``) for any other dtype."""
+    if dtype not in DTYPE_SUFFIXES:
+        raise SeqmixError(f"{path} runs in float32 or float64, not {dtype}")
+    return DTYPE_SUFFIXES[dtype]
+
+
+def pointers(*tensors: torch.Tensor | None) -> list[int | None]:
+    """The data pointers native kernels take, None for an absent operand. Callers make every tensor
+    contiguous on the CPU; anything else is a bug here, not a user's error."""
+    for tensor in tensors:
+        if tensor is not None and not tensor.is_contiguous():
+            raise AssertionError("native kernel operands must be contiguous")
+    return [None if tensor is None else tensor.data_ptr() for tensor in tensors]
+
+
+def function(library: ctypes.CDLL, symbol: str, pointers: int, counts: int, flags: int):
+    """``symbol`` of ``library``, typed as seqmix's kernels are: ``pointers`` data pointers, then
+    ``counts`` int64 sizes, then ``flags`` ints, returning nothing."""
+    kernel = getattr(library, symbol)
+    kernel.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * counts + [ctypes.c_int] * flags
+    kernel.restype = None
+    return kernel

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 import seqmix
 from seqmix import native
 from seqmix.errors import SeqmixError
@@ -93,3 +95,16 @@ def runnable_impls(name: str) -> tuple[str, ...]:
     ones with the reason instead."""
     impls = seqmix.mixer_class(name).impls
     return tuple(impl for impl in impls if impl != "native" or native_unavailable() is None)
+
+
+def assert_streams_alike(reference, fast, x, piece: int, **tolerance) -> None:
+    """Step both mixers through x (B, L, D) in pieces of ``piece`` steps, each carrying its own state
+    from ``init_state``: every piece's output and state agree within ``tolerance`` (assert_close's)."""
+    states = [mixer.init_state(x.shape[0]) for mixer in (reference, fast)]
+    for start in range(0, x.shape[1], piece):
+        outs = []
+        for i, mixer in enumerate((reference, fast)):
+            out, states[i] = mixer.step(x[:, start : start + piece], states[i])
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], **tolerance)
+        torch.testing.assert_close(tuple(states[1]), tuple(states[0]), **tolerance)

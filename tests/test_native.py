@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mixer_cases import assert_streams_alike
 from test_chunked_carry import assert_equals_the_loop
 
 import seqmix
@@ -63,15 +64,7 @@ def test_native_mixers_in_float32_match_the_loop_forward_streaming_and_backward(
         torch.testing.assert_close(grad, grad_ref, rtol=2e-4, atol=2e-5)
     with torch.inference_mode():
         torch.testing.assert_close(fast.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
-        states = [mixer.init_state(2) for mixer in (reference, fast)]
-        for start in range(0, 150, 50):
-            outs = []
-            for i, mixer in enumerate((reference, fast)):
-                out, states[i] = mixer.step(x[:, start : start + 50], states[i])
-                outs.append(out)
-            torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-            for part, part_ref in zip(states[1], states[0]):
-                torch.testing.assert_close(part, part_ref, rtol=1e-4, atol=1e-5)
+        assert_streams_alike(reference, fast, x[:, :150], 50, rtol=1e-4, atol=1e-5)
 
 
 @NATIVE

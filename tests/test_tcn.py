@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mixer_cases import assert_streams_alike
 from torch import nn
 
 from seqmix import SeqmixError, build_mixer
@@ -324,15 +325,7 @@ def test_native_in_float32_matches_conv_training_eval_and_streaming():
     mask[1, :50] = True
     with torch.inference_mode():
         torch.testing.assert_close(fast(x, mask), reference(x, mask), rtol=1e-5, atol=1e-5)
-        states = [mixer.init_state(2) for mixer in (reference, fast)]
-        for start in range(0, 389, 97):
-            outs = []
-            for i, mixer in enumerate((reference, fast)):
-                out, states[i] = mixer.step(x[:, start : start + 97], states[i])
-                outs.append(out)
-            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-            for window, window_ref in zip(states[1].tcn, states[0].tcn, strict=True):
-                torch.testing.assert_close(window, window_ref, rtol=1e-5, atol=1e-5)
+        assert_streams_alike(reference, fast, x, 97, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.native

@@ -628,7 +628,7 @@ class _NativeRecurrence(torch.autograd.Function):
         checkpoints = -(-length // kernels.checkpoint)
         kept_re = x.new_empty(batch, checkpoints, order, padded) if records else None
         kept_im = x.new_empty(batch, checkpoints, order, padded) if records and h_im is not None else None
-        kernels.forward(*_pointers(x, y, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
+        kernels.forward(*native_code.pointers(x, y, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
                         batch, length, width, padded, order, int(silu), torch.get_num_threads())
         ctx.save_for_backward(x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
         return y, end_re, end_im
@@ -651,7 +651,7 @@ class _NativeRecurrence(torch.autograd.Function):
         grad_q_im, grad_c_im = (sums[3], sums[4]) if complex_ else (None, None)
         grad_skip = x.new_zeros(batch, padded) if skip is not None and ctx.needs_input_grad[6] else None
         grad_x = torch.empty_like(x)
-        kernels.backward(*_pointers(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
+        kernels.backward(*native_code.pointers(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
                                     grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
                          batch, length, width, padded, order, torch.get_num_threads())
 
@@ -673,21 +673,13 @@ class _NativeKernels:
     checkpoint: int
 
 
-_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-
-
 @functools.lru_cache(maxsize=None)
 def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     """The native forward and backward for ``dtype`` (float32 or float64), built on first use (``seqmix.native``)."""
-    if dtype not in _NATIVE_DTYPES:
-        raise SeqmixError(f"impl='native' runs in float32 or float64, not {dtype}")
+    suffix = native_code.dtype_suffix(dtype, "impl='native'")
     library = native_code.load("seqmix.operators", "recurrence_native.cpp")
-    suffix = _NATIVE_DTYPES[dtype]
-    forward, backward = getattr(library, f"seqmix_recurrence_forward_{suffix}"), getattr(library, f"seqmix_recurrence_backward_{suffix}")
-    pointer, count = ctypes.c_void_p, ctypes.c_int64
-    forward.argtypes = [pointer] * 12 + [count] * 5 + [ctypes.c_int] * 2
-    backward.argtypes = [pointer] * 19 + [count] * 5 + [ctypes.c_int]
-    forward.restype = backward.restype = None
+    forward = native_code.function(library, f"seqmix_recurrence_forward_{suffix}", 12, 5, 2)
+    backward = native_code.function(library, f"seqmix_recurrence_backward_{suffix}", 19, 5, 1)
     constants = [getattr(library, name) for name in
                  (f"seqmix_recurrence_lanes_{suffix}", "seqmix_recurrence_group", "seqmix_recurrence_checkpoint")]
     for constant in constants:
@@ -711,14 +703,6 @@ def _check_native_operands(x: Tensor, coefficients: dict[str, Tensor | None], st
                 f"impl='native': {name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; with x {x.dtype} "
                 f"{tuple(x.shape)} on {x.device} it must be {x.dtype} {expected[name]} on {x.device}"
             )
-
-
-def _pointers(*tensors: Tensor | None) -> list[int | None]:
-    """The data pointers the native kernels take (None for an absent part), each tensor contiguous on the CPU."""
-    for tensor in tensors:
-        if tensor is not None and not tensor.is_contiguous():
-            raise AssertionError("native recurrence operands must be contiguous")
-    return [None if tensor is None else tensor.data_ptr() for tensor in tensors]
 
 
 def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor | None = None, silu: bool = False,

@@ -36,7 +36,6 @@ Exporters take ``conv``: ONNX Runtime's ``Conv`` beats the K slices and products
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -125,32 +124,13 @@ class _NativeKernels:
     backward: object
 
 
-_NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-
-
 @functools.lru_cache(maxsize=None)
 def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     """The native layer forward and backward passes for ``dtype`` (float32 or float64), built on first use."""
-    if dtype not in _NATIVE_DTYPES:
-        raise SeqmixError(f"tcn impl='native' runs in float32 or float64, not {dtype}")
+    suffix = native_code.dtype_suffix(dtype, "tcn impl='native'")
     library = native_code.load("seqmix.operators", "tcn_native.cpp")
-    suffix = _NATIVE_DTYPES[dtype]
-    kernels = _NativeKernels(*(getattr(library, f"seqmix_tcn_{name}_{suffix}") for name in ("forward", "backward")))
-    pointer, count, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    kernels.forward.argtypes = [pointer] * 8 + [count] * 5 + [flag] * 3
-    kernels.backward.argtypes = [pointer] * 16 + [count] * 5 + [flag] * 3
-    for kernel in (kernels.forward, kernels.backward):
-        kernel.restype = None
-    return kernels
-
-
-def _pointer(tensor: Tensor | None) -> int | None:
-    """The data pointer a native kernel takes (None for an absent operand)."""
-    if tensor is None:
-        return None
-    if not tensor.is_contiguous():
-        raise AssertionError("native TCN operands must be contiguous")
-    return tensor.data_ptr()
+    return _NativeKernels(native_code.function(library, f"seqmix_tcn_forward_{suffix}", 8, 5, 3),
+                          native_code.function(library, f"seqmix_tcn_backward_{suffix}", 16, 5, 3))
 
 
 def _last_window(h: Tensor, past: Tensor | None, window: int) -> Tensor:
@@ -185,8 +165,8 @@ class _NativeTCN(torch.autograd.Function):
             windows.append(_last_window(h, pasts[i], window))
             last = i == depth - 1
             out = torch.empty_like(x)
-            kernels.forward(_pointer(h), _pointer(pasts[i]), _pointer(out), _pointer(weights[i]), _pointer(biases[i]),
-                            _pointer(mask), _pointer(x) if last else None, _pointer(omega) if last else None,
+            kernels.forward(*native_code.pointers(h, pasts[i], out, weights[i], biases[i], mask, x if last else None,
+                                                  omega if last else None),
                             batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual),
                             torch.get_num_threads())
             inputs.append(h)
@@ -222,12 +202,12 @@ class _NativeTCN(torch.autograd.Function):
             wants_past = pasts[i] is not None and ctx.needs_input_grad[4 + 2 * depth + i]
             grad_h = torch.empty_like(x) if wants_input else None
             grad_past = x.new_empty(batch, stack.windows[i], width) if wants_past else None
-            kernels.backward(_pointer(inputs[i]), _pointer(pasts[i]), _pointer(g), _pointer(weights[i]), _pointer(biases[i]),
-                             _pointer(mask), _pointer(x) if last else None, _pointer(omega) if last else None,
-                             _pointer(output_grad) if first else None, _pointer(omega) if first and output_grad is not None else None,
-                             _pointer(grad_h), _pointer(grad_past), _pointer(output_grad) if last else None,
-                             _pointer(grad_weights[i]), _pointer(grad_biases[i]), _pointer(grad_omega) if last else None,
-                             batch, length, width, stack.taps, stack.dilations[i], stack.activation, int(stack.residual), threads)
+            extra = output_grad if first else None  # x's own term: omega times the output's gradient
+            kernels.backward(*native_code.pointers(
+                inputs[i], pasts[i], g, weights[i], biases[i], mask, x if last else None, omega if last else None,
+                extra, omega if extra is not None else None, grad_h, grad_past, output_grad if last else None,
+                grad_weights[i], grad_biases[i], grad_omega if last else None),
+                batch, length, width, stack.taps, stack.dilations[i], stack.activation, int(stack.residual), threads)
             if grad_windows[i] is not None:
                 _add_window_grad(grad_windows[i].to(x.dtype), length, grad_h, grad_past, keep)
             grad_pasts[i] = grad_past
