@@ -23,9 +23,10 @@ glibc's malloc as it comes and with freed memory kept, the children alternating 
 defaults, ...), on one thread: how much of each figure the allocator's page faults would add
 (``--allocator-rounds`` children each; 0 skips it).
 
-``--before COMMIT`` adds a before/after table for the EMA and CEMA: their chunked path (the default) as
-that commit wrote it against today's chunked and native paths; the mixers as that commit wrote them (recurrence.py, ema.py and cema.py read with ``git show`` into
-temporary modules, nothing checked out) beside today's, with the same weights and inputs, their
+``--before COMMIT`` adds a before/after table for the EMA, CEMA and TCN: each one's default path as
+that commit wrote it (the chunked EMA and CEMA, the TCN's ``conv``) against today's faster paths
+(``BEFORE_AND_AFTER``); the mixers as that commit wrote them (recurrence.py, ema.py, cema.py and
+tcn.py read with ``git show`` into temporary modules, nothing checked out) beside today's, with the same weights and inputs, their
 calls alternating (before, after, before, ...) so that both see the same load, on the grid's
 lengths, passes and thread counts. It reports each one's median (fastest–slowest), measured ÷
 minimum against the rates measured on those threads, before ÷ after, and the largest difference
@@ -63,8 +64,13 @@ def _load() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
-BEFORE_FILES = {"recurrence": "mixers/operators/recurrence.py", "ema": "mixers/operators/ema.py", "cema": "mixers/operators/cema.py"}
+BEFORE_FILES = {"recurrence": "mixers/operators/recurrence.py", "ema": "mixers/operators/ema.py", "cema": "mixers/operators/cema.py",
+                "tcn": "mixers/operators/tcn.py"}
 COMPARED = ("ema", "cema")
+"""The mixers whose chunked forward the kernel floor breaks down."""
+BEFORE_AND_AFTER = {"ema": ("chunked", ("chunked", "native")), "cema": ("chunked", ("chunked", "native")),
+                    "tcn": ("conv", ("channels_last", "native"))}
+"""Per mixer: its default path at the earlier commit, and today's paths set against it."""
 
 
 def _module_from_git(commit: str, name: str, path: str, replacements: dict[str, str], names: dict) -> types.ModuleType:
@@ -82,28 +88,24 @@ def _module_from_git(commit: str, name: str, path: str, replacements: dict[str, 
 
 
 def before_classes(commit: str) -> dict[str, type]:
-    """The EMA and CEMA classes as ``commit`` wrote them, on that commit's recurrence engine, left out of the registry."""
+    """The EMA and CEMA classes (on that commit's recurrence engine) and the TCN's as ``commit``
+    wrote them, left out of the registry."""
     recurrence = _module_from_git(commit, "recurrence", BEFORE_FILES["recurrence"], {}, {})
     classes = {}
-    for name in COMPARED:
-        module = _module_from_git(commit, name, BEFORE_FILES[name], {
-            "from seqmix.operators import recurrence\n": "",
-            f'@register_mixer("{name}")\n': "",
-        }, {"recurrence": recurrence})
+    for name in BEFORE_AND_AFTER:
+        engine = {"from seqmix.operators import recurrence\n": ""} if name in COMPARED else {}
+        module = _module_from_git(commit, name, BEFORE_FILES[name], {**engine, f'@register_mixer("{name}")\n': ""},
+                                  {"recurrence": recurrence} if name in COMPARED else {})
         classes[name] = getattr(module, name.upper())
     return classes
 
 
-AFTER_IMPLS = ("chunked", "native")
-"""Today's paths set against the chunked path (the default) as the earlier commit wrote it."""
-
-
 def compare_before(before: dict[str, type], spec, threads: int) -> tuple[object, list[dict]]:
-    """Time each compared mixer before (chunked) and after (each of AFTER_IMPLS) on every length and pass of
-    ``spec``, calls alternating; -> (rates, rows)."""
+    """Time each mixer of BEFORE_AND_AFTER before (its default path then) and after (each of today's paths
+    beside it) on every length and pass of ``spec``, calls alternating; -> (rates, rows)."""
     rates = measure_machine("cpu")
     rows = []
-    for name, impl in [(name, impl) for name in COMPARED for impl in AFTER_IMPLS]:
+    for name, impl in [(name, impl) for name, (_, impls) in BEFORE_AND_AFTER.items() for impl in impls]:
         torch.manual_seed(0)
         after = seqmix.build_mixer(name, spec.width, impl=impl)
         try:
@@ -111,7 +113,7 @@ def compare_before(before: dict[str, type], spec, threads: int) -> tuple[object,
         except SeqmixError as error:  # a path this machine cannot run (native code without a compiler)
             print(f"before/after: {name}/{impl} not compared: {error}", file=sys.stderr)
             continue
-        old = before[name](spec.width, impl="chunked")
+        old = before[name](spec.width, impl=BEFORE_AND_AFTER[name][0])
         old.load_state_dict(after.state_dict())
         for length in spec.lengths:
             x = torch.randn(spec.batch, length, spec.width)
@@ -355,10 +357,10 @@ def before_after_lines(commit: str, compared: list[tuple[object, list[dict]]]) -
                          f"{row['speedup_median']:.2f}× ({row['speedup_low']:.2f}–{row['speedup_high']:.2f})",
                          f"{row['max_abs_difference']:.1e}", f"{row['load'][0]}"])
     lines = [
-        f"## Before and after: the EMA and CEMA against their chunked path at commit {commit[:10]}",
+        f"## Before and after: the EMA, CEMA and TCN against their default paths at commit {commit[:10]}",
         "",
-        f"The mixers' chunked path (the default) as commit {commit[:10]} wrote it (read from git into temporary modules) "
-        "against today's chunked and native paths (the mixer column names today's), same weights and "
+        f"Each mixer's default path as commit {commit[:10]} wrote it (read from git into temporary modules: the chunked "
+        "EMA and CEMA, the TCN's conv) against today's faster paths (the mixer column names today's), same weights and "
         "inputs, their calls alternating so that both see the same load; the rates each minimum divides by were measured "
         "just before on the same threads. Times: median (fastest–slowest) in ms; before ÷ after: median (range) of the "
         "ratios of calls made side by side; difference: the largest |before − after| of a forward output; load: "
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=writable_dir_argument, default=ROOT / "tools" / "perf", help="where roofline.md and roofline.json go")
     parser.add_argument("--allocator-rounds", type=int, default=3, metavar="N",
                         help="fresh processes per allocator setting for the allocator's share (0: skip it)")
-    parser.add_argument("--before", metavar="COMMIT", help="also time the chunked EMA and CEMA as this commit wrote them, side by side")
+    parser.add_argument("--before", metavar="COMMIT", help="also time the EMA, CEMA and TCN as this commit wrote them (their default paths), side by side")
     args, overrides = parser.parse_known_args(argv)
     if min(args.threads) < 1 or args.allocator_rounds < 0:
         parser.error(f"--threads {args.threads} and --allocator-rounds {args.allocator_rounds} are not valid: "
