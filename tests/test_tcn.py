@@ -355,3 +355,23 @@ def test_native_is_traced_as_conv_and_lowerings_switch_it():
     targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     assert any("conv" in target for target in targets), targets
     torch.testing.assert_close(graph.module()(x), tcn(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.native
+def test_native_inference_keeps_two_sequences_alive_whatever_the_depth():
+    """Without autograd (``no_grad`` too, where the parameters still require grad) each layer's
+    input is freed once the next is written: the peak of allocations is two (B, T, D) sequences
+    at depth 1 and at depth 6, where training keeps every layer's input."""
+    from seqmix.export.bench.measure import peak_memory_bytes
+
+    x = torch.randn(1, 2048, 64)
+    sequence = x.numel() * x.element_size()
+    for depth in (1, 6):
+        tcn = TCN(64, kernel_size=2, dilation_base=2, depth=depth, impl="native")
+
+        def infer():
+            with torch.no_grad():
+                tcn(x)
+
+        infer()
+        assert peak_memory_bytes(infer, torch.device("cpu")) < 2.5 * sequence, depth

@@ -616,15 +616,16 @@ class _NativeRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, q_re: Tensor, q_im: Tensor | None, b: Tensor, c_re: Tensor, c_im: Tensor | None,
-                skip: Tensor | None, h_re: Tensor, h_im: Tensor | None, silu: bool):
-        """-> y (B, L, D): y + skip ⊙ x, SiLU of it when ``silu``; the state after the last step, (B, N', P) pair."""
+                skip: Tensor | None, h_re: Tensor, h_im: Tensor | None, silu: bool, records: bool):
+        """-> y (B, L, D): y + skip ⊙ x, SiLU of it when ``silu``; the state after the last step, (B, N', P) pair.
+        ``records``: whether autograd records the call (the caller knows; inside forward grad mode is off),
+        the checkpoints kept only then."""
         kernels = _native_kernels(x.dtype)
         batch, length, width = x.shape
         order, padded = q_re.shape
         x = x.contiguous()
         y = torch.empty_like(x)
         end_re, end_im = h_re.clone(), None if h_im is None else h_im.clone()
-        records = any(ctx.needs_input_grad)
         checkpoints = -(-length // kernels.checkpoint)
         kept_re = x.new_empty(batch, checkpoints, order, padded) if records else None
         kept_im = x.new_empty(batch, checkpoints, order, padded) if records and h_im is not None else None
@@ -659,7 +660,7 @@ class _NativeRecurrence(torch.autograd.Function):
             return None if grad is None else grad.sum(0)
 
         return (grad_x, total(grad_q_re), total(grad_q_im), total(grad_b), total(grad_c_re), total(grad_c_im), total(grad_skip),
-                carry_re, carry_im, None)
+                carry_re, carry_im, None, None)
 
 
 @dataclass(frozen=True)
@@ -736,11 +737,13 @@ def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor |
     complex_ = coef.phase is not None
     h_im = h[1] if h[1] is not None or not complex_ else torch.zeros_like(h[0])
     padded_skip = None if skip is None else F.pad(skip, (0, padded - width)).contiguous()
-    fused_silu = silu and not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, coef.log_r, coef.phase, coef.b, *coef.c, skip, *h)))
+    records = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, coef.log_r, coef.phase, coef.b, *coef.c, skip, *h))
+    # The SiLU's backward needs the sums before it: fused only when nothing will ask for gradients.
+    fused_silu = silu and not records
     y, end_re, end_im = _NativeRecurrence.apply(
         x, laid_out(q_re), laid_out(q_im), laid_out(coef.b), laid_out(coef.c[0]), laid_out(coef.c[1] if complex_ else None),
-        padded_skip, laid_out(h[0]), laid_out(h_im if complex_ else None), fused_silu)
+        padded_skip, laid_out(h[0]), laid_out(h_im if complex_ else None), fused_silu, records)
     if silu and not fused_silu:
         y = F.silu(y)
 

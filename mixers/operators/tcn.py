@@ -146,15 +146,19 @@ def _last_window(h: Tensor, past: Tensor | None, window: int) -> Tensor:
 class _NativeTCN(torch.autograd.Function):
     """The TCN's stack as native code (tcn_native.cpp), one kernel call per layer: one autograd node.
 
-    Inputs: x (B, T, D) contiguous; omega (D,); mask (B, T) uint8, nonzero where padded, or None;
+    Inputs: whether autograd records this call (inside ``forward`` grad mode is always off, and
+    parameters require grad under ``torch.no_grad()`` too, so the caller decides); x (B, T, D)
+    contiguous; omega (D,); mask (B, T) uint8, nonzero where padded, or None;
     then per layer its weight (K, D) (tap k multiplies the input (K−1−k)·f^i steps back), per layer
     its bias (D,), per layer its past window (B, window_i, D) or None for zeros.
     Outputs: y (B, T, D), then per layer its next window (B, window_i, D).
-    Keeps every layer's input for backward, which recomputes the pre-activations from them.
+    Keeps every layer's input for backward (which recomputes the pre-activations from them) when
+    autograd records; otherwise each layer's input is freed once the next is written.
     """
 
     @staticmethod
-    def forward(ctx, stack: _NativeStack, x: Tensor, omega: Tensor, mask: Tensor | None, *operands: Tensor | None):
+    def forward(ctx, stack: _NativeStack, records: bool, x: Tensor, omega: Tensor, mask: Tensor | None,
+                *operands: Tensor | None):
         depth = len(stack.dilations)
         weights, biases, pasts = operands[:depth], operands[depth : 2 * depth], operands[2 * depth :]
         kernels = _native_kernels(x.dtype)
@@ -169,11 +173,12 @@ class _NativeTCN(torch.autograd.Function):
                                                   omega if last else None),
                             batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual),
                             torch.get_num_threads())
-            inputs.append(h)
+            if records:
+                inputs.append(h)
             h = out
         ctx.set_materialize_grads(False)
         ctx.stack = stack
-        if any(ctx.needs_input_grad):
+        if records:
             ctx.save_for_backward(x, omega, mask, *inputs, *operands)
         return (h, *windows)
 
@@ -195,11 +200,11 @@ class _NativeTCN(torch.autograd.Function):
         grad_pasts: list[Tensor | None] = [None] * depth
         grad_x = None
         # dl/d(next + omega·x) of the last layer, kept when x needs its gradient: omega times it is x's direct term.
-        output_grad = torch.empty_like(x) if ctx.needs_input_grad[1] else None
+        output_grad = torch.empty_like(x) if ctx.needs_input_grad[2] else None
         for i in reversed(range(depth)):
             last, first = i == depth - 1, i == 0
-            wants_input = not first or ctx.needs_input_grad[1]
-            wants_past = pasts[i] is not None and ctx.needs_input_grad[4 + 2 * depth + i]
+            wants_input = not first or ctx.needs_input_grad[2]
+            wants_past = pasts[i] is not None and ctx.needs_input_grad[5 + 2 * depth + i]
             grad_h = torch.empty_like(x) if wants_input else None
             grad_past = x.new_empty(batch, stack.windows[i], width) if wants_past else None
             extra = output_grad if first else None  # x's own term: omega times the output's gradient
@@ -214,7 +219,7 @@ class _NativeTCN(torch.autograd.Function):
             g = grad_h
             if first:
                 grad_x = grad_h
-        return (None, grad_x, grad_omega, None, *grad_weights, *grad_biases, *grad_pasts)
+        return (None, None, grad_x, grad_omega, None, *grad_weights, *grad_biases, *grad_pasts)
 
 
 def _add_window_grad(grad_window: Tensor, length: int, grad_h: Tensor | None, grad_past: Tensor | None,
@@ -424,7 +429,8 @@ class TCN(Mixer):
         biases = [conv.bias for conv in self.convs]
         pasts = [None] * self.depth if state is None else [w.to(x.dtype).transpose(1, 2).contiguous() for w in state.tcn]
         mask = None if padding_mask is None else padding_mask.to(device=x.device, dtype=torch.uint8).contiguous()
-        y, *windows = _NativeTCN.apply(stack, x.contiguous(), self.omega, mask, *weights, *biases, *pasts)
+        records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.omega, *weights, *biases, *pasts))
+        y, *windows = _NativeTCN.apply(stack, records, x.contiguous(), self.omega, mask, *weights, *biases, *pasts)
         return y, TCNState(tuple(w.transpose(1, 2).contiguous() for w in windows))
 
     def _context(self, layer: int, h: Tensor | None, out: Tensor | None, mask: Tensor | None,
