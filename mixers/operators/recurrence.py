@@ -295,7 +295,8 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     complex_ = coef.phase is not None
     feed, mix, q_chunk = chunk_weights(coef, chunk_size, skip) if weights is None else weights
     h = _interleave(coef.zero_state(batch) if h0 is None else h0, 2, complex_)
-    y, last_start, end = _ChunkedRecurrence.apply(padded, feed, mix, q_chunk, h, complex_, silu)
+    records = torch.is_grad_enabled() and any(t.requires_grad for t in (padded, feed, mix, q_chunk, h))
+    y, last_start, end = _ChunkedRecurrence.apply(padded, feed, mix, q_chunk, h, complex_, silu, records)
     if pad:
         y = y[:, :length]
     if not need_state:
@@ -397,9 +398,12 @@ class _ChunkedRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, feed: Tensor, mix: Tensor, q_chunk: Tensor, h0: Tensor, complex_: bool, silu: bool):
+    def forward(ctx, x: Tensor, feed: Tensor, mix: Tensor, q_chunk: Tensor, h0: Tensor, complex_: bool, silu: bool,
+                records: bool):
         """x (B, nC·C, D), feed (D, C, K), mix (D, K + C, C), q_chunk (D, K), h0 (B, D, K) ->
-        y (B, nC·C, D), the last chunk's start state (B, D, K), the state after it (B, D, K)."""
+        y (B, nC·C, D), the last chunk's start state (B, D, K), the state after it (B, D, K).
+        ``records``: whether autograd records the call, which the caller knows (inside forward grad
+        mode is off); only then is the output kept before its SiLU."""
         batch, length, width = x.shape
         size, states = mix.shape[-1], feed.shape[-1]
         chunks = length // size
@@ -423,7 +427,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
             y_chunks = x.new_empty(batch * chunks, width, size)
             torch.bmm(operands, mix, out=y_chunks.transpose(0, 1))
             copy_in_slabs(y.view(batch * chunks, size, width), y_chunks.transpose(1, 2))
-        keep_input = silu and any(ctx.needs_input_grad)
+        keep_input = silu and records
         pre = y if keep_input else None
         if silu:
             y = F.silu(y) if keep_input else F.silu(y, inplace=True)
@@ -446,7 +450,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         operands = stacked[..., : states + size].transpose(0, 1)  # (D, M, K + C)
         grad_mix = torch.bmm(operands.transpose(1, 2), grad_chunks) if needs_mix else None
         if not (needs_x or needs_feed or needs_q or needs_h0):
-            return None, None, grad_mix, None, None, None, None
+            return None, None, grad_mix, None, None, None, None, None
         grad_stacked = _stacked_buffer(stacked, rows, width, states + size)
         torch.bmm(grad_chunks, mix.transpose(1, 2), out=grad_stacked[..., : states + size].transpose(0, 1))
         grad_starts = grad_stacked[..., :states].view(batch, chunks, width, states)
@@ -463,7 +467,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
                           out=grad_inputs.transpose(0, 1))
             grad_x = stacked.new_empty(batch, chunks * size, width)
             copy_in_slabs(grad_x.view(rows, size, width), grad_inputs.transpose(1, 2))
-        return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None
+        return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None, None
 
 
 TRANSPOSE_SLAB_BYTES = 2 * 2**20
