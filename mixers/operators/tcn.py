@@ -129,8 +129,16 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     """The native layer forward and backward passes for ``dtype`` (float32 or float64), built on first use."""
     suffix = native_code.dtype_suffix(dtype, "tcn impl='native'")
     library = native_code.load("seqmix.operators", "tcn_native.cpp")
-    return _NativeKernels(native_code.function(library, f"seqmix_tcn_forward_{suffix}", 8, 5, 3),
-                          native_code.function(library, f"seqmix_tcn_backward_{suffix}", 16, 5, 3))
+    return _NativeKernels(native_code.function(library, f"seqmix_tcn_forward_{suffix}", 8, 5, 3, status=True),
+                          native_code.function(library, f"seqmix_tcn_backward_{suffix}", 16, 5, 3, status=True))
+
+
+def _check_status(status: int, pass_: str, length: int, width: int, window: int) -> None:
+    """Raise MemoryError when a native layer ``pass_`` could not allocate its per-thread scratch
+    (the backward's: min(window, T) + 1 rows of D values per thread)."""
+    if status:
+        raise MemoryError(f"tcn impl='native': the {pass_} of a layer (T={length}, D={width}, window {window}) could not "
+                          f"allocate its scratch memory on {torch.get_num_threads()} threads")
 
 
 def _last_window(h: Tensor, past: Tensor | None, window: int) -> Tensor:
@@ -169,10 +177,11 @@ class _NativeTCN(torch.autograd.Function):
             windows.append(_last_window(h, pasts[i], window))
             last = i == depth - 1
             out = torch.empty_like(x)
-            kernels.forward(*native_code.pointers(h, pasts[i], out, weights[i], biases[i], mask, x if last else None,
-                                                  omega if last else None),
-                            batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual),
-                            torch.get_num_threads())
+            status = kernels.forward(*native_code.pointers(h, pasts[i], out, weights[i], biases[i], mask, x if last else None,
+                                                           omega if last else None),
+                                     batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual),
+                                     torch.get_num_threads())
+            _check_status(status, "forward", length, width, window)
             if records:
                 inputs.append(h)
             h = out
@@ -208,11 +217,12 @@ class _NativeTCN(torch.autograd.Function):
             grad_h = torch.empty_like(x) if wants_input else None
             grad_past = x.new_empty(batch, stack.windows[i], width) if wants_past else None
             extra = output_grad if first else None  # x's own term: omega times the output's gradient
-            kernels.backward(*native_code.pointers(
+            status = kernels.backward(*native_code.pointers(
                 inputs[i], pasts[i], g, weights[i], biases[i], mask, x if last else None, omega if last else None,
                 extra, omega if extra is not None else None, grad_h, grad_past, output_grad if last else None,
                 grad_weights[i], grad_biases[i], grad_omega if last else None),
                 batch, length, width, stack.taps, stack.dilations[i], stack.activation, int(stack.residual), threads)
+            _check_status(status, "backward", length, width, stack.windows[i])
             if grad_windows[i] is not None:
                 _add_window_grad(grad_windows[i].to(x.dtype), length, grad_h, grad_past, keep)
             grad_pasts[i] = grad_past

@@ -36,7 +36,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
+#include <new>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "native_simd.h"
 
@@ -107,6 +111,28 @@ template <typename T> struct Layer {
   }
 };
 
+// `count` values from the heap, or null when they cannot be had. Each thread allocates its own
+// scratch inside the parallel region (from its own arena, so the memory stays in its core's cache
+// from one call to the next: allocated by one thread for all, the two-thread backward took 10%
+// longer); a failed allocation there must not throw, which would end the process: the threads
+// agree on it (`failed`) and the kernel returns an error for the caller to raise.
+template <typename X> std::unique_ptr<X[]> try_allocate(int64_t count) {
+  return std::unique_ptr<X[]>(new (std::nothrow) X[std::max<int64_t>(count, 1)]);
+}
+
+// Whether any thread's allocation failed, after every thread has tried: call it on all of them.
+inline bool any_failed(int& failed, bool mine) {
+  if (mine) {
+#pragma omp atomic write
+    failed = 1;
+  }
+#pragma omp barrier
+  int seen;
+#pragma omp atomic read
+  seen = failed;
+  return seen != 0;
+}
+
 // Channels [d0, d0 + live) are one vector; full vectors take the fixed-size loads.
 #define SEQMIX_FOR_BLOCKS(width, ...)                                           \
   for (int64_t d0 = 0; d0 < (width); d0 += lanes<T>()) {                        \
@@ -120,21 +146,25 @@ template <typename T> struct Layer {
     }                                                                           \
   }
 
+// 0, or 1 when its scratch could not be allocated.
 template <typename T, int Act>
-void layer_forward(const T* h, const T* prev, T* out, const Layer<T>& layer, const uint8_t* mask, const T* x,
-                   const T* omega, int residual, int threads) {
+int layer_forward(const T* h, const T* prev, T* out, const Layer<T>& layer, const uint8_t* mask, const T* x,
+                  const T* omega, int residual, int threads) {
   typedef typename Vec<T>::type V;
   const int64_t rows = layer.batch * layer.length, width = layer.width;
+  int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
-  std::vector<const T*> taps(layer.taps);
+  const std::unique_ptr<const T*[]> tap_rows = try_allocate<const T*>(layer.taps);
+  const T** taps = tap_rows.get();
+  if (!any_failed(failed, !taps)) {
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = r / layer.length, t = r % layer.length;
     const bool padded = mask && mask[r];
-    layer.tap_rows(taps.data(), h, prev, b, t);
+    layer.tap_rows(taps, h, prev, b, t);
     SEQMIX_FOR_BLOCKS(width, {
-      const V z = layer.preactivation(taps.data(), d0, block);
+      const V z = layer.preactivation(taps, d0, block);
       const V a = activate<T, Act>(z);
       V next = residual ? load<T>(h + r * width + d0, block) + a : a;
       if constexpr (Act == OUTPUT) {
@@ -146,19 +176,25 @@ void layer_forward(const T* h, const T* prev, T* out, const Layer<T>& layer, con
     })
   }
   }
+  }
+  return failed;
 }
+
+// The ring's rows: the dz rows alive at once, s .. s + window within the sequence.
+inline int64_t ring_slots(int64_t window, int64_t length) { return std::min(window, length) + 1; }
 
 // One batch row's range of gradient rows [s0, s1) (s0 < 0: the past window's rows too), dz from
 // the ring; the parameter gradients of rows t in [max(s0, 0), s1) added into `sums` (K + 2, D).
+// behind_rows and ahead_rows: room for K row pointers each.
 template <typename T, int Act>
 void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* x,
                     const T* omega, int residual, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept,
-                    int64_t b, int64_t s0, int64_t s1, T* ring, T* tile_sum, T* sums) {
+                    int64_t b, int64_t s0, int64_t s1, T* ring, T* tile_sum, T* sums, const T** behind_rows,
+                    const T** ahead_rows) {
   typedef typename Vec<T>::type V;
   const int64_t length = layer.length, width = layer.width, taps = layer.taps, window = layer.window;
-  const int64_t slots = window + 1, count = (taps + 2) * width;
+  const int64_t slots = ring_slots(window, length), count = (taps + 2) * width;
   int64_t next = std::max<int64_t>(s0, 0), in_tile = 0;
-  std::vector<const T*> behind_rows(taps), ahead_rows(taps);
   auto flush = [&]() {
     for (int64_t i = 0; i < count; ++i) sums[i] += tile_sum[i];
     std::fill(tile_sum, tile_sum + count, T(0));
@@ -170,9 +206,9 @@ void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer
       const int64_t r = b * length + next;
       const bool owned = next < s1;
       T* slot = ring + (next % slots) * width;
-      layer.tap_rows(behind_rows.data(), h, prev, b, next);
+      layer.tap_rows(behind_rows, h, prev, b, next);
       SEQMIX_FOR_BLOCKS(width, {
-        const V z = layer.preactivation(behind_rows.data(), d0, block);
+        const V z = layer.preactivation(behind_rows, d0, block);
         const V gv = load<T>(g + r * width + d0, block);
         V d;
         if constexpr (Act == OUTPUT) {
@@ -225,24 +261,34 @@ void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer
   flush();
 }
 
+// 0, or 1 when its scratch could not be allocated.
 template <typename T, int Act>
-void layer_backward(const T* h, const T* prev, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* x,
-                    const T* omega, int residual, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept,
-                    T* grad_weight, T* grad_bias, T* grad_omega, int threads) {
+int layer_backward(const T* h, const T* prev, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* x,
+                   const T* omega, int residual, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept,
+                   T* grad_weight, T* grad_bias, T* grad_omega, int threads) {
   const int64_t width = layer.width, taps = layer.taps, window = layer.window;
   const int64_t before = grad_prev ? window : 0, span = before + layer.length;
   // Ranges long against the window (each recomputes the window past its end), a few per thread.
   const int64_t wanted = (span * layer.batch + 4 * threads - 1) / (4 * threads);
   const int64_t range = std::max<int64_t>({wanted, 4 * window, 64});
   const int64_t ranges = (span + range - 1) / range, count = (taps + 2) * width;
+  const int64_t ring_values = ring_slots(window, layer.length) * width;
+  int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> ring((window + 1) * width), tile_sum(count, T(0)), sums(count, T(0));
+    // Per thread: the ring, the current tile's sums and the thread's total, and the row pointers.
+    const std::unique_ptr<T[]> values = try_allocate<T>(ring_values + 2 * count);
+    const std::unique_ptr<const T*[]> rows = try_allocate<const T*>(2 * taps);
+    if (!any_failed(failed, !values || !rows)) {
+    T* ring = values.get();
+    T* tile_sum = ring + ring_values;
+    T* sums = tile_sum + count;
+    std::fill(tile_sum, sums + count, T(0));
 #pragma omp for schedule(static)
     for (int64_t piece = 0; piece < layer.batch * ranges; ++piece) {
       const int64_t b = piece / ranges, s0 = (piece % ranges) * range - before;
       backward_range<T, Act>(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, grad, grad_prev, dz_kept, b, s0,
-                        std::min(s0 + range, layer.length), ring.data(), tile_sum.data(), sums.data());
+                             std::min(s0 + range, layer.length), ring, tile_sum, sums, rows.get(), rows.get() + taps);
     }
 #pragma omp critical
     {
@@ -252,7 +298,9 @@ void layer_backward(const T* h, const T* prev, const T* g, const Layer<T>& layer
         for (int64_t i = 0; i < width; ++i) grad_omega[i] += sums[(taps + 1) * width + i];
       }
     }
+    }
   }
+  return failed;
 }
 
 // The kernels' instance for the activation `activation` (NONE, SILU or GELU), or for the last layer.
@@ -270,21 +318,22 @@ decltype(&layer_backward<T, NONE>) backward_for(int activation, bool last) {
 }  // namespace
 
 #define SEQMIX_TCN(T, suffix)                                                                                        \
-  extern "C" void seqmix_tcn_forward_##suffix(                                                                       \
+  extern "C" int seqmix_tcn_forward_##suffix(                                                                       \
       const T* h, const T* prev, T* out, const T* weight, const T* bias, const uint8_t* mask, const T* x,             \
       const T* omega, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation, int activation,   \
       int residual, int threads) {                                                                                   \
     const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation};     \
-    forward_for<T>(activation, x != nullptr)(h, prev, out, layer, mask, x, omega, residual, threads);                                        \
+    return forward_for<T>(activation, x != nullptr)(h, prev, out, layer, mask, x, omega, residual, threads);       \
   }                                                                                                                  \
-  extern "C" void seqmix_tcn_backward_##suffix(                                                                      \
+  extern "C" int seqmix_tcn_backward_##suffix(                                                                      \
       const T* h, const T* prev, const T* g, const T* weight, const T* bias, const uint8_t* mask, const T* x,         \
       const T* omega, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept, T* grad_weight,        \
       T* grad_bias, T* grad_omega, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation,      \
       int activation, int residual, int threads) {                                                                   \
     const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation};     \
-    backward_for<T>(activation, x != nullptr)(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, grad, grad_prev,     \
-                                dz_kept, grad_weight, grad_bias, grad_omega, threads);                               \
+    return backward_for<T>(activation, x != nullptr)(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, \
+                                                     grad, grad_prev, dz_kept, grad_weight, grad_bias, grad_omega,    \
+                                                     threads);                                                       \
   }
 
 SEQMIX_TCN(float, f32)
