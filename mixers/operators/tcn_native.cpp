@@ -19,9 +19,9 @@
 //         for 0 <= s < T (keep_s = 0 where padded; `extra` adds the omega x term's gradient on the
 //         first layer): the correlation's adjoint, a correlation looking ahead;
 //     grad_prev_{window + s} = sum_k w[k] dz_{s + off_k}  for -window <= s < 0.
-// Each thread walks its range of rows in order, keeping dz of the next window + 1 rows in a ring
-// buffer (cache-sized): dz_t is computed once, as row t - window's gradient needs it, and read
-// from the ring by the window + 1 rows' gradients that need it. A range recomputes the window of
+// Each thread walks its range of rows in order, keeping dz of the next window + 1 rows (T + 1 when
+// the sequence is shorter) in a ring buffer: dz_t is computed once, as row t - window's gradient
+// needs it, and read from the ring by the rows' gradients that need it. A range recomputes the window of
 // rows past its end, so a layer reads its input and g and writes its input's gradient once.
 //
 // Outputs are plain stores: streaming stores (native_simd.h), which speed up the EMA's strided
@@ -38,9 +38,6 @@
 #include <cstring>
 #include <memory>
 #include <new>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "native_simd.h"
 
