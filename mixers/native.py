@@ -165,11 +165,11 @@ def pointers(*tensors: torch.Tensor | None) -> list[int | None]:
     return [None if tensor is None else tensor.data_ptr() for tensor in tensors]
 
 
-def function(library: ctypes.CDLL, symbol: str, pointers: int, counts: int, flags: int, status: bool = False):
-    """``symbol`` of ``library``, typed as seqmix's kernels are: ``pointers`` data pointers, then
-    ``counts`` int64 sizes, then ``flags`` ints; returning an int status when ``status`` (0: done,
+def function(library: ctypes.CDLL, symbol: str, addresses: int, sizes: int, flags: int, status: bool = False):
+    """``symbol`` of ``library``, typed as seqmix's kernels are: ``addresses`` data pointers, then
+    ``sizes`` int64 sizes, then ``flags`` ints; returning an int status when ``status`` (0: done,
     1: its scratch memory could not be allocated), else nothing."""
     kernel = getattr(library, symbol)
-    kernel.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * counts + [ctypes.c_int] * flags
+    kernel.argtypes = [ctypes.c_void_p] * addresses + [ctypes.c_int64] * sizes + [ctypes.c_int] * flags
     kernel.restype = ctypes.c_int if status else None
     return kernel
