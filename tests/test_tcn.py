@@ -281,7 +281,8 @@ def test_native_equals_conv_with_its_windows_and_every_gradient(batch, width, ke
     from a start state that takes gradients, or with a padding mask; the next windows enter the
     loss, so their gradients flow back too; x itself with or without a gradient (the first layer's
     input gradient is then skipped). One and two threads (the parameter gradients are summed per
-    thread, and the backward's ranges of rows recompute the window past their ends)."""
+    thread, and the backward's ranges of rows recompute the window past their ends). From a start
+    state, the same step without autograd too, where the kernel gathers from the state's layout."""
     torch.manual_seed(seed)
     reference, fast = _native_pair(width, kernel_size=kernel_size, dilation_base=dilation_base, depth=depth,
                                    activation=activation, residual=residual)
@@ -305,6 +306,13 @@ def test_native_equals_conv_with_its_windows_and_every_gradient(batch, width, ke
         torch.testing.assert_close(window, window_ref, rtol=1e-10, atol=1e-12)
     for grad, grad_ref in zip(got[2], want[2], strict=True):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
+    if state is not None:
+        # Without autograd the kernel reads the state's (B, D, window) layout itself.
+        with torch.no_grad():
+            states = [type(mixer.init_state(1))(state) for mixer in (reference, fast)]
+            (y_ref, after_ref), (y, after) = reference.step(x, states[0]), fast.step(x, states[1])
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(after.tcn, after_ref.tcn, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.native

@@ -129,7 +129,7 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     """The native layer forward and backward passes for ``dtype`` (float32 or float64), built on first use."""
     suffix = native_code.dtype_suffix(dtype, "tcn impl='native'")
     library = native_code.load("seqmix.operators", "tcn_native.cpp")
-    return _NativeKernels(native_code.function(library, f"seqmix_tcn_forward_{suffix}", 8, 5, 3, status=True),
+    return _NativeKernels(native_code.function(library, f"seqmix_tcn_forward_{suffix}", 8, 5, 4, status=True),
                           native_code.function(library, f"seqmix_tcn_backward_{suffix}", 16, 5, 3, status=True))
 
 
@@ -141,13 +141,18 @@ def _check_status(status: int, pass_: str, length: int, width: int, window: int)
                           f"allocate its scratch memory on {torch.get_num_threads()} threads")
 
 
-def _last_window(h: Tensor, past: Tensor | None, window: int) -> Tensor:
-    """The last ``window`` rows of a layer's context, its past (B, window, D) (zeros when None) then
-    its input h (B, T, D): the layer's next streaming state, (B, window, D), a copy."""
+def _last_window(h: Tensor, past: Tensor | None, window: int, channel_major: bool) -> Tensor:
+    """The last ``window`` rows of a layer's context, its past (zeros when None) then its input h
+    (B, T, D): the layer's next streaming state, a copy. Past and result (B, window, D), or the
+    state's own (B, D, window) when ``channel_major``."""
     batch, length, width = h.shape
     if length >= window:
-        return h[:, length - window:].clone()
-    past = h.new_zeros(batch, window, width) if past is None else past
+        tail = h[:, length - window:]
+        return (tail.transpose(1, 2) if channel_major else tail).clone(memory_format=torch.contiguous_format)
+    if past is None:
+        past = h.new_zeros((batch, width, window) if channel_major else (batch, window, width))
+    if channel_major:
+        return torch.cat([past[..., length:], h.transpose(1, 2)], dim=-1)
     return torch.cat([past[:, length:], h], dim=1)
 
 
@@ -158,8 +163,11 @@ class _NativeTCN(torch.autograd.Function):
     parameters require grad under ``torch.no_grad()`` too, so the caller decides); x (B, T, D)
     contiguous; omega (D,); mask (B, T) uint8, nonzero where padded, or None;
     then per layer its weight (K, D) (tap k multiplies the input (K−1−k)·f^i steps back), per layer
-    its bias (D,), per layer its past window (B, window_i, D) or None for zeros.
-    Outputs: y (B, T, D), then per layer its next window (B, window_i, D).
+    its bias (D,), per layer its past window or None for zeros.
+    Outputs: y (B, T, D), then per layer its next window.
+    Windows are (B, window_i, D) while autograd records (the backward reads them so), else the
+    state's own (B, D, window_i), which the forward kernel gathers from: a decoding step then
+    copies each window once instead of transposing it in and out.
     Keeps every layer's input for backward (which recomputes the pre-activations from them) when
     autograd records; otherwise each layer's input is freed once the next is written.
     """
@@ -173,14 +181,15 @@ class _NativeTCN(torch.autograd.Function):
         batch, length, width = x.shape
         h = x if mask is None else x.masked_fill(mask.bool().unsqueeze(-1), 0.0)
         inputs, windows = [], []
+        channel_major = not records
         for i, (dilation, window) in enumerate(zip(stack.dilations, stack.windows)):
-            windows.append(_last_window(h, pasts[i], window))
+            windows.append(_last_window(h, pasts[i], window, channel_major))
             last = i == depth - 1
             out = torch.empty_like(x)
             status = kernels.forward(*native_code.pointers(h, pasts[i], out, weights[i], biases[i], mask, x if last else None,
                                                            omega if last else None),
                                      batch, length, width, stack.taps, dilation, stack.activation, int(stack.residual),
-                                     torch.get_num_threads())
+                                     int(channel_major), torch.get_num_threads())
             _check_status(status, "forward", length, width, window)
             if records:
                 inputs.append(h)
@@ -437,11 +446,16 @@ class TCN(Mixer):
                              NATIVE_ACTIVATIONS[self.activation], self.residual)
         weights = [conv.weight.squeeze(1).t().contiguous() for conv in self.convs]  # (K, D) each
         biases = [conv.bias for conv in self.convs]
-        pasts = [None] * self.depth if state is None else [w.to(x.dtype).transpose(1, 2).contiguous() for w in state.tcn]
         mask = None if padding_mask is None else padding_mask.to(device=x.device, dtype=torch.uint8).contiguous()
-        records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.omega, *weights, *biases, *pasts))
+        records = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, self.omega, *weights, *biases, *(state.tcn if state is not None else ())))
+        if state is None:
+            pasts = [None] * self.depth
+        else:  # (B, D, window) as the state keeps them; (B, window, D) for the backward
+            pasts = [w.to(x.dtype).transpose(1, 2) if records else w.to(x.dtype) for w in state.tcn]
+            pasts = [w.contiguous() for w in pasts]
         y, *windows = _NativeTCN.apply(stack, records, x.contiguous(), self.omega, mask, *weights, *biases, *pasts)
-        return y, TCNState(tuple(w.transpose(1, 2).contiguous() for w in windows))
+        return y, TCNState(tuple(w.transpose(1, 2).contiguous() if records else w for w in windows))
 
     def _context(self, layer: int, h: Tensor | None, out: Tensor | None, mask: Tensor | None,
                  state: TCNState | None) -> Tensor:

@@ -29,7 +29,9 @@
 //
 // Layouts: h, x, out, g, dz, extra, grad (B, T, D) row-major (dz: the last layer's, kept for
 // the first layer's `extra`; grad null when only the parameters' gradients are wanted); prev and
-// grad_prev (B, window, D), prev null for a zero past; weight and grad_weight (K, D); bias, omega
+// grad_prev (B, window, D), prev null for a zero past; the forward also takes prev as the
+// streaming state's own (B, D, window) (`past_channel_major`), which a decoding step would
+// otherwise transpose in full to read K - 1 of its rows; weight and grad_weight (K, D); bias, omega
 // and their gradients (D,); mask (B, T) bytes, nonzero where padded, or null. Built by
 // seqmix.native (see recurrence_native.cpp).
 #include <algorithm>
@@ -82,11 +84,20 @@ template <typename T, int Act> inline typename Vec<T>::type activation_derivativ
 }
 
 // The row of the layer's input s steps into the sequence of batch row b: h_s, or the past window's
-// row before it; null for a zero past.
+// row before it (its channel 0; channels `past_stride` apart); null for a zero past.
 template <typename T>
-inline const T* source(const T* h, const T* prev, int64_t b, int64_t s, int64_t length, int64_t window, int64_t width) {
+inline const T* source(const T* h, const T* prev, int64_t b, int64_t s, int64_t length, int64_t window, int64_t width,
+                       int64_t past_stride) {
   if (s >= 0) return h + (b * length + s) * width;
-  return prev ? prev + (b * window + window + s) * width : nullptr;
+  if (!prev) return nullptr;
+  return past_stride == 1 ? prev + (b * window + window + s) * width : prev + b * width * window + window + s;
+}
+
+// `width` values `stride` apart from p, the rest zero: a row of a channel-major past.
+template <typename T> inline typename Vec<T>::type load_strided(const T* p, int64_t stride, int64_t width) {
+  typename Vec<T>::type v = {};
+  for (int64_t i = 0; i < width; ++i) v[i] = p[i * stride];
+  return v;
 }
 
 template <typename T> struct Layer {
@@ -94,15 +105,28 @@ template <typename T> struct Layer {
   const T* bias;
   int64_t batch, length, width, taps, dilation, window;
   int activation;
-  // rows[k] = src_{t - off_k} of batch row b, null for a zero past: found once per row, not per vector.
-  inline void tap_rows(const T** rows, const T* h, const T* prev, int64_t b, int64_t t) const {
-    for (int64_t k = 0; k < taps; ++k) rows[k] = source(h, prev, b, t - (taps - 1 - k) * dilation, length, window, width);
+  int64_t past_stride;  // 1: prev (B, window, D); window: prev (B, D, window)
+  // rows[k] = src_{t - off_k} of batch row b, null for a zero past: found once per row, not per
+  // vector. Returns how many leading taps (the farthest back) read a channel-major past, whose
+  // rows are gathered: 0 unless prev is (B, D, window).
+  inline int64_t tap_rows(const T** rows, const T* h, const T* prev, int64_t b, int64_t t) const {
+    int64_t gathered = 0;
+    for (int64_t k = 0; k < taps; ++k) {
+      const int64_t s = t - (taps - 1 - k) * dilation;
+      rows[k] = source(h, prev, b, s, length, window, width, past_stride);
+      if (s < 0 && prev && past_stride != 1) gathered = k + 1;
+    }
+    return gathered;
   }
-  // z at channels [d0, d0 + live) of the row whose tap rows are `rows`.
-  inline typename Vec<T>::type preactivation(const T* const* rows, int64_t d0, int64_t live) const {
+  // z at channels [d0, d0 + live) of the row whose tap rows are `rows`, the first `gathered` of
+  // them in a channel-major past.
+  inline typename Vec<T>::type preactivation(const T* const* rows, int64_t d0, int64_t live, int64_t gathered = 0) const {
     typename Vec<T>::type z = load<T>(bias + d0, live);
     for (int64_t k = 0; k < taps; ++k) {
-      if (rows[k]) z += load<T>(weight + k * width + d0, live) * load<T>(rows[k] + d0, live);
+      if (!rows[k]) continue;
+      const typename Vec<T>::type input =
+          k < gathered ? load_strided<T>(rows[k] + d0 * past_stride, past_stride, live) : load<T>(rows[k] + d0, live);
+      z += load<T>(weight + k * width + d0, live) * input;
     }
     return z;
   }
@@ -159,9 +183,9 @@ int layer_forward(const T* h, const T* prev, T* out, const Layer<T>& layer, cons
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = r / layer.length, t = r % layer.length;
     const bool padded = mask && mask[r];
-    layer.tap_rows(taps, h, prev, b, t);
+    const int64_t gathered = layer.tap_rows(taps, h, prev, b, t);
     SEQMIX_FOR_BLOCKS(width, {
-      const V z = layer.preactivation(taps, d0, block);
+      const V z = layer.preactivation(taps, d0, block, gathered);
       const V a = activate<T, Act>(z);
       V next = residual ? load<T>(h + r * width + d0, block) + a : a;
       if constexpr (Act == OUTPUT) {
@@ -318,8 +342,10 @@ decltype(&layer_backward<T, NONE>) backward_for(int activation, bool last) {
   extern "C" int seqmix_tcn_forward_##suffix(                                                                       \
       const T* h, const T* prev, T* out, const T* weight, const T* bias, const uint8_t* mask, const T* x,             \
       const T* omega, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation, int activation,   \
-      int residual, int threads) {                                                                                   \
-    const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation};     \
+      int residual, int past_channel_major, int threads) {                                                           \
+    const int64_t window = (taps - 1) * dilation;                                                                    \
+    const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, window, activation,                     \
+                         past_channel_major ? window : 1};                                                           \
     return forward_for<T>(activation, x != nullptr)(h, prev, out, layer, mask, x, omega, residual, threads);       \
   }                                                                                                                  \
   extern "C" int seqmix_tcn_backward_##suffix(                                                                      \
@@ -327,7 +353,7 @@ decltype(&layer_backward<T, NONE>) backward_for(int activation, bool last) {
       const T* omega, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept, T* grad_weight,        \
       T* grad_bias, T* grad_omega, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation,      \
       int activation, int residual, int threads) {                                                                   \
-    const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation};     \
+    const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation, 1};  \
     return backward_for<T>(activation, x != nullptr)(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, \
                                                      grad, grad_prev, dz_kept, grad_weight, grad_bias, grad_omega,    \
                                                      threads);                                                       \
