@@ -445,16 +445,17 @@ class TCN(Mixer):
         stack = _NativeStack(self.kernel_size, tuple(conv.dilation[0] for conv in self.convs), tuple(self.windows),
                              NATIVE_ACTIVATIONS[self.activation], self.residual)
         weights = [conv.weight.squeeze(1).t().contiguous() for conv in self.convs]  # (K, D) each
-        biases = [conv.bias for conv in self.convs]
+        biases = [conv.bias.contiguous() for conv in self.convs]
+        omega = self.omega.contiguous()
         mask = None if padding_mask is None else padding_mask.to(device=x.device, dtype=torch.uint8).contiguous()
         records = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, self.omega, *weights, *biases, *(state.tcn if state is not None else ())))
+            t.requires_grad for t in (x, omega, *weights, *biases, *(state.tcn if state is not None else ())))
         if state is None:
             pasts = [None] * self.depth
         else:  # (B, D, window) as the state keeps them; (B, window, D) for the backward
             pasts = [w.to(x.dtype).transpose(1, 2) if records else w.to(x.dtype) for w in state.tcn]
             pasts = [w.contiguous() for w in pasts]
-        y, *windows = _NativeTCN.apply(stack, records, x.contiguous(), self.omega, mask, *weights, *biases, *pasts)
+        y, *windows = _NativeTCN.apply(stack, records, x.contiguous(), omega, mask, *weights, *biases, *pasts)
         return y, TCNState(tuple(w.transpose(1, 2).contiguous() if records else w for w in windows))
 
     def _context(self, layer: int, h: Tensor | None, out: Tensor | None, mask: Tensor | None,
