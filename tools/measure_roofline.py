@@ -26,9 +26,9 @@ defaults, ...), on one thread: how much of each figure the allocator's page faul
 ``--before COMMIT`` adds a before/after table for the EMA, CEMA and TCN: each one's default path as
 that commit wrote it (the chunked EMA and CEMA, the TCN's ``conv``) against today's faster paths
 (``BEFORE_AND_AFTER``); the mixers as that commit wrote them (recurrence.py, ema.py, cema.py and
-tcn.py read with ``git show`` into temporary modules, nothing checked out) beside today's, with the same weights and inputs, their
-calls alternating (before, after, before, ...) so that both see the same load, on the grid's
-lengths, passes and thread counts. It reports each one's median (fastest–slowest), measured ÷
+tcn.py read with ``git show`` into temporary modules, nothing checked out) beside today's, with the
+same weights and inputs, their calls alternating (before, after, before, ...) so that both see the
+same load, on the grid's lengths, passes and thread counts. It reports each one's median (fastest–slowest), measured ÷
 minimum against the rates measured on those threads, before ÷ after, and the largest difference
 between their outputs.
 """
@@ -67,7 +67,8 @@ def _load() -> list[float]:
 BEFORE_FILES = {"recurrence": "mixers/operators/recurrence.py", "ema": "mixers/operators/ema.py", "cema": "mixers/operators/cema.py",
                 "tcn": "mixers/operators/tcn.py"}
 COMPARED = ("ema", "cema")
-"""The mixers whose chunked forward the kernel floor breaks down."""
+"""The mixers on the recurrence engine: the kernel floor breaks down their chunked forward, and
+``--before`` loads them on that commit's recurrence.py."""
 BEFORE_AND_AFTER = {"ema": ("chunked", ("chunked", "native")), "cema": ("chunked", ("chunked", "native")),
                     "tcn": ("conv", ("channels_last", "native"))}
 """Per mixer: its default path at the earlier commit, and today's paths set against it."""

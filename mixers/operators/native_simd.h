@@ -36,6 +36,11 @@ template <typename T> inline void store(T* p, typename Vec<T>::type v) { store<T
 // quarter less time at L = 2048 and 16384, and the same at L = 1024.
 constexpr int64_t STREAM_BYTES = int64_t(2) << 20;
 
+// Whether a (B, L, D) output of T goes around the caches.
+template <typename T> inline bool streams(int64_t batch, int64_t length, int64_t width) {
+  return batch * length * width * int64_t(sizeof(T)) >= STREAM_BYTES;
+}
+
 // v into the 64 bytes at p, around the caches where the CPU has streaming stores and p is 64-byte
 // aligned, else a plain store. Followed by stream_fence before another thread reads p.
 template <typename T> inline void store_stream(T* p, typename Vec<T>::type v) {

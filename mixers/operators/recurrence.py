@@ -656,8 +656,8 @@ class _NativeRecurrence(torch.autograd.Function):
         grad_q_im, grad_c_im = (sums[3], sums[4]) if complex_ else (None, None)
         grad_skip = x.new_zeros(batch, padded) if skip is not None and ctx.needs_input_grad[6] else None
         grad_x = torch.empty_like(x)
-        kernels.backward(*native_code.pointers(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
-                                    grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
+        kernels.backward(*native_code.pointers(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re,
+                                               carry_im, grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
                          batch, length, width, padded, order, torch.get_num_threads())
 
         def total(grad: Tensor | None) -> Tensor | None:

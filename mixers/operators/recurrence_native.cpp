@@ -27,7 +27,7 @@ namespace {
 using namespace seqmix_simd;
 
 constexpr int64_t SEGMENT = 128;
-// Half a segment: with 128 the adjoint's buffers outgrew L1 (forward + backward 5-10% slower at
+// Half a segment: with 128 the adjoint's buffers outgrew L1 (forward + backward 5-15% slower at
 // L = 16384), while forward segments of 64 were up to 5% slower on two threads.
 constexpr int64_t CHECKPOINT = 64;
 static_assert(SEGMENT % CHECKPOINT == 0, "segments hold whole checkpoint intervals");
@@ -63,7 +63,7 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
   constexpr int W = lanes<T>();
   const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT;
   const int64_t checkpoints = (length + CHECKPOINT - 1) / CHECKPOINT;
-  const bool stream = batch * length * width * int64_t(sizeof(T)) >= STREAM_BYTES;
+  const bool stream = streams<T>(batch, length, width);
 #pragma omp parallel num_threads(threads)
   {
   for (int64_t segment = 0; segment < segments; ++segment) {
@@ -133,8 +133,8 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
   }
 }
 
-// The adjoint, segment by segment (of CHECKPOINT steps) from the last: each segment's states are recomputed from its
-// checkpoint into a buffer, then walked backwards. With mu_t = dl/dh_t (a complex number as its
+// The adjoint, segment by segment (of CHECKPOINT steps) from the last: each segment's states are
+// recomputed from its checkpoint into a buffer, then walked backwards. With mu_t = dl/dh_t (a complex number as its
 // real and imaginary gradients) and g_t = dl/dy_t:
 //     mu_t = g_t conj(c) + conj(q) mu_{t+1},   mu_{L-1} = g_{L-1} conj(c) + dl/dh_{L-1}
 //     dl/dx_t = skip g_t + sum_n b Re mu_t,    dl/db = sum_t Re(mu_t) x_t
@@ -150,7 +150,7 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
   const int64_t blocks = padded / W, segments = (length + CHECKPOINT - 1) / CHECKPOINT;
-  const bool stream = batch * length * width * int64_t(sizeof(T)) >= STREAM_BYTES;
+  const bool stream = streams<T>(batch, length, width);
 #pragma omp parallel num_threads(threads)
   {
   for (int64_t segment = segments - 1; segment >= 0; --segment) {
