@@ -358,7 +358,9 @@ def chunk_weights(coef: Coefficients, size: int, skip: Tensor | None) -> tuple[T
     kernel = _real_part_contract("dn,dnj->dj", _scale(coef.c, coef.b), within)  # (D, C)
     if skip is not None:
         kernel = kernel + F.pad(skip.unsqueeze(-1), (0, size - 1))
-    toeplitz = lower_toeplitz(kernel).transpose(1, 2)  # (D, C, C), [j, i] = k[i - j]
+    # [j, i] = k[i - j]: windows of the kernel behind C - 1 zeros, [s, i] = k[s + i - (C - 1)], with s
+    # reversed. Views and one flip: a quarter of lower_toeplitz's traffic, forward and backward.
+    toeplitz = F.pad(kernel, (size - 1, 0)).unfold(-1, size, 1).flip(1)  # (D, C, C)
     feed = _scale((within[0].flip(-1), None if q_im is None else within[1].flip(-1)), coef.b.unsqueeze(-1))
     c_col = (coef.c[0].unsqueeze(-1), None if coef.c[1] is None else coef.c[1].unsqueeze(-1))
     c_q = _mul(c_col, (q_re[..., 1:], None if q_im is None else q_im[..., 1:]))  # c q^{i+1}, (D, N, C) pair
@@ -462,9 +464,9 @@ class _ChunkedRecurrence(torch.autograd.Function):
         grad_feed = torch.bmm(inputs.transpose(1, 2), grad_fed) if needs_feed else None
         grad_x = None
         if needs_x:
-            grad_inputs = stacked.new_empty(rows, width, size)
-            torch.baddbmm(grad_stacked[..., states : states + size].transpose(0, 1), grad_fed, feed.transpose(1, 2),
-                          out=grad_inputs.transpose(0, 1))
+            # In place: a product written into another (D, M, C) view runs as one matrix product per channel.
+            grad_inputs = grad_stacked[..., states : states + size]  # (M, D, C)
+            grad_inputs.transpose(0, 1).baddbmm_(grad_fed, feed.transpose(1, 2))
             grad_x = stacked.new_empty(batch, chunks * size, width)
             copy_in_slabs(grad_x.view(rows, size, width), grad_inputs.transpose(1, 2))
         return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None, None
