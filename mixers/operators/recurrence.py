@@ -351,24 +351,148 @@ def chunk_weights(coef: Coefficients, size: int, skip: Tensor | None) -> tuple[T
         mix (D, K + C, C): the readout Re(c q^{i+1}) (imaginary rows negated) stacked on the
             transposed Toeplitz block, [j, i] = k[i - j] for j <= i with skip added to k[0];
         q_chunk (D, K): q^C, the carry's decay.
+    One autograd node (``_ChunkWeights``), whose backward is written out.
     """
-    complex_ = coef.phase is not None
-    q_re, q_im = coef.powers(torch.arange(size + 1, device=coef.log_r.device))  # (D, N, C + 1)
-    within = (q_re[..., :size], None if q_im is None else q_im[..., :size])
-    kernel = _real_part_contract("dn,dnj->dj", _scale(coef.c, coef.b), within)  # (D, C)
-    if skip is not None:
-        kernel = kernel + F.pad(skip.unsqueeze(-1), (0, size - 1))
-    # [j, i] = k[i - j]: windows of the kernel behind C - 1 zeros, [s, i] = k[s + i - (C - 1)], with s
-    # reversed. Views and one flip: a quarter of lower_toeplitz's traffic, forward and backward.
-    toeplitz = F.pad(kernel, (size - 1, 0)).unfold(-1, size, 1).flip(1)  # (D, C, C)
-    feed = _scale((within[0].flip(-1), None if q_im is None else within[1].flip(-1)), coef.b.unsqueeze(-1))
-    c_col = (coef.c[0].unsqueeze(-1), None if coef.c[1] is None else coef.c[1].unsqueeze(-1))
-    c_q = _mul(c_col, (q_re[..., 1:], None if q_im is None else q_im[..., 1:]))  # c q^{i+1}, (D, N, C) pair
-    readout = _interleave((c_q[0], None if c_q[1] is None else -c_q[1]), 1, complex_)
-    mix = torch.cat((readout, toeplitz), dim=1)
-    feed = _interleave(feed, 1, complex_).transpose(1, 2).contiguous()
-    q_chunk = _interleave((q_re[..., size], None if q_im is None else q_im[..., size]), 1, complex_).contiguous()
-    return feed, mix, q_chunk
+    c_im = coef.c[1]
+    if coef.phase is not None and c_im is None:
+        c_im = torch.zeros_like(coef.c[0])
+    return _ChunkWeights.apply(coef.log_r, coef.phase, coef.b, coef.c[0], c_im, skip, size)
+
+
+class _ChunkWeights(torch.autograd.Function):
+    """``chunk_weights`` as one autograd node: its backward turns the weights' gradients into the
+    coefficients' in a few passes over the (D, N, C + 1) powers, where autograd's record of the
+    forward took several times as many (the weights are rebuilt at every training step, whatever L).
+
+    With P_j = q^j = exp(j (log r + i phi)) and G_j the gradient reaching P_j as (real, imaginary)
+    parts, summed over its uses (the kernel k_j = Re sum_n c b P_j, the feed b P_{C-1-j}, the
+    readout c P_{i+1} and q^C):
+        dl/dlog r = sum_j j Re(conj(G_j) P_j),    dl/dphi = -sum_j j Im(conj(G_j) P_j),
+        dl/db = sum_j dl/dk_j Re(c P_j) + Re(conj(feed's gradient) P_{C-1-j}),
+        dl/dc = conj(sum_j dl/dk_j b P_j + sum_i (readout's gradient)_i P_{i+1}),  dl/dskip = dl/dk_0.
+    """
+
+    @staticmethod
+    def forward(ctx, log_r: Tensor, phase: Tensor | None, b: Tensor, c_re: Tensor, c_im: Tensor | None,
+                skip: Tensor | None, size: int):
+        """Coefficients (D, N) (c_im given with phase), skip (D,) or None -> feed, mix, q_chunk (``chunk_weights``)."""
+        complex_ = phase is not None
+        coef = Coefficients(log_r=log_r, phase=phase, b=b, c=(c_re, c_im))
+        q_re, q_im = coef.powers(torch.arange(size + 1, device=log_r.device))  # (D, N, C + 1)
+        within = (q_re[..., :size], None if q_im is None else q_im[..., :size])
+        kernel = _real_part_contract("dn,dnj->dj", _scale(coef.c, b), within)  # (D, C)
+        if skip is not None:
+            kernel = kernel + F.pad(skip.unsqueeze(-1), (0, size - 1))
+        # [j, i] = k[i - j]: windows of the kernel behind C - 1 zeros, [s, i] = k[s + i - (C - 1)],
+        # with s reversed.
+        toeplitz = F.pad(kernel, (size - 1, 0)).unfold(-1, size, 1).flip(1)  # (D, C, C)
+        feed = _scale((within[0].flip(-1), None if q_im is None else within[1].flip(-1)), b.unsqueeze(-1))
+        c_col = (c_re.unsqueeze(-1), None if c_im is None else c_im.unsqueeze(-1))
+        c_q = _mul(c_col, (q_re[..., 1:], None if q_im is None else q_im[..., 1:]))  # c q^{i+1}, (D, N, C) pair
+        readout = _interleave((c_q[0], None if c_q[1] is None else -c_q[1]), 1, complex_)
+        mix = torch.cat((readout, toeplitz), dim=1)
+        feed = _interleave(feed, 1, complex_).transpose(1, 2).contiguous()
+        q_chunk = _interleave((q_re[..., size], None if q_im is None else q_im[..., size]), 1, complex_).contiguous()
+        ctx.save_for_backward(q_re, q_im, b, c_re, c_im)
+        ctx.size = size
+        return feed, mix, q_chunk
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_feed: Tensor | None, grad_mix: Tensor | None, grad_q_chunk: Tensor | None):
+        q_re, q_im, b, c_re, c_im = ctx.saved_tensors
+        size = ctx.size
+        complex_ = q_im is not None
+        width, order = b.shape
+        states = 2 * order if complex_ else order
+
+        def parts(t: Tensor, dim: int) -> Pair:
+            """An interleaved real tensor with K along ``dim`` -> its (real, imaginary) rows, N along ``dim``."""
+            if not complex_:
+                return t, None
+            split = t.unflatten(dim, (order, 2))
+            return split.select(dim + 1, 0), split.select(dim + 1, 1)
+
+        # The products are those of the forward's one contraction, the kernel sum_n (c b)_n P_j (its two
+        # adjoint products, as for any stage); the rest is pointwise work and sums over j.
+        grad_re = q_re.new_zeros(q_re.shape)  # G_j, j <= C: (D, N, C + 1)
+        grad_im = torch.zeros_like(grad_re) if complex_ else None
+        within_re, within_im = q_re[..., :size], None if q_im is None else q_im[..., :size]
+        grad_kernel = readout_re = readout_neg_im = kernel_re = kernel_im = None
+        if grad_mix is not None:
+            grad_kernel = _toeplitz_adjoint(grad_mix[:, states:])  # (D, C)
+            # The kernel Re sum_n c b P_j: conj(c b) dl/dk_j reaches P_j, and sum_j dl/dk_j P_j reaches c b.
+            grad_re[..., :size] += torch.bmm((c_re * b).unsqueeze(-1), grad_kernel.unsqueeze(1))
+            kernel_re = torch.einsum("dnj,dj->dn", within_re, grad_kernel)
+            if complex_:
+                grad_im[..., :size] -= torch.bmm((c_im * b).unsqueeze(-1), grad_kernel.unsqueeze(1))
+                kernel_im = torch.einsum("dnj,dj->dn", within_im, grad_kernel)
+            # The readout rows Re(c P_{i+1}) and -Im(c P_{i+1}): conj(c) times their gradient.
+            readout_re, readout_neg_im = parts(grad_mix[:, :states], 1)  # (D, N, C)
+            grad_re[..., 1:] += c_re.unsqueeze(-1) * readout_re
+            if complex_:
+                grad_re[..., 1:] -= c_im.unsqueeze(-1) * readout_neg_im
+                grad_im[..., 1:] -= c_re.unsqueeze(-1) * readout_neg_im + c_im.unsqueeze(-1) * readout_re
+        feed_re = feed_im = None
+        if grad_feed is not None:
+            feed_re, feed_im = parts(grad_feed.transpose(1, 2), 1)  # (D, N, C), over j
+            feed_re = feed_re.flip(-1)  # over the power C - 1 - j
+            grad_re[..., :size] += b.unsqueeze(-1) * feed_re
+            if complex_:
+                feed_im = feed_im.flip(-1)
+                grad_im[..., :size] += b.unsqueeze(-1) * feed_im
+        if grad_q_chunk is not None:
+            chunk_re, chunk_im = parts(grad_q_chunk, 1)
+            grad_re[..., size] += chunk_re
+            if complex_:
+                grad_im[..., size] += chunk_im
+        needs_log_r, needs_phase, needs_b, needs_c_re, needs_c_im, needs_skip = ctx.needs_input_grad[:6]
+        steps = torch.arange(size + 1, device=q_re.device, dtype=q_re.dtype)
+        grad_log_r = grad_phase = grad_b = grad_c_re = grad_c_im = grad_skip = None
+        if needs_log_r:
+            real_part = grad_re * q_re + grad_im * q_im if complex_ else grad_re * q_re
+            grad_log_r = (real_part * steps).sum(-1)
+        if complex_ and needs_phase:
+            grad_phase = ((grad_im * q_re - grad_re * q_im) * steps).sum(-1)
+        if needs_b:
+            grad_b = torch.zeros_like(b)
+            if kernel_re is not None:
+                grad_b += c_re * kernel_re - c_im * kernel_im if complex_ else c_re * kernel_re
+            if feed_re is not None:
+                grad_b += (feed_re * within_re).sum(-1)
+                if complex_:
+                    grad_b += (feed_im * within_im).sum(-1)
+        if needs_c_re or needs_c_im:
+            grad_c_re = torch.zeros_like(c_re)
+            grad_c_im = torch.zeros_like(c_re) if complex_ else None
+            if kernel_re is not None:
+                grad_c_re += b * kernel_re
+                if complex_:
+                    grad_c_im -= b * kernel_im
+            if readout_re is not None:
+                after_re, after_im = q_re[..., 1:], None if q_im is None else q_im[..., 1:]
+                grad_c_re += (readout_re * after_re).sum(-1)
+                if complex_:
+                    grad_c_re -= (readout_neg_im * after_im).sum(-1)
+                    grad_c_im -= (readout_neg_im * after_re + readout_re * after_im).sum(-1)
+        if needs_skip and grad_kernel is not None:
+            grad_skip = grad_kernel[:, 0].clone()
+        return grad_log_r, grad_phase, grad_b, grad_c_re, grad_c_im, grad_skip, None
+
+
+def _toeplitz_adjoint(grad: Tensor) -> Tensor:
+    """The gradient of k from that of the Toeplitz block, (D, C, C) [j, i] = k[i - j] for j <= i:
+    sum_j grad[j, j + m] -> (D, C).
+
+    The diagonals are read through one strided view of the masked block, rows of C + 1 apart: a
+    diagonal running past the last column continues in the next row's strictly lower part, which
+    the mask has zeroed. The view stops a row short of the end, whose only term is [C-1, C-1].
+    """
+    width, size = grad.shape[0], grad.shape[-1]
+    masked = grad * torch.ones(size, size, dtype=grad.dtype, device=grad.device).triu_()  # (D, C, C), contiguous
+    sums = masked.as_strided((width, size, size - 1), (size * size, 1, size + 1)).sum(-1)
+    sums[:, 0] += masked[:, -1, -1]
+    return sums
 
 
 def _as_complex(t: Tensor, complex_: bool) -> Tensor:
