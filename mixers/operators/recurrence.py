@@ -383,15 +383,25 @@ class _ChunkWeights(torch.autograd.Function):
         kernel = _real_part_contract("dn,dnj->dj", _scale(coef.c, b), within)  # (D, C)
         if skip is not None:
             kernel = kernel + F.pad(skip.unsqueeze(-1), (0, size - 1))
+        width, order = b.shape
+        states = 2 * order if complex_ else order
+        # Each part written where it goes, rather than built apart and concatenated.
+        mix = kernel.new_empty(width, states + size, size)
         # [j, i] = k[i - j]: windows of the kernel behind C - 1 zeros, [s, i] = k[s + i - (C - 1)],
         # with s reversed.
-        toeplitz = F.pad(kernel, (size - 1, 0)).unfold(-1, size, 1).flip(1)  # (D, C, C)
-        feed = _scale((within[0].flip(-1), None if q_im is None else within[1].flip(-1)), b.unsqueeze(-1))
-        c_col = (c_re.unsqueeze(-1), None if c_im is None else c_im.unsqueeze(-1))
-        c_q = _mul(c_col, (q_re[..., 1:], None if q_im is None else q_im[..., 1:]))  # c q^{i+1}, (D, N, C) pair
-        readout = _interleave((c_q[0], None if c_q[1] is None else -c_q[1]), 1, complex_)
-        mix = torch.cat((readout, toeplitz), dim=1)
-        feed = _interleave(feed, 1, complex_).transpose(1, 2).contiguous()
+        torch.ops.aten.flip.out(F.pad(kernel, (size - 1, 0)).unfold(-1, size, 1), [1], out=mix[:, states:])
+        # The readout rows Re(c q^{i+1}) and -Im(c q^{i+1}).
+        after_re, c_col = q_re[..., 1:], c_re.unsqueeze(-1)
+        rows = mix[:, :states].unflatten(1, (order, 2)) if complex_ else mix[:, :states].unsqueeze(2)
+        torch.mul(c_col, after_re, out=rows[:, :, 0])
+        if complex_:
+            after_im, c_col_im = q_im[..., 1:], c_im.unsqueeze(-1)
+            rows[:, :, 0].sub_(c_col_im * after_im)
+            torch.mul(c_col, after_im, out=rows[:, :, 1]).add_(c_col_im * after_re).neg_()
+        # b q^{C-1-j}, laid out (D, C, K) with a complex state's parts side by side.
+        feed = (b.unsqueeze(1) * within[0].flip(-1).transpose(1, 2)).contiguous()
+        if complex_:
+            feed = torch.stack((feed, b.unsqueeze(1) * within[1].flip(-1).transpose(1, 2)), dim=-1).flatten(2)
         q_chunk = _interleave((q_re[..., size], None if q_im is None else q_im[..., size]), 1, complex_).contiguous()
         ctx.save_for_backward(q_re, q_im, b, c_re, c_im)
         ctx.size = size
