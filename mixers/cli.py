@@ -666,6 +666,14 @@ def _config_dir_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, extra
 
 
+def _os_error_text(error: OSError) -> str:
+    """``error`` as its reason and the file(s) it names, without the errno's number."""
+    if error.strerror is None:
+        return str(error)
+    files = [repr(os.fspath(name)) for name in (error.filename, error.filename2) if name is not None]
+    return f"{error.strerror}: {' -> '.join(files)}" if files else error.strerror
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``seqmix <command> [overrides]``; the exit status is 0, 1 (the command failed) or 2 (bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -706,6 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     except SeqmixError as error:
         print(f"{PROGRAM} {name}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # Outputs are checked before the work starts; what the system refuses later (a full disk, a
+        # folder removed under the run) is the machine's doing, told in one line that names the file.
+        print(f"{PROGRAM} {name}: error: {_os_error_text(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{PROGRAM} {name}: interrupted", file=sys.stderr)
         return 130

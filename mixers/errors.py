@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -36,7 +37,7 @@ def require_writable_dir(field: str, path) -> None:
 
     Checked before any work starts, so that a run of minutes or hours does not end in a traceback
     at its first write: no file may stand at ``path`` or above it, and the nearest folder of it
-    that exists must be writable.
+    that exists must take a new entry (tried with an empty folder, removed at once).
     """
     problem = _output_problem(path, is_file=False)
     if problem:
@@ -82,6 +83,13 @@ def _output_problem(path, is_file: bool) -> str | None:
             return f"{text!r} is not valid: {str(existing)!r} is a file, not a folder"
         if not os.access(existing, os.W_OK | os.X_OK):
             return f"{text!r} is not valid: {str(existing)!r} is not writable"
+        # Permission bits pass every path for root, and say nothing of a read-only or virtual file
+        # system (/proc, /sys): only making an entry there shows that one can be made. The empty
+        # folder goes at once.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".seqmix-write-check-", dir=existing))
+        except OSError as error:
+            return f"{text!r} is not valid: {str(existing)!r} is not writable ({error.strerror or error})"
         longest = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
     except OSError as error:
         return f"{text!r} is not valid: {error.strerror or error}"

@@ -1,7 +1,10 @@
 """The ``seqmix`` command: one entry point, Hydra overrides everywhere, short errors, nothing written before validation."""
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import os
 import re
 import subprocess
 
@@ -143,6 +146,34 @@ def test_output_path_checks_name_what_is_wrong(tmp_path):
     require_writable_dir("out", tmp_path / "new" / "run")
     require_writable_file("out", tmp_path / "new" / "tokenizer.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no one can add to")
+def test_output_paths_on_a_file_system_that_takes_no_new_entries_are_refused_up_front(tmp_path, capsys):
+    # /proc passes the permission check (always for root), yet nothing can be made in it: the
+    # check must try, or a benchmark runs to its end and dies at its first write.
+    from seqmix.errors import require_writable_dir, require_writable_file
+
+    for check, path in ((require_writable_dir, "/proc/seqmix-run"), (require_writable_file, "/proc/seqmix-run/out.onnx")):
+        with pytest.raises(SeqmixError, match=r"^out='/proc/seqmix-run.*' is not valid: '/proc' is not writable \("):
+            check("out", path)
+    status, out, err = run(capsys, "bench", "bench=roofline", "bench.out_dir=/proc/seqmix-bench", "bench.lengths=[64]")
+    assert status == 2 and err.startswith("seqmix bench: error: bench.out_dir='/proc/seqmix-bench' is not valid"), err
+    assert "ema/chunked" not in out + err  # refused before the first cell ran
+
+
+def test_an_os_error_during_a_command_ends_it_with_one_line_naming_the_file(monkeypatch, capsys):
+    # Outputs are checked up front; a disk that fills up during the run is still the machine's
+    # fault, not a bug: one line with the file and the reason, exit status 1, no traceback.
+    from seqmix import cli
+
+    def full_disk(options, choices):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/runs/m/checkpoint.pt")
+
+    monkeypatch.setitem(cli.COMMANDS, "describe", dataclasses.replace(cli.COMMANDS["describe"], run=full_disk))
+    status, out, err = run(capsys, "describe")
+    assert status == 1 and out == ""
+    assert err == f"seqmix describe: error: {os.strerror(errno.ENOSPC)}: '/data/runs/m/checkpoint.pt'\n", err
 
 
 def test_train_prints_the_plan_then_announces_a_resume_and_counts_its_own_steps(tmp_path, capsys):
