@@ -49,19 +49,26 @@ def _reference(x, coef, h0, skip, silu):
     complex_=st.booleans(), batch=st.integers(1, 3), chunk=st.integers(1, 9), chunks=st.integers(1, 12),
     short_by=st.integers(0, 8), order=st.integers(1, 4), with_state=st.booleans(), with_skip=st.booleans(),
     silu=st.booleans(), seed=st.integers(0, 2**16), slab_bytes=st.sampled_from([1, 40, 1000, recurrence.TRANSPOSE_SLAB_BYTES]),
+    threads=st.sampled_from([1, 2]),
 )
 def test_chunked_equals_the_loop_with_its_state_and_every_gradient(complex_, batch, chunk, chunks, short_by, order, with_state,
-                                                                    with_skip, silu, seed, slab_bytes):
+                                                                    with_skip, silu, seed, slab_bytes, threads):
     """Any chunk size (odd ones too), a last chunk cut short, a start state, the skip and the SiLU: float64 to rounding.
 
     The transposing copies run in slabs of ``slab_bytes``: one row at a time, slabs that do not divide
-    the rows, or the whole tensor at once."""
+    the rows, or the whole tensor at once. On one thread the products write their strided targets
+    directly, on two through buffers of their own (``_product_into``)."""
     def fast(x, coef, h0, skip, silu):
         return recurrence.chunked(x, coef, h0, chunk_size=chunk, skip=skip, silu=silu)
 
-    with mock.patch.object(recurrence, "TRANSPOSE_SLAB_BYTES", slab_bytes):
-        assert_equals_the_loop(fast, complex_, batch, 3, order, max(1, chunks * chunk - short_by % chunk), with_state, with_skip,
-                               silu, seed, rtol=1e-9, grad_rtol=1e-8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with mock.patch.object(recurrence, "TRANSPOSE_SLAB_BYTES", slab_bytes):
+            assert_equals_the_loop(fast, complex_, batch, 3, order, max(1, chunks * chunk - short_by % chunk), with_state,
+                                   with_skip, silu, seed, rtol=1e-9, grad_rtol=1e-8)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def assert_equals_the_loop(path, complex_: bool, batch: int, width: int, order: int, length: int, with_state: bool,

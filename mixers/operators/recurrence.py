@@ -522,8 +522,8 @@ class _ChunkedRecurrence(torch.autograd.Function):
     complex recurrence), M = B·nC chunk rows. Every product is a matmul batched over the channels,
     (D, M, ·) @ (D, ·, ·), whose operands are strided views of buffers laid out (M, D, ·): a chunk's
     (C, D) block is transposed where it sits in cache, never the whole (L, D) sequence, and the
-    matmuls read and write those layouts in place (all but the small fed product, which writes its
-    own (D, M, K) layout). The carry H_{c+1} = q^C H_c + fed_c runs as one
+    matmuls read those layouts in place and write them in place on one thread (``_product_into``;
+    the small fed product writes its own (D, M, K) layout). The carry H_{c+1} = q^C H_c + fed_c runs as one
     fused multiply-add per chunk on contiguous (B, D, K) states, written straight into the buffer
     the readout product reads, so it costs no autograd node, no copy and no per-chunk gradient
     buffer; its adjoint runs the same way backwards. Forward:
@@ -561,7 +561,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
             copy_in_slabs(y[0], torch.bmm(operands, mix).view(width, length).t())
         else:
             y_chunks = x.new_empty(batch * chunks, width, size)
-            torch.bmm(operands, mix, out=y_chunks.transpose(0, 1))
+            _product_into(y_chunks.transpose(0, 1), operands, mix)
             copy_in_slabs(y.view(batch * chunks, size, width), y_chunks.transpose(1, 2))
         keep_input = silu and records
         pre = y if keep_input else None
@@ -588,7 +588,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         if not (needs_x or needs_feed or needs_q or needs_h0):
             return None, None, grad_mix, None, None, None, None, None
         grad_stacked = _stacked_buffer(stacked, rows, width, states + size)
-        torch.bmm(grad_chunks, mix.transpose(1, 2), out=grad_stacked[..., : states + size].transpose(0, 1))
+        _product_into(grad_stacked[..., : states + size].transpose(0, 1), grad_chunks, mix.transpose(1, 2))
         grad_starts = grad_stacked[..., :states].view(batch, chunks, width, states)
         grad_starts[:, -1] += grad_last_start
         starts = stacked[..., :states].view(batch, chunks, width, states)
@@ -598,13 +598,32 @@ class _ChunkedRecurrence(torch.autograd.Function):
         grad_feed = torch.bmm(inputs.transpose(1, 2), grad_fed) if needs_feed else None
         grad_x = None
         if needs_x:
-            # Added in place into the rows the transposing copy reads next: no buffer of its own, and
-            # faster than the out= form, though torch still runs this strided product channel by channel.
+            # Added into the rows the transposing copy reads next.
             grad_inputs = grad_stacked[..., states : states + size]  # (M, D, C)
-            grad_inputs.transpose(0, 1).baddbmm_(grad_fed, feed.transpose(1, 2))
+            _product_into(grad_inputs.transpose(0, 1), grad_fed, feed.transpose(1, 2), accumulate=True)
             grad_x = stacked.new_empty(batch, chunks * size, width)
             copy_in_slabs(grad_x.view(rows, size, width), grad_inputs.transpose(1, 2))
         return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None, None
+
+
+def _product_into(target: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> None:
+    """target = a @ b (or += with ``accumulate``), batched, for a ``target`` that is a strided view of another layout.
+
+    torch multiplies into such a target one batch (here: one channel) at a time, and no faster on
+    several threads than on one; a product into a buffer of its own runs on all of them. So on one
+    thread the product writes the target directly, saving a pass over it, and on several it
+    writes a buffer of its own that one parallel copy (or sum) puts in place: on two threads that
+    halves these products at L = 4096, and the gap grows with the thread count.
+    """
+    if torch.get_num_threads() == 1:
+        if accumulate:
+            target.baddbmm_(a, b)
+        else:
+            torch.bmm(a, b, out=target)
+    elif accumulate:
+        target.add_(torch.bmm(a, b))
+    else:
+        target.copy_(torch.bmm(a, b))
 
 
 TRANSPOSE_SLAB_BYTES = 2 * 2**20
