@@ -104,7 +104,7 @@ def test_the_channels_last_inference_path_equals_the_convolution_with_padding_an
     """Without autograd the channels-last path runs its activations and sums in place, into the next
     layer's context: outputs and states after a padded prefill and one more call equal ``conv``'s."""
     torch.manual_seed(4)
-    conv = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual).double()
+    conv = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual, impl="conv").double()
     fast = TCN(4, kernel_size=3, dilation_base=2, depth=3, activation=activation, residual=residual, impl="channels_last").double()
     fast.load_state_dict(conv.state_dict())
     x = torch.randn(2, 21, 4, dtype=torch.float64)
@@ -212,12 +212,15 @@ def test_bad_options_name_the_field(options, field):
         TCN(4, **options)
 
 
-def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast():
+@pytest.mark.parametrize("conv_max_length", [0, tcn_module.WEIGHT_GRAD_CONV_MAX_LENGTH], ids=["products", "convolution"])
+def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast(conv_max_length, monkeypatch):
     """While autograd records, ``channels_last`` runs the convolutions with its own backward
     (``_DepthwiseConv``): gradients of x, of a start state and of every parameter equal ``conv``'s
-    (float64, a streamed step), and under bf16 autocast they come back in the operands' dtype."""
+    (float64, a streamed step), and under bf16 autocast they come back in the operands' dtype.
+    The weight's gradient both ways: per-row products (long T) and one strided convolution (short T)."""
+    monkeypatch.setattr(tcn_module, "WEIGHT_GRAD_CONV_MAX_LENGTH", conv_max_length)
     torch.manual_seed(7)
-    conv = TCN(6, kernel_size=3, dilation_base=3, depth=3).double()
+    conv = TCN(6, kernel_size=3, dilation_base=3, depth=3, impl="conv").double()
     fast = TCN(6, kernel_size=3, dilation_base=3, depth=3, impl="channels_last").double()
     fast.load_state_dict(conv.state_dict())
     x = torch.randn(3, 25, 6, dtype=torch.float64, requires_grad=True)
