@@ -212,13 +212,17 @@ def test_bad_options_name_the_field(options, field):
         TCN(4, **options)
 
 
-@pytest.mark.parametrize("conv_max_length", [0, tcn_module.WEIGHT_GRAD_CONV_MAX_LENGTH], ids=["products", "convolution"])
-def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast(conv_max_length, monkeypatch):
+@pytest.mark.parametrize("conv_max_length, conv_elements", [(0, 2**20), (10**6, 2**20), (10**6, 1)],
+                         ids=["products", "one-convolution", "a-convolution-per-row"])
+def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast(conv_max_length, conv_elements,
+                                                                                              monkeypatch):
     """While autograd records, ``channels_last`` runs the convolutions with its own backward
     (``_DepthwiseConv``): gradients of x, of a start state and of every parameter equal ``conv``'s
     (float64, a streamed step), and under bf16 autocast they come back in the operands' dtype.
-    The weight's gradient both ways: per-row products (long T) and one strided convolution (short T)."""
+    The weight's gradient every way: per-row products (long T), strided convolutions over all rows
+    at once, or over groups of rows (one row each here)."""
     monkeypatch.setattr(tcn_module, "WEIGHT_GRAD_CONV_MAX_LENGTH", conv_max_length)
+    monkeypatch.setattr(tcn_module, "WEIGHT_GRAD_CONV_ELEMENTS", conv_elements)
     torch.manual_seed(7)
     conv = TCN(6, kernel_size=3, dilation_base=3, depth=3, impl="conv").double()
     fast = TCN(6, kernel_size=3, dilation_base=3, depth=3, impl="channels_last").double()
