@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from omegaconf import open_dict
 from seqmix import SeqmixError
 from seqmix.configs import compose_config
 from seqmix.training.experiment import build_experiment
-from seqmix.model.generation import generate
+from seqmix.model.generation import generate, stream_tokens
 from seqmix.tasks.base import IGNORE
 from seqmix.training.checkpoints import latest_checkpoint
 from seqmix.training.loop import correct_count, loss_sum_and_count, predict, train
@@ -128,6 +129,23 @@ def test_greedy_generation_through_step_equals_argmax_of_full_forward(tmp_path):
     assert torch.equal(generated, tokens)
 
 
+@pytest.mark.parametrize("option, value, named", [
+    ("temperature", -1.0, "temperature=-1.0"), ("temperature", float("nan"), "temperature=nan"),
+    ("temperature", float("inf"), "temperature=inf"), ("top_k", 0, "top_k=0"), ("max_new_tokens", -2, "max_new_tokens=-2"),
+])
+def test_streaming_refuses_a_bad_argument_when_called_before_any_token_is_asked_for(option, value, named):
+    """A generator checks nothing until its first token is asked for, so a caller that prints as
+    it streams (``seqmix generate`` prints the prompt first) would print before the error: the
+    arguments are checked at the call, and the model is never run."""
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the model was used ({name}) before the arguments were checked")
+
+    arguments = {"max_new_tokens": 3, "temperature": 1.0, "top_k": None, option: value}
+    with pytest.raises(SeqmixError, match=re.escape(named)):
+        stream_tokens(Untouchable(), torch.tensor([[1, 2]]), **arguments)
+
+
 def test_an_unknown_task_or_preset_lists_the_valid_ones():
     with pytest.raises(SeqmixError, match="byte_lm.*mqar"):
         compose_config(["task=wikitext"])
@@ -185,6 +203,12 @@ def test_evaluate_and_generate_read_a_run(tmp_path):
     )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("def ")
+    refused = subprocess.run(
+        [*SEQMIX, "generate", f"checkpoint={tmp_path / 'run'}", "prompt='def '", "temperature=-1"],
+        capture_output=True, text=True,
+    )
+    assert refused.returncode == 2 and "temperature=-1.0 must be a finite number >= 0" in refused.stderr
+    assert refused.stdout == ""  # refused before the prompt was echoed
 
 
 def test_gather_tabulates_runs(tmp_path):

@@ -1,15 +1,15 @@
 """Sampling text from a causal model through its streaming ``step``: constant memory per token."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, require_int
 
 
-@torch.no_grad()
 def stream_tokens(
     model,
     prompt: Tensor,
@@ -18,24 +18,36 @@ def stream_tokens(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[Tensor]:
-    """Yield sampled tokens one at a time after feeding ``prompt`` through ``model.step``.
+    """Sampled tokens one at a time, after feeding ``prompt`` through ``model.step``.
+
+    The arguments are checked when this is called, before any token is asked for: a caller that
+    prints as it streams prints nothing for a bad argument.
 
     Args:
         model: a causal ``SequenceModel`` with a language-model head.
         prompt: (B, P) token ids, P >= 1.
-        max_new_tokens: how many tokens to sample.
-        temperature: 0 picks the argmax (greedy); higher values flatten the distribution.
+        max_new_tokens: how many tokens to sample, >= 0.
+        temperature: 0 picks the argmax (greedy); higher values flatten the distribution. Finite.
         top_k: sample only among the k most likely tokens (None: all).
         generator: for reproducible sampling.
-    Yields:
-        (B,) token ids.
+    Returns:
+        an iterator of (B,) token ids.
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise SeqmixError(f"generate: the prompt must be (B, P) token ids with P >= 1, got shape {tuple(prompt.shape)}")
-    if temperature < 0:
-        raise SeqmixError(f"generate: temperature={temperature} must be >= 0")
-    if top_k is not None and top_k < 1:
-        raise SeqmixError(f"generate: top_k={top_k} must be a positive integer or None")
+    require_int("generate", "max_new_tokens", max_new_tokens, 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise SeqmixError(f"generate: temperature={temperature!r} must be a finite number >= 0")
+    if top_k is not None:
+        require_int("generate", "top_k", top_k, 1, "or None for no cut-off")
+    return _sampled_tokens(model, prompt, max_new_tokens, temperature, top_k, generator)
+
+
+@torch.no_grad()
+def _sampled_tokens(model, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                    generator: torch.Generator | None) -> Iterator[Tensor]:
+    """``stream_tokens``'s loop, on checked arguments."""
     model.eval()
     state = model.init_state(prompt.shape[0])
     logits, state = model.step(prompt, state)
