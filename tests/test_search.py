@@ -251,6 +251,12 @@ def test_bad_search_configs_name_the_valid_choices(tmp_path):
         check_runtime("tensorrt", field="search.runtime")
     with pytest.raises(SeqmixError, match="latency but no latency measurement"):
         run_search(tiny(tmp_path))
+    # A storage file's folder is checked with the settings, before any worker opens it: here a file
+    # stands where the folder should be.
+    (tmp_path / "a_file").write_text("")
+    for url in (f"sqlite:///{tmp_path}/a_file/study.db", f"journal:{tmp_path}/a_file/study.log"):
+        with pytest.raises(SeqmixError, match=r"search.storage file='.*a_file/study.*' is not valid: .*is a file, not a folder"):
+            SearchSettings.from_config(tiny(tmp_path, f"search.storage='{url}'").search)
 
 
 def test_pruning_is_used_for_one_objective_only(tmp_path):

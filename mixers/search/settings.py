@@ -14,7 +14,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.configs import compose_config, config_groups
-from seqmix.errors import SeqmixError, choice_error, require_int, require_writable_dir
+from seqmix.errors import SeqmixError, choice_error, require_int, require_writable_dir, require_writable_file
 from seqmix.search.space import SearchSpace
 
 OBJECTIVES = ("metric", "latency", "params")
@@ -48,6 +48,18 @@ def compose_search_config(name: str, overrides: Sequence[str] = ()) -> DictConfi
 def metric_direction(metric: str) -> str:
     """``maximize`` for accuracy, ``minimize`` for losses and bits per byte."""
     return "maximize" if metric == "accuracy" else "minimize"
+
+
+SQLITE_PREFIX = "sqlite:///"
+JOURNAL_PREFIX = "journal:"
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a ``sqlite:///<file>`` or ``journal:<file>`` storage URL names; None for a database server."""
+    for prefix in (SQLITE_PREFIX, JOURNAL_PREFIX):
+        if url.startswith(prefix):
+            return Path(url[len(prefix):]).expanduser()
+    return None
 
 
 @dataclass
@@ -103,6 +115,9 @@ class SearchSettings:
 
     def validate(self) -> None:
         require_writable_dir("search.out_dir", self.out_dir)
+        if isinstance(self.storage, str) and storage_file(self.storage) is not None:
+            # Its folder also takes the lock file beside it: checked now, not when the first worker opens it.
+            require_writable_file("search.storage file", storage_file(self.storage))
         require_int("search", "n_trials", self.n_trials)
         require_int("search", "top_k", self.top_k)
         require_int("search", "worker", self.worker, 0)

@@ -18,13 +18,12 @@ import optuna
 
 from seqmix.errors import SeqmixError
 from seqmix.search.claims import HeartbeatJournalStorage, RetryTrial, budget_trials
-from seqmix.search.settings import SearchSettings, make_pruner, make_sampler, metric_direction
+from seqmix.search.settings import (JOURNAL_PREFIX, SQLITE_PREFIX, SearchSettings, make_pruner, make_sampler,
+                                    metric_direction, storage_file)
 from seqmix.search.space import space_differences
 from seqmix.tasks.base import Task
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-SQLITE_PREFIX = "sqlite:///"
-JOURNAL_PREFIX = "journal:"
 SCHEMA_ATTEMPTS = 5
 
 
@@ -50,7 +49,7 @@ def shown_url(url: str) -> str:
 
 def sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL; None for any other storage."""
-    return Path(url[len(SQLITE_PREFIX):]) if url.startswith(SQLITE_PREFIX) else None
+    return storage_file(url) if url.startswith(SQLITE_PREFIX) else None
 
 
 @contextmanager
@@ -81,7 +80,7 @@ def open_storage(url: str, settings: SearchSettings, retry: RetryTrial) -> optun
     """
     heartbeats = {"heartbeat_interval": settings.heartbeat_s, "grace_period": settings.stale_after_s, "heartbeat_stale_trial_callback": retry}
     if url.startswith(JOURNAL_PREFIX):
-        path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+        path = storage_file(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         with readable_storage(str(path)):
             # The journal is replayed here: a file of other lines fails now, not in a trial.
