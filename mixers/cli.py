@@ -377,6 +377,8 @@ def run_gather(options: GatherOptions, choices: dict) -> int:
 
     if not Path(options.root).is_dir():
         raise SeqmixError(f"root={options.root!r} is not a directory")
+    if options.csv:
+        require_writable_file("csv", options.csv)
     rows = collect_runs(options.root)
     print(records_table(rows) if rows else "(no runs found)")
     if options.csv:

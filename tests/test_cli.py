@@ -117,13 +117,16 @@ def test_nothing_is_written_before_the_input_is_validated(tmp_path, capsys):
         (["bench", "bench=smoke", "bench.out_dir={blocked}"], "bench.out_dir"),
         (["export", "checkpoint=x", "format=onnx", "out={blocked}/onnx"], "out"),
         (["tokenizer", "path=x", "out={blocked}/tokenizer.json"], "out"),
+        (["gather", "root={root}", "csv={blocked}/runs.csv"], "csv"),
+        (["search", "search=tiny", "search.out_dir={root}/search", "search.storage=sqlite:///{blocked}/study.db"],
+         "search.storage file"),
     ],
 )
 def test_an_output_path_blocked_by_a_file_is_refused_before_any_work(arguments, field, tmp_path, capsys):
     blocked = tmp_path / "a_file"
     blocked.write_text("not a folder")
-    status, out, err = run(capsys, *[a.format(blocked=blocked) for a in arguments])
-    assert status == 2, out
+    status, out, err = run(capsys, *[a.format(blocked=blocked, root=tmp_path) for a in arguments])
+    assert status == 2 and out == "", out
     assert err.startswith(f"seqmix {arguments[0]}: error: {field}=") and f"{str(blocked)!r} is a file, not a folder" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
