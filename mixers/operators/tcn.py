@@ -91,7 +91,6 @@ class _DepthwiseConv(torch.autograd.Function):
         window = (taps - 1) * dilation
         # Under autocast the convolution ran in a lower precision; the gradients are the operands'.
         grad = grad.to(context.dtype).contiguous()
-        batch, _, length = grad.shape
         grad_context = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_context = F.conv1d(F.pad(grad, (window, window)), weight.to(grad.dtype).flip(-1), groups=width, dilation=dilation)
