@@ -716,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     except SeqmixError as error:
         print(f"{PROGRAM} {name}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader closed the pipe (`seqmix generate ... | head`): its choice, not an error. Output
+        # still buffered goes nowhere, so that flushing it at exit raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as error:
         # Outputs are checked before the work starts; what the system refuses later (a full disk, a
         # folder removed under the run) is the machine's doing, told in one line that names the file.

@@ -209,6 +209,13 @@ def test_evaluate_and_generate_read_a_run(tmp_path):
     )
     assert refused.returncode == 2 and "temperature=-1.0 must be a finite number >= 0" in refused.stderr
     assert refused.stdout == ""  # refused before the prompt was echoed
+    # A reader that stops early (`| head`) ends the stream quietly: no traceback, no error line.
+    streaming = subprocess.Popen([*SEQMIX, "generate", f"checkpoint={tmp_path / 'run'}", "tokens=100000"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(streaming.stdout.read(10)) == 10
+    streaming.stdout.close()
+    assert streaming.wait(timeout=120) == 1
+    assert streaming.stderr.read() == b""
 
 
 def test_gather_tabulates_runs(tmp_path):
