@@ -310,6 +310,8 @@ def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.training.checkpoints import load_run
 
     check_export_options(options.format, options.quantize, options.length)
+    if options.out is not None:
+        require_writable_dir("out", options.out)  # the text itself: Path("") would be the current folder
     out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
     require_writable_dir("out", out)
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
@@ -346,6 +348,7 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     require_int("tokenizer", "vocab_size", options.vocab_size, 257, "the 256 bytes and the separator at least")
     require_int("tokenizer", "min_frequency", options.min_frequency)
     require_bool("tokenizer", "overwrite", options.overwrite)
+    require_writable_file("out", options.out)  # the text itself: Path("") would be the current folder
     out = Path(options.out)
     if out.is_dir() or out.is_symlink() or (out.exists() and not options.overwrite):
         raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace a file")
@@ -377,11 +380,11 @@ def run_gather(options: GatherOptions, choices: dict) -> int:
 
     if not Path(options.root).is_dir():
         raise SeqmixError(f"root={options.root!r} is not a directory")
-    if options.csv:
+    if options.csv is not None:
         require_writable_file("csv", options.csv)
     rows = collect_runs(options.root)
     print(records_table(rows) if rows else "(no runs found)")
-    if options.csv:
+    if options.csv is not None:
         write_csv(rows, options.csv)
         # stdout carries the table alone, so it can be piped.
         print(f"wrote {options.csv}", file=sys.stderr)

@@ -70,6 +70,9 @@ def writable_file_argument(path: str) -> Path:
 def _output_problem(path, is_file: bool) -> str | None:
     """Why nothing can be written at ``path`` ("'<path>' is not valid: ..."), or None."""
     text = os.fspath(path)
+    if not text.strip():
+        # Path("") is the current folder: an empty value would write there unasked.
+        return f"{text!r} is not valid: expected a non-empty path"
     if "\0" in text:
         return f"{text!r} is not valid: it holds a NUL character"
     target = Path(text)

@@ -140,6 +140,8 @@ def test_output_path_checks_name_what_is_wrong(tmp_path):
         (require_writable_dir, str(tmp_path / "a_file" / "deeper" / "still"), "is a file, not a folder"),
         (require_writable_file, str(tmp_path), "it is a directory; expected a file path"),
         (require_writable_dir, str(tmp_path / "a\0b"), "NUL character"),
+        (require_writable_dir, "", "expected a non-empty path"),
+        (require_writable_file, " ", "expected a non-empty path"),
         # The file system says so itself (ENAMETOOLONG) or the name exceeds its PC_NAME_MAX.
         (require_writable_dir, str(tmp_path / ("n" * 300) / "run"), "(File name too long|is longer than)"),
     ]
@@ -152,6 +154,26 @@ def test_output_path_checks_name_what_is_wrong(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no one can add to")
+@pytest.mark.parametrize("arguments, field", [
+    (["train", "train.out_dir="], "train.out_dir"),
+    (["search", "search=tiny", "search.out_dir="], "search.out_dir"),
+    (["bench", "bench=smoke", "bench.out_dir="], "bench.out_dir"),
+    (["export", "checkpoint=x", "format=onnx", "out="], "out"),
+    (["tokenizer", "path=x", "out="], "out"),
+    (["gather", "root=.", "csv="], "csv"),
+    (["export", "checkpoint=", "format=onnx"], "checkpoint"),
+    (["evaluate", "checkpoint="], "checkpoint"),
+    (["generate", "checkpoint="], "checkpoint"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(arguments, field, tmp_path, monkeypatch, capsys):
+    # Path("") is ".": an empty out_dir once ran a whole search and wrote its files where it was started.
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(capsys, *arguments)
+    assert status == 2 and out == "", out
+    assert err.startswith(f"seqmix {arguments[0]}: error: {field}='' is not valid") and "path" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_paths_on_a_file_system_that_takes_no_new_entries_are_refused_up_front(tmp_path, capsys):
     # /proc passes the permission check (always for root), yet nothing can be made in it: the
     # check must try, or a benchmark runs to its end and dies at its first write.

@@ -4,6 +4,7 @@ names, the objectives' directions, and ``compose_search_config`` (the root confi
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,12 @@ def storage_file(url: str) -> Path | None:
     return None
 
 
+def _output_folder(text) -> Path:
+    """``search.out_dir`` as a Path, checked first as written: Path("") would be the current folder."""
+    require_writable_dir("search.out_dir", os.fspath(text) if isinstance(text, (str, os.PathLike)) else str(text))
+    return Path(text)
+
+
 @dataclass
 class SearchSettings:
     """The ``search`` node of a search config (see ``conf/search/mqar.yaml`` for every field)."""
@@ -105,7 +112,7 @@ class SearchSettings:
         if unknown:
             raise SeqmixError(f"search.latency has no option {unknown[0]!r}; accepted options are {list(LATENCY_SETTINGS)}")
         settings = cls(
-            **{**options, "out_dir": Path(options["out_dir"]), "space": SearchSpace.from_config(options["space"])},
+            **{**options, "out_dir": _output_folder(options["out_dir"]), "space": SearchSpace.from_config(options["space"])},
             latency_length=latency.get("length"),
             latency_batch_size=latency.get("batch_size", 1),
             latency_repeats=latency.get("repeats", 7),

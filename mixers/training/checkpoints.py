@@ -139,6 +139,9 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a run directory (its latest checkpoint) or a checkpoint directory."""
+    if not os.fspath(path).strip():
+        raise SeqmixError(f"checkpoint={os.fspath(path)!r} is not valid; expected the path of a run directory of seqmix train "
+                          "or of a checkpoint in it")
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return path
