@@ -164,6 +164,7 @@ def test_output_path_checks_name_what_is_wrong(tmp_path):
     (["export", "checkpoint=", "format=onnx"], "checkpoint"),
     (["evaluate", "checkpoint="], "checkpoint"),
     (["generate", "checkpoint="], "checkpoint"),
+    (["tokenizer", "path=", "out=tokenizer.json"], "tokenizer: path"),
 ])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(arguments, field, tmp_path, monkeypatch, capsys):
     # Path("") is ".": an empty out_dir once ran a whole search and wrote its files where it was started.
