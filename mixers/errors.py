@@ -32,6 +32,13 @@ def require_bool(owner: str, field: str, value) -> None:
         raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected True or False")
 
 
+def require_path(field: str, path) -> None:
+    """Raise unless ``path`` is a str or PathLike that is not blank: Path("") is the current folder,
+    which an empty value would read or write unasked."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        raise SeqmixError(f"{field}={path!r} is not valid; expected a non-empty path")
+
+
 def require_writable_dir(field: str, path) -> None:
     """Raise unless ``path`` is a directory seqmix can write into, or one it can create.
 

@@ -5,6 +5,7 @@ Everything runs offline (HF_HUB_OFFLINE=1); the Hub upload is checked against a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,26 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(preset, tmp
     tokens = torch.randint(0, model.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_an_empty_or_unwritable_directory_is_refused_by_every_save_and_load(tmp_path, monkeypatch):
+    # Path("") is the current folder: an empty value must not write the model there, or load one from there.
+    monkeypatch.chdir(tmp_path)
+    model = _model("gpt2")
+    calls = {
+        "save_model: directory=''": lambda: seqmix.save_model(model, ""),
+        "save_pretrained: directory=''": lambda: seqmix.save_pretrained(model, ""),
+        "load_model: directory=''": lambda: seqmix.load_model(""),
+        "from_pretrained: name=''": lambda: seqmix.from_pretrained(""),
+    }
+    for named, call in calls.items():
+        with pytest.raises(SeqmixError, match=f"^{re.escape(named)} is not valid.*expected a non-empty path"):
+            call()
+    (tmp_path / "a_file").write_text("")
+    for save in (seqmix.save_model, seqmix.save_pretrained):
+        with pytest.raises(SeqmixError, match="directory=.*a_file/m.* is not valid: .*is a file, not a folder"):
+            save(model, tmp_path / "a_file" / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_save_pretrained_replaces_only_a_pretrained_directory(tmp_path):

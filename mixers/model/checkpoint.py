@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, require_path, require_writable_dir
 from seqmix.model.description import build_described_model, model_description
 
 WEIGHTS = "model.safetensors"
@@ -59,6 +59,7 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     config = getattr(model, "config", None)
     if config is None:
         raise SeqmixError("save_model: the model has no config; build it with seqmix.instantiate_model(config)")
+    require_writable_dir("save_model: directory", directory)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # The files are about to change, so a checksum record written for the old ones would be stale.
@@ -98,6 +99,7 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", allow_unverifi
             or altered file is caught only where it no longer parses or no longer fits the description.
             Symlinks are refused either way, and a present ``checksums.json`` is always verified.
     """
+    require_path("load_model: directory", directory)
     return load_verified(Path(directory), CONFIG, read_description, device, allow_unverified, "load_model", "save_model")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, require_path, require_writable_dir
 from seqmix.model.checkpoint import WEIGHTS, load_verified, write_checksums
 from seqmix.model.description import model_description
 from seqmix.tasks.base import MODEL_FILES
@@ -121,6 +121,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     description = getattr(model, "config", None)
     if description is None:
         raise SeqmixError("save_pretrained: the model has no description; build it with seqmix.instantiate_model(config)")
+    require_writable_dir("save_pretrained: directory", directory)
     directory = Path(os.path.abspath(directory))
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise SeqmixError(f"save_pretrained: {directory} is not a directory")
@@ -180,6 +181,7 @@ def pretrained_task(directory: str | os.PathLike) -> dict | None:
 
 def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> Path:
     """A local pretrained directory, or the local snapshot of Hub repository ``name`` (downloaded unless offline)."""
+    require_path("from_pretrained: name", name)
     path = Path(name)
     if path.is_dir():
         return path
