@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from seqmix import SeqmixError
-from seqmix.errors import require_int
+from seqmix.errors import require_int, require_path
 from seqmix.timing import Timing, time_calls
 
 from seqmix.contract import length_unit
@@ -186,6 +186,7 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
     export is complete; an export that fails or is killed part-way leaves it as it was.
     """
     check_export_options(kind, quantize, length)
+    require_path("export: out_dir", out_dir)  # the text itself: Path("") would be the current folder
     files = dict(files or {})
     unknown = sorted(set(files) - set(COMPANIONS))
     if unknown:

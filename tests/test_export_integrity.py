@@ -315,6 +315,13 @@ def _fake_graphs(patch, source: Path, fail_in: str | None = None):
     patch.setattr(formats, "compare_latency", lambda *args, **kwargs: {"stub": True})
 
 
+def test_an_export_to_an_empty_path_is_refused_not_made_in_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SeqmixError, match="^export: out_dir='' is not valid; expected a non-empty path"):
+        formats.export_model(tiny_preset("gpt2", "model.d_model=16", "model.depth=1"), _task(), "onnx", "", length=128)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("fail_in", ["parallel", "step"])
 def test_an_export_that_fails_part_way_leaves_the_old_export_intact(fail_in, exported, runner, tmp_path_factory, monkeypatch):
     old = _copy(exported, tmp_path_factory)
