@@ -108,29 +108,6 @@ def test_nothing_is_written_before_the_input_is_validated(tmp_path, capsys):
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize(
-    "arguments, field",
-    [
-        (["train", "train.out_dir={blocked}/run"], "train.out_dir"),
-        (["train", "train.save_pretrained={blocked}"], "train.save_pretrained"),
-        (["search", "search=tiny", "search.out_dir={blocked}/search"], "search.out_dir"),
-        (["bench", "bench=smoke", "bench.out_dir={blocked}"], "bench.out_dir"),
-        (["export", "checkpoint=x", "format=onnx", "out={blocked}/onnx"], "out"),
-        (["tokenizer", "path=x", "out={blocked}/tokenizer.json"], "out"),
-        (["gather", "root={root}", "csv={blocked}/runs.csv"], "csv"),
-        (["search", "search=tiny", "search.out_dir={root}/search", "search.storage=sqlite:///{blocked}/study.db"],
-         "search.storage file"),
-    ],
-)
-def test_an_output_path_blocked_by_a_file_is_refused_before_any_work(arguments, field, tmp_path, capsys):
-    blocked = tmp_path / "a_file"
-    blocked.write_text("not a folder")
-    status, out, err = run(capsys, *[a.format(blocked=blocked, root=tmp_path) for a in arguments])
-    assert status == 2 and out == "", out
-    assert err.startswith(f"seqmix {arguments[0]}: error: {field}=") and f"{str(blocked)!r} is a file, not a folder" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
-
-
 def test_output_path_checks_name_what_is_wrong(tmp_path):
     from seqmix.errors import require_writable_dir, require_writable_file
 
@@ -153,28 +130,46 @@ def test_output_path_checks_name_what_is_wrong(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no one can add to")
-@pytest.mark.parametrize("arguments, field", [
-    (["train", "train.out_dir="], "train.out_dir"),
-    (["search", "search=tiny", "search.out_dir="], "search.out_dir"),
-    (["bench", "bench=smoke", "bench.out_dir="], "bench.out_dir"),
-    (["export", "checkpoint=x", "format=onnx", "out="], "out"),
-    (["tokenizer", "path=x", "out="], "out"),
-    (["gather", "root=.", "csv="], "csv"),
-    (["export", "checkpoint=", "format=onnx"], "checkpoint"),
-    (["evaluate", "checkpoint="], "checkpoint"),
-    (["generate", "checkpoint="], "checkpoint"),
-    (["tokenizer", "path=", "out=tokenizer.json"], "tokenizer: path"),
-])
-def test_an_empty_path_is_refused_not_read_as_the_current_folder(arguments, field, tmp_path, monkeypatch, capsys):
+BLOCKED = "'{blocked}' is a file, not a folder"
+EMPTY = "'' is not valid"
+
+
+@pytest.mark.parametrize("arguments, field, problem", [
+    (["train", "train.out_dir={blocked}/run"], "train.out_dir", BLOCKED),
+    (["train", "train.save_pretrained={blocked}"], "train.save_pretrained", BLOCKED),
+    (["search", "search=tiny", "search.out_dir={blocked}/search"], "search.out_dir", BLOCKED),
+    (["bench", "bench=smoke", "bench.out_dir={blocked}"], "bench.out_dir", BLOCKED),
+    (["export", "checkpoint=x", "format=onnx", "out={blocked}/onnx"], "out", BLOCKED),
+    (["tokenizer", "path=x", "out={blocked}/tokenizer.json"], "out", BLOCKED),
+    (["gather", "root={root}", "csv={blocked}/runs.csv"], "csv", BLOCKED),
+    (["search", "search=tiny", "search.out_dir={root}/search", "search.storage=sqlite:///{blocked}/study.db"],
+     "search.storage file", BLOCKED),
     # Path("") is ".": an empty out_dir once ran a whole search and wrote its files where it was started.
+    (["train", "train.out_dir="], "train.out_dir", EMPTY),
+    (["search", "search=tiny", "search.out_dir="], "search.out_dir", EMPTY),
+    (["bench", "bench=smoke", "bench.out_dir="], "bench.out_dir", EMPTY),
+    (["export", "checkpoint=x", "format=onnx", "out="], "out", EMPTY),
+    (["tokenizer", "path=x", "out="], "out", EMPTY),
+    (["gather", "root=.", "csv="], "csv", EMPTY),
+    (["export", "checkpoint=", "format=onnx"], "checkpoint", EMPTY),
+    (["evaluate", "checkpoint="], "checkpoint", EMPTY),
+    (["generate", "checkpoint="], "checkpoint", EMPTY),
+    (["tokenizer", "path=", "out=tokenizer.json"], "tokenizer: path", EMPTY),
+])
+def test_a_path_blocked_by_a_file_or_left_empty_is_refused_before_any_work(arguments, field, problem, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Exit status 2, one line naming the option, nothing on stdout, nothing written, even in the
+    folder the command runs in."""
     monkeypatch.chdir(tmp_path)
-    status, out, err = run(capsys, *arguments)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    status, out, err = run(capsys, *[a.format(blocked=blocked, root=tmp_path) for a in arguments])
     assert status == 2 and out == "", out
-    assert err.startswith(f"seqmix {arguments[0]}: error: {field}='' is not valid") and "path" in err, err
-    assert list(tmp_path.iterdir()) == []
+    assert err.startswith(f"seqmix {arguments[0]}: error: {field}=") and problem.format(blocked=blocked) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no one can add to")
 def test_output_paths_on_a_file_system_that_takes_no_new_entries_are_refused_up_front(tmp_path, capsys):
     # /proc passes the permission check (always for root), yet nothing can be made in it: the
     # check must try, or a benchmark runs to its end and dies at its first write.
