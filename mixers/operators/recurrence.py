@@ -613,7 +613,7 @@ def _product_into(target: Tensor, a: Tensor, b: Tensor, accumulate: bool = False
     several threads than on one; a product into a buffer of its own runs on all of them. So on one
     thread the product writes the target directly, saving a pass over it, and on several it
     writes a buffer of its own that one parallel copy (or sum) puts in place: on two threads that
-    halves these products at L = 4096, and the gap grows with the thread count.
+    halves these products at L = 4096 (D = 256).
     """
     if torch.get_num_threads() == 1:
         if accumulate:
