@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from seqmix import SeqmixError
-from seqmix.errors import require_path, require_writable_dir
+from seqmix.errors import require_writable_dir
 # The standalone runner (NumPy only until it opens a session) holds the file checks both readers make.
 from seqmix.export import run_onnx
 
@@ -105,7 +105,6 @@ def staged_export(out_dir: str | Path) -> Iterator[Path]:
     ``.<name>.replaced-<pid>-<random>``, the new one renamed into place, then the old one removed.
     A process killed mid-export leaves its ``.partial-`` directory behind, which nothing reads.
     """
-    require_path("export: out_dir", out_dir)  # before abspath, which makes "" the current folder
     out_dir = Path(os.path.abspath(out_dir))  # "." and ".." resolved, so the siblings have a name to derive from
     check_export_target(out_dir)
     require_writable_dir("export: out_dir", out_dir)

@@ -310,10 +310,9 @@ def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.training.checkpoints import load_run
 
     check_export_options(options.format, options.quantize, options.length)
-    if options.out is not None:
-        require_writable_dir("out", options.out)  # the text itself: Path("") would be the current folder
-    out = Path(options.out) if options.out is not None else Path(options.checkpoint) / "export" / options.format
-    require_writable_dir("out", out)
+    out = options.out if options.out is not None else os.path.join(options.checkpoint, "export", options.format)
+    require_writable_dir("out", out)  # the text itself: Path("") would be the current folder
+    out = Path(out)
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
     task = _recorded_task(options.checkpoint, record)
     files = {name: (Path(record["directory"]) / name).read_bytes() for name in MODEL_FILES
@@ -352,7 +351,6 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     out = Path(options.out)
     if out.is_dir() or out.is_symlink() or (out.exists() and not options.overwrite):
         raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace a file")
-    require_writable_file("out", out)
     source = DocumentSource(options.path, options.format, options.decode_errors, owner="tokenizer", options="")
 
     def texts():

@@ -31,7 +31,7 @@ def _floats(low=None, high=None, exclude_low=False, exclude_high=False):
 
 # A value outside each field's domain; the field names itself in the error.
 INVALID = {
-    "out_dir": st.one_of(st.just(""), st.none(), st.integers(), st.booleans()),
+    "out_dir": st.one_of(st.just(""), st.text(" \t\r\n", min_size=1, max_size=3), st.none(), st.integers(), st.booleans()),
     "lr": st.one_of(NOT_A_NUMBER, NON_FINITE, _floats(high=0.0), st.integers(max_value=0)),
     "min_lr_ratio": st.one_of(NOT_A_NUMBER, NON_FINITE, _floats(high=0.0, exclude_high=True), _floats(low=1.0, exclude_low=True)),
     "weight_decay": st.one_of(NOT_A_NUMBER, NON_FINITE, _floats(high=0.0, exclude_high=True), st.integers(max_value=-1)),
@@ -62,7 +62,7 @@ INVALID = {
 def valid_options(draw) -> dict:
     grad_accum = draw(st.integers(1, 8))
     return {
-        "out_dir": draw(st.text(min_size=1, max_size=12)),
+        "out_dir": draw(st.text(min_size=1, max_size=12).filter(str.strip)),
         "max_steps": draw(st.integers(1, 10**6)),
         "batch_size": grad_accum * draw(st.integers(1, 64)),
         "grad_accum": grad_accum,

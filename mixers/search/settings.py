@@ -4,7 +4,6 @@ names, the objectives' directions, and ``compose_search_config`` (the root confi
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.configs import compose_config, config_groups
-from seqmix.errors import SeqmixError, choice_error, require_int, require_writable_dir, require_writable_file
+from seqmix.errors import (SeqmixError, choice_error, require_int, require_path, require_writable_dir,
+                           require_writable_file)
 from seqmix.search.space import SearchSpace
 
 OBJECTIVES = ("metric", "latency", "params")
@@ -64,8 +64,9 @@ def storage_file(url: str) -> Path | None:
 
 
 def _output_folder(text) -> Path:
-    """``search.out_dir`` as a Path, checked first as written: Path("") would be the current folder."""
-    require_writable_dir("search.out_dir", os.fspath(text) if isinstance(text, (str, os.PathLike)) else str(text))
+    """``search.out_dir`` as a Path, refused first if empty: Path("") would be the current folder
+    (``validate`` checks the rest)."""
+    require_path("search.out_dir", text)
     return Path(text)
 
 
@@ -122,9 +123,10 @@ class SearchSettings:
 
     def validate(self) -> None:
         require_writable_dir("search.out_dir", self.out_dir)
-        if isinstance(self.storage, str) and storage_file(self.storage) is not None:
+        file = storage_file(self.storage) if isinstance(self.storage, str) else None
+        if file is not None:
             # Its folder also takes the lock file beside it: checked now, not when the first worker opens it.
-            require_writable_file("search.storage file", storage_file(self.storage))
+            require_writable_file("search.storage file", file)
         require_int("search", "n_trials", self.n_trials)
         require_int("search", "top_k", self.top_k)
         require_int("search", "worker", self.worker, 0)

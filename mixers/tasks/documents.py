@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, choice_error, require_path
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
 DECODE_ERRORS = ("replace", "strict")
@@ -70,9 +70,7 @@ class DocumentSource:
 
     def __init__(self, path: str, format: str = "auto", decode_errors: str = "replace", owner: str = "text",
                  cache_dir: str | os.PathLike | None = None, options: str = "task."):
-        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
-            # Path("") is the current folder: an empty value would read whatever lies there.
-            raise SeqmixError(f"{owner}: {options}path={path!r} is not valid; give a file, a directory, a glob or a saved dataset")
+        require_path(f"{owner}: {options}path", path)
         if format not in FORMATS:
             raise choice_error(f"{owner}: format", format, FORMATS)
         if decode_errors not in DECODE_ERRORS:

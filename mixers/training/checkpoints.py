@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, require_path
 from seqmix.model.checkpoint import (
     WEIGHTS,
     check_weights,
@@ -139,9 +139,7 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a run directory (its latest checkpoint) or a checkpoint directory."""
-    if not os.fspath(path).strip():
-        raise SeqmixError(f"checkpoint={os.fspath(path)!r} is not valid; expected the path of a run directory of seqmix train "
-                          "or of a checkpoint in it")
+    require_path("checkpoint", path)
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return path

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, choice_error, require_bool, require_int, require_writable_dir
+from seqmix.errors import SeqmixError, choice_error, require_bool, require_int, require_path, require_writable_dir
 from seqmix.training.records import read_run_record, same_run
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
@@ -120,8 +120,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise SeqmixError naming the first field outside its domain (see the attributes)."""
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
-            raise SeqmixError(f"train.out_dir={self.out_dir!r} is not valid; expected a non-empty path")
+        require_path("train.out_dir", self.out_dir)
         self.out_dir = os.fspath(self.out_dir)
         if self.save_pretrained is not None and (not isinstance(self.save_pretrained, (str, os.PathLike))
                                                  or not os.fspath(self.save_pretrained)):
