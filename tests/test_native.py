@@ -97,6 +97,39 @@ def test_the_fused_silu_is_torchs_silu_from_tiny_to_huge_and_at_inf_and_nan(dtyp
 
 
 @NATIVE
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("dtype, weight, state", [
+    (torch.float64, 0.0, 0.0),     # b = 0 on a zero state: carried divided by b
+    (torch.float64, 0.0, 1.5),     # b = 0 on a nonzero state: h / b would be infinite
+    (torch.float32, 1e-30, 1e20),  # h / b overflows float32
+    (torch.float32, 1e-30, 1e-5),  # h / b is finite: carried divided by b
+])
+def test_states_carried_divided_by_b_or_not_equal_the_loop(complex_, dtype, weight, state):
+    """Over a segment the kernel carries each state divided by its input weight b, and keeps the
+    plain recurrence where a state cannot be divided (b = 0, or a quotient past the dtype's range):
+    both against the loop, with some b set to ``weight`` and the start state to ``state`` there."""
+    generator = torch.Generator().manual_seed(3)
+    width, order, length = 20, 5, 300
+    log_r = -0.5 * torch.rand(width, order, generator=generator, dtype=dtype) - 1e-3
+    b = torch.rand(width, order, generator=generator, dtype=dtype) + 0.5
+    b[::3, 1::2] = weight
+    phase = torch.rand(width, order, generator=generator, dtype=dtype) if complex_ else None
+    c = tuple(torch.randn(width, order, generator=generator, dtype=dtype) for _ in range(2))
+    coef = recurrence.Coefficients(log_r=log_r, phase=phase, b=b, c=(c[0], c[1] if complex_ else None))
+    h0 = tuple(torch.randn(2, width, order, generator=generator, dtype=dtype) for _ in range(2))
+    for part in h0:
+        part[:, ::3, 1::2] = state
+    h0 = h0 if complex_ else (h0[0], None)
+    x = torch.randn(2, length, width, generator=generator, dtype=dtype)
+    y, h = recurrence.native(x, coef, h0)
+    y_ref, h_ref = recurrence.recurrent(x, coef, h0)
+    rtol = {torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
+    # Absolute tolerances scale with the largest value: a state of 1e20 makes outputs whose states cancel.
+    for value, reference in [(y, y_ref), *((part, ref) for part, ref in zip(h, h_ref) if ref is not None)]:
+        torch.testing.assert_close(value, reference, rtol=rtol, atol=rtol * reference.abs().max().item())
+
+
+@NATIVE
 def test_a_nan_reaches_only_later_steps_as_in_the_loop():
     torch.manual_seed(0)
     mixer = seqmix.build_mixer("cema", 20, impl="native").eval()
