@@ -87,20 +87,10 @@ template <typename T> inline void store_out(T* p, typename Vec<T>::type v, int64
 template <typename T> constexpr T normal_floor() { return sizeof(T) == 4 ? T(-87.0) : T(-708.0); }
 template <typename T> constexpr T silu_floor() { return sizeof(T) == 4 ? T(-88.72283935546875) : T(-709.782712893384); }
 
-// exp(v) for normal_floor <= v <= 0, lower v clamped: 2^k times a Taylor polynomial on
-// [-ln2/2, ln2/2] (degree 7 in float32, 13 in float64, each truncation error below its rounding).
-// The SiLU built on it agrees with torch's to 4e-7 relative in float32 and 1e-14 in float64
-// (tests/test_native.py).
-template <typename T> inline typename Vec<T>::type exp_normal(typename Vec<T>::type v) {
+// e^r for |r| <= ln2 / 2: its Taylor polynomial (degree 7 in float32, 13 in float64, each
+// truncation error below its rounding).
+template <typename T> inline typename Vec<T>::type exp_polynomial(typename Vec<T>::type r) {
   typedef typename Vec<T>::type V;
-  typedef typename Vec<T>::bits I;
-  v = v < normal_floor<T>() ? V{} + normal_floor<T>() : v;
-  const T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125), ln2_lo = T(1.428606820309417e-06);
-  V k = v * log2e;
-  // Round to nearest by adding and removing 1.5 * 2^mantissa bits.
-  const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
-  k = (k + shifter) - shifter;
-  V r = (v - k * ln2_hi) - k * ln2_lo;
   V p;
   if (sizeof(T) == 4) {
     p = T(1.0 / 5040) * r + T(1.0 / 720);
@@ -116,6 +106,24 @@ template <typename T> inline typename Vec<T>::type exp_normal(typename Vec<T>::t
     p = V{} + coefficients[0];
     for (int i = 1; i < 14; ++i) p = p * r + coefficients[i];
   }
+  return p;
+}
+
+// exp(v) for normal_floor <= v <= 0, lower v clamped: 2^k times a Taylor polynomial on
+// [-ln2/2, ln2/2] (degree 7 in float32, 13 in float64, each truncation error below its rounding).
+// The SiLU built on it agrees with torch's to 4e-7 relative in float32 and 1e-14 in float64
+// (tests/test_native.py).
+template <typename T> inline typename Vec<T>::type exp_normal(typename Vec<T>::type v) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::bits I;
+  v = v < normal_floor<T>() ? V{} + normal_floor<T>() : v;
+  const T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125), ln2_lo = T(1.428606820309417e-06);
+  V k = v * log2e;
+  // Round to nearest by adding and removing 1.5 * 2^mantissa bits.
+  const T shifter = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
+  k = (k + shifter) - shifter;
+  const V r = (v - k * ln2_hi) - k * ln2_lo;
+  const V p = exp_polynomial<T>(r);
   const int mantissa = sizeof(T) == 4 ? 23 : 52;
   const int bias = sizeof(T) == 4 ? 127 : 1023;
   I scale = (__builtin_convertvector(k, I) + bias) << mantissa;
@@ -125,13 +133,52 @@ template <typename T> inline typename Vec<T>::type exp_normal(typename Vec<T>::t
 }
 
 // exp(v) for v <= 0, subnormal results included down to silu_floor: below normal_floor, e^(v + 64 ln2)
-// scaled by 2^-64, whose product rounds into the subnormals as it should.
+// scaled by 2^-64, whose product rounds into the subnormals as it should. With AVX-512 the same
+// polynomial on the same reduced argument, its 2^k applied by one scaling instruction that rounds
+// into the subnormals itself: a quarter fewer instructions per SiLU.
 template <typename T> inline typename Vec<T>::type exp_nonpositive(typename Vec<T>::type v) {
   typedef typename Vec<T>::type V;
+#if defined(__AVX512F__)
+  // Below these e^v rounds to zero (under half the smallest subnormal).
+  const T floor = sizeof(T) == 4 ? T(-104.0) : T(-746.0);
+  const T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125), ln2_lo = T(1.428606820309417e-06);
+  // NaN compares false and stays NaN.
+  v = v < floor ? V{} + floor : v;
+  V k = v * log2e;
+  if (sizeof(T) == 4) {
+    __m512 rounded;
+    std::memcpy(&rounded, &k, 64);
+    rounded = _mm512_roundscale_ps(rounded, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    std::memcpy(&k, &rounded, 64);
+  } else {
+    __m512d rounded;
+    std::memcpy(&rounded, &k, 64);
+    rounded = _mm512_roundscale_pd(rounded, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    std::memcpy(&k, &rounded, 64);
+  }
+  const V r = (v - k * ln2_hi) - k * ln2_lo;
+  const V p = exp_polynomial<T>(r);
+  V e;
+  if (sizeof(T) == 4) {
+    __m512 a, b;
+    std::memcpy(&a, &p, 64);
+    std::memcpy(&b, &k, 64);
+    a = _mm512_scalef_ps(a, b);
+    std::memcpy(&e, &a, 64);
+  } else {
+    __m512d a, b;
+    std::memcpy(&a, &p, 64);
+    std::memcpy(&b, &k, 64);
+    a = _mm512_scalef_pd(a, b);
+    std::memcpy(&e, &a, 64);
+  }
+  return e;
+#else
   const T shift = T(44.3614195558365);  // 64 ln 2
   const auto low = v < normal_floor<T>();
   const V e = exp_normal<T>(low ? v + shift : v);
   return low ? e * T(5.421010862427522e-20) : e;  // 2^-64
+#endif
 }
 
 // SiLU(y) = y / (1 + e^-y), through e = e^-|y| so that the exponential never overflows:

@@ -772,6 +772,9 @@ class _NativeRecurrence(torch.autograd.Function):
     = N padded to its group of states (the padding holds zeros and adds nothing); states (B, N', P).
     Forward keeps the state every ``checkpoint`` steps of the kernel when autograd records, so that
     backward recomputes each interval's states from there instead of storing all B·L·N of them.
+    The SiLU runs in the kernel's passes either way: while autograd records, forward also writes
+    the sums before it, and backward multiplies the incoming gradient by SiLU' of them as it reads
+    it, instead of two more passes of torch's SiLU and its backward over (B, L, D) tensors.
     """
 
     @staticmethod
@@ -779,25 +782,26 @@ class _NativeRecurrence(torch.autograd.Function):
                 skip: Tensor | None, h_re: Tensor, h_im: Tensor | None, silu: bool, records: bool):
         """-> y (B, L, D): y + skip ⊙ x, SiLU of it when ``silu``; the state after the last step, (B, N', P) pair.
         ``records``: whether autograd records the call (the caller knows; inside forward grad mode is off),
-        the checkpoints kept only then."""
+        the checkpoints and the sums before the SiLU kept only then."""
         kernels = _native_kernels(x.dtype)
         batch, length, width = x.shape
         order, padded = q_re.shape
         x = x.contiguous()
         y = torch.empty_like(x)
+        pre = torch.empty_like(x) if silu and records else None
         end_re, end_im = h_re.clone(), None if h_im is None else h_im.clone()
         checkpoints = -(-length // kernels.checkpoint)
         kept_re = x.new_empty(batch, checkpoints, order, padded) if records else None
         kept_im = x.new_empty(batch, checkpoints, order, padded) if records and h_im is not None else None
-        kernels.forward(*native_code.pointers(x, y, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
+        kernels.forward(*native_code.pointers(x, y, pre, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
                         batch, length, width, padded, order, int(silu), torch.get_num_threads())
-        ctx.save_for_backward(x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
+        ctx.save_for_backward(x, pre, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
         return y, end_re, end_im
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor | None, grad_end_re: Tensor | None, grad_end_im: Tensor | None):
-        x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im = ctx.saved_tensors
+        x, pre, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im = ctx.saved_tensors
         kernels = _native_kernels(x.dtype)
         batch, length, width = x.shape
         order, padded = q_re.shape
@@ -812,7 +816,7 @@ class _NativeRecurrence(torch.autograd.Function):
         grad_q_im, grad_c_im = (sums[3], sums[4]) if complex_ else (None, None)
         grad_skip = x.new_zeros(batch, padded) if skip is not None and ctx.needs_input_grad[6] else None
         grad_x = torch.empty_like(x)
-        kernels.backward(*native_code.pointers(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re,
+        kernels.backward(*native_code.pointers(x, grad_y, pre, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re,
                                                carry_im, grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
                          batch, length, width, padded, order, torch.get_num_threads())
 
@@ -839,8 +843,8 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     """The native forward and backward for ``dtype`` (float32 or float64), built on first use (``seqmix.native``)."""
     suffix = native_code.dtype_suffix(dtype, "impl='native'")
     library = native_code.load("seqmix.operators", "recurrence_native.cpp")
-    forward = native_code.function(library, f"seqmix_recurrence_forward_{suffix}", 12, 5, 2)
-    backward = native_code.function(library, f"seqmix_recurrence_backward_{suffix}", 19, 5, 1)
+    forward = native_code.function(library, f"seqmix_recurrence_forward_{suffix}", 13, 5, 2)
+    backward = native_code.function(library, f"seqmix_recurrence_backward_{suffix}", 20, 5, 1)
     constants = [getattr(library, name) for name in
                  (f"seqmix_recurrence_lanes_{suffix}", "seqmix_recurrence_group", "seqmix_recurrence_checkpoint")]
     for constant in constants:
@@ -871,8 +875,8 @@ def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor |
     """The literal recurrence as native code, vectorised across channels (``seqmix.native`` builds it).
 
     Same arguments and results as ``recurrent``, plus the output transform SiLU(y + skip ⊙ x)
-    (``skip`` (D,) or None, ``silu``), which the kernel applies as it writes y (its SiLU after the
-    call while autograd records, which needs the sum). Like the loop, a NaN or infinity at step t
+    (``skip`` (D,) or None, ``silu``), which the kernel applies as it writes y (keeping the sum
+    for its backward while autograd records). Like the loop, a NaN or infinity at step t
     reaches steps >= t only. CPU only; float32 and float64. While compiling or exporting it runs
     ``chunked`` with ``chunk_size``: tracers cannot see into native code.
     """
@@ -899,13 +903,9 @@ def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor |
     padded_skip = None if skip is None else F.pad(skip, (0, padded - width)).contiguous()
     records = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, coef.log_r, coef.phase, coef.b, *coef.c, skip, *h))
-    # The SiLU's backward needs the sums before it: fused only when nothing will ask for gradients.
-    fused_silu = silu and not records
     y, end_re, end_im = _NativeRecurrence.apply(
         x, laid_out(q_re), laid_out(q_im), laid_out(coef.b), laid_out(coef.c[0]), laid_out(coef.c[1] if complex_ else None),
-        padded_skip, laid_out(h[0]), laid_out(h_im if complex_ else None), fused_silu, records)
-    if silu and not fused_silu:
-        y = F.silu(y)
+        padded_skip, laid_out(h[0]), laid_out(h_im if complex_ else None), silu, records)
 
     def state(t: Tensor | None) -> Tensor | None:
         """(B, N', P) -> (B, D, N)."""

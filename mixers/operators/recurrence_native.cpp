@@ -40,7 +40,7 @@ constexpr int GROUP = 4;
 // quarter of the real recurrence's work), the checkpoints kept as b s. The caller divides the
 // states in h_re, h_im by b before and multiplies them back after.
 template <typename T, bool Complex, bool Scaled>
-void forward_segments(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
+void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
                       const T* skip, T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length,
                       int64_t width, int64_t padded, int64_t order, int apply_silu, int threads) {
   typedef typename Vec<T>::type V;
@@ -124,7 +124,9 @@ void forward_segments(const T* x, T* y, const T* q_re, const T* q_im, const T* b
           }
         }
         for (int64_t t = 0; t < steps; ++t) {
-          store_out<T>(y + ((row * length) + t0 + t) * width + d0, apply_silu ? silu<T>(acc[t]) : acc[t], live, stream);
+          const int64_t at = ((row * length) + t0 + t) * width + d0;
+          if (pre) store_out<T>(pre + at, acc[t], live, stream);
+          store_out<T>(y + at, apply_silu ? silu<T>(acc[t]) : acc[t], live, stream);
         }
       }
     }
@@ -171,19 +173,19 @@ void rescale_states(T* h, const T* b, int64_t batch, int64_t order, int64_t padd
 }
 
 template <typename T, bool Complex>
-void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
+void forward(const T* x, T* y, T* pre, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
              const T* skip, T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length, int64_t width,
              int64_t padded, int64_t order, int apply_silu, int threads) {
   // Dividing the states and multiplying them back costs about two steps: worth it over a segment.
   if (length < SEGMENT || !divisible_states<T>(b, h_re, h_im, batch, order, padded)) {
-    forward_segments<T, Complex, false>(x, y, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch,
+    forward_segments<T, Complex, false>(x, y, pre, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch,
                                         length, width, padded, order, apply_silu, threads);
     return;
   }
   for (T* h : {h_re, h_im}) {
     if (h) rescale_states<T>(h, b, batch, order, padded, true);
   }
-  forward_segments<T, Complex, true>(x, y, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch, length,
+  forward_segments<T, Complex, true>(x, y, pre, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch, length,
                                      width, padded, order, apply_silu, threads);
   for (T* h : {h_re, h_im}) {
     if (h) rescale_states<T>(h, b, batch, order, padded, false);
@@ -200,7 +202,7 @@ void forward(const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T
 // gradients are summed over time per batch row, into (B, N, P) buffers the caller sums over B, and
 // the skip's, sum_t g_t x_t, into (B, P), from the rows the adjoint loads anyway.
 template <typename T, bool Complex>
-void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,
+void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,
               const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,
               T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,
               int64_t width, int64_t padded, int64_t order, int threads) {
@@ -223,6 +225,7 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
           const int64_t at = ((row * length) + t0 + t) * width + d0;
           xs[t] = load<T>(x + at, live);
           gs[t] = load<T>(grad_y + at, live);
+          if (pre) gs[t] = gs[t] * silu_derivative<T>(load<T>(pre + at, live));
           gx[t] = sk * gs[t];
           skip_sum += gs[t] * xs[t];
         }
@@ -257,6 +260,7 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
                 const int64_t before = ((row * length) + t0 - CHECKPOINT + t) * width + d0;
                 __builtin_prefetch(x + before, 0, 2);
                 __builtin_prefetch(grad_y + before, 0, 2);
+                if (pre) __builtin_prefetch(pre + before, 0, 2);
                 if (!stream) __builtin_prefetch(grad_x + before, 1, 2);
               }
               fetch += groups;
@@ -328,23 +332,23 @@ void backward(const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_
 
 }  // namespace
 
-#define SEQMIX_RECURRENCE(T, suffix)                                                                                 \
-  extern "C" void seqmix_recurrence_forward_##suffix(                                                                \
-      const T* x, T* y, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im, const T* skip,        \
-      T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length, int64_t width, int64_t padded,             \
-      int64_t order, int apply_silu, int threads) {                                                                   \
-    (q_im ? forward<T, true> : forward<T, false>)(x, y, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im,    \
-                                                  batch, length, width, padded, order, apply_silu, threads);          \
+#define SEQMIX_RECURRENCE(T, suffix)                                                                                  \
+  extern "C" void seqmix_recurrence_forward_##suffix(                                                                 \
+      const T* x, T* y, T* pre, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,               \
+      const T* skip, T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length, int64_t width,              \
+      int64_t padded, int64_t order, int apply_silu, int threads) {                                                   \
+    (q_im ? forward<T, true> : forward<T, false>)(x, y, pre, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re,      \
+                                                  ck_im, batch, length, width, padded, order, apply_silu, threads);   \
   }                                                                                                                   \
-  extern "C" void seqmix_recurrence_backward_##suffix(                                                               \
-      const T* x, const T* grad_y, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,                \
+  extern "C" void seqmix_recurrence_backward_##suffix(                                                                \
+      const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,  \
       const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,           \
       T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,               \
       int64_t width, int64_t padded, int64_t order, int threads) {                                                    \
-    (q_im ? backward<T, true> : backward<T, false>)(x, grad_y, grad_x, q_re, q_im, b, c_re, c_im, skip, ck_re, ck_im, \
-                                                    carry_re, carry_im, grad_q_re, grad_q_im, grad_b, grad_c_re,      \
-                                                    grad_c_im, grad_skip, batch, length, width, padded, order,        \
-                                                    threads);                                                         \
+    (q_im ? backward<T, true> : backward<T, false>)(x, grad_y, pre, grad_x, q_re, q_im, b, c_re, c_im, skip, ck_re,   \
+                                                    ck_im, carry_re, carry_im, grad_q_re, grad_q_im, grad_b,          \
+                                                    grad_c_re, grad_c_im, grad_skip, batch, length, width, padded,    \
+                                                    order, threads);                                                  \
   }
 
 SEQMIX_RECURRENCE(float, f32)
