@@ -165,6 +165,14 @@ def pointers(*tensors: torch.Tensor | None) -> list[int | None]:
     return [None if tensor is None else tensor.data_ptr() for tensor in tensors]
 
 
+def row_pointer(tensor: torch.Tensor) -> int:
+    """The data pointer of an operand a kernel reads as rows of contiguous values at strides passed
+    beside it (the rows themselves must be contiguous; anything else is a bug here)."""
+    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise AssertionError("native kernel rows must be contiguous")
+    return tensor.data_ptr()
+
+
 def function(library: ctypes.CDLL, symbol: str, addresses: int, sizes: int, flags: int, status: bool = False):
     """``symbol`` of ``library``, typed as seqmix's kernels are: ``addresses`` data pointers, then
     ``sizes`` int64 sizes, then ``flags`` ints; returning an int status when ``status`` (0: done,

@@ -130,6 +130,41 @@ def test_states_carried_divided_by_b_or_not_equal_the_loop(complex_, dtype, weig
 
 
 @NATIVE
+@pytest.mark.parametrize("layout", ["scalar", "row", "strided", "transposed", "none"])
+def test_gradients_that_reach_the_output_in_any_layout_equal_the_loops(layout):
+    """The adjoint reads the gradient reaching the output in place, by its strides: an expanded
+    scalar (what ``y.sum()`` sends), one (D,) row expanded over batch and steps, every other step
+    of a longer tensor, a (B, D, L) tensor transposed, and none at all (only the final state used);
+    each against the loop's gradients with the SiLU."""
+    generator = torch.Generator().manual_seed(5)
+    batch, width, order, length = 2, 20, 4, 200
+    dtype = torch.float64
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    leaves = [torch.rand(width, order, generator=generator, dtype=dtype).requires_grad_(True) for _ in range(3)]
+    x = draw(batch, length, width).requires_grad_(True)
+    grad_y = {"scalar": draw(1, 1, 1).expand(batch, length, width), "row": draw(width).expand(batch, length, width),
+              "strided": draw(batch, 2 * length, width)[:, ::2], "transposed": draw(batch, width, length).transpose(1, 2),
+              "none": None}[layout]
+    grad_h = draw(batch, width, order)
+
+    def grads(path):
+        log_r, b, c = leaves
+        y, h = path(x, recurrence.Coefficients(log_r=-0.5 * log_r - 1e-3, phase=None, b=b, c=(c, None)))
+        outputs, grad_outputs = ([y], [grad_y]) if grad_y is not None else ([h[0]], [grad_h])
+        return torch.autograd.grad(outputs, [x, *leaves], grad_outputs, allow_unused=True, materialize_grads=True)
+
+    def looped(x, coef):
+        y, h = recurrence.recurrent(x, coef)
+        return F.silu(y), h
+
+    for grad, grad_ref in zip(grads(lambda x, coef: recurrence.native(x, coef, silu=True)), grads(looped)):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
+
+
+@NATIVE
 def test_a_nan_reaches_only_later_steps_as_in_the_loop():
     torch.manual_seed(0)
     mixer = seqmix.build_mixer("cema", 20, impl="native").eval()

@@ -796,6 +796,8 @@ class _NativeRecurrence(torch.autograd.Function):
         kernels.forward(*native_code.pointers(x, y, pre, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
                         batch, length, width, padded, order, int(silu), torch.get_num_threads())
         ctx.save_for_backward(x, pre, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
+        # An output nothing used reaches backward as None, not as zeros the size of y.
+        ctx.set_materialize_grads(False)
         return y, end_re, end_im
 
     @staticmethod
@@ -806,7 +808,7 @@ class _NativeRecurrence(torch.autograd.Function):
         batch, length, width = x.shape
         order, padded = q_re.shape
         complex_ = q_im is not None
-        grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
+        grad_y, grad_strides = _gradient_rows(grad_y, x)
         carry_re = x.new_zeros(batch, order, padded) if grad_end_re is None else grad_end_re.clone(memory_format=torch.contiguous_format)
         carry_im = None
         if complex_:
@@ -816,15 +818,33 @@ class _NativeRecurrence(torch.autograd.Function):
         grad_q_im, grad_c_im = (sums[3], sums[4]) if complex_ else (None, None)
         grad_skip = x.new_zeros(batch, padded) if skip is not None and ctx.needs_input_grad[6] else None
         grad_x = torch.empty_like(x)
-        kernels.backward(*native_code.pointers(x, grad_y, pre, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re,
-                                               carry_im, grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
-                         batch, length, width, padded, order, torch.get_num_threads())
+        kernels.backward(*native_code.pointers(x), native_code.row_pointer(grad_y),
+                         *native_code.pointers(pre, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
+                                               grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
+                         batch, length, width, padded, order, *grad_strides, torch.get_num_threads())
 
         def total(grad: Tensor | None) -> Tensor | None:
             return None if grad is None else grad.sum(0)
 
         return (grad_x, total(grad_q_re), total(grad_q_im), total(grad_b), total(grad_c_re), total(grad_c_im), total(grad_skip),
                 carry_re, carry_im, None, None)
+
+
+def _gradient_rows(grad: Tensor | None, like: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The gradient reaching a native output shaped like ``like`` (B, L, D), as the kernel reads it:
+    rows of D contiguous values, with the strides between batch rows and between steps.
+
+    A gradient that is one row everywhere (``y.sum().backward()`` sends an expanded scalar; no
+    gradient at all is zeros) is passed as that row with strides 0, not copied out to (B, L, D).
+    """
+    if grad is None:
+        return like.new_zeros(1, 1, like.shape[-1]), (0, 0)
+    if grad.stride(-1) == 1:
+        return grad, (grad.stride(0), grad.stride(1))
+    if grad.stride(0) == 0 and grad.stride(1) == 0:
+        return grad[:1, :1].contiguous(), (0, 0)
+    grad = grad.contiguous()
+    return grad, (grad.stride(0), grad.stride(1))
 
 
 @dataclass(frozen=True)
@@ -844,7 +864,7 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     suffix = native_code.dtype_suffix(dtype, "impl='native'")
     library = native_code.load("seqmix.operators", "recurrence_native.cpp")
     forward = native_code.function(library, f"seqmix_recurrence_forward_{suffix}", 13, 5, 2)
-    backward = native_code.function(library, f"seqmix_recurrence_backward_{suffix}", 20, 5, 1)
+    backward = native_code.function(library, f"seqmix_recurrence_backward_{suffix}", 20, 7, 1)
     constants = [getattr(library, name) for name in
                  (f"seqmix_recurrence_lanes_{suffix}", "seqmix_recurrence_group", "seqmix_recurrence_checkpoint")]
     for constant in constants:

@@ -13,7 +13,7 @@
 // states divided by b, which saves a multiply per state and step (forward_segments). Each thread
 // fetches the rows it reads in the next segment a line at a time between its steps.
 //
-// Layouts: x, y, g, gx (B, L, D) row-major; coefficients and their gradients (N, P); states and
+// Layouts: x, y, gx (B, L, D) row-major; g, the incoming gradient, rows of D values at the strides given; coefficients and their gradients (N, P); states and
 // per-row sums (B, N, P), the skip's (B, P); P = D padded to a multiple of W and N to a multiple
 // of GROUP (the padding holds zeros, so it adds nothing); checkpoints (B, ceil(L / CHECKPOINT), N, P).
 // Imaginary parts are null for a real recurrence. Built by seqmix.native with the compiler's
@@ -205,7 +205,8 @@ template <typename T, bool Complex>
 void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,
               const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,
               T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,
-              int64_t width, int64_t padded, int64_t order, int threads) {
+              int64_t width, int64_t padded, int64_t order, int64_t grad_batch_stride, int64_t grad_step_stride,
+              int threads) {
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
   const int64_t blocks = padded / W, segments = (length + CHECKPOINT - 1) / CHECKPOINT, groups = order / GROUP;
@@ -224,7 +225,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
         for (int64_t t = 0; t < steps; ++t) {
           const int64_t at = ((row * length) + t0 + t) * width + d0;
           xs[t] = load<T>(x + at, live);
-          gs[t] = load<T>(grad_y + at, live);
+          gs[t] = load<T>(grad_y + row * grad_batch_stride + (t0 + t) * grad_step_stride + d0, live);
           if (pre) gs[t] = gs[t] * silu_derivative<T>(load<T>(pre + at, live));
           gx[t] = sk * gs[t];
           skip_sum += gs[t] * xs[t];
@@ -259,7 +260,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
               if (segment > 0) {
                 const int64_t before = ((row * length) + t0 - CHECKPOINT + t) * width + d0;
                 __builtin_prefetch(x + before, 0, 2);
-                __builtin_prefetch(grad_y + before, 0, 2);
+                __builtin_prefetch(grad_y + row * grad_batch_stride + (t0 - CHECKPOINT + t) * grad_step_stride + d0, 0, 2);
                 if (pre) __builtin_prefetch(pre + before, 0, 2);
                 if (!stream) __builtin_prefetch(grad_x + before, 1, 2);
               }
@@ -344,11 +345,12 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
       const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,  \
       const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,           \
       T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,               \
-      int64_t width, int64_t padded, int64_t order, int threads) {                                                    \
+      int64_t width, int64_t padded, int64_t order, int64_t grad_batch_stride, int64_t grad_step_stride,              \
+      int threads) {                                                                                                  \
     (q_im ? backward<T, true> : backward<T, false>)(x, grad_y, pre, grad_x, q_re, q_im, b, c_re, c_im, skip, ck_re,   \
                                                     ck_im, carry_re, carry_im, grad_q_re, grad_q_im, grad_b,          \
                                                     grad_c_re, grad_c_im, grad_skip, batch, length, width, padded,    \
-                                                    order, threads);                                                  \
+                                                    order, grad_batch_stride, grad_step_stride, threads);             \
   }
 
 SEQMIX_RECURRENCE(float, f32)
