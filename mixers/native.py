@@ -165,6 +165,23 @@ def pointers(*tensors: torch.Tensor | None) -> list[int | None]:
     return [None if tensor is None else tensor.data_ptr() for tensor in tensors]
 
 
+def gradient_rows(grad: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The gradient reaching a native output shaped like ``like`` (B, L, D), as kernels read it: rows
+    of D contiguous values in ``like``'s dtype, with the strides between batch rows and between steps.
+
+    A gradient that is one row everywhere (``y.sum().backward()`` sends an expanded scalar; no
+    gradient at all is zeros) is passed as that row with strides 0, not copied out to (B, L, D).
+    """
+    if grad is None:
+        return like.new_zeros(1, 1, like.shape[-1]), (0, 0)
+    if grad.stride(0) == 0 and grad.stride(1) == 0:
+        return grad[:1, :1].to(like.dtype).contiguous(), (0, 0)
+    grad = grad.to(like.dtype)
+    if grad.stride(-1) != 1:
+        grad = grad.contiguous()
+    return grad, (grad.stride(0), grad.stride(1))
+
+
 def row_pointer(tensor: torch.Tensor) -> int:
     """The data pointer of an operand a kernel reads as rows of contiguous values at strides passed
     beside it (the rows themselves must be contiguous; anything else is a bug here)."""

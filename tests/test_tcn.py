@@ -323,6 +323,35 @@ def test_native_equals_conv_with_its_windows_and_every_gradient(batch, width, ke
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("layout", ["scalar", "row", "strided", "transposed", "none"])
+def test_native_reads_the_gradient_reaching_its_output_in_any_layout(layout, residual):
+    """The last layer's backward reads the gradient reaching the output in place, by its strides:
+    an expanded scalar (what ``y.sum()`` sends), one (D,) row expanded over batch and steps, every
+    other step of a longer tensor, a (B, D, T) tensor transposed, and none at all (only the next
+    windows used); gradients of x and every parameter against ``conv``'s."""
+    torch.manual_seed(4)
+    batch, width, length = 2, 11, 150
+    reference, fast = _native_pair(width, kernel_size=3, dilation_base=2, depth=3, residual=residual)
+    x = torch.randn(batch, length, width, dtype=torch.float64, requires_grad=True)
+    grad_y = {"scalar": torch.randn(1, 1, 1, dtype=torch.float64).expand(batch, length, width),
+              "row": torch.randn(width, dtype=torch.float64).expand(batch, length, width),
+              "strided": torch.randn(batch, 2 * length, width, dtype=torch.float64)[:, ::2],
+              "transposed": torch.randn(batch, width, length, dtype=torch.float64).transpose(1, 2), "none": None}[layout]
+
+    def grads(mixer: TCN):
+        y, after = mixer._run(x, None, None)
+        if grad_y is None:
+            outputs, grad_outputs = [sum((w * w.flip(-1)).sum() for w in after.tcn)], None
+        else:
+            outputs, grad_outputs = [y], [grad_y]
+        return torch.autograd.grad(outputs, [x, *mixer.parameters()], grad_outputs, allow_unused=True, materialize_grads=True)
+
+    for grad, grad_ref in zip(grads(fast), grads(reference), strict=True):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.native
 def test_native_in_float32_matches_conv_training_eval_and_streaming():
     """The mixer as users build it (D = 40: two float32 vectors and a partial one; the default
     four layers, windows up to 192), a length past the largest window: training outputs and

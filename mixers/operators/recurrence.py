@@ -808,7 +808,7 @@ class _NativeRecurrence(torch.autograd.Function):
         batch, length, width = x.shape
         order, padded = q_re.shape
         complex_ = q_im is not None
-        grad_y, grad_strides = _gradient_rows(grad_y, x)
+        grad_y, grad_strides = native_code.gradient_rows(grad_y, x)
         carry_re = x.new_zeros(batch, order, padded) if grad_end_re is None else grad_end_re.clone(memory_format=torch.contiguous_format)
         carry_im = None
         if complex_:
@@ -828,23 +828,6 @@ class _NativeRecurrence(torch.autograd.Function):
 
         return (grad_x, total(grad_q_re), total(grad_q_im), total(grad_b), total(grad_c_re), total(grad_c_im), total(grad_skip),
                 carry_re, carry_im, None, None)
-
-
-def _gradient_rows(grad: Tensor | None, like: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """The gradient reaching a native output shaped like ``like`` (B, L, D), as the kernel reads it:
-    rows of D contiguous values, with the strides between batch rows and between steps.
-
-    A gradient that is one row everywhere (``y.sum().backward()`` sends an expanded scalar; no
-    gradient at all is zeros) is passed as that row with strides 0, not copied out to (B, L, D).
-    """
-    if grad is None:
-        return like.new_zeros(1, 1, like.shape[-1]), (0, 0)
-    if grad.stride(-1) == 1:
-        return grad, (grad.stride(0), grad.stride(1))
-    if grad.stride(0) == 0 and grad.stride(1) == 0:
-        return grad[:1, :1].contiguous(), (0, 0)
-    grad = grad.contiguous()
-    return grad, (grad.stride(0), grad.stride(1))
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def _native_kernels(dtype: torch.dtype) -> _NativeKernels:
     suffix = native_code.dtype_suffix(dtype, "tcn impl='native'")
     library = native_code.load("seqmix.operators", "tcn_native.cpp")
     return _NativeKernels(native_code.function(library, f"seqmix_tcn_forward_{suffix}", 8, 5, 4, status=True),
-                          native_code.function(library, f"seqmix_tcn_backward_{suffix}", 16, 5, 3, status=True))
+                          native_code.function(library, f"seqmix_tcn_backward_{suffix}", 16, 7, 3, status=True))
 
 
 def _check_status(status: int, pass_: str, length: int, width: int, window: int) -> None:
@@ -245,7 +245,7 @@ class _NativeTCN(torch.autograd.Function):
         batch, length, width = x.shape
         keep = None if mask is None else (mask == 0).unsqueeze(-1)  # (B, T, 1)
         threads = torch.get_num_threads()
-        g = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
+        g, g_strides = native_code.gradient_rows(grad_y, x)
         grad_weights = [torch.zeros_like(w) for w in weights]
         grad_biases = [torch.zeros_like(b) for b in biases]
         grad_omega = torch.zeros_like(omega)
@@ -260,16 +260,18 @@ class _NativeTCN(torch.autograd.Function):
             grad_h = torch.empty_like(x) if wants_input else None
             grad_past = x.new_empty(batch, stack.windows[i], width) if wants_past else None
             extra = output_grad if first else None  # x's own term: omega times the output's gradient
-            status = kernels.backward(*native_code.pointers(
-                inputs[i], pasts[i], g, weights[i], biases[i], mask, x if last else None, omega if last else None,
-                extra, omega if extra is not None else None, grad_h, grad_past, output_grad if last else None,
-                grad_weights[i], grad_biases[i], grad_omega if last else None),
-                batch, length, width, stack.taps, stack.dilations[i], stack.activation, int(stack.residual), threads)
+            status = kernels.backward(
+                *native_code.pointers(inputs[i], pasts[i]), native_code.row_pointer(g), *native_code.pointers(
+                    weights[i], biases[i], mask, x if last else None, omega if last else None, extra,
+                    omega if extra is not None else None, grad_h, grad_past, output_grad if last else None,
+                    grad_weights[i], grad_biases[i], grad_omega if last else None),
+                batch, length, width, stack.taps, stack.dilations[i], *g_strides, stack.activation, int(stack.residual),
+                threads)
             _check_status(status, "backward", length, width, stack.windows[i])
             if grad_windows[i] is not None:
                 _add_window_grad(grad_windows[i].to(x.dtype), length, grad_h, grad_past, keep)
             grad_pasts[i] = grad_past
-            g = grad_h
+            g, g_strides = grad_h, (length * width, width)  # empty_like(x): contiguous
             if first:
                 grad_x = grad_h
         return (None, None, grad_x, grad_omega, None, *grad_weights, *grad_biases, *grad_pasts)

@@ -28,7 +28,9 @@
 // writes, made these layers slower (the forward at L = 16384 took 30-60% longer), as the next layer
 // reads each output at once.
 //
-// Layouts: h, x, out, g, dz, extra, grad (B, T, D) row-major (dz: the last layer's, kept for
+// Layouts: h, x, out, dz, extra, grad (B, T, D) row-major; g rows of D values g_batch apart between
+// batch rows and g_step apart between steps (the caller passes one expanded row with strides 0 as
+// it is) (dz: the last layer's, kept for
 // the first layer's `extra`; grad null when only the parameters' gradients are wanted); prev and
 // grad_prev (B, window, D), prev null for a zero past; the forward also takes prev as the
 // streaming state's own (B, D, window) (`past_channel_major`), which a decoding step would
@@ -209,10 +211,10 @@ inline int64_t ring_slots(int64_t window, int64_t length) { return std::min(wind
 // the ring; the parameter gradients of rows t in [max(s0, 0), s1) added into `sums` (K + 2, D).
 // behind_rows and ahead_rows: room for K row pointers each.
 template <typename T, int Act>
-void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* x,
-                    const T* omega, int residual, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept,
-                    int64_t b, int64_t s0, int64_t s1, T* ring, T* tile_sum, T* sums, const T** behind_rows,
-                    const T** ahead_rows) {
+void backward_range(const T* h, const T* prev, const T* g, int64_t g_batch, int64_t g_step, const Layer<T>& layer,
+                    const uint8_t* mask, const T* x, const T* omega, int residual, const T* extra, const T* extra_scale,
+                    T* grad, T* grad_prev, T* dz_kept, int64_t b, int64_t s0, int64_t s1, T* ring, T* tile_sum, T* sums,
+                    const T** behind_rows, const T** ahead_rows) {
   typedef typename Vec<T>::type V;
   const int64_t length = layer.length, width = layer.width, taps = layer.taps, window = layer.window;
   const int64_t slots = ring_slots(window, length), count = (taps + 2) * width;
@@ -231,7 +233,7 @@ void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer
       layer.tap_rows(behind_rows, h, prev, b, next);
       SEQMIX_FOR_BLOCKS(width, {
         const V z = layer.preactivation(behind_rows, d0, block);
-        const V gv = load<T>(g + r * width + d0, block);
+        const V gv = load<T>(g + b * g_batch + next * g_step + d0, block);
         V d;
         if constexpr (Act == OUTPUT) {
           const V xv = load<T>(x + r * width + d0, block);
@@ -267,7 +269,7 @@ void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer
       const int64_t ahead = s + (taps - 1 - k) * layer.dilation;
       ahead_rows[k] = ahead >= 0 && ahead < length ? ring + (ahead % slots) * width : nullptr;
     }
-    const T* passed = s >= 0 && residual ? (Act == OUTPUT ? ring + (s % slots) * width : g + (b * length + s) * width) : nullptr;
+    const T* passed = s >= 0 && residual ? (Act == OUTPUT ? ring + (s % slots) * width : g + b * g_batch + s * g_step) : nullptr;
     SEQMIX_FOR_BLOCKS(width, {
       V v = {};
       if (!padded) {
@@ -285,9 +287,9 @@ void backward_range(const T* h, const T* prev, const T* g, const Layer<T>& layer
 
 // 0, or 1 when its scratch could not be allocated.
 template <typename T, int Act>
-int layer_backward(const T* h, const T* prev, const T* g, const Layer<T>& layer, const uint8_t* mask, const T* x,
-                   const T* omega, int residual, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept,
-                   T* grad_weight, T* grad_bias, T* grad_omega, int threads) {
+int layer_backward(const T* h, const T* prev, const T* g, int64_t g_batch, int64_t g_step, const Layer<T>& layer,
+                   const uint8_t* mask, const T* x, const T* omega, int residual, const T* extra, const T* extra_scale,
+                   T* grad, T* grad_prev, T* dz_kept, T* grad_weight, T* grad_bias, T* grad_omega, int threads) {
   const int64_t width = layer.width, taps = layer.taps, window = layer.window;
   const int64_t before = grad_prev ? window : 0, span = before + layer.length;
   // Ranges long against the window (each recomputes the window past its end), a few per thread.
@@ -309,8 +311,9 @@ int layer_backward(const T* h, const T* prev, const T* g, const Layer<T>& layer,
 #pragma omp for schedule(static)
     for (int64_t piece = 0; piece < layer.batch * ranges; ++piece) {
       const int64_t b = piece / ranges, s0 = (piece % ranges) * range - before;
-      backward_range<T, Act>(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, grad, grad_prev, dz_kept, b, s0,
-                             std::min(s0 + range, layer.length), ring, tile_sum, sums, rows.get(), rows.get() + taps);
+      backward_range<T, Act>(h, prev, g, g_batch, g_step, layer, mask, x, omega, residual, extra, extra_scale, grad,
+                             grad_prev, dz_kept, b, s0, std::min(s0 + range, layer.length), ring, tile_sum, sums,
+                             rows.get(), rows.get() + taps);
     }
 #pragma omp critical
     {
@@ -353,11 +356,11 @@ decltype(&layer_backward<T, NONE>) backward_for(int activation, bool last) {
       const T* h, const T* prev, const T* g, const T* weight, const T* bias, const uint8_t* mask, const T* x,         \
       const T* omega, const T* extra, const T* extra_scale, T* grad, T* grad_prev, T* dz_kept, T* grad_weight,        \
       T* grad_bias, T* grad_omega, int64_t batch, int64_t length, int64_t width, int64_t taps, int64_t dilation,      \
-      int activation, int residual, int threads) {                                                                   \
+      int64_t g_batch, int64_t g_step, int activation, int residual, int threads) {                                  \
     const Layer<T> layer{weight, bias, batch, length, width, taps, dilation, (taps - 1) * dilation, activation, 1};  \
-    return backward_for<T>(activation, x != nullptr)(h, prev, g, layer, mask, x, omega, residual, extra, extra_scale, \
-                                                     grad, grad_prev, dz_kept, grad_weight, grad_bias, grad_omega,    \
-                                                     threads);                                                       \
+    return backward_for<T>(activation, x != nullptr)(h, prev, g, g_batch, g_step, layer, mask, x, omega, residual,   \
+                                                     extra, extra_scale, grad, grad_prev, dz_kept, grad_weight,       \
+                                                     grad_bias, grad_omega, threads);                                 \
   }
 
 SEQMIX_TCN(float, f32)
