@@ -103,11 +103,13 @@ def test_the_fused_silu_is_torchs_silu_from_tiny_to_huge_and_at_inf_and_nan(dtyp
     (torch.float64, 0.0, 1.5),     # b = 0 on a nonzero state: h / b would be infinite
     (torch.float32, 1e-30, 1e20),  # h / b overflows float32
     (torch.float32, 1e-30, 1e-5),  # h / b is finite: carried divided by b
+    (torch.float64, float("inf"), 1.5),  # an infinite b: inf * 0 must stay NaN, as in the loop
 ])
 def test_states_carried_divided_by_b_or_not_equal_the_loop(complex_, dtype, weight, state):
     """Over a segment the kernel carries each state divided by its input weight b, and keeps the
-    plain recurrence where a state cannot be divided (b = 0, or a quotient past the dtype's range):
-    both against the loop, with some b set to ``weight`` and the start state to ``state`` there."""
+    plain recurrence where a state cannot be divided (b = 0, or a quotient past the dtype's range) or
+    where a b is infinite: each against the loop, with some b set to ``weight`` and the start state
+    to ``state`` there."""
     generator = torch.Generator().manual_seed(3)
     width, order, length = 20, 5, 300
     log_r = -0.5 * torch.rand(width, order, generator=generator, dtype=dtype) - 1e-3
@@ -121,12 +123,15 @@ def test_states_carried_divided_by_b_or_not_equal_the_loop(complex_, dtype, weig
         part[:, ::3, 1::2] = state
     h0 = h0 if complex_ else (h0[0], None)
     x = torch.randn(2, length, width, generator=generator, dtype=dtype)
+    x[:, 0, ::3] = 0.0  # b x is inf * 0 there when b is infinite
     y, h = recurrence.native(x, coef, h0)
     y_ref, h_ref = recurrence.recurrent(x, coef, h0)
     rtol = {torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
-    # Absolute tolerances scale with the largest value: a state of 1e20 makes outputs whose states cancel.
+    # Absolute tolerances scale with the largest finite value: a state of 1e20 makes outputs whose
+    # states cancel. Non-finite values must match exactly (NaN where NaN, inf where inf).
     for value, reference in [(y, y_ref), *((part, ref) for part, ref in zip(h, h_ref) if ref is not None)]:
-        torch.testing.assert_close(value, reference, rtol=rtol, atol=rtol * reference.abs().max().item())
+        largest = reference[reference.isfinite()].abs().max().item()
+        torch.testing.assert_close(value, reference, rtol=rtol, atol=rtol * largest, equal_nan=True)
 
 
 @NATIVE

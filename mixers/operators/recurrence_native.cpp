@@ -135,14 +135,22 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
   }
 }
 
-// Whether the states can be carried divided by b: each is zero (whatever b), or b is nonzero and
-// the quotient is finite, or the state is not finite (it stays so either way). The padding's
-// states are zero. Vectors of W; a value v is finite where v - v == 0.
+// Whether the states can be carried divided by b: every b is finite (an infinite one would turn
+// the plain recurrence's inf * 0 = NaN into an infinity), and each state is zero (whatever b), or b
+// is nonzero and the quotient is finite, or the state is not finite (it stays so either way). The
+// padding's states are zero. Vectors of W; a value v is finite where v - v == 0.
 template <typename T>
 bool divisible_states(const T* b, const T* h_re, const T* h_im, int64_t batch, int64_t order, int64_t padded) {
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
   const int64_t size = order * padded;
+  for (int64_t i = 0; i < size; i += W) {
+    const V bv = load<T>(b + i);
+    const auto infinite = (bv - bv) != 0;
+    for (int lane = 0; lane < W; ++lane) {
+      if (infinite[lane]) return false;
+    }
+  }
   for (const T* h : {h_re, h_im}) {
     if (!h) continue;
     for (int64_t row = 0; row < batch; ++row) {
