@@ -389,7 +389,7 @@ class Mixer(nn.Module):
         return None
 
     def check_input(self, x: Tensor, padding_mask: Tensor | None) -> None:
-        """Reject inputs that are not floating (B, L, D) tensors with L >= 1 on the parameters' device,
+        """Reject inputs that are not floating (B, L, D) tensors with B, L >= 1 on the parameters' device,
         or a mask that is not a (B, L) bool tensor on x's device. Shapes, dtypes and devices only:
         nothing here reads a value, so exported graphs keep every check."""
         name = type(self).__name__
@@ -399,6 +399,8 @@ class Mixer(nn.Module):
             raise SeqmixError(f"{name}: x must have shape (B, L, D={self.d_model}), got rank {x.dim()} shape {tuple(x.shape)}")
         if x.shape[-1] != self.d_model:
             raise SeqmixError(f"{name}: x has width D={x.shape[-1]}, expected d_model={self.d_model}")
+        if x.shape[0] < 1:
+            raise SeqmixError(f"{name}: x has batch size B=0; expected at least one sequence")
         if x.shape[1] < 1:
             raise SeqmixError(f"{name}: x has length L=0; expected at least one token")
         if not x.is_floating_point():

@@ -185,7 +185,7 @@ def gradient_rows(grad: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.
 def row_pointer(tensor: torch.Tensor) -> int:
     """The data pointer of an operand a kernel reads as rows of contiguous values at strides passed
     beside it (the rows themselves must be contiguous; anything else is a bug here)."""
-    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+    if tensor.numel() > 0 and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
         raise AssertionError("native kernel rows must be contiguous")
     return tensor.data_ptr()
 

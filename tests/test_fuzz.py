@@ -307,7 +307,7 @@ def invalid_inputs(draw):
     mixer = seqmix.build_mixer(name, d_model, **options)
     batch, length = draw(st.integers(1, 3)), draw(st.integers(1, 8))
     good = torch.randn(batch, length, d_model)
-    kinds = ["rank", "dtype", "width", "empty", "mask dtype", "mask shape"]
+    kinds = ["rank", "dtype", "width", "empty", "no sequences", "mask dtype", "mask shape"]
     kinds += ["state batch", "state of another mixer", "step dtype"] if mixer.causal else ["step"]
     kind = draw(st.sampled_from(kinds))
     if kind == "rank":
@@ -321,6 +321,8 @@ def invalid_inputs(draw):
         return mixer, lambda: mixer(torch.randn(batch, length, width)), f"width D={width}"
     if kind == "empty":
         return mixer, lambda: mixer(torch.randn(batch, 0, d_model)), "L=0"
+    if kind == "no sequences":
+        return mixer, lambda: mixer(torch.randn(0, length, d_model)), "B=0"
     if kind == "mask dtype":
         return mixer, lambda: mixer(good, torch.zeros(batch, length)), "padding_mask has dtype"
     if kind == "mask shape":
