@@ -7,9 +7,11 @@
 // vector), and its states stay in registers while the loop runs over a segment of SEGMENT steps,
 // a few states at a time (GROUP), their readouts summed into a per-segment buffer. Segments run in
 // order; within one, the (batch row, block) pairs are spread over the threads, so that the rows of
-// x and y a segment touches stay in cache. While autograd records, the forward keeps the state
-// every CHECKPOINT steps, and the adjoint runs over those shorter segments, whose recomputed
-// states and rows fit the core's L1 cache. Over a whole segment or more the forward carries the
+// x and y a segment touches stay in cache. A pair's state and sums are its thread's alone: OpenMP's
+// static schedule gives a thread the same pairs in every segment (same iteration count, no chunk
+// size, same parallel region), so no thread waits for the others between segments. While autograd
+// records, the forward keeps the state every CHECKPOINT steps, and the adjoint runs over those
+// shorter segments, whose recomputed states and rows fit the core's L1 cache. Over a whole segment or more the forward carries the
 // states divided by b, which saves a multiply per state and step (forward_segments). Each thread
 // fetches the rows it reads in the next segment a line at a time between its steps.
 //
@@ -56,7 +58,7 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
     // Rows of the next segment that are in x: a thread fetches the lines it reads next (the same
     // static schedule gives it the same (row, block) pairs), spread over the steps of its loops.
     const int64_t ahead = std::max<int64_t>(0, std::min(SEGMENT, length - t0 - SEGMENT));
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static) nowait
     for (int64_t row = 0; row < batch; ++row) {
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t d0 = block * W, live = std::min<int64_t>(W, width - d0);
@@ -224,7 +226,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
   {
   for (int64_t segment = segments - 1; segment >= 0; --segment) {
     const int64_t t0 = segment * CHECKPOINT, steps = std::min(CHECKPOINT, length - t0);
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static) nowait
     for (int64_t row = 0; row < batch; ++row) {
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t d0 = block * W, live = std::min<int64_t>(W, width - d0);
