@@ -1,6 +1,6 @@
 """Run an exported seqmix model with ONNX Runtime and NumPy only: no seqmix, no torch.
 
-    python run_onnx.py <export dir> generate --prompt "def " [--tokens 200] [--temperature 0.8] [--top-k 40] [--seed 0]
+    python run_onnx.py <export dir> generate --prompt "def " [--tokens 200] [--temperature 0.8] [--top-k 40] [--seed 0] [--raw]
     python run_onnx.py <export dir> classify --ids 11,3,7,15
 
 `generate` streams a language model through step.onnx, the decoder graph: the prompt in one call,
@@ -12,6 +12,11 @@ graph is verified against the sha256 and size the manifest records for it, and s
 refused, before ONNX Runtime opens it. A bad directory, file or argument ends the run with one
 line, ``run_onnx: error: ...``, and exit status 2.
 
+An export can come from someone else, and the text its model and tokenizer produce can hold
+control characters that a terminal acts on (escape sequences, a carriage return, bidirectional
+overrides). The generated text and the error line show them escaped (``\\x1b``); ``--raw`` writes
+the text exactly as decoded.
+
 ``seqmix export`` copies this file into every ONNX export directory, so the directory runs on any
 machine with ``pip install onnxruntime numpy``.
 """
@@ -22,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -38,6 +44,10 @@ SHA256_HEX = frozenset("0123456789abcdef")
 COMPANIONS = {"tokenizer.json": "tokenizer", "labels.json": "labels"}
 """Files an export may carry beside its graphs, and the manifest key that names each."""
 CHUNK = 1 << 20
+# C0 controls and DEL, C1 controls, the bidirectional embeddings, overrides and isolates, and lone
+# surrogates: the characters escape_controls shows escaped (as seqmix.terminal does; this script
+# runs without seqmix).
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 class ExportError(ValueError):
@@ -403,6 +413,11 @@ class _Parser(argparse.ArgumentParser):
         raise ExportError(f"{message} (see --help)")
 
 
+def escape_controls(text: str, keep: str = "") -> str:
+    """``text`` with every control character but those in ``keep`` written as its Python escape (``\\x1b``)."""
+    return CONTROLS.sub(lambda match: match.group() if match.group() in keep else repr(match.group())[1:-1], text)
+
+
 def main(argv: list[str]) -> int:
     """Run the command line; 0 on success, 2 with one ``run_onnx: error: ...`` line on stderr otherwise."""
     parser = _Parser(description=__doc__.splitlines()[0])
@@ -414,13 +429,15 @@ def main(argv: list[str]) -> int:
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=40)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--raw", action="store_true", help="write the text exactly as decoded, control characters included")
     cls = sub.add_parser("classify")
     cls.add_argument("--ids", required=True, help="comma-separated token ids")
     try:
         args = parser.parse_args(argv)
         manifest = load(args.directory)
         if args.mode == "generate":
-            print(args.prompt + generate(args.directory, manifest, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed))
+            text = args.prompt + generate(args.directory, manifest, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed)
+            print(text if args.raw else escape_controls(text, keep="\n\t"))
         else:
             try:
                 ids = [int(i) for i in args.ids.split(",")]
@@ -433,7 +450,8 @@ def main(argv: list[str]) -> int:
                 result["label"] = labels[result["class"]] if isinstance(labels, list) and result["class"] < len(labels) else None
             print(json.dumps(result))
     except ExportError as error:
-        print(f"run_onnx: error: {error}", file=sys.stderr)
+        shown = escape_controls(str(error), keep="\n")
+        print(f"run_onnx: error: {shown}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,6 +28,7 @@ from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
 from seqmix.errors import SeqmixError, require_int, require_writable_dir, require_writable_file
+from seqmix.terminal import escape_controls
 from seqmix.threads import apply_thread_policy
 
 PROGRAM = "seqmix"
@@ -173,7 +174,8 @@ def run_train(config: DictConfig, choices: dict) -> int:
             _save_pretrained(experiment, result, choices)
         sample = sample_text(experiment.model, experiment.task)
         if sample is not None:
-            print(f"\nsample (temperature 0.8, top-k 40) after the prompt {sample[0]!r}:\n{sample[0]}{sample[1]}")
+            text = escape_controls(sample[0] + sample[1], keep="\n\t")
+            print(f"\nsample (temperature 0.8, top-k 40) after the prompt {sample[0]!r}:\n{text}")
     return 0
 
 
@@ -254,6 +256,7 @@ class GenerateOptions:
     temperature: float
     top_k: int | None
     seed: int
+    raw: bool
     allow_unverified: bool
 
 
@@ -285,12 +288,17 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
         top_k=options.top_k,
         generator=torch.Generator().manual_seed(options.seed),
     )
-    sys.stdout.write(options.prompt)
+    def shown(text: str) -> str:
+        """The text as decoded with ``raw``, else with its control characters but line breaks and
+        tabs escaped: a checkpoint's tokenizer and weights can come from someone else."""
+        return text if options.raw else escape_controls(text, keep="\n\t")
+
+    sys.stdout.write(shown(options.prompt))
     text = TextStream(tokenizer)
     for token in tokens:
-        sys.stdout.write(text.push(int(token[0])))
+        sys.stdout.write(shown(text.push(int(token[0]))))
         sys.stdout.flush()
-    print(text.finish())
+    print(shown(text.finish()))
     return 0
 
 
@@ -464,7 +472,7 @@ def run_search(config: DictConfig, choices: dict) -> int:
     outcome = search(config, measure_latency=deployed_latency if settings.measures_latency else None)
     print(f"\nthis worker ran {outcome.trials_run} trial(s); the study has {len(outcome.study.trials)}")
     for note in outcome.notes:
-        print(f"note: {note}")
+        print(f"note: {escape_controls(note)}")
     for path in outcome.files:
         print(f"wrote {path}")
     return 0
@@ -577,7 +585,7 @@ def _sweep(command: Command, argv: list[str]) -> int:
             with _hydra_app_set_aside():
                 status = command.run(config, choices)
         except SeqmixError as error:
-            print(f"{PROGRAM} {command.name}: error: {error}", file=sys.stderr)
+            _print_error(command.name, str(error))
             status = 2
         if status:
             sys.exit(status)
@@ -669,6 +677,13 @@ def _config_dir_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, extra
 
 
+def _print_error(command: str, text: str) -> None:
+    """One error on stderr, ``seqmix <command>: error: <text>``. The text can quote files someone
+    else wrote, so its control characters but line breaks are shown escaped (``escape_controls``)."""
+    shown = escape_controls(text, keep="\n")
+    print(f"{PROGRAM} {command}: error: {shown}", file=sys.stderr)
+
+
 def _os_error_text(error: OSError) -> str:
     """``error`` as its reason and the file(s) it names, without the errno's number."""
     if error.strerror is None:
@@ -715,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         options = options_of(config, command.schema, name) if command.schema else config
         return command.run(options, choices)
     except SeqmixError as error:
-        print(f"{PROGRAM} {name}: error: {error}", file=sys.stderr)
+        _print_error(name, str(error))
         return 2
     except BrokenPipeError:
         # The reader closed the pipe (`seqmix generate ... | head`): its choice, not an error. Output
@@ -725,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         # Outputs are checked before the work starts; what the system refuses later (a full disk, a
         # folder removed under the run) is the machine's doing, told in one line that names the file.
-        print(f"{PROGRAM} {name}: error: {_os_error_text(error)}", file=sys.stderr)
+        _print_error(name, _os_error_text(error))
         return 1
     except KeyboardInterrupt:
         print(f"\n{PROGRAM} {name}: interrupted", file=sys.stderr)

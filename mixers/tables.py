@@ -2,11 +2,15 @@
 
 The benchmark reports, the lowering report, ``seqmix gather`` and the search's leaderboard all
 call ``markdown_table`` (or ``records_table`` for rows held as dicts), so every table escapes its
-cells and aligns its columns the same way.
+cells and aligns its columns the same way. Cells can hold text from files someone else wrote (a
+run's records, a study's storage): their control characters, line breaks included, are written as
+escapes (``seqmix.terminal``), so that they neither break the table nor act on a terminal.
 """
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+
+from seqmix.terminal import escape_controls
 
 
 def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], right: Collection[int] = ()) -> str:
@@ -14,12 +18,17 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], right: 
 
     Args:
         header: the column names.
-        body: one sequence of cell texts per row, as many as ``header``; a ``|`` in a cell is escaped.
+        body: one sequence of cell texts per row, as many as ``header``; a ``|`` in a cell is
+            escaped, and so is every control character (``escape_controls``), in the header too.
         right: indices of the columns aligned right (numbers); the others align left.
     """
+
+    def cell(text) -> str:
+        return escape_controls(str(text)).replace("|", "\\|")
+
     rule = "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"
-    rows = ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |" for cells in body]
-    return "\n".join(["| " + " | ".join(header) + " |", rule, *rows])
+    rows = ["| " + " | ".join(cell(text) for text in cells) + " |" for cells in body]
+    return "\n".join(["| " + " | ".join(cell(name) for name in header) + " |", rule, *rows])
 
 
 def records_table(records: Sequence[Mapping]) -> str:

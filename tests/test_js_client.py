@@ -103,6 +103,10 @@ def point_outside(directory: Path) -> None:
     rewrite_manifest(directory, lambda manifest: manifest["step"].update(file="../step.onnx"))
 
 
+def hostile_format(directory: Path) -> None:
+    rewrite_manifest(directory, lambda manifest: manifest.update(format="onnx\x1b[2J\r"))
+
+
 REFUSALS = {
     "no step section": (drop_step, ["--tokens", "2"], "no step section"),
     "graph missing": (remove_graph, ["--tokens", "2"], "is missing"),
@@ -114,6 +118,8 @@ REFUSALS = {
     "id outside the vocabulary": (None, ["--ids", "3,256"], "token 256"),
     "empty prompt": (None, ["--prompt", ""], "empty"),
     "unknown option": (None, ["--temperature", "1"], "temperature"),
+    # The manifest's text is quoted with its control characters escaped, never acted on by a terminal.
+    "control characters in the manifest": (hostile_format, ["--tokens", "2"], "(format onnx\\x1b[2J\\r)"),
 }
 
 
@@ -128,3 +134,15 @@ def test_the_js_client_refuses_a_bad_export_or_argument_with_one_line_and_status
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("stream: error: ") and named in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_the_js_client_shows_control_characters_escaped_unless_asked_for_raw_text(exported_presets, raw):
+    _, result = exported_presets("megalodon")
+    prompt = "a\x1b[2Jb\rc\u202e"
+    # Bytes, not text: text mode would read the carriage return as a line break.
+    done = subprocess.run([NODE, str(CLIENT), str(result.parallel.parent), "--prompt", prompt, "--tokens", "1",
+                           *(["--raw"] if raw else [])], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    echoed = prompt if raw else "a\\x1b[2Jb\\rc\\u202e"
+    assert done.stdout.startswith(echoed.encode()), done.stdout

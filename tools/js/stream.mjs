@@ -1,28 +1,42 @@
 #!/usr/bin/env node
 // Stream greedy tokens from a seqmix ONNX export's decoder graph (step.onnx) with onnxruntime-node.
 //
-//   node tools/js/stream.mjs <export dir> [--prompt TEXT | --ids 1,2,3] [--tokens N] [--json]
+//   node tools/js/stream.mjs <export dir> [--prompt TEXT | --ids 1,2,3] [--tokens N] [--json] [--raw]
 //
 // The prompt goes through the graph in one call (prefill), then one token per call, the state
 // outputs (present.*) fed back as the state inputs (past_*). Tokens are printed as they come: as
 // UTF-8 text for a byte-level export, as ids for one that carries a tokenizer.json (pass --ids
 // there). With --json, the tokens stream to stderr and stdout gets one line, {"ids": [...]}.
 // A bad argument, manifest or graph file ends the run with one line, "stream: error: ...", exit 2.
+// An export can come from someone else: the text its model produces and the error line show control
+// characters that a terminal would act on (escape sequences, carriage returns, bidirectional
+// overrides) escaped, as \x1b; --raw writes the text exactly as decoded.
 import { createHash } from "node:crypto";
 import { lstatSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import ort from "onnxruntime-node";
 
-const USAGE = "usage: node tools/js/stream.mjs <export dir> [--prompt TEXT | --ids 1,2,3] [--tokens N] [--json]";
+const USAGE = "usage: node tools/js/stream.mjs <export dir> [--prompt TEXT | --ids 1,2,3] [--tokens N] [--json] [--raw]";
+// C0 controls but tab and line feed, DEL, C1 controls, the bidirectional embeddings, overrides and isolates.
+const CONTROLS = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]/g;
 // Manifest dtype -> how one state tensor is built: its typed array and how a fill value is stored in it.
 const STATE_ARRAYS = {
   float32: [Float32Array, Number], float64: [Float64Array, Number], int32: [Int32Array, Number],
   int64: [BigInt64Array, BigInt], bool: [Uint8Array, Number],
 };
 
+// Each control character as Python's repr writes it: \r, \x1b, \u202e.
+function escapeControls(text) {
+  return text.replace(CONTROLS, (character) => {
+    const code = character.charCodeAt(0);
+    if (code === 0x0d) return "\\r";
+    return code < 0x100 ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u${code.toString(16).padStart(4, "0")}`;
+  });
+}
+
 function fail(message) {
-  console.error(`stream: error: ${message}`);
+  console.error(`stream: error: ${escapeControls(message)}`);
   process.exit(2);
 }
 
@@ -31,7 +45,7 @@ function parseCommandLine(argv) {
   try {
     parsed = parseArgs({ args: argv, allowPositionals: true, options: {
       prompt: { type: "string" }, ids: { type: "string" }, tokens: { type: "string", default: "32" },
-      json: { type: "boolean", default: false },
+      json: { type: "boolean", default: false }, raw: { type: "boolean", default: false },
     } });
   } catch (error) {
     fail(`${error.message} (${USAGE})`);
@@ -119,7 +133,8 @@ if (prompt.length + options.tokens - 1 > limit) fail(`${prompt.length} prompt to
 const session = await ort.InferenceSession.create(graph, { executionProviders: ["cpu"] });
 const out = options.json ? process.stderr : process.stdout;
 const decoder = new TextDecoder("utf-8");
-const show = (ids) => out.write(byteLevel ? decoder.decode(Uint8Array.from(ids), { stream: true }) : ids.map((id) => `${id} `).join(""));
+const shown = (text) => (options.raw ? text : escapeControls(text));
+const show = (ids) => out.write(byteLevel ? shown(decoder.decode(Uint8Array.from(ids), { stream: true })) : ids.map((id) => `${id} `).join(""));
 show(prompt);
 let state = initialState(step);
 let feed = prompt;
@@ -132,5 +147,5 @@ while (generated.length < options.tokens) {
   generated.push(feed[0]);
   show(feed);
 }
-out.write(byteLevel ? decoder.decode() + "\n" : "\n");
+out.write(byteLevel ? shown(decoder.decode()) + "\n" : "\n");
 if (options.json) console.log(JSON.stringify({ ids: generated }));
