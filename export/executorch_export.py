@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from seqmix import SeqmixError
 from seqmix.operators import recurrence
-from seqmix.errors import require_int
+from seqmix.errors import not_a_file, require_int
 from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
@@ -355,7 +355,7 @@ def load_pte_method(path: str | Path):
     """The ``forward`` method of a .pte file, loaded once for repeated calls."""
     path = Path(path)
     if not path.is_file():
-        raise SeqmixError(f"run_pte: {path} does not exist; write it with export_parallel_pte or export_step_pte")
+        raise SeqmixError(f"run_pte: {path} {not_a_file(path)}; write it with export_parallel_pte or export_step_pte")
     return _runtime().load_program(path).load_method("forward")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,23 @@ class SeqmixError(ValueError):
 
     Subclasses ``ValueError`` so callers that already catch bad values keep working.
     """
+
+
+def not_a_file(path: str | os.PathLike) -> str:
+    """What is at ``path`` instead of a regular file, for an error message: "does not exist", "is a
+    directory", "is a FIFO", "is a broken symbolic link", ... A FIFO or a device would block a read
+    or never end it, so a reader checks ``os.path.isfile`` first and names what it found with this."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return "is a regular file"
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return "is " + next((kind for test, kind in kinds if test(mode)), "something else") + ", not a regular file"
 
 
 def choice_error(field: str, value, allowed) -> SeqmixError:

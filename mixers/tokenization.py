@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, not_a_file, require_int
 
 BYTES = "bytes"
 TOKENIZER_FILE = "tokenizer.json"
@@ -128,7 +128,7 @@ def load_tokenizer(spec: str | os.PathLike = BYTES) -> Tokenizer:
     if path.is_symlink():
         raise SeqmixError(f"tokenizer={str(spec)!r} is a symbolic link; give the tokenizer.json file itself")
     if not path.is_file():
-        raise SeqmixError(f"tokenizer={str(spec)!r}: {path} does not exist; expected {BYTES!r} or a tokenizer.json")
+        raise SeqmixError(f"tokenizer={str(spec)!r}: {path} {not_a_file(path)}; expected {BYTES!r} or a tokenizer.json")
     return FileTokenizer(path)
 
 

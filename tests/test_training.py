@@ -298,3 +298,36 @@ def test_logits_at_target_positions_only_give_the_full_forward_loss(task, tmp_pa
     assert correct_count(selected, batch) == correct_count(full, batch)
     with pytest.raises(SeqmixError, match="classification head"):
         build_experiment(small(tmp_path, "task=listops")).model(batch.inputs[:, :8], None, torch.tensor([0]))
+
+
+def test_a_run_record_or_tokenizer_that_is_not_a_regular_file_is_refused_by_what_it_is_without_blocking(tmp_path):
+    import os
+    import signal
+
+    from seqmix.errors import not_a_file
+    from seqmix.tokenization import load_tokenizer
+
+    run(small(tmp_path, "train.max_steps=1"))
+    record = tmp_path / "run" / "run.json"
+    record.unlink()
+    os.mkfifo(record)
+    # Reading a FIFO nobody writes to would block for ever; it is refused before any read (the
+    # alarm turns a regression into a failure instead of a hung suite).
+    def blocked(signum, frame):
+        raise TimeoutError("the resume blocked reading run.json")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(60)
+    try:
+        with pytest.raises(SeqmixError, match="run.json is a FIFO \\(named pipe\\), not a regular file; expected the run record"):
+            run(small(tmp_path, "train.max_steps=2", "train.resume=true"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(SeqmixError, match="/dev/null is a character device, not a regular file"):
+        load_tokenizer("/dev/null")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert not_a_file(tmp_path / "nowhere") == "does not exist"
+    assert not_a_file(tmp_path / "link") == "is a broken symbolic link"
+    assert not_a_file(tmp_path) == "is a directory, not a regular file"
+    assert not_a_file(tmp_path / "run" / "metrics.jsonl") == "is a regular file"

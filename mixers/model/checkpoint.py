@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import SeqmixError, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, not_a_file, require_path, require_writable_dir
 from seqmix.model.description import build_described_model, model_description
 
 WEIGHTS = "model.safetensors"
@@ -110,7 +110,7 @@ def load_verified(directory: Path, config_name: str, read_config, device: str, a
     the function that failed and the one that writes such directories, for the error messages."""
     for name in (config_name, WEIGHTS):
         if not (directory / name).is_file():
-            raise SeqmixError(f"{caller}: {directory / name} does not exist; expected a directory written by {writer}")
+            raise SeqmixError(f"{caller}: {directory / name} {not_a_file(directory / name)}; expected a directory written by {writer}")
     if allow_unverified and not (directory / CHECKSUMS).exists():
         refuse_symlinks(directory)
     else:

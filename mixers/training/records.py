@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, choice_error, not_a_file
 from seqmix.model.description import model_description, plain_data
 from seqmix.model.legacy import translate
 from seqmix.tasks import TASKS, Task
@@ -92,6 +92,8 @@ def read_run_record(path: str | os.PathLike) -> dict:
     path = Path(path)
     if path.is_symlink():
         raise SeqmixError(f"{path} is a symbolic link; seqmix reads only the run record the run wrote")
+    if not path.is_file():
+        raise SeqmixError(f"{path} {not_a_file(path)}; expected the run record written by seqmix train")
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as error:
