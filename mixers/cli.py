@@ -388,7 +388,9 @@ def run_gather(options: GatherOptions, choices: dict) -> int:
         raise SeqmixError(f"root={options.root!r} is not a directory")
     if options.csv is not None:
         require_writable_file("csv", options.csv)
-    rows = collect_runs(options.root)
+    rows, problems = collect_runs(options.root)
+    for problem in problems:
+        print(f"{PROGRAM} gather: {escape_controls(problem)}", file=sys.stderr)
     print(records_table(rows) if rows else "(no runs found)")
     if options.csv is not None:
         write_csv(rows, options.csv)

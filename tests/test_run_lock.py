@@ -79,6 +79,6 @@ def test_the_lock_file_is_invisible_to_loading_gathering_and_resuming(tmp_path):
     assert (out_dir / LOCK).is_file()
     model, record = load_run(out_dir)
     assert latest_checkpoint(out_dir).name == "step-00000002" and record["task"]
-    assert [row["run"] for row in collect_runs(tmp_path / "runs")] == [str(out_dir)]
+    assert [row["run"] for row in collect_runs(tmp_path / "runs").rows] == [str(out_dir)]
     run(small(tmp_path, *TINY, "train.max_steps=3", "train.resume=true", out="runs/a"))
     assert latest_checkpoint(out_dir).name == "step-00000003"

@@ -232,6 +232,63 @@ def test_gather_tabulates_runs(tmp_path):
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 3
 
 
+RECORD_DAMAGE = {
+    "an array": (b"[]", "run.json holds an array, not a JSON object"),
+    "null": (b"null", "run.json holds null, not a JSON object"),
+    "not JSON": (b"{bad", "run.json is not UTF-8 JSON"),
+    "not UTF-8": (b"\xff\xfe{}", "run.json is not UTF-8 JSON"),
+    "a FIFO": (None, "run.json is a FIFO (named pipe), not a regular file"),
+    "a directory": ("dir", "run.json is a directory, not a regular file"),
+}
+
+
+@pytest.mark.parametrize("damage", RECORD_DAMAGE, ids=str)
+def test_gather_leaves_out_a_run_whose_record_is_unreadable_naming_it_and_tabulates_the_rest(tmp_path, damage):
+    import os
+
+    run(small(tmp_path, "train.max_steps=2", out="sweep/good"))
+    bad = tmp_path / "sweep" / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text((tmp_path / "sweep" / "good" / "metrics.jsonl").read_text())
+    content, named = RECORD_DAMAGE[damage]
+    if content is None:
+        os.mkfifo(bad / "run.json")
+    elif content == "dir":
+        (bad / "run.json").mkdir()
+    else:
+        (bad / "run.json").write_bytes(content)
+    # A FIFO with no writer would block a plain read for ever: the timeout fails the test instead.
+    result = subprocess.run([*SEQMIX, "gather", f"root={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"seqmix gather: left out {bad}: {named}") and result.stderr.count("\n") == 1
+    rows = result.stdout.splitlines()[2:]
+    assert len(rows) == 1 and rows[0].startswith(f"| {tmp_path / 'sweep' / 'good'} |")
+
+
+def test_gather_reads_what_it_can_of_damaged_metrics_and_fields_of_the_wrong_type(tmp_path):
+    from seqmix.training.runs import collect_runs
+
+    run(small(tmp_path, "train.max_steps=2", out="runs/r"))
+    directory = tmp_path / "runs" / "r"
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    valid = json.loads([line for line in lines if '"valid"' in line][-1])
+    # Lines seqmix did not write, then the real rows, then a line torn by a run killed mid-write.
+    damaged = [b"garbage", b"[1]", b'{"step": true, "split": "train"}', b'{"split": "train"}', b"\xff\xfe{}",
+               *(line.encode() for line in lines), b'{"step": 2, "split": "skipped", "reason": "loss became nan"}',
+               b'{"step": 9, "spl']
+    (directory / "metrics.jsonl").write_bytes(b"\n".join(damaged))
+    record = json.loads((directory / "run.json").read_text())
+    record["preset"] = {"model": 5, "task": ["x"]}
+    record["model"]["d_model"] = "128"
+    (directory / "run.json").write_text(json.dumps(record))
+    gathered = collect_runs(tmp_path / "runs")
+    assert gathered.problems == [f"{directory / 'metrics.jsonl'}: left out 5 line(s) that are not metric records (line 1 "
+                                 f"the first) and its unfinished last line {len(damaged)} (the run stopped while writing it)"]
+    (row,) = gathered.rows
+    assert row["model"] == row["task"] == "?" and row["d_model"] is None and row["steps"] == 2
+    assert row["valid_loss"] == valid["loss"]
+
+
 def test_one_markdown_table_writer_escapes_aligns_and_fills_missing_keys():
     from seqmix.tables import markdown_table, records_table
 

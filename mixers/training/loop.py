@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int, require_path, require_writable_dir
 from seqmix.training.records import read_run_record, same_run
+from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
     RUN,
@@ -617,22 +618,13 @@ def _nonfinite_fault(loss: float, grad_norm: float) -> str | None:
     return None
 
 
-def _metric_row(line: str) -> dict | None:
-    """One metrics.jsonl row; None for a line torn by a run killed while writing it."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows written after checkpoint ``step`` (the resumed run writes them again) and torn lines."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if (row := _metric_row(line)) is not None and row["step"] <= step]
+    kept = [line for line in path.read_bytes().splitlines() if (row := metric_row(line)) is not None and row["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_bytes(b"".join(line + b"\n" for line in kept))
     os.replace(tmp, path)
 
 
