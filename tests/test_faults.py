@@ -124,11 +124,13 @@ def test_a_run_killed_again_and_again_resumes_to_the_same_metrics(tmp_path, atte
     _killed_runs_resume_to_the_uninterrupted_metrics(tmp_path, seed=random.randrange(2**32), kills=3)
 
 
-def test_a_torn_metrics_line_from_a_killed_run_is_dropped_on_resume(tmp_path):
-    """Fault: metrics.jsonl ends in half a row (a kill while writing it). Outcome: resume drops it."""
+@pytest.mark.parametrize("torn", [b'{"step": 3, "split": "tra', b'{"step": 3, "split": "tra\xff\xfe'], ids=["text", "not UTF-8"])
+def test_a_torn_metrics_line_from_a_killed_run_is_dropped_on_resume(tmp_path, torn):
+    """Fault: metrics.jsonl ends in half a row (a kill while writing it), or in bytes that are not
+    UTF-8 (a damaged file). Outcome: resume drops it."""
     run_in_process(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2", "train.eval_every=2")
-    with (tmp_path / "run" / "metrics.jsonl").open("a") as metrics:
-        metrics.write('{"step": 3, "split": "tra')
+    with (tmp_path / "run" / "metrics.jsonl").open("ab") as metrics:
+        metrics.write(torn)
     run_in_process(tmp_path / "run", "train.max_steps=3", "train.checkpoint_every=2", "train.eval_every=2", "train.resume=true")
     assert [(row["step"], row["split"]) for row in metric_rows(tmp_path / "run")] == [
         (1, "train"), (2, "train"), (2, "valid"), (3, "train"), (3, "valid"),
