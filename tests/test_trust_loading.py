@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -247,3 +248,82 @@ def test_a_task_path_in_a_loaded_record_is_never_followed(tmp_path, monkeypatch)
     task = build_task(record, trust_paths=False)
     assert not (tmp_path / "planted").exists()
     assert all(path.is_relative_to(tmp_path / "home") for path in task.corpus.cache_paths.values())
+
+
+# --- JSON nested past Python's recursion limit ----------------------------------------------------
+
+DEEP_JSON = "[" * 100_000
+"""100,000 nested arrays: json.loads raises RecursionError on it, which no reader's ``except ValueError`` catches."""
+
+
+def _deep_run_record(run: Path) -> None:
+    (run / "run.json").write_text(DEEP_JSON)
+    from seqmix.training.records import read_run_record
+
+    read_run_record(run / "run.json")
+
+
+def _deep_latest_pointer(run: Path) -> None:
+    (run / "checkpoints" / "latest").write_text('{"checkpoint": ' + DEEP_JSON)
+    latest_checkpoint(run)
+
+
+def _deep_checksums(run: Path) -> None:
+    from seqmix.model.checkpoint import verify_checksums
+
+    checkpoint = latest_checkpoint(run)
+    (checkpoint / CHECKSUMS).write_text(DEEP_JSON)
+    verify_checksums(checkpoint)
+
+
+def _deep_trainer_state(run: Path) -> None:
+    from seqmix.training.checkpoints import load_training_state
+
+    checkpoint = latest_checkpoint(run)
+    model, _ = load_run(run)
+    (checkpoint / "trainer.json").write_text(DEEP_JSON)
+    write_checksums(checkpoint)
+    load_training_state(checkpoint, model, torch.optim.AdamW(model.parameters()))
+
+
+def _deep_pretrained_config(run: Path) -> None:
+    model, _ = load_run(run)
+    seqmix.save_pretrained(model, run / "hf")
+    (run / "hf" / "config.json").write_text(DEEP_JSON)
+    write_checksums(run / "hf")
+    seqmix.from_pretrained(run / "hf")
+
+
+def _deep_corpus_line(run: Path) -> None:
+    from seqmix.tasks import build_task
+
+    corpus = run / "corpus.jsonl"
+    corpus.write_text('{"text": "a line"}\n' + DEEP_JSON + "\n")
+    build_task("text", path=str(corpus), cache_dir=str(run / "cache"), seq_len=8)
+
+
+DEEP_READERS = {
+    "run record": (_deep_run_record, "run.json is not valid JSON (JSON nested too deeply to read)"),
+    "latest pointer": (_deep_latest_pointer, "checkpoints/latest is corrupted"),
+    "checksums": (_deep_checksums, "checksums.json is corrupted (JSON nested too deeply to read)"),
+    "trainer state": (_deep_trainer_state, "trainer.json or optimizer.safetensors is unreadable (JSON nested too deeply to read)"),
+    "pretrained config": (_deep_pretrained_config, "config.json is not readable JSON (JSON nested too deeply to read)"),
+    "corpus line": (_deep_corpus_line, "corpus.jsonl line 2 is not a JSON object (JSON nested too deeply to read)"),
+}
+
+
+@pytest.mark.parametrize("reader", DEEP_READERS, ids=str)
+def test_json_nested_past_the_recursion_limit_is_refused_by_name_wherever_it_is_read(finished_run, tmp_path, reader):
+    """Each reader of a JSON file someone else may have written refuses it with a SeqmixError naming the file."""
+    damage, named = DEEP_READERS[reader]
+    with pytest.raises(SeqmixError, match=re.escape(named)):
+        damage(_copy(finished_run, tmp_path))
+
+
+def test_gather_leaves_out_a_run_whose_record_is_nested_too_deeply(finished_run, tmp_path):
+    from seqmix.training.runs import collect_runs
+
+    run = _copy(finished_run, tmp_path)
+    (run / "run.json").write_text(DEEP_JSON)
+    gathered = collect_runs(tmp_path)
+    assert gathered.rows == [] and gathered.problems == [f"left out {run}: run.json is not UTF-8 JSON (JSON nested too deeply to read)"]

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.errors import SeqmixError, not_a_file, require_path, require_writable_dir
+from seqmix.jsontext import parse_json
 from seqmix.model.description import build_described_model, model_description
 
 WEIGHTS = "model.safetensors"
@@ -225,7 +226,7 @@ def verify_checksums(directory: str | os.PathLike) -> None:
             "allow_unverified=true)"
         )
     try:
-        record = json.loads(record_path.read_text())
+        record = parse_json(record_path.read_text())
         expected = record["files"]
         if record.get("algorithm") != "sha256" or not isinstance(expected, dict):
             raise ValueError("unknown layout")

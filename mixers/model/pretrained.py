@@ -30,6 +30,7 @@ from pathlib import Path
 from torch.utils._pytree import tree_flatten
 
 from seqmix.errors import SeqmixError, require_path, require_writable_dir
+from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import WEIGHTS, load_verified, write_checksums
 from seqmix.model.description import model_description
 from seqmix.tasks.base import MODEL_FILES
@@ -156,7 +157,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
 def read_config_json(path: Path) -> dict:
     """The canonical description in a pretrained ``config.json``; another model type or a bad description is refused."""
     try:
-        config = json.loads(path.read_text())
+        config = parse_json(path.read_text())
     except (OSError, ValueError) as error:
         raise SeqmixError(f"{path} is not readable JSON ({error})") from None
     if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
@@ -173,7 +174,7 @@ def pretrained_task(directory: str | os.PathLike) -> dict | None:
     """The task description a pretrained directory's config.json records (None when it records none)."""
     path = Path(directory) / CONFIG_JSON
     try:
-        task = json.loads(path.read_text()).get("task")
+        task = parse_json(path.read_text()).get("task")
     except (OSError, ValueError, AttributeError):
         raise SeqmixError(f"{path} is not a readable pretrained config") from None
     return task

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, require_int
+from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tasks.documents import DocumentSource
@@ -117,7 +118,7 @@ class Classify(Task):
         self.cache = Path(cache_dir).expanduser() / self.name / self.key
         if not is_complete(self.cache):
             self._tokenize()
-        self.meta = json.loads((self.cache / META).read_text())
+        self.meta = parse_json((self.cache / META).read_text())
         self.labels: list[str] = self.meta["labels"]
         self.num_classes = len(self.labels)
         if self.num_classes < 2:

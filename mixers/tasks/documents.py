@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, choice_error, require_path
+from seqmix.jsontext import parse_json
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
 DECODE_ERRORS = ("replace", "strict")
@@ -132,7 +132,7 @@ class DocumentSource:
                     continue
                 where = f"{path} line {number}"
                 try:
-                    row = json.loads(self.decode(raw, path, number))
+                    row = parse_json(self.decode(raw, path, number))
                 except ValueError as error:
                     raise SeqmixError(f"{self.owner}: {where} is not a JSON object ({error})") from None
                 yield where, self._pick(row, columns, where)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from seqmix.errors import SeqmixError, require_int
+from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
 from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, staged_cache
@@ -87,7 +88,7 @@ class TextCorpus(Task):
         self.cache = Path(cache_dir).expanduser() / "text" / self.key
         if not is_complete(self.cache):
             self._tokenize()
-        self.meta = json.loads((self.cache / META).read_text())
+        self.meta = parse_json((self.cache / META).read_text())
         # numpy cannot map an empty file; an empty split is refused just below.
         self.data = {
             split: np.memmap(self.cache / self._token_file(split), dtype=self.dtype, mode="r") if self.meta["tokens"][split]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from seqmix.errors import SeqmixError, require_path
+from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import (
     WEIGHTS,
     check_weights,
@@ -125,7 +126,7 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     if not pointer.is_file():
         return None
     try:
-        name = json.loads(pointer.read_text())["checkpoint"]
+        name = parse_json(pointer.read_text())["checkpoint"]
     except (ValueError, KeyError, TypeError):
         raise SeqmixError(f"{pointer} is corrupted; it should name the newest checkpoint in {pointer.parent}") from None
     checkpoint = pointer.parent / str(name)
@@ -152,7 +153,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def _read_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, device: str) -> dict:
     """The optimizer state dict stored in ``checkpoint``, checked against ``optimizer``'s parameters."""
     try:
-        trainer = json.loads((checkpoint / TRAINER).read_text())
+        trainer = parse_json((checkpoint / TRAINER).read_text())
         step = int(trainer["step"])
         state = _unflatten_optimizer(read_tensors(checkpoint / OPTIMIZER, device), trainer["optimizer"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -9,13 +9,13 @@ record (a task's ``cache_dir``) are never followed: they belong to the machine t
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from seqmix.errors import SeqmixError, choice_error, not_a_file
+from seqmix.jsontext import parse_json
 from seqmix.model.description import model_description, plain_data
 from seqmix.model.legacy import translate
 from seqmix.tasks import TASKS, Task
@@ -95,7 +95,7 @@ def read_run_record(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise SeqmixError(f"{path} {not_a_file(path)}; expected the run record written by seqmix train")
     try:
-        record = json.loads(path.read_text())
+        record = parse_json(path.read_text())
     except (OSError, ValueError) as error:
         raise SeqmixError(f"{path} is not valid JSON ({error}); the run record is corrupted") from None
     if not isinstance(record, dict):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 from seqmix.errors import not_a_file
+from seqmix.jsontext import parse_json
 
 METRIC_COLUMNS = ("bits_per_byte", "bits_per_token", "accuracy", "loss")
 
@@ -76,8 +76,8 @@ def _read_record(path: Path) -> dict:
     if path.stat().st_size > MAX_RECORD_BYTES:
         raise ValueError(f"run.json holds {path.stat().st_size:,} bytes, more than a run's record ({MAX_RECORD_BYTES:,} at most)")
     try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        record = parse_json(path.read_bytes().decode("utf-8"))
+    except ValueError as error:
         raise ValueError(f"run.json is not UTF-8 JSON ({error})") from None
     if not isinstance(record, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
@@ -115,7 +115,7 @@ def metric_row(line: str | bytes) -> dict | None:
     """One metrics.jsonl row, a JSON object with an integer step; None for any other line (one torn
     by a run killed while writing it, or one seqmix did not write)."""
     try:
-        row = json.loads(line)
+        row = parse_json(line)
     except ValueError:  # UnicodeDecodeError included
         return None
     return row if isinstance(row, dict) and _integer(row.get("step")) is not None else None
