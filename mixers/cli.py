@@ -127,11 +127,40 @@ def _warn_if_busy() -> None:
         print(warning, file=sys.stderr)
 
 
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun sets besides WORLD_SIZE, which joining its process group reads."""
+
+
+def _torchrun_world_size() -> int:
+    """The process count torchrun set in WORLD_SIZE (1 when unset). A value left in the environment
+    by something else (a job script, a shell) is refused naming the variable, rather than failing
+    inside torch.distributed: WORLD_SIZE must be an integer >= 1 (blank counts as unset), and above
+    1 the variables of TORCHRUN_VARIABLES must be set too, RANK below WORLD_SIZE."""
+    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    world = int(text) if text.isdigit() else 0
+    if world < 1:
+        raise SeqmixError(f"WORLD_SIZE={text!r} is not valid; torchrun sets it to the number of training processes "
+                          "(unset it to train in one process)")
+    if world == 1:
+        return world
+    missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name, "").strip()]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise SeqmixError(f"WORLD_SIZE={world} asks for a process group, but {', '.join(missing)} {verb} not set; launch "
+                          "with torchrun, which sets them all, or unset WORLD_SIZE to train in one process")
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ[name]
+        if not value.strip().isdigit() or (name == "RANK" and int(value) >= world):
+            bound = f" below WORLD_SIZE={world}" if name == "RANK" else ""
+            raise SeqmixError(f"{name}={value!r} is not valid; torchrun sets it to an integer >= 0{bound}")
+    return world
+
+
 def _join_torchrun_group() -> None:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPUs)."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+    if _torchrun_world_size() > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

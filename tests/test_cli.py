@@ -108,6 +108,32 @@ def test_nothing_is_written_before_the_input_is_validated(tmp_path, capsys):
     assert not out_dir.exists()
 
 
+TORCHRUN_LEFTOVERS = {
+    "not a number": ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not valid"),
+    "zero": ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not valid"),
+    "no rendezvous": ({"WORLD_SIZE": "2", "RANK": "0"},
+                      "WORLD_SIZE=2 asks for a process group, but LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not set"),
+    "rank past the world": ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+                            "RANK='2' is not valid; torchrun sets it to an integer >= 0 below WORLD_SIZE=2"),
+    "local rank not a number": ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+                                "LOCAL_RANK='x' is not valid"),
+}
+
+
+@pytest.mark.parametrize("case", TORCHRUN_LEFTOVERS, ids=str)
+def test_torchrun_variables_left_in_the_environment_are_refused_by_name_before_any_work(case, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE and its companions set by something other than torchrun (a job script, a shell)."""
+    variables, named = TORCHRUN_LEFTOVERS[case]
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    out_dir = tmp_path / "run"
+    status, _, err = run(capsys, "train", *TINY_TRAIN, f"train.out_dir={out_dir}")
+    assert status == 2 and named in err and err.count("\n") == 1, err
+    assert not out_dir.exists()
+
+
 def test_output_path_checks_name_what_is_wrong(tmp_path):
     from seqmix.errors import require_writable_dir, require_writable_file
 
