@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -239,7 +240,8 @@ def run_describe(config: DictConfig, choices: dict) -> int:
     from seqmix.model.checkpoint import instantiate_model
     from seqmix.model.summary import describe_model
 
-    print(describe_model(instantiate_model(config.model), title=choices.get("model") or "model"))
+    # On the meta device: shapes and counts without allocating, so any size is described at once.
+    print(describe_model(instantiate_model(config.model, device="meta"), title=choices.get("model") or "model"))
     return 0
 
 
@@ -615,9 +617,8 @@ def _sweep(command: Command, argv: list[str]) -> int:
             choices = {**OmegaConf.to_container(runtime.choices), OVERRIDES: list(HydraConfig.get().overrides.task)}
             with _hydra_app_set_aside():
                 status = command.run(config, choices)
-        except SeqmixError as error:
-            _print_error(command.name, str(error))
-            status = 2
+        except (SeqmixError, MemoryError, RuntimeError) as error:
+            status = _told_failure(command.name, error)
         if status:
             sys.exit(status)
 
@@ -715,6 +716,33 @@ def _print_error(command: str, text: str) -> None:
     print(f"{PROGRAM} {command}: error: {shown}", file=sys.stderr)
 
 
+def _told_failure(command: str, error: BaseException) -> int:
+    """Tell ``error`` in one line and return the exit status: 2 for a SeqmixError (bad input), 1 for
+    memory running out (the machine's limit); re-raise anything else, a bug whose traceback is wanted."""
+    if isinstance(error, SeqmixError):
+        _print_error(command, str(error))
+        return 2
+    reason = _out_of_memory_text(error)
+    if reason is None:
+        raise error
+    _print_error(command, reason)
+    return 1
+
+
+def _out_of_memory_text(error: BaseException) -> str | None:
+    """One line for a failed allocation, None for any other error. Python raises MemoryError,
+    torch's CPU allocator a RuntimeError ("can't allocate memory: you tried to allocate N bytes"),
+    its CUDA one torch.OutOfMemoryError (a RuntimeError, "out of memory")."""
+    text = str(error)
+    if not isinstance(error, MemoryError) and "can't allocate memory" not in text and "out of memory" not in text.lower():
+        return None
+    tried = re.search(r"tried to allocate (\d+) bytes", text)
+    what = f"an allocation of {int(tried.group(1)) / 2**30:,.1f} GiB failed" if tried else (
+        text.splitlines()[0][:200] if text.strip() else type(error).__name__)
+    return (f"out of memory: {what}; lower what scales memory (batch_size, length, tokens, the model's width or depth), "
+            "or free memory")
+
+
 def _os_error_text(error: OSError) -> str:
     """``error`` as its reason and the file(s) it names, without the errno's number."""
     if error.strerror is None:
@@ -760,9 +788,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         options = options_of(config, command.schema, name) if command.schema else config
         return command.run(options, choices)
-    except SeqmixError as error:
-        _print_error(name, str(error))
-        return 2
+    except (SeqmixError, MemoryError, RuntimeError) as error:
+        return _told_failure(name, error)
     except BrokenPipeError:
         # The reader closed the pipe (`seqmix generate ... | head`): its choice, not an error. Output
         # still buffered goes nowhere, so that flushing it at exit raises nothing either.

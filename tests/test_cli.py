@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -261,3 +262,24 @@ def test_a_sweep_runs_one_job_per_combination(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     records = sorted(json.loads(path.read_text())["preset"]["model"] for path in sweep.glob("*/run.json"))
     assert records == ["mega", "tcnca"]
+
+
+def test_running_out_of_memory_ends_a_command_with_one_line_and_describe_never_allocates(finished_run):
+    """Under a 3 GiB address-space limit: an evaluation batch that cannot fit fails with one line naming its
+    size (not torch's traceback), and describing a model of 60 trillion parameters allocates nothing."""
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "from seqmix.cli import main\n"
+        "print(main(['evaluate', 'checkpoint=' + sys.argv[1], 'batch_size=1000000000', 'batches=1']))\n"
+        "print(main(['describe', 'model=gpt2', 'model.d_model=1000000']))\n"
+    )
+    probe = subprocess.run([sys.executable, "-c", script, str(finished_run)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    statuses = [line for line in probe.stdout.splitlines() if line in ("0", "1", "2")]
+    assert statuses == ["1", "0"], probe.stdout[-2000:]
+    assert "total parameters: 60,001,347,000,000" in probe.stdout
+    errors = [line for line in probe.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and re.fullmatch(r"seqmix evaluate: error: out of memory: an allocation of [\d,.]+ GiB failed; "
+                                             r"lower what scales memory .*", errors[0]), probe.stderr[-2000:]

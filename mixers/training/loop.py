@@ -522,78 +522,81 @@ def _train_in_locked_dir(
                 if key not in ("step", "split") and isinstance(value, (int, float)):
                     writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
-    model.train()
-    consecutive_skips = 0
-    for step in range(start, config.max_steps):
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        full = task.batch("train", step, config.batch_size)
-        local = full.slice(rank * rows_per_rank, (rank + 1) * rows_per_rank).to(device)
-        count = (full.targets != IGNORE).sum().to(device)  # the global number of targets
-        step_loss = torch.zeros((), device=device)
-        for index in range(config.grad_accum):
-            part = local.slice(index * micro, (index + 1) * micro)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                output = predict(network, part)
-            loss_sum, _ = loss_sum_and_count(output, part)
-            # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
-            (loss_sum * world / count).backward()
-            step_loss += loss_sum.detach()
-        if world > 1:
-            dist.all_reduce(step_loss)
-        loss_value = float(step_loss / count)
-        # The norm is what clip_grad_norm_ computes; taken always, since a non-finite gradient
-        # poisons the weights as surely as a non-finite loss.
-        grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        fault = _nonfinite_fault(loss_value, float(grad_norm))
-        if fault is None:
-            if config.grad_clip > 0:
-                nn.utils.clip_grads_with_norm_(model.parameters(), config.grad_clip, grad_norm)
-            optimizer.step()
-            consecutive_skips = 0
-        elif config.on_nonfinite == "skip" and consecutive_skips < config.max_nonfinite_skips:
-            consecutive_skips += 1
-        else:
-            bar.close()
-            last = latest_checkpoint(out_dir)
-            if config.on_nonfinite == "skip":
-                why = f"after {consecutive_skips} skipped steps in a row (train.max_nonfinite_skips={config.max_nonfinite_skips})"
-                advice = "The run has diverged: lower train.lr, or resume from the checkpoint with a smaller one."
+    # Closed however the loop ends (a refused step, an interrupt, memory running out), so the bar
+    # ends its line and the metrics rows are flushed and closed.
+    try:
+        model.train()
+        consecutive_skips = 0
+        for step in range(start, config.max_steps):
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            full = task.batch("train", step, config.batch_size)
+            local = full.slice(rank * rows_per_rank, (rank + 1) * rows_per_rank).to(device)
+            count = (full.targets != IGNORE).sum().to(device)  # the global number of targets
+            step_loss = torch.zeros((), device=device)
+            for index in range(config.grad_accum):
+                part = local.slice(index * micro, (index + 1) * micro)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    output = predict(network, part)
+                loss_sum, _ = loss_sum_and_count(output, part)
+                # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
+                (loss_sum * world / count).backward()
+                step_loss += loss_sum.detach()
+            if world > 1:
+                dist.all_reduce(step_loss)
+            loss_value = float(step_loss / count)
+            # The norm is what clip_grad_norm_ computes; taken always, since a non-finite gradient
+            # poisons the weights as surely as a non-finite loss.
+            grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            fault = _nonfinite_fault(loss_value, float(grad_norm))
+            if fault is None:
+                if config.grad_clip > 0:
+                    nn.utils.clip_grads_with_norm_(model.parameters(), config.grad_clip, grad_norm)
+                optimizer.step()
+                consecutive_skips = 0
+            elif config.on_nonfinite == "skip" and consecutive_skips < config.max_nonfinite_skips:
+                consecutive_skips += 1
             else:
-                why = "with train.on_nonfinite=stop"
-                advice = "Lower train.lr or enable train.grad_clip, or pass train.on_nonfinite=skip to skip such steps."
-            raise SeqmixError(
-                f"train: the {fault} at step {step} {why}; stopped without updating the weights. "
-                f"Last good checkpoint: {last if last else 'none yet'}. {advice}"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += full.inputs.numel()
-        done = step + 1
-        elapsed = time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", lr=f"{lr:.2e}")
-        if fault is not None:
-            log({"step": done, "split": "skipped", "reason": fault, "consecutive": consecutive_skips})
-        elif done % config.log_every == 0 or done == config.max_steps:
-            row = {"step": done, "split": "train", "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
-            if task.metric in BITS_METRICS:
-                row[task.metric] = loss_value / math.log(2)
-            log(row)
-        if done % config.eval_every == 0 or done == config.max_steps:
-            scores = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)
-            if rank == 0:
-                log({"step": done, "split": "valid", **scores})
-                bar.write(f"step {done}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in scores.items()))
-        if rank == 0 and (done % config.checkpoint_every == 0 or done == config.max_steps):
-            checkpoint = save_checkpoint(out_dir, done, model, optimizer, config.keep_checkpoints)
-        if world > 1:
-            dist.barrier()
-    bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
-    if writer is not None:
-        writer.close()
+                last = latest_checkpoint(out_dir)
+                if config.on_nonfinite == "skip":
+                    why = f"after {consecutive_skips} skipped steps in a row (train.max_nonfinite_skips={config.max_nonfinite_skips})"
+                    advice = "The run has diverged: lower train.lr, or resume from the checkpoint with a smaller one."
+                else:
+                    why = "with train.on_nonfinite=stop"
+                    advice = "Lower train.lr or enable train.grad_clip, or pass train.on_nonfinite=skip to skip such steps."
+                raise SeqmixError(
+                    f"train: the {fault} at step {step} {why}; stopped without updating the weights. "
+                    f"Last good checkpoint: {last if last else 'none yet'}. {advice}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += full.inputs.numel()
+            done = step + 1
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", lr=f"{lr:.2e}")
+            if fault is not None:
+                log({"step": done, "split": "skipped", "reason": fault, "consecutive": consecutive_skips})
+            elif done % config.log_every == 0 or done == config.max_steps:
+                row = {"step": done, "split": "train", "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+                if task.metric in BITS_METRICS:
+                    row[task.metric] = loss_value / math.log(2)
+                log(row)
+            if done % config.eval_every == 0 or done == config.max_steps:
+                scores = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)
+                if rank == 0:
+                    log({"step": done, "split": "valid", **scores})
+                    bar.write(f"step {done}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in scores.items()))
+            if rank == 0 and (done % config.checkpoint_every == 0 or done == config.max_steps):
+                checkpoint = save_checkpoint(out_dir, done, model, optimizer, config.keep_checkpoints)
+            if world > 1:
+                dist.barrier()
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if writer is not None:
+            writer.close()
     final = next((row for row in reversed(history) if row["split"] == "valid"), None)
     if final is None:
         final = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)
