@@ -299,6 +299,7 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     from seqmix.training.checkpoints import load_run
 
     require_int("generate", "tokens", options.tokens, 0)
+    require_int("generate", "seed", options.seed, 0)
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)

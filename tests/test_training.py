@@ -209,6 +209,10 @@ def test_evaluate_and_generate_read_a_run(tmp_path):
     )
     assert refused.returncode == 2 and "temperature=-1.0 must be a finite number >= 0" in refused.stderr
     assert refused.stdout == ""  # refused before the prompt was echoed
+    from seqmix.cli import main
+
+    # A negative seed, as everywhere else (train, tasks, run_onnx.py), is refused rather than wrapped.
+    assert main(["generate", f"checkpoint={tmp_path / 'run'}", "seed=-1"]) == 2
     # A reader that stops early (`| head`) ends the stream quietly: no traceback, no error line.
     streaming = subprocess.Popen([*SEQMIX, "generate", f"checkpoint={tmp_path / 'run'}", "tokens=100000"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
