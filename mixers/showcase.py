@@ -40,7 +40,11 @@ def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, se
     for name in list_mixers():
         for impl in mixer_class(name).impls:
             torch.manual_seed(seed)
-            mixer = build_mixer(name, width, impl=impl).eval()
+            try:
+                mixer = build_mixer(name, width, impl=impl).eval()
+            except SeqmixError as error:  # the tour builds every mixer with its defaults, which bound D
+                raise SeqmixError(f"tour: width={width} does not suit {name} with its default options ({error}); "
+                                  "give a width every mixer takes, e.g. width=64") from None
             parameters = sum(p.numel() for p in mixer.parameters())
             with torch.no_grad():
                 try:

@@ -1,7 +1,8 @@
 """The main job's tour: every mixer and impl appears, and forward agrees with streaming."""
+import pytest
 from mixer_cases import runnable_impls
 
-from seqmix import list_mixers, mixer_class
+from seqmix import SeqmixError, list_mixers, mixer_class
 from seqmix.showcase import format_tour, tour
 
 
@@ -18,3 +19,9 @@ def test_tour_covers_every_mixer_and_impl_and_streams_like_forward():
         assert row.not_run is None and row.max_stream_error < 1e-4, row
         assert row.forward.runs == 5 and row.forward.low_ms <= row.forward.median_ms <= row.forward.high_ms, row
     assert all(name in table for name in list_mixers())
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_a_width_some_mixer_cannot_take_is_refused_naming_the_width_and_the_mixer(width):
+    with pytest.raises(SeqmixError, match=rf"tour: width={width} does not suit \w+ with its default options .*width=64"):
+        tour(width=width, length=8, batch=1, piece=3, repeats=1)
