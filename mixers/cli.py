@@ -608,6 +608,7 @@ def _sweep(command: Command, argv: list[str]) -> int:
 
     def job(config: DictConfig) -> None:
         # A launched job is a fresh process that never passed through main().
+        _write_any_character()
         apply_thread_policy()
         keep_freed_memory()
         runtime = HydraConfig.get().runtime
@@ -710,6 +711,16 @@ def _config_dir_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, extra
 
 
+def _write_any_character() -> None:
+    """Let stdout and stderr write every character in any encoding: one their encoding lacks (an
+    ASCII or Latin-1 terminal, PYTHONIOENCODING=ascii) is written as a backslash escape (``\\xb7``,
+    ``\\u2212``), where it would end the command with a UnicodeEncodeError. Models generate any text,
+    and tables and reports use a few symbols (·, −, ×)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def _print_error(command: str, text: str) -> None:
     """One error on stderr, ``seqmix <command>: error: <text>``. The text can quote files someone
     else wrote, so its control characters but line breaks are shown escaped (``escape_controls``)."""
@@ -754,6 +765,7 @@ def _os_error_text(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``seqmix <command> [overrides]``; the exit status is 0, 1 (the command failed) or 2 (bad input)."""
+    _write_any_character()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())

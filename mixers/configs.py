@@ -103,7 +103,9 @@ def _composition_problem(error: Exception, overrides: Sequence[str], config_name
         quoted = text.split("'")[1::2]
         bad = next((o for o in overrides if o in quoted or any(q and q in o for q in quoted)), None)
         problem = f"cannot read the override {bad!r}" if bad else "cannot read an override"
-        return f"{problem}: {text.splitlines()[0]} (Hydra's syntax: key=value, group=preset, +key=value, ~key)"
+        return (f"{problem}: {text.splitlines()[0]} (Hydra's syntax: key=value, group=preset, +key=value, ~key; "
+                "quote a value holding characters beyond ASCII letters, digits and -_./:@ (accented letters, brackets, "
+                "=, #, ...) as key='value')")
     cause = error.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or str(cause).split("'")[1]

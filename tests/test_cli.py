@@ -283,3 +283,20 @@ def test_running_out_of_memory_ends_a_command_with_one_line_and_describe_never_a
     errors = [line for line in probe.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and re.fullmatch(r"seqmix evaluate: error: out of memory: an allocation of [\d,.]+ GiB failed; "
                                              r"lower what scales memory .*", errors[0]), probe.stderr[-2000:]
+
+
+def test_a_terminal_that_cannot_encode_a_character_gets_an_escape_not_a_traceback(tmp_path):
+    """describe prints '·', an error quotes an accented path: on an ASCII stdout and stderr both come out escaped."""
+    ascii_env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    described = subprocess.run([*SEQMIX, "describe", "model=mega"], capture_output=True, text=True, env=ascii_env)
+    assert described.returncode == 0 and "\\xb7" in described.stdout, described.stderr[-2000:]
+    refused = subprocess.run([*SEQMIX, "evaluate", f"checkpoint='{tmp_path / 'nowhere-ü'}'"], capture_output=True,
+                             text=True, env=ascii_env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "nowhere-\\xfc holds no checkpoint" in refused.stderr
+
+
+def test_an_unquoted_value_hydra_cannot_read_is_refused_with_how_to_quote_it(tmp_path, capsys):
+    status, _, err = run(capsys, "evaluate", f"checkpoint={tmp_path / 'run dir ü'}")
+    assert status == 2 and "cannot read an override" in err and "as key='value'" in err
+    status, _, err = run(capsys, "evaluate", f"checkpoint='{tmp_path / 'run dir ü'}'")
+    assert status == 2 and "run dir ü holds no checkpoint" in err
