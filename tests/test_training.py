@@ -246,14 +246,27 @@ RECORD_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", RECORD_DAMAGE, ids=str)
-def test_gather_leaves_out_a_run_whose_record_is_unreadable_naming_it_and_tabulates_the_rest(tmp_path, damage):
-    import os
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory) -> Path:
+    """A finished 2-step run; copy it before changing it."""
+    root = tmp_path_factory.mktemp("two_step")
+    run(small(root, "train.max_steps=2"))
+    return root / "run"
 
-    run(small(tmp_path, "train.max_steps=2", out="sweep/good"))
-    bad = tmp_path / "sweep" / "bad"
+
+@pytest.mark.parametrize("damage", RECORD_DAMAGE, ids=str)
+def test_gather_leaves_out_a_run_whose_record_is_unreadable_naming_it_and_tabulates_the_rest(two_step_run, tmp_path,
+                                                                                           damage, capsys):
+    import os
+    import shutil
+    import signal
+
+    from seqmix.cli import main
+
+    good, bad = tmp_path / "sweep" / "good", tmp_path / "sweep" / "bad"
+    shutil.copytree(two_step_run, good)
     bad.mkdir()
-    (bad / "metrics.jsonl").write_text((tmp_path / "sweep" / "good" / "metrics.jsonl").read_text())
+    (bad / "metrics.jsonl").write_text((good / "metrics.jsonl").read_text())
     content, named = RECORD_DAMAGE[damage]
     if content is None:
         os.mkfifo(bad / "run.json")
@@ -261,12 +274,23 @@ def test_gather_leaves_out_a_run_whose_record_is_unreadable_naming_it_and_tabula
         (bad / "run.json").mkdir()
     else:
         (bad / "run.json").write_bytes(content)
-    # A FIFO with no writer would block a plain read for ever: the timeout fails the test instead.
-    result = subprocess.run([*SEQMIX, "gather", f"root={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith(f"seqmix gather: left out {bad}: {named}") and result.stderr.count("\n") == 1
-    rows = result.stdout.splitlines()[2:]
-    assert len(rows) == 1 and rows[0].startswith(f"| {tmp_path / 'sweep' / 'good'} |")
+
+    # A FIFO with no writer would block a plain read for ever: the alarm fails the test instead.
+    def blocked(signum, frame):
+        raise TimeoutError("gather blocked reading run.json")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(60)
+    try:
+        capsys.readouterr()
+        assert main(["gather", f"root={tmp_path / 'sweep'}"]) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    out, err = capsys.readouterr()
+    assert err.startswith(f"seqmix gather: left out {bad}: {named}") and err.count("\n") == 1, err
+    rows = out.splitlines()[2:]
+    assert len(rows) == 1 and rows[0].startswith(f"| {good} |")
 
 
 def test_gather_reads_what_it_can_of_damaged_metrics_and_fields_of_the_wrong_type(tmp_path):
