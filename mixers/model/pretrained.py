@@ -200,7 +200,9 @@ def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> 
     except HFValidationError:
         raise SeqmixError(f"{name!r} is neither a directory nor a valid Hub repository id") from None
     except Exception as error:  # noqa: BLE001  (network, offline mode, missing repo: one named error)
-        raise SeqmixError(f"could not fetch {name!r} from the Hugging Face Hub ({type(error).__name__}: {error})") from None
+        # The Hub's messages run over several lines; the error is told in one.
+        reason = " ".join(str(error).split())
+        raise SeqmixError(f"could not fetch {name!r} from the Hugging Face Hub ({type(error).__name__}: {reason})") from None
 
 
 def from_pretrained(name: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False, revision: str | None = None):
