@@ -15,6 +15,12 @@ class SeqmixError(ValueError):
     """
 
 
+def one_line(error: BaseException) -> str:
+    """``error`` as "Type: message" on one line, for quoting a library's error inside a SeqmixError:
+    YAML's, the Hub's and others run over several lines, and seqmix tells an error in one."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
 def not_a_file(path: str | os.PathLike) -> str:
     """What is at ``path`` instead of a regular file, for an error message: "does not exist", "is a
     directory", "is a FIFO", "is a broken symbolic link", ... A FIFO or a device would block a read

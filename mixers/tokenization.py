@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqmix.errors import SeqmixError, not_a_file, require_int
+from seqmix.errors import SeqmixError, not_a_file, one_line, require_int
 
 BYTES = "bytes"
 TOKENIZER_FILE = "tokenizer.json"
@@ -93,7 +93,7 @@ class FileTokenizer(Tokenizer):
         try:
             self.backend = HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as error:  # the library raises its own Exception type for every malformed file
-            raise SeqmixError(f"tokenizer={str(path)!r} is not a valid tokenizer.json ({error})") from None
+            raise SeqmixError(f"tokenizer={str(path)!r} is not a valid tokenizer.json ({one_line(error)})") from None
         self.name = str(self.path)
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         if not 1 <= self.vocab_size <= MAX_VOCAB:

@@ -306,7 +306,7 @@ DEEP_READERS = {
     "run record": (_deep_run_record, "run.json is not valid JSON (JSON nested too deeply to read)"),
     "latest pointer": (_deep_latest_pointer, "checkpoints/latest is corrupted"),
     "checksums": (_deep_checksums, "checksums.json is corrupted (JSON nested too deeply to read)"),
-    "trainer state": (_deep_trainer_state, "trainer.json or optimizer.safetensors is unreadable (JSON nested too deeply to read)"),
+    "trainer state": (_deep_trainer_state, "trainer.json or optimizer.safetensors is unreadable (ValueError: JSON nested too deeply to read)"),
     "pretrained config": (_deep_pretrained_config, "config.json is not readable JSON (JSON nested too deeply to read)"),
     "corpus line": (_deep_corpus_line, "corpus.jsonl line 2 is not a JSON object (JSON nested too deeply to read)"),
 }
@@ -327,3 +327,14 @@ def test_gather_leaves_out_a_run_whose_record_is_nested_too_deeply(finished_run,
     (run / "run.json").write_text(DEEP_JSON)
     gathered = collect_runs(tmp_path)
     assert gathered.rows == [] and gathered.problems == [f"left out {run}: run.json is not UTF-8 JSON (JSON nested too deeply to read)"]
+
+
+def test_a_library_error_quoted_in_a_refusal_is_told_in_one_line(finished_run, tmp_path):
+    """YAML's parser error runs over four lines; the refusal quoting it is one."""
+    run = _copy(finished_run, tmp_path)
+    checkpoint = latest_checkpoint(run)
+    (checkpoint / "config.yaml").write_text("a: [1, 2\nb: {")
+    write_checksums(checkpoint)
+    with pytest.raises(SeqmixError, match=r"config.yaml is not a readable YAML config \(ParserError: while parsing") as refused:
+        load_run(run)
+    assert "\n" not in str(refused.value)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import SeqmixError, not_a_file, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, not_a_file, one_line, require_path, require_writable_dir
 from seqmix.jsontext import parse_json
 from seqmix.model.description import build_described_model, model_description
 
@@ -82,7 +82,7 @@ def read_description(path: Path) -> dict:
     try:
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as error:
-        raise SeqmixError(f"{path} is not a readable YAML config ({type(error).__name__}: {error})") from None
+        raise SeqmixError(f"{path} is not a readable YAML config ({one_line(error)})") from None
     try:
         return model_description(config)
     except SeqmixError as error:
@@ -141,7 +141,7 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     except KeyError as error:
         raise SeqmixError(f"{path} holds a tensor of dtype {error}, which seqmix does not store") from None
     except Exception as error:
-        raise SeqmixError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
+        raise SeqmixError(f"{path} is not a readable safetensors file ({one_line(error)})") from None
 
 
 _DTYPES = {
@@ -254,7 +254,7 @@ def read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device=device)
     except Exception as error:
-        raise SeqmixError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
+        raise SeqmixError(f"{path} is not a readable safetensors file ({one_line(error)})") from None
 
 
 def check_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor | tuple[int, ...]], source: str = WEIGHTS) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, one_line, require_path, require_writable_dir
 from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import WEIGHTS, load_verified, write_checksums
 from seqmix.model.description import model_description
@@ -200,9 +200,7 @@ def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> 
     except HFValidationError:
         raise SeqmixError(f"{name!r} is neither a directory nor a valid Hub repository id") from None
     except Exception as error:  # noqa: BLE001  (network, offline mode, missing repo: one named error)
-        # The Hub's messages run over several lines; the error is told in one.
-        reason = " ".join(str(error).split())
-        raise SeqmixError(f"could not fetch {name!r} from the Hugging Face Hub ({type(error).__name__}: {reason})") from None
+        raise SeqmixError(f"could not fetch {name!r} from the Hugging Face Hub ({one_line(error)})") from None
 
 
 def from_pretrained(name: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False, revision: str | None = None):

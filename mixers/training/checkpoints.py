@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqmix.errors import SeqmixError, require_path
+from seqmix.errors import SeqmixError, one_line, require_path
 from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import (
     WEIGHTS,
@@ -157,7 +157,7 @@ def _read_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, de
         step = int(trainer["step"])
         state = _unflatten_optimizer(read_tensors(checkpoint / OPTIMIZER, device), trainer["optimizer"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SeqmixError(f"checkpoint {checkpoint}: {TRAINER} or {OPTIMIZER} is unreadable ({error})") from None
+        raise SeqmixError(f"checkpoint {checkpoint}: {TRAINER} or {OPTIMIZER} is unreadable ({one_line(error)})") from None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, values in state["state"].items():
         if not 0 <= index < len(params):
@@ -186,7 +186,7 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.opt
         # Validates the parameter groups before it changes anything.
         optimizer.load_state_dict(stored["state"])
     except ValueError as error:
-        raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} does not fit this model's optimizer ({error})") from None
+        raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} does not fit this model's optimizer ({one_line(error)})") from None
     model.load_state_dict(weights, strict=False)
     return stored["step"]
 
