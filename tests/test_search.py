@@ -259,6 +259,16 @@ def test_bad_search_configs_name_the_valid_choices(tmp_path):
             SearchSettings.from_config(tiny(tmp_path, f"search.storage='{url}'").search)
 
 
+@pytest.mark.parametrize("name", ["../../../escaped", "a/b", "", "*", ".hidden", "a b", "x" * 101])
+def test_a_study_name_that_is_no_plain_file_name_is_refused_before_anything_is_written(tmp_path, name):
+    """The name becomes the study's folder, its preset files' names and a glob for its old presets:
+    '../x' wrote presets outside search.out_dir, '*' would have matched another study's."""
+    config = tiny(tmp_path, f"search.study_name='{name}'", f"search.out_dir={tmp_path / 'search'}")
+    with pytest.raises(SeqmixError, match=r"search.study_name=.* is not valid; expected 1 to 100 letters"):
+        SearchSettings.from_config(config.search)
+    assert not (tmp_path / "search").exists()
+
+
 def test_pruning_is_used_for_one_objective_only(tmp_path):
     single = SearchSettings.from_config(tiny(tmp_path, "search.objectives=[metric]", "search.pruner=median").search)
     multi = SearchSettings.from_config(tiny(tmp_path, "search.pruner=median").search)

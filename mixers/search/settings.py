@@ -4,6 +4,7 @@ names, the objectives' directions, and ``compose_search_config`` (the root confi
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from seqmix.search.space import SearchSpace
 OBJECTIVES = ("metric", "latency", "params")
 SAMPLERS = ("tpe", "nsga2", "random")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A study name: it becomes a folder under search.out_dir and the start of preset file names (and of a
+glob that finds the old ones), so nothing that walks out of a folder, hides a file or matches others."""
+
 SETTINGS = (
     "study_name", "n_trials", "objectives", "runtime", "latency", "storage", "sampler", "sampler_options",
     "pruner", "pruner_options", "out_dir", "seed", "worker", "top_k", "heartbeat_s", "stale_after_s",
@@ -122,6 +127,9 @@ class SearchSettings:
         return settings
 
     def validate(self) -> None:
+        if not isinstance(self.study_name, str) or not STUDY_NAME.fullmatch(self.study_name):
+            raise SeqmixError(f"search.study_name={self.study_name!r} is not valid; expected 1 to 100 letters, digits, '_', "
+                              "'-' and '.', starting with a letter or digit: it names the study's folder and preset files")
         require_writable_dir("search.out_dir", self.out_dir)
         file = storage_file(self.storage) if isinstance(self.storage, str) else None
         if file is not None:
