@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import SeqmixError, require_int, require_writable_dir, require_writable_file
+from seqmix.errors import CHECKSUMS, SeqmixError, require_int, require_writable_dir, require_writable_file
 from seqmix.terminal import escape_controls
 from seqmix.threads import apply_thread_policy
 
@@ -344,13 +344,27 @@ class ExportOptions:
     allow_unverified: bool
 
 
+def _default_export_dir(checkpoint: str, format_: str) -> str:
+    """Where an export goes without ``out``: ``<run>/export/<format>`` for a run directory. A
+    checkpoint or pretrained directory is verified (checksums.json lists its files), and a folder
+    added inside it would make it fail verification, so its export goes beside it:
+    ``<run>/export/<checkpoint>/<format>`` for a checkpoint of a run, ``<dir>-export/<format>`` else."""
+    path = Path(checkpoint)
+    if not (path / CHECKSUMS).is_file():
+        return os.path.join(checkpoint, "export", format_)
+    absolute = path.absolute()
+    if absolute.parent.name == "checkpoints":
+        return str(absolute.parent.parent / "export" / absolute.name / format_)
+    return str(absolute.parent / f"{absolute.name}-export" / format_)
+
+
 def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.export.formats import check_export_options, export_model, summary_lines
     from seqmix.tasks.base import MODEL_FILES
     from seqmix.training.checkpoints import load_run
 
     check_export_options(options.format, options.quantize, options.length)
-    out = options.out if options.out is not None else os.path.join(options.checkpoint, "export", options.format)
+    out = options.out if options.out is not None else _default_export_dir(options.checkpoint, options.format)
     require_writable_dir("out", out)  # the text itself: Path("") would be the current folder
     out = Path(out)
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)

@@ -7,6 +7,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from seqmix.jsontext import parse_json
+
 
 class SeqmixError(ValueError):
     """A configuration, input or state that seqmix cannot accept.
@@ -63,14 +65,23 @@ def require_path(field: str, path) -> None:
         raise SeqmixError(f"{field}={path!r} is not valid; expected a non-empty path")
 
 
-def require_writable_dir(field: str, path) -> None:
+CHECKSUMS = "checksums.json"
+"""The record of a verified directory (a checkpoint, a saved or pretrained model): the sha256 of every
+file in it (``seqmix.model.checkpoint`` writes and checks it). Any other file added there makes the
+directory fail verification, so no output of seqmix may land inside one."""
+
+
+def require_writable_dir(field: str, path, replaces_verified: bool = False) -> None:
     """Raise unless ``path`` is a directory seqmix can write into, or one it can create.
 
     Checked before any work starts, so that a run of minutes or hours does not end in a traceback
     at its first write: no file may stand at ``path`` or above it, and the nearest folder of it
-    that exists must take a new entry (tried with an empty folder, removed at once).
+    that exists must take a new entry (tried with an empty folder, removed at once). Nor may
+    ``path`` lie inside a verified directory (one holding CHECKSUMS), or be one, unless
+    ``replaces_verified``: the caller rewrites that directory's files and their record (save_model,
+    save_pretrained).
     """
-    problem = _output_problem(path, is_file=False)
+    problem = _output_problem(path, is_file=False, replaces_verified=replaces_verified)
     if problem:
         raise SeqmixError(f"{field}={problem}")
 
@@ -98,7 +109,7 @@ def writable_file_argument(path: str) -> Path:
     return Path(path)
 
 
-def _output_problem(path, is_file: bool) -> str | None:
+def _output_problem(path, is_file: bool, replaces_verified: bool = False) -> str | None:
     """Why nothing can be written at ``path`` ("'<path>' is not valid: ..."), or None."""
     text = os.fspath(path)
     if not text.strip():
@@ -130,4 +141,26 @@ def _output_problem(path, is_file: bool) -> str | None:
     too_long = next((part for part in target.parts if len(os.fsencode(part)) > longest), None)
     if too_long is not None:
         return f"{text!r} is not valid: the name {too_long[:40]!r}... is longer than {longest} bytes"
+    verified = _verified_directory_around(target if is_file or not replaces_verified else target.parent, is_file)
+    if verified is not None:
+        return (f"{text!r} is not valid: it lies in {str(verified)!r}, a verified directory (its {CHECKSUMS} lists every "
+                "file in it), which would fail verification with anything added; write it outside that directory")
+    return None
+
+
+def _verified_directory_around(target: Path, is_file: bool) -> Path | None:
+    """The nearest of ``target`` (a directory output; a file output's folder) or its folders that
+    holds seqmix's CHECKSUMS record, or None. A file of that name in another format (a project's
+    own checksums.json) marks nothing."""
+    folder = target.absolute().parent if is_file else target.absolute()
+    for candidate in (folder, *folder.parents):
+        record = candidate / CHECKSUMS
+        try:
+            if not record.is_file() or record.stat().st_size > 64 * 2**20:
+                continue
+            content = parse_json(record.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict) and content.get("algorithm") == "sha256" and isinstance(content.get("files"), dict):
+            return candidate
     return None

@@ -157,6 +157,40 @@ def test_output_path_checks_name_what_is_wrong(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_no_output_lands_inside_a_verified_directory_and_exports_go_beside_one(finished_run, tmp_path, capsys):
+    """A file added to a checkpoint or saved model makes it fail verification: every output check
+    refuses such a path, save_model may replace the directory itself, and a file that is merely
+    named checksums.json (another format) marks nothing."""
+    import shutil
+
+    from seqmix.cli import _default_export_dir
+    from seqmix.errors import require_writable_dir, require_writable_file
+    from seqmix.training.checkpoints import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    for check, path in ((require_writable_dir, checkpoint), (require_writable_dir, checkpoint / "export" / "onnx"),
+                        (require_writable_file, checkpoint / "table.csv")):
+        with pytest.raises(SeqmixError, match=f"lies in {re.escape(repr(str(checkpoint)))}, a verified directory"):
+            check("out", path)
+    require_writable_dir("save_model: directory", checkpoint, replaces_verified=True)
+    with pytest.raises(SeqmixError, match="a verified directory"):
+        require_writable_dir("save_model: directory", checkpoint / "inner", replaces_verified=True)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "checksums.json").write_text('{"md5": "0123"}')
+    require_writable_file("out", tmp_path / "project" / "table.csv")
+    # End to end: a run into a checkpoint is refused before anything is written there.
+    status, _, err = run(capsys, "train", *TINY_TRAIN, f"train.out_dir={checkpoint / 'run'}")
+    assert status == 2 and "a verified directory" in err and not (checkpoint / "run").exists()
+    # Without out=, an export of a run goes into it, of a checkpoint or a pretrained directory beside it.
+    assert _default_export_dir(str(run_dir), "onnx") == str(run_dir / "export" / "onnx")
+    assert _default_export_dir(str(checkpoint), "onnx") == str(run_dir / "export" / checkpoint.name / "onnx")
+    pretrained = tmp_path / "hf"
+    shutil.copytree(checkpoint, pretrained)
+    assert _default_export_dir(str(pretrained), "executorch") == str(tmp_path / "hf-export" / "executorch")
+
+
 BLOCKED = "'{blocked}' is a file, not a folder"
 EMPTY = "'' is not valid"
 

@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import SeqmixError, not_a_file, one_line, require_path, require_writable_dir
+from seqmix.errors import CHECKSUMS, SeqmixError, not_a_file, one_line, require_path, require_writable_dir
 from seqmix.jsontext import parse_json
 from seqmix.model.description import build_described_model, model_description
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
-CHECKSUMS = "checksums.json"
 
 SIZE_SLACK_BYTES = 64 << 20
 """What a model may hold beyond twice its stored weights (buffers the file does not carry)."""
@@ -60,7 +59,7 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     config = getattr(model, "config", None)
     if config is None:
         raise SeqmixError("save_model: the model has no config; build it with seqmix.instantiate_model(config)")
-    require_writable_dir("save_model: directory", directory)
+    require_writable_dir("save_model: directory", directory, replaces_verified=True)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # The files are about to change, so a checksum record written for the old ones would be stale.

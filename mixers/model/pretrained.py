@@ -122,7 +122,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     description = getattr(model, "config", None)
     if description is None:
         raise SeqmixError("save_pretrained: the model has no description; build it with seqmix.instantiate_model(config)")
-    require_writable_dir("save_pretrained: directory", directory)
+    require_writable_dir("save_pretrained: directory", directory, replaces_verified=True)
     directory = Path(os.path.abspath(directory))
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise SeqmixError(f"save_pretrained: {directory} is not a directory")
