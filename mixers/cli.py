@@ -253,7 +253,12 @@ def _recorded_task(checkpoint: str, record: dict):
 
     if "task" not in record:
         raise SeqmixError(f"{checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
-    task = build_task(record["task"], trust_paths=False)
+    try:
+        task = build_task(record["task"], trust_paths=False)
+    except SeqmixError as error:
+        # The options named are the run's, not this command's: say where they come from.
+        raise SeqmixError(f"{checkpoint}: the task its run record names cannot be rebuilt here, as the run's data is read "
+                          f"from where it was trained: {error}") from None
     check_task_files(task, record)
     return task
 

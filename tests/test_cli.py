@@ -334,3 +334,21 @@ def test_an_unquoted_value_hydra_cannot_read_is_refused_with_how_to_quote_it(tmp
     assert status == 2 and "cannot read an override" in err and "as key='value'" in err
     status, _, err = run(capsys, "evaluate", f"checkpoint='{tmp_path / 'run dir ü'}'")
     assert status == 2 and "run dir ü holds no checkpoint" in err
+
+
+def test_evaluate_says_when_the_runs_recorded_data_is_gone(tmp_path, capsys):
+    """A text run reads its validation split from the corpus it was trained on; moved away, the
+    refusal says the path is the run's record, not an option of evaluate."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(12):
+        (corpus / f"{index}.txt").write_text(" ".join(["alpha", "beta", "gamma", "delta"][(index + j) % 4] for j in range(300)))
+    status, _, err = run(capsys, "train", "model=transformer", "model.d_model=16", "model.depth=1", "task=text",
+                         f"task.path={corpus}", "task.seq_len=16", "task.valid_fraction=0.5", f"task.cache_dir={tmp_path / 'cache'}",
+                         "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
+                         "train.device=cpu", f"train.out_dir={tmp_path / 'run'}")
+    assert status == 0, err
+    corpus.rename(tmp_path / "moved")
+    status, _, err = run(capsys, "evaluate", f"checkpoint={tmp_path / 'run'}", "batches=1")
+    assert status == 2 and "the task its run record names cannot be rebuilt here" in err
+    assert f"task.path='{corpus}' does not exist" in err
