@@ -325,6 +325,7 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
         top_k=options.top_k,
         generator=torch.Generator().manual_seed(options.seed),
     )
+
     def shown(text: str) -> str:
         """The text as decoded with ``raw``, else with its control characters but line breaks and
         tabs escaped: a checkpoint's tokenizer and weights can come from someone else."""
