@@ -103,6 +103,18 @@ def test_bad_corpora_are_refused_naming_the_file_and_line(tmp_path):
         _task(tmp_path / "three", tmp_path, valid_fraction=1e-9)
     with pytest.raises(SeqmixError, match="path='' is not valid"):
         build_task("text")
+    (tmp_path / "broken.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(SeqmixError, match=r"broken.parquet is not a readable Parquet file \(ArrowInvalid: "):
+        _task(tmp_path / "broken.parquet", tmp_path)
+
+
+def test_a_csv_document_longer_than_the_csv_modules_default_field_limit_is_read(tmp_path):
+    """The csv module refuses fields over 128 KiB by default; a document (one field) may be any length."""
+    corpus = tmp_path / "long.csv"
+    documents = ["word " * 40_000, *(f"document {index}. " * 30 for index in range(30))]
+    corpus.write_text("text\n" + "".join(f'"{text}"\n' for text in documents))
+    task = _task(corpus, tmp_path, valid_fraction=0.5)
+    assert sum(task.meta["documents"].values()) == len(documents)
 
 
 @given(documents=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=25), seed=st.integers(0, 2**16))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, choice_error, require_path
+from seqmix.errors import SeqmixError, choice_error, one_line, require_path
 from seqmix.jsontext import parse_json
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
@@ -139,6 +139,9 @@ class DocumentSource:
 
     def _csv(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
         text = self.decode(path.read_bytes(), path).decode()
+        # A document is one field, and the csv module refuses a field over 128 KiB by default: the
+        # limit (process-wide) goes up to the file's length, which no field exceeds.
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
         if not header:
@@ -156,8 +159,16 @@ class DocumentSource:
             import pyarrow.parquet as pq
         except ImportError:
             raise SeqmixError(f"{self.owner}: reading {path} needs pyarrow: pip install 'seqmix[data]'") from None
-        self._missing(columns, pq.read_schema(path).names, f"{path}")
-        table = pq.read_table(path, columns=list(dict.fromkeys(columns.values()))).to_pydict()
+        # pyarrow raises ArrowInvalid (a ValueError) for a file that is not Parquet, OSErrors for damaged ones.
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, ValueError) as error:
+            raise SeqmixError(f"{self.owner}: {path} is not a readable Parquet file ({one_line(error)})") from None
+        self._missing(columns, names, f"{path}")
+        try:
+            table = pq.read_table(path, columns=list(dict.fromkeys(columns.values()))).to_pydict()
+        except (OSError, ValueError) as error:
+            raise SeqmixError(f"{self.owner}: {path} is not a readable Parquet file ({one_line(error)})") from None
         for number in range(len(next(iter(table.values())))):
             yield f"{path} row {number}", {option: table[column][number] for option, column in columns.items()}
 
