@@ -90,7 +90,7 @@ def _last_metrics(path: Path) -> tuple[dict | None, dict | None, str]:
     if not path.is_file():
         raise ValueError(f"metrics.jsonl {not_a_file(path)}")
     last = {"train": None, "valid": None}
-    bad, unfinished, number = [], False, 0
+    bad, first_bad, unfinished, number = 0, 0, False, 0
     with open(path, "rb") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -100,12 +100,12 @@ def _last_metrics(path: Path) -> tuple[dict | None, dict | None, str]:
                 continue
             entry = metric_row(line)
             if entry is None or not isinstance(entry.get("split"), str):
-                bad.append(number)
+                bad, first_bad = bad + 1, first_bad or number
             elif entry["split"] in last:
                 last[entry["split"]] = entry
     told = []
     if bad:
-        told.append(f"{len(bad)} line(s) that are not metric records (line {bad[0]} the first)")
+        told.append(f"{bad} line(s) that are not metric records (line {first_bad} the first)")
     if unfinished:
         told.append(f"its unfinished last line {number} (the run stopped while writing it)")
     return last["train"], last["valid"], " and ".join(told)
