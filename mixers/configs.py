@@ -126,4 +126,7 @@ def _keys_beside(full_key: str, overrides: Sequence[str], config_name: str) -> s
         node = None
     if not OmegaConf.is_dict(node):
         return "check its spelling"
+    if not node:
+        # A map that starts empty (per-mixer options, say) takes new keys only with Hydra's '+'.
+        return f"{parent} starts empty: add a key to it with +{full_key}=<value>"
     return f"the keys {'of ' + parent if parent else 'at the top'} are {sorted(node)}"

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -447,3 +448,15 @@ def test_command_line_writes_the_results(tmp_path):
     if platform.libc_ver()[0] == "glibc" and user_settings() is None:
         allocator = json.loads((tmp_path / "results.json").read_text())["environment"]["allocator"]
         assert allocator.startswith("glibc malloc keeping freed memory") and allocator in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["bench.mixers=[ema]", "+bench.mixer_options.ema.order=0"], "bench: ema cannot be built with its options: ema: order=0"),
+    (["bench.mixers=[]", "bench.presets=[mega]", "bench.preset_overrides=['model.depth=0']"],
+     "bench: mega cannot be built with its options: model: depth=0"),
+])
+def test_options_that_make_a_subject_unbuildable_are_refused_before_the_grid_runs(overrides, named, tmp_path):
+    """Found before any measurement, naming the subject, rather than as skipped rows in the report."""
+    with pytest.raises(SeqmixError, match=re.escape(named)):
+        compose_bench_spec([*EAGER_ONLY, *overrides, f"bench.out_dir={tmp_path / 'bench'}"])
+    assert not (tmp_path / "bench").exists()

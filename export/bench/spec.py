@@ -22,7 +22,7 @@ from seqmix.registry import list_mixers, mixer_class
 from .measure import PASSES
 from .peers import PEER_RUNTIMES, PEERS, peer_unavailable
 from .runtimes import COMPILE_BACKENDS, RUNTIMES
-from .subjects import Subject, build_subject, expand_mixers, parse_mixer, parse_preset
+from .subjects import Subject, build_subject, check_subject, expand_mixers, parse_mixer, parse_preset
 
 MODES = ("grid", "claims", "lowering")
 # speed: baseline time / subject time, at least the figure; memory: subject peak / baseline peak,
@@ -242,6 +242,14 @@ class BenchSpec:
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise SeqmixError(f"bench: subject {duplicates[0]!r} is listed twice in bench.mixers / bench.presets")
+        # bench.mixer_options and bench.preset_overrides are the user's: a subject they make unbuildable
+        # is refused now, naming it, rather than reported as skipped rows once the grid has run.
+        task = self.lowering.task if self.mode == "lowering" else None
+        for subject in (*self.mixers, *self.presets):
+            try:
+                check_subject(subject, self.width, task)
+            except SeqmixError as error:
+                raise SeqmixError(f"bench: {subject.label} cannot be built with its options: {error}") from None
         if self.mode == "grid":
             if not labels:
                 raise SeqmixError("bench: the grid has no subject; list some in bench.mixers or bench.presets")

@@ -112,6 +112,19 @@ def build_subject(subject: Subject, width: int) -> nn.Module:
     return build_mixer(subject.name, width, **subject.options, **impl)
 
 
+def check_subject(subject: Subject, width: int, task: str | None = None) -> None:
+    """Raise the SeqmixError building ``subject`` at width D = ``width`` raises (a bad option or
+    override), before any measurement; a preset is built on the meta device, allocating nothing,
+    composed with ``task`` when given (the lowering mode builds its presets for a task, whose
+    ``task.*`` overrides they may carry)."""
+    if subject.kind != "preset":
+        build_subject(subject, width)
+    elif task is None:
+        instantiate_model(preset_config(subject.name, subject.overrides), device="meta")
+    else:
+        instantiate_model(compose_config([f"model={subject.name}", f"task={task}", *subject.overrides]).model, device="meta")
+
+
 def example_inputs(subject: Subject, module: nn.Module, batch: int, length: int, width: int) -> tuple[Tensor, ...]:
     """The inputs of one call: token ids (B, L) for presets, x (B, L, D) float32 otherwise."""
     generator = torch.Generator().manual_seed(0)
