@@ -352,3 +352,8 @@ def test_evaluate_says_when_the_runs_recorded_data_is_gone(tmp_path, capsys):
     status, _, err = run(capsys, "evaluate", f"checkpoint={tmp_path / 'run'}", "batches=1")
     assert status == 2 and "the task its run record names cannot be rebuilt here" in err
     assert f"task.path='{corpus}' does not exist" in err
+
+
+def test_a_key_under_a_map_that_starts_empty_is_refused_saying_to_add_it_with_plus(capsys):
+    status, _, err = run(capsys, "bench", "bench.mixer_options.ema.order=4")
+    assert status == 2 and "bench.mixer_options starts empty: add a key to it with +bench.mixer_options.ema=<value>" in err
