@@ -1,5 +1,7 @@
+import contextlib
 import functools
 import os
+import signal
 import sys
 
 import pytest
@@ -177,6 +179,22 @@ def onnx_runner():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def fails_after(seconds: int, what: str):
+    """Raise TimeoutError in the block after ``seconds``: a regression that blocks (a FIFO read) or
+    grinds (hashing a sparse terabyte) fails its test instead of hanging the suite. Main thread only."""
+    def expired(signum, frame):
+        raise TimeoutError(f"{what} took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write_text_corpus(directory, documents: int = 40) -> str:

@@ -163,9 +163,11 @@ def _edit_trainer_step(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "truncated weights": ("model.safetensors", _truncate, "model.safetensors does not match its sha256"),
+    # A truncated weights file is refused by its size against its own header, before any hashing.
+    "truncated weights": ("model.safetensors", _truncate, "model.safetensors holds .* bytes where its safetensors header describes"),
     "flipped bit in weights": ("model.safetensors", _flip_a_byte, "model.safetensors does not match its sha256"),
-    "truncated optimizer state": ("optimizer.safetensors", _truncate, "optimizer.safetensors does not match its sha256"),
+    "truncated optimizer state": ("optimizer.safetensors", _truncate,
+                                  "optimizer.safetensors holds .* bytes where its safetensors header describes"),
     "edited trainer.json": ("trainer.json", _edit_trainer_step, "trainer.json does not match its sha256"),
     "edited config": ("config.yaml", lambda p: p.write_text(p.read_text() + "depth: 9\n"), "config.yaml does not match its sha256"),
     "weights deleted": ("model.safetensors", Path.unlink, "model.safetensors"),

@@ -18,7 +18,7 @@ from seqmix.tasks.base import IGNORE
 from seqmix.training.checkpoints import latest_checkpoint
 from seqmix.training.loop import correct_count, loss_sum_and_count, predict, train
 
-from conftest import SEQMIX
+from conftest import SEQMIX, fails_after
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_MODEL = ["model.d_model=32", "model.depth=2"]
@@ -259,7 +259,6 @@ def test_gather_leaves_out_a_run_whose_record_is_unreadable_naming_it_and_tabula
                                                                                            damage, capsys):
     import os
     import shutil
-    import signal
 
     from seqmix.cli import main
 
@@ -275,18 +274,9 @@ def test_gather_leaves_out_a_run_whose_record_is_unreadable_naming_it_and_tabula
     else:
         (bad / "run.json").write_bytes(content)
 
-    # A FIFO with no writer would block a plain read for ever: the alarm fails the test instead.
-    def blocked(signum, frame):
-        raise TimeoutError("gather blocked reading run.json")
-
-    previous = signal.signal(signal.SIGALRM, blocked)
-    signal.alarm(60)
-    try:
-        capsys.readouterr()
+    capsys.readouterr()
+    with fails_after(60, "gather"):  # a FIFO with no writer would block a plain read for ever
         assert main(["gather", f"root={tmp_path / 'sweep'}"]) == 0
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     out, err = capsys.readouterr()
     assert err.startswith(f"seqmix gather: left out {bad}: {named}") and err.count("\n") == 1, err
     rows = out.splitlines()[2:]
@@ -387,7 +377,6 @@ def test_logits_at_target_positions_only_give_the_full_forward_loss(task, tmp_pa
 
 def test_a_run_record_or_tokenizer_that_is_not_a_regular_file_is_refused_by_what_it_is_without_blocking(tmp_path):
     import os
-    import signal
 
     from seqmix.errors import not_a_file
     from seqmix.tokenization import load_tokenizer
@@ -396,19 +385,10 @@ def test_a_run_record_or_tokenizer_that_is_not_a_regular_file_is_refused_by_what
     record = tmp_path / "run" / "run.json"
     record.unlink()
     os.mkfifo(record)
-    # Reading a FIFO nobody writes to would block for ever; it is refused before any read (the
-    # alarm turns a regression into a failure instead of a hung suite).
-    def blocked(signum, frame):
-        raise TimeoutError("the resume blocked reading run.json")
-
-    previous = signal.signal(signal.SIGALRM, blocked)
-    signal.alarm(60)
-    try:
-        with pytest.raises(SeqmixError, match="run.json is a FIFO \\(named pipe\\), not a regular file; expected the run record"):
-            run(small(tmp_path, "train.max_steps=2", "train.resume=true"))
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    # Reading a FIFO nobody writes to would block for ever; it is refused before any read.
+    with fails_after(60, "the resume"), pytest.raises(
+            SeqmixError, match="run.json is a FIFO \\(named pipe\\), not a regular file; expected the run record"):
+        run(small(tmp_path, "train.max_steps=2", "train.resume=true"))
     with pytest.raises(SeqmixError, match="/dev/null is a character device, not a regular file"):
         load_tokenizer("/dev/null")
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")

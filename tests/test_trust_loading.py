@@ -28,7 +28,7 @@ from seqmix.model.checkpoint import CHECKSUMS, check_description_fits, read_head
 from seqmix.model.description import model_description
 from seqmix.training.checkpoints import latest_checkpoint, load_run, save_checkpoint
 
-from conftest import examples
+from conftest import examples, fails_after
 
 FUZZ = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -338,3 +338,23 @@ def test_a_library_error_quoted_in_a_refusal_is_told_in_one_line(finished_run, t
     with pytest.raises(SeqmixError, match=r"config.yaml is not a readable YAML config \(ParserError: while parsing") as refused:
         load_run(run)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("name, grown_to, named", [
+    ("model.safetensors", 1 << 40, "model.safetensors holds 1,099,511,627,776 bytes where its safetensors header describes"),
+    ("config.yaml", 1 << 40, "config.yaml holds 1,099,511,627,776 bytes, more than such a file may"),
+    ("checksums.json", 1 << 40, "checksums.json holds 1,099,511,627,776 bytes, more than such a file may"),
+])
+def test_a_sparse_terabyte_listed_in_checksums_is_refused_by_its_size_before_any_hashing(finished_run, tmp_path, name,
+                                                                                          grown_to, named):
+    """A hostile directory can list a sparse file of a terabyte (no disk, hours of hashing) with its
+    true digest: the size check refuses it first, in well under a second."""
+    run = _copy(finished_run, tmp_path)
+    checkpoint = latest_checkpoint(run)
+    grown = checkpoint / name
+    os.truncate(grown, grown_to)  # sparse: the file system stores no zeros
+    try:
+        with fails_after(10, "loading the checkpoint"), pytest.raises(SeqmixError, match=re.escape(named)):
+            load_run(run)
+    finally:
+        grown.unlink()  # no terabyte left behind for a tool that copies the test's folders

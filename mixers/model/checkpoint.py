@@ -213,8 +213,45 @@ def refuse_symlinks(directory: Path) -> None:
             raise SeqmixError(f"{path} is a symbolic link; seqmix refuses links inside a saved model or checkpoint")
 
 
+MAX_SIDE_FILE_BYTES = 64 << 20
+"""The largest file besides weights a verified directory may hold (configs, records, a tokenizer, the
+checksums themselves): tens of kilobytes in practice, a few megabytes for a large tokenizer."""
+SAFETENSORS_MAX_HEADER_BYTES = 100 << 20
+"""The largest safetensors header read; the format's own readers refuse larger ones too."""
+
+
+def _size_problem(path: Path) -> str | None:
+    """Why ``path`` is not a size its verified directory may hold, found before hashing a byte of it:
+    a weights file must be exactly as long as its header describes, any other file at most
+    MAX_SIDE_FILE_BYTES. A hostile directory could otherwise list (with a matching digest) a
+    sparse file of terabytes that costs no disk but hours of hashing."""
+    size = path.stat().st_size
+    if path.suffix != ".safetensors":
+        if size > MAX_SIDE_FILE_BYTES:
+            return f"holds {size:,} bytes, more than such a file may ({MAX_SIDE_FILE_BYTES:,})"
+        return None
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_bytes <= min(SAFETENSORS_MAX_HEADER_BYTES, size - 8):
+            return f"holds {size:,} bytes with no safetensors header to describe them"
+        try:
+            header = parse_json(handle.read(header_bytes))
+        except ValueError:
+            header = None
+    ends = [entry.get("data_offsets", [0, 0])[-1] for key, entry in header.items() if key != "__metadata__"
+            and isinstance(entry, dict)] if isinstance(header, dict) else None
+    if ends is None or not all(isinstance(end, int) and not isinstance(end, bool) for end in ends):
+        return "has a safetensors header that is not a map of tensors"
+    described = 8 + header_bytes + max(ends, default=0)
+    if size != described:
+        return f"holds {size:,} bytes where its safetensors header describes {described:,}"
+    return None
+
+
 def verify_checksums(directory: str | os.PathLike) -> None:
-    """Raise unless ``checksums.json`` exists, lists every other file, every file matches it, and nothing is a link."""
+    """Raise unless ``checksums.json`` exists, lists every other file, every file matches it, and nothing is a link.
+    Every file's size is checked (``_size_problem``) before any is hashed."""
     directory = Path(directory)
     refuse_symlinks(directory)
     record_path = directory / CHECKSUMS
@@ -224,6 +261,9 @@ def verify_checksums(directory: str | os.PathLike) -> None:
             "one). If you trust these files, load them with allow_unverified=True (seqmix commands: "
             "allow_unverified=true)"
         )
+    problem = _size_problem(record_path)
+    if problem:
+        raise SeqmixError(f"{directory}: {CHECKSUMS} {problem}; refusing to load it")
     try:
         record = parse_json(record_path.read_text())
         expected = record["files"]
@@ -235,10 +275,16 @@ def verify_checksums(directory: str | os.PathLike) -> None:
     unlisted = [name for name in present if name not in expected]
     if unlisted:
         raise SeqmixError(f"{directory}: {unlisted[0]} is not listed in {CHECKSUMS}; refusing an unverified file")
-    for name, digest in expected.items():
+    for name in expected:
         path = directory / str(name)
         if Path(str(name)).name != name or not path.is_file():
             raise SeqmixError(f"{directory}: {name} is listed in {CHECKSUMS} but missing; the directory is incomplete")
+        problem = _size_problem(path)
+        if problem:
+            raise SeqmixError(f"{directory}: {name} {problem} (truncated, padded or not what seqmix saved); refusing to "
+                              "load it. Resume from an earlier checkpoint or retrain")
+    for name, digest in expected.items():
+        path = directory / str(name)
         if _sha256(path) != digest:
             raise SeqmixError(
                 f"{directory}: {name} does not match its sha256 in {CHECKSUMS} (truncated or corrupted); "
