@@ -358,3 +358,14 @@ def test_a_sparse_terabyte_listed_in_checksums_is_refused_by_its_size_before_any
             load_run(run)
     finally:
         grown.unlink()  # no terabyte left behind for a tool that copies the test's folders
+
+
+@pytest.mark.parametrize("entry", [{"data_offsets": 5}, {"data_offsets": []}, {"data_offsets": [0, "8"]}, [1, 2], "x"])
+def test_a_safetensors_header_entry_of_the_wrong_shape_is_refused_by_name(finished_run, tmp_path, entry):
+    run = _copy(finished_run, tmp_path)
+    checkpoint = latest_checkpoint(run)
+    header = json.dumps({"w": entry}).encode()
+    (checkpoint / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    write_checksums(checkpoint)
+    with pytest.raises(SeqmixError, match="model.safetensors has a safetensors header that is not a map of tensors"):
+        load_run(run)

@@ -239,13 +239,21 @@ def _size_problem(path: Path) -> str | None:
             header = parse_json(handle.read(header_bytes))
         except ValueError:
             header = None
-    ends = [entry.get("data_offsets", [0, 0])[-1] for key, entry in header.items() if key != "__metadata__"
-            and isinstance(entry, dict)] if isinstance(header, dict) else None
-    if ends is None or not all(isinstance(end, int) and not isinstance(end, bool) for end in ends):
+    ends = [_tensor_end(entry) for key, entry in header.items() if key != "__metadata__"] if isinstance(header, dict) else [None]
+    if None in ends:
         return "has a safetensors header that is not a map of tensors"
     described = 8 + header_bytes + max(ends, default=0)
     if size != described:
         return f"holds {size:,} bytes where its safetensors header describes {described:,}"
+    return None
+
+
+def _tensor_end(entry) -> int | None:
+    """Where a safetensors header entry's data ends ({"data_offsets": [begin, end], ...}), None for an entry that is no such map."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                                                              for o in offsets):
+        return offsets[1]
     return None
 
 
