@@ -42,7 +42,6 @@ from torch import nn
 from tqdm import tqdm
 
 from seqmix import SeqmixError
-from seqmix.configs import compose_config
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.registry import build_mixer
 from seqmix.tasks.base import Task
@@ -62,7 +61,7 @@ from .results import (
 from .roofline import measure_machine, subject_cost
 from .runtimes import RUNTIMES, TRAINING_RUNTIMES, Prepared, prepare, require_runtime, runtime_unavailable
 from .spec import BenchSpec, Cell, plan_claims, plan_grid
-from .subjects import Subject, attention_score_bytes, build_subject, example_inputs, subject_width
+from .subjects import Subject, attention_score_bytes, build_subject, example_inputs, lowering_config, subject_width
 
 
 def _first_line(error: BaseException) -> str:
@@ -256,7 +255,7 @@ def _lowering_models(spec: BenchSpec) -> Iterator[tuple[str, nn.Module, Task]]:
         model, record = load_run(run_dir)
         yield f"{record['preset']['model']} ({run_dir})", model, build_task(record["task"])
     for subject in spec.presets:
-        composed = compose_config([f"model={subject.name}", f"task={spec.lowering.task}", *subject.overrides])
+        composed = lowering_config(subject, spec.lowering.task)
         task = build_task(composed.task)
         torch.manual_seed(0)
         yield subject.label, instantiate_model(adapt_model_config(composed.model, task)), task

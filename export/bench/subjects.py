@@ -112,6 +112,11 @@ def build_subject(subject: Subject, width: int) -> nn.Module:
     return build_mixer(subject.name, width, **subject.options, **impl)
 
 
+def lowering_config(subject: Subject, task: str) -> DictConfig:
+    """The composed config (model and task) of a preset subject built for the lowering mode's ``task``."""
+    return compose_config([f"model={subject.name}", f"task={task}", *subject.overrides])
+
+
 def check_subject(subject: Subject, width: int, task: str | None = None) -> None:
     """Raise the SeqmixError building ``subject`` at width D = ``width`` raises (a bad option or
     override), before any measurement; a preset is built on the meta device, allocating nothing,
@@ -122,7 +127,7 @@ def check_subject(subject: Subject, width: int, task: str | None = None) -> None
     elif task is None:
         instantiate_model(preset_config(subject.name, subject.overrides), device="meta")
     else:
-        instantiate_model(compose_config([f"model={subject.name}", f"task={task}", *subject.overrides]).model, device="meta")
+        instantiate_model(lowering_config(subject, task).model, device="meta")
 
 
 def example_inputs(subject: Subject, module: nn.Module, batch: int, length: int, width: int) -> tuple[Tensor, ...]:

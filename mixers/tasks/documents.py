@@ -159,15 +159,12 @@ class DocumentSource:
             import pyarrow.parquet as pq
         except ImportError:
             raise SeqmixError(f"{self.owner}: reading {path} needs pyarrow: pip install 'seqmix[data]'") from None
-        # pyarrow raises ArrowInvalid (a ValueError) for a file that is not Parquet, OSErrors for damaged ones.
         try:
-            names = pq.read_schema(path).names
-        except (OSError, ValueError) as error:
-            raise SeqmixError(f"{self.owner}: {path} is not a readable Parquet file ({one_line(error)})") from None
-        self._missing(columns, names, f"{path}")
-        try:
+            self._missing(columns, pq.read_schema(path).names, f"{path}")
             table = pq.read_table(path, columns=list(dict.fromkeys(columns.values()))).to_pydict()
-        except (OSError, ValueError) as error:
+        except SeqmixError:  # a missing column, told as such
+            raise
+        except (OSError, ValueError) as error:  # pyarrow: ArrowInvalid (a ValueError) for a file that is not Parquet
             raise SeqmixError(f"{self.owner}: {path} is not a readable Parquet file ({one_line(error)})") from None
         for number in range(len(next(iter(table.values())))):
             yield f"{path} row {number}", {option: table[column][number] for option, column in columns.items()}
