@@ -433,8 +433,8 @@ class GatherOptions:
 
 
 def run_gather(options: GatherOptions, choices: dict) -> int:
-    from seqmix.tables import records_table
-    from seqmix.training.runs import collect_runs, write_csv
+    from seqmix.tables import records_table, write_csv
+    from seqmix.training.runs import collect_runs
 
     if not Path(options.root).is_dir():
         raise SeqmixError(f"root={options.root!r} is not a directory")

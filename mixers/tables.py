@@ -1,13 +1,20 @@
-"""Markdown tables: the one writer behind every table seqmix prints or writes.
+"""Tables: the one Markdown writer behind every table seqmix prints or writes, and the one CSV writer.
 
 The benchmark reports, the lowering report, ``seqmix gather`` and the search's leaderboard all
 call ``markdown_table`` (or ``records_table`` for rows held as dicts), so every table escapes its
 cells and aligns its columns the same way. Cells can hold text from files someone else wrote (a
 run's records, a study's storage): their control characters, line breaks included, are written as
 escapes (``seqmix.terminal``), so that they neither break the table nor act on a terminal.
+
+``write_csv`` writes the CSV files (``seqmix gather csv=``, the search's leaderboard, the benchmark's
+results.csv). A spreadsheet reads a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a
+carriage return as a formula, which a run name or an error text from someone else's files must not
+become: such a text cell is written with a leading ``'`` (numbers are written as numbers).
 """
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Collection, Mapping, Sequence
 
 from seqmix.terminal import escape_controls
@@ -42,3 +49,29 @@ def records_table(records: Sequence[Mapping]) -> str:
         return "" if value is None else str(value)
 
     return markdown_table(columns, [[show(record.get(column)) for column in columns] for record in records])
+
+
+# The first characters that make a spreadsheet evaluate a cell as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """``value`` as written to CSV: a text that a spreadsheet would evaluate gets a leading ``'``."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def write_csv(rows: Sequence[Mapping], path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
+    """``rows`` (dicts) as a UTF-8 CSV file: a header, then one line per row (``csv_cell`` for each value).
+
+    Args:
+        columns: the header; default: every key of the rows, in first-seen order. A key a row
+            lacks is an empty cell.
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)

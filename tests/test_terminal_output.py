@@ -2,8 +2,10 @@
 tables, error lines, the training sample, ``seqmix generate`` and the export's own runner."""
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from seqmix.cli import main
-from seqmix.tables import markdown_table
+from seqmix.tables import markdown_table, write_csv
 from seqmix.terminal import CONTROLS, escape_controls
 from test_training import run, small
 
@@ -99,6 +101,32 @@ def byte_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("terminal")
     run(small(directory, "train.max_steps=2"))
     return directory / "run"
+
+
+def test_gather_csv_writes_text_a_spreadsheet_would_evaluate_as_text(byte_run, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    hostile = runs / "=HYPERLINK(1)"
+    shutil.copytree(byte_run, hostile)
+    record = json.loads((hostile / "run.json").read_text())
+    record["preset"] = {"model": "@SUM(A1)", "task": "-1+2"}
+    (hostile / "run.json").write_text(json.dumps(record))
+    monkeypatch.chdir(runs)
+    assert main(["gather", "root=.", f"csv={tmp_path / 'runs.csv'}"]) == 0
+    with open(tmp_path / "runs.csv", newline="", encoding="utf-8") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["run"] == "'=HYPERLINK(1)" and row["model"] == "'@SUM(A1)" and row["task"] == "'-1+2"
+    # Numbers stay numbers, negative ones too.
+    numeric = [value for key, value in row.items() if key not in ("run", "model", "task") and value]
+    assert numeric and all(not value.startswith("'") for value in numeric), row
+    assert "=HYPERLINK(1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["=1+1", "+1", "-1", "@A1", "\tx", "\rx"])
+def test_a_csv_text_cell_that_a_spreadsheet_would_evaluate_is_quoted_and_numbers_are_not(text, tmp_path):
+    write_csv([{"text": text, "number": -1.5, "count": -3, "plain": "a=b"}], tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="", encoding="utf-8") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row == {"text": "'" + text, "number": "-1.5", "count": "-3", "plain": "a=b"}
 
 
 @pytest.mark.parametrize("raw", [False, True])

@@ -7,14 +7,13 @@ drawn by ``seqmix.tables.markdown_table``; cells not measured are grouped by rea
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from seqmix.tables import markdown_table
+from seqmix.tables import markdown_table, write_csv
 
 from .results import ClaimOutcome, ClaimsResult, GridResult, GridRow, LoweringResult, Measurement
 from .runtimes import RUNTIMES, TRAINING_RUNTIMES
@@ -305,11 +304,7 @@ def write_grid_results(result: GridResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path, report_path = _write_json(out / "results.json", result.to_dict()), out / "results.csv", out / "report.md"
-    with csv_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in result.rows:
-            writer.writerow(row.to_dict())
+    write_csv([row.to_dict() for row in result.rows], csv_path, columns=CSV_FIELDS)
     report_path.write_text(format_grid_report(result), encoding="utf-8")
     paths = [json_path, csv_path, report_path]
     if result.spec.plots:

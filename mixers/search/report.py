@@ -20,8 +20,7 @@ from seqmix.configs import compose_config
 from seqmix.errors import SeqmixError
 from seqmix.search.claims import NOT_RUN, RETRY_OF
 from seqmix.search.settings import SearchSettings, metric_direction
-from seqmix.tables import records_table
-from seqmix.training.runs import write_csv
+from seqmix.tables import records_table, write_csv
 
 LEADERBOARD = "leaderboard"
 PARETO_PNG = "pareto.png"

@@ -1,8 +1,7 @@
 """Gather finished runs (a sweep's jobs, or any set of run directories) into rows of one table
-(``seqmix.tables.records_table`` draws it; ``write_csv`` writes it as CSV)."""
+(``seqmix.tables.records_table`` draws it; ``seqmix.tables.write_csv`` writes it as CSV)."""
 from __future__ import annotations
 
-import csv
 import math
 import os
 from pathlib import Path
@@ -140,12 +139,3 @@ def _number(value) -> float | None:
 def _rounded(value) -> int | None:
     number = _number(value)
     return round(number) if number is not None and math.isfinite(number) else None
-
-
-def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
-    """The rows as CSV."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
