@@ -202,10 +202,12 @@ def _model_and_optimizer(out_dir: Path):
     return experiment.model, make_optimizer(experiment.model, experiment.train)
 
 
-@pytest.mark.parametrize("fault", ["last weight has another shape", "a weight is missing", "optimizer state of another shape"])
+@pytest.mark.parametrize("fault", ["last weight has another shape", "a weight is missing", "optimizer state of another shape",
+                                   "last weight holds integers", "last weight holds booleans", "optimizer state holds integers"])
 def test_a_checkpoint_from_another_model_changes_nothing_before_it_is_refused(fault, finished_run, tmp_path):
     """Fault: files that pass their checksums (rewritten and re-recorded) but hold another model's
-    tensors, the bad one last in file order. Outcome: refused naming the tensor; model and
+    tensors (another shape, or integers or booleans where the model keeps floating-point values), the
+    bad one last in file order. Outcome: refused naming the tensor; model and
     optimizer untouched, although every other tensor would have loaded."""
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(latest_checkpoint(finished_run), checkpoint)
@@ -215,15 +217,24 @@ def test_a_checkpoint_from_another_model_changes_nothing_before_it_is_refused(fa
         weights[last] = torch.zeros(weights[last].numel() + 1)
         save_file(weights, str(checkpoint / "model.safetensors"))
         message = f"tensor '{last}' has shape"
+    elif fault.startswith("last weight holds"):
+        dtype = torch.int32 if fault.endswith("integers") else torch.bool
+        weights[last] = weights[last].to(dtype)
+        save_file(weights, str(checkpoint / "model.safetensors"))
+        message = f"tensor '{last}' holds {str(dtype).removeprefix('torch.')} values, the model's '{last}' is float32"
     elif fault == "a weight is missing":
         save_file({k: v for k, v in weights.items() if k != last}, str(checkpoint / "model.safetensors"))
         message = f"weight '{last}' is not in the file"
     else:
         moments = load_file(str(checkpoint / "optimizer.safetensors"))
         key = sorted(k for k in moments if k.endswith("exp_avg"))[-1]
-        moments[key] = torch.zeros(3, 3)
+        if fault == "optimizer state holds integers":
+            moments[key] = moments[key].to(torch.int64)
+            message = f"tensor {key} holds int64 values"
+        else:
+            moments[key] = torch.zeros(3, 3)
+            message = f"tensor {key} has shape"
         save_file(moments, str(checkpoint / "optimizer.safetensors"))
-        message = f"tensor {key} has shape"
     write_checksums(checkpoint)
 
     model, optimizer = _model_and_optimizer(tmp_path / "unused")

@@ -311,7 +311,8 @@ def read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 
 def check_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor | tuple[int, ...]], source: str = WEIGHTS) -> None:
-    """Raise unless ``tensors`` (tensors, or their shapes) holds exactly the model's weights with the model's shapes.
+    """Raise unless ``tensors`` (tensors, or their shapes) holds exactly the model's weights with the model's shapes
+    (and, for tensors, a dtype copying may take: ``_dtype_fits``).
 
     A tied weight is stored once under one of its names (safetensors refuses shared tensors), so
     a model name is covered when it, or a name of the same parameter, is in ``tensors``.
@@ -324,10 +325,22 @@ def check_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor | t
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
         if shape != tuple(expected[name].shape):
             raise SeqmixError(f"{source}: tensor {name!r} has shape {shape}, the model expects {tuple(expected[name].shape)}")
+        if isinstance(value, torch.Tensor) and not _dtype_fits(value.dtype, expected[name].dtype):
+            raise SeqmixError(f"{source}: tensor {name!r} holds {str(value.dtype).removeprefix('torch.')} values, the model's "
+                              f"{name!r} is {str(expected[name].dtype).removeprefix('torch.')}; was it saved from another model?")
     stored = {id(expected[name]) for name in tensors}
     missing = [name for name, value in expected.items() if name not in tensors and id(value) not in stored]
     if missing:
         raise SeqmixError(f"{source}: the model's weight {missing[0]!r} is not in the file; was it saved from another model?")
+
+
+def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
+    """Whether a stored tensor of ``stored`` may be copied into a weight of ``expected``: any floating
+    dtype into a floating weight (copying converts it, as from a half-precision save), else the same dtype.
+    An integer or boolean tensor in place of a floating weight would be converted without a word."""
+    if expected.is_floating_point:
+        return stored.is_floating_point
+    return stored == expected
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = WEIGHTS) -> None:

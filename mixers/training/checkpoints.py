@@ -163,6 +163,12 @@ def _read_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, de
         if not 0 <= index < len(params):
             raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} holds state for parameter {index}, but the model has {len(params)}")
         for name, value in values.items():
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                # Loading would convert it to the parameter's dtype without a word.
+                raise SeqmixError(
+                    f"checkpoint {checkpoint}: {OPTIMIZER} tensor {index}.{name} holds {str(value.dtype).removeprefix('torch.')} "
+                    "values, where the optimizer keeps floating-point ones; was it saved from another model?"
+                )
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
                 raise SeqmixError(
                     f"checkpoint {checkpoint}: {OPTIMIZER} tensor {index}.{name} has shape {tuple(value.shape)}, "
