@@ -605,7 +605,7 @@ def command_help(command: Command) -> str:
     if command.groups:
         lines += ["", "config groups (<group>=<option>):"]
         lines += [f"  {group}: {', '.join(groups.get(group, []))}" for group in command.groups]
-    lines += ["", "--cfg prints the composed config: every key an override can set."]
+    lines += ["", "--cfg (or --cfg job) prints the composed config: every key an override can set."]
     if command.sweeps:
         lines += ["-m/--multirun sweeps every combination of comma-separated values, one run directory each."]
     return "\n".join(lines)
@@ -716,6 +716,34 @@ def _launched_job_error(error: Exception) -> str | None:
     return f"{said[-1]} (a job of the sweep; its logs are in {Path(result_file).parent})"
 
 
+def _config_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Split ``--cfg`` (print the composed config and stop) from the other arguments: -> (the rest, whether
+    it was given). Hydra's own ``--cfg job`` is taken as the same; ``--cfg hydra`` and ``--cfg all`` are
+    refused, since seqmix keeps Hydra's settings to itself."""
+    rest, shown = [], False
+    for index, argument in enumerate(argv):
+        if argument == "--cfg":
+            shown = True
+        elif shown and argv[index - 1] == "--cfg" and argument in ("job", "hydra", "all"):
+            if argument != "job":
+                raise SeqmixError(f"--cfg {argument}: seqmix prints the command's own config (--cfg, or --cfg job); "
+                                  "Hydra's settings are not among the keys an override can set")
+        else:
+            rest.append(argument)
+    return rest, shown
+
+
+def _refuse_hydra_settings(command: Command, argv: list[str]) -> None:
+    """Refuse an override of Hydra's own settings (``hydra.run.dir=...``, ``hydra/launcher=...``) outside a
+    sweep: a single run goes where the command's options say, and Hydra would have ignored it without a word."""
+    for argument in argv:
+        key = argument.split("=", 1)[0].lstrip("+~")
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            where = ("only to sweeps (-m); a single run writes where its options say (e.g. train.out_dir)"
+                     if command.sweeps else f"to sweeps only, and {PROGRAM} {command.name} does not sweep")
+            raise SeqmixError(f"{argument!r}: Hydra's own settings apply {where}")
+
+
 def _config_dir_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split ``--config-dir DIR`` (an extra config directory, searched first) from the other arguments."""
     rest, extra = [], []
@@ -808,13 +836,13 @@ def main(argv: list[str] | None = None) -> int:
             if not command.sweeps:
                 raise SeqmixError(f"-m/--multirun sweeps only apply to {[c for c, cmd in COMMANDS.items() if cmd.sweeps]}")
             return _sweep(command, argv)
-        show_config = "--cfg" in argv
-        argv = [argument for argument in argv if argument != "--cfg"]
+        argv, show_config = _config_flag(argv)
         argv, search_path = _config_dir_overrides(argv)
         flags = [argument for argument in argv if argument.startswith("-")]
         if flags:
             raise SeqmixError(f"unknown flag {flags[0]!r}; {PROGRAM} {name} takes key=value overrides, --help, --cfg"
                               + (", -m" if command.sweeps else "") + " and --config-dir")
+        _refuse_hydra_settings(command, argv)
         config, choices = compose_command(command, [*search_path, *argv])
         if show_config:
             print(OmegaConf.to_yaml(config), end="")

@@ -85,6 +85,11 @@ def test_every_command_help_lists_its_options_and_groups(name, capsys):
         (["tour", "--verbose"], ["unknown flag '--verbose'"]),
         (["describe", "-m", "model=mega,tcnca"], ["-m/--multirun sweeps only apply to ['train', 'search']"]),
         (["train", "-m", "model=mega,llama"], ["model='llama' is not a preset", "megalodon"]),
+        # Hydra's own settings outside a sweep: Hydra would ignore them without a word.
+        (["train", "hydra.run.dir=/tmp/elsewhere"], ["'hydra.run.dir=/tmp/elsewhere'", "only to sweeps (-m)", "train.out_dir"]),
+        (["train", "hydra/launcher=local"], ["'hydra/launcher=local'", "only to sweeps (-m)"]),
+        (["describe", "+hydra.job.chdir=true"], ["'+hydra.job.chdir=true'", "seqmix describe does not sweep"]),
+        (["describe", "--cfg", "all"], ["--cfg all", "--cfg job"]),
     ],
 )
 def test_a_mistake_gets_one_short_message_naming_it(arguments, expected, capsys):
@@ -95,8 +100,9 @@ def test_a_mistake_gets_one_short_message_naming_it(arguments, expected, capsys)
         assert text in err, err
 
 
-def test_cfg_prints_the_composed_config_and_runs_nothing(capsys):
-    status, out, _ = run(capsys, "describe", "model=tcnca", "model.depth=3", "--cfg")
+@pytest.mark.parametrize("flag", [["--cfg"], ["--cfg", "job"]], ids=["--cfg", "--cfg job"])
+def test_cfg_prints_the_composed_config_and_runs_nothing(flag, capsys):
+    status, out, _ = run(capsys, "describe", *flag, "model=tcnca", "model.depth=3")
     assert status == 0 and "depth: 3" in out and "model:" in out
 
 
