@@ -27,6 +27,10 @@ TOKENIZER_FILE = "tokenizer.json"
 SEPARATOR_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 """Tokens that a ``tokenizer.json`` may use to separate documents, in the order they are looked for."""
 MAX_VOCAB = 2**32
+MAX_TRAINED_VOCAB = 2**20
+"""The largest vocabulary ``train_bpe`` trains: four times the largest in common use. The trainer
+allocates about 70 bytes per token it may create before it reads the corpus, and a request it
+cannot allocate aborts the process (vocab_size=10**9 asked for 70 GB)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -179,11 +183,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike, min
     """Train a byte-level BPE tokenizer on ``texts`` and write it to ``out`` (a ``tokenizer.json`` path).
 
     Byte-level BPE starts from the 256 byte values, so any text encodes and decodes back exactly; its
-    first token is the separator ``<|endoftext|>``. ``vocab_size`` counts every token (at least 257).
+    first token is the separator ``<|endoftext|>``. ``vocab_size`` counts every token (257 to ``MAX_TRAINED_VOCAB``).
     """
-    require_int("tokenizer", "vocab_size", vocab_size, 257, f"and at most {MAX_VOCAB}")
-    if vocab_size > MAX_VOCAB:
-        raise SeqmixError(f"tokenizer: vocab_size={vocab_size} is not valid; expected at most {MAX_VOCAB}")
+    require_int("tokenizer", "vocab_size", vocab_size, 257, f"and at most {MAX_TRAINED_VOCAB}")
+    if vocab_size > MAX_TRAINED_VOCAB:
+        raise SeqmixError(f"tokenizer: vocab_size={vocab_size} is not valid; expected at most {MAX_TRAINED_VOCAB:,} "
+                          "(the trainer reserves memory for every token it may create)")
     require_int("tokenizer", "min_frequency", min_frequency, 1)
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 

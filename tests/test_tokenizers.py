@@ -70,6 +70,8 @@ def test_the_tokenizer_command_refuses_bad_options_before_writing(tmp_path):
     out = tmp_path / "t.json"
     for options, message in [
         (["vocab_size=100"], "vocab_size=100 is not valid"),
+        # The trainer reserves memory per token up front; 10**9 aborted the process (70 GB allocation).
+        (["vocab_size=1000000000"], "vocab_size=1000000000 is not valid; expected at most 1,048,576"),
         # The command's own option names, not a task's (task.text_column): what the user types here.
         (["text_column=body"], "no column 'body'.*; set text_column$"),
         (["format=xml"], "format"),
