@@ -40,13 +40,10 @@ MAX_TOKENS = 1 << 16
 
 
 def stream_limit(model: nn.Module) -> int:
-    """The most tokens one stream of ``model`` can take: its smallest attention cache, its learned
-    positions, or ``MAX_TOKENS``."""
-    limits = [module.cache_capacity() for module in model.modules() if isinstance(module, Mixer)]
-    limits = [limit for limit in limits if limit is not None]
-    if getattr(model, "pos_embed", None) is not None:
-        limits.append(model.max_len)
-    return min([MAX_TOKENS, *limits])
+    """The most tokens one stream of ``model`` can take: its ``token_limit`` (its smallest attention
+    cache, its learned positions), or ``MAX_TOKENS``."""
+    limit = model.token_limit
+    return MAX_TOKENS if limit is None else min(MAX_TOKENS, limit)
 
 
 @contextmanager

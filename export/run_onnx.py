@@ -141,6 +141,8 @@ def load(directory: Path) -> dict:
     if "step" in manifest:
         _check_graph(manifest["step"], "step", bad)
         _check_state(manifest["step"], bad)
+        if stream_limit(manifest["step"]) is None:
+            bad("step.dynamic_dims", manifest["step"].get("dynamic_dims"), "{'tokens': '1..N'} with N >= 1, the tokens one stream takes")
     files = check_files(manifest["files"], bad)
     for section in ("parallel", "step"):
         if section in manifest:
@@ -288,6 +290,14 @@ def is_state_shape(shape) -> bool:
             and all(_is_int(d) and d >= 0 for d in shape[1:]))
 
 
+def stream_limit(step: dict) -> int | None:
+    """The most tokens one stream through the step graph takes (its ``dynamic_dims.tokens``, ``"1..N"``); None when unreadable."""
+    dims = step.get("dynamic_dims")
+    text = dims.get("tokens") if isinstance(dims, dict) else None
+    low, _, high = text.partition("..") if isinstance(text, str) else ("", "", "")
+    return int(high) if low == "1" and high.isdigit() and high.isascii() and int(high) >= 1 else None
+
+
 def token_input(step: dict) -> str:
     """The name of the step graph's token input."""
     return next(spec["name"] for spec in step["inputs"] if spec["name"] in TOKEN_INPUTS)
@@ -365,6 +375,12 @@ def generate_ids(directory: Path, manifest: dict, prompt: str, tokens: int, temp
         raise ExportError(f"--top-k={top_k} is not valid; expected 1 to vocab_size={manifest['vocab_size']}, or 0 for no cut-off")
     if seed < 0:
         raise ExportError(f"--seed={seed} is not valid; expected an integer >= 0")
+    limit = stream_limit(manifest["step"])
+    # The prompt and every sampled token but the last go through the graph, whose stream takes `limit` tokens.
+    if len(prompt_ids) + tokens - 1 > limit:
+        raise ExportError(f"--tokens={tokens} is not valid with a prompt of {len(prompt_ids)} tokens: one stream of this "
+                          f"model takes {limit} tokens; " + (f"ask for at most {limit - len(prompt_ids) + 1}"
+                                                              if len(prompt_ids) <= limit else "shorten the prompt"))
     step = OnnxModel(directory, manifest["step"], manifest["vocab_size"])
     names = [s["name"] for s in manifest["step"]["state"]]
     ids = token_input(manifest["step"])
@@ -373,10 +389,11 @@ def generate_ids(directory: Path, manifest: dict, prompt: str, tokens: int, temp
     logits, state = outputs[0][0, -1], outputs[1:]
     rng = np.random.default_rng(seed)
     out: list[int] = []
-    for _ in range(tokens):
+    for index in range(tokens):
         out.append(sample(logits, temperature, top_k, rng))
-        outputs = step.run({ids: np.array([[out[-1]]], dtype=np.int64), **dict(zip(names, state))})
-        logits, state = outputs[0][0, -1], outputs[1:]
+        if index + 1 < tokens:
+            outputs = step.run({ids: np.array([[out[-1]]], dtype=np.int64), **dict(zip(names, state))})
+            logits, state = outputs[0][0, -1], outputs[1:]
     return out
 
 

@@ -135,6 +135,23 @@ def test_the_onnx_runner_names_a_bad_sampling_option_before_opening_a_session(op
         runner.generate(result.parallel.parent, manifest, "def ", **arguments)
 
 
+def test_the_onnx_runner_streams_what_one_stream_takes_and_refuses_more_before_opening_a_session(exported_presets, monkeypatch):
+    """gpt2's learned positions and cache take 1024 tokens: the prompt and every sampled token but the
+    last go through the graph, so a 4-token prompt takes 1021 new ones (the last step once went past
+    the positions, an ONNX Runtime error) and 1022 are refused before a session opens."""
+    runner = onnx_runner()
+    model, result = exported_presets("gpt2")
+    manifest = runner.load(result.parallel.parent)
+    limit = runner.stream_limit(manifest["step"])
+    assert limit == model.token_limit == 1024
+    ids = runner.generate_ids(result.parallel.parent, manifest, "def ", tokens=limit - 3, temperature=0, top_k=None, seed=0)
+    assert len(ids) == limit - 3
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *args, **kwargs: pytest.fail("a session was opened"))
+    with pytest.raises(runner.ExportError, match=f"--tokens={limit - 2} is not valid with a prompt of 4 tokens: one stream "
+                                                 f"of this model takes {limit} tokens; ask for at most {limit - 3}"):
+        runner.generate(result.parallel.parent, manifest, "def ", tokens=limit - 2, temperature=0, top_k=None, seed=0)
+
+
 # --- ExecuTorch's run_pte -------------------------------------------------------------------
 
 

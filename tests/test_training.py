@@ -17,6 +17,8 @@ from seqmix.model.generation import generate, stream_tokens
 from seqmix.tasks.base import IGNORE
 from seqmix.training.checkpoints import latest_checkpoint
 from seqmix.training.loop import correct_count, loss_sum_and_count, predict, train
+from seqmix.training.reporting import sample_text
+from seqmix.cli import main
 
 from conftest import SEQMIX, fails_after
 
@@ -144,6 +146,29 @@ def test_streaming_refuses_a_bad_argument_when_called_before_any_token_is_asked_
     arguments = {"max_new_tokens": 3, "temperature": 1.0, "top_k": None, option: value}
     with pytest.raises(SeqmixError, match=re.escape(named)):
         stream_tokens(Untouchable(), torch.tensor([[1, 2]]), **arguments)
+
+
+def test_generation_and_the_training_sample_fit_what_one_stream_of_the_model_takes(tmp_path, capsys):
+    """gpt2 with max_len=24 (learned positions and an attention cache of 24): the prompt and every
+    sampled token but the last go through the model, so a 4-token prompt takes 21 new ones and 22 are
+    refused before the model runs, naming the most it takes. ``seqmix train``'s closing sample (200
+    tokens) is cut to fit, where it once ended a finished run with an error."""
+    experiment = build_experiment(small(tmp_path, "model=gpt2", "model.max_len=24", "model.mixers.attention.max_len=24",
+                                        "task.seq_len=16"))
+    model = experiment.model.eval()
+    assert model.token_limit == 24
+    prompt = torch.tensor([list(b"def ")])
+    assert generate(model, prompt, 21, temperature=0).shape == (1, 25)
+    with pytest.raises(SeqmixError, match="a prompt of 4 tokens and 22 new ones .* ask for at most 21 tokens"):
+        stream_tokens(model, prompt, 22)
+    assert sample_text(model, experiment.task) is not None
+    arguments = [f"{key}={value}" for key, value in [
+        ("model", "gpt2"), ("model.max_len", 24), ("model.mixers.attention.max_len", 24), ("task.seq_len", 16),
+        *[(option.split("=")[0], option.split("=")[1]) for option in SMALL_MODEL],
+        ("train.max_steps", 1), ("train.batch_size", 2), ("train.eval_batches", 1), ("train.progress", "false"),
+        ("train.out_dir", tmp_path / "cli"), ("task.max_bytes", 200_000), ("task.cache_dir", tmp_path / "cache")]]
+    assert main(["train", *arguments]) == 0, capsys.readouterr().err
+    assert "after the prompt 'def '" in capsys.readouterr().out
 
 
 def test_an_unknown_task_or_preset_lists_the_valid_ones():

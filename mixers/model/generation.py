@@ -26,7 +26,8 @@ def stream_tokens(
     Args:
         model: a causal ``SequenceModel`` with a language-model head.
         prompt: (B, P) token ids, P >= 1.
-        max_new_tokens: how many tokens to sample, >= 0.
+        max_new_tokens: how many tokens to sample, >= 0. The prompt and all of them but the last (which
+            is sampled, never fed back) must fit ``model.token_limit``, else they are refused up front.
         temperature: 0 picks the argmax (greedy); higher values flatten the distribution. Finite.
         top_k: sample only among the k most likely tokens (None: all).
         generator: for reproducible sampling.
@@ -41,6 +42,14 @@ def stream_tokens(
         raise SeqmixError(f"generate: temperature={temperature!r} must be a finite number >= 0")
     if top_k is not None:
         require_int("generate", "top_k", top_k, 1, "or None for no cut-off")
+    limit = getattr(model, "token_limit", None)
+    # The prompt and every sampled token but the last go through the model.
+    if limit is not None and prompt.shape[1] + max_new_tokens - 1 > limit:
+        raise SeqmixError(
+            f"generate: a prompt of {prompt.shape[1]} tokens and {max_new_tokens} new ones are more than one stream "
+            f"of this model takes ({limit} tokens: its learned positions or attention cache); "
+            + (f"ask for at most {limit - prompt.shape[1] + 1} tokens" if prompt.shape[1] <= limit else "shorten the prompt")
+        )
     return _sampled_tokens(model, prompt, max_new_tokens, temperature, top_k, generator)
 
 
@@ -51,7 +60,7 @@ def _sampled_tokens(model, prompt: Tensor, max_new_tokens: int, temperature: flo
     model.eval()
     state = model.init_state(prompt.shape[0])
     logits, state = model.step(prompt, state)
-    for _ in range(max_new_tokens):
+    for index in range(max_new_tokens):
         last = logits[:, -1].float()
         if temperature == 0:
             token = last.argmax(-1)
@@ -62,7 +71,8 @@ def _sampled_tokens(model, prompt: Tensor, max_new_tokens: int, temperature: flo
                 last = last.masked_fill(last < kth, float("-inf"))
             token = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator).squeeze(-1)
         yield token
-        logits, state = model.step(token.unsqueeze(1), state)
+        if index + 1 < max_new_tokens:
+            logits, state = model.step(token.unsqueeze(1), state)
 
 
 def generate(model, prompt: Tensor, max_new_tokens: int, **sampling) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.contract import State
+from seqmix.contract import Mixer, State
 from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
 from seqmix.layers.blocks import Block, Recompute, require_recompute
 from seqmix.layers.heads import CausalLMHead
@@ -99,6 +99,17 @@ class SequenceModel(nn.Module):
     def head_is_tied(self) -> bool:
         """True when the LM head shares its weight with the token embedding."""
         return getattr(getattr(self.head, "proj", None), "weight", None) is self.embed.weight
+
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens one stream of ``step`` calls can take: the smallest attention cache
+        (``Mixer.cache_capacity``) and, with learned positions, ``max_len`` (no embedding beyond it);
+        None when nothing limits the length."""
+        limits = [module.cache_capacity() for module in self.modules() if isinstance(module, Mixer)]
+        limits = [limit for limit in limits if limit is not None]
+        if self.pos_embed is not None:
+            limits.append(self.max_len)
+        return min(limits) if limits else None
 
     @property
     def causal(self) -> bool:

@@ -51,11 +51,18 @@ def print_summary(experiment, result) -> None:
 
 
 def sample_text(model, task, prompt: str = "def ", length: int = 200, seed: int = 0) -> tuple[str, str] | None:
-    """(prompt, continuation) sampled through ``step`` for causal models of text (the task's tokenizer, or bytes), else None."""
+    """(prompt, continuation) sampled through ``step`` for causal models of text (the task's tokenizer, or bytes), else None.
+    The continuation is ``length`` tokens, or fewer where the model holds fewer (``token_limit``)."""
     tokenizer = getattr(task, "tokenizer", ByteTokenizer() if task.vocab_size == ByteTokenizer.vocab_size else None)
     if not model.causal or task.head != "causal_lm" or tokenizer is None:
         return None
     tokens = torch.tensor([tokenizer.encode(prompt)], device=next(model.parameters()).device)
+    limit = getattr(model, "token_limit", None)
+    if limit is not None:
+        # A stream of this model takes `limit` tokens (learned positions, an attention cache): the sample is cut to fit.
+        length = min(length, limit - tokens.shape[1] + 1)
+        if length < 1:
+            return None
     generator = torch.Generator(device=tokens.device).manual_seed(seed)
     out = generate(model, tokens, length, temperature=0.8, top_k=40, generator=generator)
     return prompt, tokenizer.decode(out[0, tokens.shape[1] :].tolist())
