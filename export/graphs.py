@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import GetAttrKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from seqmix.contract import Mixer, switch_impls
+from seqmix.contract import switch_impls
 
 
 def use_exportable_paths(model: nn.Module) -> dict[str, str]:
