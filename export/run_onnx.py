@@ -141,8 +141,6 @@ def load(directory: Path) -> dict:
     if "step" in manifest:
         _check_graph(manifest["step"], "step", bad)
         _check_state(manifest["step"], bad)
-        if stream_limit(manifest["step"]) is None:
-            bad("step.dynamic_dims", manifest["step"].get("dynamic_dims"), "{'tokens': '1..N'} with N >= 1, the tokens one stream takes")
     files = check_files(manifest["files"], bad)
     for section in ("parallel", "step"):
         if section in manifest:
@@ -376,6 +374,9 @@ def generate_ids(directory: Path, manifest: dict, prompt: str, tokens: int, temp
     if seed < 0:
         raise ExportError(f"--seed={seed} is not valid; expected an integer >= 0")
     limit = stream_limit(manifest["step"])
+    if limit is None:
+        raise ExportError(f"the manifest's step.dynamic_dims={manifest['step'].get('dynamic_dims')!r} is not valid; expected "
+                          "{'tokens': '1..N'} with N >= 1, the tokens one stream takes. Re-export the model")
     # The prompt and every sampled token but the last go through the graph, whose stream takes `limit` tokens.
     if len(prompt_ids) + tokens - 1 > limit:
         raise ExportError(f"--tokens={tokens} is not valid with a prompt of {len(prompt_ids)} tokens: one stream of this "

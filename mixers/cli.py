@@ -367,9 +367,11 @@ def _default_export_dir(checkpoint: str, format_: str) -> str:
 def run_export(options: ExportOptions, choices: dict) -> int:
     from seqmix.export.formats import check_export_options, export_model, summary_lines
     from seqmix.tasks.base import MODEL_FILES
-    from seqmix.training.checkpoints import load_run
+    from seqmix.training.checkpoints import load_run, resolve_checkpoint
 
     check_export_options(options.format, options.quantize, options.length)
+    if options.out is None:
+        resolve_checkpoint(options.checkpoint)  # the default out is made from it: a file there is named as such
     out = options.out if options.out is not None else _default_export_dir(options.checkpoint, options.format)
     require_writable_dir("out", out)  # the text itself: Path("") would be the current folder
     out = Path(out)

@@ -332,14 +332,24 @@ def test_a_terminal_that_cannot_encode_a_character_gets_an_escape_not_a_tracebac
     assert described.returncode == 0 and "\\xb7" in described.stdout, described.stderr[-2000:]
     refused = subprocess.run([*SEQMIX, "evaluate", f"checkpoint='{tmp_path / 'nowhere-ü'}'"], capture_output=True,
                              text=True, env=ascii_env)
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "nowhere-\\xfc holds no checkpoint" in refused.stderr
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "nowhere-\\xfc does not exist" in refused.stderr
 
 
 def test_an_unquoted_value_hydra_cannot_read_is_refused_with_how_to_quote_it(tmp_path, capsys):
     status, _, err = run(capsys, "evaluate", f"checkpoint={tmp_path / 'run dir ü'}")
     assert status == 2 and "cannot read an override" in err and "as key='value'" in err
     status, _, err = run(capsys, "evaluate", f"checkpoint='{tmp_path / 'run dir ü'}'")
-    assert status == 2 and "run dir ü holds no checkpoint" in err
+    assert status == 2 and "run dir ü does not exist" in err
+
+
+@pytest.mark.parametrize("command", ["export", "evaluate", "generate"])
+def test_a_checkpoint_that_is_a_file_is_named_as_such_before_any_output_is_planned(command, tmp_path, capsys):
+    """export once planned its default output inside the path first and blamed ``out`` for a file."""
+    record = tmp_path / "run.json"
+    record.write_text("{}")
+    status, _, err = run(capsys, command, f"checkpoint={record}")
+    assert status == 2 and f"{record} is not a directory: expected a run directory" in err and "out=" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
 def test_evaluate_says_when_the_runs_recorded_data_is_gone(tmp_path, capsys):

@@ -150,6 +150,10 @@ def test_the_onnx_runner_streams_what_one_stream_takes_and_refuses_more_before_o
     with pytest.raises(runner.ExportError, match=f"--tokens={limit - 2} is not valid with a prompt of 4 tokens: one stream "
                                                  f"of this model takes {limit} tokens; ask for at most {limit - 3}"):
         runner.generate(result.parallel.parent, manifest, "def ", tokens=limit - 2, temperature=0, top_k=None, seed=0)
+    for unreadable in ({"tokens": "1..x"}, {"tokens": "0..8"}, None, {"tokens": "1..1e9"}):
+        damaged = {**manifest, "step": {**manifest["step"], "dynamic_dims": unreadable}}
+        with pytest.raises(runner.ExportError, match="step.dynamic_dims=.* is not valid"):
+            runner.generate(result.parallel.parent, damaged, "def ", tokens=4, temperature=0, top_k=None, seed=0)
 
 
 # --- ExecuTorch's run_pte -------------------------------------------------------------------

@@ -142,6 +142,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a run directory (its latest checkpoint) or a checkpoint directory."""
     require_path("checkpoint", path)
     path = Path(path)
+    if not path.is_dir():
+        found = "does not exist" if not os.path.lexists(path) else "is not a directory"
+        raise SeqmixError(f"{path} {found}: expected a run directory of seqmix train, a checkpoint in it or a saved model's directory")
     if (path / WEIGHTS).is_file():
         return path
     latest = latest_checkpoint(path)
