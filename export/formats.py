@@ -198,6 +198,7 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
         except IncompleteExport as error:
             manifest, incomplete = error.manifest, error
         manifest["task"] = {"name": type(task).name, "head": task.head, "metric": task.metric}
+        manifest["length_requested"] = length
         for name, content in files.items():
             (staging / name).write_bytes(content)
             manifest[COMPANIONS[name]] = name
@@ -226,7 +227,10 @@ def summary_lines(manifest: dict) -> list[str]:
                      f"{stepped} ({prefill['speedup']:.1f}x)")
     latency = manifest["latency"]
     eager, deployed = Timing(**latency["eager"]), Timing(**latency[key])
-    lines.append(f"latency at B={latency['batch']}, L={latency['length']}: eager {eager}, {runtime} {deployed} "
+    requested = manifest.get("length_requested", latency["length"])
+    taken = "" if requested == latency["length"] else (
+        f" (length={requested} taken as {latency['length']}: whole chunks of the model's largest chunk)")
+    lines.append(f"latency at B={latency['batch']}, L={latency['length']}{taken}: eager {eager}, {runtime} {deployed} "
                  f"({latency['speedup']:.2f}x, ratio of medians)")
     for name, variant in manifest.get("quantized", {}).items():
         calibration = variant.get("calibration")

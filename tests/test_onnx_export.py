@@ -199,6 +199,11 @@ def test_summary_prints_both_medians_with_their_range_and_the_ratio_of_medians()
     assert line == f"latency at B=1, L=256: eager {eager}, ONNX Runtime {deployed} (2.00x, ratio of medians)"
     assert "374 ms (median of 7, 360–8168)" in line and "machine busy: load 5.0" in line
     assert manifest["latency"]["load"] == 5.0
+    # A length the model cannot take as it is (not whole chunks) is said to have been taken as another.
+    (line,) = [text for text in summary_lines({**manifest, "length_requested": 200}) if text.startswith("latency")]
+    assert line.startswith("latency at B=1, L=256 (length=200 taken as 256: whole chunks of the model's largest chunk): ")
+    (line,) = [text for text in summary_lines({**manifest, "length_requested": 256}) if text.startswith("latency")]
+    assert line.startswith("latency at B=1, L=256: ")
 
 
 def export_tool(*options: str) -> subprocess.CompletedProcess:
@@ -209,7 +214,7 @@ def test_export_tool_writes_a_manifest_the_runner_reads(trained_run):
     export = export_tool(f"checkpoint={trained_run}", "format=onnx", "length=256", "quantize=int8")
     assert export.returncode == 0, export.stderr[-2000:]
     manifest = read_manifest(trained_run / "export" / "onnx")
-    assert manifest["latency"]["length"] == 256 and manifest["quantized"]["int8"]["metric"] == "accuracy"
+    assert manifest["latency"]["length"] == manifest["length_requested"] == 256 and manifest["quantized"]["int8"]["metric"] == "accuracy"
     assert_latency_entry(manifest["latency"], "onnxruntime")
     quantized = manifest["quantized"]["int8"]
     assert quantized["speedup"] == quantized["fp32_latency"]["median_ms"] / quantized["variant_latency"]["median_ms"]
