@@ -269,11 +269,15 @@ def test_a_study_name_that_is_no_plain_file_name_is_refused_before_anything_is_w
     assert not (tmp_path / "search").exists()
 
 
-def test_pruning_is_used_for_one_objective_only(tmp_path):
+def test_pruning_is_used_for_one_objective_only_and_options_of_no_pruner_are_refused(tmp_path):
     single = SearchSettings.from_config(tiny(tmp_path, "search.objectives=[metric]", "search.pruner=median").search)
     multi = SearchSettings.from_config(tiny(tmp_path, "search.pruner=median").search)
     assert isinstance(make_pruner(single), optuna.pruners.MedianPruner)
     assert isinstance(make_pruner(multi), optuna.pruners.NopPruner)
+    # Options given with search.pruner=none went nowhere without a word.
+    with pytest.raises(SeqmixError, match=r"search.pruner_options=\{'n_warmup_steps': 2\} would not be used: search.pruner=none"):
+        SearchSettings.from_config(tiny(tmp_path, "++search.pruner_options={n_warmup_steps: 2}").search)
+    assert not (tmp_path / "search").exists()
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="tensorrt is installed")

@@ -152,6 +152,11 @@ class SearchSettings:
             raise choice_error("search.sampler", self.sampler, SAMPLERS)
         if self.pruner not in PRUNERS:
             raise choice_error("search.pruner", self.pruner, PRUNERS)
+        # Options of no pruner would go nowhere without a word (a pruner of a multi-objective study is
+        # unused too, and the search says so when it starts: a sweep may mix both kinds of study).
+        if self.pruner == "none" and self.pruner_options:
+            raise SeqmixError(f"search.pruner_options={self.pruner_options!r} would not be used: search.pruner=none; "
+                              f"name a pruner, one of {sorted(set(PRUNERS) - {'none'})}")
         # Whole seconds: Optuna's RDB storages take no other heartbeat interval.
         require_int("search", "heartbeat_s", self.heartbeat_s, meaning="seconds between a running trial's heartbeats")
         if isinstance(self.stale_after_s, bool) or not isinstance(self.stale_after_s, (int, float)) or not self.stale_after_s > 2 * self.heartbeat_s:
