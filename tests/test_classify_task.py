@@ -53,6 +53,9 @@ def test_a_csv_trains_above_chance_and_its_labels_travel_with_the_run_and_checkp
                  "task.seq_len=48", "task.valid_fraction=0.2", f"task.cache_dir={tmp_path / 'cache'}", "train.batch_size=16",
                  "train.max_steps=100", "train.warmup_steps=5", "train.eval_every=100", "train.eval_batches=4",
                  "train.checkpoint_every=100", "train.progress=false", "train.device=cpu", f"train.out_dir={run}"]) == 0
+    # Reading and tokenizing draw progress bars on a terminal only: none in a log or a pipe.
+    err = capsys.readouterr().err
+    assert "reading" not in err and "tokenizing" not in err and "\x1b[" not in err, err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     accuracy = [row["accuracy"] for row in rows if row["split"] == "valid"][-1]
     # Chance is 1/3; over train seeds 0-3 this setting reached 0.91 each time.

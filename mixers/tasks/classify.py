@@ -166,7 +166,7 @@ class Classify(Task):
 
     def _row_batches(self) -> Iterator[list[tuple[str, str]]]:
         batch = []
-        for row in tqdm(self._rows(), desc="tokenizing", unit="row", leave=False):
+        for row in tqdm(self._rows(), desc="tokenizing", unit="row", leave=False, disable=None):
             batch.append(row)
             if len(batch) == ENCODE_BATCH_ROWS:
                 yield batch

@@ -88,7 +88,8 @@ class DocumentSource:
         if self.saved or self.format == "datasets":
             yield from self._dataset_rows(columns)
             return
-        for path in tqdm(self.files, desc="reading", unit="file", leave=False):
+        # disable=None: a bar on a terminal only, none written into a log or a pipe.
+        for path in tqdm(self.files, desc="reading", unit="file", leave=False, disable=None):
             kind = self.kind_of(path)
             if kind == "text":
                 yield f"{path}", {next(iter(columns)): self.decode(path.read_bytes(), path).decode()}
@@ -191,6 +192,6 @@ class DocumentSource:
         for part, dataset in self._load_dataset():
             self._missing(columns, dataset.column_names, " ".join(filter(None, [f"the dataset {self.path}", part])))
             values = {option: dataset[column] for option, column in columns.items()}
-            for number in tqdm(range(len(dataset)), desc="reading", unit="row", leave=False):
+            for number in tqdm(range(len(dataset)), desc="reading", unit="row", leave=False, disable=None):
                 where = " ".join(filter(None, [f"the dataset {self.path}", part, f"row {number}"]))
                 yield where, {option: values[option][number] for option in columns}
