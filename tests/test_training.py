@@ -212,6 +212,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_whole(tmp_path):
 
     restored = load_model(latest_checkpoint(tmp_path / "run"))
     assert all(torch.isfinite(p).all() for p in restored.parameters())
+    # The run directory itself loads its latest checkpoint, as the CLI's checkpoint= takes it.
+    from_run = load_model(tmp_path / "run")
+    for name, value in restored.state_dict().items():
+        assert torch.equal(from_run.state_dict()[name], value), name
 
 
 def test_evaluate_and_generate_read_a_run(tmp_path):

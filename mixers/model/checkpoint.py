@@ -92,7 +92,8 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", allow_unverifi
     """Rebuild a model saved by ``save_model``: checksums, description, header check, then the weights.
 
     Args:
-        directory: written by ``save_model`` or a training checkpoint.
+        directory: written by ``save_model``, a training checkpoint, or a run directory of
+            ``seqmix train`` (its latest checkpoint, as the CLI's ``checkpoint=`` takes it).
         device: where the loaded weights go.
         allow_unverified: load a directory that has no ``checksums.json`` (a model saved by hand, or by
             a tool that does not record checksums). Its files are then trusted as they are: a truncated
@@ -100,7 +101,14 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", allow_unverifi
             Symlinks are refused either way, and a present ``checksums.json`` is always verified.
     """
     require_path("load_model: directory", directory)
-    return load_verified(Path(directory), CONFIG, read_description, device, allow_unverified, "load_model", "save_model")
+    directory = Path(directory)
+    if not (directory / WEIGHTS).exists():
+        # Imported here: training builds on this module.
+        from seqmix.training.checkpoints import latest_checkpoint
+
+        directory = latest_checkpoint(directory) or directory
+    return load_verified(directory, CONFIG, read_description, device, allow_unverified, "load_model",
+                         "save_model, or a run directory of seqmix train or a checkpoint in it")
 
 
 def load_verified(directory: Path, config_name: str, read_config, device: str, allow_unverified: bool,
