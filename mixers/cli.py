@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import CHECKSUMS, SeqmixError, require_int, require_writable_dir, require_writable_file
+from seqmix.errors import CHECKSUMS, SeqmixError, SeqmixWarning, require_int, require_writable_dir, require_writable_file
 from seqmix.terminal import escape_controls
 from seqmix.threads import apply_thread_policy
 
@@ -509,7 +510,6 @@ def compose_search(overrides: list[str]) -> tuple[DictConfig, dict]:
 
 def run_search(config: DictConfig, choices: dict) -> int:
     import logging
-    import warnings
 
     import optuna
 
@@ -813,6 +813,19 @@ def _os_error_text(error: OSError) -> str:
     return f"{error.strerror}: {' -> '.join(files)}" if files else error.strerror
 
 
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command: seqmix's own warnings as one line, without the
+    source file and line of a Python warning; any other warning as Python shows it."""
+    if not issubclass(category, SeqmixWarning):
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+        return
+    text = escape_controls(str(message).removeprefix("seqmix: "))
+    print(f"{PROGRAM}: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``seqmix <command> [overrides]``; the exit status is 0, 1 (the command failed) or 2 (bad input)."""
     _write_any_character()
@@ -833,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     apply_thread_policy()
     keep_freed_memory()
+    warnings.showwarning = _show_warning
     try:
         if {"-m", "--multirun"} & set(argv):
             if not command.sweeps:

@@ -17,6 +17,11 @@ class SeqmixError(ValueError):
     """
 
 
+class SeqmixWarning(UserWarning):
+    """Something seqmix did on the user's behalf that they should know of (a file left out, a plugin
+    skipped); the ``seqmix`` command prints it as one line."""
+
+
 def one_line(error: BaseException) -> str:
     """``error`` as "Type: message" on one line, for quoting a library's error inside a SeqmixError:
     YAML's, the Hub's and others run over several lines, and seqmix tells an error in one."""

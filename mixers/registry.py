@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 
 from seqmix.contract import Mixer
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, SeqmixWarning, choice_error
 
 ENTRY_POINT_GROUP = "seqmix.mixers"
 
@@ -42,14 +42,15 @@ def _load_plugins() -> None:
         try:
             cls = entry.load()
         except Exception as error:  # noqa: BLE001  (any import failure of foreign code is reported, not raised)
-            warnings.warn(f"seqmix: {where} could not be loaded and is skipped: {type(error).__name__}: {error}", stacklevel=2)
+            warnings.warn(f"seqmix: {where} could not be loaded and is skipped: {type(error).__name__}: {error}",
+                          SeqmixWarning, stacklevel=2)
             continue
         if not (isinstance(cls, type) and issubclass(cls, Mixer)):
-            warnings.warn(f"seqmix: {where} names {cls!r}, not a seqmix.Mixer subclass; skipped", stacklevel=2)
+            warnings.warn(f"seqmix: {where} names {cls!r}, not a seqmix.Mixer subclass; skipped", SeqmixWarning, stacklevel=2)
             continue
         if _MIXERS.get(entry.name, cls) is not cls:
             warnings.warn(f"seqmix: {where} takes the name of the registered {_MIXERS[entry.name].__qualname__}; skipped",
-                          stacklevel=2)
+                          SeqmixWarning, stacklevel=2)
             continue
         _MIXERS[entry.name] = cls
         cls.registered_name = entry.name

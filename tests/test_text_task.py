@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,30 @@ def test_a_directory_of_files_trains_reuses_its_cache_and_gives_the_same_batches
     assert main([*arguments[:-1], f"train.out_dir={run}", "train.max_steps=3", "train.resume=true"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if row["split"] == "train"] == [1, 2, 3]
+
+
+def test_binary_files_are_left_out_of_a_corpus_by_name_and_read_when_asked(tmp_path, capsys):
+    import gzip
+
+    from seqmix.cli import main
+    from seqmix.errors import SeqmixWarning
+
+    corpus = Path(write_text_corpus(tmp_path / "corpus"))
+    texts = sum(_task(corpus, tmp_path).meta["documents"].values())
+    (corpus / "notes.txt.gz").write_bytes(gzip.compress(b"compressed words " * 200))
+    (corpus / "wide.txt").write_bytes("text saved as UTF-16\n".encode("utf-16") * 50)
+    # The NUL past the probe: the file is text up to there, and read as such.
+    (corpus / "late.txt").write_bytes(b"a" * 8192 + b"\0")
+    with pytest.warns(SeqmixWarning, match=r"left out 2 of 43 files, which hold binary data.*notes.txt.gz, .*wide.txt"):
+        assert sum(_task(corpus, tmp_path).meta["documents"].values()) == texts + 1
+    assert sum(_task(corpus, tmp_path, format="text").meta["documents"].values()) == texts + 3
+    with pytest.raises(SeqmixError, match=r"every file holds binary data.*notes.txt.gz; give text files, or task.format=text"):
+        _task(corpus / "notes.txt.gz", tmp_path)
+    # The command prints it as one line, without Python's file and line.
+    out = tmp_path / "tokenizer.json"
+    assert main(["tokenizer", f"path={corpus}", "vocab_size=300", f"out={out}"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned and warned[0].startswith("seqmix: warning: tokenizer: left out 2 of 43 files"), warned
 
 
 def test_an_edited_file_makes_a_new_cache(tmp_path):

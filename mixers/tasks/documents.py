@@ -12,12 +12,13 @@ import csv
 import glob
 import io
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, choice_error, one_line, require_path
+from seqmix.errors import SeqmixError, SeqmixWarning, choice_error, one_line, require_path
 from seqmix.jsontext import parse_json
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
@@ -25,6 +26,16 @@ DECODE_ERRORS = ("replace", "strict")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 DATASETS_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 """The ``datasets`` builder that reads local files of each format."""
+BINARY_PROBE_BYTES = 8192
+"""Leading bytes of a file searched for a NUL byte, which marks it binary (as git tells text from binary)."""
+
+
+def is_binary(raw: bytes) -> bool:
+    """Whether a file's bytes are binary data rather than text: a NUL among its first BINARY_PROBE_BYTES.
+
+    Text never holds one, while compressed files, images, PDFs, compiled code and UTF-16 text do,
+    almost always in their first few KiB."""
+    return b"\0" in raw[:BINARY_PROBE_BYTES]
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -56,8 +67,9 @@ class DocumentSource:
 
     Args:
         path: a file, a directory, a glob, or a directory written by ``datasets``' ``save_to_disk``.
-        format: ``auto`` (by suffix: .jsonl/.json, .csv, .parquet, anything else text; a saved dataset by
-            its files), ``text`` (each file one record), ``jsonl``, ``csv``, ``parquet``, or ``datasets``
+        format: ``auto`` (by suffix: .jsonl/.json, .csv, .parquet, anything else text, leaving out files
+            that hold binary data (``is_binary``) with a warning naming them; a saved dataset by its
+            files), ``text`` (each file one record, binary or not), ``jsonl``, ``csv``, ``parquet``, or ``datasets``
             (a saved dataset, or the files read through ``datasets.load_dataset`` with the builder
             their suffix names).
         decode_errors: ``replace`` turns bytes that are not UTF-8 into U+FFFD; ``strict`` refuses them,
@@ -88,17 +100,36 @@ class DocumentSource:
         if self.saved or self.format == "datasets":
             yield from self._dataset_rows(columns)
             return
+        binary = []
         # disable=None: a bar on a terminal only, none written into a log or a pipe.
         for path in tqdm(self.files, desc="reading", unit="file", leave=False, disable=None):
             kind = self.kind_of(path)
             if kind == "text":
-                yield f"{path}", {next(iter(columns)): self.decode(path.read_bytes(), path).decode()}
+                raw = path.read_bytes()
+                if self.format == "auto" and is_binary(raw):
+                    # With replace, its bytes would enter the corpus as U+FFFD and noise.
+                    binary.append(path)
+                    continue
+                yield f"{path}", {next(iter(columns)): self.decode(raw, path).decode()}
             elif kind == "jsonl":
                 yield from self._jsonl(path, columns)
             elif kind == "csv":
                 yield from self._csv(path, columns)
             else:
                 yield from self._parquet(path, columns)
+        if binary:
+            self._left_out_binary(binary)
+
+    def _left_out_binary(self, binary: list[Path]) -> None:
+        """Refuse a source whose files are all binary; otherwise warn, naming the binary files left out."""
+        named = ", ".join(str(path) for path in binary[:3]) + (f" and {len(binary) - 3} more" if len(binary) > 3 else "")
+        why = (f"binary data, not text (a NUL byte in the first {BINARY_PROBE_BYTES} bytes: compressed, image, "
+               f"compiled or UTF-16 files)")
+        if len(binary) == len(self.files):
+            raise SeqmixError(f"{self.owner}: {self.options}path={self.path!r}: every file holds {why}: {named}; "
+                              f"give text files, or {self.options}format=text to read them as they are")
+        warnings.warn(f"seqmix: {self.owner}: left out {len(binary)} of {len(self.files)} files, which hold {why}: "
+                      f"{named}; {self.options}format=text reads them as they are", SeqmixWarning, stacklevel=3)
 
     def decode(self, raw: bytes, where: Path | str, line: int | None = None) -> bytes:
         """``raw`` as valid UTF-8 bytes, under the decode_errors policy."""
