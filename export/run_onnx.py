@@ -439,17 +439,20 @@ def escape_controls(text: str, keep: str = "") -> str:
 def main(argv: list[str]) -> int:
     """Run the command line; 0 on success, 2 with one ``run_onnx: error: ...`` line on stderr otherwise."""
     parser = _Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("directory", type=Path)
+    parser.add_argument("directory", type=Path, help="the export directory: manifest.json, the graphs, this file")
     sub = parser.add_subparsers(dest="mode", required=True)
-    gen = sub.add_parser("generate")
-    gen.add_argument("--prompt", default="def ")
-    gen.add_argument("--tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=40)
-    gen.add_argument("--seed", type=int, default=0)
+    gen = sub.add_parser("generate", help="stream text from a language model through step.onnx",
+                         description="Stream text from a language model through step.onnx: the prompt in one call, "
+                                     "then one token per call.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--prompt", default="def ", help="the text to continue, encoded as the model was trained")
+    gen.add_argument("--tokens", type=int, default=200, help="tokens to sample after the prompt")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
+    gen.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 for all")
+    gen.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     gen.add_argument("--raw", action="store_true", help="write the text exactly as decoded, control characters included")
-    cls = sub.add_parser("classify")
-    cls.add_argument("--ids", required=True, help="comma-separated token ids")
+    cls = sub.add_parser("classify", help="class probabilities of one sequence through model.onnx",
+                         description="Class probabilities of one sequence of token ids through model.onnx, as JSON.")
+    cls.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 11,3,7")
     try:
         args = parser.parse_args(argv)
         manifest = load(args.directory)
