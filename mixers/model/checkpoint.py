@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,10 @@ from seqmix.model.description import build_described_model, model_description
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+"""The folder of a training run's checkpoints, each a saved model with the trainer's state beside it."""
+LATEST = "latest"
+"""The file in CHECKPOINTS naming the newest checkpoint."""
 
 SIZE_SLACK_BYTES = 64 << 20
 """What a model may hold beyond twice its stored weights (buffers the file does not carry)."""
@@ -88,6 +93,30 @@ def read_description(path: Path) -> dict:
         raise SeqmixError(f"{path}: {error}") from None
 
 
+def is_checkpoint_directory(path: Path) -> bool:
+    """A real directory named like a training checkpoint, step-NNNNNNNN (a symlink is never one: it could
+    point outside the run)."""
+    return re.fullmatch(r"step-\d{8}", path.name) is not None and path.is_dir() and not path.is_symlink()
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points at in ``out_dir``, or None when there is none."""
+    pointer = Path(out_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = parse_json(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError):
+        raise SeqmixError(f"{pointer} is corrupted; it should name the newest checkpoint in {pointer.parent}") from None
+    checkpoint = pointer.parent / str(name)
+    if not isinstance(name, str) or not is_checkpoint_directory(checkpoint):
+        raise SeqmixError(
+            f"{pointer} names {name!r}, which is not a checkpoint directory in {pointer.parent} "
+            "(checkpoints are real directories named step-NNNNNNNN; symbolic links are refused)"
+        )
+    return checkpoint
+
+
 def load_model(directory: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False):
     """Rebuild a model saved by ``save_model``: checksums, description, header check, then the weights.
 
@@ -103,9 +132,6 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", allow_unverifi
     require_path("load_model: directory", directory)
     directory = Path(directory)
     if not (directory / WEIGHTS).exists():
-        # Imported here: training builds on this module.
-        from seqmix.training.checkpoints import latest_checkpoint
-
         directory = latest_checkpoint(directory) or directory
     return load_verified(directory, CONFIG, read_description, device, allow_unverified, "load_model",
                          "save_model, or a run directory of seqmix train or a checkpoint in it")

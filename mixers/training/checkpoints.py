@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,12 @@ from torch import nn
 from seqmix.errors import SeqmixError, one_line, require_path
 from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
     WEIGHTS,
     check_weights,
+    is_checkpoint_directory,
+    latest_checkpoint,
     load_model,
     read_tensors,
     save_model,
@@ -33,8 +36,6 @@ from seqmix.tasks.base import MODEL_FILES
 from seqmix.tokenization import BYTES, TOKENIZER_FILE
 from seqmix.training.records import read_run_record, read_task
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 RUN = "run.json"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
@@ -74,7 +75,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     _remove_checkpoint(final)
     os.replace(staging, final)
     write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
-    kept = sorted(path for path in root.iterdir() if _is_checkpoint(path))
+    kept = sorted(path for path in root.iterdir() if is_checkpoint_directory(path))
     for old in kept[:-keep]:
         if old != final:
             _remove_checkpoint(old)
@@ -84,11 +85,6 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
 def checkpoint_name(step: int) -> str:
     """The directory name of the checkpoint taken after ``step`` optimizer steps."""
     return f"step-{step:08d}"
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """A real directory named like a checkpoint (a symlink is never one: it could point outside the run)."""
-    return re.fullmatch(r"step-\d{8}", path.name) is not None and path.is_dir() and not path.is_symlink()
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -118,24 +114,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dic
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": scalars["param_groups"]}
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``latest`` points at in ``out_dir``, or None when there is none."""
-    pointer = Path(out_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    try:
-        name = parse_json(pointer.read_text())["checkpoint"]
-    except (ValueError, KeyError, TypeError):
-        raise SeqmixError(f"{pointer} is corrupted; it should name the newest checkpoint in {pointer.parent}") from None
-    checkpoint = pointer.parent / str(name)
-    if not isinstance(name, str) or not _is_checkpoint(checkpoint):
-        raise SeqmixError(
-            f"{pointer} names {name!r}, which is not a checkpoint directory in {pointer.parent} "
-            "(checkpoints are real directories named step-NNNNNNNN; symbolic links are refused)"
-        )
-    return checkpoint
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
