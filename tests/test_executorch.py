@@ -107,9 +107,9 @@ def test_step_export_refuses_a_bidirectional_model(tmp_path):
 
 
 def test_a_graph_that_cannot_be_traced_names_the_layers_and_the_line(monkeypatch, tmp_path):
-    # Un-skipping step()'s learned-position check makes it read a tensor value while tracing.
+    # Un-skipping the token checks makes them read a tensor value while tracing.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    with pytest.raises(SeqmixError, match=r"decoder program .*layers \['attention'\].*seqmix/model/sequence_model\.py:\d+ in step"):
+    with pytest.raises(SeqmixError, match=r"decoder program .*layers \['attention'\].*seqmix/model/sequence_model\.py:\d+ in _check_tokens"):
         et.export_step_pte(tiny("gpt2"), tmp_path / "step.pte")
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from conftest import causal_presets, onnx_runner, tiny_preset
+import seqmix
 from seqmix import SeqmixError
 from seqmix.export.graphs import state_input_names
 from seqmix.model.sequence_model import ModelState
@@ -71,6 +72,27 @@ def test_step_names_a_wrong_input(make_input, message):
     tokens, state = make_input(model)
     with pytest.raises(SeqmixError, match=message):
         model.step(tokens, state)
+
+
+@pytest.mark.parametrize("tokens, low, high", [([[1, 300]], 1, 300), ([[-1, 3]], -1, 3), ([[256]], 256, 256)],
+                         ids=["too large", "negative", "vocab_size itself"])
+def test_forward_names_a_token_id_outside_the_vocabulary_as_step_does(tokens, low, high):
+    # The embedding alone failed with "index out of range in self" (a device-side assert on a GPU).
+    model = tiny("megalodon")
+    with pytest.raises(SeqmixError, match=rf"token ids must lie in \[0, vocab_size=256\), got ids from {low} to {high}"):
+        model(torch.tensor(tokens))
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [((256, 16, "ema"), r"layers='ema' is a string; give a list of mixer names, e.g. layers=\['ema'\]"),
+     (("256", 16, ["ema"]), "vocab_size='256' is not valid"),
+     ((256, 0, ["ema"]), "d_model=0 is not valid")],
+    ids=["layers as a string", "vocab_size as a string", "zero width"],
+)
+def test_build_model_names_a_bad_argument_before_building_a_part(arguments, message):
+    with pytest.raises(SeqmixError, match=message):
+        seqmix.build_model(*arguments)
 
 
 # --- the ONNX Runtime runner ----------------------------------------------------------------

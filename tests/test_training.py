@@ -401,7 +401,7 @@ def test_logits_at_target_positions_only_give_the_full_forward_loss(task, tmp_pa
     torch.testing.assert_close(loss_sum_and_count(selected, batch), loss_sum_and_count(full, batch))
     assert correct_count(selected, batch) == correct_count(full, batch)
     with pytest.raises(SeqmixError, match="classification head"):
-        build_experiment(small(tmp_path, "task=listops")).model(batch.inputs[:, :8], None, torch.tensor([0]))
+        build_experiment(small(tmp_path, "task=listops")).model(torch.zeros_like(batch.inputs[:, :8]), None, torch.tensor([0]))
 
 
 def test_a_run_record_or_tokenizer_that_is_not_a_regular_file_is_refused_by_what_it_is_without_blocking(tmp_path):

@@ -122,6 +122,14 @@ class SequenceModel(nn.Module):
             raise SeqmixError(f"model: tokens must be a (B, L) integer tensor, got {got}")
         if tokens.numel() == 0:
             raise SeqmixError(f"model: tokens has shape {tuple(tokens.shape)}; expected at least one row and one token")
+        # The values, which a traced graph cannot read: eager calls only. The embedding would fail with
+        # "index out of range in self" on a CPU, and a device-side assert on a GPU. One boolean is
+        # read, the bounds only to name them.
+        if not torch.compiler.is_compiling():
+            low, high = torch.aminmax(tokens)
+            if not bool((low >= 0) & (high < self.vocab_size)):
+                raise SeqmixError(f"model: token ids must lie in [0, vocab_size={self.vocab_size}), "
+                                  f"got ids from {int(low)} to {int(high)}")
         if self.pos_embed is not None and start + tokens.shape[1] > self.max_len:
             raise SeqmixError(
                 f"model: {start + tokens.shape[1]} tokens exceed max_len={self.max_len} of the learned positions"
@@ -224,9 +232,6 @@ class SequenceModel(nn.Module):
         if not torch.compiler.is_compiling():
             if self.pos_embed is not None:
                 self._check_tokens(tokens, int(state.pos.max()))
-            low, high = int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= self.vocab_size:
-                raise SeqmixError(f"model: token ids must lie in [0, vocab_size={self.vocab_size}), got ids from {low} to {high}")
         positions = state.pos.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         h = self._embed(tokens, positions)
         block_states = []
@@ -304,8 +309,13 @@ def build_model(
             ``seqmix.Block``), passed to the block factory; None leaves each block's own.
         Others as in ``SequenceModel``.
     """
+    # Before any part is built: the factories take these sizes first.
+    require_int("model", "vocab_size", vocab_size, 2)
+    require_int("model", "d_model", d_model)
     if recompute is not None:
         require_recompute("model.recompute", recompute)
+    if isinstance(layers, str):
+        raise SeqmixError(f"model: layers={layers!r} is a string; give a list of mixer names, e.g. layers={[layers]!r}")
     mixers = dict(mixers or {})
     pattern = list(layers)
     if not pattern:
