@@ -585,11 +585,22 @@ COMMANDS = {
 def overview() -> str:
     """``seqmix --help``: the commands."""
     width = max(map(len, COMMANDS))
-    lines = [f"usage: {PROGRAM} <command> [key=value ...] [--help] [--cfg]", "", "commands:"]
+    lines = [f"usage: {PROGRAM} <command> [key=value ...] [--help] [--cfg]", f"       {PROGRAM} --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
     lines += ["", f"'{PROGRAM} <command> --help' lists a command's options and config groups.",
               "Overrides use Hydra's syntax: key=value, group=preset, +key=value adds a key, ~key removes one."]
     return "\n".join(lines)
+
+
+def version_line() -> str:
+    """``seqmix --version``: seqmix's version, and the torch and Python it runs on (what a bug report needs)."""
+    import platform
+
+    import torch
+
+    from seqmix import __version__
+
+    return f"{PROGRAM} {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 def command_help(command: Command) -> str:
@@ -833,6 +844,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
     name, argv = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"{PROGRAM}: error: unknown command {name!r}; the commands are {list(COMMANDS)}", file=sys.stderr)

@@ -38,6 +38,25 @@ def test_the_overview_lists_every_command(capsys):
     assert {"train", "evaluate", "generate", "export", "describe", "search", "bench", "gather", "tour"} <= set(COMMANDS)
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_names_seqmix_torch_and_python(flag, capsys):
+    import platform
+
+    import torch
+
+    import seqmix
+
+    status, out, _ = run(capsys, flag)
+    assert status == 0
+    assert out.strip() == f"seqmix {seqmix.__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+    # The version the package installs as is the one it reports.
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == seqmix.__version__
+
+
 def test_no_command_prints_the_overview_and_fails(capsys):
     status, out, _ = run(capsys)
     assert status == 2 and "commands:" in out
