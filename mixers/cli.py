@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import CHECKSUMS, SeqmixError, SeqmixWarning, require_int, require_writable_dir, require_writable_file
+from seqmix.errors import CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_int, require_writable_dir, require_writable_file
 from seqmix.terminal import escape_controls
 from seqmix.threads import apply_thread_policy
 
@@ -891,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
         # folder removed under the run) is the machine's doing, told in one line that names the file.
         _print_error(name, _os_error_text(error))
         return 1
+    except TrainingStopped as stopped:
+        print(f"{PROGRAM} {name}: {escape_controls(str(stopped))}", file=sys.stderr)
+        return stopped.exit_status
     except KeyboardInterrupt:
         print(f"\n{PROGRAM} {name}: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import stat
 import tempfile
 from pathlib import Path
@@ -20,6 +21,19 @@ class SeqmixError(ValueError):
 class SeqmixWarning(UserWarning):
     """Something seqmix did on the user's behalf that they should know of (a file left out, a plugin
     skipped); the ``seqmix`` command prints it as one line."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on a signal, SIGTERM (a scheduler preempting the job, ``kill``) or SIGINT
+    (Ctrl-C), after the step it was in, with a checkpoint of that step: ``train.resume=true``
+    continues from it. A KeyboardInterrupt, so that code which stops on Ctrl-C stops on it too."""
+
+    def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: Path | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_status = 128 + signal.Signals[signal_name].value  # what a shell reports for a process the signal ended
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "the checkpoint written by process 0"
+        super().__init__(f"stopped by {signal_name} after step {step:,} of {max_steps:,}, with {where}; "
+                         "continue with train.resume=true")
 
 
 def one_line(error: BaseException) -> str:

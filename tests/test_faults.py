@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -122,6 +123,48 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
 @pytest.mark.parametrize("attempt", range(5))
 def test_a_run_killed_again_and_again_resumes_to_the_same_metrics(tmp_path, attempt):
     _killed_runs_resume_to_the_uninterrupted_metrics(tmp_path, seed=random.randrange(2**32), kills=3)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_training_after_its_step_with_a_checkpoint_that_resumes(tmp_path, stop_signal):
+    """Fault: SIGTERM (a scheduler preempting the job, ``kill``) or SIGINT (Ctrl-C) between
+    checkpoints. Outcome: the run stops after the step it was in, with that step's checkpoint, and
+    exits with 128 + the signal's number, naming it; train.resume=true continues from that step.
+    Before, the progress since the last checkpoint was lost."""
+    if signal.getsignal(stop_signal) is signal.SIG_IGN:
+        pytest.skip(f"{stop_signal.name} is ignored by this process, so the run it starts ignores it too")
+    out = tmp_path / "run"
+    forever = ["train.max_steps=100000", "train.checkpoint_every=100000", "train.eval_every=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*SEQMIX, "train", *TINY, *forever, f"train.out_dir={out}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() is not None else "no rows"
+        time.sleep(0.02)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + stop_signal.value, stderr
+    stopped = re.search(rf"stopped by {stop_signal.name} after step (\d+) of 100,000, with checkpoint (\S+); continue with "
+                        "train.resume=true", stderr)
+    assert stopped, stderr
+    step = int(stopped.group(1))
+    assert step >= 3 and latest_checkpoint(out) == Path(stopped.group(2)) and latest_checkpoint(out).name == f"step-{step:08d}"
+    resumed = subprocess.run([*SEQMIX, "train", *TINY, f"train.max_steps={step + 2}", f"train.out_dir={out}", "train.resume=true"],
+                             capture_output=True, text=True, env=env, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing from {latest_checkpoint(out).parent / f'step-{step:08d}'} at step {step}" in resumed.stdout
+    assert [row["step"] for row in metric_rows(out) if row["split"] == "train"] == list(range(1, step + 3))
+
+
+def test_a_second_stop_signal_stops_at_once():
+    from seqmix.training.loop import _StopRequests
+
+    stops = _StopRequests()
+    stops._handle(signal.SIGTERM, None)
+    assert stops.received == "SIGTERM" and stops.stop_now(1, torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        stops._handle(signal.SIGINT, None)
 
 
 @pytest.mark.parametrize("torn", [b'{"step": 3, "split": "tra', b'{"step": 3, "split": "tra\xff\xfe'], ids=["text", "not UTF-8"])

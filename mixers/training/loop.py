@@ -15,6 +15,9 @@ import json
 import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -27,12 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, choice_error, require_bool, require_int, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, TrainingStopped, choice_error, require_bool, require_int, require_path, require_writable_dir
 from seqmix.training.records import read_run_record, same_run
 from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
     RUN,
+    checkpoint_name,
     latest_checkpoint,
     load_training_state,
     save_checkpoint,
@@ -524,7 +528,9 @@ def _train_in_locked_dir(
 
     # Closed however the loop ends (a refused step, an interrupt, memory running out), so the bar
     # ends its line and the metrics rows are flushed and closed.
+    stops = _StopRequests()
     try:
+        stops.install()
         model.train()
         consecutive_skips = 0
         for step in range(start, config.max_steps):
@@ -589,9 +595,14 @@ def _train_in_locked_dir(
                     bar.write(f"step {done}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in scores.items()))
             if rank == 0 and (done % config.checkpoint_every == 0 or done == config.max_steps):
                 checkpoint = save_checkpoint(out_dir, done, model, optimizer, config.keep_checkpoints)
+            if done < config.max_steps and stops.stop_now(world, device):
+                if rank == 0 and (checkpoint is None or checkpoint.name != checkpoint_name(done)):
+                    checkpoint = save_checkpoint(out_dir, done, model, optimizer, config.keep_checkpoints)
+                raise TrainingStopped(stops.received or "SIGTERM", done, config.max_steps, checkpoint if rank == 0 else None)
             if world > 1:
                 dist.barrier()
     finally:
+        stops.restore()
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
@@ -610,6 +621,46 @@ def _train_in_locked_dir(
         tokens_per_s=tokens_seen / max(seconds, 1e-9),
         history=history,
     )
+
+
+class _StopRequests:
+    """While training: the first SIGTERM or SIGINT asks the loop to stop after the step it is in,
+    with a checkpoint; a second one stops at once (KeyboardInterrupt), as before.
+
+    Installed from the main thread only (Python runs handlers there), and not for a signal the
+    process ignores (a job started with nohup, or in the background by a shell, keeps ignoring it).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                if signal.getsignal(number) is not signal.SIG_IGN:
+                    self._previous[number] = signal.signal(number, self._handle)
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        print(f"\ntrain: {self.received} received: stopping after this step with a checkpoint "
+              "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def stop_now(self, world: int, device: torch.device) -> bool:
+        """Whether to stop after this step; with several processes, whether any was asked (they stop together)."""
+        if world == 1:
+            return self.received is not None
+        asked = torch.tensor([0 if self.received is None else 1], device=device)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        return bool(asked.item())
 
 
 def _nonfinite_fault(loss: float, grad_norm: float) -> str | None:
