@@ -892,7 +892,9 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(name, _os_error_text(error))
         return 1
     except TrainingStopped as stopped:
-        print(f"{PROGRAM} {name}: {escape_controls(str(stopped))}", file=sys.stderr)
+        # Resuming is train's; a search queues its interrupted trial again instead.
+        told = str(stopped) if name == "train" else f"stopped by {stopped.signal_name}"
+        print(f"{PROGRAM} {name}: {escape_controls(told)}", file=sys.stderr)
         return stopped.exit_status
     except KeyboardInterrupt:
         print(f"\n{PROGRAM} {name}: interrupted", file=sys.stderr)
