@@ -1,5 +1,5 @@
-"""In eval mode the FFT path keeps its kernel's spectrum and the chunked path its chunk weights,
-and neither ever serves a stale one."""
+"""In eval mode the FFT path keeps its kernel's spectrum, the chunked path its chunk weights and
+the native path its laid-out operands, and none ever serves a stale one."""
 from __future__ import annotations
 
 import pytest
@@ -8,13 +8,14 @@ import torch
 import seqmix
 from seqmix.operators import recurrence
 
-BUILDERS = {"fft": "kernel_spectrum", "chunked": "chunk_weights"}
+BUILDERS = {"fft": "kernel_spectrum", "chunked": "chunk_weights", "native": "native_operands"}
 """The function that computes each path's parameter-only part, which the cache saves."""
 
 
 @pytest.fixture
 def computed(monkeypatch):
-    """impl -> the calls of its builder made so far (the FFT's record the length, the chunked path's the chunk size)."""
+    """impl -> the calls of its builder made so far (the FFT's record the length, the chunked path's the chunk
+    size, the native path's the width)."""
     calls = {impl: [] for impl in BUILDERS}
     for impl, name in BUILDERS.items():
         original = getattr(recurrence, name)
@@ -40,10 +41,11 @@ def test_eval_mode_computes_the_parameters_part_once_and_matches_the_recurrence(
         again, other_batch = mixer(x), mixer(y)
         assert len(computed[impl]) == directions, "a second call at the same length recomputed it"
         shorter = mixer(x[:, :17])
-        # The FFT's spectrum is per length; the chunk weights serve every length.
+        # The FFT's spectrum is per length; the chunk weights and native operands serve every length.
         assert len(computed[impl]) == (2 * directions if impl == "fft" else directions)
-        if impl == "chunked" and mixer.causal:
-            mixer.step(x[:, :3], mixer.init_state(2))  # fewer tokens than a chunk: the recurrent loop
+        if impl != "fft" and mixer.causal:
+            # Fewer tokens than a chunk: the chunked path runs the loop, native code its own kernel.
+            mixer.step(x[:, :3], mixer.init_state(2))
             assert len(computed[impl]) == directions
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     reference = seqmix.build_mixer(name, 8, impl="recurrent", **options).double().eval()

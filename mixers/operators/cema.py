@@ -97,9 +97,9 @@ class CEMA(recurrence.RecurrenceMixer):
 
     def _recur(self, xs: Tensor, h0, need_state: bool = True):
         """``recurrence.run`` with the output Re(y) + omega ⊙ x, the skip fused on the chunked path."""
-        coef, skip = self.coefficients(xs.dtype), self.omega.to(xs.dtype)
-        return recurrence.run(self.impl, xs, coef, h0, self.chunk_size, self.prepared(coef, xs.shape[1], skip=skip), need_state,
-                              skip=skip)
+        skip = self.omega.to(xs.dtype)
+        coef, prepared = self.prepared(lambda: self.coefficients(xs.dtype), xs.dtype, xs.shape[1], skip=skip)
+        return recurrence.run(self.impl, xs, coef, h0, self.chunk_size, prepared, need_state, skip=skip)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):

@@ -89,8 +89,8 @@ class EMA(recurrence.RecurrenceMixer):
     def _recur(self, x: Tensor, h0, backward: bool = False, need_state: bool = True, skip: Tensor | None = None,
                silu: bool = False):
         """``recurrence.run`` of one direction; ``skip`` and ``silu`` give SiLU(y + skip ⊙ x), fused on the chunked path."""
-        coef = self.coefficients(x.dtype, backward)
-        prepared = self.prepared(coef, x.shape[1], "backward" if backward else "forward", skip)
+        coef, prepared = self.prepared(lambda: self.coefficients(x.dtype, backward), x.dtype, x.shape[1],
+                                       "backward" if backward else "forward", skip)
         return recurrence.run(self.impl, x, coef, h0, self.chunk_size, prepared, need_state, skip, silu)
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:

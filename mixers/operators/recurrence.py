@@ -31,10 +31,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -873,42 +874,76 @@ def _check_native_operands(x: Tensor, coefficients: dict[str, Tensor | None], st
             )
 
 
+class NativeOperands(NamedTuple):
+    """What native code multiplies by, laid out (N', P) (``native_operands``): q, b, c and the skip (P,)."""
+
+    q_re: Tensor
+    q_im: Tensor | None
+    b: Tensor
+    c_re: Tensor
+    c_im: Tensor | None
+    skip: Tensor | None
+
+
+def _native_layout(dtype: torch.dtype, width: int, order: int) -> tuple[int, int]:
+    """(P, N'): D padded to the native kernels' vector width, N to their group of states."""
+    kernels = _native_kernels(dtype)
+    return -(-width // kernels.lanes) * kernels.lanes, -(-order // kernels.group) * kernels.group
+
+
+def _laid_out(t: Tensor | None, padded: int, orders: int) -> Tensor | None:
+    """(..., D, N) -> (..., N', P), zero padded."""
+    if t is None:
+        return None
+    width, order = t.shape[-2:]
+    return F.pad(t.transpose(-1, -2), (0, padded - width, 0, orders - order)).contiguous()
+
+
+def native_operands(coef: Coefficients, width: int, skip: Tensor | None) -> NativeOperands:
+    """The coefficients (D, N) and skip (D,) as the native kernels read them: the parameters' part of
+    the native path's work, the same for every call and length (a mixer in eval mode caches it)."""
+    order = coef.b.shape[-1]
+    padded, orders = _native_layout(coef.b.dtype, width, order)
+    q_re, q_im = coef.power(1, coef.b.device)
+    complex_ = coef.phase is not None
+    return NativeOperands(
+        _laid_out(q_re, padded, orders), _laid_out(q_im, padded, orders), _laid_out(coef.b, padded, orders),
+        _laid_out(coef.c[0], padded, orders), _laid_out(coef.c[1] if complex_ else None, padded, orders),
+        None if skip is None else F.pad(skip, (0, padded - width)).contiguous())
+
+
 def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor | None = None, silu: bool = False,
-           chunk_size: int = 64) -> tuple[Tensor, Pair]:
+           chunk_size: int = 64, operands: NativeOperands | None = None, need_state: bool = True) -> tuple[Tensor, Pair | None]:
     """The literal recurrence as native code, vectorised across channels (``seqmix.native`` builds it).
 
     Same arguments and results as ``recurrent``, plus the output transform SiLU(y + skip ⊙ x)
     (``skip`` (D,) or None, ``silu``), which the kernel applies as it writes y (keeping the sum
-    for its backward while autograd records). Like the loop, a NaN or infinity at step t
-    reaches steps >= t only. CPU only; float32 and float64. While compiling or exporting it runs
-    ``chunked`` with ``chunk_size``: tracers cannot see into native code.
+    for its backward while autograd records). ``operands`` is ``native_operands(coef, D, skip)``
+    when the caller holds it already (a mixer in eval mode caches it); ``need_state=False``
+    returns None for the state and skips laying it back out. Like the loop, a NaN or infinity at
+    step t reaches steps >= t only. CPU only; float32 and float64. While compiling or exporting it
+    runs ``chunked`` with ``chunk_size``: tracers cannot see into native code.
     """
     if torch.compiler.is_compiling():
         return chunked(x, coef, h0, chunk_size, skip, silu)
     if x.device.type != "cpu":
         raise SeqmixError(f"impl='native' runs on the CPU, and x is on {x.device}; use impl='chunked' there")
-    kernels = _native_kernels(x.dtype)
     batch, _, width = x.shape
     order = coef.b.shape[-1]
+    padded, orders = _native_layout(x.dtype, width, order)
     h = coef.zero_state(batch) if h0 is None else h0
     _check_native_operands(x, {"log_r": coef.log_r, "phase": coef.phase, "b": coef.b, "c (real part)": coef.c[0],
                                "c (imaginary part)": coef.c[1]}, {"h0 (real part)": h[0], "h0 (imaginary part)": h[1]}, skip)
-    padded = -(-width // kernels.lanes) * kernels.lanes
-    orders = -(-order // kernels.group) * kernels.group
-
-    def laid_out(t: Tensor | None) -> Tensor | None:
-        """(..., D, N) -> (..., N', P), zero padded."""
-        return None if t is None else F.pad(t.transpose(-1, -2), (0, padded - width, 0, orders - order)).contiguous()
-
-    q_re, q_im = coef.power(1, x.device)
+    if operands is None:
+        operands = native_operands(coef, width, skip)
     complex_ = coef.phase is not None
     h_im = h[1] if h[1] is not None or not complex_ else torch.zeros_like(h[0])
-    padded_skip = None if skip is None else F.pad(skip, (0, padded - width)).contiguous()
     records = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, coef.log_r, coef.phase, coef.b, *coef.c, skip, *h))
     y, end_re, end_im = _NativeRecurrence.apply(
-        x, laid_out(q_re), laid_out(q_im), laid_out(coef.b), laid_out(coef.c[0]), laid_out(coef.c[1] if complex_ else None),
-        padded_skip, laid_out(h[0]), laid_out(h_im if complex_ else None), silu, records)
+        x, *operands, _laid_out(h[0], padded, orders), _laid_out(h_im if complex_ else None, padded, orders), silu, records)
+    if not need_state:
+        return y, None
 
     def state(t: Tensor | None) -> Tensor | None:
         """(B, N', P) -> (B, D, N)."""
@@ -949,8 +984,8 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
     a bool), which the chunked path fuses into its own passes and the others apply after.
     ``prepared`` is what the path computes from the parameters alone, when the caller caches it
     (``RecurrenceMixer.prepared``): the FFT path's kernel spectrum, the chunked path's chunk
-    weights. ``need_state=False`` lets the FFT and chunked paths skip the final state (``fft``, ``chunked``);
-    the state is then None on those paths.
+    weights, the native path's laid-out operands. ``need_state=False`` lets the FFT, chunked and
+    native paths skip the final state (``fft``, ``chunked``, ``native``); the state is then None on those paths.
 
     The loop (and its native code) lets a NaN or infinity at step t reach steps >= t only. The FFT and the chunks' Toeplitz
     matmuls would multiply it by the zeros above the diagonal into earlier steps too, so they run on
@@ -961,8 +996,7 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
         y, h = recurrent(x, coef, h0)
         return _finish(y, x, skip, silu), h
     if impl == "native":
-        y, h = native(x, coef, h0, skip, silu, chunk_size)
-        return y, h if need_state else None
+        return native(x, coef, h0, skip, silu, chunk_size, prepared, need_state)
     clean = masking.all_finite(x)
     finite_x, marks = (x, None) if clean else masking.zero_nonfinite(x)
     if impl == "chunked":
@@ -1066,9 +1100,12 @@ class RecurrenceMixer(Mixer):
     def impl_for_tokens(self, tokens: int) -> str:
         return "recurrent" if steps_recurrently(self.impl, tokens, self.chunk_size) else self.impl
 
-    def prepared(self, coef: Coefficients, length: int, direction: str = "forward", skip: Tensor | None = None):
-        """What the path computes from the parameters alone, cached while nothing needs its gradient:
-        the FFT path's kernel spectrum for length L, or the chunked path's ``chunk_weights`` (any L).
+    def prepared(self, coefficients: Callable[[], Coefficients], dtype: torch.dtype, length: int,
+                 direction: str = "forward", skip: Tensor | None = None) -> tuple[Coefficients, object | None]:
+        """The recurrence's coefficients in ``dtype`` (``coefficients()`` computes them) and what the
+        path computes from the parameters alone: the FFT path's kernel spectrum for length L, the
+        chunked path's ``chunk_weights`` or the native path's ``native_operands`` (any L); both
+        cached while nothing needs their gradient.
 
         In eval mode, outside autograd and tracing, these depend only on the path, L (the FFT's),
         the dtype, the device, whether ``skip`` (a parameter) rides on them, and the parameters'
@@ -1076,28 +1113,35 @@ class RecurrenceMixer(Mixer):
         values they were computed from. The values are compared, not version counters: writes
         through ``.data`` (weight averaging, ``vector_to_parameters``) change a parameter without
         bumping its version. Without the cache ``impl=fft`` recomputed D·N·L powers on every call,
-        and the chunked path its (D, C, C) Toeplitz block. Returns None when they must be computed
-        with the call (training, autograd, tracing, or a path with nothing to prepare: the loop, native or not).
+        the chunked path its (D, C, C) Toeplitz block, and every path its coefficients (the native
+        path also laid them out again: a third of its call at L = 4096, most of a one-token step).
+        The second item is None when they must be computed with the call (training, autograd,
+        tracing, or the loop, which has nothing to prepare).
         """
         # The cheap tests first: every call of every path (a one-token step included) asks.
         impl = self.impl_for_tokens(length)
-        if impl not in ("fft", "chunked") or self.training or torch.compiler.is_compiling():
-            return None
+        if impl not in ("fft", "chunked", "native") or self.training or torch.compiler.is_compiling():
+            return coefficients(), None
         parameters = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
-            return None
+            return coefficients(), None
         computed_from = self.__dict__.get("_prepared_from")
         if computed_from is None or not _same_values(parameters, computed_from):
             # A few (D, N) tensors: comparing them costs microseconds, a stale entry a wrong output.
             self.__dict__["_prepared_from"] = [p.detach().clone() for p in parameters]
             self.__dict__["_prepared"] = {}
-        key = (impl, length if impl == "fft" else None, coef.log_r.dtype, coef.log_r.device, direction, skip is not None)
+        key = (impl, length if impl == "fft" else None, dtype, parameters[0].device, direction, skip is not None)
         cache = self.__dict__["_prepared"]
         if key not in cache:
             if len(cache) >= PREPARED_KEPT:
                 cache.pop(next(iter(cache)))
-            cache[key] = (kernel_spectrum(coef, length, coef.log_r.device) if impl == "fft"
-                          else chunk_weights(coef, self.chunk_size, skip))
+            coef = coefficients()
+            if impl == "fft":
+                cache[key] = coef, kernel_spectrum(coef, length, coef.log_r.device)
+            elif impl == "chunked":
+                cache[key] = coef, chunk_weights(coef, self.chunk_size, skip)
+            else:
+                cache[key] = coef, native_operands(coef, self.d_model, skip)
         return cache[key]
 
     def length_unit(self) -> int:
