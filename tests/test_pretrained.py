@@ -177,6 +177,30 @@ def test_push_to_hub_uploads_the_pretrained_layout(monkeypatch, tmp_path):
         torch.testing.assert_close(from_pretrained(uploaded).eval()(tokens), model(tokens), rtol=0, atol=0)
 
 
+def test_push_to_hub_names_a_bad_repository_id_before_saving_and_a_refused_upload(monkeypatch):
+    import huggingface_hub
+
+    class OfflineApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            raise ConnectionError("Name or service not known\nretry later")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    monkeypatch.setattr(seqmix.model.pretrained, "save_pretrained", lambda *a, **k: pytest.fail("saved before the id was checked"))
+    model = _model("megalodon")
+    for bad in ("bad repo id!", "a//b", 123):
+        with pytest.raises(SeqmixError, match=rf"push_to_hub: repo_id={bad!r} is not a valid Hub repository id"):
+            seqmix.push_to_hub(model, bad)
+    monkeypatch.undo()
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    # The Hub's error (here: no network), told in one line, as from_pretrained tells it.
+    with pytest.raises(SeqmixError, match=r"could not push to 'someone/tiny' on the Hugging Face Hub \(ConnectionError: "
+                       r"Name or service not known retry later\)"):
+        seqmix.push_to_hub(model, "someone/tiny")
+
+
 def test_train_saves_pretrained_and_evaluate_and_export_read_it(tmp_path, capsys):
     """seqmix train train.save_pretrained=<dir>; then evaluate and export take that directory like a run."""
     from seqmix.cli import main

@@ -214,16 +214,27 @@ def push_to_hub(model, repo_id: str, training: Mapping | None = None, private: b
                 files: Mapping[str, bytes] | None = None) -> str:
     """Save ``model`` in the pretrained layout and upload it to Hub repository ``repo_id`` (created if needed).
 
-    Returns the URL of the commit.
+    Returns the URL of the commit. The repository id is checked before anything is saved, and what
+    the Hub refuses (no network, no token or rights, a name taken) is one SeqmixError naming it.
     """
     try:
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
     except ImportError:
         raise SeqmixError("push_to_hub needs huggingface_hub: pip install 'seqmix[hub]'") from None
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SeqmixError(f"push_to_hub: repo_id={repo_id!r} is not a valid Hub repository id; expected 'name' or "
+                          "'owner/name' of letters, digits, '-', '_' and '.'") from None
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as scratch:
         folder = save_pretrained(model, Path(scratch) / "model", training, task, files)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        except Exception as error:  # noqa: BLE001  (network, token, rights: one named error, as from_pretrained)
+            raise SeqmixError(f"could not push to {repo_id!r} on the Hugging Face Hub ({one_line(error)})") from None
     return str(getattr(commit, "commit_url", commit))
