@@ -71,6 +71,26 @@ def require_int(owner: str, field: str, value, minimum: int = 1, meaning: str = 
         raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected an integer >= {minimum}{detail}")
 
 
+def require_available_device(field: str, name):
+    """``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``) as a ``torch.device`` this
+    machine has; otherwise a SeqmixError naming ``field``, before anything is read onto it (a loader
+    asked for a missing GPU failed as if its file were unreadable)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise SeqmixError(f"{field}={name!r} is not a device torch knows; expected e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SeqmixError(f"{field}={name!r} but no CUDA device is available on this machine; use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SeqmixError(f"{field}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    if device.type not in ("cpu", "cuda", "meta") and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise SeqmixError(f"{field}={name!r} but this machine has no {device.type} device; use 'cpu'")
+    return device
+
+
 def require_bool(owner: str, field: str, value) -> None:
     """Raise unless ``value`` is True or False itself: "false", 0 or None would silently mean the opposite."""
     if not isinstance(value, bool):

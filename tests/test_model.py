@@ -72,6 +72,20 @@ def test_load_refuses_targets_outside_the_project(tmp_path):
     assert not marker.exists()
 
 
+def test_load_names_a_device_this_machine_lacks_before_reading_and_takes_a_torch_device(tmp_path):
+    model = build("model=ema_conv")
+    seqmix.save_model(model, tmp_path)
+    # The loaders failed as if the weights file were unreadable ("pin_memory=True requires a CUDA ...").
+    for device, message in [("cuda:99", r"load_model: device='cuda:99' but (no CUDA device is available|this machine has \d+ CUDA)"),
+                            ("tpu", "load_model: device='tpu' is not a device torch knows")]:
+        with pytest.raises(SeqmixError, match=message):
+            seqmix.load_model(tmp_path, device=device)
+    with pytest.raises(SeqmixError, match="from_pretrained: device='tpu' is not a device torch knows"):
+        seqmix.from_pretrained(tmp_path, device="tpu")
+    loaded = seqmix.load_model(tmp_path, device=torch.device("cpu"))
+    assert next(loaded.parameters()).device == torch.device("cpu")
+
+
 def test_load_names_a_missing_file(tmp_path):
     with pytest.raises(SeqmixError, match="config.yaml does not exist"):
         seqmix.load_model(tmp_path)

@@ -28,7 +28,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import CHECKSUMS, SeqmixError, not_a_file, one_line, require_path, require_writable_dir
+from seqmix.errors import (
+    CHECKSUMS,
+    SeqmixError,
+    not_a_file,
+    one_line,
+    require_available_device,
+    require_path,
+    require_writable_dir,
+)
 from seqmix.jsontext import parse_json
 from seqmix.model.description import build_described_model, model_description
 
@@ -142,6 +150,8 @@ def load_verified(directory: Path, config_name: str, read_config, device: str, a
     """The shared load: checksums (or, asked for by name, none), the description ``read_config(path)``
     reads from ``config_name``, the header check, then the weights. ``caller`` and ``writer`` name
     the function that failed and the one that writes such directories, for the error messages."""
+    # A string: safetensors takes no torch.device.
+    device = str(require_available_device(f"{caller}: device", device))
     for name in (config_name, WEIGHTS):
         if not (directory / name).is_file():
             raise SeqmixError(f"{caller}: {directory / name} {not_a_file(directory / name)}; expected a directory written by {writer}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, TrainingStopped, choice_error, require_bool, require_int, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, TrainingStopped, choice_error, require_available_device, require_bool, require_int, require_path, require_writable_dir
 from seqmix.training.records import read_run_record, same_run
 from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
@@ -329,12 +329,7 @@ def pick_device(name: str) -> torch.device:
     check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SeqmixError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SeqmixError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return require_available_device("train.device", name)
 
 
 def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[str, bytes] | None = None) -> Path:
