@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
+from seqmix.errors import SeqmixError, choice_error, require_available_device, require_bool, require_int
 
 State = Any
 """A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""
@@ -272,10 +272,7 @@ class Mixer(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise SeqmixError(f"{name}: dtype={dtype!r} is not valid; expected a floating torch.dtype or None (the parameters')")
         if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as error:
-                raise SeqmixError(f"{name}: device={device!r} is not valid: {error}") from None
+            device = require_available_device(f"{name}: device", device)
         return self.empty_state(batch_size, device, dtype)
 
     @property

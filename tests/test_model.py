@@ -72,7 +72,7 @@ def test_load_refuses_targets_outside_the_project(tmp_path):
     assert not marker.exists()
 
 
-def test_load_names_a_device_this_machine_lacks_before_reading_and_takes_a_torch_device(tmp_path):
+def test_loaders_and_init_state_name_a_device_this_machine_lacks_and_take_a_torch_device(tmp_path):
     model = build("model=ema_conv")
     seqmix.save_model(model, tmp_path)
     # The loaders failed as if the weights file were unreadable ("pin_memory=True requires a CUDA ...").
@@ -84,6 +84,11 @@ def test_load_names_a_device_this_machine_lacks_before_reading_and_takes_a_torch
         seqmix.from_pretrained(tmp_path, device="tpu")
     loaded = seqmix.load_model(tmp_path, device=torch.device("cpu"))
     assert next(loaded.parameters()).device == torch.device("cpu")
+    # init_state too: "cuda" failed with torch's AssertionError "Torch not compiled with CUDA enabled".
+    with pytest.raises(SeqmixError, match=r"model: device='cuda:99' but"):
+        loaded.init_state(1, device="cuda:99")
+    with pytest.raises(SeqmixError, match=r"EMA: device='tpu' is not a device torch knows"):
+        seqmix.build_mixer("ema", 8).init_state(1, device="tpu")
 
 
 def test_load_names_a_missing_file(tmp_path):

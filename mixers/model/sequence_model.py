@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
+from seqmix.errors import SeqmixError, choice_error, require_available_device, require_bool, require_int
 from seqmix.layers.blocks import Block, Recompute, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
@@ -167,7 +167,7 @@ class SequenceModel(nn.Module):
         """The state before any token, for streaming with ``step``."""
         if not self.causal:
             raise SeqmixError("model: a model with bidirectional layers cannot stream; it has no state")
-        device = self.embed.weight.device if device is None else device
+        device = self.embed.weight.device if device is None else require_available_device("model: device", device)
         norm_state = self.final_norm.init_state(batch_size, device, dtype) if isinstance(self.final_norm, TimestepNorm) else ()
         return ModelState(
             blocks=tuple(block.init_state(batch_size, device, dtype) for block in self.blocks),
