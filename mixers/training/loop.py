@@ -593,6 +593,7 @@ def _train_in_locked_dir(
             if done < config.max_steps and stops.stop_now(world, device):
                 if rank == 0 and (checkpoint is None or checkpoint.name != checkpoint_name(done)):
                     checkpoint = save_checkpoint(out_dir, done, model, optimizer, config.keep_checkpoints)
+                # A process that received nothing stops because another did: torchrun passes SIGTERM on to each.
                 raise TrainingStopped(stops.received or "SIGTERM", done, config.max_steps, checkpoint if rank == 0 else None)
             if world > 1:
                 dist.barrier()
@@ -640,7 +641,8 @@ class _StopRequests:
 
     def restore(self) -> None:
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            # None: the handler was set outside Python, which cannot put it back; the default stands in.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
     def _handle(self, number: int, frame) -> None:
         if self.received is not None:
