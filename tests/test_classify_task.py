@@ -201,6 +201,22 @@ def test_bad_files_and_options_are_refused_by_name(tmp_path):
         build_task("classify")
 
 
+def test_labels_the_valid_split_holds_and_the_train_split_never_shows_are_warned_of(tmp_path):
+    import warnings
+
+    from seqmix.errors import SeqmixWarning
+
+    # A label column that names every row apart (an id): no valid label was ever trained on.
+    unique = write_labelled_csv(tmp_path / "ids.csv", [(text, f"row{index}") for index, (text, _) in enumerate(labelled_rows(120))])
+    with pytest.warns(SeqmixWarning, match=r"classify: (\d+) of the \1 labels in the valid split of .*ids\.csv.* never occur in "
+                      r"its train split \('row\d+'.*is task\.label_column='label' the label"):
+        task = _task(unique, tmp_path)
+    assert task.meta["rows"]["valid"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeqmixWarning)
+        _task(write_labelled_csv(tmp_path / "rows.csv", labelled_rows(120)), tmp_path)
+
+
 def test_the_cache_is_reused_and_remade_when_the_file_or_an_option_changes(tmp_path, monkeypatch):
     data = write_labelled_csv(tmp_path / "rows.csv", labelled_rows(60))
     first = _task(data, tmp_path)

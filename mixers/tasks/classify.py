@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import os
 from array import array
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, SeqmixWarning, require_int
 from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
@@ -133,6 +134,19 @@ class Classify(Task):
                        for split in SPLITS}
         self.lengths = {split: np.load(self.cache / f"{split}.lengths.npy", mmap_mode="r") for split in SPLITS}
         self.label_ids = {split: np.load(self.cache / f"{split}.labels.npy", mmap_mode="r") for split in SPLITS}
+        self._warn_of_labels_never_trained()
+
+    def _warn_of_labels_never_trained(self) -> None:
+        """Warn when the valid split holds labels the train split never shows: the model cannot
+        learn them, and a label column that names every row apart (an id, a free text) looks so."""
+        unseen = np.setdiff1d(self.label_ids["valid"], self.label_ids["train"])
+        if not unseen.size:
+            return
+        named = ", ".join(repr(self.labels[i]) for i in unseen[:3]) + (f" and {unseen.size - 3} more" if unseen.size > 3 else "")
+        warnings.warn(
+            f"seqmix: classify: {unseen.size} of the {np.unique(self.label_ids['valid']).size} labels in the valid split of "
+            f"{self.path!r} never occur in its train split ({named}), so the model cannot learn them; is "
+            f"task.label_column={self.label_column!r} the label, with several rows of each?", SeqmixWarning, stacklevel=3)
 
     def model_files(self) -> dict[str, bytes]:
         """``labels.json`` (the class names in id order), and the tokenizer.json unless the tokenizer is bytes."""
