@@ -5,7 +5,7 @@ for each name in ``list_mixers()``. Configs and saved models name these parts by
 names (``{mixer: ema}``, ``{norm: rmsnorm}``); see ``seqmix.model.description``.
 """
 from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, SeqmixWarning, TrainingStopped
 from seqmix.layers.blocks import Block, FeedForward
 from seqmix.layers.heads import CausalLMHead, ClassificationHead, MaskedLMHead
 from seqmix.layers.norms import LayerNorm, RMSNorm, ScaleNorm, TimestepNorm
@@ -37,11 +37,13 @@ __all__ = [
     "RMSNorm",
     "ScaleNorm",
     "SeqmixError",
+    "SeqmixWarning",
     "SequenceModel",
     "SoftmaxAttention",
     "State",
     "TCN",
     "TimestepNorm",
+    "TrainingStopped",
     "build_mixer",
     "build_model",
     "from_pretrained",
