@@ -116,7 +116,7 @@ class SequenceModel(nn.Module):
         """True when every block is causal, so the model can stream."""
         return all(block.causal for block in self.blocks)
 
-    def _check_tokens(self, tokens: Tensor, start: int = 0) -> None:
+    def _check_tokens(self, tokens: Tensor) -> None:
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise SeqmixError(f"model: tokens must be a (B, L) integer tensor, got {got}")
@@ -130,10 +130,12 @@ class SequenceModel(nn.Module):
             if not bool((low >= 0) & (high < self.vocab_size)):
                 raise SeqmixError(f"model: token ids must lie in [0, vocab_size={self.vocab_size}), "
                                   f"got ids from {int(low)} to {int(high)}")
-        if self.pos_embed is not None and start + tokens.shape[1] > self.max_len:
-            raise SeqmixError(
-                f"model: {start + tokens.shape[1]} tokens exceed max_len={self.max_len} of the learned positions"
-            )
+        self._check_positions(tokens.shape[1])
+
+    def _check_positions(self, length: int, start: int = 0) -> None:
+        """Raise when ``length`` tokens after ``start`` run past the learned positions."""
+        if self.pos_embed is not None and start + length > self.max_len:
+            raise SeqmixError(f"model: {start + length} tokens exceed max_len={self.max_len} of the learned positions")
 
     def _embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         h = self.embed(tokens)
@@ -231,7 +233,7 @@ class SequenceModel(nn.Module):
         # These checks read tensor values, which an exported graph cannot do; eager runs them.
         if not torch.compiler.is_compiling():
             if self.pos_embed is not None:
-                self._check_tokens(tokens, int(state.pos.max()))
+                self._check_positions(tokens.shape[1], int(state.pos.max()))
         positions = state.pos.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         h = self._embed(tokens, positions)
         block_states = []
