@@ -3,12 +3,13 @@
 Every preset is built tiny (d_model=32, its layer pattern once: one layer, three for
 hybrid_tcn_attention). Lowering costs 5-25 s of CPU per graph, so by default:
 - decoder programs (T dynamic up to the model's smallest chunk, state fed back over calls of
-  several T): one preset per kind of recurrent state, mega (chunked EMA and gated attention) at
-  B = 3, megalodon (complex EMA, timestep norm) and tcnca (convolution windows) at B = 1. The
+  several T): one preset per kind of recurrent state, megalodon (chunked complex EMA, timestep
+  norm, normalized gated attention) at B = 3 and tcnca (convolution windows) at B = 1. The
   key/value cache is lowered by default through gpt2's decoder program (``seqmix export`` in
   tests/test_onnx_export.py) and transformer's int8 one (tests/test_executorch_int8.py).
-  ema_conv, gpt2, hybrid_tcn_attention and transformer combine those same layers and states;
-  their decoder programs here run with --runslow;
+  ema_conv, gpt2, hybrid_tcn_attention, mega and transformer combine those same layers and states
+  (mega's real EMA runs the chunked code megalodon's complex one does); their decoder programs
+  here run with --runslow;
 - parallel graphs (B=2, L=128): mega_encoder (bidirectional EMA carried across chunks, gated
   attention, masked-LM head: the only graph it has; tests/test_onnx_export.py also writes gpt2's
   through ``seqmix export``). The other presets' parallel graphs (ema_conv, gpt2,
@@ -67,13 +68,13 @@ def test_parallel_graph_matches_eager(preset, tmp_path):
         et.run_pte(path, torch.zeros(1, LENGTH, dtype=torch.long))
 
 
-DECODER_BY_DEFAULT = {"mega", "megalodon", "tcnca"}
+DECODER_BY_DEFAULT = {"megalodon", "tcnca"}
 
 
 def decoder_case(preset: str):
-    """B = 1 (a device's stream) for most presets; B = 3 for one chunked and one cache-only preset."""
+    """B = 1 (a device's stream) for most presets; B = 3 for the chunked presets and one cache-only preset."""
     marks = () if preset in DECODER_BY_DEFAULT else pytest.mark.slow
-    return pytest.param(preset, 3 if preset in ("mega", "transformer") else 1, id=preset, marks=marks)
+    return pytest.param(preset, 3 if preset in ("mega", "megalodon", "transformer") else 1, id=preset, marks=marks)
 
 
 @pytest.mark.parametrize("preset, batch", [decoder_case(p) for p in causal_presets()])
