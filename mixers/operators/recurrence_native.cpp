@@ -36,6 +36,13 @@ constexpr int64_t SEGMENT = 128;
 constexpr int64_t CHECKPOINT = 64;
 static_assert(SEGMENT % CHECKPOINT == 0, "segments hold whole checkpoint intervals");
 constexpr int GROUP = 4;
+// The adjoint's group, which divides GROUP. Its complex loop keeps twelve vectors per state
+// (coefficients, state, adjoint, five gradient sums): at four states they outgrow AVX-512's 32
+// vector registers and spill, and at two the CEMA's adjoint took 28.7 ms instead of 40 (D = 256,
+// L = 16384, one thread; at one state, 38 ms). The real loop keeps eight per state; at two states
+// it was 5-10% slower than at four.
+template <bool Complex> constexpr int adjoint_group() { return Complex ? 2 : GROUP; }
+static_assert(GROUP % adjoint_group<true>() == 0 && GROUP % adjoint_group<false>() == 0, "groups divide GROUP");
 
 // The forward's segments. Scaled: every state is carried divided by its input weight b (real),
 // s_t = h_t / b = q s_{t-1} + x_t, read out with c b: one multiply per state and step fewer (three
@@ -219,8 +226,8 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
               int64_t width, int64_t padded, int64_t order, int64_t grad_batch_stride, int64_t grad_step_stride,
               int threads) {
   typedef typename Vec<T>::type V;
-  constexpr int W = lanes<T>();
-  const int64_t blocks = padded / W, segments = (length + CHECKPOINT - 1) / CHECKPOINT, groups = order / GROUP;
+  constexpr int W = lanes<T>(), G = adjoint_group<Complex>();
+  const int64_t blocks = padded / W, segments = (length + CHECKPOINT - 1) / CHECKPOINT, groups = order / G;
   const bool stream = streams<T>(batch, length, width);
 #pragma omp parallel num_threads(threads)
   {
@@ -230,7 +237,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
     for (int64_t row = 0; row < batch; ++row) {
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t d0 = block * W, live = std::min<int64_t>(W, width - d0);
-        V xs[CHECKPOINT], gs[CHECKPOINT], gx[CHECKPOINT], kept_re[CHECKPOINT][GROUP], kept_im[Complex ? CHECKPOINT : 1][GROUP];
+        V xs[CHECKPOINT], gs[CHECKPOINT], gx[CHECKPOINT], kept_re[CHECKPOINT][G], kept_im[Complex ? CHECKPOINT : 1][G];
         const V sk = skip ? load<T>(skip + d0) : V{};
         V skip_sum = {};
         for (int64_t t = 0; t < steps; ++t) {
@@ -242,10 +249,10 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
           skip_sum += gs[t] * xs[t];
         }
         if (grad_skip) store<T>(grad_skip + row * padded + d0, load<T>(grad_skip + row * padded + d0) + skip_sum);
-        for (int64_t n0 = 0; n0 < order; n0 += GROUP) {
-          V qr[GROUP], qi[GROUP], bw[GROUP], cr[GROUP], ci[GROUP], hr[GROUP], hi[GROUP], mr[GROUP], mi[GROUP];
-          V dqr[GROUP], dqi[GROUP], db[GROUP], dcr[GROUP], dci[GROUP];
-          for (int g = 0; g < GROUP; ++g) {
+        for (int64_t n0 = 0; n0 < order; n0 += G) {
+          V qr[G], qi[G], bw[G], cr[G], ci[G], hr[G], hi[G], mr[G], mi[G];
+          V dqr[G], dqi[G], db[G], dcr[G], dci[G];
+          for (int g = 0; g < G; ++g) {
             const int64_t at = (n0 + g) * padded + d0;
             const int64_t kept = ((row * segments + segment) * order) * padded + at;
             const int64_t state = row * order * padded + at;
@@ -263,9 +270,9 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
             dqr[g] = dqi[g] = db[g] = dcr[g] = dci[g] = V{};
           }
           // The states of this segment, h_{t0} .. h_{t0+steps-1}, again, while this group fetches
-          // rows n0 / GROUP, n0 / GROUP + groups, ... of the segment before, which the adjoint reads
+          // rows n0 / G, n0 / G + groups, ... of the segment before, which the adjoint reads
           // next (as the forward does; the fetches at once cost a seventh of the adjoint at L = 16384).
-          int64_t fetch = n0 / GROUP;
+          int64_t fetch = n0 / G;
           for (int64_t t = 0; t < steps; ++t) {
             if (t == fetch) {
               if (segment > 0) {
@@ -277,7 +284,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
               }
               fetch += groups;
             }
-            for (int g = 0; g < GROUP; ++g) {
+            for (int g = 0; g < G; ++g) {
               if (Complex) {
                 const V re = qr[g] * hr[g] - qi[g] * hi[g] + bw[g] * xs[t];
                 hi[g] = qr[g] * hi[g] + qi[g] * hr[g];
@@ -292,7 +299,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
           for (int64_t t = steps - 1; t >= 0; --t) {
             const V gt = gs[t], xt = xs[t];
             V dx = gx[t];
-            for (int g = 0; g < GROUP; ++g) {
+            for (int g = 0; g < G; ++g) {
               // mu_t = g_t conj(c) + (conj(q) mu_{t+1}, already in m).
               const V ur = mr[g] + gt * cr[g];
               dx += bw[g] * ur;
@@ -321,7 +328,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
             }
             gx[t] = dx;
           }
-          for (int g = 0; g < GROUP; ++g) {
+          for (int g = 0; g < G; ++g) {
             const int64_t state = row * order * padded + (n0 + g) * padded + d0;
             store<T>(carry_re + state, mr[g]);
             store<T>(grad_q_re + state, load<T>(grad_q_re + state) + dqr[g]);
