@@ -2,7 +2,7 @@
 
 ``recurrence.native`` runs recurrence_native.cpp, built on first use by ``seqmix.native``. The
 kernel vectorises across channels (8 float64 or 16 float32 lanes), takes the states four at a time
-and the steps in segments of 128, keeping the state every 64 steps for its adjoint; these tests
+(two in the complex recurrence's adjoint) and the steps in segments of 128, keeping the state every 64 steps for its adjoint; these tests
 draw widths, orders and lengths across all three boundaries and compare outputs, final states and
 every gradient with the literal loop (``recurrence.recurrent`` followed by the skip and the SiLU).
 """
@@ -36,7 +36,7 @@ NATIVE = pytest.mark.native
 )
 def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batch, width, order, length, with_state, with_skip,
                                                                   silu, threads, seed):
-    """float64 to rounding: widths across a vector (8 lanes), orders across a group of states (4),
+    """float64 to rounding: widths across a vector (8 lanes), orders across a group of states (4, and 2 in the complex adjoint),
     lengths across checkpoints (64) and segments (128), a start state, the skip and the SiLU, on one and two threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
