@@ -37,9 +37,9 @@ constexpr int64_t CHECKPOINT = 64;
 static_assert(SEGMENT % CHECKPOINT == 0, "segments hold whole checkpoint intervals");
 constexpr int GROUP = 4;
 // The adjoint's group, which divides GROUP. Its complex loop keeps twelve vectors per state
-// (coefficients, state, adjoint, five gradient sums): at four states they outgrow AVX-512's 32
+// (five coefficients, two adjoint parts, five gradient sums): at four states they outgrow AVX-512's 32
 // vector registers and spill, and at two the CEMA's adjoint took 28.7 ms instead of 40 (D = 256,
-// L = 16384, one thread; at one state, 38 ms). The real loop keeps eight per state; at two states
+// L = 16384, one thread; at one state, 38 ms). The real loop keeps seven per state; at two states
 // it was 5-10% slower than at four.
 template <bool Complex> constexpr int adjoint_group() { return Complex ? 2 : GROUP; }
 static_assert(GROUP % adjoint_group<true>() == 0 && GROUP % adjoint_group<false>() == 0, "groups divide GROUP");
