@@ -138,9 +138,9 @@ def test_the_channels_last_path_gives_the_bf16_outputs_of_the_convolution_it_run
     torch.testing.assert_close(in_place, recorded.detach(), rtol=2e-2, atol=2e-2)
 
 
-def test_the_default_path_runs_channels_last_without_autograd_and_the_convolution_while_it_records():
-    """``channels_last``, the default: the 2-D channels-last kernel for inference, ``nn.Conv1d``
-    (whose backward is the faster) whenever autograd records, whether for x or the parameters."""
+def test_the_default_path_runs_the_channels_last_kernel_whether_or_not_autograd_records():
+    """``channels_last``, the default: the 2-D channels-last kernel in inference and whenever
+    autograd records, whether for x or the parameters; never ``nn.Conv1d``'s channel-major one."""
     torch.manual_seed(6)
     tcn = TCN(8, depth=2)
     assert tcn.impl == "channels_last"
@@ -152,8 +152,8 @@ def test_the_default_path_runs_channels_last_without_autograd_and_the_convolutio
             call()
         return conv2d.call_count, conv1d.call_count
 
-    assert kernels(lambda: tcn(x)) == (0, 2)  # the parameters require grad
-    assert kernels(lambda: tcn(x.requires_grad_(True))) == (0, 2)
+    assert kernels(lambda: tcn(x)) == (2, 0)  # the parameters require grad
+    assert kernels(lambda: tcn(x.requires_grad_(True))) == (2, 0)
     with torch.no_grad():
         assert kernels(lambda: tcn(x)) == (2, 0)
     with torch.inference_mode():
@@ -212,31 +212,31 @@ def test_bad_options_name_the_field(options, field):
         TCN(4, **options)
 
 
-@pytest.mark.parametrize("conv_max_length, conv_elements", [(0, 2**20), (10**6, 2**20), (10**6, 1)],
-                         ids=["products", "one-convolution", "a-convolution-per-row"])
-def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast(conv_max_length, conv_elements,
-                                                                                              monkeypatch):
-    """While autograd records, ``channels_last`` runs the convolutions with its own backward
-    (``_DepthwiseConv``): gradients of x, of a start state and of every parameter equal ``conv``'s
-    (float64, a streamed step), and under bf16 autocast they come back in the operands' dtype.
-    The weight's gradient every way: per-row products (long T), strided convolutions over all rows
-    at once, or over groups of rows (one row each here)."""
-    monkeypatch.setattr(tcn_module, "WEIGHT_GRAD_CONV_MAX_LENGTH", conv_max_length)
-    monkeypatch.setattr(tcn_module, "WEIGHT_GRAD_CONV_ELEMENTS", conv_elements)
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast(activation, residual):
+    """While autograd records, ``channels_last`` runs its kernel with its own backward
+    (``_DepthwiseConvRows``): outputs, next windows and the gradients of x, of a start state and of
+    every parameter equal ``conv``'s (float64, a streamed step, and a padded batch), and under bf16
+    autocast the gradients come back in the operands' dtype."""
     torch.manual_seed(7)
-    conv = TCN(6, kernel_size=3, dilation_base=3, depth=3, impl="conv").double()
-    fast = TCN(6, kernel_size=3, dilation_base=3, depth=3, impl="channels_last").double()
+    options = dict(kernel_size=3, dilation_base=3, depth=3, activation=activation, residual=residual)
+    conv = TCN(6, impl="conv", **options).double()
+    fast = TCN(6, impl="channels_last", **options).double()
     fast.load_state_dict(conv.state_dict())
     x = torch.randn(3, 25, 6, dtype=torch.float64, requires_grad=True)
     state = tuple(torch.randn_like(w).requires_grad_(True) for w in conv.init_state(3).tcn)
+    mask = torch.zeros(3, 25, dtype=torch.bool)
+    mask[1, :7] = True  # a left-padded row
     projection = torch.randn(3, 25, 6, dtype=torch.float64)
-    grads = []
-    for mixer in (conv, fast):
-        y, after = mixer.step(x, type(conv.init_state(3))(state))
-        loss = (y * projection).sum() + sum((w * w).sum() for w in after.tcn)
-        grads.append(torch.autograd.grad(loss, [x, *state, *mixer.parameters()]))
-    for got, want in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for start, padding in ((state, None), (None, mask)):
+        results = []
+        for mixer in (conv, fast):
+            y, after = mixer._run(x, padding, None if start is None else type(conv.init_state(3))(start))
+            loss = (y * projection).sum() + sum((w * w.flip(-1)).sum() for w in after.tcn)
+            results.append((y, *after.tcn, *torch.autograd.grad(loss, [x, *(start or ()), *mixer.parameters()])))
+        for got, want in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     conv, fast = conv.float(), fast.float()
     x = torch.randn(2, 40, 6, requires_grad=True)
     grads = []

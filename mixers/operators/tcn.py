@@ -16,13 +16,12 @@ Causal only. The streaming state keeps, per layer, the last (K−1)·f^i inputs 
 Four compute paths of the same sum:
 - ``conv``: ``nn.Conv1d`` with groups = D on (B, D, T) rows, one transposed copy of x in and of
   y out (the reference);
-- ``channels_last`` (the default): eagerly with no autograd recording, the same depthwise
-  convolution as a 2-D one over (B, D, 1, T) views of the (B, T, D) rows in channels-last layout,
-  so no transposes at all, with the activations and sums in place (oneDNN's channels-last
-  depthwise kernel also beats its channel-major one); while autograd records, ``conv``'s
-  computation (the channels-last kernel's backward is several times slower) with each
-  convolution's backward written out (``_DepthwiseConv``: forward-speed kernels where torch's
-  convolution backward is slow); while traced, ``conv``'s computation as it is;
+- ``channels_last`` (the default): eagerly, the same depthwise convolution as a 2-D one over
+  (B, D, 1, T) views of the (B, T, D) rows in channels-last layout, so no transposes at all
+  (oneDNN's channels-last depthwise kernel also beats its channel-major one). With no autograd
+  recording the activations and sums run in place; while autograd records, out of place, with
+  each convolution's backward written out in the same layout (``_DepthwiseConvRows``: torch's
+  backward of that kernel takes about twenty times its forward); while traced, ``conv``'s computation;
 - ``taps``: K shifted, weighted copies of the layer input. Compiled with Inductor, the taps of a
   layer fuse into one kernel forward and backward, while a convolution stays a library call whose
   backward costs several forwards, so ``compile.compile_model`` switches to ``taps``;
@@ -60,27 +59,24 @@ class TCNState(NamedTuple):
     tcn: tuple[Tensor, ...]
 
 
-class _DepthwiseConv(torch.autograd.Function):
-    """A layer's depthwise convolution, ``nn.Conv1d(groups=D, padding=0)`` on (B, D, window + T)
-    rows, with its backward written out for ``channels_last`` while autograd records. torch's
-    convolution backward runs this depthwise case far slower than its forward; these three are
-    forward-speed kernels (tools/perf/roofline.md sets ``tcn/channels_last`` fwd+bwd beside ``tcn/conv``).
+class _DepthwiseConvRows(torch.autograd.Function):
+    """A layer's depthwise convolution on (B, window + T, D) rows, with its backward written out in
+    that layout, for ``channels_last`` while autograd records: the forward is the channels-last 2-D
+    kernel inference runs; the backward is one more such convolution and a product per tap, where
+    torch's own backward of that kernel took twenty times its forward (D = 256, T = 4096, one thread).
 
     - input: the adjoint of a correlation is a correlation of the gradient, padded by the window on
-      both sides, with the flipped kernel: one more forward depthwise convolution;
-    - weight: tap k meets the context shifted by k·dilation, a correlation of the context with the
-      gradient taken every dilation steps: for T up to ``WEIGHT_GRAD_CONV_MAX_LENGTH``, strided
-      depthwise convolutions over the (batch row, channel) pairs; beyond it, where that kernel
-      slows down, an unfold view (D, K, T) per batch row and one batched matrix-vector product per row;
+      both sides, with the flipped kernel: one more forward convolution;
+    - weight: tap k meets the context shifted by k·dilation, a product summed over batch and time;
     - bias: the gradient summed over batch and time.
     """
 
     @staticmethod
     def forward(ctx, context: Tensor, weight: Tensor, bias: Tensor, dilation: int) -> Tensor:
-        """context (B, D, window + T), weight (D, 1, K), bias (D,) -> (B, D, T)."""
+        """context (B, window + T, D), weight (D, 1, K), bias (D,) -> (B, T, D)."""
         ctx.save_for_backward(context, weight)
         ctx.dilation = dilation
-        return F.conv1d(context, weight, bias, dilation=dilation, groups=weight.shape[0])
+        return _channels_last_conv(context, weight, bias, dilation)
 
     @staticmethod
     @once_differentiable
@@ -90,53 +86,31 @@ class _DepthwiseConv(torch.autograd.Function):
         width, _, taps = weight.shape
         window = (taps - 1) * dilation
         # Under autocast the convolution ran in a lower precision; the gradients are the operands'.
-        grad = grad.to(context.dtype).contiguous()
+        grad = grad.to(context.dtype)
+        batch, length, _ = grad.shape
         grad_context = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_context = F.conv1d(F.pad(grad, (window, window)), weight.to(grad.dtype).flip(-1), groups=width, dilation=dilation)
+            padded = grad.new_empty(batch, window + length + window, width)
+            padded[:, :window].zero_()
+            padded[:, window + length :].zero_()
+            padded[:, window : window + length].copy_(grad)
+            grad_context = _channels_last_conv(padded, weight.to(grad.dtype).flip(-1), None, dilation)
         if ctx.needs_input_grad[1]:
-            grad_weight = _depthwise_weight_grad(context, grad, taps, dilation).to(weight.dtype)
+            product = torch.empty_like(grad)
+            grad_weight = torch.stack([torch.mul(context[:, k * dilation : k * dilation + length], grad, out=product).sum((0, 1))
+                                       for k in range(taps)], -1).unsqueeze(1).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2)).to(weight.dtype)
+            grad_bias = grad.sum((0, 1)).to(weight.dtype)
         return grad_context, grad_weight, grad_bias, None
 
 
-WEIGHT_GRAD_CONV_MAX_LENGTH = 2048
-"""The longest T for which ``_depthwise_weight_grad`` runs convolutions; beyond it, per-row products."""
-WEIGHT_GRAD_CONV_ELEMENTS = 2**20
-"""Elements (rows x D x T) of the gradient one of those convolutions takes at most: more rows are split
-into several calls, each then in cache."""
-
-
-def _depthwise_weight_grad(context: Tensor, grad: Tensor, taps: int, dilation: int) -> Tensor:
-    """The gradient of a depthwise convolution's weight: context (B, D, (K−1)·dilation + T), the
-    output's gradient (B, D, T) -> (D, 1, K), [d, 0, k] = Σ_b Σ_t context[b, d, t + k·dilation] grad[b, d, t].
-
-    Measured on one and two threads (D = 256 and 512, K = 4): for T up to 2048, depthwise
-    convolutions over groups of rows of about WEIGHT_GRAD_CONV_ELEMENTS beat the per-row products at
-    every batch size, by 3-4x at B·T = 4096 in rows of 256-512 and 2x on 16M elements in rows of
-    1024; one convolution over every row slowed down past a few million elements. For longer T the
-    convolution's one long filter per channel is the slower, and the products win (1.0 against 1.3 ms
-    at B = 1, T = 4096; 3.3 against 6.3 at T = 16384, one thread).
-    """
-    batch, width, length = grad.shape
-    if length <= WEIGHT_GRAD_CONV_MAX_LENGTH:
-        rows = max(1, WEIGHT_GRAD_CONV_ELEMENTS // (width * length))
-        total = grad.new_zeros(width, taps)
-        for start in range(0, batch, rows):
-            part, part_grad = context[start : start + rows], grad[start : start + rows]
-            groups = part_grad.shape[0] * width
-            # Each (row, channel) pair a group whose filter is its gradient, read every dilation steps.
-            per_row = F.conv1d(part.reshape(1, groups, -1), part_grad.reshape(groups, 1, length), groups=groups,
-                               stride=dilation)
-            total += per_row.view(-1, width, taps).sum(0)
-        return total.unsqueeze(1)
-    shifted = context.unfold(-1, length, dilation)  # (B, D, K, T): the context under tap k
-    # bmm, not baddbmm_: the in-place form ran one matrix product per channel on this strided view.
-    grad_weight = grad.new_zeros(width, taps, 1)
-    for row in range(batch):
-        grad_weight = grad_weight + torch.bmm(shifted[row], grad[row].unsqueeze(-1))
-    return grad_weight.transpose(1, 2)
+def _channels_last_conv(context: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
+    """The depthwise correlation of (B, window + T, D) rows with weight (D, 1, K) -> (B, T, D): a
+    2-D convolution over the (B, D, 1, window + T) view, which is a channels-last image as it is,
+    and whose output is one too (contiguous (B, T, D) rows once transposed back)."""
+    out = F.conv2d(context.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), bias, dilation=(1, dilation),
+                   groups=weight.shape[0])  # (B, D, 1, T)
+    return out.squeeze(2).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -304,9 +278,9 @@ class TCN(Mixer):
         activation: ``none``, ``silu`` or ``gelu``, applied after every layer but the last.
         residual: h = h + layer(h) instead of h = layer(h).
         causal: must be True; the TCN has no bidirectional form.
-        impl: ``conv`` (reference), ``channels_last`` (default: the channels-last kernel in
-            place without autograd, ``conv``'s computation with its own convolution backward while
-            autograd records), ``taps`` (fuses when compiled) or ``native`` (one pass of C++ per
+        impl: ``conv`` (reference), ``channels_last`` (default: the channels-last kernel on the
+            (B, T, D) rows, in place without autograd, with its own backward while autograd
+            records), ``taps`` (fuses when compiled) or ``native`` (one pass of C++ per
             layer; needs a C++ compiler, CPU, float32 or float64).
     """
 
@@ -396,8 +370,10 @@ class TCN(Mixer):
 
     def _run(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
         """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""
-        if self.impl == "channels_last" and self._in_place_allowed(x, state):
-            return self._run_channels_last(x, padding_mask, state)
+        if self.impl == "channels_last" and not torch.compiler.is_compiling():
+            if self._in_place_allowed(x, state):
+                return self._run_channels_last(x, padding_mask, state)
+            return self._run_channels_last_recorded(x, padding_mask, state)
         if self.impl == "native" and not torch.compiler.is_compiling():
             return self._run_native(x, padding_mask, state)
         act = ACTIVATIONS[self.activation]
@@ -417,12 +393,7 @@ class TCN(Mixer):
             else:
                 ctx = torch.cat([state.tcn[i].to(h.dtype), h], dim=-1)  # (B, D, window + T)
             new_state.append(ctx[..., -window:])
-            if self.impl == "taps":
-                out = self._taps(conv, ctx)  # (B, D, T)
-            elif self.impl == "channels_last" and not torch.compiler.is_compiling():
-                out = _DepthwiseConv.apply(ctx, conv.weight, conv.bias, conv.dilation[0])
-            else:
-                out = conv(ctx)
+            out = self._taps(conv, ctx) if self.impl == "taps" else conv(ctx)  # (B, D, T)
             if i < self.depth - 1:
                 out = act(out)
             h = h + out if self.residual else out
@@ -430,14 +401,12 @@ class TCN(Mixer):
         return transposed_rows(y).to(x.dtype), TCNState(tuple(new_state))
 
     def _in_place_allowed(self, x: Tensor, state: TCNState | None) -> bool:
-        """Whether ``channels_last`` may run its in-place kernel path: eagerly, with autograd not
-        recording (grad mode off, or nothing of x, the parameters and the state requiring grad).
+        """Whether ``channels_last`` may run in place: with autograd not recording (grad mode off,
+        or nothing of x, the parameters and the state requiring grad).
 
         Traced (torch.compile, torch.export) it runs ``conv``'s computation: aot_eager traced the
         in-place writes into slices of each fresh context wrongly, giving different outputs for a
         padded depth-4 stack."""
-        if torch.compiler.is_compiling():
-            return False
         if not torch.is_grad_enabled():
             return True
         tensors = [x, *self.parameters(), *(state.tcn if state is not None else ())]
@@ -458,14 +427,38 @@ class TCN(Mixer):
             h = ctx[:, window:]  # the layer's input, (B, T, D)
             # A copy, not a view: a view would keep the whole context alive in the state.
             new_state.append(ctx[:, -window:].transpose(1, 2).contiguous())  # (B, D, window)
-            out = F.conv2d(ctx.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias,
-                           dilation=(1, conv.dilation[0]), groups=self.d_model)  # (B, D, 1, T), channels-last
-            out = out.squeeze(2).transpose(1, 2)  # (B, T, D), contiguous where the kernel kept channels-last
+            out = _channels_last_conv(ctx, conv.weight, conv.bias, conv.dilation[0])  # (B, T, D)
             if i < self.depth - 1:
                 out = F.silu(out, inplace=True) if self.activation == "silu" else act(out)
                 ctx = self._context(i + 1, h if self.residual else None, out, mask, state)
             else:
                 h = h + out if self.residual else out
+        y = F.silu(torch.addcmul(h, self.omega, x))
+        return y.to(x.dtype), TCNState(tuple(new_state))
+
+    def _run_channels_last_recorded(self, x: Tensor, padding_mask: Tensor | None,
+                                    state: TCNState | None) -> tuple[Tensor, TCNState]:
+        """``_run`` on the (B, T, D) rows while autograd records: each layer's context (B, window + T, D)
+        a new tensor, its convolution ``_DepthwiseConvRows``, the activation and sum out of place.
+        Forward + backward ran 1.15-1.4x faster than ``conv``'s computation with its convolution
+        backward written out on (B, D, T) rows, the earlier training path (D = 256; B × T of 1 × 4096,
+        1 × 16384, 8 × 1024 and 16 × 256; 1 and 2 threads), most of it in the forward, which
+        transposes neither x nor y."""
+        act = ACTIVATIONS[self.activation]
+        mask = None if padding_mask is None else padding_mask.unsqueeze(-1)  # (B, T, 1)
+        batch, _, width = x.shape
+        h = x
+        new_state = []
+        for i, (conv, window) in enumerate(zip(self.convs, self.windows)):
+            if mask is not None:
+                h = h.masked_fill(mask, 0.0)
+            past = h.new_zeros(batch, window, width) if state is None else state.tcn[i].to(h.dtype).transpose(1, 2)
+            ctx = torch.cat([past, h], dim=1)  # (B, window + T, D)
+            new_state.append(ctx[:, -window:].transpose(1, 2).contiguous())  # (B, D, window)
+            out = _DepthwiseConvRows.apply(ctx, conv.weight, conv.bias, conv.dilation[0])
+            if i < self.depth - 1:
+                out = act(out)
+            h = h + out if self.residual else out
         y = F.silu(torch.addcmul(h, self.omega, x))
         return y.to(x.dtype), TCNState(tuple(new_state))
 
