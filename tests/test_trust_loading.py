@@ -228,6 +228,18 @@ def test_a_symlinked_checkpoint_is_never_loaded_counted_or_deleted_through(finis
     assert not latest.exists()
 
 
+def test_checkpoints_past_99_999_999_steps_are_found_and_kept_by_step_not_by_name(finished_run, tmp_path):
+    """step-100000000 has a ninth digit: it is still a checkpoint, and it sorts after step-99999999."""
+    run = _copy(finished_run, tmp_path)
+    model, _ = load_run(run)
+    optimizer = torch.optim.AdamW(model.parameters())
+    before = save_checkpoint(run, 99_999_999, model, optimizer, keep=2)
+    after = save_checkpoint(run, 100_000_000, model, optimizer, keep=1)
+    assert after.name == "step-100000000" and latest_checkpoint(run) == after
+    assert not before.exists(), "keep=1 kept the older checkpoint"
+    assert load_run(run)[0] is not None
+
+
 def test_evaluate_refuses_an_unverified_checkpoint_unless_asked_by_name(finished_run, tmp_path, capsys):
     from seqmix.cli import main
 

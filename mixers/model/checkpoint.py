@@ -101,10 +101,21 @@ def read_description(path: Path) -> dict:
         raise SeqmixError(f"{path}: {error}") from None
 
 
+def checkpoint_name(step: int) -> str:
+    """The directory name of a training checkpoint after ``step`` steps: step-NNNNNNNN (at least 8 digits)."""
+    return f"step-{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory's name gives, or None when the name is not ``checkpoint_name``'s."""
+    match = re.fullmatch(r"step-(\d{8,})", path.name)
+    return None if match is None else int(match.group(1))
+
+
 def is_checkpoint_directory(path: Path) -> bool:
     """A real directory named like a training checkpoint, step-NNNNNNNN (a symlink is never one: it could
     point outside the run)."""
-    return re.fullmatch(r"step-\d{8}", path.name) is not None and path.is_dir() and not path.is_symlink()
+    return checkpoint_step(path) is not None and path.is_dir() and not path.is_symlink()
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:

@@ -24,6 +24,8 @@ from seqmix.model.checkpoint import (
     LATEST,
     WEIGHTS,
     check_weights,
+    checkpoint_name,
+    checkpoint_step,
     is_checkpoint_directory,
     latest_checkpoint,
     load_model,
@@ -75,16 +77,12 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     _remove_checkpoint(final)
     os.replace(staging, final)
     write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
-    kept = sorted(path for path in root.iterdir() if is_checkpoint_directory(path))
+    # By step, not name: past 99,999,999 steps the names grow a digit.
+    kept = sorted((path for path in root.iterdir() if is_checkpoint_directory(path)), key=checkpoint_step)
     for old in kept[:-keep]:
         if old != final:
             _remove_checkpoint(old)
     return final
-
-
-def checkpoint_name(step: int) -> str:
-    """The directory name of the checkpoint taken after ``step`` optimizer steps."""
-    return f"step-{step:08d}"
 
 
 def _remove_checkpoint(path: Path) -> None:
