@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_int, require_writable_dir, require_writable_file
+from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_bool, require_int, require_writable_dir,
+                           require_writable_file)
 from seqmix.terminal import escape_controls
 from seqmix.threads import apply_thread_policy
 
@@ -215,6 +216,7 @@ def _save_pretrained(experiment, result, choices: dict) -> None:
     import hashlib
 
     from seqmix.model.pretrained import save_pretrained
+    from seqmix.training.records import evaluation_record
 
     task = experiment.task_config
     # A corpus task knows the hash of the text it read; a generated task is pinned by its description.
@@ -233,6 +235,7 @@ def _save_pretrained(experiment, result, choices: dict) -> None:
         },
         task=task,
         files=experiment.task.model_files(),
+        evaluation=evaluation_record(experiment.train.eval_batches, experiment.train.batch_size, experiment.train.bf16),
     )
     print(f"saved the model in the Hugging Face layout to {directory}")
 
@@ -267,21 +270,34 @@ def _recorded_task(checkpoint: str, record: dict):
 @dataclass
 class EvaluateOptions:
     checkpoint: str
-    batches: int
-    batch_size: int
+    batches: int | None
+    batch_size: int | None
+    bf16: bool | None
     allow_unverified: bool
 
 
+EVALUATION_FALLBACK = {"batches": 32, "batch_size": 16, "bf16": False}
+"""What ``evaluate`` uses for a run whose record keeps no evaluation (runs of earlier versions)."""
+
+
 def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
+    """Score a run's checkpoint on its task's validation set, by default as the run scored itself
+    (its recorded batches, batch size and bf16), so the figures match the ones it reported."""
     from seqmix.training.checkpoints import load_run
     from seqmix.training.loop import evaluate
 
-    require_int("evaluate", "batches", options.batches)
-    require_int("evaluate", "batch_size", options.batch_size)
+    given = {"batches": options.batches, "batch_size": options.batch_size, "bf16": options.bf16}
+    for name in ("batches", "batch_size"):
+        if given[name] is not None:
+            require_int("evaluate", name, given[name])
+    if given["bf16"] is not None:
+        require_bool("evaluate", "bf16", given["bf16"])
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
     task = _recorded_task(options.checkpoint, record)
-    scores = evaluate(model, task, options.batch_size, options.batches, "cpu")
-    print(json.dumps({"task": type(task).name, **scores}, indent=2))
+    recorded = record.get("evaluation", EVALUATION_FALLBACK)
+    settings = {name: recorded[name] if value is None else value for name, value in given.items()}
+    scores = evaluate(model, task, settings["batch_size"], settings["batches"], "cpu", settings["bf16"])
+    print(json.dumps({"task": type(task).name, **settings, **scores}, indent=2))
     return 0
 
 
@@ -403,7 +419,6 @@ class TokenizerOptions:
 
 
 def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
-    from seqmix.errors import require_bool
     from seqmix.tasks.documents import DocumentSource
     from seqmix.tokenization import train_bpe
 

@@ -220,8 +220,13 @@ def test_train_saves_pretrained_and_evaluate_and_export_read_it(tmp_path, capsys
     tokens = torch.randint(0, 64, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(shared(tokens), from_run.eval()(tokens), rtol=0, atol=0)
+    # Without options evaluate scores the directory as the run scored itself: the card's final metrics.
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["split"] == "valid"
     capsys.readouterr()
-    assert main(["evaluate", f"checkpoint={pretrained}", "batches=1", "batch_size=2"]) == 0
-    assert "loss" in json.loads(capsys.readouterr().out)
+    assert main(["evaluate", f"checkpoint={pretrained}"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores == {"task": "mqar", "batches": 1, "batch_size": 2, "bf16": False, "loss": final["loss"], "accuracy": final["accuracy"]}
+    assert json.loads((pretrained / CONFIG_JSON).read_text())["evaluation"] == {"batches": 1, "batch_size": 2, "bf16": False}
     assert main(["export", f"checkpoint={pretrained}", f"out={tmp_path / 'export'}", "length=64"]) == 0
     assert read_manifest(tmp_path / "export")["vocab_size"] == 64

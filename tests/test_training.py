@@ -119,6 +119,38 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_evaluate_scores_a_checkpoint_as_the_run_scored_itself_and_a_resume_records_its_own_evaluation(tmp_path, capsys):
+    """A run records how it evaluates (batches, batch size, bf16): evaluate without options gives the
+    validation row the run wrote at its last checkpoint and names the settings, and options override
+    them. A run resumed with other settings records its own from then on."""
+    out = tmp_path / "run"
+
+    def evaluated(*options: str) -> dict:
+        capsys.readouterr()
+        assert main(["evaluate", f"checkpoint={out}", *options]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    def last_valid() -> dict:
+        return [row for row in metric_rows(out) if row["split"] == "valid"][-1]
+
+    run(small(tmp_path, "task=mqar", "train.max_steps=2", "train.eval_batches=3"))
+    assert json.loads((out / "run.json").read_text())["evaluation"] == {"batches": 3, "batch_size": 4, "bf16": False}
+    scores = evaluated()
+    assert {key: scores[key] for key in ("batches", "batch_size", "bf16")} == {"batches": 3, "batch_size": 4, "bf16": False}
+    assert {key: scores[key] for key in ("loss", "accuracy")} == {key: last_valid()[key] for key in ("loss", "accuracy")}
+    overridden = evaluated("batches=5", "batch_size=2", "bf16=true")
+    assert {key: overridden[key] for key in ("batches", "batch_size", "bf16")} == {"batches": 5, "batch_size": 2, "bf16": True}
+    assert overridden["loss"] != scores["loss"]
+
+    run(small(tmp_path, "task=mqar", "train.max_steps=4", "train.eval_batches=1", "train.bf16=true", "train.resume=true"))
+    recorded = {"batches": 1, "batch_size": 4, "bf16": True}
+    assert json.loads((out / "run.json").read_text())["evaluation"] == recorded
+    assert json.loads((latest_checkpoint(out) / "run.json").read_text())["evaluation"] == recorded
+    scores = evaluated()
+    assert {key: scores[key] for key in ("batches", "batch_size", "bf16", "loss", "accuracy")} == {
+        **recorded, **{key: last_valid()[key] for key in ("loss", "accuracy")}}
+
+
 def test_greedy_generation_through_step_equals_argmax_of_full_forward(tmp_path):
     experiment = build_experiment(small(tmp_path, "model=megalodon"))
     model = experiment.model.eval()

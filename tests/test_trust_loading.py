@@ -251,6 +251,37 @@ def test_evaluate_refuses_an_unverified_checkpoint_unless_asked_by_name(finished
     assert "loss" in json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("evaluation", [
+    {"batches": 0, "batch_size": 2, "bf16": False}, {"batches": "1", "batch_size": 2, "bf16": False},
+    {"batches": 1, "batch_size": 2.0, "bf16": False}, {"batches": 1, "batch_size": 2, "bf16": "false"},
+    {"batches": 1, "batch_size": 2}, {"batches": 1, "batch_size": 2, "bf16": False, "_target_": "os.system"}, [1, 2, False],
+], ids=["zero batches", "a string count", "a float size", "a string bool", "a missing key", "an extra key", "a list"])
+@pytest.mark.parametrize("where", ["run", "pretrained"])
+def test_a_recorded_evaluation_that_is_not_one_is_refused_naming_the_file(finished_run, tmp_path, capsys, evaluation, where):
+    """A run record's or pretrained config's ``evaluation`` (how evaluate scores by default) that is not
+    {batches, batch_size, bf16} with counts >= 1 and a boolean is refused by evaluate naming the file,
+    even with the checksums rewritten; save_pretrained refuses it before writing anything."""
+    from seqmix.cli import main
+
+    if where == "run":
+        directory = latest_checkpoint(_copy(finished_run, tmp_path))
+        name = "run.json"
+    else:
+        model, record = load_run(finished_run)
+        with pytest.raises(SeqmixError, match=r"save_pretrained: evaluation"):
+            seqmix.save_pretrained(model, tmp_path / "refused", task=record["task"], evaluation=evaluation)
+        assert not (tmp_path / "refused").exists()
+        directory = seqmix.save_pretrained(model, tmp_path / "pretrained", task=record["task"])
+        name = "config.json"
+    content = json.loads((directory / name).read_text())
+    content["evaluation"] = evaluation
+    (directory / name).write_text(json.dumps(content))
+    write_checksums(directory)
+    assert main(["evaluate", f"checkpoint={directory}"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(name)}: evaluation(=|: )", err), err
+
+
 def test_a_task_path_in_a_loaded_record_is_never_followed(tmp_path, monkeypatch):
     """A record's cache_dir belongs to the machine that wrote it; evaluate uses the local default instead."""
     from seqmix.training.records import build_task

@@ -38,6 +38,8 @@ from seqmix.tasks.base import MODEL_FILES
 CONFIG_JSON = "config.json"
 CARD = "README.md"
 MODEL_TYPE = "seqmix"
+TRAINING_KEYS = ("task", "evaluation")
+"""Keys of config.json beside the model's description: the task it was trained on and how its metrics were computed."""
 HUB_FILES = [CONFIG_JSON, WEIGHTS, CARD, "checksums.json"]
 """The files every pretrained directory holds."""
 HUB_PATTERNS = [*HUB_FILES, *MODEL_FILES]
@@ -99,7 +101,7 @@ def _card(model, training: Mapping | None, files: Mapping[str, bytes]) -> str:
 
 
 def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None, task: Mapping | None = None,
-                    files: Mapping[str, bytes] | None = None) -> Path:
+                    files: Mapping[str, bytes] | None = None, evaluation: Mapping | None = None) -> Path:
     """Write ``model`` to ``directory`` in the Hugging Face layout, whole or not at all.
 
     Args:
@@ -111,9 +113,16 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         task: optional task description (``{task: <name>, ...}``) stored in config.json as ``task``, so
             ``seqmix export`` can build the example inputs of an exported graph from the directory.
         files: the task's ``model_files()`` (``tokenizer.json``, ``labels.json``), written beside the weights.
+        evaluation: optional ``{batches, batch_size, bf16}``, how the card's metrics were computed on
+            ``task``, stored in config.json as ``evaluation`` so that ``seqmix evaluate`` reproduces them.
     """
     from safetensors.torch import save_model as save_weights
 
+    # The run records' own reader: what evaluate reads back is checked the same way before anything is written.
+    from seqmix.training.records import read_evaluation
+
+    if evaluation is not None:
+        evaluation = read_evaluation(evaluation, "save_pretrained")
     files = dict(files or {})
     unknown = sorted(set(files) - set(MODEL_FILES))
     if unknown or not all(isinstance(content, bytes) for content in files.values()):
@@ -134,6 +143,8 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         config = {"model_type": MODEL_TYPE, "seqmix_version": _version(), **model_description(description)}
         if task is not None:
             config["task"] = dict(task)
+        if evaluation is not None:
+            config["evaluation"] = evaluation
         (staging / CONFIG_JSON).write_text(json.dumps(config, indent=2))
         save_weights(model, str(staging / WEIGHTS))
         for name, content in files.items():
@@ -163,21 +174,23 @@ def read_config_json(path: Path) -> dict:
     if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise SeqmixError(f"{path}: model_type={found!r}; seqmix loads only model_type={MODEL_TYPE!r}")
-    description = {key: value for key, value in config.items() if key not in ("model_type", "seqmix_version", "task")}
+    description = {key: value for key, value in config.items() if key not in ("model_type", "seqmix_version", *TRAINING_KEYS)}
     try:
         return model_description(description)
     except SeqmixError as error:
         raise SeqmixError(f"{path}: {error}") from None
 
 
-def pretrained_task(directory: str | os.PathLike) -> dict | None:
-    """The task description a pretrained directory's config.json records (None when it records none)."""
+def pretrained_training(directory: str | os.PathLike) -> dict:
+    """What a pretrained directory's config.json records of its training (``TRAINING_KEYS``, those it has), unchecked."""
     path = Path(directory) / CONFIG_JSON
     try:
-        task = parse_json(path.read_text()).get("task")
-    except (OSError, ValueError, AttributeError):
-        raise SeqmixError(f"{path} is not a readable pretrained config") from None
-    return task
+        config = parse_json(path.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise SeqmixError(f"{path} is not a readable pretrained config")
+    return {key: config[key] for key in TRAINING_KEYS if key in config}
 
 
 def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> Path:

@@ -251,11 +251,11 @@ class SequenceModel(nn.Module):
     # seqmix.model.pretrained, which builds models from their descriptions, so it is imported here
     # when called rather than at module level.
 
-    def save_pretrained(self, directory, training=None, task=None, files=None):
+    def save_pretrained(self, directory, training=None, task=None, files=None, evaluation=None):
         """Write this model to ``directory`` in the Hugging Face layout (``seqmix.save_pretrained``)."""
         from seqmix.model.pretrained import save_pretrained
 
-        return save_pretrained(self, directory, training, task, files)
+        return save_pretrained(self, directory, training, task, files, evaluation)
 
     @classmethod
     def from_pretrained(cls, name, device: str = "cpu", allow_unverified: bool = False, revision: str | None = None):

@@ -36,7 +36,7 @@ from seqmix.model.checkpoint import (
 )
 from seqmix.tasks.base import MODEL_FILES
 from seqmix.tokenization import BYTES, TOKENIZER_FILE
-from seqmix.training.records import read_run_record, read_task
+from seqmix.training.records import read_evaluation, read_run_record, read_task
 
 RUN = "run.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -189,13 +189,18 @@ def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: boo
     generate) refuses the same things. The record's ``directory`` is the verified directory, and a
     task's ``tokenizer`` names the copy saved there, never the path the record was written with.
     """
-    from seqmix.model.pretrained import CONFIG_JSON, from_pretrained, pretrained_task
+    from seqmix.model.pretrained import CONFIG_JSON, from_pretrained, pretrained_training
 
     if (Path(path) / CONFIG_JSON).is_file():
-        # A directory in the Hugging Face layout (seqmix.save_pretrained): its config.json records the task.
+        # A directory in the Hugging Face layout (seqmix.save_pretrained): its config.json records the
+        # task and how the metrics of its card were computed.
         model = from_pretrained(path, device=device, allow_unverified=allow_unverified)
-        task = pretrained_task(path)
-        record = {} if task is None else {"task": read_task(task, Path(path) / CONFIG_JSON)}
+        training, source = pretrained_training(path), Path(path) / CONFIG_JSON
+        record = {}
+        if training.get("task") is not None:
+            record["task"] = read_task(training["task"], source)
+        if "evaluation" in training:
+            record["evaluation"] = read_evaluation(training["evaluation"], source)
         return model, _with_saved_tokenizer(record, Path(path))
     checkpoint = resolve_checkpoint(path)
     model = load_model(checkpoint, device=device, allow_unverified=allow_unverified)

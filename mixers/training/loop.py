@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, TrainingStopped, choice_error, require_available_device, require_bool, require_int, require_path, require_writable_dir
-from seqmix.training.records import read_run_record, same_run
+from seqmix.training.records import evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
@@ -361,7 +361,9 @@ def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[
     if not config.resume:
         for name, content in model_files.items():
             (out_dir / name).write_bytes(content)
-        write_json_atomic(record, run_record)
+    # A resumed run rewrites its record too: same model and task, but the evaluation it reports
+    # from now on is this session's (checkpoints keep the copy they were written with).
+    write_json_atomic(record, {**run_record, "evaluation": evaluation_record(config.eval_batches, config.batch_size, config.bf16)})
     return out_dir
 
 
@@ -448,7 +450,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
         model: built by ``instantiate_model`` (it carries its config, which checkpoints store).
         task: the task; its head and vocabulary must match the model's.
         config: the run's options.
-        run_record: what to store in run.json (the resolved model and task configs).
+        run_record: what to store in run.json (the resolved model and task configs); the
+            record also keeps how the run evaluates (``evaluation_record``).
         forward_module: what runs the training forward, sharing ``model``'s parameters (e.g. a
             torch.compile wrapper); ``model`` itself when None.
 

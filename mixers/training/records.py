@@ -1,4 +1,5 @@
-"""A run's record (``run.json``): its model and task as descriptions, and the options it trained with.
+"""A run's record (``run.json``): its model and task as descriptions, the options it trained with,
+and how it computed the validation scores it reports (``evaluation``).
 
 Both parts name registered things only: the model as a ``seqmix.model.description``, the task as
 ``{task: <registered name>, <option>: <value>, ...}``. Reading a record someone else wrote can
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from seqmix.errors import SeqmixError, choice_error, not_a_file
+from seqmix.errors import SeqmixError, choice_error, not_a_file, require_bool, require_int
 from seqmix.jsontext import parse_json
 from seqmix.model.description import model_description, plain_data
 from seqmix.model.legacy import translate
@@ -54,6 +55,27 @@ def build_task(config: Any, trust_paths: bool = True) -> Task:
             if "PathLike" in str(parameter.annotation):
                 description[key] = parameter.default
     return TASKS[name](**description)
+
+
+def evaluation_record(batches: int, batch_size: int, bf16: bool) -> dict:
+    """How a run computed the validation scores it reports (``train.eval_batches`` batches of
+    ``train.batch_size`` sequences, under bfloat16 autocast or not): kept in its record, so that
+    ``seqmix evaluate`` scores a checkpoint the same way and reproduces the run's figures."""
+    return {"batches": batches, "batch_size": batch_size, "bf16": bf16}
+
+
+def read_evaluation(value: Any, source: str | os.PathLike) -> dict:
+    """A recorded ``evaluation`` (``evaluation_record``) read from ``source`` (a file, or who passed it);
+    anything else is refused by name."""
+    keys = sorted(evaluation_record(1, 1, False))
+    if not isinstance(value, Mapping) or sorted(value) != keys:
+        raise SeqmixError(f"{source}: evaluation={value!r} is not valid; expected a mapping of exactly {keys}: "
+                          "the validation batches, their size and whether bfloat16 autocast was on")
+    owner = f"{source}: evaluation"
+    require_int(owner, "batches", value["batches"])
+    require_int(owner, "batch_size", value["batch_size"])
+    require_bool(owner, "bf16", value["bf16"])
+    return dict(value)
 
 
 EXECUTION_OPTIONS = ("recompute",)
@@ -107,4 +129,6 @@ def read_run_record(path: str | os.PathLike) -> dict:
             record["task"] = task_description(record["task"])
     except SeqmixError as error:
         raise SeqmixError(f"{path}: {error}") from None
+    if "evaluation" in record:
+        record["evaluation"] = read_evaluation(record["evaluation"], path)
     return record
