@@ -215,6 +215,7 @@ def test_train_saves_pretrained_and_evaluate_and_export_read_it(tmp_path, capsys
     ]) == 0
     card = (pretrained / CARD).read_text()
     assert "seqmix train" in card and "train.save_pretrained=" in card and '"task": "mqar"' in card
+    assert re.search(r"- metrics: \{.*\} \(validation: 1 batch of 2 sequences\)", card), card
     from_run, _ = load_run(run)
     shared = from_pretrained(pretrained).eval()
     tokens = torch.randint(0, 64, (2, 32))

@@ -52,7 +52,16 @@ def _version() -> str:
     return seqmix.__version__
 
 
-def _card(model, training: Mapping | None, files: Mapping[str, bytes]) -> str:
+def _evaluated_on(evaluation: Mapping | None) -> str:
+    """What the card's metrics were computed on, from a checked ``evaluation``; empty when unknown."""
+    if evaluation is None:
+        return ""
+    batches, size = evaluation["batches"], evaluation["batch_size"]
+    autocast = ", under bfloat16 autocast" if evaluation["bf16"] else ""
+    return f" (validation: {batches} batch{'es' if batches != 1 else ''} of {size} sequence{'s' if size != 1 else ''}{autocast})"
+
+
+def _card(model, training: Mapping | None, files: Mapping[str, bytes], evaluation: Mapping | None = None) -> str:
     """The model card: what the model is, and what trained it when ``training`` says so."""
     from seqmix.model.summary import describe_model
 
@@ -78,7 +87,7 @@ def _card(model, training: Mapping | None, files: Mapping[str, bytes]) -> str:
         else "- tokenizer: bytes (token ids are the UTF-8 bytes of the text)",
         f"- training data: {training.get('data', 'not recorded')}",
         f"- training data sha256: {training.get('data_sha256', 'not recorded')}",
-        f"- metrics: {json.dumps(metrics) if metrics else 'not recorded'}",
+        f"- metrics: {json.dumps(metrics) + _evaluated_on(evaluation) if metrics else 'not recorded'}",
         f"- trained with: `{training['command']}`" if training.get("command") else "- trained with: not recorded",
         "",
         "## Architecture",
@@ -149,7 +158,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         save_weights(model, str(staging / WEIGHTS))
         for name, content in files.items():
             (staging / name).write_bytes(content)
-        (staging / CARD).write_text(_card(model, training, files))
+        (staging / CARD).write_text(_card(model, training, files, evaluation))
         write_checksums(staging)
         if directory.exists():
             # Move the old directory aside before the new one takes its name, so a kill never leaves neither.
