@@ -255,7 +255,9 @@ def test_evaluate_refuses_an_unverified_checkpoint_unless_asked_by_name(finished
     {"batches": 0, "batch_size": 2, "bf16": False}, {"batches": "1", "batch_size": 2, "bf16": False},
     {"batches": 1, "batch_size": 2.0, "bf16": False}, {"batches": 1, "batch_size": 2, "bf16": "false"},
     {"batches": 1, "batch_size": 2}, {"batches": 1, "batch_size": 2, "bf16": False, "_target_": "os.system"}, [1, 2, False],
-], ids=["zero batches", "a string count", "a float size", "a string bool", "a missing key", "an extra key", "a list"])
+    {1: 2, "batches": 1},
+], ids=["zero batches", "a string count", "a float size", "a string bool", "a missing key", "an extra key", "a list",
+        "keys that do not sort together"])
 @pytest.mark.parametrize("where", ["run", "pretrained"])
 def test_a_recorded_evaluation_that_is_not_one_is_refused_naming_the_file(finished_run, tmp_path, capsys, evaluation, where):
     """A run record's or pretrained config's ``evaluation`` (how evaluate scores by default) that is not

@@ -68,7 +68,8 @@ def read_evaluation(value: Any, source: str | os.PathLike) -> dict:
     """A recorded ``evaluation`` (``evaluation_record``) read from ``source`` (a file, or who passed it);
     anything else is refused by name."""
     keys = sorted(evaluation_record(1, 1, False))
-    if not isinstance(value, Mapping) or sorted(value) != keys:
+    # Sets, not sorted lists: a mapping passed from Python may hold keys that do not sort together.
+    if not isinstance(value, Mapping) or set(value) != set(keys):
         raise SeqmixError(f"{source}: evaluation={value!r} is not valid; expected a mapping of exactly {keys}: "
                           "the validation batches, their size and whether bfloat16 autocast was on")
     owner = f"{source}: evaluation"
