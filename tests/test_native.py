@@ -48,6 +48,16 @@ def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batc
 
 
 @NATIVE
+@pytest.mark.parametrize("complex_", [False, True])
+def test_native_writes_outputs_past_the_cache_around_it_and_still_equals_the_loop(complex_):
+    """Outputs of 2 MiB and more (x here: 4.5 MB of float64) are written with streaming stores,
+    beside the plain stores of a partial vector (D = 268: 33 vectors of 8 and one of 4): outputs,
+    state and gradients against the loop."""
+    assert_equals_the_loop(lambda x, coef, h0, skip, silu: recurrence.native(x, coef, h0, skip, silu), complex_, 1, 268,
+                           5, 2 * 1024 + 70, True, True, True, seed=3, rtol=1e-10, grad_rtol=1e-9)
+
+
+@NATIVE
 @pytest.mark.parametrize("name", ["ema", "cema"])
 def test_native_mixers_in_float32_match_the_loop_forward_streaming_and_backward(name):
     """The mixers as users build them (D = 40: two float32 vectors and a partial one), a length of
