@@ -22,7 +22,7 @@ from seqmix.export import bench
 from seqmix.export.bench import PEERS, compose_bench_spec, plan_grid, run_claims, run_grid, write_claims, write_grid_results
 from seqmix.export.bench import report as bench_report
 from seqmix.export.bench import run as bench_run
-from seqmix.export.bench.measure import PASSES, peak_memory_bytes
+from seqmix.export.bench.measure import PASSES, pass_callables, peak_memory_bytes
 from seqmix import SeqmixError
 from seqmix.allocator import user_settings
 
@@ -460,3 +460,33 @@ def test_options_that_make_a_subject_unbuildable_are_refused_before_the_grid_run
     with pytest.raises(SeqmixError, match=re.escape(named)):
         compose_bench_spec([*EAGER_ONLY, *overrides, f"bench.out_dir={tmp_path / 'bench'}"])
     assert not (tmp_path / "bench").exists()
+
+
+def test_fwd_bwd_backpropagates_a_whole_gradient_made_once_as_a_loss_would():
+    """The fwd+bwd pass hands backward the gradient of output.sum() as a contiguous tensor of ones,
+    the same one on every call: output.sum()'s own is one value broadcast (strides 0), which a
+    kernel reading the gradient at its strides would take without touching memory. The gradients
+    it leaves are output.sum()'s."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 5, 8)
+    seen = []
+
+    def call(inputs):
+        output = module(inputs)
+        output.register_hook(lambda grad: seen.append(grad))
+        return output
+
+    run, clear = pass_callables(call, module, (x,), "fwd+bwd")
+    run()
+    weight_grad = module.weight.grad.clone()
+    run()
+    assert len(seen) == 2 and seen[0] is seen[1]
+    assert seen[0].shape == (2, 5, 8) and seen[0].is_contiguous() and 0 not in seen[0].stride()
+    assert torch.equal(seen[0], torch.ones(2, 5, 8))
+    module.zero_grad(set_to_none=True)
+    module(x).sum().backward()
+    torch.testing.assert_close(weight_grad, module.weight.grad)
+    clear()
+    assert module.weight.grad is None
+
