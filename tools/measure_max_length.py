@@ -319,7 +319,7 @@ def format_report(report: dict) -> str:
         "",
         f"Each preset at its shipped size, float32. A length fits when the parameters, AdamW's two moments and the "
         f"token ids, plus the peak of one forward and backward (the claims benchmark's pass: activations kept for "
-        f"backward, temporaries, output, new gradients), total at most {budget_gib:g} GiB. The peak is counted under "
+        f"backward, temporaries, output, its gradient, new gradients), total at most {budget_gib:g} GiB. The peak is counted under "
         f"torch's FakeTensorMode, every tensor storage the pass creates from its allocation to its release, so "
         f"nothing is allocated. Lengths found by doubling from {START_LENGTH:,}, then bisection to a multiple of {UNIT:,}.",
         "",
