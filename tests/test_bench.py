@@ -489,4 +489,3 @@ def test_fwd_bwd_backpropagates_a_whole_gradient_made_once_as_a_loss_would():
     torch.testing.assert_close(weight_grad, module.weight.grad)
     clear()
     assert module.weight.grad is None
-

@@ -11,7 +11,8 @@ the parameters, AdamW's two moment buffers and the token ids, which live through
 peak of one forward and backward measured the way the claims benchmark measures it
 (``seqmix.export.bench.measure``: the model in train mode, the gradient of ``output.sum()``
 backpropagated as a whole tensor, gradients set to None first; the peak counts the activations
-kept for the backward, the temporaries, the output, its gradient and the new gradients). L fits when that total is at most the budget.
+kept for the backward, the temporaries, the output, its gradient and the new gradients). L fits
+when that total is at most the budget.
 
 How the peak is counted without allocating it: the model is built and run under torch's
 ``FakeTensorMode``, whose CPU tensors have shapes and dtypes but no memory and whose operators

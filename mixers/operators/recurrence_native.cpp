@@ -127,9 +127,9 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
             }
             acc[t] = a;
             // The complex recurrence writes each step's output as its last group completes it, so
-            // that the stores spread over that loop instead of queueing behind one another after it
-            // (its forward about 10-13% faster, D = 256); the real one keeps them after the loop: its loop
-            // is shorter, and the SiLU inside it made its forward about a tenth slower.
+            // that the stores spread over that loop instead of queueing behind one another after
+            // it (its forward about 10-13% faster, D = 256); the real one keeps them after the
+            // loop: its loop is shorter, and the SiLU inside it made its forward a tenth slower.
             if (Complex && n0 + GROUP == order) {
               const int64_t at = ((row * length) + t0 + t) * width + d0;
               if (pre) store_out<T>(pre + at, a, live, stream);
