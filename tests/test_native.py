@@ -32,17 +32,36 @@ NATIVE = pytest.mark.native
 @given(
     complex_=st.booleans(), batch=st.integers(1, 3), width=st.integers(1, 19), order=st.integers(1, 6),
     length=st.integers(1, 300), with_state=st.booleans(), with_skip=st.booleans(), silu=st.booleans(),
-    threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+    threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16),
 )
 def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batch, width, order, length, with_state, with_skip,
                                                                   silu, threads, seed):
     """float64 to rounding: widths across a vector (8 lanes), orders across a group of states (4, and 2 in the complex adjoint),
-    lengths across checkpoints (64) and segments (128), a start state, the skip and the SiLU, on one and two threads."""
+    lengths across checkpoints (64) and segments (128), a start state, the skip and the SiLU, on one, two and three
+    threads (whose shares of the (batch row, block) pairs end in part of a tile, and may hold none)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         assert_equals_the_loop(lambda x, coef, h0, skip, silu: recurrence.native(x, coef, h0, skip, silu), complex_, batch, width,
                                order, length, with_state, with_skip, silu, seed, rtol=1e-10, grad_rtol=1e-9)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@NATIVE
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("batch, width, threads", [(1, 5, 3), (3, 17, 2), (2, 17, 4)])
+def test_native_splits_the_pairs_over_threads_in_tiles_that_need_not_fill(complex_, batch, width, threads):
+    """Each thread takes a share of the (batch row, block) pairs, which the adjoint works through two
+    pairs at a time: one block on three threads (two of them with no pairs); nine pairs on two (shares of four
+    and five, a tile across two batch rows, a last tile of one pair); six on four (shares of one and
+    two, a share that ends where the next begins). Outputs, state and gradients against the loop,
+    over lengths past a segment."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_equals_the_loop(lambda x, coef, h0, skip, silu: recurrence.native(x, coef, h0, skip, silu), complex_, batch,
+                               width, 5, 2 * 128 + 70, True, True, True, seed=5, rtol=1e-10, grad_rtol=1e-9)
     finally:
         torch.set_num_threads(previous)
 

@@ -6,14 +6,20 @@
 // The literal loop over t, vectorised across channels: a block holds W channels (one 64-byte
 // vector), and its states stay in registers while the loop runs over a segment of SEGMENT steps,
 // a few states at a time (GROUP), their readouts summed into a per-segment buffer. Segments run in
-// order; within one, the (batch row, block) pairs are spread over the threads, so that the rows of
-// x and y a segment touches stay in cache. A pair's state and sums are its thread's alone: OpenMP's
-// static schedule gives a thread the same pairs in every segment (same iteration count, no chunk
-// size, same parallel region), so no thread waits for the others between segments. While autograd
-// records, the forward keeps the state every CHECKPOINT steps, and the adjoint runs over those
-// shorter segments, whose recomputed states and rows fit the core's L1 cache. Over a whole segment or more the forward carries the
-// states divided by b, which saves a multiply per state and step (forward_segments). Each thread
-// fetches the rows it reads in the next segment a line at a time between its steps.
+// order; within one, the (batch row, block) pairs are split over the threads, each thread the same
+// pairs in every segment, so that a pair's states and sums are its thread's alone and no thread
+// waits for the others between segments (the forward's OpenMP static schedule gives a thread the
+// same pairs each time: same iteration count, no chunk size, same parallel region; the adjoint
+// splits them itself). Each forward thread fetches the rows it reads in the next segment a line at
+// a time between its steps. While autograd records, the forward keeps the state every CHECKPOINT
+// steps, and the adjoint runs over those shorter segments, whose recomputed states and rows fit the
+// core's L1 cache. The adjoint works through a thread's pairs a tile at a time: it copies the
+// tile's rows of a segment into a buffer, reading each row's vectors of the tile side by side, runs
+// the tile's pairs there, and writes their gradients back row by row, while it fetches the next
+// tile's rows into L2 a line at a time between its steps. Read down a column instead, one line per
+// row 1 KiB apart (D = 256), the rows held the adjoint up longer than its arithmetic took. Over a
+// whole segment or more the forward carries the states divided by b, which saves a multiply per
+// state and step (forward_segments).
 //
 // Layouts: x, y, gx (B, L, D) row-major; g, the incoming gradient, rows of D values at the strides given; coefficients and their gradients (N, P); states and
 // per-row sums (B, N, P), the skip's (B, P); P = D padded to a multiple of W and N to a multiple
@@ -25,6 +31,10 @@
 #include <cstring>
 
 #include "native_simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -43,6 +53,93 @@ constexpr int GROUP = 4;
 // it was 5-10% slower than at four.
 template <bool Complex> constexpr int adjoint_group() { return Complex ? 2 : GROUP; }
 static_assert(GROUP % adjoint_group<true>() == 0 && GROUP % adjoint_group<false>() == 0, "groups divide GROUP");
+
+// The most pairs in a tile. The adjoint's tiles hold two: on one and two threads at L = 4096 and
+// 16384 (D = 256), its time at two was at most 4% behind the better of four and sixteen, and up to
+// 9% ahead of it.
+constexpr int64_t TILE = 2;
+
+// This thread's share [first, last) of `pairs`: the same in every segment of a call.
+struct Share {
+  int64_t first, last;
+  explicit Share(int64_t pairs) {
+#ifdef _OPENMP
+    const int64_t team = omp_get_num_threads(), member = omp_get_thread_num();
+#else
+    const int64_t team = 1, member = 0;
+#endif
+    first = pairs * member / team;
+    last = pairs * (member + 1) / team;
+  }
+};
+
+// How (batch row, block) pairs map to memory: x and the tensors laid out as it, (B, L, D), and the
+// incoming gradient's rows at its own strides.
+struct Layout {
+  int64_t blocks, lanes, length, width, grad_batch_stride, grad_step_stride;
+};
+
+// Where a tile's pairs are, from `first`: for each, the offset of its vector in the segment's first
+// row (at t0) of x and of the gradient, and how many of its lanes are channels.
+struct Tile {
+  int64_t count = 0, at[TILE] = {}, grad_at[TILE] = {}, live[TILE] = {};
+  Tile() = default;
+  Tile(const Layout& layout, int64_t first, int64_t count_, int64_t t0) : count(count_) {
+    for (int64_t p = 0; p < count; ++p) {
+      const int64_t row = (first + p) / layout.blocks, d0 = ((first + p) % layout.blocks) * layout.lanes;
+      at[p] = (row * layout.length + t0) * layout.width + d0;
+      grad_at[p] = row * layout.grad_batch_stride + t0 * layout.grad_step_stride + d0;
+      live[p] = std::min<int64_t>(layout.lanes, layout.width - d0);
+    }
+  }
+};
+
+// Fetches a tile's rows into L2 in the order its copy reads them: x, a tensor laid out as x and
+// the gradient (null ones skipped), one row of the tile's vectors every `every` calls, so that the
+// fetches spread over the loops of the tile before it.
+template <typename T>
+struct Fetcher {
+  Tile tile;
+  const T *x = nullptr, *beside = nullptr, *grad = nullptr;
+  int64_t width = 0, grad_step = 0, rows = 0, every = 1, tick = 0, t = 0, p = 0;
+  void operator()() {
+    if (++tick < every) return;
+    tick = 0;
+    if (t >= rows) return;
+    const int64_t at = tile.at[p] + t * width;
+    __builtin_prefetch(x + at, 0, 2);
+    if (beside) __builtin_prefetch(beside + at, 0, 2);
+    if (grad) __builtin_prefetch(grad + tile.grad_at[p] + t * grad_step, 0, 2);
+    if (++p == tile.count) {
+      p = 0;
+      ++t;
+    }
+  }
+};
+
+// The Fetcher of the tile the adjoint copies after a thread's `size` pairs from `first` in
+// `segment` (of CHECKPOINT steps): its next pairs in that segment, else its first ones of the
+// segment before; an idle one after the first segment. Its fetches spread over `calls` calls.
+template <typename T>
+Fetcher<T> next_tile(const Layout& layout, const Share& share, int64_t first, int64_t size, int64_t segment,
+                     int64_t calls, const T* x, const T* beside, const T* grad) {
+  Fetcher<T> fetch;
+  first += size;
+  if (first >= share.last) {
+    first = share.first;
+    --segment;
+  }
+  if (segment < 0 || first >= share.last) return fetch;
+  fetch.tile = Tile(layout, first, std::min(size, share.last - first), segment * CHECKPOINT);
+  fetch.x = x;
+  fetch.beside = beside;
+  fetch.grad = grad;
+  fetch.width = layout.width;
+  fetch.grad_step = layout.grad_step_stride;
+  fetch.rows = std::min(CHECKPOINT, layout.length - segment * CHECKPOINT);
+  fetch.every = std::max<int64_t>(1, calls / (fetch.rows * fetch.tile.count));
+  return fetch;
+}
 
 // The forward's segments. Scaled: every state is carried divided by its input weight b (real),
 // s_t = h_t / b = q s_{t-1} + x_t, read out with c b: one multiply per state and step fewer (three
@@ -238,22 +335,35 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
   constexpr int W = lanes<T>(), G = adjoint_group<Complex>();
   const int64_t blocks = padded / W, segments = (length + CHECKPOINT - 1) / CHECKPOINT, groups = order / G;
   const bool stream = streams<T>(batch, length, width);
+  const Layout layout{blocks, W, length, width, grad_batch_stride, grad_step_stride};
 #pragma omp parallel num_threads(threads)
   {
+  const Share share(batch * blocks);
+  // The tile's rows of x, of the incoming gradient times SiLU' of the sums, and of gx; one more
+  // vector than a segment per pair, so that the pairs' rows do not fall 4 KiB apart.
+  alignas(64) V xs_all[TILE][CHECKPOINT + 1], gs_all[TILE][CHECKPOINT + 1], gx_all[TILE][CHECKPOINT + 1];
   for (int64_t segment = segments - 1; segment >= 0; --segment) {
     const int64_t t0 = segment * CHECKPOINT, steps = std::min(CHECKPOINT, length - t0);
-#pragma omp for collapse(2) schedule(static) nowait
-    for (int64_t row = 0; row < batch; ++row) {
-      for (int64_t block = 0; block < blocks; ++block) {
-        const int64_t d0 = block * W, live = std::min<int64_t>(W, width - d0);
-        V xs[CHECKPOINT], gs[CHECKPOINT], gx[CHECKPOINT], kept_re[CHECKPOINT][G], kept_im[Complex ? CHECKPOINT : 1][G];
+    for (int64_t first = share.first; first < share.last; first += TILE) {
+      const Tile tile(layout, first, std::min(TILE, share.last - first), t0);
+      for (int64_t t = 0; t < steps; ++t) {
+        for (int64_t p = 0; p < tile.count; ++p) {
+          const int64_t at = tile.at[p] + t * width, live = tile.live[p];
+          xs_all[p][t] = load<T>(x + at, live);
+          gs_all[p][t] = load<T>(grad_y + tile.grad_at[p] + t * grad_step_stride, live);
+          if (pre) gs_all[p][t] = gs_all[p][t] * silu_derivative<T>(load<T>(pre + at, live));
+        }
+      }
+      Fetcher<T> fetch = next_tile<T>(layout, share, first, TILE, segment, tile.count * groups * steps, x, pre, grad_y);
+      for (int64_t p = 0; p < tile.count; ++p) {
+        const int64_t row = (first + p) / blocks, d0 = ((first + p) % blocks) * W;
+        const V* xs = xs_all[p];
+        const V* gs = gs_all[p];
+        V* gx = gx_all[p];
+        V kept_re[CHECKPOINT][G], kept_im[Complex ? CHECKPOINT : 1][G];
         const V sk = skip ? load<T>(skip + d0) : V{};
         V skip_sum = {};
         for (int64_t t = 0; t < steps; ++t) {
-          const int64_t at = ((row * length) + t0 + t) * width + d0;
-          xs[t] = load<T>(x + at, live);
-          gs[t] = load<T>(grad_y + row * grad_batch_stride + (t0 + t) * grad_step_stride + d0, live);
-          if (pre) gs[t] = gs[t] * silu_derivative<T>(load<T>(pre + at, live));
           gx[t] = sk * gs[t];
           skip_sum += gs[t] * xs[t];
         }
@@ -278,21 +388,9 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
             }
             dqr[g] = dqi[g] = db[g] = dcr[g] = dci[g] = V{};
           }
-          // The states of this segment, h_{t0} .. h_{t0+steps-1}, again, while this group fetches
-          // rows n0 / G, n0 / G + groups, ... of the segment before, which the adjoint reads
-          // next (as the forward does; the fetches at once cost a seventh of the adjoint at L = 16384).
-          int64_t fetch = n0 / G;
+          // The states of this segment, h_{t0} .. h_{t0+steps-1}, again.
           for (int64_t t = 0; t < steps; ++t) {
-            if (t == fetch) {
-              if (segment > 0) {
-                const int64_t before = ((row * length) + t0 - CHECKPOINT + t) * width + d0;
-                __builtin_prefetch(x + before, 0, 2);
-                __builtin_prefetch(grad_y + row * grad_batch_stride + (t0 - CHECKPOINT + t) * grad_step_stride + d0, 0, 2);
-                if (pre) __builtin_prefetch(pre + before, 0, 2);
-                if (!stream) __builtin_prefetch(grad_x + before, 1, 2);
-              }
-              fetch += groups;
-            }
+            fetch();
             for (int g = 0; g < G; ++g) {
               if (Complex) {
                 const V re = qr[g] * hr[g] - qi[g] * hi[g] + bw[g] * xs[t];
@@ -350,7 +448,9 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
             }
           }
         }
-        for (int64_t t = 0; t < steps; ++t) store_out<T>(grad_x + ((row * length) + t0 + t) * width + d0, gx[t], live, stream);
+      }
+      for (int64_t t = 0; t < steps; ++t) {
+        for (int64_t p = 0; p < tile.count; ++p) store_out<T>(grad_x + tile.at[p] + t * width, gx_all[p][t], tile.live[p], stream);
       }
     }
   }
