@@ -53,10 +53,10 @@ def test_native_equals_the_loop_with_its_state_and_every_gradient(complex_, batc
 @pytest.mark.parametrize("batch, width, threads", [(1, 5, 3), (3, 17, 2), (2, 17, 4)])
 def test_native_splits_the_pairs_over_threads_in_tiles_that_need_not_fill(complex_, batch, width, threads):
     """Each thread takes a share of the (batch row, block) pairs, which the adjoint works through two
-    pairs at a time: one block on three threads (two of them with no pairs); nine pairs on two (shares of four
-    and five, a tile across two batch rows, a last tile of one pair); six on four (shares of one and
-    two, a share that ends where the next begins). Outputs, state and gradients against the loop,
-    over lengths past a segment."""
+    pairs at a time: one block on three threads (two of them with no pairs); nine pairs on two
+    (shares of four and five, a tile across two batch rows, a last tile of one pair); six on four
+    (shares of one and two pairs: a tile ends at its share's end, not in the next share). Outputs,
+    state and gradients against the loop, over lengths past a segment."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -117,20 +117,20 @@ struct Fetcher {
   }
 };
 
-// The Fetcher of the tile the adjoint copies after a thread's `size` pairs from `first` in
-// `segment` (of CHECKPOINT steps): its next pairs in that segment, else its first ones of the
-// segment before; an idle one after the first segment. Its fetches spread over `calls` calls.
+// The Fetcher of the tile the adjoint copies after a thread's tile from `first` in `segment` (of
+// CHECKPOINT steps): its next pairs in that segment, else its first ones of the segment before; an
+// idle one after the first segment. Its fetches spread over `calls` calls.
 template <typename T>
-Fetcher<T> next_tile(const Layout& layout, const Share& share, int64_t first, int64_t size, int64_t segment,
-                     int64_t calls, const T* x, const T* beside, const T* grad) {
+Fetcher<T> next_tile(const Layout& layout, const Share& share, int64_t first, int64_t segment, int64_t calls,
+                     const T* x, const T* beside, const T* grad) {
   Fetcher<T> fetch;
-  first += size;
+  first += TILE;
   if (first >= share.last) {
     first = share.first;
     --segment;
   }
   if (segment < 0 || first >= share.last) return fetch;
-  fetch.tile = Tile(layout, first, std::min(size, share.last - first), segment * CHECKPOINT);
+  fetch.tile = Tile(layout, first, std::min(TILE, share.last - first), segment * CHECKPOINT);
   fetch.x = x;
   fetch.beside = beside;
   fetch.grad = grad;
@@ -339,9 +339,8 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
 #pragma omp parallel num_threads(threads)
   {
   const Share share(batch * blocks);
-  // The tile's rows of x, of the incoming gradient times SiLU' of the sums, and of gx; one more
-  // vector than a segment per pair, so that the pairs' rows do not fall 4 KiB apart.
-  alignas(64) V xs_all[TILE][CHECKPOINT + 1], gs_all[TILE][CHECKPOINT + 1], gx_all[TILE][CHECKPOINT + 1];
+  // The tile's rows of x, of the incoming gradient times SiLU' of the sums, and of gx.
+  alignas(64) V xs_all[TILE][CHECKPOINT], gs_all[TILE][CHECKPOINT], gx_all[TILE][CHECKPOINT];
   for (int64_t segment = segments - 1; segment >= 0; --segment) {
     const int64_t t0 = segment * CHECKPOINT, steps = std::min(CHECKPOINT, length - t0);
     for (int64_t first = share.first; first < share.last; first += TILE) {
@@ -354,7 +353,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
           if (pre) gs_all[p][t] = gs_all[p][t] * silu_derivative<T>(load<T>(pre + at, live));
         }
       }
-      Fetcher<T> fetch = next_tile<T>(layout, share, first, TILE, segment, tile.count * groups * steps, x, pre, grad_y);
+      Fetcher<T> fetch = next_tile<T>(layout, share, first, segment, tile.count * groups * steps, x, pre, grad_y);
       for (int64_t p = 0; p < tile.count; ++p) {
         const int64_t row = (first + p) / blocks, d0 = ((first + p) % blocks) * W;
         const V* xs = xs_all[p];
