@@ -214,11 +214,16 @@ def test_bad_options_name_the_field(options, field):
 
 @pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
 @pytest.mark.parametrize("residual", [True, False])
-def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast(activation, residual):
+@pytest.mark.parametrize("slab_bytes", [tcn_module.TAP_SLAB_BYTES, 1])
+def test_the_channels_last_backward_equals_the_convolutions_through_a_state_and_under_autocast(activation, residual,
+                                                                                              slab_bytes, monkeypatch):
     """While autograd records, ``channels_last`` runs its kernel with its own backward
     (``_DepthwiseConvRows``): outputs, next windows and the gradients of x, of a start state and of
     every parameter equal ``conv``'s (float64, a streamed step, and a padded batch), and under bf16
-    autocast the gradients come back in the operands' dtype."""
+    autocast the gradients come back in the operands' dtype. The weight gradient sums its products
+    in one slab of steps here, and with the smallest slabs (TAP_SLAB_MIN_ROWS = 16 steps) in two
+    and three, the last one partial."""
+    monkeypatch.setattr(tcn_module, "TAP_SLAB_BYTES", slab_bytes)
     torch.manual_seed(7)
     options = dict(kernel_size=3, dilation_base=3, depth=3, activation=activation, residual=residual)
     conv = TCN(6, impl="conv", **options).double()

@@ -67,7 +67,8 @@ class _DepthwiseConvRows(torch.autograd.Function):
 
     - input: the adjoint of a correlation is a correlation of the gradient, padded by the window on
       both sides, with the flipped kernel: one more forward convolution;
-    - weight: tap k meets the context shifted by k·dilation, a product summed over batch and time;
+    - weight: tap k meets the context shifted by k·dilation, a product summed over batch and time
+      (``_tap_sums``);
     - bias: the gradient summed over batch and time.
     """
 
@@ -96,12 +97,39 @@ class _DepthwiseConvRows(torch.autograd.Function):
             padded[:, window : window + length].copy_(grad)
             grad_context = _channels_last_conv(padded, weight.to(grad.dtype).flip(-1), None, dilation)
         if ctx.needs_input_grad[1]:
-            product = torch.empty_like(grad)
-            grad_weight = torch.stack([torch.mul(context[:, k * dilation : k * dilation + length], grad, out=product).sum((0, 1))
-                                       for k in range(taps)], -1).unsqueeze(1).to(weight.dtype)
+            grad_weight = _tap_sums(context, grad, taps, dilation).t().unsqueeze(1).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 1)).to(weight.dtype)
         return grad_context, grad_weight, grad_bias, None
+
+
+# Bytes of the products ``_tap_sums`` makes at a time, so that a slab of every tap's products stays
+# in cache while it is summed: at 2 MiB the sums took 1.6x as long on one thread, at 512 KiB 1.25x
+# as long on two (D = 256, T = 16384). A slab holds at least TAP_SLAB_MIN_ROWS steps, so that the
+# loop's cost per slab stays small beside a slab's work however many channels there are.
+TAP_SLAB_BYTES = 2**20
+TAP_SLAB_MIN_ROWS = 16
+
+
+def _tap_sums(context: Tensor, grad: Tensor, taps: int, dilation: int) -> Tensor:
+    """sum over batch and time of context shifted by k·dilation times grad, for every tap k:
+    context (B, window + T, D), grad (B, T, D) -> (K, D).
+
+    The taps' shifted contexts are one view (K, B, T, D), multiplied by grad and summed a slab of
+    steps at a time, so that each slab's products are summed while in cache, and grad and the
+    context are read from memory about once, not once per tap with a (B, T, D) product written and
+    read back in between (the weight gradient 2.2-2.5x faster, D = 256, T = 4096 and 16384, one and two
+    threads)."""
+    batch, length, width = grad.shape
+    shifted = context.unfold(1, length, dilation).permute(1, 0, 3, 2)  # (K, B, T, D), a view
+    rows = max(TAP_SLAB_MIN_ROWS, TAP_SLAB_BYTES // (taps * batch * width * grad.element_size()))
+    product = grad.new_empty(taps, batch, min(rows, length), width)
+    sums = []
+    for start in range(0, length, rows):
+        end = min(length, start + rows)
+        slab = product[:, :, : end - start]
+        sums.append(torch.mul(shifted[:, :, start:end], grad[:, start:end], out=slab).sum((1, 2)))
+    return torch.stack(sums).sum(0)
 
 
 def _channels_last_conv(context: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
