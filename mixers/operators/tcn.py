@@ -62,8 +62,9 @@ class TCNState(NamedTuple):
 class _DepthwiseConvRows(torch.autograd.Function):
     """A layer's depthwise convolution on (B, window + T, D) rows, with its backward written out in
     that layout, for ``channels_last`` while autograd records: the forward is the channels-last 2-D
-    kernel inference runs; the backward is one more such convolution and a product per tap, where
-    torch's own backward of that kernel took twenty times its forward (D = 256, T = 4096, one thread).
+    kernel inference runs; the backward is one more such convolution and the taps' products summed,
+    where torch's own backward of that kernel took twenty times its forward (D = 256, T = 4096, one
+    thread).
 
     - input: the adjoint of a correlation is a correlation of the gradient, padded by the window on
       both sides, with the flipped kernel: one more forward convolution;
