@@ -54,9 +54,8 @@ constexpr int GROUP = 4;
 template <bool Complex> constexpr int adjoint_group() { return Complex ? 2 : GROUP; }
 static_assert(GROUP % adjoint_group<true>() == 0 && GROUP % adjoint_group<false>() == 0, "groups divide GROUP");
 
-// The most pairs in a tile. The adjoint's tiles hold two: on one and two threads at L = 4096 and
-// 16384 (D = 256), its time at two was at most 4% behind the better of four and sixteen, and up to
-// 9% ahead of it.
+// Pairs in a tile of the adjoint: on one and two threads at L = 4096 and 16384 (D = 256), its time
+// at two was at most 4% behind the better of four and sixteen, and up to 9% ahead of it.
 constexpr int64_t TILE = 2;
 
 // This thread's share [first, last) of `pairs`: the same in every segment of a call.
