@@ -93,8 +93,8 @@ struct Tile {
   }
 };
 
-// Fetches a tile's rows into L2 in the order its copy reads them: x, a tensor laid out as x and
-// the gradient (null ones skipped), one row of the tile's vectors every `every` calls, so that the
+// Fetches a tile's rows into L2 in the order its copy reads them: x, a tensor laid out as x (when
+// not null) and the gradient, one row of the tile's vectors every `every` calls, so that the
 // fetches spread over the loops of the tile before it.
 template <typename T>
 struct Fetcher {
@@ -108,7 +108,7 @@ struct Fetcher {
     const int64_t at = tile.at[p] + t * width;
     __builtin_prefetch(x + at, 0, 2);
     if (beside) __builtin_prefetch(beside + at, 0, 2);
-    if (grad) __builtin_prefetch(grad + tile.grad_at[p] + t * grad_step, 0, 2);
+    __builtin_prefetch(grad + tile.grad_at[p] + t * grad_step, 0, 2);
     if (++p == tile.count) {
       p = 0;
       ++t;
