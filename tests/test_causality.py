@@ -87,6 +87,27 @@ def test_a_non_finite_or_huge_input_never_reaches_earlier_outputs(drawn):
         assert not torch.isfinite(streamed[rows, t]).all(-1).any()
 
 
+
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_a_non_finite_input_never_reaches_earlier_outputs_under_torch_compile(case):
+    """What Dynamo traces masks like the eager path: a path that tracers cannot see into (the
+    native code) runs a traceable one instead, with the same selection of non-finite inputs. A
+    NaN in one channel, an infinity in every channel of the other row, both past the first chunk."""
+    _, name, options, impl = case
+    mixer = build(name, options, dtype=torch.float64)
+    mixer.impl = impl
+    x = torch.randn(2, 40, WIDTH, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    poisoned = x.clone()
+    poisoned[0, 30, 1], poisoned[1, 21] = math.nan, math.inf
+    torch._dynamo.reset()
+    with torch.no_grad():
+        clean = mixer(x)
+        y = torch.compile(mixer, backend="eager", dynamic=False)(poisoned)
+    torch.testing.assert_close(y[0, :30], clean[0, :30], **TOLERANCE[torch.float64])
+    torch.testing.assert_close(y[1, :21], clean[1, :21], **TOLERANCE[torch.float64])
+    assert not torch.isfinite(y[0, 30]).all() and not torch.isfinite(y[1, 21]).all()
+
+
 PRESETS = list(causal_presets())
 
 

@@ -922,10 +922,11 @@ def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor |
     when the caller holds it already (a mixer in eval mode caches it); ``need_state=False``
     returns None for the state and skips laying it back out. Like the loop, a NaN or infinity at
     step t reaches steps >= t only. CPU only; float32 and float64. While compiling or exporting it
-    runs ``chunked`` with ``chunk_size``: tracers cannot see into native code.
+    runs what ``run`` runs for ``chunked`` with ``chunk_size``, masking of non-finite inputs
+    included: tracers cannot see into native code.
     """
     if torch.compiler.is_compiling():
-        return chunked(x, coef, h0, chunk_size, skip, silu)
+        return run("chunked", x, coef, h0, chunk_size, None, need_state, skip, silu)
     if x.device.type != "cpu":
         raise SeqmixError(f"impl='native' runs on the CPU, and x is on {x.device}; use impl='chunked' there")
     batch, _, width = x.shape
