@@ -180,3 +180,27 @@ def test_the_backward_graph_and_the_operators_per_chunk_stay_flat_as_chunks_are_
         operators[chunks] = counter.count
     assert nodes[64] == nodes[4]
     assert operators[64] - operators[4] <= 2 * (64 - 4)
+
+
+@pytest.mark.parametrize("complex_", [False, True], ids=["ema", "cema"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_a_finite_only_call_raises_at_a_non_finite_input_in_any_slab_and_otherwise_equals_the_loop(complex_, value):
+    """``finite_only=True`` sums x slab by slab as the path copies it in (here a slab of one chunk):
+    a NaN or an infinity in the first, a middle or the last (padded) chunk raises ``NonFiniteInput``; on a finite x the
+    output, its SiLU applied in place under no_grad as each slab is copied out, equals the loop's."""
+    generator = torch.Generator().manual_seed(3)
+    leaves = _coefficients(4, 3, complex_, generator)
+    chunk, length = 8, 5 * 8 - 3
+    x = torch.randn(2, length, 4, generator=generator, dtype=torch.float64)
+    skip = torch.randn(4, generator=generator, dtype=torch.float64)
+    with torch.no_grad(), mock.patch.object(recurrence, "TRANSPOSE_SLAB_BYTES", 1):
+        coef = _build(leaves)
+        y, h = recurrence.chunked(x, coef, None, chunk_size=chunk, skip=skip, silu=True, finite_only=True)
+        y_ref, h_ref = _reference(x, coef, None, skip, True)
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-10)
+        for position in (0, 2 * chunk + 3, length - 1):
+            bad = x.clone()
+            bad[1, position, 2] = value
+            with pytest.raises(recurrence.NonFiniteInput):
+                recurrence.chunked(bad, coef, None, chunk_size=chunk, skip=skip, silu=True, finite_only=True)

@@ -267,9 +267,13 @@ def _finish(y: Tensor, x: Tensor, skip: Tensor | None, silu: bool) -> Tensor:
     return F.silu(y) if silu else y
 
 
+class NonFiniteInput(Exception):
+    """Raised by ``chunked(..., finite_only=True)`` when it finds a NaN or an infinity in x (or cannot look, while tracing)."""
+
+
 def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: int = 64, skip: Tensor | None = None,
-            silu: bool = False, need_state: bool = True, weights: tuple[Tensor, Tensor, Tensor] | None = None
-            ) -> tuple[Tensor, Pair | None]:
+            silu: bool = False, need_state: bool = True, weights: tuple[Tensor, Tensor, Tensor] | None = None,
+            finite_only: bool = False) -> tuple[Tensor, Pair | None]:
     """Chunk-parallel path: Toeplitz matmuls inside chunks, the state carried across them.
 
     Same arguments and results as ``recurrent``, plus ``chunk_size`` (C), and the output transform
@@ -277,7 +281,10 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     rides on the Toeplitz diagonal, the SiLU on the pass that writes y); ``need_state=False``
     returns None for the state and skips rebuilding it; ``weights`` is ``chunk_weights(coef, C, skip)``
     when the caller holds it already (a mixer in eval mode caches it). A length that is not a
-    multiple of C is padded with zeros at the end and cropped.
+    multiple of C is padded with zeros at the end and cropped. ``finite_only=True`` raises
+    ``NonFiniteInput`` when x holds a NaN or an infinity (or finite values whose sum overflows),
+    found by summing x as the path copies it in, before any product; while tracing it always
+    raises, as a graph cannot branch on values (``run`` then takes the path that masks them).
 
     Eagerly this runs ``_ChunkedRecurrence`` (one autograd node, the carry one fused multiply-add per
     chunk); while tracing it runs ``_chunked_traced``, which exporters can lower.
@@ -287,6 +294,8 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     # bounds T by C), so a decode step costs one token, not a chunk padded from one.
     call_is_chunk = _UNROLL_CHUNKS and token_count_is_dynamic()
     if torch.compiler.is_compiling() or call_is_chunk:
+        if finite_only:
+            raise NonFiniteInput
         y, h = _chunked_traced(x, coef, h0, chunk_size, call_is_chunk)
         return _finish(y, x, skip, silu), h
     batch, length = x.shape[:2]
@@ -297,7 +306,7 @@ def chunked(x: Tensor, coef: Coefficients, h0: Pair | None = None, chunk_size: i
     feed, mix, q_chunk = chunk_weights(coef, chunk_size, skip) if weights is None else weights
     h = _interleave(coef.zero_state(batch) if h0 is None else h0, 2, complex_)
     records = torch.is_grad_enabled() and any(t.requires_grad for t in (padded, feed, mix, q_chunk, h))
-    y, last_start, end = _ChunkedRecurrence.apply(padded, feed, mix, q_chunk, h, complex_, silu, records)
+    y, last_start, end = _ChunkedRecurrence.apply(padded, feed, mix, q_chunk, h, complex_, silu, records, finite_only)
     if pad:
         y = y[:, :length]
     if not need_state:
@@ -536,17 +545,23 @@ class _ChunkedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, feed: Tensor, mix: Tensor, q_chunk: Tensor, h0: Tensor, complex_: bool, silu: bool,
-                records: bool):
+                records: bool, finite_only: bool):
         """x (B, nC·C, D), feed (D, C, K), mix (D, K + C, C), q_chunk (D, K), h0 (B, D, K) ->
         y (B, nC·C, D), the last chunk's start state (B, D, K), the state after it (B, D, K).
         ``records``: whether autograd records the call, which the caller knows (inside forward grad
-        mode is off); only then is the output kept before its SiLU."""
+        mode is off); only then is the output kept before its SiLU. ``finite_only``: sum x while
+        copying it in and raise ``NonFiniteInput`` before any product when the sum is not finite."""
         batch, length, width = x.shape
         size, states = mix.shape[-1], feed.shape[-1]
         chunks = length // size
         stacked = _stacked_buffer(x, batch * chunks, width, states + size)
         inputs = stacked[..., states : states + size]
-        copy_in_slabs(inputs, x.view(batch * chunks, size, width).transpose(1, 2))
+        blocks = x.view(batch * chunks, size, width)
+        sums = []
+        copy_in_slabs(inputs, blocks.transpose(1, 2),
+                      (lambda start, stop: sums.append(blocks[start:stop].sum())) if finite_only else None)
+        if finite_only and not bool(torch.isfinite(torch.stack(sums).sum())):
+            raise NonFiniteInput
         # Written in the product's own layout: into a transposed view the product runs up to 3x slower
         # on two threads, and the carry reads fed one small (B, D, K) slice at a time either way.
         fed = torch.bmm(inputs.transpose(0, 1), feed)  # (D, M, K)
@@ -555,22 +570,29 @@ class _ChunkedRecurrence(torch.autograd.Function):
         end = _carry(starts, fed.view(width, batch, chunks, states).permute(1, 2, 0, 3), q_chunk, complex_)
         operands = stacked[..., : states + size].transpose(0, 1)  # (D, M, K + C)
         y = x.new_empty(batch, length, width)
+        keep_input = silu and records
+        pre, out = (y, torch.empty_like(y)) if keep_input else (None, y)
+        rows, out_rows = (y[0], out[0]) if batch == 1 else (y.view(-1, size, width), out.view(-1, size, width))
+        finish = None
+        # The SiLU runs on each slab of y as soon as it is copied out, while the slab is in cache.
+        if keep_input:
+            def finish(start: int, stop: int) -> None:
+                torch.ops.aten.silu.out(rows[start:stop], out=out_rows[start:stop])
+        elif silu:
+            def finish(start: int, stop: int) -> None:
+                F.silu(rows[start:stop], inplace=True)
         if batch == 1:
             # One sequence: the product writes its own (D, L) layout, and a 2-D transpose turns it
             # into (L, D). With several rows that transpose would be a general permutation, slower
             # than the per-chunk blocks below.
-            copy_in_slabs(y[0], torch.bmm(operands, mix).view(width, length).t())
+            copy_in_slabs(rows, torch.bmm(operands, mix).view(width, length).t(), finish)
         else:
             y_chunks = x.new_empty(batch * chunks, width, size)
             _product_into(y_chunks.transpose(0, 1), operands, mix)
-            copy_in_slabs(y.view(batch * chunks, size, width), y_chunks.transpose(1, 2))
-        keep_input = silu and records
-        pre = y if keep_input else None
-        if silu:
-            y = F.silu(y) if keep_input else F.silu(y, inplace=True)
+            copy_in_slabs(rows, y_chunks.transpose(1, 2), finish)
         ctx.save_for_backward(stacked, feed, mix, q_chunk, pre)
         ctx.shape, ctx.complex_, ctx.silu = (batch, chunks, size, width, states), complex_, silu
-        return y, starts[:, -1].clone(), end
+        return out, starts[:, -1].clone(), end
 
     @staticmethod
     @once_differentiable
@@ -587,7 +609,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         operands = stacked[..., : states + size].transpose(0, 1)  # (D, M, K + C)
         grad_mix = torch.bmm(operands.transpose(1, 2), grad_chunks) if needs_mix else None
         if not (needs_x or needs_feed or needs_q or needs_h0):
-            return None, None, grad_mix, None, None, None, None, None
+            return None, None, grad_mix, None, None, None, None, None, None
         grad_stacked = _stacked_buffer(stacked, rows, width, states + size)
         _product_into(grad_stacked[..., : states + size].transpose(0, 1), grad_chunks, mix.transpose(1, 2))
         grad_starts = grad_stacked[..., :states].view(batch, chunks, width, states)
@@ -604,7 +626,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
             _product_into(grad_inputs.transpose(0, 1), grad_fed, feed.transpose(1, 2), accumulate=True)
             grad_x = stacked.new_empty(batch, chunks * size, width)
             copy_in_slabs(grad_x.view(rows, size, width), grad_inputs.transpose(1, 2))
-        return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None, None
+        return grad_x, grad_feed, grad_mix, grad_q if needs_q else None, grad_h0 if needs_h0 else None, None, None, None, None
 
 
 def _product_into(target: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> None:
@@ -631,18 +653,23 @@ TRANSPOSE_SLAB_BYTES = 2 * 2**20
 """Bytes of the slabs ``copy_in_slabs`` moves at a time: a slab's source and target fit in cache together."""
 
 
-def copy_in_slabs(target: Tensor, source: Tensor) -> None:
+def copy_in_slabs(target: Tensor, source: Tensor, after: Callable[[int, int], None] | None = None) -> None:
     """``target.copy_(source)`` for a transposing copy, one slab of rows along dim 0 at a time.
 
     torch copies a whole 2-D transpose with a cache-blocked kernel on one thread only, and a large
     permuted copy with strides that miss the cache; slabs of TRANSPOSE_SLAB_BYTES go through its
     general copy, which runs on every thread with each slab in cache. The gain is largest on two
-    threads at long L (tools/perf/roofline.md times the chunked paths).
+    threads at long L (tools/perf/roofline.md times the chunked paths). ``after(start, stop)``, when
+    given, runs as soon as rows [start, stop) are copied, while they are still in cache: a pass
+    over the same rows there costs a fraction of one over the whole tensor.
     """
     row_bytes = max(1, math.prod(target.shape[1:]) * target.element_size())
     rows = max(1, TRANSPOSE_SLAB_BYTES // row_bytes)
     for start in range(0, target.shape[0], rows):
-        target[start : start + rows].copy_(source[start : start + rows])
+        stop = min(start + rows, target.shape[0])
+        target[start:stop].copy_(source[start:stop])
+        if after is not None:
+            after(start, stop)
 
 
 def _stacked_buffer(like: Tensor, rows: int, width: int, columns: int) -> Tensor:
@@ -998,7 +1025,14 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
         return _finish(y, x, skip, silu), h
     if impl == "native":
         return native(x, coef, h0, skip, silu, chunk_size, prepared, need_state)
-    clean = masking.all_finite(x)
+    if impl == "chunked":
+        # The chunked path tells a finite x while it copies it in, saving a pass over x here.
+        try:
+            return chunked(x, coef, h0, chunk_size, skip, silu, need_state, prepared, finite_only=True)
+        except NonFiniteInput:
+            clean = False
+    else:
+        clean = masking.all_finite(x)
     finite_x, marks = (x, None) if clean else masking.zero_nonfinite(x)
     if impl == "chunked":
         y, h = chunked(finite_x, coef, h0, chunk_size, skip, silu, need_state, prepared)
