@@ -138,6 +138,19 @@ def test_the_toeplitz_blocks_hold_the_kernel_at_every_lag_below_the_diagonal_and
             torch.testing.assert_close(blocks[:, i, j], expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("size", [1, 2, 5, 64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_the_toeplitz_adjoint_is_the_gradient_of_the_block_in_any_memory_layout(size, layout):
+    """``_toeplitz_adjoint(G)`` = d/dk of sum(block ⊙ G) for the block as the mix stores it, [j, i] = k[i - j]
+    (j <= i), whether G is laid out row-major or transposed: autograd hands a gradient over in the layout it was made in."""
+    generator = torch.Generator().manual_seed(size)
+    kernel = torch.randn(3, size, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, size, size, generator=generator, dtype=torch.float64)
+    expected, = torch.autograd.grad((recurrence.lower_toeplitz(kernel).transpose(1, 2) * grad).sum(), kernel)
+    if layout == "transposed":
+        grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(recurrence._toeplitz_adjoint(grad), expected, rtol=1e-12, atol=1e-12)
+
 def _autograd_nodes(output: torch.Tensor) -> int:
     """Nodes of the backward graph that produces ``output``."""
     seen, stack = set(), [output.grad_fn]

@@ -509,7 +509,10 @@ def _toeplitz_adjoint(grad: Tensor) -> Tensor:
     the mask has zeroed. The view stops a row short of the end, whose only term is [C-1, C-1].
     """
     width, size = grad.shape[0], grad.shape[-1]
-    masked = grad * torch.ones(size, size, dtype=grad.dtype, device=grad.device).triu_()  # (D, C, C), contiguous
+    # Written into a contiguous buffer: the strided view below reads it by its offsets, and a product
+    # takes the layout of its operands (autograd hands grad over in whatever layout it was made in).
+    masked = torch.empty_like(grad, memory_format=torch.contiguous_format)  # (D, C, C)
+    torch.mul(grad, torch.ones(size, size, dtype=grad.dtype, device=grad.device).triu_(), out=masked)
     sums = masked.as_strided((width, size, size - 1), (size * size, 1, size + 1)).sum(-1)
     sums[:, 0] += masked[:, -1, -1]
     return sums
