@@ -205,7 +205,7 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     tool = Path(__file__).resolve().parent.parent / "tools" / "measure_roofline.py"
     done = subprocess.run(
         [sys.executable, str(tool), "--threads", "1", "--out", str(tmp_path), "--allocator-rounds", "1", "bench.lengths=[64]", "bench.width=16",
-         "bench.repeats=1", "bench.warmup=0", "bench.passes=[forward]", "bench.claims.chunked_vs_cached_fft_ema_16k.length=64",
+         "bench.repeats=1", "bench.warmup=0", "bench.passes=[forward,fwd+bwd]", "bench.claims.chunked_vs_cached_fft_ema_16k.length=64",
          "bench.claims.native_vs_cached_fft_ema_16k.length=64"],
         capture_output=True, text=True, timeout=300,
     )
@@ -220,7 +220,7 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
             assert row["status"] == "skipped" and "C++ compiler" in row["reason"], row
             continue
         assert row["status"] == "measured" and row["vs_minimum"] == pytest.approx(row["time_ms"] / row["minimum_ms"]), row
-    times = {row["subject"]: row["time_ms"] for row in rows}
+    times = {row["subject"]: row["time_ms"] for row in rows if row["pass"] == "forward"}
     line = next(line for line in report.splitlines() if line.startswith("| chunked EMA vs FFT EMA with a cached kernel"))
     verdict = "PASS" if times["ema/fft"] / times["ema/chunked"] >= 5 else "MISS"
     assert "`ema/chunked` vs `ema/fft`, forward, L=64" in line and verdict in line, line
@@ -230,23 +230,27 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     else:
         verdict = "MISSING"
     assert "`ema/native` vs `ema/fft`, forward, L=64" in line and verdict in line, line
-    # The kernel floor: the chunked paths' products and transposes beside the minimum and the grid's own time.
+    # The kernel floor: the chunked paths' products and transposes beside the minimum and the grid's own
+    # time, forward and forward + backward.
     floors = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["kernel_floor"]
     assert {floor["mixer"] for floor in floors} == {"ema/chunked", "cema/chunked"}
-    minimum = {row["subject"]: row["minimum_ms"] for row in rows}
+    minimum = {(row["subject"], row["pass"]): row["minimum_ms"] for row in rows}
+    training_times = {row["subject"]: row["time_ms"] for row in rows if row["pass"] == "fwd+bwd"}
     for floor in floors:
-        assert floor["products_ms"] > 0 and floor["transposes_ms"] > 0 and floor["copy_ms"] > 0, floor
+        assert min(floor["products_ms"], floor["backward_products_ms"], floor["transposes_ms"], floor["copy_ms"]) > 0, floor
         assert floor["floor_ms"] == pytest.approx(floor["products_ms"] + floor["transposes_ms"]), floor
-        assert floor["minimum_ms"] == pytest.approx(minimum[floor["mixer"]]), floor
-        assert floor["floor_vs_minimum"] == pytest.approx(floor["floor_ms"] / floor["minimum_ms"]), floor
-        assert floor["measured_ms"] == times[floor["mixer"]], floor
-    assert "## What torch's kernels allow the chunked forward" in report
+        assert floor["fwd_bwd_floor_ms"] == pytest.approx(floor["products_ms"] + floor["backward_products_ms"] + 2 * floor["transposes_ms"])
+        for key, pass_, measured in (("", "forward", times), ("fwd_bwd_", "fwd+bwd", training_times)):
+            assert floor[f"{key}minimum_ms"] == pytest.approx(minimum[floor["mixer"], pass_]), floor
+            assert floor[f"{key}floor_vs_minimum"] == pytest.approx(floor[f"{key}floor_ms"] / floor[f"{key}minimum_ms"]), floor
+            assert floor[f"{key}measured_ms"] == measured[floor["mixer"]], floor
+    assert "## What torch's kernels allow the chunked forward" in report and "### And its forward + backward" in report
     # The TCN's floor: its convolutions, activations and sums beside the minimum and both paths' times.
     (tcn_floor,) = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["tcn_kernel_floor"]
     tcn = seqmix.build_mixer("tcn", 16)
     parts = tcn_floor["convolutions_ms"] + tcn.depth * tcn_floor["silu_ms"] + (tcn.depth + 1) * tcn_floor["add_ms"]
     assert min(tcn_floor["convolutions_ms"], tcn_floor["silu_ms"], tcn_floor["add_ms"]) > 0 and tcn_floor["floor_ms"] == pytest.approx(parts)
-    assert tcn_floor["minimum_ms"] == pytest.approx(minimum["tcn/conv"])
+    assert tcn_floor["minimum_ms"] == pytest.approx(minimum["tcn/conv", "forward"])
     assert tcn_floor["measured_ms"] == {impl: times[f"tcn/{impl}"] for impl in ("conv", "channels_last", "native")
                                         if f"tcn/{impl}" in runnable}
     assert "## What torch's kernels allow the TCN forward" in report
@@ -256,7 +260,8 @@ def test_the_roofline_tool_reports_measured_over_minimum_and_judges_the_cached_f
     allocator = json.loads((tmp_path / "roofline.json").read_text(encoding="utf-8"))["allocator"]
     if allocator["in_use"].startswith("glibc malloc keeping"):
         assert allocator["in_use"] in report and allocator["policy"] == allocator["in_use"]
-    assert [row["subject"] for row in allocator["rows"]] == [row["subject"] for row in rows if row["subject"] in runnable]
+    assert [row["subject"] for row in allocator["rows"]] == [row["subject"] for row in rows
+                                                             if row["subject"] in runnable and row["pass"] == "forward"]
     for row in allocator["rows"]:
         assert row["default_ms"] > 0 and row["kept_ms"] > 0 and row["default_range"][0] <= row["default_ms"] <= row["default_range"][1]
         assert row["ratio"] == pytest.approx(row["default_ms"] / row["kept_ms"]), row

@@ -208,13 +208,21 @@ def _median_ms(call, spec) -> float:
 
 
 def kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
-    """What torch's CPU kernels take for the parts of the chunked forward no rewrite in PyTorch avoids,
-    per compared mixer and length of ``spec``: its two batched products, (D, M, C) @ (D, C, K) and
-    (D, M, K + C) @ (D, K + C, C) with contiguous operands (M = B·nC chunk rows, K = N, or 2N for a
-    complex state), and the transposes of x's (C, D) chunk blocks in and of y's out (the faster of one
-    copy of the whole tensor and the path's copies in cache-sized slabs). Their sum is the
-    path's floor with these kernels; each row sets it beside the minimum and the grid's measured time."""
-    measured = {(row.subject, row.length): row.time_ms for row in grid_rows if row.pass_ == "forward" and row.status == "measured"}
+    """What torch's CPU kernels take for the parts of the chunked forward, and forward + backward, that no
+    rewrite in PyTorch avoids, per compared mixer and length of ``spec``, with contiguous operands
+    (M = B·nC chunk rows, K = N, or 2N for a complex state):
+
+    - the forward's two batched products, (D, M, C) @ (D, C, K) and (D, M, K + C) @ (D, K + C, C);
+    - the backward's four, their adjoints: the mix's gradient (D, K + C, M) @ (D, M, C), the stacked
+      inputs' (D, M, C) @ (D, C, K + C), the feed's (D, C, M) @ (D, M, K) and the inputs' share of
+      the carry (D, M, K) @ (D, K, C);
+    - the transposes of the (C, D) chunk blocks of a (B, L, D) tensor in and of one out (the faster of
+      one copy of the whole tensor and the path's copies in cache-sized slabs): x in and y out
+      forward, y's gradient in and x's out backward.
+
+    Forward floor = its products + one pair of transposes; forward + backward floor = all six products
+    + two pairs. Each row sets them beside the pass's minimum and the grid's measured time."""
+    measured = {(row.subject, row.pass_, row.length): row.time_ms for row in grid_rows if row.status == "measured"}
     rows = []
     for name in COMPARED:
         mixer = seqmix.build_mixer(name, spec.width, impl="chunked")
@@ -225,11 +233,21 @@ def kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
             inputs, feed = torch.randn(width, chunk_rows, size), torch.randn(width, size, states)
             stacked, mix = torch.randn(width, chunk_rows, states + size), torch.randn(width, states + size, size)
             fed, y = torch.empty(width, chunk_rows, states), torch.empty(width, chunk_rows, size)
+            stacked_t, inputs_t = torch.randn(width, states + size, chunk_rows), torch.randn(width, size, chunk_rows)
+            mix_t, feed_t = torch.randn(width, size, states + size), torch.randn(width, states, size)
+            grad_mix, grad_feed = torch.empty(width, states + size, size), torch.empty(width, size, states)
+            grad_stacked, grad_inputs = torch.empty(width, chunk_rows, states + size), torch.empty(width, chunk_rows, size)
             sequence, blocks = torch.randn(chunk_rows, size, width), torch.empty(chunk_rows, width, size)
 
             def products():
                 torch.bmm(inputs, feed, out=fed)
                 torch.bmm(stacked, mix, out=y)
+
+            def backward_products():
+                torch.bmm(stacked_t, y, out=grad_mix)
+                torch.bmm(y, mix_t, out=grad_stacked)
+                torch.bmm(inputs_t, fed, out=grad_feed)
+                torch.bmm(fed, feed_t, out=grad_inputs)
 
             def whole_transposes():
                 blocks.copy_(sequence.transpose(1, 2))
@@ -239,16 +257,21 @@ def kernel_floor(spec, rates, grid_rows, threads: int) -> list[dict]:
                 recurrence.copy_in_slabs(blocks, sequence.transpose(1, 2))
                 recurrence.copy_in_slabs(sequence, blocks.transpose(1, 2))
 
-            products_ms, whole_ms, slabs_ms, copy_ms = (_median_ms(call, spec) for call in
-                                                        (products, whole_transposes, slab_transposes, sequence.clone))
+            products_ms, backward_ms, whole_ms, slabs_ms, copy_ms = (
+                _median_ms(call, spec) for call in (products, backward_products, whole_transposes, slab_transposes, sequence.clone))
             transposes_ms = min(whole_ms, slabs_ms)
-            minimum = rates.minimum_ms(mixer.cost(spec.batch, length, "forward"))
-            floor = products_ms + transposes_ms
-            time_ms = measured.get((f"{name}/chunked", length))
-            rows.append({"mixer": f"{name}/chunked", "length": length, "threads": threads, "minimum_ms": minimum,
-                         "products_ms": products_ms, "products_gflops": 2 * width * chunk_rows * size * (2 * states + size) / products_ms / 1e6,
-                         "transposes_ms": transposes_ms, "copy_ms": copy_ms, "floor_ms": floor, "floor_vs_minimum": floor / minimum,
-                         "measured_ms": time_ms, "measured_vs_minimum": None if time_ms is None else time_ms / minimum})
+            row = {"mixer": f"{name}/chunked", "length": length, "threads": threads, "products_ms": products_ms,
+                   "products_gflops": 2 * width * chunk_rows * size * (2 * states + size) / products_ms / 1e6,
+                   "backward_products_ms": backward_ms,
+                   "backward_products_gflops": 2 * 2 * width * chunk_rows * size * (2 * states + size) / backward_ms / 1e6,
+                   "transposes_ms": transposes_ms, "copy_ms": copy_ms}
+            for pass_, key, floor in (("forward", "", products_ms + transposes_ms),
+                                      ("fwd+bwd", "fwd_bwd_", products_ms + backward_ms + 2 * transposes_ms)):
+                minimum = rates.minimum_ms(mixer.cost(spec.batch, length, pass_))
+                time_ms = measured.get((f"{name}/chunked", pass_, length))
+                row.update({f"{key}minimum_ms": minimum, f"{key}floor_ms": floor, f"{key}floor_vs_minimum": floor / minimum,
+                            f"{key}measured_ms": time_ms, f"{key}measured_vs_minimum": None if time_ms is None else time_ms / minimum})
+            rows.append(row)
     return rows
 
 
@@ -318,14 +341,22 @@ def tcn_floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
 
 
 def floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
-    """The kernel-floor section of roofline.md."""
-    body = []
-    for rates, rows in floors:
+    """The kernel-floor section of roofline.md: the chunked forward's table, then its forward + backward's."""
+    def measured(row: dict, key: str) -> str:
+        time_ms = row[f"{key}measured_ms"]
+        return "—" if time_ms is None else f"{time_ms:.3g} ({row[f'{key}measured_vs_minimum']:.1f}×)"
+
+    forward, both = [], []
+    for _, rows in floors:
         for row in rows:
-            measured = "—" if row["measured_ms"] is None else f"{row['measured_ms']:.3g} ({row['measured_vs_minimum']:.1f}×)"
-            body.append([row["mixer"], str(row["length"]), str(row["threads"]), f"{row['minimum_ms']:.3g}",
-                         f"{row['products_ms']:.3g} ({row['products_gflops']:.0f} GFLOP/s)", f"{row['transposes_ms']:.3g}",
-                         f"{row['copy_ms']:.3g}", f"{row['floor_ms']:.3g}", f"{row['floor_vs_minimum']:.1f}×", measured])
+            cell = [row["mixer"], str(row["length"]), str(row["threads"])]
+            forward.append(cell + [f"{row['minimum_ms']:.3g}", f"{row['products_ms']:.3g} ({row['products_gflops']:.0f} GFLOP/s)",
+                                   f"{row['transposes_ms']:.3g}", f"{row['copy_ms']:.3g}", f"{row['floor_ms']:.3g}",
+                                   f"{row['floor_vs_minimum']:.1f}×", measured(row, "")])
+            both.append(cell + [f"{row['fwd_bwd_minimum_ms']:.3g}", f"{row['products_ms']:.3g}",
+                                f"{row['backward_products_ms']:.3g} ({row['backward_products_gflops']:.0f} GFLOP/s)",
+                                f"{2 * row['transposes_ms']:.3g}", f"{row['fwd_bwd_floor_ms']:.3g}",
+                                f"{row['fwd_bwd_floor_vs_minimum']:.1f}×", measured(row, "fwd_bwd_")])
     return [
         "## What torch's kernels allow the chunked forward",
         "",
@@ -338,7 +369,18 @@ def floor_lines(floors: list[tuple[object, list[dict]]]) -> list[str]:
         "out of reach of these kernels. Measured: the grid's forward row.",
         "",
         markdown_table(["mixer", "L", "threads", "minimum ms", "products ms", "transposes ms", "plain copy ms", "floor ms",
-                        "floor ÷ minimum", "measured ms (÷ minimum)"], body),
+                        "floor ÷ minimum", "measured ms (÷ minimum)"], forward),
+        "",
+        "### And its forward + backward",
+        "",
+        "The same floor for a training step: the forward's products, the backward's four (the adjoints of the "
+        "forward's two: the gradients of the mix, of the stacked states and inputs, of the feed, and the inputs' "
+        "share through the carry; contiguous operands; their rate beside them), and two pairs of transposes (x in "
+        "and y out forward, y's gradient in and x's out backward). Minimum: the forward + backward pass's. Measured: "
+        "the grid's fwd+bwd row.",
+        "",
+        markdown_table(["mixer", "L", "threads", "minimum ms", "forward products ms", "backward products ms",
+                        "transposes ms", "floor ms", "floor ÷ minimum", "measured ms (÷ minimum)"], both),
         "",
     ]
 
