@@ -1028,8 +1028,8 @@ def run(impl: str, x: Tensor, coef: Coefficients, h0, chunk_size: int, prepared=
         return _finish(y, x, skip, silu), h
     if impl == "native":
         return native(x, coef, h0, skip, silu, chunk_size, prepared, need_state)
-    if impl == "chunked":
-        # The chunked path tells a finite x while it copies it in, saving a pass over x here.
+    if impl == "chunked" and not torch.compiler.is_compiling():
+        # The eager chunked path tells a finite x while it copies it in, saving a pass over x here.
         try:
             return chunked(x, coef, h0, chunk_size, skip, silu, need_state, prepared, finite_only=True)
         except NonFiniteInput:
