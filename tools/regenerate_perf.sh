@@ -4,7 +4,7 @@
 #     tools/regenerate_perf.sh [grid|claims|threads|all]      (default: all)
 #
 # grid:    the CPU benchmark grid (conf/bench/default.yaml): report.md, results.json, results.csv and
-#          the PNG plots; about an hour on 2 cores.
+#          the PNG plots; about 20 minutes on an idle 2-core machine (21 with bench.peers=true).
 # claims:  the papers' speed claims (conf/bench/paper_claims.yaml): claims.md, claims.json; minutes.
 # threads: the thread policies (tools/measure_threads.py): threads.md, threads.json; about 20 minutes.
 #
