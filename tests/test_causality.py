@@ -92,7 +92,8 @@ def test_a_non_finite_or_huge_input_never_reaches_earlier_outputs(drawn):
 def test_a_non_finite_input_never_reaches_earlier_outputs_under_torch_compile(case):
     """What Dynamo traces masks like the eager path: a path that tracers cannot see into (the
     native code) runs a traceable one instead, with the same selection of non-finite inputs. A
-    NaN in one channel, an infinity in every channel of the other row, both past the first chunk."""
+    NaN in one channel at step 30, an infinity in every channel of the other row at step 21 (past
+    the first chunk of the chunk_size=16 cases, inside the one chunk of the default's)."""
     _, name, options, impl = case
     mixer = build(name, options, dtype=torch.float64)
     mixer.impl = impl
