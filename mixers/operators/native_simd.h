@@ -195,24 +195,27 @@ template <typename T> inline typename Vec<T>::type exp_nonpositive(typename Vec<
 
 // SiLU(y) = y / (1 + e^-y), through e = e^-|y| so that the exponential never overflows:
 // y >= 0: y / (1 + e), y < 0: y e / (1 + e). As torch's SiLU: NaN stays NaN, +inf gives +inf,
-// and y below silu_floor gives y * 0: -0, or NaN for -inf.
-template <typename T> inline typename Vec<T>::type silu(typename Vec<T>::type y) {
+// and y below silu_floor gives y * 0: -0, or NaN for -inf. With `slope`, SiLU'(y) there too, from
+// the same e: s (1 + y (1 - s)) with s = sigmoid(y) = 1 / (1 + e^-y).
+template <typename T> inline typename Vec<T>::type silu(typename Vec<T>::type y, typename Vec<T>::type* slope = nullptr) {
   typedef typename Vec<T>::type V;
   const V magnitude = y < T(0) ? -y : y;
   const V e = exp_nonpositive<T>(-magnitude);
+  if (slope) {
+    const V sigmoid = (y < T(0) ? e : V{} + T(1)) / (T(1) + e);
+    *slope = sigmoid * (T(1) + y * (T(1) - sigmoid));
+  }
   const V numerator = y < T(0) ? y * e : y;
   V out = numerator / (T(1) + e);
   out = y < silu_floor<T>() ? y * T(0) : out;
   return y != y ? y : out;
 }
 
-// SiLU'(y) = s (1 + y (1 - s)) with s = sigmoid(y) = 1 / (1 + e^-y), through e = e^-|y| as silu.
+// SiLU'(y), as silu gives it.
 template <typename T> inline typename Vec<T>::type silu_derivative(typename Vec<T>::type y) {
-  typedef typename Vec<T>::type V;
-  const V magnitude = y < T(0) ? -y : y;
-  const V e = exp_nonpositive<T>(-magnitude);
-  const V sigmoid = (y < T(0) ? e : V{} + T(1)) / (T(1) + e);
-  return sigmoid * (T(1) + y * (T(1) - sigmoid));
+  typename Vec<T>::type slope;
+  silu<T>(y, &slope);
+  return slope;
 }
 
 }  // namespace seqmix_simd

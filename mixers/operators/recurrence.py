@@ -804,8 +804,9 @@ class _NativeRecurrence(torch.autograd.Function):
     Forward keeps the state every ``checkpoint`` steps of the kernel when autograd records, so that
     backward recomputes each interval's states from there instead of storing all B·L·N of them.
     The SiLU runs in the kernel's passes either way: while autograd records, forward also writes
-    the sums before it, and backward multiplies the incoming gradient by SiLU' of them as it reads
-    it, instead of two more passes of torch's SiLU and its backward over (B, L, D) tensors.
+    its slope (SiLU' of the sums, from the exponential the SiLU computes anyway), and backward
+    multiplies the incoming gradient by it as it reads it, instead of two more passes of torch's
+    SiLU and its backward over (B, L, D) tensors.
     """
 
     @staticmethod
@@ -813,20 +814,20 @@ class _NativeRecurrence(torch.autograd.Function):
                 skip: Tensor | None, h_re: Tensor, h_im: Tensor | None, silu: bool, records: bool):
         """-> y (B, L, D): y + skip ⊙ x, SiLU of it when ``silu``; the state after the last step, (B, N', P) pair.
         ``records``: whether autograd records the call (the caller knows; inside forward grad mode is off),
-        the checkpoints and the sums before the SiLU kept only then."""
+        the checkpoints and the SiLU's slope kept only then."""
         kernels = _native_kernels(x.dtype)
         batch, length, width = x.shape
         order, padded = q_re.shape
         x = x.contiguous()
         y = torch.empty_like(x)
-        pre = torch.empty_like(x) if silu and records else None
+        slope = torch.empty_like(x) if silu and records else None
         end_re, end_im = h_re.clone(), None if h_im is None else h_im.clone()
         checkpoints = -(-length // kernels.checkpoint)
         kept_re = x.new_empty(batch, checkpoints, order, padded) if records else None
         kept_im = x.new_empty(batch, checkpoints, order, padded) if records and h_im is not None else None
-        kernels.forward(*native_code.pointers(x, y, pre, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
+        kernels.forward(*native_code.pointers(x, y, slope, q_re, q_im, b, c_re, c_im, skip, end_re, end_im, kept_re, kept_im),
                         batch, length, width, padded, order, int(silu), torch.get_num_threads())
-        ctx.save_for_backward(x, pre, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
+        ctx.save_for_backward(x, slope, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im)
         # An output nothing used reaches backward as None, not as zeros the size of y.
         ctx.set_materialize_grads(False)
         return y, end_re, end_im
@@ -834,7 +835,7 @@ class _NativeRecurrence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor | None, grad_end_re: Tensor | None, grad_end_im: Tensor | None):
-        x, pre, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im = ctx.saved_tensors
+        x, slope, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im = ctx.saved_tensors
         kernels = _native_kernels(x.dtype)
         batch, length, width = x.shape
         order, padded = q_re.shape
@@ -850,7 +851,7 @@ class _NativeRecurrence(torch.autograd.Function):
         grad_skip = x.new_zeros(batch, padded) if skip is not None and ctx.needs_input_grad[6] else None
         grad_x = torch.empty_like(x)
         kernels.backward(*native_code.pointers(x), native_code.row_pointer(grad_y),
-                         *native_code.pointers(pre, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
+                         *native_code.pointers(slope, grad_x, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im, carry_re, carry_im,
                                                grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip),
                          batch, length, width, padded, order, *grad_strides, torch.get_num_threads())
 

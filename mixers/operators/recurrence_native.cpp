@@ -5,7 +5,7 @@
 //
 // The literal loop over t, vectorised across channels: a block holds W channels (one 64-byte
 // vector), and its states stay in registers while the loop runs over a segment of SEGMENT steps,
-// a few states at a time (GROUP), their readouts summed into a per-segment buffer. Segments run in
+// a few states at a time (a group), their readouts summed into a per-segment buffer. Segments run in
 // order; within one, the (batch row, block) pairs are split over the threads, each thread the same
 // pairs in every segment, so that a pair's states and sums are its thread's alone and no thread
 // waits for the others between segments (the forward's OpenMP static schedule gives a thread the
@@ -21,7 +21,9 @@
 // faster (L = 16384, one thread). Over a whole segment or more the forward carries the states
 // divided by b, which saves a multiply per state and step (forward_segments).
 //
-// Layouts: x, y, gx (B, L, D) row-major; g, the incoming gradient, rows of D values at the strides given; coefficients and their gradients (N, P); states and
+// Layouts: x, y, slope, gx (B, L, D) row-major (slope: SiLU' of the sums, which the forward writes
+// while autograd records and the adjoint multiplies the incoming gradient by); g, the incoming
+// gradient, rows of D values at the strides given; coefficients and their gradients (N, P); states and
 // per-row sums (B, N, P), the skip's (B, P); P = D padded to a multiple of W and N to a multiple
 // of GROUP (the padding holds zeros, so it adds nothing); checkpoints (B, ceil(L / CHECKPOINT), N, P).
 // Imaginary parts are null for a real recurrence. Built by seqmix.native with the compiler's
@@ -46,6 +48,12 @@ constexpr int64_t SEGMENT = 128;
 constexpr int64_t CHECKPOINT = 64;
 static_assert(SEGMENT % CHECKPOINT == 0, "segments hold whole checkpoint intervals");
 constexpr int GROUP = 4;
+// The real forward's group where N is a multiple of it: its loop keeps three vectors per state (q,
+// the state, c b), 24 of AVX-512's 32 registers at eight, and eight independent states hide the
+// latency of a multiply-add (four steps of the loop, each one of them per state) where four only
+// just did: the EMA's forward 7-9% faster (D = 256, N = 16, L = 4096 and 16384, one thread). The
+// complex loop spills at eight (its forward 17% slower), as does the real adjoint's.
+constexpr int WIDE_GROUP = 8;
 // The adjoint's group, which divides GROUP. Its complex loop keeps twelve vectors per state
 // (five coefficients, two adjoint parts, five gradient sums): at four states they outgrow AVX-512's 32
 // vector registers and spill, and at two the CEMA's adjoint took 28.7 ms instead of 40 (D = 256,
@@ -145,13 +153,13 @@ Fetcher<T> next_tile(const Layout& layout, const Share& share, int64_t first, in
 // vector instructions to two in the real recurrence, seven to six in the complex one), the
 // checkpoints kept as b s. The caller divides the states in h_re, h_im by b before and multiplies
 // them back after.
-template <typename T, bool Complex, bool Scaled>
-void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
+template <typename T, bool Complex, bool Scaled, int G>
+void forward_segments(const T* x, T* y, T* slope, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
                       const T* skip, T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length,
                       int64_t width, int64_t padded, int64_t order, int apply_silu, int threads) {
   typedef typename Vec<T>::type V;
   constexpr int W = lanes<T>();
-  const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT, groups = order / GROUP;
+  const int64_t blocks = padded / W, segments = (length + SEGMENT - 1) / SEGMENT, groups = order / G;
   const int64_t checkpoints = (length + CHECKPOINT - 1) / CHECKPOINT;
   const bool stream = streams<T>(batch, length, width);
 #pragma omp parallel num_threads(threads)
@@ -172,9 +180,9 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
           xs[t] = load<T>(x + ((row * length) + t0 + t) * width + d0, live);
           acc[t] = sk * xs[t];
         }
-        for (int64_t n0 = 0; n0 < order; n0 += GROUP) {
-          V hr[GROUP], hi[GROUP], qr[GROUP], qi[GROUP], bw[GROUP], cr[GROUP], ci[GROUP];
-          for (int g = 0; g < GROUP; ++g) {
+        for (int64_t n0 = 0; n0 < order; n0 += G) {
+          V hr[G], hi[G], qr[G], qi[G], bw[G], cr[G], ci[G];
+          for (int g = 0; g < G; ++g) {
             const int64_t at = (n0 + g) * padded + d0, state = row * order * padded + at;
             hr[g] = load<T>(h_re + state);
             qr[g] = load<T>(q_re + at);
@@ -190,17 +198,17 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
               if (Complex) ci[g] = ci[g] * bw[g];
             }
           }
-          // This group fetches rows n0 / GROUP, n0 / GROUP + groups, ... of the next segment: one
+          // This group fetches rows n0 / G, n0 / G + groups, ... of the next segment: one
           // line every `groups` steps, so that the fetches overlap the arithmetic. Issued at once,
           // they stalled the core until they were served, a fifth of the forward at L = 16384.
-          int64_t fetch = n0 / GROUP;
+          int64_t fetch = n0 / G;
           for (int64_t t = 0; t < steps; ++t) {
             if (t == fetch) {
               if (t < ahead) __builtin_prefetch(next + t * width, 0, 2);
               fetch += groups;
             }
             if (ck_re && t % CHECKPOINT == 0) {
-              for (int g = 0; g < GROUP; ++g) {
+              for (int g = 0; g < G; ++g) {
                 const int64_t kept = ((row * checkpoints + (t0 + t) / CHECKPOINT) * order + n0 + g) * padded + d0;
                 store<T>(ck_re + kept, Scaled ? bw[g] * hr[g] : hr[g]);
                 if (Complex) store<T>(ck_im + kept, Scaled ? bw[g] * hi[g] : hi[g]);
@@ -208,8 +216,8 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
             }
             V a = acc[t];
             const V xv = xs[t];
-#pragma GCC unroll 4
-            for (int g = 0; g < GROUP; ++g) {
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g) {
               const V fed = Scaled ? xv : bw[g] * xv;
               if (Complex) {
                 const V re = qr[g] * hr[g] - qi[g] * hi[g] + fed;
@@ -226,13 +234,15 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
             // that the stores spread over that loop instead of queueing behind one another after
             // it (its forward about 10-13% faster, D = 256); the real one keeps them after the
             // loop: its loop is shorter, and the SiLU inside it made its forward a tenth slower.
-            if (Complex && n0 + GROUP == order) {
+            if (Complex && n0 + G == order) {
               const int64_t at = ((row * length) + t0 + t) * width + d0;
-              if (pre) store_out<T>(pre + at, a, live, stream);
-              store_out<T>(y + at, apply_silu ? silu<T>(a) : a, live, stream);
+              V slope_t;
+              const V out = apply_silu ? silu<T>(a, slope ? &slope_t : nullptr) : a;
+              if (slope) store_out<T>(slope + at, slope_t, live, stream);
+              store_out<T>(y + at, out, live, stream);
             }
           }
-          for (int g = 0; g < GROUP; ++g) {
+          for (int g = 0; g < G; ++g) {
             const int64_t state = row * order * padded + (n0 + g) * padded + d0;
             store<T>(h_re + state, hr[g]);
             if (Complex) store<T>(h_im + state, hi[g]);
@@ -240,8 +250,10 @@ void forward_segments(const T* x, T* y, T* pre, const T* q_re, const T* q_im, co
         }
         for (int64_t t = 0; t < steps && !Complex; ++t) {
           const int64_t at = ((row * length) + t0 + t) * width + d0;
-          if (pre) store_out<T>(pre + at, acc[t], live, stream);
-          store_out<T>(y + at, apply_silu ? silu<T>(acc[t]) : acc[t], live, stream);
+          V slope_t;
+          const V out = apply_silu ? silu<T>(acc[t], slope ? &slope_t : nullptr) : acc[t];
+          if (slope) store_out<T>(slope + at, slope_t, live, stream);
+          store_out<T>(y + at, out, live, stream);
         }
       }
     }
@@ -295,20 +307,35 @@ void rescale_states(T* h, const T* b, int64_t batch, int64_t order, int64_t padd
   }
 }
 
+// forward_segments with the group of states the loop can hold: WIDE_GROUP for the real recurrence
+// where N' is a multiple of it, else GROUP.
+template <typename T, bool Complex, bool Scaled>
+void grouped_segments(const T* x, T* y, T* slope, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
+                      const T* skip, T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length,
+                      int64_t width, int64_t padded, int64_t order, int apply_silu, int threads) {
+  if (!Complex && order % WIDE_GROUP == 0) {
+    forward_segments<T, Complex, Scaled, WIDE_GROUP>(x, y, slope, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im,
+                                                     batch, length, width, padded, order, apply_silu, threads);
+  } else {
+    forward_segments<T, Complex, Scaled, GROUP>(x, y, slope, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im,
+                                                batch, length, width, padded, order, apply_silu, threads);
+  }
+}
+
 template <typename T, bool Complex>
-void forward(const T* x, T* y, T* pre, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
+void forward(const T* x, T* y, T* slope, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,
              const T* skip, T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length, int64_t width,
              int64_t padded, int64_t order, int apply_silu, int threads) {
   // Dividing the states and multiplying them back costs about two steps: worth it over a segment.
   if (length < SEGMENT || !divisible_states<T>(b, h_re, h_im, batch, order, padded)) {
-    forward_segments<T, Complex, false>(x, y, pre, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch,
+    grouped_segments<T, Complex, false>(x, y, slope, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch,
                                         length, width, padded, order, apply_silu, threads);
     return;
   }
   for (T* h : {h_re, h_im}) {
     if (h) rescale_states<T>(h, b, batch, order, padded, true);
   }
-  forward_segments<T, Complex, true>(x, y, pre, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch, length,
+  grouped_segments<T, Complex, true>(x, y, slope, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re, ck_im, batch, length,
                                      width, padded, order, apply_silu, threads);
   for (T* h : {h_re, h_im}) {
     if (h) rescale_states<T>(h, b, batch, order, padded, false);
@@ -325,7 +352,7 @@ void forward(const T* x, T* y, T* pre, const T* q_re, const T* q_im, const T* b,
 // gradients are summed over time per batch row, into (B, N, P) buffers the caller sums over B, and
 // the skip's, sum_t g_t x_t, into (B, P), from the rows the adjoint loads anyway.
 template <typename T, bool Complex>
-void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,
+void backward(const T* x, const T* grad_y, const T* slope, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,
               const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,
               T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,
               int64_t width, int64_t padded, int64_t order, int64_t grad_batch_stride, int64_t grad_step_stride,
@@ -338,7 +365,7 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
 #pragma omp parallel num_threads(threads)
   {
   const Share share(batch * blocks);
-  // The tile's rows of x, of the incoming gradient times SiLU' of the sums, and of gx.
+  // The tile's rows of x, of the incoming gradient times the SiLU's slope, and of gx.
   alignas(64) V xs_all[TILE][CHECKPOINT], gs_all[TILE][CHECKPOINT], gx_all[TILE][CHECKPOINT];
   for (int64_t segment = segments - 1; segment >= 0; --segment) {
     const int64_t t0 = segment * CHECKPOINT, steps = std::min(CHECKPOINT, length - t0);
@@ -349,10 +376,10 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
           const int64_t at = tile.at[p] + t * width, live = tile.live[p];
           xs_all[p][t] = load<T>(x + at, live);
           gs_all[p][t] = load<T>(grad_y + tile.grad_at[p] + t * grad_step_stride, live);
-          if (pre) gs_all[p][t] = gs_all[p][t] * silu_derivative<T>(load<T>(pre + at, live));
+          if (slope) gs_all[p][t] = gs_all[p][t] * load<T>(slope + at, live);
         }
       }
-      Fetcher<T> fetch = next_tile<T>(layout, share, first, segment, tile.count * groups * steps, x, pre, grad_y);
+      Fetcher<T> fetch = next_tile<T>(layout, share, first, segment, tile.count * groups * steps, x, slope, grad_y);
       for (int64_t p = 0; p < tile.count; ++p) {
         const int64_t row = (first + p) / blocks, d0 = ((first + p) % blocks) * W;
         const V* xs = xs_all[p];
@@ -460,19 +487,19 @@ void backward(const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_r
 
 #define SEQMIX_RECURRENCE(T, suffix)                                                                                  \
   extern "C" void seqmix_recurrence_forward_##suffix(                                                                 \
-      const T* x, T* y, T* pre, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,               \
+      const T* x, T* y, T* slope, const T* q_re, const T* q_im, const T* b, const T* c_re, const T* c_im,             \
       const T* skip, T* h_re, T* h_im, T* ck_re, T* ck_im, int64_t batch, int64_t length, int64_t width,              \
       int64_t padded, int64_t order, int apply_silu, int threads) {                                                   \
-    (q_im ? forward<T, true> : forward<T, false>)(x, y, pre, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re,      \
+    (q_im ? forward<T, true> : forward<T, false>)(x, y, slope, q_re, q_im, b, c_re, c_im, skip, h_re, h_im, ck_re,    \
                                                   ck_im, batch, length, width, padded, order, apply_silu, threads);   \
   }                                                                                                                   \
   extern "C" void seqmix_recurrence_backward_##suffix(                                                                \
-      const T* x, const T* grad_y, const T* pre, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re,  \
+      const T* x, const T* grad_y, const T* slope, T* grad_x, const T* q_re, const T* q_im, const T* b, const T* c_re, \
       const T* c_im, const T* skip, const T* ck_re, const T* ck_im, T* carry_re, T* carry_im, T* grad_q_re,           \
       T* grad_q_im, T* grad_b, T* grad_c_re, T* grad_c_im, T* grad_skip, int64_t batch, int64_t length,               \
       int64_t width, int64_t padded, int64_t order, int64_t grad_batch_stride, int64_t grad_step_stride,              \
       int threads) {                                                                                                  \
-    (q_im ? backward<T, true> : backward<T, false>)(x, grad_y, pre, grad_x, q_re, q_im, b, c_re, c_im, skip, ck_re,   \
+    (q_im ? backward<T, true> : backward<T, false>)(x, grad_y, slope, grad_x, q_re, q_im, b, c_re, c_im, skip, ck_re, \
                                                     ck_im, carry_re, carry_im, grad_q_re, grad_q_im, grad_b,          \
                                                     grad_c_re, grad_c_im, grad_skip, batch, length, width, padded,    \
                                                     order, grad_batch_stride, grad_step_stride, threads);             \
