@@ -22,9 +22,10 @@ from seqmix.export import bench
 from seqmix.export.bench import PEERS, compose_bench_spec, plan_grid, run_claims, run_grid, write_claims, write_grid_results
 from seqmix.export.bench import report as bench_report
 from seqmix.export.bench import run as bench_run
-from seqmix.export.bench.measure import PASSES, pass_callables, peak_memory_bytes
+from seqmix.export.bench.measure import pass_callables, peak_memory_bytes
 from seqmix import SeqmixError
 from seqmix.allocator import user_settings
+from seqmix.contract import PASSES
 
 from conftest import SEQMIX
 from mixer_cases import runnable_impls

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from seqmix.allocator import applied_policy
-from seqmix.contract import PASSES
 
 # Versions recorded with every result, besides torch's and Python's.
 VERSIONED = ("onnxruntime", "executorch", "torch-tensorrt", "tensorrt", "mega-pytorch", "pytorch-tcn")

@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
+from seqmix.contract import PASSES
 from seqmix.errors import choice_error, require_int, require_writable_dir
 from seqmix.registry import list_mixers, mixer_class
 
-from .measure import PASSES
 from .peers import PEER_RUNTIMES, PEERS, peer_unavailable
 from .runtimes import COMPILE_BACKENDS, RUNTIMES
 from .subjects import Subject, build_subject, check_subject, expand_mixers, parse_mixer, parse_preset
