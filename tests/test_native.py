@@ -126,6 +126,33 @@ def test_the_fused_silu_is_torchs_silu_from_tiny_to_huge_and_at_inf_and_nan(dtyp
     assert torch.equal(torch.signbit(y.view(-1)[nonzero]), torch.signbit(expected[nonzero]))
 
 
+
+@NATIVE
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_slope_the_forward_keeps_gives_torchs_silu_gradient_from_tiny_to_huge_and_at_inf_and_nan(dtype):
+    """While training, the forward keeps SiLU' of the sums from the exponential its SiLU computes,
+    and the adjoint multiplies the incoming gradient by it: with b = 0, dy/dx = skip ⊙ SiLU'(skip ⊙ x),
+    against torch's gradient of its SiLU over the values of the test above (NaN where torch's is)."""
+    magnitudes = torch.logspace(-30, 30, 2001, dtype=torch.float64)
+    edges = torch.linspace(-760, 100, 8601, dtype=torch.float64)
+    largest = torch.finfo(dtype).max
+    values = torch.cat([magnitudes, -magnitudes, edges, torch.tensor([0.0, -0.0, float("nan"), largest, -largest],
+                                                                      dtype=torch.float64)]).to(dtype)
+    skip = torch.ones_like(values)
+    skip[-2:] = 10.0
+    width = values.numel()
+    coef = recurrence.Coefficients(log_r=torch.full((width, 1), -0.1, dtype=dtype), phase=None,
+                                   b=torch.zeros(width, 1, dtype=dtype), c=(torch.ones(width, 1, dtype=dtype), None))
+    x = values.view(1, 1, width).clone().requires_grad_(True)
+    y, _ = recurrence.native(x, coef, skip=skip, silu=True)
+    weights = torch.linspace(0.5, 2.0, width, dtype=dtype).view(1, 1, width)
+    (grad,) = torch.autograd.grad((y * weights).sum(), x)
+    reference = x.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad((F.silu(skip * reference) * weights).sum(), reference)
+    assert expected.view(-1)[-3:].isnan().all()
+    tolerance = {torch.float32: dict(rtol=2e-6, atol=1e-42), torch.float64: dict(rtol=1e-13, atol=1e-320)}[dtype]
+    torch.testing.assert_close(grad, expected, equal_nan=True, **tolerance)
+
 @NATIVE
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("dtype, weight, state", [

@@ -196,14 +196,16 @@ template <typename T> inline typename Vec<T>::type exp_nonpositive(typename Vec<
 // SiLU(y) = y / (1 + e^-y), through e = e^-|y| so that the exponential never overflows:
 // y >= 0: y / (1 + e), y < 0: y e / (1 + e). As torch's SiLU: NaN stays NaN, +inf gives +inf,
 // and y below silu_floor gives y * 0: -0, or NaN for -inf. With `slope`, SiLU'(y) there too, from
-// the same e: s (1 + y (1 - s)) with s = sigmoid(y) = 1 / (1 + e^-y).
+// the same e: s (1 + y (1 - s)) with s = sigmoid(y) = 1 / (1 + e^-y), as torch's SiLU backward.
 template <typename T> inline typename Vec<T>::type silu(typename Vec<T>::type y, typename Vec<T>::type* slope = nullptr) {
   typedef typename Vec<T>::type V;
   const V magnitude = y < T(0) ? -y : y;
   const V e = exp_nonpositive<T>(-magnitude);
   if (slope) {
     const V sigmoid = (y < T(0) ? e : V{} + T(1)) / (T(1) + e);
-    *slope = sigmoid * (T(1) + y * (T(1) - sigmoid));
+    // Below silu_floor torch's sigmoid is exactly 0 (its e^-y overflows): its slope 0 (1 + y) is
+    // -0, or NaN at -inf, where this sigmoid would still give a tiny number.
+    *slope = y < silu_floor<T>() ? T(0) * (T(1) + y) : sigmoid * (T(1) + y * (T(1) - sigmoid));
   }
   const V numerator = y < T(0) ? y * e : y;
   V out = numerator / (T(1) + e);
