@@ -51,7 +51,7 @@ constexpr int GROUP = 4;
 // The real forward's group where N is a multiple of it: its loop keeps three vectors per state (q,
 // the state, c b), 24 of AVX-512's 32 registers at eight, and eight independent states hide the
 // latency of a multiply-add (four steps of the loop, each one of them per state) where four only
-// just did: the EMA's forward 7-9% faster (D = 256, N = 16, L = 4096 and 16384, one thread). The
+// just did: the EMA's forward about 7% faster (D = 256, N = 16, L = 4096 and 16384, one thread). The
 // complex loop spills at eight (its forward 17% slower), as does the real adjoint's.
 constexpr int WIDE_GROUP = 8;
 // The adjoint's group, which divides GROUP. Its complex loop keeps twelve vectors per state
