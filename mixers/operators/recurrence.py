@@ -140,6 +140,14 @@ class Coefficients:
         angle = self.phase.unsqueeze(-1) * j
         return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
+    def q(self) -> Pair:
+        """q = exp(log r + i phi) -> (D, N) pair: power(1) without an exponent tensor to build (the
+        native path's operands are made at every training step)."""
+        magnitude = torch.exp(self.log_r)
+        if self.phase is None:
+            return magnitude, None
+        return magnitude * torch.cos(self.phase), magnitude * torch.sin(self.phase)
+
     def power(self, exponent: int, device) -> Pair:
         """q^exponent -> (D, N) pair."""
         re, im = self.powers(torch.tensor([exponent], device=device))
@@ -189,7 +197,7 @@ def recurrent(x: Tensor, coef: Coefficients, h0: Pair | None = None) -> tuple[Te
         y (B, L, D) and the state after the last step.
     """
     h = coef.zero_state(x.shape[0]) if h0 is None else h0
-    q = coef.power(1, x.device)
+    q = coef.q()
     outputs = []
     for t in range(x.shape[1]):
         fed = (coef.b * x[:, t, :, None], None)  # (B, D, N)
@@ -940,9 +948,7 @@ class _NativeOperands(torch.autograd.Function):
     def forward(ctx, log_r: Tensor, phase: Tensor | None, b: Tensor, c_re: Tensor, c_im: Tensor | None,
                 skip: Tensor | None, padded: int, orders: int):
         """Coefficients (D, N) (c_im with phase), skip (D,) or None -> NativeOperands' six, (N', P) and (P,)."""
-        magnitude = torch.exp(log_r)
-        q_re = magnitude if phase is None else magnitude * torch.cos(phase)
-        q_im = None if phase is None else magnitude * torch.sin(phase)
+        q_re, q_im = Coefficients(log_r=log_r, phase=phase, b=b, c=(c_re, c_im)).q()
         ctx.save_for_backward(q_re, q_im)
         width = b.shape[0]
         return (_laid_out(q_re, padded, orders), _laid_out(q_im, padded, orders), _laid_out(b, padded, orders),
