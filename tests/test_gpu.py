@@ -46,23 +46,29 @@ def inputs(dtype, batch: int = 2, length: int = LENGTH, seed: int = 1) -> torch.
     return torch.randn(batch, length, WIDTH, generator=generator, dtype=dtype)
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the CPU. ``.cpu()`` of a CPU tensor is the tensor itself, and a later ``module.to()``
+    moves a parameter's gradient in place, so a kept ``.cpu()`` of it would follow it to the GPU."""
+    return t.detach().to("cpu", copy=True)
+
+
 def outputs_state_grads(mixer, x: torch.Tensor):
     """Outputs, final state (None when bidirectional) and the gradients of x and every parameter,
-    all moved to the CPU; the loss weights every output differently, so no gradient is a plain sum."""
+    each a copy on the CPU; the loss weights every output differently, so no gradient is a plain sum."""
     mixer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     y = mixer(x)
     weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
     (y * weights).sum().backward()
-    grads = {"x": x.grad.cpu()}
-    grads.update({name: p.grad.cpu() for name, p in mixer.named_parameters() if p.grad is not None})
+    grads = {"x": host_copy(x.grad)}
+    grads.update({name: host_copy(p.grad) for name, p in mixer.named_parameters() if p.grad is not None})
     state = None
     if mixer.causal:
         with torch.no_grad():
             _, state = mixer.step(x.detach(), mixer.init_state(x.shape[0]))
         assert all(t.device.type == x.device.type for t in tree_flatten(state)[0])
-        state = [t.cpu() for t in tree_flatten(state)[0]]
-    return y.detach().cpu(), state, grads
+        state = [host_copy(t) for t in tree_flatten(state)[0]]
+    return host_copy(y), state, grads
 
 
 def on_device_cases():
