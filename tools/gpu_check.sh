@@ -14,7 +14,7 @@
 # Exit status: 0 when every step passed, 1 when one failed (a test, a failed benchmark cell, a claim
 # that could not be measured, a step over its time limit). Without a CUDA device the script says so
 # in summary.txt and exits 0, so it can run on any machine; set REQUIRE_GPU=1 to make that exit 1.
-# Time on one H200: about 1 min of tests, the grid capped near 4 min (bench.max_total_seconds=200
+# Time on one H200: under 1 min of tests, the grid capped near 5 min (bench.max_total_seconds=270
 # plus the last cell), about 1 min of claims. PYTHON selects the interpreter (default: python).
 set -u -o pipefail
 
