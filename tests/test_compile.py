@@ -58,10 +58,11 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def graph_cases():
-    for preset in PRESETS:
-        for graph in ("forward",) if preset in BIDIRECTIONAL else ("forward", "step"):
-            yield pytest.param(preset, graph, id=f"{preset}-{graph}")
+def graph_cases() -> list:
+    """(preset, graph) for every graph a preset has: a list, since pytest is dropping generators in
+    parametrize (PytestRemovedIn10Warning)."""
+    return [pytest.param(preset, graph, id=f"{preset}-{graph}")
+            for preset in PRESETS for graph in (("forward",) if preset in BIDIRECTIONAL else ("forward", "step"))]
 
 
 @pytest.mark.parametrize("preset, graph", graph_cases())
