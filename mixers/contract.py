@@ -178,7 +178,8 @@ class Mixer(nn.Module):
 
     A mixer also answers what the rest of seqmix would otherwise hard-code per mixer, so search,
     benchmarks, exporters and compilers ask it and never branch on its name or class:
-    ``lowered_impls`` (the path each lowering runs), ``impl_for_tokens`` (the path a call of T
+    ``lowered_impls`` (the path each lowering runs), ``cpu_only_impls`` (the paths that run on the
+    CPU only, and what to use elsewhere), ``impl_for_tokens`` (the path a call of T
     tokens takes), ``length_unit``, ``attention_scores``, ``cache_capacity`` and the search knobs
     (``search_knobs``, ``apply_search_knobs``).
 
@@ -190,12 +191,15 @@ class Mixer(nn.Module):
         lowered_impls: {lowering: {impl: the impl that lowering runs instead}} for the lowerings in
             ``LOWERINGS``: ``export`` (ONNX, ExecuTorch, TensorRT graphs) and ``inductor``
             (torch.compile's default backend). An impl not listed is kept.
+        cpu_only_impls: {impl that runs on the CPU only: the impl to use on other devices}
+            (seqmix's C++ paths); ``require_runs_on`` reads it.
     """
 
     impls: ClassVar[tuple[str, ...]] = ("reference",)
     default_impl: ClassVar[str] = "reference"
     includes_residual: ClassVar[bool] = False
     lowered_impls: ClassVar[dict[str, dict[str, str]]] = {}
+    cpu_only_impls: ClassVar[dict[str, str]] = {}
 
     def __init__(self, d_model: int, *, causal: bool, impl: str | None = None):
         super().__init__()
@@ -481,6 +485,23 @@ def switch_impls(model: nn.Module, lowering: str) -> dict[str, str]:
         module.impl = type(module).lowered_impls.get(lowering, {}).get(module.impl, module.impl)
         used[name or "model"] = module.impl
     return used
+
+
+def require_runs_on(model: nn.Module, device: torch.device, where: str) -> None:
+    """Refuse to run ``model`` on ``device`` when a mixer in it is set to a path that runs on the
+    CPU only (its class's ``cpu_only_impls``), naming each such mixer, its path and the path to use
+    instead. ``where`` names what chose the device (``train.device='auto'``); callers ask before
+    any work or file, where the mixer's own check would only fail at its first call.
+    """
+    if torch.device(device).type == "cpu":
+        return
+    refused = [f"{name or 'model'} ({type(module).__name__} impl={module.impl!r}: use impl="
+               f"{type(module).cpu_only_impls[module.impl]!r} there)"
+               for name, module in model.named_modules()
+               if isinstance(module, Mixer) and module.impl in type(module).cpu_only_impls]
+    if refused:
+        raise SeqmixError(f"{where} puts the model on {device}, and these mixers are set to paths that run on the "
+                          f"CPU only: {'; '.join(refused)}. Set their impl in the model's config, or run on the CPU")
 
 
 def length_unit(model: nn.Module) -> int:

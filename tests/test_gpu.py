@@ -24,8 +24,6 @@ from test_training import small
 pytestmark = pytest.mark.gpu
 
 DEVICE = torch.device("cuda")
-# seqmix's C++ paths (seqmix.native) run on the CPU only and refuse a tensor on another device.
-CPU_ONLY_IMPLS = ("native",)
 LENGTH = 130  # past two chunks of 64 and not a multiple of any chunk size the cases use
 PRESETS = ["mega", "megalodon", "tcnca", "transformer"]
 
@@ -71,8 +69,13 @@ def outputs_state_grads(mixer, x: torch.Tensor):
     return host_copy(y), state, grads
 
 
+def cpu_only(case) -> bool:
+    """Whether the case's path runs on the CPU only (its mixer's ``cpu_only_impls``: seqmix's C++ paths)."""
+    return case[3] in seqmix.mixer_class(case[1]).cpu_only_impls
+
+
 def on_device_cases():
-    return [case for case in impl_cases(mixer_cases()) if case[3] not in CPU_ONLY_IMPLS]
+    return [case for case in impl_cases(mixer_cases()) if not cpu_only(case)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -93,7 +96,7 @@ def test_every_path_on_the_gpu_gives_the_cpus_outputs_state_and_gradients(case, 
         torch.testing.assert_close(grads[key], grads_cpu[key], **GRAD_TOLERANCE[dtype], msg=lambda m: f"gradient of {key}: {m}")
 
 
-CPU_ONLY_CASES = [case for case in impl_cases(mixer_cases()) if case[3] in CPU_ONLY_IMPLS]
+CPU_ONLY_CASES = [case for case in impl_cases(mixer_cases()) if cpu_only(case)]
 
 
 @pytest.mark.parametrize("case", CPU_ONLY_CASES, ids=ids(CPU_ONLY_CASES))
@@ -101,11 +104,12 @@ def test_a_cpu_only_path_refuses_a_gpu_tensor_naming_the_path_to_use(case):
     _, name, options, impl = case
     mixer = build(name, options).to(DEVICE)
     mixer.impl = impl
-    with pytest.raises(SeqmixError, match=r"runs on the CPU, and x is on cuda.*use impl='\w+' there"):
+    elsewhere = type(mixer).cpu_only_impls[impl]
+    with pytest.raises(SeqmixError, match=f"runs on the CPU, and x is on cuda.*use impl='{elsewhere}' there"):
         mixer(inputs(torch.float32).to(DEVICE))
 
 
-STREAMING_CASES = [case for case in impl_cases(causal_cases()) if case[3] not in CPU_ONLY_IMPLS]
+STREAMING_CASES = [case for case in impl_cases(causal_cases()) if not cpu_only(case)]
 
 
 @pytest.mark.parametrize("case", STREAMING_CASES, ids=ids(STREAMING_CASES))
@@ -130,8 +134,7 @@ def test_streaming_on_the_gpu_keeps_its_state_there_and_gives_the_cpus_forward(c
 def test_bf16_autocast_on_the_gpu_stays_finite_and_near_float32(case):
     _, name, options = case
     mixer = build(name, options)
-    if mixer.impl in CPU_ONLY_IMPLS:
-        mixer.impl = type(mixer).impls[0]
+    mixer.impl = type(mixer).cpu_only_impls.get(mixer.impl, mixer.impl)
     mixer.to(DEVICE)
     x = inputs(torch.float32).to(DEVICE)
     with torch.no_grad():
@@ -181,3 +184,13 @@ def test_bf16_training_on_the_gpu_keeps_float32_weights_and_finite_losses(tmp_pa
                    {"model": experiment.model_config, "task": experiment.task_config})
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
     assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in experiment.model.parameters())
+
+
+def test_training_on_the_gpu_with_a_cpu_only_path_is_refused_before_anything_is_written(tmp_path):
+    experiment = build_experiment(small(tmp_path, "model=ema_conv", "model.depth=2", "model.mixers.ema.impl=native",
+                                        "train.device=cuda", "train.max_steps=1"))
+    with pytest.raises(SeqmixError, match=r"train.device='cuda' puts the model on cuda, .*CPU only: "
+                                          r"blocks.0.mixer \(EMA impl='native': use impl='chunked' there\)"):
+        train(experiment.model, experiment.task, experiment.train,
+              {"model": experiment.model_config, "task": experiment.task_config})
+    assert not (tmp_path / "run").exists()

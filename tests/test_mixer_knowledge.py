@@ -55,6 +55,21 @@ def test_search_knobs_write_options_the_mixer_is_built_with(case):
         assert built.chunk_size == chosen["chunk_size"]
 
 
+CPU_ONLY = [(name, impl) for name in seqmix.list_mixers() for impl in seqmix.mixer_class(name).cpu_only_impls]
+
+
+def test_the_native_paths_are_the_cpu_only_ones():
+    assert {impl for _, impl in CPU_ONLY} == {"native"} and len(CPU_ONLY) == 3, CPU_ONLY
+
+
+@pytest.mark.parametrize("name, impl", CPU_ONLY, ids=[f"{name}-{impl}" for name, impl in CPU_ONLY])
+def test_a_cpu_only_path_names_one_of_the_mixers_paths_that_runs_elsewhere(name, impl):
+    """On a GPU (tests/test_gpu.py) the path itself refuses a tensor there, naming the same one."""
+    cls = seqmix.mixer_class(name)
+    elsewhere = cls.cpu_only_impls[impl]
+    assert impl in cls.impls and elsewhere in cls.impls and elsewhere not in cls.cpu_only_impls
+
+
 def test_the_length_unit_of_a_model_covers_every_chunk_inside_it():
     model = seqmix.instantiate_model(composed_config(["model=mega", "model.d_model=16", "model.depth=1",
                                                      "model.mixers.mega.chunk_size=6", "+model.mixers.mega.local_options.chunk_size=4"]).model)

@@ -179,3 +179,20 @@ def test_options_changed_after_construction_are_checked_before_anything_is_writt
     assert not Path(experiment.train.out_dir).exists()
     experiment.train.device = "cpu"
     assert train(experiment.model, experiment.task, experiment.train, record).steps == 1
+
+
+def test_a_device_a_mixers_path_cannot_run_on_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The native paths run on the CPU only: on another device the run is refused up front, naming
+    each mixer and the path to use there, not at its first step with the run directory written.
+    The meta device stands in for a GPU here; tests/test_gpu.py asks a real one."""
+    from seqmix.training import loop
+
+    experiment = build_experiment(small(tmp_path, "model=ema_conv", "model.depth=2", "model.mixers.ema.impl=native",
+                                        "train.device=auto", "train.max_steps=1"))
+    record = {"model": experiment.model_config, "task": experiment.task_config}
+    monkeypatch.setattr(loop, "pick_device", lambda name: torch.device("meta"))
+    with pytest.raises(SeqmixError, match=r"train.device='auto' puts the model on meta, .*CPU only: "
+                                          r"blocks.0.mixer \(EMA impl='native': use impl='chunked' there\); blocks.1.mixer"):
+        train(experiment.model, experiment.task, experiment.train, record)
+    assert not Path(experiment.train.out_dir).exists()
+    assert all(p.device.type == "cpu" for p in experiment.model.parameters())

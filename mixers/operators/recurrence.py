@@ -988,6 +988,10 @@ def native_operands(coef: Coefficients, width: int, skip: Tensor | None) -> Nati
                                                  skip, padded, orders))
 
 
+# The path that computes what ``native`` does on a device its C++ cannot read.
+NATIVE_ELSEWHERE = "chunked"
+
+
 def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor | None = None, silu: bool = False,
            chunk_size: int = 64, operands: NativeOperands | None = None, need_state: bool = True) -> tuple[Tensor, Pair | None]:
     """The literal recurrence as native code, vectorised across channels (``seqmix.native`` builds it).
@@ -1004,7 +1008,7 @@ def native(x: Tensor, coef: Coefficients, h0: Pair | None = None, skip: Tensor |
     if torch.compiler.is_compiling():
         return run("chunked", x, coef, h0, chunk_size, None, need_state, skip, silu)
     if x.device.type != "cpu":
-        raise SeqmixError(f"impl='native' runs on the CPU, and x is on {x.device}; use impl='chunked' there")
+        raise SeqmixError(f"impl='native' runs on the CPU, and x is on {x.device}; use impl={NATIVE_ELSEWHERE!r} there")
     batch, _, width = x.shape
     order = coef.b.shape[-1]
     padded, orders = _native_layout(x.dtype, width, order)
@@ -1175,6 +1179,7 @@ class RecurrenceMixer(Mixer):
     # is a call tracers cannot see into: compiled and exported graphs take the chunked path instead.
     lowered_impls: ClassVar[dict[str, dict[str, str]]] = {"export": {"recurrent": "chunked", "fft": "chunked", "native": "chunked"},
                                                          "inductor": {"native": "chunked"}}
+    cpu_only_impls: ClassVar[dict[str, str]] = {"native": NATIVE_ELSEWHERE}
     chunk_size: int
 
     def complexity(self) -> str:

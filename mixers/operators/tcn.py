@@ -52,6 +52,9 @@ from seqmix.registry import register_mixer
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
 # The activations' codes in tcn_native.cpp.
 NATIVE_ACTIVATIONS = {"none": 0, "silu": 1, "gelu": 2}
+# The path that computes what ``native`` does on a device its C++ cannot read.
+NATIVE_ELSEWHERE = "channels_last"
+
 
 class TCNState(NamedTuple):
     """Streaming state of the TCN: ``tcn[i]``, layer i's last (K−1)·f^i inputs, (B, D, (K−1)·f^i)."""
@@ -319,6 +322,7 @@ class TCN(Mixer):
     # taps into one kernel per layer, forward and backward, where the convolution stays a library call.
     lowered_impls = {"export": {"taps": "conv", "channels_last": "conv", "native": "conv"},
                      "inductor": {"conv": "taps", "channels_last": "taps", "native": "taps"}}
+    cpu_only_impls = {"native": NATIVE_ELSEWHERE}
 
     def __init__(
         self,
@@ -494,7 +498,7 @@ class TCN(Mixer):
     def _run_native(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
         """``_run`` as native code (``_NativeTCN``), on the (B, T, D) rows in x's dtype."""
         if x.device.type != "cpu":
-            raise SeqmixError(f"tcn impl='native' runs on the CPU, and x is on {x.device}; use impl='channels_last' there")
+            raise SeqmixError(f"tcn impl='native' runs on the CPU, and x is on {x.device}; use impl={NATIVE_ELSEWHERE!r} there")
         _native_kernels(x.dtype)
         for name, parameter in self.named_parameters():
             if parameter.dtype != x.dtype or parameter.device != x.device:

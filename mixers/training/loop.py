@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from seqmix.contract import require_runs_on
 from seqmix.errors import SeqmixError, TrainingStopped, choice_error, require_available_device, require_bool, require_int, require_path, require_writable_dir
 from seqmix.training.records import evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
@@ -468,6 +469,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_record: dict, f
             f"train: batch_size={config.batch_size} must split evenly over {world} processes × grad_accum={config.grad_accum}"
         )
     device = pick_device(config.device)
+    require_runs_on(model, device, f"train.device={config.device!r}")
     if config.tensorboard and rank == 0:
         _require_tensorboard()
     model.to(device)
