@@ -34,6 +34,13 @@ if ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 {
+    # Which code ran: the commit, when this is a git checkout.
+    commit="unknown (not a git checkout)"
+    if head=$(git rev-parse HEAD 2>/dev/null); then
+        commit=$head
+        git diff --quiet HEAD || commit="$commit, with uncommitted changes"
+    fi
+    echo "seqmix $("$python" -c "import seqmix; print(seqmix.__version__)" 2>&1) at commit $commit"
     nvidia-smi
     "$python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
     "$python" -m pip list 2>/dev/null | grep -i -E "^(torch|onnx|executorch|tensorrt|triton|mega|pytorch-tcn)"
