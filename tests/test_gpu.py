@@ -18,7 +18,7 @@ from seqmix.training.experiment import build_experiment
 from seqmix.training.loop import train
 
 from mixer_cases import WIDTH, build, causal_cases, impl_cases, mixer_cases
-from test_parity import BF16_RELATIVE_ERROR, GRAD_TOLERANCE, TOLERANCE, ids
+from test_parity import GRAD_TOLERANCE, TOLERANCE, assert_bf16_autocast_is_finite_and_close, ids
 from test_training import small
 
 pytestmark = pytest.mark.gpu
@@ -133,20 +133,7 @@ def test_streaming_on_the_gpu_keeps_its_state_there_and_gives_the_cpus_forward(c
 @pytest.mark.parametrize("case", mixer_cases(), ids=ids(mixer_cases()))
 def test_bf16_autocast_on_the_gpu_stays_finite_and_near_float32(case):
     _, name, options = case
-    mixer = build(name, options)
-    mixer.impl = type(mixer).cpu_only_impls.get(mixer.impl, mixer.impl)
-    mixer.to(DEVICE)
-    x = inputs(torch.float32).to(DEVICE)
-    with torch.no_grad():
-        y32 = mixer(x)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y16 = mixer(x)
-            if mixer.causal:
-                y_step, _ = mixer.step(x, mixer.init_state(x.shape[0]))
-                assert torch.isfinite(y_step).all()
-    assert torch.isfinite(y16).all()
-    error = (y16.float() - y32).norm() / y32.norm()
-    assert error < BF16_RELATIVE_ERROR, f"bf16 relative error {error:.4f} >= {BF16_RELATIVE_ERROR}"
+    assert_bf16_autocast_is_finite_and_close(build(name, options).to(DEVICE), inputs(torch.float32).to(DEVICE))
 
 
 @pytest.mark.parametrize("model", PRESETS)
