@@ -451,6 +451,24 @@ def test_command_line_writes_the_results(tmp_path):
         assert allocator.startswith("glibc malloc keeping freed memory") and allocator in (tmp_path / "report.md").read_text()
 
 
+def test_a_grid_none_of_whose_runtimes_can_run_here_is_refused_naming_each_reason(monkeypatch):
+    monkeypatch.setattr(bench_run, "runtime_unavailable", lambda name: f"{name} is missing here")
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.runtimes=[eager,onnxruntime]", "bench.lengths=[32]"])
+    with pytest.raises(SeqmixError, match=re.escape("bench.runtimes=['eager', 'onnxruntime']: none of them can run here "
+                                                    "(eager: eager is missing here; onnxruntime: onnxruntime is missing here)")):
+        run_grid(spec)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU grid runs where a CUDA device is")
+def test_the_gpu_grid_without_a_gpu_exits_2_naming_why_and_writes_nothing(tmp_path):
+    """It wrote a report of skipped rows and exited 0."""
+    command = [*SEQMIX, "bench", "bench=gpu", f"bench.out_dir={tmp_path / 'gpu'}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "none of them can run here (cuda: no CUDA device" in done.stderr
+    assert not (tmp_path / "gpu").exists()
+
+
 @pytest.mark.parametrize("overrides, named", [
     (["bench.mixers=[ema]", "+bench.mixer_options.ema.order=0"], "bench: ema cannot be built with its options: ema: order=0"),
     (["bench.mixers=[]", "bench.presets=[mega]", "bench.preset_overrides=['model.depth=0']"],

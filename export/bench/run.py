@@ -150,6 +150,10 @@ def run_grid(spec: BenchSpec, progress: bool | None = None) -> GridResult:
     """
     cells = plan_grid(spec)
     unavailable: dict[str, str | None] = {runtime: runtime_unavailable(runtime) for runtime in spec.runtimes}
+    if all(unavailable.values()):
+        # A grid of skipped rows measures nothing: refused before any work or file, as claim_runtime is.
+        reasons = "; ".join(f"{runtime}: {why}" for runtime, why in unavailable.items())
+        raise SeqmixError(f"bench.runtimes={list(spec.runtimes)}: none of them can run here ({reasons})")
     unavailable.update({s.name: peer_unavailable(PEERS[s.name]) for s in spec.grid_subjects() if s.kind == "peer"})
     stopped: dict[tuple, str] = {}
     rows: list[GridRow] = []
