@@ -459,6 +459,13 @@ def test_a_grid_none_of_whose_runtimes_can_run_here_is_refused_naming_each_reaso
         run_grid(spec)
 
 
+def test_a_grid_none_of_whose_cells_can_run_is_refused_naming_why():
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.runtimes=[onnxruntime]", "bench.passes=[fwd+bwd]", "bench.lengths=[32]"])
+    with pytest.raises(SeqmixError, match=re.escape(f"bench: none of the grid's {len(plan_grid(spec))} cells can run here "
+                                                    "(onnxruntime runs inference graphs only; fwd+bwd is measured on eager")):
+        run_grid(spec)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU grid runs where a CUDA device is")
 def test_the_gpu_grid_without_a_gpu_exits_2_naming_why_and_writes_nothing(tmp_path):
     """It wrote a report of skipped rows and exited 0."""

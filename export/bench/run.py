@@ -155,6 +155,10 @@ def run_grid(spec: BenchSpec, progress: bool | None = None) -> GridResult:
         reasons = "; ".join(f"{runtime}: {why}" for runtime, why in unavailable.items())
         raise SeqmixError(f"bench.runtimes={list(spec.runtimes)}: none of them can run here ({reasons})")
     unavailable.update({s.name: peer_unavailable(PEERS[s.name]) for s in spec.grid_subjects() if s.kind == "peer"})
+    planned = [_skip_reason(cell, spec, unavailable, {}, 0.0) for cell in cells]
+    if all(planned):
+        reasons = "; ".join(dict.fromkeys(planned))
+        raise SeqmixError(f"bench: none of the grid's {len(cells)} cells can run here ({reasons})")
     stopped: dict[tuple, str] = {}
     rows: list[GridRow] = []
     devices = dict.fromkeys(RUNTIMES[runtime].device for runtime in spec.runtimes if not unavailable[runtime])
