@@ -1,6 +1,7 @@
-"""On a CUDA device: every compute path gives the CPU's outputs, final state and gradients; streams
-keep their state on the device; bf16 autocast stays near float32; presets train there, and a
-checkpoint reloaded there gives the CPU's logits, and greedy generation there streams.
+"""On a CUDA device: every compute path gives the CPU's outputs, final state and gradients, and a
+CPU-only one refuses the device, in a mixer and in training; streams keep their state on the device;
+bf16 autocast stays near float32; presets train there, reload there with the CPU's logits and
+generate greedily through ``step``.
 
 Every test is marked ``gpu``: where torch sees no CUDA device it is skipped with that reason.
 ``tools/gpu_check.sh`` runs them on a GPU machine (``python -m pytest -m gpu``).
