@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from seqmix import SeqmixError
+from seqmix.errors import is_choice
 from seqmix.timing import summarize, time_once
 
 from .onnx_export import session
@@ -98,7 +99,7 @@ def quantize_int8_static(source: Path, target: Path, calibration: Iterable[dict[
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"MinMax": CalibrationMethod.MinMax, "Entropy": CalibrationMethod.Entropy, "Percentile": CalibrationMethod.Percentile}
-    if method not in methods:
+    if not is_choice(method, methods):
         raise SeqmixError(f"calibration method={method!r} is not valid; expected one of {list(methods)}")
     if products not in ("weights", "all"):
         raise SeqmixError(f"products={products!r} is not valid; expected 'weights' or 'all'")

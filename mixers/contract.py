@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError, choice_error, require_available_device, require_bool, require_int
+from seqmix.errors import SeqmixError, require_choice, require_available_device, require_bool, require_int
 
 State = Any
 """A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""
@@ -140,8 +140,7 @@ class Stages:
         reads the gradient of what the stage wrote and what the stage read, and writes the
         gradients of what it read, so it moves the forward's elements plus those read once more.
         """
-        if pass_ not in PASSES:
-            raise choice_error("pass_", pass_, PASSES)
+        require_choice("pass_", pass_, PASSES)
         if pass_ == "forward":
             return Cost(self.flops, (self.reads + self.writes) * itemsize)
         return Cost(3 * self.flops, (3 * self.reads + 2 * self.writes) * itemsize)
@@ -217,8 +216,7 @@ class Mixer(nn.Module):
 
     @impl.setter
     def impl(self, value: str) -> None:
-        if value not in self.impls:
-            raise choice_error(f"{type(self).__name__}.impl", value, self.impls)
+        require_choice(f"{type(self).__name__}.impl", value, self.impls)
         self._impl = value
 
     # --- the contract -------------------------------------------------------------------
@@ -342,8 +340,7 @@ class Mixer(nn.Module):
         name = type(self).__name__
         require_int(name, "batch_size", batch_size, meaning="B, the number of sequences")
         require_int(name, "length", length, meaning="L, tokens per sequence")
-        if pass_ not in PASSES:
-            raise choice_error(f"{name}.cost pass_", pass_, PASSES)
+        require_choice(f"{name}.cost pass_", pass_, PASSES)
         stages = self.stages(batch_size, length, pass_)
         if stages is None:
             return None
@@ -476,8 +473,7 @@ def switch_impls(model: nn.Module, lowering: str) -> dict[str, str]:
     Returns:
         {module name ("model" for the root): impl now in use} for every mixer.
     """
-    if lowering not in LOWERINGS:
-        raise choice_error("lowering", lowering, LOWERINGS)
+    require_choice("lowering", lowering, LOWERINGS)
     used = {}
     for name, module in model.named_modules():
         if not isinstance(module, Mixer):

@@ -64,6 +64,22 @@ def choice_error(field: str, value, allowed) -> SeqmixError:
     return SeqmixError(f"{field}={value!r} is not valid; expected one of {sorted(map(str, allowed))}")
 
 
+def is_choice(value, allowed) -> bool:
+    """Whether ``value`` is one of ``allowed``, for any value: ``in`` on a dict or a set raises
+    TypeError for an unhashable value, such as a list given where a name was expected."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return value in allowed
+
+
+def require_choice(field: str, value, allowed) -> None:
+    """Raise ``choice_error`` unless ``value`` is one of ``allowed``, whatever ``value`` is."""
+    if not is_choice(value, allowed):
+        raise choice_error(field, value, allowed)
+
+
 def require_int(owner: str, field: str, value, minimum: int = 1, meaning: str = "") -> None:
     """Raise unless ``value`` is an integer >= ``minimum`` (bools are not integers here)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 
 from seqmix.contract import Mixer
-from seqmix.errors import SeqmixError, SeqmixWarning, choice_error
+from seqmix.errors import SeqmixError, SeqmixWarning, require_choice
 
 ENTRY_POINT_GROUP = "seqmix.mixers"
 
@@ -78,8 +78,7 @@ def list_mixers() -> list[str]:
 def mixer_class(name: str) -> type[Mixer]:
     """The class registered under ``name``; unknown names list the valid ones."""
     _load_plugins()
-    if name not in _MIXERS:
-        raise choice_error("mixer", name, _MIXERS)
+    require_choice("mixer", name, _MIXERS)
     return _MIXERS[name]
 
 

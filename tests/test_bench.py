@@ -410,6 +410,14 @@ def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
     "overrides, expected",
     [
         (["bench.runtimes=[gpu]"], ["bench.runtimes='gpu'", "onnxruntime"]),
+        # A list where a name goes was a TypeError (unhashable) from the lookup in the runtime table.
+        (["bench.runtimes=[[eager]]"], ["bench.runtimes=['eager']", "onnxruntime"]),
+        (["bench.plot_runtime=[eager]"], ["bench.plot_runtime=['eager']", "onnxruntime"]),
+        # Lengths were sorted before they were checked: a name among them was a TypeError.
+        (["bench.lengths=[a,3]"], ["lengths='a'", "integer >= 1"]),
+        (["bench.lengths=[64,32,64]"], ["bench.lengths lists 64 twice"]),
+        (["bench.runtimes=[eager,onnxruntime,eager]"], ["bench.runtimes lists 'eager' twice"]),
+        (["bench.passes=[forward,forward]"], ["bench.passes lists 'forward' twice"]),
         (["bench.mixers=[emma]"], ["mixer='emma'", "softmax_attention"]),
         (["bench.mixers=[ema/nope]"], ["impl of 'ema'", "chunked"]),
         (["bench.presets=[nope]"], ["bench.presets='nope'", "megalodon"]),

@@ -57,6 +57,36 @@ NOT_BOOLEANS = (st.sampled_from(["false", "true", "False", "True", "no", "yes", 
                 | st.integers() | st.none() | st.floats(allow_nan=True) | st.just([]) | st.just(torch.tensor(True)))
 
 
+def choice_parameters(cls) -> list[str]:
+    """The constructor parameters of ``cls`` that take one of a few names (they default to one)."""
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values() if isinstance(p.default, str)]
+
+
+CHOICE_OPTIONS = [(name, field) for name in seqmix.list_mixers() for field in ("impl", *choice_parameters(seqmix.mixer_class(name)))]
+CHOICE_LAYER_OPTIONS = [(cls, field) for cls in layer_classes() for field in choice_parameters(cls)]
+# Lists, dicts and sets are what a config gives by mistake; dicts and sets cannot even be looked up in a dict of names.
+# None is left out: where an option takes it, it means the default or "none" (impl, norm).
+NOT_NAMES = st.sampled_from([[], ["silu"], {"silu": 1}, {"silu"}, ("silu",), "", "nope", 3, 1.5, True, b"silu"])
+
+
+def test_every_mixer_and_layer_has_its_choice_options_found():
+    assert {("tcn", "activation"), ("gated_attention", "norm"), ("ema", "impl")} <= set(CHOICE_OPTIONS)
+    assert {field for _, field in CHOICE_LAYER_OPTIONS} >= {"activation", "residual", "pooling"}
+
+
+@settings(max_examples=examples(100))
+@given(option=st.sampled_from(CHOICE_OPTIONS + CHOICE_LAYER_OPTIONS), value=NOT_NAMES)
+def test_a_choice_option_refuses_anything_but_one_of_its_names_naming_it(option, value):
+    """A list or dict raised TypeError (unhashable) from the lookup instead of the option's error."""
+    owner, field = option
+    with pytest.raises(SeqmixError) as error:
+        if isinstance(owner, str):
+            seqmix.build_mixer(owner, 8, **{field: value})
+        else:
+            build_with(owner, field, value)
+    assert f"{field}={value!r}" in str(error.value)
+
+
 def test_every_mixer_and_layer_has_its_boolean_options_found():
     assert ("gated_attention", "normalized") in BOOLEAN_OPTIONS and ("gated_attention", "prenorm") in BOOLEAN_OPTIONS
     assert {field for _, field in BOOLEAN_LAYER_OPTIONS} >= {"affine", "swiglu", "bias"}

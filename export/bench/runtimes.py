@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from seqmix import SeqmixError
 from seqmix.compile.compiler import TENSORRT_INSTALL, AlignScanCarries, compile_model
-from seqmix.errors import choice_error
+from seqmix.errors import require_choice
 from seqmix.model.sequence_model import SequenceModel
 
 from ..executorch_export import load_pte_method, lower_to_pte
@@ -235,8 +235,7 @@ def require_runtime(name: str, field: str = "runtime", among: Sequence[str] | No
     """Raise SeqmixError unless ``name`` is a runtime of ``among`` (default: every runtime) that
     can run here; the error names ``field`` and the valid runtimes, or what is missing."""
     allowed = tuple(RUNTIMES) if among is None else tuple(among)
-    if name not in allowed:
-        raise choice_error(field, name, allowed)
+    require_choice(field, name, allowed)
     reason = runtime_unavailable(name)
     if reason is not None:
         raise SeqmixError(f"{field}={name} cannot run here: {reason}")

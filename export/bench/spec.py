@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
 from seqmix.contract import PASSES
-from seqmix.errors import choice_error, require_int, require_writable_dir
+from seqmix.errors import choice_error, require_choice, require_int, require_writable_dir
 from seqmix.registry import list_mixers, mixer_class
 
 from .peers import PEER_RUNTIMES, PEERS, peer_unavailable
@@ -87,8 +87,7 @@ class LoweringSpec:
             raise SeqmixError(f"bench.lowering: {extra!r} is not valid; expected the keys {known}")
         spec = cls(tuple(raw.get("runs") or ()), raw.get("task", cls.task), raw.get("far", cls.far))
         tasks = config_groups().get("task", [])
-        if spec.task not in tasks:
-            raise choice_error("bench.lowering.task", spec.task, tasks)
+        require_choice("bench.lowering.task", spec.task, tasks)
         require_int("bench", "lowering.far", spec.far, 1, "the far position of the step comparison")
         return spec
 
@@ -189,7 +188,7 @@ class BenchSpec:
         values["mixer_options"] = options
         values["runtimes"] = tuple(raw.get("runtimes") or ())
         values["passes"] = tuple(raw.get("passes") or ())
-        values["lengths"] = tuple(sorted(set(raw.get("lengths") or ())))
+        values["lengths"] = tuple(raw.get("lengths") or ())
         values["max_length"] = dict(raw.get("max_length") or {})
         values["baseline"] = dict(raw.get("baseline") or {})
         values["claim_subjects"] = {
@@ -201,21 +200,23 @@ class BenchSpec:
         return cls(**values)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise choice_error("bench.mode", self.mode, MODES)
+        require_choice("bench.mode", self.mode, MODES)
         require_writable_dir("bench.out_dir", self.out_dir)
         for runtime in self.runtimes:
-            if runtime not in RUNTIMES:
-                raise choice_error("bench.runtimes", runtime, RUNTIMES)
+            require_choice("bench.runtimes", runtime, RUNTIMES)
         for pass_ in self.passes:
-            if pass_ not in PASSES:
-                raise choice_error("bench.passes", pass_, PASSES)
+            require_choice("bench.passes", pass_, PASSES)
         for runtime, length in self.max_length.items():
-            if runtime not in RUNTIMES:
-                raise choice_error("bench.max_length", runtime, RUNTIMES)
+            require_choice("bench.max_length", runtime, RUNTIMES)
             require_int("bench", f"max_length.{runtime}", length, 1, "longest L on that runtime")
         for length in self.lengths:
             require_int("bench", "lengths", length, 1, "sequence length L")
+        for name in ("runtimes", "passes", "lengths"):
+            values = list(getattr(self, name))
+            twice = next((value for index, value in enumerate(values) if value in values[:index]), None)
+            if twice is not None:
+                raise SeqmixError(f"bench.{name} lists {twice!r} twice; each would be measured and reported twice")
+        object.__setattr__(self, "lengths", tuple(sorted(self.lengths)))  # measured in increasing order
         require_int("bench", "batch", self.batch, 1, "B")
         require_int("bench", "width", self.width, 1, "D of the mixers")
         require_int("bench", "repeats", self.repeats, 1, "timed runs")
@@ -227,10 +228,8 @@ class BenchSpec:
         total = self.max_total_seconds
         if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or not total > 0):
             raise SeqmixError(f"bench.max_total_seconds={total!r} is not valid; expected a positive number or null")
-        if self.compile_backend not in COMPILE_BACKENDS:
-            raise choice_error("bench.compile_backend", self.compile_backend, COMPILE_BACKENDS)
-        if self.plot_runtime not in RUNTIMES:
-            raise choice_error("bench.plot_runtime", self.plot_runtime, RUNTIMES)
+        require_choice("bench.compile_backend", self.compile_backend, COMPILE_BACKENDS)
+        require_choice("bench.plot_runtime", self.plot_runtime, RUNTIMES)
         if self.plot_length is not None:
             require_int("bench", "plot_length", self.plot_length, 1, "L of the throughput bars, or null")
             if self.plot_length not in self.lengths:
@@ -278,8 +277,7 @@ class BenchSpec:
         else:
             if not self.claims:
                 raise SeqmixError("bench.mode=claims needs bench.claims; see conf/bench/paper_claims.yaml")
-            if self.claim_runtime not in CLAIM_RUNTIMES:
-                raise choice_error("bench.claim_runtime", self.claim_runtime, CLAIM_RUNTIMES)
+            require_choice("bench.claim_runtime", self.claim_runtime, CLAIM_RUNTIMES)
             sides = list(self.claim_subjects)
         for name, claim in self.claims.items():
             if claim.metric == "slope" and self.mode == "claims":
@@ -358,8 +356,7 @@ def _parse_claim(name: str, entry) -> Claim:
     if not isinstance(entry, Mapping) or set(entry) != keys:
         got = sorted(entry) if isinstance(entry, Mapping) else entry
         raise SeqmixError(f"{where}={got!r} is not valid; expected the keys {sorted(keys)}")
-    if entry["pass"] not in PASSES:
-        raise choice_error(f"{where}.pass", entry["pass"], PASSES)
+    require_choice(f"{where}.pass", entry["pass"], PASSES)
     if metric != "slope":
         require_int(where, "length", entry["length"], 1, "sequence length L")
     figure = entry["figure"]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
 from seqmix.contract import Mixer
-from seqmix.errors import choice_error
+from seqmix.errors import choice_error, require_choice
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.registry import build_mixer, list_mixers, mixer_class
 
@@ -83,8 +83,7 @@ def parse_mixer(entry: str, options: Mapping, where: str) -> Subject:
 def parse_preset(name: str, overrides: Sequence[str], where: str) -> Subject:
     """A preset subject; an unknown preset lists the shipped ones."""
     presets = config_groups().get("model", [])
-    if name not in presets:
-        raise choice_error(where, name, presets)
+    require_choice(where, name, presets)
     return Subject(name, "preset", name, overrides=tuple(overrides))
 
 

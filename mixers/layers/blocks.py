@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError, choice_error, require_bool
+from seqmix.errors import SeqmixError, choice_error, require_choice, require_bool
 from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
@@ -63,8 +63,7 @@ class FeedForward(nn.Module):
         super().__init__()
         require_bool("ffn", "swiglu", swiglu)
         require_bool("ffn", "bias", bias)
-        if activation not in ACTIVATIONS:
-            raise choice_error("ffn.activation", activation, ACTIVATIONS)
+        require_choice("ffn.activation", activation, ACTIVATIONS)
         hidden = 4 * d_model if hidden is None else hidden
         if not isinstance(hidden, int) or hidden < 1:
             raise SeqmixError(f"ffn: hidden={hidden!r} is not valid; expected a positive integer")
@@ -103,8 +102,7 @@ class Block(nn.Module):
         recompute: Recompute = "none",
     ):
         super().__init__()
-        if residual not in RESIDUALS:
-            raise choice_error("block.residual", residual, RESIDUALS)
+        require_choice("block.residual", residual, RESIDUALS)
         require_recompute("block.recompute", recompute)
         if not isinstance(mixer, Mixer):
             raise SeqmixError(f"block: mixer must be a seqmix Mixer, got {type(mixer).__name__}")

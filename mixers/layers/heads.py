@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from seqmix.errors import choice_error, require_int
+from seqmix.errors import require_choice, require_int
 
 POOLINGS = ("mean", "first")
 
@@ -53,8 +53,7 @@ class ClassificationHead(nn.Module):
     def __init__(self, d_model: int, vocab_size: int, num_classes: int = 2, pooling: str = "mean"):
         super().__init__()
         require_int("classification head", "num_classes", num_classes, 2)
-        if pooling not in POOLINGS:
-            raise choice_error("head.pooling", pooling, POOLINGS)
+        require_choice("head.pooling", pooling, POOLINGS)
         self.pooling = pooling
         self.proj = nn.Linear(d_model, num_classes)
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmix.contract import compute_dtype
-from seqmix.errors import SeqmixError, choice_error, require_bool
+from seqmix.errors import SeqmixError, require_bool, require_choice
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
 
@@ -212,6 +212,5 @@ class TimestepNorm(nn.Module):
 def build_norm(name: str, dim: int, **options) -> nn.Module:
     """Build the norm called ``name`` (one of ``NORMS``) for width ``dim``."""
     classes = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "scalenorm": ScaleNorm, "timestepnorm": TimestepNorm}
-    if name not in classes:
-        raise choice_error("norm", name, NORMS)
+    require_choice("norm", name, classes)
     return classes[name](dim, **options)

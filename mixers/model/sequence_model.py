@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError, choice_error, require_available_device, require_bool, require_int
+from seqmix.errors import SeqmixError, require_choice, require_available_device, require_bool, require_int
 from seqmix.layers.blocks import Block, Recompute, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
@@ -61,8 +61,7 @@ class SequenceModel(nn.Module):
         require_int("model", "d_model", d_model)
         require_int("model", "max_len", max_len)
         require_bool("model", "tie_embeddings", tie_embeddings)
-        if positions not in POSITIONS:
-            raise choice_error("model.positions", positions, POSITIONS)
+        require_choice("model.positions", positions, POSITIONS)
         if not blocks:
             raise SeqmixError("model: layers is empty; a model needs at least one block")
         for index, block in enumerate(blocks):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmix.contract import Mixer, Stages, State, compute_dtype, linear_stages, parameter_reads, traceable_reshape
-from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
+from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
 from seqmix.layers.norms import RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
 from seqmix.operators import kv_cache, masking
@@ -67,8 +67,7 @@ def _resolve_local(local, local_options: dict | None, d_model: int, causal: bool
     elif isinstance(local, str):
         if local_options and "causal" in local_options:
             raise SeqmixError("gated_attention: local_options may not set 'causal'; the local mixer follows the layer's causal flag")
-        if local not in list_mixers():
-            raise choice_error("gated_attention.local", local, list_mixers())
+        require_choice("gated_attention.local", local, list_mixers())
         mixer = build_mixer(local, d_model, causal=causal, **(local_options or {}))
     elif callable(local):
         mixer = local(d_model)
@@ -132,10 +131,8 @@ class GatedAttention(Mixer):
         require_bool("gated_attention", "normalized", normalized)
         z_dim = d_model // 2 if z_dim is None else z_dim
         v_dim = 2 * d_model if v_dim is None else v_dim
-        if attention not in ATTENTIONS:
-            raise choice_error("gated_attention.attention", attention, ATTENTIONS)
-        if position_bias not in POSITION_BIASES:
-            raise choice_error("gated_attention.position_bias", position_bias, POSITION_BIASES)
+        require_choice("gated_attention.attention", attention, ATTENTIONS)
+        require_choice("gated_attention.position_bias", position_bias, POSITION_BIASES)
         if chunk_size is not None:
             require_int("gated_attention", "chunk_size", chunk_size, meaning="C, or None for full attention")
         require_int("gated_attention", "max_len", max_len, meaning="longest full-attention sequence")

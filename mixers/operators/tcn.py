@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from seqmix import native as native_code
 from seqmix.contract import Mixer, Stages, parameter_reads, transposed_rows
-from seqmix.errors import SeqmixError, choice_error, require_bool, require_int
+from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
 from seqmix.registry import register_mixer
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
@@ -346,8 +346,7 @@ class TCN(Mixer):
         require_int("tcn", "kernel_size", kernel_size, 2, "K, taps per layer")
         require_int("tcn", "dilation_base", dilation_base, 1, "f, layer i is dilated by f**i")
         require_int("tcn", "depth", depth, 1, "number of convolution layers")
-        if activation not in ACTIVATIONS:
-            raise choice_error("tcn.activation", activation, ACTIVATIONS)
+        require_choice("tcn.activation", activation, ACTIVATIONS)
         self.kernel_size = kernel_size
         self.dilation_base = dilation_base
         self.depth = depth

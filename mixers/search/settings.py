@@ -15,7 +15,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from seqmix.configs import compose_config, config_groups
-from seqmix.errors import (SeqmixError, choice_error, require_int, require_path, require_writable_dir,
+from seqmix.errors import (SeqmixError, require_choice, require_int, require_path, require_writable_dir,
                            require_writable_file)
 from seqmix.search.space import SearchSpace
 
@@ -42,8 +42,7 @@ def compose_search_config(name: str, overrides: Sequence[str] = ()) -> DictConfi
     from hydra.errors import HydraException
 
     searches = config_groups().get("search", [])
-    if name not in searches:
-        raise choice_error("search", name, searches)
+    require_choice("search", name, searches)
     try:
         return compose_config([f"+search={name}", *overrides])
     except HydraException as error:
@@ -146,12 +145,9 @@ class SearchSettings:
         if not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise SeqmixError(f"search.objectives={self.objectives!r} must name each objective once, from {list(OBJECTIVES)}")
         for objective in self.objectives:
-            if objective not in OBJECTIVES:
-                raise choice_error("search.objectives", objective, OBJECTIVES)
-        if self.sampler not in SAMPLERS:
-            raise choice_error("search.sampler", self.sampler, SAMPLERS)
-        if self.pruner not in PRUNERS:
-            raise choice_error("search.pruner", self.pruner, PRUNERS)
+            require_choice("search.objectives", objective, OBJECTIVES)
+        require_choice("search.sampler", self.sampler, SAMPLERS)
+        require_choice("search.pruner", self.pruner, PRUNERS)
         # Options of no pruner would go nowhere without a word (a pruner of a multi-objective study is
         # unused too, and the search says so when it starts: a sweep may mix both kinds of study).
         if self.pruner == "none" and self.pruner_options:

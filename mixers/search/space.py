@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqmix.configs import CONF_DIR, compose_config
 from seqmix.contract import Mixer
-from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.errors import SeqmixError, require_choice, require_int
 from seqmix.model.description import part_defaults
 from seqmix.registry import list_mixers, mixer_class
 
@@ -149,8 +149,7 @@ class SearchSpace:
                 if dimension.choices is None:
                     raise SeqmixError("search.space.mixers must list mixer names, not a range")
                 for name in dimension.choices:
-                    if name not in registered:
-                        raise choice_error("search.space.mixers", name, registered)
+                    require_choice("search.space.mixers", name, registered)
             elif key == "lr":
                 if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in dimension.values()):
                     raise SeqmixError(f"search.space.lr={entries[key]!r} is not valid; expected positive learning rates")

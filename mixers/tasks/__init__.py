@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, require_choice
 from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
 from seqmix.tasks.byte_lm import ByteLM
 from seqmix.tasks.classify import Classify
@@ -27,8 +27,7 @@ def list_tasks() -> list[str]:
 
 def build_task(name: str, **options) -> Task:
     """Build the task registered as ``name``; unknown names or options raise SeqmixError listing the valid ones."""
-    if name not in TASKS:
-        raise choice_error("task", name, TASKS)
+    require_choice("task", name, TASKS)
     cls = TASKS[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(accepted))

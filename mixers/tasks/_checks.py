@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from seqmix.errors import SeqmixError, choice_error, require_int
+from seqmix.errors import SeqmixError, require_choice, require_int
 from seqmix.tasks.base import SPLITS
 
 
@@ -20,7 +20,6 @@ def require_number(owner: str, field: str, value, low: float, high: float = math
 
 def check_request(owner: str, split: str, index: int, batch_size: int) -> None:
     """Raise unless (split, index, batch_size) names a batch a task can produce."""
-    if split not in SPLITS:
-        raise choice_error(f"{owner}: split", split, SPLITS)
+    require_choice(f"{owner}: split", split, SPLITS)
     require_int(owner, "index", index, 0)
     require_int(owner, "batch_size", batch_size, 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, SeqmixWarning, choice_error, one_line, require_path
+from seqmix.errors import SeqmixError, SeqmixWarning, require_choice, one_line, require_path
 from seqmix.jsontext import parse_json
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
@@ -83,10 +83,8 @@ class DocumentSource:
     def __init__(self, path: str, format: str = "auto", decode_errors: str = "replace", owner: str = "text",
                  cache_dir: str | os.PathLike | None = None, options: str = "task."):
         require_path(f"{owner}: {options}path", path)
-        if format not in FORMATS:
-            raise choice_error(f"{owner}: format", format, FORMATS)
-        if decode_errors not in DECODE_ERRORS:
-            raise choice_error(f"{owner}: decode_errors", decode_errors, DECODE_ERRORS)
+        require_choice(f"{owner}: format", format, FORMATS)
+        require_choice(f"{owner}: decode_errors", decode_errors, DECODE_ERRORS)
         self.path, self.format, self.decode_errors, self.owner, self.options = path, format, decode_errors, owner, options
         self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser() / "datasets")
         self.saved = is_saved_dataset(Path(path).expanduser())

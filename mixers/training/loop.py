@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seqmix.contract import require_runs_on
-from seqmix.errors import SeqmixError, TrainingStopped, choice_error, require_available_device, require_bool, require_int, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, TrainingStopped, require_choice, require_available_device, require_bool, require_int, require_path, require_writable_dir
 from seqmix.training.records import evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
@@ -149,8 +149,7 @@ class TrainConfig:
         _require_number("grad_clip", self.grad_clip, 0.0, math.inf, "finite and >= 0; 0 turns clipping off")
         for name in SWITCHES:
             require_bool("train", name, getattr(self, name))
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            raise choice_error("train.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        require_choice("train.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
         check_device_name(self.device)
         if self.compile is not None and self.compile not in COMPILE_BACKENDS:
             raise SeqmixError(f"train.compile={self.compile!r} is not valid; expected null or one of {list(COMPILE_BACKENDS)}")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from seqmix.errors import SeqmixError, choice_error, not_a_file, require_bool, require_int
+from seqmix.errors import SeqmixError, require_choice, not_a_file, require_bool, require_int
 from seqmix.jsontext import parse_json
 from seqmix.model.description import model_description, plain_data
 from seqmix.model.legacy import translate
@@ -36,8 +36,7 @@ def task_description(config: Any) -> dict:
         raise SeqmixError(f"task config is a {type(config).__name__}; expected {{task: <name>, <option>: <value>, ...}}")
     options = dict(translate(dict(config), "task"))
     name = options.pop("task", None)
-    if name not in TASKS:
-        raise choice_error("task.task", name, TASKS)
+    require_choice("task.task", name, TASKS)
     parameters = _task_parameters(name)
     unknown = sorted(set(options) - set(parameters))
     if unknown:
