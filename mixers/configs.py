@@ -77,6 +77,10 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config", w
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    # A bare string would be read one character at a time, and anything but strings reaches Hydra's parser.
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence) or not all(isinstance(o, str) for o in overrides):
+        raise SeqmixError(f"overrides={overrides!r} is not valid; expected a list of strings, e.g. "
+                          "['model=megalodon', 'model.d_model=256']")
     if not CONF_DIR.is_dir():
         raise SeqmixError(f"the config directory {CONF_DIR} is missing; reinstall seqmix (pip install seqmix)")
     store_code_defaults()

@@ -433,8 +433,9 @@ class Mixer(nn.Module):
         expected, expected_spec = tree_flatten(reference)
         leaves, spec = tree_flatten(state)
         if spec != expected_spec or not all(isinstance(t, Tensor) for t in leaves):
+            held = sum(isinstance(t, Tensor) for t in leaves)  # None flattens to one leaf, and holds no tensor
             raise SeqmixError(
-                f"{name}: state has {len(leaves)} tensors, expected {len(expected)}: got a {type(state).__name__}, expected the "
+                f"{name}: state has {held} tensors, expected {len(expected)}: got a {type(state).__name__}, expected the "
                 f"{type(reference).__name__} that {name}.init_state() or the previous step() returned"
             )
         for i, (got, want) in enumerate(zip(leaves, expected)):
@@ -489,7 +490,11 @@ def require_runs_on(model: nn.Module, device: torch.device, where: str) -> None:
     instead. ``where`` names what chose the device (``train.device='auto'``); callers ask before
     any work or file, where the mixer's own check would only fail at its first call.
     """
-    if torch.device(device).type == "cpu":
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SeqmixError(f"{where}: device={device!r} is not a device torch knows") from None
+    if device.type == "cpu":
         return
     refused = [f"{name or 'model'} ({type(module).__name__} impl={module.impl!r}: use impl="
                f"{type(module).cpu_only_impls[module.impl]!r} there)"

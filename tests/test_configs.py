@@ -138,3 +138,12 @@ def test_config_builds_and_trains_a_step(path, tmp_path):
     torch.manual_seed(0)
     assert "_target_" not in path.read_text(), "configs name registered parts, never code paths"
     _build_and_run(path, tmp_path)
+
+
+@pytest.mark.parametrize("overrides", ["model=megalodon", [["model=megalodon"]], [1], [None], 5],
+                         ids=["a bare string", "nested", "an int", "None", "not a list"])
+def test_compose_config_refuses_overrides_that_are_not_a_list_of_strings(overrides):
+    """A bare string was read one character at a time (override 'm'); anything else but strings was
+    a TypeError from Hydra's parser."""
+    with pytest.raises(seqmix.SeqmixError, match=r"overrides=.* is not valid; expected a list of strings"):
+        compose_config(overrides)

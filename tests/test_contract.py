@@ -95,6 +95,9 @@ def test_state_of_another_mixer_is_refused():
     cema = seqmix.build_mixer("cema", 8)
     with pytest.raises(SeqmixError, match="state has 1 tensors, expected 2"):
         cema.step(torch.randn(1, 1, 8), ema.init_state(1))
+    # None flattens to one leaf, which is no tensor.
+    with pytest.raises(SeqmixError, match="state has 0 tensors, expected 2: got a NoneType, expected the CEMAState"):
+        cema.step(torch.randn(1, 1, 8), None)
 
 
 @pytest.mark.parametrize(

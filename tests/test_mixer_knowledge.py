@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import seqmix
-from seqmix.contract import LOWERINGS, length_unit, switch_impls
+from seqmix.contract import LOWERINGS, length_unit, require_runs_on, switch_impls
 from conftest import composed_config
 from mixer_cases import build, mixer_cases
 
@@ -60,6 +60,11 @@ CPU_ONLY = [(name, impl) for name in seqmix.list_mixers() for impl in seqmix.mix
 
 def test_the_native_paths_are_the_cpu_only_ones():
     assert {impl for _, impl in CPU_ONLY} == {"native"} and len(CPU_ONLY) == 3, CPU_ONLY
+
+
+def test_require_runs_on_names_a_device_torch_does_not_know():
+    with pytest.raises(seqmix.SeqmixError, match="train.device: device='gpu' is not a device torch knows"):
+        require_runs_on(seqmix.build_mixer("ema", 8), "gpu", "train.device")
 
 
 @pytest.mark.parametrize("name, impl", CPU_ONLY, ids=[f"{name}-{impl}" for name, impl in CPU_ONLY])
