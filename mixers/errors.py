@@ -166,6 +166,8 @@ def writable_file_argument(path: str) -> Path:
 
 def _output_problem(path, is_file: bool, replaces_verified: bool = False) -> str | None:
     """Why nothing can be written at ``path`` ("'<path>' is not valid: ..."), or None."""
+    if not isinstance(path, (str, os.PathLike)):
+        return f"{path!r} is not valid: expected a path (a str or os.PathLike)"
     text = os.fspath(path)
     if not text.strip():
         # Path("") is the current folder: an empty value would write there unasked.

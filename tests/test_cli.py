@@ -173,6 +173,10 @@ def test_output_path_checks_name_what_is_wrong(tmp_path):
         (require_writable_file, " ", "expected a non-empty path"),
         # The file system says so itself (ENAMETOOLONG) or the name exceeds its PC_NAME_MAX.
         (require_writable_dir, str(tmp_path / ("n" * 300) / "run"), "(File name too long|is longer than)"),
+        # Not a path at all: os.fspath's TypeError before (save_model(model, None), say).
+        (require_writable_dir, None, r"expected a path \(a str or os.PathLike\)"),
+        (require_writable_file, 3, r"expected a path \(a str or os.PathLike\)"),
+        (require_writable_dir, ["runs"], r"expected a path \(a str or os.PathLike\)"),
     ]
     for check, path, expected in refused:
         with pytest.raises(SeqmixError, match=f"^out={re.escape(repr(path))} is not valid: .*{expected}"):

@@ -163,6 +163,14 @@ def test_greedy_generation_through_step_equals_argmax_of_full_forward(tmp_path):
     assert torch.equal(generated, tokens)
 
 
+@pytest.mark.parametrize("prompt, named", [([[1, 2]], "got a list"), (torch.tensor([1, 2]), "got shape (2,)")])
+def test_generation_names_a_prompt_that_is_not_a_b_by_p_tensor(prompt, named, tmp_path):
+    """A list was an AttributeError ('list' object has no attribute 'dim')."""
+    model = build_experiment(small(tmp_path, "model=ema_conv", "model.depth=1")).model
+    with pytest.raises(SeqmixError, match=re.escape(named)):
+        generate(model, prompt, 3)
+
+
 @pytest.mark.parametrize("option, value, named", [
     ("temperature", -1.0, "temperature=-1.0"), ("temperature", float("nan"), "temperature=nan"),
     ("temperature", float("inf"), "temperature=inf"), ("top_k", 0, "top_k=0"), ("max_new_tokens", -2, "max_new_tokens=-2"),

@@ -34,6 +34,8 @@ def stream_tokens(
     Returns:
         an iterator of (B,) token ids.
     """
+    if not isinstance(prompt, Tensor):
+        raise SeqmixError(f"generate: the prompt must be a (B, P) tensor of token ids, got a {type(prompt).__name__}")
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise SeqmixError(f"generate: the prompt must be (B, P) token ids with P >= 1, got shape {tuple(prompt.shape)}")
     require_int("generate", "max_new_tokens", max_new_tokens, 0)
