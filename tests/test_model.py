@@ -1,6 +1,7 @@
 """Models composed from presets: streaming, save/load, build-time validation, size, the describe tool."""
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from seqmix import SeqmixError
 from seqmix.configs import config_groups
 from conftest import causal_presets, preset_model
 from seqmix.model.checkpoint import write_checksums
+from seqmix.training.checkpoints import load_run
 
 from conftest import SEQMIX
 
@@ -172,3 +174,12 @@ def test_describe_lists_presets_for_an_unknown_one():
     result = subprocess.run([*SEQMIX, "describe", "model=nope"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "megalodon" in result.stderr and "nope" in result.stderr
+
+
+@pytest.mark.parametrize("value", [None, "", "  ", 5, ["run"]], ids=["None", "empty", "blank", "an int", "a list"])
+@pytest.mark.parametrize("loader, field", [(seqmix.load_model, "load_model: directory"), (seqmix.from_pretrained, "from_pretrained: name"),
+                                           (load_run, "load_run: path")], ids=["load_model", "from_pretrained", "load_run"])
+def test_every_loader_names_a_location_that_is_not_a_path(loader, field, value):
+    """load_run(None) was os.fspath's TypeError, and load_run('') read config.json in the current folder."""
+    with pytest.raises(SeqmixError, match=re.escape(f"{field}={value!r} is not valid; expected a non-empty path")):
+        loader(value)
