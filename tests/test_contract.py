@@ -1,6 +1,8 @@
 """The contract's promises that are not numerics: registry, state shapes, clear errors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
@@ -143,6 +145,8 @@ def test_a_broken_mixer_plugin_is_skipped_with_a_warning_naming_it(monkeypatch):
         importlib.metadata.EntryPoint("missing", "no_such_package.mixers:Missing", registry.ENTRY_POINT_GROUP),
         importlib.metadata.EntryPoint("not_a_mixer", "builtins:int", registry.ENTRY_POINT_GROUP),
         importlib.metadata.EntryPoint("ema", "seqmix.operators.tcn:TCN", registry.ENTRY_POINT_GROUP),
+        # A name the benchmark would split as name/impl, and configs could not write.
+        importlib.metadata.EntryPoint("my/tcn", "seqmix.operators.tcn:TCN", registry.ENTRY_POINT_GROUP),
     ]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: plugins if group == registry.ENTRY_POINT_GROUP else [])
     monkeypatch.setattr(registry, "_plugins_loaded", False)
@@ -153,7 +157,23 @@ def test_a_broken_mixer_plugin_is_skipped_with_a_warning_naming_it(monkeypatch):
     assert "'missing'" in messages and "ModuleNotFoundError" in messages
     assert "'not_a_mixer'" in messages and "not a seqmix.Mixer subclass" in messages
     assert "'ema'" in messages and "takes the name of the registered EMA" in messages
+    assert "'my/tcn'" in messages and "name='my/tcn' is not valid; expected an identifier" in messages
     assert names == sorted(before) and registry._MIXERS == before
+
+
+@pytest.mark.parametrize("name", [5, ["fast"], None, "", "my/mixer", "my mixer", "2fast"])
+def test_register_mixer_refuses_a_name_configs_could_not_write(name):
+    """A non-string name was registered and then broke list_mixers' sorting for every caller."""
+    before = dict(seqmix.registry._MIXERS)
+    with pytest.raises(SeqmixError, match=f"register_mixer: name={re.escape(repr(name))} is not valid; expected an identifier"):
+        seqmix.register_mixer(name)
+    assert seqmix.registry._MIXERS == before
+
+
+def test_register_mixer_refuses_a_class_that_is_not_a_mixer():
+    with pytest.raises(SeqmixError, match=r"register_mixer\('fast'\): <class 'torch.nn.modules.linear.Linear'> is not a seqmix.Mixer"):
+        seqmix.register_mixer("fast")(torch.nn.Linear)
+    assert "fast" not in seqmix.list_mixers()
 
 
 def test_a_model_config_names_a_registered_mixer_and_its_options():
