@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map_only
 
 from seqmix import SeqmixError
 from seqmix.contract import switch_impls
+from seqmix.errors import is_choice
 
 BACKENDS = ("inductor", "aot_eager", "eager", "tensorrt")
 TENSORRT_INSTALL = "pip install torch-tensorrt (needs an NVIDIA GPU and the torch version it pins)"
@@ -157,7 +158,10 @@ def compile_model(
         ``step(tokens (B, T), state) -> (logits (B, T, V), state)`` equal the model's; compilation
         happens at the first call with new shapes.
     """
-    if backend not in BACKENDS:
+    if not isinstance(model, nn.Module):
+        raise SeqmixError(f"compile_model: model must be a torch.nn.Module (e.g. from seqmix.instantiate_model), "
+                          f"got a {type(model).__name__}")
+    if not is_choice(backend, BACKENDS):
         raise SeqmixError(f"compile_model: backend={backend!r} is not valid; expected one of {list(BACKENDS)}")
     if mode is not None and backend != "inductor":
         raise SeqmixError(f"compile_model: mode={mode!r} applies to backend='inductor' only, got backend={backend!r}")
@@ -167,7 +171,7 @@ def compile_model(
         if switch_paths:
             switch_impls(model, "inductor")
         modes = torch._inductor.list_mode_options()
-        if mode is not None and mode not in modes:
+        if mode is not None and not is_choice(mode, modes):
             raise SeqmixError(f"compile_model: mode={mode!r} is not valid; expected one of {list(modes)}")
         # torch.compile takes a mode or options, never both: spell the mode out as its options.
         options["options"] = {

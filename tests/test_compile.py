@@ -223,6 +223,15 @@ def test_mode_is_for_inductor_only_and_must_exist():
         compile_model(model, backend="aot_eager", mode="max-autotune")
     with pytest.raises(SeqmixError, match="'max-autotune'"):
         compile_model(model, mode="fastest")
+    # A list where a name goes was a TypeError (unhashable) from the lookup among Inductor's modes.
+    with pytest.raises(SeqmixError, match=r"mode=\['default'\] is not valid"):
+        compile_model(model, mode=["default"])
+
+
+def test_compile_model_names_a_model_that_is_not_a_module():
+    """A string was an AttributeError ('str' object has no attribute 'named_modules')."""
+    with pytest.raises(SeqmixError, match="compile_model: model must be a torch.nn.Module .*got a str"):
+        compile_model("transformer")
 
 
 def test_tensorrt_without_the_package_says_how_to_install(monkeypatch):
