@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map_only
 
 from seqmix import SeqmixError
 from seqmix.contract import switch_impls
-from seqmix.errors import is_choice
+from seqmix.errors import is_choice, require_module
 
 BACKENDS = ("inductor", "aot_eager", "eager", "tensorrt")
 TENSORRT_INSTALL = "pip install torch-tensorrt (needs an NVIDIA GPU and the torch version it pins)"
@@ -158,9 +158,7 @@ def compile_model(
         ``step(tokens (B, T), state) -> (logits (B, T, V), state)`` equal the model's; compilation
         happens at the first call with new shapes.
     """
-    if not isinstance(model, nn.Module):
-        raise SeqmixError(f"compile_model: model must be a torch.nn.Module (e.g. from seqmix.instantiate_model), "
-                          f"got a {type(model).__name__}")
+    require_module("compile_model: model", model)
     if not is_choice(backend, BACKENDS):
         raise SeqmixError(f"compile_model: backend={backend!r} is not valid; expected one of {list(BACKENDS)}")
     if mode is not None and backend != "inductor":

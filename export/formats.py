@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from seqmix import SeqmixError
-from seqmix.errors import require_int, require_path
+from seqmix.errors import require_int, require_module, require_path
 from seqmix.timing import Timing, time_calls
 
 from seqmix.contract import length_unit
@@ -185,6 +185,7 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
     empty or an earlier export (``check_export_target``), which is replaced only once the new
     export is complete; an export that fails or is killed part-way leaves it as it was.
     """
+    require_module("export: model", model)
     check_export_options(kind, quantize, length)
     require_path("export: out_dir", out_dir)  # the text itself: Path("") would be the current folder
     files = dict(files or {})

@@ -29,6 +29,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten
 
 from seqmix import SeqmixError
+from seqmix.errors import require_module, require_writable_dir
 from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
@@ -215,6 +216,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERA
     times a prompt through it in one call against token by token (``compare_prefill``; ``seqmix
     export`` does, into the manifest's ``step.prefill``).
     """
+    require_module("export_onnx: model", model)
+    require_writable_dir("export_onnx: out_dir", out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()

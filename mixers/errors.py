@@ -80,6 +80,15 @@ def require_choice(field: str, value, allowed) -> None:
         raise choice_error(field, value, allowed)
 
 
+def require_module(field: str, value) -> None:
+    """Raise unless ``value`` is a torch module (a model from ``seqmix.instantiate_model``, say), before
+    a caller reads its attributes or writes anything for it."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise SeqmixError(f"{field} must be a torch.nn.Module (e.g. from seqmix.instantiate_model), got a {type(value).__name__}")
+
+
 def require_int(owner: str, field: str, value, minimum: int = 1, meaning: str = "") -> None:
     """Raise unless ``value`` is an integer >= ``minimum`` (bools are not integers here)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

@@ -267,3 +267,18 @@ def test_exporters_switch_paths_they_do_not_run(impl):
     assert tcn.impl == impl
     used = use_exportable_paths(model)
     assert tcn.impl == "conv" and "conv" in used.values() and impl not in used.values()
+
+
+def test_the_exporters_name_a_model_or_folder_that_is_not_one_before_writing_anything(tmp_path):
+    """export_onnx made its folder before failing on a string model, and took None for a folder to
+    os.fspath's TypeError; export_model read attributes of a string."""
+    from seqmix.export.formats import export_model
+    from seqmix.tasks import build_task
+
+    with pytest.raises(SeqmixError, match="export_onnx: model must be a torch.nn.Module .*got a str"):
+        export_onnx("mega", tmp_path / "a")
+    with pytest.raises(SeqmixError, match=r"export_onnx: out_dir=None is not valid: expected a path"):
+        export_onnx(tiny_preset("mega"), None)
+    with pytest.raises(SeqmixError, match="export: model must be a torch.nn.Module .*got a str"):
+        export_model("mega", build_task("byte_lm"), "onnx", tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
