@@ -178,7 +178,7 @@ def test_describe_lists_presets_for_an_unknown_one():
 
 @pytest.mark.parametrize("value", [None, "", "  ", 5, ["run"]], ids=["None", "empty", "blank", "an int", "a list"])
 @pytest.mark.parametrize("loader, field", [(seqmix.load_model, "load_model: directory"), (seqmix.from_pretrained, "from_pretrained: name"),
-                                           (load_run, "load_run: path")], ids=["load_model", "from_pretrained", "load_run"])
+                                           (load_run, "checkpoint")], ids=["load_model", "from_pretrained", "load_run"])
 def test_every_loader_names_a_location_that_is_not_a_path(loader, field, value):
     """load_run(None) was os.fspath's TypeError, and load_run('') read config.json in the current folder."""
     with pytest.raises(SeqmixError, match=re.escape(f"{field}={value!r} is not valid; expected a non-empty path")):

@@ -191,7 +191,7 @@ def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: boo
     """
     from seqmix.model.pretrained import CONFIG_JSON, from_pretrained, pretrained_training
 
-    require_path("load_run: path", path)
+    require_path("checkpoint", path)  # the name the commands give it
     if (Path(path) / CONFIG_JSON).is_file():
         # A directory in the Hugging Face layout (seqmix.save_pretrained): its config.json records the
         # task and how the metrics of its card were computed.
