@@ -418,6 +418,10 @@ def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
         (["bench.lengths=[64,32,64]"], ["bench.lengths lists 64 twice"]),
         (["bench.runtimes=[eager,onnxruntime,eager]"], ["bench.runtimes lists 'eager' twice"]),
         (["bench.passes=[forward,forward]"], ["bench.passes lists 'forward' twice"]),
+        # A name where a list goes was read one character at a time (mixer='e').
+        (["bench.mixers=ema"], ["bench.mixers='ema' is not valid; expected a list"]),
+        (["bench.lengths=64"], ["bench.lengths=64 is not valid; expected a list"]),
+        (["bench=lowering", "bench.lowering.runs=runs/a"], ["bench.lowering.runs='runs/a' is not valid; expected a list"]),
         (["bench.mixers=[emma]"], ["mixer='emma'", "softmax_attention"]),
         (["bench.mixers=[ema/nope]"], ["impl of 'ema'", "chunked"]),
         (["bench.presets=[nope]"], ["bench.presets='nope'", "megalodon"]),

@@ -85,11 +85,19 @@ class LoweringSpec:
         if not isinstance(raw, Mapping) or set(raw) - set(known):
             extra = sorted(set(raw) - set(known)) if isinstance(raw, Mapping) else raw
             raise SeqmixError(f"bench.lowering: {extra!r} is not valid; expected the keys {known}")
-        spec = cls(tuple(raw.get("runs") or ()), raw.get("task", cls.task), raw.get("far", cls.far))
+        runs = raw.get("runs") or ()
+        if not isinstance(runs, (list, tuple)):
+            raise SeqmixError(f"bench.lowering.runs={runs!r} is not valid; expected a list of run directories, "
+                              f"e.g. bench.lowering.runs=[{runs}]")
+        spec = cls(tuple(runs), raw.get("task", cls.task), raw.get("far", cls.far))
         tasks = config_groups().get("task", [])
         require_choice("bench.lowering.task", spec.task, tasks)
         require_int("bench", "lowering.far", spec.far, 1, "the far position of the step comparison")
         return spec
+
+
+LIST_FIELDS = ("mixers", "presets", "preset_overrides", "runtimes", "passes", "lengths")
+"""The fields of ``BenchSpec`` that hold lists."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,11 @@ class BenchSpec:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise SeqmixError(f"bench: unknown field {unknown[0]!r}; valid fields are {sorted(known)}")
+        # A name where a list goes would be read one character at a time (mixers=ema as 'e', 'm', 'a').
+        for name in LIST_FIELDS:
+            value = raw.get(name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise SeqmixError(f"bench.{name}={value!r} is not valid; expected a list, e.g. bench.{name}=[{value}]")
         options = raw.get("mixer_options") or {}
         if not isinstance(options, Mapping) or not all(isinstance(v, Mapping) for v in options.values()):
             raise SeqmixError(f"bench.mixer_options={options!r} is not valid; expected {{mixer name: {{option: value}}}}")
