@@ -240,6 +240,11 @@ def test_bad_search_configs_name_the_valid_choices(tmp_path):
         SearchSpace.from_config({"d_model": [16.5]})
     with pytest.raises(SeqmixError, match=r"search.objectives='speed'.*'latency'.*'metric'.*'params'"):
         SearchSettings.from_config(tiny(tmp_path, "search.objectives=[metric,speed]").search)
+    # A list among the names was an unhashable TypeError from the duplicate check; a name alone is no list.
+    with pytest.raises(SeqmixError, match=r"search.objectives=\['metric'\] is not valid"):
+        SearchSettings.from_config(tiny(tmp_path, "search.objectives=[[metric]]").search)
+    with pytest.raises(SeqmixError, match=r"search.objectives='metric' must be a list"):
+        SearchSettings.from_config(tiny(tmp_path, "search.objectives=metric").search)
     with pytest.raises(SeqmixError, match=r"search.sampler='cmaes'.*'nsga2'.*'tpe'"):
         SearchSettings.from_config(tiny(tmp_path, "search.sampler=cmaes").search)
     with pytest.raises(SeqmixError, match=r"search has no option 'trials'.*'n_trials'"):

@@ -142,10 +142,14 @@ class SearchSettings:
         require_int("search.latency", "repeats", self.latency_repeats)
         if self.latency_length is not None:
             require_int("search.latency", "length", self.latency_length)
-        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
-            raise SeqmixError(f"search.objectives={self.objectives!r} must name each objective once, from {list(OBJECTIVES)}")
+        # Each name is checked before the set of them is taken: a list among them is unhashable.
+        if not isinstance(self.objectives, (list, tuple)) or not self.objectives:
+            raise SeqmixError(f"search.objectives={self.objectives!r} must be a list naming each objective once, "
+                              f"from {list(OBJECTIVES)}")
         for objective in self.objectives:
             require_choice("search.objectives", objective, OBJECTIVES)
+        if len(set(self.objectives)) != len(self.objectives):
+            raise SeqmixError(f"search.objectives={self.objectives!r} must name each objective once, from {list(OBJECTIVES)}")
         require_choice("search.sampler", self.sampler, SAMPLERS)
         require_choice("search.pruner", self.pruner, PRUNERS)
         # Options of no pruner would go nowhere without a word (a pruner of a multi-objective study is
