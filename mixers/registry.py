@@ -45,7 +45,7 @@ def _load_plugins() -> None:
             warnings.warn(f"seqmix: {where} could not be loaded and is skipped: {type(error).__name__}: {error}",
                           SeqmixWarning, stacklevel=2)
             continue
-        problem = _registration_problem(entry.name, cls)
+        problem = _name_problem(entry.name) or _class_problem(cls)
         if problem:
             warnings.warn(f"seqmix: {where}: {problem}; skipped", SeqmixWarning, stacklevel=2)
             continue
@@ -57,12 +57,17 @@ def _load_plugins() -> None:
         cls.registered_name = entry.name
 
 
-def _registration_problem(name, cls=Mixer) -> str | None:
-    """Why ``cls`` cannot be registered as ``name``, or None. A name is written in configs, Hydra
-    overrides (``model.mixers.<key>.mixer=<name>``) and the benchmark's ``name/impl`` entries, so it
-    is an identifier; a name of another type would also break sorting the registered names."""
+def _name_problem(name) -> str | None:
+    """Why ``name`` cannot name a mixer, or None. A name is written in configs, Hydra overrides
+    (``model.mixers.<key>.mixer=<name>``) and the benchmark's ``name/impl`` entries, so it is an
+    identifier; a name of another type would also break sorting the registered names."""
     if not (isinstance(name, str) and name.isidentifier()):
         return f"name={name!r} is not valid; expected an identifier (letters, digits and '_', not starting with a digit)"
+    return None
+
+
+def _class_problem(cls) -> str | None:
+    """Why ``cls`` cannot be registered as a mixer, or None."""
     if not (isinstance(cls, type) and issubclass(cls, Mixer)):
         return f"{cls!r} is not a seqmix.Mixer subclass"
     return None
@@ -72,12 +77,12 @@ def register_mixer(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
     """Class decorator that makes a mixer buildable as ``build_mixer(name, d_model, ...)``.
 
     The name is checked here and the class where the decorator is applied."""
-    problem = _registration_problem(name)
+    problem = _name_problem(name)
     if problem:
         raise SeqmixError(f"register_mixer: {problem}")
 
     def register(cls: type[Mixer]) -> type[Mixer]:
-        problem = _registration_problem(name, cls)
+        problem = _class_problem(cls)
         if problem:
             raise SeqmixError(f"register_mixer({name!r}): {problem}")
         if name in _MIXERS and _MIXERS[name] is not cls:
