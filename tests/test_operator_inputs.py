@@ -51,6 +51,19 @@ def build_with(cls, field: str, value):
     return cls(*required, **{field: value})
 
 
+def build_option(owner, field: str, value):
+    """The mixer registered as ``owner`` (a name) or the layer class ``owner``, built with ``field=value``."""
+    return seqmix.build_mixer(owner, 8, **{field: value}) if isinstance(owner, str) else build_with(owner, field, value)
+
+
+def assert_refused_naming(option, value) -> None:
+    """Building ``option`` (owner, field) with ``field=value`` raises a SeqmixError that names ``field=value``."""
+    owner, field = option
+    with pytest.raises(SeqmixError) as error:
+        build_option(owner, field, value)
+    assert f"{field}={value!r}" in str(error.value)
+
+
 BOOLEAN_OPTIONS = [(name, field) for name in seqmix.list_mixers() for field in boolean_parameters(seqmix.mixer_class(name))]
 BOOLEAN_LAYER_OPTIONS = [(cls, field) for cls in layer_classes() for field in boolean_parameters(cls)]
 NOT_BOOLEANS = (st.sampled_from(["false", "true", "False", "True", "no", "yes", "0", "1", "", "off"]) | st.text(max_size=6)
@@ -78,13 +91,7 @@ def test_every_mixer_and_layer_has_its_choice_options_found():
 @given(option=st.sampled_from(CHOICE_OPTIONS + CHOICE_LAYER_OPTIONS), value=NOT_NAMES)
 def test_a_choice_option_refuses_anything_but_one_of_its_names_naming_it(option, value):
     """A list or dict raised TypeError (unhashable) from the lookup instead of the option's error."""
-    owner, field = option
-    with pytest.raises(SeqmixError) as error:
-        if isinstance(owner, str):
-            seqmix.build_mixer(owner, 8, **{field: value})
-        else:
-            build_with(owner, field, value)
-    assert f"{field}={value!r}" in str(error.value)
+    assert_refused_naming(option, value)
 
 
 def test_every_mixer_and_layer_has_its_boolean_options_found():
@@ -95,13 +102,7 @@ def test_every_mixer_and_layer_has_its_boolean_options_found():
 @settings(max_examples=examples(150))
 @given(option=st.sampled_from(BOOLEAN_OPTIONS + BOOLEAN_LAYER_OPTIONS), value=NOT_BOOLEANS)
 def test_a_boolean_option_refuses_anything_but_true_or_false(option, value):
-    owner, field = option
-    with pytest.raises(SeqmixError) as error:
-        if isinstance(owner, str):
-            seqmix.build_mixer(owner, 8, **{field: value})
-        else:
-            build_with(owner, field, value)
-    assert f"{field}={value!r}" in str(error.value)
+    assert_refused_naming(option, value)
 
 
 @pytest.mark.parametrize("option", BOOLEAN_OPTIONS + BOOLEAN_LAYER_OPTIONS, ids=lambda o: f"{getattr(o[0], '__name__', o[0])}.{o[1]}")
@@ -109,7 +110,7 @@ def test_a_boolean_option_still_takes_true_and_false(option):
     owner, field = option
     for value in (True, False):
         try:
-            module = seqmix.build_mixer(owner, 8, **{field: value}) if isinstance(owner, str) else build_with(owner, field, value)
+            module = build_option(owner, field, value)
         except SeqmixError as error:
             # Some options have one valid value (the TCN and CEMA are causal only); the refusal names it.
             assert f"{field}={value!r}" in str(error)
