@@ -176,6 +176,21 @@ def test_register_mixer_refuses_a_class_that_is_not_a_mixer():
     assert "fast" not in seqmix.list_mixers()
 
 
+@pytest.mark.parametrize("options, named", [
+    ({"layers": [["ema"]]}, "model: layers[0]=['ema'] is not valid"),
+    ({"layers": [5]}, "model: layers[0]=5 is not valid"),
+    ({"layers": 5}, "model: layers=5 is not valid"),
+    ({"layers": ["ema"], "mixers": ["ema"]}, "model: mixers=['ema'] is not valid"),
+    ({"layers": ["f"], "mixers": {"f": "ema"}}, "model.mixers.f='ema' is not valid"),
+    ({"layers": ["ema"], "norm": ["layernorm"]}, "model: norm=['layernorm'] is not valid"),
+    ({"layers": ["ema"], "head": 5}, "model: head=5 is not valid"),
+], ids=["nested layer", "int layer", "int layers", "mixers list", "mixer string", "norm list", "head int"])
+def test_build_model_names_a_part_of_the_wrong_kind(options, named):
+    """Each was a TypeError or ValueError from calling or merging it ('list' object is not callable)."""
+    with pytest.raises(SeqmixError, match=re.escape(named)):
+        seqmix.build_model(vocab_size=32, d_model=16, **options)
+
+
 def test_a_model_config_names_a_registered_mixer_and_its_options():
     model = seqmix.build_model(vocab_size=32, d_model=16, layers=["fast", "ema"], mixers={"fast": {"mixer": "tcn", "depth": 2}})
     assert isinstance(model.blocks[0].mixer, seqmix.TCN) and model.blocks[0].mixer.depth == 2

@@ -317,7 +317,19 @@ def build_model(
         require_recompute("model.recompute", recompute)
     if isinstance(layers, str):
         raise SeqmixError(f"model: layers={layers!r} is a string; give a list of mixer names, e.g. layers={[layers]!r}")
+    if not isinstance(layers, Sequence):
+        raise SeqmixError(f"model: layers={layers!r} is not valid; give a list of mixer names, e.g. layers=['ema']")
+    if mixers is not None and not isinstance(mixers, Mapping):
+        raise SeqmixError(f"model: mixers={mixers!r} is not valid; expected {{name: factory or {{mixer: <registered name>, ...}}}}")
+    for name, factory in {"block": block, "ffn": ffn, "norm": norm, "head": head, "final_norm": final_norm}.items():
+        # Each is called with sizes below; only ffn and final_norm may be absent.
+        if not callable(factory) and not (factory is None and name in ("ffn", "final_norm")):
+            raise SeqmixError(f"model: {name}={factory!r} is not valid; expected a factory taking the sizes (a class or function)")
     mixers = dict(mixers or {})
+    for name, entry in mixers.items():
+        if not (callable(entry) or isinstance(entry, Mapping)):
+            raise SeqmixError(f"model.mixers.{name}={entry!r} is not valid; expected a factory taking D or "
+                              f"{{mixer: <registered name>, <option>: <value>, ...}}")
     pattern = list(layers)
     if not pattern:
         raise SeqmixError("model: layers is empty; name at least one mixer, e.g. layers=[ema]")
@@ -330,6 +342,8 @@ def build_model(
         pattern = pattern * (depth // len(pattern))
     factories = []
     for index, layer in enumerate(pattern):
+        if not (isinstance(layer, str) or callable(layer)):
+            raise SeqmixError(f"model: layers[{index}]={layer!r} is not valid; expected a mixer name or a factory taking D")
         if isinstance(layer, str):
             if layer in mixers:
                 layer = mixers[layer]
