@@ -191,6 +191,28 @@ def test_build_model_names_a_part_of_the_wrong_kind(options, named):
         seqmix.build_model(vocab_size=32, d_model=16, **options)
 
 
+def _block() -> seqmix.Block:
+    return seqmix.Block(16, seqmix.build_mixer("ema", 16))
+
+
+@pytest.mark.parametrize("build, named", [
+    (lambda: seqmix.Block(16, seqmix.build_mixer("ema", 16), norm="layernorm"), "block: norm='layernorm' is not valid"),
+    (lambda: seqmix.Block(16, seqmix.build_mixer("ema", 16), ffn="mlp"), "block: ffn must be a torch.nn.Module or None, got str"),
+    (lambda: seqmix.SequenceModel(32, 16, blocks=5, head=seqmix.CausalLMHead(16, 32)), "model: blocks=5 is not valid"),
+    (lambda: seqmix.SequenceModel(32, 16, blocks=["ema"], head=seqmix.CausalLMHead(16, 32)), "model: blocks=['ema'] is not valid"),
+    (lambda: seqmix.SequenceModel(32, 16, blocks=[_block()], head="lm"), "model: head must be a torch.nn.Module, got str"),
+    (lambda: seqmix.RMSNorm("16"), "RMSNorm: dim='16' is not valid"),
+    (lambda: seqmix.TimestepNorm(None), "TimestepNorm: dim=None is not valid"),
+    (lambda: seqmix.CausalLMHead("16", 32), "head: d_model='16' is not valid"),
+    (lambda: seqmix.CausalLMHead(16, 1), "head: vocab_size=1 is not valid"),
+], ids=["block norm", "block ffn", "blocks int", "blocks of names", "head str", "rmsnorm dim", "timestepnorm dim", "head width",
+        "head vocab"])
+def test_the_public_parts_name_an_argument_of_the_wrong_kind(build, named):
+    """Each was torch's TypeError or an AttributeError from using it ('str' object is not callable)."""
+    with pytest.raises(SeqmixError, match=re.escape(named)):
+        build()
+
+
 def test_a_model_config_names_a_registered_mixer_and_its_options():
     model = seqmix.build_model(vocab_size=32, d_model=16, layers=["fast", "ema"], mixers={"fast": {"mixer": "tcn", "depth": 2}})
     assert isinstance(model.blocks[0].mixer, seqmix.TCN) and model.blocks[0].mixer.depth == 2

@@ -106,6 +106,10 @@ class Block(nn.Module):
         require_recompute("block.recompute", recompute)
         if not isinstance(mixer, Mixer):
             raise SeqmixError(f"block: mixer must be a seqmix Mixer, got {type(mixer).__name__}")
+        if not callable(norm):
+            raise SeqmixError(f"block: norm={norm!r} is not valid; expected a factory taking D (a class or function)")
+        if ffn is not None and not isinstance(ffn, nn.Module):
+            raise SeqmixError(f"block: ffn must be a torch.nn.Module or None, got {type(ffn).__name__}")
         if mixer.d_model != d_model:
             raise SeqmixError(f"block: the mixer has d_model={mixer.d_model} but the block has d_model={d_model}")
         owns_residual = mixer.includes_residual

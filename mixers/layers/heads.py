@@ -25,6 +25,8 @@ class CausalLMHead(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int):
         super().__init__()
+        require_int("head", "d_model", d_model, meaning="D")
+        require_int("head", "vocab_size", vocab_size, 2, "V")
         self.proj = nn.Linear(d_model, vocab_size, bias=False)
 
     def forward(self, h: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -52,6 +54,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int, num_classes: int = 2, pooling: str = "mean"):
         super().__init__()
+        require_int("classification head", "d_model", d_model, meaning="D")
         require_int("classification head", "num_classes", num_classes, 2)
         require_choice("head.pooling", pooling, POOLINGS)
         self.pooling = pooling

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmix.contract import compute_dtype
-from seqmix.errors import SeqmixError, require_bool, require_choice
+from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
 
@@ -40,6 +40,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
+        require_int("RMSNorm", "dim", dim, meaning="D")
         require_bool("RMSNorm", "affine", affine)
         self.dim = dim
         self.eps = eps
@@ -64,6 +65,7 @@ class ScaleNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
+        require_int("ScaleNorm", "dim", dim, meaning="D")
         self.dim = dim
         self.eps = eps
         self.scalar = nn.Parameter(torch.ones(1))
@@ -97,6 +99,7 @@ class TimestepNorm(nn.Module):
 
     def __init__(self, dim: int, groups: int = 1, eps: float = 1e-5):
         super().__init__()
+        require_int("TimestepNorm", "dim", dim, meaning="D")
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or dim % groups:
             raise SeqmixError(
                 f"TimestepNorm: groups={groups!r} does not divide d_model={dim}; expected a positive divisor of {dim}"

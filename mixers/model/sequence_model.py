@@ -62,6 +62,12 @@ class SequenceModel(nn.Module):
         require_int("model", "max_len", max_len)
         require_bool("model", "tie_embeddings", tie_embeddings)
         require_choice("model.positions", positions, POSITIONS)
+        if not isinstance(blocks, Sequence) or not all(isinstance(block, Block) for block in blocks):
+            raise SeqmixError(f"model: blocks={blocks!r} is not valid; expected a list of seqmix.Block (build_model makes them)")
+        if not isinstance(head, nn.Module):
+            raise SeqmixError(f"model: head must be a torch.nn.Module, got {type(head).__name__}")
+        if final_norm is not None and not isinstance(final_norm, nn.Module):
+            raise SeqmixError(f"model: final_norm must be a torch.nn.Module or None, got {type(final_norm).__name__}")
         if not blocks:
             raise SeqmixError("model: layers is empty; a model needs at least one block")
         for index, block in enumerate(blocks):
