@@ -94,6 +94,35 @@ def test_a_choice_option_refuses_anything_but_one_of_its_names_naming_it(option,
     assert_refused_naming(option, value)
 
 
+# Values of every wrong kind; sizes stay small, so that an accepted value builds in a moment.
+WRONG_KINDS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), float("inf"), True]
+
+
+def test_every_constructor_argument_of_every_mixer_and_layer_builds_or_is_refused_by_name():
+    """Each parameter of each registered mixer and each layer class, given each value of WRONG_KINDS,
+    builds or raises SeqmixError; anything else (torch's TypeError, an AttributeError) is listed.
+    A sweep found FeedForward(hidden=True), gated_attention(v_dim=True, local_options='x') this way."""
+    crashes = []
+    owners = [(name, seqmix.mixer_class(name)) for name in seqmix.list_mixers()] + [(cls, cls) for cls in layer_classes()]
+    for owner, cls in owners:
+        for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+            if isinstance(owner, str) and parameter.name == "d_model":
+                continue  # build_mixer's own argument, checked in tests/test_contract.py
+            required = {p.name: 8 for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+                        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+            for value in WRONG_KINDS:
+                try:
+                    if isinstance(owner, str):
+                        seqmix.build_mixer(owner, 8, **{parameter.name: value})
+                    else:
+                        owner(**{**required, parameter.name: value})
+                except SeqmixError:
+                    pass
+                except Exception as error:  # noqa: BLE001  (collected, so that one run lists them all)
+                    crashes.append(f"{getattr(owner, '__name__', owner)}({parameter.name}={value!r}): {type(error).__name__}: {error}")
+    assert not crashes, "\n".join(crashes)
+
+
 def test_every_mixer_and_layer_has_its_boolean_options_found():
     assert ("gated_attention", "normalized") in BOOLEAN_OPTIONS and ("gated_attention", "prenorm") in BOOLEAN_OPTIONS
     assert {field for _, field in BOOLEAN_LAYER_OPTIONS} >= {"affine", "swiglu", "bias"}

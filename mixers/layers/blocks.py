@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError, choice_error, require_choice, require_bool
+from seqmix.errors import SeqmixError, choice_error, require_choice, require_bool, require_int
 from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
@@ -64,8 +64,9 @@ class FeedForward(nn.Module):
         require_bool("ffn", "swiglu", swiglu)
         require_bool("ffn", "bias", bias)
         require_choice("ffn.activation", activation, ACTIVATIONS)
+        require_int("ffn", "d_model", d_model, meaning="D")
         hidden = 4 * d_model if hidden is None else hidden
-        if not isinstance(hidden, int) or hidden < 1:
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
             raise SeqmixError(f"ffn: hidden={hidden!r} is not valid; expected a positive integer")
         self.activation = activation
         self.fc1 = nn.Linear(d_model, hidden, bias=bias)

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmix.contract import compute_dtype
+from seqmix.errors import SeqmixError, require_int
 
 
 def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
@@ -34,6 +35,7 @@ class SimpleRelativeBias(nn.Module):
 
     def __init__(self, max_positions: int):
         super().__init__()
+        require_int("SimpleRelativeBias", "max_positions", max_positions, meaning="M")
         self.max_positions = max_positions
         self.weight = nn.Parameter(torch.empty(2 * max_positions - 1).normal_(0.0, 0.02))
 
@@ -53,6 +55,9 @@ class RotaryRelativeBias(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
+        require_int("RotaryRelativeBias", "dim", dim, 2, "even: the rotation pairs its entries")
+        if dim % 2:
+            raise SeqmixError(f"RotaryRelativeBias: dim={dim} is not valid; expected an even integer >= 2 (the rotation pairs its entries)")
         self.a = nn.Parameter(torch.empty(dim).normal_(0.0, 0.02))
         self.b = nn.Parameter(torch.empty(dim).normal_(0.0, 0.02))
 

@@ -28,7 +28,7 @@ across chunks. Streaming keeps only the current chunk's keys and values (a cache
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -62,6 +62,9 @@ def laplace(x: Tensor) -> Tensor:
 
 def _resolve_local(local, local_options: dict | None, d_model: int, causal: bool) -> Mixer:
     """Build the local mixer from a registered name, a factory taking d_model, or a module."""
+    if local_options is not None and not isinstance(local_options, Mapping):
+        raise SeqmixError(f"gated_attention: local_options={local_options!r} is not valid; expected {{option: value}} "
+                          "for the local mixer, or None")
     if isinstance(local, Mixer):
         mixer = local
     elif isinstance(local, str):
@@ -138,7 +141,7 @@ class GatedAttention(Mixer):
         require_int("gated_attention", "max_len", max_len, meaning="longest full-attention sequence")
         require_int("gated_attention", "heads", heads, meaning="H, dividing z_dim and v_dim")
         for field, value in (("z_dim", z_dim), ("v_dim", v_dim)):
-            if not isinstance(value, int) or value < 1 or value % heads:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % heads:
                 raise SeqmixError(f"gated_attention: {field}={value!r} must be a positive multiple of heads={heads}")
         if normalized and attention != "softmax":
             raise SeqmixError(f"gated_attention: normalized=True uses softmax attention, got attention={attention!r}")
