@@ -89,6 +89,15 @@ def traceable_reshape(t: Tensor, *shape) -> Tensor:
     return traceable_contiguous(t).view(*shape)
 
 
+def check_state_request(owner: str, batch_size, device, dtype):
+    """Raise unless ``init_state``'s arguments are a positive batch size, a device this machine has
+    (or None) and a floating torch.dtype (or None); returns the device as a ``torch.device`` or None."""
+    require_int(owner, "batch_size", batch_size, meaning="B, the number of streams")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SeqmixError(f"{owner}: dtype={dtype!r} is not valid; expected a floating torch.dtype or None (the parameters')")
+    return None if device is None else require_available_device(f"{owner}: device", device)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype recurrences and statistics run in: float32 at least, float64 kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -270,11 +279,7 @@ class Mixer(nn.Module):
         name = type(self).__name__
         if not self.causal:
             raise SeqmixError(f"{name} was built with causal=False and has no streaming state")
-        require_int(name, "batch_size", batch_size, meaning="B, the number of streams")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise SeqmixError(f"{name}: dtype={dtype!r} is not valid; expected a floating torch.dtype or None (the parameters')")
-        if device is not None:
-            device = require_available_device(f"{name}: device", device)
+        device = check_state_request(name, batch_size, device, dtype)
         return self.empty_state(batch_size, device, dtype)
 
     @property

@@ -222,3 +222,43 @@ def test_run_pte_names_a_wrong_input(make_inputs, message, pte_step):
         et.run_pte(path, *inputs, vocab_size=model.vocab_size)
     with pytest.raises(SeqmixError, match=message):
         et.pte_runner(path, vocab_size=model.vocab_size)(*inputs)
+
+
+# Values of every wrong kind for a model's arguments: plain Python values and tensors of the wrong
+# rank, dtype or range.
+WRONG_ARGUMENTS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), True, torch.tensor(1.0),
+                   torch.ones(2, 3), torch.ones(2, 5, dtype=torch.int64) * 999, torch.ones(2, 5, 16)]
+
+
+@pytest.mark.parametrize("preset", ["mega", "megalodon", "transformer", "mega_encoder"])
+def test_every_argument_of_a_models_calls_is_refused_by_name_whatever_its_kind(preset):
+    """forward (tokens, padding mask, output index), init_state, step and generate, each given every
+    value of WRONG_ARGUMENTS, work (None where it means the default, say) or raise SeqmixError;
+    anything else is listed. A sweep found output_index
+    (torch's index_select errors), generate's generator (multinomial's TypeError) and init_state of
+    a model with a TimestepNorm (zeros' TypeError) this way."""
+    from seqmix.model.generation import generate
+
+    model = tiny_preset(preset).eval()
+    tokens = torch.ones(2, 5, dtype=torch.int64)
+    calls = {"forward(tokens)": lambda v: model(v), "forward(padding_mask)": lambda v: model(tokens, v),
+             "forward(output_index)": lambda v: model(tokens, None, v)}
+    if model.causal:
+        calls.update({
+            "init_state(batch_size)": lambda v: model.init_state(v), "init_state(dtype)": lambda v: model.init_state(2, dtype=v),
+            "step(state)": lambda v: model.step(tokens, v), "step(tokens)": lambda v: model.step(v, model.init_state(2)),
+            "generate(max_new_tokens)": lambda v: generate(model, tokens, v), "generate(prompt)": lambda v: generate(model, v, 2),
+            "generate(temperature)": lambda v: generate(model, tokens, 2, temperature=v),
+            "generate(top_k)": lambda v: generate(model, tokens, 2, top_k=v),
+            "generate(generator)": lambda v: generate(model, tokens, 2, generator=v),
+        })
+    crashes = []
+    for name, call in calls.items():
+        for value in WRONG_ARGUMENTS:
+            try:
+                call(value)
+            except SeqmixError:
+                pass
+            except Exception as error:  # noqa: BLE001  (collected, so that one run lists them all)
+                crashes.append(f"{name}={value!r}: {type(error).__name__}: {error}")
+    assert not crashes, "\n".join(crashes)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from seqmix.contract import compute_dtype
+from seqmix.contract import check_state_request, compute_dtype
 from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
@@ -112,7 +112,7 @@ class TimestepNorm(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> TimestepNormState:
         """Zero statistics, (B, G) each; device and dtype default to the parameters'."""
-        device = self.weight.device if device is None else device
+        device = check_state_request("TimestepNorm", batch_size, device, dtype) or self.weight.device
         dtype = compute_dtype(self.weight.dtype if dtype is None else dtype)
         zeros = torch.zeros(batch_size, self.groups, device=device, dtype=dtype)
         return TimestepNormState(zeros, zeros.clone(), zeros.clone())

@@ -44,6 +44,8 @@ def stream_tokens(
         raise SeqmixError(f"generate: temperature={temperature!r} must be a finite number >= 0")
     if top_k is not None:
         require_int("generate", "top_k", top_k, 1, "or None for no cut-off")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise SeqmixError(f"generate: generator={generator!r} is not valid; expected a torch.Generator or None")
     limit = getattr(model, "token_limit", None)
     # The prompt and every sampled token but the last go through the model.
     if limit is not None and prompt.shape[1] + max_new_tokens - 1 > limit:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError, require_choice, require_available_device, require_bool, require_int
+from seqmix.contract import Mixer, State, check_state_request
+from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
 from seqmix.layers.blocks import Block, Recompute, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
@@ -137,6 +137,22 @@ class SequenceModel(nn.Module):
                                   f"got ids from {int(low)} to {int(high)}")
         self._check_positions(tokens.shape[1])
 
+    def _check_output_index(self, output_index: Tensor, tokens: Tensor) -> None:
+        """Reject an ``output_index`` that is not (N,) integer flat positions of ``tokens`` on its device."""
+        if not getattr(self.head, "per_token", False):
+            raise SeqmixError("model: output_index selects token positions; the classification head has none")
+        if not isinstance(output_index, Tensor) or output_index.dim() != 1 or output_index.dtype not in (torch.int32, torch.int64):
+            got = f"{tuple(output_index.shape)} {output_index.dtype}" if isinstance(output_index, Tensor) else type(output_index).__name__
+            raise SeqmixError(f"model: output_index must be an (N,) integer tensor of flat positions b * L + t, got {got}")
+        if output_index.device != tokens.device:
+            raise SeqmixError(f"model: output_index is on {output_index.device} but tokens are on {tokens.device}")
+        # The values, as for the token ids: eager calls only.
+        if output_index.numel() and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(output_index)
+            if not bool((low >= 0) & (high < tokens.numel())):
+                raise SeqmixError(f"model: output_index must lie in [0, B * L = {tokens.numel()}), "
+                                  f"got positions from {int(low)} to {int(high)}")
+
     def _check_positions(self, length: int, start: int = 0) -> None:
         """Raise when ``length`` tokens after ``start`` run past the learned positions."""
         if self.pos_embed is not None and start + length > self.max_len:
@@ -157,8 +173,8 @@ class SequenceModel(nn.Module):
         index rather than a mask keeps the shape of the selection out of compiled graphs.
         """
         self._check_tokens(tokens)
-        if output_index is not None and not getattr(self.head, "per_token", False):
-            raise SeqmixError("model: output_index selects token positions; the classification head has none")
+        if output_index is not None:
+            self._check_output_index(output_index, tokens)
         h = self._embed(tokens, torch.arange(tokens.shape[1], device=tokens.device))
         for block in self.blocks:
             h = block(h, padding_mask)
@@ -174,7 +190,7 @@ class SequenceModel(nn.Module):
         """The state before any token, for streaming with ``step``."""
         if not self.causal:
             raise SeqmixError("model: a model with bidirectional layers cannot stream; it has no state")
-        device = self.embed.weight.device if device is None else require_available_device("model: device", device)
+        device = check_state_request("model", batch_size, device, dtype) or self.embed.weight.device
         norm_state = self.final_norm.init_state(batch_size, device, dtype) if isinstance(self.final_norm, TimestepNorm) else ()
         return ModelState(
             blocks=tuple(block.init_state(batch_size, device, dtype) for block in self.blocks),
