@@ -112,7 +112,12 @@ class TimestepNorm(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> TimestepNormState:
         """Zero statistics, (B, G) each; device and dtype default to the parameters'."""
-        device = check_state_request("TimestepNorm", batch_size, device, dtype) or self.weight.device
+        return self.zero_state(batch_size, check_state_request("TimestepNorm", batch_size, device, dtype), dtype)
+
+    def zero_state(self, batch_size, device=None, dtype=None) -> TimestepNormState:
+        """``init_state`` without its checks, for ``forward`` and the layers that hold this norm: their
+        own checks ran already, and inside a traced call the batch size is symbolic."""
+        device = self.weight.device if device is None else device
         dtype = compute_dtype(self.weight.dtype if dtype is None else dtype)
         zeros = torch.zeros(batch_size, self.groups, device=device, dtype=dtype)
         return TimestepNormState(zeros, zeros.clone(), zeros.clone())
@@ -127,7 +132,7 @@ class TimestepNorm(nn.Module):
             (B, L, D), 0 at padded steps.
         """
         self._check(x, padding_mask)
-        y, _ = self.normalize(x, padding_mask, self.init_state(x.shape[0], x.device, x.dtype))
+        y, _ = self.normalize(x, padding_mask, self.zero_state(x.shape[0], x.device, x.dtype))
         return y
 
     def step(self, x: Tensor, state: TimestepNormState) -> tuple[Tensor, TimestepNormState]:

@@ -191,7 +191,7 @@ class SequenceModel(nn.Module):
         if not self.causal:
             raise SeqmixError("model: a model with bidirectional layers cannot stream; it has no state")
         device = check_state_request("model", batch_size, device, dtype) or self.embed.weight.device
-        norm_state = self.final_norm.init_state(batch_size, device, dtype) if isinstance(self.final_norm, TimestepNorm) else ()
+        norm_state = self.final_norm.zero_state(batch_size, device, dtype) if isinstance(self.final_norm, TimestepNorm) else ()
         return ModelState(
             blocks=tuple(block.init_state(batch_size, device, dtype) for block in self.blocks),
             final_norm=norm_state,

@@ -397,5 +397,5 @@ class GatedAttention(Mixer):
         capacity = self.chunk_size if self.chunk_size is not None else self.max_len
         heads = self.heads
         kv = kv_cache.empty_kv(batch_size, heads, capacity, self.z_dim // heads, self.v_dim // heads, device, dtype)
-        norm_state = self.timestep_norm.init_state(batch_size, device, dtype) if self.normalized else ()
+        norm_state = self.timestep_norm.zero_state(batch_size, device, dtype) if self.normalized else ()
         return GatedAttentionState(self.local.empty_state(batch_size, device, dtype), norm_state, kv)
