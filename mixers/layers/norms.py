@@ -220,5 +220,5 @@ class TimestepNorm(nn.Module):
 def build_norm(name: str, dim: int, **options) -> nn.Module:
     """Build the norm called ``name`` (one of ``NORMS``) for width ``dim``."""
     classes = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "scalenorm": ScaleNorm, "timestepnorm": TimestepNorm}
-    require_choice("norm", name, classes)
+    require_choice("norm", name, NORMS)
     return classes[name](dim, **options)
