@@ -1,8 +1,10 @@
 """Models composed from presets: streaming, save/load, build-time validation, size, the describe tool."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,45 @@ def test_load_refuses_targets_outside_the_project(tmp_path):
     with pytest.raises(SeqmixError, match="os.system.*not a part seqmix builds"):
         seqmix.load_model(tmp_path)
     assert not marker.exists()
+
+
+def test_load_refuses_yaml_anchors_before_expanding_them(tmp_path):
+    model = build("model=ema_conv")
+    seqmix.save_model(model, tmp_path)
+    config = (tmp_path / "config.yaml").read_text()
+    # "Billion laughs": each line repeats the one before nine times; 40 lines of anchors would expand
+    # to 9**40 items. A hostile author rewrites the checksums too.
+    bomb = ["laughs0: &laughs0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    bomb += [f"laughs{i}: &laughs{i} [{', '.join([f'*laughs{i - 1}'] * 9)}]" for i in range(1, 40)]
+    (tmp_path / "config.yaml").write_text(config + "\n".join(bomb) + "\n")
+    write_checksums(tmp_path)
+    started = time.perf_counter()
+    with pytest.raises(SeqmixError, match=r"config.yaml uses a YAML anchor or alias \(line \d+\)"):
+        seqmix.load_model(tmp_path)
+    assert time.perf_counter() - started < 10
+    # One harmless alias is refused as well: seqmix never writes one.
+    (tmp_path / "config.yaml").write_text(config.replace("ffn:", "extra: &width 8\nffn:", 1))
+    write_checksums(tmp_path)
+    with pytest.raises(SeqmixError, match="YAML anchor or alias"):
+        seqmix.load_model(tmp_path)
+
+
+def test_the_latest_pointer_of_a_run_names_a_checkpoint_inside_it(tmp_path):
+    run, outside = tmp_path / "run", tmp_path / "step-00000003"
+    seqmix.save_model(build("model=ema_conv"), outside)
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("../../step-00000003", str(outside), "./../../step-00000003"):
+        (run / "checkpoints" / "latest").write_text(json.dumps({"checkpoint": name}))
+        with pytest.raises(SeqmixError, match="not a checkpoint directory in .*paths and symbolic links are refused"):
+            seqmix.load_model(run)
+
+
+def test_loaders_refuse_the_meta_device_by_name(tmp_path):
+    seqmix.save_model(build("model=ema_conv"), tmp_path)
+    # It read as if the file were broken: "model.safetensors is not a readable safetensors file".
+    for loader, name in ((seqmix.load_model, "load_model"), (seqmix.from_pretrained, "from_pretrained")):
+        with pytest.raises(SeqmixError, match=f"{name}: device='meta' holds no values"):
+            loader(tmp_path, device="meta")
 
 
 def test_loaders_and_init_state_name_a_device_this_machine_lacks_and_take_a_torch_device(tmp_path):

@@ -18,6 +18,7 @@ So a config asking for a huge model is refused before anything is allocated.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -89,10 +90,36 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def read_description(path: Path) -> dict:
-    """The canonical model description in a ``config.yaml`` (any version's form); unreadable files are refused by name."""
+def refuse_yaml_aliases(path: Path, text: str) -> None:
+    """Raise unless the YAML ``text`` (read from ``path``) is free of anchors and aliases.
+
+    A loader expands every alias into a copy of what its anchor names, so a few hundred bytes of
+    anchors that each repeat the one before ("billion laughs") expand without end; seqmix writes
+    none, so a file someone else wrote is refused on the first one, from the parser's events,
+    which cost no more than the text's length.
+    """
+    import yaml
+
     try:
-        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise SeqmixError(f"{path} uses a YAML anchor or alias (line {line}), which seqmix does not read: "
+                                  "a config it wrote spells every value out")
+    except yaml.YAMLError as error:
+        raise SeqmixError(f"{path} is not a readable YAML config ({one_line(error)})") from None
+
+
+def read_description(path: Path) -> dict:
+    """The canonical model description in a ``config.yaml`` (any version's form); unreadable files,
+    and YAML anchors and aliases (``refuse_yaml_aliases``), are refused by name."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SeqmixError(f"{path} is not a readable YAML config ({one_line(error)})") from None
+    refuse_yaml_aliases(path, text)
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(io.StringIO(text)), resolve=False)
     except Exception as error:
         raise SeqmixError(f"{path} is not a readable YAML config ({one_line(error)})") from None
     try:
@@ -127,11 +154,13 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         name = parse_json(pointer.read_text())["checkpoint"]
     except (ValueError, KeyError, TypeError):
         raise SeqmixError(f"{pointer} is corrupted; it should name the newest checkpoint in {pointer.parent}") from None
+    # A name, not a path: "../../step-00000003" would reach a checkpoint outside the run.
+    is_name = isinstance(name, str) and "/" not in name and "\\" not in name and os.sep not in name
     checkpoint = pointer.parent / str(name)
-    if not isinstance(name, str) or not is_checkpoint_directory(checkpoint):
+    if not is_name or not is_checkpoint_directory(checkpoint):
         raise SeqmixError(
             f"{pointer} names {name!r}, which is not a checkpoint directory in {pointer.parent} "
-            "(checkpoints are real directories named step-NNNNNNNN; symbolic links are refused)"
+            "(checkpoints are real directories named step-NNNNNNNN in that folder; paths and symbolic links are refused)"
         )
     return checkpoint
 
@@ -163,6 +192,9 @@ def load_verified(directory: Path, config_name: str, read_config, device: str, a
     the function that failed and the one that writes such directories, for the error messages."""
     # A string: safetensors takes no torch.device.
     device = str(require_available_device(f"{caller}: device", device))
+    if device == "meta":
+        raise SeqmixError(f"{caller}: device='meta' holds no values, so no weights can be loaded onto it; load onto "
+                          "'cpu' or a GPU (seqmix.instantiate_model(config, device='meta') builds a model without memory)")
     for name in (config_name, WEIGHTS):
         if not (directory / name).is_file():
             raise SeqmixError(f"{caller}: {directory / name} {not_a_file(directory / name)}; expected a directory written by {writer}")
