@@ -248,7 +248,9 @@ def compare_variant(reference: Path, variant: Path, task, length: int, metric: s
     ``speedup`` is the ratio of the median latencies at (1, length), float32 / variant, their calls
     interleaved; ``fp32_latency`` and ``variant_latency`` hold each side's Timing (median, fastest,
     slowest, runs). The metric is measured on the task's evaluation batches padded to ``length_unit``.
+    ``length`` is taken down to whole units (at least one), the only lengths the graph takes.
     """
+    length = max(length_unit, length // length_unit * length_unit)
     tokens = np.random.default_rng(0).integers(0, task.vocab_size, size=(1, length)).astype(np.int64)
     feed = {"tokens": tokens, "padding_mask": np.zeros(tokens.shape, dtype=bool)}
     fp32, small = session(reference), session(variant)
