@@ -43,7 +43,11 @@ ENGINE_MAX_BATCH = 8
 class IncompleteExport(SeqmixError):
     """An export that wrote usable artifacts but could not finish (a TensorRT export without
     TensorRT or a GPU keeps its ONNX graphs and operator check): ``export_model`` still puts the
-    directory, with ``manifest``, in place, then raises this error."""
+    directory, with ``manifest``, in place, then raises this error, naming what it kept. The
+    ``seqmix`` command exits with ``exit_status``: the run failed part-way, after work that was
+    kept, which is not the bad input that status 2 says was refused before any work."""
+
+    exit_status = 1
 
     def __init__(self, message: str, manifest: dict):
         super().__init__(message)
@@ -205,7 +209,8 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
             manifest[COMPANIONS[name]] = name
         manifest = write_manifest(staging, manifest)
     if incomplete is not None:
-        raise incomplete
+        kept = ", ".join(sorted(path.name for path in Path(out_dir).iterdir()))
+        raise IncompleteExport(f"{incomplete}; what was exported before it is kept in {out_dir}: {kept}", manifest)
     return manifest
 
 

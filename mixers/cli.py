@@ -805,11 +805,12 @@ def _print_error(command: str, text: str) -> None:
 
 
 def _told_failure(command: str, error: BaseException) -> int:
-    """Tell ``error`` in one line and return the exit status: 2 for a SeqmixError (bad input), 1 for
+    """Tell ``error`` in one line and return the exit status: 2 for a SeqmixError (bad input), or the
+    ``exit_status`` it carries (1 for one raised after work it kept, such as a partial export), 1 for
     memory running out (the machine's limit); re-raise anything else, a bug whose traceback is wanted."""
     if isinstance(error, SeqmixError):
         _print_error(command, str(error))
-        return 2
+        return getattr(error, "exit_status", 2)
     reason = _out_of_memory_text(error)
     if reason is None:
         raise error
