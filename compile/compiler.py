@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map_only
 
 from seqmix import SeqmixError
 from seqmix.contract import switch_impls
-from seqmix.errors import is_choice, require_module
+from seqmix.errors import is_choice, require_bool, require_module
 
 BACKENDS = ("inductor", "aot_eager", "eager", "tensorrt")
 TENSORRT_INSTALL = "pip install torch-tensorrt (needs an NVIDIA GPU and the torch version it pins)"
@@ -163,22 +163,27 @@ def compile_model(
         raise SeqmixError(f"compile_model: backend={backend!r} is not valid; expected one of {list(BACKENDS)}")
     if mode is not None and backend != "inductor":
         raise SeqmixError(f"compile_model: mode={mode!r} applies to backend='inductor' only, got backend={backend!r}")
+    if dynamic is not None:
+        require_bool("compile_model", "dynamic", dynamic)
+    require_bool("compile_model", "fullgraph", fullgraph)
+    require_bool("compile_model", "switch_paths", switch_paths)
+    modes = torch._inductor.list_mode_options()
+    if mode is not None and not is_choice(mode, modes):
+        raise SeqmixError(f"compile_model: mode={mode!r} is not valid; expected one of {list(modes)}")
+    if backend == "tensorrt":
+        _require_tensorrt(model)
+    # Every argument is checked before the model's paths change: a refused call leaves it as it was.
     options: dict[str, Any] = {"backend": backend, "dynamic": dynamic, "fullgraph": fullgraph}
     call_config: dict[str, Any] = {}
     if backend == "inductor":
         if switch_paths:
             switch_impls(model, "inductor")
-        modes = torch._inductor.list_mode_options()
-        if mode is not None and not is_choice(mode, modes):
-            raise SeqmixError(f"compile_model: mode={mode!r} is not valid; expected one of {list(modes)}")
         # torch.compile takes a mode or options, never both: spell the mode out as its options.
         options["options"] = {
             **torch._inductor.list_mode_options(mode or "default", dynamic),
             "post_grad_custom_pre_pass": AlignScanCarries(),
         }
         call_config["capture_scalar_outputs"] = True
-    elif backend == "tensorrt":
-        _require_tensorrt(model)
     return CompiledModel(model, functools.partial(torch.compile, **options), call_config)
 
 

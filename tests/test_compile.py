@@ -228,6 +228,26 @@ def test_mode_is_for_inductor_only_and_must_exist():
         compile_model(model, mode=["default"])
 
 
+def test_a_refused_compile_leaves_the_models_paths_as_they_were():
+    """mode='bogus' was refused after the mixers had been switched to their Inductor paths, and the
+    boolean options took any value: 'no' meant yes, and dynamic='yes' was torch's AssertionError."""
+    from seqmix.contract import Mixer, switch_impls
+
+    def mixer_impls(model):
+        return {name: module.impl for name, module in model.named_modules() if isinstance(module, Mixer)}
+
+    model = build("tcnca", depth=1)
+    before = mixer_impls(model)
+    assert before != switch_impls(build("tcnca", depth=1), "inductor")
+    for options, message in [({"mode": "bogus"}, "mode='bogus' is not valid"),
+                             ({"dynamic": "yes"}, "dynamic='yes' is not valid; expected True or False"),
+                             ({"fullgraph": "no"}, "fullgraph='no' is not valid"),
+                             ({"switch_paths": 0}, "switch_paths=0 is not valid")]:
+        with pytest.raises(SeqmixError, match=f"compile_model: {message}"):
+            compile_model(model, **options)
+        assert mixer_impls(model) == before
+
+
 def test_compile_model_names_a_model_that_is_not_a_module():
     """A string was an AttributeError ('str' object has no attribute 'named_modules')."""
     with pytest.raises(SeqmixError, match="compile_model: model must be a torch.nn.Module .*got a str"):
