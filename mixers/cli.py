@@ -546,6 +546,10 @@ def run_search(config: DictConfig, choices: dict) -> int:
         print(f"note: {escape_controls(note)}")
     for path in outcome.files:
         print(f"wrote {path}")
+    if not any(trial.state == optuna.trial.TrialState.COMPLETE for trial in outcome.study.get_trials(deepcopy=False)):
+        # A search whose every trial failed found nothing: a failed run, whatever it wrote.
+        _print_error("search", f"no trial of study {settings.study_name!r} completed; the lines 'trial N: ...: failed: ...' above say why")
+        return 1
     return 0
 
 

@@ -211,6 +211,18 @@ def test_claims_of_racing_and_dying_workers_fill_exactly_n_trials_places_and_run
         assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in group) == 1
 
 
+def test_a_search_whose_every_trial_failed_exits_1(tmp_path):
+    """It exited 0 after "no completed trial": a width no attention head count divides fails every
+    trial where the model is built, which a script running the search could not tell from success."""
+    search = subprocess.run(
+        [*SEQMIX, "search", "search=tiny", f"search.out_dir={tmp_path}", "search.n_trials=1", "search.objectives=[metric]",
+         "search.space.d_model=[7]", "search.space.mixers=[softmax_attention]"],
+        capture_output=True, text=True, env=ENV, timeout=600)
+    assert search.returncode == 1, search.stderr[-2000:]
+    assert "trial 0: " in search.stdout and ": failed: SeqmixError:" in search.stdout
+    assert "seqmix search: error: no trial of study 'tiny' completed" in search.stderr
+
+
 def test_space_sets_mixer_options_on_the_base_preset():
     base = OmegaConf.to_container(compose_config(["model=mega"]).model, resolve=True)
     space = SearchSpace.from_config({"repeats": [1, 2], "chunk_size": [16, 32], "ema_order": [4, 8], "tcn_kernel": [2, 3]})
@@ -282,6 +294,28 @@ def test_pruning_is_used_for_one_objective_only_and_options_of_no_pruner_are_ref
     # Options given with search.pruner=none went nowhere without a word.
     with pytest.raises(SeqmixError, match=r"search.pruner_options=\{'n_warmup_steps': 2\} would not be used: search.pruner=none"):
         SearchSettings.from_config(tiny(tmp_path, "++search.pruner_options={n_warmup_steps: 2}").search)
+    assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["search.seed=-1"], r"search: seed=-1 is not valid; expected an integer >= 0"),
+    (["search.seed=1.5"], r"search: seed=1.5 is not valid"),
+    (["+search.sampler_options.bogus=1"], r"search.sampler_options=\{'bogus': 1\} do not fit search.sampler=tpe"),
+    (["search.objectives=[metric]", "search.pruner=median", "+search.pruner_options.bogus=1"],
+     r"search.pruner_options=\{'bogus': 1\} do not fit search.pruner=median"),
+    # Unused by a study of two objectives, but refused all the same.
+    (["search.pruner=median", "+search.pruner_options.bogus=1"], r"search.pruner_options=\{'bogus': 1\} do not fit"),
+    # A trial to queue: a name outside the space was ignored, a choice outside it failed the trial.
+    (["search.enqueue=[{bogus: 7}]"], r"search.enqueue\[0\]: 'bogus' is no parameter of this search's trials; they have \['layer_<i>'"),
+    (["search.enqueue=[{d_model: 16}, {d_model: 7}]"], r"search.enqueue\[1\]: d_model=7 is not one of search.space.d_model=\[16, 32\]"),
+    (["search.enqueue=[{layer_0: lstm}]"], r"search.enqueue\[0\]: layer_0='lstm' is not one of search.space.mixers"),
+    (["search.enqueue=[{lr: fast}]"], r"search.enqueue\[0\]: lr='fast' is not valid; search.space.lr is a range of numbers"),
+])
+def test_sampler_and_pruner_settings_are_refused_before_the_study_is_stored(tmp_path, overrides, message):
+    """The study's SQLite file was created before a bad seed or option was refused, and the seed's error
+    said the new file could not be read as a study."""
+    with pytest.raises(SeqmixError, match=message):
+        SearchSettings.from_config(tiny(tmp_path / "search", *overrides).search)
     assert not (tmp_path / "search").exists()
 
 

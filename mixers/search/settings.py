@@ -166,6 +166,15 @@ class SearchSettings:
             )
         if not isinstance(self.enqueue, list) or not all(isinstance(params, dict) for params in self.enqueue):
             raise SeqmixError(f"search.enqueue={self.enqueue!r} must be a list of {{parameter: value}} trials to run first")
+        for index, params in enumerate(self.enqueue):
+            self.space.check_trial(params, f"search.enqueue[{index}]")
+        if self.seed is not None:
+            require_int("search", "seed", self.seed, 0, "seeds the sampler; null for an unseeded one")
+        # Built once here, so that their options are refused before the storage is created (a
+        # pruner's too where this study would not use it: a sweep may run it with one objective).
+        make_sampler(self)
+        if self.pruner != "none":
+            _configured_pruner(self)
 
     @property
     def measures_latency(self) -> bool:
@@ -210,6 +219,11 @@ def make_pruner(settings: SearchSettings) -> optuna.pruners.BasePruner:
     """The configured pruner when the study has one objective; never pruning otherwise."""
     if not settings.prunes:
         return optuna.pruners.NopPruner()
+    return _configured_pruner(settings)
+
+
+def _configured_pruner(settings: SearchSettings) -> optuna.pruners.BasePruner:
+    """search.pruner (not ``none``) built with search.pruner_options; a SeqmixError naming options it does not take."""
     cls = {
         "median": optuna.pruners.MedianPruner,
         "hyperband": optuna.pruners.HyperbandPruner,

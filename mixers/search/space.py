@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqmix.configs import CONF_DIR, compose_config
 from seqmix.contract import Mixer
-from seqmix.errors import SeqmixError, require_choice, require_int
+from seqmix.errors import SeqmixError, is_choice, require_choice, require_int
 from seqmix.model.description import part_defaults
 from seqmix.registry import list_mixers, mixer_class
 
@@ -187,6 +188,23 @@ class SearchSpace:
         config.update(d_model=d_model, layers=pattern, depth=len(pattern) * repeats, mixers=mixers)
         lr = self.dimensions["lr"].suggest(trial, "lr") if "lr" in self.dimensions else None
         return Candidate(config, pattern, repeats, d_model, lr)
+
+    def check_trial(self, params: dict, where: str) -> None:
+        """Raise unless ``params`` (a trial to queue) names only parameters a trial of this space asks
+        for (``layer_<i>`` for each slot's mixer, then the entries but ``mixers``) and gives each a
+        value it can take: one of a list's choices, a number for a range (outside it, Optuna uses
+        the value as given). Checked before the study is stored: a name outside the space was
+        ignored without a word, and a choice outside it failed the trial."""
+        for name, value in params.items():
+            key = "mixers" if isinstance(name, str) and re.fullmatch(r"layer_\d+", name) else name
+            if key not in self.dimensions or key == name == "mixers":
+                names = ["layer_<i>" if entry == "mixers" else entry for entry in self.dimensions]
+                raise SeqmixError(f"{where}: {name!r} is no parameter of this search's trials; they have {names}")
+            dimension = self.dimensions[key]
+            if dimension.choices is not None and not is_choice(value, dimension.choices):
+                raise SeqmixError(f"{where}: {name}={value!r} is not one of search.space.{key}={list(dimension.choices)}")
+            if dimension.choices is None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise SeqmixError(f"{where}: {name}={value!r} is not valid; search.space.{key} is a range of numbers")
 
     def description(self) -> dict[str, dict]:
         """Every entry's ``Dimension.description``, as a study stores it to compare a later search's space with."""
