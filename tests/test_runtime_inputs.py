@@ -251,6 +251,7 @@ def test_every_argument_of_a_models_calls_is_refused_by_name_whatever_its_kind(p
             "generate(temperature)": lambda v: generate(model, tokens, 2, temperature=v),
             "generate(top_k)": lambda v: generate(model, tokens, 2, top_k=v),
             "generate(generator)": lambda v: generate(model, tokens, 2, generator=v),
+            "generate(model)": lambda v: generate(v, tokens, 2),
         })
     crashes = []
     for name, call in calls.items():
@@ -262,3 +263,20 @@ def test_every_argument_of_a_models_calls_is_refused_by_name_whatever_its_kind(p
             except Exception as error:  # noqa: BLE001  (collected, so that one run lists them all)
                 crashes.append(f"{name}={value!r}: {type(error).__name__}: {error}")
     assert not crashes, "\n".join(crashes)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-320, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax_as_zero_does(temperature):
+    """Logits over 1e-45 overflowed to inf, and inf - inf to NaN: torch.multinomial's "probability
+    tensor contains either inf, nan or element < 0", and NumPy's in the exported runner."""
+    from seqmix.export.run_onnx import sample
+    from seqmix.model.generation import generate
+
+    model = tiny_preset("mega").eval()
+    prompt = torch.randint(0, model.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    greedy = generate(model, prompt, 4, temperature=0)
+    assert torch.equal(generate(model, prompt, 4, temperature=temperature, generator=torch.Generator().manual_seed(1)), greedy)
+    assert torch.equal(generate(model, prompt, 4, temperature=temperature, top_k=3), greedy)
+    logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    assert sample(logits, temperature, None, np.random.default_rng(1)) == int(logits.argmax())
+    assert sample(logits, temperature, 5, np.random.default_rng(1)) == int(logits.argmax())

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_module
 
 
 def stream_tokens(
@@ -34,6 +34,7 @@ def stream_tokens(
     Returns:
         an iterator of (B,) token ids.
     """
+    require_module("generate: model", model)
     if not isinstance(prompt, Tensor):
         raise SeqmixError(f"generate: the prompt must be a (B, P) tensor of token ids, got a {type(prompt).__name__}")
     if prompt.dim() != 2 or prompt.shape[1] < 1:
@@ -65,11 +66,14 @@ def _sampled_tokens(model, prompt: Tensor, max_new_tokens: int, temperature: flo
     state = model.init_state(prompt.shape[0])
     logits, state = model.step(prompt, state)
     for index in range(max_new_tokens):
-        last = logits[:, -1].float()
+        last = logits[:, -1].double()
         if temperature == 0:
             token = last.argmax(-1)
         else:
-            last = last / temperature
+            # Shifted so that the largest is 0 before the division: a temperature so small that a
+            # logit over it overflows (1e-45) gave inf - inf = NaN, and torch.multinomial's error;
+            # this way the others go to -inf and the sample is the argmax, the limit it tends to.
+            last = (last - last.max(dim=-1, keepdim=True).values) / temperature
             if top_k is not None:
                 kth = torch.topk(last, min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
                 last = last.masked_fill(last < kth, float("-inf"))
