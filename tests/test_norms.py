@@ -170,3 +170,18 @@ def test_build_norm_and_errors():
         norm(torch.randn(2, 5, 6))
     with pytest.raises(SeqmixError, match="state"):
         norm.step(torch.randn(2, 1, 8), norm.init_state(3))
+
+
+@pytest.mark.parametrize("name", NORMS)
+@pytest.mark.parametrize("eps", [-1.0, 0, float("nan"), float("inf"), "a", None, True])
+def test_every_norm_refuses_an_eps_that_is_no_positive_number(name, eps):
+    """A negative or NaN eps gave NaN outputs without a word; a string torch's TypeError at the first forward."""
+    with pytest.raises(SeqmixError, match=f"eps={eps!r} is not valid; expected a finite number > 0"):
+        build_norm(name, 8, eps=eps)
+
+
+@pytest.mark.parametrize("dim", [0, -1, 8.0, "8", None])
+def test_layernorm_names_a_width_that_is_no_positive_integer(dim):
+    """torch took 0, and raised its own RuntimeError or TypeError for the others."""
+    with pytest.raises(SeqmixError, match=f"LayerNorm: dim={dim!r} is not valid; expected an integer >= 1"):
+        build_norm("layernorm", dim)

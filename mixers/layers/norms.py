@@ -16,6 +16,7 @@ of shifted data equals the variance of the data). Its statistics run in float32 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,7 +27,29 @@ from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
 
-LayerNorm = nn.LayerNorm
+def require_eps(owner: str, eps) -> None:
+    """Raise unless ``eps`` is a finite number > 0: a negative one, or NaN, gave NaN outputs, and a
+    string torch's TypeError at the first forward."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise SeqmixError(f"{owner}: eps={eps!r} is not valid; expected a finite number > 0")
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch.nn.LayerNorm over the last dim D, its arguments checked first (torch took dim=0, and a
+    negative or NaN eps, which give NaN outputs).
+
+    Args:
+        dim: D, the normalised (last) dim.
+        eps: added to the variance.
+        elementwise_affine: learn a weight (init 1) and, with ``bias``, a bias (init 0), each (D,).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
+        require_int("LayerNorm", "dim", dim, meaning="D")
+        require_eps("LayerNorm", eps)
+        require_bool("LayerNorm", "elementwise_affine", elementwise_affine)
+        require_bool("LayerNorm", "bias", bias)
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
 
 
 class RMSNorm(nn.Module):
@@ -41,6 +64,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
         require_int("RMSNorm", "dim", dim, meaning="D")
+        require_eps("RMSNorm", eps)
         require_bool("RMSNorm", "affine", affine)
         self.dim = dim
         self.eps = eps
@@ -66,6 +90,7 @@ class ScaleNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         require_int("ScaleNorm", "dim", dim, meaning="D")
+        require_eps("ScaleNorm", eps)
         self.dim = dim
         self.eps = eps
         self.scalar = nn.Parameter(torch.ones(1))
@@ -104,6 +129,7 @@ class TimestepNorm(nn.Module):
             raise SeqmixError(
                 f"TimestepNorm: groups={groups!r} does not divide d_model={dim}; expected a positive divisor of {dim}"
             )
+        require_eps("TimestepNorm", eps)
         self.dim = dim
         self.groups = groups
         self.eps = eps
