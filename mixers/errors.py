@@ -127,6 +127,16 @@ def require_path(field: str, path) -> None:
     which an empty value would read or write unasked."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
         raise SeqmixError(f"{field}={path!r} is not valid; expected a non-empty path")
+    # A path the system cannot even look up (a name over its length limit, a NUL byte) was an OSError
+    # or ValueError from the first check a reader made of it.
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        pass
+    except (OSError, ValueError) as error:
+        shown = os.fspath(path)
+        shown = shown if len(shown) <= 80 else shown[:80] + "..."
+        raise SeqmixError(f"{field}={shown!r} is not valid: {getattr(error, 'strerror', None) or error}") from None
 
 
 CHECKSUMS = "checksums.json"

@@ -73,6 +73,56 @@ def test_an_empty_or_unwritable_directory_is_refused_by_every_save_and_load(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_a_path_the_system_cannot_look_up_is_refused_by_name(tmp_path):
+    """A name over the file system's limit was pathlib's OSError (File name too long), and a NUL byte its ValueError."""
+    for path, reason in (("a" * 5000, "File name too long"), (str(tmp_path / ("b" * 300) / "c"), "File name too long"),
+                         ("x\0y", "embedded null byte")):
+        for load, field in ((seqmix.load_model, "load_model: directory"), (seqmix.from_pretrained, "from_pretrained: name")):
+            with pytest.raises(SeqmixError, match=f"^{re.escape(field)}=.* is not valid: {reason}"):
+                load(path)
+
+
+def test_the_loaders_flags_are_checked(tmp_path):
+    """allow_unverified='yes' (or 1) was taken as true, and a revision for a local directory went unused."""
+    seqmix.save_pretrained(_model("gpt2"), tmp_path / "m")
+    for load, name in ((seqmix.load_model, "load_model"), (seqmix.from_pretrained, "from_pretrained")):
+        for flag in ("yes", 1, None):
+            with pytest.raises(SeqmixError, match=f"{name}: allow_unverified={flag!r} is not valid; expected True or False"):
+                load(tmp_path / "m", allow_unverified=flag)
+    with pytest.raises(SeqmixError, match="revision=5 is not valid; expected a branch, tag or commit"):
+        from_pretrained(tmp_path / "m", revision=5)
+    with pytest.raises(SeqmixError, match="revision='main' names a version of a Hub repository, and .* is a local directory"):
+        from_pretrained(tmp_path / "m", revision="main")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"task": "abc"}, "save_pretrained: task: task config is a str"),
+    ({"task": {"task": "nope"}}, r"save_pretrained: task: task.task='nope' is not valid"),
+    ({"task": {"task": "mqar", "x": 1}}, "save_pretrained: task: task 'mqar' has no option 'x'"),
+    ({"task": {"task": "mqar", "seq_len": float("nan")}}, "save_pretrained: task: .*seq_len"),
+    ({"task": {"task": "mqar", "seq_len": torch.tensor(8)}}, "save_pretrained: task: task.seq_len is a Tensor"),
+    ({"training": "abc"}, "save_pretrained: training='abc' is not valid; expected a mapping of some of"),
+    ({"training": {"metrics": {"loss": torch.tensor(1.0)}}}, "training metrics=.* is not valid; expected a mapping of names to numbers"),
+    ({"training": {"command": 5}}, "training command=5 is not valid; expected text"),
+])
+def test_save_pretrained_refuses_what_its_readers_would_before_writing(arguments, message, tmp_path):
+    """A task export would refuse (an unknown name, NaN) was saved with checksums; a string or a tensor
+    among the card's facts was Python's ValueError or json's TypeError."""
+    with pytest.raises(SeqmixError, match=message):
+        seqmix.save_pretrained(_model("gpt2"), tmp_path / "m", **arguments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_a_model_whose_config_was_edited_after_it_was_built_is_refused(tmp_path):
+    """Both saves wrote, with checksums, a directory whose config no loader would read with its weights."""
+    model = _model("gpt2")
+    model.config = {**model.config, "d_model": 2 * model.config["d_model"]}
+    for save in (seqmix.save_model, seqmix.save_pretrained):
+        with pytest.raises(SeqmixError, match=f"{save.__name__}: the model's config no longer describes the model itself"):
+            save(model, tmp_path / "m")
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_save_pretrained_replaces_only_a_pretrained_directory(tmp_path):
     model = _model("megalodon")
     first = seqmix.save_pretrained(model, tmp_path / "m")

@@ -35,6 +35,7 @@ from seqmix.errors import (
     not_a_file,
     one_line,
     require_available_device,
+    require_bool,
     require_path,
     require_writable_dir,
 )
@@ -75,13 +76,21 @@ def save_model(model, directory: str | os.PathLike) -> Path:
         raise SeqmixError("save_model: the model has no config; build it with seqmix.instantiate_model(config)")
     require_writable_dir("save_model: directory", directory, replaces_verified=True)
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    # The files are about to change, so a checksum record written for the old ones would be stale.
-    (directory / CHECKSUMS).unlink(missing_ok=True)
     # Write to a temporary name and rename, so a crash never leaves a half-written file behind.
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
         weights_tmp = handle.name
-    save_weights(model, weights_tmp)
+    try:
+        save_weights(model, weights_tmp)
+        check_saved_description(config, Path(weights_tmp), "save_model")
+    except BaseException:
+        os.unlink(weights_tmp)
+        if created:
+            directory.rmdir()
+        raise
+    # The files are about to change, so a checksum record written for the old ones would be stale.
+    (directory / CHECKSUMS).unlink(missing_ok=True)
     os.replace(weights_tmp, directory / WEIGHTS)
     config_tmp = directory / (CONFIG + ".tmp")
     OmegaConf.save(OmegaConf.create(dict(config)), config_tmp)
@@ -108,6 +117,17 @@ def refuse_yaml_aliases(path: Path, text: str) -> None:
                                   "a config it wrote spells every value out")
     except yaml.YAMLError as error:
         raise SeqmixError(f"{path} is not a readable YAML config ({one_line(error)})") from None
+
+
+def check_saved_description(description: Mapping, weights: Path, caller: str) -> None:
+    """Raise unless ``description`` (a model's ``config``) passes the loader's checks against the
+    weights just written to ``weights``: a description changed after the model was built (its
+    ``config`` edited by hand) was saved, with checksums, as a directory no loader would read."""
+    try:
+        check_description_fits(model_description(dict(description)), read_header(weights), "the weights")
+    except SeqmixError as error:
+        raise SeqmixError(f"{caller}: the model's config no longer describes the model itself ({error}); build it "
+                          "with seqmix.instantiate_model(config) instead of editing model.config") from None
 
 
 def read_description(path: Path) -> dict:
@@ -190,6 +210,7 @@ def load_verified(directory: Path, config_name: str, read_config, device: str, a
     """The shared load: checksums (or, asked for by name, none), the description ``read_config(path)``
     reads from ``config_name``, the header check, then the weights. ``caller`` and ``writer`` name
     the function that failed and the one that writes such directories, for the error messages."""
+    require_bool(caller, "allow_unverified", allow_unverified)
     # A string: safetensors takes no torch.device.
     device = str(require_available_device(f"{caller}: device", device))
     if device == "meta":

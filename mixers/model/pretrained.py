@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from seqmix.errors import SeqmixError, one_line, require_path, require_writable_dir
 from seqmix.jsontext import parse_json
-from seqmix.model.checkpoint import WEIGHTS, load_verified, write_checksums
+from seqmix.model.checkpoint import WEIGHTS, check_saved_description, load_verified, write_checksums
 from seqmix.model.description import model_description
 from seqmix.tasks.base import MODEL_FILES
 
@@ -127,8 +127,8 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     """
     from safetensors.torch import save_model as save_weights
 
-    # The run records' own reader: what evaluate reads back is checked the same way before anything is written.
-    from seqmix.training.records import read_evaluation
+    # The run records' own readers: what evaluate and export read back is checked the same way before anything is written.
+    from seqmix.training.records import read_evaluation, read_task
 
     if evaluation is not None:
         evaluation = read_evaluation(evaluation, "save_pretrained")
@@ -140,6 +140,11 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     description = getattr(model, "config", None)
     if description is None:
         raise SeqmixError("save_pretrained: the model has no description; build it with seqmix.instantiate_model(config)")
+    training = _training_facts(training)
+    if task is not None:
+        # Checked as the readers of config.json check it: a task that export or evaluate would refuse
+        # (an unknown name, an option it lacks, NaN, a tensor) is refused before anything is written.
+        task = read_task(task, "save_pretrained: task")
     require_writable_dir("save_pretrained: directory", directory, replaces_verified=True)
     directory = Path(os.path.abspath(directory))
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
@@ -151,11 +156,12 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     try:
         config = {"model_type": MODEL_TYPE, "seqmix_version": _version(), **model_description(description)}
         if task is not None:
-            config["task"] = dict(task)
+            config["task"] = task
         if evaluation is not None:
             config["evaluation"] = evaluation
         (staging / CONFIG_JSON).write_text(json.dumps(config, indent=2))
         save_weights(model, str(staging / WEIGHTS))
+        check_saved_description(description, staging / WEIGHTS, "save_pretrained")
         for name, content in files.items():
             (staging / name).write_bytes(content)
         (staging / CARD).write_text(_card(model, training, files, evaluation))
@@ -172,6 +178,29 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+TRAINING_FACTS = ("name", "data", "data_sha256", "metrics", "command")
+"""What ``save_pretrained``'s ``training`` may tell the model card."""
+
+
+def _training_facts(training) -> dict:
+    """``training`` (None or a mapping of ``TRAINING_FACTS``) checked: text, and a mapping of metric names to numbers."""
+    if training is None:
+        return {}
+    if not isinstance(training, Mapping) or not set(training) <= set(TRAINING_FACTS):
+        raise SeqmixError(f"save_pretrained: training={training!r} is not valid; expected a mapping of some of {list(TRAINING_FACTS)}")
+    for key, value in training.items():
+        if key == "metrics":
+            plain = isinstance(value, Mapping) and all(
+                isinstance(name, str) and not isinstance(number, bool) and isinstance(number, (int, float))
+                for name, number in value.items())
+            if not plain:
+                raise SeqmixError(f"save_pretrained: training metrics={value!r} is not valid; expected a mapping of names "
+                                  "to numbers")
+        elif not isinstance(value, str):
+            raise SeqmixError(f"save_pretrained: training {key}={value!r} is not valid; expected text")
+    return dict(training)
 
 
 def read_config_json(path: Path) -> dict:
@@ -205,8 +234,14 @@ def pretrained_training(directory: str | os.PathLike) -> dict:
 def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> Path:
     """A local pretrained directory, or the local snapshot of Hub repository ``name`` (downloaded unless offline)."""
     require_path("from_pretrained: name", name)
+    if revision is not None and not isinstance(revision, str):
+        raise SeqmixError(f"from_pretrained: revision={revision!r} is not valid; expected a branch, tag or commit of the "
+                          "Hub repository (a str), or None")
     path = Path(name)
     if path.is_dir():
+        if revision is not None:
+            raise SeqmixError(f"from_pretrained: revision={revision!r} names a version of a Hub repository, and {path} is a "
+                              "local directory, which has one version; leave revision out")
         return path
     if path.exists():
         raise SeqmixError(f"{path} is a file; from_pretrained takes a directory or a Hub repository id")
