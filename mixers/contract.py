@@ -374,13 +374,15 @@ class Mixer(nn.Module):
     # --- what subclasses provide --------------------------------------------------------
 
     def mix(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} does not implement mix(x, padding_mask), which every mixer provides")
 
     def mix_step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} does not implement mix_step(x, state), which a causal mixer "
+                                  "provides to stream")
 
     def empty_state(self, batch_size: int, device, dtype) -> State:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} does not implement empty_state(batch_size, device, dtype), "
+                                  "which a causal mixer provides to stream")
 
     # --- shared checks and helpers ------------------------------------------------------
 

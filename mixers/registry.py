@@ -57,19 +57,28 @@ def _load_plugins() -> None:
         cls.registered_name = entry.name
 
 
+OVERRIDE_VALUES = {"null": "None", "true": "True", "false": "False", "nan": "a float", "inf": "a float"}
+"""Identifiers a Hydra override reads as another value, in any case: no mixer can be named by them."""
+
+
 def _name_problem(name) -> str | None:
     """Why ``name`` cannot name a mixer, or None. A name is written in configs, Hydra overrides
     (``model.mixers.<key>.mixer=<name>``) and the benchmark's ``name/impl`` entries, so it is an
     identifier; a name of another type would also break sorting the registered names."""
-    if not (isinstance(name, str) and name.isidentifier()):
-        return f"name={name!r} is not valid; expected an identifier (letters, digits and '_', not starting with a digit)"
+    if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
+        return (f"name={name!r} is not valid; expected an identifier of ASCII letters, digits and '_', not starting "
+                "with a digit (an override cannot spell other letters)")
+    if name.lower() in OVERRIDE_VALUES:
+        return f"name={name!r} is not valid: an override reads {name} as a value ({OVERRIDE_VALUES[name.lower()]}), not a name"
     return None
 
 
 def _class_problem(cls) -> str | None:
     """Why ``cls`` cannot be registered as a mixer, or None."""
-    if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+    if not (isinstance(cls, type) and issubclass(cls, Mixer)) or cls is Mixer:
         return f"{cls!r} is not a seqmix.Mixer subclass"
+    if cls.mix is Mixer.mix:
+        return f"{cls.__qualname__} does not implement mix(x, padding_mask) -> (B, L, D), which every mixer provides"
     return None
 
 

@@ -161,7 +161,7 @@ def test_a_broken_mixer_plugin_is_skipped_with_a_warning_naming_it(monkeypatch):
     assert names == sorted(before) and registry._MIXERS == before
 
 
-@pytest.mark.parametrize("name", [5, ["fast"], None, "", "my/mixer", "my mixer", "2fast"])
+@pytest.mark.parametrize("name", [5, ["fast"], None, "", "my/mixer", "my mixer", "2fast", "émà"])
 def test_register_mixer_refuses_a_name_configs_could_not_write(name):
     """A non-string name was registered and then broke list_mixers' sorting for every caller."""
     before = dict(seqmix.registry._MIXERS)
@@ -170,9 +170,25 @@ def test_register_mixer_refuses_a_name_configs_could_not_write(name):
     assert seqmix.registry._MIXERS == before
 
 
+@pytest.mark.parametrize("name", ["null", "NULL", "True", "false", "NaN", "inf"])
+def test_register_mixer_refuses_a_name_an_override_reads_as_a_value(name):
+    """model.mixers.a.mixer=null is None to Hydra, true a bool, nan a float: no override could name such a mixer."""
+    with pytest.raises(SeqmixError, match=f"register_mixer: name='{name}' is not valid: an override reads {name} as a value"):
+        seqmix.register_mixer(name)
+
+
 def test_register_mixer_refuses_a_class_that_is_not_a_mixer():
     with pytest.raises(SeqmixError, match=r"register_mixer\('fast'\): <class 'torch.nn.modules.linear.Linear'> is not a seqmix.Mixer"):
         seqmix.register_mixer("fast")(torch.nn.Linear)
+    # The abstract base, and a subclass that computes nothing, built and then raised a bare NotImplementedError.
+    with pytest.raises(SeqmixError, match=r"register_mixer\('fast'\): <class 'seqmix.contract.Mixer'> is not a seqmix.Mixer subclass"):
+        seqmix.register_mixer("fast")(seqmix.Mixer)
+
+    class Empty(seqmix.Mixer):
+        pass
+
+    with pytest.raises(SeqmixError, match=r"Empty does not implement mix\(x, padding_mask\)"):
+        seqmix.register_mixer("fast")(Empty)
     assert "fast" not in seqmix.list_mixers()
 
 
