@@ -266,3 +266,17 @@ def test_the_model_tie_embeddings_option_refuses_anything_but_true_or_false(valu
     with pytest.raises(SeqmixError) as error:
         seqmix.build_model(vocab_size=16, d_model=8, layers=["identity"], tie_embeddings=value)
     assert f"tie_embeddings={value!r}" in str(error.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"norm_groups": "bogus"}, "gated_attention: norm_groups='bogus' is not valid"),
+    ({"norm_groups": 0}, "gated_attention: norm_groups=0 is not valid"),
+    ({"norm_groups": 2}, "norm_groups=2 sets the timestep norm of normalized=True only"),
+    ({"normalized": True, "norm": "bogus"}, r"gated_attention.norm='bogus' is not valid"),
+    ({"normalized": True, "norm": "rmsnorm"}, "norm='rmsnorm' applies to the Mega form only"),
+])
+def test_gated_attention_refuses_a_norm_option_its_form_does_not_use(options, message):
+    """norm_groups='bogus' (or 2) was accepted and unused when normalized=False, and norm='bogus' when normalized=True."""
+    with pytest.raises(SeqmixError, match=message):
+        seqmix.build_mixer("gated_attention", 16, **options)
+    assert seqmix.build_mixer("gated_attention", 16, normalized=True, norm_groups=2).timestep_norm.groups == 2

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from seqmix.contract import Mixer, Stages, State, compute_dtype, linear_stages, parameter_reads, traceable_reshape
 from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
-from seqmix.layers.norms import RMSNorm, TimestepNorm, build_norm
+from seqmix.layers.norms import NORMS, RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
 from seqmix.operators import kv_cache, masking
 from seqmix.registry import build_mixer, list_mixers, mixer_class, register_mixer
@@ -143,6 +143,15 @@ class GatedAttention(Mixer):
         for field, value in (("z_dim", z_dim), ("v_dim", v_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % heads:
                 raise SeqmixError(f"gated_attention: {field}={value!r} must be a positive multiple of heads={heads}")
+        if norm is not None:
+            require_choice("gated_attention.norm", norm, NORMS)
+        require_int("gated_attention", "norm_groups", norm_groups, meaning="groups of the timestep norm")
+        # Each form ignores the other's norm option: one given to the wrong form would go nowhere without a word.
+        if not normalized and norm_groups != 1:
+            raise SeqmixError(f"gated_attention: norm_groups={norm_groups!r} sets the timestep norm of normalized=True only")
+        if normalized and norm not in (None, "layernorm"):
+            raise SeqmixError(f"gated_attention: norm={norm!r} applies to the Mega form only; normalized=True uses its "
+                              "timestep norm and RMSNorm")
         if normalized and attention != "softmax":
             raise SeqmixError(f"gated_attention: normalized=True uses softmax attention, got attention={attention!r}")
         rotates = normalized or position_bias == "rotary"
