@@ -203,6 +203,22 @@ def test_a_mixer_listed_by_its_paths_is_the_baseline_and_claim_side_through_its_
     assert "None: `softmax_attention` (bench.baseline.mixer) is not among this grid's subjects." in (tmp_path / "report.md").read_text()
 
 
+def test_a_cell_larger_than_the_machine_is_skipped_before_it_is_built(monkeypatch, tmp_path):
+    """bench.width=1e8 filled the machine's memory until the system killed the process (the spec's
+    check built the mixer for real), and L=1e11 tried to allocate terabytes."""
+    from seqmix.export.bench import run as bench_run
+
+    spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.passes=[forward]", "bench.width=100000000"])
+    with pytest.raises(SeqmixError, match=r"none of the grid's 2 cells can run here \(needs at least [\d.,]+ GiB .*more than the cpu's"):
+        run_grid(spec)
+    # A machine of 1 MiB: the longer length no longer fits, and says so; the shorter one is measured.
+    monkeypatch.setattr(bench_run, "device_memory_bytes", lambda device: 2**20)
+    rows = run_grid(compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.passes=[forward]",
+                                        "bench.lengths=[32,100000]"])).rows
+    assert [row.status for row in rows] == ["measured", "skipped"]
+    assert "needs at least 0.0 GiB (parameters, input and output) at B=1, L=100000, more than the cpu's 0.0 GiB" in rows[1].reason
+
+
 def test_total_budget_and_failures_are_reported(monkeypatch):
     spec = compose_bench_spec([*EAGER_ONLY, "bench.mixers=[tcn]", "bench.max_total_seconds=1e-9"])
     assert all("bench.max_total_seconds" in r.reason for r in run_grid(spec).rows)

@@ -31,6 +31,7 @@ both sides alike, each side's Timing built with ``seqmix.timing.time_once`` and 
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,7 +62,8 @@ from .results import (
 from .roofline import measure_machine, subject_cost
 from .runtimes import RUNTIMES, TRAINING_RUNTIMES, Prepared, prepare, require_runtime, runtime_unavailable
 from .spec import BenchSpec, Cell, plan_claims, plan_grid
-from .subjects import Subject, attention_score_bytes, build_subject, example_inputs, lowering_config, subject_width
+from .subjects import (Subject, attention_score_bytes, build_subject, example_inputs, least_memory_bytes, lowering_config,
+                       subject_width)
 
 
 def _first_line(error: BaseException) -> str:
@@ -106,6 +108,25 @@ def measure_cell(cell: Cell, spec: BenchSpec, row: GridRow, workdir: Path) -> No
         row.status, row.reason = "failed", _first_line(error)
 
 
+def device_memory_bytes(device: str) -> int:
+    """The memory of ``device`` ("cpu": the machine's physical memory; "cuda": the first GPU's)."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_refusal(subject: Subject, spec: BenchSpec, length: int, pass_: str, device: str) -> str | None:
+    """Why ``subject`` cannot run one ``pass_`` at (spec.batch, length) on ``device``: its least memory
+    (``least_memory_bytes``) exceeds the device's. Built, it would fail to allocate, or be killed by
+    the system once its pages were touched (bench.width=1e8). None when it may fit."""
+    least = least_memory_bytes(subject, spec.width, spec.batch, length, pass_)
+    available = device_memory_bytes(device)
+    if least <= available:
+        return None
+    return (f"needs at least {least / 2**30:,.1f} GiB (parameters, input and output) at B={spec.batch}, L={length}, "
+            f"more than the {device}'s {available / 2**30:,.1f} GiB")
+
+
 def _skip_reason(
     cell: Cell, spec: BenchSpec, unavailable: Mapping[str, str | None], stopped: Mapping[tuple, str], elapsed: float
 ) -> str | None:
@@ -119,6 +140,9 @@ def _skip_reason(
     limit = spec.max_length.get(cell.runtime)
     if limit is not None and cell.length > limit:
         return f"L={cell.length} > bench.max_length.{cell.runtime}={limit}"
+    too_big = memory_refusal(cell.subject, spec, cell.length, cell.pass_, RUNTIMES[cell.runtime].device)
+    if too_big is not None:
+        return too_big
     key = (cell.subject.label, cell.runtime, cell.pass_)
     if key in stopped:
         return stopped[key]
@@ -205,6 +229,9 @@ def measure_pair(subjects: Sequence[Subject], pass_: str, length: int, spec: Ben
         prepared: list[Prepared] = []
         for subject, result in zip(subjects, results):
             current = subject.label
+            too_big = memory_refusal(subject, spec, length, pass_, RUNTIMES[spec.claim_runtime].device)
+            if too_big is not None:
+                raise SeqmixError(too_big)
             module = build_subject(subject, spec.width)
             result.parameters = sum(p.numel() for p in module.parameters())
             inputs = example_inputs(subject, module, spec.batch, length, spec.width)

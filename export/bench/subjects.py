@@ -121,12 +121,36 @@ def check_subject(subject: Subject, width: int, task: str | None = None) -> None
     override), before any measurement; a preset is built on the meta device, allocating nothing,
     composed with ``task`` when given (the lowering mode builds its presets for a task, whose
     ``task.*`` overrides they may carry)."""
-    if subject.kind != "preset":
-        build_subject(subject, width)
+    if subject.kind == "mixer":
+        # On the meta device, as the presets: a huge bench.width (1e8) filled the machine's memory here.
+        with torch.device("meta"):
+            build_subject(subject, width)
+    elif subject.kind == "peer":
+        with torch.device("meta"):
+            build_mixer(PEERS[subject.name].against, width, **subject.options)
     elif task is None:
         instantiate_model(preset_config(subject.name, subject.overrides), device="meta")
     else:
         instantiate_model(lowering_config(subject, task).model, device="meta")
+
+
+def least_memory_bytes(subject: Subject, width: int, batch: int, length: int, pass_: str) -> int:
+    """A lower bound of the memory one call of ``subject`` at (batch, length) takes, from its sizes
+    alone (built on the meta device): its parameters (twice in fwd+bwd, with their gradients), its
+    input and output (float32 (B, L, D); token ids and (B, L, V) logits for a preset), and the
+    input's gradient in fwd+bwd. Every path needs at least this much."""
+    with torch.device("meta"):
+        module = (instantiate_model(preset_config(subject.name, subject.overrides)) if subject.kind == "preset"
+                  else build_mixer(PEERS[subject.name].against if subject.kind == "peer" else subject.name, width,
+                                   **subject.options))
+    parameters = sum(p.numel() * p.element_size() for p in module.parameters())
+    tokens = batch * length
+    if subject.kind == "preset":
+        inputs, outputs = tokens * 8, tokens * module.vocab_size * 4
+    else:
+        inputs = outputs = tokens * width * 4
+    training = pass_ == "fwd+bwd"
+    return parameters * (2 if training else 1) + inputs * (2 if training and subject.kind != "preset" else 1) + outputs
 
 
 def example_inputs(subject: Subject, module: nn.Module, batch: int, length: int, width: int) -> tuple[Tensor, ...]:
