@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError, require_choice, require_available_device, require_bool, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, require_available_device, require_bool, require_choice, require_int
 
 State = Any
 """A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""
@@ -211,8 +211,8 @@ class Mixer(nn.Module):
 
     def __init__(self, d_model: int, *, causal: bool, impl: str | None = None):
         super().__init__()
-        if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model < 1:
-            raise SeqmixError(f"d_model={d_model!r} is not valid; expected a positive integer")
+        if not isinstance(d_model, int) or isinstance(d_model, bool) or not 1 <= d_model <= INT_LIMIT:
+            raise SeqmixError(f"d_model={d_model!r} is not valid; expected a positive integer (at most 2**63 - 1)")
         require_bool(type(self).__name__, "causal", causal)
         self.d_model = d_model
         self.causal = causal

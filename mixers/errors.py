@@ -89,11 +89,19 @@ def require_module(field: str, value) -> None:
         raise SeqmixError(f"{field} must be a torch.nn.Module (e.g. from seqmix.instantiate_model), got a {type(value).__name__}")
 
 
+INT_LIMIT = 2**63 - 1
+"""The largest integer a size, count or seed may be: torch's sizes and generators hold 64-bit signed
+integers, and a larger one was an OverflowError or a TypeError from deep inside torch."""
+
+
 def require_int(owner: str, field: str, value, minimum: int = 1, meaning: str = "") -> None:
-    """Raise unless ``value`` is an integer >= ``minimum`` (bools are not integers here)."""
+    """Raise unless ``value`` is an integer >= ``minimum`` and at most INT_LIMIT (bools are not integers here)."""
+    detail = f" ({meaning})" if meaning else ""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        detail = f" ({meaning})" if meaning else ""
         raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected an integer >= {minimum}{detail}")
+    if value > INT_LIMIT:
+        raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected an integer >= {minimum} and at most "
+                          f"2**63 - 1{detail}")
 
 
 def require_available_device(field: str, name):

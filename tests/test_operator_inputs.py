@@ -95,7 +95,7 @@ def test_a_choice_option_refuses_anything_but_one_of_its_names_naming_it(option,
 
 
 # Values of every wrong kind; sizes stay small, so that an accepted value builds in a moment.
-WRONG_KINDS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), float("inf"), True]
+WRONG_KINDS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), float("inf"), True, 2**64]
 
 
 def test_every_constructor_argument_of_every_mixer_and_layer_builds_or_is_refused_by_name():

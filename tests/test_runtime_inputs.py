@@ -226,7 +226,7 @@ def test_run_pte_names_a_wrong_input(make_inputs, message, pte_step):
 
 # Values of every wrong kind for a model's arguments: plain Python values and tensors of the wrong
 # rank, dtype or range.
-WRONG_ARGUMENTS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), True, torch.tensor(1.0),
+WRONG_ARGUMENTS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), True, 2**64, torch.tensor(1.0),
                    torch.ones(2, 3), torch.ones(2, 5, dtype=torch.int64) * 999, torch.ones(2, 5, 16)]
 
 

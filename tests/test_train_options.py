@@ -49,7 +49,7 @@ INVALID = {
     ),
     "compile": st.one_of(st.text(max_size=8).filter(lambda s: s not in COMPILE_BACKENDS), st.integers(), st.booleans()),
     "save_pretrained": st.one_of(st.just(""), st.integers(), st.booleans(), st.lists(st.text(), max_size=2)),
-    "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**64), st.booleans(), _floats(), st.text(max_size=3)),
+    "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**63), st.booleans(), _floats(), st.text(max_size=3)),
     **{name: st.one_of(st.integers(max_value=0), st.booleans(), _floats(), st.none())
        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every")},
     "warmup_steps": st.one_of(st.integers(max_value=-1), st.booleans(), _floats(), st.none()),
@@ -62,14 +62,15 @@ INVALID = {
 def valid_options(draw) -> dict:
     grad_accum = draw(st.integers(1, 8))
     return {
-        "out_dir": draw(st.text(min_size=1, max_size=12).filter(str.strip)),
+        "out_dir": draw(st.text(min_size=1, max_size=12).filter(lambda path: path.strip() and "\0" not in path)),
         "max_steps": draw(st.integers(1, 10**6)),
         "batch_size": grad_accum * draw(st.integers(1, 64)),
         "grad_accum": grad_accum,
-        "lr": draw(st.one_of(_floats(low=0.0, exclude_low=True), st.integers(1, 2**1000))),
+        "lr": (lr := draw(st.one_of(_floats(low=0.0, exclude_low=True), st.integers(1, 2**1000)))),
         "min_lr_ratio": draw(st.one_of(_floats(0.0, 1.0), st.sampled_from([0, 1]))),
         "warmup_steps": draw(st.integers(0, 10**6)),
-        "weight_decay": draw(st.one_of(_floats(low=0.0), st.integers(0, 2**1000))),
+        # Below 1 / lr: AdamW scales the decayed weights by 1 - lr * weight_decay each step.
+        "weight_decay": draw(st.one_of(_floats(low=0.0), st.integers(0, 2**1000)).filter(lambda decay: decay * lr < 1)),
         "beta1": draw(st.one_of(_floats(0.0, 1.0, exclude_high=True), st.just(0))),
         "beta2": draw(_floats(0.0, 1.0, exclude_high=True)),
         "grad_clip": draw(st.one_of(_floats(low=0.0), st.integers(0, 2**1000))),
@@ -82,7 +83,7 @@ def valid_options(draw) -> dict:
         "resume": draw(st.booleans()),
         "on_nonfinite": draw(st.sampled_from(NONFINITE_ACTIONS)),
         "max_nonfinite_skips": draw(st.integers(1, 100)),
-        "seed": draw(st.integers(0, 2**64 - 1)),
+        "seed": draw(st.integers(0, 2**63 - 1)),
         "device": draw(st.one_of(st.sampled_from(["auto", "cpu", "cuda"]), st.integers(0, 64).map(lambda i: f"cuda:{i}"))),
         "tensorboard": draw(st.booleans()),
         "progress": draw(st.booleans()),
@@ -137,6 +138,8 @@ INVALID_OVERRIDES = [
     "grad_clip=-1", "grad_clip=nan", "grad_clip=inf", "device=tpu", "device=cuda:x", "device=cpu:0",
     "bf16='false'", "bf16=1", "progress='no'", "tensorboard=0", "compile=tpu_backend", "compile=1",
     "seed=-1", "seed=0.5", "resume='true'", "on_nonfinite=ignore", "out_dir=''",
+    "batch_size=99999999999999999999", "seed=99999999999999999999", "max_steps=99999999999999999999",
+    "weight_decay=1000",
 ]
 
 
@@ -163,6 +166,24 @@ def test_the_corrected_rerun_of_a_refused_run_trains(tmp_path, capsys, bad):
     status = main(["train", *TINY_TRAIN, "train.max_steps=1", f"train.out_dir={out_dir}"])
     assert status == 0, capsys.readouterr().err
     assert (out_dir / "run.json").is_file()
+
+
+def test_betas_of_zero_written_as_integers_train(tmp_path, capsys):
+    """train.beta1=0 passed the check as the int 0, then AdamW refused betas of two types."""
+    status = main(["train", *TINY_TRAIN, "train.max_steps=1", "train.beta1=0", "train.beta2=0", f"train.out_dir={tmp_path / 'run'}"])
+    assert status == 0, capsys.readouterr().err
+
+
+def test_a_save_pretrained_target_save_pretrained_would_refuse_is_refused_before_training(tmp_path, capsys):
+    """Both trained the whole run, then failed in save_pretrained: a folder of other files, and the run's own folder."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    out_dir = tmp_path / "run"
+    for target, message in ((tmp_path / "other", "holds files but no config.json"), (out_dir, "is train.out_dir")):
+        status = main(["train", *TINY_TRAIN, f"train.out_dir={out_dir}", f"train.save_pretrained={target}"])
+        assert status == 2 and message in capsys.readouterr().err
+        assert not out_dir.exists()
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
 def test_options_changed_after_construction_are_checked_before_anything_is_written(tmp_path):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import SeqmixError, choice_error, require_choice, require_bool, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, choice_error, require_bool, require_choice, require_int
 from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
@@ -66,8 +66,8 @@ class FeedForward(nn.Module):
         require_choice("ffn.activation", activation, ACTIVATIONS)
         require_int("ffn", "d_model", d_model, meaning="D")
         hidden = 4 * d_model if hidden is None else hidden
-        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
-            raise SeqmixError(f"ffn: hidden={hidden!r} is not valid; expected a positive integer")
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or not 1 <= hidden <= INT_LIMIT:
+            raise SeqmixError(f"ffn: hidden={hidden!r} is not valid; expected a positive integer (at most 2**63 - 1)")
         self.activation = activation
         self.fc1 = nn.Linear(d_model, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, d_model, bias=bias)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmix.contract import check_state_request, compute_dtype
-from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, require_bool, require_choice, require_int
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
 
@@ -125,7 +125,7 @@ class TimestepNorm(nn.Module):
     def __init__(self, dim: int, groups: int = 1, eps: float = 1e-5):
         super().__init__()
         require_int("TimestepNorm", "dim", dim, meaning="D")
-        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or dim % groups:
+        if not isinstance(groups, int) or isinstance(groups, bool) or not 1 <= groups <= INT_LIMIT or dim % groups:
             raise SeqmixError(
                 f"TimestepNorm: groups={groups!r} does not divide d_model={dim}; expected a positive divisor of {dim}"
             )

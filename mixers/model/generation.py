@@ -40,9 +40,10 @@ def stream_tokens(
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise SeqmixError(f"generate: the prompt must be (B, P) token ids with P >= 1, got shape {tuple(prompt.shape)}")
     require_int("generate", "max_new_tokens", max_new_tokens, 0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not _finite(temperature) \
             or temperature < 0:
         raise SeqmixError(f"generate: temperature={temperature!r} must be a finite number >= 0")
+    temperature = float(temperature)  # an int as large as 2**64 would not convert when the logits are divided
     if top_k is not None:
         require_int("generate", "top_k", top_k, 1, "or None for no cut-off")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -56,6 +57,14 @@ def stream_tokens(
             + (f"ask for at most {limit - prompt.shape[1] + 1} tokens" if prompt.shape[1] <= limit else "shorten the prompt")
         )
     return _sampled_tokens(model, prompt, max_new_tokens, temperature, top_k, generator)
+
+
+def _finite(number: int | float) -> bool:
+    """Whether ``number`` is a finite float, or an int that converts to one."""
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:
+        return False
 
 
 @torch.no_grad()

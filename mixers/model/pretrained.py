@@ -109,6 +109,17 @@ def _card(model, training: Mapping | None, files: Mapping[str, bytes], evaluatio
     return "\n".join(lines)
 
 
+def check_pretrained_target(field: str, directory: str | os.PathLike) -> None:
+    """Raise unless ``save_pretrained`` could write ``directory`` (named ``field``): writable, and absent,
+    empty or an earlier pretrained directory (it holds config.json), which it replaces."""
+    require_writable_dir(field, directory, replaces_verified=True)
+    path = Path(os.path.abspath(directory))
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise SeqmixError(f"{field}: {path} is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_JSON).is_file():
+        raise SeqmixError(f"{field}: {path} holds files but no {CONFIG_JSON}; refusing to replace it")
+
+
 def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None, task: Mapping | None = None,
                     files: Mapping[str, bytes] | None = None, evaluation: Mapping | None = None) -> Path:
     """Write ``model`` to ``directory`` in the Hugging Face layout, whole or not at all.
@@ -145,12 +156,8 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         # Checked as the readers of config.json check it: a task that export or evaluate would refuse
         # (an unknown name, an option it lacks, NaN, a tensor) is refused before anything is written.
         task = read_task(task, "save_pretrained: task")
-    require_writable_dir("save_pretrained: directory", directory, replaces_verified=True)
+    check_pretrained_target("save_pretrained: directory", directory)
     directory = Path(os.path.abspath(directory))
-    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
-        raise SeqmixError(f"save_pretrained: {directory} is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_JSON).is_file():
-        raise SeqmixError(f"save_pretrained: {directory} holds files but no {CONFIG_JSON}; refusing to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmix.contract import Mixer, Stages, State, compute_dtype, linear_stages, parameter_reads, traceable_reshape
-from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, require_bool, require_choice, require_int
 from seqmix.layers.norms import NORMS, RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
 from seqmix.operators import kv_cache, masking
@@ -141,7 +141,7 @@ class GatedAttention(Mixer):
         require_int("gated_attention", "max_len", max_len, meaning="longest full-attention sequence")
         require_int("gated_attention", "heads", heads, meaning="H, dividing z_dim and v_dim")
         for field, value in (("z_dim", z_dim), ("v_dim", v_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % heads:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= INT_LIMIT or value % heads:
                 raise SeqmixError(f"gated_attention: {field}={value!r} must be a positive multiple of heads={heads}")
         if norm is not None:
             require_choice("gated_attention.norm", norm, NORMS)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmix.contract import Mixer, Stages, compute_dtype, linear_stages, parameter_reads, traceable_contiguous, traceable_reshape
-from seqmix.errors import SeqmixError, require_bool, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, require_bool, require_int
 from seqmix.layers.positions import rotary
 from seqmix.operators import kv_cache, masking
 from seqmix.registry import register_mixer
@@ -79,7 +79,7 @@ class SoftmaxAttention(Mixer):
     ):
         super().__init__(d_model, causal=causal, impl=impl)
         require_bool("softmax_attention", "use_rotary", use_rotary)
-        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or d_model % heads:
+        if not isinstance(heads, int) or isinstance(heads, bool) or not 1 <= heads <= INT_LIMIT or d_model % heads:
             raise SeqmixError(f"softmax_attention: heads={heads!r} must be a positive integer that divides d_model={d_model}")
         head_dim = d_model // heads
         if use_rotary and head_dim % 2:

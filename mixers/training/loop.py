@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from seqmix.contract import require_runs_on
 from seqmix.errors import SeqmixError, TrainingStopped, require_choice, require_available_device, require_bool, require_int, require_path, require_writable_dir
+from seqmix.model.pretrained import check_pretrained_target
 from seqmix.training.records import evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
@@ -51,7 +52,6 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("bf16", "resume", "tensorboard", "progress")
 POSITIVE_COUNTS = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every")
-MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most this
 LOCK = ".lock"
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
             goes on, logging a ``skipped`` row.
         max_nonfinite_skips: with ``skip``, the most non-finite steps in a row before the run
             stops anyway (a diverged run would otherwise skip every remaining step).
-        seed: seeds the parameter initialisation (an integer in [0, 2**64 - 1]).
+        seed: seeds the parameter initialisation (an integer in [0, 2**63 - 1], the range of every seed and size).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:<index>``.
         tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
         progress: show a progress bar.
@@ -137,8 +137,6 @@ class TrainConfig:
         require_int("train", "keep_checkpoints", self.keep_checkpoints, 1)
         require_int("train", "max_nonfinite_skips", self.max_nonfinite_skips, 1)
         require_int("train", "seed", self.seed, 0)
-        if self.seed > MAX_SEED:
-            raise SeqmixError(f"train.seed={self.seed} is not valid; expected an integer in [0, 2**64 - 1]")
         if self.batch_size % self.grad_accum:
             raise SeqmixError(f"train: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require_number("lr", self.lr, 0.0, math.inf, "finite and > 0", low_open=True)
@@ -147,6 +145,11 @@ class TrainConfig:
         _require_number("beta1", self.beta1, 0.0, 1.0, "in [0, 1)", high_open=True)
         _require_number("beta2", self.beta2, 0.0, 1.0, "in [0, 1)", high_open=True)
         _require_number("grad_clip", self.grad_clip, 0.0, math.inf, "finite and >= 0; 0 turns clipping off")
+        if self.lr * self.weight_decay >= 1:
+            # AdamW multiplies each decayed weight by 1 - lr * weight_decay every step: at 1 or more it
+            # zeroes or flips them, and the run diverges at its first steps.
+            raise SeqmixError(f"train: lr={self.lr!r} times weight_decay={self.weight_decay!r} is {self.lr * self.weight_decay:g}; "
+                              "it must be below 1 (AdamW scales the decayed weights by 1 - lr * weight_decay each step)")
         for name in SWITCHES:
             require_bool("train", name, getattr(self, name))
         require_choice("train.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
@@ -158,6 +161,12 @@ class TrainConfig:
         """Raise unless out_dir and save_pretrained can be written: the writing process (rank 0) asks,
         before any work; other ranks never write there and may not even see that file system."""
         require_writable_dir("train.out_dir", self.out_dir)
+        if self.save_pretrained is not None:
+            # Checked now, not after the whole run: the model is saved there once training ends.
+            if os.path.abspath(self.save_pretrained) == os.path.abspath(self.out_dir):
+                raise SeqmixError(f"train.save_pretrained={self.save_pretrained!r} is train.out_dir, which will hold the "
+                                  "run's checkpoints and records; name another directory (inside it is fine)")
+            check_pretrained_target("train.save_pretrained", self.save_pretrained)
         if self.save_pretrained is not None:
             require_writable_dir("train.save_pretrained", self.save_pretrained)
 
@@ -199,7 +208,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    # Floats: an override of 0 is the int 0, and torch takes betas of one type only.
+    return torch.optim.AdamW(groups, lr=float(config.lr), betas=(float(config.beta1), float(config.beta2)))
 
 
 def target_index(batch: Batch) -> torch.Tensor | None:
@@ -569,7 +579,8 @@ def _train_in_locked_dir(
                     advice = "The run has diverged: lower train.lr, or resume from the checkpoint with a smaller one."
                 else:
                     why = "with train.on_nonfinite=stop"
-                    advice = "Lower train.lr or enable train.grad_clip, or pass train.on_nonfinite=skip to skip such steps."
+                    advice = ("Lower train.lr (or train.weight_decay), enable train.grad_clip if it is 0, or pass "
+                              "train.on_nonfinite=skip to skip such steps.")
                 raise SeqmixError(
                     f"train: the {fault} at step {step} {why}; stopped without updating the weights. "
                     f"Last good checkpoint: {last if last else 'none yet'}. {advice}"
