@@ -21,6 +21,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,13 @@ def options_of(config: DictConfig, schema: type, where: str):
     """``config`` as an instance of the dataclass ``schema``: unknown keys, bad types and missing values refused."""
     from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
+    # OmegaConf turns any integer into a bool (bf16=2 was True, overwrite=2 replaced a file): a flag
+    # takes true or false alone, as train's do.
+    given = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else dict(config)
+    for field in dataclasses.fields(schema):
+        value = given.get(field.name)
+        if str(field.type) in ("bool", "bool | None") and value is not None and not isinstance(value, bool):
+            raise SeqmixError(f"{where}: {field.name}={value!r} is not valid; expected true or false")
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), config))
     except ConfigKeyError as error:

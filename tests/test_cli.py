@@ -396,3 +396,14 @@ def test_evaluate_says_when_the_runs_recorded_data_is_gone(tmp_path, capsys):
 def test_a_key_under_a_map_that_starts_empty_is_refused_saying_to_add_it_with_plus(capsys):
     status, _, err = run(capsys, "bench", "bench.mixer_options.ema.order=4")
     assert status == 2 and "bench.mixer_options starts empty: add a key to it with +bench.mixer_options.ema=<value>" in err
+
+
+@pytest.mark.parametrize("arguments", [["evaluate", "checkpoint=/nonexistent", "bf16=2"], ["generate", "checkpoint=/nonexistent", "raw=1"],
+                                       ["export", "checkpoint=/nonexistent", "allow_unverified=0"],
+                                       ["tokenizer", "path=/nonexistent", "out=/nonexistent.json", "overwrite=2"]],
+                         ids=lambda arguments: arguments[-1])
+def test_every_commands_flags_take_true_or_false_alone(arguments, capsys):
+    """OmegaConf made any integer a bool: evaluate bf16=2 ran under autocast, tokenizer overwrite=2 replaced a file."""
+    assert main(arguments) == 2
+    name, value = arguments[-1].split("=")
+    assert f"{arguments[0]}: {name}={value} is not valid; expected true or false" in capsys.readouterr().err
