@@ -435,8 +435,8 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     require_bool("tokenizer", "overwrite", options.overwrite)
     require_writable_file("out", options.out)  # the text itself: Path("") would be the current folder
     out = Path(options.out)
-    if out.is_dir() or out.is_symlink() or (out.exists() and not options.overwrite):
-        raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace a file")
+    if out.exists() and not options.overwrite:
+        raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace it")
     source = DocumentSource(options.path, options.format, options.decode_errors, owner="tokenizer", options="")
 
     def texts():
@@ -456,16 +456,21 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
 class GatherOptions:
     root: str
     csv: str | None
+    overwrite: bool
 
 
 def run_gather(options: GatherOptions, choices: dict) -> int:
     from seqmix.tables import records_table, write_csv
     from seqmix.training.runs import collect_runs
 
-    if not Path(options.root).is_dir():
+    # An empty root is Path(""), the current folder: searched unasked.
+    if not options.root.strip() or not Path(options.root).is_dir():
         raise SeqmixError(f"root={options.root!r} is not a directory")
     if options.csv is not None:
         require_writable_file("csv", options.csv)
+        if Path(options.csv).exists() and not options.overwrite:
+            # It replaced any file named, a run's own run.json included.
+            raise SeqmixError(f"csv={options.csv!r} already exists; choose another path, or pass overwrite=true to replace it")
     rows, problems = collect_runs(options.root)
     for problem in problems:
         print(f"{PROGRAM} gather: {escape_controls(problem)}", file=sys.stderr)

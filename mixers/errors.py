@@ -205,6 +205,12 @@ def _output_problem(path, is_file: bool, replaces_verified: bool = False) -> str
     try:
         if is_file and target.is_dir():
             return f"{text!r} is not valid: it is a directory; expected a file path"
+        # A file output replaces a regular file at most: writing over a FIFO, a device or a socket
+        # (overwrite=true turned /dev/full into a file) or through a symbolic link is refused.
+        if is_file and target.is_symlink():
+            return f"{text!r} is not valid: it is a symbolic link; name the file itself"
+        if is_file and target.exists() and not target.is_file():
+            return f"{text!r} is not valid: it {not_a_file(target)}"
         existing = target.parent if is_file else target
         while not existing.exists() and existing.parent != existing:
             existing = existing.parent

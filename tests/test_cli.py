@@ -407,3 +407,15 @@ def test_every_commands_flags_take_true_or_false_alone(arguments, capsys):
     assert main(arguments) == 2
     name, value = arguments[-1].split("=")
     assert f"{arguments[0]}: {name}={value} is not valid; expected true or false" in capsys.readouterr().err
+
+
+def test_gather_replaces_a_csv_only_when_asked_and_refuses_an_empty_root(tmp_path, capsys):
+    """csv= wrote over any file (a run's own run.json), and root= searched the current folder."""
+    record = tmp_path / "run.json"
+    record.write_text("{}")
+    assert main(["gather", f"root={tmp_path}", f"csv={record}"]) == 2
+    assert "already exists; choose another path, or pass overwrite=true" in capsys.readouterr().err
+    assert record.read_text() == "{}"
+    assert main(["gather", f"root={tmp_path}", f"csv={record}", "overwrite=true"]) == 0
+    assert record.read_text() != "{}"
+    assert main(["gather", "root="]) == 2 and "root='' is not a directory" in capsys.readouterr().err

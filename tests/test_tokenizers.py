@@ -83,6 +83,14 @@ def test_the_tokenizer_command_refuses_bad_options_before_writing(tmp_path):
     with pytest.raises(SeqmixError, match="already exists"):
         _tokenizer(corpus, out)
     assert out.read_text() == "mine"
+    # overwrite=true replaces a regular file only: it turned a FIFO (and /dev/full) into a file, and
+    # told a symbolic link to pass overwrite=true, which it had.
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(out, tmp_path / "link.json")
+    for target, message in ((tmp_path / "fifo", "is a FIFO"), (tmp_path / "link.json", "is a symbolic link; name the file itself")):
+        with pytest.raises(SeqmixError, match=f"out=.* is not valid: it {message}"):
+            _tokenizer(corpus, target, "overwrite=true")
+    assert (tmp_path / "fifo").is_fifo() and out.read_text() == "mine"
     for corpus_path, message in [(tmp_path / "missing.txt", "^path='.*missing.txt' does not exist"),
                                  (tmp_path / "no_files", "^path='.*no_files' names no files")]:
         if corpus_path.name == "no_files":
