@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_bool, require_int, require_writable_dir,
-                           require_writable_file)
+from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_bool, require_int, require_seed,
+                           require_writable_dir, require_writable_file)
 from seqmix.terminal import escape_controls
 from seqmix.threads import apply_thread_policy
 
@@ -329,7 +329,7 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     from seqmix.training.checkpoints import load_run
 
     require_int("generate", "tokens", options.tokens, 0)
-    require_int("generate", "seed", options.seed, 0)
+    require_seed("generate", "seed", options.seed)
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)

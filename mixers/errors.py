@@ -104,6 +104,18 @@ def require_int(owner: str, field: str, value, minimum: int = 1, meaning: str = 
                           f"2**63 - 1{detail}")
 
 
+SEED_LIMIT = 2**32 - 1
+"""The largest seed: torch's CPU generator keeps the low 32 bits of a seed, so 2**32 gave what 0 gives."""
+
+
+def require_seed(owner: str, field: str, value) -> None:
+    """Raise unless ``value`` is an integer from 0 to SEED_LIMIT, the seeds torch's generators tell apart."""
+    require_int(owner, field, value, 0)
+    if value > SEED_LIMIT:
+        raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected an integer from 0 to 2**32 - 1 (torch's "
+                          "generators keep 32 bits of a seed: a larger one would repeat a smaller one)")
+
+
 def require_available_device(field: str, name):
     """``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``) as a ``torch.device`` this
     machine has; otherwise a SeqmixError naming ``field``, before anything is read onto it (a loader

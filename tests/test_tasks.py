@@ -444,3 +444,17 @@ def test_masked_segment_extreme_settings_keep_the_exact_count(mask_fraction, mea
     if mean_span == 100:
         # The first span covers all 32 positions with probability 0.99^31 ≈ 0.73: about 1.4 runs per row.
         assert sum(len(_runs(row)) for row in masked) / len(masked) < 1.7
+
+
+def test_a_seed_is_one_torch_tells_apart_and_every_such_seed_generates():
+    """A seed above 2**24 overflowed manual_seed inside generator_for (ValueError: Overflow when
+    unpacking long long), and one above 2**32 would have repeated a smaller one: torch keeps 32 bits."""
+    from seqmix.tasks.base import generator_for
+
+    tasks = [MQAR(vocab_size=64, seq_len=32, num_pairs=4, seed=seed) for seed in (1, 2**31 + 1)]
+    first, second = (task.batch("train", 0, 2).inputs for task in tasks)
+    assert first.shape == second.shape and not torch.equal(first, second)
+    assert torch.equal(generator_for(7, "train", 3).get_state(), generator_for(7, "train", 3).get_state())
+    for seed in (2**32, 2**40):
+        with pytest.raises(SeqmixError, match=rf"mqar: seed={seed} is not valid; expected an integer from 0 to 2\*\*32 - 1"):
+            MQAR(vocab_size=64, seq_len=32, num_pairs=4, seed=seed)

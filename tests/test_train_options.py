@@ -49,7 +49,7 @@ INVALID = {
     ),
     "compile": st.one_of(st.text(max_size=8).filter(lambda s: s not in COMPILE_BACKENDS), st.integers(), st.booleans()),
     "save_pretrained": st.one_of(st.just(""), st.integers(), st.booleans(), st.lists(st.text(), max_size=2)),
-    "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**63), st.booleans(), _floats(), st.text(max_size=3)),
+    "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32), st.booleans(), _floats(), st.text(max_size=3)),
     **{name: st.one_of(st.integers(max_value=0), st.booleans(), _floats(), st.none())
        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every")},
     "warmup_steps": st.one_of(st.integers(max_value=-1), st.booleans(), _floats(), st.none()),
@@ -83,7 +83,7 @@ def valid_options(draw) -> dict:
         "resume": draw(st.booleans()),
         "on_nonfinite": draw(st.sampled_from(NONFINITE_ACTIONS)),
         "max_nonfinite_skips": draw(st.integers(1, 100)),
-        "seed": draw(st.integers(0, 2**63 - 1)),
+        "seed": draw(st.integers(0, 2**32 - 1)),
         "device": draw(st.one_of(st.sampled_from(["auto", "cpu", "cuda"]), st.integers(0, 64).map(lambda i: f"cuda:{i}"))),
         "tensorboard": draw(st.booleans()),
         "progress": draw(st.booleans()),
@@ -138,7 +138,7 @@ INVALID_OVERRIDES = [
     "grad_clip=-1", "grad_clip=nan", "grad_clip=inf", "device=tpu", "device=cuda:x", "device=cpu:0",
     "bf16='false'", "bf16=1", "progress='no'", "tensorboard=0", "compile=tpu_backend", "compile=1",
     "seed=-1", "seed=0.5", "resume='true'", "on_nonfinite=ignore", "out_dir=''",
-    "batch_size=99999999999999999999", "seed=99999999999999999999", "max_steps=99999999999999999999",
+    "batch_size=99999999999999999999", "seed=99999999999999999999", "seed=4294967296", "max_steps=99999999999999999999",
     "weight_decay=1000",
 ]
 

@@ -91,4 +91,5 @@ class Task:
 def generator_for(seed: int, split: str, index: int) -> torch.Generator:
     """A torch generator seeded from (seed, split, index), so batches never depend on call order."""
     offset = SPLITS.index(split) if split in SPLITS else len(SPLITS)
-    return torch.Generator().manual_seed((seed * 1_000_003 + offset) * 1_000_033 + index)
+    # Modulo 2**64, the most manual_seed takes: a seed above 2**24 overflowed it. Below, nothing changes.
+    return torch.Generator().manual_seed(((seed * 1_000_003 + offset) * 1_000_033 + index) % 2**64)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_seed
 from seqmix.tasks._checks import check_request
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 
@@ -139,7 +139,7 @@ class ByteLM(Task):
     def __init__(self, seq_len: int = 256, cache_dir: str | os.PathLike = "~/.cache/seqmix",
                  max_bytes: int | None = None, seed: int = 0):
         require_int(self.name, "seq_len", seq_len, 1)
-        require_int(self.name, "seed", seed, 0)
+        require_seed(self.name, "seed", seed)
         self.seq_len = seq_len
         self.seed = seed
         self.corpus = StdlibCorpus(cache_dir, max_bytes, self.name)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, SeqmixWarning, require_int
+from seqmix.errors import SeqmixError, SeqmixWarning, require_int, require_seed
 from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
@@ -99,7 +99,7 @@ class Classify(Task):
         if label_column == text_column:
             raise SeqmixError(f"classify: label_column={label_column!r} is the text_column too; name the column holding the labels")
         require_int(self.name, "seq_len", seq_len, 2, "a token of text and the separator")
-        require_int(self.name, "seed", seed, 0)
+        require_seed(self.name, "seed", seed)
         require_number(self.name, "valid_fraction", valid_fraction, 0.0, 1.0)
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise SeqmixError(f"classify: cache_dir={cache_dir!r} is not valid; expected a directory path")

@@ -20,7 +20,7 @@ from typing import Union
 
 import torch
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_seed
 from seqmix.tasks._checks import check_request
 from seqmix.tasks.base import Batch, Task, generator_for
 
@@ -141,7 +141,7 @@ class ListOps(Task):
         require_int(self.name, "max_length", max_length, min_length, "min_length")
         seq_len = max_length if seq_len is None else seq_len
         require_int(self.name, "seq_len", seq_len, max_length, "max_length, so every tree fits")
-        require_int(self.name, "seed", seed, 0)
+        require_seed(self.name, "seed", seed)
         longest = longest_tree(max_depth, max_args)
         if min_length > longest:
             raise SeqmixError(

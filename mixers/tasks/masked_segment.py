@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_seed
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
 from seqmix.tasks.byte_lm import StdlibCorpus
@@ -60,7 +60,7 @@ class MaskedSegment(Task):
         require_int(self.name, "seq_len", seq_len, 1)
         require_number(self.name, "mask_fraction", mask_fraction, 0.0, 1.0)
         require_number(self.name, "mean_span", mean_span, 1.0, low_inclusive=True)
-        require_int(self.name, "seed", seed, 0)
+        require_seed(self.name, "seed", seed)
         self.num_masked = round(mask_fraction * seq_len)
         if self.num_masked < 1:
             raise SeqmixError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_seed
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
 
@@ -49,7 +49,7 @@ class MQAR(Task):
         require_int(self.name, "seq_len", seq_len, 4)
         require_int(self.name, "num_pairs", num_pairs, 1)
         require_number(self.name, "power_a", power_a, 0.0)
-        require_int(self.name, "seed", seed, 0)
+        require_seed(self.name, "seed", seed)
         if 4 * num_pairs > seq_len:
             raise SeqmixError(
                 f"{self.name}: num_pairs={num_pairs} is not valid for seq_len={seq_len}; expected "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_seed
 from seqmix.tasks._checks import check_request
 from seqmix.tasks.base import IGNORE, Batch, Task, generator_for
 
@@ -47,7 +47,7 @@ class SelectiveCopying(Task):
         require_int(self.name, "num_tokens", num_tokens, 1)
         require_int(self.name, "num_tokens_to_copy", num_tokens_to_copy, 1)
         require_int(self.name, "seq_len", seq_len, 3)
-        require_int(self.name, "seed", seed, 0)
+        require_seed(self.name, "seed", seed)
         if 2 * num_tokens_to_copy + 1 > seq_len:
             raise SeqmixError(
                 f"{self.name}: num_tokens_to_copy={num_tokens_to_copy} is not valid for seq_len={seq_len}; expected "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, require_int, require_seed
 from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
@@ -72,7 +72,7 @@ class TextCorpus(Task):
         if not isinstance(text_column, str) or not text_column:
             raise SeqmixError(f"text: text_column={text_column!r} is not valid; expected a column name")
         require_int(self.name, "seq_len", seq_len, 1)
-        require_int(self.name, "seed", seed, 0)
+        require_seed(self.name, "seed", seed)
         require_number(self.name, "valid_fraction", valid_fraction, 0.0, 1.0)
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise SeqmixError(f"text: cache_dir={cache_dir!r} is not valid; expected a directory path")

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seqmix.contract import require_runs_on
-from seqmix.errors import SeqmixError, TrainingStopped, require_choice, require_available_device, require_bool, require_int, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, TrainingStopped, require_available_device, require_bool, require_choice, require_int, require_path, require_seed, require_writable_dir
 from seqmix.model.pretrained import check_pretrained_target
 from seqmix.training.records import evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
@@ -83,7 +83,7 @@ class TrainConfig:
             goes on, logging a ``skipped`` row.
         max_nonfinite_skips: with ``skip``, the most non-finite steps in a row before the run
             stops anyway (a diverged run would otherwise skip every remaining step).
-        seed: seeds the parameter initialisation (an integer in [0, 2**63 - 1], the range of every seed and size).
+        seed: seeds the parameter initialisation (an integer in [0, 2**32 - 1]: torch's generators keep 32 bits of a seed).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:<index>``.
         tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
         progress: show a progress bar.
@@ -136,7 +136,7 @@ class TrainConfig:
         require_int("train", "warmup_steps", self.warmup_steps, 0)
         require_int("train", "keep_checkpoints", self.keep_checkpoints, 1)
         require_int("train", "max_nonfinite_skips", self.max_nonfinite_skips, 1)
-        require_int("train", "seed", self.seed, 0)
+        require_seed("train", "seed", self.seed)
         if self.batch_size % self.grad_accum:
             raise SeqmixError(f"train: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require_number("lr", self.lr, 0.0, math.inf, "finite and > 0", low_open=True)
