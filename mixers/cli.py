@@ -32,6 +32,7 @@ from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks
 from seqmix.configs import _composition_problem as composition_problem
 from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_bool, require_int, require_seed,
                            require_writable_dir, require_writable_file)
+from seqmix.jsontext import strict_json
 from seqmix.terminal import escape_controls
 from seqmix.threads import apply_thread_policy
 
@@ -305,7 +306,7 @@ def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
     recorded = record.get("evaluation", EVALUATION_FALLBACK)
     settings = {name: recorded[name] if value is None else value for name, value in given.items()}
     scores = evaluate(model, task, settings["batch_size"], settings["batches"], "cpu", settings["bf16"])
-    print(json.dumps({"task": type(task).name, **settings, **scores}, indent=2))
+    print(strict_json({"task": type(task).name, **settings, **scores}, indent=2))
     return 0
 
 

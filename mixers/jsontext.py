@@ -9,6 +9,7 @@ covers them all.
 from __future__ import annotations
 
 import json
+import math
 
 
 def parse_json(text: str | bytes):
@@ -18,3 +19,18 @@ def parse_json(text: str | bytes):
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply to read") from None
+
+
+def strict_json(value, **options) -> str:
+    """``json.dumps(value)`` that every JSON parser reads: a NaN or infinity (which Python writes as
+    the bare words NaN and Infinity, outside JSON, and jq refuses) becomes null, at any depth."""
+    def plain(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: plain(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [plain(entry) for entry in item]
+        return item
+
+    return json.dumps(plain(value), allow_nan=False, **options)

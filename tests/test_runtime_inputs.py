@@ -280,3 +280,26 @@ def test_a_tiny_temperature_samples_the_argmax_as_zero_does(temperature):
     logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
     assert sample(logits, temperature, None, np.random.default_rng(1)) == int(logits.argmax())
     assert sample(logits, temperature, 5, np.random.default_rng(1)) == int(logits.argmax())
+
+
+def test_generating_from_a_model_with_nan_weights_names_the_cause():
+    """torch.multinomial's "probability tensor contains either inf, nan or element < 0" reached the user."""
+    from seqmix.model.generation import generate
+
+    model = tiny_preset("mega").eval()
+    with torch.no_grad():
+        model.embed.weight.fill_(float("nan"))
+    for temperature in (0, 1.0):
+        with pytest.raises(SeqmixError, match="generate: the model's logits for new token 0 are not all finite"):
+            generate(model, torch.ones(1, 3, dtype=torch.int64), 2, temperature=temperature)
+
+
+def test_printed_json_holds_null_where_a_score_is_not_finite():
+    """evaluate printed {"loss": NaN}, which jq and every strict parser refuse."""
+    import json
+
+    from seqmix.jsontext import strict_json
+
+    text = strict_json({"loss": float("nan"), "runs": [1.0, float("inf")], "inner": {"x": -float("inf")}, "n": 2})
+    assert json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} in {text}")) == {
+        "loss": None, "runs": [1.0, None], "inner": {"x": None}, "n": 2}

@@ -76,6 +76,11 @@ def _sampled_tokens(model, prompt: Tensor, max_new_tokens: int, temperature: flo
     logits, state = model.step(prompt, state)
     for index in range(max_new_tokens):
         last = logits[:, -1].double()
+        if not torch.isfinite(last).all():
+            # The sampler's own error was "probability tensor contains either inf, nan or element < 0",
+            # and the argmax of NaN a token all the same.
+            raise SeqmixError(f"generate: the model's logits for new token {index} are not all finite; its weights "
+                              "or its state hold NaN or infinity")
         if temperature == 0:
             token = last.argmax(-1)
         else:
