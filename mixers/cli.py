@@ -305,7 +305,8 @@ def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
     task = _recorded_task(options.checkpoint, record)
     recorded = record.get("evaluation", EVALUATION_FALLBACK)
     settings = {name: recorded[name] if value is None else value for name, value in given.items()}
-    scores = evaluate(model, task, settings["batch_size"], settings["batches"], "cpu", settings["bf16"])
+    scores = evaluate(model, task, settings["batch_size"], settings["batches"], "cpu", settings["bf16"],
+                      progress=sys.stderr.isatty())
     print(strict_json({"task": type(task).name, **settings, **scores}, indent=2))
     return 0
 

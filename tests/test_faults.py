@@ -157,6 +157,26 @@ def test_a_signal_stops_training_after_its_step_with_a_checkpoint_that_resumes(t
     assert [row["step"] for row in metric_rows(out) if row["split"] == "train"] == list(range(1, step + 3))
 
 
+def test_a_stop_signal_during_a_long_evaluation_stops_it(tmp_path):
+    """Fault: SIGTERM while an evaluation of train.eval_batches=10**9 batches runs. Outcome: the run
+    stops after that step, its evaluation cut short and not logged; it ran on, past the signal."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*SEQMIX, "train", *TINY, "train.max_steps=100000", "train.eval_every=1", "train.log_every=1",
+                                "train.eval_batches=1000000000", f"train.out_dir={out}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() is not None else "no rows"
+        time.sleep(0.02)
+    time.sleep(0.5)  # well into the evaluation of step 1
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM.value, stderr
+    assert "stopped by SIGTERM after step 1 of 100,000" in stderr
+    assert [row["split"] for row in metric_rows(out)] == ["train"]
+
+
 def test_a_second_stop_signal_stops_at_once():
     from seqmix.training.loop import _StopRequests
 

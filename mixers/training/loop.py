@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,12 +254,22 @@ def correct_count(output: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, batch_size: int, batches: int, device, bf16: bool = False) -> dict[str, float]:
-    """Loss per target and the task's metric over its fixed evaluation set."""
+def evaluate(model: nn.Module, task: Task, batch_size: int, batches: int, device, bf16: bool = False,
+             stop: Callable[[], bool] | None = None, progress: bool = False) -> dict[str, float] | None:
+    """Loss per target and the task's metric over its fixed evaluation set.
+
+    ``stop``, asked before each batch, ends the evaluation when it returns True, which then returns
+    None (training asks whether a stop signal came: train.eval_batches=10**9 ran on past SIGTERM).
+    ``progress`` shows a bar over the batches on stderr.
+    """
     was_training = model.training
     model.eval()
     total, count, correct = 0.0, 0, 0
-    for batch in task.eval_batches(batch_size, batches):
+    for batch in tqdm(task.eval_batches(batch_size, batches), total=batches, disable=not progress, unit="batch",
+                      desc="evaluate", dynamic_ncols=True):
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         batch = batch.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             output = predict(model, batch)
@@ -599,8 +609,9 @@ def _train_in_locked_dir(
                     row[task.metric] = loss_value / math.log(2)
                 log(row)
             if done % config.eval_every == 0 or done == config.max_steps:
-                scores = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)
-                if rank == 0:
+                scores = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16,
+                                  stop=lambda: stops.received is not None)
+                if rank == 0 and scores is not None:
                     log({"step": done, "split": "valid", **scores})
                     bar.write(f"step {done}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in scores.items()))
             if rank == 0 and (done % config.checkpoint_every == 0 or done == config.max_steps):
@@ -621,7 +632,9 @@ def _train_in_locked_dir(
             writer.close()
     final = next((row for row in reversed(history) if row["split"] == "valid"), None)
     if final is None:
-        final = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16)
+        # None again when a stop signal came during the last step's evaluation: the run is whole, its scores unknown.
+        final = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16,
+                         stop=lambda: stops.received is not None) or {}
     seconds = time.perf_counter() - started
     return RunResult(
         steps=config.max_steps,
