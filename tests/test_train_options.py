@@ -217,3 +217,11 @@ def test_a_device_a_mixers_path_cannot_run_on_is_refused_before_anything_is_writ
         train(experiment.model, experiment.task, experiment.train, record)
     assert not Path(experiment.train.out_dir).exists()
     assert all(p.device.type == "cpu" for p in experiment.model.parameters())
+
+
+def test_a_model_vocabulary_the_task_replaces_is_still_checked(tmp_path, capsys):
+    """model.vocab_size=-1 trained without a word: the task's vocabulary replaces it, unchecked."""
+    out_dir = tmp_path / "run"
+    assert main(["train", *TINY_TRAIN, "model.vocab_size=-1", f"train.out_dir={out_dir}"]) == 2
+    assert "model: vocab_size=-1 is not valid; expected an integer >= 2" in capsys.readouterr().err
+    assert not out_dir.exists()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, require_int
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.model.description import model_description
 from seqmix.model.sequence_model import SequenceModel
@@ -33,6 +33,8 @@ def adapt_model_config(model_config: DictConfig | dict, task: Task) -> dict:
     embedding), and for a masked-LM head on masked objectives.
     """
     config = model_description(model_config)
+    # Checked though the task's replaces it: model.vocab_size=-1 went through without a word.
+    require_int("model", "vocab_size", config["vocab_size"], 2, "replaced by the task's vocabulary in training")
     config["vocab_size"] = task.vocab_size
     if config["head"]["head"] != task.head:
         config["head"] = {"head": task.head}
