@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -450,8 +451,21 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
 
     tokenizer = train_bpe(texts(), options.vocab_size, out, options.min_frequency)
     print(f"wrote {out}: {tokenizer.vocab_size:,} tokens (separator id {tokenizer.separator}); train with "
-          f"{PROGRAM} train task=text task.path={options.path} task.tokenizer={out}")
+          f"{PROGRAM} train task=text {shell_override('task.path', options.path)} {shell_override('task.tokenizer', out)}")
     return 0
+
+
+def shell_override(key: str, value) -> str:
+    """``key=value`` as one shell word that Hydra reads back as ``value`` (a path with spaces or
+    other letters than ASCII's was printed bare, and failed pasted back: split by the shell, or
+    refused by Hydra's lexer): quoted for Hydra (its quotes escaped), then for the shell."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if re.fullmatch(r"[A-Za-z0-9_./:+-]+", text):
+        return f"{key}={text}"
+    quoted = "'" + text.replace("'", "\\'") + ("\\" if text.endswith("\\") else "") + "'"
+    word = f"{key}={quoted}"
+    # In double quotes, the way one types it, unless the shell would read something there.
+    return f'"{word}"' if not set(word) & set('"$`\\!') else shlex.quote(word)
 
 
 @dataclass

@@ -312,3 +312,25 @@ def test_the_export_runner_and_the_tasks_agree_on_the_companion_files():
     from seqmix.export.run_onnx import COMPANIONS
 
     assert set(COMPANIONS) == set(MODEL_FILES)
+
+
+@pytest.mark.parametrize("name", ["üni code dir", "it's here", "a,b=c", "$HOME", 'say "hi"'])
+def test_the_printed_train_command_reads_back_the_corpus_and_tokenizer_paths(name, tmp_path, capsys):
+    """A path with a space or a letter outside ASCII was printed bare: the shell split it, Hydra's lexer refused it."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from seqmix.cli import main, shell_override
+
+    corpus = tmp_path / name
+    corpus.mkdir()
+    write_jsonl(corpus / "c.jsonl", 5)
+    out = tmp_path / f"{name}.json"
+    arguments = [word for key, value in (("path", corpus), ("out", out)) for word in shlex.split(shell_override(key, value))]
+    assert main(["tokenizer", *arguments, "vocab_size=300", "min_frequency=1"]) == 0
+    command = capsys.readouterr().out.split("train with ")[1].strip()
+    words = shlex.split(command)
+    assert words[:3] == ["seqmix", "train", "task=text"]
+    parser = OverridesParser.create()
+    assert [parser.parse_override(word).value() for word in words[3:]] == [str(corpus), str(out)]
