@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -225,3 +226,20 @@ def test_a_model_vocabulary_the_task_replaces_is_still_checked(tmp_path, capsys)
     assert main(["train", *TINY_TRAIN, "model.vocab_size=-1", f"train.out_dir={out_dir}"]) == 2
     assert "model: vocab_size=-1 is not valid; expected an integer >= 2" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_run_again_in_place(tmp_path, capsys):
+    """Its retry was refused: "already holds a run; pass train.resume=true", for a folder holding
+    only the failed run's record and metrics."""
+    out_dir = tmp_path / "run"
+    diverging = ["train.lr=1e30", "train.weight_decay=0", "train.grad_clip=0", "train.checkpoint_every=1000", "train.max_steps=3"]
+    assert main(["train", *TINY_TRAIN, *diverging, f"train.out_dir={out_dir}"]) == 2
+    assert "Last good checkpoint: none yet" in capsys.readouterr().err
+    assert (out_dir / "run.json").is_file()
+    assert main(["train", *TINY_TRAIN, "train.max_steps=2", f"train.out_dir={out_dir}"]) == 0
+    assert "holds a run that stopped before its first checkpoint; starting it again from step 0" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["split"] == "train"] == [1, 2]
+    # With a checkpoint in it, the folder is a run to resume, as before.
+    assert main(["train", *TINY_TRAIN, "train.max_steps=2", f"train.out_dir={out_dir}"]) == 2
+    assert "already holds a run; pass train.resume=true" in capsys.readouterr().err

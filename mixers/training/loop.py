@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -31,12 +32,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seqmix.contract import require_runs_on
-from seqmix.errors import SeqmixError, TrainingStopped, require_available_device, require_bool, require_choice, require_int, require_path, require_seed, require_writable_dir
+from seqmix.errors import SeqmixError, SeqmixWarning, TrainingStopped, require_available_device, require_bool, require_choice, require_int, require_path, require_seed, require_writable_dir
 from seqmix.model.pretrained import check_pretrained_target
 from seqmix.training.records import evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
+    CHECKPOINTS,
     RUN,
     checkpoint_name,
     latest_checkpoint,
@@ -361,11 +363,18 @@ def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[
     model_files = dict(model_files or {})
     out_dir = Path(config.out_dir)
     record = out_dir / RUN
+    checkpoints = out_dir / CHECKPOINTS
     if record.exists() and not config.resume:
-        raise SeqmixError(
-            f"train.out_dir={str(out_dir)!r} already holds a run; pass train.resume=true to continue it, "
-            "or choose another train.out_dir"
-        )
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            raise SeqmixError(
+                f"train.out_dir={str(out_dir)!r} already holds a run; pass train.resume=true to continue it, "
+                "or choose another train.out_dir"
+            )
+        # A run that failed before its first checkpoint (out of memory, say) left only its record and
+        # metrics: nothing to continue, and its retry was refused. It starts again in its place.
+        warnings.warn(SeqmixWarning(f"train.out_dir={str(out_dir)!r} holds a run that stopped before its first checkpoint; "
+                                    "starting it again from step 0"))
+        (out_dir / METRICS).unlink(missing_ok=True)
     if config.resume and not record.exists():
         raise SeqmixError(f"train.resume=true but {out_dir} holds no run to resume")
     if config.resume:
