@@ -224,3 +224,16 @@ def test_every_loader_names_a_location_that_is_not_a_path(loader, field, value):
     """load_run(None) was os.fspath's TypeError, and load_run('') read config.json in the current folder."""
     with pytest.raises(SeqmixError, match=re.escape(f"{field}={value!r} is not valid; expected a non-empty path")):
         loader(value)
+
+
+def test_weights_that_are_not_finite_are_refused_on_load(tmp_path):
+    """A checksummed model.safetensors of NaN weights loaded, and gave NaN logits for every input."""
+    from safetensors.torch import load_file, save_file
+
+    seqmix.save_model(build("model=ema_conv"), tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["embed.weight"][3, 1] = float("nan")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    write_checksums(tmp_path)
+    with pytest.raises(SeqmixError, match="model.safetensors: tensor 'embed.weight' holds NaN or infinite values"):
+        seqmix.load_model(tmp_path)

@@ -436,6 +436,10 @@ def check_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor | t
         if isinstance(value, torch.Tensor) and not _dtype_fits(value.dtype, expected[name].dtype):
             raise SeqmixError(f"{source}: tensor {name!r} holds {str(value.dtype).removeprefix('torch.')} values, the model's "
                               f"{name!r} is {str(expected[name].dtype).removeprefix('torch.')}; was it saved from another model?")
+        # Training stops at the first NaN, so no model seqmix saves holds one: such weights loaded
+        # without a word and made every output NaN.
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise SeqmixError(f"{source}: tensor {name!r} holds NaN or infinite values; these weights are damaged")
     stored = {id(expected[name]) for name in tensors}
     missing = [name for name, value in expected.items() if name not in tensors and id(value) not in stored]
     if missing:
