@@ -266,7 +266,8 @@ def _recorded_task(checkpoint: str, record: dict):
     from seqmix.training.records import build_task
 
     if "task" not in record:
-        raise SeqmixError(f"{checkpoint} has no run.json naming its task; was it written by {PROGRAM} train?")
+        raise SeqmixError(f"{checkpoint} names no task (no run.json of {PROGRAM} train, nor a task in its config.json); "
+                          "a pretrained directory records one when saved with save_pretrained(..., task={'task': <name>, ...})")
     try:
         task = build_task(record["task"], trust_paths=False)
     except SeqmixError as error:
@@ -894,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
         print(overview())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
+        if argv[1:]:
+            print(f"{PROGRAM}: error: {argv[0]} takes no arguments, got {argv[1:]}", file=sys.stderr)
+            return 2
         print(version_line())
         return 0
     name, argv = argv[0], argv[1:]

@@ -55,6 +55,9 @@ def test_version_names_seqmix_torch_and_python(flag, capsys):
 
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert pyproject["project"]["version"] == seqmix.__version__
+    # Anything after it was ignored without a word.
+    status, out, err = run(capsys, flag, "extra")
+    assert status == 2 and out == "" and f"{flag} takes no arguments, got ['extra']" in err
 
 
 def test_no_command_prints_the_overview_and_fails(capsys):

@@ -153,6 +153,16 @@ HOSTILE = [
 ]
 
 
+def test_a_config_json_that_is_no_object_says_so(saved, tmp_path):
+    """A list was reported as model_type='list'."""
+    directory = tmp_path / "model"
+    shutil.copytree(saved, directory)
+    (directory / CONFIG_JSON).write_text("[1, 2]")
+    write_checksums(directory)
+    with pytest.raises(SeqmixError, match=r"config.json holds a JSON list, not an object"):
+        from_pretrained(directory)
+
+
 @pytest.mark.parametrize("what, edit, message", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_a_hostile_config_json_is_refused_even_with_rewritten_checksums(what, edit, message, saved, tmp_path):
     directory = tmp_path / "model"

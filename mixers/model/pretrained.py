@@ -216,9 +216,11 @@ def read_config_json(path: Path) -> dict:
         config = parse_json(path.read_text())
     except (OSError, ValueError) as error:
         raise SeqmixError(f"{path} is not readable JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
-        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise SeqmixError(f"{path}: model_type={found!r}; seqmix loads only model_type={MODEL_TYPE!r}")
+    if not isinstance(config, dict):
+        raise SeqmixError(f"{path} holds a JSON {type(config).__name__}, not an object; a pretrained config.json is "
+                          f"{{\"model_type\": \"{MODEL_TYPE}\", ...}}")
+    if config.get("model_type") != MODEL_TYPE:
+        raise SeqmixError(f"{path}: model_type={config.get('model_type')!r}; seqmix loads only model_type={MODEL_TYPE!r}")
     description = {key: value for key, value in config.items() if key not in ("model_type", "seqmix_version", *TRAINING_KEYS)}
     try:
         return model_description(description)
