@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 from collections.abc import Collection, Mapping, Sequence
 
 from seqmix.terminal import escape_controls
@@ -71,6 +72,7 @@ def write_csv(rows: Sequence[Mapping], path: str | os.PathLike, columns: Sequenc
     """
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()

@@ -422,3 +422,9 @@ def test_gather_replaces_a_csv_only_when_asked_and_refuses_an_empty_root(tmp_pat
     assert main(["gather", f"root={tmp_path}", f"csv={record}", "overwrite=true"]) == 0
     assert record.read_text() != "{}"
     assert main(["gather", "root="]) == 2 and "root='' is not a directory" in capsys.readouterr().err
+
+
+def test_gather_makes_the_folder_of_its_csv(tmp_path, capsys):
+    """csv=<a folder that does not exist yet>/t.csv passed the check, then failed with No such file or directory."""
+    assert main(["gather", f"root={tmp_path}", f"csv={tmp_path / 'new' / 'deeper' / 't.csv'}"]) == 0
+    assert (tmp_path / "new" / "deeper" / "t.csv").is_file()

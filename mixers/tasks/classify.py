@@ -129,7 +129,7 @@ class Classify(Task):
         for split in SPLITS:
             if not rows[split]:
                 raise SeqmixError(f"classify: the {split} split of {path!r} has no rows ({sum(rows.values())} rows in all, "
-                                  f"valid_fraction={valid_fraction}); add rows or change valid_fraction")
+                                  f"valid_fraction={valid_fraction}); add rows or change task.valid_fraction")
         self.tokens = {split: np.memmap(self.cache / self._token_file(split), dtype=self.dtype, mode="r", shape=(rows[split], seq_len))
                        for split in SPLITS}
         self.lengths = {split: np.load(self.cache / f"{split}.lengths.npy", mmap_mode="r") for split in SPLITS}

@@ -105,9 +105,9 @@ class TextCorpus(Task):
                               "several (the files of a directory or a glob, or one per row of JSONL, CSV or Parquet)")
                 elif documents[split] == 0:
                     advice = (f"each document goes to train or valid whole, by its hash, and none of the "
-                              f"{sum(documents.values())} went to {split}: give more documents or change valid_fraction")
+                              f"{sum(documents.values())} went to {split}: give more documents or change task.valid_fraction")
                 else:
-                    advice = "add text, lower seq_len or change valid_fraction"
+                    advice = "add text, lower task.seq_len or change task.valid_fraction"
                 raise SeqmixError(
                     f"text: the {split} split of {path!r} has {data.size} tokens ({documents[split]} documents), "
                     f"fewer than seq_len + 1 = {seq_len + 1}; {advice}"
