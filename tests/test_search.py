@@ -87,7 +87,9 @@ def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_a
 def test_a_diverging_trial_fails_and_the_study_goes_on_with_intermediate_reports(tmp_path):
     out_dir = tmp_path / "search"
     # On a journal file, the storage for studies shared through a network disk.
+    # Without weight decay: lr = 1e9 with it is refused before the trial trains (lr × weight_decay >= 1).
     config = tiny(out_dir, f"search.storage=journal:{tmp_path / 'journal' / 'study.log'}", "search.objectives=[metric]", "search.pruner=median",
+                  "train.weight_decay=0",
                   "++search.pruner_options={n_startup_trials: 1, n_warmup_steps: 0}", f"search.enqueue=[{DIVERGING_TRIAL}]")
     with pytest.warns(UserWarning, match="out of range"):  # the enqueued lr lies outside the space
         outcome = run_search(config, log=lambda line: None)

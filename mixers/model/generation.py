@@ -34,7 +34,6 @@ def stream_tokens(
     Returns:
         an iterator of (B,) token ids.
     """
-    require_module("generate: model", model)
     if not isinstance(prompt, Tensor):
         raise SeqmixError(f"generate: the prompt must be a (B, P) tensor of token ids, got a {type(prompt).__name__}")
     if prompt.dim() != 2 or prompt.shape[1] < 1:
@@ -48,6 +47,7 @@ def stream_tokens(
         require_int("generate", "top_k", top_k, 1, "or None for no cut-off")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise SeqmixError(f"generate: generator={generator!r} is not valid; expected a torch.Generator or None")
+    require_module("generate: model", model)
     limit = getattr(model, "token_limit", None)
     # The prompt and every sampled token but the last go through the model.
     if limit is not None and prompt.shape[1] + max_new_tokens - 1 > limit:
