@@ -31,6 +31,8 @@ from seqmix.errors import require_int, require_module, require_path
 from seqmix.timing import Timing, time_calls
 
 from seqmix.contract import length_unit
+from seqmix.model.sequence_model import SequenceModel
+from seqmix.tasks.base import Task
 from .manifest import COMPANIONS, FORMATS, staged_export, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
@@ -190,6 +192,13 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
     export is complete; an export that fails or is killed part-way leaves it as it was.
     """
     require_module("export: model", model)
+    # Checked before any graph is written: a Linear, or a task of None, failed with an AttributeError
+    # after the export's work was done.
+    if not isinstance(model, SequenceModel):
+        raise SeqmixError(f"export: model must be a seqmix model (seqmix.instantiate_model, load_model or from_pretrained), "
+                          f"got a {type(model).__name__}")
+    if not isinstance(task, Task):
+        raise SeqmixError(f"export: task must be a seqmix task (seqmix.tasks.build_task), got {task!r}")
     check_export_options(kind, quantize, length)
     require_path("export: out_dir", out_dir)  # the text itself: Path("") would be the current folder
     files = dict(files or {})

@@ -285,4 +285,9 @@ def test_the_exporters_name_a_model_or_folder_that_is_not_one_before_writing_any
         export_onnx(tiny_preset("mega"), None)
     with pytest.raises(SeqmixError, match="export: model must be a torch.nn.Module .*got a str"):
         export_model("mega", build_task("byte_lm"), "onnx", tmp_path / "b")
+    # Each was an AttributeError once the graphs had been exported.
+    with pytest.raises(SeqmixError, match="export: model must be a seqmix model .*got a Linear"):
+        export_model(torch.nn.Linear(2, 2), build_task("byte_lm"), "onnx", tmp_path / "c")
+    with pytest.raises(SeqmixError, match="export: task must be a seqmix task .*got None"):
+        export_model(tiny_preset("mega"), None, "onnx", tmp_path / "d")
     assert list(tmp_path.iterdir()) == []
