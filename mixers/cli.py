@@ -795,6 +795,32 @@ def _config_flag(argv: list[str]) -> tuple[list[str], bool]:
     return rest, shown
 
 
+SWEEP_HYDRA_KEYS = ("hydra.launcher.", "hydra.sweep.dir", "hydra.sweep.subdir")
+"""The Hydra settings a sweep may override, besides ``hydra/launcher=<seqmix's preset>``: its launcher's
+options and where it writes. Hydra calls what its other settings name (``hydra.callbacks.<x>._target_``,
+a logging handler's factory), so ``-m +hydra.callbacks.x._target_=builtins.open`` ran that call."""
+
+
+def _refuse_sweep_hydra_settings(argv: list[str]) -> None:
+    """Refuse, in a sweep, an override of a Hydra setting outside SWEEP_HYDRA_KEYS, a ``_target_``
+    anywhere in one, and a launcher that is not one of seqmix's presets."""
+    launchers = config_groups().get(LAUNCHER_GROUP, [])
+    for argument in argv:
+        key, _, value = argument.partition("=")
+        key = key.lstrip("+~")
+        if not (key == "hydra" or key.startswith(("hydra.", "hydra/"))):
+            continue
+        if key == LAUNCHER_GROUP:
+            if value not in launchers:
+                raise SeqmixError(f"{argument!r}: a sweep runs on one of seqmix's launchers, {launchers} "
+                                  f"(conf/{LAUNCHER_GROUP}/), or Hydra's own without {LAUNCHER_GROUP}")
+            continue
+        allowed = key.startswith(SWEEP_HYDRA_KEYS) and not any(part.startswith("_") for part in key.split("."))
+        if not allowed:
+            raise SeqmixError(f"{argument!r}: a sweep may set {LAUNCHER_GROUP}, hydra.launcher.<option> and "
+                              "hydra.sweep.dir or subdir; Hydra would call what its other settings name")
+
+
 def _refuse_hydra_settings(command: Command, argv: list[str]) -> None:
     """Refuse an override of Hydra's own settings (``hydra.run.dir=...``, ``hydra/launcher=...``) outside a
     sweep: a single run goes where the command's options say, and Hydra would have ignored it without a word."""
@@ -918,6 +944,9 @@ def main(argv: list[str] | None = None) -> int:
         if {"-m", "--multirun"} & set(argv):
             if not command.sweeps:
                 raise SeqmixError(f"-m/--multirun sweeps only apply to {[c for c, cmd in COMMANDS.items() if cmd.sweeps]}")
+            if {"--cfg", "-c"} & set(argv):
+                raise SeqmixError("--cfg prints the config of one run; leave out -m to see it (it was Hydra's ValueError)")
+            _refuse_sweep_hydra_settings(argv)
             return _sweep(command, argv)
         argv, show_config = _config_flag(argv)
         argv, search_path = _config_dir_overrides(argv)

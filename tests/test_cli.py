@@ -428,3 +428,19 @@ def test_gather_makes_the_folder_of_its_csv(tmp_path, capsys):
     """csv=<a folder that does not exist yet>/t.csv passed the check, then failed with No such file or directory."""
     assert main(["gather", f"root={tmp_path}", f"csv={tmp_path / 'new' / 'deeper' / 't.csv'}"]) == 0
     assert (tmp_path / "new" / "deeper" / "t.csv").is_file()
+
+
+@pytest.mark.parametrize("override", ["+hydra.callbacks.x._target_=builtins.open", "+hydra.callbacks.x.file=/tmp/x",
+                                      "hydra.launcher._target_=os.system", "+hydra.job_logging.root.level=DEBUG",
+                                      "hydra/launcher=evil", "hydra/sweeper=basic"])
+def test_a_sweep_refuses_hydra_settings_that_name_code_to_call(override, tmp_path, capsys):
+    """-m +hydra.callbacks.x._target_=builtins.open +hydra.callbacks.x.file=<path> created that file:
+    Hydra calls what its callbacks name."""
+    assert main(["train", "-m", override, f"train.out_dir={tmp_path / 'sweep'}"]) == 2
+    assert f"{override!r}: a sweep" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_with_cfg_is_refused_in_one_line(capsys):
+    assert main(["train", "-m", "--cfg", "job", "model=gpt2"]) == 2
+    assert "--cfg prints the config of one run; leave out -m" in capsys.readouterr().err
