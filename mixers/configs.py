@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, one_line
 
 CONF_DIR = Path(str(files("seqmix.conf")))
 """The config directory; Hydra reads it from the file system, so the package must not be zipped."""
@@ -83,18 +83,34 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config", w
                           "['model=megalodon', 'model.d_model=256']")
     if not CONF_DIR.is_dir():
         raise SeqmixError(f"the config directory {CONF_DIR} is missing; reinstall seqmix (pip install seqmix)")
+    import yaml
+
     store_code_defaults()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_choices)
+            config = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_choices)
+        # Resolved once here, so that an interpolation that cannot be (a missing key, a loop, an unknown
+        # resolver) is named now, not as OmegaConf's traceback wherever a value is first read.
+        # Hydra's own node is left out: its interpolations resolve only inside a running job.
+        body = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]) if with_choices else config
+        OmegaConf.to_container(body, resolve=True)
+        return config
     except (HydraException, OmegaConfBaseException) as error:
         raise SeqmixError(_composition_problem(error, overrides, config_name)) from None
+    except yaml.YAMLError as error:
+        raise SeqmixError(f"a config file is not readable YAML ({one_line(error)})") from None
+    except RecursionError:
+        raise SeqmixError("a config refers to itself in a loop: a defaults list that comes back to itself, or a YAML "
+                          "anchor used inside itself") from None
+    except ValueError as error:
+        # Hydra's own, for an override it cannot apply (model=null: "Config group override must be a string or a list").
+        raise SeqmixError(f"cannot apply the overrides {list(overrides)}: {' '.join(str(error).split())}") from None
 
 
 def _composition_problem(error: Exception, overrides: Sequence[str], config_name: str) -> str:
     """One line (or a few) saying what is wrong with ``overrides``, in the user's terms."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError, UnsupportedInterpolationType
 
     text = str(error)
     if isinstance(error, MissingConfigException):
@@ -110,6 +126,9 @@ def _composition_problem(error: Exception, overrides: Sequence[str], config_name
         return (f"{problem}: {text.splitlines()[0]} (Hydra's syntax: key=value, group=preset, +key=value, ~key; "
                 "quote a value holding characters beyond ASCII letters, digits and -_./:@ (accented letters, brackets, "
                 "=, #, ...) as key='value')")
+    if isinstance(error, (InterpolationResolutionError, UnsupportedInterpolationType)):
+        key = getattr(error, "full_key", None)
+        return f"cannot resolve {key or 'an interpolation'}: {text.splitlines()[0]}"
     cause = error.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or str(cause).split("'")[1]

@@ -147,3 +147,28 @@ def test_compose_config_refuses_overrides_that_are_not_a_list_of_strings(overrid
     a TypeError from Hydra's parser."""
     with pytest.raises(seqmix.SeqmixError, match=r"overrides=.* is not valid; expected a list of strings"):
         compose_config(overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_model=${nope}"], r"cannot resolve model.d_model: Interpolation key 'nope' not found"),
+    (["model.d_model=${model.d_model}"], r"cannot resolve model.d_model: Recursive interpolation detected"),
+    (["model.d_model=${foo:bar}"], r"cannot resolve model.d_model: Unsupported interpolation type foo"),
+    (["model=null"], r"cannot apply the overrides \['model=null'\]: Config group override must be a string"),
+])
+def test_an_interpolation_that_cannot_resolve_is_named_when_the_config_is_composed(overrides, message):
+    """Each was OmegaConf's (or Hydra's) traceback wherever the value was first read, in every command."""
+    with pytest.raises(seqmix.SeqmixError, match=message):
+        compose_config(overrides)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("defaults:\n  - loop\n", "a config refers to itself in a loop"),
+    ("defaults:\n  - gpt2\nmixers: &a [*a]\n", "a config refers to itself in a loop"),
+    ("d_model: [16\n", r"a config file is not readable YAML \(ParserError: "),
+])
+def test_a_config_directory_of_looping_or_broken_yaml_is_refused_in_one_line(content, message, tmp_path):
+    """A defaults list that comes back to itself or a self-referencing anchor was a RecursionError, a broken file YAML's traceback."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "loop.yaml").write_text(content)
+    with pytest.raises(seqmix.SeqmixError, match=message):
+        compose_config([f"hydra.searchpath=[file://{tmp_path}]", "model=loop"])
