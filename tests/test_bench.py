@@ -432,6 +432,10 @@ def test_a_claim_whose_side_cannot_run_is_missing(monkeypatch):
         # Lengths were sorted before they were checked: a name among them was a TypeError.
         (["bench.lengths=[a,3]"], ["lengths='a'", "integer >= 1"]),
         (["bench.lengths=[64,32,64]"], ["bench.lengths lists 64 twice"]),
+        # A flag took any value: plots=no drew the plots, peers=off timed the peers.
+        (["bench.plots=no"], ["bench: plots='no' is not valid; expected True or False"]),
+        (["bench.peers=1.5"], ["bench: peers=1.5 is not valid"]),
+        (["bench.strict=maybe"], ["bench: strict='maybe' is not valid"]),
         (["bench.runtimes=[eager,onnxruntime,eager]"], ["bench.runtimes lists 'eager' twice"]),
         (["bench.passes=[forward,forward]"], ["bench.passes lists 'forward' twice"]),
         # A name where a list goes was read one character at a time (mixer='e').

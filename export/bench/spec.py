@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
 from seqmix.contract import PASSES
-from seqmix.errors import choice_error, require_choice, require_int, require_writable_dir
+from seqmix.errors import choice_error, require_bool, require_choice, require_int, require_writable_dir
 from seqmix.registry import list_mixers, mixer_class
 
 from .peers import PEER_RUNTIMES, PEERS, peer_unavailable
@@ -230,6 +230,9 @@ class BenchSpec:
             if twice is not None:
                 raise SeqmixError(f"bench.{name} lists {twice!r} twice; each would be measured and reported twice")
         object.__setattr__(self, "lengths", tuple(sorted(self.lengths)))  # measured in increasing order
+        # "no" or 0 read as true: plots were drawn and peers timed.
+        for name in ("peers", "plots", "strict", "progress"):
+            require_bool("bench", name, getattr(self, name))
         require_int("bench", "batch", self.batch, 1, "B")
         require_int("bench", "width", self.width, 1, "D of the mixers")
         require_int("bench", "repeats", self.repeats, 1, "timed runs")
