@@ -65,6 +65,15 @@ def store_code_defaults() -> None:
         store.store(group=f"{DEFAULTS_GROUP}/task", name=name, node=task_description({"task": name}))
 
 
+def require_overrides(overrides) -> None:
+    """Raise unless ``overrides`` is a list of strings: a bare string would be read one character at a
+    time, and anything but strings reaches Hydra's parser. Callers that add overrides of their own check
+    the caller's first."""
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence) or not all(isinstance(o, str) for o in overrides):
+        raise SeqmixError(f"overrides={overrides!r} is not valid; expected a list of strings, e.g. "
+                          "['model=megalodon', 'model.d_model=256']")
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config", with_choices: bool = False) -> DictConfig:
     """The root config with Hydra overrides applied, e.g. ["model=megalodon", "model.d_model=256"].
 
@@ -77,10 +86,7 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config", w
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    # A bare string would be read one character at a time, and anything but strings reaches Hydra's parser.
-    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence) or not all(isinstance(o, str) for o in overrides):
-        raise SeqmixError(f"overrides={overrides!r} is not valid; expected a list of strings, e.g. "
-                          "['model=megalodon', 'model.d_model=256']")
+    require_overrides(overrides)
     if not CONF_DIR.is_dir():
         raise SeqmixError(f"the config directory {CONF_DIR} is missing; reinstall seqmix (pip install seqmix)")
     import yaml

@@ -246,6 +246,9 @@ def test_space_sets_mixer_options_on_the_base_preset():
 def test_bad_search_configs_name_the_valid_choices(tmp_path):
     with pytest.raises(SeqmixError, match=r"search='nope'.*'mqar'.*'tiny'"):
         compose_search_config("nope")
+    # A string was read one character at a time: "cannot read the override ... Error parsing override 's'".
+    with pytest.raises(SeqmixError, match=r"overrides='search.n_trials=2' is not valid; expected a list of strings"):
+        compose_search_config("tiny", "search.n_trials=2")
     with pytest.raises(SeqmixError, match=r"search.space.mixers='lstm'.*'softmax_attention'.*'tcn'"):
         SearchSpace.from_config({"mixers": ["tcn", "lstm"]})
     with pytest.raises(SeqmixError, match=r"no entry 'width'.*'d_model'"):

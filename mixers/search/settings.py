@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.configs import compose_config, config_groups
+from seqmix.configs import compose_config, config_groups, require_overrides
 from seqmix.errors import (SeqmixError, require_choice, require_int, require_path, require_writable_dir,
                            require_writable_file)
 from seqmix.search.space import SearchSpace
@@ -43,6 +43,7 @@ def compose_search_config(name: str, overrides: Sequence[str] = ()) -> DictConfi
 
     searches = config_groups().get("search", [])
     require_choice("search", name, searches)
+    require_overrides(overrides)
     try:
         return compose_config([f"+search={name}", *overrides])
     except HydraException as error:
