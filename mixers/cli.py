@@ -915,6 +915,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``seqmix <command> [overrides]``; the exit status is 0, 1 (the command failed) or 2 (bad input)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``seqmix bench --help | head``): stop quietly with status 1, as
+    other command-line tools do, instead of a BrokenPipeError traceback; stdout goes to /dev/null so
+    that Python's flush at exit does not raise it again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
+def _main(argv: list[str] | None) -> int:
     _write_any_character()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

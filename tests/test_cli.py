@@ -444,3 +444,14 @@ def test_a_sweep_refuses_hydra_settings_that_name_code_to_call(override, tmp_pat
 def test_a_sweep_with_cfg_is_refused_in_one_line(capsys):
     assert main(["train", "-m", "--cfg", "job", "model=gpt2"]) == 2
     assert "--cfg prints the config of one run; leave out -m" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """seqmix bench --help | true ended in a BrokenPipeError traceback (and so did the exported runner)."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe now fails with EPIPE
+    try:
+        done = subprocess.run([*SEQMIX, "bench", "--help"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
