@@ -296,6 +296,14 @@ def stream_limit(step: dict) -> int | None:
     return int(high) if low == "1" and high.isdigit() and high.isascii() and int(high) >= 1 else None
 
 
+def parallel_limit(parallel: dict) -> int | None:
+    """The longest sequence the parallel graph takes (its ``dynamic_dims.length``, ``"multiple of U, up to N"``); None when unreadable."""
+    dims = parallel.get("dynamic_dims")
+    text = dims.get("length") if isinstance(dims, dict) else None
+    found = re.fullmatch(r"multiple of \d+, up to (\d+)", text) if isinstance(text, str) and text.isascii() else None
+    return int(found.group(1)) if found else None
+
+
 def token_input(step: dict) -> str:
     """The name of the step graph's token input."""
     return next(spec["name"] for spec in step["inputs"] if spec["name"] in TOKEN_INPUTS)
@@ -417,6 +425,10 @@ def classify(directory: Path, manifest: dict, ids: list[int]) -> np.ndarray:
     parallel = OnnxModel(directory, manifest["parallel"], manifest["vocab_size"])
     unit = manifest["parallel"]["length_unit"]
     length = -(-len(ids) // unit) * unit
+    limit = parallel_limit(manifest["parallel"])
+    if limit is not None and length > limit:
+        # ONNX Runtime's Gather error otherwise, or a length beyond what the export was verified at.
+        raise ExportError(f"--ids holds {len(ids)} tokens; this export takes at most {limit} in one sequence")
     tokens = np.zeros((1, length), dtype=np.int64)
     tokens[0, : len(ids)] = ids
     mask = np.arange(length)[None, :] >= len(ids)
@@ -437,6 +449,19 @@ class _Parser(argparse.ArgumentParser):
 def escape_controls(text: str, keep: str = "") -> str:
     """``text`` with every control character but those in ``keep`` written as its Python escape (``\\x1b``)."""
     return CONTROLS.sub(lambda match: match.group() if match.group() in keep else repr(match.group())[1:-1], text)
+
+
+def _graph_errors() -> tuple[type[BaseException], ...]:
+    """The errors of opening or running a graph that does not fit its manifest: ONNX Runtime's own
+    (which derive from Exception alone) and NumPy's for a size it cannot allocate or index."""
+    errors: tuple[type[BaseException], ...] = (RuntimeError, ValueError, MemoryError, OverflowError, IndexError)
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+    except ImportError:
+        return errors
+    names = ("Fail", "InvalidArgument", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NoModel", "RuntimeException",
+             "NotImplemented", "ModelLoaded", "EngineError", "EPFail")
+    return errors + tuple(getattr(state, name) for name in names if hasattr(state, name))
 
 
 def main(argv: list[str]) -> int:
@@ -476,6 +501,15 @@ def main(argv: list[str]) -> int:
     except ExportError as error:
         shown = escape_controls(str(error), keep="\n")
         print(f"run_onnx: error: {shown}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001  (narrowed at once to the errors of running a graph)
+        if not isinstance(error, _graph_errors()):
+            raise
+        # ONNX Runtime's and NumPy's own errors, where a graph does not fit its manifest (a damaged or
+        # swapped graph, sizes the graph refuses): one line naming the export, as for the checks above.
+        reason = " ".join(str(error).split())[:500]
+        print(f"run_onnx: error: the export in {escape_controls(str(args.directory))} does not run as its manifest "
+              f"describes ({type(error).__name__}: {escape_controls(reason)}); export it again", file=sys.stderr)
         return 2
     return 0
 

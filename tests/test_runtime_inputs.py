@@ -303,3 +303,25 @@ def test_printed_json_holds_null_where_a_score_is_not_finite():
     text = strict_json({"loss": float("nan"), "runs": [1.0, float("inf")], "inner": {"x": -float("inf")}, "n": 2})
     assert json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} in {text}")) == {
         "loss": None, "runs": [1.0, None], "inner": {"x": None}, "n": 2}
+
+
+def test_the_onnx_runner_tells_a_graph_that_does_not_fit_its_manifest_in_one_line(exported_presets, tmp_path, capsys):
+    """A damaged graph listed with its own hash (InvalidProtobuf), and a sequence longer than the
+    export takes (ONNX Runtime's Gather error), were tracebacks with exit status 1."""
+    import hashlib
+    import json
+    import shutil
+
+    runner = onnx_runner()
+    _, result = exported_presets("gpt2")
+    directory = tmp_path / "export"
+    shutil.copytree(result.parallel.parent, directory)
+    status = runner.main([str(directory), "classify", "--ids", ",".join(["1"] * 1100)])
+    assert status == 2 and "--ids holds 1100 tokens; this export takes at most 1024 in one sequence" in capsys.readouterr().err
+    (directory / "step.onnx").write_bytes(b"not a graph" * 100)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"]["step.onnx"] = {"sha256": hashlib.sha256(b"not a graph" * 100).hexdigest(), "bytes": 1100}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    status = runner.main([str(directory), "generate", "--prompt", "def ", "--tokens", "2"])
+    err = capsys.readouterr().err
+    assert status == 2 and "does not run as its manifest describes (InvalidProtobuf: " in err and "Traceback" not in err
