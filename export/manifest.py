@@ -108,6 +108,8 @@ def staged_export(out_dir: str | Path) -> Iterator[Path]:
     out_dir = Path(os.path.abspath(out_dir))  # "." and ".." resolved, so the siblings have a name to derive from
     check_export_target(out_dir)
     require_writable_dir("export: out_dir", out_dir)
+    # The folders made for it go again if the export fails: a refused length left <run>/export/ behind.
+    made = [folder for folder in (out_dir.parent, *out_dir.parent.parents) if not folder.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(out_dir, "partial")
     staging.mkdir()
@@ -117,6 +119,11 @@ def staged_export(out_dir: str | Path) -> Iterator[Path]:
         _replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:  # the deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # another process put something there meanwhile
+                break
         raise
 
 

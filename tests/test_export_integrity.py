@@ -335,6 +335,15 @@ def test_an_export_that_fails_part_way_leaves_the_old_export_intact(fail_in, exp
     runner.load(old)
 
 
+def test_an_export_that_fails_removes_the_folders_it_made(exported, tmp_path, monkeypatch):
+    """seqmix export with a length the model refuses left an empty <run>/export/ behind."""
+    _fake_graphs(monkeypatch, exported, fail_in="parallel")
+    with pytest.raises(RuntimeError, match="killed while writing the parallel graph"):
+        formats.export_model(tiny_preset("gpt2", "model.d_model=16", "model.depth=1"), _task(), "onnx",
+                             tmp_path / "export" / "step-1" / "onnx", length=128)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_export_killed_part_way_leaves_the_old_export_intact(exported, runner, tmp_path_factory):
     """SIGKILL while the new parallel graph is half written: the old export is untouched and still
     verifies; what is left is one hidden, clearly named partial directory that no reader opens."""
