@@ -352,7 +352,8 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.ra
     # Shifted so that the largest is 0 before the division: a temperature so small that a logit
     # over it overflows (1e-320) gave inf - inf = NaN probabilities; this way the others go to
     # -inf and the sample is the argmax, the limit it tends to.
-    logits = (logits.astype(np.float64) - logits.max()) / temperature
+    with np.errstate(over="ignore"):  # the others going to -inf is the point: see above
+        logits = (logits.astype(np.float64) - logits.max()) / temperature
     if top_k:
         cutoff = np.sort(logits)[-top_k]
         logits = np.where(logits < cutoff, -np.inf, logits)

@@ -839,6 +839,8 @@ def _config_dir_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     for argument in arguments:
         if argument == "--config-dir" or argument.startswith("--config-dir="):
             directory = argument.split("=", 1)[1] if "=" in argument else next(arguments, None)
+            if directory is None:
+                raise SeqmixError("--config-dir needs a directory: --config-dir DIR")
             if not directory or not Path(directory).is_dir():
                 raise SeqmixError(f"--config-dir={directory!r} is not a directory")
             extra.append(f"hydra.searchpath=[file://{Path(directory).resolve()}]")

@@ -125,6 +125,10 @@ def _composition_problem(error: Exception, overrides: Sequence[str], config_name
                 picked = text.split(f"'{group}/", 1)[1].split("'", 1)[0]
                 return f"{group}={picked!r} is not a preset; the {group} presets are {options}"
         return text.splitlines()[0]
+    if "Ambiguous value for argument" in text:
+        swept = next((o for o in overrides if "," in o.partition("=")[2]), None)
+        return (f"{swept or 'an override'!r} lists several values: a sweep runs one job for each with -m "
+                f"(seqmix <command> -m ...); quote a value holding a comma as key='a,b'")
     if isinstance(error, OverrideParseException):
         quoted = text.split("'")[1::2]
         bad = next((o for o in overrides if o in quoted or any(q and q in o for q in quoted)), None)

@@ -455,3 +455,9 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     finally:
         os.close(write)
     assert done.returncode == 1 and done.stderr == "", done.stderr
+
+
+def test_config_dir_without_a_directory_says_so(capsys):
+    """It said --config-dir=None is not a directory."""
+    assert main(["describe", "--config-dir"]) == 2
+    assert "--config-dir needs a directory: --config-dir DIR" in capsys.readouterr().err

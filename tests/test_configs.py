@@ -154,6 +154,8 @@ def test_compose_config_refuses_overrides_that_are_not_a_list_of_strings(overrid
     (["model.d_model=${model.d_model}"], r"cannot resolve model.d_model: Recursive interpolation detected"),
     (["model.d_model=${foo:bar}"], r"cannot resolve model.d_model: Unsupported interpolation type foo"),
     (["model=null"], r"cannot apply the overrides \['model=null'\]: Config group override must be a string"),
+    # Hydra said only "Ambiguous value for argument".
+    (["model=mega,gpt2"], r"'model=mega,gpt2' lists several values: a sweep runs one job for each with -m"),
 ])
 def test_an_interpolation_that_cannot_resolve_is_named_when_the_config_is_composed(overrides, message):
     """Each was OmegaConf's (or Hydra's) traceback wherever the value was first read, in every command."""
