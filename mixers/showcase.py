@@ -24,13 +24,18 @@ class TourRow:
     not_run: str | None = None
 
 
-def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, seed: int = 0, repeats: int = 5) -> list[TourRow]:
+TOUR_SECONDS_PER_ROW = 5.0
+"""How long the timed forward calls of one row may take in all: a tour is a quick look, the benchmark measures."""
+
+
+def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, seed: int = 0, repeats: int = 5,
+         seconds_per_row: float = TOUR_SECONDS_PER_ROW) -> list[TourRow]:
     """Build every registered mixer with each impl and compare forward with step.
 
     Args:
         width: D. length: L. batch: B.
         piece: tokens per ``step`` call (the last call takes the rest).
-        repeats: timed forward calls per row, after one warm-up call.
+        repeats: timed forward calls per row, after one warm-up call; fewer once they take ``seconds_per_row``.
     Returns:
         One row per (mixer, impl), with max |forward − streamed| over all outputs.
     """
@@ -52,7 +57,7 @@ def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, se
                 except SeqmixError as error:  # a path this machine cannot run: the tour goes on
                     rows.append(TourRow(name, impl, parameters, mixer.state_size(), None, None, str(error)))
                     continue
-                forward = time_calls(lambda: mixer(x), repeats=repeats, warmup=1)
+                forward = time_calls(lambda: mixer(x), repeats=repeats, warmup=1, max_total_seconds=seconds_per_row)
                 state, pieces = mixer.init_state(batch), []
                 for begin in range(0, length, piece):
                     y_piece, state = mixer.step(x[:, begin : begin + piece], state)

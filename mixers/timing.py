@@ -99,6 +99,7 @@ def time_calls(
     warmup: int = 2,
     sync: Callable[[], None] | None = None,
     max_seconds: float | None = None,
+    max_total_seconds: float | None = None,
 ) -> Timing:
     """Call ``call`` ``warmup`` times untimed, then ``repeats`` times timed.
 
@@ -109,17 +110,23 @@ def time_calls(
         sync: waits for queued device work (``torch.cuda.synchronize``) before each clock read.
         max_seconds: once one call takes longer, stop there: the summary covers the timed calls
             done so far, or that one over-long call when it was still warming up.
+        max_total_seconds: once the timed calls add up to more, stop there (repeats=10**12 ran on
+            until killed).
     """
     require_int("time_calls", "repeats", repeats)
     require_int("time_calls", "warmup", warmup, 0)
-    if max_seconds is not None and not max_seconds > 0:
-        raise SeqmixError(f"time_calls: max_seconds={max_seconds!r} is not valid; expected a positive number of seconds or None")
+    for name, limit in (("max_seconds", max_seconds), ("max_total_seconds", max_total_seconds)):
+        if limit is not None and not limit > 0:
+            raise SeqmixError(f"time_calls: {name}={limit!r} is not valid; expected a positive number of seconds or None")
     times: list[float] = []
     note = None
     for index in range(warmup + repeats):
         seconds = time_once(call, sync)
         if index >= warmup:
             times.append(seconds)
+            if max_total_seconds is not None and sum(times) > max_total_seconds and len(times) < repeats:
+                note = f"the timed calls took {sum(times):.1f} s > {max_total_seconds:g} s in all: stopped after {len(times)}"
+                break
         if max_seconds is not None and seconds > max_seconds:
             done = f"after {len(times)} timed call(s)" if times else "while warming up; that call is the figure"
             note = f"a call took {seconds:.1f} s > {max_seconds:g} s: stopped {done}"

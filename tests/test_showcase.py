@@ -25,3 +25,10 @@ def test_tour_covers_every_mixer_and_impl_and_streams_like_forward():
 def test_a_width_some_mixer_cannot_take_is_refused_naming_the_width_and_the_mixer(width):
     with pytest.raises(SeqmixError, match=rf"tour: width={width} does not suit \w+ with its default options .*width=64"):
         tour(width=width, length=8, batch=1, piece=3, repeats=1)
+
+
+def test_a_tour_of_a_huge_repeat_count_ends_within_its_time_per_row():
+    """repeats=10**12 ran until it was killed: each row now stops timing after its seconds."""
+    rows = tour(width=8, length=8, batch=1, piece=3, repeats=10**12, seconds_per_row=0.01)
+    timed = [row for row in rows if row.forward is not None]
+    assert timed and all("s in all: stopped after" in row.forward.note for row in timed)

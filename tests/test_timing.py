@@ -82,6 +82,16 @@ def test_max_seconds_stops_the_timed_calls_and_says_so(scripted, idle):
     assert "5.0 s > 1 s" in result.note and "stopped after 2 timed call(s)" in result.note
 
 
+def test_max_total_seconds_stops_the_timed_calls_once_they_add_up_to_it(scripted, idle):
+    """seqmix tour repeats=10**12 ran until it was killed."""
+    call = scripted([9.0] + [0.4] * 10)
+    result = time_calls(call, repeats=10**12, warmup=1, max_total_seconds=1.0)
+    assert call.calls == 4 and result.runs == 3  # the warm-up call is not counted; 1.2 s > 1 s after three
+    assert result.note == "the timed calls took 1.2 s > 1 s in all: stopped after 3"
+    with pytest.raises(SeqmixError, match="max_total_seconds=0 is not valid"):
+        time_calls(call, max_total_seconds=0)
+
+
 def test_an_over_long_warmup_call_is_the_figure(scripted, idle):
     call = scripted([5.0, 0.001, 0.001])
     result = time_calls(call, repeats=2, warmup=1, max_seconds=1.0)
