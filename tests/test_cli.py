@@ -333,11 +333,16 @@ def test_a_sweep_runs_one_job_per_combination(tmp_path):
 def test_running_out_of_memory_ends_a_command_with_one_line_and_describe_never_allocates(finished_run):
     """Under a 3 GiB address-space limit: an evaluation batch that cannot fit fails with one line naming its
     size (not torch's traceback), and describing a model of 60 trillion parameters allocates nothing."""
+    # A batch that half of this machine's memory would hold (the tasks refuse one it cannot hold at
+    # all, before allocating), far beyond the limit: seq_len=64, 24 bytes per token at least.
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch_size = memory // (2 * 64 * 24)
+    assert batch_size * 64 * 24 > 3 << 30, "a machine of less than 6 GiB cannot show this"
     script = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
         "from seqmix.cli import main\n"
-        "print(main(['evaluate', 'checkpoint=' + sys.argv[1], 'batch_size=1000000000', 'batches=1']))\n"
+        f"print(main(['evaluate', 'checkpoint=' + sys.argv[1], 'batch_size={batch_size}', 'batches=1']))\n"
         "print(main(['describe', 'model=gpt2', 'model.d_model=1000000']))\n"
     )
     probe = subprocess.run([sys.executable, "-c", script, str(finished_run)], capture_output=True, text=True,

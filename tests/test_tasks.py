@@ -89,6 +89,14 @@ def test_build_task_builds_each_registered_task(name, tasks):
     assert task.seq_len == SMALL[name].get("seq_len", SMALL[name].get("max_length"))
 
 
+@pytest.mark.parametrize("name", list(SMALL))
+def test_a_batch_larger_than_the_machine_is_refused_before_it_is_allocated(name, tasks):
+    """batch_size=10**12 was torch's allocator error, from every task."""
+    with pytest.raises(SeqmixError, match=rf"{name}: a batch of batch_size=1000000000000 rows of seq_len=\d+ tokens needs "
+                                          r"at least [\d,.]+ GiB, more than this machine's"):
+        tasks[name].batch("train", 0, 10**12)
+
+
 @pytest.mark.parametrize("split", ["train", "valid"])
 @pytest.mark.parametrize("name", list(SMALL))
 def test_batches_are_pure_functions_of_split_and_index(name, split, tasks):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from seqmix.errors import SeqmixError, require_choice, require_int
 from seqmix.tasks.base import SPLITS
@@ -18,8 +19,18 @@ def require_number(owner: str, field: str, value, low: float, high: float = math
         raise SeqmixError(f"{owner}: {field}={value!r} is not valid; expected a number in {interval}")
 
 
-def check_request(owner: str, split: str, index: int, batch_size: int) -> None:
-    """Raise unless (split, index, batch_size) names a batch a task can produce."""
+BATCH_BYTES_PER_TOKEN = 8 * 3
+"""What a batch holds per token at least: its inputs, targets and mask, as int64 (a mask as wide, to be safe)."""
+
+
+def check_request(owner: str, split: str, index: int, batch_size: int, seq_len: int) -> None:
+    """Raise unless (split, index, batch_size) names a batch of ``seq_len`` tokens per row a task can
+    produce, and this machine can hold: batch_size=10**12 was torch's allocator error."""
     require_choice(f"{owner}: split", split, SPLITS)
     require_int(owner, "index", index, 0)
     require_int(owner, "batch_size", batch_size, 1)
+    needed = batch_size * seq_len * BATCH_BYTES_PER_TOKEN
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise SeqmixError(f"{owner}: a batch of batch_size={batch_size} rows of seq_len={seq_len} tokens needs at least "
+                          f"{needed / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB")

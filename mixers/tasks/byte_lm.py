@@ -151,7 +151,7 @@ class ByteLM(Task):
                 )
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        check_request(self.name, split, index, batch_size)
+        check_request(self.name, split, index, batch_size, self.seq_len)
         data = self.corpus.data[split]
         span = self.seq_len + 1
         if split == "train":

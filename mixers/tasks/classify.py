@@ -226,7 +226,7 @@ class Classify(Task):
             (staging / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        check_request(self.name, split, index, batch_size)
+        check_request(self.name, split, index, batch_size, self.seq_len)
         count = self.meta["rows"][split]
         if split == "train":
             rows = torch.randint(0, count, (batch_size,), generator=generator_for(self.seed, split, index))

@@ -178,7 +178,7 @@ class ListOps(Task):
         )
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        check_request(self.name, split, index, batch_size)
+        check_request(self.name, split, index, batch_size, self.seq_len)
         # Trees are drawn in Python (recursive, variable size); a Random seeded from the batch's torch
         # generator keeps the batch a pure function of (seed, split, index).
         seed = int(torch.randint(2**62, (1,), generator=generator_for(self.seed, split, index)))

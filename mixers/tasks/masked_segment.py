@@ -104,7 +104,7 @@ class MaskedSegment(Task):
         return mask
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        check_request(self.name, split, index, batch_size)
+        check_request(self.name, split, index, batch_size, self.seq_len)
         generator = generator_for(self.seed, split, index)
         data = self.corpus.data[split]
         if split == "train":

@@ -70,7 +70,7 @@ class MQAR(Task):
         self.slot_weights = torch.arange(1, slots + 1, dtype=torch.float64).pow(power_a - 1)
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        check_request(self.name, split, index, batch_size)
+        check_request(self.name, split, index, batch_size, self.seq_len)
         generator = generator_for(self.seed, split, index)
         half, pairs = self.vocab_size // 2, self.num_pairs
         # The top-K of i.i.d. uniforms is a uniform draw of K distinct indices per row.

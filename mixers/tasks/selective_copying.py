@@ -61,7 +61,7 @@ class SelectiveCopying(Task):
         self.delimiter_position = seq_len - num_tokens_to_copy - 1
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        check_request(self.name, split, index, batch_size)
+        check_request(self.name, split, index, batch_size, self.seq_len)
         generator = generator_for(self.seed, split, index)
         count, delimiter = self.num_tokens_to_copy, self.delimiter_position
         # The top-N of i.i.d. uniforms picks N distinct positions; sorting keeps the tokens' order.

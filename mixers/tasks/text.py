@@ -187,7 +187,7 @@ class TextCorpus(Task):
         return ((np.arange(batch_size) + index * batch_size) % windows) * self.seq_len
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        check_request(self.name, split, index, batch_size)
+        check_request(self.name, split, index, batch_size, self.seq_len)
         data = self.data[split]
         span = self.seq_len + 1
         window = torch.from_numpy(data[self._starts(split, index, batch_size)[:, None] + np.arange(span)].astype(np.int64))
