@@ -71,6 +71,26 @@ class OnnxModel:
 
         self.session = ort.InferenceSession(str(directory / entry["file"]), providers=["CPUExecutionProvider"])
         self.inputs = {spec["name"]: spec for spec in entry["inputs"]}
+        self._check_graph(entry["file"])
+
+    def _check_graph(self, file: str) -> None:
+        """Raise unless the graph takes the inputs the manifest lists, of those ranks and fixed sizes,
+        and a language model's logits have the manifest's vocabulary: a manifest that did not match
+        its graph was ONNX Runtime's error at the first call, or NumPy's."""
+        actual = {spec.name: spec.shape for spec in self.session.get_inputs()}
+        if set(actual) != set(self.inputs):
+            raise ExportError(f"{file} takes the inputs {sorted(actual)}, but the manifest lists {sorted(self.inputs)}; "
+                              "re-export the model")
+        for name, spec in self.inputs.items():
+            shape = actual[name]
+            if len(shape) != len(spec["shape"]) or any(_is_int(got) and _is_int(want) and got != want
+                                                       for got, want in zip(shape, spec["shape"])):
+                raise ExportError(f"{file}: input {name!r} has shape {shape} in the graph, {spec['shape']} in the manifest; "
+                                  "re-export the model")
+        logits = self.session.get_outputs()[0].shape
+        if self.vocab_size is not None and len(logits) == 3 and _is_int(logits[-1]) and logits[-1] != self.vocab_size:
+            raise ExportError(f"{file} predicts {logits[-1]} tokens, but the manifest's vocab_size is {self.vocab_size}; "
+                              "re-export the model")
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         unknown = sorted(set(feed) - set(self.inputs))

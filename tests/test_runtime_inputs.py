@@ -328,3 +328,23 @@ def test_the_onnx_runner_tells_a_graph_that_does_not_fit_its_manifest_in_one_lin
     status = runner.main([str(directory), "generate", "--prompt", "def ", "--tokens", "2"])
     err = capsys.readouterr().err
     assert status == 2 and "does not run as its manifest describes (InvalidProtobuf: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(vocab_size=m["vocab_size"] + 7), r"step.onnx predicts \d+ tokens, but the manifest's vocab_size is \d+"),
+    (lambda m: m["step"]["inputs"][0].update(name="tokens"), r"step.onnx takes the inputs .*, but the manifest lists"),
+], ids=["vocab_size", "input name"])
+def test_the_onnx_runner_names_a_manifest_that_does_not_match_its_graph(edit, message, exported_presets, tmp_path):
+    """An IndexError from the sampler, or ONNX Runtime's "Required inputs are missing", at the first call."""
+    import json
+    import shutil
+
+    runner = onnx_runner()
+    _, result = exported_presets("gpt2")
+    directory = tmp_path / "export"
+    shutil.copytree(result.parallel.parent, directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(runner.ExportError, match=message):
+        runner.generate(directory, runner.load(directory), "def ", tokens=2, temperature=0, top_k=None, seed=0)
