@@ -159,6 +159,20 @@ def require_path(field: str, path) -> None:
         raise SeqmixError(f"{field}={shown!r} is not valid: {getattr(error, 'strerror', None) or error}") from None
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest of its folders that exists."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def require_folder_path(field: str, path: str | os.PathLike) -> None:
+    """Raise unless ``path`` is a folder, or could be made one: no file stands at it or above it."""
+    existing = _nearest_existing(Path(path))
+    if not existing.is_dir():
+        raise SeqmixError(f"{field}={os.fspath(path)!r} is not valid: {str(existing)!r} is a file, not a folder")
+
+
 CHECKSUMS = "checksums.json"
 """The record of a verified directory (a checkpoint, a saved or pretrained model): the sha256 of every
 file in it (``seqmix.model.checkpoint`` writes and checks it). Any other file added there makes the
@@ -223,9 +237,7 @@ def _output_problem(path, is_file: bool, replaces_verified: bool = False) -> str
             return f"{text!r} is not valid: it is a symbolic link; name the file itself"
         if is_file and target.exists() and not target.is_file():
             return f"{text!r} is not valid: it {not_a_file(target)}"
-        existing = target.parent if is_file else target
-        while not existing.exists() and existing.parent != existing:
-            existing = existing.parent
+        existing = _nearest_existing(target.parent if is_file else target)
         if not existing.is_dir():
             return f"{text!r} is not valid: {str(existing)!r} is a file, not a folder"
         if not os.access(existing, os.W_OK | os.X_OK):

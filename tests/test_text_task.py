@@ -163,3 +163,11 @@ def test_every_document_lands_whole_in_one_split_whatever_the_file_order(documen
         expected[task._split_of(raw)] += len(raw) + 1
     assert meta["tokens"] == expected
     assert sum(meta["documents"].values()) == len(documents)
+
+
+def test_a_cache_dir_under_a_file_is_refused_by_name_before_the_corpus_is_read(tmp_path):
+    """task.cache_dir=/dev/null/x failed with "Not a directory" (exit 1), naming no option."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "corpus.txt").write_text("some text\n" * 100)
+    with pytest.raises(SeqmixError, match=r"text: cache_dir='.*a_file/x' is not valid: '.*a_file' is a file, not a folder"):
+        TextCorpus(path=str(tmp_path / "corpus.txt"), seq_len=8, cache_dir=tmp_path / "a_file" / "x")

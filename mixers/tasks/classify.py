@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, SeqmixWarning, require_int, require_seed
+from seqmix.errors import SeqmixError, SeqmixWarning, require_folder_path, require_int, require_seed
 from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
@@ -103,6 +103,9 @@ class Classify(Task):
         require_number(self.name, "valid_fraction", valid_fraction, 0.0, 1.0)
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise SeqmixError(f"classify: cache_dir={cache_dir!r} is not valid; expected a directory path")
+        # Checked before the corpus is read: /dev/null/x failed with "Not a directory", naming no option.
+        # (Not for writing: a cache someone else filled may be read-only.)
+        require_folder_path("classify: cache_dir", Path(cache_dir).expanduser())
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = self.tokenizer.vocab_size
         self.dtype = token_dtype(self.vocab_size)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqmix.errors import SeqmixError, require_int, require_seed
+from seqmix.errors import SeqmixError, require_folder_path, require_int, require_seed
 from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
@@ -76,6 +76,9 @@ class TextCorpus(Task):
         require_number(self.name, "valid_fraction", valid_fraction, 0.0, 1.0)
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise SeqmixError(f"text: cache_dir={cache_dir!r} is not valid; expected a directory path")
+        # Checked before the corpus is read: /dev/null/x failed with "Not a directory", naming no option.
+        # (Not for writing: a cache someone else filled may be read-only.)
+        require_folder_path("text: cache_dir", Path(cache_dir).expanduser())
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = self.tokenizer.vocab_size
         self.metric = "bits_per_byte" if isinstance(self.tokenizer, ByteTokenizer) else "bits_per_token"
