@@ -9,6 +9,7 @@ never reported as a latency: on a shared machine one call can take twenty times 
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -63,6 +64,13 @@ def machine_load() -> float | None:
     except (AttributeError, OSError):
         return None
     return load if load > (os.cpu_count() or 1) else None
+
+
+@functools.cache
+def physical_memory_bytes() -> int:
+    """This machine's physical memory, read once: what a batch or a benchmark cell is checked against
+    before it is allocated."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def time_once(call: Callable[[], object], sync: Callable[[], None] | None = None) -> float:

@@ -55,6 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from seqmix.errors import writable_dir_argument
+from seqmix.timing import physical_memory_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 MEGABYTE = 1 << 20
@@ -323,7 +324,7 @@ def measure(args, work: Path) -> dict:
     report["environment"] = {
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIGABYTE,
+        "memory_gb": physical_memory_bytes() / GIGABYTE,
     }
     report["after"] = machine_load()
     return report

@@ -31,7 +31,6 @@ both sides alike, each side's Timing built with ``seqmix.timing.time_once`` and 
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,7 +45,7 @@ from seqmix import SeqmixError
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.registry import build_mixer
 from seqmix.tasks.base import Task
-from seqmix.timing import summarize, time_calls, time_once
+from seqmix.timing import physical_memory_bytes, summarize, time_calls, time_once
 from seqmix.training.checkpoints import load_run
 from seqmix.training.experiment import adapt_model_config, build_task
 
@@ -112,7 +111,7 @@ def device_memory_bytes(device: str) -> int:
     """The memory of ``device`` ("cpu": the machine's physical memory; "cuda": the first GPU's)."""
     if device == "cuda":
         return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical_memory_bytes()
 
 
 def memory_refusal(subject: Subject, spec: BenchSpec, length: int, pass_: str, device: str) -> str | None:

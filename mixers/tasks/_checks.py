@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 from seqmix.errors import SeqmixError, require_choice, require_int
 from seqmix.tasks.base import SPLITS
+from seqmix.timing import physical_memory_bytes
 
 
 def require_number(owner: str, field: str, value, low: float, high: float = math.inf, *, low_inclusive: bool = False,
@@ -30,7 +30,7 @@ def check_request(owner: str, split: str, index: int, batch_size: int, seq_len: 
     require_int(owner, "index", index, 0)
     require_int(owner, "batch_size", batch_size, 1)
     needed = batch_size * seq_len * BATCH_BYTES_PER_TOKEN
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = physical_memory_bytes()
     if needed > memory:
         raise SeqmixError(f"{owner}: a batch of batch_size={batch_size} rows of seq_len={seq_len} tokens needs at least "
                           f"{needed / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB")
