@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from seqmix.errors import SeqmixError
+from seqmix.staging import new_file
 
 # The operators TensorRT's ONNX parser imports ("Y" rows of the operator support matrix in
 # onnx/onnx-tensorrt, docs/operators.md, the revision describing TensorRT 10.15: opsets 9 to 24).
@@ -645,9 +645,9 @@ def build_engine(
         log = "\n".join(logger.messages[-20:])
         raise SeqmixError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path}:\n{log}")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=engine_path.parent, prefix=f".{engine_path.name}.")
+    temporary = new_file(engine_path.parent, f".{engine_path.name}.")
     try:
-        with os.fdopen(handle, "wb") as file:
+        with open(temporary, "wb") as file:
             file.write(memoryview(serialized))
         os.replace(temporary, engine_path)
     except BaseException:

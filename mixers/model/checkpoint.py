@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from seqmix.errors import (
 )
 from seqmix.jsontext import parse_json
 from seqmix.model.description import build_described_model, model_description
+from seqmix.staging import new_file, write_shareable
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -79,10 +79,9 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     # Write to a temporary name and rename, so a crash never leaves a half-written file behind.
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-        weights_tmp = handle.name
+    weights_tmp = str(new_file(directory, f".{WEIGHTS}.", ".tmp"))
     try:
-        save_weights(model, weights_tmp)
+        write_shareable(weights_tmp, lambda path: save_weights(model, str(path)))
         check_saved_description(config, Path(weights_tmp), "save_model")
     except BaseException:
         os.unlink(weights_tmp)

@@ -33,6 +33,7 @@ from seqmix.errors import SeqmixError, one_line, require_path, require_writable_
 from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import WEIGHTS, check_saved_description, load_verified, write_checksums
 from seqmix.model.description import model_description
+from seqmix.staging import new_directory, write_shareable
 from seqmix.tasks.base import MODEL_FILES
 
 CONFIG_JSON = "config.json"
@@ -159,7 +160,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     check_pretrained_target("save_pretrained: directory", directory)
     directory = Path(os.path.abspath(directory))
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    staging = new_directory(directory.parent, f".{directory.name}.partial-")
     try:
         config = {"model_type": MODEL_TYPE, "seqmix_version": _version(), **model_description(description)}
         if task is not None:
@@ -167,7 +168,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         if evaluation is not None:
             config["evaluation"] = evaluation
         (staging / CONFIG_JSON).write_text(json.dumps(config, indent=2))
-        save_weights(model, str(staging / WEIGHTS))
+        write_shareable(staging / WEIGHTS, lambda path: save_weights(model, str(path)))
         check_saved_description(description, staging / WEIGHTS, "save_pretrained")
         for name, content in files.items():
             (staging / name).write_bytes(content)
@@ -175,7 +176,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
         write_checksums(staging)
         if directory.exists():
             # Move the old directory aside before the new one takes its name, so a kill never leaves neither.
-            previous = Path(tempfile.mkdtemp(prefix=f".{directory.name}.replaced-", dir=directory.parent))
+            previous = new_directory(directory.parent, f".{directory.name}.replaced-")
             os.rename(directory, previous / directory.name)
             os.rename(staging, directory)
             shutil.rmtree(previous)

@@ -11,7 +11,6 @@ import hashlib
 import os
 import platform
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from seqmix.errors import SeqmixError, require_int, require_seed
+from seqmix.staging import new_file
 from seqmix.tasks._checks import check_request
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 
@@ -98,9 +98,9 @@ class StdlibCorpus:
                     continue  # unreadable files (permissions, broken links) are simply not part of the corpus
             array = np.frombuffer(b"\n".join(chunks), dtype=np.uint8)
             # Temp file then os.replace: a crash or a concurrent run never leaves a half-written cache.
-            handle, temporary = tempfile.mkstemp(dir=directory, prefix=self.cache_paths[split].name, suffix=".tmp")
+            temporary = new_file(directory, self.cache_paths[split].name, ".tmp")
             try:
-                with os.fdopen(handle, "wb") as stream:
+                with open(temporary, "wb") as stream:
                     np.save(stream, array)
                 os.replace(temporary, self.cache_paths[split])
             except BaseException:

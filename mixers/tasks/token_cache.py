@@ -10,10 +10,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from seqmix.staging import new_directory
 
 META = "meta.json"
 
@@ -50,7 +51,7 @@ def staged_cache(cache: Path) -> Iterator[Path]:
     its copy is kept (same key, same contents) and this one removed.
     """
     cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.partial-", dir=cache.parent))
+    staging = new_directory(cache.parent, f".{cache.name}.partial-")
     try:
         yield staging
         try:

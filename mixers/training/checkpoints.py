@@ -34,6 +34,7 @@ from seqmix.model.checkpoint import (
     verify_checksums,
     write_checksums,
 )
+from seqmix.staging import write_shareable
 from seqmix.tasks.base import MODEL_FILES
 from seqmix.tokenization import BYTES, TOKENIZER_FILE
 from seqmix.training.records import read_evaluation, read_run_record, read_task
@@ -65,7 +66,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     shutil.rmtree(staging, ignore_errors=True)
     save_model(model, staging)
     tensors, scalars = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(staging / OPTIMIZER))
+    write_shareable(staging / OPTIMIZER, lambda path: save_file(tensors, str(path)))
     write_json_atomic(staging / TRAINER, {"step": step, "optimizer": scalars})
     if (out_dir / RUN).is_file():
         # A copy under the checkpoint's checksums: loaders trust this one, never the editable run.json beside it.
