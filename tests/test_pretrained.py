@@ -178,6 +178,30 @@ def test_a_hostile_config_json_is_refused_even_with_rewritten_checksums(what, ed
     assert not (Path.cwd() / "pwned").exists()
 
 
+def test_a_folder_written_by_a_newer_seqmix_is_warned_of_and_an_older_or_unknown_version_is_not(saved, tmp_path):
+    """A newer seqmix's folder loaded silently, or failed on an option it added with no word of why."""
+    import warnings
+
+    from seqmix.errors import SeqmixWarning
+
+    def with_version(version, **changes) -> Path:
+        directory = tmp_path / f"model-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(saved, directory)
+        config = {**json.loads((directory / CONFIG_JSON).read_text()), "seqmix_version": version, **changes}
+        (directory / CONFIG_JSON).write_text(json.dumps(config))
+        write_checksums(directory)
+        return directory
+
+    with pytest.warns(SeqmixWarning, match=rf"written by seqmix 99\.0\.0, newer than this seqmix {seqmix.__version__}"):
+        assert from_pretrained(with_version("99.0.0")).vocab_size == 256
+    with pytest.warns(SeqmixWarning, match="upgrade seqmix"), pytest.raises(SeqmixError, match="added_in_99"):
+        from_pretrained(with_version("99.0.0", added_in_99=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeqmixWarning)
+        for version in (seqmix.__version__, "0.0.1", "not a version", 3):
+            assert from_pretrained(with_version(version)).vocab_size == 256
+
+
 @given(removed=st.sets(st.sampled_from(HUB_FILES), min_size=1))
 @settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_pretrained_directory_missing_files_is_refused_unless_unverified_is_asked(removed, saved, tmp_path):

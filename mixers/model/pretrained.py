@@ -24,12 +24,13 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError, one_line, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, SeqmixWarning, one_line, require_path, require_writable_dir
 from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import WEIGHTS, check_saved_description, load_verified, write_checksums
 from seqmix.model.description import model_description
@@ -222,11 +223,26 @@ def read_config_json(path: Path) -> dict:
                           f"{{\"model_type\": \"{MODEL_TYPE}\", ...}}")
     if config.get("model_type") != MODEL_TYPE:
         raise SeqmixError(f"{path}: model_type={config.get('model_type')!r}; seqmix loads only model_type={MODEL_TYPE!r}")
+    _warn_if_newer(path, config.get("seqmix_version"))
     description = {key: value for key, value in config.items() if key not in ("model_type", "seqmix_version", *TRAINING_KEYS)}
     try:
         return model_description(description)
     except SeqmixError as error:
         raise SeqmixError(f"{path}: {error}") from None
+
+
+def _warn_if_newer(path: Path, saved) -> None:
+    """Warn when ``path`` was written by a newer seqmix than this one: a part or option it added would
+    be refused as unknown, and the warning says why. A missing or unreadable version says nothing."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        newer = isinstance(saved, str) and Version(saved) > Version(_version())
+    except InvalidVersion:
+        return
+    if newer:
+        warnings.warn(f"seqmix: {path} was written by seqmix {saved}, newer than this seqmix {_version()}; a part or option "
+                      "added since is refused as unknown: upgrade seqmix to load it", SeqmixWarning, stacklevel=2)
 
 
 def pretrained_training(directory: str | os.PathLike) -> dict:
