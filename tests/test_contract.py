@@ -229,6 +229,50 @@ def test_the_public_parts_name_an_argument_of_the_wrong_kind(build, named):
         build()
 
 
+class _Counting(torch.nn.Module):
+    """A user's FFN of width D with dropout and a buffer its forward changes."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.nn.functional.dropout(self.proj(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize("part, named", [
+    ({"ffn": lambda d: seqmix.FeedForward(2 * d)}, "block: the ffn (FeedForward) does not take inputs of width D=16"),
+    ({"ffn": lambda d: torch.nn.Linear(d, 2 * d)}, "block: the ffn (Linear) turns a (B, L, 16) input into (1, 2, 32)"),
+    ({"norm": lambda d: seqmix.LayerNorm(2 * d)}, "block: the norm (LayerNorm) does not take inputs of width D=16"),
+    ({"norm": lambda d: seqmix.TimestepNorm(2 * d)}, "block: the norm (TimestepNorm) does not take inputs of width D=16"),
+    ({"norm": lambda d: (lambda x: x)}, "built a function, not a torch.nn.Module"),
+    ({"head": lambda d, v: seqmix.CausalLMHead(2 * d, v)}, "model: the head (CausalLMHead) does not take inputs of width D=16"),
+    ({"final_norm": lambda d: seqmix.RMSNorm(2 * d)}, "model: the final_norm (RMSNorm) does not take inputs of width D=16"),
+], ids=["ffn in", "ffn out", "norm", "timestep norm", "norm function", "head", "final norm"])
+def test_build_model_names_a_part_built_for_another_width(part, named):
+    """Each built, and the first call failed with torch's shape error naming neither the part nor D."""
+    with pytest.raises(SeqmixError, match=re.escape(named)):
+        seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], ffn=part.pop("ffn", seqmix.FeedForward), **part)
+
+
+def test_parts_of_the_right_width_build_and_their_check_changes_nothing():
+    model = seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], ffn=lambda d: torch.nn.Linear(d, d),
+                               norm=seqmix.TimestepNorm, final_norm=seqmix.TimestepNorm, head=lambda d, v: seqmix.CausalLMHead(d, 7))
+    assert model(torch.randint(0, 32, (1, 5))).shape == (1, 5, 7)
+    with torch.device("meta"):  # the memory estimates build on meta; TimestepNorm's autocast has no meta form
+        seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], norm=seqmix.TimestepNorm, final_norm=seqmix.TimestepNorm)
+    # The check's call (dropout included) leaves the part's buffers and the random state as they were,
+    # so that a seeded build gives the weights it gave before the check.
+    from seqmix.layers.blocks import check_part_width
+
+    part, random_state = _Counting(16), torch.get_rng_state()
+    check_part_width("ffn", part, 16)
+    assert part.calls.item() == 0 and torch.equal(torch.get_rng_state(), random_state)
+    assert seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], ffn=_Counting).blocks[0].ffn.calls.item() == 0
+
+
 def test_a_model_config_names_a_registered_mixer_and_its_options():
     model = seqmix.build_model(vocab_size=32, d_model=16, layers=["fast", "ema"], mixers={"fast": {"mixer": "tcn", "depth": 2}})
     assert isinstance(model.blocks[0].mixer, seqmix.TCN) and model.blocks[0].mixer.depth == 2

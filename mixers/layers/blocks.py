@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import INT_LIMIT, SeqmixError, choice_error, require_bool, require_choice, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, choice_error, one_line, require_bool, require_choice, require_int
 from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
@@ -46,6 +46,35 @@ def require_recompute(field: str, value) -> None:
     """Raise unless ``value`` is one of ``RECOMPUTE``; ``field`` names the option in the message."""
     if not isinstance(value, str) or value not in RECOMPUTE:
         raise choice_error(field, value, RECOMPUTE)
+
+
+def check_part_width(owner: str, part: nn.Module, width: int, keeps_width: bool = True) -> None:
+    """Refuse ``part`` (named ``owner``) when it cannot take a (B, L, width) input, or, with
+    ``keeps_width``, when its output is not (B, L, width): a factory that built it for another width
+    otherwise failed at the model's first call, with torch's shape error naming neither the part nor D.
+
+    The part runs once on zeros of shape (1, 2, width) on its own device, without gradients, on copies
+    of its buffers and with the random state restored after, so that building a model is unchanged.
+    Of a part built on the meta device only shapes are computed; one that cannot run there (an operation
+    without a meta form) is left to its first call.
+    """
+    parameters = dict(part.named_parameters(remove_duplicate=False))
+    buffers = {name: tensor.clone() for name, tensor in part.named_buffers(remove_duplicate=False)}
+    tensors = [*parameters.values(), *buffers.values()]
+    device = next((tensor.device for tensor in tensors), torch.device("cpu"))
+    dtype = next((tensor.dtype for tensor in tensors if tensor.is_floating_point()), torch.get_default_dtype())
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            out = torch.func.functional_call(part, {**parameters, **buffers}, (torch.zeros(1, 2, width, device=device, dtype=dtype),))
+    except Exception as error:
+        if device.type == "meta":
+            return
+        raise SeqmixError(f"{owner} ({type(part).__name__}) does not take inputs of width D={width}: {one_line(error)}; "
+                          "build it for D (its factory is called with D)") from None
+    if keeps_width and (not isinstance(out, Tensor) or tuple(out.shape) != (1, 2, width)):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise SeqmixError(f"{owner} ({type(part).__name__}) turns a (B, L, {width}) input into {got} for (B, L) = (1, 2); "
+                          f"it must give (B, L, {width}): build it for D={width} (its factory is called with D)")
 
 
 class FeedForward(nn.Module):
@@ -135,6 +164,12 @@ class Block(nn.Module):
         self.ffn = ffn
         self.norm1 = norm(d_model) if residual in ("pre", "post") else None
         self.norm2 = norm(d_model) if ffn is not None else None
+        norm_part = self.norm1 if self.norm1 is not None else self.norm2
+        if norm_part is not None and not isinstance(norm_part, nn.Module):
+            raise SeqmixError(f"block: norm={norm!r} built a {type(norm_part).__name__}, not a torch.nn.Module")
+        for name, part in (("ffn", ffn), ("norm", norm_part)):
+            if part is not None:
+                check_part_width(f"block: the {name}", part, d_model)
 
     @property
     def causal(self) -> bool:

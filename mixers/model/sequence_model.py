@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import Mixer, State, check_state_request
 from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
-from seqmix.layers.blocks import Block, Recompute, require_recompute
+from seqmix.layers.blocks import Block, Recompute, check_part_width, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
 from seqmix.registry import build_mixer, list_mixers
@@ -70,6 +70,9 @@ class SequenceModel(nn.Module):
             raise SeqmixError(f"model: final_norm must be a torch.nn.Module or None, got {type(final_norm).__name__}")
         if not blocks:
             raise SeqmixError("model: layers is empty; a model needs at least one block")
+        check_part_width("model: the head", head, d_model, keeps_width=False)
+        if final_norm is not None:
+            check_part_width("model: the final_norm", final_norm, d_model)
         for index, block in enumerate(blocks):
             if block.d_model != d_model:
                 raise SeqmixError(f"model: layer {index} has d_model={block.d_model}, expected {d_model}")
