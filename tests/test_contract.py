@@ -261,7 +261,7 @@ def test_parts_of_the_right_width_build_and_their_check_changes_nothing():
     model = seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], ffn=lambda d: torch.nn.Linear(d, d),
                                norm=seqmix.TimestepNorm, final_norm=seqmix.TimestepNorm, head=lambda d, v: seqmix.CausalLMHead(d, 7))
     assert model(torch.randint(0, 32, (1, 5))).shape == (1, 5, 7)
-    with torch.device("meta"):  # the memory estimates build on meta; TimestepNorm's autocast has no meta form
+    with torch.device("meta"):  # describe and the memory estimates build on meta, where a part cannot be called
         seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], norm=seqmix.TimestepNorm, final_norm=seqmix.TimestepNorm)
     # The check's call (dropout included) leaves the part's buffers and the random state as they were,
     # so that a seeded build gives the weights it gave before the check.

@@ -55,20 +55,20 @@ def check_part_width(owner: str, part: nn.Module, width: int, keeps_width: bool 
 
     The part runs once on zeros of shape (1, 2, width) on its own device, without gradients, on copies
     of its buffers and with the random state restored after, so that building a model is unchanged.
-    Of a part built on the meta device only shapes are computed; one that cannot run there (an operation
-    without a meta form) is left to its first call.
+    A part on the meta device is not run: it cannot be called, its real build is checked, and a
+    call there dispatches through Python, which doubled the time of describing a model.
     """
     parameters = dict(part.named_parameters(remove_duplicate=False))
     buffers = {name: tensor.clone() for name, tensor in part.named_buffers(remove_duplicate=False)}
     tensors = [*parameters.values(), *buffers.values()]
     device = next((tensor.device for tensor in tensors), torch.device("cpu"))
     dtype = next((tensor.dtype for tensor in tensors if tensor.is_floating_point()), torch.get_default_dtype())
+    if device.type == "meta":
+        return
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             out = torch.func.functional_call(part, {**parameters, **buffers}, (torch.zeros(1, 2, width, device=device, dtype=dtype),))
     except Exception as error:
-        if device.type == "meta":
-            return
         raise SeqmixError(f"{owner} ({type(part).__name__}) does not take inputs of width D={width}: {one_line(error)}; "
                           "build it for D (its factory is called with D)") from None
     if keeps_width and (not isinstance(out, Tensor) or tuple(out.shape) != (1, 2, width)):
