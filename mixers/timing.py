@@ -73,6 +73,19 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def device_memory_bytes(device) -> int | None:
+    """The memory of ``device`` (a torch.device or its name): the machine's physical memory for the
+    CPU, a CUDA device's own (the current one for ``cuda``); None for any other (``meta``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return physical_memory_bytes()
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device()).total_memory
+    return None
+
+
 def time_once(call: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
     """Seconds one call of ``call`` takes; ``sync`` (e.g. ``torch.cuda.synchronize``) runs before
     each clock read, so the clock reads the queued device work and not just its launch."""

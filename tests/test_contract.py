@@ -273,6 +273,27 @@ def test_parts_of_the_right_width_build_and_their_check_changes_nothing():
     assert seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], ffn=_Counting).blocks[0].ffn.calls.item() == 0
 
 
+def test_a_model_whose_layers_outgrow_the_memory_is_refused_after_one_pattern(monkeypatch):
+    """model.depth=200000 took memory block by block until the system killed it."""
+    import seqmix.timing
+
+    built = []
+
+    def counted(d_model):
+        built.append(d_model)
+        return seqmix.build_mixer("ema", d_model)
+
+    block_bytes = sum(t.numel() * t.element_size() for t in seqmix.Block(16, seqmix.build_mixer("ema", 16), seqmix.FeedForward(16)).state_dict().values())
+    monkeypatch.setattr(seqmix.timing, "physical_memory_bytes", lambda: 100 * block_bytes)
+    with pytest.raises(SeqmixError, match=r"model: 1,000 layers need about .* GiB for their weights alone, more than .* of cpu memory"):
+        seqmix.build_model(vocab_size=32, d_model=16, layers=["a", "b"], mixers={"a": counted, "b": counted}, depth=1000,
+                           ffn=seqmix.FeedForward)
+    assert len(built) == 2  # the pattern once, then refused
+    assert len(seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], depth=90, ffn=seqmix.FeedForward).blocks) == 90
+    with torch.device("meta"):  # nothing is allocated there
+        assert len(seqmix.build_model(vocab_size=32, d_model=16, layers=["ema"], depth=1000).blocks) == 1000
+
+
 def test_a_model_config_names_a_registered_mixer_and_its_options():
     model = seqmix.build_model(vocab_size=32, d_model=16, layers=["fast", "ema"], mixers={"fast": {"mixer": "tcn", "depth": 2}})
     assert isinstance(model.blocks[0].mixer, seqmix.TCN) and model.blocks[0].mixer.depth == 2

@@ -45,7 +45,7 @@ from seqmix import SeqmixError
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.registry import build_mixer
 from seqmix.tasks.base import Task
-from seqmix.timing import physical_memory_bytes, summarize, time_calls, time_once
+from seqmix.timing import device_memory_bytes, summarize, time_calls, time_once
 from seqmix.training.checkpoints import load_run
 from seqmix.training.experiment import adapt_model_config, build_task
 
@@ -105,13 +105,6 @@ def measure_cell(cell: Cell, spec: BenchSpec, row: GridRow, workdir: Path) -> No
         row.status, row.reason = "skipped", f"seqmix refused it: {error}"
     except Exception as error:  # noqa: BLE001  (any failure of one cell is reported, the grid goes on)
         row.status, row.reason = "failed", _first_line(error)
-
-
-def device_memory_bytes(device: str) -> int:
-    """The memory of ``device`` ("cpu": the machine's physical memory; "cuda": the first GPU's)."""
-    if device == "cuda":
-        return torch.cuda.get_device_properties(0).total_memory
-    return physical_memory_bytes()
 
 
 def memory_refusal(subject: Subject, spec: BenchSpec, length: int, pass_: str, device: str) -> str | None:

@@ -14,11 +14,12 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import Mixer, State, check_state_request
-from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
+from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
 from seqmix.layers.blocks import Block, Recompute, check_part_width, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
 from seqmix.registry import build_mixer, list_mixers
+from seqmix.timing import device_memory_bytes
 
 POSITIONS = ("none", "learned")
 
@@ -304,6 +305,22 @@ def registered_mixer_factory(entry: Mapping, where: str = "mixer") -> Callable[[
     return partial(build_mixer, name, **options)
 
 
+def _check_weights_fit(first: Sequence[nn.Module], layers: int) -> None:
+    """Refuse a model whose ``layers`` blocks, at the bytes of the ``first`` ones built (the layer
+    pattern once), would hold more weights than the memory of the device they are made on. Built,
+    a deep model took memory block by block until the system killed it (model.depth=200000: 7 GiB
+    after 45 s, heading for 56 GiB on a 24 GiB machine); a wide one fails at its first allocation."""
+    tensors = {id(tensor): tensor for part in first for tensor in [*part.parameters(), *part.buffers()]}.values()
+    device = next(iter(tensors)).device if tensors else torch.device("cpu")
+    memory = device_memory_bytes(device)
+    if memory is None:
+        return
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors) * layers / len(first)
+    if needed > memory:
+        raise SeqmixError(f"model: {layers:,} layers need about {needed / 2**30:,.1f} GiB for their weights alone, more than "
+                          f"the {memory / 2**30:,.1f} GiB of {device.type} memory here; lower model.depth or model.d_model")
+
+
 def build_model(
     vocab_size: int,
     d_model: int,
@@ -383,10 +400,12 @@ def build_model(
                 )
         factories.append(layer)
     every_block = {} if recompute is None else {"recompute": recompute}
-    blocks = [
-        block(d_model=d_model, mixer=factory(d_model), ffn=None if ffn is None else ffn(d_model), norm=norm, **every_block)
-        for factory in factories
-    ]
+    blocks = []
+    for factory in factories:
+        blocks.append(block(d_model=d_model, mixer=factory(d_model), ffn=None if ffn is None else ffn(d_model), norm=norm,
+                            **every_block))
+        if len(blocks) == len(layers):
+            _check_weights_fit(blocks, len(factories))
     return SequenceModel(
         vocab_size=vocab_size,
         d_model=d_model,
