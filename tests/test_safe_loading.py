@@ -191,6 +191,10 @@ def test_a_corrupted_run_record_or_latest_pointer_is_refused_by_name(run):
     (run / "checkpoints" / "latest").write_text("{")
     with pytest.raises(SeqmixError, match="latest is corrupted"):
         load_run(run)
+    # A step of more digits than Python reads as an integer (4,300) was a ValueError from int().
+    (run / "checkpoints" / "latest").write_text(json.dumps({"checkpoint": "step-" + "9" * 5000}))
+    with pytest.raises(SeqmixError, match="which is not a checkpoint directory"):
+        load_run(run)
     checkpoint = next((run / "checkpoints").glob("step-*"))
     (checkpoint / "run.json").write_text("{")
     write_checksums(checkpoint)

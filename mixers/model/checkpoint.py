@@ -153,8 +153,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint directory's name gives, or None when the name is not ``checkpoint_name``'s."""
-    match = re.fullmatch(r"step-(\d{8,})", path.name)
+    """The step a checkpoint directory's name gives, or None when the name is not ``checkpoint_name``'s
+    (at most 19 digits: a step fits an int64, and Python refuses to read an integer of over 4,300)."""
+    match = re.fullmatch(r"step-(\d{8,19})", path.name)
     return None if match is None else int(match.group(1))
 
 

@@ -238,11 +238,11 @@ def _warn_if_newer(path: Path, saved) -> None:
 
     try:
         newer = isinstance(saved, str) and Version(saved) > Version(_version())
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):  # ValueError: a number of over 4,300 digits
         return
     if newer:
         warnings.warn(f"seqmix: {path} was written by seqmix {saved}, newer than this seqmix {_version()}; a part or option "
-                      "added since is refused as unknown: upgrade seqmix to load it", SeqmixWarning, stacklevel=2)
+                      "added since would be refused as unknown: upgrade seqmix if loading fails", SeqmixWarning, stacklevel=2)
 
 
 def pretrained_training(directory: str | os.PathLike) -> dict:
