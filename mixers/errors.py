@@ -160,8 +160,9 @@ def require_path(field: str, path) -> None:
 
 
 def _nearest_existing(path: Path) -> Path:
-    """``path``, or the nearest of its folders that exists."""
-    while not path.exists() and path.parent != path:
+    """``path``, or the nearest of its folders that exists; a dangling symbolic link counts as existing
+    (no folder can be made in its place)."""
+    while not os.path.lexists(path) and path.parent != path:
         path = path.parent
     return path
 
@@ -170,7 +171,8 @@ def require_folder_path(field: str, path: str | os.PathLike) -> None:
     """Raise unless ``path`` is a folder, or could be made one: no file stands at it or above it."""
     existing = _nearest_existing(Path(path))
     if not existing.is_dir():
-        raise SeqmixError(f"{field}={os.fspath(path)!r} is not valid: {str(existing)!r} is a file, not a folder")
+        what = "a symbolic link to nothing" if existing.is_symlink() else "a file, not a folder"
+        raise SeqmixError(f"{field}={os.fspath(path)!r} is not valid: {str(existing)!r} is {what}")
 
 
 CHECKSUMS = "checksums.json"
@@ -233,11 +235,15 @@ def _output_problem(path, is_file: bool, replaces_verified: bool = False) -> str
             return f"{text!r} is not valid: it is a directory; expected a file path"
         # A file output replaces a regular file at most: writing over a FIFO, a device or a socket
         # (overwrite=true turned /dev/full into a file) or through a symbolic link is refused.
-        if is_file and target.is_symlink():
-            return f"{text!r} is not valid: it is a symbolic link; name the file itself"
+        if target.is_symlink() and target.exists() and (is_file or replaces_verified):
+            # A saved model's folder too: its files went through the link before the loaders, which
+            # take only real directories, refused it. A run directory may be a link (to a larger disk).
+            return f"{text!r} is not valid: it is a symbolic link; name the {'file' if is_file else 'folder'} itself"
         if is_file and target.exists() and not target.is_file():
             return f"{text!r} is not valid: it {not_a_file(target)}"
         existing = _nearest_existing(target.parent if is_file else target)
+        if existing.is_symlink() and not existing.exists():
+            return f"{text!r} is not valid: {str(existing)!r} is a symbolic link to nothing"
         if not existing.is_dir():
             return f"{text!r} is not valid: {str(existing)!r} is a file, not a folder"
         if not os.access(existing, os.W_OK | os.X_OK):

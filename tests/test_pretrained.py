@@ -123,19 +123,60 @@ def test_saving_a_model_whose_config_was_edited_after_it_was_built_is_refused(tm
         assert list(tmp_path.iterdir()) == []
 
 
-def test_save_pretrained_replaces_only_a_pretrained_directory(tmp_path):
+def test_save_pretrained_replaces_only_a_pretrained_directory_and_save_model_only_its_own(tmp_path):
+    """Any folder with a config.json was replaced whole (a Hugging Face model's weights and a user's
+    notes deleted), and save_model wrote over and beside anything."""
     model = _model("megalodon")
     first = seqmix.save_pretrained(model, tmp_path / "m")
-    (first / "stale.txt").write_text("from an earlier save")
     seqmix.save_pretrained(model, first)
-    assert not (first / "stale.txt").exists() and from_pretrained(first) is not None
-    other = tmp_path / "notes"
+    assert from_pretrained(first) is not None
+    (first / "notes.txt").write_text("mine")
+    other = tmp_path / "bert"
     other.mkdir()
-    (other / "mine.txt").write_text("keep")
-    with pytest.raises(SeqmixError, match="holds files but no config.json"):
-        seqmix.save_pretrained(model, other)
-    assert sorted(p.name for p in other.iterdir()) == ["mine.txt"]
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    notes, hf_model, folder_of_files = tmp_path / "notes", tmp_path / "hf", tmp_path / "saved_model_and_more"
+    for folder, files in ((notes, {"mine.txt": "keep"}), (hf_model, {"config.json": '{"model_type": "bert"}', "pytorch_model.bin": "w"})):
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    seqmix.save_model(model, folder_of_files)
+    (folder_of_files / "sub").mkdir()
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    refusals = [
+        (seqmix.save_pretrained, first, r"holds notes.txt, which this save does not write"),
+        (seqmix.save_pretrained, other, r"config.json is not a seqmix model's \(model_type='bert'\)"),
+        (seqmix.save_pretrained, notes, r"holds mine.txt, which this save does not write"),
+        (seqmix.save_pretrained, hf_model, r"holds pytorch_model.bin, which this save does not write"),
+        (seqmix.save_model, first, r"holds README.md, config.json, notes.txt, which this save does not write"),
+        (seqmix.save_model, notes, r"holds mine.txt"),
+        (seqmix.save_model, folder_of_files, r"holds sub, which this save does not write"),
+    ]
+    for save, folder, message in refusals:
+        with pytest.raises(SeqmixError, match=message):
+            save(model, folder)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "a staging directory was left behind"
+
+
+def test_a_symbolic_link_as_a_saved_models_folder_is_refused_before_anything_is_written(tmp_path):
+    """The files went through the link before the save failed (the loaders take only real folders),
+    and a dangling link was a FileExistsError, for train.out_dir too; a run directory may be a link."""
+    from seqmix.errors import require_writable_dir
+
+    model = _model("megalodon")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for save in (seqmix.save_model, seqmix.save_pretrained):
+        with pytest.raises(SeqmixError, match="link' is not valid: it is a symbolic link; name the folder itself"):
+            save(model, tmp_path / "link")
+        for folder in (tmp_path / "dangling", tmp_path / "dangling" / "deeper"):
+            with pytest.raises(SeqmixError, match="dangling' is a symbolic link to nothing"):
+                save(model, folder)
+    assert list((tmp_path / "target").iterdir()) == [] and not (tmp_path / "nowhere").exists()
+    with pytest.raises(SeqmixError, match="train.out_dir=.* is a symbolic link to nothing"):
+        require_writable_dir("train.out_dir", tmp_path / "dangling")
+    require_writable_dir("train.out_dir", tmp_path / "link")
 
 
 @pytest.fixture(scope="module")

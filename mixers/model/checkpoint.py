@@ -64,6 +64,21 @@ def instantiate_model(config: DictConfig | dict, device=None):
     return model
 
 
+def require_own_folder(field: str, directory: str | os.PathLike, names) -> None:
+    """Raise unless ``directory`` is absent, empty, or holds only regular files named in ``names``:
+    the files the caller writes there (an earlier save of its own). Anything else in it (a user's
+    notes, another library's weights, a folder) would be overwritten, deleted or left beside files
+    whose checksums do not cover it, so the folder is refused, naming what is in it."""
+    path = Path(directory)
+    if not path.is_dir():
+        return
+    foreign = sorted(entry.name for entry in os.scandir(path) if entry.name not in names or not entry.is_file(follow_symlinks=False))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise SeqmixError(f"{field}: {path} holds {shown}, which this save does not write (it writes {', '.join(sorted(names))}); "
+                          "refusing to write over or beside them: choose a new or empty folder")
+
+
 def save_model(model, directory: str | os.PathLike) -> Path:
     """Write ``model.safetensors``, ``config.yaml`` and ``checksums.json`` into ``directory``, each atomically.
 
@@ -75,6 +90,7 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     if config is None:
         raise SeqmixError("save_model: the model has no config; build it with seqmix.instantiate_model(config)")
     require_writable_dir("save_model: directory", directory, replaces_verified=True)
+    require_own_folder("save_model: directory", directory, (CONFIG, WEIGHTS, CHECKSUMS))
     directory = Path(directory)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)

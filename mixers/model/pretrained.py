@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 from seqmix.errors import SeqmixError, SeqmixWarning, one_line, require_path, require_writable_dir
 from seqmix.jsontext import parse_json
-from seqmix.model.checkpoint import WEIGHTS, check_saved_description, load_verified, write_checksums
+from seqmix.model.checkpoint import WEIGHTS, check_saved_description, load_verified, require_own_folder, write_checksums
 from seqmix.model.description import model_description
 from seqmix.staging import new_directory, write_shareable
 from seqmix.tasks.base import MODEL_FILES
@@ -113,13 +113,22 @@ def _card(model, training: Mapping | None, files: Mapping[str, bytes], evaluatio
 
 def check_pretrained_target(field: str, directory: str | os.PathLike) -> None:
     """Raise unless ``save_pretrained`` could write ``directory`` (named ``field``): writable, and absent,
-    empty or an earlier pretrained directory (it holds config.json), which it replaces."""
+    empty or an earlier pretrained directory, which it replaces: only the files it writes, its
+    config.json of model_type seqmix (a folder with any config.json was deleted whole, a Hugging Face
+    model's weights and a user's notes in it)."""
     require_writable_dir(field, directory, replaces_verified=True)
     path = Path(os.path.abspath(directory))
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise SeqmixError(f"{field}: {path} is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_JSON).is_file():
-        raise SeqmixError(f"{field}: {path} holds files but no {CONFIG_JSON}; refusing to replace it")
+    require_own_folder(field, path, HUB_PATTERNS)
+    if (path / CONFIG_JSON).is_file():
+        try:
+            model_type = parse_json((path / CONFIG_JSON).read_bytes()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type != MODEL_TYPE:
+            raise SeqmixError(f"{field}: {path / CONFIG_JSON} is not a seqmix model's (model_type={model_type!r}); "
+                              "refusing to replace the folder: choose a new or empty one")
 
 
 def save_pretrained(model, directory: str | os.PathLike, training: Mapping | None = None, task: Mapping | None = None,
@@ -128,8 +137,8 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
 
     Args:
         model: built by ``seqmix.instantiate_model`` (it carries its description).
-        directory: created, or replaced if it is an earlier pretrained directory (it holds config.json);
-            any other non-empty directory is refused.
+        directory: created, or replaced if it is an earlier pretrained directory (only the files this
+            writes, its config.json a seqmix model's); any other non-empty directory is refused.
         training: optional card facts: ``name``, ``data``, ``data_sha256``, ``metrics`` (a mapping),
             ``command``.
         task: optional task description (``{task: <name>, ...}``) stored in config.json as ``task``, so
