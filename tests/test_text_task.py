@@ -171,3 +171,27 @@ def test_a_cache_dir_under_a_file_is_refused_by_name_before_the_corpus_is_read(t
     (tmp_path / "corpus.txt").write_text("some text\n" * 100)
     with pytest.raises(SeqmixError, match=r"text: cache_dir='.*a_file/x' is not valid: '.*a_file' is a file, not a folder"):
         TextCorpus(path=str(tmp_path / "corpus.txt"), seq_len=8, cache_dir=tmp_path / "a_file" / "x")
+
+
+def test_a_path_that_exists_is_itself_and_a_glob_follows_no_folder_links(tmp_path):
+    """``data[1].csv`` was read as the glob ``data1.csv`` (another file, silently), and ``**`` followed
+    a link back up: each file repeated once per level, and two such links never ended."""
+    from seqmix.tasks.documents import source_files
+
+    corpus = tmp_path / "corpus"
+    (corpus / "a").mkdir(parents=True)
+    (corpus / "data[1].txt").write_text("the bracketed one")
+    (corpus / "data1.txt").write_text("the other one")
+    (corpus / "a" / "deep.txt").write_text("deep")
+    (corpus / "a" / "up").symlink_to(corpus)
+    (corpus / "a" / "self").symlink_to(corpus / "a")
+    (corpus / "a" / "again.txt").symlink_to(corpus / "data1.txt")
+    (corpus / ".hidden").mkdir()
+    (corpus / ".hidden" / "secret.txt").write_text("hidden")
+    assert source_files(str(corpus / "data[1].txt")) == [corpus / "data[1].txt"]
+    assert source_files(str(corpus / "data[12].txt")) == [corpus / "data1.txt"]  # no such file: a glob
+    # data1.txt once, first reached through the link a/again.txt
+    assert source_files(str(corpus / "**" / "*.txt")) == [corpus / "a" / "again.txt", corpus / "a" / "deep.txt", corpus / "data[1].txt"]
+    assert source_files(str(corpus / ".hidden" / "*.txt")) == [corpus / ".hidden" / "secret.txt"]  # named, so matched
+    with pytest.raises(SeqmixError, match=r"names no files; the corpus is empty"):
+        source_files(str(corpus / "*.csv"))

@@ -9,7 +9,6 @@ undecodable bytes under ``decode_errors=strict``, a line that is not JSON.
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import os
 import warnings
@@ -46,19 +45,39 @@ def is_saved_dataset(path: Path) -> bool:
 def source_files(path: str, options: str = "task.") -> list[Path]:
     """The files ``path`` names: itself, every file below a directory (hidden ones skipped), or a glob's matches, sorted.
 
-    ``options`` prefixes the option names errors cite (``task.path``; ``path`` for ``seqmix tokenizer``).
+    A path that exists is itself, whatever characters it holds (``data[1].csv`` was read as the glob
+    ``data1.csv``); only one that does not is read as a glob. ``**`` does not follow symbolic links to
+    folders (a link back up repeated every file, two of them never ended), and a file reached twice is
+    read once. ``options`` prefixes the option names errors cite (``task.path``; ``path`` for ``seqmix tokenizer``).
     """
-    if any(character in path for character in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(path), recursive=True)) if Path(p).is_file()]
-    else:
-        root = Path(path).expanduser()
-        if not root.exists():
-            raise SeqmixError(f"{options}path={path!r} does not exist; give a file, a directory, a glob or a saved dataset")
+    root = Path(path).expanduser()
+    if root.exists():
         files = [root] if root.is_file() else sorted(
             p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
+    elif any(character in path for character in "*?["):
+        files = _glob_files(os.path.expanduser(path))
+    else:
+        raise SeqmixError(f"{options}path={path!r} does not exist; give a file, a directory, a glob or a saved dataset")
     if not files:
         raise SeqmixError(f"{options}path={path!r} names no files; the corpus is empty")
+    return files
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files ``pattern`` matches, sorted, each once (by its real path): pathlib's glob below the
+    pattern's folder without wildcards, whose ``**`` does not follow links to folders. Hidden files and
+    folders are matched only where the pattern names them."""
+    parts = Path(pattern).parts
+    fixed = next(index for index, part in enumerate(parts) if any(character in part for character in "*?["))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    named = set(parts[fixed:])
+    seen, files = set(), []
+    for match in sorted(base.glob(str(Path(*parts[fixed:])))):
+        hidden = any(part.startswith(".") and part not in named for part in match.relative_to(base).parts)
+        if not hidden and match.is_file() and (real := os.path.realpath(match)) not in seen:
+            seen.add(real)
+            files.append(match)
     return files
 
 
