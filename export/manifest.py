@@ -79,8 +79,10 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
 
 
 def check_export_target(out_dir: str | Path) -> None:
-    """Refuse to export into ``out_dir`` unless it is absent, an empty directory or a seqmix export
-    (a directory holding manifest.json), which the new export replaces as a whole."""
+    """Refuse to export into ``out_dir`` unless it is absent, an empty directory or a seqmix export,
+    which the new export replaces as a whole: a manifest.json of a seqmix format, and nothing else
+    beside it but the files it lists (any folder holding a file of that name was deleted whole: a
+    web app's, with its sources)."""
     out_dir = Path(os.path.abspath(out_dir))
     if out_dir == out_dir.parent:
         raise SeqmixError(f"out={str(out_dir)!r} is a filesystem root; choose a directory for the export")
@@ -90,9 +92,24 @@ def check_export_target(out_dir: str | Path) -> None:
         return
     if not out_dir.is_dir():
         raise SeqmixError(f"out={str(out_dir)!r} is not a directory; choose a directory for the export")
-    if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+    if not any(out_dir.iterdir()):
+        return
+    if not (out_dir / MANIFEST).is_file():
         raise SeqmixError(f"out={str(out_dir)!r} holds files but no {MANIFEST}, so it is not a seqmix export; "
                           "refusing to replace it. Choose another directory or empty it")
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        manifest = None
+    if not (isinstance(manifest, dict) and manifest.get("format") in FORMATS and isinstance(manifest.get("files"), dict)):
+        raise SeqmixError(f"out={str(out_dir)!r} holds a {MANIFEST} that is not a seqmix export's (no format of {list(FORMATS)} "
+                          "and files); refusing to replace the directory. Choose another directory or empty it")
+    foreign = sorted(entry.name for entry in os.scandir(out_dir)
+                     if entry.name != MANIFEST and (entry.name not in manifest["files"] or not entry.is_file(follow_symlinks=False)))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise SeqmixError(f"out={str(out_dir)!r} is a seqmix export with more in it than its {MANIFEST} lists ({shown}); "
+                          "refusing to replace the directory. Choose another directory or move those out")
 
 
 @contextmanager

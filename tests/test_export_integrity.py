@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from conftest import examples, onnx_runner, tiny_preset
 from seqmix import SeqmixError
 from seqmix.export import formats, onnx_export
-from seqmix.export.manifest import MANIFEST, read_manifest
+from seqmix.export.manifest import MANIFEST, read_manifest, write_manifest
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 256
@@ -376,6 +376,7 @@ formats.export_model(tiny_preset("gpt2", "model.d_model=16", "model.depth=1"), M
 def test_an_export_replaces_an_existing_export_only_as_a_whole(exported, runner, tmp_path_factory, monkeypatch):
     old = _copy(exported, tmp_path_factory)
     (old / "model.int8.onnx").write_bytes(b"a variant of the old export")
+    write_manifest(old, {key: value for key, value in json.loads((old / MANIFEST).read_text()).items() if key != "files"})
     _fake_graphs(monkeypatch, exported)
     manifest = formats.export_model(tiny_preset("gpt2", "model.d_model=16", "model.depth=1"), _task(), "onnx", old, length=128)
     assert manifest["latency"] == {"stub": True}
@@ -406,6 +407,27 @@ def test_an_export_refuses_to_replace_what_is_not_an_export(tmp_path, monkeypatc
         formats.export_model(model, _task(), "coreml", tmp_path / "new" / "dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "work"]
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_an_export_replaces_no_folder_that_merely_holds_a_manifest_json_or_more_than_its_export(exported, tmp_path,
+                                                                                                   monkeypatch):
+    """A web app's folder (its own manifest.json, its sources) was deleted whole by export out=<it>."""
+    def must_not_export(*args, **kwargs):
+        raise AssertionError("the export started")
+
+    monkeypatch.setattr(onnx_export, "export_parallel", must_not_export)
+    model = tiny_preset("gpt2", "model.d_model=16", "model.depth=1")
+    app = tmp_path / "app"
+    (app / "src").mkdir(parents=True)
+    (app / MANIFEST).write_text('{"name": "my-web-app"}')
+    (app / "src" / "app.js").write_text("code")
+    grown = tmp_path / "grown"
+    shutil.copytree(exported, grown)
+    (grown / "notes.txt").write_text("mine")
+    for folder, message in ((app, "not a seqmix export's"), (grown, r"more in it than its manifest.json lists \(notes.txt\)")):
+        with pytest.raises(SeqmixError, match=message):
+            formats.export_model(model, _task(), "onnx", folder)
+    assert (app / "src" / "app.js").read_text() == "code" and (grown / "notes.txt").read_text() == "mine"
 
 
 # --- the runner's arguments -------------------------------------------------------------------

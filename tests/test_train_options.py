@@ -180,7 +180,7 @@ def test_a_save_pretrained_target_save_pretrained_would_refuse_is_refused_before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     out_dir = tmp_path / "run"
-    for target, message in ((tmp_path / "other", "holds files but no config.json"), (out_dir, "is train.out_dir")):
+    for target, message in ((tmp_path / "other", "holds notes.txt, which this save does not write"), (out_dir, "is train.out_dir")):
         status = main(["train", *TINY_TRAIN, f"train.out_dir={out_dir}", f"train.save_pretrained={target}"])
         assert status == 2 and message in capsys.readouterr().err
         assert not out_dir.exists()
