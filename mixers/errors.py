@@ -181,6 +181,21 @@ file in it (``seqmix.model.checkpoint`` writes and checks it). Any other file ad
 directory fail verification, so no output of seqmix may land inside one."""
 
 
+RUN_OWN_FILES = ("run.json", "metrics.jsonl", ".lock", "tokenizer.json", "labels.json")
+"""The files ``seqmix train`` keeps in a run directory (one holding run.json) beside its checkpoints:
+no file output may replace one (gather's csv=<run>/run.json overwrite=true destroyed the run record)."""
+
+
+def _run_file_problem(target: Path) -> str | None:
+    """Why a file output at ``target`` would replace a run's own file, or None."""
+    folder = target.absolute().parent
+    if (folder / RUN_OWN_FILES[0]).is_file() and target.name in RUN_OWN_FILES:
+        return f"it is the run's own {target.name} in {str(folder)!r}"
+    if folder.name == "checkpoints" and (folder.parent / RUN_OWN_FILES[0]).is_file():
+        return f"it lies in the checkpoints folder of the run in {str(folder.parent)!r}"
+    return None
+
+
 def require_writable_dir(field: str, path, replaces_verified: bool = False) -> None:
     """Raise unless ``path`` is a directory seqmix can write into, or one it can create.
 
@@ -241,6 +256,8 @@ def _output_problem(path, is_file: bool, replaces_verified: bool = False) -> str
             return f"{text!r} is not valid: it is a symbolic link; name the {'file' if is_file else 'folder'} itself"
         if is_file and target.exists() and not target.is_file():
             return f"{text!r} is not valid: it {not_a_file(target)}"
+        if is_file and (problem := _run_file_problem(target)):
+            return f"{text!r} is not valid: {problem}; write it elsewhere"
         existing = _nearest_existing(target.parent if is_file else target)
         if existing.is_symlink() and not existing.exists():
             return f"{text!r} is not valid: {str(existing)!r} is a symbolic link to nothing"

@@ -466,3 +466,27 @@ def test_config_dir_without_a_directory_says_so(capsys):
     """It said --config-dir=None is not a directory."""
     assert main(["describe", "--config-dir"]) == 2
     assert "--config-dir needs a directory: --config-dir DIR" in capsys.readouterr().err
+
+
+def test_no_file_output_replaces_a_runs_own_files(tmp_path, capsys):
+    """gather csv=<run>/run.json overwrite=true destroyed the run record, and csv=<run>/checkpoints/latest
+    its checkpoint pointer; a table beside them is fine."""
+    from seqmix.errors import RUN_OWN_FILES, require_writable_file
+    from seqmix.tasks.base import MODEL_FILES
+    from seqmix.training.checkpoints import RUN
+    from seqmix.training.loop import LOCK, METRICS
+
+    assert set(RUN_OWN_FILES) == {RUN, METRICS, LOCK, *MODEL_FILES}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in RUN_OWN_FILES:
+        (run / name).write_text("the run's")
+    (run / "checkpoints" / "latest").write_text("the run's")
+    for target in [*(run / name for name in RUN_OWN_FILES), run / "checkpoints" / "latest", run / "checkpoints" / "table.csv"]:
+        with pytest.raises(SeqmixError, match="(is the run's own|lies in the checkpoints folder of the run)"):
+            require_writable_file("csv", target)
+        assert main(["gather", f"root={tmp_path}", f"csv={target}", "overwrite=true"]) == 2
+        assert "write it elsewhere" in capsys.readouterr().err
+    assert all((run / name).read_text() == "the run's" for name in RUN_OWN_FILES)
+    require_writable_file("csv", run / "table.csv")
+    require_writable_file("csv", tmp_path / "run.json")  # not in a run directory
