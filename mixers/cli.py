@@ -34,7 +34,7 @@ from seqmix.configs import _composition_problem as composition_problem
 from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_bool, require_int, require_seed,
                            require_writable_dir, require_writable_file)
 from seqmix.jsontext import strict_json
-from seqmix.terminal import escape_controls
+from seqmix.terminal import escape_controls, mask_url_secrets
 from seqmix.threads import apply_thread_policy
 
 PROGRAM = "seqmix"
@@ -821,6 +821,16 @@ def _refuse_sweep_hydra_settings(argv: list[str]) -> None:
                               "hydra.sweep.dir or subdir; Hydra would call what its other settings name")
 
 
+def _refuse_sweep_secrets(argv: list[str]) -> None:
+    """Refuse, in a sweep, an override holding a URL's password: Hydra prints every job's overrides
+    and writes them into the sweep folder (multirun.yaml, each job's .hydra/), readable by others."""
+    for argument in argv:
+        if mask_url_secrets(argument) != argument:
+            raise SeqmixError(f"{mask_url_secrets(argument)!r} holds a password, which a sweep would print and write into "
+                              "its folder's records; give it another way (for PostgreSQL: PGPASSWORD or ~/.pgpass) and "
+                              "leave it out of the URL")
+
+
 def _refuse_hydra_settings(command: Command, argv: list[str]) -> None:
     """Refuse an override of Hydra's own settings (``hydra.run.dir=...``, ``hydra/launcher=...``) outside a
     sweep: a single run goes where the command's options say, and Hydra would have ignored it without a word."""
@@ -862,7 +872,7 @@ def _write_any_character() -> None:
 def _print_error(command: str, text: str) -> None:
     """One error on stderr, ``seqmix <command>: error: <text>``. The text can quote files someone
     else wrote, so its control characters but line breaks are shown escaped (``escape_controls``)."""
-    shown = escape_controls(text, keep="\n")
+    shown = escape_controls(mask_url_secrets(text), keep="\n")
     print(f"{PROGRAM} {command}: error: {shown}", file=sys.stderr)
 
 
@@ -964,6 +974,7 @@ def _main(argv: list[str] | None) -> int:
             if {"--cfg", "-c"} & set(argv):
                 raise SeqmixError("--cfg prints the config of one run; leave out -m to see it (it was Hydra's ValueError)")
             _refuse_sweep_hydra_settings(argv)
+            _refuse_sweep_secrets(argv)
             return _sweep(command, argv)
         argv, show_config = _config_flag(argv)
         argv, search_path = _config_dir_overrides(argv)

@@ -7,7 +7,8 @@ the line, bidirectional overrides that show characters in another order than the
 Every table seqmix prints, its error messages, the training sample and ``seqmix generate`` pass
 such text through ``escape_controls``, which writes each of those characters as the escape
 Python's ``repr`` uses (``\\x1b``, ``\\r``, ``\\u202e``), so the reader sees it and the
-terminal does not act on it.
+terminal does not act on it. ``mask_url_secrets`` hides the passwords of database URLs in what is
+printed or recorded (a storage URL quoted in an error, a sweep's overrides).
 """
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def escape_controls(text: str, keep: str = "") -> str:
         return character if character in keep else repr(character)[1:-1]
 
     return CONTROLS.sub(shown, text)
+
+
+# The password of a URL's user (``scheme://user:password@host``), up to the last ``@`` (a password
+# can hold one unencoded), and a password-like query parameter (libpq takes ``?password=``).
+URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):[^\s]*@")
+QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|pass|sslpassword|secret|token|api_?key)=)[^&#;\s'\"]*",
+                          re.IGNORECASE)
+
+
+def mask_url_secrets(text: str) -> str:
+    """``text`` with every URL's password, and every password-like query parameter's value, shown as ``***``."""
+    return QUERY_SECRET.sub(r"\g<key>***", URL_PASSWORD.sub(r"\g<head>:***@", text))

@@ -212,3 +212,36 @@ def test_a_database_server_that_cannot_be_reached_is_refused_naming_it_without_i
     with pytest.raises(SeqmixError, match=r"postgresql\+psycopg://seqmix:\*\*\*@/study.*cannot be opened as an Optuna study") as refused:
         open_study(dataclasses.replace(base_settings, storage=url), task)
     assert password not in str(refused.value)
+
+
+PASSWORDS = [
+    ("postgresql+psycopg://searcher:S3cretPw@localhost:notaport/st1", "postgresql+psycopg://searcher:***@localhost:notaport/st1"),
+    ("postgresql+psycopg://searcher:S3c@retPw@/nodb?host=/x", "postgresql+psycopg://searcher:***@/nodb?host=/x"),
+    ("postgresql+psycopg://searcher@/nodb?host=/x&password=S3cretPw", "postgresql+psycopg://searcher@/nodb?host=/x&password=***"),
+    ("mysql://u:S3cretPw@[::1/st1", "mysql://u:***@[::1/st1"),
+    ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ("sqlite:////tmp/study.db", "sqlite:////tmp/study.db"),
+]
+
+
+@pytest.mark.parametrize("url, shown", PASSWORDS)
+def test_a_storage_urls_password_is_masked_in_every_form(url, shown):
+    """A URL SQLAlchemy could not parse (a port that is no number, a bracket) was shown whole, a
+    password in the query was not masked, and one holding an @ was masked only up to it."""
+    from seqmix.search.storage import shown_url
+
+    assert shown_url(url) == shown and "S3c" not in shown_url(url)
+
+
+def test_no_error_line_and_no_sweep_shows_or_records_a_password(tmp_path, capsys):
+    from seqmix.cli import main
+
+    url = "postgresql+psycopg://searcher:S3cretPw@localhost:notaport/st1"
+    assert main(["search", "search=tiny", f"search.storage='{url}'", f"search.out_dir={tmp_path / 'one'}"]) == 2
+    err = capsys.readouterr().err
+    assert "searcher:***@localhost" in err and "S3cretPw" not in err
+    sweep = tmp_path / "sweep"
+    assert main(["search", "-m", "search=tiny", f"search.storage='{url}'", f"hydra.sweep.dir={sweep}"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a password, which a sweep would print" in err and "S3cretPw" not in err
+    assert not sweep.exists()

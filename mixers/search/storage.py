@@ -22,6 +22,7 @@ from seqmix.search.settings import (JOURNAL_PREFIX, SQLITE_PREFIX, SearchSetting
                                     metric_direction, storage_file)
 from seqmix.search.space import space_differences
 from seqmix.tasks.base import Task
+from seqmix.terminal import mask_url_secrets
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SCHEMA_ATTEMPTS = 5
@@ -36,15 +37,9 @@ def storage_url(settings: SearchSettings) -> str:
 
 
 def shown_url(url: str) -> str:
-    """``url`` as messages show it: a database URL's password masked."""
-    if url.startswith(JOURNAL_PREFIX) or "://" not in url:
-        return url
-    import sqlalchemy.engine
-
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: it is refused later, and has no password to hide
-        return url
+    """``url`` as messages show it: a database URL's password masked, in its user part or its query,
+    whether or not SQLAlchemy can parse the URL (one it could not was shown whole)."""
+    return url if url.startswith(JOURNAL_PREFIX) else mask_url_secrets(url)
 
 
 def sqlite_file(url: str) -> Path | None:
