@@ -248,3 +248,28 @@ def test_a_tokenizer_json_is_used_and_saved_beside_the_labels(tmp_path):
         expected = tokenizer.encode(text)[:23] + [tokenizer.separator]
         assert tokens[: len(expected)] == expected and padding == [position >= len(expected) for position in range(24)]
     assert sorted(_task(data, tmp_path).model_files()) == [LABELS_FILE]
+
+
+def test_a_csv_row_with_extra_fields_a_repeated_column_or_an_open_quote_is_refused_where_it_is(tmp_path):
+    """An unquoted comma moved the text's tail into the label (101 classes, silently), a repeated
+    column read its last copy, and an open quote was told at the file's end, not where it opened."""
+    rows = "".join(f"text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20))
+    cases = {
+        "commas.csv": ("text,label\n" + rows + "slow, dull and long,neg\n" + rows, r"commas.csv line 22 has more fields than the header"),
+        "repeated.csv": ("text,label,label\n" + rows, r"names the column\(s\) \['label'\] more than once"),
+        "open.csv": ("text,label\n" + rows + '"an open quote,neg\n' + rows, r"the record from line 22 is not valid CSV .*quote left open"),
+        "utf16.csv": (None, r"holds NUL bytes, so it is not UTF-8 text"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        if text is None:
+            path.write_bytes(("text,label\n" + rows).encode("utf-16"))
+        else:
+            path.write_text(text)
+        with pytest.raises(SeqmixError, match=message):
+            _task(path, tmp_path)
+    # Excel's UTF-8 CSV starts with a byte order mark, which became part of the first column's name.
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + ("text,label\n" + rows).encode())
+    (tmp_path / "plain.csv").write_text("text,label\n" + rows)
+    with_mark, plain = _task(tmp_path / "bom.csv", tmp_path), _task(tmp_path / "plain.csv", tmp_path)
+    assert with_mark.labels == plain.labels == ["neg", "pos"]

@@ -187,21 +187,41 @@ class DocumentSource:
                 yield where, self._pick(row, columns, where)
 
     def _csv(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
-        text = self.decode(path.read_bytes(), path).decode()
+        raw = path.read_bytes()
+        if is_binary(raw):
+            raise SeqmixError(f"{self.owner}: {path} holds NUL bytes, so it is not UTF-8 text (UTF-16, as some programs save "
+                              "CSV, or a binary file); save it as UTF-8")
+        # Excel saves UTF-8 CSV with a byte order mark, which would become part of the first column's name.
+        text = self.decode(raw, path).decode().removeprefix("\ufeff")
         # A document is one field, and the csv module refuses a field over 128 KiB by default: the
         # limit (process-wide) goes up to the file's length, which no field exceeds.
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        header = reader.fieldnames or []
-        if not header:
-            raise SeqmixError(f"{self.owner}: {path} is empty; a CSV starts with a header line naming its columns")
-        self._missing(columns, header, f"{path}")
-        for row in reader:
-            # The reader's line_num is the physical line a record ends on, so quoted newlines still point right.
-            where = f"{path} line {reader.line_num}"
-            if any(row.get(column) is None for column in columns.values()):
-                raise SeqmixError(f"{self.owner}: {where} has fewer fields than the header {header}")
-            yield where, {option: row[column] for option, column in columns.items()}
+        # strict: a quote left open is an error where the file ends, not a record swallowing the rest.
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        records = iter(reader)
+        started = 1
+        try:
+            header = reader.fieldnames or []
+            if not header:
+                raise SeqmixError(f"{self.owner}: {path} is empty; a CSV starts with a header line naming its columns")
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise SeqmixError(f"{self.owner}: {path} names the column(s) {repeated} more than once in its header {header}")
+            self._missing(columns, header, f"{path}")
+            started = reader.line_num + 1
+            for row in records:
+                # The reader's line_num is the physical line a record ends on, so quoted newlines still point right.
+                where = f"{path} line {reader.line_num}"
+                if row.get(None):  # the fields past the header's, which DictReader keeps under None
+                    raise SeqmixError(f"{self.owner}: {where} has more fields than the header {header}: quote a field "
+                                      "that holds a comma")
+                if any(row.get(column) is None for column in columns.values()):
+                    raise SeqmixError(f"{self.owner}: {where} has fewer fields than the header {header}")
+                yield where, {option: row[column] for option, column in columns.items()}
+                started = reader.line_num + 1
+        except csv.Error as error:
+            hint = "; is a quote left open there?" if "end of data" in str(error) else ""
+            raise SeqmixError(f"{self.owner}: {path}: the record from line {started} is not valid CSV ({error}){hint}") from None
 
     def _parquet(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
         try:
