@@ -43,6 +43,7 @@ from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
 from .graphs import StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
+from .manifest import initial_fill
 
 INSTALL_HINT = "pip install executorch==1.5.1"
 LIBRARY_DIR = Path(seqmix.__file__).resolve().parent
@@ -341,7 +342,9 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, max
         "inputs": [{"name": "input_ids", "shape": token_shape, "dtype": "int64"}, *_spec(graph.state_names, state)],
         "outputs": [{"name": "logits", "shape": [*token_shape, *outputs[0].shape[2:]], "dtype": "float32"},
                     *_spec(graph.present_names, outputs[1:])],
-        "state": [{**entry, "output": present} for entry, present in zip(_spec(graph.state_names, state), graph.present_names)],
+        # fill: the state a client starts from (−1 in an attention cache's empty slots, not 0).
+        "state": [{**entry, "output": present, "fill": initial_fill(entry["name"], initial)}
+                  for entry, present, initial in zip(_spec(graph.state_names, state), graph.present_names, state)],
         "batch_size": batch_size,
         "tokens_per_call": f"1..{limit}",
         "max_tokens": limit,

@@ -29,8 +29,8 @@ FORMATS = ("onnx", "executorch", "tensorrt")
 """The deployment formats an export directory can hold (``seqmix.export.formats`` writes each)."""
 REQUIRED = {"format", "vocab_size", "impls", "files"}
 STATE_DTYPES = ("bfloat16", "bool", "float16", "float32", "float64", "int32", "int64")
-# The ONNX runner builds the initial state from each entry's fill; ExecuTorch callers build it
-# from the model, so its manifests record none.
+# The runners build the initial state from each entry's fill. ExecuTorch manifests record it too,
+# but those written before it did lack it, and are still read.
 NEEDS_FILL = ("onnx", "tensorrt")
 # Formats whose parallel graph takes any multiple of ``length_unit`` tokens.
 DYNAMIC_LENGTH = ("onnx", "tensorrt")
@@ -76,6 +76,15 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
     tmp.write_text(json.dumps(written, indent=2))
     os.replace(tmp, path)
     return written
+
+
+def initial_fill(name: str, initial) -> int | float | bool:
+    """The one constant a state tensor ``name`` starts as (0, or −1 for empty cache slots), which a
+    manifest records as its ``fill``; a tensor that does not start as one constant is refused."""
+    fill = initial.flatten()[0].item() if initial.numel() else 0
+    if not bool((initial == fill).all()):
+        raise SeqmixError(f"state tensor {name} does not start as one constant value; the manifest cannot describe it")
+    return fill
 
 
 def check_export_target(out_dir: str | Path) -> None:

@@ -34,6 +34,7 @@ from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
 from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
+from .manifest import initial_fill
 
 OPSET = 23
 TOLERANCE = 1e-4
@@ -144,11 +145,8 @@ def export_parallel(model: nn.Module, path: Path, tolerance: float = TOLERANCE) 
 def _state_entry(name: str, initial: torch.Tensor, output: str) -> dict:
     """A state tensor's layout per sequence, its output name and its initial value, which is one
     constant (0, or −1 for empty cache slots). ``shape`` is ["batch", ...]: the first dim is B."""
-    fill = initial.flatten()[0].item() if initial.numel() else 0
-    if not bool((initial == fill).all()):
-        raise SeqmixError(f"state tensor {name} does not start as one constant value; the manifest cannot describe it")
     return {"name": name, "output": output, "shape": ["batch", *initial.shape[1:]],
-            "dtype": str(initial.dtype).replace("torch.", ""), "fill": fill}
+            "dtype": str(initial.dtype).replace("torch.", ""), "fill": initial_fill(name, initial)}
 
 
 STEP_CHECKS = ((1, (1, 5, 1)), (3, (2, 1, 1)), (2, (1, 3)))

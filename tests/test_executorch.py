@@ -24,6 +24,7 @@ from functools import cache
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install executorch==1.5.1")
 
@@ -97,7 +98,11 @@ def test_decoder_program_prefills_and_decodes_like_eager(preset, batch, tmp_path
     assert manifest["delegated_nodes"] > 0
     # Every EMA/CEMA runs its chunked path, each call being one chunk; none was left switched.
     assert "recurrent" not in manifest["impls"].values()
-    state_inputs = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in state]
+    # A client starts from the manifest's fill (an attention cache's empty slots are −1, not 0): it
+    # builds the model's own initial state, from which the program was verified above.
+    state_inputs = [torch.full(s["shape"], s["fill"], dtype=getattr(torch, s["dtype"])) for s in state]
+    initial = tree_flatten(model.init_state(batch))[0]
+    assert all(torch.equal(built, own) for built, own in zip(state_inputs, initial, strict=True))
     with pytest.raises(SeqmixError, match=rf"1 <= T <= {limit}: feed a longer prompt in calls of at most {limit} tokens"):
         et.run_pte(path, torch.zeros(batch, limit + 1, dtype=torch.long), *state_inputs)
 
