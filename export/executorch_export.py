@@ -43,6 +43,7 @@ from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
 from .graphs import StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
+from .agreement import max_difference
 from .manifest import initial_fill
 
 INSTALL_HINT = "pip install executorch==1.5.1"
@@ -446,7 +447,7 @@ def verify_pte_parallel(model: nn.Module, path: str | Path, length: int, batch_s
         tokens = torch.randint(0, model.vocab_size, (batch_size, length), generator=generator)
         with torch.no_grad():
             expected = model(tokens)
-        worst = max(worst, (_execute(method, (tokens,), model.vocab_size)[0] - expected).abs().max().item())
+        worst = max(worst, max_difference(expected, _execute(method, (tokens,), model.vocab_size)[0], "ExecuTorch parallel program"))
     return worst
 
 
@@ -482,12 +483,12 @@ def stream_errors(model: nn.Module, path: str | Path) -> list[tuple[float, float
         with torch.no_grad():
             expected, eager_state = model.step(tokens, eager_state)
         logits, *state = _execute(method, (tokens, *state), model.vocab_size)
-        worst = max(worst, (logits - expected).abs().max().item())
+        worst = max(worst, max_difference(expected, logits, "ExecuTorch decoder program"))
         scale = max(scale, expected.abs().max().item())
     errors = [(worst, scale)]
     for want, got in zip(tree_flatten(eager_state)[0], state):
         if want.is_floating_point():
-            errors.append(((want - got).abs().max().item(), want.abs().max().item()))
+            errors.append((max_difference(want, got, "ExecuTorch decoder program's state"), want.abs().max().item()))
         elif not torch.equal(want, got):
             errors.append((float("inf"), 0.0))
     return errors

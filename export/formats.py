@@ -22,7 +22,6 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +32,7 @@ from seqmix.timing import Timing, time_calls
 from seqmix.contract import length_unit
 from seqmix.model.sequence_model import SequenceModel
 from seqmix.tasks.base import Task
+from .agreement import max_difference
 from .manifest import COMPANIONS, FORMATS, staged_export, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
@@ -160,7 +160,7 @@ def export_tensorrt(model: nn.Module, task, out_dir: Path, quantize: str | None 
     with torch.no_grad():
         expected = model(tokens).numpy()
     got = next(iter(run_engine(engine, feed).values())).float().cpu().numpy()
-    worst = float(np.abs(expected - got).max())
+    worst = max_difference(expected, got, "TensorRT engine")
     manifest["engine"] = {
         "file": engine.name,
         "profile": {k: {n: list(s) for n, s in v.items()} for k, v in shapes.items()},

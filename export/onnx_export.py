@@ -34,6 +34,7 @@ from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
 from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
+from .agreement import as_array, first_index, max_difference
 from .manifest import initial_fill
 
 OPSET = 23
@@ -77,12 +78,12 @@ def _io_spec(values) -> list[dict]:
 
 
 def _compare(reference: np.ndarray, result: np.ndarray, what: str, tolerance: float) -> float:
-    """Max |reference − result|; raise ExportMismatch naming where it is when above tolerance."""
-    difference = np.abs(reference.astype(np.float64) - result.astype(np.float64))
-    worst = float(difference.max())
-    if not np.isfinite(worst) or worst > tolerance:
-        where = np.unravel_index(int(np.nanargmax(difference)), difference.shape)
-        raise ExportMismatch(f"{what}: max |eager − exported| = {worst:.3e} at index {tuple(int(i) for i in where)} > tolerance {tolerance:.0e}")
+    """Max |reference − result| (``max_difference``); raise ExportMismatch naming where it is when above tolerance."""
+    worst = max_difference(reference, result, what)
+    if worst > tolerance:
+        difference = np.abs(as_array(reference) - as_array(result))
+        where = first_index(~(difference <= tolerance))
+        raise ExportMismatch(f"{what}: max |eager − exported| = {worst:.3e} at index {where} > tolerance {tolerance:.0e}")
     return worst
 
 

@@ -242,9 +242,9 @@ class Mixer(nn.Module):
         """
         self.check_input(x, padding_mask)
         dtype = self.parameter_dtype()
-        if dtype is None or x.dtype == dtype:
-            return self.mix(x, padding_mask)
-        return self.mix(x.to(dtype), padding_mask).to(x.dtype)
+        y = self.mix(x if dtype is None or x.dtype == dtype else x.to(dtype), padding_mask)
+        self._check_output(y, x, "mix")
+        return y if dtype is None or x.dtype == dtype else y.to(x.dtype)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Continue a stream by T >= 1 tokens.
@@ -264,10 +264,21 @@ class Mixer(nn.Module):
         self.check_input(x, None)
         self.check_state(state, x)
         dtype = self.parameter_dtype()
-        if dtype is None or x.dtype == dtype:
-            return self.mix_step(x, state)
-        y, state = self.mix_step(x.to(dtype), state)
-        return y.to(x.dtype), state
+        y, state = self.mix_step(x if dtype is None or x.dtype == dtype else x.to(dtype), state)
+        self._check_output(y, x, "mix_step")
+        return (y if dtype is None or x.dtype == dtype else y.to(x.dtype)), state
+
+    def _check_output(self, y, x: Tensor, method: str) -> None:
+        """Raise, naming the mixer and ``method``, unless ``y`` is a tensor of x's shape: a mixer's
+        own code (a user's registered mixer) that returned another shape failed later inside the
+        block, with torch's error naming neither. Shapes only; skipped while torch traces a graph,
+        whose symbolic shapes a comparison would constrain."""
+        if torch.compiler.is_compiling():
+            return
+        if not isinstance(y, Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise SeqmixError(f"{type(self).__name__}.{method} returned {got} for an input of shape {tuple(x.shape)}; "
+                              f"a mixer returns (B, L, D) outputs, the shape of its input")
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """The state before any token: fixed-shape, batch-first tensors.

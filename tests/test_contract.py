@@ -299,3 +299,33 @@ def test_a_model_config_names_a_registered_mixer_and_its_options():
     assert isinstance(model.blocks[0].mixer, seqmix.TCN) and model.blocks[0].mixer.depth == 2
     with pytest.raises(SeqmixError, match=r"model.mixers.fast.mixer='tcnn' is not a registered mixer.*'tcn'"):
         seqmix.build_model(vocab_size=32, d_model=16, layers=["fast"], mixers={"fast": {"mixer": "tcnn"}})
+
+
+class _MisshapenMixer(seqmix.Mixer):
+    """A user's mixer whose mix widens its output and whose mix_step drops a token."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, causal=True)
+        self.scale = torch.nn.Parameter(torch.ones(d_model))
+
+    def mix(self, x, padding_mask=None):
+        return torch.cat([x, x], dim=-1) * self.scale.repeat(2)
+
+    def empty_state(self, batch_size, device=None, dtype=None):
+        return (torch.zeros(batch_size, 1, device=device),)
+
+    def mix_step(self, x, state):
+        return x[:, :-1] * self.scale, state
+
+
+def test_a_mixer_returning_another_shape_is_named_at_its_call():
+    """Its forward returned (B, L, 2D) silently, and a model failed inside the block's residual with
+    torch's error naming neither the mixer nor the method."""
+    mixer, x = _MisshapenMixer(8), torch.randn(2, 5, 8)
+    with pytest.raises(SeqmixError, match=re.escape("_MisshapenMixer.mix returned (2, 5, 16) for an input of shape (2, 5, 8)")):
+        mixer(x)
+    with pytest.raises(SeqmixError, match=re.escape("_MisshapenMixer.mix_step returned (2, 4, 8) for an input of shape (2, 5, 8)")):
+        mixer.step(x, mixer.init_state(2))
+    model = seqmix.build_model(vocab_size=32, d_model=8, layers=[_MisshapenMixer])
+    with pytest.raises(SeqmixError, match="_MisshapenMixer.mix returned"):
+        model(torch.randint(0, 32, (1, 4)))

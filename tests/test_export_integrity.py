@@ -473,3 +473,26 @@ def test_the_runner_refuses_an_empty_prompt_and_a_missing_directory(exported, ru
         _assert_one_line_error(*_main(runner, [str(exported), "generate", "--prompt", ""]), "--prompt", "at least one")
         _assert_one_line_error(*_main(runner, [str(tmp_path / "nowhere"), "generate"]), "nowhere")
         _assert_one_line_error(*_main(runner, [str(exported)]), "mode")
+
+
+def test_a_non_finite_output_is_never_agreement():
+    """Python's max kept 0.0 over a NaN (an ExecuTorch program with NaN logits verified with error
+    0), and an all-NaN difference was numpy's ValueError from nanargmax, a traceback of seqmix export."""
+    import numpy as np
+    import torch
+
+    from seqmix.export.agreement import max_difference
+    from seqmix.export.onnx_export import ExportMismatch, _compare
+
+    reference = np.ones((2, 3))
+    nan_result = reference.copy()
+    nan_result[1, 2] = np.nan
+    assert max_difference(reference, reference + 1e-6, "graph") == pytest.approx(1e-6)
+    assert max_difference(torch.ones(2, 3), torch.tensor(nan_result, dtype=torch.float32), "graph") == float("inf")
+    assert max(0.0, max_difference(reference, nan_result, "graph")) == float("inf")
+    with pytest.raises(ExportMismatch, match=r"max \|eager − exported\| = inf at index \(1, 2\)"):
+        _compare(reference, nan_result, "parallel graph", 1e-4)
+    with pytest.raises(SeqmixError, match=r"parallel graph: the model's own \(eager\) outputs are not finite \(at index \(0, 0\)\)"):
+        _compare(np.full((2, 3), np.nan), np.full((2, 3), np.nan), "parallel graph", 1e-4)
+    with pytest.raises(ExportMismatch, match=r"= 5.000e-01 at index \(0, 1\)"):
+        _compare(reference, reference + np.array([[0, 0.5, 0], [0, 0, 0]]), "parallel graph", 1e-4)
