@@ -356,3 +356,49 @@ def test_train_saves_pretrained_and_evaluate_and_export_read_it(tmp_path, capsys
     assert json.loads((pretrained / CONFIG_JSON).read_text())["evaluation"] == {"batches": 1, "batch_size": 2, "bf16": False}
     assert main(["export", f"checkpoint={pretrained}", f"out={tmp_path / 'export'}", "length=64"]) == 0
     assert read_manifest(tmp_path / "export")["vocab_size"] == 64
+
+
+def _hub_cache(saved: Path, cache: Path, repo: str = "me/notes") -> Path:
+    """``saved`` laid out as huggingface_hub's cache holds a download: files in blobs/ named by
+    their sha256, and the snapshot's entries links to them. Returns the snapshot folder."""
+    import hashlib
+
+    repository = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (repository / "blobs").mkdir(parents=True)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    snapshot = repository / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in saved.iterdir():
+        blob = repository / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("../../blobs") / blob.name)
+    return snapshot
+
+
+def test_a_model_in_the_hub_cache_loads_through_its_links_and_only_links_into_its_blobs(saved, tmp_path, monkeypatch):
+    """snapshot_download gives a folder of links into the cache's blobs/: every Hub download was
+    refused as 'a symbolic link', and a git clone of a Hub repository for its .gitattributes."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    snapshot = _hub_cache(saved, tmp_path / "cache")
+    tokens = torch.randint(0, 256, (1, 9))
+    expected = from_pretrained(saved)(tokens)
+    torch.testing.assert_close(from_pretrained("me/notes")(tokens), expected, rtol=0, atol=0)
+    torch.testing.assert_close(from_pretrained(snapshot)(tokens), expected, rtol=0, atol=0)
+    # A link out of the blobs folder is refused as ever, even in a snapshot.
+    outside = tmp_path / "elsewhere.md"
+    outside.write_text((saved / CARD).read_text())
+    (snapshot / CARD).unlink()
+    (snapshot / CARD).symlink_to(outside)
+    with pytest.raises(SeqmixError, match="README.md is a symbolic link"):
+        from_pretrained(snapshot)
+    # A clone: git's own entries are not files of the model.
+    clone = tmp_path / "clone"
+    shutil.copytree(saved, clone)
+    (clone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (clone / ".git").mkdir()
+    torch.testing.assert_close(from_pretrained(clone)(tokens), expected, rtol=0, atol=0)
+    (clone / "extra.txt").write_text("not listed")
+    with pytest.raises(SeqmixError, match="extra.txt is not listed in checksums.json"):
+        from_pretrained(clone)

@@ -328,12 +328,33 @@ def write_checksums(directory: str | os.PathLike, names: list[str] | None = None
     return directory / CHECKSUMS
 
 
+def hub_blobs(directory: Path) -> Path | None:
+    """The ``blobs`` folder of the Hugging Face cache repository whose snapshot ``directory`` is
+    (``<cache>/models--<owner>--<name>/snapshots/<commit>``), or None for any other directory."""
+    repository = directory.absolute().parent.parent
+    if directory.absolute().parent.name != "snapshots" or not repository.name.startswith("models--"):
+        return None
+    blobs = repository / "blobs"
+    return blobs if blobs.is_dir() and not blobs.is_symlink() else None
+
+
+def _links_into(path: Path, folder: Path) -> bool:
+    """Whether the link ``path`` leads to a regular file directly in ``folder``."""
+    target = path.resolve()
+    return target.parent == folder.resolve() and target.is_file()
+
+
 def refuse_symlinks(directory: Path) -> None:
-    """Raise if ``directory`` or anything directly in it is a symbolic link (it could point anywhere)."""
+    """Raise if ``directory`` or anything directly in it is a symbolic link (it could point anywhere).
+
+    Except in a snapshot of the Hugging Face cache, where ``snapshot_download`` links every file to
+    the repository's ``blobs`` folder: links that lead to a file there, and nowhere else, are taken
+    (a model fetched from the Hub was refused whole)."""
     if directory.is_symlink():
         raise SeqmixError(f"{directory} is a symbolic link; seqmix loads only real directories")
+    blobs = hub_blobs(directory)
     for path in directory.iterdir():
-        if path.is_symlink():
+        if path.is_symlink() and not (blobs is not None and _links_into(path, blobs)):
             raise SeqmixError(f"{path} is a symbolic link; seqmix refuses links inside a saved model or checkpoint")
 
 
@@ -381,6 +402,13 @@ def _tensor_end(entry) -> int | None:
     return None
 
 
+def _is_version_control(path: Path) -> bool:
+    """git's own entries in a clone of a Hub repository (the Hub adds .gitattributes to every one),
+    which no loader reads and a checksum record cannot list."""
+    return (path.name == ".git" and path.is_dir() and not path.is_symlink()) or (
+        path.name == ".gitattributes" and path.is_file() and not path.is_symlink())
+
+
 def verify_checksums(directory: str | os.PathLike) -> None:
     """Raise unless ``checksums.json`` exists, lists every other file, every file matches it, and nothing is a link.
     Every file's size is checked (``_size_problem``) before any is hashed."""
@@ -403,7 +431,7 @@ def verify_checksums(directory: str | os.PathLike) -> None:
             raise ValueError("unknown layout")
     except (ValueError, KeyError, TypeError) as error:
         raise SeqmixError(f"{directory}: {CHECKSUMS} is corrupted ({error}); refusing to load it") from None
-    present = sorted(path.name for path in directory.iterdir() if path.name != CHECKSUMS)
+    present = sorted(path.name for path in directory.iterdir() if path.name != CHECKSUMS and not _is_version_control(path))
     unlisted = [name for name in present if name not in expected]
     if unlisted:
         raise SeqmixError(f"{directory}: {unlisted[0]} is not listed in {CHECKSUMS}; refusing an unverified file")
