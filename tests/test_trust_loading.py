@@ -405,6 +405,27 @@ def test_a_sparse_terabyte_listed_in_checksums_is_refused_by_its_size_before_any
         grown.unlink()  # no terabyte left behind for a tool that copies the test's folders
 
 
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "model.safetensors"])
+def test_a_sparse_weights_file_whose_header_describes_its_length_is_refused_before_any_hashing(finished_run, tmp_path, name):
+    """A header describing one 16 GiB tensor made the file's length consistent: it passed the size
+    check and was hashed for minutes (hours at a terabyte)."""
+    run = _copy(finished_run, tmp_path)
+    checkpoint = latest_checkpoint(run)
+    length = 1 << 34
+    header = json.dumps({"w": {"dtype": "U8", "shape": [length], "data_offsets": [0, length]}}).encode()
+    grown = checkpoint / name
+    grown.write_bytes(len(header).to_bytes(8, "little") + header)
+    os.truncate(grown, 8 + len(header) + length)  # the zeros take no disk
+    record = json.loads((checkpoint / "checksums.json").read_text())
+    record["files"][name] = "0" * 64  # the size check comes before any digest
+    (checkpoint / "checksums.json").write_text(json.dumps(record))
+    try:
+        with fails_after(10, "loading the checkpoint"), pytest.raises(SeqmixError, match=f"{name} holds 17,179,869,.* bytes of which only .* are on disk \\(a sparse file"):
+            load_run(run)
+    finally:
+        grown.unlink()
+
+
 @pytest.mark.parametrize("entry", [{"data_offsets": 5}, {"data_offsets": []}, {"data_offsets": [0, "8"]}, [1, 2], "x"])
 def test_a_safetensors_header_entry_of_the_wrong_shape_is_refused_by_name(finished_run, tmp_path, entry):
     run = _copy(finished_run, tmp_path)

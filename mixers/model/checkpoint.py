@@ -361,6 +361,8 @@ def refuse_symlinks(directory: Path) -> None:
 MAX_SIDE_FILE_BYTES = 64 << 20
 """The largest file besides weights a verified directory may hold (configs, records, a tokenizer, the
 checksums themselves): tens of kilobytes in practice, a few megabytes for a large tokenizer."""
+SPARSE_CHECK_BYTES = 64 << 20
+"""Weights files longer than this are checked for holes (``_size_problem``)."""
 SAFETENSORS_MAX_HEADER_BYTES = 100 << 20
 """The largest safetensors header read; the format's own readers refuse larger ones too."""
 
@@ -390,6 +392,12 @@ def _size_problem(path: Path) -> str | None:
     described = 8 + header_bytes + max(ends, default=0)
     if size != described:
         return f"holds {size:,} bytes where its safetensors header describes {described:,}"
+    # A header that describes its own length can still describe terabytes: a file with holes
+    # (sparse: long, with next to nothing on disk) passed, and took hours to hash. Written weights
+    # are never sparse, and even a compressing file system keeps float weights above an eighth.
+    stored = getattr(path.stat(), "st_blocks", None)
+    if stored is not None and size > SPARSE_CHECK_BYTES and stored * 512 < size // 8:
+        return f"holds {size:,} bytes of which only {stored * 512:,} are on disk (a sparse file, which no save writes)"
     return None
 
 
