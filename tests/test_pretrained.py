@@ -402,3 +402,33 @@ def test_a_model_in_the_hub_cache_loads_through_its_links_and_only_links_into_it
     (clone / "extra.txt").write_text("not listed")
     with pytest.raises(SeqmixError, match="extra.txt is not listed in checksums.json"):
         from_pretrained(clone)
+
+
+def test_saves_refuse_non_finite_weights_and_a_config_that_is_no_description_before_writing(tmp_path):
+    """NaN weights were saved with checksums into folders every loader refused as damaged; a config
+    that was no mapping was a ValueError traceback from dict()."""
+    for save in (seqmix.save_model, seqmix.save_pretrained):
+        model = _model("megalodon")
+        with torch.no_grad():
+            model.embed.weight[3, 1] = float("nan")
+        with pytest.raises(SeqmixError, match=r"tensor 'embed.weight' holds NaN or infinite values; .* not saved"):
+            save(model, tmp_path / save.__name__)
+        model = _model("megalodon")
+        model.config = "x"
+        with pytest.raises(SeqmixError, match="the model's config is a str, not the description"):
+            save(model, tmp_path / save.__name__)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_loaders_take_cpu_0_and_name_a_checksums_record_that_is_no_file(saved, tmp_path):
+    """'cpu:0' was blamed on the file (safetensors: device cpu:0 is invalid); a folder in the record's
+    place was 'missing', with advice (allow_unverified) that did not help."""
+    tokens = torch.randint(0, 256, (1, 5))
+    torch.testing.assert_close(from_pretrained(saved, device="cpu:0")(tokens), from_pretrained(saved)(tokens))
+    directory = tmp_path / "model"
+    shutil.copytree(saved, directory)
+    (directory / "checksums.json").unlink()
+    (directory / "checksums.json").mkdir()
+    for allow_unverified in (False, True):
+        with pytest.raises(SeqmixError, match="checksums.json is a directory, not a regular file; refusing to load"):
+            from_pretrained(directory, allow_unverified=allow_unverified)

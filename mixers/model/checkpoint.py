@@ -86,9 +86,7 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_model as save_weights
 
-    config = getattr(model, "config", None)
-    if config is None:
-        raise SeqmixError("save_model: the model has no config; build it with seqmix.instantiate_model(config)")
+    config = check_savable(model, "save_model")
     require_writable_dir("save_model: directory", directory, replaces_verified=True)
     require_own_folder("save_model: directory", directory, (CONFIG, WEIGHTS, CHECKSUMS))
     directory = Path(directory)
@@ -132,6 +130,23 @@ def refuse_yaml_aliases(path: Path, text: str) -> None:
                                   "a config it wrote spells every value out")
     except yaml.YAMLError as error:
         raise SeqmixError(f"{path} is not a readable YAML config ({one_line(error)})") from None
+
+
+def check_savable(model, caller: str):
+    """The description of ``model`` (its ``config``), once the model is one a loader will read back:
+    built by ``instantiate_model`` with a mapping for config, and every floating tensor finite. NaN
+    weights were saved with checksums into a folder every loader then refused as damaged."""
+    description = getattr(model, "config", None)
+    if description is None:
+        raise SeqmixError(f"{caller}: the model has no config; build it with seqmix.instantiate_model(config)")
+    if not isinstance(description, Mapping):
+        raise SeqmixError(f"{caller}: the model's config is a {type(description).__name__}, not the description "
+                          "seqmix.instantiate_model(config) records; build the model with it")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SeqmixError(f"{caller}: tensor {name!r} holds NaN or infinite values; the loaders would refuse these "
+                              "weights as damaged, so they are not saved")
+    return description
 
 
 def check_saved_description(description: Mapping, weights: Path, caller: str) -> None:
@@ -227,8 +242,9 @@ def load_verified(directory: Path, config_name: str, read_config, device: str, a
     reads from ``config_name``, the header check, then the weights. ``caller`` and ``writer`` name
     the function that failed and the one that writes such directories, for the error messages."""
     require_bool(caller, "allow_unverified", allow_unverified)
-    # A string: safetensors takes no torch.device.
-    device = str(require_available_device(f"{caller}: device", device))
+    # A string: safetensors takes no torch.device, nor "cpu:0" (which torch reads as the CPU).
+    device = require_available_device(f"{caller}: device", device)
+    device = "cpu" if device.type == "cpu" else str(device)
     if device == "meta":
         raise SeqmixError(f"{caller}: device='meta' holds no values, so no weights can be loaded onto it; load onto "
                           "'cpu' or a GPU (seqmix.instantiate_model(config, device='meta') builds a model without memory)")
@@ -423,6 +439,9 @@ def verify_checksums(directory: str | os.PathLike) -> None:
     directory = Path(directory)
     refuse_symlinks(directory)
     record_path = directory / CHECKSUMS
+    if os.path.lexists(record_path) and not record_path.is_file():
+        # Not "missing": allow_unverified, which that message suggests, takes only a directory without one.
+        raise SeqmixError(f"{directory}: {CHECKSUMS} {not_a_file(record_path)}; refusing to load the directory")
     if not record_path.is_file():
         raise SeqmixError(
             f"{directory}: {CHECKSUMS} is missing, so its files cannot be verified (every directory seqmix saves has "

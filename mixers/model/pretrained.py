@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_flatten
 
 from seqmix.errors import SeqmixError, SeqmixWarning, one_line, require_path, require_writable_dir
 from seqmix.jsontext import parse_json
-from seqmix.model.checkpoint import WEIGHTS, check_saved_description, load_verified, require_own_folder, write_checksums
+from seqmix.model.checkpoint import (WEIGHTS, check_savable, check_saved_description, load_verified, require_own_folder,
+                                     write_checksums)
 from seqmix.model.description import model_description
 from seqmix.staging import new_directory, write_shareable
 from seqmix.tasks.base import MODEL_FILES
@@ -159,9 +160,7 @@ def save_pretrained(model, directory: str | os.PathLike, training: Mapping | Non
     if unknown or not all(isinstance(content, bytes) for content in files.values()):
         raise SeqmixError(f"save_pretrained: files={sorted(files)} is not valid; expected bytes under the names {list(MODEL_FILES)}")
 
-    description = getattr(model, "config", None)
-    if description is None:
-        raise SeqmixError("save_pretrained: the model has no description; build it with seqmix.instantiate_model(config)")
+    description = check_savable(model, "save_pretrained")
     training = _training_facts(training)
     if task is not None:
         # Checked as the readers of config.json check it: a task that export or evaluate would refuse
