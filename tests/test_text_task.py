@@ -195,3 +195,30 @@ def test_a_path_that_exists_is_itself_and_a_glob_follows_no_folder_links(tmp_pat
     assert source_files(str(corpus / ".hidden" / "*.txt")) == [corpus / ".hidden" / "secret.txt"]  # named, so matched
     with pytest.raises(SeqmixError, match=r"names no files; the corpus is empty"):
         source_files(str(corpus / "*.csv"))
+
+
+def test_a_bad_model_option_or_a_finished_run_is_refused_before_the_corpus_is_read(tmp_path, monkeypatch, capsys):
+    """The corpus was tokenized and its cache written before model.d_model=-3, a seq_len beyond the
+    learned positions, or an out_dir already holding a run was told: minutes on a large corpus."""
+    from seqmix.cli import main
+
+    corpus = write_text_corpus(tmp_path / "corpus")
+    common = ["train", "task=text", f"task.path={corpus}", f"task.cache_dir={tmp_path / 'cache'}", "train.max_steps=1",
+              "train.progress=false", "model.d_model=16", "model.depth=1"]
+    finished = tmp_path / "finished"
+    (finished / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (finished / "run.json").write_text("{}")
+    from seqmix.tasks import documents
+
+    monkeypatch.setattr(documents, "source_files", lambda *args, **kwargs: pytest.fail("the corpus was read"))
+    cases = [
+        (["model.d_model=-3", f"train.out_dir={tmp_path / 'a'}"], "model: d_model=-3 is not valid"),
+        (["model=gpt2", "model.d_model=16", "model.max_len=4", "task.seq_len=8", f"train.out_dir={tmp_path / 'b'}"],
+         "task.seq_len=8 exceeds the model's learned positions"),
+        ([f"train.out_dir={finished}"], "already holds a run; pass train.resume=true"),
+        ([f"train.out_dir={tmp_path / 'c'}", "train.resume=true"], "holds no run to resume"),
+    ]
+    for overrides, message in cases:
+        assert main([*common, *overrides]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "finished"]

@@ -10,6 +10,7 @@ from seqmix.errors import SeqmixError, require_int
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.model.description import model_description
 from seqmix.model.sequence_model import SequenceModel
+from seqmix.tasks import TASKS
 from seqmix.tasks.base import Task
 from seqmix.training.loop import TrainConfig, process_rank
 from seqmix.training.records import build_task, task_description
@@ -60,6 +61,33 @@ def check_fits(model: SequenceModel, task: Task) -> None:
             )
 
 
+@dataclass
+class _TaskShape:
+    """What ``adapt_model_config`` and ``check_fits`` read of a task, known before its data is: its
+    head and seq_len, and a stand-in vocabulary and class count (the task's own replace them when it
+    is built)."""
+
+    vocab_size: int
+    head: str
+    seq_len: int
+    num_classes: int = 2
+
+
+def check_model_before_data(model_config, task_config) -> None:
+    """Build the model ``model_config`` describes on the meta device (no memory), with the head its
+    task needs, before the task reads or tokenizes anything: a bad model option was told only after
+    the corpus was tokenized and cached, minutes on a large one. The task's vocabulary and classes
+    are not known yet; the model is built again with them, and ``check_fits`` follows."""
+    description = task_description(task_config)
+    config = model_description(model_config)
+    require_int("model", "vocab_size", config["vocab_size"], 2, "replaced by the task's vocabulary in training")
+    seq_len = description.get("seq_len")
+    shape = _TaskShape(config["vocab_size"], TASKS[description["task"]].head, seq_len)
+    model = instantiate_model(adapt_model_config(config, shape), device="meta")
+    if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0:
+        check_fits(model, shape)
+
+
 def build_experiment(config: DictConfig) -> Experiment:
     """Model (seeded, adapted to the task), task and train options from a root config."""
     options = OmegaConf.to_container(config.train, resolve=True)
@@ -70,6 +98,7 @@ def build_experiment(config: DictConfig) -> Experiment:
     train = TrainConfig(**options)
     if process_rank() == 0:
         train.require_writable_outputs()  # before the task's data is read or tokenized
+    check_model_before_data(config.model, config.task)
     task = build_task(config.task)
     model_config = adapt_model_config(config.model, task)
     torch.manual_seed(train.seed)

@@ -163,6 +163,9 @@ class TrainConfig:
         """Raise unless out_dir and save_pretrained can be written: the writing process (rank 0) asks,
         before any work; other ranks never write there and may not even see that file system."""
         require_writable_dir("train.out_dir", self.out_dir)
+        problem = run_directory_problem(self)
+        if problem:
+            raise SeqmixError(problem)
         if self.save_pretrained is not None:
             # Checked now, not after the whole run: the model is saved there once training ends.
             if os.path.abspath(self.save_pretrained) == os.path.abspath(self.out_dir):
@@ -354,6 +357,20 @@ def pick_device(name: str) -> torch.device:
     return require_available_device("train.device", name)
 
 
+def run_directory_problem(config: TrainConfig) -> str | None:
+    """Why ``config.out_dir`` cannot take this run, read from what it holds, or None: a finished run
+    (checkpoints) without ``resume``, or no run with ``resume``. Asked before any work (the corpus
+    was tokenized first) and again as the run starts."""
+    out_dir = Path(config.out_dir)
+    record, checkpoints = out_dir / RUN, out_dir / CHECKPOINTS
+    if record.exists() and not config.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return (f"train.out_dir={str(out_dir)!r} already holds a run; pass train.resume=true to continue it, "
+                "or choose another train.out_dir")
+    if config.resume and not record.exists():
+        return f"train.resume=true but {out_dir} holds no run to resume"
+    return None
+
+
 def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[str, bytes] | None = None) -> Path:
     """Create out_dir, refusing to mix a new run into another run's directory.
 
@@ -363,20 +380,15 @@ def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[
     model_files = dict(model_files or {})
     out_dir = Path(config.out_dir)
     record = out_dir / RUN
-    checkpoints = out_dir / CHECKPOINTS
+    problem = run_directory_problem(config)
+    if problem:
+        raise SeqmixError(problem)
     if record.exists() and not config.resume:
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
-            raise SeqmixError(
-                f"train.out_dir={str(out_dir)!r} already holds a run; pass train.resume=true to continue it, "
-                "or choose another train.out_dir"
-            )
         # A run that failed before its first checkpoint (out of memory, say) left only its record and
         # metrics: nothing to continue, and its retry was refused. It starts again in its place.
         warnings.warn(SeqmixWarning(f"train.out_dir={str(out_dir)!r} holds a run that stopped before its first checkpoint; "
                                     "starting it again from step 0"))
         (out_dir / METRICS).unlink(missing_ok=True)
-    if config.resume and not record.exists():
-        raise SeqmixError(f"train.resume=true but {out_dir} holds no run to resume")
     if config.resume:
         if not same_run(read_run_record(record), run_record):
             raise SeqmixError(f"train.resume=true but {out_dir} holds a run of another model or task; resume with the same config")
