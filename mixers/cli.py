@@ -226,11 +226,11 @@ def _save_pretrained(experiment, result, choices: dict) -> None:
     import hashlib
 
     from seqmix.model.pretrained import save_pretrained
-    from seqmix.training.records import evaluation_record
+    from seqmix.training.records import data_sha256, evaluation_record
 
     task = experiment.task_config
     # A corpus task knows the hash of the text it read; a generated task is pinned by its description.
-    content = getattr(experiment.task, "meta", {}).get("content_sha256")
+    content = data_sha256(experiment.task)
     data = (f"{task.get('path')} (the hash is of its documents' text)" if content
             else f"task {json.dumps(task, sort_keys=True)} (the hash is of this description, which generates the data)")
     directory = save_pretrained(
@@ -278,6 +278,19 @@ def _recorded_task(checkpoint: str, record: dict):
     return task
 
 
+def _check_same_data(checkpoint: str, record: dict, task) -> None:
+    """Refuse to score a run on other data than it trained on: its record keeps the path as typed, read
+    again from the current folder, and an edit there went unnoticed too (accuracy on another file, silently)."""
+    from seqmix.training.records import data_sha256
+
+    recorded, found = record.get("data_sha256"), data_sha256(task)
+    if recorded and found and recorded != found:
+        path = record["task"].get("path")
+        where = f" (from {os.getcwd()})" if isinstance(path, str) and not os.path.isabs(path) else ""
+        raise SeqmixError(f"{checkpoint}: task.path={path!r}{where} holds other data than the run trained on (the sha256 of "
+                          f"its text is {found[:12]}..., the run's {recorded[:12]}...); evaluate where the run's data is")
+
+
 @dataclass
 class EvaluateOptions:
     checkpoint: str
@@ -305,6 +318,7 @@ def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
         require_bool("evaluate", "bf16", given["bf16"])
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
     task = _recorded_task(options.checkpoint, record)
+    _check_same_data(options.checkpoint, record, task)
     recorded = record.get("evaluation", EVALUATION_FALLBACK)
     settings = {name: recorded[name] if value is None else value for name, value in given.items()}
     scores = evaluate(model, task, settings["batch_size"], settings["batches"], "cpu", settings["bf16"],

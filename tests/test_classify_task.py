@@ -273,3 +273,35 @@ def test_a_csv_row_with_extra_fields_a_repeated_column_or_an_open_quote_is_refus
     (tmp_path / "plain.csv").write_text("text,label\n" + rows)
     with_mark, plain = _task(tmp_path / "bom.csv", tmp_path), _task(tmp_path / "plain.csv", tmp_path)
     assert with_mark.labels == plain.labels == ["neg", "pos"]
+
+
+def test_evaluate_refuses_other_data_under_the_path_the_run_recorded(tmp_path, monkeypatch, capsys):
+    """The record keeps task.path as typed: evaluate in another folder read that folder's file of the
+    same name, and an edit in place went unnoticed (accuracy 0.75, then 0.0, without a word)."""
+    from seqmix.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    rows = labelled_rows(120)
+    write_labelled_csv("reviews.csv", rows)
+    run = tmp_path / "run"
+    assert main(["train", "model=transformer", "model.d_model=16", "model.depth=1", "task=classify", "task.path=reviews.csv",
+                 "task.seq_len=24", "task.valid_fraction=0.2", "train.batch_size=4", "train.max_steps=1", "train.eval_batches=1",
+                 "train.checkpoint_every=1", "train.progress=false", "train.device=cpu", f"train.out_dir={run}"]) == 0
+    assert len(json.loads((run / "run.json").read_text())["data_sha256"]) == 64
+    capsys.readouterr()
+    assert main(["evaluate", f"checkpoint={run}", "batches=1"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "there")
+    write_labelled_csv("reviews.csv", rows[::-1][:100] + rows[:20])
+    assert main(["evaluate", f"checkpoint={run}", "batches=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"task.path='reviews.csv' (from {tmp_path / 'there'}) holds other data than the run trained on" in err
+    monkeypatch.chdir(tmp_path / "here")
+    names = sorted({label for _, label in rows})
+    swapped = {name: names[(index + 1) % len(names)] for index, name in enumerate(names)}
+    write_labelled_csv("reviews.csv", [(text, swapped[label]) for text, label in rows])
+    assert main(["evaluate", f"checkpoint={run}", "batches=1"]) == 2
+    assert "holds other data than the run trained on" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from seqmix.contract import require_runs_on
 from seqmix.errors import SeqmixError, SeqmixWarning, TrainingStopped, require_available_device, require_bool, require_choice, require_int, require_path, require_seed, require_writable_dir
 from seqmix.model.pretrained import check_pretrained_target
-from seqmix.training.records import evaluation_record, read_run_record, same_run
+from seqmix.training.records import data_sha256, evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
 from seqmix.tasks.base import BITS_METRICS, IGNORE, MODEL_FILES, Batch, Task
 from seqmix.training.checkpoints import (
@@ -371,11 +371,14 @@ def run_directory_problem(config: TrainConfig) -> str | None:
     return None
 
 
-def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[str, bytes] | None = None) -> Path:
+def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[str, bytes] | None = None,
+                    data: str | None = None) -> Path:
     """Create out_dir, refusing to mix a new run into another run's directory.
 
     ``model_files`` (the task's ``model_files()``: its tokenizer, its labels) are written beside
     run.json; a resumed run must bring the same ones, or its tokens would silently change meaning.
+    ``data``, the sha256 of the user's data the task read (``data_sha256``), goes into run.json, so
+    that ``seqmix evaluate`` can tell when it reads other data under the same path.
     """
     model_files = dict(model_files or {})
     out_dir = Path(config.out_dir)
@@ -404,7 +407,8 @@ def prepare_out_dir(config: TrainConfig, run_record: dict, model_files: Mapping[
             (out_dir / name).write_bytes(content)
     # A resumed run rewrites its record too: same model and task, but the evaluation it reports
     # from now on is this session's (checkpoints keep the copy they were written with).
-    write_json_atomic(record, {**run_record, "evaluation": evaluation_record(config.eval_batches, config.batch_size, config.bf16)})
+    write_json_atomic(record, {**run_record, "evaluation": evaluation_record(config.eval_batches, config.batch_size, config.bf16),
+                               **({"data_sha256": data} if data else {})})
     return out_dir
 
 
@@ -526,7 +530,7 @@ def _train_in_locked_dir(
     rank, world = _world()
     out_dir = Path(config.out_dir)
     if rank == 0:
-        prepare_out_dir(config, run_record, task.model_files())
+        prepare_out_dir(config, run_record, task.model_files(), data_sha256(task))
     writer = _tensorboard(out_dir) if (config.tensorboard and rank == 0) else None
     if world > 1:
         dist.barrier()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,13 @@ def evaluation_record(batches: int, batch_size: int, bf16: bool) -> dict:
     ``train.batch_size`` sequences, under bfloat16 autocast or not): kept in its record, so that
     ``seqmix evaluate`` scores a checkpoint the same way and reproduces the run's figures."""
     return {"batches": batches, "batch_size": batch_size, "bf16": bf16}
+
+
+def data_sha256(task) -> str | None:
+    """The sha256 of the text a corpus task read (``meta["content_sha256"]``: the user's own data), or
+    None for a task whose data is generated from its description."""
+    content = getattr(task, "meta", None)
+    return content.get("content_sha256") if isinstance(content, dict) else None
 
 
 def read_evaluation(value: Any, source: str | os.PathLike) -> dict:
@@ -131,4 +139,6 @@ def read_run_record(path: str | os.PathLike) -> dict:
         raise SeqmixError(f"{path}: {error}") from None
     if "evaluation" in record:
         record["evaluation"] = read_evaluation(record["evaluation"], path)
+    if "data_sha256" in record and not (isinstance(record["data_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", record["data_sha256"])):
+        raise SeqmixError(f"{path}: data_sha256={record['data_sha256']!r} is not a sha256 (64 hex digits)")
     return record
