@@ -245,3 +245,28 @@ def test_no_error_line_and_no_sweep_shows_or_records_a_password(tmp_path, capsys
     err = capsys.readouterr().err
     assert "holds a password, which a sweep would print" in err and "S3cretPw" not in err
     assert not sweep.exists()
+
+
+def test_a_study_continued_under_other_task_options_or_latency_conditions_is_refused(tmp_path, base_settings, task):
+    """The stored study kept only its objectives, metric and task name: a search at another seq_len,
+    or timed on another runtime or batch size, joined it, and the report labelled every trial with
+    the last search's conditions."""
+    from seqmix.training.records import task_description
+
+    config = task_description(compose_search_config("tiny").task)
+    settings = dataclasses.replace(base_settings, out_dir=tmp_path, objectives=["metric", "latency"])
+    open_study(settings, task, task_config=config)
+    open_study(settings, task, task_config=config)
+    # A task's cache folder differs between the machines sharing a study, and changes nothing it computes.
+    from seqmix.training.records import task_without_paths
+
+    text = task_description({"task": "text", "path": "notes", "cache_dir": str(tmp_path)})
+    assert "cache_dir" not in task_without_paths(text) and task_without_paths(text)["path"] == "notes"
+    refused = [
+        (settings, {**config, "seq_len": config["seq_len"] * 2}, "task_options"),
+        (dataclasses.replace(settings, runtime="onnxruntime"), config, "'runtime': 'onnxruntime'"),
+        (dataclasses.replace(settings, latency_batch_size=4), config, "'batch_size': 4"),
+    ]
+    for changed, task_config, named in refused:
+        with pytest.raises(SeqmixError, match=rf"study 'tiny' in the storage was made with .*{named}.*choose another search.study_name"):
+            open_study(changed, task, task_config=task_config)

@@ -65,7 +65,7 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
     # Builds the base model once: a bad preset, task or train option fails here, before any trial.
     experiment = build_experiment(config)
     task = experiment.task
-    study, storage = open_study(settings, task, log)
+    study, storage = open_study(settings, task, log, experiment.task_config)
     context = TrialContext(
         settings, task, experiment.task_config, experiment.train, OmegaConf.to_container(config.model, resolve=True),
         measure_latency, storage, storage.get_heartbeat_stale_trial_callback(),

@@ -10,7 +10,7 @@ import random
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from seqmix.search.settings import (JOURNAL_PREFIX, SQLITE_PREFIX, SearchSetting
 from seqmix.search.space import space_differences
 from seqmix.tasks.base import Task
 from seqmix.terminal import mask_url_secrets
+from seqmix.training.records import task_without_paths
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SCHEMA_ATTEMPTS = 5
@@ -162,7 +163,8 @@ def check_sqlite_file(path: Path) -> None:
         raise sqlite3.DatabaseError(f"the file holds {size} bytes, its header says {pages}")
 
 
-def open_study(settings: SearchSettings, task: Task, log: Callable[[str], None] = print) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+def open_study(settings: SearchSettings, task: Task, log: Callable[[str], None] = print,
+               task_config: Mapping | None = None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     """The study ``settings`` name, created or continued, with ``search.enqueue`` queued, and its storage.
 
     A storage that cannot be read is refused (``readable_storage``), and so is a stored study made
@@ -185,7 +187,7 @@ def open_study(settings: SearchSettings, task: Task, log: Callable[[str], None] 
         for attempt in range(1, SCHEMA_ATTEMPTS + 1):
             try:
                 storage = open_storage(url, settings, retry)
-                return _open_study_in(storage, settings, task), storage
+                return _open_study_in(storage, settings, task, task_config), storage
             except races:
                 if attempt == SCHEMA_ATTEMPTS:
                     raise
@@ -193,7 +195,8 @@ def open_study(settings: SearchSettings, task: Task, log: Callable[[str], None] 
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _open_study_in(storage: optuna.storages.BaseStorage, settings: SearchSettings, task: Task) -> optuna.Study:
+def _open_study_in(storage: optuna.storages.BaseStorage, settings: SearchSettings, task: Task,
+                   task_config: Mapping | None) -> optuna.Study:
     """Create or load the study in ``storage``, check it against this search and queue ``search.enqueue``."""
     directions = [metric_direction(task.metric) if name == "metric" else "minimize" for name in settings.objectives]
     try:
@@ -204,7 +207,7 @@ def _open_study_in(storage: optuna.storages.BaseStorage, settings: SearchSetting
         storage=storage, study_name=settings.study_name, directions=directions, load_if_exists=True,
         sampler=make_sampler(settings, previous_trials), pruner=make_pruner(settings),
     )
-    check_study(study, settings, task)
+    check_study(study, settings, task, task_config)
     # Workers starting together may each queue these: the claim rule runs one of each (claims.claim_refusal).
     for params in settings.enqueue:
         if len(budget_trials(study.get_trials(deepcopy=False))) < settings.n_trials:
@@ -212,14 +215,27 @@ def _open_study_in(storage: optuna.storages.BaseStorage, settings: SearchSetting
     return study
 
 
-def check_study(study: optuna.Study, settings: SearchSettings, task: Task) -> None:
-    """Refuse to continue a stored study with other objectives, another task or another search space; record them on a new one.
+def measured_under(settings: SearchSettings, task_config: Mapping | None) -> dict:
+    """What a trial's figures depend on beyond its architecture: the task's options (sequence length,
+    sizes; not its cache folder) and, when latency is an objective, the runtime and the (B, L) it is
+    timed at. A study continued under others mixed incomparable trials on one Pareto front."""
+    conditions = {} if task_config is None else {"task_options": task_without_paths(task_config)}
+    if settings.measures_latency:
+        conditions["latency"] = {"runtime": settings.runtime, "length": settings.latency_length,
+                                 "batch_size": settings.latency_batch_size}
+    return json.loads(json.dumps(conditions))  # as the storage gives it back (JSON)
 
-    A study stored before its space was recorded takes this search's space. Attributes are
-    compared one by one, and a missing one is recorded: workers that create a study together each
+
+def check_study(study: optuna.Study, settings: SearchSettings, task: Task, task_config: Mapping | None = None) -> None:
+    """Refuse to continue a stored study with other objectives, another task (or other task options),
+    another latency runtime or shape, or another search space; record them on a new one.
+
+    A study stored before its space (or these conditions) was recorded takes this search's. Attributes
+    are compared one by one, and a missing one is recorded: workers that create a study together each
     record them, one attribute at a time, so another worker may find some recorded and not yet others.
     """
-    wanted = {"objectives": settings.objectives, "metric": task.metric, "task": task.name}
+    wanted = {"objectives": settings.objectives, "metric": task.metric, "task": task.name,
+              **measured_under(settings, task_config)}
     stored = {key: study.user_attrs.get(key) for key in wanted}
     if any(value is not None and value != wanted[key] for key, value in stored.items()):
         raise SeqmixError(

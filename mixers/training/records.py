@@ -27,6 +27,14 @@ def _task_parameters(name: str) -> dict[str, inspect.Parameter]:
     return {key: value for key, value in inspect.signature(TASKS[name].__init__).parameters.items() if key != "self"}
 
 
+def task_without_paths(description: Mapping) -> dict:
+    """A canonical task description without its path options (a cache folder), which differ between
+    machines sharing one study and change nothing the task computes."""
+    parameters = _task_parameters(description["task"])
+    return {key: value for key, value in description.items()
+            if key not in parameters or "PathLike" not in str(parameters[key].annotation)}
+
+
 def task_description(config: Any) -> dict:
     """The canonical description ``{task: <name>, <every option>: <value>}`` of a task config (any version's form)."""
     from omegaconf import DictConfig, OmegaConf
