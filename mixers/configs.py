@@ -113,6 +113,18 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config", w
         raise SeqmixError(f"cannot apply the overrides {list(overrides)}: {' '.join(str(error).split())}") from None
 
 
+def _parses(override: str) -> bool:
+    """Whether Hydra's parser reads ``override`` on its own."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return False
+    return True
+
+
 def _composition_problem(error: Exception, overrides: Sequence[str], config_name: str) -> str:
     """One line (or a few) saying what is wrong with ``overrides``, in the user's terms."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -130,8 +142,9 @@ def _composition_problem(error: Exception, overrides: Sequence[str], config_name
         return (f"{swept or 'an override'!r} lists several values: a sweep runs one job for each with -m "
                 f"(seqmix <command> -m ...); quote a value holding a comma as key='a,b'")
     if isinstance(error, OverrideParseException):
-        quoted = text.split("'")[1::2]
-        bad = next((o for o in overrides if o in quoted or any(q and q in o for q in quoted)), None)
+        # Each parsed alone: Hydra's message quotes only the token it stopped at ('='), which the first
+        # override holding one matched (a search's own '+search=tiny' was blamed for another's value).
+        bad = next((o for o in overrides if not _parses(o)), None)
         problem = f"cannot read the override {bad!r}" if bad else "cannot read an override"
         return (f"{problem}: {text.splitlines()[0]} (Hydra's syntax: key=value, group=preset, +key=value, ~key; "
                 "quote a value holding characters beyond ASCII letters, digits and -_./:@ (accented letters, brackets, "

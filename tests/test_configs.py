@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -174,3 +176,14 @@ def test_a_config_directory_of_looping_or_broken_yaml_is_refused_in_one_line(con
     (tmp_path / "model" / "loop.yaml").write_text(content)
     with pytest.raises(seqmix.SeqmixError, match=message):
         compose_config([f"hydra.searchpath=[file://{tmp_path}]", "model=loop"])
+
+
+def test_an_unreadable_override_is_the_one_named_not_an_earlier_one_holding_an_equals_sign():
+    """Hydra quotes only the token it stopped at ('='): the first override holding one was blamed,
+    the search's own '+search=tiny' for a storage URL's unquoted '?host='."""
+    from seqmix.search import compose_search_config
+
+    with pytest.raises(seqmix.SeqmixError, match=re.escape("cannot read the override 'train.out_dir=a=b'")):
+        compose_config(["model=gpt2", "model.d_model=16", "train.out_dir=a=b"])
+    with pytest.raises(seqmix.SeqmixError, match=re.escape("cannot read the override 'search.study_name=a=b'")):
+        compose_search_config("tiny", ["search.objectives=[metric]", "search.study_name=a=b"])
