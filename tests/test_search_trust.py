@@ -270,3 +270,13 @@ def test_a_study_continued_under_other_task_options_or_latency_conditions_is_ref
     for changed, task_config, named in refused:
         with pytest.raises(SeqmixError, match=rf"study 'tiny' in the storage was made with .*{named}.*choose another search.study_name"):
             open_study(changed, task, task_config=task_config)
+
+
+@pytest.mark.parametrize("url", ["postgres+psycopg://searcher@localhost/st1", "http://localhost/st1", "redis://localhost/0"])
+def test_a_storage_url_of_no_database_sqlalchemy_knows_is_named_without_server_advice(url, tmp_path, capsys):
+    """It was told to check that the server runs, that the database exists and the user's rights."""
+    from seqmix.cli import main
+
+    assert main(["search", "search=tiny", f"search.storage='{url}'", f"search.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "names a database SQLAlchemy does not know" in err and "postgresql+psycopg://" in err and "server runs" not in err

@@ -121,6 +121,12 @@ def readable_storage(where: str) -> Iterator[None]:
         raise
     except _storage_errors() as error:
         detail = str(error).splitlines()[0][:200] if str(error) else ""
+        if "://" in where and type(error).__name__ == "NoSuchModuleError":
+            # Another scheme than a database SQLAlchemy knows: no server to check.
+            raise SeqmixError(
+                f"search.storage: {shown_url(where)} names a database SQLAlchemy does not know ({detail}); write "
+                "postgresql+psycopg://..., mysql+pymysql://..., sqlite:///<file> or journal:<file>"
+            ) from None
         if "://" in where:
             raise SeqmixError(
                 f"search.storage: {shown_url(where)} cannot be opened as an Optuna study ({type(error).__name__}: {detail}); "
