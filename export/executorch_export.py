@@ -42,7 +42,7 @@ from seqmix.errors import not_a_file, require_int
 from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
-from .graphs import StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
+from .graphs import StepGraph, quiet_exporters, require_stream_matches_forward, size_oblivious, stream_limit, use_exportable_paths
 from .agreement import max_difference
 from .manifest import initial_fill
 
@@ -329,6 +329,7 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, max
         )
     model.eval()
     impls = use_exportable_paths(model)
+    require_stream_matches_forward(model, "decoder program")
     graph = StepGraph(model, batch_size)
     state = graph.initial_state(batch_size)
     limit = decoder_token_limit(model, max_tokens)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import GetAttrKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from seqmix.contract import switch_impls
+from seqmix.errors import SeqmixError
 
 
 def use_exportable_paths(model: nn.Module) -> dict[str, str]:
@@ -152,4 +153,37 @@ class StepGraph(nn.Module):
 
     def forward(self, tokens: Tensor, *state: Tensor):
         logits, new_state = self.model.step(tokens, tree_unflatten(list(state), self._spec))
-        return (logits, *tree_flatten(new_state)[0])
+        # A state tensor a mixer passes through unchanged is copied: an output that is an input
+        # became one value of two names in the ONNX graph, and ONNX Runtime asked for a missing input.
+        given = {id(tensor) for tensor in state}
+        return (logits, *(tensor.clone() if id(tensor) in given else tensor for tensor in tree_flatten(new_state)[0]))
+
+
+STREAM_CALLS = (1, 3, 2)
+"""Tokens per ``step`` call of the stream ``require_stream_matches_forward`` compares with one forward."""
+
+
+def require_stream_matches_forward(model: nn.Module, what: str) -> None:
+    """Raise unless ``model.step`` over a stream (calls of ``STREAM_CALLS`` tokens, B = 2) gives the
+    logits one ``forward`` gives over the same tokens, to 1e-3 of their scale. A decoder graph is
+    verified against eager ``step``: a mixer whose ``mix_step`` is not its ``mix`` streamed (a user's
+    registered one) shipped a decoder that disagreed with the parallel graph, reported as verified."""
+    calls, limit = [], stream_limit(model)
+    for count in STREAM_CALLS:
+        if sum(calls) + count <= limit:
+            calls.append(count)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, model.vocab_size, (2, sum(calls)), generator=generator)
+    with torch.no_grad():
+        whole = model(tokens)
+        state, pieces = model.init_state(2), []
+        for piece in tokens.split(calls, dim=1):
+            logits, state = model.step(piece, state)
+            pieces.append(logits)
+    streamed = torch.cat(pieces, dim=1)
+    difference = (streamed - whole).abs().nan_to_num(float("inf")).max().item()
+    if difference > 1e-3 * max(1.0, whole.abs().max().item()):
+        layers = sorted({type(block.mixer).__name__ for block in getattr(model, "blocks", [])})
+        raise SeqmixError(f"{what}: the model's step over a stream gives other logits than its forward over the same "
+                          f"tokens (max difference {difference:.3g}); a mixer's mix_step is not its mix streamed "
+                          f"(mixers: {layers}), so no decoder graph is written")

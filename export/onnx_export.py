@@ -33,7 +33,8 @@ from seqmix.errors import require_module, require_writable_dir
 from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
-from .graphs import ParallelGraph, StepGraph, quiet_exporters, size_oblivious, stream_limit, use_exportable_paths
+from .graphs import (ParallelGraph, StepGraph, quiet_exporters, require_stream_matches_forward, size_oblivious, stream_limit,
+                     use_exportable_paths)
 from .agreement import as_array, first_index, max_difference
 from .manifest import initial_fill
 
@@ -159,6 +160,7 @@ def export_step(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> d
     """Write the decoder graph (any B, any T) and check streams of several (B, T) against eager ``step``."""
     from seqmix.contract import any_token_count
 
+    require_stream_matches_forward(model, "decoder graph")
     graph = StepGraph(model, batch_size=2).eval()
     state = graph.initial_state(2)
     limit = stream_limit(model)

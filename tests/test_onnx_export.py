@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import seqmix
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
 from seqmix.model.generation import generate
@@ -291,3 +292,38 @@ def test_the_exporters_name_a_model_or_folder_that_is_not_one_before_writing_any
     with pytest.raises(SeqmixError, match="export: task must be a seqmix task .*got None"):
         export_model(tiny_preset("mega"), None, "onnx", tmp_path / "d")
     assert list(tmp_path.iterdir()) == []
+
+
+class _KeepsState(seqmix.Mixer):
+    """A user's causal mixer whose step passes its state through unchanged (step equals forward)."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, causal=True)
+        self.gate = torch.nn.Parameter(torch.zeros(d_model))
+
+    def mix(self, x, padding_mask=None):
+        return torch.sigmoid(self.gate) * x
+
+    def empty_state(self, batch_size, device=None, dtype=None):
+        return (torch.zeros(batch_size, self.d_model, device=device),)
+
+    def mix_step(self, x, state):
+        return torch.sigmoid(self.gate) * x, state
+
+
+class _StepsElsewhere(_KeepsState):
+    """Its step is not its forward streamed."""
+
+    def mix_step(self, x, state):
+        return torch.sigmoid(self.gate) * x * 3 + 1, state
+
+
+def test_a_passed_through_state_exports_and_a_step_unlike_forward_writes_no_decoder(tmp_path):
+    """The first was ONNX Runtime's 'Required inputs ([present.0.0_orig]) are missing' traceback; the
+    second exported a decoder graph disagreeing with the parallel one, reported as verified."""
+    model = seqmix.build_model(vocab_size=32, d_model=8, layers=[_KeepsState]).eval()
+    assert export_onnx(model, tmp_path / "kept").manifest["step"]["max_error"] < 1e-4
+    model = seqmix.build_model(vocab_size=32, d_model=8, layers=[_StepsElsewhere]).eval()
+    with pytest.raises(SeqmixError, match=r"decoder graph: the model's step over a stream gives other logits than its forward .*_StepsElsewhere"):
+        export_onnx(model, tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere" / "step.onnx").exists()
