@@ -214,6 +214,11 @@ class Mixer(nn.Module):
         if not isinstance(d_model, int) or isinstance(d_model, bool) or not 1 <= d_model <= INT_LIMIT:
             raise SeqmixError(f"d_model={d_model!r} is not valid; expected a positive integer (at most 2**63 - 1)")
         require_bool(type(self).__name__, "causal", causal)
+        missing = [name for name in ("mix_step", "empty_state") if getattr(type(self), name) is getattr(Mixer, name)]
+        if causal and missing:
+            # Else a run trained, checkpointed, and failed at its sample with NotImplementedError.
+            raise SeqmixError(f"{type(self).__name__} is built with causal=True but does not implement {' and '.join(missing)}, "
+                              "which streaming (generation, the decoder graph) calls; implement them or build it with causal=False")
         self.d_model = d_model
         self.causal = causal
         self.impl = self.default_impl if impl is None else impl

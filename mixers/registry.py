@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 
 from seqmix.contract import Mixer
-from seqmix.errors import SeqmixError, SeqmixWarning, require_choice
+from seqmix.errors import SeqmixError, SeqmixWarning, one_line, require_choice
 
 ENTRY_POINT_GROUP = "seqmix.mixers"
 
@@ -126,4 +126,15 @@ def build_mixer(name: str, d_model: int, **options) -> Mixer:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise SeqmixError(f"mixer {name!r} has no option {unknown[0]!r}; accepted options are {accepted}")
-    return cls(d_model, **options)
+    try:
+        mixer = cls(d_model, **options)
+    except SeqmixError:
+        raise
+    except Exception as error:
+        # A plugin's own code: named, with its error, as one line (the traceback stays chained).
+        raise SeqmixError(f"mixer {name!r} ({cls.__qualname__}) could not be built for d_model={d_model} with options "
+                          f"{options}: {one_line(error)}") from error
+    if "_impl" not in vars(mixer) or vars(mixer).get("d_model") != d_model:
+        raise SeqmixError(f"mixer {name!r} ({cls.__qualname__}) did not call Mixer.__init__(d_model, causal=...) with its "
+                          f"d_model={d_model}, which sets what the rest of seqmix reads (d_model, causal, impl)")
+    return mixer

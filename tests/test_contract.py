@@ -329,3 +329,52 @@ def test_a_mixer_returning_another_shape_is_named_at_its_call():
     model = seqmix.build_model(vocab_size=32, d_model=8, layers=[_MisshapenMixer])
     with pytest.raises(SeqmixError, match="_MisshapenMixer.mix returned"):
         model(torch.randint(0, 32, (1, 4)))
+
+
+class _NoStep(seqmix.Mixer):
+    """A user's mixer with no streaming methods."""
+
+    def __init__(self, d_model: int, causal: bool = True):
+        super().__init__(d_model, causal=causal)
+
+    def mix(self, x, padding_mask=None):
+        return x
+
+
+class _RaisesOnBuild(seqmix.Mixer):
+    def __init__(self, d_model: int):
+        raise ValueError(f"no width {d_model} for me")
+
+    def mix(self, x, padding_mask=None):
+        return x
+
+
+class _SkipsTheBase(seqmix.Mixer):
+    def __init__(self, d_model: int):
+        torch.nn.Module.__init__(self)
+
+    def mix(self, x, padding_mask=None):
+        return x
+
+
+def test_a_broken_user_mixer_is_named_as_it_is_built(monkeypatch):
+    """A causal mixer without mix_step trained and checkpointed, then failed at the run's sample with
+    NotImplementedError; one raising in __init__ was a bare traceback naming no layer; one skipping
+    Mixer.__init__ an AttributeError ('d_model') somewhere later."""
+    from seqmix import registry
+
+    monkeypatch.setattr(registry, "_MIXERS", dict(registry._MIXERS))
+    for name, cls in (("no_step", _NoStep), ("raises_on_build", _RaisesOnBuild), ("skips_the_base", _SkipsTheBase)):
+        seqmix.register_mixer(name)(cls)
+    refusals = [
+        ("no_step", "_NoStep is built with causal=True but does not implement mix_step and empty_state"),
+        ("raises_on_build", "mixer 'raises_on_build' (_RaisesOnBuild) could not be built for d_model=8 with options {}: "
+                            "ValueError: no width 8 for me"),
+        ("skips_the_base", "mixer 'skips_the_base' (_SkipsTheBase) did not call Mixer.__init__"),
+    ]
+    for name, message in refusals:
+        with pytest.raises(SeqmixError, match=re.escape(message)):
+            seqmix.build_mixer(name, 8)
+    assert not seqmix.build_mixer("no_step", 8, causal=False).causal
+    with pytest.raises(SeqmixError, match=re.escape("could not be built")):
+        seqmix.build_model(vocab_size=32, d_model=8, layers=["raises_on_build"])
