@@ -15,6 +15,7 @@ This module is the application above the library: the commands that lower or exp
 from __future__ import annotations
 
 import json
+import itertools
 import os
 import re
 import shlex
@@ -360,23 +361,26 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     prompt = tokenizer.encode(options.prompt)
     if not prompt:
         raise SeqmixError(f"prompt={options.prompt!r} encodes to no tokens; give text the tokenizer knows")
-    tokens = stream_tokens(
+    tokens = iter(stream_tokens(
         model,
         torch.tensor([prompt]),
         options.tokens,
         temperature=options.temperature,
         top_k=options.top_k,
         generator=torch.Generator().manual_seed(options.seed),
-    )
+    ))
 
     def shown(text: str) -> str:
         """The text as decoded with ``raw``, else with its control characters but line breaks and
         tabs escaped: a checkpoint's tokenizer and weights can come from someone else."""
         return text if options.raw else escape_controls(text, keep="\n\t")
 
+    # The first token before the prompt is shown: the stream checks its options and allocates its
+    # state on the first step, and a refusal there followed the prompt already printed.
+    first = next(tokens, None)
     sys.stdout.write(shown(options.prompt))
     text = TextStream(tokenizer)
-    for token in tokens:
+    for token in itertools.chain([] if first is None else [first], tokens):
         sys.stdout.write(shown(text.push(int(token[0]))))
         sys.stdout.flush()
     print(shown(text.finish()))

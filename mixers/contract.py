@@ -98,6 +98,26 @@ def check_state_request(owner: str, batch_size, device, dtype):
     return None if device is None else require_available_device(f"{owner}: device", device)
 
 
+def require_state_fits(owner: str, per_sequence_bytes: int, batch_size: int, device) -> None:
+    """Raise unless a streaming state of ``per_sequence_bytes`` per sequence, for ``batch_size``
+    sequences, fits the memory of ``device``: an attention cache sized by a huge ``max_len`` (a config
+    someone edited) or a huge batch was an allocator's error naming neither, or took the machine's memory."""
+    from seqmix.timing import device_memory_bytes
+
+    memory = device_memory_bytes(device)
+    needed = per_sequence_bytes * batch_size
+    if memory is not None and needed > memory:
+        raise SeqmixError(f"{owner}: a streaming state for B={batch_size} holds {needed / 2**30:,.1f} GiB "
+                          f"({per_sequence_bytes:,} bytes per sequence), more than the {memory / 2**30:,.1f} GiB of "
+                          f"{torch.device(device).type} memory here; lower the batch size or what sizes the state "
+                          "(an attention cache's max_len, a state's order)")
+
+
+def state_bytes(state) -> int:
+    """Bytes held by the tensors of a state (any nesting)."""
+    return sum(leaf.numel() * leaf.element_size() for leaf in tree_flatten(state)[0] if isinstance(leaf, Tensor))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype recurrences and statistics run in: float32 at least, float64 kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -296,6 +316,8 @@ class Mixer(nn.Module):
         if not self.causal:
             raise SeqmixError(f"{name} was built with causal=False and has no streaming state")
         device = check_state_request(name, batch_size, device, dtype)
+        where = device or next((p.device for p in self.parameters()), torch.device("cpu"))
+        require_state_fits(name, state_bytes(self.empty_state(1, torch.device("meta"), dtype)), batch_size, where)
         return self.empty_state(batch_size, device, dtype)
 
     @property

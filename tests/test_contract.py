@@ -378,3 +378,27 @@ def test_a_broken_user_mixer_is_named_as_it_is_built(monkeypatch):
     assert not seqmix.build_mixer("no_step", 8, causal=False).causal
     with pytest.raises(SeqmixError, match=re.escape("could not be built")):
         seqmix.build_model(vocab_size=32, d_model=8, layers=["raises_on_build"])
+
+
+def test_a_streaming_state_beyond_the_memory_is_refused_by_name_before_it_is_allocated(monkeypatch):
+    """A config asking for an attention cache of max_len=10**12 (edited by someone else), or a batch of
+    10**15, was the allocator's RuntimeError naming neither, or took the machine's memory."""
+    import seqmix.timing
+
+    huge_cache = seqmix.build_mixer("softmax_attention", 16, max_len=10**12)
+    with pytest.raises(SeqmixError, match=r"SoftmaxAttention: a streaming state for B=1 holds .* GiB .* max_len"):
+        huge_cache.init_state(1)
+    for name in seqmix.list_mixers():
+        mixer = seqmix.build_mixer(name, 16)
+        if mixer.causal and mixer.state_size():  # identity holds nothing, for any batch
+            with pytest.raises(SeqmixError, match=rf"{type(mixer).__name__}: a streaming state for B={10**15}"):
+                mixer.init_state(10**15)
+            mixer.init_state(2)
+    model = seqmix.build_model(vocab_size=32, d_model=16, layers=["attention"] * 3,
+                               mixers={"attention": {"mixer": "softmax_attention", "max_len": 10**6}})
+    per_layer = seqmix.contract.state_bytes(model.blocks[0].mixer.init_state(1))
+    # Each layer alone fits; the three together do not.
+    monkeypatch.setattr(seqmix.timing, "physical_memory_bytes", lambda: 2 * per_layer)
+    model.blocks[0].mixer.init_state(1)
+    with pytest.raises(SeqmixError, match=r"model: a streaming state for B=1 holds"):
+        model.init_state(1)

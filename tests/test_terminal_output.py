@@ -171,3 +171,19 @@ def test_the_standalone_runner_escapes_generated_text_and_errors(tmp_path, raw, 
     assert runner.main([str(tmp_path / f"export{HOSTILE.replace(chr(0), '')}"), "classify", "--ids", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and not acted_on(err) and "\\x1b[2J" in err, err
+
+
+def test_generate_shows_no_prompt_when_the_stream_is_refused_at_its_first_step(byte_run, monkeypatch, capsys):
+    """The stream allocates its state and checks its logits on its first step, after the prompt was
+    printed: 'def ' on stdout, then the refusal (a state beyond the memory, logits not finite)."""
+    import seqmix.model.generation
+
+    def refused_at_first_step(*args, **kwargs):
+        raise seqmix.SeqmixError("generate: the model's logits for new token 0 are not all finite")
+        yield  # a generator, as the real stream is
+
+    monkeypatch.setattr(seqmix.model.generation, "_sampled_tokens", refused_at_first_step)
+    capsys.readouterr()
+    assert main(["generate", f"checkpoint={byte_run}", "prompt='def '", "tokens=3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "not all finite" in captured.err

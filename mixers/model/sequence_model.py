@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.contract import Mixer, State, check_state_request
+from seqmix.contract import Mixer, State, check_state_request, require_state_fits, state_bytes
 from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
 from seqmix.layers.blocks import Block, Recompute, check_part_width, require_recompute
 from seqmix.layers.heads import CausalLMHead
@@ -195,6 +195,9 @@ class SequenceModel(nn.Module):
         if not self.causal:
             raise SeqmixError("model: a model with bidirectional layers cannot stream; it has no state")
         device = check_state_request("model", batch_size, device, dtype) or self.embed.weight.device
+        # All layers together: each may fit alone where their sum does not.
+        per_sequence = sum(state_bytes(block.mixer.empty_state(1, torch.device("meta"), dtype)) for block in self.blocks)
+        require_state_fits("model", per_sequence, batch_size, device)
         norm_state = self.final_norm.zero_state(batch_size, device, dtype) if isinstance(self.final_norm, TimestepNorm) else ()
         return ModelState(
             blocks=tuple(block.init_state(batch_size, device, dtype) for block in self.blocks),
