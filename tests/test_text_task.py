@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +224,49 @@ def test_a_bad_model_option_or_a_finished_run_is_refused_before_the_corpus_is_re
         assert main([*common, *overrides]) == 2
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "finished"]
+
+
+def test_a_damaged_token_cache_is_refused_naming_the_folder_to_remove(tmp_path):
+    """The cache was trusted on meta.json alone: a token file cut to an even length trained on part of
+    the data without a word; cut to an odd length, emptied or removed, it failed in numpy."""
+    import shutil
+
+    corpus = write_text_corpus(tmp_path / "corpus")
+    first = _task(corpus, tmp_path)
+    cache = first.cache
+    pristine = tmp_path / "pristine"
+    shutil.copytree(cache, pristine)
+    token_file = first._token_file("train")
+    size = (cache / token_file).stat().st_size
+    damages = {
+        "cut even": lambda: os.truncate(cache / token_file, size - 2),
+        "cut odd": lambda: os.truncate(cache / token_file, size - 1),
+        "emptied": lambda: os.truncate(cache / token_file, 0),
+        "removed": lambda: (cache / token_file).unlink(),
+        "meta not JSON": lambda: (cache / "meta.json").write_text("{"),
+        "meta counts": lambda: (cache / "meta.json").write_text(json.dumps({**first.meta, "tokens": {"train": "many"}})),
+    }
+    for what, damage in damages.items():
+        shutil.rmtree(cache)
+        shutil.copytree(pristine, cache)
+        damage()
+        with pytest.raises(SeqmixError, match=rf"text: the token cache {re.escape(str(cache))} is damaged .*remove that folder"):
+            _task(corpus, tmp_path)
+    shutil.rmtree(cache)
+    assert _task(corpus, tmp_path).meta == first.meta  # removed, it is made again
+
+
+def test_a_cache_inside_the_corpus_folder_is_not_read_as_documents(tmp_path):
+    """From the second run on, the cache's tokens and meta.json were part of the corpus (and refused
+    as a stray JSON file); classify's datasets files went to ~/.cache whatever task.cache_dir said."""
+    from seqmix.tasks.documents import DocumentSource
+
+    corpus = Path(write_text_corpus(tmp_path / "corpus"))
+    first = build_task("text", path=str(corpus), cache_dir=str(corpus / "cache"), seq_len=16)
+    again = build_task("text", path=str(corpus), cache_dir=str(corpus / "cache"), seq_len=16)
+    assert again.key == first.key and again.files == first.files
+    assert not any("cache" in file.parts for file in again.files)
+    (tmp_path / "only_cache" / "cache").mkdir(parents=True)
+    (tmp_path / "only_cache" / "cache" / "x.txt").write_text("cached")
+    with pytest.raises(SeqmixError, match="holds no files outside task.cache_dir"):
+        DocumentSource(str(tmp_path / "only_cache"), cache_dir=tmp_path / "only_cache" / "cache")

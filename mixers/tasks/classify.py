@@ -33,11 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from seqmix.errors import SeqmixError, SeqmixWarning, require_folder_path, require_int, require_seed
-from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tasks.documents import DocumentSource
-from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, staged_cache
+from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, load_array, read_meta, require_cache_file, split_counts, staged_cache
 from seqmix.tokenization import BYTES, TOKENIZER_FILE, load_tokenizer, token_dtype
 
 LABELS_FILE = "labels.json"
@@ -111,7 +110,7 @@ class Classify(Task):
         self.dtype = token_dtype(self.vocab_size)
         self.path, self.format, self.text_column, self.label_column = path, format, text_column, label_column
         self.seq_len, self.valid_fraction, self.decode_errors, self.seed = seq_len, valid_fraction, decode_errors, seed
-        self.source = DocumentSource(path, format, decode_errors, owner=self.name)
+        self.source = DocumentSource(path, format, decode_errors, owner=self.name, cache_dir=cache_dir)
         self.files = self.source.files
         if not self.source.saved and format != "datasets":
             for file in self.files:
@@ -122,7 +121,12 @@ class Classify(Task):
         self.cache = Path(cache_dir).expanduser() / self.name / self.key
         if not is_complete(self.cache):
             self._tokenize()
-        self.meta = parse_json((self.cache / META).read_text())
+        self.meta = read_meta(self.name, self.cache)
+        split_counts(self.name, self.cache, self.meta, "rows")
+        if not (isinstance(self.meta.get("labels"), list) and all(isinstance(label, str) for label in self.meta["labels"])
+                and self.meta["labels"]):
+            raise SeqmixError(f"classify: the token cache {self.cache} is damaged (its meta.json holds no list of labels); "
+                              "remove that folder and the next run tokenizes the data again")
         self.labels: list[str] = self.meta["labels"]
         self.num_classes = len(self.labels)
         if self.num_classes < 2:
@@ -133,10 +137,12 @@ class Classify(Task):
             if not rows[split]:
                 raise SeqmixError(f"classify: the {split} split of {path!r} has no rows ({sum(rows.values())} rows in all, "
                                   f"valid_fraction={valid_fraction}); add rows or change task.valid_fraction")
-        self.tokens = {split: np.memmap(self.cache / self._token_file(split), dtype=self.dtype, mode="r", shape=(rows[split], seq_len))
+        self.tokens = {split: np.memmap(require_cache_file(self.name, self.cache, self._token_file(split),
+                                                          rows[split] * seq_len * self.dtype.itemsize),
+                                       dtype=self.dtype, mode="r", shape=(rows[split], seq_len))
                        for split in SPLITS}
-        self.lengths = {split: np.load(self.cache / f"{split}.lengths.npy", mmap_mode="r") for split in SPLITS}
-        self.label_ids = {split: np.load(self.cache / f"{split}.labels.npy", mmap_mode="r") for split in SPLITS}
+        self.lengths = {split: load_array(self.name, self.cache, f"{split}.lengths.npy", rows[split]) for split in SPLITS}
+        self.label_ids = {split: load_array(self.name, self.cache, f"{split}.labels.npy", rows[split]) for split in SPLITS}
         self._warn_of_labels_never_trained()
 
     def _warn_of_labels_never_trained(self) -> None:

@@ -96,7 +96,8 @@ class DocumentSource:
         owner: the task name that prefixes error messages.
         options: what prefixes the option names they cite: ``task.`` for a task's, ``""`` for the
             ``seqmix tokenizer`` command's own.
-        cache_dir: where ``datasets`` keeps what it makes of local files (its default cache when None).
+        cache_dir: the task's cache folder: files under it are not part of the corpus, and ``datasets``
+            keeps what it makes of local files in its ``datasets`` folder (its default cache when None).
     """
 
     def __init__(self, path: str, format: str = "auto", decode_errors: str = "replace", owner: str = "text",
@@ -107,7 +108,15 @@ class DocumentSource:
         self.path, self.format, self.decode_errors, self.owner, self.options = path, format, decode_errors, owner, options
         self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser() / "datasets")
         self.saved = is_saved_dataset(Path(path).expanduser())
-        self.files = sorted(p for p in Path(path).expanduser().rglob("*") if p.is_file()) if self.saved else source_files(path, options)
+        files = sorted(p for p in Path(path).expanduser().rglob("*") if p.is_file()) if self.saved else source_files(path, options)
+        if cache_dir is not None:
+            # A cache inside the corpus's folder: from the second run on, its tokens and meta.json
+            # were read as documents (and refused as a stray JSON file).
+            cache = Path(cache_dir).expanduser().resolve()
+            files = [file for file in files if cache not in file.resolve().parents]
+            if not files:
+                raise SeqmixError(f"{owner}: {options}path={path!r} holds no files outside {options}cache_dir={str(cache_dir)!r}")
+        self.files = files
 
     def kind_of(self, path: Path) -> str:
         return self.format if self.format not in ("auto", "datasets") else SUFFIX_FORMATS.get(path.suffix.lower(), "text")

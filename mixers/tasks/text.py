@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from seqmix.errors import SeqmixError, require_folder_path, require_int, require_seed
-from seqmix.jsontext import parse_json
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
-from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, staged_cache
+from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, read_meta, require_cache_file, split_counts, staged_cache
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tokenization import BYTES, TOKENIZER_FILE, ByteTokenizer, load_tokenizer, token_dtype
 
@@ -91,10 +90,14 @@ class TextCorpus(Task):
         self.cache = Path(cache_dir).expanduser() / "text" / self.key
         if not is_complete(self.cache):
             self._tokenize()
-        self.meta = parse_json((self.cache / META).read_text())
+        self.meta = read_meta(self.name, self.cache)
+        split_counts(self.name, self.cache, self.meta, "tokens")
+        split_counts(self.name, self.cache, self.meta, "documents")
         # numpy cannot map an empty file; an empty split is refused just below.
         self.data = {
-            split: np.memmap(self.cache / self._token_file(split), dtype=self.dtype, mode="r") if self.meta["tokens"][split]
+            split: np.memmap(require_cache_file(self.name, self.cache, self._token_file(split),
+                                                self.meta["tokens"][split] * self.dtype.itemsize),
+                             dtype=self.dtype, mode="r") if self.meta["tokens"][split]
             else np.zeros(0, dtype=self.dtype)
             for split in SPLITS
         }

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from seqmix.errors import SeqmixError
+from seqmix.jsontext import parse_json
 from seqmix.staging import new_directory
 
 META = "meta.json"
@@ -41,6 +43,61 @@ def hashed_split(content: bytes, valid_fraction: float) -> str:
 
 def is_complete(cache: Path) -> bool:
     return (cache / META).is_file()
+
+
+def _damaged(owner: str, cache: Path, why: str) -> SeqmixError:
+    return SeqmixError(f"{owner}: the token cache {cache} is damaged ({why}); remove that folder and the next run "
+                       "tokenizes the data again")
+
+
+def read_meta(owner: str, cache: Path) -> dict:
+    """A complete cache's meta.json, a JSON object; anything else is refused naming the folder."""
+    try:
+        meta = parse_json((cache / META).read_bytes())
+    except (OSError, ValueError) as error:
+        raise _damaged(owner, cache, f"{META} is not readable JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise _damaged(owner, cache, f"{META} holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def split_counts(owner: str, cache: Path, meta: dict, key: str) -> dict[str, int]:
+    """``meta[key]``, a count (a non-negative int) for each split; anything else is refused naming the folder."""
+    from seqmix.tasks.base import SPLITS
+
+    counts = meta.get(key)
+    valid = isinstance(counts, dict) and all(
+        isinstance(counts.get(split), int) and not isinstance(counts.get(split), bool) and counts[split] >= 0 for split in SPLITS)
+    if not valid:
+        raise _damaged(owner, cache, f"its {META} holds {key}={counts!r}, not a count for each of {list(SPLITS)}")
+    return counts
+
+
+def require_cache_file(owner: str, cache: Path, name: str, size: int) -> Path:
+    """``cache / name``, once it is a regular file of ``size`` bytes, the length its meta.json implies.
+    The cache was trusted on meta.json alone: a cut token file trained on part of the data without a
+    word, or failed in numpy (an odd length, an empty file, a missing one)."""
+    path = cache / name
+    if path.is_symlink() or not path.is_file():
+        raise _damaged(owner, cache, f"{name} is missing")
+    found = path.stat().st_size
+    if found != size:
+        raise _damaged(owner, cache, f"{name} holds {found:,} bytes where its {META} implies {size:,}")
+    return path
+
+
+def load_array(owner: str, cache: Path, name: str, length: int):
+    """The 1-D ``.npy`` array ``cache / name`` memory-mapped, once it holds ``length`` values."""
+    import numpy as np
+
+    path = cache / name
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise _damaged(owner, cache, f"{name} is not readable: {error}") from None
+    if array.shape != (length,):
+        raise _damaged(owner, cache, f"{name} holds shape {array.shape} where its {META} implies ({length},)")
+    return array
 
 
 @contextmanager
