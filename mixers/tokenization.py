@@ -38,6 +38,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+SPECIAL_AS_TEXT = b"\0special-tokens-encoded-as-text"
+"""What a file tokenizer's fingerprint adds to the file's bytes: its encoding reads special tokens in a
+text as text, which earlier encodings did not."""
+
+
 class Tokenizer:
     """What the tasks, ``seqmix generate`` and the exports need from a tokenizer.
 
@@ -110,7 +115,11 @@ class FileTokenizer(Tokenizer):
                 "token, or train a tokenizer with `seqmix tokenizer`"
             )
         self.separator = vocabulary[found[0]]
-        self.fingerprint = hashlib.sha256(raw).hexdigest()
+        # Special tokens written in the user's text are text: "<|endoftext|>" inside a document
+        # became the separator, a document boundary where there was none.
+        self.backend.encode_special_tokens = True
+        # The encoding changed with that line, so caches made before it are not reused.
+        self.fingerprint = hashlib.sha256(raw + SPECIAL_AS_TEXT).hexdigest()
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)

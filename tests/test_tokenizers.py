@@ -292,6 +292,15 @@ def test_byte_level_bpe_decodes_any_text_exactly(text, bpe_run):
     assert "".join(stream.push(i) for i in ids) + stream.finish() == text
 
 
+def test_a_special_token_written_in_a_text_is_text_not_the_separator(bpe_run):
+    """'<|endoftext|>' inside a document became the separator id: a document boundary where there was none."""
+    tokenizer = load_tokenizer(bpe_run[2])
+    text = "hello <|endoftext|> world"
+    ids = tokenizer.encode(text)
+    assert tokenizer.separator not in ids and tokenizer.decode(ids) == text
+    assert tokenizer.decode([tokenizer.separator]) == "<|endoftext|>"
+
+
 def test_a_bad_tokenizer_json_is_refused_by_name(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(SeqmixError, match="broken.json.*not a valid tokenizer.json"):
