@@ -245,6 +245,9 @@ def _output_problem(path, is_file: bool, replaces_verified: bool = False) -> str
     if "\0" in text:
         return f"{text!r} is not valid: it holds a NUL character"
     target = Path(text)
+    if is_file and text.endswith(("/", os.sep)):
+        # Path() drops the slash: out=tokenizers/new/ wrote a file named "new".
+        return f"{text!r} is not valid: it ends with '/', so it names a folder; give the file's own name"
     try:
         if is_file and target.is_dir():
             return f"{text!r} is not valid: it is a directory; expected a file path"

@@ -270,3 +270,25 @@ def test_a_cache_inside_the_corpus_folder_is_not_read_as_documents(tmp_path):
     (tmp_path / "only_cache" / "cache" / "x.txt").write_text("cached")
     with pytest.raises(SeqmixError, match="holds no files outside task.cache_dir"):
         DocumentSource(str(tmp_path / "only_cache"), cache_dir=tmp_path / "only_cache" / "cache")
+
+
+def test_jsonl_with_cr_line_ends_reads_and_its_messages_say_what_is_wrong(tmp_path):
+    """CR-only JSONL was one line ('Extra data'); an undecodable line was told as 'not a JSON object'
+    around the decoding error; a corpus of empty files was told to add documents or change the split."""
+    from seqmix.errors import require_writable_file
+
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes(b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\r" for i in range(40)))
+    assert sum(_task(cr, tmp_path).meta["documents"].values()) == 40
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    with pytest.raises(SeqmixError, match=r"^text: .*bad.jsonl line 2 holds bytes that are not UTF-8 \(invalid start byte\); fix the file"):
+        _task(bad, tmp_path, decode_errors="strict")
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(30):
+        (blank / f"{i}.txt").write_text(" \n" * (i % 3))
+    with pytest.raises(SeqmixError, match=r"holds no text: its 30 documents are empty or white space only"):
+        _task(blank, tmp_path)
+    with pytest.raises(SeqmixError, match=r"ends with '/', so it names a folder"):
+        require_writable_file("out", f"{tmp_path}/tokenizers/new/")

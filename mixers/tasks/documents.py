@@ -81,6 +81,18 @@ def _glob_files(pattern: str) -> list[Path]:
     return files
 
 
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file, read as it streams: they end at LF (CRLF included), or at CR in a file
+    whose first 64 KiB hold CR and no LF (classic Mac line ends, which were one line: "Extra data")."""
+    with open(path, "rb") as handle:
+        start = handle.read(1 << 16)
+        if b"\r" in start and b"\n" not in start:
+            yield from (start + handle.read()).split(b"\r")
+            return
+        handle.seek(0)
+        yield from handle
+
+
 class DocumentSource:
     """The records of the user's files.
 
@@ -184,16 +196,17 @@ class DocumentSource:
         return {option: row[column] for option, column in columns.items()}
 
     def _jsonl(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path} line {number}"
-                try:
-                    row = parse_json(self.decode(raw, path, number))
-                except ValueError as error:
-                    raise SeqmixError(f"{self.owner}: {where} is not a JSON object ({error})") from None
-                yield where, self._pick(row, columns, where)
+        for number, raw in enumerate(_lines(path), 1):
+            if not raw.strip():
+                continue
+            where = f"{path} line {number}"
+            # Decoded first: its refusal (bytes that are not UTF-8) is its own, not "not a JSON object".
+            text = self.decode(raw, path, number)
+            try:
+                row = parse_json(text)
+            except ValueError as error:
+                raise SeqmixError(f"{self.owner}: {where} is not a JSON object ({error})") from None
+            yield where, self._pick(row, columns, where)
 
     def _csv(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
         raw = path.read_bytes()

@@ -166,6 +166,7 @@ class TextCorpus(Task):
         with staged_cache(self.cache) as staging:
             counts = {split: 0 for split in SPLITS}
             tokens = {split: 0 for split in SPLITS}
+            written = 0  # documents holding more than white space
             content = hashlib.sha256()
             with ExitStack() as files:
                 streams = {split: files.enter_context(open(staging / self._token_file(split), "wb")) for split in SPLITS}
@@ -177,8 +178,13 @@ class TextCorpus(Task):
                         streams[split].write(array.tobytes())
                         counts[split] += 1
                         tokens[split] += array.size
+                        written += bool(document.strip())
             if not any(counts.values()):
                 raise SeqmixError(f"text: {self.path!r} holds no documents; the corpus is empty")
+            if not written:
+                # Told as a split that no document reached, with advice to add documents or change the split.
+                raise SeqmixError(f"text: {self.path!r} holds no text: its {sum(counts.values())} documents are empty or "
+                                  "white space only")
             meta = {"tokenizer": self.tokenizer.fingerprint, "dtype": self.dtype.name, "documents": counts, "tokens": tokens,
                     "content_sha256": content.hexdigest(), "source": self.path}
             (staging / META).write_text(json.dumps(meta, indent=2))
