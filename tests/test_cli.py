@@ -368,7 +368,7 @@ def test_a_terminal_that_cannot_encode_a_character_gets_an_escape_not_a_tracebac
 
 def test_an_unquoted_value_hydra_cannot_read_is_refused_with_how_to_quote_it(tmp_path, capsys):
     status, _, err = run(capsys, "evaluate", f"checkpoint={tmp_path / 'run dir ü'}")
-    assert status == 2 and "cannot read an override" in err and "as key='value'" in err
+    assert status == 2 and f"cannot read the override 'checkpoint={tmp_path / 'run dir ü'}'" in err and "as key='value'" in err
     status, _, err = run(capsys, "evaluate", f"checkpoint='{tmp_path / 'run dir ü'}'")
     assert status == 2 and "run dir ü does not exist" in err
 
@@ -419,13 +419,13 @@ def test_every_commands_flags_take_true_or_false_alone(arguments, capsys):
 
 def test_gather_replaces_a_csv_only_when_asked_and_refuses_an_empty_root(tmp_path, capsys):
     """csv= wrote over any file (a run's own run.json), and root= searched the current folder."""
-    record = tmp_path / "run.json"
-    record.write_text("{}")
-    assert main(["gather", f"root={tmp_path}", f"csv={record}"]) == 2
+    table = tmp_path / "table.csv"
+    table.write_text("an earlier table")
+    assert main(["gather", f"root={tmp_path}", f"csv={table}"]) == 2
     assert "already exists; choose another path, or pass overwrite=true" in capsys.readouterr().err
-    assert record.read_text() == "{}"
-    assert main(["gather", f"root={tmp_path}", f"csv={record}", "overwrite=true"]) == 0
-    assert record.read_text() != "{}"
+    assert table.read_text() == "an earlier table"
+    assert main(["gather", f"root={tmp_path}", f"csv={table}", "overwrite=true"]) == 0
+    assert table.read_text() != "an earlier table"
     assert main(["gather", "root="]) == 2 and "root='' is not a directory" in capsys.readouterr().err
 
 
