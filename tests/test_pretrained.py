@@ -380,7 +380,11 @@ def _hub_cache(saved: Path, cache: Path, repo: str = "me/notes") -> Path:
 def test_a_model_in_the_hub_cache_loads_through_its_links_and_only_links_into_its_blobs(saved, tmp_path, monkeypatch):
     """snapshot_download gives a folder of links into the cache's blobs/: every Hub download was
     refused as 'a symbolic link', and a git clone of a Hub repository for its .gitattributes."""
+    import huggingface_hub.constants
+
+    # The library reads the variable once, at import: an earlier test may have imported it.
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     snapshot = _hub_cache(saved, tmp_path / "cache")
     tokens = torch.randint(0, 256, (1, 9))
     expected = from_pretrained(saved)(tokens)
