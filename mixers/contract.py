@@ -479,9 +479,11 @@ class Mixer(nn.Module):
         leaves, spec = tree_flatten(state)
         if spec != expected_spec or not all(isinstance(t, Tensor) for t in leaves):
             held = sum(isinstance(t, Tensor) for t in leaves)  # None flattens to one leaf, and holds no tensor
+            # The structure differs even where the counts agree (a list of one tensor for a tuple of one).
             raise SeqmixError(
-                f"{name}: state has {held} tensors, expected {len(expected)}: got a {type(state).__name__}, expected the "
-                f"{type(reference).__name__} that {name}.init_state() or the previous step() returned"
+                f"{name}: state is a {type(state).__name__} holding {held} tensors; expected the {type(reference).__name__} "
+                f"of {len(expected)} that {name}.init_state() or the previous step() returned (a mixer's mix_step returns "
+                "its new state in that structure)"
             )
         for i, (got, want) in enumerate(zip(leaves, expected)):
             if got.dim() == 0 or got.shape[0] != batch_size:

@@ -95,11 +95,15 @@ def test_state_for_another_batch_size_is_refused(case):
 def test_state_of_another_mixer_is_refused():
     ema = seqmix.build_mixer("ema", 8)
     cema = seqmix.build_mixer("cema", 8)
-    with pytest.raises(SeqmixError, match="state has 1 tensors, expected 2"):
+    with pytest.raises(SeqmixError, match="CEMA: state is a EMAState holding 1 tensors; expected the CEMAState of 2"):
         cema.step(torch.randn(1, 1, 8), ema.init_state(1))
     # None flattens to one leaf, which is no tensor.
-    with pytest.raises(SeqmixError, match="state has 0 tensors, expected 2: got a NoneType, expected the CEMAState"):
+    with pytest.raises(SeqmixError, match="state is a NoneType holding 0 tensors; expected the CEMAState of 2"):
         cema.step(torch.randn(1, 1, 8), None)
+    # The same count in another structure: it read "state has 1 tensors, expected 1".
+    state = ema.init_state(1)
+    with pytest.raises(SeqmixError, match="state is a list holding 1 tensors; expected the EMAState of 1"):
+        ema.step(torch.randn(1, 1, 8), list(state))
 
 
 @pytest.mark.parametrize(
