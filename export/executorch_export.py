@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from seqmix import SeqmixError
 from seqmix.operators import recurrence
-from seqmix.errors import not_a_file, require_int
+from seqmix.errors import not_a_file, one_line, require_int
 from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
@@ -361,7 +361,11 @@ def load_pte_method(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise SeqmixError(f"run_pte: {path} {not_a_file(path)}; write it with export_parallel_pte or export_step_pte")
-    return _runtime().load_program(path).load_method("forward")
+    try:
+        return _runtime().load_program(path).load_method("forward")
+    except RuntimeError as error:  # the runtime's "Failed to load program, error: 0x23" for any other file
+        raise SeqmixError(f"run_pte: {path} is not an ExecuTorch program this runtime can load ({one_line(error)}); "
+                          "write it with export_parallel_pte or export_step_pte") from None
 
 
 def _input_name(index: int) -> str:
@@ -412,7 +416,11 @@ def _check_inputs(method, inputs: tuple[Tensor, ...], vocab_size: int | None) ->
 def _execute(method, inputs: tuple[Tensor, ...], vocab_size: int | None = None) -> list[Tensor]:
     """Run ``method`` after ``_check_inputs``."""
     _check_inputs(method, inputs, vocab_size)
-    return list(method.execute([t.contiguous() for t in inputs]))
+    try:
+        return list(method.execute([t.contiguous() for t in inputs]))
+    except RuntimeError as error:
+        hint = "" if vocab_size is not None else "; were the token ids within the vocabulary? pass vocab_size= to have them checked"
+        raise SeqmixError(f"run_pte: the program failed ({one_line(error)}){hint}") from None
 
 
 def run_pte(path: str | Path, *inputs: Tensor, vocab_size: int | None = None) -> list[Tensor]:

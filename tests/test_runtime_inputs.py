@@ -225,6 +225,20 @@ def test_run_pte_names_a_wrong_input(make_inputs, message, pte_step):
         et.pte_runner(path, vocab_size=model.vocab_size)(*inputs)
 
 
+def test_run_pte_names_a_file_that_is_no_program_and_a_failure_inside_the_runtime(pte_step, tmp_path):
+    """Both were the runtime's RuntimeError ('Failed to load program, error: 0x23'; 'method->execute()
+    failed with error 0x12' for an id past the vocabulary with no vocab_size to check it)."""
+    et, model, path = pte_step
+    for name, content in (("manifest.pte", b'{"format": "executorch"}'), ("zeros.pte", bytes(4096)),
+                          ("cut.pte", path.read_bytes()[:1000])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SeqmixError, match=rf"run_pte: .*{name} is not an ExecuTorch program this runtime can load"):
+            et.run_pte(tmp_path / name, torch.tensor([[5]]))
+    state = tree_flatten(model.init_state(1))[0]
+    with pytest.raises(SeqmixError, match=r"run_pte: the program failed .*were the token ids within the vocabulary"):
+        et.run_pte(path, torch.tensor([[10**6]]), *state)
+
+
 # Values of every wrong kind for a model's arguments: plain Python values and tensors of the wrong
 # rank, dtype or range.
 WRONG_ARGUMENTS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), True, 2**64, torch.tensor(1.0),
