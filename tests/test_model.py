@@ -163,8 +163,11 @@ def test_invalid_compositions_fail_at_build_time_naming_the_field(overrides, mes
 
 def test_bad_tokens_and_lengths_are_refused():
     model = build("model=gpt2")
-    with pytest.raises(SeqmixError, match=r"\(B, L\) integer tensor"):
+    with pytest.raises(SeqmixError, match=r"\(B, L\) tensor of torch.int64 or torch.int32 ids"):
         model(torch.randn(2, 8))
+    # uint8 is an integer type too: the message names the ones taken ("integer tensor" did not).
+    with pytest.raises(SeqmixError, match=r"torch.int64 or torch.int32 ids .*, got \(2, 8\) torch.uint8"):
+        model(torch.zeros(2, 8, dtype=torch.uint8))
     with pytest.raises(SeqmixError, match="1025 tokens exceed max_len=1024"):
         model(torch.zeros(1, 1025, dtype=torch.long))
     classifier = build("model=mega_encoder", "head@model.head=classification", "model.tie_embeddings=false")

@@ -53,8 +53,8 @@ def _with_pos(state: ModelState, pos: torch.Tensor) -> ModelState:
 @pytest.mark.parametrize(
     "make_input, message",
     [
-        (lambda m: (torch.zeros(1, 1), m.init_state(1)), r"tokens must be a \(B, L\) integer tensor"),
-        (lambda m: (torch.zeros(1, dtype=torch.long), m.init_state(1)), r"tokens must be a \(B, L\) integer tensor"),
+        (lambda m: (torch.zeros(1, 1), m.init_state(1)), r"tokens must be a \(B, L\) tensor of torch.int64 or torch.int32 ids"),
+        (lambda m: (torch.zeros(1, dtype=torch.long), m.init_state(1)), r"tokens must be a \(B, L\) tensor of torch.int64 or torch.int32 ids"),
         (lambda m: (torch.zeros(1, 0, dtype=torch.long), m.init_state(1)), "at least one row and one token"),
         (lambda m: (torch.full((1, 2), 256), m.init_state(1)), r"token ids must lie in \[0, vocab_size=256\), got ids from 256 to 256"),
         (lambda m: (torch.tensor([[3, -1]]), m.init_state(1)), r"token ids must lie in \[0, vocab_size=256\), got ids from -1"),

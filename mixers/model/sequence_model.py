@@ -128,7 +128,8 @@ class SequenceModel(nn.Module):
     def _check_tokens(self, tokens: Tensor) -> None:
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise SeqmixError(f"model: tokens must be a (B, L) integer tensor, got {got}")
+            raise SeqmixError(f"model: tokens must be a (B, L) tensor of torch.int64 or torch.int32 ids (the embedding's "
+                              f"index types), got {got}")
         if tokens.numel() == 0:
             raise SeqmixError(f"model: tokens has shape {tuple(tokens.shape)}; expected at least one row and one token")
         # The values, which a traced graph cannot read: eager calls only. The embedding would fail with
