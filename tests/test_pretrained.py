@@ -270,8 +270,13 @@ def test_an_unknown_repository_offline_is_a_named_error():
     with pytest.raises(SeqmixError, match="could not fetch 'nobody/no-such-seqmix-model' from the Hugging Face Hub") as refused:
         from_pretrained("nobody/no-such-seqmix-model")
     assert "\n" not in str(refused.value)  # the Hub's several lines, told in one
+    assert "nor is it a local directory here" in str(refused.value)
     with pytest.raises(SeqmixError, match="neither a directory nor a valid Hub repository id"):
-        from_pretrained("not a/valid//id")
+        from_pretrained("not a/valid id")
+    # A mistyped local path was told as a failed download from the Hub.
+    for path in ("/no/such/model", "./no-such-model", "runs/no/such"):
+        with pytest.raises(SeqmixError, match=f"from_pretrained: '{re.escape(path)}' does not exist"):
+            from_pretrained(path)
 
 
 def test_push_to_hub_uploads_the_pretrained_layout(monkeypatch, tmp_path):

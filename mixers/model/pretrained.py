@@ -279,6 +279,11 @@ def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> 
         return path
     if path.exists():
         raise SeqmixError(f"{path} is a file; from_pretrained takes a directory or a Hub repository id")
+    text = os.fspath(name)
+    if text.startswith(("/", "./", "../", "~", ".\\")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        # No Hub repository id looks so: a mistyped local path was told as a failed download.
+        raise SeqmixError(f"from_pretrained: {text!r} does not exist (a local directory was given, and no Hub repository "
+                          "id has that form)")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError
@@ -291,7 +296,8 @@ def resolve_pretrained(name: str | os.PathLike, revision: str | None = None) -> 
     except HFValidationError:
         raise SeqmixError(f"{name!r} is neither a directory nor a valid Hub repository id") from None
     except Exception as error:  # noqa: BLE001  (network, offline mode, missing repo: one named error)
-        raise SeqmixError(f"could not fetch {name!r} from the Hugging Face Hub ({one_line(error)})") from None
+        raise SeqmixError(f"could not fetch {name!r} from the Hugging Face Hub ({one_line(error)}); nor is it a local "
+                          "directory here") from None
 
 
 def from_pretrained(name: str | os.PathLike, device: str = "cpu", allow_unverified: bool = False, revision: str | None = None):
