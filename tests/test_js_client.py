@@ -7,6 +7,7 @@ Needs node on PATH and the client's packages: ``cd tools/js && ONNXRUNTIME_NODE_
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -107,6 +108,16 @@ def hostile_format(directory: Path) -> None:
     rewrite_manifest(directory, lambda manifest: manifest.update(format="onnx\x1b[2J\r"))
 
 
+def state_entry(change):
+    """A damage that applies ``change`` to the manifest's first state entry (in place)."""
+    return lambda directory: rewrite_manifest(directory, lambda manifest: change(manifest["step"]["state"][0]))
+
+
+def manifest_pipe(directory: Path) -> None:
+    (directory / "manifest.json").unlink()
+    os.mkfifo(directory / "manifest.json")
+
+
 REFUSALS = {
     "no step section": (drop_step, ["--tokens", "2"], "no step section"),
     "graph missing": (remove_graph, ["--tokens", "2"], "is missing"),
@@ -120,6 +131,22 @@ REFUSALS = {
     "unknown option": (None, ["--temperature", "1"], "temperature"),
     # The manifest's text is quoted with its control characters escaped, never acted on by a terminal.
     "control characters in the manifest": (hostile_format, ["--tokens", "2"], "(format onnx\\x1b[2J\\r)"),
+    # Each was a Node stack trace, garbage streamed with status 0, or a hang.
+    "control characters in a state shape": (state_entry(lambda e: e.update(shape=["batch", "\x1b]0;PWNED\x07"])),
+                                            ["--tokens", "2"], 'is not ["batch", counts...]'),
+    "a state without its fill": (state_entry(lambda e: e.pop("fill")), ["--tokens", "2"], "fill=undefined is not a finite"),
+    "a fill of text": (state_entry(lambda e: e.update(fill="abc")), ["--tokens", "2"], 'fill="abc" is not a finite'),
+    "a negative state size": (state_entry(lambda e: e.update(shape=["batch", -1])), ["--tokens", "2"], 'shape=["batch",-1]'),
+    "a dtype of __proto__": (state_entry(lambda e: e.update(dtype="__proto__")), ["--tokens", "2"], 'dtype="__proto__"'),
+    "a state output the graph lacks": (state_entry(lambda e: e.update(output="nope")), ["--tokens", "2"],
+                                       "does not match its manifest"),
+    "a state the graph takes in another dtype": (state_entry(lambda e: e.update(dtype="float64")), ["--tokens", "2"],
+                                                 "ONNX Runtime refused a call of the decoder graph"),
+    "no vocabulary size": (lambda d: rewrite_manifest(d, lambda m: m.pop("vocab_size")), ["--ids", "9999"],
+                           "vocab_size=undefined is not a count"),
+    "a token range of 1..0": (lambda d: rewrite_manifest(d, lambda m: m["step"]["dynamic_dims"].update(tokens="1..0")),
+                              ["--tokens", "2"], 'step.dynamic_dims.tokens="1..0" is not'),
+    "a manifest that is a pipe": (manifest_pipe, ["--tokens", "2"], "is not a regular file"),
 }
 
 

@@ -60,14 +60,44 @@ function parseCommandLine(argv) {
   return { directory: positionals[0], ...values, tokens: Number(values.tokens) };
 }
 
+// The most numbers one state tensor may hold: a typed array's limit, far above any real state.
+const MAX_STATE_NUMBERS = 2 ** 30;
+
+// Raise (fail) unless one step.state entry can build its initial tensor: a name and an output name,
+// a dtype this client takes (an own key: "__proto__" or "toString" are none), a shape of "batch" and
+// counts, and a fill its typed array holds exactly (an integer for integer and bool states).
+function checkStateEntry(path, entry, index) {
+  const where = `${path}: step.state[${index}]`;
+  if (entry === null || typeof entry !== "object" || Array.isArray(entry)) fail(`${where} is not an object`);
+  if (typeof entry.name !== "string" || !entry.name) fail(`${where}.name=${JSON.stringify(entry.name)} is not a name`);
+  if (typeof entry.output !== "string" || !entry.output) fail(`${where}.output=${JSON.stringify(entry.output)} is not a name`);
+  if (typeof entry.dtype !== "string" || !Object.hasOwn(STATE_ARRAYS, entry.dtype)) {
+    fail(`${where}.dtype=${JSON.stringify(entry.dtype)}; this client takes ${Object.keys(STATE_ARRAYS)}`);
+  }
+  const shapeValid = Array.isArray(entry.shape) && entry.shape.length > 0
+    && entry.shape.every((dim, axis) => (axis === 0 && dim === "batch") || (Number.isSafeInteger(dim) && dim >= 0));
+  if (!shapeValid) fail(`${where}.shape=${JSON.stringify(entry.shape)} is not ["batch", counts...]`);
+  const numbers = entry.shape.slice(1).reduce((a, b) => a * b, 1);
+  if (numbers > MAX_STATE_NUMBERS) fail(`${where}.shape=${JSON.stringify(entry.shape)} holds ${numbers} numbers per sequence, more than this client takes (${MAX_STATE_NUMBERS})`);
+  const integral = entry.dtype !== "float32" && entry.dtype !== "float64";
+  const fillValid = typeof entry.fill === "number" && Number.isFinite(entry.fill) && (!integral || Number.isSafeInteger(entry.fill))
+    && (entry.dtype !== "bool" || entry.fill === 0 || entry.fill === 1);
+  if (!fillValid) fail(`${where}.fill=${JSON.stringify(entry.fill)} is not a finite ${integral ? "integer" : "number"} a ${entry.dtype} state holds`);
+}
+
 // The decoder graph's manifest entry, once its file is a regular file of the recorded size and sha256.
 function loadStep(directory) {
   const path = join(directory, "manifest.json");
   let manifest;
   try {
+    // A regular file only: a FIFO blocked the client for ever, a link was followed anywhere.
+    if (!lstatSync(path).isFile()) fail(`${path} is not a regular file (a symbolic link, a directory or a pipe)`);
     manifest = JSON.parse(readFileSync(path, "utf8"));
   } catch (error) {
     fail(`${path} cannot be read as JSON (${error.message}); export the model with seqmix export first`);
+  }
+  if (!Number.isSafeInteger(manifest?.vocab_size) || manifest.vocab_size < 1) {
+    fail(`${path}: vocab_size=${JSON.stringify(manifest?.vocab_size)} is not a count of tokens; re-export the model`);
   }
   const step = manifest?.step;
   if (manifest?.format !== "onnx") fail(`${path} is not an ONNX export's manifest (format ${manifest?.format}); expected "onnx"`);
@@ -93,12 +123,25 @@ function loadStep(directory) {
   if (bytes.length !== record.bytes || createHash("sha256").update(bytes).digest("hex") !== record.sha256) {
     fail(`${graph} does not match the size and sha256 the manifest records: it was modified; re-export the model`);
   }
-  for (const entry of step.state) {
-    if (!(entry.dtype in STATE_ARRAYS)) fail(`state ${entry.name} has dtype ${entry.dtype}; this client takes ${Object.keys(STATE_ARRAYS)}`);
+  if (step.state.length === 0) fail(`${path}: step.state is empty; a decoder graph carries its state; re-export the model`);
+  step.state.forEach((entry, index) => checkStateEntry(path, entry, index));
+  if (!step.outputs.length || typeof step.outputs[0]?.name !== "string") fail(`${path}: step.outputs does not name the logits first`);
+  const tokenInput = step.inputs.map((spec) => spec?.name).find((name) => !step.state.some((entry) => entry.name === name));
+  if (typeof tokenInput !== "string") fail(`${path}: step.inputs names no token input beside the state`);
+  // "1..N": a missing, malformed or empty range was read as no limit at all.
+  const range = /^1\.\.([1-9]\d*)$/.exec(String(step.dynamic_dims?.tokens));
+  if (!range) fail(`${path}: step.dynamic_dims.tokens=${JSON.stringify(step.dynamic_dims?.tokens)} is not "1..N"; re-export the model`);
+  return { manifest, step, graph: bytes, tokenInput, limit: Number(range[1]) };
+}
+
+// Raise (fail) unless the graph takes the inputs and gives the outputs the manifest names.
+function checkGraph(session, step, tokenInput) {
+  const missingInputs = [tokenInput, ...step.state.map((entry) => entry.name)].filter((name) => !session.inputNames.includes(name));
+  const missingOutputs = [step.outputs[0].name, ...step.state.map((entry) => entry.output)].filter((name) => !session.outputNames.includes(name));
+  if (missingInputs.length || missingOutputs.length) {
+    fail(`the decoder graph does not match its manifest: inputs ${JSON.stringify(missingInputs)} and outputs `
+      + `${JSON.stringify(missingOutputs)} are named there but not in the graph; re-export the model`);
   }
-  const tokenInput = step.inputs.map((spec) => spec.name).find((name) => !step.state.some((entry) => entry.name === name));
-  const limit = Number(String(step.dynamic_dims?.tokens ?? "").split("..")[1]) || Infinity;
-  return { manifest, step, graph: bytes, tokenInput, limit };
 }
 
 // The state before any token, as the manifest describes it ("batch" -> 1; 0, or -1 for empty cache slots).
@@ -130,18 +173,31 @@ const tooLarge = prompt.find((id) => id >= manifest.vocab_size);
 if (tooLarge !== undefined) fail(`the prompt holds token ${tooLarge}; this model's tokens lie in [0, vocab_size=${manifest.vocab_size})`);
 if (prompt.length + options.tokens - 1 > limit) fail(`${prompt.length} prompt tokens + --tokens=${options.tokens} exceed the ${limit} tokens one stream can take`);
 
-const session = await ort.InferenceSession.create(graph, { executionProviders: ["cpu"] });
+let session;
+try {
+  session = await ort.InferenceSession.create(graph, { executionProviders: ["cpu"] });
+} catch (error) {
+  fail(`ONNX Runtime cannot load the decoder graph (${error.message.split("\n")[0]})`);
+}
+checkGraph(session, step, tokenInput);
 const out = options.json ? process.stderr : process.stdout;
 const decoder = new TextDecoder("utf-8");
 const shown = (text) => (options.raw ? text : escapeControls(text));
 const show = (ids) => out.write(byteLevel ? shown(decoder.decode(Uint8Array.from(ids), { stream: true })) : ids.map((id) => `${id} `).join(""));
-show(prompt);
 let state = initialState(step);
 let feed = prompt;
 const generated = [];
 while (generated.length < options.tokens) {
   const ids = new ort.Tensor("int64", BigInt64Array.from(feed, BigInt), [1, feed.length]);
-  const results = await session.run({ [tokenInput]: ids, ...state });
+  let results;
+  try {
+    results = await session.run({ [tokenInput]: ids, ...state });
+  } catch (error) {
+    // Shapes or dtypes the manifest gives and the graph does not take: one line, not a stack.
+    fail(`ONNX Runtime refused a call of the decoder graph (${error.message.split("\n")[0]}); does the manifest describe this graph?`);
+  }
+  // The prompt once the graph took it: a refused first call leaves stdout empty.
+  if (!generated.length) show(prompt);
   state = Object.fromEntries(step.state.map((entry) => [entry.name, results[entry.output]]));
   feed = [argmaxLast(results[step.outputs[0].name])];
   generated.push(feed[0]);
