@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from seqmix.errors import INT_LIMIT, SeqmixError, require_available_device, require_bool, require_choice, require_int
 
@@ -289,9 +289,23 @@ class Mixer(nn.Module):
         self.check_input(x, None)
         self.check_state(state, x)
         dtype = self.parameter_dtype()
-        y, state = self.mix_step(x if dtype is None or x.dtype == dtype else x.to(dtype), state)
+        y, new_state = self.mix_step(x if dtype is None or x.dtype == dtype else x.to(dtype), state)
         self._check_output(y, x, "mix_step")
-        return (y if dtype is None or x.dtype == dtype else y.to(x.dtype)), state
+        return (y if dtype is None or x.dtype == dtype else y.to(x.dtype)), self._state_like(new_state, state)
+
+    def _state_like(self, new_state: State, state: State) -> State:
+        """``new_state`` (what ``mix_step`` returned) in the structure and floating dtypes of ``state``
+        (what it was given): a bfloat16 state came back float32 from the recurrences, so its dtype
+        changed from one step to the next; and a mix_step returning another structure (a list for a
+        tuple) was told only at the next step, as a state the caller had passed."""
+        given, given_spec = tree_flatten(state)
+        leaves, spec = tree_flatten(new_state)
+        if spec != given_spec:
+            raise SeqmixError(f"{type(self).__name__}.mix_step returned its state as a {type(new_state).__name__} of "
+                              f"{len(leaves)} leaves, not in the structure it was given ({type(state).__name__} of {len(given)})")
+        kept = [leaf.to(old.dtype) if isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.dtype != old.dtype else leaf
+                for leaf, old in zip(leaves, given)]
+        return tree_unflatten(kept, spec)
 
     def _check_output(self, y, x: Tensor, method: str) -> None:
         """Raise, naming the mixer and ``method``, unless ``y`` is a tensor of x's shape: a mixer's

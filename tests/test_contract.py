@@ -406,3 +406,37 @@ def test_a_streaming_state_beyond_the_memory_is_refused_by_name_before_it_is_all
     model.blocks[0].mixer.init_state(1)
     with pytest.raises(SeqmixError, match=r"model: a streaming state for B=1 holds"):
         model.init_state(1)
+
+
+class _StateAsList(seqmix.Mixer):
+    """A user's mixer whose mix_step returns its state as a list."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, causal=True)
+        self.scale = torch.nn.Parameter(torch.ones(d_model))
+
+    def mix(self, x, padding_mask=None):
+        return x * self.scale
+
+    def empty_state(self, batch_size, device=None, dtype=None):
+        return (torch.zeros(batch_size, self.d_model, device=device),)
+
+    def mix_step(self, x, state):
+        return x * self.scale, [state[0]]
+
+
+def test_step_keeps_the_states_structure_and_floating_dtypes():
+    """A bfloat16 state came back float32 from the recurrences (its dtype changed between steps), and a
+    mix_step returning a list was told at the next step, as if the caller had passed it."""
+    for name in seqmix.list_mixers():
+        mixer = seqmix.build_mixer(name, 16)
+        if not mixer.causal:
+            continue
+        for dtype in (torch.bfloat16, torch.float64):
+            state = mixer.init_state(2, dtype=dtype)
+            _, after = mixer.step(torch.randn(2, 3, 16), state)
+            assert [t.dtype for t in tree_flatten(after)[0]] == [t.dtype for t in tree_flatten(state)[0]], (name, dtype)
+            assert type(after) is type(state)
+    mixer = _StateAsList(8)
+    with pytest.raises(SeqmixError, match=r"_StateAsList.mix_step returned its state as a list of 1 leaves, not in the structure"):
+        mixer.step(torch.randn(1, 2, 8), mixer.init_state(1))

@@ -227,14 +227,14 @@ def bad_calls(draw):
     state = mixer.init_state(batch)
     leaves = tree_flatten(state)[0]
     if kind == "state list":
-        return lambda: mixer.step(x, list(state)), "got a list"
+        return lambda: mixer.step(x, list(state)), "state is a list"
     if kind == "state None":
-        return lambda: mixer.step(x, None), "got a NoneType"
+        return lambda: mixer.step(x, None), "state is a NoneType"
     if kind == "state tensor":
-        return lambda: mixer.step(x, torch.zeros(batch, d_model)), "got a Tensor"
+        return lambda: mixer.step(x, torch.zeros(batch, d_model)), "state is a Tensor"
     if kind == "state structure":
         assume(type(state) is not tuple)  # a plain tuple of the right tensors is the right structure
-        return lambda: mixer.step(x, tuple(state)), "got a tuple"
+        return lambda: mixer.step(x, tuple(state)), "state is a tuple"
     if kind == "step x device":
         return lambda: mixer.step(x.to("meta"), state), "x is on meta"
     assume(leaves)  # the identity's state is empty
