@@ -37,6 +37,9 @@ import numpy as np
 
 NUMPY_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
 STATE_DTYPES = ("bool", "float16", "float32", "float64", "int32", "int64")
+MAX_STATE_NUMBERS = 1 << 31
+"""The most numbers one state tensor may hold per sequence: far above any real state, and a limit
+before NumPy tries to allocate what a hostile manifest asks for."""
 FILE_NAME = "the name of a file in the export directory (no directories, '..', drive or absolute paths)"
 # Characters that make a name a path on some system where an export may be run (Windows included).
 PATH_CHARACTERS = ("/", "\\", ":", "\0")
@@ -353,6 +356,12 @@ def _check_state(step: dict, bad) -> None:
             bad(f"{where}.dtype", dtype, f"one of {list(STATE_DTYPES)}")
         if not isinstance(fill, (int, float)) or isinstance(fill, bool) or not math.isfinite(fill):
             bad(f"{where}.fill", fill, "a finite number (the value every element starts at)")
+        if not dtype.startswith(("float", "bfloat")) and fill != int(fill):
+            # np.full truncated 0.5 to 0 for an integer state, without a word.
+            bad(f"{where}.fill", fill, f"an integer for dtype {dtype}")
+        numbers = math.prod(d for d in shape if _is_int(d))
+        if numbers > MAX_STATE_NUMBERS:
+            bad(f"{where}.shape", shape, f"at most {MAX_STATE_NUMBERS:,} numbers per sequence (it holds {numbers:,})")
     missing = sorted(set(inputs) - set(tokens) - set(names))
     if len(tokens) != 1 or missing:
         bad("step.inputs", sorted(inputs), f"one token input ({' or '.join(TOKEN_INPUTS)}) and the state entries {names}")

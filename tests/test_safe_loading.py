@@ -259,12 +259,13 @@ BAD_MANIFESTS = [
     ("step.state.0.fill", "zero", r"step.state\[0\].fill='zero' is not valid"),
     ("step.state.0.fill", ..., r"step.state\[0\].fill=None is not valid"),
     ("step.state.1.fill", float("nan"), r"step.state\[1\].fill=nan is not valid"),
+    # The runner's np.full truncated it to 0 without a word.
+    ("step.state.1.fill", 0.5, r"step.state\[1\].fill=0.5 is not valid; expected an integer for dtype int64"),
 ]
 ONLY_READ_MANIFEST = [
     ("format", "coreml", "format='coreml' is not valid"),
     ("impls", ["chunked"], r"impls=\['chunked'\] is not valid"),
     ("parallel", ..., "names no parallel graph"),
-    ("step.state.1.fill", 0.5, r"step.state\[1\].fill=0.5 is not valid; expected an integer for dtype int64"),
 ]
 ONLY_RUNNER = [
     ("format", "executorch", "describes a 'executorch' export; this runner takes ONNX"),
@@ -307,6 +308,16 @@ def test_the_onnx_runner_refuses_a_malformed_manifest_before_opening_a_session(p
     assert runner.main([str(export_dir), "generate", "--tokens", "1"]) == 2
     assert "run_onnx: error" in capsys.readouterr().err
     assert opened == []
+
+
+def test_the_onnx_runner_names_a_state_too_large_to_build(export_dir, monkeypatch):
+    """A shape of a million by a million passed, and NumPy's allocation failed with a traceback."""
+    runner = onnx_runner()
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *args, **kwargs: pytest.fail("a session was opened"))
+    huge = ["batch", 2**20, 2**20]
+    write_manifest(export_dir, _set(_set(VALID_MANIFEST, "step.inputs.1.shape", huge), "step.state.0.shape", huge))
+    with pytest.raises(runner.ExportError, match=r"step.state\[0\].shape=.* expected at most 2,147,483,648 numbers per sequence"):
+        runner.load(export_dir)
 
 
 def test_an_executorch_manifest_needs_no_fill(export_dir):
