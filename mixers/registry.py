@@ -20,6 +20,9 @@ from seqmix.contract import Mixer
 from seqmix.errors import SeqmixError, SeqmixWarning, one_line, require_choice
 
 ENTRY_POINT_GROUP = "seqmix.mixers"
+NOT_INSTALLED_HINT = (f"a mixer from another package (the {ENTRY_POINT_GROUP} entry points) is known only where that "
+                      "package is installed")
+"""What a refusal of an unknown mixer name adds: a saved model names the mixers it was built with."""
 
 _MIXERS: dict[str, type[Mixer]] = {}
 _plugins_loaded = False

@@ -441,3 +441,15 @@ def test_the_loaders_take_cpu_0_and_name_a_checksums_record_that_is_no_file(save
     for allow_unverified in (False, True):
         with pytest.raises(SeqmixError, match="checksums.json is a directory, not a regular file; refusing to load"):
             from_pretrained(directory, allow_unverified=allow_unverified)
+
+
+def test_a_saved_model_naming_a_mixer_that_is_not_installed_says_a_package_may_be_missing(saved, tmp_path):
+    """It was only 'is not valid; expected one of [...]': nothing said a plugin's package was missing here."""
+    directory = tmp_path / "model"
+    shutil.copytree(saved, directory)
+    config = json.loads((directory / CONFIG_JSON).read_text())
+    config["mixers"]["megalodon"]["mixer"] = "shift_gate"
+    (directory / CONFIG_JSON).write_text(json.dumps(config))
+    write_checksums(directory)
+    with pytest.raises(SeqmixError, match=r"mixer='shift_gate' is not valid; .*known only where that package is installed"):
+        from_pretrained(directory)

@@ -41,7 +41,7 @@ from seqmix.errors import SeqmixError, choice_error
 from seqmix.layers.blocks import Block, FeedForward
 from seqmix.layers.heads import CausalLMHead, ClassificationHead, MaskedLMHead
 from seqmix.layers.norms import LayerNorm, RMSNorm, ScaleNorm, TimestepNorm
-from seqmix.registry import list_mixers, mixer_class
+from seqmix.registry import NOT_INSTALLED_HINT, list_mixers, mixer_class
 
 NORM_PARTS: dict[str, type[nn.Module]] = {
     "layernorm": LayerNorm, "rmsnorm": RMSNorm, "scalenorm": ScaleNorm, "timestepnorm": TimestepNorm,
@@ -149,7 +149,10 @@ def _named_part(entry: Any, kind: str, registry: Mapping[str, Callable], where: 
     options = dict(entry)
     name = options.pop(kind, None)
     if not isinstance(name, str) or name not in registry:
-        raise choice_error(f"{where}.{kind}", name, registry)
+        error = choice_error(f"{where}.{kind}", name, registry)
+        if kind == "mixer" and isinstance(name, str) and name.isidentifier():
+            error = SeqmixError(f"{error}; {NOT_INSTALLED_HINT}")
+        raise error
     return {kind: name, **_options(registry[name], kind, options, f"{where} ({name})")}
 
 

@@ -18,7 +18,7 @@ from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
 from seqmix.layers.blocks import Block, Recompute, check_part_width, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
-from seqmix.registry import build_mixer, list_mixers
+from seqmix.registry import NOT_INSTALLED_HINT, build_mixer, list_mixers
 from seqmix.timing import device_memory_bytes
 
 POSITIONS = ("none", "learned")
@@ -305,7 +305,8 @@ def registered_mixer_factory(entry: Mapping, where: str = "mixer") -> Callable[[
     options = dict(entry)
     name = options.pop("mixer", None)
     if name not in list_mixers():
-        raise SeqmixError(f"{where}.mixer={name!r} is not a registered mixer; expected one of {list_mixers()}")
+        raise SeqmixError(f"{where}.mixer={name!r} is not a registered mixer; expected one of {list_mixers()}; "
+                          f"{NOT_INSTALLED_HINT}")
     return partial(build_mixer, name, **options)
 
 
