@@ -280,3 +280,14 @@ def test_a_storage_url_of_no_database_sqlalchemy_knows_is_named_without_server_a
     assert main(["search", "search=tiny", f"search.storage='{url}'", f"search.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "names a database SQLAlchemy does not know" in err and "postgresql+psycopg://" in err and "server runs" not in err
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///"])
+def test_a_study_kept_in_memory_is_refused_before_anything_is_written(url, tmp_path, capsys):
+    """Accepted before: the study vanished when the search ended, and ':memory:' was even taken as a
+    file name in the current folder."""
+    from seqmix.cli import main
+
+    assert main(["search", "search=tiny", f"search.storage='{url}'", f"search.out_dir={tmp_path / 'out'}"]) == 2
+    assert "keeps the study in memory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

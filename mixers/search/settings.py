@@ -131,6 +131,12 @@ class SearchSettings:
             raise SeqmixError(f"search.study_name={self.study_name!r} is not valid; expected 1 to 100 letters, digits, '_', "
                               "'-' and '.', starting with a letter or digit: it names the study's folder and preset files")
         require_writable_dir("search.out_dir", self.out_dir)
+        if isinstance(self.storage, str) and re.fullmatch(r"sqlite:(//|///:memory:.*|///)", self.storage.strip()):
+            # Accepted before: the study vanished when the search ended (no resume, no other worker),
+            # and ':memory:' was even taken for a file name in the current folder.
+            raise SeqmixError(f"search.storage={self.storage!r} keeps the study in memory, lost when the search ends and "
+                              "shared with no other worker; give a file (sqlite:///<path>) or leave search.storage unset "
+                              "(<search.out_dir>/study.db)")
         file = storage_file(self.storage) if isinstance(self.storage, str) else None
         if file is not None:
             # Its folder also takes the lock file beside it: checked now, not when the first worker opens it.
