@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from seqmix import SeqmixError
-from seqmix.errors import require_writable_dir
+from seqmix.errors import first_few, require_writable_dir
 # The standalone runner (NumPy only until it opens a session) holds the file checks both readers make.
 from seqmix.export import run_onnx
 
@@ -116,7 +116,7 @@ def check_export_target(out_dir: str | Path) -> None:
     foreign = sorted(entry.name for entry in os.scandir(out_dir)
                      if entry.name != MANIFEST and (entry.name not in manifest["files"] or not entry.is_file(follow_symlinks=False)))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        shown = first_few(foreign)
         raise SeqmixError(f"out={str(out_dir)!r} is a seqmix export with more in it than its {MANIFEST} lists ({shown}); "
                           "refusing to replace the directory. Choose another directory or move those out")
 

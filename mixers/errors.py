@@ -42,6 +42,12 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
+def first_few(items, count: int = 3) -> str:
+    """The first ``count`` of ``items`` (already strings) joined by commas, and how many more there are."""
+    items = list(items)
+    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
+
+
 def not_a_file(path: str | os.PathLike) -> str:
     """What is at ``path`` instead of a regular file, for an error message: "does not exist", "is a
     directory", "is a FIFO", "is a broken symbolic link", ... A FIFO or a device would block a read

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from seqmix.errors import first_few
 from seqmix.tables import markdown_table, write_csv
 
 from .results import ClaimOutcome, ClaimsResult, GridResult, GridRow, LoweringResult, Measurement
@@ -203,7 +204,7 @@ def _not_measured(rows: Sequence[GridRow]) -> list[str]:
     for (status, reason), group in groups.items():
         cells = sorted({f"{r.subject}/{r.runtime}/{r.pass_}" for r in group})
         lengths = sorted({r.length for r in group})
-        where = ", ".join(cells[:6]) + (f" and {len(cells) - 6} more" if len(cells) > 6 else "")
+        where = first_few(cells, 6)
         body.append([status, str(len(group)), f"{where}; L={','.join(map(str, lengths))}", reason])
     return ["### Not measured", "", markdown_table(["status", "cells", "which", "reason"], body), ""]
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.errors import (
     CHECKSUMS,
     SeqmixError,
+    first_few,
     not_a_file,
     one_line,
     require_available_device,
@@ -74,7 +75,7 @@ def require_own_folder(field: str, directory: str | os.PathLike, names) -> None:
         return
     foreign = sorted(entry.name for entry in os.scandir(path) if entry.name not in names or not entry.is_file(follow_symlinks=False))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        shown = first_few(foreign)
         raise SeqmixError(f"{field}: {path} holds {shown}, which this save does not write (it writes {', '.join(sorted(names))}); "
                           "refusing to write over or beside them: choose a new or empty folder")
 

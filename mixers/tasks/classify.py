@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, SeqmixWarning, require_folder_path, require_int, require_seed
+from seqmix.errors import SeqmixError, SeqmixWarning, first_few, require_folder_path, require_int, require_seed
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tasks.documents import DocumentSource
@@ -151,7 +151,7 @@ class Classify(Task):
         unseen = np.setdiff1d(self.label_ids["valid"], self.label_ids["train"])
         if not unseen.size:
             return
-        named = ", ".join(repr(self.labels[i]) for i in unseen[:3]) + (f" and {unseen.size - 3} more" if unseen.size > 3 else "")
+        named = first_few(repr(self.labels[i]) for i in unseen)
         warnings.warn(
             f"seqmix: classify: {unseen.size} of the {np.unique(self.label_ids['valid']).size} labels in the valid split of "
             f"{self.path!r} never occur in its train split ({named}), so the model cannot learn them; is "

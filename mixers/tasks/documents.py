@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, SeqmixWarning, require_choice, one_line, require_path
+from seqmix.errors import SeqmixError, SeqmixWarning, first_few, one_line, require_choice, require_path
 from seqmix.jsontext import parse_json
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
@@ -160,7 +160,7 @@ class DocumentSource:
 
     def _left_out_binary(self, binary: list[Path]) -> None:
         """Refuse a source whose files are all binary; otherwise warn, naming the binary files left out."""
-        named = ", ".join(str(path) for path in binary[:3]) + (f" and {len(binary) - 3} more" if len(binary) > 3 else "")
+        named = first_few(str(path) for path in binary)
         why = (f"binary data, not text (a NUL byte in the first {BINARY_PROBE_BYTES} bytes: compressed, image, "
                f"compiled or UTF-16 files)")
         if len(binary) == len(self.files):
