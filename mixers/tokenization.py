@@ -8,6 +8,8 @@ tokenizer on the user's corpus (``seqmix tokenizer task.path=... vocab_size=8000
 Every tokenizer has a separator: the token placed between packed documents and after a
 classification text. For bytes it is the NUL byte; for a ``tokenizer.json`` it is the first of
 ``SEPARATOR_TOKENS`` its vocabulary holds (BPE tokenizers trained here hold ``<|endoftext|>``).
+No text encodes to the separator: a ``tokenizer.json`` reads its special tokens in a text as text,
+and the byte tokenizer turns a NUL in a text into U+FFFD.
 Its ``fingerprint`` (the sha256 of the file) keys token caches, so a changed tokenizer never reuses
 tokens made by another.
 """
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from seqmix.errors import SeqmixError, not_a_file, one_line, require_int
+import warnings
+
+from seqmix.errors import SeqmixError, SeqmixWarning, first_few, not_a_file, one_line, require_int
 
 BYTES = "bytes"
 TOKENIZER_FILE = "tokenizer.json"
@@ -41,6 +45,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
 SPECIAL_AS_TEXT = b"\0special-tokens-encoded-as-text"
 """What a file tokenizer's fingerprint adds to the file's bytes: its encoding reads special tokens in a
 text as text, which earlier encodings did not."""
+
+
+NUL_REPLACEMENT = "\ufffd".encode()
+"""What the byte tokenizer encodes a NUL in a text as: the NUL byte is its separator."""
+
+
+def warn_separators_replaced(owner: str, where: Sequence[str]) -> None:
+    """Warn, naming the first few, that the texts at ``where`` held the separator's text, which was replaced."""
+    if where:
+        texts = f"{len(where)} texts" if len(where) > 1 else "1 text"
+        warnings.warn(f"seqmix: {owner}: {texts} held a NUL byte, which the byte tokenizer keeps as the separator "
+                      f"between documents; each became U+FFFD: {first_few(where)}", SeqmixWarning, stacklevel=3)
 
 
 class Tokenizer:
@@ -65,21 +81,35 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0].tolist()
 
+    def holds_separator(self, text: str) -> bool:
+        """Whether ``text`` holds what the separator is made of, which the encoding replaces so that no
+        document boundary appears where there is none (a NUL, for bytes)."""
+        return False
+
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``; bytes that are not UTF-8 (a cut multi-byte character) become U+FFFD."""
         raise NotImplementedError
 
 
 class ByteTokenizer(Tokenizer):
-    """The 256 byte values of the text's UTF-8 encoding; documents are separated by the NUL byte."""
+    """The 256 byte values of the text's UTF-8 encoding; documents are separated by the NUL byte, and a
+    NUL in a text becomes U+FFFD (bytes EF BF BD), as a byte that is not UTF-8 does."""
 
     name = BYTES
     vocab_size = 256
     separator = 0
-    fingerprint = "bytes-v1"
+    # v1 kept a NUL in a text, which split its document in two.
+    fingerprint = "bytes-v2"
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.frombuffer(text.encode("utf-8", "surrogateescape"), dtype=np.uint8).astype(np.int64) for text in texts]
+        return [ids.astype(np.int64) for ids in self.encode_utf8([text.encode("utf-8", "surrogateescape") for text in texts])]
+
+    def encode_utf8(self, documents: Sequence[bytes]) -> list[np.ndarray]:
+        """The ids (uint8) of texts given as UTF-8 bytes, without a round trip through str."""
+        return [np.frombuffer(document.replace(b"\0", NUL_REPLACEMENT), dtype=np.uint8) for document in documents]
+
+    def holds_separator(self, text: str) -> bool:
+        return "\0" in text
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")

@@ -292,3 +292,24 @@ def test_jsonl_with_cr_line_ends_reads_and_its_messages_say_what_is_wrong(tmp_pa
         _task(blank, tmp_path)
     with pytest.raises(SeqmixError, match=r"ends with '/', so it names a folder"):
         require_writable_file("out", f"{tmp_path}/tokenizers/new/")
+
+
+def test_a_nul_in_a_text_is_no_document_boundary_for_the_byte_tokenizer(tmp_path):
+    """NUL is the byte tokenizer's separator: one inside a document (a JSON "\\u0000", a text file's NUL
+    past the binary probe) split it in two, and closed a classification text early."""
+    from seqmix.errors import SeqmixWarning
+    from seqmix.tasks.classify import Classify
+
+    corpus = tmp_path / "nul.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} holds a\u0000NUL " * 8, "label": f"{i % 2}"}) + "\n"
+                              for i in range(40)))
+    with pytest.warns(SeqmixWarning, match=r"text: 40 texts held a NUL byte.*each became U\+FFFD: .*nul.jsonl line 1, .*and 37 more"):
+        task = _task(corpus, tmp_path)
+    for split, documents in task.meta["documents"].items():
+        tokens = np.fromfile(task.cache / task._token_file(split), dtype=task.dtype)
+        assert int((tokens == ByteTokenizer.separator).sum()) == documents
+    assert ByteTokenizer().decode(ByteTokenizer().encode("a\0b")) == "a\ufffdb"
+    with pytest.warns(SeqmixWarning, match=r"classify: 40 texts held a NUL byte"):
+        rows = Classify(path=str(corpus), seq_len=400, cache_dir=str(tmp_path / "classify"))
+    lengths = np.load(rows.cache / "train.lengths.npy")
+    assert (lengths == len(("document 0 holds a\ufffdNUL " * 8).encode()) + 1).sum() > 0

@@ -278,7 +278,8 @@ def test_streamed_text_is_the_decoded_text_whatever_the_token_boundaries(text):
     tokenizer = ByteTokenizer()
     stream = TextStream(tokenizer)
     pieces = [stream.push(token) for token in tokenizer.encode(text)]
-    assert "".join(pieces) + stream.finish() == text
+    # A NUL is the separator, which no text encodes to: it comes back as U+FFFD.
+    assert "".join(pieces) + stream.finish() == text.replace("\0", "\ufffd")
 
 
 @given(text=st.text(max_size=80))

@@ -37,7 +37,7 @@ from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tasks.documents import DocumentSource
 from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, load_array, read_meta, require_cache_file, split_counts, staged_cache
-from seqmix.tokenization import BYTES, TOKENIZER_FILE, load_tokenizer, token_dtype
+from seqmix.tokenization import BYTES, TOKENIZER_FILE, load_tokenizer, token_dtype, warn_separators_replaced
 
 LABELS_FILE = "labels.json"
 """The class names in id order (a JSON list), saved with the run."""
@@ -177,19 +177,22 @@ class Classify(Task):
     def _split_of(self, text: bytes) -> str:
         return hashed_split(text, self.valid_fraction)
 
-    def _rows(self) -> Iterator[tuple[str, str]]:
-        """(text, label) of every row in file order; a text that is not a string or an unusable label is refused by row."""
+    def _rows(self, separators: list[str]) -> Iterator[tuple[str, str]]:
+        """(text, label) of every row in file order; a text that is not a string or an unusable label is refused by row.
+        Where a text holds the separator's text (``Tokenizer.holds_separator``) is appended to ``separators``."""
         columns = {"text_column": self.text_column, "label_column": self.label_column}
         for where, row in self.source.rows(columns):
             text = row["text_column"]
             if not isinstance(text, str):
                 raise SeqmixError(f"classify: {where} column {self.text_column!r} holds a {type(text).__name__}, not text")
+            if self.tokenizer.holds_separator(text):
+                separators.append(where)
             # A lone surrogate (JSON may spell one) has no UTF-8 form: it becomes '?', as in task=text.
             yield text.encode("utf-8", "replace").decode("utf-8"), label_text(row["label_column"], where, self.label_column)
 
-    def _row_batches(self) -> Iterator[list[tuple[str, str]]]:
+    def _row_batches(self, separators: list[str]) -> Iterator[list[tuple[str, str]]]:
         batch = []
-        for row in tqdm(self._rows(), desc="tokenizing", unit="row", leave=False, disable=None):
+        for row in tqdm(self._rows(separators), desc="tokenizing", unit="row", leave=False, disable=None):
             batch.append(row)
             if len(batch) == ENCODE_BATCH_ROWS:
                 yield batch
@@ -205,9 +208,10 @@ class Classify(Task):
             seen: dict[str, int] = {}
             truncated = 0
             content = hashlib.sha256()
+            separators = []
             with ExitStack() as files:
                 streams = {split: files.enter_context(open(staging / self._token_file(split), "wb")) for split in SPLITS}
-                for batch in self._row_batches():
+                for batch in self._row_batches(separators):
                     encoded = self.tokenizer.encode_batch([text for text, _ in batch])
                     for (text, label), ids in zip(batch, encoded):
                         raw = text.encode("utf-8")
@@ -222,6 +226,7 @@ class Classify(Task):
                         first_seen_ids[split].append(seen.setdefault(label, len(seen)))
             if not seen:
                 raise SeqmixError(f"classify: {self.path!r} holds no rows; nothing to classify")
+            warn_separators_replaced("classify", separators)
             labels = sorted(seen)
             # Ids were handed out in order of first appearance; class ids are positions among the sorted labels.
             rank = np.empty(len(seen), dtype=np.int64)

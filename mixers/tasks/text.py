@@ -30,7 +30,7 @@ from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
 from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, read_meta, require_cache_file, split_counts, staged_cache
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
-from seqmix.tokenization import BYTES, TOKENIZER_FILE, ByteTokenizer, load_tokenizer, token_dtype
+from seqmix.tokenization import BYTES, TOKENIZER_FILE, ByteTokenizer, load_tokenizer, token_dtype, warn_separators_replaced
 
 ENCODE_BATCH_BYTES = 8 << 20
 """Documents are handed to a tokenizer.json in batches of about this many bytes (it encodes a batch in parallel)."""
@@ -132,18 +132,21 @@ class TextCorpus(Task):
         return cache_key([self.tokenizer.fingerprint, self.format, self.text_column, self.valid_fraction, self.decode_errors],
                          self.files)
 
-    def _documents(self) -> Iterator[bytes]:
-        """The UTF-8 bytes of every document, in file order; a text that is not a string is refused by row."""
+    def _documents(self, separators: list[str]) -> Iterator[bytes]:
+        """The UTF-8 bytes of every document, in file order; a text that is not a string is refused by row.
+        Where a text holds the separator's text (``Tokenizer.holds_separator``) is appended to ``separators``."""
         for where, row in self.source.rows({"text_column": self.text_column}):
             text = row["text_column"]
             if not isinstance(text, str):
                 raise SeqmixError(f"text: {where} column {self.text_column!r} holds a {type(text).__name__}, not text")
+            if self.tokenizer.holds_separator(text):
+                separators.append(where)
             yield text.encode("utf-8", "replace")
 
-    def _document_batches(self) -> Iterator[list[bytes]]:
+    def _document_batches(self, separators: list[str]) -> Iterator[list[bytes]]:
         """The documents' UTF-8 bytes, in file order, grouped into batches of about ENCODE_BATCH_BYTES."""
         batch, size = [], 0
-        for document in self._documents():
+        for document in self._documents(separators):
             batch.append(document)
             size += len(document)
             if size >= ENCODE_BATCH_BYTES:
@@ -155,7 +158,7 @@ class TextCorpus(Task):
     def _encode(self, documents: list[bytes]) -> list[np.ndarray]:
         """Token ids of each document; bytes are their own ids, without a round trip through str."""
         if isinstance(self.tokenizer, ByteTokenizer):
-            return [np.frombuffer(document, dtype=np.uint8) for document in documents]
+            return self.tokenizer.encode_utf8(documents)
         return self.tokenizer.encode_batch([document.decode("utf-8") for document in documents])
 
     def _split_of(self, document: bytes) -> str:
@@ -168,9 +171,10 @@ class TextCorpus(Task):
             tokens = {split: 0 for split in SPLITS}
             written = 0  # documents holding more than white space
             content = hashlib.sha256()
+            separators = []
             with ExitStack() as files:
                 streams = {split: files.enter_context(open(staging / self._token_file(split), "wb")) for split in SPLITS}
-                for batch in self._document_batches():
+                for batch in self._document_batches(separators):
                     for document, ids in zip(batch, self._encode(batch)):
                         content.update(document + b"\0")
                         split = self._split_of(document)
@@ -185,6 +189,7 @@ class TextCorpus(Task):
                 # Told as a split that no document reached, with advice to add documents or change the split.
                 raise SeqmixError(f"text: {self.path!r} holds no text: its {sum(counts.values())} documents are empty or "
                                   "white space only")
+            warn_separators_replaced("text", separators)
             meta = {"tokenizer": self.tokenizer.fingerprint, "dtype": self.dtype.name, "documents": counts, "tokens": tokens,
                     "content_sha256": content.hexdigest(), "source": self.path}
             (staging / META).write_text(json.dumps(meta, indent=2))
