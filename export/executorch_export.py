@@ -44,7 +44,7 @@ from seqmix.timing import summarize, time_once
 
 from .graphs import StepGraph, quiet_exporters, require_stream_matches_forward, size_oblivious, stream_limit, use_exportable_paths
 from .agreement import max_difference
-from .manifest import initial_fill
+from .manifest import initial_fill, verify_in_export
 
 INSTALL_HINT = "pip install executorch==1.5.1"
 LIBRARY_DIR = Path(seqmix.__file__).resolve().parent
@@ -357,10 +357,12 @@ def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, max
 
 
 def load_pte_method(path: str | Path):
-    """The ``forward`` method of a .pte file, loaded once for repeated calls."""
+    """The ``forward`` method of a .pte file, loaded once for repeated calls. A .pte in a ``seqmix
+    export format=executorch`` directory must have the size and sha256 its manifest records."""
     path = Path(path)
     if not path.is_file():
         raise SeqmixError(f"run_pte: {path} {not_a_file(path)}; write it with export_parallel_pte or export_step_pte")
+    verify_in_export(path, "executorch", "an ExecuTorch program")
     try:
         return _runtime().load_program(path).load_method("forward")
     except RuntimeError as error:  # the runtime's "Failed to load program, error: 0x23" for any other file

@@ -60,6 +60,26 @@ def verify_file(out_dir: Path, name: str, files: dict, what: str) -> Path:
     return _as_seqmix_error(run_onnx.verify_file, out_dir, name, files, what)
 
 
+def verify_in_export(path: Path, format: str, what: str) -> None:
+    """Check a file opened by its own path against the manifest beside it, when that is a ``format``
+    export's: the file must be among those it records, with their size and sha256 (``verify_file``).
+    A file with no such manifest beside it is left as it is: it was not written by an export.
+
+    Raises SeqmixError naming the file, or the manifest when it cannot be read.
+    """
+    manifest_path = path.parent / MANIFEST
+    if not manifest_path.is_file():
+        return
+    manifest = _as_seqmix_error(run_onnx.load_json, manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != format:
+        return
+
+    def bad(field: str, value, expected: str) -> NoReturn:
+        raise SeqmixError(f"{manifest_path}: {field}={value!r} is not valid; expected {expected}. Re-export the model")
+
+    verify_file(path.parent, path.name, run_onnx.check_files(manifest.get("files"), bad), what)
+
+
 def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
     """Write ``manifest`` to ``out_dir/manifest.json`` atomically, with ``files`` recording every
     regular file of ``out_dir`` (sha256 and size, by file name; the manifest itself excepted).

@@ -239,6 +239,35 @@ def test_run_pte_names_a_file_that_is_no_program_and_a_failure_inside_the_runtim
         et.run_pte(path, torch.tensor([[10**6]]), *state)
 
 
+def test_run_pte_checks_a_program_in_an_export_against_its_manifest(pte_step, tmp_path):
+    """A .pte inside a format=executorch export was run as it was, where run_onnx.py and the JS client
+    check the graph's sha256 first: a program changed after export ran unverified."""
+    import shutil
+
+    from seqmix.export.manifest import write_manifest
+
+    et, model, path = pte_step
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(path, export / "step.pte")
+    write_manifest(export, {"format": "executorch", "vocab_size": model.vocab_size})
+    state = tree_flatten(model.init_state(1))[0]
+    expected = et.run_pte(path, torch.tensor([[5]]), *state)[0]
+    assert torch.equal(et.run_pte(export / "step.pte", torch.tensor([[5]]), *state)[0], expected)
+    shutil.copy(export / "step.pte", export / "extra.pte")
+    with pytest.raises(SeqmixError, match=r"extra.pte \(an ExecuTorch program\) is not among the files the manifest verifies"):
+        et.run_pte(export / "extra.pte", torch.tensor([[5]]), *state)
+    program = bytearray((export / "step.pte").read_bytes())
+    program[-1] ^= 1
+    (export / "step.pte").write_bytes(bytes(program))
+    for load in (lambda: et.run_pte(export / "step.pte", torch.tensor([[5]]), *state), lambda: et.pte_runner(export / "step.pte")):
+        with pytest.raises(SeqmixError, match=r"step.pte \(an ExecuTorch program\) does not match the sha256 the manifest records"):
+            load()
+    # Another tool's manifest.json beside a program says nothing about it.
+    (export / "manifest.json").write_text('{"name": "my app", "files": []}')
+    assert torch.equal(et.run_pte(export / "extra.pte", torch.tensor([[5]]), *state)[0], expected)
+
+
 # Values of every wrong kind for a model's arguments: plain Python values and tensors of the wrong
 # rank, dtype or range.
 WRONG_ARGUMENTS = [None, "x", "", [1], {"a": 1}, {"a"}, (1,), b"x", -1, 0, 1.5, float("nan"), True, 2**64, torch.tensor(1.0),
