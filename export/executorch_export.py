@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 import seqmix
 from seqmix import SeqmixError
 from seqmix.operators import recurrence
-from seqmix.errors import not_a_file, one_line, require_int
+from seqmix.errors import not_a_file, one_line, require_int, kind_of
 from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
@@ -384,7 +384,7 @@ def _check_inputs(method, inputs: tuple[Tensor, ...], vocab_size: int | None) ->
     """
     meta = method.metadata
     expected = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
-    got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
+    got = [tuple(t.shape) if isinstance(t, Tensor) else kind_of(t) for t in inputs]
     if len(inputs) != len(expected):
         raise SeqmixError(
             f"run_pte: the program takes {len(expected)} inputs (token ids, then the state) of shapes {expected}, got "
@@ -393,7 +393,7 @@ def _check_inputs(method, inputs: tuple[Tensor, ...], vocab_size: int | None) ->
     for index, (tensor, shape) in enumerate(zip(inputs, expected)):
         name = _input_name(index)
         if not isinstance(tensor, Tensor):
-            raise SeqmixError(f"run_pte: input {index} ({name}) is a {type(tensor).__name__}; expected a torch.Tensor of shape {shape}")
+            raise SeqmixError(f"run_pte: input {index} ({name}) is {kind_of(tensor)}; expected a torch.Tensor of shape {shape}")
         if index == 0 and len(expected) > 1:
             if tensor.dim() != 2 or tensor.shape[0] != shape[0] or not 1 <= tensor.shape[1] <= shape[1]:
                 raise SeqmixError(

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from seqmix import SeqmixError
-from seqmix.errors import require_int, require_module, require_path
+from seqmix.errors import require_int, require_module, require_path, kind_of
 from seqmix.timing import Timing, time_calls
 
 from seqmix.contract import length_unit
@@ -196,7 +196,7 @@ def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantiz
     # after the export's work was done.
     if not isinstance(model, SequenceModel):
         raise SeqmixError(f"export: model must be a seqmix model (seqmix.instantiate_model, load_model or from_pretrained), "
-                          f"got a {type(model).__name__}")
+                          f"got {kind_of(model)}")
     if not isinstance(task, Task):
         raise SeqmixError(f"export: task must be a seqmix task (seqmix.tasks.build_task), got {task!r}")
     check_export_options(kind, quantize, length)

@@ -105,7 +105,7 @@ class OnnxModel:
                 raise ExportError(f"input {name!r} is missing; the graph takes {list(self.inputs)}")
             value = feed[name]
             if not isinstance(value, np.ndarray):
-                raise ExportError(f"input {name!r} is a {type(value).__name__}; expected a NumPy array of shape {spec['shape']}")
+                raise ExportError(f"input {name!r} is {_kind(value)}; expected a NumPy array of shape {spec['shape']}")
             expected = NUMPY_DTYPES[spec["dtype"]]
             if value.dtype != expected:
                 raise ExportError(f"input {name!r} has dtype {value.dtype}, expected {np.dtype(expected)} ({spec['dtype']})")
@@ -145,7 +145,8 @@ def load(directory: Path) -> dict:
     path = directory / "manifest.json"
     manifest = load_json(path)
     if not isinstance(manifest, dict):
-        raise ExportError(f"{path} holds a {type(manifest).__name__}, not a manifest; re-export the model")
+        raise ExportError(f"{path} holds {'null' if manifest is None else type(manifest).__name__} JSON, not a manifest "
+                          "(an object); re-export the model")
     for key in ("format", "vocab_size", "parallel", "files"):
         if key not in manifest:
             raise ExportError(f"{path} has no {key!r}; re-export the model")
@@ -218,6 +219,14 @@ def load_json(path: Path):
         raise ExportError(f"{path} is not valid JSON ({error}); re-export the model") from None
     except OSError as error:
         raise ExportError(f"{path} cannot be read: {error.strerror}") from None
+
+
+def _kind(value) -> str:
+    """What ``value`` is, for a message: "None", "an int", "a list" (seqmix.errors.kind_of, which this runner cannot import)."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def is_file_name(name) -> bool:

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, require_bool, require_int, require_seed,
+from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, kind_of, require_bool, require_int, require_seed,
                            require_writable_dir, require_writable_file)
 from seqmix.jsontext import strict_json
 from seqmix.terminal import escape_controls, mask_url_secrets
@@ -464,8 +464,8 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     def texts():
         for where, row in source.rows({"text_column": options.text_column}):
             if not isinstance(row["text_column"], str):
-                raise SeqmixError(f"tokenizer: {where} column {options.text_column!r} holds a "
-                                  f"{type(row['text_column']).__name__}, not text")
+                raise SeqmixError(f"tokenizer: {where} column {options.text_column!r} holds "
+                                  f"{kind_of(row['text_column'])}, not text")
             yield row["text_column"]
 
     tokenizer = train_bpe(texts(), options.vocab_size, out, options.min_frequency)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from seqmix.errors import INT_LIMIT, SeqmixError, require_available_device, require_bool, require_choice, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, require_available_device, require_bool, require_choice, require_int, kind_of
 
 State = Any
 """A (possibly nested) tuple of batch-first tensors whose shapes never depend on tokens seen."""
@@ -315,7 +315,7 @@ class Mixer(nn.Module):
         if torch.compiler.is_compiling():
             return
         if not isinstance(y, Tensor) or y.shape != x.shape:
-            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            got = tuple(y.shape) if isinstance(y, Tensor) else kind_of(y)
             raise SeqmixError(f"{type(self).__name__}.{method} returned {got} for an input of shape {tuple(x.shape)}; "
                               f"a mixer returns (B, L, D) outputs, the shape of its input")
 
@@ -451,7 +451,7 @@ class Mixer(nn.Module):
         nothing here reads a value, so exported graphs keep every check."""
         name = type(self).__name__
         if not isinstance(x, Tensor):
-            raise SeqmixError(f"{name}: x must be a torch.Tensor of shape (B, L, D), got {type(x).__name__}")
+            raise SeqmixError(f"{name}: x must be a torch.Tensor of shape (B, L, D), got {kind_of(x)}")
         if x.dim() != 3:
             raise SeqmixError(f"{name}: x must have shape (B, L, D={self.d_model}), got rank {x.dim()} shape {tuple(x.shape)}")
         if x.shape[-1] != self.d_model:
@@ -468,7 +468,7 @@ class Mixer(nn.Module):
         if padding_mask is not None:
             if not isinstance(padding_mask, Tensor):
                 raise SeqmixError(
-                    f"{name}: padding_mask must be a (B, L) torch.bool tensor (True = padding) or None, got {type(padding_mask).__name__}"
+                    f"{name}: padding_mask must be a (B, L) torch.bool tensor (True = padding) or None, got {kind_of(padding_mask)}"
                 )
             if padding_mask.dtype != torch.bool:
                 raise SeqmixError(f"{name}: padding_mask has dtype {padding_mask.dtype}; expected torch.bool (True = padding)")
@@ -494,8 +494,9 @@ class Mixer(nn.Module):
         if spec != expected_spec or not all(isinstance(t, Tensor) for t in leaves):
             held = sum(isinstance(t, Tensor) for t in leaves)  # None flattens to one leaf, and holds no tensor
             # The structure differs even where the counts agree (a list of one tensor for a tuple of one).
+            given = "None" if state is None else f"{kind_of(state)} holding {held} tensor{'' if held == 1 else 's'}"
             raise SeqmixError(
-                f"{name}: state is a {type(state).__name__} holding {held} tensors; expected the {type(reference).__name__} "
+                f"{name}: state is {given}; expected the {type(reference).__name__} "
                 f"of {len(expected)} that {name}.init_state() or the previous step() returned (a mixer's mix_step returns "
                 "its new state in that structure)"
             )

@@ -42,6 +42,23 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
+def kind_of(value) -> str:
+    """What ``value`` is, for a message: "None", "an int", "a str", "a Tensor" (the type's name with its article)."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
+JSON_KINDS = {dict: "a JSON object", list: "a JSON array", str: "a JSON string", bool: "JSON true or false", int: "a JSON number",
+              float: "a JSON number", type(None): "JSON null"}
+
+
+def json_kind(value) -> str:
+    """What a value parsed from JSON is, in JSON's words: "a JSON array", "JSON null", ..."""
+    return JSON_KINDS.get(type(value), kind_of(value))
+
+
 def first_few(items, count: int = 3) -> str:
     """The first ``count`` of ``items`` (already strings) joined by commas, and how many more there are."""
     items = list(items)
@@ -92,7 +109,7 @@ def require_module(field: str, value) -> None:
     from torch import nn
 
     if not isinstance(value, nn.Module):
-        raise SeqmixError(f"{field} must be a torch.nn.Module (e.g. from seqmix.instantiate_model), got a {type(value).__name__}")
+        raise SeqmixError(f"{field} must be a torch.nn.Module (e.g. from seqmix.instantiate_model), got {kind_of(value)}")
 
 
 INT_LIMIT = 2**63 - 1

@@ -187,7 +187,7 @@ def test_bad_files_and_options_are_refused_by_name(tmp_path):
     with pytest.raises(SeqmixError, match=r"unlabelled\.csv has no column 'label'.*set task\.label_column"):
         _task(tmp_path / "unlabelled.csv", tmp_path)
     (tmp_path / "number.jsonl").write_text(json.dumps({"text": 5, "label": "a"}) + "\n")
-    with pytest.raises(SeqmixError, match=r"number\.jsonl line 1 column 'text' holds a int, not text"):
+    with pytest.raises(SeqmixError, match=r"number\.jsonl line 1 column 'text' holds an int, not text"):
         _task(tmp_path / "number.jsonl", tmp_path)
     (tmp_path / "notes.txt").write_text("a note\n")
     with pytest.raises(SeqmixError, match=r"notes\.txt is a text file"):

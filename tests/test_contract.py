@@ -95,14 +95,14 @@ def test_state_for_another_batch_size_is_refused(case):
 def test_state_of_another_mixer_is_refused():
     ema = seqmix.build_mixer("ema", 8)
     cema = seqmix.build_mixer("cema", 8)
-    with pytest.raises(SeqmixError, match="CEMA: state is a EMAState holding 1 tensors; expected the CEMAState of 2"):
+    with pytest.raises(SeqmixError, match="CEMA: state is an EMAState holding 1 tensor; expected the CEMAState of 2"):
         cema.step(torch.randn(1, 1, 8), ema.init_state(1))
     # None flattens to one leaf, which is no tensor.
-    with pytest.raises(SeqmixError, match="state is a NoneType holding 0 tensors; expected the CEMAState of 2"):
+    with pytest.raises(SeqmixError, match="state is None; expected the CEMAState of 2"):
         cema.step(torch.randn(1, 1, 8), None)
     # The same count in another structure: it read "state has 1 tensors, expected 1".
     state = ema.init_state(1)
-    with pytest.raises(SeqmixError, match="state is a list holding 1 tensors; expected the EMAState of 1"):
+    with pytest.raises(SeqmixError, match="state is a list holding 1 tensor; expected the EMAState of 1"):
         ema.step(torch.randn(1, 1, 8), list(state))
 
 
@@ -217,10 +217,10 @@ def _block() -> seqmix.Block:
 
 @pytest.mark.parametrize("build, named", [
     (lambda: seqmix.Block(16, seqmix.build_mixer("ema", 16), norm="layernorm"), "block: norm='layernorm' is not valid"),
-    (lambda: seqmix.Block(16, seqmix.build_mixer("ema", 16), ffn="mlp"), "block: ffn must be a torch.nn.Module or None, got str"),
+    (lambda: seqmix.Block(16, seqmix.build_mixer("ema", 16), ffn="mlp"), "block: ffn must be a torch.nn.Module or None, got a str"),
     (lambda: seqmix.SequenceModel(32, 16, blocks=5, head=seqmix.CausalLMHead(16, 32)), "model: blocks=5 is not valid"),
     (lambda: seqmix.SequenceModel(32, 16, blocks=["ema"], head=seqmix.CausalLMHead(16, 32)), "model: blocks=['ema'] is not valid"),
-    (lambda: seqmix.SequenceModel(32, 16, blocks=[_block()], head="lm"), "model: head must be a torch.nn.Module, got str"),
+    (lambda: seqmix.SequenceModel(32, 16, blocks=[_block()], head="lm"), "model: head must be a torch.nn.Module, got a str"),
     (lambda: seqmix.RMSNorm("16"), "RMSNorm: dim='16' is not valid"),
     (lambda: seqmix.TimestepNorm(None), "TimestepNorm: dim=None is not valid"),
     (lambda: seqmix.CausalLMHead("16", 32), "head: d_model='16' is not valid"),
@@ -440,3 +440,22 @@ def test_step_keeps_the_states_structure_and_floating_dtypes():
     mixer = _StateAsList(8)
     with pytest.raises(SeqmixError, match=r"_StateAsList.mix_step returned its state as a list of 1 leaves, not in the structure"):
         mixer.step(torch.randn(1, 2, 8), mixer.init_state(1))
+
+
+def test_messages_name_a_values_kind_in_words():
+    """Messages read "is a NoneType", "a int" and "a EMAState" where a value of the wrong kind was given."""
+    from seqmix.errors import json_kind, kind_of
+
+    assert [kind_of(v) for v in (None, 3, "x", [], torch.ones(1))] == ["None", "an int", "a str", "a list", "a Tensor"]
+    assert [json_kind(v) for v in (None, [], {}, 1.5, True)] == ["JSON null", "a JSON array", "a JSON object", "a JSON number",
+                                                                "JSON true or false"]
+    ema, cema = seqmix.build_mixer("ema", 8), seqmix.build_mixer("cema", 8)
+    model = seqmix.build_model(16, 8, ["ema"])
+    calls = [lambda: ema(None), lambda: ema(3), lambda: ema.step(torch.ones(1, 2, 8), None),
+             lambda: cema.step(torch.ones(1, 2, 8), ema.init_state(1)), lambda: ema(torch.ones(1, 2, 8), padding_mask=1),
+             lambda: model(None), lambda: model.step(torch.ones(1, 2, dtype=torch.long), None)]
+    for call in calls:
+        with pytest.raises(SeqmixError) as raised:
+            call()
+        assert not re.search(r"NoneType|\ba (int|EMAState|ModelState)\b", str(raised.value)), str(raised.value)
+        assert re.search(r"\b(None|an int|an EMAState)\b", str(raised.value)), str(raised.value)

@@ -229,7 +229,7 @@ def bad_calls(draw):
     if kind == "state list":
         return lambda: mixer.step(x, list(state)), "state is a list"
     if kind == "state None":
-        return lambda: mixer.step(x, None), "state is a NoneType"
+        return lambda: mixer.step(x, None), "state is None"
     if kind == "state tensor":
         return lambda: mixer.step(x, torch.zeros(batch, d_model)), "state is a Tensor"
     if kind == "state structure":

@@ -200,7 +200,7 @@ def test_a_config_json_that_is_no_object_says_so(saved, tmp_path):
     shutil.copytree(saved, directory)
     (directory / CONFIG_JSON).write_text("[1, 2]")
     write_checksums(directory)
-    with pytest.raises(SeqmixError, match=r"config.json holds a JSON list, not an object"):
+    with pytest.raises(SeqmixError, match=r"config.json holds a JSON array, not an object"):
         from_pretrained(directory)
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmix.contract import Mixer, State
-from seqmix.errors import INT_LIMIT, SeqmixError, choice_error, one_line, require_bool, require_choice, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, choice_error, one_line, require_bool, require_choice, require_int, kind_of
 from seqmix.layers.norms import LayerNorm
 
 RESIDUALS = ("pre", "post", "gated", "two_hop", "auto")
@@ -72,7 +72,7 @@ def check_part_width(owner: str, part: nn.Module, width: int, keeps_width: bool 
         raise SeqmixError(f"{owner} ({type(part).__name__}) does not take inputs of width D={width}: {one_line(error)}; "
                           "build it for D (its factory is called with D)") from None
     if keeps_width and (not isinstance(out, Tensor) or tuple(out.shape) != (1, 2, width)):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        got = tuple(out.shape) if isinstance(out, Tensor) else kind_of(out)
         raise SeqmixError(f"{owner} ({type(part).__name__}) turns a (B, L, {width}) input into {got} for (B, L) = (1, 2); "
                           f"it must give (B, L, {width}): build it for D={width} (its factory is called with D)")
 
@@ -135,11 +135,11 @@ class Block(nn.Module):
         require_choice("block.residual", residual, RESIDUALS)
         require_recompute("block.recompute", recompute)
         if not isinstance(mixer, Mixer):
-            raise SeqmixError(f"block: mixer must be a seqmix Mixer, got {type(mixer).__name__}")
+            raise SeqmixError(f"block: mixer must be a seqmix Mixer, got {kind_of(mixer)}")
         if not callable(norm):
             raise SeqmixError(f"block: norm={norm!r} is not valid; expected a factory taking D (a class or function)")
         if ffn is not None and not isinstance(ffn, nn.Module):
-            raise SeqmixError(f"block: ffn must be a torch.nn.Module or None, got {type(ffn).__name__}")
+            raise SeqmixError(f"block: ffn must be a torch.nn.Module or None, got {kind_of(ffn)}")
         if mixer.d_model != d_model:
             raise SeqmixError(f"block: the mixer has d_model={mixer.d_model} but the block has d_model={d_model}")
         owns_residual = mixer.includes_residual
@@ -166,7 +166,7 @@ class Block(nn.Module):
         self.norm2 = norm(d_model) if ffn is not None else None
         norm_part = self.norm1 if self.norm1 is not None else self.norm2
         if norm_part is not None and not isinstance(norm_part, nn.Module):
-            raise SeqmixError(f"block: norm={norm!r} built a {type(norm_part).__name__}, not a torch.nn.Module")
+            raise SeqmixError(f"block: norm={norm!r} built {kind_of(norm_part)}, not a torch.nn.Module")
         for name, part in (("ffn", ffn), ("norm", norm_part)):
             if part is not None:
                 check_part_width(f"block: the {name}", part, d_model)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmix.contract import check_state_request, compute_dtype
-from seqmix.errors import INT_LIMIT, SeqmixError, require_bool, require_choice, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, require_bool, require_choice, require_int, kind_of
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "timestepnorm")
 
@@ -232,7 +232,7 @@ class TimestepNorm(nn.Module):
 
     def _check(self, x: Tensor, padding_mask: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] < 1:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            shape = tuple(x.shape) if isinstance(x, Tensor) else kind_of(x)
             raise SeqmixError(f"TimestepNorm: x has shape {shape}, expected (B, L >= 1, D={self.dim})")
         if padding_mask is not None and (
             padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != tuple(x.shape[:2])

@@ -32,6 +32,7 @@ from seqmix.errors import (
     CHECKSUMS,
     SeqmixError,
     first_few,
+    kind_of,
     not_a_file,
     one_line,
     require_available_device,
@@ -141,7 +142,7 @@ def check_savable(model, caller: str):
     if description is None:
         raise SeqmixError(f"{caller}: the model has no config; build it with seqmix.instantiate_model(config)")
     if not isinstance(description, Mapping):
-        raise SeqmixError(f"{caller}: the model's config is a {type(description).__name__}, not the description "
+        raise SeqmixError(f"{caller}: the model's config is {kind_of(description)}, not the description "
                           "seqmix.instantiate_model(config) records; build the model with it")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

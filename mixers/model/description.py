@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from seqmix.errors import SeqmixError, choice_error
+from seqmix.errors import SeqmixError, choice_error, kind_of
 from seqmix.layers.blocks import Block, FeedForward
 from seqmix.layers.heads import CausalLMHead, ClassificationHead, MaskedLMHead
 from seqmix.layers.norms import LayerNorm, RMSNorm, ScaleNorm, TimestepNorm
@@ -92,7 +92,7 @@ def plain_data(value: Any, where: str) -> Any:
                     f"(e.g. {{mixer: ema}}), never by code paths"
                 )
         return {key: plain_data(item, f"{where}.{key}") for key, item in value.items()}
-    raise SeqmixError(f"{where} is a {type(value).__name__}; a description holds only plain data (numbers, strings, lists, maps)")
+    raise SeqmixError(f"{where} is {kind_of(value)}; a description holds only plain data (numbers, strings, lists, maps)")
 
 
 _PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "dict": dict, "list": list}
@@ -117,7 +117,7 @@ def check_annotation(value: Any, annotation: Any, where: str) -> Any:
             continue
         if isinstance(value, expected) or (expected is float and isinstance(value, int)):
             return value
-    raise SeqmixError(f"{where}={value!r} is a {type(value).__name__}; expected {text}")
+    raise SeqmixError(f"{where}={value!r} is {kind_of(value)}; expected {text}")
 
 
 def _options(cls: Callable, kind: str, options: Mapping, where: str) -> dict:
@@ -145,7 +145,7 @@ def _named_part(entry: Any, kind: str, registry: Mapping[str, Callable], where: 
     if isinstance(entry, str):
         entry = {kind: entry}
     if not isinstance(entry, Mapping):
-        raise SeqmixError(f"{where} is a {type(entry).__name__}; expected {{{kind}: <name>, <option>: <value>, ...}}")
+        raise SeqmixError(f"{where} is {kind_of(entry)}; expected {{{kind}: <name>, <option>: <value>, ...}}")
     options = dict(entry)
     name = options.pop(kind, None)
     if not isinstance(name, str) or name not in registry:
@@ -163,7 +163,7 @@ def mixer_entry(entry: Any, where: str = "mixer") -> dict:
 
 def _unordered_part(entry: Any, kind: str, cls: Callable, where: str) -> dict:
     if not isinstance(entry, Mapping):
-        raise SeqmixError(f"{where} is a {type(entry).__name__}; expected a map of {cls.__name__} options")
+        raise SeqmixError(f"{where} is {kind_of(entry)}; expected a map of {cls.__name__} options")
     return _options(cls, kind, entry, where)
 
 
@@ -179,7 +179,7 @@ def model_description(config: Any) -> dict:
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=True)
     if not isinstance(config, Mapping):
-        raise SeqmixError(f"model config is a {type(config).__name__}; expected a map (a conf/model preset)")
+        raise SeqmixError(f"model config is {kind_of(config)}; expected a map (a conf/model preset)")
     config = translate(dict(config), "model")
     unknown = sorted(set(config) - set(MODEL_OPTIONS))
     if unknown:
@@ -197,7 +197,7 @@ def model_description(config: Any) -> dict:
     if not isinstance(described["layers"], list) or not all(isinstance(name, str) for name in described["layers"]):
         raise SeqmixError(f"model.layers={described['layers']!r} must be a list of mixer names")
     if not isinstance(described["mixers"], Mapping):
-        raise SeqmixError(f"model.mixers is a {type(described['mixers']).__name__}; expected a map of name -> mixer entry")
+        raise SeqmixError(f"model.mixers is {kind_of(described['mixers'])}; expected a map of name -> mixer entry")
     described["mixers"] = {name: mixer_entry(entry, f"model.mixers.{name}") for name, entry in described["mixers"].items()}
     described["block"] = _unordered_part(described["block"], "block", Block, "model.block")
     if described["ffn"] is not None:

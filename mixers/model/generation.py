@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from seqmix.errors import SeqmixError, require_int, require_module
+from seqmix.errors import SeqmixError, require_int, require_module, kind_of
 
 
 def stream_tokens(
@@ -35,7 +35,7 @@ def stream_tokens(
         an iterator of (B,) token ids.
     """
     if not isinstance(prompt, Tensor):
-        raise SeqmixError(f"generate: the prompt must be a (B, P) tensor of token ids, got a {type(prompt).__name__}")
+        raise SeqmixError(f"generate: the prompt must be a (B, P) tensor of token ids, got {kind_of(prompt)}")
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise SeqmixError(f"generate: the prompt must be (B, P) token ids with P >= 1, got shape {tuple(prompt.shape)}")
     require_int("generate", "max_new_tokens", max_new_tokens, 0)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from torch.utils._pytree import tree_flatten
 
-from seqmix.errors import SeqmixError, SeqmixWarning, one_line, require_path, require_writable_dir
+from seqmix.errors import SeqmixError, SeqmixWarning, one_line, require_path, require_writable_dir, json_kind
 from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import (WEIGHTS, check_savable, check_saved_description, load_verified, require_own_folder,
                                      write_checksums)
@@ -227,7 +227,7 @@ def read_config_json(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise SeqmixError(f"{path} is not readable JSON ({error})") from None
     if not isinstance(config, dict):
-        raise SeqmixError(f"{path} holds a JSON {type(config).__name__}, not an object; a pretrained config.json is "
+        raise SeqmixError(f"{path} holds {json_kind(config)}, not an object; a pretrained config.json is "
                           f"{{\"model_type\": \"{MODEL_TYPE}\", ...}}")
     if config.get("model_type") != MODEL_TYPE:
         raise SeqmixError(f"{path}: model_type={config.get('model_type')!r}; seqmix loads only model_type={MODEL_TYPE!r}")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from seqmix.contract import Mixer, State, check_state_request, require_state_fits, state_bytes
-from seqmix.errors import SeqmixError, require_bool, require_choice, require_int
+from seqmix.errors import SeqmixError, require_bool, require_choice, require_int, kind_of
 from seqmix.layers.blocks import Block, Recompute, check_part_width, require_recompute
 from seqmix.layers.heads import CausalLMHead
 from seqmix.layers.norms import LayerNorm, TimestepNorm
@@ -66,9 +66,9 @@ class SequenceModel(nn.Module):
         if not isinstance(blocks, Sequence) or not all(isinstance(block, Block) for block in blocks):
             raise SeqmixError(f"model: blocks={blocks!r} is not valid; expected a list of seqmix.Block (build_model makes them)")
         if not isinstance(head, nn.Module):
-            raise SeqmixError(f"model: head must be a torch.nn.Module, got {type(head).__name__}")
+            raise SeqmixError(f"model: head must be a torch.nn.Module, got {kind_of(head)}")
         if final_norm is not None and not isinstance(final_norm, nn.Module):
-            raise SeqmixError(f"model: final_norm must be a torch.nn.Module or None, got {type(final_norm).__name__}")
+            raise SeqmixError(f"model: final_norm must be a torch.nn.Module or None, got {kind_of(final_norm)}")
         if not blocks:
             raise SeqmixError("model: layers is empty; a model needs at least one block")
         check_part_width("model: the head", head, d_model, keeps_width=False)
@@ -101,7 +101,7 @@ class SequenceModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         if tie_embeddings:
             if not isinstance(head, CausalLMHead):
-                raise SeqmixError(f"model: tie_embeddings=True needs a language-model head, got {type(head).__name__}")
+                raise SeqmixError(f"model: tie_embeddings=True needs a language-model head, got {kind_of(head)}")
             head.proj.weight = self.embed.weight
 
     @property
@@ -127,7 +127,7 @@ class SequenceModel(nn.Module):
 
     def _check_tokens(self, tokens: Tensor) -> None:
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
-            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else kind_of(tokens)
             raise SeqmixError(f"model: tokens must be a (B, L) tensor of torch.int64 or torch.int32 ids (the embedding's "
                               f"index types), got {got}")
         if tokens.numel() == 0:
@@ -147,7 +147,7 @@ class SequenceModel(nn.Module):
         if not getattr(self.head, "per_token", False):
             raise SeqmixError("model: output_index selects token positions; the classification head has none")
         if not isinstance(output_index, Tensor) or output_index.dim() != 1 or output_index.dtype not in (torch.int32, torch.int64):
-            got = f"{tuple(output_index.shape)} {output_index.dtype}" if isinstance(output_index, Tensor) else type(output_index).__name__
+            got = f"{tuple(output_index.shape)} {output_index.dtype}" if isinstance(output_index, Tensor) else kind_of(output_index)
             raise SeqmixError(f"model: output_index must be an (N,) integer tensor of flat positions b * L + t, got {got}")
         if output_index.device != tokens.device:
             raise SeqmixError(f"model: output_index is on {output_index.device} but tokens are on {tokens.device}")
@@ -215,7 +215,7 @@ class SequenceModel(nn.Module):
         """
         if not isinstance(state, ModelState):
             raise SeqmixError(
-                f"model: state must be the ModelState that init_state() or step() returned, got {type(state).__name__}"
+                f"model: state must be the ModelState that init_state() or step() returned, got {kind_of(state)}"
             )
         if torch.compiler.is_compiling():
             # A traced batch size is symbolic; each mixer's own check_state still compares its part.

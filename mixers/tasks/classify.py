@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, SeqmixWarning, first_few, require_folder_path, require_int, require_seed
+from seqmix.errors import SeqmixError, SeqmixWarning, first_few, require_folder_path, require_int, require_seed, kind_of
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tasks.documents import DocumentSource
@@ -54,7 +54,7 @@ def label_text(value, where: str, column: str) -> str:
         return value.strip()
     if isinstance(value, (int, np.integer)):
         return str(value)
-    raise SeqmixError(f"classify: {where} column {column!r} holds the label {value!r} (a {type(value).__name__}); "
+    raise SeqmixError(f"classify: {where} column {column!r} holds the label {value!r} ({kind_of(value)}); "
                       "expected text, an integer or a boolean")
 
 
@@ -184,7 +184,7 @@ class Classify(Task):
         for where, row in self.source.rows(columns):
             text = row["text_column"]
             if not isinstance(text, str):
-                raise SeqmixError(f"classify: {where} column {self.text_column!r} holds a {type(text).__name__}, not text")
+                raise SeqmixError(f"classify: {where} column {self.text_column!r} holds {kind_of(text)}, not text")
             if self.tokenizer.holds_separator(text):
                 separators.append(where)
             # A lone surrogate (JSON may spell one) has no UTF-8 form: it becomes '?', as in task=text.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seqmix.errors import SeqmixError, SeqmixWarning, first_few, one_line, require_choice, require_path
+from seqmix.errors import SeqmixError, SeqmixWarning, first_few, one_line, require_choice, require_path, json_kind
 from seqmix.jsontext import parse_json
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
@@ -191,7 +191,7 @@ class DocumentSource:
 
     def _pick(self, row, columns: Mapping[str, str], where: str) -> dict:
         if not isinstance(row, dict):
-            raise SeqmixError(f"{self.owner}: {where} is a JSON {type(row).__name__}, not an object with columns {list(columns.values())}")
+            raise SeqmixError(f"{self.owner}: {where} is {json_kind(row)}, not an object with columns {list(columns.values())}")
         self._missing(columns, sorted(row), where)
         return {option: row[column] for option, column in columns.items()}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqmix.errors import SeqmixError, require_folder_path, require_int, require_seed
+from seqmix.errors import SeqmixError, require_folder_path, require_int, require_seed, kind_of
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
 from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, read_meta, require_cache_file, split_counts, staged_cache
@@ -138,7 +138,7 @@ class TextCorpus(Task):
         for where, row in self.source.rows({"text_column": self.text_column}):
             text = row["text_column"]
             if not isinstance(text, str):
-                raise SeqmixError(f"text: {where} column {self.text_column!r} holds a {type(text).__name__}, not text")
+                raise SeqmixError(f"text: {where} column {self.text_column!r} holds {kind_of(text)}, not text")
             if self.tokenizer.holds_separator(text):
                 separators.append(where)
             yield text.encode("utf-8", "replace")

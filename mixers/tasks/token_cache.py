@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from seqmix.errors import SeqmixError
+from seqmix.errors import SeqmixError, json_kind
 from seqmix.jsontext import parse_json
 from seqmix.staging import new_directory
 
@@ -57,7 +57,7 @@ def read_meta(owner: str, cache: Path) -> dict:
     except (OSError, ValueError) as error:
         raise _damaged(owner, cache, f"{META} is not readable JSON: {error}") from None
     if not isinstance(meta, dict):
-        raise _damaged(owner, cache, f"{META} holds a {type(meta).__name__}, not an object")
+        raise _damaged(owner, cache, f"{META} holds {json_kind(meta)}, not an object")
     return meta
 
 

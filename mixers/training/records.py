@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from seqmix.errors import SeqmixError, require_choice, not_a_file, require_bool, require_int
+from seqmix.errors import SeqmixError, require_choice, not_a_file, require_bool, require_int, json_kind, kind_of
 from seqmix.jsontext import parse_json
 from seqmix.model.description import model_description, plain_data
 from seqmix.model.legacy import translate
@@ -42,7 +42,7 @@ def task_description(config: Any) -> dict:
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
     if not isinstance(config, Mapping):
-        raise SeqmixError(f"task config is a {type(config).__name__}; expected {{task: <name>, <option>: <value>, ...}}")
+        raise SeqmixError(f"task config is {kind_of(config)}; expected {{task: <name>, <option>: <value>, ...}}")
     options = dict(translate(dict(config), "task"))
     name = options.pop("task", None)
     require_choice("task.task", name, TASKS)
@@ -137,7 +137,7 @@ def read_run_record(path: str | os.PathLike) -> dict:
     except (OSError, ValueError) as error:
         raise SeqmixError(f"{path} is not valid JSON ({error}); the run record is corrupted") from None
     if not isinstance(record, dict):
-        raise SeqmixError(f"{path} holds a {type(record).__name__}; expected the run record written by seqmix train")
+        raise SeqmixError(f"{path} holds {json_kind(record)}; expected the run record written by seqmix train")
     try:
         if "model" in record:
             record["model"] = model_description(record["model"])
