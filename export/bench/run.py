@@ -119,10 +119,9 @@ def memory_refusal(subject: Subject, spec: BenchSpec, length: int, pass_: str, d
             f"more than the {device}'s {available / 2**30:,.1f} GiB")
 
 
-def _skip_reason(
-    cell: Cell, spec: BenchSpec, unavailable: Mapping[str, str | None], stopped: Mapping[tuple, str], elapsed: float
-) -> str | None:
-    """Why ``cell`` is not measured, decided before building anything; None to measure it."""
+def _planned_skip(cell: Cell, spec: BenchSpec, unavailable: Mapping[str, str | None]) -> str | None:
+    """Why ``cell`` cannot be measured whatever the cells before it did, decided before building
+    anything; None when it can."""
     if cell.pass_ == "fwd+bwd" and cell.runtime not in TRAINING_RUNTIMES:
         return f"{cell.runtime} runs inference graphs only; fwd+bwd is measured on {', '.join(TRAINING_RUNTIMES)}"
     if unavailable.get(cell.runtime):
@@ -132,9 +131,14 @@ def _skip_reason(
     limit = spec.max_length.get(cell.runtime)
     if limit is not None and cell.length > limit:
         return f"L={cell.length} > bench.max_length.{cell.runtime}={limit}"
-    too_big = memory_refusal(cell.subject, spec, cell.length, cell.pass_, RUNTIMES[cell.runtime].device)
-    if too_big is not None:
-        return too_big
+    return memory_refusal(cell.subject, spec, cell.length, cell.pass_, RUNTIMES[cell.runtime].device)
+
+
+def _skip_reason(cell: Cell, spec: BenchSpec, planned: str | None, stopped: Mapping[tuple, str], elapsed: float) -> str | None:
+    """Why ``cell`` is not measured: its ``_planned_skip``, a shorter length of its row that stopped
+    it, or the time budget spent; None to measure it."""
+    if planned is not None:
+        return planned
     key = (cell.subject.label, cell.runtime, cell.pass_)
     if key in stopped:
         return stopped[key]
@@ -171,7 +175,7 @@ def run_grid(spec: BenchSpec, progress: bool | None = None) -> GridResult:
         reasons = "; ".join(f"{runtime}: {why}" for runtime, why in unavailable.items())
         raise SeqmixError(f"bench.runtimes={list(spec.runtimes)}: none of them can run here ({reasons})")
     unavailable.update({s.name: peer_unavailable(PEERS[s.name]) for s in spec.grid_subjects() if s.kind == "peer"})
-    planned = [_skip_reason(cell, spec, unavailable, {}, 0.0) for cell in cells]
+    planned = [_planned_skip(cell, spec, unavailable) for cell in cells]
     if all(planned):
         reasons = "; ".join(dict.fromkeys(planned))
         raise SeqmixError(f"bench: none of the grid's {len(cells)} cells can run here ({reasons})")
@@ -186,7 +190,7 @@ def run_grid(spec: BenchSpec, progress: bool | None = None) -> GridResult:
         for index, cell in enumerate(cells):
             bar.set_description(f"{cell.subject.label} {cell.runtime} {cell.pass_} L={cell.length}")
             row = GridRow(cell.subject.kind, cell.subject.label, cell.runtime, cell.pass_, cell.length, spec.batch)
-            reason = _skip_reason(cell, spec, unavailable, stopped, time.perf_counter() - start)
+            reason = _skip_reason(cell, spec, planned[index], stopped, time.perf_counter() - start)
             if reason is not None:
                 row.status, row.reason = "skipped", reason
             else:
