@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix.allocator import keep_freed_memory
 from seqmix.configs import CONF_DIR, compose_config, config_groups, preset_picks, store_code_defaults
 from seqmix.configs import _composition_problem as composition_problem
-from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, kind_of, require_bool, require_int, require_seed,
+from seqmix.errors import (CHECKSUMS, SeqmixError, SeqmixWarning, TrainingStopped, first_few, kind_of, require_bool, require_int, require_seed,
                            require_writable_dir, require_writable_file)
 from seqmix.jsontext import strict_json
 from seqmix.terminal import escape_controls, mask_url_secrets
@@ -699,12 +699,19 @@ def _sweep(command: Command, argv: list[str]) -> int:
     submitit jobs on this machine or a SLURM cluster); each job runs ``command``.
 
     A group the primary config does not pick by default is added (``search=tiny`` becomes
-    ``+search=tiny``), as the command's own composition adds it.
+    ``+search=tiny``), as the command's own composition adds it. Hydra writes no ``.hydra/`` into a
+    job's directory (``hydra.output_subdir=null``): it wrote there before the job ran, so a job
+    refused for a run already in its directory rewrote that run's files; a job's run.json records
+    its config and overrides. A job run in this process that fails is told and the sweep goes on
+    to the next; the sweep's status is then the first failure's, after a line naming every failed job.
     """
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from omegaconf import open_dict
+
+    sweeping = os.getpid()
+    failed: list[tuple[int, str]] = []
 
     def job(config: DictConfig) -> None:
         # A launched job is a fresh process that never passed through main().
@@ -721,8 +728,10 @@ def _sweep(command: Command, argv: list[str]) -> int:
                 status = command.run(config, choices)
         except (SeqmixError, MemoryError, RuntimeError) as error:
             status = _told_failure(command.name, error)
+        if status and os.getpid() != sweeping:
+            sys.exit(status)  # the launcher's job process: its status is how the launcher learns of the failure
         if status:
-            sys.exit(status)
+            failed.append((status, f"#{HydraConfig.get().job.num} in {runtime.output_dir}"))
 
     defaults = compose_config([], config_name=command.config_name, with_choices=True).hydra.runtime.choices
     groups = config_groups()
@@ -733,6 +742,7 @@ def _sweep(command: Command, argv: list[str]) -> int:
             else argument for argument in argv]
     if command.sweep_dir is not None and not any(argument.startswith("hydra.sweep.dir=") for argument in argv):
         argv.append(f"hydra.sweep.dir={command.sweep_dir}")
+    argv.append("hydra.output_subdir=null")
     store_code_defaults()
     # Hydra reads the command line from sys.argv; and it raises instead of printing a traceback, so
     # that a mistake or a failed job is named in one line.
@@ -754,6 +764,10 @@ def _sweep(command: Command, argv: list[str]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR")
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
+    if failed:
+        _print_error(command.name, f"{len(failed)} job{'s' if len(failed) > 1 else ''} of the sweep failed: "
+                                   f"{first_few(job for _, job in failed)}")
+        return failed[0][0]
     return 0
 
 
