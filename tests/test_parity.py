@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
@@ -159,3 +161,50 @@ def assert_bf16_autocast_is_finite_and_close(mixer, x: torch.Tensor) -> None:
 def test_bf16_autocast_is_finite_and_close(case):
     _, name, options = case
     assert_bf16_autocast_is_finite_and_close(build(name, options), _inputs(130, torch.float32))
+
+
+def _second_derivatives(mixer, x: torch.Tensor) -> dict | str:
+    """d/dθ of |dL/dx|² for x and every parameter (L a fixed weighting of the outputs), or the
+    SeqmixError's message where the path takes first derivatives only."""
+    from seqmix import SeqmixError
+
+    x = x.clone().requires_grad_(True)
+    y = mixer(x)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    try:
+        (grad_x,) = torch.autograd.grad((y * weights).sum(), x, create_graph=True)
+    except SeqmixError as error:
+        return str(error)
+    inputs = {"x": x, **dict(mixer.named_parameters())}
+    try:
+        found = torch.autograd.grad(grad_x.pow(2).sum(), list(inputs.values()), allow_unused=True)
+    except RuntimeError as error:  # torch's own kernels without one: sdpa's CPU flash attention
+        assert "derivative for" in str(error) and "is not implemented" in str(error), error
+        return str(error)
+    return {name: value for name, value in zip(inputs, found) if value is not None}
+
+
+@pytest.mark.parametrize("case", fast_impl_cases(), ids=ids(fast_impl_cases()))
+def test_a_fast_path_gives_the_references_second_derivatives_or_refuses_them_by_name(case):
+    """The hand-written backward passes (torch's once_differentiable) gave second derivatives that
+    were missing or wrong, silently: create_graph=True through them now raises, naming the paths
+    that take one, and those give the reference's."""
+    _, name, options, impl = case
+    mixer = build(name, options, dtype=torch.float64)
+    x = _inputs(7, torch.float64)
+    reference = _second_derivatives(mixer, x)
+    mixer.impl = impl
+    fast = _second_derivatives(mixer, x)
+    if isinstance(fast, str) and "is not implemented" in fast:
+        return
+    if isinstance(fast, str):
+        assert re.search(r"takes first derivatives only.*build the mixer with impl=", fast), fast
+        named = re.findall(r"impl='(\w+)'", fast.split("build the mixer with")[1])
+        assert impl not in named and named, fast
+        return
+    if isinstance(reference, str):  # the reference runs a first-order part (a local mixer's path) as well
+        assert "takes first derivatives only" in reference
+        return
+    assert fast.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(fast[key], reference[key], **GRAD_TOLERANCE[torch.float64], msg=lambda m: f"{key}: {m}")

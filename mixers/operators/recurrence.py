@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops import scan
-from torch.autograd.function import once_differentiable
 
 from seqmix import native as native_code
 from seqmix.contract import Mixer, Stages, parameter_reads, token_count_is_dynamic, traceable_reshape
 from seqmix.errors import SeqmixError
 from seqmix.operators import masking
+from seqmix.operators.first_order import first_order
 
 _UNROLL_CHUNKS = False
 
@@ -426,7 +426,7 @@ class _ChunkWeights(torch.autograd.Function):
         return feed, mix, q_chunk
 
     @staticmethod
-    @once_differentiable
+    @first_order("impl='chunked' of the EMA and CEMA", "impl='recurrent' or impl='fft'")
     def backward(ctx, grad_feed: Tensor | None, grad_mix: Tensor | None, grad_q_chunk: Tensor | None):
         q_re, q_im, b, c_re, c_im = ctx.saved_tensors
         size = ctx.size
@@ -606,7 +606,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         return out, starts[:, -1].clone(), end
 
     @staticmethod
-    @once_differentiable
+    @first_order("impl='chunked' of the EMA and CEMA", "impl='recurrent' or impl='fft'")
     def backward(ctx, grad_y: Tensor, grad_last_start: Tensor, grad_end: Tensor):
         stacked, feed, mix, q_chunk, pre = ctx.saved_tensors
         batch, chunks, size, width, states = ctx.shape
@@ -841,7 +841,7 @@ class _NativeRecurrence(torch.autograd.Function):
         return y, end_re, end_im
 
     @staticmethod
-    @once_differentiable
+    @first_order("impl='native' of the EMA and CEMA", "impl='recurrent' or impl='fft'")
     def backward(ctx, grad_y: Tensor | None, grad_end_re: Tensor | None, grad_end_im: Tensor | None):
         x, slope, q_re, q_im, b, c_re, c_im, skip, kept_re, kept_im = ctx.saved_tensors
         kernels = _native_kernels(x.dtype)
@@ -956,7 +956,7 @@ class _NativeOperands(torch.autograd.Function):
                 None if skip is None else F.pad(skip, (0, padded - width)).contiguous())
 
     @staticmethod
-    @once_differentiable
+    @first_order("impl='native' of the EMA and CEMA", "impl='recurrent' or impl='fft'")
     def backward(ctx, grad_q_re, grad_q_im, grad_b, grad_c_re, grad_c_im, grad_skip):
         q_re, q_im = ctx.saved_tensors
         width, order = q_re.shape

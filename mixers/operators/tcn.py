@@ -42,11 +42,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from seqmix import native as native_code
 from seqmix.contract import Mixer, Stages, parameter_reads, transposed_rows
 from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
+from seqmix.operators.first_order import first_order
 from seqmix.registry import register_mixer
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
@@ -84,7 +84,7 @@ class _DepthwiseConvRows(torch.autograd.Function):
         return _channels_last_conv(context, weight, bias, dilation)
 
     @staticmethod
-    @once_differentiable
+    @first_order("impl='channels_last' of the TCN", "impl='conv' or impl='taps'")
     def backward(ctx, grad: Tensor):
         context, weight = ctx.saved_tensors
         dilation = ctx.dilation
@@ -241,7 +241,7 @@ class _NativeTCN(torch.autograd.Function):
         return (h, *windows)
 
     @staticmethod
-    @once_differentiable
+    @first_order("impl='native' of the TCN", "impl='conv' or impl='taps'")
     def backward(ctx, grad_y: Tensor | None, *grad_windows: Tensor | None):
         stack = ctx.stack
         depth = len(stack.dilations)
