@@ -148,7 +148,55 @@ def check_savable(model, caller: str):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise SeqmixError(f"{caller}: tensor {name!r} holds NaN or infinite values; the loaders would refuse these "
                               "weights as damaged, so they are not saved")
+    check_described_settings(model, description, caller)
     return description
+
+
+SETTING_TYPES = (int, float, str, bool, type(None))
+RESULT_NEUTRAL_SETTINGS = frozenset({"training", "recompute"})
+"""Settings a model may change after it is built without changing what it computes: the mode, and
+whether a block recomputes its activations in the backward pass. (A compute path, ``impl``, is a
+property over a private attribute, so it is not a setting here either.)"""
+
+
+def _settings(module) -> dict:
+    """A module's plain settings: its public attributes holding a number, string, bool or None, or a
+    tuple of them (``chunk_size``, ``attention``, ``causal``, ``eps``, ...)."""
+    return {key: value for key, value in vars(module).items()
+            if not key.startswith("_") and key not in RESULT_NEUTRAL_SETTINGS
+            and (isinstance(value, SETTING_TYPES) or (isinstance(value, tuple) and all(isinstance(v, SETTING_TYPES) for v in value)))}
+
+
+def check_described_settings(model, description: Mapping, caller: str) -> None:
+    """Raise unless every module of ``model`` has the type and settings (``_settings``) of the model
+    its description builds: a setting changed after the build (``model.blocks[0].mixer.chunk_size =
+    8``) was saved beside a config that described the model before it, and the loaders then built a
+    model whose outputs differed. The described model is built on the meta device: no memory."""
+    try:
+        described = dict(build_described_model(model_description(dict(description)), "meta").named_modules())
+    except SeqmixError as error:
+        raise SeqmixError(f"{caller}: the model's config no longer builds a model ({error}); build the model with "
+                          "seqmix.instantiate_model(config) instead of editing model.config") from None
+    for name, module in model.named_modules():
+        where = name or "the model"
+        built = described.get(name)
+        if type(built) is not type(module):
+            made = "nothing" if built is None else f"{kind_of(built)}"
+            raise SeqmixError(f"{caller}: {where} is {kind_of(module)}, where the model's config builds {made}; "
+                              "the loaders would build the config's model, so it is not saved: build the model you "
+                              "want with seqmix.instantiate_model(config)")
+        ours, theirs = _settings(module), _settings(built)
+        for key, value in ours.items():
+            if key not in theirs or theirs[key] != value:
+                setting = f"{name}.{key}" if name else f"the model's {key}"
+                raise SeqmixError(
+                    f"{caller}: {setting} is {value!r}, but the model's config builds it with {theirs.get(key)!r}: the "
+                    "model or its config was changed after the build, and the loaders would build the config's model, "
+                    "whose outputs differ; build the model you want with seqmix.instantiate_model(config)")
+    missing = sorted(set(described) - {name for name, _ in model.named_modules()})
+    if missing:
+        raise SeqmixError(f"{caller}: the model's config builds {missing[0]}, which the model lacks; build the model "
+                          "with seqmix.instantiate_model(config)")
 
 
 def check_saved_description(description: Mapping, weights: Path, caller: str) -> None:
@@ -529,6 +577,15 @@ def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = WEIGHTS) -> None:
-    """Copy ``tensors`` into ``model`` after ``check_weights``: a refused load leaves the model untouched."""
+    """Copy ``tensors`` into ``model`` after ``check_weights``: a refused load leaves the model untouched.
+
+    Each floating weight takes the stored tensor's dtype (float64, bfloat16, ...): copied into the
+    float32 weights the model is built with, a float64 save came back rounded without a word. The
+    weight keeps its identity, so tied weights stay tied."""
     check_weights(model, tensors, source)
+    weights = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and weights[name].dtype != tensor.dtype:
+                weights[name].data = weights[name].data.to(tensor.dtype)
     model.load_state_dict(tensors, strict=False)
