@@ -340,6 +340,24 @@ def test_generating_from_a_model_with_nan_weights_names_the_cause():
             generate(model, torch.ones(1, 3, dtype=torch.int64), 2, temperature=temperature)
 
 
+def test_sampling_in_the_middle_of_training_leaves_the_model_in_training_mode():
+    """generate and stream_tokens switched the model to eval mode and left it there: training went on
+    with dropout off and activation recomputation silently skipped."""
+    from seqmix.model.generation import generate, stream_tokens
+
+    model = tiny_preset("mega").train()
+    generate(model, torch.ones(2, 3, dtype=torch.int64), 4)
+    assert model.training and all(module.training for module in model.modules())
+    stream = stream_tokens(model, torch.ones(1, 3, dtype=torch.int64), 5)
+    next(stream)
+    assert not model.training  # sampled in eval mode
+    stream.close()
+    assert model.training
+    model.eval()
+    generate(model, torch.ones(1, 3, dtype=torch.int64), 2)
+    assert not model.training
+
+
 def test_printed_json_holds_null_where_a_score_is_not_finite():
     """evaluate printed {"loss": NaN}, which jq and every strict parser refuse."""
     import json

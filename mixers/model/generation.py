@@ -70,8 +70,18 @@ def _finite(number: int | float) -> bool:
 @torch.no_grad()
 def _sampled_tokens(model, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                     generator: torch.Generator | None) -> Iterator[Tensor]:
-    """``stream_tokens``'s loop, on checked arguments."""
+    """``stream_tokens``'s loop, on checked arguments, in eval mode: the model's own mode comes back
+    when the stream ends or is closed (sampling in the middle of training left it in eval mode)."""
+    was_training = model.training
     model.eval()
+    try:
+        yield from _sampling_loop(model, prompt, max_new_tokens, temperature, top_k, generator)
+    finally:
+        model.train(was_training)
+
+
+def _sampling_loop(model, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                   generator: torch.Generator | None) -> Iterator[Tensor]:
     state = model.init_state(prompt.shape[0])
     logits, state = model.step(prompt, state)
     for index in range(max_new_tokens):
