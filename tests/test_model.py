@@ -184,7 +184,7 @@ def test_load_names_a_missing_file(tmp_path):
         (["model=ema_conv", "block@model.block=gated"], "needs a mixer that adds its own residual"),
         (["model=mega", "head@model.head=classification"], "tie_embeddings=True needs a language-model head"),
         (["model=gpt2", "block@model.block=auto", "+mixer@model.mixers.wide=gated_attention", "model.mixers.wide.chunk_size=2048", "model.layers=[wide]"],
-         "chunk_size=2048 larger than max_len=1024"),
+         r"layer 0 \(GatedAttention\) runs in chunks of 2048 tokens, more than max_len=1024 of the learned positions"),
         (["model=mega", "model.mixers.mega.attention=sigmoid"], "attention='sigmoid' is not valid"),
         (["model=mega", "model.d_model=0"], "d_model=0"),
     ],

@@ -21,6 +21,7 @@ import seqmix
 from seqmix import SeqmixError
 from seqmix.export.graphs import state_input_names
 from seqmix.model.sequence_model import ModelState
+from seqmix.model.summary import describe_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,6 +95,29 @@ def test_forward_names_a_token_id_outside_the_vocabulary_as_step_does(tokens, lo
 def test_build_model_names_a_bad_argument_before_building_a_part(arguments, message):
     with pytest.raises(SeqmixError, match=message):
         seqmix.build_model(*arguments)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: seqmix.build_model(16, 16, [seqmix.build_mixer("ema", 16)]), r"layers\[0\] is an EMA module, not a factory"),
+    (lambda: seqmix.build_model(16, 16, ["a"], mixers={"a": seqmix.build_mixer("ema", 16)}), r"mixers.a is an EMA module, not a factory"),
+    (lambda: seqmix.build_model(16, 16, ["ema"], norm=seqmix.LayerNorm(16)), r"norm is a LayerNorm module, not a factory.*its class \(LayerNorm\)"),
+    (lambda: seqmix.build_model(16, 16, ["ema"], block=lambda **parts: 3), r"block=.* built an int, not a seqmix Block"),
+    (lambda: seqmix.instantiate_model({"vocab_size": 16, "d_model": 16, "layers": ["ema"]}, device="bogus"),
+     r"instantiate_model: device='bogus' is not a device torch knows"),
+    (lambda: seqmix.RMSNorm(16)(torch.randn(2, 3, 8)), r"RMSNorm: x has shape \(2, 3, 8\), expected \(..., D=16\)"),
+    (lambda: seqmix.ScaleNorm(16)(torch.randn(2, 3, 8)), r"ScaleNorm: x has shape \(2, 3, 8\), expected \(..., D=16\)"),
+    (lambda: describe_model(seqmix.build_mixer("ema", 16)), r"describe_model: model is an EMA, not a seqmix SequenceModel"),
+    (lambda: seqmix.build_mixer("tcn", 16, dilation_base=10**12), r"give the last layer a window of 3,000,000,000,000,000,000,000,000,000,000,000,000 steps"),
+    (lambda: seqmix.build_mixer("tcn", 16, dilation_base=10**12, depth=2)(torch.randn(1, 10, 16)),
+     r"tcn: a layer's context for \(B, T\) = \(1, 10\) is 178,813.9 GiB \(a window of 3,000,000,000,000 steps"),
+], ids=["mixer instance in layers", "mixer instance in mixers", "norm instance", "block factory", "device", "rmsnorm width",
+        "scalenorm width", "describe a mixer", "tcn window", "tcn context"])
+def test_a_part_given_where_a_factory_goes_a_bad_device_or_width_and_an_impossible_window_are_named(call, message):
+    """Each ended in an error that named something else: the mixer's forward run on the integer D,
+    'int' object has no attribute 'parameters', torch's device parser or multiply, an AttributeError
+    for 'blocks', torch's 'Overflow when unpacking long long' or a 192 TB allocation."""
+    with pytest.raises(SeqmixError, match=message):
+        call()
 
 
 # --- the ONNX Runtime runner ----------------------------------------------------------------

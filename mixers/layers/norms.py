@@ -34,6 +34,14 @@ def require_eps(owner: str, eps) -> None:
         raise SeqmixError(f"{owner}: eps={eps!r} is not valid; expected a finite number > 0")
 
 
+def require_last_dim(owner: str, x, dim: int) -> None:
+    """Raise unless ``x`` is a tensor of at least one dimension whose last is ``dim``: RMSNorm failed
+    inside torch's multiply, and ScaleNorm normalised a tensor of another width without a word."""
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != dim:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else kind_of(x)
+        raise SeqmixError(f"{owner}: x has shape {shape}, expected (..., D={dim})")
+
+
 class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm over the last dim D, its arguments checked first (torch took dim=0, and a
     negative or NaN eps, which give NaN outputs).
@@ -72,6 +80,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., D)."""
+        require_last_dim("RMSNorm", x, self.dim)
         xs = x.to(compute_dtype(x.dtype))
         y = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
@@ -97,6 +106,7 @@ class ScaleNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., D)."""
+        require_last_dim("ScaleNorm", x, self.dim)
         xs = x.to(compute_dtype(x.dtype))
         y = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps) * self.scalar.to(xs.dtype)
         return y.to(x.dtype)

@@ -58,8 +58,11 @@ SIZE_SLACK_BYTES = 64 << 20
 def instantiate_model(config: DictConfig | dict, device=None):
     """Build the model a ``conf/model`` config (a description) describes, remembering its canonical description.
 
-    ``device`` (e.g. ``"meta"``) is where the parameters are made; None keeps torch's default.
+    ``device`` (e.g. ``"meta"``) is where the parameters are made; None keeps torch's default. A
+    device this machine lacks is refused by name before anything is built.
     """
+    if device is not None:
+        device = require_available_device("instantiate_model: device", device)
     description = model_description(config)
     model = build_described_model(description, device)
     model.config = description

@@ -83,11 +83,13 @@ class SequenceModel(nn.Module):
                     f"{type(head).__name__} predicts the next token and needs every layer causal; use a masked_lm "
                     "or classification head, or build the mixer with causal=True"
                 )
-            chunk = getattr(block.mixer, "chunk_size", None)
-            if positions == "learned" and isinstance(chunk, int) and chunk > max_len:
+            unit = block.mixer.length_unit() if isinstance(block.mixer, Mixer) else 1
+            if positions == "learned" and unit > max_len:
+                # A chunked EMA computes any length eagerly, but an exported graph takes multiples of the unit.
                 raise SeqmixError(
-                    f"model: layer {index} has chunk_size={chunk} larger than max_len={max_len} of the learned "
-                    "positions; lower the chunk size or raise max_len"
+                    f"model: layer {index} ({type(block.mixer).__name__}) runs in chunks of {unit} tokens, more than "
+                    f"max_len={max_len} of the learned positions: exported graphs take lengths that are multiples of "
+                    "the chunk, so none would fit the positions; lower chunk_size or raise max_len"
                 )
         self.vocab_size = vocab_size
         self.d_model = d_model
@@ -326,6 +328,16 @@ def _check_weights_fit(first: Sequence[nn.Module], layers: int) -> None:
                           f"the {memory / 2**30:,.1f} GiB of {device.type} memory here; lower model.depth or model.d_model")
 
 
+def _refuse_module_as_factory(field: str, value) -> None:
+    """Refuse a module where build_model takes a factory: called with D, a mixer instance ran its own
+    forward on the integer ("x must be a torch.Tensor ..., got an int")."""
+    if isinstance(value, nn.Module):
+        example = ("a registered name or a factory, e.g. functools.partial(seqmix.build_mixer, 'ema', chunk_size=64)"
+                   if field.startswith(("layers", "mixers")) else f"its class ({type(value).__name__}) or a function taking the sizes")
+        raise SeqmixError(f"model: {field} is {kind_of(value)} module, not a factory: build_model makes a new part for "
+                          f"every layer from a factory taking the sizes; give {example}")
+
+
 def build_model(
     vocab_size: int,
     d_model: int,
@@ -370,10 +382,12 @@ def build_model(
         raise SeqmixError(f"model: mixers={mixers!r} is not valid; expected {{name: factory or {{mixer: <registered name>, ...}}}}")
     for name, factory in {"block": block, "ffn": ffn, "norm": norm, "head": head, "final_norm": final_norm}.items():
         # Each is called with sizes below; only ffn and final_norm may be absent.
+        _refuse_module_as_factory(name, factory)
         if not callable(factory) and not (factory is None and name in ("ffn", "final_norm")):
             raise SeqmixError(f"model: {name}={factory!r} is not valid; expected a factory taking the sizes (a class or function)")
     mixers = dict(mixers or {})
     for name, entry in mixers.items():
+        _refuse_module_as_factory(f"mixers.{name}", entry)
         if not (callable(entry) or isinstance(entry, Mapping)):
             raise SeqmixError(f"model.mixers.{name}={entry!r} is not valid; expected a factory taking D or "
                               f"{{mixer: <registered name>, <option>: <value>, ...}}")
@@ -389,6 +403,7 @@ def build_model(
         pattern = pattern * (depth // len(pattern))
     factories = []
     for index, layer in enumerate(pattern):
+        _refuse_module_as_factory(f"layers[{index}]", layer)
         if not (isinstance(layer, str) or callable(layer)):
             raise SeqmixError(f"model: layers[{index}]={layer!r} is not valid; expected a mixer name or a factory taking D")
         if isinstance(layer, str):
@@ -409,6 +424,9 @@ def build_model(
     for factory in factories:
         blocks.append(block(d_model=d_model, mixer=factory(d_model), ffn=None if ffn is None else ffn(d_model), norm=norm,
                             **every_block))
+        if not isinstance(blocks[-1], Block):
+            raise SeqmixError(f"model: block={block!r} built {kind_of(blocks[-1])}, not a seqmix Block; a block factory "
+                              "takes (d_model, mixer, ffn, norm) and returns a Block (a subclass of seqmix.Block)")
         if len(blocks) == len(layers):
             _check_weights_fit(blocks, len(factories))
     return SequenceModel(

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from seqmix.errors import SeqmixError, kind_of
 from seqmix.model.sequence_model import SequenceModel
 
 
@@ -20,6 +21,9 @@ def describe_model(model: SequenceModel, title: str = "model") -> str:
 
     Shared (tied) weights are counted once in the total.
     """
+    if not isinstance(model, SequenceModel):
+        raise SeqmixError(f"describe_model: model is {kind_of(model)}, not a seqmix SequenceModel (from seqmix.build_model "
+                          "or seqmix.instantiate_model); a mixer alone reports its state_size() and receptive_field")
     lines = [
         f"{title}: {len(model.blocks)} layers, d_model={model.d_model}, vocab_size={model.vocab_size}, "
         f"positions={model.positions}, head={type(model.head).__name__}, "

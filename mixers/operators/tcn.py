@@ -45,9 +45,10 @@ from torch import Tensor, nn
 
 from seqmix import native as native_code
 from seqmix.contract import Mixer, Stages, parameter_reads, transposed_rows
-from seqmix.errors import SeqmixError, require_choice, require_bool, require_int
+from seqmix.errors import INT_LIMIT, SeqmixError, require_choice, require_bool, require_int
 from seqmix.operators.first_order import first_order
 from seqmix.registry import register_mixer
+from seqmix.timing import device_memory_bytes
 
 ACTIVATIONS = {"none": lambda h: h, "silu": F.silu, "gelu": F.gelu}
 # The activations' codes in tcn_native.cpp.
@@ -347,6 +348,11 @@ class TCN(Mixer):
         require_int("tcn", "dilation_base", dilation_base, 1, "f, layer i is dilated by f**i")
         require_int("tcn", "depth", depth, 1, "number of convolution layers")
         require_choice("tcn.activation", activation, ACTIVATIONS)
+        window = (kernel_size - 1) * dilation_base ** (depth - 1)
+        if window > INT_LIMIT // d_model:
+            # Sizes torch cannot hold: init_state and state_size failed inside torch ("Overflow when unpacking long long").
+            raise SeqmixError(f"tcn: kernel_size={kernel_size}, dilation_base={dilation_base} and depth={depth} give the last "
+                              f"layer a window of {window:,} steps, whose D={d_model} channels no tensor can hold; lower them")
         self.kernel_size = kernel_size
         self.dilation_base = dilation_base
         self.depth = depth
@@ -366,6 +372,19 @@ class TCN(Mixer):
             conv.reset_parameters()
         with torch.no_grad():
             nn.init.normal_(self.omega, mean=0.0, std=1.0)
+
+    def _require_context_fits(self, x: Tensor) -> None:
+        """Raise unless a layer's context, its window then x (B, window + T, D), fits the memory of x's
+        device: a dilation_base of 10**12 asked the allocator for 192 TB at T = 10, and torch's error
+        named no option."""
+        batch, length, width = x.shape
+        context = batch * (max(self.windows) + length) * width * x.element_size()
+        memory = device_memory_bytes(x.device)
+        if memory is not None and context > memory:
+            raise SeqmixError(
+                f"tcn: a layer's context for (B, T) = ({batch}, {length}) is {context / 2**30:,.1f} GiB (a window of "
+                f"{max(self.windows):,} steps from kernel_size={self.kernel_size}, dilation_base={self.dilation_base}, "
+                f"depth={self.depth}), more than the {memory / 2**30:,.1f} GiB of {x.device.type} memory here; lower them")
 
     @property
     def windows(self) -> list[int]:
@@ -402,6 +421,8 @@ class TCN(Mixer):
 
     def _run(self, x: Tensor, padding_mask: Tensor | None, state: TCNState | None) -> tuple[Tensor, TCNState]:
         """The stack on x (B, T, D) after the windows in ``state`` (zeros when None) -> (B, T, D), windows."""
+        if not torch.compiler.is_compiling():
+            self._require_context_fits(x)
         if self.impl == "channels_last" and not torch.compiler.is_compiling():
             if self._in_place_allowed(x, state):
                 return self._run_channels_last(x, padding_mask, state)
