@@ -22,6 +22,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from seqmix.compile import BACKENDS, compile_model, explain_model, graph_breaks
+import seqmix
 from seqmix import SeqmixError
 from seqmix.configs import config_groups
 from conftest import preset_model
@@ -113,6 +114,17 @@ def assert_step_matches_eager(compiled, model, tokens, steps: int = 4):
 def test_inductor_step_equals_eager(preset):
     model = build(preset, depth=1).eval()
     assert_step_matches_eager(compile_model(model), model, random_tokens(model))
+
+
+@INDUCTOR
+@pytest.mark.parametrize("name", ["ema", "cema"])
+def test_a_plain_torch_compile_of_the_chunked_recurrence_equals_eager(name):
+    """torch.compile(mixer) without compile_model's settings failed inside Inductor at L > chunk_size
+    (DataDependentOutputException on the scan's loop index): it now carries the chunks with the loop."""
+    mixer = seqmix.build_mixer(name, 8, order=2, chunk_size=4)
+    x = torch.randn(1, 10, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mixer)(x), mixer(x), **TOLERANCE)
 
 
 @INDUCTOR

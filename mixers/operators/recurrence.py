@@ -230,6 +230,15 @@ def fft(x: Tensor, coef: Coefficients, h0: Pair | None = None, spectrum: Tensor 
     return y, _state_after(coef, h, x) if need_state else None
 
 
+def _plain_compile() -> bool:
+    """Whether torch.compile traces without ``capture_scalar_outputs``, which Inductor's lowering of
+    ``scan`` needs on torch 2.13 (``seqmix.compile.compile_model`` sets it): there the chunks are
+    carried by the loop, whose graph holds the number of chunks (a new one recompiles), where
+    ``torch.compile(mixer)`` failed inside Inductor. ``torch.export`` keeps the scan."""
+    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not torch._dynamo.config.capture_scalar_outputs)
+
+
 def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair]:
     """State at the start of every chunk while tracing: H_0 = h0, H_{c+1} = q^C H_c + fed_c.
 
@@ -241,7 +250,7 @@ def _carry_across_chunks(q_chunk: Pair, fed: Pair, h0: Pair) -> tuple[Pair, Pair
         starts (nC, B, D, N) pair and the state after the last chunk.
     """
     is_complex = fed[1] is not None
-    if not _UNROLL_CHUNKS:
+    if not _UNROLL_CHUNKS and not _plain_compile():
         # A Python loop would bake the number of chunks into the graph; scan keeps it dynamic
         # (torch.export turns it into an ONNX Scan). Eagerly scan is much slower than the loop.
         def combine(carry, fed_c):
