@@ -44,6 +44,24 @@ def smoke(tmp_path_factory):
     return spec, result, write_grid_results(result, spec.out_dir)
 
 
+def test_the_bench_replaces_only_an_earlier_benchs_files(smoke, tmp_path):
+    """bench.out_dir's results.csv, report.md and the rest were written over whoever wrote them."""
+    spec, _, written = smoke
+    compose_bench_spec(["bench=smoke", f"bench.out_dir={spec.out_dir}"])  # its own earlier output: replaced
+    for mode, name in (("smoke", "results.csv"), ("smoke", "report.md"), ("paper_claims", "claims.md"), ("lowering", "lowering.md")):
+        folder = tmp_path / f"{mode}-{name}"
+        folder.mkdir()
+        (folder / name).write_text("mine\n")
+        with pytest.raises(SeqmixError, match=rf"holds {re.escape(name)}, which this bench would replace, .* no record of an earlier seqmix bench"):
+            compose_bench_spec([f"bench={mode}", f"bench.out_dir={folder}"])
+        assert (folder / name).read_text() == "mine\n"
+    # A record that is not a bench's does not vouch for the files beside it.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text('{"rows": []}')
+    with pytest.raises(SeqmixError, match="holds results.json"):
+        compose_bench_spec(["bench=smoke", f"bench.out_dir={tmp_path / 'other'}"])
+
+
 def _cells(spec):
     return [(c.subject.label, c.runtime, c.pass_, c.length) for c in plan_grid(spec)]
 

@@ -8,8 +8,10 @@ and judges its ``claims`` from those rows (targets such as conf/bench/operators.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqmix import SeqmixError
 from seqmix.configs import compose_config, config_groups
 from seqmix.contract import PASSES
-from seqmix.errors import choice_error, require_bool, require_choice, require_int, require_writable_dir
+from seqmix.errors import choice_error, first_few, require_bool, require_choice, require_int, require_writable_dir
 from seqmix.registry import list_mixers, mixer_class
 
 from .peers import PEER_RUNTIMES, PEERS, peer_unavailable
@@ -215,6 +217,7 @@ class BenchSpec:
     def __post_init__(self):
         require_choice("bench.mode", self.mode, MODES)
         require_writable_dir("bench.out_dir", self.out_dir)
+        check_out_dir(self.mode, self.out_dir)
         for runtime in self.runtimes:
             require_choice("bench.runtimes", runtime, RUNTIMES)
         for pass_ in self.passes:
@@ -439,6 +442,43 @@ def check_spec(spec: BenchSpec) -> int:
     for subject in subjects:
         build_subject(subject, spec.width)
     return planned
+
+
+OUTPUT_FILES = {
+    "grid": ("results.json", "results.csv", "report.md", "time_vs_length.png", "memory_vs_length.png",
+             "throughput_by_runtime.png"),
+    "claims": ("claims.json", "claims.md"),
+    "lowering": ("lowering.json", "lowering.md"),
+}
+"""The files each mode writes into bench.out_dir; the first, a JSON record of the run, marks them as the bench's."""
+
+
+def check_out_dir(mode: str, out_dir: str | Path) -> None:
+    """Raise before anything is measured unless every file ``mode`` writes into ``out_dir`` is absent
+    or an earlier bench's: its record (``OUTPUT_FILES[mode][0]``) is a regular file holding a JSON
+    object with ``spec`` of that mode and ``environment``. The bench replaced a user's results.csv
+    and report.md (and any other file of those names) without a word."""
+    from seqmix.jsontext import parse_json
+
+    out = Path(out_dir)
+    names = OUTPUT_FILES[mode]
+    present = [name for name in names if os.path.lexists(out / name)]
+    if not present:
+        return
+    record = out / names[0]
+    try:
+        data = parse_json(record.read_text(encoding="utf-8")) if record.is_file() and not record.is_symlink() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    ours = (isinstance(data, dict) and isinstance(data.get("spec"), dict) and data["spec"].get("mode") == mode
+            and "environment" in data)
+    odd = [name for name in present if (out / name).is_symlink() or not (out / name).is_file()]
+    if not ours or odd:
+        raise SeqmixError(
+            f"bench.out_dir={str(out_dir)!r} holds {first_few(odd or present)}, which this bench would replace, and "
+            f"{'they are not regular files' if odd else f'{names[0]} there is no record of an earlier seqmix bench'}; "
+            "refusing to write over them: choose a new or empty bench.out_dir"
+        )
 
 
 def spec_dict(spec: BenchSpec) -> dict:
