@@ -557,7 +557,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except BrokenPipeError:
-        # The reader of stdout went away (run_onnx.py ... | head): stop quietly, as other tools do;
+        # The reader of stdout went away (run_onnx.py ... | head): its choice, so stop quietly with
+        # the status a shell gives a process SIGPIPE ended (141, as `yes | head`), not a failure's;
         # stdout goes to /dev/null so that Python's flush at exit does not raise it again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(128 + 13)

@@ -19,6 +19,7 @@ import itertools
 import os
 import re
 import shlex
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -344,6 +345,7 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     import torch
 
     from seqmix.model.generation import stream_tokens
+    from seqmix.tasks import TASKS
     from seqmix.tokenization import TextStream, saved_tokenizer
     from seqmix.training.checkpoints import load_run
 
@@ -352,6 +354,11 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
+    task = record.get("task", {}).get("task") if isinstance(record.get("task"), dict) else None
+    if task in TASKS and not TASKS[task].models_text:
+        # A vocabulary of 256 (mqar with task.vocab_size=256) passed the tokenizer's check below.
+        raise SeqmixError(f"{options.checkpoint}: the model was trained on task={task}, whose tokens are not text; "
+                          f"generate needs a model trained on text ({', '.join(f'task={name}' for name, cls in TASKS.items() if cls.models_text)})")
     tokenizer = saved_tokenizer(record["directory"])
     if model.vocab_size != tokenizer.vocab_size:
         raise SeqmixError(f"{options.checkpoint}: the model's vocabulary has {model.vocab_size} tokens but its tokenizer "
@@ -965,12 +972,17 @@ def main(argv: list[str] | None = None) -> int:
         return _reader_gone()
 
 
+READER_GONE = 128 + signal.SIGPIPE
+"""The status of a command whose reader went away: a shell's for a process that SIGPIPE ended (141),
+as ``yes | head`` gives, which ``set -o pipefail`` scripts tell from a failure (1)."""
+
+
 def _reader_gone() -> int:
-    """The reader of stdout went away (``seqmix bench --help | head``): stop quietly with status 1, as
-    other command-line tools do, instead of a BrokenPipeError traceback; stdout goes to /dev/null so
-    that Python's flush at exit does not raise it again."""
+    """The reader of stdout went away (``seqmix generate ... | head``): its choice, not an error, so
+    stop quietly with READER_GONE instead of a BrokenPipeError traceback; stdout goes to /dev/null so
+    that output still buffered, flushed at exit, raises nothing either."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 1
+    return READER_GONE
 
 
 def _main(argv: list[str] | None) -> int:
@@ -1024,10 +1036,7 @@ def _main(argv: list[str] | None) -> int:
     except (SeqmixError, MemoryError, RuntimeError) as error:
         return _told_failure(name, error)
     except BrokenPipeError:
-        # The reader closed the pipe (`seqmix generate ... | head`): its choice, not an error. Output
-        # still buffered goes nowhere, so that flushing it at exit raises nothing either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return _reader_gone()
     except OSError as error:
         # Outputs are checked before the work starts; what the system refuses later (a full disk, a
         # folder removed under the run) is the machine's doing, told in one line that names the file.

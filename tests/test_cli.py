@@ -473,7 +473,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
         done = subprocess.run([*SEQMIX, "bench", "--help"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write)
-    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert done.returncode == 141 and done.stderr == "", done.stderr
 
 
 def test_config_dir_without_a_directory_says_so(capsys):
@@ -504,3 +504,25 @@ def test_no_file_output_replaces_a_runs_own_files(tmp_path, capsys):
     assert all((run / name).read_text() == "the run's" for name in RUN_OWN_FILES)
     require_writable_file("csv", run / "table.csv")
     require_writable_file("csv", tmp_path / "run.json")  # not in a run directory
+
+
+def test_generate_refuses_a_model_of_a_task_whose_tokens_are_not_text(tmp_path, capsys):
+    """An MQAR model with a vocabulary of 256 passed the tokenizer's size check and 'continued' the
+    prompt with its synthetic tokens read as bytes."""
+    from seqmix.cli import main
+    from seqmix.configs import compose_config
+    from seqmix.training.experiment import build_experiment
+    from seqmix.training.loop import train
+
+    config = compose_config([
+        "model=mega", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=256", "task.seq_len=64",
+        "task.num_pairs=4", "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
+        "train.device=cpu", f"train.out_dir={tmp_path / 'run'}",
+    ])
+    experiment = build_experiment(config)
+    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    capsys.readouterr()
+    assert main(["generate", f"checkpoint={tmp_path / 'run'}", "tokens=3"]) == 2
+    captured = capsys.readouterr()
+    assert "trained on task=mqar, whose tokens are not text; generate needs a model trained on text (task=" in captured.err
+    assert captured.out == ""

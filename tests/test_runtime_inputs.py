@@ -382,6 +382,23 @@ def test_sampling_in_the_middle_of_training_leaves_the_model_in_training_mode():
     assert not model.training
 
 
+def test_a_long_prompt_goes_through_the_model_in_pieces_with_the_same_tokens(monkeypatch):
+    """The whole prompt went through one step: the attention's scores were (T, T + cache) at once, and a
+    100,000-byte prompt to seqmix generate was killed by the kernel at 16 GB."""
+    from seqmix.model import generation
+
+    model = tiny_preset("mega").eval()
+    prompt = torch.randint(0, model.vocab_size, (1, 2 * generation.PROMPT_PIECE + 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole, _ = model.step(prompt, model.init_state(1))
+    calls = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda tokens, state: calls.append(tokens.shape[1]) or step(tokens, state))
+    tokens = generation.generate(model, prompt, 1, temperature=0)
+    assert max(calls) <= generation.PROMPT_PIECE and sum(calls) == prompt.shape[1]
+    assert int(tokens[0, -1]) == int(whole[0, -1].argmax())
+
+
 def test_printed_json_holds_null_where_a_score_is_not_finite():
     """evaluate printed {"loss": NaN}, which jq and every strict parser refuse."""
     import json

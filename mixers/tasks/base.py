@@ -59,6 +59,8 @@ class Task:
         metric: ``bits_per_byte`` (per-token cross-entropy in bits, tokens being bytes), ``bits_per_token``
             (the same over a tokenizer's tokens) or ``accuracy``.
         causal: whether a causal model can solve it (False for masked objectives).
+        models_text: whether its sequences are text a tokenizer decodes, so that a model trained on
+            it continues text (``seqmix generate``); False for synthetic tokens and classification.
     Attributes set by subclasses:
         vocab_size: V, the number of token ids inputs use.
         num_classes: classes of a classification task, else None.
@@ -69,6 +71,7 @@ class Task:
     head: ClassVar[str]
     metric: ClassVar[str]
     causal: ClassVar[bool] = True
+    models_text: ClassVar[bool] = False
     vocab_size: int
     num_classes: int | None = None
     seq_len: int

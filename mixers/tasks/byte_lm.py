@@ -134,6 +134,7 @@ class ByteLM(Task):
     name = "byte_lm"
     head = "causal_lm"
     metric = "bits_per_byte"
+    models_text = True
     vocab_size = 256
 
     def __init__(self, seq_len: int = 256, cache_dir: str | os.PathLike = "~/.cache/seqmix",

@@ -62,6 +62,7 @@ class TextCorpus(Task):
     name = "text"
     head = "causal_lm"
     metric = "bits_per_byte"
+    models_text = True
 
     def __init__(self, path: str = "", format: str = "auto", text_column: str = "text", seq_len: int = 256,
                  valid_fraction: float = 0.05, decode_errors: str = "replace", tokenizer: str = BYTES,
