@@ -300,15 +300,19 @@ def tiny_preset(preset: str, *overrides: str):
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """A 1-step run of ``seqmix train``'s library path (tiny Mega, two layers, MQAR); copy it before changing it."""
+    return library_run(tmp_path_factory.mktemp("finished") / "run", "model.depth=2", "task.vocab_size=64")
+
+
+def library_run(out_dir, *overrides: str):
+    """``out_dir`` after a 1-step run of ``seqmix train``'s library path: tiny Mega on MQAR, ``overrides`` last."""
     from seqmix.configs import compose_config
     from seqmix.training.experiment import build_experiment
     from seqmix.training.loop import train
 
-    out_dir = tmp_path_factory.mktemp("finished") / "run"
     config = compose_config([
-        "model=mega", "model.d_model=16", "model.depth=2", "task=mqar", "task.vocab_size=64", "task.seq_len=64",
-        "task.num_pairs=4", "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
-        "train.device=cpu", f"train.out_dir={out_dir}",
+        "model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4", "train.batch_size=2",
+        "train.max_steps=1", "train.eval_batches=1", "train.progress=false", "train.device=cpu", f"train.out_dir={out_dir}",
+        *overrides,
     ])
     experiment = build_experiment(config)
     train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})

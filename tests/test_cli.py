@@ -509,18 +509,10 @@ def test_no_file_output_replaces_a_runs_own_files(tmp_path, capsys):
 def test_generate_refuses_a_model_of_a_task_whose_tokens_are_not_text(tmp_path, capsys):
     """An MQAR model with a vocabulary of 256 passed the tokenizer's size check and 'continued' the
     prompt with its synthetic tokens read as bytes."""
+    from conftest import library_run
     from seqmix.cli import main
-    from seqmix.configs import compose_config
-    from seqmix.training.experiment import build_experiment
-    from seqmix.training.loop import train
 
-    config = compose_config([
-        "model=mega", "model.d_model=16", "model.depth=1", "task=mqar", "task.vocab_size=256", "task.seq_len=64",
-        "task.num_pairs=4", "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
-        "train.device=cpu", f"train.out_dir={tmp_path / 'run'}",
-    ])
-    experiment = build_experiment(config)
-    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    library_run(tmp_path / "run", "model.depth=1", "task.vocab_size=256")
     capsys.readouterr()
     assert main(["generate", f"checkpoint={tmp_path / 'run'}", "tokens=3"]) == 2
     captured = capsys.readouterr()
