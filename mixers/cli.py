@@ -255,9 +255,23 @@ def _save_pretrained(experiment, result, choices: dict) -> None:
 def run_describe(config: DictConfig, choices: dict) -> int:
     from seqmix.model.checkpoint import instantiate_model
     from seqmix.model.summary import describe_model
+    from seqmix.tasks import TASKS
+    from seqmix.training.experiment import adapt_model_config
+    from seqmix.training.records import build_task, task_description
 
+    title, model_config = choices.get("model") or "model", config.model
+    # A task given on the command line sets the vocabulary and head, as train does: describe showed
+    # the preset's (256 tokens where task=mqar trains 8,192).
+    if any(override.split("=", 1)[0].lstrip("+~").split(".", 1)[0] == "task" for override in choices.get(OVERRIDES, [])):
+        name = task_description(config.task)["task"]
+        if TASKS[name].reads_data:
+            print(f"note: task={name} takes its vocabulary and classes from its data, which describe does not read: "
+                  "the model is shown with the preset's; seqmix train prints the one it builds", file=sys.stderr)
+        else:
+            model_config = adapt_model_config(config.model, build_task(config.task))
+            title += f" for task={name}"
     # On the meta device: shapes and counts without allocating, so any size is described at once.
-    print(describe_model(instantiate_model(config.model, device="meta"), title=choices.get("model") or "model"))
+    print(describe_model(instantiate_model(model_config, device="meta"), title=title))
     return 0
 
 
@@ -633,7 +647,8 @@ COMMANDS = {
                 config_name="export", schema=ExportOptions, options="export.yaml",
                 examples=("seqmix export checkpoint=runs/m", "seqmix export checkpoint=runs/m format=executorch quantize=int8")),
         Command("describe", "print a model's layers, parameters, streaming state and receptive fields", run_describe,
-                groups=("model",), examples=("seqmix describe model=megalodon", "seqmix describe model=mega model.depth=8")),
+                groups=("model", "task"), examples=("seqmix describe model=megalodon", "seqmix describe model=mega model.depth=8",
+                                                    "seqmix describe model=mega task=mqar")),
         Command("search", "search architectures with Optuna against accuracy and deployed latency", run_search,
                 groups=("search", "task", "model", LAUNCHER_GROUP), compose=compose_search, sweeps=True,
                 sweep_dir="${search.out_dir}/workers",

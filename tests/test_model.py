@@ -247,6 +247,25 @@ def test_describe_prints_the_architecture(arguments, expected):
         assert text in result.stdout
 
 
+def test_describe_shows_the_model_a_task_given_to_it_trains(tmp_path, capsys):
+    """describe accepted task= and showed the preset's vocabulary and head: 256 tokens where task=mqar
+    trains 8,192, a causal head where masked_segment trains a masked one over 257."""
+    from seqmix.cli import main
+
+    for arguments, shown in ((["model=mega", "model.depth=1", "task=mqar"], "mega for task=mqar: 1 layers, d_model=128, vocab_size=8192"),
+                             (["model=mega_encoder", "model.depth=1", "task=masked_segment"],
+                              "vocab_size=257, positions=none, head=MaskedLMHead, bidirectional"),
+                             (["model=mega", "model.depth=1", "task=mqar", "task.vocab_size=300"], "vocab_size=300")):
+        assert main(["describe", *arguments]) == 0
+        assert shown in capsys.readouterr().out
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text " * 100)
+    assert main(["describe", "model=mega", "model.depth=1", "task=text", f"task.path={corpus}", f"task.cache_dir={tmp_path / 'cache'}"]) == 0
+    captured = capsys.readouterr()
+    assert "vocab_size=256" in captured.out and "task=text takes its vocabulary and classes from its data" in captured.err
+    assert not (tmp_path / "cache").exists()  # the corpus was not tokenized
+
+
 def test_describe_lists_presets_for_an_unknown_one():
     result = subprocess.run([*SEQMIX, "describe", "model=nope"], capture_output=True, text=True)
     assert result.returncode == 2

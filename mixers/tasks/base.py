@@ -61,6 +61,8 @@ class Task:
         causal: whether a causal model can solve it (False for masked objectives).
         models_text: whether its sequences are text a tokenizer decodes, so that a model trained on
             it continues text (``seqmix generate``); False for synthetic tokens and classification.
+        reads_data: whether building it reads the user's files (and may tokenize them), so that its
+            vocabulary and classes are known only then; False for generated and built-in data.
     Attributes set by subclasses:
         vocab_size: V, the number of token ids inputs use.
         num_classes: classes of a classification task, else None.
@@ -72,6 +74,7 @@ class Task:
     metric: ClassVar[str]
     causal: ClassVar[bool] = True
     models_text: ClassVar[bool] = False
+    reads_data: ClassVar[bool] = False
     vocab_size: int
     num_classes: int | None = None
     seq_len: int

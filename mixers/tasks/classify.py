@@ -86,6 +86,7 @@ class Classify(Task):
     name = "classify"
     head = "classification"
     metric = "accuracy"
+    reads_data = True
 
     def __init__(self, path: str = "", format: str = "auto", text_column: str = "text", label_column: str = "label",
                  seq_len: int = 256, valid_fraction: float = 0.1, decode_errors: str = "replace", tokenizer: str = BYTES,

@@ -63,6 +63,7 @@ class TextCorpus(Task):
     head = "causal_lm"
     metric = "bits_per_byte"
     models_text = True
+    reads_data = True
 
     def __init__(self, path: str = "", format: str = "auto", text_column: str = "text", seq_len: int = 256,
                  valid_fraction: float = 0.05, decode_errors: str = "replace", tokenizer: str = BYTES,
