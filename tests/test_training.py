@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+import seqmix
 from seqmix import SeqmixError
 from seqmix.configs import compose_config
 from seqmix.training.experiment import build_experiment
@@ -465,3 +466,22 @@ def test_a_run_record_or_tokenizer_that_is_not_a_regular_file_is_refused_by_what
     assert not_a_file(tmp_path / "link") == "is a broken symbolic link"
     assert not_a_file(tmp_path) == "is a directory, not a regular file"
     assert not_a_file(tmp_path / "run" / "metrics.jsonl") == "is a regular file"
+
+
+def test_evaluation_scores_a_large_batch_in_pieces_with_the_same_scores(monkeypatch):
+    """evaluate ran one forward over the whole batch: batch_size=100000 was killed by the kernel at 24 GB."""
+    from seqmix.tasks import build_task
+    from seqmix.training import loop
+
+    task = build_task("mqar", vocab_size=64, seq_len=64, num_pairs=4)
+    model = seqmix.build_model(task.vocab_size, 16, ["ema", "gated_attention"])
+    whole = loop.evaluate(model, task, batch_size=12, batches=2, device="cpu")
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda tokens, *rest: seen.append(tokens.numel()) or forward(tokens, *rest))
+    monkeypatch.setattr(loop, "EVAL_TOKENS", 5 * 64)
+    pieces = loop.evaluate(model, task, batch_size=12, batches=2, device="cpu")
+    assert max(seen) <= 5 * 64 and sum(seen) == 2 * 12 * 64
+    assert pieces.keys() == whole.keys()
+    for key in whole:
+        assert pieces[key] == pytest.approx(whole[key], rel=1e-6)

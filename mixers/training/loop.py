@@ -258,6 +258,10 @@ def correct_count(output: torch.Tensor, batch: Batch) -> torch.Tensor:
     return ((predictions == targets) & (targets != IGNORE)).sum()
 
 
+EVAL_TOKENS = 1 << 16
+"""The most tokens one forward of ``evaluate`` takes: a larger batch is scored in pieces of rows."""
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, batch_size: int, batches: int, device, bf16: bool = False,
              stop: Callable[[], bool] | None = None, progress: bool = False) -> dict[str, float] | None:
@@ -275,13 +279,17 @@ def evaluate(model: nn.Module, task: Task, batch_size: int, batches: int, device
         if stop is not None and stop():
             model.train(was_training)
             return None
-        batch = batch.to(device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            output = predict(model, batch)
-        loss, n = loss_sum_and_count(output, batch)
-        total += float(loss)
-        count += int(n)
-        correct += int(correct_count(output, batch))
+        # Rows in pieces of at most EVAL_TOKENS tokens: the scores are sums over rows, and a forward
+        # over batch_size=100000 rows held activations the kernel killed the process for (24 GB).
+        rows = max(1, EVAL_TOKENS // max(1, batch.inputs[0].numel()))
+        for start in range(0, batch.inputs.shape[0], rows):
+            piece = batch.slice(start, start + rows).to(device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                output = predict(model, piece)
+            loss, n = loss_sum_and_count(output, piece)
+            total += float(loss)
+            count += int(n)
+            correct += int(correct_count(output, piece))
     model.train(was_training)
     return task_scores(task, total, count, correct)
 
