@@ -524,7 +524,9 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         manifest = load(args.directory)
         if args.mode == "generate":
-            text = args.prompt + generate(args.directory, manifest, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed)
+            # A prompt's bytes that are not UTF-8 (surrogates from the command line) are shown as U+FFFD.
+            shown_prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            text = shown_prompt + generate(args.directory, manifest, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed)
             print(text if args.raw else escape_controls(text, keep="\n\t"))
         else:
             try:

@@ -399,7 +399,9 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     # The first token before the prompt is shown: the stream checks its options and allocates its
     # state on the first step, and a refusal there followed the prompt already printed.
     first = next(tokens, None)
-    sys.stdout.write(shown(options.prompt))
+    # A prompt of bytes that are not UTF-8 reaches Python as surrogates (\udcff): shown as the text they
+    # decode to, U+FFFD for each such byte, as the continuation is; the model was given the bytes.
+    sys.stdout.write(shown(options.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")))
     text = TextStream(tokenizer)
     for token in itertools.chain([] if first is None else [first], tokens):
         sys.stdout.write(shown(text.push(int(token[0]))))

@@ -144,6 +144,21 @@ def test_generate_escapes_what_the_model_and_tokenizer_produce_unless_asked_for_
         assert out == "def " + escape_controls(produced, keep="\n\t") + "\n" and not acted_on(out)
 
 
+def test_a_prompt_of_bytes_that_are_not_utf8_is_shown_as_text_and_given_to_the_model_as_bytes(byte_run, monkeypatch, capsys):
+    """A prompt typed as bytes 0xff 0xfe was echoed as the escapes of Python's surrogates (\\udcff\\udcfe)."""
+    import seqmix.model.generation
+
+    given = []
+    real = seqmix.model.generation.stream_tokens
+    monkeypatch.setattr(seqmix.model.generation, "stream_tokens", lambda model, prompt, *a, **k: given.append(prompt.tolist()) or real(model, prompt, *a, **k))
+    prompt = b"a\xff\xfe".decode("utf-8", "surrogateescape")  # as Python decodes such a command-line argument
+    capsys.readouterr()
+    assert main(["generate", f"checkpoint={byte_run}", f"prompt='{prompt}'", "tokens=1", "temperature=0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("a\ufffd\ufffd") and "udc" not in out
+    assert given == [[[97, 255, 254]]]
+
+
 def test_the_training_sample_is_printed_escaped(tmp_path, monkeypatch, capsys):
     import seqmix.training.reporting
 
@@ -166,6 +181,9 @@ def test_the_standalone_runner_escapes_generated_text_and_errors(tmp_path, raw, 
     assert runner.main([str(tmp_path), "generate", "--prompt", "p", *(["--raw"] if raw else [])]) == 0
     out = capsys.readouterr().out
     assert out == ("p" + HOSTILE if raw else escape_controls("p" + HOSTILE, keep="\n\t")) + "\n"
+    # Bytes of the prompt that are not UTF-8 (Python's surrogates for them) are shown as U+FFFD.
+    assert runner.main([str(tmp_path), "generate", "--prompt", b"p\xff".decode("utf-8", "surrogateescape")]) == 0
+    assert capsys.readouterr().out.startswith("p\ufffd")
     monkeypatch.undo()
     # A path cannot hold NUL (nor can a command line): the rest of HOSTILE as a directory name.
     assert runner.main([str(tmp_path / f"export{HOSTILE.replace(chr(0), '')}"), "classify", "--ids", "1"]) == 2
