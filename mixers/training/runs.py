@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from seqmix.errors import not_a_file
+from seqmix.errors import first_few, json_kind, not_a_file
 from seqmix.jsontext import parse_json
 
 METRIC_COLUMNS = ("bits_per_byte", "bits_per_token", "accuracy", "loss")
@@ -32,7 +32,8 @@ def collect_runs(root: str | os.PathLike) -> GatheredRuns:
     elsewhere) and a run killed while writing leaves a line unfinished, so nothing in them is
     trusted: a run.json that is not a regular file holding a JSON object leaves its run out, a
     metrics line that is not a metric record ({"split": ..., "step": ...}) is left out, and each
-    is told in ``problems``; a field of the wrong type shows as an empty cell ("?" for a preset).
+    is told in ``problems``; a field of the wrong type shows as an empty cell ("?" for a preset),
+    and is told there too.
     Lines are read one at a time, so a long metrics.jsonl costs no memory.
     """
     rows, problems = [], []
@@ -49,6 +50,9 @@ def collect_runs(root: str | os.PathLike) -> GatheredRuns:
             continue
         if left_out:
             problems.append(f"{metrics_path}: left out {left_out}")
+        wrong = _wrong_fields(record)
+        if wrong:
+            problems.append(f"{record_path}: {first_few(wrong)}; shown as empty cells")
         model = _mapping(record.get("model"))
         preset = _mapping(record.get("preset"))
         layers = model.get("layers")
@@ -66,6 +70,24 @@ def collect_runs(root: str | os.PathLike) -> GatheredRuns:
                 row[f"valid_{column}"] = valid[column]
         rows.append(row)
     return GatheredRuns(rows, problems)
+
+
+RECORD_FIELDS = {("model",): dict, ("preset",): dict, ("preset", "model"): str, ("preset", "task"): str,
+                 ("model", "d_model"): int, ("model", "depth"): int, ("model", "layers"): list}
+"""The run.json fields a row shows, and the type each must have."""
+
+
+def _wrong_fields(record: dict) -> list[str]:
+    """The RECORD_FIELDS present in ``record`` with another type, each as "<field> is <what it is>"."""
+    wrong = []
+    for path, kind in RECORD_FIELDS.items():
+        value, parent = record, None
+        for key in path:
+            parent, value = value, value.get(key) if isinstance(value, dict) else None
+        if isinstance(parent, dict) and path[-1] in parent and value is not None:
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                wrong.append(f"{'.'.join(path)} is {json_kind(value)}, not {json_kind(kind())}")
+    return wrong
 
 
 def _read_record(path: Path) -> dict:
