@@ -364,7 +364,7 @@ def test_running_out_of_memory_ends_a_command_with_one_line_and_describe_never_a
     assert probe.returncode == 0, probe.stderr[-2000:]
     statuses = [line for line in probe.stdout.splitlines() if line in ("0", "1", "2")]
     assert statuses == ["1", "0"], probe.stdout[-2000:]
-    assert "total parameters: 60,001,347,000,000" in probe.stdout
+    assert "total parameters: 60,001,347,000,000 (218.3 TiB in float32)" in probe.stdout
     errors = [line for line in probe.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and re.fullmatch(r"seqmix evaluate: error: out of memory: an allocation of [\d,.]+ GiB failed; "
                                              r"lower what scales memory .*", errors[0]), probe.stderr[-2000:]

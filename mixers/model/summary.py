@@ -12,6 +12,16 @@ def _parameters(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+def _size(count: int) -> str:
+    """``count`` bytes in the largest binary unit below it: a model of trillions of parameters says
+    what it would take (describe builds it on the meta device, so any size is described)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = 1 << (10 * ("KMGT".index(unit[0]) + 1))
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count:,} bytes"
+
+
 def _field(value: int | None) -> str:
     return "unbounded" if value is None else f"{value:,}"
 
@@ -52,7 +62,7 @@ def describe_model(model: SequenceModel, title: str = "model") -> str:
         "",
         f"embeddings {embeddings:,} · final norm {_parameters(model.final_norm):,} · head "
         f"{'tied to the embedding' if model.head_is_tied else f'{_parameters(model.head):,}'}",
-        f"total parameters: {total:,}",
+        f"total parameters: {total:,} ({_size(total * 4)} in float32)",
         f"streaming state per sequence: {state_numbers:,} numbers ({state_numbers * 4 / 1024:,.1f} KiB in float32)"
         if model.causal
         else "streaming state: none (bidirectional model)",
