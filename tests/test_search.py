@@ -83,6 +83,20 @@ def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_a
     assert result.returncode == 0, result.stderr
     assert f"d_model={trial.user_attrs['model_config']['d_model']}" in result.stdout
 
+    # The report again (the study is complete): presets of this study replaced, a user's files beside them
+    # kept (the glob tiny_trial*.yaml deleted them).
+    mine = [preset.with_name(f"{preset.stem}_tuned.yaml"), preset.with_name("tiny_trials_notes.yaml")]
+    for path in mine:
+        path.write_text("mine: 1\n")
+    assert run_search(tiny(out_dir), measure_latency=deployed_latency, log=lines.append).trials_run == 0
+    assert all(path.read_text() == "mine: 1\n" for path in mine)
+    # Another study in the same folder: its trial 0 replaced this study's trials/0000, and its report this one's.
+    runs = {path: path.read_bytes() for path in (out_dir / "trials").rglob("*") if path.is_file()}
+    with pytest.raises(SeqmixError, match=r"holds the runs of study 'tiny'; this search is study 'other', whose trials would "
+                                          r"replace them: choose another search.out_dir, or search.study_name=tiny"):
+        run_search(tiny(out_dir, "search.study_name=other"), measure_latency=deployed_latency, log=lines.append)
+    assert {path: path.read_bytes() for path in (out_dir / "trials").rglob("*") if path.is_file()} == runs
+
 
 def test_a_diverging_trial_fails_and_the_study_goes_on_with_intermediate_reports(tmp_path):
     out_dir = tmp_path / "search"

@@ -7,6 +7,7 @@ each file is written beside its place under a name of this process's own, then m
 from __future__ import annotations
 
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -178,8 +179,12 @@ def write_presets(study: optuna.Study, settings: SearchSettings, metric: str, ta
     """
     directory = settings.out_dir / PRESETS / "model"
     directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob(f"{settings.study_name}_trial*.yaml"):
-        old.unlink(missing_ok=True)  # another worker may be writing the same report
+    # This study's presets and no other file: the glob "<study>_trial*.yaml" took a user's
+    # "<study>_trial1_tuned.yaml" too, and another study's whose name starts with "<study>_trial".
+    earlier = re.compile(rf"{re.escape(settings.study_name)}_trial\d+\.yaml")
+    for old in directory.iterdir():
+        if earlier.fullmatch(old.name) and old.is_file() and not old.is_symlink():
+            old.unlink(missing_ok=True)  # another worker may be writing the same report
     reverse = metric_direction(metric) == "maximize"
     best = sorted(pareto_front(study), key=lambda t: t.user_attrs["metric"], reverse=reverse)[: settings.top_k]
     paths = []

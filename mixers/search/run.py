@@ -28,7 +28,7 @@ from seqmix.search.claims import next_trial
 from seqmix.search.report import task_overrides, write_report
 from seqmix.search.settings import SearchSettings
 from seqmix.search.storage import open_study
-from seqmix.search.trial import LatencyFn, TrialContext, run_claimed
+from seqmix.search.trial import LatencyFn, TrialContext, claim_out_dir, run_claimed
 from seqmix.training.experiment import build_experiment
 
 
@@ -65,6 +65,7 @@ def run_search(config: DictConfig, measure_latency: LatencyFn | None = None, log
     # Builds the base model once: a bad preset, task or train option fails here, before any trial.
     experiment = build_experiment(config)
     task = experiment.task
+    claim_out_dir(settings)
     study, storage = open_study(settings, task, log, experiment.task_config)
     context = TrialContext(
         settings, task, experiment.task_config, experiment.train, OmegaConf.to_container(config.model, resolve=True),

@@ -19,9 +19,11 @@ import torch
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
+from seqmix.errors import SeqmixError
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.search.claims import RetryTrial, heartbeat
 from seqmix.search.settings import SearchSettings
+from seqmix.staging import new_file
 from seqmix.tasks.base import Task
 from seqmix.timing import Timing
 from seqmix.training.experiment import adapt_model_config, check_fits
@@ -31,6 +33,33 @@ from seqmix.training.loop import METRICS, TrainConfig, train
 # RuntimeErrors, out-of-memory included). Anything else is a bug and stops the search.
 TRIAL_ERRORS = (ValueError, RuntimeError, ArithmeticError, MemoryError)
 TRIALS = "trials"
+STUDY_MARK = "study.json"
+"""The file in search.out_dir naming the study whose runs and report it holds."""
+
+
+def claim_out_dir(settings: SearchSettings) -> None:
+    """Bind ``search.out_dir`` to this study, or raise when another study's runs are there.
+
+    Optuna numbers each study's trials from 0, so a second study in the same folder replaced the
+    first's runs (``trials/0000``, ...) and report without a word. The folder's STUDY_MARK names its
+    study; a folder written before it was kept is taken for this study, as it was before.
+    """
+    mark = settings.out_dir / STUDY_MARK
+    if os.path.lexists(mark):
+        try:
+            named = json.loads(mark.read_text()).get("study_name") if mark.is_file() and not mark.is_symlink() else None
+        except (OSError, ValueError, AttributeError):
+            named = None
+        if named != settings.study_name:
+            held = f"the runs of study {named!r}" if isinstance(named, str) else f"a {STUDY_MARK} seqmix did not write"
+            raise SeqmixError(f"search.out_dir={str(settings.out_dir)!r} holds {held}; this search is study "
+                              f"{settings.study_name!r}, whose trials would replace them: choose another search.out_dir"
+                              + (f", or search.study_name={named} to continue that study" if isinstance(named, str) else ""))
+        return
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    staged = new_file(settings.out_dir, f".{STUDY_MARK}.", ".tmp")
+    staged.write_text(json.dumps({"study_name": settings.study_name}) + "\n")
+    os.replace(staged, mark)
 
 LatencyFn = Callable[..., Timing]
 """``(model, runtime=, length=, batch_size=, repeats=, work_dir=) -> Timing``; its median is the objective."""
@@ -90,7 +119,11 @@ def _run_trial(trial: optuna.Trial, context: TrialContext) -> list[float]:
     trial.set_user_attr("architecture", candidate.summary)
     trial.set_user_attr("model_config", model_config)
     run_dir = settings.out_dir / TRIALS / f"{trial.number:04d}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # left by an older study in this out_dir
+    if run_dir.is_symlink() or (os.path.lexists(run_dir) and not run_dir.is_dir()):
+        raise SeqmixError(f"{run_dir} is a symbolic link or not a folder; a trial's run is written into a folder of "
+                          "its own, so it is left as it is: remove it, or choose another search.out_dir")
+    if run_dir.exists():  # left by an attempt of this study that stopped (another study's out_dir is refused first)
+        shutil.rmtree(run_dir)
     torch.manual_seed(context.train.seed)
     model = instantiate_model(model_config)
     check_fits(model, task)
