@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -483,6 +484,7 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     if out.exists() and not options.overwrite:
         raise SeqmixError(f"out={options.out!r} already exists; choose another path, or pass overwrite=true to replace it")
     source = DocumentSource(options.path, options.format, options.decode_errors, owner="tokenizer", options="")
+    _refuse_output_in_corpus(out, options.path, source.files)
 
     def texts():
         for where, row in source.rows({"text_column": options.text_column}):
@@ -495,6 +497,21 @@ def run_tokenizer(options: TokenizerOptions, choices: dict) -> int:
     print(f"wrote {out}: {tokenizer.vocab_size:,} tokens (separator id {tokenizer.separator}); train with "
           f"{PROGRAM} train task=text {shell_override('task.path', options.path)} {shell_override('task.tokenizer', out)}")
     return 0
+
+
+def _refuse_output_in_corpus(out: Path, corpus: str, files: list[Path]) -> None:
+    """Refuse a tokenizer's ``out`` that is one of the corpus's files (overwrite=true replaced the corpus
+    with the tokenizer) or would become one (inside the corpus folder, or matched by its glob: the
+    ``seqmix train`` command printed after it read the tokenizer as a document and failed)."""
+    target = Path(os.path.realpath(out))
+    if any(Path(os.path.realpath(file)) == target for file in files):
+        raise SeqmixError(f"out={str(out)!r} is a file of the corpus path={corpus!r}; write the tokenizer elsewhere")
+    base = Path(corpus).expanduser()
+    inside = (base.is_dir() and Path(os.path.realpath(base)) in target.parents) or (
+        not base.exists() and fnmatch.fnmatch(str(target), os.path.realpath(base)))
+    if inside:
+        raise SeqmixError(f"out={str(out)!r} is inside the corpus path={corpus!r}, so training on that corpus would read "
+                          "the tokenizer as a document; write it outside the corpus")
 
 
 def shell_override(key: str, value) -> str:

@@ -344,3 +344,20 @@ def test_the_printed_train_command_reads_back_the_corpus_and_tokenizer_paths(nam
     assert words[:3] == ["seqmix", "train", "task=text"]
     parser = OverridesParser.create()
     assert [parser.parse_override(word).value() for word in words[3:]] == [str(corpus), str(out)]
+
+
+def test_the_tokenizer_command_never_writes_into_its_corpus(tmp_path, capsys):
+    """out=<a corpus file> overwrite=true replaced the corpus with the tokenizer, and out inside the
+    corpus folder was read as a document by the train command printed after it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"words of document {i} " * 20)
+    before = {path: path.read_bytes() for path in corpus.iterdir()}
+    for path, out, told in ((corpus, corpus / "0.txt", "is a file of the corpus"), (corpus, corpus / "tok.json", "is inside the corpus"),
+                            (f"{corpus}/*.txt", corpus / "tok.txt", "is inside the corpus"),
+                            (corpus / "1.txt", corpus / "1.txt", "is a file of the corpus")):
+        assert main(["tokenizer", f"path={path}", "vocab_size=280", f"out={out}", "overwrite=true"]) == 2
+        assert told in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in corpus.iterdir()} == before
+    assert main(["tokenizer", f"path={corpus}", "vocab_size=280", f"out={tmp_path / 'tok.json'}"]) == 0
