@@ -44,6 +44,19 @@ def test_an_old_run_loads_and_gives_the_same_logits(version, preset):
     assert build_task(record["task"]).vocab_size == 64
 
 
+def test_only_a_checkpoint_of_a_run_reads_the_record_two_folders_up(tmp_path):
+    """A saved model two folders below any run.json took that run's record, and evaluate scored it on
+    that run's task. An old run's checkpoint, which holds no copy of the record, still reads its run's."""
+    import seqmix
+
+    old = FIXTURES / "runs_0.1.0" / "mega"
+    assert load_run(old)[1]["preset"]["model"] == "mega"
+    shutil.copy(old / "run.json", tmp_path / "run.json")
+    seqmix.save_model(seqmix.load_model(old), tmp_path / "a" / "b")
+    model, record = load_run(tmp_path / "a" / "b")
+    assert "task" not in record and "preset" not in record
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_an_old_run_resumes_with_todays_config(version, tmp_path):
     from seqmix.configs import compose_config

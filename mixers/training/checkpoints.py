@@ -206,7 +206,11 @@ def load_run(path: str | os.PathLike, device: str = "cpu", allow_unverified: boo
         return model, _with_saved_tokenizer(record, Path(path))
     checkpoint = resolve_checkpoint(path)
     model = load_model(checkpoint, device=device, allow_unverified=allow_unverified)
-    record_path = checkpoint / RUN if (checkpoint / RUN).is_file() else checkpoint.parent.parent / RUN
+    record_path = checkpoint / RUN
+    # The fallback is a training checkpoint's own run, <run>/checkpoints/step-N: any folder two levels up
+    # gave a saved model another run's record, and evaluate scored it on that run's task.
+    if not record_path.is_file() and is_checkpoint_directory(checkpoint) and checkpoint.parent.name == CHECKPOINTS:
+        record_path = checkpoint.parent.parent / RUN
     record = read_run_record(record_path) if record_path.is_file() else {}
     return model, _with_saved_tokenizer(record, checkpoint)
 
