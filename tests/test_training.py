@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -489,3 +490,48 @@ def test_evaluation_scores_a_large_batch_in_pieces_with_the_same_scores(monkeypa
     assert pieces.keys() == whole.keys()
     for key in whole:
         assert pieces[key] == pytest.approx(whole[key], rel=1e-6)
+
+
+def test_the_training_bar_is_drawn_on_a_terminal_only(tmp_path, capsys):
+    """train.progress=true drew its bar into a log file or a pipe: 36 KB of frames per 300 steps."""
+    from conftest import library_run
+
+    library_run(tmp_path / "run", "train.max_steps=3", "train.progress=true")
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "step/s" not in captured.err and "s/step" not in captured.err
+
+
+def test_a_resume_past_max_steps_reports_the_step_the_model_is_at(tmp_path, capsys):
+    """Resumed at step 3 with train.max_steps=1, the summary said 'steps 1, -2 of them in this run'."""
+    from conftest import library_run
+    from seqmix.training.reporting import print_summary
+
+    out_dir = library_run(tmp_path / "run", "train.max_steps=3", "train.checkpoint_every=3")
+    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
+                             "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
+                             "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true"])
+    experiment = build_experiment(config)
+    result = train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    assert (result.steps, result.first_step) == (3, 3)
+    capsys.readouterr()
+    print_summary(experiment, result)
+    out = capsys.readouterr().out
+    assert "-" not in "".join(line for line in out.splitlines() if line.startswith(("steps", "time")))
+
+
+def test_the_plan_says_when_the_warm_up_outlasts_the_run(capsys):
+    """A 4-step run with the default 100 warm-up steps peaked at lr 1.2e-4 while the plan said 'lr 0.003'."""
+    from seqmix.training.reporting import print_plan
+
+    for steps, told in ((4, "lr rising to 0.00012 only: the warm-up to train.lr=0.003 over train.warmup_steps=100 outlasts the run"),
+                        (400, "lr 0.003 after 100 warm-up steps, then cosine decay")):
+        config = small_config(steps)
+        print_plan(types.SimpleNamespace(model=seqmix.build_model(16, 16, ["ema"]), task=types.SimpleNamespace(seq_len=8, vocab_size=16, metric="accuracy"),
+                                         train=config), {"model": "m", "task": "t"})
+        assert told in capsys.readouterr().out
+
+
+def small_config(steps: int):
+    from seqmix.training.loop import TrainConfig
+
+    return TrainConfig(max_steps=steps, lr=0.003, warmup_steps=100, out_dir="unused", device="cpu")

@@ -88,7 +88,7 @@ class TrainConfig:
         seed: seeds the parameter initialisation (an integer in [0, 2**32 - 1]: torch's generators keep 32 bits of a seed).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:<index>``.
         tensorboard: also write TensorBoard scalars to out_dir/tensorboard.
-        progress: show a progress bar.
+        progress: show a progress bar (on a terminal only, as the data's bars).
         compile: None, or a torch.compile backend (``COMPILE_BACKENDS``) to run the
             training forward through; ``seqmix train`` passes the compiled module to ``train``
             (the library itself never imports ``compile/``).
@@ -313,7 +313,7 @@ class RunResult:
     """What a finished run reports.
 
     Attributes:
-        steps: the step the run reached (``max_steps``).
+        steps: the step the run reached (``max_steps``, or its checkpoint's when resumed past it).
         first_step: the step this process started from (0, or the resumed checkpoint's).
         seconds, tokens_per_s: wall time and throughput of this process's steps alone.
     """
@@ -565,7 +565,9 @@ def _train_in_locked_dir(
     rows_per_rank = config.batch_size // world
     micro = rows_per_rank // config.grad_accum
     history: list[dict] = []
-    bar = tqdm(total=config.max_steps, initial=start, desc="train", unit="step", disable=not (config.progress and rank == 0), dynamic_ncols=True)
+    # disable=None: drawn on a terminal only; into a log file or a pipe its frames were 36 KB per 300 steps.
+    bar = tqdm(total=config.max_steps, initial=start, desc="train", unit="step",
+               disable=None if config.progress and rank == 0 else True, dynamic_ncols=True)
     started, tokens_seen, checkpoint = time.perf_counter(), 0, latest_checkpoint(out_dir) if config.resume else None
 
     def log(row: dict) -> None:
@@ -670,7 +672,7 @@ def _train_in_locked_dir(
                          stop=lambda: stops.received is not None) or {}
     seconds = time.perf_counter() - started
     return RunResult(
-        steps=config.max_steps,
+        steps=max(config.max_steps, start),  # a resume past max_steps trains nothing: the model is at its checkpoint's step
         first_step=start,
         final_eval={k: v for k, v in final.items() if k not in ("step", "split")},
         checkpoint=checkpoint,

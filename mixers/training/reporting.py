@@ -7,12 +7,22 @@ import torch
 
 from seqmix.model.generation import generate
 from seqmix.tokenization import ByteTokenizer
-from seqmix.training.loop import pick_device
+from seqmix.training.loop import learning_rate, pick_device
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _schedule(train) -> str:
+    """The learning rate's course: its peak, or, where the warm-up outlasts the run (warmup_steps=100
+    for max_steps=4), the highest it reaches and that it never decays, which "lr 0.003" hid."""
+    if train.warmup_steps < train.max_steps:
+        return f"lr {train.lr:g} after {train.warmup_steps:,} warm-up steps, then cosine decay"
+    reached = learning_rate(train, train.max_steps - 1)
+    return (f"lr rising to {reached:.3g} only: the warm-up to train.lr={train.lr:g} over "
+            f"train.warmup_steps={train.warmup_steps:,} outlasts the run")
 
 
 def print_plan(experiment, choices: dict) -> None:
@@ -24,7 +34,7 @@ def print_plan(experiment, choices: dict) -> None:
                   f"{parameters:,} parameters"),
         ("task", f"{choices.get('task') or type(task).name}: sequences of {task.seq_len} tokens, "
                  f"vocabulary {task.vocab_size}, metric {task.metric}"),
-        ("train", f"{train.max_steps:,} steps of {train.batch_size} sequences, lr {train.lr:g}, "
+        ("train", f"{train.max_steps:,} steps of {train.batch_size} sequences, {_schedule(train)}, "
                   f"evaluated every {train.eval_every} steps"),
         ("device", f"{pick_device(train.device)}, {torch.get_num_threads()} torch thread(s)"
                    + (" (OMP_NUM_THREADS sets it)" if os.environ.get("OMP_NUM_THREADS") else "")),
