@@ -535,3 +535,24 @@ def small_config(steps: int):
     from seqmix.training.loop import TrainConfig
 
     return TrainConfig(max_steps=steps, lr=0.003, warmup_steps=100, out_dir="unused", device="cpu")
+
+
+def test_a_run_whose_latest_pointer_is_missing_resumes_from_its_newest_checkpoint(tmp_path, capsys):
+    """A run killed between renaming its first checkpoint into place and writing 'latest' (or with the
+    pointer deleted) resumed from step 0 and wrote over its checkpoints."""
+    from conftest import library_run
+    from seqmix.model.checkpoint import latest_checkpoint
+
+    out_dir = library_run(tmp_path / "run", "train.max_steps=4", "train.checkpoint_every=2")
+    (out_dir / "checkpoints" / "latest").unlink()
+    assert latest_checkpoint(out_dir) == out_dir / "checkpoints" / "step-00000004"
+    trained = [line for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
+                             "train.batch_size=2", "train.max_steps=5", "train.eval_batches=1", "train.progress=false",
+                             "train.checkpoint_every=2", "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true"])
+    experiment = build_experiment(config)
+    capsys.readouterr()
+    result = train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    assert result.first_step == 4 and "continuing from" in capsys.readouterr().out
+    text = (out_dir / "metrics.jsonl").read_text()
+    assert trained and all(line in text for line in trained)  # the first 4 steps' rows kept, not truncated to step 0

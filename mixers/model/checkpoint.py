@@ -250,10 +250,20 @@ def is_checkpoint_directory(path: Path) -> bool:
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``latest`` points at in ``out_dir``, or None when there is none."""
-    pointer = Path(out_dir) / CHECKPOINTS / LATEST
+    """The checkpoint ``latest`` points at in ``out_dir``; without that pointer, the checkpoint
+    directory of the highest step; None when there is none.
+
+    A checkpoint is renamed into place whole before ``latest`` names it, so a run killed between
+    the two (or a pointer deleted) still has its newest checkpoint: a resume took the missing pointer
+    for no checkpoint, trained from step 0 and wrote over the run's checkpoints.
+    """
+    folder = Path(out_dir) / CHECKPOINTS
+    pointer = folder / LATEST
+    if not os.path.lexists(pointer):
+        found = [entry for entry in folder.iterdir() if is_checkpoint_directory(entry)] if folder.is_dir() else []
+        return max(found, key=checkpoint_step) if found else None
     if not pointer.is_file():
-        return None
+        raise SeqmixError(f"{pointer} {not_a_file(pointer)}; it should be the file naming the newest checkpoint in {folder}")
     try:
         name = parse_json(pointer.read_text())["checkpoint"]
     except (ValueError, KeyError, TypeError):
