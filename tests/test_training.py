@@ -556,3 +556,23 @@ def test_a_run_whose_latest_pointer_is_missing_resumes_from_its_newest_checkpoin
     assert result.first_step == 4 and "continuing from" in capsys.readouterr().out
     text = (out_dir / "metrics.jsonl").read_text()
     assert trained and all(line in text for line in trained)  # the first 4 steps' rows kept, not truncated to step 0
+
+
+def test_a_resume_continues_with_the_optimizer_options_it_is_given_and_says_which_changed(tmp_path, capsys):
+    """train.weight_decay and train.beta1 given to a resume were replaced by the checkpoint's without a word."""
+    from conftest import library_run
+
+    out_dir = library_run(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2")
+    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
+                             "train.batch_size=2", "train.max_steps=3", "train.eval_batches=1", "train.progress=false",
+                             "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true", "train.weight_decay=0.5",
+                             "train.beta1=0.5"])
+    experiment = build_experiment(config)
+    capsys.readouterr()
+    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    told = [line for line in capsys.readouterr().out.splitlines() if "the optimizer continues" in line]
+    assert told == ["resume: the optimizer continues with the train options given, not the checkpoint's: "
+                    "weight_decay 0.1 -> 0.5, betas (0.9, 0.98) -> (0.5, 0.98)"]
+    groups = json.loads((out_dir / "checkpoints" / "step-00000003" / "trainer.json").read_text())["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == 0.5 and groups[1]["weight_decay"] == 0.0
+    assert all(group["betas"] == [0.5, 0.98] for group in groups)

@@ -157,24 +157,40 @@ def _read_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, de
     return {"state": state, "step": step}
 
 
-def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights and optimizer state from ``checkpoint``; return the step to continue from.
+OPTIMIZER_SETTINGS = ("weight_decay", "betas")
+"""The optimizer's settings that come from the train options, not from the checkpoint, on a resume."""
 
-    The checksums are verified and every file is read and checked against the model before
-    anything is copied, so a refused checkpoint leaves ``model`` and ``optimizer`` untouched.
+
+def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[str]]:
+    """Restore weights and optimizer state from ``checkpoint``; return the step to continue from and
+    the OPTIMIZER_SETTINGS that differ from the checkpoint's, each as "<name> <old> -> <new>".
+
+    The optimizer keeps the settings it was built with (the run's train options): loading the state
+    brought back the checkpoint's, so train.weight_decay or train.beta1 given to a resume was ignored
+    without a word. The checksums are verified and every file is read and checked against the model
+    before anything is copied, so a refused checkpoint leaves ``model`` and ``optimizer`` untouched.
     """
     verify_checksums(checkpoint)
     device = str(next(model.parameters()).device)
     weights = read_tensors(checkpoint / WEIGHTS, device)
     check_weights(model, weights, str(checkpoint / WEIGHTS))
     stored = _read_optimizer_state(checkpoint, optimizer, device)
+    given = [{key: group[key] for key in OPTIMIZER_SETTINGS} for group in optimizer.param_groups]
     try:
         # Validates the parameter groups before it changes anything.
         optimizer.load_state_dict(stored["state"])
     except ValueError as error:
         raise SeqmixError(f"checkpoint {checkpoint}: {OPTIMIZER} does not fit this model's optimizer ({one_line(error)})") from None
+    changed = []
+    for group, settings in zip(optimizer.param_groups, given):
+        for key, value in settings.items():
+            old = tuple(group[key]) if key == "betas" else group[key]
+            new = tuple(value) if key == "betas" else value
+            if old != new and f"{key} {old} -> {new}" not in changed:
+                changed.append(f"{key} {old} -> {new}")
+            group[key] = value
     model.load_state_dict(weights, strict=False)
-    return stored["step"]
+    return stored["step"], changed
 
 
 

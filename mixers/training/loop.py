@@ -544,9 +544,9 @@ def _train_in_locked_dir(
         dist.barrier()
     start = 0
     if config.resume:
-        checkpoint = latest_checkpoint(out_dir)
+        checkpoint, changed = latest_checkpoint(out_dir), []
         if checkpoint is not None:
-            start = load_training_state(checkpoint, model, optimizer)
+            start, changed = load_training_state(checkpoint, model, optimizer)
         if world > 1:
             _require_one_resume_step(start, out_dir, device)
         if rank == 0:
@@ -558,6 +558,9 @@ def _train_in_locked_dir(
                       "nothing left to train (raise train.max_steps to go on)", flush=True)
             else:
                 print(f"resume: continuing from {checkpoint} at step {start:,} of {config.max_steps:,}", flush=True)
+            if changed:
+                print(f"resume: the optimizer continues with the train options given, not the checkpoint's: {', '.join(changed)}",
+                      flush=True)
     network = model if forward_module is None else forward_module
     if world > 1:
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
