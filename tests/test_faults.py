@@ -340,11 +340,12 @@ def _infinite_gradient_at(model, steps: set[int]) -> None:
 
 @pytest.mark.parametrize("how", ["nan", "inf"])
 def test_a_nonfinite_loss_stops_the_run_by_default_and_keeps_the_last_checkpoint(how, tmp_path):
-    """Fault: the logits of training step 3 become NaN or inf. Outcome (on_nonfinite=stop, the
-    default): SeqmixError naming the step and the last good checkpoint, which loads finite."""
+    """Fault: the logits of the fourth training step (step 4, as metrics.jsonl counts) become NaN or
+    inf. Outcome (on_nonfinite=stop, the default): SeqmixError naming that step and the last good
+    checkpoint, which loads finite. The message counted from 0 ("step 3") where the metrics count from 1."""
     experiment = build_experiment(tiny_config(tmp_path / "run", "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=6"))
     _nonfinite_logits_at(experiment.model, {3}, how)
-    with pytest.raises(SeqmixError, match=r"loss became (nan|inf) at step 3 with train.on_nonfinite=stop.*step-00000002.*on_nonfinite=skip"):
+    with pytest.raises(SeqmixError, match=r"loss became (nan|inf) at step 4 with train.on_nonfinite=stop.*step-00000002.*on_nonfinite=skip"):
         train(experiment.model, experiment.task, experiment.train, _record(experiment))
     restored, _ = load_run(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in restored.parameters())
@@ -354,7 +355,7 @@ def test_an_infinite_gradient_with_a_finite_loss_stops_the_run(tmp_path):
     """Fault: a finite loss whose gradient is infinite at step 2. Outcome: stopped before the update."""
     experiment = build_experiment(tiny_config(tmp_path / "run", "train.max_steps=4", "train.checkpoint_every=1", "train.eval_every=4"))
     _infinite_gradient_at(experiment.model, {2})
-    with pytest.raises(SeqmixError, match=r"gradient norm became (inf|nan) at step 2.*step-00000002"):
+    with pytest.raises(SeqmixError, match=r"gradient norm became (inf|nan) at step 3.*step-00000002"):
         train(experiment.model, experiment.task, experiment.train, _record(experiment))
     restored, _ = load_run(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in restored.parameters())
@@ -388,7 +389,7 @@ def test_skip_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path):
         "train.on_nonfinite=skip", "train.max_nonfinite_skips=2",
     ))
     _nonfinite_logits_at(experiment.model, set(range(2, 8)), "nan")
-    with pytest.raises(SeqmixError, match=r"loss became nan at step 4 after 2 skipped steps in a row \(train.max_nonfinite_skips=2\)"):
+    with pytest.raises(SeqmixError, match=r"loss became nan at step 5 after 2 skipped steps in a row \(train.max_nonfinite_skips=2\)"):
         train(experiment.model, experiment.task, experiment.train, _record(experiment))
     assert latest_checkpoint(tmp_path / "run").name == "step-00000004"
     restored, _ = load_run(tmp_path / "run")
@@ -410,3 +411,17 @@ def test_the_default_train_config_documents_on_nonfinite():
     assert "on_nonfinite: stop" in text and "max_nonfinite_skips:" in text
     composed = compose_config(["train.on_nonfinite=skip"]).train
     assert TrainConfig(**composed).on_nonfinite == "skip"
+
+
+def test_diverged_weights_make_no_checkpoint_and_their_metrics_are_json(tmp_path):
+    """Fault: lr = 1e30, so the weights diverge after step 1 and every later loss is NaN. With skips
+    allowed, the evaluation at step 4 was NaN and its weights were still saved as checkpoint 4, which
+    the stop message called the last good one; metrics.jsonl held the bare word NaN, which is no JSON."""
+    with pytest.raises(SeqmixError, match=r"loss became nan at step 5 after 3 skipped steps .* Last good checkpoint: none yet"):
+        run_in_process(tmp_path / "run", "train.lr=1e30", "train.weight_decay=0", "train.warmup_steps=0", "train.max_steps=8",
+                       "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=4", "train.on_nonfinite=skip",
+                       "train.max_nonfinite_skips=3")
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    rows = [json.loads(line, parse_constant=lambda word: pytest.fail(f"{word} is not JSON")) for line in text.splitlines()]
+    assert {"step": 4, "split": "valid", "loss": None} == {key: rows[-1][key] for key in ("step", "split", "loss")}
+    assert not (tmp_path / "run" / "checkpoints").exists()

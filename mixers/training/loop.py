@@ -11,7 +11,6 @@ processes compute what one process computes on the whole batch.
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from seqmix.contract import require_runs_on
 from seqmix.errors import SeqmixError, SeqmixWarning, TrainingStopped, require_available_device, require_bool, require_choice, require_int, require_path, require_seed, require_writable_dir
+from seqmix.jsontext import strict_json
 from seqmix.model.pretrained import check_pretrained_target
 from seqmix.training.records import data_sha256, evaluation_record, read_run_record, same_run
 from seqmix.training.runs import metric_row
@@ -576,7 +576,7 @@ def _train_in_locked_dir(
     def log(row: dict) -> None:
         history.append(row)
         if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.write(strict_json(row) + "\n")  # a NaN loss as null: Python's bare NaN is not JSON
             metrics_file.flush()
         if writer is not None:
             for key, value in row.items():
@@ -591,6 +591,7 @@ def _train_in_locked_dir(
         model.train()
         consecutive_skips = 0
         for step in range(start, config.max_steps):
+            diverged = False
             lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -629,8 +630,9 @@ def _train_in_locked_dir(
                     why = "with train.on_nonfinite=stop"
                     advice = ("Lower train.lr (or train.weight_decay), enable train.grad_clip if it is 0, or pass "
                               "train.on_nonfinite=skip to skip such steps.")
+                # Steps are counted from 1, as metrics.jsonl counts them.
                 raise SeqmixError(
-                    f"train: the {fault} at step {step} {why}; stopped without updating the weights. "
+                    f"train: the {fault} at step {step + 1} {why}; stopped without updating the weights. "
                     f"Last good checkpoint: {last if last else 'none yet'}. {advice}"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -651,8 +653,11 @@ def _train_in_locked_dir(
                                   stop=lambda: stops.received is not None)
                 if rank == 0 and scores is not None:
                     log({"step": done, "split": "valid", **scores})
+                    # Weights whose evaluation is not finite make no checkpoint: the stop message calls
+                    # the latest one good, and a resume would start from diverged weights.
+                    diverged = not all(math.isfinite(value) for value in scores.values())
                     bar.write(f"step {done}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in scores.items()))
-            if rank == 0 and (done % config.checkpoint_every == 0 or done == config.max_steps):
+            if rank == 0 and (done % config.checkpoint_every == 0 or done == config.max_steps) and not diverged:
                 checkpoint = save_checkpoint(out_dir, done, model, optimizer, config.keep_checkpoints)
             if done < config.max_steps and stops.stop_now(world, device):
                 if rank == 0 and (checkpoint is None or checkpoint.name != checkpoint_name(done)):
