@@ -349,3 +349,41 @@ def test_converters_registry():
         "mega_gated_attention": mega_gated_attention_to_seqmix,
         "megalodon_gated_attention": megalodon_gated_attention_to_seqmix,
     }
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.__setitem__("cema.alpha", torch.full((D, N, 1), float("nan"), dtype=torch.float64)), r"cema.alpha holds NaN or infinite values"),
+    (lambda sd: sd.__setitem__("wz.bias", torch.ones(SZ, dtype=torch.int64)), r"wz.bias holds int64 values; a weight is real floating point"),
+    (lambda sd: sd.__setitem__("gamma", torch.ones(2, SZ, dtype=torch.bool)), r"gamma holds bool values"),
+    (lambda sd: sd.__setitem__("wv.weight", rand(E + 1, D)), r"wrong shape\(s\): wv.bias \(12,\) \(expected \(13,\)\), wr.weight \(12, 8\) \(expected \(13, 8\)\)"),
+    (lambda sd: sd.__setitem__("rmsnorm.weight", torch.zeros(1, dtype=torch.float64).expand(2**31)), r"rmsnorm.weight \(2147483648,\) \(expected \(8,\)\)"),
+    (lambda sd: sd.__setitem__("timenorm.weight", rand(D + 1)), r"timenorm.bias \(8,\) \(expected \(9,\)\)"),
+    (lambda sd: sd.__setitem__("wh1.bias", [0.0] * D), r"wh1.bias is a list; expected a torch.Tensor"),
+    (lambda sd: sd.__setitem__(5, rand(D)), r"state_dict key 5 is not a string"),
+], ids=["nan", "int", "bool", "wv shape", "expanded", "timenorm", "list", "int key"])
+def test_a_converter_refuses_values_it_would_load_wrongly_naming_the_key(change, message):
+    """NaN, integer, boolean and complex values loaded (cast) without a word; a wrong wv.weight was
+    load_state_dict's 'size mismatch', an expanded rmsnorm.weight allocated 8 GiB, a list an AttributeError."""
+    sd = megalodon_attention_sd()
+    change(sd)
+    with pytest.raises(SeqmixError, match=message):
+        megalodon_gated_attention_to_seqmix(sd, heads=H)
+
+
+def test_a_converter_refuses_input_that_is_no_state_dict():
+    with pytest.raises(SeqmixError, match=r"state_dict is a list; expected a mapping"):
+        mega_ema_to_seqmix([1, 2])
+    with pytest.raises(SeqmixError, match=r"prefix=None is not valid"):
+        mega_ema_to_seqmix(mega_ema_sd(D), prefix=None)
+    sd = mega_ema_sd(D)
+    sd["omega"] = torch.ones(D, dtype=torch.complex64)
+    with pytest.raises(SeqmixError, match=r"omega holds complex64 values"):
+        mega_ema_to_seqmix(sd)
+
+
+def test_the_mega_converter_checks_the_shapes_of_its_projections_and_norm():
+    sd = mega_attention_sd("simple")
+    sd["mx_proj.weight"] = sd["mx_proj.weight"][:-1]
+    sd["norm.norm.weight"] = rand(D + 2)
+    with pytest.raises(SeqmixError, match=r"wrong shape\(s\): mx_proj.weight .* norm.norm.weight \(10,\) \(expected \(8,\)\)"):
+        mega_gated_attention_to_seqmix(sd)

@@ -80,12 +80,40 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, kind_of, require_int
 
 
-def _select(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries under ``prefix``, with the prefix stripped."""
-    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+def _select(owner: str, state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries under ``prefix``, with the prefix stripped; each must be a tensor with a string key.
+
+    A list, a string or None in a state dict (or a non-string key, or the dict not a mapping) ended
+    in an AttributeError from inside the converter."""
+    if not isinstance(state_dict, Mapping):
+        raise SeqmixError(f"{owner}: state_dict is {kind_of(state_dict)}; expected a mapping of names to tensors "
+                          "(a reference module's state_dict())")
+    if not isinstance(prefix, str):
+        raise SeqmixError(f"{owner}: prefix={prefix!r} is not valid; expected a string such as 'layers.0.mega.' (or '')")
+    keys = [key for key in state_dict if not isinstance(key, str)]
+    if keys:
+        raise SeqmixError(f"{owner}: state_dict key {keys[0]!r} is not a string; a state dict's keys are parameter names")
+    selected = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    for key, value in selected.items():
+        if not isinstance(value, Tensor):
+            raise SeqmixError(f"{owner}: {prefix}{key} is {kind_of(value)}; expected a torch.Tensor")
+    return selected
+
+
+def _check_values(owner: str, sd: Mapping[str, Tensor], prefix: str, keys) -> None:
+    """Raise unless each ``sd[key]`` (its shape already checked) holds finite real floating-point values:
+    an integer, boolean or complex tensor was cast by load_state_dict without a word, and NaN loaded
+    as weights every output of which was NaN."""
+    for key in keys:
+        value = sd[key]
+        if not value.is_floating_point():
+            raise SeqmixError(f"{owner}: {prefix}{key} holds {str(value.dtype).removeprefix('torch.')} values; a weight is "
+                              "real floating point (float32, float16, bfloat16 or float64)")
+        if not bool(torch.isfinite(value).all()):
+            raise SeqmixError(f"{owner}: {prefix}{key} holds NaN or infinite values; these weights are damaged")
 
 
 def _check_keys(owner: str, sd: Mapping[str, Tensor], prefix: str, required, optional=()) -> None:
@@ -124,7 +152,7 @@ def mega_ema_to_seqmix(state_dict: Mapping[str, Tensor], prefix: str = "") -> di
     K = D for ``EMA(D, order=N)``, K = 2D for ``EMA(D, order=N, causal=False)``.
     """
     owner = "mega_ema"
-    sd = _select(state_dict, prefix)
+    sd = _select(owner, state_dict, prefix)
     _check_keys(owner, sd, prefix, ("delta", "alpha", "beta", "gamma", "omega"))
     rows, order = _leading(owner, sd, prefix, "gamma", 2)
     d_model = sd["omega"].numel()
@@ -132,6 +160,7 @@ def mega_ema_to_seqmix(state_dict: Mapping[str, Tensor], prefix: str = "") -> di
         raise SeqmixError(f"{owner}: {prefix}gamma has {rows} rows; expected D={d_model} or 2D={2 * d_model} (omega is (D,))")
     shape = (rows, order, 1)
     _check_shapes(owner, sd, prefix, {"delta": shape, "alpha": shape, "beta": shape, "omega": (d_model,)})
+    _check_values(owner, sd, prefix, sd)
     return {
         "alpha": sd["delta"].squeeze(-1),
         "delta": sd["alpha"].squeeze(-1),
@@ -145,13 +174,14 @@ def megalodon_cema_to_seqmix(state_dict: Mapping[str, Tensor], prefix: str = "")
     """Megalodon ``MultiHeadComplexEMA`` -> ``CEMA``: alpha, delta (D, N, 1), theta (D, 1, 1),
     gamma (D, N, 2), omega (D, 1) -> alpha, delta, eta_re, eta_im (D, N), theta, omega (D,)."""
     owner = "megalodon_cema"
-    sd = _select(state_dict, prefix)
+    sd = _select(owner, state_dict, prefix)
     _check_keys(owner, sd, prefix, ("alpha", "delta", "theta", "gamma", "omega"))
     d_model, order, _ = _leading(owner, sd, prefix, "alpha", 3)
     _check_shapes(owner, sd, prefix, {
         "alpha": (d_model, order, 1), "delta": (d_model, order, 1), "theta": (d_model, 1, 1),
         "gamma": (d_model, order, 2), "omega": (d_model, 1),
     })
+    _check_values(owner, sd, prefix, sd)
     return {
         "alpha": sd["alpha"].squeeze(-1),
         "delta": sd["delta"].squeeze(-1),
@@ -166,8 +196,12 @@ def megalodon_timestep_norm_to_seqmix(state_dict: Mapping[str, Tensor], prefix: 
     """Megalodon ``TimestepNorm`` -> ``TimestepNorm``: weight, bias (D,) kept; prior_count must be 0,
     and the prior buffers prior_mean, prior_logv (G,) are dropped."""
     owner = "megalodon_timestep_norm"
-    sd = _select(state_dict, prefix)
+    sd = _select(owner, state_dict, prefix)
     _check_keys(owner, sd, prefix, ("weight", "bias", "prior_count", "prior_mean", "prior_logv"))
+    width = _leading(owner, sd, prefix, "weight", 1)
+    groups = _leading(owner, sd, prefix, "prior_mean", 1)
+    _check_shapes(owner, sd, prefix, {"bias": width, "prior_logv": groups})
+    _check_values(owner, sd, prefix, ("weight", "bias"))
     prior_count = sd["prior_count"]
     if prior_count.numel() != 1 or prior_count.item() != 0:
         raise SeqmixError(
@@ -191,7 +225,7 @@ def mega_gated_attention_to_seqmix(state_dict: Mapping[str, Tensor], prefix: str
     (rel_pos_bias.rel_pos_bias (2C − 1,), or rel_pos_bias.alpha/.beta (1, S) -> (S,)) and norm.norm.*.
     """
     owner = "mega_gated_attention"
-    sd = _select(state_dict, prefix)
+    sd = _select(owner, state_dict, prefix)
     out = _nest("local.", mega_ema_to_seqmix(state_dict, prefix + "move."))
     rest = {key: value for key, value in sd.items() if not key.startswith("move.")}
 
@@ -206,11 +240,23 @@ def mega_gated_attention_to_seqmix(state_dict: Mapping[str, Tensor], prefix: str
     _check_keys(owner, rest, prefix, linear + ("gamma", "beta") + bias_keys + norm_keys,
                 optional=("rel_pos_bias._float_tensor",))
 
+    d_model = out["local.omega"].numel()
+    z_dim = _leading(owner, rest, prefix, "gamma", 2)[1]
+    v_dim = _leading(owner, rest, prefix, "v_proj.weight", 2)[0]
+    mixed = 2 * d_model + z_dim + v_dim
+    shapes = {"v_proj.weight": (v_dim, d_model), "v_proj.bias": (v_dim,), "mx_proj.weight": (mixed, d_model),
+              "mx_proj.bias": (mixed,), "h_proj.weight": (d_model, v_dim), "h_proj.bias": (d_model,),
+              "gamma": (2, z_dim), "beta": (2, z_dim)}
+    shapes.update({key: (1,) if key.endswith("scalar") else (d_model,) for key in norm_keys})
+    if rotary:
+        shapes.update({"rel_pos_bias.alpha": (1, z_dim), "rel_pos_bias.beta": (1, z_dim)})
+    else:
+        _leading(owner, rest, prefix, "rel_pos_bias.rel_pos_bias", 1)
+    _check_shapes(owner, rest, prefix, shapes)
+    _check_values(owner, rest, prefix, [key for key in rest if key != "rel_pos_bias._float_tensor"])
     out.update({key: rest[key] for key in linear + ("gamma", "beta")})
     out.update({"norm." + key[len("norm.norm."):]: rest[key] for key in norm_keys})
     if rotary:
-        z_dim = _leading(owner, rest, prefix, "gamma", 2)[1]
-        _check_shapes(owner, rest, prefix, {"rel_pos_bias.alpha": (1, z_dim), "rel_pos_bias.beta": (1, z_dim)})
         out["bias.a"] = rest["rel_pos_bias.alpha"].reshape(z_dim)
         out["bias.b"] = rest["rel_pos_bias.beta"].reshape(z_dim)
     else:
@@ -235,7 +281,7 @@ def megalodon_gated_attention_to_seqmix(
     which is why ``heads`` (H, the reference ``num_heads``) is needed.
     """
     owner = "megalodon_gated_attention"
-    sd = _select(state_dict, prefix)
+    sd = _select(owner, state_dict, prefix)
     out = _nest("timestep_norm.", megalodon_timestep_norm_to_seqmix(state_dict, prefix + "timenorm."))
     out.update(_nest("local.", megalodon_cema_to_seqmix(state_dict, prefix + "cema.")))
     rest = {key: value for key, value in sd.items() if not key.startswith(("timenorm.", "cema."))}
@@ -243,8 +289,18 @@ def megalodon_gated_attention_to_seqmix(
     names = {"wv": "v_proj", "wz": "z_proj", "wr": "r_proj", "wh1": "h1_proj"}
     linear = tuple(f"{name}.{part}" for name in names for part in ("weight", "bias"))
     _check_keys(owner, rest, prefix, linear + ("wh2.weight", "rmsnorm.weight", "gamma", "beta"))
+    d_model = out["local.omega"].numel()
     z_dim = _leading(owner, rest, prefix, "wz.weight", 2)[0]
-    _check_shapes(owner, rest, prefix, {"wz.bias": (z_dim,), "gamma": (2, z_dim), "beta": (2, z_dim)})
+    v_dim = _leading(owner, rest, prefix, "wv.weight", 2)[0]
+    # Every shape before any arithmetic: rmsnorm.weight + 1 of a tensor expanded to 2**31 values
+    # allocated 8 GiB, and a wrong wv.weight was load_state_dict's "size mismatch".
+    _check_shapes(owner, rest, prefix, {
+        "wz.weight": (z_dim, d_model), "wz.bias": (z_dim,), "gamma": (2, z_dim), "beta": (2, z_dim),
+        "wv.weight": (v_dim, d_model), "wv.bias": (v_dim,), "wr.weight": (v_dim, d_model), "wr.bias": (v_dim,),
+        "wh1.weight": (d_model, d_model), "wh1.bias": (d_model,), "wh2.weight": (d_model, v_dim), "rmsnorm.weight": (d_model,),
+    })
+    _check_shapes(owner, sd, prefix, {"timenorm.weight": (d_model,)})
+    _check_values(owner, rest, prefix, rest)
     require_int(owner, "heads", heads, meaning="the reference num_heads")
     if z_dim % (2 * heads):
         raise SeqmixError(f"{owner}: heads={heads!r} must divide z_dim={z_dim} into heads of even width")
