@@ -466,3 +466,17 @@ def test_a_seed_is_one_torch_tells_apart_and_every_such_seed_generates():
     for seed in (2**32, 2**40):
         with pytest.raises(SeqmixError, match=rf"mqar: seed={seed} is not valid; expected an integer from 0 to 2\*\*32 - 1"):
             MQAR(vocab_size=64, seq_len=32, num_pairs=4, seed=seed)
+
+
+def test_no_training_batch_has_a_validation_batchs_seed_past_a_million_steps():
+    """generator_for's arithmetic seed gave train's batch 1,000,033 valid's batch 0: from that step on,
+    a generated task trained on its own evaluation batches. Earlier batches keep their seeds."""
+    from seqmix.tasks.base import INDEX_SPAN, SPLITS, generator_for
+
+    def seed(split, index):
+        return generator_for(7, split, index).initial_seed()
+
+    assert seed("train", 5) == (7 * 1_000_003 * INDEX_SPAN + 5)  # as every earlier version seeded it
+    valid = {seed(split, index) for split in SPLITS if split != "train" for index in range(4)}
+    trained = {seed("train", index) for start in (0, INDEX_SPAN - 2, 2 * INDEX_SPAN - 2, 10**9) for index in range(start, start + 4)}
+    assert not valid & trained and len(trained) == 16

@@ -6,6 +6,8 @@ ranks can each take their slice of the same global batch.
 """
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -94,8 +96,20 @@ class Task:
             yield self.batch("valid", index, batch_size)
 
 
+INDEX_SPAN = 1_000_033
+"""Batch indices the arithmetic seed of ``generator_for`` keeps apart: past it, one split's batch
+took the seed of another's (train's batch 1,000,033 was valid's batch 0, repeated in training)."""
+
+
 def generator_for(seed: int, split: str, index: int) -> torch.Generator:
-    """A torch generator seeded from (seed, split, index), so batches never depend on call order."""
+    """A torch generator seeded from (seed, split, index), so batches never depend on call order.
+
+    Below INDEX_SPAN the seed is arithmetic (the batches of every earlier version); from it on, a
+    hash of the three, which no other split's or index's arithmetic seed is but by a 2**-40 chance.
+    """
     offset = SPLITS.index(split) if split in SPLITS else len(SPLITS)
+    if index >= INDEX_SPAN:
+        digest = hashlib.blake2b(f"seqmix-batch:{seed}:{offset}:{index}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
     # Modulo 2**64, the most manual_seed takes: a seed above 2**24 overflowed it. Below, nothing changes.
-    return torch.Generator().manual_seed(((seed * 1_000_003 + offset) * 1_000_033 + index) % 2**64)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + offset) * INDEX_SPAN + index) % 2**64)
