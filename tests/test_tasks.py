@@ -480,3 +480,18 @@ def test_no_training_batch_has_a_validation_batchs_seed_past_a_million_steps():
     valid = {seed(split, index) for split in SPLITS if split != "train" for index in range(4)}
     trained = {seed("train", index) for start in (0, INDEX_SPAN - 2, 2 * INDEX_SPAN - 2, 10**9) for index in range(start, start + 4)}
     assert not valid & trained and len(trained) == 16
+
+
+def test_task_options_that_cannot_make_data_are_refused_before_the_run_folder_is_written(tmp_path, capsys):
+    """power_a=160 overflowed the MQAR slot weights (a traceback from torch.multinomial at the first
+    batch), and a ListOps length window no tree fits failed at the first step, after run.json was written."""
+    from seqmix.cli import main
+    from seqmix.tasks import TASKS
+
+    assert TASKS["mqar"](vocab_size=64, seq_len=256, num_pairs=4, power_a=160).batch("train", 0, 2).inputs.shape == (2, 256)
+    with pytest.raises(SeqmixError, match=r"power_a=1000000.0 leaves 1 of the 124 query slots .* fewer than num_pairs=4"):
+        TASKS["mqar"](vocab_size=64, seq_len=256, num_pairs=4, power_a=1e6)
+    out = tmp_path / "run"
+    assert main(["train", "model=mega", "model.depth=1", "model.d_model=16", "task=listops", "task.min_length=1000",
+                 "task.max_length=1000", "train.max_steps=2", "train.progress=false", f"train.out_dir={out}"]) == 2
+    assert "no tree with 1000..1000 tokens" in capsys.readouterr().err and not out.exists()

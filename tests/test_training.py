@@ -246,7 +246,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_whole(tmp_path):
         return out
 
     model.forward = forward_that_breaks
-    with pytest.raises(SeqmixError, match="loss became nan at step 3.*step-00000002"):
+    with pytest.raises(SeqmixError, match="loss became nan at step 4.*step-00000002"):
         train(model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not list(checkpoints.glob(".*partial"))

@@ -66,8 +66,18 @@ class MQAR(Task):
         self.power_a = power_a
         self.seed = seed
         slots = (seq_len - 2 * num_pairs) // 2
-        # The constant factor a of a·gap^(a−1) cancels when multinomial normalises the weights.
-        self.slot_weights = torch.arange(1, slots + 1, dtype=torch.float64).pow(power_a - 1)
+        # The constant factor a of a·gap^(a−1) cancels when multinomial normalises the weights, and so
+        # does dividing every gap by the largest: (gap / slots)^(a−1) is at most 1 for a >= 1, where
+        # gap^(a−1) overflowed to infinity (power_a=160 at seq_len=256) and the first batch failed
+        # inside torch.multinomial.
+        gaps = torch.arange(1, slots + 1, dtype=torch.float64)
+        self.slot_weights = (gaps / (slots if power_a >= 1 else 1)).pow(power_a - 1)
+        usable = int((self.slot_weights > 0).sum())
+        if usable < num_pairs or not bool(torch.isfinite(self.slot_weights).all()):
+            raise SeqmixError(
+                f"{self.name}: power_a={power_a!r} leaves {usable} of the {slots} query slots a weight a float64 holds "
+                f"(gap^(power_a - 1)), fewer than num_pairs={num_pairs}; lower power_a"
+            )
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         check_request(self.name, split, index, batch_size, self.seq_len)

@@ -104,5 +104,8 @@ def build_experiment(config: DictConfig) -> Experiment:
     torch.manual_seed(train.seed)
     model = instantiate_model(model_config)
     check_fits(model, task)
+    # One row drawn now: a task that cannot make its data (listops with no tree in its length window)
+    # failed at the first step, after the run directory was written.
+    task.batch("train", 0, 1)
     task_config = task_description(config.task)
     return Experiment(model, task, train, model_config, task_config)
