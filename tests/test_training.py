@@ -576,3 +576,26 @@ def test_a_resume_continues_with_the_optimizer_options_it_is_given_and_says_whic
     groups = json.loads((out_dir / "checkpoints" / "step-00000003" / "trainer.json").read_text())["optimizer"]["param_groups"]
     assert groups[0]["weight_decay"] == 0.5 and groups[1]["weight_decay"] == 0.0
     assert all(group["betas"] == [0.5, 0.98] for group in groups)
+
+
+def test_a_resume_with_another_task_is_refused_before_the_corpus_is_read_and_a_cache_folder_may_change(tmp_path):
+    """A resume with another task.seq_len was refused only after the corpus had been read and cached,
+    as 'another model or task'; a resume with only another task.cache_dir was refused as well."""
+    from conftest import write_text_corpus
+
+    corpus = write_text_corpus(tmp_path / "corpus")
+
+    def config(*overrides):
+        return compose_config(["model=mega", "model.d_model=16", "model.depth=1", "task=text", f"task.path={corpus}",
+                               "task.seq_len=32", f"task.cache_dir={tmp_path / 'cache'}", "train.batch_size=2",
+                               "train.max_steps=2", "train.eval_batches=1", "train.progress=false", "train.device=cpu",
+                               f"train.out_dir={tmp_path / 'run'}", *overrides])
+
+    experiment = build_experiment(config())
+    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    with pytest.raises(SeqmixError, match=r"holds a run of another task: task.seq_len=32 \(now 48\); resume with the run's task options"):
+        build_experiment(config("train.resume=true", "task.seq_len=48", f"task.cache_dir={tmp_path / 'cache2'}"))
+    assert not (tmp_path / "cache2").exists()
+    resumed = build_experiment(config("train.resume=true", "train.max_steps=3", f"task.cache_dir={tmp_path / 'cache3'}"))
+    result = train(resumed.model, resumed.task, resumed.train, {"model": resumed.model_config, "task": resumed.task_config})
+    assert result.first_step == 2

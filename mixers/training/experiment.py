@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -13,7 +14,8 @@ from seqmix.model.sequence_model import SequenceModel
 from seqmix.tasks import TASKS
 from seqmix.tasks.base import Task
 from seqmix.training.loop import TrainConfig, process_rank
-from seqmix.training.records import build_task, task_description
+from seqmix.training.checkpoints import RUN
+from seqmix.training.records import build_task, read_run_record, task_description, task_differences
 
 
 @dataclass
@@ -88,6 +90,19 @@ def check_model_before_data(model_config, task_config) -> None:
         check_fits(model, shape)
 
 
+def _check_resumed_task(train: TrainConfig, task_config) -> None:
+    """Refuse, before the task reads or tokenizes anything, to resume a run of another task, naming
+    the options that differ: it was told only once the corpus had been read and cached, as "another
+    model or task"."""
+    record = Path(train.out_dir) / RUN
+    if not train.resume or not record.is_file():
+        return
+    differences = task_differences(read_run_record(record).get("task"), task_config)
+    if differences:
+        raise SeqmixError(f"train.resume=true but {train.out_dir} holds a run of another task: {', '.join(differences)}; "
+                          "resume with the run's task options")
+
+
 def build_experiment(config: DictConfig) -> Experiment:
     """Model (seeded, adapted to the task), task and train options from a root config."""
     options = OmegaConf.to_container(config.train, resolve=True)
@@ -99,6 +114,7 @@ def build_experiment(config: DictConfig) -> Experiment:
     if process_rank() == 0:
         train.require_writable_outputs()  # before the task's data is read or tokenized
     check_model_before_data(config.model, config.task)
+    _check_resumed_task(train, config.task)
     task = build_task(config.task)
     model_config = adapt_model_config(config.model, task)
     torch.manual_seed(train.seed)

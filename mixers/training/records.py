@@ -110,11 +110,21 @@ def _what_it_computes(description: Any) -> Any:
 
 def same_run(previous: Mapping, current: Mapping) -> bool:
     """True when two records describe the same model and task (however each spelled its defaults),
-    whatever their ``EXECUTION_OPTIONS``."""
+    whatever their ``EXECUTION_OPTIONS`` and the task's path options (a cache folder)."""
     return (
         _what_it_computes(model_description(previous.get("model"))) == _what_it_computes(model_description(current.get("model")))
-        and task_description(previous.get("task")) == task_description(current.get("task"))
+        and not task_differences(previous.get("task"), current.get("task"))
     )
+
+
+def task_differences(previous: Any, current: Any) -> list[str]:
+    """The options in which two task configs differ, path options (a cache folder) aside, each as
+    "task.<option>=<previous> (now <current>)", or the task's name when that differs."""
+    before, after = task_without_paths(task_description(previous)), task_without_paths(task_description(current))
+    if before["task"] != after["task"]:
+        return [f"task={before['task']} (now {after['task']})"]
+    return [f"task.{key}={before.get(key)!r} (now {after.get(key)!r})" for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]
 
 
 def read_task(config: Any, source: Path) -> dict:
