@@ -292,3 +292,14 @@ def test_weights_that_are_not_finite_are_refused_on_load(tmp_path):
     write_checksums(tmp_path)
     with pytest.raises(SeqmixError, match="model.safetensors: tensor 'embed.weight' holds NaN or infinite values"):
         seqmix.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("edit", [("max_len: 64", "max_len: 99999999999999999999999999999"), ("positions: none", "positions: bogus")])
+def test_a_config_that_reads_but_builds_no_model_is_named_by_its_file(edit, tmp_path):
+    """Some refusals of a changed config.yaml (its checksums rewritten) named no file: 'model: max_len=... is not valid'."""
+    seqmix.save_model(seqmix.instantiate_model({"vocab_size": 16, "d_model": 16, "layers": ["ema"], "max_len": 64}), tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(config.read_text().replace(*edit))
+    write_checksums(tmp_path)
+    with pytest.raises(SeqmixError, match=rf"^{re.escape(str(config))}: "):
+        seqmix.load_model(tmp_path)

@@ -320,8 +320,14 @@ def load_verified(directory: Path, config_name: str, read_config, device: str, a
         verify_checksums(directory)
     description = read_config(directory / config_name)
     weights = directory / WEIGHTS
-    check_description_fits(description, read_header(weights), str(weights))
-    model = build_described_model(description)
+    try:
+        check_description_fits(description, read_header(weights), str(weights))
+        model = build_described_model(description)
+    except SeqmixError as error:
+        # A description that reads but builds no model (chunk_size: 0, max_len past any size) was
+        # told without the file it came from.
+        message = str(error)
+        raise SeqmixError(message if str(directory) in message else f"{directory / config_name}: {message}") from None
     model.config = description
     load_weights(model, read_tensors(weights, device), str(weights))
     return model.to(device)
