@@ -269,6 +269,11 @@ def test_bad_search_configs_name_the_valid_choices(tmp_path):
         SearchSpace.from_config({"width": [16]})
     with pytest.raises(SeqmixError, match=r"search.space: d_model=16.5"):
         SearchSpace.from_config({"d_model": [16.5]})
+    # A repeated choice was drawn twice as often, without a word.
+    with pytest.raises(SeqmixError, match=r"search.space.mixers=\['tcn', 'tcn'\] lists 'tcn' more than once"):
+        SearchSpace.from_config({"mixers": ["tcn", "tcn"]})
+    with pytest.raises(SeqmixError, match=r"search.space.d_model=\[16, 32, 16\] lists 16 more than once"):
+        SearchSpace.from_config({"d_model": [16, 32, 16]})
     with pytest.raises(SeqmixError, match=r"search.objectives='speed'.*'latency'.*'metric'.*'params'"):
         SearchSettings.from_config(tiny(tmp_path, "search.objectives=[metric,speed]").search)
     # A list among the names was an unhashable TypeError from the duplicate check; a name alone is no list.

@@ -70,6 +70,13 @@ def _dimension(key: str, entry: Any) -> Dimension:
     choices = tuple(entry) if isinstance(entry, list) else (entry,)
     if not choices:
         raise SeqmixError(f"{where} is empty; give at least one value")
+    # By type and value, as Optuna tells choices apart (1 and 1.0 and True are three); a repeated one
+    # was drawn twice as often, without a word.
+    repeated = [choice for index, choice in enumerate(choices)
+                if any(type(choice) is type(other) and choice == other for other in choices[:index])]
+    if repeated:
+        raise SeqmixError(f"{where}={list(choices)!r} lists {repeated[0]!r} more than once, which would draw it more often; "
+                          "list each choice once")
     return Dimension(choices=choices)
 
 
