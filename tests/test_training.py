@@ -599,3 +599,20 @@ def test_a_resume_with_another_task_is_refused_before_the_corpus_is_read_and_a_c
     resumed = build_experiment(config("train.resume=true", "train.max_steps=3", f"task.cache_dir={tmp_path / 'cache3'}"))
     result = train(resumed.model, resumed.task, resumed.train, {"model": resumed.model_config, "task": resumed.task_config})
     assert result.first_step == 2
+
+
+def test_a_causal_model_on_a_task_read_from_both_sides_is_warned_of():
+    """Task.causal was read nowhere: a causal model trained on masked_segment without a word."""
+    import warnings
+
+    from seqmix.errors import SeqmixWarning
+
+    def built(preset):
+        return build_experiment(compose_config([f"model={preset}", "model.d_model=16", "model.depth=1", "task=masked_segment",
+                                                "task.max_bytes=100000", "train.progress=false", "train.device=cpu"]))
+
+    with pytest.warns(SeqmixWarning, match=r"task=masked_segment predicts tokens from both sides, but every layer of this model is causal"):
+        built("mega")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeqmixWarning)
+        built("mega_encoder")

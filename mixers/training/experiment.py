@@ -1,13 +1,14 @@
 """Turn a composed root config (model + task + train) into a ready model, task and run options."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seqmix.errors import SeqmixError, require_int
+from seqmix.errors import SeqmixError, SeqmixWarning, require_int
 from seqmix.model.checkpoint import instantiate_model
 from seqmix.model.description import model_description
 from seqmix.model.sequence_model import SequenceModel
@@ -120,6 +121,11 @@ def build_experiment(config: DictConfig) -> Experiment:
     torch.manual_seed(train.seed)
     model = instantiate_model(model_config)
     check_fits(model, task)
+    if not task.causal and model.causal:
+        # Task.causal was read nowhere: a causal model trained on a masked objective without a word.
+        warnings.warn(SeqmixWarning(f"task={task.name} predicts tokens from both sides, but every layer of this model is "
+                                    "causal and sees only the left: a bidirectional model (model=mega_encoder, or "
+                                    "causal=false mixers) can use the right side too"), stacklevel=2)
     # One row drawn now: a task that cannot make its data (listops with no tree in its length window)
     # failed at the first step, after the run directory was written.
     task.batch("train", 0, 1)
