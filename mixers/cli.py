@@ -369,7 +369,8 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 1, "or null for no cut-off")
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
-    task = record.get("task", {}).get("task") if isinstance(record.get("task"), dict) else None
+    recorded = record.get("task")
+    task = recorded.get("task") if isinstance(recorded, dict) else None
     if task in TASKS and not TASKS[task].models_text:
         # A vocabulary of 256 (mqar with task.vocab_size=256) passed the tokenizer's check below.
         raise SeqmixError(f"{options.checkpoint}: the model was trained on task={task}, whose tokens are not text; "

@@ -184,7 +184,7 @@ def check_described_settings(model, description: Mapping, caller: str) -> None:
         where = name or "the model"
         built = described.get(name)
         if type(built) is not type(module):
-            made = "nothing" if built is None else f"{kind_of(built)}"
+            made = "nothing" if built is None else kind_of(built)
             raise SeqmixError(f"{caller}: {where} is {kind_of(module)}, where the model's config builds {made}; "
                               "the loaders would build the config's model, so it is not saved: build the model you "
                               "want with seqmix.instantiate_model(config)")
