@@ -324,3 +324,15 @@ def test_an_executorch_manifest_needs_no_fill(export_dir):
     manifest = _set(_set(VALID_MANIFEST, "format", "executorch"), "step.state.0.fill", ...)
     write_manifest(export_dir, _set(manifest, "parallel.length_unit", ...))
     assert read_manifest(export_dir)["format"] == "executorch"
+
+
+def test_a_weights_name_that_is_no_file_is_named_by_the_run_loaders(tmp_path):
+    """evaluate said 'holds no checkpoint' for a folder whose model.safetensors is a folder or a FIFO."""
+    import os
+
+    (tmp_path / "folder" / "model.safetensors").mkdir(parents=True)
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "model.safetensors")
+    for name, kind in (("folder", "is a directory"), ("fifo", "is a FIFO")):
+        with pytest.raises(SeqmixError, match=rf"{name}/model.safetensors {kind}.*; a saved model's weights are a regular file"):
+            load_run(tmp_path / name)

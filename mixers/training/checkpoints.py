@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqmix.errors import SeqmixError, one_line, require_path
+from seqmix.errors import SeqmixError, not_a_file, one_line, require_path
 from seqmix.jsontext import parse_json
 from seqmix.model.checkpoint import (
     CHECKPOINTS,
@@ -124,6 +124,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise SeqmixError(f"{path} {found}: expected a run directory of seqmix train, a checkpoint in it or a saved model's directory")
     if (path / WEIGHTS).is_file():
         return path
+    if os.path.lexists(path / WEIGHTS):
+        # A weights name that is no regular file (a folder, a FIFO) was told as "holds no checkpoint".
+        raise SeqmixError(f"{path / WEIGHTS} {not_a_file(path / WEIGHTS)}; a saved model's weights are a regular file")
     latest = latest_checkpoint(path)
     if latest is None:
         raise SeqmixError(f"{path} holds no checkpoint: expected a run directory of seqmix train or a checkpoint in it")
