@@ -39,6 +39,10 @@ def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, se
     Returns:
         One row per (mixer, impl), with max |forward − streamed| over all outputs.
     """
+    if piece > length:
+        # Accepted, the header then said "streamed 1000 tokens per step" of an 8-token sequence.
+        raise SeqmixError(f"tour: piece={piece} is more than length={length}: one step would take the whole sequence, "
+                          "and nothing would be streamed; give piece <= length")
     rows = []
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, width, generator=generator)
@@ -48,6 +52,8 @@ def tour(width: int = 64, length: int = 256, batch: int = 2, piece: int = 17, se
             try:
                 mixer = build_mixer(name, width, impl=impl).eval()
             except SeqmixError as error:  # the tour builds every mixer with its defaults, which bound D
+                if "can't allocate memory" in str(error) or "out of memory" in str(error).lower():
+                    raise SeqmixError(f"tour: out of memory building {name} at width={width} ({error}); give a smaller width") from None
                 raise SeqmixError(f"tour: width={width} does not suit {name} with its default options ({error}); "
                                   "give a width every mixer takes, e.g. width=64") from None
             parameters = sum(p.numel() for p in mixer.parameters())

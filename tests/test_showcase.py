@@ -32,3 +32,19 @@ def test_a_tour_of_a_huge_repeat_count_ends_within_its_time_per_row():
     rows = tour(width=8, length=8, batch=1, piece=3, repeats=10**12, seconds_per_row=0.01)
     timed = [row for row in rows if row.forward is not None]
     assert timed and all("s in all: stopped after" in row.forward.note for row in timed)
+
+
+def test_a_piece_longer_than_the_sequence_and_memory_running_out_are_told_as_such(monkeypatch):
+    """piece=1000 at length=8 ran and claimed to stream 1000 tokens per step; a width no memory holds
+    was told as a width that does not suit the mixer."""
+    import seqmix.showcase
+
+    with pytest.raises(SeqmixError, match=r"tour: piece=9 is more than length=8: .* give piece <= length"):
+        tour(width=8, length=8, batch=1, piece=9, repeats=1)
+
+    def out_of_memory(name, width, **options):
+        raise SeqmixError(f"{name}: RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 6400000000 bytes")
+
+    monkeypatch.setattr(seqmix.showcase, "build_mixer", out_of_memory)
+    with pytest.raises(SeqmixError, match=r"tour: out of memory building \w+ at width=8 .*; give a smaller width"):
+        tour(width=8, length=8, batch=1, piece=3, repeats=1)
