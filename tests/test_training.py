@@ -616,3 +616,23 @@ def test_a_causal_model_on_a_task_read_from_both_sides_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SeqmixWarning)
         built("mega_encoder")
+
+
+def test_a_resume_runs_the_evaluation_a_stop_interrupted_at_its_checkpoint(tmp_path):
+    """A SIGTERM during step 4's evaluation left checkpoint 4 without its validation row, and the resume
+    went on from step 5: step 4 was never evaluated."""
+    from conftest import library_run
+
+    out_dir = library_run(tmp_path / "run", "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2")
+    metrics = out_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    evaluated = next(row for row in rows if row["split"] == "valid" and row["step"] == 4)
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows if row is not evaluated))  # as a stop left it
+    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
+                             "train.batch_size=2", "train.max_steps=5", "train.eval_every=2", "train.eval_batches=1",
+                             "train.progress=false", "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true"])
+    experiment = build_experiment(config)
+    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    again = [json.loads(line) for line in metrics.read_text().splitlines()]
+    redone = [row for row in again if row["split"] == "valid" and row["step"] == 4]
+    assert len(redone) == 1 and redone[0]["loss"] == pytest.approx(evaluated["loss"], rel=1e-6)

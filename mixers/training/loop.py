@@ -588,6 +588,14 @@ def _train_in_locked_dir(
     stops = _StopRequests()
     try:
         stops.install()
+        # The evaluation a stop interrupted at the checkpoint's step, which the loop below never
+        # reaches again: its row was lost for good. It is rank 0's alone (no collective runs in it).
+        if rank == 0 and config.resume and start and (start % config.eval_every == 0 or start == config.max_steps) \
+                and not _evaluated_at(out_dir / METRICS, start):
+            scores = evaluate(model, task, config.batch_size, config.eval_batches, device, config.bf16,
+                              stop=lambda: stops.received is not None)
+            if scores is not None:
+                log({"step": start, "split": "valid", **scores})
         model.train()
         consecutive_skips = 0
         for step in range(start, config.max_steps):
@@ -738,6 +746,14 @@ def _nonfinite_fault(loss: float, grad_norm: float) -> str | None:
     if not math.isfinite(grad_norm):
         return f"gradient norm became {grad_norm}"
     return None
+
+
+def _evaluated_at(path: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds a validation row of ``step``."""
+    if not path.is_file():
+        return False
+    return any((row := metric_row(line)) is not None and row["step"] == step and row.get("split") == "valid"
+               for line in path.read_bytes().splitlines())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
