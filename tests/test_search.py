@@ -358,3 +358,21 @@ def test_onnxruntime_latency_times_a_verified_export_padded_to_whole_chunks(tmp_
     assert latency.runs == 2 and 0 < latency.low_ms <= latency.median_ms <= latency.high_ms
     assert (tmp_path / "model.onnx").is_file()
     assert model.blocks[0].mixer.impl == "recurrent"  # the caller's model is not switched to its exportable path
+
+
+def test_an_interrupted_trial_is_told_as_queued_again_not_as_a_run_to_resume(tmp_path, monkeypatch):
+    """The leaderboard's note for a trial a signal stopped was training's own: 'continue with
+    train.resume=true', which a search does not do (it queues the trial again and starts it afresh)."""
+    import seqmix.search.trial as trial_module
+    from seqmix.errors import TrainingStopped
+
+    def stopped(trial, context):
+        raise TrainingStopped("SIGINT", 1, 3, None)
+
+    monkeypatch.setattr(trial_module, "_run_trial", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(tiny(tmp_path / "search"), measure_latency=deployed_latency, log=lambda line: None)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
+    (failed,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed.user_attrs["error"] == "interrupted (SIGINT); queued again, and resuming the search trains it afresh"
+    assert any(t.state == optuna.trial.TrialState.WAITING for t in study.trials)

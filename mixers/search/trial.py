@@ -203,7 +203,11 @@ def run_claimed(study: optuna.Study, trial: optuna.Trial, context: TrialContext,
         # Interrupted (Ctrl-C) or a bug: record it as failed, and queue an interrupted trial
         # again, so that resuming the search runs it.
         if _running(study, trial):
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+            # An interrupted trial's own message said "continue with train.resume=true", which a search
+            # does not do: it queues the trial again, and the retry trains it from the start.
+            told = (f"interrupted ({getattr(error, 'signal_name', 'KeyboardInterrupt')}); queued again, and resuming the "
+                    "search trains it afresh") if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+            trial.set_user_attr("error", told[:1000])
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             if isinstance(error, KeyboardInterrupt):
                 context.retry.requeue(study, study.get_trials(deepcopy=False)[trial.number], "interrupted")
