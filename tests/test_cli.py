@@ -328,20 +328,24 @@ def test_a_sweep_runs_one_job_per_combination(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     records = sorted(json.loads(path.read_text())["preset"]["model"] for path in sweep.glob("*/run.json"))
     assert records == ["mega", "tcnca"]
-    # The same sweep again: every job is refused for the run in its directory, each told, none of
-    # the runs' files touched (Hydra wrote each job's .hydra/ there before the job ran), and the
-    # first refusal no longer ends the sweep.
-    runs = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in sweep.glob("[0-9]/**/*") if path.is_file()}
+    # The same sweep again: refused before Hydra writes anything (its multirun.yaml was rewritten, and each
+    # job's .hydra/ written into the run it was then refused for); nothing of the sweep is touched.
+    runs = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in sweep.rglob("*") if path.is_file()}
     assert not list(sweep.glob("*/.hydra"))
     again = subprocess.run(
         [*SEQMIX, "train", "-m", *TINY_TRAIN, "model=mega,tcnca", "train.max_steps=1", f"train.out_dir={sweep}"],
         capture_output=True, text=True, timeout=300,
     )
-    assert again.returncode == 2, again.stderr[-2000:]
-    told = [line for line in again.stderr.splitlines() if line.startswith("seqmix train: error:")]
-    assert [line.split("/")[-1].split("'")[0] for line in told[:2]] == ["0", "1"] and "already holds a run" in told[0]
-    assert told[2].startswith("seqmix train: error: 2 jobs of the sweep failed: #0 in ") and len(told) == 3, told
-    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in sweep.glob("[0-9]/**/*") if path.is_file()} == runs
+    assert again.returncode == 2 and "already holds a sweep (its multirun.yaml)" in again.stderr, again.stderr[-2000:]
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in sweep.rglob("*") if path.is_file()} == runs
+    # A job that fails is told and the sweep goes on (the first refusal ended it), then exits 2 naming it.
+    other = tmp_path / "other"
+    mixed = subprocess.run([*SEQMIX, "train", "-m", *TINY_TRAIN, "model=mega", "train.max_steps=0,1", f"train.out_dir={other}"],
+                           capture_output=True, text=True, timeout=300)
+    told = [line for line in mixed.stderr.splitlines() if line.startswith("seqmix train: error:")]
+    assert mixed.returncode == 2 and "max_steps=0" in told[0] and len(told) == 2, mixed.stderr[-2000:]
+    assert told[1] == f"seqmix train: error: 1 job of the sweep failed: #0 in {other / '0'}"
+    assert (other / "1" / "run.json").is_file()
 
 
 def test_running_out_of_memory_ends_a_command_with_one_line_and_describe_never_allocates(finished_run):
