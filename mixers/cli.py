@@ -786,7 +786,7 @@ def _sweep(command: Command, argv: list[str]) -> int:
         argv.append(f"hydra.sweep.dir={command.sweep_dir}")
     argv.append("hydra.output_subdir=null")
     if command.job_dir is not None:
-        _refuse_sweep_over_a_sweep(command, argv)
+        _check_sweep_before_launch(command, argv)
     store_code_defaults()
     # Hydra reads the command line from sys.argv; and it raises instead of printing a traceback, so
     # that a mistake or a failed job is named in one line.
@@ -815,28 +815,31 @@ def _sweep(command: Command, argv: list[str]) -> int:
     return 0
 
 
-def _refuse_sweep_over_a_sweep(command: Command, argv: list[str]) -> None:
-    """Refuse, before Hydra writes anything, a sweep into a folder that holds an earlier sweep
-    (its multirun.yaml) unless it resumes: Hydra's sweeper rewrote that multirun.yaml before the
-    first job was refused for the run already in its folder. Checked where the folder is one value:
-    train.out_dir, train.resume and hydra.sweep.dir not swept, and the default job folders."""
+def _check_sweep_before_launch(command: Command, argv: list[str]) -> None:
+    """Compose every job's config, and refuse a sweep into a folder that holds an earlier sweep
+    (its multirun.yaml) unless it resumes, before Hydra writes anything: a bad value in the second
+    job's combination (model=mega,llama) was told after the first job had trained and Hydra's
+    sweeper had written multirun.yaml (into runs/default by default), and a repeated sweep rewrote
+    the earlier one's. The folder is checked where it is one value: train.out_dir, train.resume
+    and hydra.sweep.dir not swept, and the default job folders."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
         overrides = OverridesParser.create().parse_overrides([argument for argument in argv if not argument.startswith("-")])
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
     except HydraException:
         return  # told by Hydra itself when it reads the command line
+    configs = [compose_config([o for o in job if not o.lstrip("+~").startswith("hydra")], config_name=command.config_name)
+               for job in jobs]
     keys = {override.get_key_element().lstrip("+~") for override in overrides}
     swept = {override.get_key_element().lstrip("+~") for override in overrides if override.is_sweep_override()}
-    if swept & {command.job_dir, "train.resume", "hydra.sweep.dir"} or "hydra.sweep.subdir" in keys:
+    if not configs or swept & {command.job_dir, "train.resume", "hydra.sweep.dir"} or "hydra.sweep.subdir" in keys:
         return
-    fixed = [override.input_line for override in overrides
-             if not override.is_sweep_override() and not override.get_key_element().lstrip("+~").startswith("hydra")]
-    config = compose_config(fixed, config_name=command.config_name)
     given = [override.value() for override in overrides if override.get_key_element().lstrip("+~") == "hydra.sweep.dir"]
-    folder = Path(str(given[-1]) if given else str(OmegaConf.select(config, command.job_dir)))
-    if (folder / "multirun.yaml").is_file() and not OmegaConf.select(config, "train.resume"):
+    folder = Path(str(given[-1]) if given else str(OmegaConf.select(configs[0], command.job_dir)))
+    if (folder / "multirun.yaml").is_file() and not OmegaConf.select(configs[0], "train.resume"):
         raise SeqmixError(f"{command.job_dir}={str(folder)!r} already holds a sweep (its multirun.yaml), whose runs its jobs "
                           f"would meet in their folders; pass train.resume=true to continue them, or choose another "
                           f"{command.job_dir}")
