@@ -303,19 +303,31 @@ def finished_run(tmp_path_factory):
     return library_run(tmp_path_factory.mktemp("finished") / "run", "model.depth=2", "task.vocab_size=64")
 
 
-def library_run(out_dir, *overrides: str):
-    """``out_dir`` after a 1-step run of ``seqmix train``'s library path: tiny Mega on MQAR, ``overrides`` last."""
+def library_config(out_dir, *overrides: str):
+    """The root config of ``library_run``: tiny Mega on MQAR into ``out_dir``, ``overrides`` last."""
     from seqmix.configs import compose_config
-    from seqmix.training.experiment import build_experiment
-    from seqmix.training.loop import train
 
-    config = compose_config([
+    return compose_config([
         "model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4", "train.batch_size=2",
         "train.max_steps=1", "train.eval_batches=1", "train.progress=false", "train.device=cpu", f"train.out_dir={out_dir}",
         *overrides,
     ])
-    experiment = build_experiment(config)
-    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+
+
+def library_train(out_dir, *overrides: str):
+    """(experiment, RunResult) of a run of ``seqmix train``'s library path on ``library_config``
+    (with ``train.resume=true`` among ``overrides``, a run continued)."""
+    from seqmix.training.experiment import build_experiment
+    from seqmix.training.loop import train
+
+    experiment = build_experiment(library_config(out_dir, *overrides))
+    return experiment, train(experiment.model, experiment.task, experiment.train,
+                             {"model": experiment.model_config, "task": experiment.task_config})
+
+
+def library_run(out_dir, *overrides: str):
+    """``out_dir`` after ``library_train``."""
+    library_train(out_dir, *overrides)
     return out_dir
 
 

@@ -503,15 +503,11 @@ def test_the_training_bar_is_drawn_on_a_terminal_only(tmp_path, capsys):
 
 def test_a_resume_past_max_steps_reports_the_step_the_model_is_at(tmp_path, capsys):
     """Resumed at step 3 with train.max_steps=1, the summary said 'steps 1, -2 of them in this run'."""
-    from conftest import library_run
+    from conftest import library_run, library_train
     from seqmix.training.reporting import print_summary
 
     out_dir = library_run(tmp_path / "run", "train.max_steps=3", "train.checkpoint_every=3")
-    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
-                             "train.batch_size=2", "train.max_steps=1", "train.eval_batches=1", "train.progress=false",
-                             "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true"])
-    experiment = build_experiment(config)
-    result = train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    experiment, result = library_train(out_dir, "train.max_steps=1", "train.resume=true")
     assert (result.steps, result.first_step) == (3, 3)
     capsys.readouterr()
     print_summary(experiment, result)
@@ -540,19 +536,15 @@ def small_config(steps: int):
 def test_a_run_whose_latest_pointer_is_missing_resumes_from_its_newest_checkpoint(tmp_path, capsys):
     """A run killed between renaming its first checkpoint into place and writing 'latest' (or with the
     pointer deleted) resumed from step 0 and wrote over its checkpoints."""
-    from conftest import library_run
+    from conftest import library_run, library_train
     from seqmix.model.checkpoint import latest_checkpoint
 
     out_dir = library_run(tmp_path / "run", "train.max_steps=4", "train.checkpoint_every=2")
     (out_dir / "checkpoints" / "latest").unlink()
     assert latest_checkpoint(out_dir) == out_dir / "checkpoints" / "step-00000004"
     trained = [line for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
-    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
-                             "train.batch_size=2", "train.max_steps=5", "train.eval_batches=1", "train.progress=false",
-                             "train.checkpoint_every=2", "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true"])
-    experiment = build_experiment(config)
     capsys.readouterr()
-    result = train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    _, result = library_train(out_dir, "train.max_steps=5", "train.checkpoint_every=2", "train.resume=true")
     assert result.first_step == 4 and "continuing from" in capsys.readouterr().out
     text = (out_dir / "metrics.jsonl").read_text()
     assert trained and all(line in text for line in trained)  # the first 4 steps' rows kept, not truncated to step 0
@@ -560,16 +552,11 @@ def test_a_run_whose_latest_pointer_is_missing_resumes_from_its_newest_checkpoin
 
 def test_a_resume_continues_with_the_optimizer_options_it_is_given_and_says_which_changed(tmp_path, capsys):
     """train.weight_decay and train.beta1 given to a resume were replaced by the checkpoint's without a word."""
-    from conftest import library_run
+    from conftest import library_run, library_train
 
     out_dir = library_run(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2")
-    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
-                             "train.batch_size=2", "train.max_steps=3", "train.eval_batches=1", "train.progress=false",
-                             "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true", "train.weight_decay=0.5",
-                             "train.beta1=0.5"])
-    experiment = build_experiment(config)
     capsys.readouterr()
-    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    library_train(out_dir, "train.max_steps=3", "train.resume=true", "train.weight_decay=0.5", "train.beta1=0.5")
     told = [line for line in capsys.readouterr().out.splitlines() if "the optimizer continues" in line]
     assert told == ["resume: the optimizer continues with the train options given, not the checkpoint's: "
                     "weight_decay 0.1 -> 0.5, betas (0.9, 0.98) -> (0.5, 0.98)"]
@@ -621,18 +608,14 @@ def test_a_causal_model_on_a_task_read_from_both_sides_is_warned_of():
 def test_a_resume_runs_the_evaluation_a_stop_interrupted_at_its_checkpoint(tmp_path):
     """A SIGTERM during step 4's evaluation left checkpoint 4 without its validation row, and the resume
     went on from step 5: step 4 was never evaluated."""
-    from conftest import library_run
+    from conftest import library_run, library_train
 
     out_dir = library_run(tmp_path / "run", "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2")
     metrics = out_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     evaluated = next(row for row in rows if row["split"] == "valid" and row["step"] == 4)
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows if row is not evaluated))  # as a stop left it
-    config = compose_config(["model=mega", "model.d_model=16", "task=mqar", "task.seq_len=64", "task.num_pairs=4",
-                             "train.batch_size=2", "train.max_steps=5", "train.eval_every=2", "train.eval_batches=1",
-                             "train.progress=false", "train.device=cpu", f"train.out_dir={out_dir}", "train.resume=true"])
-    experiment = build_experiment(config)
-    train(experiment.model, experiment.task, experiment.train, {"model": experiment.model_config, "task": experiment.task_config})
+    library_train(out_dir, "train.max_steps=5", "train.eval_every=2", "train.resume=true")
     again = [json.loads(line) for line in metrics.read_text().splitlines()]
     redone = [row for row in again if row["split"] == "valid" and row["step"] == 4]
     assert len(redone) == 1 and redone[0]["loss"] == pytest.approx(evaluated["loss"], rel=1e-6)
