@@ -3,6 +3,7 @@ a whole study and its report, two workers sharing one study, claims of racing wo
 abandoned trials, the space's mapping onto model configs, and the errors of bad search configs."""
 from __future__ import annotations
 
+import csv
 import os
 import sqlite3
 import subprocess
@@ -57,6 +58,8 @@ def test_tiny_search_writes_leaderboard_pareto_plot_and_presets_the_train_tool_a
     csv_lines = (out_dir / "leaderboard.csv").read_text().splitlines()
     assert csv_lines[0].startswith("trial,state,architecture,params,accuracy,latency_ms,latency_low_ms,latency_high_ms")
     assert len(csv_lines) == 4
+    # The tiny trials take well under a second each: whole seconds would read 0.
+    assert all(0 < float(row["seconds"]) < 60 for row in csv.DictReader(csv_lines))
     markdown = (out_dir / "leaderboard.md").read_text()
     assert "| trial | state | architecture |" in markdown and " d=" in markdown and "×" in markdown
     assert (out_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -55,6 +55,11 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return study.best_trials
 
 
+def _three_figures(seconds: float) -> float:
+    """A trial's wall time to three significant figures: whole seconds read 0 for a sub-second trial."""
+    return float(f"{seconds:.3g}")
+
+
 def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
     """One row per trial run: completed ones best metric first, then pruned, running and failed.
 
@@ -92,7 +97,7 @@ def leaderboard_rows(study: optuna.Study, metric: str) -> list[dict]:
             "latency_high_ms": attrs.get("latency", {}).get("high_ms"),
             "settings": _settings_text(trial.params),
             "pareto": "yes" if trial.number in front else "",
-            "seconds": round(attrs["seconds"]) if "seconds" in attrs else None,
+            "seconds": _three_figures(attrs["seconds"]) if "seconds" in attrs else None,
             "note": note,
         })
     return rows
