@@ -194,6 +194,19 @@ def test_prefix_selects_and_strips():
     loaded(EMA(D, order=N).double(), out)
 
 
+def test_a_prefix_names_a_module_with_or_without_its_dot():
+    """'layers.0.ema' selected keys 'layers.0.emaalpha' and named them so in its messages."""
+    sd = {f"layers.0.ema.{key}": value for key, value in mega_ema_sd(D).items()}
+    without_dot = mega_ema_to_seqmix(sd, prefix="layers.0.ema")
+    assert without_dot.keys() == mega_ema_to_seqmix(sd, prefix="layers.0.ema.").keys()
+    sd["layers.0.emax.omega"] = rand(D)  # a sibling whose name starts the same is not selected
+    assert torch.equal(mega_ema_to_seqmix(sd, prefix="layers.0.ema")["omega"], sd["layers.0.ema.omega"])
+    with pytest.raises(SeqmixError, match=r"no key of state_dict starts with prefix='layers.1.'; its modules are \['layers.0.ema.', 'layers.0.emax.'\]"):
+        mega_ema_to_seqmix(sd, prefix="layers.1")
+    with pytest.raises(SeqmixError, match=r"its keys have no module path: pass prefix=''"):
+        mega_ema_to_seqmix(mega_ema_sd(D), prefix="mega")
+
+
 # --- Mega gated attention --------------------------------------------------------------------
 
 

@@ -84,7 +84,8 @@ from seqmix.errors import SeqmixError, kind_of, require_int
 
 
 def _select(owner: str, state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries under ``prefix``, with the prefix stripped; each must be a tensor with a string key.
+    """The entries under ``prefix`` (a module path; its trailing dot may be left out), with the prefix
+    stripped; each must be a tensor with a string key, and a prefix must select at least one.
 
     A list, a string or None in a state dict (or a non-string key, or the dict not a mapping) ended
     in an AttributeError from inside the converter."""
@@ -96,7 +97,15 @@ def _select(owner: str, state_dict: Mapping[str, Tensor], prefix: str) -> dict[s
     keys = [key for key in state_dict if not isinstance(key, str)]
     if keys:
         raise SeqmixError(f"{owner}: state_dict key {keys[0]!r} is not a string; a state dict's keys are parameter names")
+    if prefix and not prefix.endswith("."):
+        # A module's path names whole modules: 'layers.0.mega' means the module, never keys 'layers.0.megaalpha'.
+        prefix += "."
     selected = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    if prefix and not selected:
+        modules = sorted({key.rpartition(".")[0] + "." for key in state_dict if "." in key})
+        raise SeqmixError(f"{owner}: no key of state_dict starts with prefix={prefix!r}; "
+                          + (f"its modules are {modules[:8]}{' ...' if len(modules) > 8 else ''}" if modules
+                             else "its keys have no module path: pass prefix=''"))
     for key, value in selected.items():
         if not isinstance(value, Tensor):
             raise SeqmixError(f"{owner}: {prefix}{key} is {kind_of(value)}; expected a torch.Tensor")
