@@ -338,8 +338,7 @@ def run_evaluate(options: EvaluateOptions, choices: dict) -> int:
     _check_same_data(options.checkpoint, record, task)
     recorded = record.get("evaluation", EVALUATION_FALLBACK)
     settings = {name: recorded[name] if value is None else value for name, value in given.items()}
-    scores = evaluate(model, task, settings["batch_size"], settings["batches"], "cpu", settings["bf16"],
-                      progress=sys.stderr.isatty())
+    scores = evaluate(model, task, settings["batch_size"], settings["batches"], "cpu", settings["bf16"], progress=True)
     print(strict_json({"task": type(task).name, **settings, **scores}, indent=2))
     return 0
 

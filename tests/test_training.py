@@ -492,6 +492,24 @@ def test_evaluation_scores_a_large_batch_in_pieces_with_the_same_scores(monkeypa
         assert pieces[key] == pytest.approx(whole[key], rel=1e-6)
 
 
+def test_a_long_evaluation_off_a_terminal_writes_progress_lines(monkeypatch, capsys):
+    """evaluate batches=10**11 into a log file or a pipe ran for ever without a word (its bar is drawn on a terminal only)."""
+    from seqmix.tasks import build_task
+    from seqmix.training import loop
+
+    task = build_task("mqar", vocab_size=64, seq_len=32, num_pairs=4)
+    model = seqmix.build_model(task.vocab_size, 16, ["ema"])
+    clock = iter(range(0, 10**6, 20))  # each reading 20 s after the one before
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    loop.evaluate(model, task, batch_size=2, batches=4, device="cpu", progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    # Readings at 0 (start), then one per batch at 20, 40, 60, 80 s: lines at 40 and at 80 s.
+    assert lines == ["evaluate: 2 of 4 batches (50.0%), 40 s, about 40 s left",
+                     "evaluate: 4 of 4 batches (100.0%), 80 s, about 0 s left"]
+    loop.evaluate(model, task, batch_size=2, batches=4, device="cpu", progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_the_training_bar_is_drawn_on_a_terminal_only(tmp_path, capsys):
     """train.progress=true drew its bar into a log file or a pipe: 36 KB of frames per 300 steps."""
     from conftest import library_run
