@@ -383,6 +383,10 @@ def initial_state(manifest: dict, batch: int = 1) -> list[np.ndarray]:
             for s in manifest["step"]["state"]]
 
 
+SEED_LIMIT = 2**32 - 1
+"""The largest seed, as for ``seqmix generate``, whose torch generators keep 32 bits of one."""
+
+
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
     """One token id from a (V,) logits vector."""
     if temperature == 0:
@@ -421,8 +425,8 @@ def generate_ids(directory: Path, manifest: dict, prompt: str, tokens: int, temp
         raise ExportError(f"--temperature={temperature} is not valid; expected a finite number >= 0 (0 decodes greedily)")
     if top_k is not None and not 1 <= top_k <= manifest["vocab_size"]:
         raise ExportError(f"--top-k={top_k} is not valid; expected 1 to vocab_size={manifest['vocab_size']}, or 0 for no cut-off")
-    if seed < 0:
-        raise ExportError(f"--seed={seed} is not valid; expected an integer >= 0")
+    if not 0 <= seed <= SEED_LIMIT:
+        raise ExportError(f"--seed={seed} is not valid; expected an integer from 0 to 2**32 - 1, as seqmix generate takes")
     limit = stream_limit(manifest["step"])
     if limit is None:
         raise ExportError(f"the manifest's step.dynamic_dims={manifest['step'].get('dynamic_dims')!r} is not valid; expected "

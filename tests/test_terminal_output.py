@@ -15,6 +15,7 @@ import torch
 from seqmix.cli import main
 from seqmix.tables import markdown_table, write_csv
 from seqmix.terminal import CONTROLS, escape_controls
+from conftest import onnx_runner
 from test_training import run, small
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,3 +206,28 @@ def test_generate_shows_no_prompt_when_the_stream_is_refused_at_its_first_step(b
     assert main(["generate", f"checkpoint={byte_run}", "prompt='def '", "tokens=3"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "not all finite" in captured.err
+
+
+SAMPLING_OPTIONS = [
+    ("tokens", 0, False), ("tokens", -1, False), ("tokens", 1, True),
+    ("top_k", 0, True), ("top_k", 256, True), ("top_k", 257, False), ("top_k", -1, False),
+    ("seed", 2**32 - 1, True), ("seed", 2**32, False), ("seed", -1, False),
+]
+
+
+@pytest.mark.parametrize("option, value, taken", SAMPLING_OPTIONS, ids=[f"{o}={v}" for o, v, _ in SAMPLING_OPTIONS])
+def test_generate_and_the_exports_runner_take_and_refuse_the_same_sampling_options(option, value, taken, byte_run,
+                                                                                    exported_presets, capsys):
+    """They differed: tokens=0 and a top_k above the vocabulary taken by one and refused by the other,
+    seeds above 2**32 taken by run_onnx.py only, and 0 for no cut-off refused by seqmix generate."""
+    runner = onnx_runner()
+    _, export = exported_presets("transformer")  # byte-level, as byte_run's model
+    assert runner.load(export.parallel.parent)["vocab_size"] == 256
+    options = {"tokens": 2, "temperature": 0.8, "top_k": 40, "seed": 0, option: value}
+    cli_status = main(["generate", f"checkpoint={byte_run}", *(f"{key}={number}" for key, number in options.items())])
+    flags = [f"--{key.replace('_', '-')}={number}" for key, number in options.items()]
+    runner_status = runner.main([str(export.parallel.parent), "generate", *flags])
+    err = capsys.readouterr().err
+    assert (cli_status, runner_status) == ((0, 0) if taken else (2, 2)), err
+    if not taken:
+        assert f"{option}={value}" in err and f"--{option.replace('_', '-')}={value}" in err
