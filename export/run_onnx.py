@@ -188,6 +188,11 @@ class TextCodec:
             except ImportError:
                 raise ExportError("this export carries a tokenizer.json; reading it needs: pip install tokenizers") from None
             self.tokenizer = Tokenizer.from_file(str(directory / manifest["tokenizer"]))
+            # As seqmix encoded the training text: special tokens in a prompt are text, and the prompt is
+            # encoded whole and unpadded whatever the file sets (seqmix.tokenization.apply_encoding_settings).
+            self.tokenizer.encode_special_tokens = True
+            self.tokenizer.no_truncation()
+            self.tokenizer.no_padding()
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

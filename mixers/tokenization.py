@@ -7,9 +7,11 @@ tokenizer on the user's corpus (``seqmix tokenizer task.path=... vocab_size=8000
 
 Every tokenizer has a separator: the token placed between packed documents and after a
 classification text. For bytes it is the NUL byte; for a ``tokenizer.json`` it is the first of
-``SEPARATOR_TOKENS`` its vocabulary holds (BPE tokenizers trained here hold ``<|endoftext|>``).
+``SEPARATOR_TOKENS`` its special tokens hold (BPE tokenizers trained here hold ``<|endoftext|>``).
 No text encodes to the separator: a ``tokenizer.json`` reads its special tokens in a text as text,
-and the byte tokenizer turns a NUL in a text into U+FFFD.
+and the byte tokenizer turns a NUL in a text into U+FFFD. A ``tokenizer.json`` encodes every text
+whole and unpadded, whatever truncation or padding the file sets, and its vocabulary size is its
+largest id + 1.
 Its ``fingerprint`` (the sha256 of the file) keys token caches, so a changed tokenizer never reuses
 tokens made by another.
 """
@@ -45,6 +47,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
 SPECIAL_AS_TEXT = b"\0special-tokens-encoded-as-text"
 """What a file tokenizer's fingerprint adds to the file's bytes: its encoding reads special tokens in a
 text as text, which earlier encodings did not."""
+
+
+WHOLE_TEXTS = b"\0no-truncation-no-padding"
+"""What a file tokenizer's fingerprint adds too: its encoding ignores the file's truncation and padding."""
+
+
+def apply_encoding_settings(backend) -> None:
+    """Encode a ``tokenizers.Tokenizer`` as seqmix does, whatever its file asks: special tokens written
+    in a text are text (``<|endoftext|>`` inside a document became the separator, a document boundary
+    where there was none), and every text is encoded whole and unpadded (a file's truncation to 8
+    tokens cut every document to 8; its padding filled the corpus with pad tokens)."""
+    backend.encode_special_tokens = True
+    backend.no_truncation()
+    backend.no_padding()
 
 
 NUL_REPLACEMENT = "\ufffd".encode()
@@ -134,22 +150,29 @@ class FileTokenizer(Tokenizer):
         except Exception as error:  # the library raises its own Exception type for every malformed file
             raise SeqmixError(f"tokenizer={str(path)!r} is not a valid tokenizer.json ({one_line(error)})") from None
         self.name = str(self.path)
-        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
-        if not 1 <= self.vocab_size <= MAX_VOCAB:
-            raise SeqmixError(f"tokenizer={str(path)!r} has {self.vocab_size} tokens; expected 1 to {MAX_VOCAB}")
         vocabulary = self.backend.get_vocab(with_added_tokens=True)
-        found = [token for token in SEPARATOR_TOKENS if token in vocabulary]
+        if not vocabulary:
+            raise SeqmixError(f"tokenizer={str(path)!r} has no tokens")
+        # Ids, not the count of tokens, bound what the model must embed: a vocabulary with gaps
+        # ({"the": 2, "quick": 65538}, 6 tokens) had ids past its count, which wrapped round in the
+        # uint16 token cache ("quick" stored as "the").
+        self.vocab_size = max(vocabulary.values()) + 1
+        if self.vocab_size > MAX_VOCAB:
+            raise SeqmixError(f"tokenizer={str(path)!r} has token id {self.vocab_size - 1}; expected ids below {MAX_VOCAB}")
+        special = {token.content for token in self.backend.get_added_tokens_decoder().values() if token.special}
+        found = [token for token in SEPARATOR_TOKENS if token in special]
         if not found:
+            plain = [token for token in SEPARATOR_TOKENS if token in vocabulary]
             raise SeqmixError(
-                f"tokenizer={str(path)!r} has none of the separator tokens {list(SEPARATOR_TOKENS)}; add one as a special "
-                "token, or train a tokenizer with `seqmix tokenizer`"
+                f"tokenizer={str(path)!r} has none of the separator tokens {list(SEPARATOR_TOKENS)} as a special token"
+                + (f" ({plain[0]!r} is an ordinary entry of its vocabulary, which a text holding it encodes to, splitting "
+                   "its document in two)" if plain else "")
+                + "; add one to its added_tokens with special: true, or train a tokenizer with `seqmix tokenizer`"
             )
         self.separator = vocabulary[found[0]]
-        # Special tokens written in the user's text are text: "<|endoftext|>" inside a document
-        # became the separator, a document boundary where there was none.
-        self.backend.encode_special_tokens = True
-        # The encoding changed with that line, so caches made before it are not reused.
-        self.fingerprint = hashlib.sha256(raw + SPECIAL_AS_TEXT).hexdigest()
+        apply_encoding_settings(self.backend)
+        # The encoding changed with those settings, so caches made before them are not reused.
+        self.fingerprint = hashlib.sha256(raw + SPECIAL_AS_TEXT + WHOLE_TEXTS).hexdigest()
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)

@@ -21,7 +21,7 @@ from seqmix.tasks.base import MODEL_FILES
 from seqmix.terminal import escape_controls
 from seqmix.tokenization import ByteTokenizer, TextStream, load_tokenizer, saved_tokenizer, train_bpe
 
-from conftest import examples
+from conftest import examples, onnx_runner
 
 pytestmark = pytest.mark.xdist_group("tokenizers")
 
@@ -222,6 +222,7 @@ def test_a_vocabulary_above_65536_stores_uint32_tokens(tmp_path):
     words = [f"w{i}" for i in range(70_000)]
     backend = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<|endoftext|>"])
     backend.save(str(tmp_path / "big.json"))
     rng = np.random.default_rng(0)
     chosen = rng.integers(60_000, 70_000, size=(30, 20))
@@ -361,3 +362,53 @@ def test_the_tokenizer_command_never_writes_into_its_corpus(tmp_path, capsys):
         assert told in capsys.readouterr().err
     assert {path: path.read_bytes() for path in corpus.iterdir()} == before
     assert main(["tokenizer", f"path={corpus}", "vocab_size=280", f"out={tmp_path / 'tok.json'}"]) == 0
+
+
+def _word_level(path: Path, vocabulary: dict[str, int], special=("<|endoftext|>",)) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(list(special))
+    backend.save(str(path))
+    return path
+
+
+def test_a_vocabulary_with_gaps_is_as_large_as_its_largest_id(tmp_path):
+    """Six tokens with ids up to 65539: the vocabulary read 6, the cache was uint16, and 'quick'
+    (65538) was stored as 'the' (2), 'brown' as 'fox'."""
+    path = _word_level(tmp_path / "gaps.json", {"[UNK]": 0, "<|endoftext|>": 1, "the": 2, "fox": 3, "quick": 65538, "brown": 65539})
+    assert load_tokenizer(path).vocab_size == 65540
+    words = np.random.default_rng(0).choice(["the", "quick", "brown", "fox"], size=(60, 12))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(row)}) + "\n" for row in words))
+    task = build_task("text", path=str(tmp_path / "corpus.jsonl"), tokenizer=str(path), cache_dir=str(tmp_path / "cache"),
+                      seq_len=8, valid_fraction=0.2)
+    assert task.vocab_size == 65540 and task.data["train"].dtype == np.uint32
+    assert {65538, 65539} <= set(np.unique(task.data["train"]).tolist())
+
+
+def test_a_tokenizer_files_truncation_and_padding_do_not_cut_or_pad_texts(tmp_path, bpe_run):
+    """A tokenizer.json truncating to 8 tokens cut every training document to 8; padding filled the
+    corpus with pad tokens; run_onnx.py gave the model a prompt cut the same way."""
+    settings = json.loads(Path(bpe_run[2]).read_text())
+    settings["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    settings["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                           "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "tokenizer.json").write_text(json.dumps(settings))
+    text = "the quick brown fox jumps over the lazy dog, again and again and again"
+    whole = load_tokenizer(bpe_run[2]).encode(text)
+    assert len(whole) > 8
+    assert load_tokenizer(tmp_path / "export" / "tokenizer.json").encode(text) == whole
+    codec = onnx_runner().TextCodec(tmp_path / "export", {"tokenizer": "tokenizer.json"})
+    assert codec.encode(text) == whole
+    assert codec.encode("a <|endoftext|> b") == load_tokenizer(bpe_run[2]).encode("a <|endoftext|> b")
+
+
+def test_a_separator_that_is_an_ordinary_vocabulary_entry_is_refused(tmp_path):
+    """'</s>' as a plain word: a text holding it encoded to the separator, splitting its document."""
+    path = _word_level(tmp_path / "plain.json", {"[UNK]": 0, "</s>": 1, "a": 2}, special=())
+    with pytest.raises(SeqmixError, match=r"none of the separator tokens .* as a special token \('</s>' is an ordinary "
+                                          r"entry of its vocabulary.*add one to its added_tokens with special: true"):
+        load_tokenizer(path)
+    assert load_tokenizer(_word_level(tmp_path / "special.json", {"[UNK]": 0, "</s>": 1, "a": 2}, special=("</s>",))).separator == 1
