@@ -9,7 +9,7 @@ H heads · C chunk size · K kernel size. The parallel layout is (B, L, D); a pa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,6 +43,16 @@ def any_token_count() -> Iterator[None]:
 def token_count_is_dynamic() -> bool:
     """Whether ``step`` is being traced for any token count (``any_token_count``)."""
     return _ANY_TOKEN_COUNT
+
+
+def assert_in_compiled_graph(holds: Callable[[], Tensor], message: str) -> None:
+    """In a ``torch.compile`` graph, fail the call with ``message`` (a RuntimeError) unless ``holds()``
+    (a boolean scalar tensor) is true: the checks that read values raise a SeqmixError on eager calls
+    only, and without them a compiled model streamed past its attention cache into wrong logits.
+    Nothing eagerly (the caller raises there) and nothing while exporting: ONNX and ExecuTorch
+    graphs carry no assertions, and their runners check the inputs before a graph runs."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        torch._assert_async(holds(), message)
 
 
 def traceable_contiguous(t: Tensor) -> Tensor:

@@ -289,3 +289,34 @@ def test_the_library_never_imports_compile_or_export():
     code = ("import sys, seqmix, seqmix.training.loop; "
             "assert not {'seqmix.compile', 'seqmix.export'} & set(sys.modules), 'the library imported compile or export'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_compiled_model_fails_where_its_values_are_wrong_instead_of_running_on():
+    """The checks that read values ran on eager calls only: a compiled model streamed past its
+    attention cache, whose ring wrapped into a sliding window (wrong logits, no error), and a
+    negative token id reached the embedding (an index error from inside a kernel)."""
+    model = preset_model("model=transformer", "model.d_model=16", "model.depth=1", "model.mixers.attention.max_len=16").eval()
+    compiled = compile_model(model, backend="eager")
+    tokens = random_tokens(model, batch=1, length=24)
+    state = compiled.init_state(1)
+    with torch.no_grad():
+        _, state = compiled.step(tokens[:, :16], state)  # the cache holds exactly these
+        with pytest.raises(RuntimeError, match=r"softmax_attention: the stream would reach more tokens than the cache "
+                                               r"holds \(max_len=16\)"):
+            compiled.step(tokens[:, 16:], state)
+        with pytest.raises(RuntimeError, match=r"model: token ids must lie in \[0, vocab_size=256\)"):
+            compiled(torch.tensor([[5, -1, 7]]))
+    gated = seqmix.build_mixer("gated_attention", 16, chunk_size=None, max_len=8).eval()
+    step = torch.compile(gated.step, backend="eager")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"gated_attention: the stream would reach more tokens than full "
+                                                            r"attention holds \(max_len=8\)"):
+        step(torch.randn(1, 9, 16), gated.init_state(1))
+    learned = preset_model("model=gpt2", "model.d_model=16", "model.depth=1", "model.max_len=8").eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"model: the stream would run past max_len=8 of the learned positions"):
+        compile_model(learned, backend="eager").step(random_tokens(learned, batch=1, length=4), _past(learned, 6))
+
+
+def _past(model, tokens: int):
+    """The model's state after ``tokens`` tokens, as its own eager step leaves it."""
+    _, state = model.step(random_tokens(model, batch=1, length=tokens), model.init_state(1))
+    return state

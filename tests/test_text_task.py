@@ -79,6 +79,23 @@ def test_an_edited_file_makes_a_new_cache(tmp_path):
     assert _task(corpus, tmp_path).key != key
 
 
+def test_two_corpora_whose_names_and_bytes_run_together_alike_get_their_own_caches(tmp_path):
+    """The key hashed each file's name, a NUL and its bytes with no length: a.txt = X + 'b.tx' beside
+    a file 't' = Y hashed as a.txt = X beside b.txt = Y, and trained on that corpus's cached tokens."""
+    fillers = {f"z{i}.txt": f"filler document {i} " * 20 for i in range(8)}
+    first = {"a.txt": "first text " * 30, "b.txt": "second text " * 30, **fillers}
+    second = {"a.txt": "first text " * 30 + "b.tx", "t": "second text " * 30, **fillers}
+    keys = []
+    for name, files in (("one", first), ("two", second)):
+        (tmp_path / name).mkdir()
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text)
+        task = _task(tmp_path / name, tmp_path, valid_fraction=0.5)
+        keys.append(task.key)
+        assert task.meta["source"] == str(tmp_path / name)
+    assert keys[0] != keys[1]
+
+
 def test_jsonl_csv_parquet_and_a_saved_dataset_give_the_same_documents(tmp_path):
     documents = [f"row {i}: " + "abc " * (20 + i) for i in range(30)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
@@ -245,6 +262,8 @@ def test_a_damaged_token_cache_is_refused_naming_the_folder_to_remove(tmp_path):
         "removed": lambda: (cache / token_file).unlink(),
         "meta not JSON": lambda: (cache / "meta.json").write_text("{"),
         "meta counts": lambda: (cache / "meta.json").write_text(json.dumps({**first.meta, "tokens": {"train": "many"}})),
+        # Tokenized again, this ended in "Directory not empty" from the rename, on every run.
+        "meta removed": lambda: (cache / "meta.json").unlink(),
     }
     for what, damage in damages.items():
         shutil.rmtree(cache)

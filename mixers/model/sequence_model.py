@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from seqmix.contract import Mixer, State, check_state_request, require_state_fits, state_bytes
+from seqmix.contract import Mixer, State, assert_in_compiled_graph, check_state_request, require_state_fits, state_bytes
 from seqmix.errors import SeqmixError, require_bool, require_choice, require_int, kind_of
 from seqmix.layers.blocks import Block, Recompute, check_part_width, require_recompute
 from seqmix.layers.heads import CausalLMHead
@@ -134,12 +134,15 @@ class SequenceModel(nn.Module):
                               f"index types), got {got}")
         if tokens.numel() == 0:
             raise SeqmixError(f"model: tokens has shape {tuple(tokens.shape)}; expected at least one row and one token")
-        # The values, which a traced graph cannot read: eager calls only. The embedding would fail with
-        # "index out of range in self" on a CPU, and a device-side assert on a GPU. One boolean is
-        # read, the bounds only to name them.
-        if not torch.compiler.is_compiling():
+        # The values: eagerly a SeqmixError naming the bounds, in a compiled graph an assertion, in an
+        # exported one nothing (its runner checks them). The embedding would fail with "index out of
+        # range in self" on a CPU, and a device-side assert on a GPU. One boolean is read, the bounds
+        # only to name them.
+        if not torch.compiler.is_exporting():
             low, high = torch.aminmax(tokens)
-            if not bool((low >= 0) & (high < self.vocab_size)):
+            assert_in_compiled_graph(lambda: (low >= 0) & (high < self.vocab_size),
+                                     f"model: token ids must lie in [0, vocab_size={self.vocab_size})")
+            if not torch.compiler.is_compiling() and not bool((low >= 0) & (high < self.vocab_size)):
                 raise SeqmixError(f"model: token ids must lie in [0, vocab_size={self.vocab_size}), "
                                   f"got ids from {int(low)} to {int(high)}")
         self._check_positions(tokens.shape[1])
@@ -153,10 +156,11 @@ class SequenceModel(nn.Module):
             raise SeqmixError(f"model: output_index must be an (N,) integer tensor of flat positions b * L + t, got {got}")
         if output_index.device != tokens.device:
             raise SeqmixError(f"model: output_index is on {output_index.device} but tokens are on {tokens.device}")
-        # The values, as for the token ids: eager calls only.
-        if output_index.numel() and not torch.compiler.is_compiling():
+        # The values, as for the token ids.
+        if output_index.numel() and not torch.compiler.is_exporting():
             low, high = torch.aminmax(output_index)
-            if not bool((low >= 0) & (high < tokens.numel())):
+            assert_in_compiled_graph(lambda: (low >= 0) & (high < tokens.numel()), "model: output_index must lie in [0, B * L)")
+            if not torch.compiler.is_compiling() and not bool((low >= 0) & (high < tokens.numel())):
                 raise SeqmixError(f"model: output_index must lie in [0, B * L = {tokens.numel()}), "
                                   f"got positions from {int(low)} to {int(high)}")
 
@@ -262,8 +266,10 @@ class SequenceModel(nn.Module):
         self._check_tokens(tokens)
         self._check_state(state, tokens.shape[0])
         # These checks read tensor values, which an exported graph cannot do; eager runs them.
-        if not torch.compiler.is_compiling():
-            if self.pos_embed is not None:
+        if self.pos_embed is not None:
+            assert_in_compiled_graph(lambda: state.pos.max() + tokens.shape[1] <= self.max_len,
+                                     f"model: the stream would run past max_len={self.max_len} of the learned positions")
+            if not torch.compiler.is_compiling():
                 self._check_positions(tokens.shape[1], int(state.pos.max()))
         positions = state.pos.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         h = self._embed(tokens, positions)

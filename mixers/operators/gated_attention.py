@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, Stages, State, compute_dtype, linear_stages, parameter_reads, traceable_reshape
+from seqmix.contract import Mixer, Stages, State, assert_in_compiled_graph, compute_dtype, linear_stages, parameter_reads, traceable_reshape
 from seqmix.errors import INT_LIMIT, SeqmixError, require_bool, require_choice, require_int
 from seqmix.layers.norms import NORMS, RMSNorm, TimestepNorm, build_norm
 from seqmix.layers.positions import RotaryRelativeBias, SimpleRelativeBias, rotary
@@ -377,13 +377,18 @@ class GatedAttention(Mixer):
 
     def mix_step(self, x: Tensor, state: GatedAttentionState) -> tuple[Tensor, GatedAttentionState]:
         tokens = x.shape[1]
-        if self.chunk_size is None and not torch.compiler.is_compiling():
-            seen = int(state.kv.pos.max())
-            if seen + tokens > self.max_len:
-                raise SeqmixError(
-                    f"gated_attention: the stream would reach {seen + tokens} tokens but full attention holds "
-                    f"max_len={self.max_len}; raise max_len or set a chunk_size"
-                )
+        if self.chunk_size is None:
+            # Past max_len the cache ring would wrap and attend like a window: wrong logits, no error.
+            assert_in_compiled_graph(lambda: state.kv.pos.max() + tokens <= self.max_len,
+                                     f"gated_attention: the stream would reach more tokens than full attention holds "
+                                     f"(max_len={self.max_len}); raise max_len or set a chunk_size")
+            if not torch.compiler.is_compiling():
+                seen = int(state.kv.pos.max())
+                if seen + tokens > self.max_len:
+                    raise SeqmixError(
+                        f"gated_attention: the stream would reach {seen + tokens} tokens but full attention holds "
+                        f"max_len={self.max_len}; raise max_len or set a chunk_size"
+                    )
         if self.normalized:
             xn, norm_state = self.timestep_norm.step(x, state.norm)
         else:

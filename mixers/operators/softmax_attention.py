@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmix.contract import Mixer, Stages, compute_dtype, linear_stages, parameter_reads, traceable_contiguous, traceable_reshape
+from seqmix.contract import Mixer, Stages, assert_in_compiled_graph, compute_dtype, linear_stages, parameter_reads, traceable_contiguous, traceable_reshape
 from seqmix.errors import INT_LIMIT, SeqmixError, require_bool, require_int
 from seqmix.layers.positions import rotary
 from seqmix.operators import kv_cache, masking
@@ -227,13 +227,18 @@ class SoftmaxAttention(Mixer):
 
     def mix_step(self, x: Tensor, state: kv_cache.KVState) -> tuple[Tensor, kv_cache.KVState]:
         tokens = x.shape[1]
-        if self.window is None and not torch.compiler.is_compiling():
-            seen = int(state.pos.max())
-            if seen + tokens > self.max_len:
-                raise SeqmixError(
-                    f"softmax_attention: the stream would reach {seen + tokens} tokens but the cache holds "
-                    f"max_len={self.max_len}; build the mixer with a larger max_len or a window"
-                )
+        if self.window is None:
+            # Past max_len the cache ring would wrap and attend like a window: wrong logits, no error.
+            assert_in_compiled_graph(lambda: state.pos.max() + tokens <= self.max_len,
+                                     f"softmax_attention: the stream would reach more tokens than the cache holds "
+                                     f"(max_len={self.max_len}); build the mixer with a larger max_len or a window")
+            if not torch.compiler.is_compiling():
+                seen = int(state.pos.max())
+                if seen + tokens > self.max_len:
+                    raise SeqmixError(
+                        f"softmax_attention: the stream would reach {seen + tokens} tokens but the cache holds "
+                        f"max_len={self.max_len}; build the mixer with a larger max_len or a window"
+                    )
         q_pos = kv_cache.query_positions(state, tokens)  # (B, T)
         q, k, v = self._project(x, q_pos.unsqueeze(1))
         keys, values, k_pos, new_state = kv_cache.extend(state, k, v)

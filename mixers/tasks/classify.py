@@ -36,7 +36,7 @@ from seqmix.errors import SeqmixError, SeqmixWarning, first_few, require_folder_
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tasks.documents import DocumentSource
-from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, load_array, read_meta, require_cache_file, split_counts, staged_cache
+from seqmix.tasks.token_cache import META, cache_key, hashed_split, load_array, needs_building, read_meta, require_cache_file, split_counts, staged_cache
 from seqmix.tokenization import BYTES, TOKENIZER_FILE, load_tokenizer, token_dtype, warn_separators_replaced
 
 LABELS_FILE = "labels.json"
@@ -120,7 +120,7 @@ class Classify(Task):
                                       "rows with a text and a label column (task.format names the format of other suffixes)")
         self.key = self._cache_key()
         self.cache = Path(cache_dir).expanduser() / self.name / self.key
-        if not is_complete(self.cache):
+        if needs_building(self.name, self.cache):
             self._tokenize()
         self.meta = read_meta(self.name, self.cache)
         split_counts(self.name, self.cache, self.meta, "rows")

@@ -28,7 +28,7 @@ import torch
 from seqmix.errors import SeqmixError, require_folder_path, require_int, require_seed, kind_of
 from seqmix.tasks._checks import check_request, require_number
 from seqmix.tasks.documents import DocumentSource
-from seqmix.tasks.token_cache import META, cache_key, hashed_split, is_complete, read_meta, require_cache_file, split_counts, staged_cache
+from seqmix.tasks.token_cache import META, cache_key, hashed_split, needs_building, read_meta, require_cache_file, split_counts, staged_cache
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tokenization import BYTES, TOKENIZER_FILE, ByteTokenizer, load_tokenizer, token_dtype, warn_separators_replaced
 
@@ -90,7 +90,7 @@ class TextCorpus(Task):
         self.files = self.source.files
         self.key = self._cache_key()
         self.cache = Path(cache_dir).expanduser() / "text" / self.key
-        if not is_complete(self.cache):
+        if needs_building(self.name, self.cache):
             self._tokenize()
         self.meta = read_meta(self.name, self.cache)
         split_counts(self.name, self.cache, self.meta, "tokens")

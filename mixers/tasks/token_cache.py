@@ -21,14 +21,27 @@ from seqmix.staging import new_directory
 META = "meta.json"
 
 
+CACHE_KEY_VERSION = 2
+"""Version 1 hashed each file as its name, a NUL and its bytes, with no length: the file ``a.txt``
+holding ``X`` + ``b.tx`` and a file ``t`` holding ``Y`` hashed as ``a.txt`` holding ``X`` and
+``b.txt`` holding ``Y``, so one corpus trained on the other's cached tokens."""
+
+
 def cache_key(options: list, files: list[Path]) -> str:
-    """sha256 (32 hex digits) of ``options`` (JSON) and of every file's name and bytes, in order."""
-    digest = hashlib.sha256(json.dumps(options).encode())
+    """sha256 (32 hex digits) of ``options`` (JSON) and of every file, in order, as the lengths of its
+    name and bytes before them: no two corpora give the same stream of hashed bytes."""
+    digest = hashlib.sha256(json.dumps([CACHE_KEY_VERSION, options]).encode())
     for path in files:
-        digest.update(path.name.encode() + b"\0")
+        name = path.name.encode("utf-8", "surrogateescape")
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            digest.update(len(name).to_bytes(8, "big") + name + size.to_bytes(8, "big"))
+            read = 0
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+                read += len(block)
+        if read != size:
+            raise SeqmixError(f"{path} changed while it was read ({size} bytes, then {read}); run again once it is written")
     return digest.hexdigest()[:32]
 
 
@@ -43,6 +56,17 @@ def hashed_split(content: bytes, valid_fraction: float) -> str:
 
 def is_complete(cache: Path) -> bool:
     return (cache / META).is_file()
+
+
+def needs_building(owner: str, cache: Path) -> bool:
+    """Whether the cache is still to be made; one that is there without its meta.json is refused as
+    damaged, before the corpus is read: a cache is renamed into place whole, meta.json in it, so the
+    file was removed since, and rebuilding ended in an error from the rename after the whole tokenization."""
+    if is_complete(cache):
+        return False
+    if os.path.lexists(cache):
+        raise _damaged(owner, cache, f"{META} is missing")
+    return True
 
 
 def _damaged(owner: str, cache: Path, why: str) -> SeqmixError:
