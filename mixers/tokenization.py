@@ -136,6 +136,8 @@ class FileTokenizer(Tokenizer):
 
     Args:
         path: the ``tokenizer.json`` file.
+    Attributes:
+        file_bytes: the file as it was read, which runs, checkpoints and exports save.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -145,6 +147,8 @@ class FileTokenizer(Tokenizer):
             raise SeqmixError(f"tokenizer={str(path)!r} needs the tokenizers library: pip install 'seqmix[data]'") from None
         self.path = Path(path)
         raw = self.path.read_bytes()
+        # What is saved beside a model is what was read: the file at the path may change while it trains.
+        self.file_bytes = raw
         try:
             self.backend = HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as error:  # the library raises its own Exception type for every malformed file

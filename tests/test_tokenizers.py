@@ -412,3 +412,14 @@ def test_a_separator_that_is_an_ordinary_vocabulary_entry_is_refused(tmp_path):
                                           r"entry of its vocabulary.*add one to its added_tokens with special: true"):
         load_tokenizer(path)
     assert load_tokenizer(_word_level(tmp_path / "special.json", {"[UNK]": 0, "</s>": 1, "a": 2}, special=("</s>",))).separator == 1
+
+
+def test_a_task_saves_the_tokenizer_it_read_not_the_file_as_it_is_now(tmp_path, bpe_run):
+    """save_pretrained read tokenizer.json again when training ended: a file changed meanwhile was
+    saved beside weights trained with the other one."""
+    root, corpus, tokenizer, _ = bpe_run
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    task = build_task("text", path=str(corpus), tokenizer=str(tmp_path / "tokenizer.json"), cache_dir=str(root / "cache"),
+                      seq_len=16)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert task.model_files()["tokenizer.json"] == tokenizer.read_bytes()

@@ -161,9 +161,9 @@ class Classify(Task):
     def model_files(self) -> dict[str, bytes]:
         """``labels.json`` (the class names in id order), and the tokenizer.json unless the tokenizer is bytes."""
         files = {LABELS_FILE: (json.dumps(self.labels, ensure_ascii=False, indent=2) + "\n").encode()}
-        path = getattr(self.tokenizer, "path", None)
-        if path is not None:
-            files[TOKENIZER_FILE] = Path(path).read_bytes()
+        raw = getattr(self.tokenizer, "file_bytes", None)  # as read, not as the path holds it now
+        if raw is not None:
+            files[TOKENIZER_FILE] = raw
         return files
 
     def _token_file(self, split: str) -> str:

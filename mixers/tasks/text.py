@@ -123,8 +123,9 @@ class TextCorpus(Task):
 
     def model_files(self) -> dict[str, bytes]:
         """The tokenizer.json a model trained on this task needs (none for bytes)."""
-        path = getattr(self.tokenizer, "path", None)
-        return {} if path is None else {TOKENIZER_FILE: Path(path).read_bytes()}
+        # The bytes it read: the file at its path may have changed since (save_pretrained ran after training).
+        raw = getattr(self.tokenizer, "file_bytes", None)
+        return {} if raw is None else {TOKENIZER_FILE: raw}
 
     def _token_file(self, split: str) -> str:
         return f"{split}.u{8 * self.dtype.itemsize}"
