@@ -401,7 +401,8 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.ra
     # -inf and the sample is the argmax, the limit it tends to.
     with np.errstate(over="ignore"):  # the others going to -inf is the point: see above
         logits = (logits.astype(np.float64) - logits.max()) / temperature
-    if top_k:
+    # A top_k at or above the vocabulary keeps every token: the default 40 suits a vocabulary of 14 too.
+    if top_k and top_k < len(logits):
         cutoff = np.sort(logits)[-top_k]
         logits = np.where(logits < cutoff, -np.inf, logits)
     probs = np.exp(logits)
@@ -428,8 +429,9 @@ def generate_ids(directory: Path, manifest: dict, prompt: str, tokens: int, temp
         raise ExportError(f"--tokens={tokens} is not valid; expected a count >= 1 of tokens to generate")
     if not temperature >= 0 or not math.isfinite(temperature):
         raise ExportError(f"--temperature={temperature} is not valid; expected a finite number >= 0 (0 decodes greedily)")
-    if top_k is not None and not 1 <= top_k <= manifest["vocab_size"]:
-        raise ExportError(f"--top-k={top_k} is not valid; expected 1 to vocab_size={manifest['vocab_size']}, or 0 for no cut-off")
+    if top_k is not None and top_k < 1:
+        raise ExportError(f"--top-k={top_k} is not valid; expected a count >= 1 (at or above vocab_size={manifest['vocab_size']}: "
+                          "every token), or 0 for no cut-off")
     if not 0 <= seed <= SEED_LIMIT:
         raise ExportError(f"--seed={seed} is not valid; expected an integer from 0 to 2**32 - 1, as seqmix generate takes")
     limit = stream_limit(manifest["step"])

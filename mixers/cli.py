@@ -363,17 +363,14 @@ def run_generate(options: GenerateOptions, choices: dict) -> int:
     from seqmix.tokenization import TextStream, saved_tokenizer
     from seqmix.training.checkpoints import load_run
 
-    # The same checks as the run_onnx.py an export carries: a count >= 1 of tokens, top_k from 1 to the
-    # vocabulary or 0 (or null) for no cut-off, a seed torch's generators tell apart.
+    # The same checks as the run_onnx.py an export carries: a count >= 1 of tokens, top_k >= 1 (at or
+    # above the vocabulary, every token) or 0 (or null) for no cut-off, a seed torch's generators tell apart.
     require_int("generate", "tokens", options.tokens, 1, meaning="tokens to generate")
     require_seed("generate", "seed", options.seed)
     if options.top_k is not None:
         require_int("generate", "top_k", options.top_k, 0, "0 or null for no cut-off")
     top_k = options.top_k or None
     model, record = load_run(options.checkpoint, allow_unverified=options.allow_unverified)
-    if top_k is not None and top_k > model.vocab_size:
-        raise SeqmixError(f"generate: top_k={top_k} is not valid; expected 1 to vocab_size={model.vocab_size}, "
-                          "or 0 (or null) for no cut-off")
     recorded = record.get("task")
     task = recorded.get("task") if isinstance(recorded, dict) else None
     if task in TASKS and not TASKS[task].models_text:

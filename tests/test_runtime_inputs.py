@@ -169,7 +169,7 @@ def test_the_onnx_runner_names_a_wrong_input(change, message, onnx_step):
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"tokens": -1}, "--tokens=-1"), ({"temperature": -0.5}, "--temperature=-0.5"), ({"top_k": 257}, "--top-k=257")],
+    [({"tokens": -1}, "--tokens=-1"), ({"temperature": -0.5}, "--temperature=-0.5"), ({"top_k": -3}, "--top-k=-3")],
     ids=["tokens", "temperature", "top-k"],
 )
 def test_the_onnx_runner_names_a_bad_sampling_option_before_opening_a_session(options, message, exported_presets, monkeypatch):
