@@ -332,3 +332,41 @@ def test_a_nul_in_a_text_is_no_document_boundary_for_the_byte_tokenizer(tmp_path
         rows = Classify(path=str(corpus), seq_len=400, cache_dir=str(tmp_path / "classify"))
     lengths = np.load(rows.cache / "train.lengths.npy")
     assert (lengths == len(("document 0 holds a\ufffdNUL " * 8).encode()) + 1).sum() > 0
+
+
+def _rows(prefix: str, count: int = 60) -> list[dict]:
+    return [{"text": f"{prefix} document {i} " + "word " * (i % 7 + 5)} for i in range(count)]
+
+
+def test_a_saved_dataset_dict_trains_on_its_train_split_only(tmp_path):
+    """Every split of a saved DatasetDict was merged: a user's held-out test rows were trained on."""
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows("kept")),
+                          "test": datasets.Dataset.from_list(_rows("HELDOUT"))}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.warns(UserWarning, match=r"read from its 'train' split only; 'test' left out"):
+        task = _task(tmp_path / "saved", tmp_path, valid_fraction=0.2)
+    text = b"".join(bytes(task.data[split].astype(np.uint8)) for split in ("train", "valid"))
+    assert b"kept document" in text and b"HELDOUT" not in text
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(_rows("x"))}).save_to_disk(str(tmp_path / "no_train"))
+    with pytest.raises(SeqmixError, match=r"has the splits \['test'\] and no 'train'"):
+        _task(tmp_path / "no_train", tmp_path)
+
+
+def test_files_read_through_datasets_are_read_again_when_they_change_and_bad_ones_are_named(tmp_path):
+    """datasets keyed its own cache on paths and modification times: a file rewritten at the same size
+    with its time kept was read as it was, and its old text cached under the new content's key. A file
+    datasets could not read ended in its traceback (exit 1)."""
+    pytest.importorskip("datasets")
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in _rows("AAAA")))
+    stamp = path.stat()
+    first = _task(path, tmp_path, format="datasets", valid_fraction=0.2)
+    path.write_text("".join(json.dumps(row) + "\n" for row in _rows("ZZZZ")))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    second = _task(path, tmp_path, format="datasets", valid_fraction=0.2)
+    assert second.key != first.key
+    text = bytes(second.data["train"].astype(np.uint8))
+    assert b"ZZZZ" in text and b"AAAA" not in text
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(SeqmixError, match=r"text: datasets could not read .*broken.jsonl.* as json \(.*\); datasets reads UTF-8 only"):
+        _task(tmp_path / "broken.jsonl", tmp_path, format="datasets")

@@ -272,10 +272,28 @@ class DocumentSource:
             if len(kinds) != 1:
                 raise SeqmixError(f"{self.owner}: {self.path!r} mixes file kinds {sorted(kinds)}; datasets reads one kind at a time")
             builder = DATASETS_BUILDERS[kinds.pop()]
-            loaded = datasets.load_dataset(builder, data_files=[str(path) for path in self.files], split="train",
-                                           cache_dir=self.cache_dir)
+            try:
+                # Rebuilt from the files every time: datasets keys its own cache on their paths and
+                # modification times, so a file rewritten at the same size with its time kept (cp -p,
+                # rsync -a, tar x) was read as it was before, and its tokens cached under the new content's key.
+                loaded = datasets.load_dataset(builder, data_files=[str(path) for path in self.files], split="train",
+                                               cache_dir=self.cache_dir, download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD)
+            except Exception as error:  # noqa: BLE001  (datasets raises its own, pyarrow's and Python's errors for a bad file)
+                raise SeqmixError(f"{self.owner}: datasets could not read {self.path!r} as {builder} ({one_line(error)}); "
+                                  f"datasets reads UTF-8 only, whatever {self.options}decode_errors says: without "
+                                  f"{self.options}format=datasets seqmix reads JSONL, CSV and text itself") from None
         if isinstance(loaded, datasets.DatasetDict):
-            return [(name, loaded[name]) for name in sorted(loaded)]
+            if "train" not in loaded:
+                raise SeqmixError(f"{self.owner}: the saved dataset {self.path!r} has the splits {sorted(loaded)} and no "
+                                  "'train'; seqmix makes its own validation split from the rows it trains on, so save the "
+                                  "split to train on alone (or as 'train')")
+            left_out = sorted(name for name in loaded if name != "train")
+            if left_out:
+                # Merged, a user's held-out test rows were trained on.
+                warnings.warn(f"seqmix: {self.owner}: the saved dataset {self.path!r} is read from its 'train' split only; "
+                              f"{first_few([repr(name) for name in left_out])} left out (seqmix makes its own validation split, "
+                              f"{self.options}valid_fraction)", SeqmixWarning, stacklevel=3)
+            return [("train", loaded["train"])]
         return [("", loaded)]
 
     def _dataset_rows(self, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
