@@ -25,7 +25,6 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 import dataclasses
-import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -506,13 +505,12 @@ def _refuse_output_in_corpus(out: Path, corpus: str, files: list[Path]) -> None:
     """Refuse a tokenizer's ``out`` that is one of the corpus's files (overwrite=true replaced the corpus
     with the tokenizer) or would become one (inside the corpus folder, or matched by its glob: the
     ``seqmix train`` command printed after it read the tokenizer as a document and failed)."""
+    from seqmix.tasks.documents import inside_corpus
+
     target = Path(os.path.realpath(out))
     if any(Path(os.path.realpath(file)) == target for file in files):
         raise SeqmixError(f"out={str(out)!r} is a file of the corpus path={corpus!r}; write the tokenizer elsewhere")
-    base = Path(corpus).expanduser()
-    inside = (base.is_dir() and Path(os.path.realpath(base)) in target.parents) or (
-        not base.exists() and fnmatch.fnmatch(str(target), os.path.realpath(base)))
-    if inside:
+    if inside_corpus(corpus, out):
         raise SeqmixError(f"out={str(out)!r} is inside the corpus path={corpus!r}, so training on that corpus would read "
                           "the tokenizer as a document; write it outside the corpus")
 

@@ -236,6 +236,10 @@ def test_a_bad_model_option_or_a_finished_run_is_refused_before_the_corpus_is_re
          "task.seq_len=8 exceeds the model's learned positions"),
         ([f"train.out_dir={finished}"], "already holds a run; pass train.resume=true"),
         ([f"train.out_dir={tmp_path / 'c'}", "train.resume=true"], "holds no run to resume"),
+        # The next run on the corpus read this one's checkpoints as documents.
+        ([f"train.out_dir={corpus}/run1"], f"train.out_dir='{corpus}/run1' is inside the corpus task.path="),
+        ([f"train.out_dir={tmp_path / 'd'}", f"train.save_pretrained={corpus}/hf"], "train.save_pretrained="),
+        ([f"task.path={tmp_path}/corpus/*.txt", f"train.out_dir={corpus}/x.txt"], "is inside the corpus task.path="),
     ]
     for overrides, message in cases:
         assert main([*common, *overrides]) == 2

@@ -9,6 +9,7 @@ undecodable bytes under ``decode_errors=strict``, a line that is not JSON.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import os
 import warnings
@@ -91,6 +92,19 @@ def _lines(path: Path) -> Iterator[bytes]:
             return
         handle.seek(0)
         yield from handle
+
+
+def inside_corpus(corpus: str, target: str | os.PathLike) -> bool:
+    """Whether ``target`` lies where the corpus path ``corpus`` reads: inside its folder, or matched by
+    its glob (what a later run on the same corpus would read as documents)."""
+    resolved = Path(os.path.realpath(Path(target).expanduser()))
+    base = Path(corpus).expanduser()
+    if base.is_dir():
+        return Path(os.path.realpath(base)) in resolved.parents or Path(os.path.realpath(base)) == resolved
+    if base.exists():
+        return Path(os.path.realpath(base)) == resolved
+    pattern = os.path.realpath(base)
+    return fnmatch.fnmatch(str(resolved), pattern) or any(fnmatch.fnmatch(str(parent), pattern) for parent in resolved.parents)
 
 
 class DocumentSource:

@@ -1,6 +1,7 @@
 """Turn a composed root config (model + task + train) into a ready model, task and run options."""
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,22 @@ def _check_resumed_task(train: TrainConfig, task_config) -> None:
                           "resume with the run's task options")
 
 
+def _refuse_outputs_in_corpus(train: TrainConfig, task_config) -> None:
+    """Refuse a ``train.out_dir`` or ``train.save_pretrained`` where the corpus path reads (inside its
+    folder, or matched by its glob), before the data is read: the next run on that corpus read the
+    run's checkpoints as documents (a checksums.json refused as a bad JSON line, or, as text,
+    trained on model.safetensors)."""
+    path = task_config.get("path") if hasattr(task_config, "get") else None
+    if not isinstance(path, str) or not path:
+        return
+    from seqmix.tasks.documents import inside_corpus
+
+    for field, out in (("train.out_dir", train.out_dir), ("train.save_pretrained", train.save_pretrained)):
+        if out is not None and inside_corpus(path, out):
+            raise SeqmixError(f"{field}={os.fspath(out)!r} is inside the corpus task.path={path!r}, so a later run on that "
+                              "corpus would read this run's files as documents; write the run outside the corpus")
+
+
 def build_experiment(config: DictConfig) -> Experiment:
     """Model (seeded, adapted to the task), task and train options from a root config."""
     options = OmegaConf.to_container(config.train, resolve=True)
@@ -116,6 +133,7 @@ def build_experiment(config: DictConfig) -> Experiment:
         train.require_writable_outputs()  # before the task's data is read or tokenized
     check_model_before_data(config.model, config.task)
     _check_resumed_task(train, config.task)
+    _refuse_outputs_in_corpus(train, config.task)
     task = build_task(config.task)
     model_config = adapt_model_config(config.model, task)
     torch.manual_seed(train.seed)
