@@ -124,22 +124,30 @@ def test_bad_corpora_are_refused_naming_the_file_and_line(tmp_path):
     (tmp_path / "c.csv").write_text("id,body\n1,hello\n")
     with pytest.raises(SeqmixError, match=r"c.csv has no column 'text'"):
         _task(tmp_path / "c.csv", tmp_path)
-    (tmp_path / "latin1.txt").write_bytes(("ok\n" * 40).encode() + "caf\xe9\n".encode("latin-1"))
-    with pytest.raises(SeqmixError, match=r"latin1.txt line 41 holds bytes that are not UTF-8"):
-        _task(tmp_path / "latin1.txt", tmp_path, decode_errors="strict")
+    # A field missing from a column not read was taken: a short row is a broken line all the same.
+    (tmp_path / "d.csv").write_text("text,label,extra\n" + "a document of words,1,x\n" * 3 + "a document of words,1\n")
+    with pytest.raises(SeqmixError, match=r"d.csv line 5 has fewer fields than the header \['text', 'label', 'extra'\]"):
+        _task(tmp_path / "d.csv", tmp_path)
     mixed = write_text_corpus(tmp_path / "mixed")
-    (tmp_path / "mixed" / "latin1.txt").write_bytes((tmp_path / "latin1.txt").read_bytes())
-    with pytest.raises(SeqmixError, match=r"latin1.txt line 41"):
+    (tmp_path / "mixed" / "latin1.txt").write_bytes(("ok\n" * 40).encode() + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SeqmixError, match=r"latin1.txt line 41 holds bytes that are not UTF-8"):
         _task(mixed, tmp_path, decode_errors="strict")
     assert sum(_task(mixed, tmp_path).meta["documents"].values()) == 41  # replace: U+FFFD stands in for the byte
-    (tmp_path / "short.txt").write_text("tiny")
+    (tmp_path / "short").mkdir()
+    for index in range(2):
+        (tmp_path / "short" / f"{index}.txt").write_text("tiny")
     with pytest.raises(SeqmixError, match="split .* has .* tokens .* fewer than seq_len"):
-        _task(tmp_path / "short.txt", tmp_path)
+        _task(tmp_path / "short", tmp_path, valid_fraction=0.5)
     # One file is one document, which goes to one split whole: the error says so rather than suggest
-    # a valid_fraction that cannot help.
+    # a valid_fraction that cannot help, and before the file is tokenized into a cache it leaves behind.
     (tmp_path / "novel.txt").write_text("a long single document. " * 200)
-    with pytest.raises(SeqmixError, match="split .* has 0 tokens \\(0 documents\\).* the corpus is one document"):
+    caches = set((tmp_path / "cache" / "text").iterdir())
+    with pytest.raises(SeqmixError, match="novel.txt' is one text file, which is one document"):
         _task(tmp_path / "novel.txt", tmp_path)
+    assert set((tmp_path / "cache" / "text").iterdir()) == caches
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "a long single document. " * 200}) + "\n")
+    with pytest.raises(SeqmixError, match="split .* has 0 tokens \\(0 documents\\).* the corpus is one document"):
+        _task(tmp_path / "one.jsonl", tmp_path)
     (tmp_path / "three").mkdir()
     for index in range(3):
         (tmp_path / "three" / f"{index}.txt").write_text(f"document {index}. " * 20)

@@ -251,7 +251,8 @@ class DocumentSource:
                 if row.get(None):  # the fields past the header's, which DictReader keeps under None
                     raise SeqmixError(f"{self.owner}: {where} has more fields than the header {header}: quote a field "
                                       "that holds a comma")
-                if any(row.get(column) is None for column in columns.values()):
+                # Any field missing, not only the columns read: a short row is a sign of a broken line.
+                if any(row.get(column) is None for column in header):
                     raise SeqmixError(f"{self.owner}: {where} has fewer fields than the header {header}")
                 yield where, {option: row[column] for option, column in columns.items()}
                 started = reader.line_num + 1

@@ -27,13 +27,22 @@ import torch
 
 from seqmix.errors import SeqmixError, require_folder_path, require_int, require_seed, kind_of
 from seqmix.tasks._checks import check_request, require_number
-from seqmix.tasks.documents import DocumentSource
+from seqmix.tasks.documents import BINARY_PROBE_BYTES, DocumentSource, is_binary
 from seqmix.tasks.token_cache import META, cache_key, hashed_split, needs_building, read_meta, require_cache_file, split_counts, staged_cache
 from seqmix.tasks.base import SPLITS, Batch, Task, generator_for
 from seqmix.tokenization import BYTES, TOKENIZER_FILE, ByteTokenizer, load_tokenizer, token_dtype, warn_separators_replaced
 
 ENCODE_BATCH_BYTES = 8 << 20
 """Documents are handed to a tokenizer.json in batches of about this many bytes (it encodes a batch in parallel)."""
+
+
+def _starts_binary(path: Path, format: str) -> bool:
+    """Whether a text file read as the corpus is binary data, which the reading refuses in its own words
+    (``task.format=text`` reads such files as they are)."""
+    if format == "text":
+        return False
+    with open(path, "rb") as handle:
+        return is_binary(handle.read(BINARY_PROBE_BYTES))
 
 
 class TextCorpus(Task):
@@ -88,6 +97,12 @@ class TextCorpus(Task):
         self.seq_len, self.valid_fraction, self.decode_errors, self.seed = seq_len, valid_fraction, decode_errors, seed
         self.source = DocumentSource(path, format, decode_errors, owner=self.name, cache_dir=cache_dir)
         self.files = self.source.files
+        if (not self.source.saved and len(self.files) == 1 and self.source.kind_of(self.files[0]) == "text"
+                and not _starts_binary(self.files[0], self.format)):
+            # Told before the file is tokenized: it was refused after, its cache (twice its size) left behind.
+            raise SeqmixError(f"text: {path!r} is one text file, which is one document, and each document goes to train "
+                              "or valid whole, so one cannot fill both: give several (the files of a directory or a glob, "
+                              "or one per row of JSONL, CSV or Parquet)")
         self.key = self._cache_key()
         self.cache = Path(cache_dir).expanduser() / "text" / self.key
         if needs_building(self.name, self.cache):
