@@ -42,7 +42,8 @@ from seqmix.errors import not_a_file, one_line, require_int, kind_of
 from seqmix.tasks.base import IGNORE, Batch
 from seqmix.timing import summarize, time_once
 
-from .graphs import StepGraph, quiet_exporters, require_stream_matches_forward, size_oblivious, stream_limit, use_exportable_paths
+from .graphs import (StepGraph, quiet_exporters, require_stream_matches_forward, restores_model, size_oblivious, stream_limit,
+                     use_exportable_paths)
 from .agreement import max_difference
 from .manifest import initial_fill, verify_in_export
 
@@ -248,11 +249,13 @@ def lower_to_pte(graph: nn.Module, example: tuple[Tensor, ...], path: str | Path
     return traced_outputs, _delegation(edge.exported_program().graph_module)
 
 
+@restores_model
 def export_parallel_pte(model: nn.Module, path: str | Path, length: int, batch_size: int = 1,
                         quantize: str | None = None) -> dict:
     """Write the parallel graph, token ids (batch_size, length) -> model output, as a .pte.
 
-    The model is put in eval mode and switched to its exportable paths (``use_exportable_paths``).
+    The model is exported in eval mode on its exportable paths (``use_exportable_paths``); its own
+    mode and paths are restored afterwards.
 
     Args:
         model: a SequenceModel.
@@ -296,12 +299,13 @@ def decoder_token_limit(model: nn.Module, max_tokens: int = DECODER_MAX_TOKENS) 
     return min([max_tokens, stream_limit(model), *chunks])
 
 
+@restores_model
 def export_step_pte(model: nn.Module, path: str | Path, batch_size: int = 1, max_tokens: int = DECODER_MAX_TOKENS,
                     quantize: str | None = None) -> dict:
     """Write the decoder program, (input_ids (B, T), state...) -> (logits (B, T, V), new state...), as a .pte.
 
-    T is dynamic, 1 to ``decoder_token_limit(model, max_tokens)``; the model is put in eval mode and
-    switched to its exportable paths (``use_exportable_paths``).
+    T is dynamic, 1 to ``decoder_token_limit(model, max_tokens)``; the model is exported in eval mode on
+    its exportable paths (``use_exportable_paths``), its own mode and paths restored afterwards.
 
     Args:
         model: a causal SequenceModel with a per-token head.

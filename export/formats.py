@@ -33,6 +33,7 @@ from seqmix.contract import length_unit
 from seqmix.model.sequence_model import SequenceModel
 from seqmix.tasks.base import Task
 from .agreement import max_difference
+from .graphs import restores_model
 from .manifest import COMPANIONS, FORMATS, staged_export, write_manifest
 from .onnx_export import TOLERANCE, compare_latency, export_onnx as export_onnx_graphs, latency_entry
 
@@ -179,6 +180,7 @@ def _checked_engine(error: float) -> float:
 EXPORTERS = {"onnx": export_onnx, "executorch": export_executorch, "tensorrt": export_tensorrt}
 
 
+@restores_model
 def export_model(model: nn.Module, task, kind: str, out_dir: str | Path, quantize: str | None = None, length: int = 1024,
                  files: Mapping[str, bytes] | None = None) -> dict:
     """Export ``model`` to ``kind`` in ``out_dir``, write manifest.json there and return it.

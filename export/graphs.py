@@ -19,16 +19,39 @@ backend runs, where the FFT path needs DFT and the recurrent one a loop over L.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import GetAttrKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from seqmix.contract import switch_impls
+from seqmix.contract import Mixer, switch_impls
 from seqmix.errors import SeqmixError
+
+
+def restores_model(export: Callable) -> Callable:
+    """Decorate an exporter whose first argument is the model: it exports in eval mode on the
+    exportable paths, and once it returns or raises the model's mode and every mixer's path are
+    what they were (an export in the middle of training left dropout off and the mixers switched)."""
+
+    @functools.wraps(export)
+    def exported_then_restored(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            return export(model, *args, **kwargs)
+        was_training = model.training
+        paths = [(module, module.impl) for module in model.modules() if isinstance(module, Mixer)]
+        try:
+            return export(model, *args, **kwargs)
+        finally:
+            for module, impl in paths:
+                module.impl = impl
+            model.train(was_training)
+
+    return exported_then_restored
 
 
 def use_exportable_paths(model: nn.Module) -> dict[str, str]:

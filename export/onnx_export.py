@@ -29,12 +29,12 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten
 
 from seqmix import SeqmixError
-from seqmix.errors import require_module, require_writable_dir
+from seqmix.errors import first_few, require_module, require_writable_dir
 from seqmix.contract import length_unit
 from seqmix.timing import Timing, time_calls
 
-from .graphs import (ParallelGraph, StepGraph, quiet_exporters, require_stream_matches_forward, size_oblivious, stream_limit,
-                     use_exportable_paths)
+from .graphs import (ParallelGraph, StepGraph, quiet_exporters, require_stream_matches_forward, restores_model, size_oblivious,
+                     stream_limit, use_exportable_paths)
 from .agreement import as_array, first_index, max_difference
 from .manifest import initial_fill
 
@@ -210,8 +210,10 @@ def export_step(model: nn.Module, path: Path, tolerance: float = TOLERANCE) -> d
     }
 
 
+@restores_model
 def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERANCE, measure_prefill: bool = False) -> OnnxExport:
-    """Export ``model`` (eval mode, exportable paths) to ``out_dir``; return the manifest section.
+    """Export ``model`` (in eval mode on its exportable paths, both restored afterwards) into ``out_dir``,
+    a new or empty folder; return the manifest section.
 
     The step graph is written for causal models with a per-token head; ``measure_prefill`` also
     times a prompt through it in one call against token by token (``compare_prefill``; ``seqmix
@@ -220,6 +222,11 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tolerance: float = TOLERA
     require_module("export_onnx: model", model)
     require_writable_dir("export_onnx: out_dir", out_dir)
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        # Its model.onnx and step.onnx replaced the user's files of those names without a word.
+        raise SeqmixError(f"export_onnx: out_dir={str(out_dir)!r} holds {first_few(sorted(p.name for p in out_dir.iterdir()))}; "
+                          "give a new or empty folder (seqmix.export.formats.export_model, as `seqmix export`, "
+                          "replaces an earlier export whole)")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     impls = use_exportable_paths(model)

@@ -327,3 +327,29 @@ def test_a_passed_through_state_exports_and_a_step_unlike_forward_writes_no_deco
     with pytest.raises(SeqmixError, match=r"decoder graph: the model's step over a stream gives other logits than its forward .*_StepsElsewhere"):
         export_onnx(model, tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere" / "step.onnx").exists()
+
+
+def test_export_onnx_gives_the_model_back_as_it_was_and_writes_only_into_a_new_or_empty_folder(tmp_path):
+    """It left a model exported mid-training in eval mode (dropout off) with its mixers on other paths,
+    and wrote model.onnx and step.onnx over a user's files of those names."""
+    from seqmix.export.graphs import restores_model
+
+    model = tiny_preset("mega").train()
+    model.blocks[0].mixer.local.impl = "fft"
+    export_onnx(model, tmp_path / "export")
+    assert model.training and model.blocks[0].mixer.local.impl == "fft"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "model.onnx").write_text("the user's")
+    with pytest.raises(SeqmixError, match=r"out_dir=.*mine' holds model.onnx; give a new or empty folder"):
+        export_onnx(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "model.onnx").read_text() == "the user's"
+
+    @restores_model
+    def failing(exported):
+        exported.eval()
+        exported.blocks[0].mixer.local.impl = "chunked"
+        raise RuntimeError("the exporter failed")
+
+    with pytest.raises(RuntimeError, match="the exporter failed"):
+        failing(model)
+    assert model.training and model.blocks[0].mixer.local.impl == "fft"
