@@ -220,6 +220,8 @@ def test_a_path_that_exists_is_itself_and_a_glob_follows_no_folder_links(tmp_pat
     # data1.txt once, first reached through the link a/again.txt
     assert source_files(str(corpus / "**" / "*.txt")) == [corpus / "a" / "again.txt", corpus / "a" / "deep.txt", corpus / "data[1].txt"]
     assert source_files(str(corpus / ".hidden" / "*.txt")) == [corpus / ".hidden" / "secret.txt"]  # named, so matched
+    # The folder itself reads data1.txt once too (through the link it was read twice, its document trained on twice).
+    assert source_files(str(corpus)) == [corpus / "a" / "again.txt", corpus / "a" / "deep.txt", corpus / "data[1].txt"]
     with pytest.raises(SeqmixError, match=r"names no files; the corpus is empty"):
         source_files(str(corpus / "*.csv"))
 

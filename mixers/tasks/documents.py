@@ -48,14 +48,14 @@ def source_files(path: str, options: str = "task.") -> list[Path]:
 
     A path that exists is itself, whatever characters it holds (``data[1].csv`` was read as the glob
     ``data1.csv``); only one that does not is read as a glob. ``**`` does not follow symbolic links to
-    folders (a link back up repeated every file, two of them never ended), and a file reached twice is
-    read once. ``options`` prefixes the option names errors cite (``task.path``; ``path`` for ``seqmix tokenizer``).
+    folders (a link back up repeated every file, two of them never ended), and a file reached twice
+    (through a link, in a folder or by a glob) is read once. ``options`` prefixes the option names errors cite (``task.path``; ``path`` for ``seqmix tokenizer``).
     """
     root = Path(path).expanduser()
     if root.exists():
-        files = [root] if root.is_file() else sorted(
+        files = [root] if root.is_file() else _once(sorted(
             p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
+        ))
     elif any(character in path for character in "*?["):
         files = _glob_files(os.path.expanduser(path))
     else:
@@ -63,6 +63,18 @@ def source_files(path: str, options: str = "task.") -> list[Path]:
     if not files:
         raise SeqmixError(f"{options}path={path!r} names no files; the corpus is empty")
     return files
+
+
+def _once(files: list[Path]) -> list[Path]:
+    """``files`` without those reached again by another name (a link to a file in the same folder was
+    read twice, its document trained on twice)."""
+    seen, kept = set(), []
+    for file in files:
+        real = os.path.realpath(file)
+        if real not in seen:
+            seen.add(real)
+            kept.append(file)
+    return kept
 
 
 def _glob_files(pattern: str) -> list[Path]:
@@ -73,13 +85,9 @@ def _glob_files(pattern: str) -> list[Path]:
     fixed = next(index for index, part in enumerate(parts) if any(character in part for character in "*?["))
     base = Path(*parts[:fixed]) if fixed else Path(".")
     named = set(parts[fixed:])
-    seen, files = set(), []
-    for match in sorted(base.glob(str(Path(*parts[fixed:])))):
-        hidden = any(part.startswith(".") and part not in named for part in match.relative_to(base).parts)
-        if not hidden and match.is_file() and (real := os.path.realpath(match)) not in seen:
-            seen.add(real)
-            files.append(match)
-    return files
+    return _once([match for match in sorted(base.glob(str(Path(*parts[fixed:]))))
+                  if match.is_file() and not any(part.startswith(".") and part not in named
+                                                 for part in match.relative_to(base).parts)])
 
 
 def _lines(path: Path) -> Iterator[bytes]:
