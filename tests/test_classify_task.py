@@ -109,6 +109,14 @@ def _label_text(value) -> str:
     return str(value).strip()
 
 
+def _class_order(label: str) -> tuple:
+    """The documented order of the classes: labels Python reads as integers by value, then the rest as text."""
+    try:
+        return 0, int(label), label
+    except ValueError:
+        return 1, 0, label
+
+
 # A handful of random rows often puts a label in valid only, which the task rightly warns of.
 @pytest.mark.filterwarnings("ignore:.*never occur in its train split:seqmix.errors.SeqmixWarning")
 @given(rows=st.lists(st.tuples(TEXTS, LABELS), min_size=1, max_size=16), seq_len=st.integers(2, 10))
@@ -119,7 +127,7 @@ def test_every_row_becomes_its_truncated_tokens_a_separator_padding_and_its_labe
     valid_fraction, and valid walks its rows in file order. Too few labels or an empty split is refused."""
     root = tmp_path_factory.mktemp("rows")
     path = _write_jsonl(root / "rows.jsonl", rows)
-    labels = sorted({_label_text(label) for _, label in rows})
+    labels = sorted({_label_text(label) for _, label in rows}, key=_class_order)
     expected = {split: [(text, label) for text, label in rows if _split_of(text, 0.5) == split] for split in ("train", "valid")}
     if len(labels) < 2:
         event("refused: one label")
@@ -137,7 +145,7 @@ def test_every_row_becomes_its_truncated_tokens_a_separator_padding_and_its_labe
     assert task.labels == labels and json.loads(task.model_files()[LABELS_FILE]) == labels
 
     def encoded(text, label):
-        ids = list(text.encode())[: seq_len - 1] + [0]
+        ids = list(text.replace("\0", "\ufffd").encode())[: seq_len - 1] + [0]  # a NUL is the separator: U+FFFD in a text
         return ids + [0] * (seq_len - len(ids)), len(ids), labels.index(_label_text(label))
 
     valid = task.batch("valid", 0, len(expected["valid"]))
@@ -305,3 +313,18 @@ def test_evaluate_refuses_other_data_under_the_path_the_run_recorded(tmp_path, m
     write_labelled_csv("reviews.csv", [(text, swapped[label]) for text, label in rows])
     assert main(["evaluate", f"checkpoint={run}", "batches=1"]) == 2
     assert "holds other data than the run trained on" in capsys.readouterr().err
+
+
+def test_integer_labels_are_classes_in_numeric_order_and_a_saved_datasets_class_names_are_its_labels(tmp_path):
+    """Integer labels sorted as text ('10' before '2'), and a saved dataset's ClassLabel column was read
+    as its integers: labels.json said '0' and '1' where the dataset said 'negative' and 'positive'."""
+    rows = [(f"row {index} " + "word " * (index % 5), [2, 10, 1][index % 3]) for index in range(60)]
+    assert _task(_write_jsonl(tmp_path / "numbers.jsonl", rows), tmp_path).labels == ["1", "2", "10"]
+    datasets = pytest.importorskip("datasets")
+    names = datasets.ClassLabel(names=["negative", "positive"])
+    saved = datasets.Dataset.from_dict({"text": [text for text, _ in rows], "label": [index % 2 for index in range(60)]},
+                                       features=datasets.Features({"text": datasets.Value("string"), "label": names}))
+    saved.save_to_disk(str(tmp_path / "saved"))
+    task = _task(tmp_path / "saved", tmp_path)
+    assert task.labels == ["negative", "positive"]
+    assert json.loads(task.model_files()[LABELS_FILE]) == ["negative", "positive"]

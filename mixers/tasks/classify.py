@@ -2,7 +2,7 @@
 
 Every label is read as text (integers and booleans from JSONL or Parquet as Python prints them, so
 the label ``1`` in JSONL and ``"1"`` in a CSV are one class; surrounding spaces are dropped), and
-the sorted distinct labels are the classes: class id i is ``labels[i]``. ``labels.json`` (that list)
+the distinct labels, sorted (integers by value, before text), are the classes: class id i is ``labels[i]``. ``labels.json`` (that list)
 is saved with the run, its checkpoints and ``save_pretrained``.
 
 Rows are read once, tokenized (bytes by default, or a ``tokenizer.json``), cut to ``seq_len - 1``
@@ -43,7 +43,16 @@ LABELS_FILE = "labels.json"
 """The class names in id order (a JSON list), saved with the run."""
 ENCODE_BATCH_ROWS = 4096
 """Texts handed to the tokenizer at once (a tokenizer.json encodes a batch in parallel)."""
-CACHE_VERSION = "classify-v1"
+CACHE_VERSION = "classify-v2"
+"""v1 sorted integer labels as text ("10" before "2") and read a saved dataset's ClassLabel as integers."""
+
+
+def label_order(label: str) -> tuple:
+    """How the classes are ordered: integer labels by value ("2" before "10"), before any other, which sort as text."""
+    try:
+        return (0, int(label), label)
+    except ValueError:
+        return (1, 0, label)
 
 
 def label_text(value, where: str, column: str) -> str:
@@ -228,7 +237,7 @@ class Classify(Task):
             if not seen:
                 raise SeqmixError(f"classify: {self.path!r} holds no rows; nothing to classify")
             warn_separators_replaced("classify", separators)
-            labels = sorted(seen)
+            labels = sorted(seen, key=label_order)
             # Ids were handed out in order of first appearance; class ids are positions among the sorted labels.
             rank = np.empty(len(seen), dtype=np.int64)
             rank[[seen[label] for label in labels]] = np.arange(len(labels))

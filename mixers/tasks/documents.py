@@ -115,6 +115,19 @@ def inside_corpus(corpus: str, target: str | os.PathLike) -> bool:
     return fnmatch.fnmatch(str(resolved), pattern) or any(fnmatch.fnmatch(str(parent), pattern) for parent in resolved.parents)
 
 
+def _named_classes(dataset, column: str) -> list:
+    """A dataset column's values, a ``ClassLabel``'s as its class names (they were read as the integers
+    0, 1, ...: a classifier's labels.json said "0" and "1" where the dataset said "negative" and
+    "positive"); its -1, no label, as None."""
+    import datasets
+
+    values = dataset[column]
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):
+        return [None if value is None or value < 0 else feature.int2str(int(value)) for value in values]
+    return values
+
+
 class DocumentSource:
     """The records of the user's files.
 
@@ -322,7 +335,7 @@ class DocumentSource:
     def _dataset_rows(self, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
         for part, dataset in self._load_dataset():
             self._missing(columns, dataset.column_names, " ".join(filter(None, [f"the dataset {self.path}", part])))
-            values = {option: dataset[column] for option, column in columns.items()}
+            values = {option: _named_classes(dataset, column) for option, column in columns.items()}
             for number in tqdm(range(len(dataset)), desc="reading", unit="row", leave=False, disable=None):
                 where = " ".join(filter(None, [f"the dataset {self.path}", part, f"row {number}"]))
                 yield where, {option: values[option][number] for option in columns}
