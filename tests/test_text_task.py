@@ -384,3 +384,15 @@ def test_files_read_through_datasets_are_read_again_when_they_change_and_bad_one
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     with pytest.raises(SeqmixError, match=r"text: datasets could not read .*broken.jsonl.* as json \(.*\); datasets reads UTF-8 only"):
         _task(tmp_path / "broken.jsonl", tmp_path, format="datasets")
+
+
+def test_a_utf8_byte_order_mark_is_no_part_of_a_text_or_jsonl_document(tmp_path):
+    """A text file's byte order mark (Windows editors write one) was kept as the start of its document,
+    and made line 1 of a JSONL file 'not a JSON object'; a CSV's was already dropped."""
+    bom = "\ufeff".encode()
+    (tmp_path / "corpus").mkdir()
+    for index in range(2):
+        (tmp_path / "corpus" / f"{index}.txt").write_bytes(bom + f"text file {index}".encode())
+    (tmp_path / "corpus" / "rows.jsonl").write_bytes(bom + b'{"text": "a row"}\n{"text": "another"}\n')
+    documents = [values["text"] for _, values in DocumentSource(str(tmp_path / "corpus")).rows({"text": "text"})]
+    assert sorted(documents) == ["a row", "another", "text file 0", "text file 1"]

@@ -30,6 +30,10 @@ BINARY_PROBE_BYTES = 8192
 """Leading bytes of a file searched for a NUL byte, which marks it binary (as git tells text from binary)."""
 
 
+UTF8_BOM = "\ufeff".encode()
+"""The UTF-8 byte order mark some editors write first; dropped from text, JSONL and CSV files."""
+
+
 def is_binary(raw: bytes) -> bool:
     """Whether a file's bytes are binary data rather than text: a NUL among its first BINARY_PROBE_BYTES.
 
@@ -183,7 +187,8 @@ class DocumentSource:
                     # With replace, its bytes would enter the corpus as U+FFFD and noise.
                     binary.append(path)
                     continue
-                yield f"{path}", {next(iter(columns)): self.decode(raw, path).decode()}
+                # A UTF-8 byte order mark (Windows editors write one) is no part of the text, as for CSV.
+                yield f"{path}", {next(iter(columns)): self.decode(raw, path).decode().removeprefix("\ufeff")}
             elif kind == "jsonl":
                 yield from self._jsonl(path, columns)
             elif kind == "csv":
@@ -237,6 +242,8 @@ class DocumentSource:
             where = f"{path} line {number}"
             # Decoded first: its refusal (bytes that are not UTF-8) is its own, not "not a JSON object".
             text = self.decode(raw, path, number)
+            if number == 1:
+                text = text.removeprefix(UTF8_BOM)  # a byte order mark made line 1 "not a JSON object"
             try:
                 row = parse_json(text)
             except ValueError as error:
