@@ -328,3 +328,15 @@ def test_integer_labels_are_classes_in_numeric_order_and_a_saved_datasets_class_
     task = _task(tmp_path / "saved", tmp_path)
     assert task.labels == ["negative", "positive"]
     assert json.loads(task.model_files()[LABELS_FILE]) == ["negative", "positive"]
+
+
+def test_labels_alike_but_for_their_unicode_form_are_warned_of_and_a_float_label_says_why(tmp_path):
+    """'café' composed and decomposed were two classes that print alike, without a word; a float label
+    (pandas' integer column with an empty cell, stored as floats) was refused without saying why."""
+    rows = [(f"row {index} " + "word " * (index % 5), ["caf\u00e9", "cafe\u0301", "tea"][index % 3]) for index in range(60)]
+    with pytest.warns(UserWarning, match=r"differ only in their Unicode form are different classes: 'cafe\\u0301' and 'caf\\xe9'"):
+        task = _task(_write_jsonl(tmp_path / "accents.jsonl", rows), tmp_path)
+    assert len(task.labels) == 3
+    _write_parquet(tmp_path / "floats.parquet", [(text, float(index % 2)) for index, (text, _) in enumerate(rows)])
+    with pytest.raises(SeqmixError, match=r"holds the label 0.0 \(a float\); .*an empty cell is stored as floats"):
+        _task(tmp_path / "floats.parquet", tmp_path)

@@ -121,6 +121,9 @@ def test_bad_corpora_are_refused_naming_the_file_and_line(tmp_path):
     (tmp_path / "b.jsonl").write_text("{not json\n")
     with pytest.raises(SeqmixError, match=r"b.jsonl line 1 is not a JSON object"):
         _task(tmp_path / "b.jsonl", tmp_path)
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}], indent=1))
+    with pytest.raises(SeqmixError, match=r"array.json line 1 is not a JSON object .*read as JSON Lines, one object per line"):
+        _task(tmp_path / "array.json", tmp_path)
     (tmp_path / "c.csv").write_text("id,body\n1,hello\n")
     with pytest.raises(SeqmixError, match=r"c.csv has no column 'text'"):
         _task(tmp_path / "c.csv", tmp_path)

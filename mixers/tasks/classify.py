@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 import warnings
 import os
 from array import array
@@ -47,6 +48,19 @@ CACHE_VERSION = "classify-v2"
 """v1 sorted integer labels as text ("10" before "2") and read a saved dataset's ClassLabel as integers."""
 
 
+def _warn_of_labels_alike(labels: list[str]) -> None:
+    """Warn of labels that differ only in their Unicode form ('café' composed and decomposed): they print
+    alike but are different classes. Kept apart, as written: a label is the user's text."""
+    forms: dict[str, list[str]] = {}
+    for label in labels:
+        forms.setdefault(unicodedata.normalize("NFC", label), []).append(label)
+    alike = [group for group in forms.values() if len(group) > 1]
+    if alike:
+        shown = "; ".join(" and ".join(ascii(label) for label in group) for group in alike[:3])
+        warnings.warn(f"seqmix: classify: labels that differ only in their Unicode form are different classes: {shown}; "
+                      "write each class one way (NFC) to merge them", SeqmixWarning, stacklevel=4)
+
+
 def label_order(label: str) -> tuple:
     """How the classes are ordered: integer labels by value ("2" before "10"), before any other, which sort as text."""
     try:
@@ -63,8 +77,10 @@ def label_text(value, where: str, column: str) -> str:
         return value.strip()
     if isinstance(value, (int, np.integer)):
         return str(value)
+    hint = ("; a column of integer labels with an empty cell is stored as floats (pandas writes the empty one as NaN): "
+            "give every row a label, or drop the rows without one" if isinstance(value, float) else "")
     raise SeqmixError(f"classify: {where} column {column!r} holds the label {value!r} ({kind_of(value)}); "
-                      "expected text, an integer or a boolean")
+                      f"expected text, an integer or a boolean{hint}")
 
 
 class Classify(Task):
@@ -238,6 +254,7 @@ class Classify(Task):
                 raise SeqmixError(f"classify: {self.path!r} holds no rows; nothing to classify")
             warn_separators_replaced("classify", separators)
             labels = sorted(seen, key=label_order)
+            _warn_of_labels_alike(labels)
             # Ids were handed out in order of first appearance; class ids are positions among the sorted labels.
             rank = np.empty(len(seen), dtype=np.int64)
             rank[[seen[label] for label in labels]] = np.arange(len(labels))

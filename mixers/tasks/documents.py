@@ -247,7 +247,9 @@ class DocumentSource:
             try:
                 row = parse_json(text)
             except ValueError as error:
-                raise SeqmixError(f"{self.owner}: {where} is not a JSON object ({error})") from None
+                hint = ("; a .json file is read as JSON Lines, one object per line: write the array's objects one per "
+                        "line (a .jsonl file)" if number == 1 and text.lstrip().startswith(b"[") else "")
+                raise SeqmixError(f"{self.owner}: {where} is not a JSON object ({error}){hint}") from None
             yield where, self._pick(row, columns, where)
 
     def _csv(self, path: Path, columns: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
