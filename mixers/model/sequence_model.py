@@ -265,7 +265,7 @@ class SequenceModel(nn.Module):
             raise SeqmixError("model: a model with bidirectional layers cannot stream")
         self._check_tokens(tokens)
         self._check_state(state, tokens.shape[0])
-        # These checks read tensor values, which an exported graph cannot do; eager runs them.
+        # These checks read tensor values: eager calls raise, a compiled graph asserts, an exported one cannot.
         if self.pos_embed is not None:
             assert_in_compiled_graph(lambda: state.pos.max() + tokens.shape[1] <= self.max_len,
                                      f"model: the stream would run past max_len={self.max_len} of the learned positions")
