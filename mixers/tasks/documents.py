@@ -188,7 +188,7 @@ class DocumentSource:
                     binary.append(path)
                     continue
                 # A UTF-8 byte order mark (Windows editors write one) is no part of the text, as for CSV.
-                yield f"{path}", {next(iter(columns)): self.decode(raw, path).decode().removeprefix("\ufeff")}
+                yield f"{path}", {next(iter(columns)): self.decode(raw, path).removeprefix(UTF8_BOM).decode()}
             elif kind == "jsonl":
                 yield from self._jsonl(path, columns)
             elif kind == "csv":
@@ -258,7 +258,7 @@ class DocumentSource:
             raise SeqmixError(f"{self.owner}: {path} holds NUL bytes, so it is not UTF-8 text (UTF-16, as some programs save "
                               "CSV, or a binary file); save it as UTF-8")
         # Excel saves UTF-8 CSV with a byte order mark, which would become part of the first column's name.
-        text = self.decode(raw, path).decode().removeprefix("\ufeff")
+        text = self.decode(raw, path).removeprefix(UTF8_BOM).decode()
         # A document is one field, and the csv module refuses a field over 128 KiB by default: the
         # limit (process-wide) goes up to the file's length, which no field exceeds.
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
